@@ -1,0 +1,330 @@
+"""Typed, versioned messages that cross NATS.
+
+Each message is a frozen, slotted dataclass registered under a `type` name and
+a version. On the wire: `{"type": ..., "v": ..., "body": {...}}` encoded with
+orjson. `decode` rejects an unknown type, a newer version or a malformed body
+with `MessageError`, so a service never acts on what it does not understand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import orjson
+
+
+class MessageError(ValueError):
+    """A payload that is not a message this build understands."""
+
+
+_REGISTRY: dict[str, type[Any]] = {}
+T = TypeVar("T")
+
+
+def message(name: str, version: int = 1) -> typing.Callable[[type[T]], type[T]]:
+    """Class decorator: a frozen slotted dataclass registered as wire type `name`."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        dc = dataclass(frozen=True, slots=True)(cls)
+        dc.TYPE = name  # type: ignore[attr-defined]
+        dc.VERSION = version  # type: ignore[attr-defined]
+        if name in _REGISTRY:
+            raise RuntimeError(f"message type {name!r} registered twice")
+        _REGISTRY[name] = dc
+        return dc
+
+    return wrap
+
+
+def encode(msg: Any) -> bytes:
+    return orjson.dumps({"type": msg.TYPE, "v": msg.VERSION, "body": msg})
+
+
+def decode(data: bytes, expect: type[T] | None = None) -> T:
+    """Decode a payload; with `expect`, also check it is that message type."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise MessageError(f"not JSON: {e}") from None
+    if not isinstance(obj, dict) or "type" not in obj or "body" not in obj:
+        raise MessageError("not a Cascade message (needs 'type' and 'body')")
+    name = obj["type"]
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise MessageError(f"unknown message type {name!r}")
+    version = obj.get("v", 1)
+    if not isinstance(version, int) or version > cls.VERSION:
+        raise MessageError(f"{name} version {version!r} is newer than this build understands ({cls.VERSION})")
+    if expect is not None and cls is not expect:
+        raise MessageError(f"expected {expect.TYPE}, got {name}")  # type: ignore[attr-defined]
+    try:
+        return typing.cast(T, _build(cls, obj["body"]))
+    except (TypeError, ValueError, KeyError) as e:
+        raise MessageError(f"malformed {name}: {e}") from None
+
+
+_HINTS: dict[type[Any], dict[str, Any]] = {}
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    h = _HINTS.get(cls)
+    if h is None:
+        names = {f.name for f in dataclasses.fields(cls)}
+        h = {n: t for n, t in get_type_hints(cls).items() if n in names}
+        _HINTS[cls] = h
+    return h
+
+
+def _build(cls: type[Any], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise TypeError(f"{cls.__name__} body must be an object")
+    kwargs = {}
+    for name, hint in _hints(cls).items():
+        if name in body:
+            kwargs[name] = _convert(hint, body[name])
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        (inner, *_) = get_args(hint) or (Any,)
+        out = [_convert(inner, v) for v in value]
+        return tuple(out) if origin is tuple else out
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        for arg in get_args(hint):
+            if arg is type(None):
+                continue
+            return _convert(arg, value)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ValueError(f"{value!r} is not one of {get_args(hint)}")
+        return value
+    if hint is float and isinstance(value, int):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise TypeError(f"expected {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@message("error")
+class ErrorReply:
+    """What a request handler answers when it fails: a code and a message."""
+
+    code: str
+    message: str
+
+
+class RemoteError(RuntimeError):
+    """A request that the other side answered with an `ErrorReply`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@message("ok")
+class Ok:
+    detail: str = ""
+
+
+# --------------------------------------------------------------------------- workers
+
+WorkerState = Literal["idle", "loading", "serving", "draining"]
+
+
+@message("heartbeat")
+class Heartbeat:
+    worker_id: str
+    state: WorkerState
+    model: str | None
+    units_ready: int  # count of model units (embedding, layers, head) ready
+    num_units: int
+    running: int  # sequences in the running batch
+    waiting: int  # admitted, not yet prefetched into the batch
+    max_batch: int
+    tokens_per_s: float
+    ready_seq: int  # sequence number of the last readiness event this worker sent
+    pid: int
+    host: str
+    data_addr: str | None = None
+    loading_mb_s: float = 0.0
+    ts: float = 0.0
+
+
+@message("layer_ready")
+class LayerReady:
+    """Unit `unit` of `model` is usable on `worker_id`. Units: 0 = embedding,
+    1..L = decoder layers 0..L-1, L+1 = final norm and head."""
+
+    worker_id: str
+    model: str
+    unit: int
+    num_units: int
+    seq: int
+    ts: float
+    # A `reset` event (unit = -1) means: this worker dropped its model; forget its units.
+    reset: bool = False
+
+
+@message("snapshot_request")
+class SnapshotRequest:
+    requester: str = ""
+
+
+@message("worker_snapshot")
+class WorkerSnapshot:
+    worker_id: str
+    state: WorkerState
+    model: str | None
+    ready_units: list[int]
+    num_units: int
+    seq: int
+
+
+@message("load_model")
+class LoadModel:
+    model: str
+    path: str
+    decision_id: str = ""
+
+
+@message("unload_model")
+class UnloadModel:
+    decision_id: str = ""
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@message("sampling")
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@message("generate_request")
+class GenerateRequest:
+    request_id: str
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@message("generate_batch")
+class GenerateBatch:
+    gateway_id: str
+    requests: list[GenerateRequest]
+
+
+@message("rejection")
+class Rejection:
+    request_id: str
+    code: str  # "overloaded" | "wrong_model" | "too_long" | "draining" | "invalid"
+    message: str
+
+
+@message("batch_reply")
+class BatchReply:
+    accepted: list[str]
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+@message("token_event")
+class TokenEvent:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@message("token_events")
+class TokenEvents:
+    """All token events of one engine step for one gateway: one message per step, not per token."""
+
+    worker_id: str
+    events: list[TokenEvent]
+    batch_size: int = 0
+
+
+@message("cancel")
+class Cancel:
+    request_ids: list[str]
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+@message("scale_decision")
+class ScaleDecision:
+    decision_id: str
+    model: str
+    action: Literal["up", "down"]
+    count: int
+    target_replicas: int
+    reason: str
+    figures: dict[str, float] = field(default_factory=dict)
+    ts: float = 0.0
+
+
+@message("scale_ack")
+class ScaleAck:
+    decision_id: str
+    model: str
+    ok: bool
+    workers: list[str] = field(default_factory=list)
+    error: str = ""
+    ts: float = 0.0
+
+
+@message("scale_request")
+class ScaleRequest:
+    model: str
+    replicas: int
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+@message("status_request")
+class StatusRequest:
+    requester: str = ""
+
+
+@message("service_status")
+class ServiceStatus:
+    service: str
+    instance: str
+    pid: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@message("service_ready")
+class ServiceReady:
+    service: str
+    instance: str
+    pid: int
+
+
+MESSAGE_TYPES: dict[str, type[Any]] = _REGISTRY

@@ -1,0 +1,142 @@
+"""Thin helpers over nats-py shared by every service: connect, typed
+request/reply with timeouts and error replies, handler wrapping, task keeping
+and the one shutdown path."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from cascade.messages import ErrorReply, MessageError, RemoteError, decode, encode
+
+T = TypeVar("T")
+log = structlog.get_logger()
+
+
+class RequestTimeout(TimeoutError):
+    """Nobody answered a request in time (or nobody listens on the subject)."""
+
+
+async def connect(url: str, name: str, connect_timeout_s: float = 10.0) -> NATS:
+    """Connect to NATS, retrying until `connect_timeout_s` (a broker that starts beside us)."""
+    deadline = asyncio.get_running_loop().time() + connect_timeout_s
+    last: Exception | None = None
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                # Without these, nats-py logs a traceback per failed attempt.
+                error_cb=_quiet_error,
+                disconnected_cb=_noop,
+                reconnected_cb=_noop,
+            )
+        except Exception as e:  # nats-py raises several unrelated types here
+            last = e
+            if asyncio.get_running_loop().time() >= deadline:
+                raise ConnectionError(f"cannot reach NATS at {url}: {last}") from None
+            await asyncio.sleep(0.2)
+
+
+async def _quiet_error(e: Exception) -> None:
+    log.debug("nats_error", error=str(e))
+
+
+async def _noop() -> None:
+    return None
+
+
+async def request(nc: NATS, subject: str, msg: Any, expect: type[T], timeout: float) -> T:
+    """Typed request/reply: raises RemoteError for an error reply, RequestTimeout when nobody answers."""
+    try:
+        reply = await nc.request(subject, encode(msg), timeout=timeout)
+    except (TimeoutError, NatsTimeout):
+        raise RequestTimeout(f"no reply on {subject} within {timeout:.1f}s") from None
+    except NoRespondersError:
+        raise RequestTimeout(f"nobody listens on {subject}") from None
+    obj: Any = decode(reply.data)
+    if isinstance(obj, ErrorReply):
+        raise RemoteError(obj.code, obj.message)
+    if not isinstance(obj, expect):
+        raise MessageError(f"expected {expect.__name__} in reply on {subject}, got {type(obj).__name__}")
+    return obj
+
+
+def handler(fn: Callable[[Any], Awaitable[Any]], logger: Any = None) -> Callable[[Msg], Awaitable[None]]:
+    """Wrap a request handler: decode the message, answer its return value, and answer any
+    failure as an ErrorReply instead of letting it escape (the caller would hang until timeout)."""
+    lg = logger or log
+
+    async def wrapped(msg: Msg) -> None:
+        try:
+            req = decode(msg.data)
+            out = await fn(req)
+            if msg.reply and out is not None:
+                await msg.respond(encode(out))
+        except MessageError as e:
+            lg.warning("bad_message", subject=msg.subject, error=str(e))
+            if msg.reply:
+                await msg.respond(encode(ErrorReply("bad_message", str(e))))
+        except RemoteError as e:
+            if msg.reply:
+                await msg.respond(encode(ErrorReply(e.code, e.message)))
+        except Exception as e:
+            lg.exception("handler_failed", subject=msg.subject)
+            if msg.reply:
+                await msg.respond(encode(ErrorReply("internal", f"{type(e).__name__}: {e}")))
+
+    return wrapped
+
+
+class TaskSet:
+    """Background tasks kept alive until shutdown; a task that dies is logged, never lost."""
+
+    def __init__(self, logger: Any = None) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._log = logger or log
+        self.failed: asyncio.Event = asyncio.Event()
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._log.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
+            self.failed.set()
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def stop_event() -> asyncio.Event:
+    """One Event set by SIGINT or SIGTERM: the single shutdown path of every service."""
+    ev = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, ev.set)
+    return ev

@@ -1,0 +1,106 @@
+"""The one catalogue of NATS subjects.
+
+Every subject the mesh uses is built here, so `nats sub 'cascade.>'` (or
+`cascade tap`) shows the whole mesh, and a test can run a mesh under its own
+prefix beside another. docs/subjects.md documents each one; a test checks
+that every builder below is documented there.
+
+Names that go into a subject (worker ids, gateway ids) are validated early:
+a NATS token cannot hold '.', '*', '>' or white space.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+DEFAULT_PREFIX = "cascade"
+
+
+def check_token(name: str) -> str:
+    """Return `name` if it is usable as one subject token, else raise ValueError."""
+    if not _TOKEN.match(name):
+        raise ValueError(f"{name!r} cannot be used in a NATS subject: use letters, digits, '_' and '-' only")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Subject builders under one prefix (default `cascade`)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        for part in self.prefix.split("."):
+            check_token(part)
+
+    # ---- workers -----------------------------------------------------------
+    def heartbeat(self, worker_id: str) -> str:
+        """Worker → everyone: state, model, layers held, load. Every heartbeat interval."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.heartbeat"
+
+    def heartbeat_all(self) -> str:
+        return f"{self.prefix}.worker.*.heartbeat"
+
+    def ready(self, worker_id: str) -> str:
+        """Worker → everyone: one layer became usable (sequence-numbered per worker)."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.ready"
+
+    def ready_all(self) -> str:
+        return f"{self.prefix}.worker.*.ready"
+
+    def snapshot(self, worker_id: str) -> str:
+        """Request/reply to a worker: its full readiness state (after a gap or a new sender)."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.snapshot"
+
+    def load(self, worker_id: str) -> str:
+        """Request/reply, loader → worker: take this model (acknowledged at once, loads async)."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.load"
+
+    def unload(self, worker_id: str) -> str:
+        """Request/reply, loader → worker: drain, free the model, return to the idle pool."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.unload"
+
+    def generate(self, worker_id: str) -> str:
+        """Request/reply, gateway → worker: a batch of requests to admit (reply: accepted/rejected)."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.generate"
+
+    def cancel(self, worker_id: str) -> str:
+        """Gateway → worker: stop these requests (client went away)."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.cancel"
+
+    # ---- gateways ----------------------------------------------------------
+    def tokens(self, gateway_id: str) -> str:
+        """Worker → gateway: token events of one engine step for every request of that gateway."""
+        return f"{self.prefix}.gateway.{check_token(gateway_id)}.tokens"
+
+    def tokens_all(self) -> str:
+        return f"{self.prefix}.gateway.*.tokens"
+
+    # ---- scaling -----------------------------------------------------------
+    def scale_decision(self) -> str:
+        """Scaler → loader: a scale decision with an id, reason and figures."""
+        return f"{self.prefix}.scale.decision"
+
+    def scale_ack(self) -> str:
+        """Loader → scaler: a decision was carried out (or failed, with why)."""
+        return f"{self.prefix}.scale.ack"
+
+    def scale_request(self) -> str:
+        """Request/reply, operator (`cascade scale`) → scaler: set a model's replica target."""
+        return f"{self.prefix}.scale.request"
+
+    # ---- mesh-wide ---------------------------------------------------------
+    def status(self) -> str:
+        """Scatter-gather: every service answers with its status (`cascade status`)."""
+        return f"{self.prefix}.status"
+
+    def service_ready(self) -> str:
+        """Any service → `cascade up`: this service is up and serving."""
+        return f"{self.prefix}.service.ready"
+
+    def all(self) -> str:
+        """Everything under the prefix (what `cascade tap` subscribes to)."""
+        return f"{self.prefix}.>"
