@@ -9,9 +9,7 @@ import sys
 import structlog
 
 
-def setup_logging(
-    service: str, level: str | None = None, fmt: str | None = None
-) -> structlog.stdlib.BoundLogger:
+def setup_logging(service: str, level: str | None = None, fmt: str | None = None) -> structlog.stdlib.BoundLogger:
     level_name = (level or os.environ.get("CASCADE_LOG_LEVEL", "info")).upper()
     fmt = fmt or os.environ.get("CASCADE_LOG_FORMAT", "console")
     renderer: structlog.typing.Processor
