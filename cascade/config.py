@@ -164,7 +164,7 @@ class Deployment:
                     "knobs": m.knobs,
                     "generate": None
                     if m.generate is None
-                    else {k: getattr(m.generate, k) for k in GenerateSpec.__slots__},  # type: ignore[attr-defined]
+                    else {k: getattr(m.generate, k) for k in GenerateSpec.__slots__},
                 }
                 for m in self.models
             ]
@@ -198,7 +198,7 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
     if gen is not None:
         if not isinstance(gen, dict):
             raise ConfigError(f"model {name}: generate must be a table")
-        unknown = set(gen) - set(GenerateSpec.__slots__)  # type: ignore[attr-defined]
+        unknown = set(gen) - set(GenerateSpec.__slots__)
         if unknown:
             raise ConfigError(f"model {name}: unknown generate keys {sorted(unknown)}")
         spec = GenerateSpec(**gen)

@@ -1,0 +1,318 @@
+"""A Llama-style decoder executed unit by unit (RMSNorm, RoPE, grouped-query
+attention, SwiGLU), so a worker can hold and run any contiguous slice of it.
+
+Weights are plain tensors per unit rather than an nn.Module tree: units arrive
+one at a time (from disk or a peer) and each becomes usable on its own. The
+KV cache is per layer, so a worker that runs layers [a, b) keeps KV only for
+those layers; a request split across workers keeps each part of its cache
+where that part ran.
+
+Sequences in a batch occupy KV *slots* 0..B-1 contiguously (the engine
+compacts on removal), so a decode step reads `cache[:B]` as a view instead of
+gathering scattered slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cascade.modelconfig import ModelConfig, unit_tensor_names
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """`auto` takes CUDA when torch sees a GPU, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} requested but torch sees no CUDA device")
+    return dev
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    # CPUs have no fast half-precision matmul in most builds: compute in float32 there.
+    # On a GPU keep the checkpoint's own dtype.
+    if device.type == "cpu":
+        return torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.torch_dtype, torch.float32)
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor
+    wqkv: torch.Tensor  # q, k, v projections fused: one matmul instead of three
+    wo: torch.Tensor
+    post_norm: torch.Tensor
+    w_gate_up: torch.Tensor  # gate and up fused
+    w_down: torch.Tensor
+
+
+class KVCache:
+    """Per-layer K/V for up to `slots` sequences; capacity along time grows by doubling."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: range,
+        slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        initial_len: int = 256,
+    ) -> None:
+        self.layers = layers
+        self.slots = slots
+        self.max_len = cfg.max_position_embeddings
+        self.capacity = min(initial_len, self.max_len)
+        self._shape = (slots, cfg.num_key_value_heads, self.capacity, cfg.dim_per_head)
+        self.k: dict[int, torch.Tensor] = {i: torch.zeros(self._shape, device=device, dtype=dtype) for i in layers}
+        self.v: dict[int, torch.Tensor] = {i: torch.zeros(self._shape, device=device, dtype=dtype) for i in layers}
+
+    def ensure(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} tokens exceeds the model's context of {self.max_len}")
+        new = self.capacity
+        while new < length:
+            new *= 2
+        new = min(new, self.max_len)
+        for store in (self.k, self.v):
+            for i, t in store.items():
+                grown = t.new_zeros((t.shape[0], t.shape[1], new, t.shape[3]))
+                grown[:, :, : self.capacity] = t
+                store[i] = grown
+        self.capacity = new
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy one sequence's K/V from slot `src` to slot `dst` (slot compaction)."""
+        for store in (self.k, self.v):
+            for t in store.values():
+                t[dst, :, :length] = t[src, :, :length]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in (self.k, self.v) for t in s.values())
+
+
+class LlamaModel:
+    """The model's units as tensors, any subset of them present."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype or compute_dtype(cfg, self.device)
+        self.embed: torch.Tensor | None = None
+        self.layers: dict[int, LayerWeights] = {}
+        self.norm: torch.Tensor | None = None
+        self.lm_head: torch.Tensor | None = None
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- units
+    def load_unit(self, unit: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Install one unit from its tensors (copied into this model's device and dtype)."""
+        names = unit_tensor_names(self.cfg, unit)
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"unit {unit} lacks {missing}")
+
+        def get(name: str) -> torch.Tensor:
+            return tensors[name].to(device=self.device, dtype=self.dtype, copy=True).contiguous()
+
+        L = self.cfg.num_hidden_layers
+        if unit == 0:
+            self.embed = get(names[0])
+        elif unit <= L:
+            p = f"model.layers.{unit - 1}."
+            self.layers[unit - 1] = LayerWeights(
+                input_norm=get(p + "input_layernorm.weight"),
+                wqkv=torch.cat(
+                    [
+                        get(p + "self_attn.q_proj.weight"),
+                        get(p + "self_attn.k_proj.weight"),
+                        get(p + "self_attn.v_proj.weight"),
+                    ]
+                ),
+                wo=get(p + "self_attn.o_proj.weight"),
+                post_norm=get(p + "post_attention_layernorm.weight"),
+                w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                w_down=get(p + "mlp.down_proj.weight"),
+            )
+        else:
+            self.norm = get(names[0])
+            self.lm_head = get(names[1])
+
+    def drop_unit(self, unit: int) -> None:
+        L = self.cfg.num_hidden_layers
+        if unit == 0:
+            self.embed = None
+        elif unit <= L:
+            self.layers.pop(unit - 1, None)
+        else:
+            self.norm = None
+            self.lm_head = None
+
+    def has_unit(self, unit: int) -> bool:
+        L = self.cfg.num_hidden_layers
+        if unit == 0:
+            return self.embed is not None
+        if unit <= L:
+            return (unit - 1) in self.layers
+        return self.lm_head is not None
+
+    def ready_units(self) -> list[int]:
+        return [u for u in range(self.cfg.num_units) if self.has_unit(u)]
+
+    def is_complete(self) -> bool:
+        return len(self.ready_units()) == self.cfg.num_units
+
+    # ---------------------------------------------------------------- pieces
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope_cache is None:
+            d = self.cfg.dim_per_head
+            inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+            t = torch.arange(self.cfg.max_position_embeddings, dtype=torch.float64)
+            freqs = torch.outer(t, inv)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self._rope_cache = (
+                emb.cos().to(device=self.device, dtype=self.dtype),
+                emb.sin().to(device=self.device, dtype=self.dtype),
+            )
+        cos, sin = self._rope_cache
+        return cos[positions], sin[positions]
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return w * xf.to(x.dtype)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            raise RuntimeError("embedding unit not loaded")
+        return F.embedding(ids, self.embed)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.norm is None or self.lm_head is None:
+            raise RuntimeError("head unit not loaded")
+        return F.linear(self._rms(h, self.norm), self.lm_head).float()
+
+    def _layer(
+        self,
+        i: int,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor,
+        lengths: torch.Tensor,
+        prefill: bool,
+        slot0: int,
+    ) -> torch.Tensor:
+        w = self.layers.get(i)
+        if w is None:
+            raise RuntimeError(f"layer {i} not loaded")
+        cfg = self.cfg
+        B, T, _ = h.shape
+        nh, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+        x = self._rms(h, w.input_norm)
+        qkv = F.linear(x, w.wqkv)
+        q, k, v = qkv.split([nh * d, kvh * d, kvh * d], dim=-1)
+        q = q.view(B, T, nh, d).transpose(1, 2)
+        k = k.view(B, T, kvh, d).transpose(1, 2)
+        v = v.view(B, T, kvh, d).transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, d]
+        q = q * c + _rotate_half(q) * s
+        k = k * c + _rotate_half(k) * s
+        kc, vc = cache.k[i][slot0 : slot0 + B], cache.v[i][slot0 : slot0 + B]
+        if prefill:
+            # Right-padded prompts: write all T positions; padding beyond a prompt's length is never
+            # attended to (masked below and overwritten by the first decode step).
+            kc[:, :, :T] = k
+            vc[:, :, :T] = v
+            S = T
+            key_pos = torch.arange(S, device=h.device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
+        else:
+            idx = torch.arange(B, device=h.device)
+            pos = positions[:, 0]
+            kc[idx, :, pos] = k[:, :, 0]
+            vc[idx, :, pos] = v[:, :, 0]
+            S = int(pos.max().item()) + 1
+            key_pos = torch.arange(S, device=h.device)
+            mask = (key_pos[None, :] <= pos[:, None])[:, None, :]
+        attn = F.scaled_dot_product_attention(
+            q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask[:, None, :, :], enable_gqa=nh != kvh
+        )
+        h = h + F.linear(attn.transpose(1, 2).reshape(B, T, nh * d), w.wo)
+        x = self._rms(h, w.post_norm)
+        gate, up = F.linear(x, w.w_gate_up).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, w.w_down)
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        layers: range,
+        cache: KVCache,
+        positions: torch.Tensor,
+        lengths: torch.Tensor,
+        prefill: bool,
+        slot0: int = 0,
+    ) -> torch.Tensor:
+        """Run decoder layers `layers` on hidden states `h` [B, T, H] for KV slots slot0..slot0+B-1.
+
+        prefill: `positions` [B, T] are 0..T-1 and `lengths` [B] the real prompt lengths.
+        decode: T == 1, `positions` [B, 1] the position of each sequence's new token.
+        """
+        cos, sin = self._rope(positions)
+        for i in layers:
+            h = self._layer(i, h, cos, sin, cache, positions, lengths, prefill, slot0)
+        return h
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        layers: range,
+        cache: KVCache,
+        positions: torch.Tensor,
+        lengths: torch.Tensor,
+        prefill: bool,
+        head: bool,
+        slot0: int = 0,
+    ) -> torch.Tensor:
+        """One stage: embed (when given ids) → layers → head (when asked). Returns hidden states,
+        or logits at each sequence's last real position when `head`."""
+        if ids is not None:
+            h = self.embed_tokens(ids)
+        elif hidden is not None:
+            h = hidden.to(device=self.device, dtype=self.dtype)
+        else:
+            raise ValueError("need ids or hidden states")
+        cache.ensure(int(positions.max().item()) + 1)
+        h = self.run_layers(h, layers, cache, positions, lengths, prefill, slot0)
+        if not head:
+            return h
+        if prefill:
+            last = (lengths - 1).clamp(min=0)
+            h = h[torch.arange(h.shape[0], device=h.device), last]
+        else:
+            h = h[:, -1]
+        return self.logits(h)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def prefill_inputs(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad prompts into ids [B, T], positions [B, T] and lengths [B]."""
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    positions = torch.arange(T).expand(len(prompts), T)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return ids.to(device), positions.to(device), lengths.to(device)
