@@ -30,4 +30,4 @@ def setup_logging(service: str, level: str | None = None, fmt: str | None = None
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    return structlog.get_logger().bind(service=service)  # type: ignore[no-any-return]
+    return structlog.get_logger().bind(service=service)

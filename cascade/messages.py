@@ -25,6 +25,7 @@ _REGISTRY: dict[str, type[Any]] = {}
 T = TypeVar("T")
 
 
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(field,))
 def message(name: str, version: int = 1) -> typing.Callable[[type[T]], type[T]]:
     """Class decorator: a frozen slotted dataclass registered as wire type `name`."""
 

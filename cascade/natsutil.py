@@ -82,7 +82,7 @@ def handler(fn: Callable[[Any], Awaitable[Any]], logger: Any = None) -> Callable
 
     async def wrapped(msg: Msg) -> None:
         try:
-            req = decode(msg.data)
+            req: Any = decode(msg.data)
             out = await fn(req)
             if msg.reply and out is not None:
                 await msg.respond(encode(out))
