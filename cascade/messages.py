@@ -209,6 +209,29 @@ class UnloadModel:
     decision_id: str = ""
 
 
+@message("transfer_order")
+class TransferOrder:
+    """Loader → worker: this worker's part in one transfer (one chain, or one star branch) of a plan.
+
+    role "receive": accept one data-plane connection for `transfer_id` presenting `token`, receive
+    `units` in this order, and forward each to `downstream` (a data address) if set, same token.
+    role "send": connect to `downstream` and stream `units` of the model this worker holds, at most
+    `rate_limit_bps` bytes/s (0 = unlimited; set when the source is serving requests).
+    role "disk": read `units` from the checkpoint at `path` itself (nothing on the network)."""
+
+    transfer_id: str
+    token: str
+    model: str
+    role: Literal["send", "receive", "disk"]
+    units: list[int]
+    num_units: int
+    downstream: str | None = None
+    rate_limit_bps: float = 0.0
+    path: str = ""
+    # A receiver that sees no connection (or no progress) for this long gives up and reports it.
+    timeout_s: float = 30.0
+
+
 # --------------------------------------------------------------------------- requests
 
 

@@ -63,6 +63,11 @@ class Subjects:
         """Request/reply, loader → worker: drain, free the model, return to the idle pool."""
         return f"{self.prefix}.worker.{check_token(worker_id)}.unload"
 
+    def transfer(self, worker_id: str) -> str:
+        """Request/reply, loader → worker: take part in a parameter transfer (`TransferOrder`:
+        receive and forward, send, or read from disk); bytes then flow on the TCP data plane."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.transfer"
+
     def generate(self, worker_id: str) -> str:
         """Request/reply, gateway → worker: a batch of requests to admit (reply: accepted/rejected)."""
         return f"{self.prefix}.worker.{check_token(worker_id)}.generate"

@@ -1,0 +1,305 @@
+"""Data-plane wire format: how parameter bytes travel between processes over a byte stream.
+
+One connection carries one transfer, one way (upstream → downstream):
+
+    connection header   magic "CSCD", version, transfer id, token, model, the unit indices to follow
+    ← reply             one status byte (+ reason), sent by the receiver before any unit is streamed
+    per unit            frame kind "UNIT", unit index, tensor count, unit nbytes;
+                        per tensor: name, dtype (safetensors code), shape, nbytes;
+                        then the tensors' raw bytes back to back, in header order, no padding;
+                        then the CRC-32 (zlib) of the unit header and those bytes
+    or an abort         frame kind "ABRT" with a reason: the sender gave up; nothing after it
+
+The receiver knows from the connection header how many units follow, so a stream that ends early
+is detected as truncated; a unit whose bytes do not match its CRC is never declared complete.
+A forwarder re-sends unit frames verbatim (header, the same bytes it received, trailer), so every
+hop verifies the checksum the source computed.
+
+This module is pure: no sockets, no torch. Reading goes through a `recv_into`-shaped callable so
+the same code serves a socket, a file or a test buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+MAGIC = b"CSCD"
+VERSION = 1
+KIND_UNIT = b"UNIT"
+KIND_ABORT = b"ABRT"
+STATUS_OK = 0
+STATUS_REFUSED = 1
+
+# Sized so one chunk in flight per hop costs well under a millisecond at loopback speeds while
+# keeping per-call Python overhead (a syscall, a crc32 call) small against the bytes moved.
+DEFAULT_CHUNK = 1 << 20
+# Offsets of tensors inside a receiver's unit buffer: aligned so `torch.frombuffer` views of any
+# dtype are aligned (and a later device copy can use the fast path).
+ALIGN = 64
+
+_CONN = struct.Struct("<4sHHHHI")  # magic, version, len(transfer_id), len(token), len(model), unit count
+_UNIT = struct.Struct("<4sIIQ")  # kind, unit index, tensor count, unit nbytes
+_TENSOR = struct.Struct("<HBBQ")  # len(name), len(dtype), ndim, nbytes
+_CRC = struct.Struct("<I")
+_STATUS = struct.Struct("<BH")  # status, len(reason)
+_ABORT = struct.Struct("<4sIIQ")  # same size as _UNIT so a frame kind can be read first
+
+# Bounds that stop a corrupt or hostile header from making a receiver allocate absurd memory.
+MAX_STR = 4096
+MAX_UNITS = 1 << 20
+MAX_TENSORS_PER_UNIT = 4096
+MAX_NDIM = 16
+
+# Element sizes of the safetensors dtype codes, so a header whose shape disagrees with its byte
+# count is refused before any buffer is sized from it.
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+RecvInto = Callable[[memoryview], int]
+
+
+class FramingError(ValueError):
+    """A stream that does not follow the format: bad magic, truncated, or a checksum mismatch."""
+
+
+class TruncatedStream(FramingError):
+    """The stream ended before a frame was complete."""
+
+
+class ChecksumMismatch(FramingError):
+    """A unit's bytes do not match the CRC its sender computed."""
+
+
+class TransferAborted(FramingError):
+    """The sender aborted the transfer (the reason is the message)."""
+
+
+# --------------------------------------------------------------------------- reading helpers
+
+
+def recv_exact_into(recv_into: RecvInto, view: memoryview) -> None:
+    """Fill `view` completely, or raise TruncatedStream."""
+    pos, n = 0, len(view)
+    while pos < n:
+        got = recv_into(view[pos:])
+        if got <= 0:
+            raise TruncatedStream(f"stream ended after {pos} of {n} bytes")
+        pos += got
+
+
+def recv_exact(recv_into: RecvInto, n: int) -> bytes:
+    buf = bytearray(n)
+    recv_exact_into(recv_into, memoryview(buf))
+    return bytes(buf)
+
+
+def _str(recv_into: RecvInto, n: int, what: str) -> str:
+    if n > MAX_STR:
+        raise FramingError(f"{what} of {n} bytes is not plausible")
+    try:
+        return recv_exact(recv_into, n).decode()
+    except UnicodeDecodeError:
+        raise FramingError(f"{what} is not UTF-8") from None
+
+
+# --------------------------------------------------------------------------- connection header
+
+
+@dataclass(frozen=True, slots=True)
+class ConnHeader:
+    transfer_id: str
+    token: str
+    model: str
+    units: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        tid, tok, mod = self.transfer_id.encode(), self.token.encode(), self.model.encode()
+        for s, what in ((tid, "transfer id"), (tok, "token"), (mod, "model")):
+            if len(s) > MAX_STR:
+                raise FramingError(f"{what} is too long")
+        fixed = _CONN.pack(MAGIC, VERSION, len(tid), len(tok), len(mod), len(self.units))
+        return fixed + tid + tok + mod + struct.pack(f"<{len(self.units)}I", *self.units)
+
+
+def read_conn_header(recv_into: RecvInto) -> ConnHeader:
+    magic, version, ltid, ltok, lmod, count = _CONN.unpack(recv_exact(recv_into, _CONN.size))
+    if magic != MAGIC:
+        raise FramingError(f"not a Cascade data-plane stream (magic {magic!r})")
+    if version != VERSION:
+        raise FramingError(f"data-plane version {version} is not {VERSION}")
+    if count > MAX_UNITS:
+        raise FramingError(f"{count} units is not plausible")
+    tid = _str(recv_into, ltid, "transfer id")
+    tok = _str(recv_into, ltok, "token")
+    mod = _str(recv_into, lmod, "model")
+    units = struct.unpack(f"<{count}I", recv_exact(recv_into, 4 * count))
+    return ConnHeader(tid, tok, mod, tuple(units))
+
+
+def encode_status(ok: bool, reason: str = "") -> bytes:
+    r = reason.encode()[:MAX_STR]
+    return _STATUS.pack(STATUS_OK if ok else STATUS_REFUSED, len(r)) + r
+
+
+def read_status(recv_into: RecvInto) -> tuple[bool, str]:
+    status, n = _STATUS.unpack(recv_exact(recv_into, _STATUS.size))
+    reason = _str(recv_into, n, "reason")
+    return status == STATUS_OK, reason
+
+
+# --------------------------------------------------------------------------- units
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    name: str
+    dtype: str  # safetensors code: F32, F16, BF16, ...
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnitHeader:
+    unit: int
+    tensors: tuple[TensorMeta, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def encode(self) -> bytes:
+        parts = [_UNIT.pack(KIND_UNIT, self.unit, len(self.tensors), self.nbytes)]
+        for t in self.tensors:
+            name, dtype = t.name.encode(), t.dtype.encode()
+            if len(name) > MAX_STR or len(dtype) > 255 or len(t.shape) > MAX_NDIM:
+                raise FramingError(f"tensor {t.name!r}: name, dtype or rank too large to frame")
+            parts.append(_TENSOR.pack(len(name), len(dtype), len(t.shape), t.nbytes))
+            parts.append(name + dtype + struct.pack(f"<{len(t.shape)}Q", *t.shape))
+        return b"".join(parts)
+
+    def layout(self) -> tuple[list[int], int]:
+        """Offsets of each tensor in a receiver's unit buffer (aligned to ALIGN), and its total size."""
+        offsets, off = [], 0
+        for t in self.tensors:
+            off += -off % ALIGN
+            offsets.append(off)
+            off += t.nbytes
+        return offsets, off
+
+
+def encode_abort(reason: str) -> bytes:
+    r = reason.encode()[:MAX_STR]
+    return _ABORT.pack(KIND_ABORT, 0, 0, len(r)) + r
+
+
+def read_unit_header(recv_into: RecvInto, expect: int | None = None) -> tuple[UnitHeader, bytes]:
+    """Read the next unit frame header; returns it and its exact bytes (a forwarder re-sends them).
+
+    Raises TransferAborted when the sender aborted instead, FramingError when the unit is not
+    `expect` (units arrive in the order the connection header announced)."""
+    raw = [recv_exact(recv_into, _UNIT.size)]
+    kind, unit, count, nbytes = _UNIT.unpack(raw[0])
+    if kind == KIND_ABORT:
+        raise TransferAborted(_str(recv_into, nbytes, "abort reason") or "aborted by sender")
+    if kind != KIND_UNIT:
+        raise FramingError(f"expected a unit frame, got {kind!r}")
+    if expect is not None and unit != expect:
+        raise FramingError(f"expected unit {expect}, got unit {unit}")
+    if count > MAX_TENSORS_PER_UNIT:
+        raise FramingError(f"unit {unit}: {count} tensors is not plausible")
+    tensors = []
+    for _ in range(count):
+        fixed = recv_exact(recv_into, _TENSOR.size)
+        lname, ldtype, ndim, tbytes = _TENSOR.unpack(fixed)
+        if lname > MAX_STR or ndim > MAX_NDIM:
+            raise FramingError(f"unit {unit}: tensor header is not plausible")
+        rest = recv_exact(recv_into, lname + ldtype + 8 * ndim)
+        raw += [fixed, rest]
+        try:
+            name = rest[:lname].decode()
+            dtype = rest[lname : lname + ldtype].decode()
+        except UnicodeDecodeError:
+            raise FramingError(f"unit {unit}: tensor name is not UTF-8") from None
+        shape = struct.unpack(f"<{ndim}Q", rest[lname + ldtype :])
+        size = DTYPE_SIZES.get(dtype)
+        if size is None:
+            raise FramingError(f"unit {unit}: tensor {name} has unknown dtype {dtype!r}")
+        if math.prod(shape) * size != tbytes:
+            raise FramingError(f"unit {unit}: tensor {name} shape {shape} does not fit {tbytes} bytes")
+        tensors.append(TensorMeta(name, dtype, tuple(shape), tbytes))
+    header = UnitHeader(unit, tuple(tensors))
+    if header.nbytes != nbytes:
+        raise FramingError(f"unit {unit}: tensor sizes add up to {header.nbytes}, header says {nbytes}")
+    return header, b"".join(raw)
+
+
+def encode_crc(crc: int) -> bytes:
+    return _CRC.pack(crc & 0xFFFFFFFF)
+
+
+CRC_SIZE = _CRC.size
+
+
+def read_crc(recv_into: RecvInto) -> tuple[int, bytes]:
+    raw = recv_exact(recv_into, _CRC.size)
+    return int(_CRC.unpack(raw)[0]), raw
+
+
+def recv_unit_body(
+    recv_into: RecvInto,
+    header: UnitHeader,
+    header_bytes: bytes,
+    buf: memoryview,
+    on_chunk: Callable[[memoryview], None] | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> int:
+    """Receive a unit's tensor bytes into `buf` at `header.layout()` offsets; returns the unit's
+    CRC-32 (over `header_bytes`, as read by `read_unit_header`, then the tensor bytes).
+
+    `on_chunk` sees every received slice of `buf` as soon as it is in (a forwarder sends it on from
+    the same memory, so no second copy); the CRC is computed incrementally over the same slices."""
+    offsets, total = header.layout()
+    if len(buf) < total:
+        raise ValueError(f"unit {header.unit}: buffer of {len(buf)} bytes, need {total}")
+    crc = zlib.crc32(header_bytes)
+    for t, off in zip(header.tensors, offsets, strict=True):
+        pos, end = off, off + t.nbytes
+        while pos < end:
+            got = recv_into(buf[pos : min(end, pos + chunk)])
+            if got <= 0:
+                raise TruncatedStream(f"unit {header.unit}: stream ended inside tensor {t.name}")
+            piece = buf[pos : pos + got]
+            if on_chunk is not None:
+                on_chunk(piece)
+            crc = zlib.crc32(piece, crc)
+            pos += got
+    return crc
+
+
+def verify_crc(header: UnitHeader, computed: int, received: int) -> None:
+    if computed != received:
+        raise ChecksumMismatch(f"unit {header.unit}: checksum {computed:08x} != sender's {received:08x}")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def iter_unit_frames(
+    unit: int, tensors: Sequence[tuple[TensorMeta, memoryview]], chunk: int = DEFAULT_CHUNK
+) -> Iterator[bytes | memoryview]:
+    """The pieces to send for one unit: header, the raw bytes in chunks (views, not copies), CRC."""
+    header = UnitHeader(unit, tuple(m for m, _ in tensors))
+    head = header.encode()
+    yield head
+    crc = zlib.crc32(head)
+    for meta, data in tensors:
+        if len(data) != meta.nbytes:
+            raise ValueError(f"tensor {meta.name}: {len(data)} bytes, header says {meta.nbytes}")
+        for i in range(0, len(data), chunk):
+            piece = data[i : i + chunk]
+            crc = zlib.crc32(piece, crc)
+            yield piece
+    yield encode_crc(crc)
