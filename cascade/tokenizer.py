@@ -118,28 +118,45 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
 
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas, holding back an incomplete
-    UTF-8 sequence (or a partial BPE merge) until the next token completes it."""
+    UTF-8 sequence (or a partial BPE merge) until the next tokens complete it.
+
+    Only the last few tokens are re-decoded each time (from a stable prefix), so a long
+    output costs linear, not quadratic, time."""
+
+    # A UTF-8 character spans at most 4 bytes, so 4 tokens that still end in U+FFFD will not
+    # be completed by more tokens: they are invalid, and emitted as the replacement character.
+    MAX_HOLD = 4
 
     def __init__(self, tok: Tokenizer) -> None:
         self._tok = tok
         self._ids: list[int] = []
-        self._emitted = ""
+        self._prefix = 0  # ids before this index are emitted and never re-decoded alone
+        self._read = 0  # ids before this index are reflected in emitted text
+        self._emitted: list[str] = []
 
     @property
     def text(self) -> str:
-        return self._emitted
+        return "".join(self._emitted)
 
     def push(self, ids: list[int]) -> str:
         self._ids.extend(ids)
-        full = self._tok.decode(self._ids)
-        if full.endswith("\ufffd"):
-            return ""
-        delta = full[len(self._emitted) :] if full.startswith(self._emitted) else ""
-        self._emitted = full if full.startswith(self._emitted) else self._emitted
-        return delta
+        return self._advance(final=False)
 
     def flush(self) -> str:
-        full = self._tok.decode(self._ids)
-        delta = full[len(self._emitted) :] if full.startswith(self._emitted) else ""
-        self._emitted += delta
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read >= len(self._ids):
+            return ""
+        # Decode from a little before the unread part so tokenizers that merge across
+        # token boundaries (leading spaces in SentencePiece) render the same as in full text.
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        full = self._tok.decode(self._ids[self._prefix :])
+        if not final and full.endswith("\ufffd") and len(self._ids) - self._read < self.MAX_HOLD:
+            return ""
+        delta = full[len(prefix_text) :] if full.startswith(prefix_text) else full
+        self._prefix = self._read
+        self._read = len(self._ids)
+        if delta:
+            self._emitted.append(delta)
         return delta
