@@ -1,0 +1,345 @@
+"""Transfer planning: which source sends a model's units to which targets, in what order.
+
+A pure core (no I/O, no clocks): a mesh snapshot and a request go in, a `TransferPlan` comes out;
+the loader turns the plan into `TransferOrder`s (`plan_orders`) and sends them. The only
+non-determinism is the auth token, drawn from `secrets` unless a test passes its own factory.
+
+Source preference, for `multicast` and `star`:
+  1. workers holding the model in full and serving no requests (several → several chains);
+  2. the host cache (one copy per model in the mesh);
+  3. workers holding it in full while serving requests, their send rate-limited so the transfer
+     does not starve their requests. The host cache comes before them: it costs no request
+     latency, while a live holder pays for every byte it sends;
+  4. disk: each target reads the checkpoint itself.
+`host-cache` mode uses only the host cache (each target gets its own stream: what a system with a
+host-memory cache and no multicast does); `disk` mode only disk (ServerlessLLM-style).
+
+A chain source → T1 → … → Tn costs about one transfer plus a chunk per hop, so a chain is never
+split for speed; several sources give several chains only so that one failure touches fewer
+targets and no single source carries every stream.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from cascade.messages import TransferOrder
+
+LoadingMode = Literal["multicast", "host-cache", "disk", "star"]
+SourceKind = Literal["worker", "host-cache", "disk"]
+
+# A serving holder gives at most this many bytes/s to a transfer by default: a fraction of what one
+# loopback hop moves here (~2 GB/s), so its request path keeps most of the memory bandwidth.
+DEFAULT_SERVING_RATE_LIMIT_BPS = 256e6
+
+
+class PlanError(ValueError):
+    """The request cannot be planned (unknown target, no data address, nothing to load from)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """What the planner needs to know of one worker (from its heartbeat)."""
+
+    worker_id: str
+    state: str  # idle | loading | serving | draining
+    model: str | None
+    units_ready: int
+    num_units: int
+    running: int = 0
+    waiting: int = 0
+    data_addr: str | None = None
+
+    @property
+    def load(self) -> int:
+        return self.running + self.waiting
+
+    def holds(self, model: str) -> bool:
+        return (
+            self.model == model
+            and self.num_units > 0
+            and self.units_ready >= self.num_units
+            and self.state in ("serving", "idle")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSnapshot:
+    workers: tuple[WorkerView, ...]
+    # Models the host cache holds, and the data address it serves them from.
+    host_cache_models: frozenset[str] = frozenset()
+    host_cache_addr: str | None = None
+
+    def worker(self, worker_id: str) -> WorkerView | None:
+        for w in self.workers:
+            if w.worker_id == worker_id:
+                return w
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRequest:
+    model: str
+    targets: tuple[str, ...]
+    mode: LoadingMode
+    unit_nbytes: tuple[int, ...]  # per unit, front to back; len = num_units
+    model_path: str = ""  # where a disk source reads the checkpoint
+    serving_rate_limit_bps: float = DEFAULT_SERVING_RATE_LIMIT_BPS
+    # A target whose units 0..k-1 are already verified needs only the rest (re-plans use this).
+    first_unit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    kind: SourceKind
+    worker_id: str | None = None
+    addr: str | None = None
+    serving: bool = False  # a live holder answering requests: its send is rate-limited
+    rate_limit_bps: float = 0.0  # 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    worker_id: str
+    addr: str | None  # None for a disk chain (the target reads locally)
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """source → targets[0] → targets[1] → …; one transfer id and token, its own fault domain."""
+
+    transfer_id: str
+    token: str
+    source: Source
+    targets: tuple[Hop, ...]
+    units: tuple[int, ...]
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        head = (self.source.worker_id,) if self.source.worker_id else ()
+        return head + tuple(h.worker_id for h in self.targets)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferPlan:
+    plan_id: str
+    model: str
+    mode: LoadingMode
+    chains: tuple[Chain, ...]
+    unit_nbytes: tuple[int, ...]
+    model_path: str = ""
+    note: str = ""  # why this shape (fallbacks taken), for `cascade tap`
+
+    @property
+    def num_units(self) -> int:
+        return len(self.unit_nbytes)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(h.worker_id for c in self.chains for h in c.targets)
+
+    def chain_of(self, worker_id: str) -> Chain | None:
+        for c in self.chains:
+            if worker_id in c.members:
+                return c
+        return None
+
+
+TokenFactory = Callable[[], str]
+
+
+def _token() -> str:
+    return secrets.token_hex(16)
+
+
+def _transfer_id(plan_id: str, i: int) -> str:
+    return f"{plan_id}-{i}"
+
+
+def _split(items: Sequence[str], parts: int) -> list[tuple[str, ...]]:
+    """Split `items` into `parts` contiguous groups whose sizes differ by at most one."""
+    parts = max(1, min(parts, len(items)))
+    q, r = divmod(len(items), parts)
+    out, i = [], 0
+    for p in range(parts):
+        n = q + (1 if p < r else 0)
+        out.append(tuple(items[i : i + n]))
+        i += n
+    return out
+
+
+def select_sources(snapshot: MeshSnapshot, req: PlanRequest, exclude: frozenset[str] = frozenset()) -> list[Source]:
+    """Sources for `req.model` in preference order of their class (see module docstring); every
+    source returned belongs to the best class available. Empty means: read from disk."""
+    holders = [
+        w
+        for w in snapshot.workers
+        if w.holds(req.model) and w.worker_id not in exclude and w.worker_id not in req.targets and w.data_addr
+    ]
+    if req.mode in ("multicast", "star"):
+        idle = sorted((w for w in holders if w.load == 0), key=lambda w: w.worker_id)
+        if idle:
+            return [Source("worker", w.worker_id, w.data_addr) for w in idle]
+    if req.mode in ("multicast", "star", "host-cache"):
+        if req.model in snapshot.host_cache_models and snapshot.host_cache_addr and "host-cache" not in exclude:
+            return [Source("host-cache", None, snapshot.host_cache_addr)]
+    if req.mode in ("multicast", "star"):
+        busy = sorted((w for w in holders if w.load > 0), key=lambda w: (w.load, w.worker_id))
+        if busy:
+            # One serving source only: every byte it sends costs its requests something.
+            w = busy[0]
+            return [Source("worker", w.worker_id, w.data_addr, serving=True, rate_limit_bps=req.serving_rate_limit_bps)]
+    return []
+
+
+def plan_transfer(
+    snapshot: MeshSnapshot, req: PlanRequest, plan_id: str, token_factory: TokenFactory = _token
+) -> TransferPlan:
+    """Plan moving `req.model` to `req.targets` (see module docstring for the source choice)."""
+    return _plan(snapshot, req, plan_id, token_factory, exclude=frozenset())
+
+
+def _plan(
+    snapshot: MeshSnapshot, req: PlanRequest, plan_id: str, token_factory: TokenFactory, exclude: frozenset[str]
+) -> TransferPlan:
+    if not req.targets:
+        raise PlanError("no targets")
+    if len(set(req.targets)) != len(req.targets):
+        raise PlanError("a target is named twice")
+    if not req.unit_nbytes:
+        raise PlanError(f"model {req.model} has no units")
+    if not 0 <= req.first_unit < len(req.unit_nbytes):
+        raise PlanError(f"first unit {req.first_unit} out of range")
+    units = tuple(range(req.first_unit, len(req.unit_nbytes)))
+    hops = []
+    for t in req.targets:
+        w = snapshot.worker(t)
+        if w is None:
+            raise PlanError(f"target {t} is not in the mesh")
+        if w.holds(req.model):
+            raise PlanError(f"target {t} already holds {req.model}")
+        hops.append(Hop(t, w.data_addr))
+
+    sources = [] if req.mode == "disk" else select_sources(snapshot, req, exclude)
+    note = ""
+    if not sources:
+        if req.mode != "disk":
+            note = f"no live holder{'' if req.mode == 'multicast' else ' or host cache'} of {req.model}: disk"
+        if req.mode == "host-cache" and req.model not in snapshot.host_cache_models:
+            note = f"{req.model} is not in the host cache: disk"
+        if not req.model_path:
+            raise PlanError(f"nothing holds {req.model} and no checkpoint path was given")
+        disk = Source("disk")
+        chains = tuple(Chain(_transfer_id(plan_id, i), token_factory(), disk, (h,), units) for i, h in enumerate(hops))
+        return TransferPlan(plan_id, req.model, req.mode, chains, req.unit_nbytes, req.model_path, note)
+
+    for h in hops:
+        if not h.addr:
+            raise PlanError(f"target {h.worker_id} has no data-plane address")
+    by_id = {h.worker_id: h for h in hops}
+    if req.mode in ("host-cache", "star"):
+        # One stream per target from the source itself; targets spread round-robin over sources.
+        chains = tuple(
+            Chain(_transfer_id(plan_id, i), token_factory(), sources[i % len(sources)], (h,), units)
+            for i, h in enumerate(hops)
+        )
+    else:
+        groups = _split(req.targets, len(sources))
+        chains = tuple(
+            Chain(_transfer_id(plan_id, i), token_factory(), src, tuple(by_id[t] for t in g), units)
+            for i, (src, g) in enumerate(zip(sources, groups, strict=False))
+        )
+    if sources[0].serving:
+        note = f"only serving holders of {req.model}: send rate-limited"
+    return TransferPlan(plan_id, req.model, req.mode, chains, req.unit_nbytes, req.model_path, note)
+
+
+def replan(
+    plan: TransferPlan,
+    failed: str,
+    snapshot: MeshSnapshot,
+    units_ready: Mapping[str, int],
+    plan_id: str,
+    token_factory: TokenFactory = _token,
+    serving_rate_limit_bps: float = DEFAULT_SERVING_RATE_LIMIT_BPS,
+) -> TransferPlan | None:
+    """A new plan for the survivors downstream of `failed` in its chain, or None if there are none.
+
+    `failed` is a target worker id, a source worker id, or "host-cache". `units_ready` says how many
+    units of the model (front to back) each survivor holds verified; the new chain starts at the
+    fewest, and a survivor ignores the units it already holds. None also when every survivor
+    already holds every unit. The new source is another holder, else the host
+    cache, else disk; never the failed member. Chains of `plan` without the failed member are
+    untouched (each chain is its own fault domain)."""
+    chain = plan.chain_of(failed) if failed != "host-cache" else None
+    if failed == "host-cache":
+        chain = next((c for c in plan.chains if c.source.kind == "host-cache"), None)
+    if chain is None:
+        return None
+    if failed in (chain.source.worker_id, "host-cache"):
+        survivors = tuple(h.worker_id for h in chain.targets)
+    else:
+        pos = [h.worker_id for h in chain.targets].index(failed)
+        survivors = tuple(h.worker_id for h in chain.targets[pos + 1 :])
+    live = tuple(s for s in survivors if snapshot.worker(s) is not None)
+    if not live:
+        return None
+    first = min(units_ready.get(s, 0) for s in live)
+    if first >= plan.num_units:
+        return None
+    # A multicast re-plan stays a chain; star and host-cache re-plan their single lost branch.
+    mode: LoadingMode = plan.mode
+    req = PlanRequest(
+        model=plan.model,
+        targets=live,
+        mode=mode,
+        unit_nbytes=plan.unit_nbytes,
+        model_path=plan.model_path,
+        serving_rate_limit_bps=serving_rate_limit_bps,
+        first_unit=first,
+    )
+    exclude = frozenset({failed})
+    new = _plan(snapshot, req, plan_id, token_factory, exclude)
+    return replace(new, note=f"re-plan after {failed} failed" + (f"; {new.note}" if new.note else ""))
+
+
+def plan_orders(plan: TransferPlan, timeout_s: float = 30.0) -> dict[str, list[TransferOrder]]:
+    """The `TransferOrder`s to send, by worker id ("host-cache" for the loader's own cache).
+
+    Receivers must get theirs before the source's send order (they must be expecting the
+    connection), so the loader sends every "receive"/"disk" order first, then the "send" ones."""
+    out: dict[str, list[TransferOrder]] = {}
+    n = plan.num_units
+    for c in plan.chains:
+        units = list(c.units)
+        if c.source.kind == "disk":
+            for h in c.targets:
+                out.setdefault(h.worker_id, []).append(
+                    TransferOrder(c.transfer_id, c.token, plan.model, "disk", units, n, path=plan.model_path)
+                )
+            continue
+        for i, h in enumerate(c.targets):
+            nxt = c.targets[i + 1].addr if i + 1 < len(c.targets) else None
+            out.setdefault(h.worker_id, []).append(
+                TransferOrder(
+                    c.transfer_id, c.token, plan.model, "receive", units, n, downstream=nxt, timeout_s=timeout_s
+                )
+            )
+        sender = c.source.worker_id or "host-cache"
+        out.setdefault(sender, []).append(
+            TransferOrder(
+                c.transfer_id,
+                c.token,
+                plan.model,
+                "send",
+                units,
+                n,
+                downstream=c.targets[0].addr,
+                rate_limit_bps=c.source.rate_limit_bps,
+                timeout_s=timeout_s,
+            )
+        )
+    return out
