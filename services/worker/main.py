@@ -1,0 +1,453 @@
+"""Worker service: holds (part of) a model, runs requests with continuous
+batching, publishes heartbeats and per-unit readiness.
+
+Wiring: config → NATS → subscriptions and tasks; SIGTERM stops admitting,
+lets running requests finish for a grace period, ends the rest with an error
+event, and drains NATS. torch work runs in one dedicated executor thread so
+the event loop only schedules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from nats.aio.client import Client as NATS
+
+from cascade.checkpoint import Checkpoint
+from cascade.config import ConfigError, env_float, env_int, env_str, resolve_nats_url, resolve_prefix
+from cascade.logs import setup_logging
+from cascade.messages import (
+    BatchReply,
+    Cancel,
+    GenerateBatch,
+    Heartbeat,
+    LayerReady,
+    LoadModel,
+    Ok,
+    Rejection,
+    RemoteError,
+    ServiceReady,
+    ServiceStatus,
+    SnapshotRequest,
+    StatusRequest,
+    TokenEvent,
+    TokenEvents,
+    UnloadModel,
+    WorkerSnapshot,
+    WorkerState,
+    encode,
+)
+from cascade.natsutil import TaskSet, connect, handler, stop_event
+from cascade.subjects import Subjects, check_token
+from cascade.tokenizer import load_tokenizer
+from services.worker.engine import Engine
+from services.worker.model import LlamaModel, pick_device
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats-url", default=None, help="NATS server (default: CASCADE_NATS_URL or the running mesh)")
+    p.add_argument("--prefix", default=None, help="subject prefix (default: cascade)")
+    p.add_argument("--config", default=None, help="deployment file (unused by workers; accepted for symmetry)")
+    p.add_argument("--log-level", default=None, help="debug | info | warning | error")
+    p.add_argument(
+        "--worker-id",
+        default=os.environ.get("CASCADE_WORKER_ID"),
+        help="unique id (letters, digits, - and _); default: derived from host and pid",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=env_int("CASCADE_TORCH_THREADS", 1),
+        help="torch threads for this worker (env CASCADE_TORCH_THREADS, default 1: workers share the cores)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=env_int("CASCADE_MAX_BATCH", 32),
+        help="most sequences in the running batch (env CASCADE_MAX_BATCH, default 32)",
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=env_int("CASCADE_MAX_WAITING", 256),
+        help="admitted sequences waiting for a batch slot before new ones are refused (default 256)",
+    )
+    p.add_argument("--device", default=env_str("CASCADE_DEVICE", "auto"), help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--heartbeat-s",
+        type=float,
+        default=env_float("CASCADE_HEARTBEAT_S", 1.0),
+        help="heartbeat interval in seconds (env CASCADE_HEARTBEAT_S, default 1.0)",
+    )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=env_float("CASCADE_DRAIN_TIMEOUT_S", 10.0),
+        help="on SIGTERM, how long running requests may finish before they are ended with an error",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = WorkerConfig.from_args(args)
+    except (ConfigError, ValueError) as e:
+        print(f"cascade worker: {e}")
+        return 2
+    setup_logging("worker", args.log_level)
+    try:
+        asyncio.run(WorkerService(cfg).main())
+    except ConnectionError as e:
+        structlog.get_logger().error("cannot_start", error=str(e))
+        return 1
+    return 0
+
+
+class WorkerConfig:
+    def __init__(
+        self,
+        nats_url: str,
+        prefix: str,
+        worker_id: str,
+        threads: int = 1,
+        max_batch: int = 32,
+        max_waiting: int = 256,
+        device: str = "auto",
+        heartbeat_s: float = 1.0,
+        drain_timeout_s: float = 10.0,
+    ) -> None:
+        if threads < 1 or max_batch < 1 or max_waiting < 0 or heartbeat_s <= 0:
+            raise ConfigError("--threads and --max-batch must be >= 1, --heartbeat-s > 0")
+        self.nats_url = nats_url
+        self.prefix = prefix
+        self.worker_id = check_token(worker_id)
+        self.threads = threads
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.device = device
+        self.heartbeat_s = heartbeat_s
+        self.drain_timeout_s = drain_timeout_s
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> WorkerConfig:
+        wid = a.worker_id or f"w-{socket.gethostname().split('.')[0]}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        wid = "".join(c if c.isalnum() or c in "-_" else "-" for c in wid)
+        return cls(
+            nats_url=resolve_nats_url(a.nats_url),
+            prefix=resolve_prefix(a.prefix),
+            worker_id=wid,
+            threads=a.threads,
+            max_batch=a.max_batch,
+            max_waiting=a.max_waiting,
+            device=a.device,
+            heartbeat_s=a.heartbeat_s,
+            drain_timeout_s=a.drain_timeout_s,
+        )
+
+
+class WorkerService:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.subjects = Subjects(cfg.prefix)
+        self.log = structlog.get_logger().bind(service="worker", worker=cfg.worker_id)
+        self.device = pick_device(cfg.device)
+        self.state: WorkerState = "idle"
+        self.model_name: str | None = None
+        self.model: LlamaModel | None = None
+        self.engine: Engine | None = None
+        self.num_units = 0
+        self.seq = 0  # readiness event sequence number
+        self.nc: NATS | None = None
+        self.tasks = TaskSet(self.log)
+        self.work = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.load_started = 0.0
+        self.load_bytes = 0
+        self.load_mb_s = 0.0
+        self._load_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def main(self, stop: asyncio.Event | None = None) -> None:
+        """Run until SIGTERM/SIGINT (or until `stop` is set, for in-process use)."""
+        torch.set_num_threads(self.cfg.threads)
+        stop = stop or stop_event()
+        self.nc = nc = await connect(self.cfg.nats_url, name=f"cascade-worker-{self.cfg.worker_id}")
+        s, w = self.subjects, self.cfg.worker_id
+        try:
+            await nc.subscribe(s.load(w), cb=handler(self.on_load, self.log))
+            await nc.subscribe(s.unload(w), cb=handler(self.on_unload, self.log))
+            await nc.subscribe(s.generate(w), cb=handler(self.on_generate, self.log))
+            await nc.subscribe(s.cancel(w), cb=handler(self.on_cancel, self.log))
+            await nc.subscribe(s.snapshot(w), cb=handler(self.on_snapshot, self.log))
+            await nc.subscribe(s.status(), cb=handler(self.on_status, self.log))
+            self.tasks.spawn(self.heartbeat_loop(), "heartbeat")
+            self.tasks.spawn(self.engine_loop(), "engine")
+            await nc.publish(s.service_ready(), encode(ServiceReady("worker", w, os.getpid())))
+            await self.send_heartbeat()
+            self.log.info("worker_ready", device=str(self.device), threads=self.cfg.threads)
+            stop_wait = asyncio.ensure_future(stop.wait())
+            failed_wait = asyncio.ensure_future(self.tasks.failed.wait())
+            await asyncio.wait([stop_wait, failed_wait], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            failed_wait.cancel()
+            await self.shutdown()
+        finally:
+            await self.tasks.cancel_all()
+            if not nc.is_closed:
+                await nc.drain()
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.log.info("worker_stopped")
+
+    async def shutdown(self) -> None:
+        """Stop admitting; let running requests finish for a grace period; end the rest with an error."""
+        self.state = "draining"
+        await self.send_heartbeat()
+        if self.engine is not None and self.engine.has_work():
+            self.log.info("draining", running=self.engine.load())
+            try:
+                await asyncio.wait_for(self.idle.wait(), self.cfg.drain_timeout_s)
+            except TimeoutError:
+                pass
+        if self._load_task is not None:
+            self._load_task.cancel()
+        if self.engine is not None and self.engine.has_work():
+            # The engine thread may be mid-step; end the sequences from that thread.
+            loop = asyncio.get_running_loop()
+            events = await loop.run_in_executor(self.executor, self.engine.drain_all, "worker shutting down")
+            await self.publish_events(events, 0)
+
+    # ------------------------------------------------------------------ heartbeats
+    def heartbeat(self) -> Heartbeat:
+        running, waiting = self.engine.load() if self.engine else (0, 0)
+        return Heartbeat(
+            worker_id=self.cfg.worker_id,
+            state=self.state,
+            model=self.model_name,
+            units_ready=len(self.model.ready_units()) if self.model else 0,
+            num_units=self.num_units,
+            running=running,
+            waiting=waiting,
+            max_batch=self.cfg.max_batch,
+            tokens_per_s=round(self.engine.stats.tokens_per_s, 2) if self.engine else 0.0,
+            ready_seq=self.seq,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            loading_mb_s=round(self.load_mb_s, 1),
+            ts=time.time(),
+        )
+
+    async def send_heartbeat(self) -> None:
+        assert self.nc is not None
+        await self.nc.publish(self.subjects.heartbeat(self.cfg.worker_id), encode(self.heartbeat()))
+
+    async def heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)  # a periodic timer, not synchronisation
+            await self.send_heartbeat()
+
+    async def publish_ready(self, unit: int, reset: bool = False) -> None:
+        assert self.nc is not None
+        self.seq += 1
+        ev = LayerReady(
+            worker_id=self.cfg.worker_id,
+            model=self.model_name or "",
+            unit=unit,
+            num_units=self.num_units,
+            seq=self.seq,
+            ts=time.time(),
+            reset=reset,
+        )
+        await self.nc.publish(self.subjects.ready(self.cfg.worker_id), encode(ev))
+
+    # ------------------------------------------------------------------ loading
+    async def on_load(self, req: LoadModel) -> Ok:
+        if self.state != "idle":
+            raise RemoteError("busy", f"worker {self.cfg.worker_id} is {self.state} with {self.model_name}")
+        path = Path(req.path)
+        try:
+            ckpt = await asyncio.get_running_loop().run_in_executor(self.executor, Checkpoint, path)
+        except (OSError, ValueError) as e:
+            raise RemoteError("load_failed", f"{req.model}: {e}") from None
+        self.state = "loading"
+        self.model_name = req.model
+        self.num_units = ckpt.config.num_units
+        self.model = LlamaModel(ckpt.config, self.device)
+        self._load_task = self.tasks.spawn(self.load_from_disk(req, ckpt), f"load-{req.model}")
+        self.log.info("load_started", model=req.model, path=str(path), decision=req.decision_id)
+        return Ok(f"loading {req.model}")
+
+    async def load_from_disk(self, req: LoadModel, ckpt: Checkpoint) -> None:
+        """Load unit by unit, front to back, announcing each as it becomes usable."""
+        loop = asyncio.get_running_loop()
+        model = self.model
+        assert model is not None
+        self.load_started = time.monotonic()
+        self.load_bytes = 0
+        try:
+            for unit in range(ckpt.config.num_units):
+
+                def load_one(u: int = unit) -> int:
+                    model.load_unit(u, ckpt.unit_tensors(u))
+                    return ckpt.unit_nbytes(u)
+
+                self.load_bytes += await loop.run_in_executor(self.executor, load_one)
+                self.load_mb_s = self.load_bytes / 1e6 / max(time.monotonic() - self.load_started, 1e-6)
+                await self.publish_ready(unit)
+            tok = await loop.run_in_executor(self.executor, load_tokenizer, Path(req.path))
+            self.engine = Engine(model, tok, max_batch=self.cfg.max_batch)
+            if self.state == "loading":
+                self.state = "serving"
+            self.log.info(
+                "model_ready",
+                model=req.model,
+                units=self.num_units,
+                mb=round(self.load_bytes / 1e6, 1),
+                seconds=round(time.monotonic() - self.load_started, 3),
+            )
+        except asyncio.CancelledError:
+            await self.drop_model()
+            raise
+        except Exception as e:
+            self.log.error("load_failed", model=req.model, error=str(e))
+            await self.drop_model()
+        finally:
+            ckpt.close()
+            await self.send_heartbeat()
+
+    async def drop_model(self) -> None:
+        self.engine = None
+        self.model = None
+        had = self.model_name is not None
+        if had:
+            await self.publish_ready(-1, reset=True)
+        self.model_name = None
+        self.num_units = 0
+        self.state = "idle"
+
+    async def on_unload(self, req: UnloadModel) -> Ok:
+        if self.state == "idle":
+            return Ok("already idle")
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        self.state = "draining"
+        await self.send_heartbeat()
+        await self.idle.wait()
+        model = self.model_name
+        await self.drop_model()
+        await self.send_heartbeat()
+        self.log.info("unloaded", model=model, decision=req.decision_id)
+        return Ok(f"unloaded {model}")
+
+    # ------------------------------------------------------------------ requests
+    async def on_generate(self, batch: GenerateBatch) -> BatchReply:
+        accepted: list[str] = []
+        rejected: list[Rejection] = []
+        eng = self.engine
+        for r in batch.requests:
+            why = self._reject_reason(r.model, len(r.prompt_ids), r.params.max_tokens, eng)
+            if why is not None:
+                rejected.append(Rejection(r.request_id, why[0], why[1]))
+                continue
+            assert eng is not None
+            eng.submit(r.request_id, batch.gateway_id, r.prompt_ids, r.params)
+            accepted.append(r.request_id)
+        if accepted:
+            self.idle.clear()
+            self.work.set()
+        return BatchReply(accepted=accepted, rejected=rejected)
+
+    def _reject_reason(
+        self, model: str, prompt_len: int, max_tokens: int, eng: Engine | None
+    ) -> tuple[str, str] | None:
+        if self.state == "draining":
+            return "draining", f"worker {self.cfg.worker_id} is draining"
+        if eng is None or self.state != "serving":
+            return "not_ready", f"worker {self.cfg.worker_id} is {self.state}"
+        if model != self.model_name:
+            return "wrong_model", f"worker {self.cfg.worker_id} serves {self.model_name}, not {model}"
+        if prompt_len < 1:
+            return "invalid", "empty prompt"
+        ctx = eng.cfg.max_position_embeddings
+        if prompt_len >= ctx:
+            return "too_long", f"prompt of {prompt_len} tokens does not fit the context of {ctx}"
+        if eng.load()[1] >= self.cfg.max_waiting:
+            return "overloaded", f"worker {self.cfg.worker_id} has {self.cfg.max_waiting} requests waiting"
+        return None
+
+    async def on_cancel(self, msg: Cancel) -> None:
+        if self.engine is None:
+            return
+        for rid in msg.request_ids:
+            self.engine.cancel(rid)
+        self.work.set()
+
+    async def engine_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.work.wait()
+            eng = self.engine
+            if eng is None or not eng.has_work():
+                self.work.clear()
+                self.idle.set()
+                continue
+            result = await loop.run_in_executor(self.executor, eng.step)
+            if result.events:
+                await self.publish_events(result.events, result.batch_size)
+
+    async def publish_events(self, events: list[tuple[str, TokenEvent]], batch_size: int) -> None:
+        assert self.nc is not None
+        by_gw: dict[str, list[TokenEvent]] = defaultdict(list)
+        for gw, ev in events:
+            by_gw[gw].append(ev)
+        for gw, evs in by_gw.items():
+            await self.nc.publish(
+                self.subjects.tokens(gw), encode(TokenEvents(self.cfg.worker_id, evs, batch_size=batch_size))
+            )
+
+    # ------------------------------------------------------------------ queries
+    async def on_snapshot(self, _: SnapshotRequest) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            worker_id=self.cfg.worker_id,
+            state=self.state,
+            model=self.model_name,
+            ready_units=self.model.ready_units() if self.model else [],
+            num_units=self.num_units,
+            seq=self.seq,
+        )
+
+    async def on_status(self, _: StatusRequest) -> ServiceStatus:
+        hb = self.heartbeat()
+        detail: dict[str, Any] = {
+            "state": hb.state,
+            "model": hb.model,
+            "units_ready": hb.units_ready,
+            "num_units": hb.num_units,
+            "running": hb.running,
+            "waiting": hb.waiting,
+            "max_batch": hb.max_batch,
+            "tokens_per_s": hb.tokens_per_s,
+            "loading_mb_s": hb.loading_mb_s,
+            "device": str(self.device),
+            "threads": self.cfg.threads,
+        }
+        if self.engine is not None:
+            st = self.engine.stats
+            detail.update(
+                steps=st.steps,
+                tokens=st.tokens,
+                max_batch_seen=st.max_batch_seen,
+                batch_hist={str(k): v for k, v in sorted(st.batch_hist.items())},
+            )
+        return ServiceStatus(service="worker", instance=self.cfg.worker_id, pid=os.getpid(), detail=detail)

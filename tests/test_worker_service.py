@@ -1,0 +1,129 @@
+"""The worker service over a real nats-server with real torch: load with per-unit readiness,
+generate with streamed token events, reject what it cannot serve, cancel, unload."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cascade.checkpoint import generate_model
+from cascade.config import GenerateSpec
+from cascade.messages import (
+    BatchReply,
+    Cancel,
+    GenerateBatch,
+    GenerateRequest,
+    Heartbeat,
+    LayerReady,
+    LoadModel,
+    Ok,
+    RemoteError,
+    SamplingParams,
+    SnapshotRequest,
+    TokenEvents,
+    UnloadModel,
+    WorkerSnapshot,
+    decode,
+    encode,
+)
+from cascade.natsutil import connect, request
+from cascade.subjects import Subjects
+from cascade.tokenizer import ByteTokenizer
+from services.worker.main import WorkerConfig, WorkerService
+
+SPEC = GenerateSpec(layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("model")
+    generate_model(d, SPEC)
+    return d
+
+
+@pytest.fixture
+async def worker(nats_url: str, subjects: Subjects) -> AsyncIterator[WorkerService]:
+    svc = WorkerService(WorkerConfig(nats_url, subjects.prefix, "w1", heartbeat_s=0.2, drain_timeout_s=2))
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.main(stop))
+    try:
+        yield svc
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def wait_for(pred, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.01)
+
+
+async def test_load_generate_cancel_unload(nats_url: str, subjects: Subjects, worker: WorkerService, model_dir: Path):
+    nc = await connect(nats_url, "test")
+    ready: list[LayerReady] = []
+    beats: list[Heartbeat] = []
+    events: dict[str, list] = {}
+    batch_sizes: list[int] = []
+    try:
+        await nc.subscribe(subjects.ready("w1"), cb=functools.partial(_append, ready))
+        await nc.subscribe(subjects.heartbeat("w1"), cb=functools.partial(_append, beats))
+
+        async def on_tokens(m) -> None:  # type: ignore[no-untyped-def]
+            te = decode(m.data, TokenEvents)
+            batch_sizes.append(te.batch_size)
+            for e in te.events:
+                events.setdefault(e.request_id, []).append(e)
+
+        await nc.subscribe(subjects.tokens("gw1"), cb=on_tokens)
+        await wait_for(lambda: bool(beats))
+        assert beats[-1].state == "idle"
+
+        with pytest.raises(RemoteError, match="load_failed"):
+            await request(nc, subjects.load("w1"), LoadModel("m", "/nonexistent"), Ok, timeout=10)
+        await request(nc, subjects.load("w1"), LoadModel("m", str(model_dir), "d1"), Ok, timeout=10)
+        with pytest.raises(RemoteError, match="busy"):
+            await request(nc, subjects.load("w1"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+        n = SPEC.layers + 2
+        await wait_for(lambda: len(ready) == n and worker.state == "serving")
+        assert [r.unit for r in ready] == list(range(n))
+        assert [r.seq for r in ready] == list(range(1, n + 1))
+        snap = await request(nc, subjects.snapshot("w1"), SnapshotRequest(), WorkerSnapshot, timeout=5)
+        assert snap.ready_units == list(range(n)) and snap.seq == n and snap.state == "serving"
+
+        tok = ByteTokenizer()
+        reqs = [
+            GenerateRequest(f"r{i}", "m", tok.encode(f"prompt {i}"), SamplingParams(max_tokens=8, ignore_eos=True))
+            for i in range(6)
+        ]
+        reqs.append(GenerateRequest("bad", "other", tok.encode("x"), SamplingParams()))
+        reqs.append(GenerateRequest("long", "m", [1] * 5000, SamplingParams()))
+        reqs.append(
+            GenerateRequest("forever", "m", tok.encode("y"), SamplingParams(max_tokens=10_000, ignore_eos=True))
+        )
+        reply = await request(nc, subjects.generate("w1"), GenerateBatch("gw1", reqs), BatchReply, timeout=10)
+        assert sorted(reply.accepted) == sorted([*(f"r{i}" for i in range(6)), "forever"])
+        assert {r.request_id: r.code for r in reply.rejected} == {"bad": "wrong_model", "long": "too_long"}
+        await wait_for(lambda: all(events.get(f"r{i}") and events[f"r{i}"][-1].finish_reason for i in range(6)))
+        for i in range(6):
+            evs = events[f"r{i}"]
+            assert sum(len(e.token_ids) for e in evs) == 8
+            assert evs[-1].finish_reason == "length" and evs[-1].completion_tokens == 8
+        assert max(batch_sizes) >= 6  # the batch ran them together
+        await nc.publish(subjects.cancel("w1"), encode(Cancel(["forever"])))
+        await wait_for(lambda: bool(events.get("forever")) and events["forever"][-1].finish_reason == "cancelled")
+
+        await request(nc, subjects.unload("w1"), UnloadModel("d2"), Ok, timeout=10)
+        assert ready[-1].reset and worker.state == "idle"
+        reply = await request(nc, subjects.generate("w1"), GenerateBatch("gw1", reqs[:1]), BatchReply, timeout=10)
+        assert reply.rejected[0].code == "not_ready"
+    finally:
+        await nc.drain()
+
+
+async def _append(store: list, msg) -> None:  # type: ignore[no-untyped-def]
+    store.append(decode(msg.data))
