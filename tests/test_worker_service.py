@@ -34,6 +34,7 @@ from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from cascade.tokenizer import ByteTokenizer
 from services.worker.main import WorkerConfig, WorkerService
+from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=3)
 
@@ -57,12 +58,6 @@ async def worker(nats_url: str, subjects: Subjects) -> AsyncIterator[WorkerServi
         await asyncio.wait_for(task, 30)
 
 
-async def wait_for(pred, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(0.01)
-
-
 async def test_load_generate_cancel_unload(nats_url: str, subjects: Subjects, worker: WorkerService, model_dir: Path):
     nc = await connect(nats_url, "test")
     ready: list[LayerReady] = []
@@ -80,7 +75,7 @@ async def test_load_generate_cancel_unload(nats_url: str, subjects: Subjects, wo
                 events.setdefault(e.request_id, []).append(e)
 
         await nc.subscribe(subjects.tokens("gw1"), cb=on_tokens)
-        await wait_for(lambda: bool(beats))
+        await wait_until(lambda: bool(beats))
         assert beats[-1].state == "idle"
 
         with pytest.raises(RemoteError, match="load_failed"):
@@ -89,7 +84,7 @@ async def test_load_generate_cancel_unload(nats_url: str, subjects: Subjects, wo
         with pytest.raises(RemoteError, match="busy"):
             await request(nc, subjects.load("w1"), LoadModel("m", str(model_dir)), Ok, timeout=10)
         n = SPEC.layers + 2
-        await wait_for(lambda: len(ready) == n and worker.state == "serving")
+        await wait_until(lambda: len(ready) == n and worker.state == "serving")
         assert [r.unit for r in ready] == list(range(n))
         assert [r.seq for r in ready] == list(range(1, n + 1))
         snap = await request(nc, subjects.snapshot("w1"), SnapshotRequest(), WorkerSnapshot, timeout=5)
@@ -108,14 +103,14 @@ async def test_load_generate_cancel_unload(nats_url: str, subjects: Subjects, wo
         reply = await request(nc, subjects.generate("w1"), GenerateBatch("gw1", reqs), BatchReply, timeout=10)
         assert sorted(reply.accepted) == sorted([*(f"r{i}" for i in range(6)), "forever"])
         assert {r.request_id: r.code for r in reply.rejected} == {"bad": "wrong_model", "long": "too_long"}
-        await wait_for(lambda: all(events.get(f"r{i}") and events[f"r{i}"][-1].finish_reason for i in range(6)))
+        await wait_until(lambda: all(events.get(f"r{i}") and events[f"r{i}"][-1].finish_reason for i in range(6)))
         for i in range(6):
             evs = events[f"r{i}"]
             assert sum(len(e.token_ids) for e in evs) == 8
             assert evs[-1].finish_reason == "length" and evs[-1].completion_tokens == 8
         assert max(batch_sizes) >= 6  # the batch ran them together
         await nc.publish(subjects.cancel("w1"), encode(Cancel(["forever"])))
-        await wait_for(lambda: bool(events.get("forever")) and events["forever"][-1].finish_reason == "cancelled")
+        await wait_until(lambda: bool(events.get("forever")) and events["forever"][-1].finish_reason == "cancelled")
 
         await request(nc, subjects.unload("w1"), UnloadModel("d2"), Ok, timeout=10)
         assert ready[-1].reset and worker.state == "idle"
