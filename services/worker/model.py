@@ -42,11 +42,17 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 @dataclass(slots=True)
 class LayerWeights:
+    # Kept unfused, in the checkpoint's own layout: when the compute dtype matches the
+    # checkpoint's, these are the very buffers the data plane received into, so a serving
+    # worker can forward them to a new instance without a second copy in memory.
     input_norm: torch.Tensor
-    wqkv: torch.Tensor  # q, k, v projections fused: one matmul instead of three
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
     wo: torch.Tensor
     post_norm: torch.Tensor
-    w_gate_up: torch.Tensor  # gate and up fused
+    w_gate: torch.Tensor
+    w_up: torch.Tensor
     w_down: torch.Tensor
 
 
@@ -110,15 +116,17 @@ class LlamaModel:
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---------------------------------------------------------------- units
-    def load_unit(self, unit: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Install one unit from its tensors (copied into this model's device and dtype)."""
+    def load_unit(self, unit: int, tensors: dict[str, torch.Tensor], copy: bool = True) -> None:
+        """Install one unit from its tensors. With `copy`, they are copied into memory this model
+        owns (needed for views of a memory-mapped file); without, tensors already in the right
+        device and dtype are used as they are (buffers the data plane filled)."""
         names = unit_tensor_names(self.cfg, unit)
         missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"unit {unit} lacks {missing}")
 
         def get(name: str) -> torch.Tensor:
-            return tensors[name].to(device=self.device, dtype=self.dtype, copy=True).contiguous()
+            return tensors[name].to(device=self.device, dtype=self.dtype, copy=copy).contiguous()
 
         L = self.cfg.num_hidden_layers
         if unit == 0:
@@ -127,16 +135,13 @@ class LlamaModel:
             p = f"model.layers.{unit - 1}."
             self.layers[unit - 1] = LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),
-                wqkv=torch.cat(
-                    [
-                        get(p + "self_attn.q_proj.weight"),
-                        get(p + "self_attn.k_proj.weight"),
-                        get(p + "self_attn.v_proj.weight"),
-                    ]
-                ),
+                wq=get(p + "self_attn.q_proj.weight"),
+                wk=get(p + "self_attn.k_proj.weight"),
+                wv=get(p + "self_attn.v_proj.weight"),
                 wo=get(p + "self_attn.o_proj.weight"),
                 post_norm=get(p + "post_attention_layernorm.weight"),
-                w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                w_gate=get(p + "mlp.gate_proj.weight"),
+                w_up=get(p + "mlp.up_proj.weight"),
                 w_down=get(p + "mlp.down_proj.weight"),
             )
         else:
@@ -216,11 +221,9 @@ class LlamaModel:
         B, T, _ = h.shape
         nh, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
         x = self._rms(h, w.input_norm)
-        qkv = F.linear(x, w.wqkv)
-        q, k, v = qkv.split([nh * d, kvh * d, kvh * d], dim=-1)
-        q = q.view(B, T, nh, d).transpose(1, 2)
-        k = k.view(B, T, kvh, d).transpose(1, 2)
-        v = v.view(B, T, kvh, d).transpose(1, 2)
+        q = F.linear(x, w.wq).view(B, T, nh, d).transpose(1, 2)
+        k = F.linear(x, w.wk).view(B, T, kvh, d).transpose(1, 2)
+        v = F.linear(x, w.wv).view(B, T, kvh, d).transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, d]
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
@@ -246,8 +249,7 @@ class LlamaModel:
         )
         h = h + F.linear(attn.transpose(1, 2).reshape(B, T, nh * d), w.wo)
         x = self._rms(h, w.post_norm)
-        gate, up = F.linear(x, w.w_gate_up).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, w.w_down)
+        return h + F.linear(F.silu(F.linear(x, w.w_gate)) * F.linear(x, w.w_up), w.w_down)
 
     def run_layers(
         self,

@@ -1,0 +1,295 @@
+"""Serving benchmark: the default model behind `cascade up`, streamed completions at
+concurrency 1, 8 and 32; and the cost of the mesh itself (gateway + NATS + worker)
+against calling the worker's engine in-process with the same requests.
+
+    python bench/serve.py            (or: cascade bench serve)
+    python bench/serve.py --quick    (a short run to check it works)
+
+Writes bench/results/serve.json and bench/results/serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import md_table, summary, write_result
+from cascade.config import DEFAULT_MODEL, GenerateSpec, read_mesh_file
+
+PROMPT = "Cascade streams parameters between instances and routes requests layer by layer. "
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cascade bench serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies (default 1,8,32)")
+    p.add_argument("--requests", type=int, default=0, help="requests per concurrency level (default 4x concurrency, ≥ 24)")
+    p.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request (default 32)")
+    p.add_argument("--prompt-repeat", type=int, default=1, help="repeat the base prompt N times (default 1)")
+    p.add_argument("--overhead-requests", type=int, default=40, help="paired requests for the mesh-overhead figure")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--max-batch", type=int, default=32, help="worker max batch (default 32)")
+    p.add_argument("--quick", action="store_true", help="few requests, to check the benchmark runs")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    return p.parse_args(argv)
+
+
+class Mesh:
+    """`cascade up` in a subprocess with its own CASCADE_HOME; stopped with SIGTERM."""
+
+    def __init__(self, workers: int, threads: int, max_batch: int) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="cascade-bench-")
+        self.home = Path(self.tmp.name)
+        self.args = [
+            sys.executable, "-m", "cascade.cli", "up", "--workers", str(workers), "--threads", str(threads),
+            "--port", "0",
+        ]  # fmt: skip
+        self.env = {**os.environ, "CASCADE_HOME": str(self.home), "CASCADE_MAX_BATCH": str(max_batch)}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 180.0) -> str:
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                raise RuntimeError(f"cascade up exited with {self.proc.returncode}:\n{out[-3000:]}")
+            info = read_mesh_file(self.home)
+            if info and info.get("gateway_url"):
+                self.url = str(info["gateway_url"]).rstrip("/")
+                return self.url
+            time.sleep(0.1)  # polling the mesh file with a deadline
+        raise RuntimeError("cascade up did not come up in time")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.tmp.cleanup()
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    body = {
+        "model": DEFAULT_MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    async with session.post(f"{url}/completions", json=body) as resp:
+        if resp.status != 200:
+            return {"ok": False, "status": resp.status, "error": (await resp.text())[:200]}
+        buf = b""
+        async for chunk in resp.content.iter_any():
+            buf += chunk
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                if not event.startswith(b"data: "):
+                    continue
+                data = event[6:]
+                if data == b"[DONE]":
+                    break
+                obj = orjson.loads(data)
+                if obj.get("choices") and obj["choices"][0].get("text"):
+                    stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    return {
+        "ok": True,
+        "start": t0,
+        "ttft": (stamps[0] - t0) if stamps else float("nan"),
+        "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+        "latency": end - t0,
+        "chunks": len(stamps),
+    }
+
+
+async def load_level(url: str, concurrency: int, n: int, prompt: str, max_tokens: int) -> dict[str, Any]:
+    conn = aiohttp.TCPConnector(limit=concurrency + 4)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
+        # Warm-up: one request per client so first-use costs are not measured.
+        await asyncio.gather(*(one_request(s, url, prompt, 4) for _ in range(min(concurrency, 4))))
+        queue = list(range(n))
+        results: list[dict[str, Any]] = []
+
+        async def client() -> None:
+            while queue:
+                queue.pop()
+                results.append(await one_request(s, url, prompt, max_tokens))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    ttft = [r["ttft"] * 1e3 for r in ok]
+    itl = [x * 1e3 for r in ok for x in r["itl"]]
+    return {
+        "concurrency": concurrency,
+        "requests": n,
+        "ok": len(ok),
+        "errors": [r for r in results if not r["ok"]][:3],
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "output_tokens_per_s": len(ok) * max_tokens / wall,
+        "ttft_ms": summary(ttft),
+        "itl_ms": summary(itl),
+        "latency_ms": summary([r["latency"] * 1e3 for r in ok]),
+    }
+
+
+def inprocess_engine(home: Path, max_batch: int, threads: int) -> Any:
+    import torch
+
+    from cascade.checkpoint import Checkpoint
+    from cascade.tokenizer import load_tokenizer
+    from services.worker.engine import Engine
+    from services.worker.model import LlamaModel
+
+    torch.set_num_threads(threads)
+    path = home / "models" / DEFAULT_MODEL
+    ck = Checkpoint(path)
+    m = LlamaModel(ck.config)
+    for u in range(ck.config.num_units):
+        m.load_unit(u, ck.unit_tensors(u))
+    return Engine(m, load_tokenizer(path), max_batch=max_batch), load_tokenizer(path)
+
+
+def inprocess_request(engine: Any, tok: Any, prompt: str, max_tokens: int) -> dict[str, float]:
+    from cascade.messages import SamplingParams
+
+    t0 = time.perf_counter()
+    engine.submit("r", "bench", tok.encode(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    first = 0.0
+    while engine.has_work():
+        res = engine.step()
+        if not first and any(ev.text or ev.token_ids for _, ev in res.events):
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": first - t0, "latency": end - t0}
+
+
+async def overhead(url: str, engine: Any, tok: Any, n: int, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """Alternate one request through the mesh and one in-process, one at a time, so both see the
+    same machine state; the added latency is their difference per pair."""
+    mesh, local = [], []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        for _ in range(3):
+            await one_request(s, url, prompt, max_tokens)
+            inprocess_request(engine, tok, prompt, max_tokens)
+        for _ in range(n):
+            mesh.append(await one_request(s, url, prompt, max_tokens))
+            local.append(inprocess_request(engine, tok, prompt, max_tokens))
+    added = [(m["latency"] - l["latency"]) * 1e3 for m, l in zip(mesh, local, strict=True) if m["ok"]]
+    added_ttft = [(m["ttft"] - l["ttft"]) * 1e3 for m, l in zip(mesh, local, strict=True) if m["ok"]]
+    return {
+        "pairs": len(added),
+        "mesh_latency_ms": summary([m["latency"] * 1e3 for m in mesh if m["ok"]]),
+        "inprocess_latency_ms": summary([l["latency"] * 1e3 for l in local]),
+        "added_latency_ms": summary(added),
+        "added_ttft_ms": summary(added_ttft),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    levels = [int(x) for x in a.concurrency.split(",") if x]
+    if a.quick:
+        a.overhead_requests, a.max_tokens = 6, 8
+    prompt = PROMPT * a.prompt_repeat
+    mesh = Mesh(a.workers, a.threads, a.max_batch)
+    print(f"starting the mesh: {' '.join(mesh.args)}", flush=True)
+    try:
+        url = mesh.start()
+        print(f"mesh up at {url}", flush=True)
+        rows = []
+        for c in levels:
+            n = a.requests or max(4 * c, 24)
+            if a.quick:
+                n = max(c, 4)
+            print(f"concurrency {c}: {n} requests of {a.max_tokens} tokens …", flush=True)
+            rows.append(asyncio.run(load_level(url, c, n, prompt, a.max_tokens)))
+            r = rows[-1]
+            print(f"  {r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f} ms", flush=True)
+        print(f"mesh overhead: {a.overhead_requests} paired requests …", flush=True)
+        engine, tok = inprocess_engine(mesh.home, a.max_batch, a.threads)
+        ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.max_tokens))
+    finally:
+        mesh.stop()
+
+    by_c = {r["concurrency"]: r for r in rows}
+    scaling = (
+        by_c[max(levels)]["output_tokens_per_s"] / by_c[min(levels)]["output_tokens_per_s"] if len(levels) > 1 else None
+    )
+    table = md_table(
+        ["concurrency", "req/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "ok/n"],
+        [
+            [
+                r["concurrency"], r["requests_per_s"], r["output_tokens_per_s"], r["ttft_ms"]["p50"],
+                r["ttft_ms"]["p99"], r["itl_ms"]["p50"], r["itl_ms"]["p99"], f"{r['ok']}/{r['requests']}",
+            ]
+            for r in rows
+        ],
+    )  # fmt: skip
+    table += "\n" + md_table(
+        ["mesh overhead (concurrency 1)", "p50 ms", "p99 ms"],
+        [
+            ["end-to-end through the mesh", ov["mesh_latency_ms"]["p50"], ov["mesh_latency_ms"]["p99"]],
+            ["engine in-process", ov["inprocess_latency_ms"]["p50"], ov["inprocess_latency_ms"]["p99"]],
+            ["added latency per request", ov["added_latency_ms"]["p50"], ov["added_latency_ms"]["p99"]],
+            ["added time to first token", ov["added_ttft_ms"]["p50"], ov["added_ttft_ms"]["p99"]],
+        ],
+    )
+    if scaling is not None:
+        table += f"\nTokens/s at concurrency {max(levels)} over concurrency {min(levels)}: {scaling:.2f}x (target ≥ 4x)\n"
+    table += f"Added p50 latency: {ov['added_latency_ms']['p50']:.2f} ms (target ≤ 2 ms)\n"
+    print()
+    print(table)
+    if not a.no_write:
+        payload = {
+            "parameters": {
+                "model": DEFAULT_MODEL,
+                "model_spec": {k: getattr(GenerateSpec(), k) for k in GenerateSpec.__slots__},
+                "concurrency": levels,
+                "max_tokens": a.max_tokens,
+                "prompt_chars": len(prompt),
+                "workers": a.workers,
+                "threads_per_worker": a.threads,
+                "max_batch": a.max_batch,
+                "overhead_pairs": a.overhead_requests,
+                "quick": a.quick,
+            },
+            "emulated": "nothing: real torch on the CPU, real nats-server, real HTTP over loopback",
+            "levels": rows,
+            "overhead": ov,
+            "tokens_per_s_ratio_max_over_min": scaling,
+        }
+        jp, mp = write_result("serve", payload, table)
+        print(f"wrote {jp} and {mp}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
