@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -36,7 +37,7 @@ PROMPT = "Cascade streams parameters between instances and routes requests layer
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cascade bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies (default 1,8,32)")
-    p.add_argument("--requests", type=int, default=0, help="requests per concurrency level (default 4x concurrency, ≥ 24)")
+    p.add_argument("--requests", type=int, default=0, help="requests per level (default 4x concurrency, at least 24)")
     p.add_argument("--max-tokens", type=int, default=32, help="generated tokens per request (default 32)")
     p.add_argument("--prompt-repeat", type=int, default=1, help="repeat the base prompt N times (default 1)")
     p.add_argument("--overhead-requests", type=int, default=40, help="paired requests for the mesh-overhead figure")
@@ -121,7 +122,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max
         "ok": True,
         "start": t0,
         "ttft": (stamps[0] - t0) if stamps else float("nan"),
-        "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+        "itl": [b - a for a, b in itertools.pairwise(stamps)],
         "latency": end - t0,
         "chunks": len(stamps),
     }
@@ -202,12 +203,13 @@ async def overhead(url: str, engine: Any, tok: Any, n: int, prompt: str, max_tok
         for _ in range(n):
             mesh.append(await one_request(s, url, prompt, max_tokens))
             local.append(inprocess_request(engine, tok, prompt, max_tokens))
-    added = [(m["latency"] - l["latency"]) * 1e3 for m, l in zip(mesh, local, strict=True) if m["ok"]]
-    added_ttft = [(m["ttft"] - l["ttft"]) * 1e3 for m, l in zip(mesh, local, strict=True) if m["ok"]]
+    pairs = [(m, lo) for m, lo in zip(mesh, local, strict=True) if m["ok"]]
+    added = [(m["latency"] - lo["latency"]) * 1e3 for m, lo in pairs]
+    added_ttft = [(m["ttft"] - lo["ttft"]) * 1e3 for m, lo in pairs]
     return {
         "pairs": len(added),
         "mesh_latency_ms": summary([m["latency"] * 1e3 for m in mesh if m["ok"]]),
-        "inprocess_latency_ms": summary([l["latency"] * 1e3 for l in local]),
+        "inprocess_latency_ms": summary([lo["latency"] * 1e3 for lo in local]),
         "added_latency_ms": summary(added),
         "added_ttft_ms": summary(added_ttft),
     }
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     if scaling is not None:
-        table += f"\nTokens/s at concurrency {max(levels)} over concurrency {min(levels)}: {scaling:.2f}x (target ≥ 4x)\n"
+        hi, lo = max(levels), min(levels)
+        table += f"\nTokens/s at concurrency {hi} over concurrency {lo}: {scaling:.2f}x (target ≥ 4x)\n"
     table += f"Added p50 latency: {ov['added_latency_ms']['p50']:.2f} ms (target ≤ 2 ms)\n"
     print()
     print(table)

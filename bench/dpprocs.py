@@ -1,0 +1,204 @@
+"""Data-plane endpoints in their own processes, for the multicast benchmark and the data-plane
+tests: each child runs a `DataPlaneServer` (or a disk reader) and reports what happens to the
+parent over a pipe, with CLOCK_MONOTONIC timestamps (system-wide on Linux, so comparable across
+processes). Not part of any service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cascade.messages import TransferOrder, decode, encode
+
+Event = tuple[Any, ...]
+
+
+def unit_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in order."""
+    from services.worker.dataplane import tensor_bytes
+
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def _child(conn: mpc.Connection, chunk: int, egress_bps: float) -> None:
+    # Imported here so the parent (and `--help`) does not pay for torch before it needs to.
+    from cascade.checkpoint import Checkpoint
+    from services.worker.dataplane import (
+        CheckpointSource,
+        DataPlaneServer,
+        RateLimiter,
+        ReceiveStats,
+        load_units_local,
+    )
+
+    send_lock = threading.Lock()
+
+    def emit(*ev: Any) -> None:
+        with send_lock:
+            conn.send(ev)
+
+    egress = RateLimiter(egress_bps) if egress_bps > 0 else None
+    server = DataPlaneServer(chunk=chunk, egress=egress)
+    emit("addr", server.start())
+    held: dict[int, dict[str, torch.Tensor]] = {}
+    try:
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "stop":
+                return
+            if cmd[0] == "drop":
+                held.clear()
+                continue
+            if cmd[0] == "expect":
+                order = decode(cmd[1], TransferOrder)
+                have, digest = set(cmd[2]), bool(cmd[3])
+                tid = order.transfer_id
+
+                def ready(u: int, t: dict[str, torch.Tensor], tid: str = tid, digest: bool = digest) -> None:
+                    held[u] = t
+                    emit("ready", tid, u, time.monotonic(), unit_digest(t) if digest else "")
+
+                def complete(st: ReceiveStats, tid: str = tid) -> None:
+                    emit("complete", tid, time.monotonic(), st.nbytes, st.t_connected)
+
+                server.expect(
+                    order,
+                    ready,
+                    lambda reason, tid=tid: emit("failed", tid, reason, time.monotonic()),
+                    on_complete=complete,
+                    on_forward_failed=lambda reason, tid=tid: emit("forward_failed", tid, reason, time.monotonic()),
+                    have=have,
+                )
+                emit("armed", tid)
+                continue
+            if cmd[0] == "disk":
+                tid, path, model, units, digest = cmd[1], cmd[2], cmd[3], cmd[4], bool(cmd[5])
+                t0 = time.monotonic()
+                ckpt = Checkpoint(Path(path))
+                try:
+
+                    def ready_local(u: int, t: dict[str, torch.Tensor], tid: str = tid, digest: bool = digest) -> None:
+                        held[u] = t
+                        emit("ready", tid, u, time.monotonic(), unit_digest(t) if digest else "")
+
+                    n = load_units_local(CheckpointSource(ckpt, model), units, ready_local)
+                    emit("complete", tid, time.monotonic(), n, t0)
+                finally:
+                    held_refs = list(held.values())  # tensors keep the mmap alive only if they view it
+                    del held_refs
+                    ckpt.close()
+                continue
+            raise ValueError(f"unknown command {cmd[0]!r}")
+    finally:
+        server.close()
+
+
+@dataclass
+class ReceiverProc:
+    """One receiving endpoint in a child process (spawned: a clean interpreter, like a worker)."""
+
+    name: str
+    chunk: int = 1 << 20
+    egress_bps: float = 0.0
+
+    def start(self, ctx: Any = None) -> None:
+        ctx = ctx or mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_child, args=(child, self.chunk, self.egress_bps), name=self.name, daemon=True)
+        self.proc.start()
+        child.close()
+        self.addr = ""
+
+    def wait_started(self, timeout_s: float = 60.0) -> str:
+        ev = self.next(timeout_s)
+        if ev[0] != "addr":
+            raise RuntimeError(f"{self.name}: expected its address, got {ev}")
+        self.addr = str(ev[1])
+        return self.addr
+
+    def next(self, timeout_s: float) -> Event:
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError(f"{self.name}: nothing within {timeout_s}s (alive={self.proc.is_alive()})")
+        return tuple(self.conn.recv())
+
+    def expect(self, order: TransferOrder, have: Iterable[int] = (), digest: bool = False) -> None:
+        self.conn.send(("expect", encode(order), list(have), digest))
+        ev = self.next(30.0)
+        if ev != ("armed", order.transfer_id):
+            raise RuntimeError(f"{self.name}: expected armed, got {ev}")
+
+    def load_disk(self, transfer_id: str, path: str, model: str, units: list[int], digest: bool = False) -> None:
+        self.conn.send(("disk", transfer_id, path, model, units, digest))
+
+    def drop(self) -> None:
+        self.conn.send(("drop",))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Graceful stop; a child that does not exit in time is terminated (then killed)."""
+        if not hasattr(self, "proc"):
+            return
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("stop",))
+            except OSError:
+                pass
+            self.proc.join(timeout_s)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout_s)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def start_all(procs: list[ReceiverProc], timeout_s: float = 60.0) -> None:
+    ctx = mp.get_context("spawn")
+    try:
+        for p in procs:
+            p.start(ctx)
+        for p in procs:
+            p.wait_started(timeout_s)
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+
+
+def collect(
+    procs: list[ReceiverProc], until: Callable[[list[tuple[str, Event]]], bool], timeout_s: float
+) -> list[tuple[str, Event]]:
+    """Gather events (receiver name, event) from every child until `until(events)` or the deadline."""
+    events: list[tuple[str, Event]] = []
+    by_conn = {p.conn: p for p in procs}
+    deadline = time.monotonic() + timeout_s
+    while not until(events):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"waited {timeout_s}s; got {len(events)} events: {events[-5:]}")
+        for c in mpc.wait(list(by_conn), left):
+            conn = c if isinstance(c, mpc.Connection) else None
+            if conn is None:
+                continue
+            try:
+                ev = tuple(conn.recv())
+            except EOFError:
+                # A child that died: drop it from the wait set; callers see the missing events.
+                del by_conn[conn]
+                continue
+            events.append((by_conn[conn].name, ev))
+    return events
