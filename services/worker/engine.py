@@ -63,6 +63,7 @@ class EngineStats:
     tokens: int = 0
     batch_hist: collections.Counter[int] = field(default_factory=collections.Counter)
     max_batch_seen: int = 0
+    finished: collections.Counter[str] = field(default_factory=collections.Counter)
     tokens_per_s: float = 0.0
     _window: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
 
@@ -260,6 +261,7 @@ class Engine:
         seq.held = cand[cut:]
 
     def _final_event(self, seq: Sequence) -> TokenEvent:
+        self.stats.finished[seq.finish or "unknown"] += 1
         text = seq.pending_text
         if not seq.stop_hit:
             # Text held back for stop matching, and any incomplete UTF-8 tail, belong to the output.

@@ -449,5 +449,6 @@ class WorkerService:
                 tokens=st.tokens,
                 max_batch_seen=st.max_batch_seen,
                 batch_hist={str(k): v for k, v in sorted(st.batch_hist.items())},
+                finished=dict(st.finished),
             )
         return ServiceStatus(service="worker", instance=self.cfg.worker_id, pid=os.getpid(), detail=detail)
