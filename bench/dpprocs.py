@@ -75,14 +75,13 @@ def _child(conn: mpc.Connection, chunk: int, egress_bps: float) -> None:
                 def complete(st: ReceiveStats, tid: str = tid) -> None:
                     emit("complete", tid, time.monotonic(), st.nbytes, st.t_connected)
 
-                server.expect(
-                    order,
-                    ready,
-                    lambda reason, tid=tid: emit("failed", tid, reason, time.monotonic()),
-                    on_complete=complete,
-                    on_forward_failed=lambda reason, tid=tid: emit("forward_failed", tid, reason, time.monotonic()),
-                    have=have,
-                )
+                def failed(reason: str, tid: str = tid) -> None:
+                    emit("failed", tid, reason, time.monotonic())
+
+                def forward_failed(reason: str, tid: str = tid) -> None:
+                    emit("forward_failed", tid, reason, time.monotonic())
+
+                server.expect(order, ready, failed, on_complete=complete, on_forward_failed=forward_failed, have=have)
                 emit("armed", tid)
                 continue
             if cmd[0] == "disk":
@@ -98,8 +97,7 @@ def _child(conn: mpc.Connection, chunk: int, egress_bps: float) -> None:
                     n = load_units_local(CheckpointSource(ckpt, model), units, ready_local)
                     emit("complete", tid, time.monotonic(), n, t0)
                 finally:
-                    held_refs = list(held.values())  # tensors keep the mmap alive only if they view it
-                    del held_refs
+                    # The reported tensors are copies in fresh buffers, not views of the mapping.
                     ckpt.close()
                 continue
             raise ValueError(f"unknown command {cmd[0]!r}")

@@ -15,17 +15,28 @@ is detected as truncated; a unit whose bytes do not match its CRC is never decla
 A forwarder re-sends unit frames verbatim (header, the same bytes it received, trailer), so every
 hop verifies the checksum the source computed.
 
-This module is pure: no sockets, no torch. Reading goes through a `recv_into`-shaped callable so
-the same code serves a socket, a file or a test buffer.
+The framing itself is pure (no sockets): reading goes through a `recv_into`-shaped callable so the
+same code serves a socket, a file or a test buffer. Below it sits what every *sender* shares — the
+loader's host cache and a worker both head chains, and services never import each other — the
+`Transport` interface with its TCP implementation, a rate limiter, unit sources and `send_units`.
+No torch here: the gateway may import this module cheaply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from cascade.checkpoint import Checkpoint
 
 MAGIC = b"CSCD"
 VERSION = 1
@@ -63,6 +74,10 @@ RecvInto = Callable[[memoryview], int]
 
 class FramingError(ValueError):
     """A stream that does not follow the format: bad magic, truncated, or a checksum mismatch."""
+
+
+class TransferError(RuntimeError):
+    """A transfer that did not complete; the message says why (refused, peer gone, corrupt...)."""
 
 
 class TruncatedStream(FramingError):
@@ -303,3 +318,211 @@ def iter_unit_frames(
             crc = zlib.crc32(piece, crc)
             yield piece
     yield encode_crc(crc)
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class Channel(Protocol):
+    """A reliable, ordered byte stream between two processes (one direction used per transfer)."""
+
+    def recv_into(self, buf: memoryview, /) -> int: ...
+    def sendall(self, data: bytes | memoryview, /) -> None: ...
+    def settimeout(self, seconds: float | None, /) -> None: ...
+    def shutdown(self) -> None:
+        """Wake any thread blocked on this channel (it sees end-of-stream or an error)."""
+
+    def close(self) -> None: ...
+
+
+class Listener(Protocol):
+    address: str
+
+    def accept(self) -> Channel: ...
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    def listen(self, host: str, port: int, advertise_host: str | None = None) -> Listener: ...
+    def connect(self, addr: str, timeout_s: float) -> Channel: ...
+
+
+class _TcpChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock = sock
+        self.recv_into = sock.recv_into
+        self.sendall = sock.sendall
+        self.settimeout = sock.settimeout
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _TcpListener:
+    def __init__(self, sock: socket.socket, address: str) -> None:
+        self._sock = sock
+        self.address = address
+
+    def accept(self) -> Channel:
+        conn, _ = self._sock.accept()
+        return _TcpChannel(conn)
+
+    def close(self) -> None:
+        # shutdown() wakes a thread blocked in accept() on Linux; close() alone would not.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"data address {addr!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+class TcpTransport:
+    """Plain TCP (loopback on one machine). Kernel socket buffers are left to autotuning: setting
+    SO_SNDBUF/SO_RCVBUF by hand turns autotuning off and measured no faster on loopback."""
+
+    def listen(self, host: str, port: int, advertise_host: str | None = None) -> Listener:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(64)
+        bound = sock.getsockname()[1]
+        shown = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "") else host)
+        return _TcpListener(sock, f"{shown}:{bound}")
+
+    def connect(self, addr: str, timeout_s: float) -> Channel:
+        sock = socket.create_connection(split_addr(addr), timeout=timeout_s)
+        return _TcpChannel(sock)
+
+
+# --------------------------------------------------------------------------- rate limiting
+
+
+class RateLimiter:
+    """A token bucket shared by every send that draws on it (thread-safe).
+
+    One per serving source, so a transfer does not starve its requests; the benchmark also shares
+    one across a process's sends to emulate a NIC's egress bandwidth."""
+
+    def __init__(self, bytes_per_s: float, burst: int = DEFAULT_CHUNK) -> None:
+        if bytes_per_s <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = float(bytes_per_s)
+        self.burst = float(max(burst, 1))
+        self._tokens = self.burst
+        self._t = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self, n: int, cancel: threading.Event | None = None) -> bool:
+        """Take `n` bytes of budget, pacing the caller; False if `cancel` was set while waiting."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
+            self._t = now
+            self._tokens -= n  # may go negative: the debt is the wait below
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait <= 0:
+            return True
+        if cancel is None:
+            time.sleep(wait)  # pacing, not synchronisation: the wait is the rate limit itself
+            return True
+        return not cancel.wait(wait)
+
+
+# --------------------------------------------------------------------------- unit sources
+
+
+class UnitSource(Protocol):
+    """Where a sender reads units from: raw bytes per tensor, in the unit's tensor order."""
+
+    model: str
+
+    def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]: ...
+
+
+class CheckpointSource:
+    """Units of a checkpoint on disk or in the page cache (mmap: nothing is read until sent)."""
+
+    def __init__(self, ckpt: Checkpoint, model: str) -> None:
+        self.ckpt = ckpt
+        self.model = model
+
+    def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]:
+        out = []
+        from cascade.modelconfig import unit_tensor_names  # torch-free, but keep the import local
+
+        for name in unit_tensor_names(self.ckpt.config, unit):
+            e = self.ckpt.index[name].entries[name]
+            raw = self.ckpt.raw(name)
+            out.append((TensorMeta(name, e["dtype"], tuple(e["shape"]), len(raw)), raw))
+        return out
+
+
+# --------------------------------------------------------------------------- sending
+
+
+@dataclass(frozen=True, slots=True)
+class SendStats:
+    nbytes: int
+    seconds: float
+
+
+def send_units(
+    source: UnitSource,
+    addr: str,
+    transfer_id: str,
+    token: str,
+    units: Sequence[int],
+    *,
+    rate_limit_bps: float = 0.0,
+    limiter: RateLimiter | None = None,
+    cancel: threading.Event | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    transport: Transport | None = None,
+    timeout_s: float = 30.0,
+    on_unit_sent: Callable[[int], None] | None = None,
+) -> SendStats:
+    """Stream `units` of `source` to the receiver at `addr` (blocking: run it in a thread).
+
+    `rate_limit_bps` (or a shared `limiter`) paces the send, for a source that also serves
+    requests. Raises TransferError when the receiver refuses, goes away, or `cancel` is set."""
+    transport = transport or TcpTransport()
+    if limiter is None and rate_limit_bps > 0:
+        limiter = RateLimiter(rate_limit_bps, burst=chunk)
+    t0 = time.monotonic()
+    sent = 0
+    try:
+        chan = transport.connect(addr, timeout_s)
+    except OSError as e:
+        raise TransferError(f"cannot connect to {addr}: {e}") from None
+    try:
+        chan.settimeout(timeout_s)
+        chan.sendall(ConnHeader(transfer_id, token, source.model, tuple(units)).encode())
+        ok, reason = read_status(chan.recv_into)
+        if not ok:
+            raise TransferError(f"{addr} refused transfer {transfer_id}: {reason}")
+        for u in units:
+            if cancel is not None and cancel.is_set():
+                chan.sendall(encode_abort("cancelled by sender"))
+                raise TransferError("cancelled")
+            for piece in iter_unit_frames(u, source.unit(u), chunk):
+                if limiter is not None and not limiter.acquire(len(piece), cancel):
+                    raise TransferError("cancelled")
+                chan.sendall(piece)
+                sent += len(piece)
+            if on_unit_sent is not None:
+                on_unit_sent(u)
+    except (OSError, FramingError) as e:
+        raise TransferError(f"sending to {addr} failed after {sent} bytes: {e}") from None
+    finally:
+        chan.close()
+    return SendStats(sent, time.monotonic() - t0)

@@ -69,7 +69,7 @@ class WorkerView:
 @dataclass(frozen=True, slots=True)
 class MeshSnapshot:
     workers: tuple[WorkerView, ...]
-    # Models the host cache holds, and the data address it serves them from.
+    # Models the host cache holds (and, for display, where it sends from).
     host_cache_models: frozenset[str] = frozenset()
     host_cache_addr: str | None = None
 
@@ -184,7 +184,8 @@ def select_sources(snapshot: MeshSnapshot, req: PlanRequest, exclude: frozenset[
         if idle:
             return [Source("worker", w.worker_id, w.data_addr) for w in idle]
     if req.mode in ("multicast", "star", "host-cache"):
-        if req.model in snapshot.host_cache_models and snapshot.host_cache_addr and "host-cache" not in exclude:
+        # The host cache lives in the loader and connects out to the first target: no address needed.
+        if req.model in snapshot.host_cache_models and "host-cache" not in exclude:
             return [Source("host-cache", None, snapshot.host_cache_addr)]
     if req.mode in ("multicast", "star"):
         busy = sorted((w for w in holders if w.load > 0), key=lambda w: (w.load, w.worker_id))

@@ -7,7 +7,8 @@ an unknown transfer or with a wrong token is refused before a byte of payload is
 is written. An accepted connection is received unit by unit (front to back) into one buffer per
 unit; every chunk is forwarded to the downstream hop from the same memory as soon as it is in; a
 unit is handed to `on_unit_ready` only after its CRC matched. A source streams units with
-`send_units` from a `Checkpoint` (disk, or the host cache's mmap) or a live worker's tensors.
+`send_units` (cascade.framing, shared with the loader's host cache) from a `Checkpoint` (disk, or
+the host cache's mmap) or, with `TensorSource`, a live worker's tensors.
 
 Threads, not asyncio streams: each connection is served by a dedicated thread doing blocking
 `recv_into`/`sendall` on memoryviews, which release the GIL, and results reach the event loop via
@@ -15,7 +16,7 @@ Threads, not asyncio streams: each connection is served by a dedicated thread do
 preallocated buffer: 2.1-2.3 GB/s with a blocking thread, 1.1-1.3 GB/s with asyncio
 `StreamReader.read` (an extra copy per chunk and loop overhead per read).
 
-The socket work sits behind `Transport` (listen/connect → byte `Channel`s) so an NCCL or
+The socket work sits behind `cascade.framing.Transport` (listen/connect → byte `Channel`s) so an NCCL or
 CUDA-IPC transport can replace TCP without touching the framing, ordering and auth logic.
 """
 
@@ -24,37 +25,66 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import socket
 import threading
 import time
 import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import structlog
 import torch
 
-from cascade.checkpoint import DTYPE_NAMES, DTYPES, Checkpoint
+from cascade.checkpoint import DTYPE_NAMES, DTYPES
 from cascade.framing import (
     DEFAULT_CHUNK,
+    Channel,
+    CheckpointSource,
     ConnHeader,
     FramingError,
+    Listener,
+    RateLimiter,
+    SendStats,
+    TcpTransport,
     TensorMeta,
+    TransferError,
+    Transport,
     UnitHeader,
-    encode_abort,
+    UnitSource,
     encode_status,
-    iter_unit_frames,
     read_conn_header,
     read_crc,
     read_status,
     read_unit_header,
     recv_unit_body,
+    send_units,
     verify_crc,
 )
 from cascade.messages import TransferOrder
-from cascade.modelconfig import unit_tensor_names
+
+# The sending half is shared with the loader's host cache, so it lives in the common package;
+# re-exported so the worker needs one import.
+__all__ = [
+    "Channel",
+    "CheckpointSource",
+    "DataPlaneServer",
+    "Listener",
+    "RateLimiter",
+    "ReceiveStats",
+    "Reception",
+    "SendStats",
+    "TcpTransport",
+    "TensorSource",
+    "TransferError",
+    "Transport",
+    "UnitSource",
+    "load_units_local",
+    "send_units",
+    "send_units_async",
+    "tensor_bytes",
+    "unit_crc",
+]
 
 log = structlog.get_logger()
 
@@ -67,153 +97,7 @@ OnFailed = Callable[[str], None]
 HEADER_TIMEOUT_S = 10.0
 
 
-class TransferError(RuntimeError):
-    """A transfer that did not complete; the message says why (refused, peer gone, corrupt...)."""
-
-
-# --------------------------------------------------------------------------- transport
-
-
-class Channel(Protocol):
-    """A reliable, ordered byte stream between two processes (one direction used per transfer)."""
-
-    def recv_into(self, buf: memoryview, /) -> int: ...
-    def sendall(self, data: bytes | memoryview, /) -> None: ...
-    def settimeout(self, seconds: float | None, /) -> None: ...
-    def shutdown(self) -> None:
-        """Wake any thread blocked on this channel (it sees end-of-stream or an error)."""
-
-    def close(self) -> None: ...
-
-
-class Listener(Protocol):
-    address: str
-
-    def accept(self) -> Channel: ...
-    def close(self) -> None: ...
-
-
-class Transport(Protocol):
-    def listen(self, host: str, port: int, advertise_host: str | None = None) -> Listener: ...
-    def connect(self, addr: str, timeout_s: float) -> Channel: ...
-
-
-class _TcpChannel:
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        self.recv_into = sock.recv_into
-        self.sendall = sock.sendall
-        self.settimeout = sock.settimeout
-
-    def shutdown(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-class _TcpListener:
-    def __init__(self, sock: socket.socket, address: str) -> None:
-        self._sock = sock
-        self.address = address
-
-    def accept(self) -> Channel:
-        conn, _ = self._sock.accept()
-        return _TcpChannel(conn)
-
-    def close(self) -> None:
-        # shutdown() wakes a thread blocked in accept() on Linux; close() alone would not.
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"data address {addr!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-class TcpTransport:
-    """Plain TCP (loopback on one machine). Kernel socket buffers are left to autotuning: setting
-    SO_SNDBUF/SO_RCVBUF by hand turns autotuning off and measured no faster on loopback."""
-
-    def listen(self, host: str, port: int, advertise_host: str | None = None) -> Listener:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(64)
-        bound = sock.getsockname()[1]
-        shown = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "") else host)
-        return _TcpListener(sock, f"{shown}:{bound}")
-
-    def connect(self, addr: str, timeout_s: float) -> Channel:
-        sock = socket.create_connection(split_addr(addr), timeout=timeout_s)
-        return _TcpChannel(sock)
-
-
-# --------------------------------------------------------------------------- rate limiting
-
-
-class RateLimiter:
-    """A token bucket shared by every send that draws on it (thread-safe).
-
-    One per serving source, so a transfer does not starve its requests; the benchmark also shares
-    one across a process's sends to emulate a NIC's egress bandwidth."""
-
-    def __init__(self, bytes_per_s: float, burst: int = DEFAULT_CHUNK) -> None:
-        if bytes_per_s <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = float(bytes_per_s)
-        self.burst = float(max(burst, 1))
-        self._tokens = self.burst
-        self._t = time.monotonic()
-        self._lock = threading.Lock()
-
-    def acquire(self, n: int, cancel: threading.Event | None = None) -> bool:
-        """Take `n` bytes of budget, pacing the caller; False if `cancel` was set while waiting."""
-        with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
-            self._t = now
-            self._tokens -= n  # may go negative: the debt is the wait below
-            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
-        if wait <= 0:
-            return True
-        if cancel is None:
-            time.sleep(wait)  # pacing, not synchronisation: the wait is the rate limit itself
-            return True
-        return not cancel.wait(wait)
-
-
-# --------------------------------------------------------------------------- unit sources
-
-
-class UnitSource(Protocol):
-    """Where a sender reads units from: raw bytes per tensor, in the unit's tensor order."""
-
-    model: str
-
-    def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]: ...
-
-
-class CheckpointSource:
-    """Units of a checkpoint on disk or in the page cache (mmap: nothing is read until sent)."""
-
-    def __init__(self, ckpt: Checkpoint, model: str) -> None:
-        self.ckpt = ckpt
-        self.model = model
-
-    def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]:
-        out = []
-        for name in unit_tensor_names(self.ckpt.config, unit):
-            e = self.ckpt.index[name].entries[name]
-            raw = self.ckpt.raw(name)
-            out.append((TensorMeta(name, e["dtype"], tuple(e["shape"]), len(raw)), raw))
-        return out
+# --------------------------------------------------------------------------- live sources
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -243,67 +127,6 @@ class TensorSource:
             raw = tensor_bytes(t)
             out.append((TensorMeta(name, DTYPE_NAMES[t.dtype], tuple(t.shape), len(raw)), raw))
         return out
-
-
-# --------------------------------------------------------------------------- sending
-
-
-@dataclass(frozen=True, slots=True)
-class SendStats:
-    nbytes: int
-    seconds: float
-
-
-def send_units(
-    source: UnitSource,
-    addr: str,
-    transfer_id: str,
-    token: str,
-    units: Sequence[int],
-    *,
-    rate_limit_bps: float = 0.0,
-    limiter: RateLimiter | None = None,
-    cancel: threading.Event | None = None,
-    chunk: int = DEFAULT_CHUNK,
-    transport: Transport | None = None,
-    timeout_s: float = 30.0,
-    on_unit_sent: Callable[[int], None] | None = None,
-) -> SendStats:
-    """Stream `units` of `source` to the receiver at `addr` (blocking: run it in a thread).
-
-    `rate_limit_bps` (or a shared `limiter`) paces the send, for a source that also serves
-    requests. Raises TransferError when the receiver refuses, goes away, or `cancel` is set."""
-    transport = transport or TcpTransport()
-    if limiter is None and rate_limit_bps > 0:
-        limiter = RateLimiter(rate_limit_bps, burst=chunk)
-    t0 = time.monotonic()
-    sent = 0
-    try:
-        chan = transport.connect(addr, timeout_s)
-    except OSError as e:
-        raise TransferError(f"cannot connect to {addr}: {e}") from None
-    try:
-        chan.settimeout(timeout_s)
-        chan.sendall(ConnHeader(transfer_id, token, source.model, tuple(units)).encode())
-        ok, reason = read_status(chan.recv_into)
-        if not ok:
-            raise TransferError(f"{addr} refused transfer {transfer_id}: {reason}")
-        for u in units:
-            if cancel is not None and cancel.is_set():
-                chan.sendall(encode_abort("cancelled by sender"))
-                raise TransferError("cancelled")
-            for piece in iter_unit_frames(u, source.unit(u), chunk):
-                if limiter is not None and not limiter.acquire(len(piece), cancel):
-                    raise TransferError("cancelled")
-                chan.sendall(piece)
-                sent += len(piece)
-            if on_unit_sent is not None:
-                on_unit_sent(u)
-    except (OSError, FramingError) as e:
-        raise TransferError(f"sending to {addr} failed after {sent} bytes: {e}") from None
-    finally:
-        chan.close()
-    return SendStats(sent, time.monotonic() - t0)
 
 
 async def send_units_async(source: UnitSource, order: TransferOrder, **kw: Any) -> SendStats:
