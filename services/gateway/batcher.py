@@ -1,0 +1,147 @@
+"""Dynamic batching per model, with Ray Serve `@serve.batch` semantics.
+
+Admitted requests wait in one bounded queue per model. Once an instance can take
+them, the batcher gathers requests until `max_batch_size` or until
+`wait_s` has passed since the first of them could go, and hands them to
+`dispatch` as one batch. A full batch leaves at once. While no instance is
+ready, requests stay queued until their own deadline, then `on_timeout` gets
+them. The batcher does no I/O: `pick` and `dispatch` are the owner's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+from services.gateway.streams import RequestState
+
+
+class QueueFull(Exception):
+    """The model's queue is at its bound; the caller answers 429."""
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_batch_size: int,
+        wait_s: float,
+        max_queue: int,
+        queue_timeout_s: float,
+        pick: Callable[[frozenset[str]], str | None],
+        dispatch: Callable[[str, list[RequestState]], None],
+        on_timeout: Callable[[RequestState], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be at least 1")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self._pick = pick
+        self._dispatch = dispatch
+        self._on_timeout = on_timeout
+        self._clock = clock
+        self._queue: deque[RequestState] = deque()
+        self._wake = asyncio.Event()
+
+    # ---- admission ---------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def submit(self, req: RequestState) -> None:
+        """Queue a new request, or raise QueueFull."""
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"model {self.model} has {len(self._queue)} requests queued (bound {self.max_queue})")
+        now = self._clock()
+        req.ready_at = now
+        req.deadline = now + self.queue_timeout_s
+        self._queue.append(req)
+        self._wake.set()
+
+    def requeue(self, req: RequestState, delay_s: float = 0.0, fresh_deadline: bool = True) -> None:
+        """Put a request that an instance gave back at the front of the queue. It was admitted
+        already, so the bound does not apply. A fresh deadline gives it a full queue timeout to
+        find another instance; `delay_s` holds it back (back-off after "overloaded")."""
+        now = self._clock()
+        req.ready_at = now + delay_s
+        if fresh_deadline:
+            req.deadline = now + self.queue_timeout_s
+        self._queue.appendleft(req)
+        self._wake.set()
+
+    def is_queued(self, req: RequestState) -> bool:
+        return req in self._queue
+
+    def discard(self, req: RequestState) -> bool:
+        """Drop a queued request (its client left). True when it was queued."""
+        try:
+            self._queue.remove(req)
+        except ValueError:
+            return False
+        return True
+
+    def take_all(self) -> list[RequestState]:
+        """Empty the queue (shutdown); the caller answers the requests."""
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    def wake(self) -> None:
+        """Something changed that may let queued requests go (an instance appeared or freed up)."""
+        self._wake.set()
+
+    # ---- the loop ----------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            timeout = self.step()
+            if timeout == 0:
+                await asyncio.sleep(0)  # more to dispatch: let handlers and replies run between batches
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def step(self) -> float | None:
+        """Dispatch what can go now. Returns how long to sleep unless woken (None: until woken,
+        0: go again at once)."""
+        now = self._clock()
+        ready = [r for r in self._queue if r.ready_at <= now]
+        if not ready:
+            return None if not self._queue else min(r.ready_at for r in self._queue) - now
+        head = ready[0]
+        worker = self._pick(frozenset(head.avoid))
+        if worker is None:
+            self._expire(now)
+            if not self._queue:
+                return None
+            return max(min(r.deadline for r in self._queue) - now, 0.0)
+        window_end = head.ready_at + self.wait_s
+        if len(ready) < self.max_batch_size and now < window_end:
+            return window_end - now
+        batch: list[RequestState] = []
+        for r in ready:
+            if len(batch) >= self.max_batch_size:
+                break
+            # A request that already failed on `worker` goes there only if nothing else can serve it.
+            if r is not head and worker in r.avoid and self._pick(frozenset(r.avoid)) != worker:
+                continue
+            batch.append(r)
+        for r in batch:
+            self._queue.remove(r)
+        self._dispatch(worker, batch)
+        return 0.0 if self._queue else None
+
+    def _expire(self, now: float) -> None:
+        expired = [r for r in self._queue if r.deadline <= now]
+        for r in expired:
+            self._queue.remove(r)
+            self._on_timeout(r)

@@ -1,0 +1,430 @@
+"""The gateway's engine room: admission, batching, dispatch to workers, retries,
+and the token stream back, over NATS. The HTTP side (app.py) only validates,
+calls `prepare` / `admit` / `next_event` / `release`, and formats.
+
+A request's life: `admit` queues it in its model's `Batcher`; the batcher picks
+an instance through the router and `_dispatch`es a batch as one
+`GenerateBatch`; the worker's `TokenEvents` reach the request through the
+`StreamHub`. When the worker turns a request away, does not answer, or dies
+before the first token, the request goes back to the front of the queue (a
+bounded number of times); once a token has reached the client, a failure is
+reported instead, since a retry would repeat output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter as Tally
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from cascade import natsutil
+from cascade.config import Deployment
+from cascade.messages import (
+    BatchReply,
+    Cancel,
+    GenerateBatch,
+    GenerateRequest,
+    MessageError,
+    RemoteError,
+    SamplingParams,
+    ServiceReady,
+    ServiceStatus,
+    StatusRequest,
+    TokenEvent,
+    TokenEvents,
+    decode,
+    encode,
+)
+from cascade.subjects import Subjects
+from services.gateway.batcher import Batcher, QueueFull
+from services.gateway.catalog import ModelCatalog, ModelInfo
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.openai_api import ApiError, GenerationSpec
+from services.gateway.registry import Registry, RegistryFeed, nats_snapshot_fetcher
+from services.gateway.router import choose_instance, models_without_instance, serves_fully
+from services.gateway.settings import GatewaySettings
+from services.gateway.streams import Failure, RequestState, StreamHub
+
+# Texts longer than this are tokenised in a thread, so one huge prompt does not stall every stream.
+_THREAD_TOKENISE_CHARS = 32 * 1024
+# Back-off after an "overloaded" rejection: base * 2^n, capped.
+_OVERLOAD_BACKOFF_S = 0.02
+_OVERLOAD_BACKOFF_MAX_S = 1.0
+# Rejections after which the same request is worth sending again (elsewhere, or later).
+_RETRYABLE = frozenset({"overloaded", "draining", "wrong_model"})
+
+
+class GatewayCore:
+    def __init__(self, settings: GatewaySettings, deployment: Deployment, nc: NATS, logger: Any = None) -> None:
+        self.settings = settings
+        self.id = settings.gateway_id
+        self.nc = nc
+        self.subjects = Subjects(settings.prefix)
+        self.log = logger or structlog.get_logger().bind(service="gateway", gateway_id=self.id)
+        self.catalog = ModelCatalog(deployment)
+        self.tasks = natsutil.TaskSet(self.log)
+        self.hub = StreamHub(on_stray=self._cancel_on)
+        self.registry = Registry(settings.heartbeat_s)
+        self.feed = RegistryFeed(
+            self.registry,
+            fetch_snapshot=nats_snapshot_fetcher(nc, self.subjects, self.id, settings.snapshot_timeout_s),
+            inflight_of=self.hub.inflight,
+            on_change=self._wake_all,
+            on_dead=self._worker_dead,
+            logger=self.log,
+        )
+        self.batchers: dict[str, Batcher] = {
+            name: Batcher(
+                name,
+                max_batch_size=settings.max_batch_size,
+                wait_s=settings.batch_wait_timeout_s,
+                max_queue=settings.max_queue,
+                queue_timeout_s=settings.queue_timeout_s,
+                pick=self._picker(name),
+                dispatch=self._dispatch,
+                on_timeout=self._queue_timeout,
+            )
+            for name in self.catalog.names()
+        }
+        self.metrics = GatewayMetrics(
+            queue_depth=self.queue_depths, in_flight=self.in_flight_by_model, instances=self.instances_by_model
+        )
+        self.url = ""
+        self.accepting = True
+        self._subs: list[Subscription] = []
+        self._started = False
+
+    # ---- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        for name, err in self.catalog.preload().items():
+            self.log.warning("model_unavailable", model=name, error=err)
+        self._started = True
+        self._subs.append(await self.nc.subscribe(self.subjects.tokens(self.id), cb=self._on_tokens_msg))
+        self._subs += await self.feed.subscribe(self.nc, self.subjects)
+        self._subs.append(
+            await self.nc.subscribe(self.subjects.status(), cb=natsutil.handler(self._on_status, self.log))
+        )
+        for name, b in self.batchers.items():
+            self.tasks.spawn(b.run(), name=f"batcher-{name}")
+        self.tasks.spawn(self.feed.run_reaper(), name="reaper")
+        # The subscriptions must be in place at the server before a worker is told our id.
+        await self.nc.flush()
+
+    async def announce_ready(self) -> None:
+        await self.nc.publish(self.subjects.service_ready(), encode(ServiceReady("gateway", self.id, os.getpid())))
+
+    def begin_shutdown(self) -> None:
+        """Stop admitting. Queued requests that no instance can take fail now rather than be
+        cut off when the grace period ends; running ones may finish."""
+        self.accepting = False
+        for name, b in self.batchers.items():
+            if self._picker(name)(frozenset()) is None:
+                for req in b.take_all():
+                    self.hub.finish(req, Failure(503, "the gateway is shutting down", "shutting_down", 1))
+
+    async def close(self) -> None:
+        """Idempotent; safe after a partial start."""
+        self.accepting = False
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as e:  # a closed connection refuses; nothing left to undo then
+                self.log.debug("unsubscribe_failed", error=str(e))
+        self._subs.clear()
+        await self.tasks.cancel_all()
+        await self.feed.close()
+        for req in self.hub.open_requests():
+            self.hub.finish(req, Failure(503, "the gateway is shutting down", "shutting_down", 1))
+
+    # ---- requests (called by the HTTP handlers) ----------------------------
+    async def prepare(self, info: ModelInfo, spec: GenerationSpec) -> tuple[list[int], int]:
+        """Tokenise and check the length: (prompt ids, max_tokens). 413 when it cannot fit."""
+        tok = info.tokenizer
+        if spec.prompt_ids is not None:
+            ids = spec.prompt_ids
+            bad = next((i for i in ids if i >= info.vocab_size), None)
+            if bad is not None:
+                raise ApiError(
+                    400, f"token id {bad} is outside the vocabulary of {info.name} ({info.vocab_size})", param="prompt"
+                )
+        else:
+            text = spec.prompt if spec.prompt is not None else tok.apply_chat_template(spec.messages or [])
+            if len(text) > _THREAD_TOKENISE_CHARS:
+                ids = await asyncio.to_thread(tok.encode, text)
+            else:
+                ids = tok.encode(text)
+        ctx = info.context_len
+        if spec.max_tokens is not None:
+            max_tokens = spec.max_tokens
+        elif spec.kind == "chat":
+            max_tokens = max(ctx - len(ids), 1)  # OpenAI chat: up to the rest of the context
+        else:
+            max_tokens = 16  # OpenAI's completions default
+        if len(ids) + max_tokens > ctx:
+            raise ApiError(
+                413,
+                f"this model's maximum context length is {ctx} tokens; the prompt has {len(ids)} tokens "
+                f"and max_tokens is {max_tokens}",
+                param="prompt" if spec.kind == "completion" else "messages",
+                code="context_length_exceeded",
+            )
+        return ids, max_tokens
+
+    def admit(
+        self, request_id: str, info: ModelInfo, prompt_ids: list[int], spec: GenerationSpec, max_tokens: int
+    ) -> RequestState:
+        """Queue a request; 429 when its model's queue is full, 503 while shutting down."""
+        if not self.accepting:
+            raise ApiError(503, "the gateway is shutting down", code="shutting_down", retry_after_s=1)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed, stop=spec.stop
+        )
+        req = RequestState(request_id=request_id, model=info.name, prompt_ids=prompt_ids, params=params)
+        self.hub.open(req)
+        try:
+            self.batchers[info.name].submit(req)
+        except QueueFull as e:
+            self.hub.close(req)
+            raise ApiError(
+                429, f"{e}; retry later", code="queue_full", retry_after_s=self.settings.retry_after_s
+            ) from None
+        self.metrics.prompt_tokens.inc(len(prompt_ids), model=info.name)
+        return req
+
+    async def next_event(self, req: RequestState) -> TokenEvent | Failure:
+        """The request's next event. A worker that goes silent for request_timeout_s gets a 504;
+        while queued, the queue timeout rules instead (the batcher answers it)."""
+        timeout = self.settings.request_timeout_s
+        while True:
+            try:
+                return await asyncio.wait_for(req.events.get(), timeout)
+            except TimeoutError:
+                if req.worker_id is None and not req.finished and req.model in self.batchers:
+                    if self.batchers[req.model].is_queued(req):
+                        continue
+                failure = Failure(
+                    504,
+                    f"no output from worker {req.worker_id or '?'} for {timeout:g}s; request abandoned",
+                    "timeout",
+                )
+                self._give_up(req, failure)
+                return failure
+
+    def release(self, req: RequestState) -> None:
+        """The handler is done with `req` (answered, failed, or its client left): forget it,
+        and stop its worker if it is still generating."""
+        if not req.finished:
+            req.cancelled = True
+        b = self.batchers.get(req.model)
+        if b is not None:
+            b.discard(req)
+        worker = self.hub.close(req)
+        if worker is not None and not req.finished:
+            self.log.info("request_cancelled", request_id=req.request_id, worker_id=worker)
+            self._cancel_on(worker, [req.request_id])
+
+    def _give_up(self, req: RequestState, failure: Failure) -> None:
+        worker = req.worker_id
+        req.cancelled = True
+        self.hub.finish(req, failure)
+        if worker is not None:
+            self._cancel_on(worker, [req.request_id])
+
+    # ---- routing and dispatch ----------------------------------------------
+    def _picker(self, model: str) -> Any:
+        def pick(avoid: frozenset[str]) -> str | None:
+            return choose_instance(self.registry.views(self.hub.inflight_by_worker()), model, avoid)
+
+        return pick
+
+    def _wake_all(self) -> None:
+        for b in self.batchers.values():
+            b.wake()
+
+    def _dispatch(self, worker: str, batch: list[RequestState]) -> None:
+        # Bind before any await: the router's next pick must already count these.
+        for r in batch:
+            self.hub.bind(r, worker)
+            r.attempts += 1
+        model = batch[0].model
+        self.metrics.batches.inc(model=model)
+        self.metrics.batch_size.observe(len(batch), model=model)
+        self.tasks.spawn(self._send_batch(worker, batch), name=f"dispatch-{worker}")
+
+    async def _send_batch(self, worker: str, batch: list[RequestState]) -> None:
+        msg = GenerateBatch(
+            gateway_id=self.id,
+            requests=[GenerateRequest(r.request_id, r.model, r.prompt_ids, r.params) for r in batch],
+        )
+        self.log.debug("dispatch", worker_id=worker, size=len(batch), model=batch[0].model)
+        try:
+            reply = await natsutil.request(
+                self.nc, self.subjects.generate(worker), msg, BatchReply, self.settings.dispatch_timeout_s
+            )
+        except (natsutil.RequestTimeout, RemoteError, MessageError, ConnectionError) as e:
+            self._batch_lost(worker, batch, str(e))
+            return
+        except Exception as e:  # nats-py's own errors (connection closed, draining, ...)
+            self.log.warning("dispatch_failed", worker_id=worker, error=repr(e))
+            self._batch_lost(worker, batch, repr(e))
+            return
+        accepted = set(reply.accepted)
+        rejected = {r.request_id: r for r in reply.rejected}
+        for r in batch:
+            if r.request_id in accepted:
+                if r.cancelled and r.worker_id is None:
+                    # The client left while the batch was on its way; the Cancel sent then may
+                    # have reached the worker before the batch did.
+                    self._cancel_on(worker, [r.request_id])
+                continue
+            if r.worker_id != worker:
+                continue  # moved on already (client left, worker declared dead)
+            rej = rejected.get(r.request_id)
+            if rej is None:
+                self._retry(r, worker, "the worker neither accepted nor rejected it")
+            elif rej.code == "overloaded":
+                # Not the request's fault: wait a little, do not spend its retry budget.
+                r.attempts -= 1
+                r.overloads += 1
+                delay = min(_OVERLOAD_BACKOFF_S * 2 ** (r.overloads - 1), _OVERLOAD_BACKOFF_MAX_S)
+                self._retry(r, worker, "overloaded", delay_s=delay)
+            elif rej.code in _RETRYABLE:
+                self.registry.suspend(worker)
+                self._retry(r, worker, f"{rej.code}: {rej.message}")
+            elif rej.code == "too_long":
+                self.hub.finish(r, Failure(413, rej.message, "context_length_exceeded"))
+            elif rej.code == "invalid":
+                self.hub.finish(r, Failure(400, f"the worker rejected the request: {rej.message}", "invalid_value"))
+            else:
+                self._retry(r, worker, f"{rej.code}: {rej.message}")
+
+    def _batch_lost(self, worker: str, batch: list[RequestState], why: str) -> None:
+        lost = [r for r in batch if r.worker_id == worker and not r.produced]
+        if not lost:
+            return
+        self.log.warning("batch_lost", worker_id=worker, size=len(lost), error=why)
+        # It may have been admitted after all, with the reply lost: stop it there before retrying.
+        self._cancel_on(worker, [r.request_id for r in lost])
+        for r in lost:
+            self._retry(r, worker, why)
+
+    def _retry(self, req: RequestState, worker: str, why: str, delay_s: float = 0.0) -> None:
+        if req.worker_id == worker:
+            self.hub.unbind(req)
+        if req.cancelled or req.finished:
+            return
+        if req.attempts >= self.settings.max_attempts:
+            self.hub.finish(
+                req,
+                Failure(
+                    503,
+                    f"no instance could serve the request after {req.attempts} attempts (last: {why})",
+                    "no_instance",
+                    self.settings.retry_after_s,
+                ),
+            )
+            return
+        reason = why.split(":", 1)[0] if delay_s == 0 else "overloaded"
+        self.metrics.retries.inc(model=req.model, reason=reason[:40])
+        self.log.info("retry", request_id=req.request_id, worker_id=worker, reason=why, attempt=req.attempts)
+        req.avoid.add(worker)
+        self.batchers[req.model].requeue(req, delay_s=delay_s, fresh_deadline=delay_s == 0)
+
+    def _queue_timeout(self, req: RequestState) -> None:
+        self.hub.finish(
+            req,
+            Failure(
+                503,
+                f"no instance of {req.model} could take the request within {self.settings.queue_timeout_s:g}s",
+                "no_instance",
+                self.settings.retry_after_s,
+            ),
+        )
+
+    def _worker_dead(self, worker: str) -> None:
+        self.metrics.dead_workers.inc()
+        for req in self.hub.on_worker(worker):
+            if req.produced:
+                self.hub.finish(
+                    req, Failure(503, f"worker {worker} stopped responding during generation", "worker_died")
+                )
+            else:
+                self._retry(req, worker, f"worker {worker} stopped heart-beating")
+
+    def _cancel_on(self, worker: str, request_ids: list[str]) -> None:
+        self.tasks.spawn(self._publish_cancel(worker, request_ids), name=f"cancel-{worker}")
+
+    async def _publish_cancel(self, worker: str, request_ids: list[str]) -> None:
+        try:
+            await self.nc.publish(self.subjects.cancel(worker), encode(Cancel(request_ids)))
+        except Exception as e:  # best effort: the worker ends them anyway at max_tokens
+            self.log.warning("cancel_failed", worker_id=worker, error=repr(e))
+
+    # ---- token stream ------------------------------------------------------
+    async def _on_tokens_msg(self, msg: Msg) -> None:
+        try:
+            events = decode(msg.data, TokenEvents)
+        except MessageError as e:
+            self.log.warning("bad_message", subject=msg.subject, error=str(e))
+            return
+        self.on_tokens(events)
+
+    def on_tokens(self, msg: TokenEvents) -> None:
+        for req, ev in self.hub.match(msg):
+            if ev.token_ids:
+                self.metrics.tokens.inc(len(ev.token_ids), model=req.model)
+            if ev.token_ids or ev.text:
+                req.produced = True
+            if ev.finish_reason is None:
+                req.events.put_nowait(ev)
+            elif ev.finish_reason == "cancelled" and not req.produced and not req.cancelled:
+                self._retry(req, msg.worker_id, "the worker cancelled it before any token")
+            else:
+                self.hub.finish(req, ev)
+
+    # ---- views -------------------------------------------------------------
+    def queue_depths(self) -> dict[str, int]:
+        return {name: b.depth for name, b in self.batchers.items()}
+
+    def in_flight_by_model(self) -> dict[str, int]:
+        counts = Tally(r.model for r in self.hub.open_requests())
+        return {name: counts.get(name, 0) for name in self.batchers}
+
+    def instances_by_model(self) -> dict[str, int]:
+        views = self.registry.views()
+        return {name: sum(serves_fully(v, name) for v in views) for name in self.batchers}
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        missing = models_without_instance(self.registry.views(), self.catalog.required())
+        if not self._started:
+            return False, {"status": "unavailable", "reason": "the gateway is starting"}
+        if not self.accepting:
+            return False, {"status": "unavailable", "reason": "the gateway is shutting down"}
+        if missing:
+            return False, {
+                "status": "unavailable",
+                "reason": "no instance serves " + ", ".join(missing) + " fully",
+                "models_without_instance": missing,
+            }
+        return True, {"status": "ok", "instances": self.instances_by_model()}
+
+    def status(self) -> dict[str, Any]:
+        inflight = self.hub.inflight_by_worker()
+        return {
+            "url": self.url,
+            "accepting": self.accepting,
+            "queue_depth": self.queue_depths(),
+            "in_flight": self.in_flight_by_model(),
+            "instances": [
+                {**w, "gateway_in_flight": inflight.get(w["worker_id"], 0)} for w in self.registry.describe()
+            ],
+        }
+
+    async def _on_status(self, req: StatusRequest) -> ServiceStatus:
+        return ServiceStatus(service="gateway", instance=self.id, pid=os.getpid(), detail=self.status())

@@ -1,0 +1,209 @@
+"""The gateway process: flags → settings → NATS → HTTP server, one shutdown path.
+
+In-process use (tests, benchmarks):
+
+    settings = GatewaySettings(nats_url=url, prefix=prefix, port=0)
+    async with GatewayService(settings, deployment) as gw:
+        ...  # gw.url is http://127.0.0.1:<port>, gw.core is the engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from nats.aio.client import Client as NATS
+
+from cascade import natsutil
+from cascade.config import ConfigError, Deployment, env_int, env_str, load_deployment, resolve_nats_url, resolve_prefix
+from cascade.logs import setup_logging
+from services.gateway.app import create_app
+from services.gateway.core import GatewayCore
+from services.gateway.settings import GatewaySettings, new_gateway_id
+
+# How long draining NATS may take at shutdown before the connection is just closed.
+_DRAIN_TIMEOUT_S = 5.0
+
+
+class GatewayService:
+    """A running gateway: NATS connection, engine, HTTP server. `stop` is idempotent and safe
+    after a partial `start`."""
+
+    def __init__(self, settings: GatewaySettings, deployment: Deployment, logger: Any = None) -> None:
+        self.settings = settings
+        self.deployment = deployment
+        self.log = logger or structlog.get_logger().bind(service="gateway", gateway_id=settings.gateway_id)
+        self.port = settings.port
+        self._nc: NATS | None = None
+        self._core: GatewayCore | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def id(self) -> str:
+        return self.settings.gateway_id
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    @property
+    def core(self) -> GatewayCore:
+        if self._core is None:
+            raise RuntimeError("the gateway is not started")
+        return self._core
+
+    async def start(self) -> GatewayService:
+        try:
+            self._nc = await natsutil.connect(self.settings.nats_url, name=f"gateway-{self.id}")
+            self._core = GatewayCore(self.settings, self.deployment, self._nc, self.log)
+            self._runner = web.AppRunner(
+                create_app(self._core),
+                # Without this, a handler keeps waiting for tokens after its client has gone.
+                handler_cancellation=True,
+                shutdown_timeout=self.settings.shutdown_grace_s,
+                access_log=None,
+            )
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+            await site.start()
+            self.port = int(self._runner.addresses[0][1])
+            self._core.url = self.url
+            await self._core.announce_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        self.log.info("listening", url=self.url, nats_url=self.settings.nats_url, prefix=self.settings.prefix)
+        return self
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            # Stops listening, lets running handlers finish for shutdown_grace_s, cancels the rest,
+            # then closes the engine (cleanup_ctx).
+            await runner.cleanup()
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.drain(), _DRAIN_TIMEOUT_S)
+            except Exception as e:  # draining a broken connection: closing is all that is left
+                self.log.warning("nats_drain_failed", error=repr(e))
+                await nc.close()
+
+    async def __aenter__(self) -> GatewayService:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _add_if_absent(parser: argparse.ArgumentParser, *flags: str, **kw: Any) -> None:
+    """Add a flag the mesh CLI may already define for every service (--nats-url, ...)."""
+    try:
+        parser.add_argument(*flags, **kw)
+    except argparse.ArgumentError:
+        pass  # the caller's parser has it; run() reads it by the same name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = GatewaySettings(nats_url="")
+    _add_if_absent(parser, "--nats-url", default=None, help="NATS URL (default: CASCADE_NATS_URL, the running mesh)")
+    _add_if_absent(parser, "--prefix", default=None, help="subject prefix (default: CASCADE_PREFIX or cascade)")
+    _add_if_absent(parser, "--config", type=Path, default=None, help="deployment file (TOML or JSON)")
+    _add_if_absent(parser, "--log-level", default=None, help="debug | info | warning (default CASCADE_LOG_LEVEL)")
+    g = parser.add_argument_group("gateway")
+    g.add_argument("--gateway-id", default=None, help="gateway id in subjects (default gw-<random>)")
+    g.add_argument("--host", default=env_str("CASCADE_GATEWAY_HOST", d.host), help="listen address")
+    g.add_argument(
+        "--port", type=int, default=env_int("CASCADE_GATEWAY_PORT", d.port), help="listen port (0: any free port)"
+    )
+    g.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="requests per dispatched batch")
+    g.add_argument(
+        "--batch-wait-timeout-s",
+        type=float,
+        default=d.batch_wait_timeout_s,
+        help="longest wait for a batch to fill after its first request",
+    )
+    g.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests per model before 429")
+    g.add_argument("--queue-timeout-s", type=float, default=d.queue_timeout_s, help="wait for an instance before 503")
+    g.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=d.request_timeout_s,
+        help="longest silence from a worker during a request before 504",
+    )
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body (413 above)")
+    g.add_argument(
+        "--dispatch-timeout-s", type=float, default=d.dispatch_timeout_s, help="wait for a worker to admit a batch"
+    )
+    g.add_argument(
+        "--shutdown-grace-s", type=float, default=d.shutdown_grace_s, help="time running streams get at shutdown"
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings(
+        nats_url=resolve_nats_url(getattr(args, "nats_url", None)),
+        prefix=resolve_prefix(getattr(args, "prefix", None)),
+        gateway_id=args.gateway_id or new_gateway_id(),
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_queue=args.max_queue,
+        queue_timeout_s=args.queue_timeout_s,
+        request_timeout_s=args.request_timeout_s,
+        max_body_bytes=args.max_body_bytes,
+        dispatch_timeout_s=args.dispatch_timeout_s,
+        shutdown_grace_s=args.shutdown_grace_s,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    log = setup_logging("gateway", getattr(args, "log_level", None))
+    try:
+        settings = settings_from_args(args)
+        deployment = load_deployment(getattr(args, "config", None))
+    except (ConfigError, ValueError) as e:
+        log.error("bad_config", error=str(e))
+        return 2
+    log = log.bind(gateway_id=settings.gateway_id, pid=os.getpid())
+    stop = natsutil.stop_event()
+    service = GatewayService(settings, deployment, log)
+    try:
+        await service.start()
+    except (ConnectionError, OSError) as e:
+        log.error("start_failed", error=str(e))
+        return 1
+    failed = service.core.tasks.failed
+    try:
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(failed.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+    finally:
+        log.info("stopping", reason="task failed" if failed.is_set() else "signal")
+        await service.stop()
+    return 1 if failed.is_set() else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cascade-gateway", description="Cascade's OpenAI-compatible gateway")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

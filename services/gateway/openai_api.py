@@ -1,0 +1,388 @@
+"""The OpenAI wire format: request validation, response bodies, stream chunks, errors.
+
+Pure functions: a decoded JSON body goes in, a `GenerationSpec` or an
+`ApiError` comes out; results go in, dicts shaped exactly like OpenAI's come
+out. Fields this server cannot honour are refused with a 400 that names them,
+rather than silently ignored; unknown fields are ignored, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+Kind = Literal["completion", "chat"]
+
+# OpenAI's own limits where it has them; generous where the model is the limit anyway.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+class ApiError(Exception):
+    """An error answered as an OpenAI error body with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or error_type(status)
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_type(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationSpec:
+    """A validated completion or chat request, before tokenisation."""
+
+    kind: Kind
+    model: str
+    prompt: str | None = None  # completion text to tokenise
+    prompt_ids: list[int] | None = None  # completion given as token ids
+    messages: list[dict[str, Any]] | None = None  # chat
+    max_tokens: int | None = None  # None: the endpoint's default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    user: str | None = None
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise invalid("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def parse_completion(body: dict[str, Any]) -> GenerationSpec:
+    common = _common(body, "completion")
+    if body.get("echo"):
+        raise _unsupported("echo")
+    if _present(body, "best_of") and _int(body, "best_of", lo=1) != 1:
+        raise _unsupported("best_of", "only best_of = 1 is supported")
+    if body.get("suffix"):
+        raise _unsupported("suffix")
+    if body.get("logprobs") not in (None, 0, False):
+        raise _unsupported("logprobs")
+    prompt, prompt_ids = _prompt(body)
+    return GenerationSpec(kind="completion", prompt=prompt, prompt_ids=prompt_ids, **common)
+
+
+def parse_chat(body: dict[str, Any]) -> GenerationSpec:
+    common = _common(body, "chat")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise _unsupported("logprobs")
+    if body.get("tools") or body.get("functions"):
+        raise _unsupported("tools", "tool calling is not supported by this server")
+    rf = body.get("response_format")
+    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise _unsupported("response_format", "only response_format {'type': 'text'} is supported")
+    return GenerationSpec(kind="chat", messages=_messages(body), **common)
+
+
+def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
+    model = body.get("model")
+    if model is None:
+        raise invalid("you must provide a model parameter", "model", code="missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise invalid("model must be a non-empty string", "model")
+    n = _int(body, "n", lo=1) if _present(body, "n") else 1
+    if n != 1:
+        raise invalid("only n = 1 is supported; send several requests for several choices", "n")
+    # Chat deprecates max_tokens for max_completion_tokens; when both come, the newer one wins.
+    max_tokens = None
+    for name in ("max_tokens", "max_completion_tokens") if kind == "chat" else ("max_tokens",):
+        if _present(body, name):
+            max_tokens = _int(body, name, lo=1)
+    temperature = _number(body, "temperature", 0.0, 2.0) if _present(body, "temperature") else 1.0
+    top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True) if _present(body, "top_p") else 1.0
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _present(body, name) and _number(body, name, -2.0, 2.0) != 0.0:
+            raise _unsupported(name)
+    if body.get("logit_bias"):
+        raise _unsupported("logit_bias")
+    seed = _int(body, "seed") if _present(body, "seed") else None
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid("stream must be a boolean", "stream")
+    include_usage = False
+    so = body.get("stream_options")
+    if so is not None:
+        if not stream:
+            raise invalid("stream_options is only allowed when stream is true", "stream_options")
+        if not isinstance(so, dict):
+            raise invalid("stream_options must be an object", "stream_options")
+        iu = so.get("include_usage", False)
+        if iu is not None and not isinstance(iu, bool):
+            raise invalid("stream_options.include_usage must be a boolean", "stream_options.include_usage")
+        include_usage = bool(iu)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise invalid("user must be a string", "user")
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "stop": _stop(body),
+        "stream": stream,
+        "include_usage": include_usage,
+        "user": user,
+    }
+
+
+def _present(body: dict[str, Any], name: str) -> bool:
+    return body.get(name) is not None  # OpenAI treats an explicit null as "not given"
+
+
+def _int(body: dict[str, Any], name: str, lo: int | None = None) -> int:
+    v = body[name]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise invalid(f"{name} must be an integer, got {_show(v)}", name)
+    if lo is not None and v < lo:
+        raise invalid(f"{name} must be at least {lo}, got {v}", name)
+    return v
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    v = body[name]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise invalid(f"{name} must be a number, got {_show(v)}", name)
+    if v > hi or v < lo or (lo_open and v == lo):
+        span = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
+        raise invalid(f"{name} must be in {span}, got {v}", name)
+    return float(v)
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise invalid("stop must be a string or a list of strings", "stop")
+    if len(items) > MAX_STOP_SEQUENCES:
+        raise invalid(f"stop takes at most {MAX_STOP_SEQUENCES} sequences, got {len(items)}", "stop")
+    if any(len(s) > MAX_STOP_LENGTH for s in items):
+        raise invalid(f"each stop sequence must be at most {MAX_STOP_LENGTH} characters", "stop")
+    return [s for s in items if s]  # an empty stop string would end every completion at once
+
+
+def _prompt(body: dict[str, Any]) -> tuple[str | None, list[int] | None]:
+    if "prompt" not in body or body["prompt"] is None:
+        raise invalid("you must provide a prompt parameter", "prompt", code="missing_required_parameter")
+    p = body["prompt"]
+    if isinstance(p, str):
+        return p, None
+    if isinstance(p, list):
+        if not p:
+            raise invalid("prompt must not be an empty list", "prompt")
+        if all(isinstance(x, str) for x in p):
+            if len(p) != 1:
+                raise invalid(f"prompt holds {len(p)} strings; this server takes one prompt per request", "prompt")
+            return p[0], None
+        if len(p) == 1 and isinstance(p[0], list):
+            p = p[0]  # [[ids...]]: one tokenised prompt
+        if p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+            if any(x < 0 for x in p):
+                raise invalid("token ids in prompt must not be negative", "prompt")
+            return None, list(p)
+        if all(isinstance(x, list) for x in p):
+            raise invalid(f"prompt holds {len(p)} token lists; this server takes one prompt per request", "prompt")
+    raise invalid("prompt must be a string, a list with one string, or a list of token ids", "prompt")
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    msgs = body.get("messages")
+    if msgs is None:
+        raise invalid("you must provide a messages parameter", "messages", code="missing_required_parameter")
+    if not isinstance(msgs, list) or not msgs:
+        raise invalid("messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid(f"{where} must be an object", where)
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise invalid(f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {_show(role)}", f"{where}.role")
+        content = m.get("content")
+        if content is None:
+            if role != "assistant":
+                raise invalid(f"{where}.content is required for role {role}", f"{where}.content")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise invalid(f"{where}.content[{j}]: only text content parts are supported", f"{where}.content")
+        elif not isinstance(content, str):
+            raise invalid(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _unsupported(name: str, why: str | None = None) -> ApiError:
+    return invalid(why or f"{name} is not supported by this server", name, code="unsupported_parameter")
+
+
+def _show(v: Any) -> str:
+    s = orjson.dumps(v).decode() if not isinstance(v, bytes) else repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def new_request_id(kind: Kind) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def object_name(kind: Kind, stream: bool) -> str:
+    if kind == "completion":
+        return "text_completion"
+    return "chat.completion.chunk" if stream else "chat.completion"
+
+
+def full_response(
+    kind: Kind,
+    rid: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    use: dict[str, int],
+) -> dict[str, Any]:
+    choice: dict[str, Any]
+    if kind == "completion":
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+    return {
+        "id": rid,
+        "object": object_name(kind, False),
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [choice],
+        "usage": use,
+    }
+
+
+def chunk(
+    kind: Kind,
+    rid: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None = None,
+    *,
+    first: bool = False,
+    include_usage: bool = False,
+) -> dict[str, Any]:
+    """One stream chunk with a text delta (chat: the first one also carries the role)."""
+    choice: dict[str, Any]
+    if kind == "completion":
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    else:
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text or first:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    out: dict[str, Any] = {
+        "id": rid,
+        "object": object_name(kind, True),
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [choice],
+    }
+    if include_usage:
+        out["usage"] = None  # OpenAI: null on every chunk but the last, which carries the figures
+    return out
+
+
+def usage_chunk(kind: Kind, rid: str, created: int, model: str, use: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": object_name(kind, True),
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [],
+        "usage": use,
+    }
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def model_list(names: list[str], created: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": created, "owned_by": "cascade"} for n in names],
+    }

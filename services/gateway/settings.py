@@ -1,0 +1,51 @@
+"""The gateway's settings: one frozen value built from flags (main.py) or by tests."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from cascade.config import env_float
+from cascade.subjects import check_token
+
+
+def new_gateway_id() -> str:
+    return "gw-" + uuid.uuid4().hex[:8]
+
+
+def default_heartbeat_s() -> float:
+    return env_float("CASCADE_HEARTBEAT_S", 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    nats_url: str
+    prefix: str = "cascade"
+    gateway_id: str = field(default_factory=new_gateway_id)
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (GatewayService.port tells which)
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.002
+    max_queue: int = 256  # per model
+    queue_timeout_s: float = 30.0
+    request_timeout_s: float = 120.0  # inactivity: longest gap between two events of a request
+    max_body_bytes: int = 1 << 20
+    heartbeat_s: float = field(default_factory=default_heartbeat_s)
+    dispatch_timeout_s: float = 5.0  # GenerateBatch request/reply
+    snapshot_timeout_s: float = 2.0
+    max_attempts: int = 3  # dispatches per request (first try + retries after loss or a dead worker)
+    shutdown_grace_s: float = 10.0  # how long running streams may finish after SIGTERM
+    retry_after_s: int = 1  # what a 429 or 503 asks the client to wait
+
+    def __post_init__(self) -> None:
+        check_token(self.gateway_id)
+        for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("queue_timeout_s", "request_timeout_s", "heartbeat_s", "dispatch_timeout_s", "snapshot_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.batch_wait_timeout_s < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("batch_wait_timeout_s and shutdown_grace_s must not be negative")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is out of range")

@@ -1,0 +1,251 @@
+"""The batcher against in-memory pick/dispatch fakes. The step function is driven with a
+fake clock; the run loop is checked with real time only through deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from cascade.messages import SamplingParams
+from services.gateway.batcher import Batcher, QueueFull
+from services.gateway.streams import RequestState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Fakes:
+    """`pick` behaves like the router: instances in `avoid` only as a last resort."""
+
+    def __init__(self, *instances: str) -> None:
+        self.instances = list(instances or ["w1"])
+        self.batches: list[tuple[str, list[str]]] = []
+        self.timed_out: list[str] = []
+        self.dispatched = asyncio.Event()
+
+    def pick(self, avoid: frozenset[str]) -> str | None:
+        preferred = [w for w in self.instances if w not in avoid] or self.instances
+        return preferred[0] if preferred else None
+
+    def dispatch(self, worker: str, batch: list[RequestState]) -> None:
+        self.batches.append((worker, [r.request_id for r in batch]))
+        self.dispatched.set()
+
+    def on_timeout(self, req: RequestState) -> None:
+        self.timed_out.append(req.request_id)
+
+
+def make(fakes: Fakes, clock: Clock | None = None, **kw: float) -> Batcher:
+    args: dict[str, float] = {"max_batch_size": 4, "wait_s": 0.01, "max_queue": 8, "queue_timeout_s": 5.0}
+    args.update(kw)
+    return Batcher(
+        "m",
+        max_batch_size=int(args["max_batch_size"]),
+        wait_s=args["wait_s"],
+        max_queue=int(args["max_queue"]),
+        queue_timeout_s=args["queue_timeout_s"],
+        pick=fakes.pick,
+        dispatch=fakes.dispatch,
+        on_timeout=fakes.on_timeout,
+        **({"clock": clock} if clock else {}),
+    )
+
+
+def req(i: int | str) -> RequestState:
+    return RequestState(request_id=f"r{i}", model="m", prompt_ids=[1], params=SamplingParams())
+
+
+# --------------------------------------------------------------------------- step, fake clock
+
+
+def test_partial_batch_waits_for_the_window_then_goes() -> None:
+    clock, f = Clock(), Fakes()
+    b = make(f, clock, wait_s=0.25)  # binary fractions keep the fake clock exact
+    b.submit(req(1))
+    b.submit(req(2))
+    assert b.step() == 0.25
+    assert f.batches == []
+    clock.t += 0.125
+    b.submit(req(3))
+    assert b.step() == 0.125  # the window counts from the first request
+    clock.t += 0.125
+    assert b.step() is None
+    assert f.batches == [("w1", ["r1", "r2", "r3"])]
+    assert b.depth == 0
+
+
+def test_full_batch_goes_without_waiting() -> None:
+    clock, f = Clock(), Fakes()
+    b = make(f, clock, wait_s=60.0, max_batch_size=3)
+    for i in range(5):
+        b.submit(req(i))
+    assert b.step() == 0.0  # dispatched one full batch, more queued
+    assert f.batches == [("w1", ["r0", "r1", "r2"])]
+    assert b.step() == pytest.approx(60.0)  # the remaining two wait for their window
+    clock.t += 60.0
+    b.step()
+    assert f.batches[-1] == ("w1", ["r3", "r4"])
+
+
+def test_queue_bound_raises() -> None:
+    f = Fakes()
+    f.instances = []
+    b = make(f, Clock(), max_queue=2)
+    b.submit(req(1))
+    b.submit(req(2))
+    with pytest.raises(QueueFull):
+        b.submit(req(3))
+    # A request given back by a worker was admitted already: the bound does not apply.
+    b.requeue(req(4))
+    assert b.depth == 3
+
+
+def test_requests_wait_while_no_instance_then_time_out() -> None:
+    clock, f = Clock(), Fakes()
+    f.instances = []
+    b = make(f, clock, queue_timeout_s=5.0)
+    b.submit(req(1))
+    clock.t += 2.0
+    b.submit(req(2))
+    assert b.step() == pytest.approx(3.0)  # sleeps until the first deadline
+    clock.t += 3.0
+    assert b.step() == pytest.approx(2.0)
+    assert f.timed_out == ["r1"]
+    f.instances = ["w2"]  # an instance appears before r2's deadline
+    clock.t += 0.5
+    b.step()  # the window counted from r2's arrival is long over
+    assert f.batches == [("w2", ["r2"])]
+    assert f.timed_out == ["r1"]
+
+
+def test_requeue_goes_first_with_backoff_and_fresh_deadline() -> None:
+    clock, f = Clock(), Fakes()
+    b = make(f, clock, wait_s=0.0)
+    b.submit(req(1))
+    r0 = req(0)
+    b.requeue(r0, delay_s=0.5)
+    assert r0.deadline == pytest.approx(clock.t + 5.0)
+    b.step()
+    assert f.batches == [("w1", ["r1"])]  # r0 is held back by its back-off
+    assert b.step() == pytest.approx(0.5)
+    clock.t += 0.5
+    b.step()
+    assert f.batches[-1] == ("w1", ["r0"])
+
+
+def test_avoided_instance_is_skipped_for_others_in_the_batch() -> None:
+    clock, f = Clock(), Fakes("w1")  # the only instance: used even by requests that avoid it
+    b = make(f, clock, wait_s=0.0)
+    a, c = req("a"), req("c")
+    c.avoid.add("w1")
+    b.submit(a)
+    b.submit(c)
+    b.step()
+    assert f.batches == [("w1", ["ra", "rc"])]
+
+    f2 = Fakes("w1", "w2")
+    b2 = make(f2, Clock(), wait_s=0.0)
+    a, c = req("a"), req("c")
+    c.avoid.add("w1")
+    b2.submit(a)
+    b2.submit(c)
+    b2.step()
+    b2.step()
+    assert f2.batches == [("w1", ["ra"]), ("w2", ["rc"])]
+
+
+def test_discard_and_take_all() -> None:
+    f = Fakes()
+    f.instances = []
+    b = make(f, Clock())
+    r1, r2 = req(1), req(2)
+    b.submit(r1)
+    b.submit(r2)
+    assert b.is_queued(r1)
+    assert b.discard(r1)
+    assert not b.discard(r1)
+    assert b.take_all() == [r2]
+    assert b.depth == 0
+
+
+# --------------------------------------------------------------------------- run loop, real time
+
+
+@contextlib.asynccontextmanager
+async def running(b: Batcher) -> AsyncIterator[None]:
+    task = asyncio.ensure_future(b.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_loop_sends_a_full_batch_at_once() -> None:
+    f = Fakes()
+    # A window this long would fail the deadline below if a full batch waited for it.
+    b = make(f, wait_s=60.0, max_batch_size=4)
+    async with running(b):
+        for i in range(4):
+            b.submit(req(i))
+        await asyncio.wait_for(f.dispatched.wait(), 10.0)
+    assert f.batches == [("w1", ["r0", "r1", "r2", "r3"])]
+
+
+async def test_loop_gathers_concurrent_requests_into_one_batch() -> None:
+    f = Fakes()
+    b = make(f, wait_s=0.05, max_batch_size=32)
+    async with running(b):
+        for i in range(3):
+            b.submit(req(i))  # same loop iteration: all inside the first one's window
+        await asyncio.wait_for(f.dispatched.wait(), 10.0)
+    assert f.batches == [("w1", ["r0", "r1", "r2"])]
+
+
+async def test_loop_waits_for_an_instance_and_wakes_when_told() -> None:
+    f = Fakes()
+    f.instances = []
+    b = make(f, wait_s=0.0, queue_timeout_s=60.0)
+    async with running(b):
+        b.submit(req(1))
+        await asyncio.sleep(0)  # let the loop find no instance and go to sleep
+        assert f.batches == []
+        f.instances = ["w9"]
+        b.wake()
+        await asyncio.wait_for(f.dispatched.wait(), 10.0)
+    assert f.batches == [("w9", ["r1"])]
+
+
+async def test_loop_times_out_queued_requests() -> None:
+    f = Fakes()
+    f.instances = []
+    done = asyncio.Event()
+
+    def on_timeout(r: RequestState) -> None:
+        f.timed_out.append(r.request_id)
+        done.set()
+
+    b = Batcher(
+        "m",
+        max_batch_size=4,
+        wait_s=0.0,
+        max_queue=4,
+        queue_timeout_s=0.05,
+        pick=f.pick,
+        dispatch=f.dispatch,
+        on_timeout=on_timeout,
+    )
+    async with running(b):
+        b.submit(req(1))
+        await asyncio.wait_for(done.wait(), 10.0)
+    assert f.timed_out == ["r1"]
+    assert b.depth == 0

@@ -1,0 +1,266 @@
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from services.gateway import openai_api as oai
+from services.gateway.openai_api import ApiError
+
+
+def completion(**kw: Any) -> oai.GenerationSpec:
+    return oai.parse_completion({"model": "m", "prompt": "hi", **kw})
+
+
+def chat(**kw: Any) -> oai.GenerationSpec:
+    return oai.parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def bad(fn: Any, param: str | None = None, code: str | None = None, match: str | None = None) -> ApiError:
+    with pytest.raises(ApiError, match=match) as ei:
+        fn()
+    e = ei.value
+    assert e.status == 400
+    assert e.type == "invalid_request_error"
+    if param is not None:
+        assert e.param == param
+    if code is not None:
+        assert e.code == code
+    return e
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def test_json_body() -> None:
+    assert oai.parse_json(b'{"a": 1}') == {"a": 1}
+    bad(lambda: oai.parse_json(b"{nope"), code="invalid_json", match="not valid JSON")
+    bad(lambda: oai.parse_json(b"[1, 2]"), code="invalid_json", match="JSON object")
+    bad(lambda: oai.parse_json(b"  "), code="invalid_json", match="empty")
+
+
+def test_completion_defaults_and_fields() -> None:
+    s = completion()
+    assert (s.kind, s.model, s.prompt, s.prompt_ids, s.max_tokens) == ("completion", "m", "hi", None, None)
+    assert (s.temperature, s.top_p, s.seed, s.stop, s.stream, s.include_usage) == (1.0, 1.0, None, [], False, False)
+    s = completion(
+        max_tokens=5,
+        temperature=0,
+        top_p=0.5,
+        seed=7,
+        stop="\n",
+        stream=True,
+        stream_options={"include_usage": True},
+        user="u",
+        n=1,
+        some_future_field={"x": 1},  # unknown fields are ignored, as OpenAI does
+        presence_penalty=0,
+        logprobs=None,
+    )
+    assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.stop, s.stream, s.include_usage, s.user) == (
+        5,
+        0.0,
+        0.5,
+        7,
+        ["\n"],
+        True,
+        True,
+        "u",
+    )
+    assert completion(stop=["a", "", "b"]).stop == ["a", "b"]
+    assert completion(max_tokens=None).max_tokens is None  # null means "not given"
+
+
+def test_prompt_forms() -> None:
+    assert completion(prompt=["one"]).prompt == "one"
+    assert completion(prompt=[1, 2, 3]).prompt_ids == [1, 2, 3]
+    assert completion(prompt=[[4, 5]]).prompt_ids == [4, 5]
+    bad(lambda: completion(prompt=["a", "b"]), "prompt", match="one prompt per request")
+    bad(lambda: completion(prompt=[[1], [2]]), "prompt", match="one prompt per request")
+    bad(lambda: completion(prompt=[]), "prompt")
+    bad(lambda: completion(prompt=[1, "a"]), "prompt")
+    bad(lambda: completion(prompt=[-1]), "prompt", match="negative")
+    bad(lambda: completion(prompt=7), "prompt")
+    bad(lambda: oai.parse_completion({"model": "m"}), "prompt", code="missing_required_parameter")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("model", None, "model parameter"),
+        ("model", 3, "non-empty string"),
+        ("max_tokens", 0, "at least 1"),
+        ("max_tokens", 1.5, "integer"),
+        ("max_tokens", True, "integer"),
+        ("max_tokens", "10", "integer"),
+        ("temperature", 2.5, r"\[0, 2\]"),
+        ("temperature", -0.1, r"\[0, 2\]"),
+        ("temperature", "hot", "number"),
+        ("top_p", 0, r"\(0, 1\]"),
+        ("top_p", 1.01, r"\(0, 1\]"),
+        ("seed", 1.5, "integer"),
+        ("n", 2, "only n = 1"),
+        ("n", 0, "at least 1"),
+        ("stop", 5, "string or a list"),
+        ("stop", ["x"] * 17, "at most"),
+        ("stream", "yes", "boolean"),
+        ("stream_options", {"include_usage": True}, "only allowed when stream"),
+        ("user", 5, "string"),
+        ("echo", True, "not supported"),
+        ("best_of", 3, "best_of = 1"),
+        ("logprobs", 2, "not supported"),
+        ("presence_penalty", 0.5, "not supported"),
+        ("frequency_penalty", 3, r"\[-2, 2\]"),
+        ("logit_bias", {"1": 5}, "not supported"),
+    ],
+)
+def test_completion_field_errors(field: str, value: Any, match: str) -> None:
+    body = {"model": "m", "prompt": "hi", field: value}
+    if value is None:
+        del body[field]
+    bad(lambda: oai.parse_completion(body), field, match=match)
+
+
+def test_temperature_and_top_p_bounds_are_inclusive_where_openai_says() -> None:
+    assert completion(temperature=2).temperature == 2.0
+    assert completion(top_p=1).top_p == 1.0
+    bad(lambda: completion(stream=True, stream_options="x"), "stream_options")
+
+
+def test_chat_fields() -> None:
+    s = chat(max_tokens=3, max_completion_tokens=9)
+    assert s.kind == "chat"
+    assert s.max_tokens == 9  # the newer field wins
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    s = oai.parse_chat(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": parts, "name": "bob"},
+                {"role": "assistant", "content": None},
+            ],
+            "response_format": {"type": "text"},
+        }
+    )
+    assert s.messages == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": parts},
+        {"role": "assistant", "content": None},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param", "match"),
+    [
+        (None, "messages", "messages parameter"),
+        ([], "messages", "non-empty"),
+        ("hi", "messages", "non-empty"),
+        (["hi"], "messages[0]", "object"),
+        ([{"role": "wizard", "content": "x"}], "messages[0].role", "one of"),
+        ([{"role": "user"}], "messages[0].content", "required"),
+        ([{"role": "user", "content": 5}], "messages[0].content", "string or a list"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content", "text"),
+    ],
+)
+def test_chat_message_errors(messages: Any, param: str, match: str) -> None:
+    body: dict[str, Any] = {"model": "m"}
+    if messages is not None:
+        body["messages"] = messages
+    bad(lambda: oai.parse_chat(body), param, match=match)
+
+
+def test_chat_unsupported() -> None:
+    bad(lambda: chat(tools=[{"type": "function"}]), "tools", code="unsupported_parameter")
+    bad(lambda: chat(logprobs=True), "logprobs")
+    bad(lambda: chat(response_format={"type": "json_object"}), "response_format")
+    bad(lambda: chat(max_completion_tokens=0), "max_completion_tokens")
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def test_error_body_shape_and_types() -> None:
+    e = ApiError(404, "no such model", param="model", code="model_not_found")
+    assert e.body() == {
+        "error": {
+            "message": "no such model",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    assert ApiError(429, "x").type == "rate_limit_error"
+    assert ApiError(503, "x").type == "server_error"
+
+
+def test_request_ids() -> None:
+    assert oai.new_request_id("completion").startswith("cmpl-")
+    assert oai.new_request_id("chat").startswith("chatcmpl-")
+    assert oai.new_request_id("chat") != oai.new_request_id("chat")
+
+
+def test_full_responses() -> None:
+    use = oai.usage(3, 2)
+    assert use == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    c = oai.full_response("completion", "cmpl-1", 10, "m", "ab", "length", use)
+    assert c["object"] == "text_completion"
+    assert c["choices"] == [{"index": 0, "text": "ab", "logprobs": None, "finish_reason": "length"}]
+    assert c["usage"] == use
+    ch = oai.full_response("chat", "chatcmpl-1", 10, "m", "ab", "stop", use)
+    assert ch["object"] == "chat.completion"
+    assert ch["choices"][0]["message"] == {"role": "assistant", "content": "ab"}
+    assert (ch["id"], ch["created"], ch["model"]) == ("chatcmpl-1", 10, "m")
+
+
+def parse_sse(raw: bytes) -> list[Any]:
+    """Split an SSE body into its data payloads, checking the framing on the way."""
+    assert raw.endswith(b"\n\n")
+    out: list[Any] = []
+    for frame in raw.split(b"\n\n")[:-1]:
+        assert frame.startswith(b"data: ")
+        payload = frame[len(b"data: ") :]
+        out.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
+    return out
+
+
+def test_sse_chunks_completion() -> None:
+    raw = (
+        oai.sse(oai.chunk("completion", "cmpl-1", 5, "m", "he", first=True))
+        + oai.sse(oai.chunk("completion", "cmpl-1", 5, "m", "", "stop"))
+        + oai.SSE_DONE
+    )
+    first, last, done = parse_sse(raw)
+    assert first == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 5,
+        "model": "m",
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "text": "he", "logprobs": None, "finish_reason": None}],
+    }
+    assert last["choices"][0]["finish_reason"] == "stop"
+    assert done == "[DONE]"
+
+
+def test_sse_chunks_chat_and_usage() -> None:
+    first = oai.chunk("chat", "c", 1, "m", "", first=True, include_usage=True)
+    assert first["object"] == "chat.completion.chunk"
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert first["usage"] is None
+    mid = oai.chunk("chat", "c", 1, "m", "x")
+    assert mid["choices"][0]["delta"] == {"content": "x"}
+    assert "usage" not in mid
+    end = oai.chunk("chat", "c", 1, "m", "", "length")
+    assert end["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    u = oai.usage_chunk("chat", "c", 1, "m", oai.usage(1, 2))
+    assert u["choices"] == [] and u["usage"]["total_tokens"] == 3
+    assert oai.sse(u).startswith(b"data: {") and oai.sse(u).endswith(b"}\n\n")
+
+
+def test_model_list() -> None:
+    assert oai.model_list(["a"], 9) == {
+        "object": "list",
+        "data": [{"id": "a", "object": "model", "created": 9, "owned_by": "cascade"}],
+    }

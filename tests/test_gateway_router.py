@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from services.gateway.router import (
+    InstanceView,
+    choose_instance,
+    estimated_load,
+    models_without_instance,
+    serves_fully,
+)
+
+
+def inst(
+    wid: str,
+    model: str | None = "m",
+    state: str = "serving",
+    units: int = 4,
+    num_units: int = 4,
+    running: int = 0,
+    waiting: int = 0,
+    max_batch: int = 8,
+    inflight: int = 0,
+    inflight_at_hb: int = 0,
+) -> InstanceView:
+    return InstanceView(wid, model, state, units, num_units, running, waiting, max_batch, inflight, inflight_at_hb)
+
+
+def test_no_instances_gives_none() -> None:
+    assert choose_instance([], "m") is None
+
+
+def test_only_full_serving_instances_of_the_model_qualify() -> None:
+    views = [
+        inst("loading", state="loading"),
+        inst("partial", units=3),
+        inst("other", model="x"),
+        inst("draining", state="draining"),
+        inst("idle", model=None, state="idle", units=0, num_units=0),
+    ]
+    assert choose_instance(views, "m") is None
+    assert choose_instance([*views, inst("ok", running=100)], "m") == "ok"
+    assert choose_instance(views, "x") == "other"
+
+
+def test_least_loaded_relative_to_batch_size() -> None:
+    views = [inst("a", running=6, max_batch=8), inst("b", running=10, max_batch=32), inst("c", running=7, max_batch=8)]
+    assert choose_instance(views, "m") == "b"  # 10/32 beats 6/8
+
+
+def test_own_inflight_since_heartbeat_counts() -> None:
+    # Both reported idle at their last heartbeat, but we just sent 5 requests to a.
+    a = inst("a", inflight=5, inflight_at_hb=0)
+    b = inst("b")
+    assert choose_instance([a, b], "m") == "b"
+    # a's heartbeat counted our 5 requests; they have finished since: a is empty now.
+    a_done = inst("a", running=5, inflight=0, inflight_at_hb=5)
+    b_busy = inst("b", running=2)
+    assert estimated_load(a_done) == 0
+    assert choose_instance([a_done, b_busy], "m") == "a"
+
+
+def test_estimate_never_below_own_inflight() -> None:
+    assert estimated_load(inst("a", running=0, inflight=3, inflight_at_hb=9)) == 3
+
+
+def test_ties_break_on_worker_id() -> None:
+    assert choose_instance([inst("w2"), inst("w1"), inst("w3")], "m") == "w1"
+
+
+def test_avoided_instances_only_as_last_resort() -> None:
+    views = [inst("a"), inst("b", running=7)]
+    assert choose_instance(views, "m", avoid=frozenset({"a"})) == "b"
+    assert choose_instance([inst("a")], "m", avoid=frozenset({"a"})) == "a"
+
+
+def test_health_helpers() -> None:
+    views = [inst("a"), inst("b", model="x", units=1)]
+    assert serves_fully(views[0], "m")
+    assert not serves_fully(views[1], "x")
+    assert models_without_instance(views, ["m", "x", "y"]) == ["x", "y"]
