@@ -102,6 +102,29 @@ class KVCache:
         return sum(t.numel() * t.element_size() for s in (self.k, self.v) for t in s.values())
 
 
+@dataclass(slots=True)
+class Segment:
+    """A batch of sequences that run the same layer range against one KV cache.
+
+    prefill: `positions` [B, T] are 0..T-1 (right-padded) and `lengths` [B] the real lengths.
+    decode: T == 1, `positions` [B, 1] the position of each sequence's new token.
+    `ids` [B, T] when the segment starts at the embedding, else `hidden` [B, T, H].
+    """
+
+    layers: range
+    cache: KVCache
+    positions: torch.Tensor
+    lengths: torch.Tensor
+    prefill: bool
+    head: bool
+    ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    slot0: int = 0
+    # Filled in by forward_segments:
+    max_pos: int = 0
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class LlamaModel:
     """The model's units as tensors, any subset of them present."""
 
@@ -202,76 +225,109 @@ class LlamaModel:
             raise RuntimeError("head unit not loaded")
         return F.linear(self._rms(h, self.norm), self.lm_head).float()
 
-    def _layer(
-        self,
-        i: int,
-        h: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache,
-        positions: torch.Tensor,
-        lengths: torch.Tensor,
-        prefill: bool,
-        slot0: int,
-    ) -> torch.Tensor:
-        w = self.layers.get(i)
-        if w is None:
-            raise RuntimeError(f"layer {i} not loaded")
+    def _attend(self, i: int, seg: Segment, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """RoPE, KV-cache write and attention for one segment at layer i; q/k/v are [B, T, heads*d]."""
         cfg = self.cfg
-        B, T, _ = h.shape
+        B, T = seg.positions.shape
         nh, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
-        x = self._rms(h, w.input_norm)
-        q = F.linear(x, w.wq).view(B, T, nh, d).transpose(1, 2)
-        k = F.linear(x, w.wk).view(B, T, kvh, d).transpose(1, 2)
-        v = F.linear(x, w.wv).view(B, T, kvh, d).transpose(1, 2)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, d]
+        q = q.view(B, T, nh, d).transpose(1, 2)
+        k = k.view(B, T, kvh, d).transpose(1, 2)
+        v = v.view(B, T, kvh, d).transpose(1, 2)
+        assert seg.rope is not None
+        c, s = seg.rope
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
-        kc, vc = cache.k[i][slot0 : slot0 + B], cache.v[i][slot0 : slot0 + B]
-        if prefill:
+        cache = seg.cache
+        kc, vc = cache.k[i][seg.slot0 : seg.slot0 + B], cache.v[i][seg.slot0 : seg.slot0 + B]
+        positions, lengths = seg.positions, seg.lengths
+        if seg.prefill:
             # Right-padded prompts: write all T positions; padding beyond a prompt's length is never
             # attended to (masked below and overwritten by the first decode step).
             kc[:, :, :T] = k
             vc[:, :, :T] = v
             S = T
-            key_pos = torch.arange(S, device=h.device)
+            key_pos = torch.arange(S, device=q.device)
             mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
         else:
-            idx = torch.arange(B, device=h.device)
+            idx = torch.arange(B, device=q.device)
             pos = positions[:, 0]
             kc[idx, :, pos] = k[:, :, 0]
             vc[idx, :, pos] = v[:, :, 0]
-            S = int(pos.max().item()) + 1
-            key_pos = torch.arange(S, device=h.device)
+            S = seg.max_pos + 1
+            key_pos = torch.arange(S, device=q.device)
             mask = (key_pos[None, :] <= pos[:, None])[:, None, :]
         attn = F.scaled_dot_product_attention(
             q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask[:, None, :, :], enable_gqa=nh != kvh
         )
-        h = h + F.linear(attn.transpose(1, 2).reshape(B, T, nh * d), w.wo)
-        x = self._rms(h, w.post_norm)
-        return h + F.linear(F.silu(F.linear(x, w.w_gate)) * F.linear(x, w.w_up), w.w_down)
-
-    def run_layers(
-        self,
-        h: torch.Tensor,
-        layers: range,
-        cache: KVCache,
-        positions: torch.Tensor,
-        lengths: torch.Tensor,
-        prefill: bool,
-        slot0: int = 0,
-    ) -> torch.Tensor:
-        """Run decoder layers `layers` on hidden states `h` [B, T, H] for KV slots slot0..slot0+B-1.
-
-        prefill: `positions` [B, T] are 0..T-1 and `lengths` [B] the real prompt lengths.
-        decode: T == 1, `positions` [B, 1] the position of each sequence's new token.
-        """
-        cos, sin = self._rope(positions)
-        for i in layers:
-            h = self._layer(i, h, cos, sin, cache, positions, lengths, prefill, slot0)
-        return h
+        return attn.transpose(1, 2).reshape(B * T, nh * d)
 
     @torch.inference_mode()
+    def forward_segments(self, segs: list[Segment]) -> list[torch.Tensor]:
+        """Run several segments in one pass, each through its own layer range and KV cache.
+
+        At every layer, the tokens of all segments that run it go through the linear layers
+        as one matrix, so a worker running its own full requests and stage work relayed from
+        other instances reads each weight once per step. Attention stays per segment (each has
+        its own cache). Returns per segment its hidden states [B, T, H], or with `head` the
+        logits [B, V] at each sequence's last real position.
+        """
+        H = self.cfg.hidden_size
+        hs: list[torch.Tensor] = []
+        for seg in segs:
+            if seg.ids is not None:
+                h = self.embed_tokens(seg.ids)
+            elif seg.hidden is not None:
+                h = seg.hidden.to(device=self.device, dtype=self.dtype)
+            else:
+                raise ValueError("a segment needs ids or hidden states")
+            seg.max_pos = int(seg.positions.max().item())
+            seg.cache.ensure(seg.max_pos + 1)
+            cos, sin = self._rope(seg.positions)
+            seg.rope = (cos.unsqueeze(1), sin.unsqueeze(1))
+            hs.append(h.reshape(-1, H))
+        lo = min((s.layers.start for s in segs if len(s.layers)), default=0)
+        hi = max((s.layers.stop for s in segs if len(s.layers)), default=0)
+        for i in range(lo, hi):
+            active = [j for j, s in enumerate(segs) if i in s.layers]
+            if not active:
+                continue
+            w = self.layers.get(i)
+            if w is None:
+                raise RuntimeError(f"layer {i} not loaded")
+            sizes = [hs[j].shape[0] for j in active]
+            x_in = hs[active[0]] if len(active) == 1 else torch.cat([hs[j] for j in active])
+            x = self._rms(x_in, w.input_norm)
+            q, k, v = F.linear(x, w.wq), F.linear(x, w.wk), F.linear(x, w.wv)
+            if len(active) == 1:
+                attn = self._attend(i, segs[active[0]], q, k, v)
+            else:
+                parts = zip(q.split(sizes), k.split(sizes), v.split(sizes), strict=True)
+                attn = torch.cat(
+                    [self._attend(i, segs[j], qq, kk, vv) for j, (qq, kk, vv) in zip(active, parts, strict=True)]
+                )
+            h = x_in + F.linear(attn, w.wo)
+            x = self._rms(h, w.post_norm)
+            h = h + F.linear(F.silu(F.linear(x, w.w_gate)) * F.linear(x, w.w_up), w.w_down)
+            if len(active) == 1:
+                hs[active[0]] = h
+            else:
+                for j, part in zip(active, h.split(sizes), strict=True):
+                    hs[j] = part
+        outs: list[torch.Tensor] = []
+        for seg, h in zip(segs, hs, strict=True):
+            B, T = seg.positions.shape
+            h3 = h.view(B, T, H)
+            if not seg.head:
+                outs.append(h3)
+                continue
+            if seg.prefill:
+                last = (seg.lengths - 1).clamp(min=0)
+                hl = h3[torch.arange(B, device=h3.device), last]
+            else:
+                hl = h3[:, -1]
+            outs.append(self.logits(hl))
+        return outs
+
     def forward(
         self,
         ids: torch.Tensor | None,
@@ -286,22 +342,8 @@ class LlamaModel:
     ) -> torch.Tensor:
         """One stage: embed (when given ids) → layers → head (when asked). Returns hidden states,
         or logits at each sequence's last real position when `head`."""
-        if ids is not None:
-            h = self.embed_tokens(ids)
-        elif hidden is not None:
-            h = hidden.to(device=self.device, dtype=self.dtype)
-        else:
-            raise ValueError("need ids or hidden states")
-        cache.ensure(int(positions.max().item()) + 1)
-        h = self.run_layers(h, layers, cache, positions, lengths, prefill, slot0)
-        if not head:
-            return h
-        if prefill:
-            last = (lengths - 1).clamp(min=0)
-            h = h[torch.arange(h.shape[0], device=h.device), last]
-        else:
-            h = h[:, -1]
-        return self.logits(h)
+        seg = Segment(layers, cache, positions, lengths, prefill, head, ids=ids, hidden=hidden, slot0=slot0)
+        return self.forward_segments([seg])[0]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
