@@ -8,6 +8,7 @@ with `MessageError`, so a service never acts on what it does not understand.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import types
 import typing
@@ -165,6 +166,8 @@ class Heartbeat:
     data_addr: str | None = None
     loading_mb_s: float = 0.0
     ts: float = 0.0
+    stage_addr: str | None = None  # where peers send activations of pipelined routes
+    stage_running: int = 0  # relayed stage sequences this worker computes for other drivers
 
 
 @message("layer_ready")
@@ -245,12 +248,26 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
+@message("route_stage")
+class RouteStage:
+    """One stage of a pipelined route: `worker_id` runs decoder layers [start, end); the first
+    stage also runs the embedding, the last the head. `stage_addr` is its stage link (host:port)."""
+
+    worker_id: str
+    start: int
+    end: int
+    stage_addr: str = ""
+
+
 @message("generate_request")
 class GenerateRequest:
     request_id: str
     model: str
     prompt_ids: list[int]
     params: SamplingParams
+    # Empty: the receiving worker runs the whole model. Otherwise the pinned pipeline; the request
+    # is sent to route[0], which drives it (owns the token loop).
+    route: list[RouteStage] = field(default_factory=list)
 
 
 @message("generate_batch")
@@ -326,6 +343,76 @@ class ScaleAck:
 class ScaleRequest:
     model: str
     replicas: int
+
+
+# --------------------------------------------------------------------------- load metrics
+
+# Latency histograms in metrics messages share these bucket upper bounds (ms): geometric, ratio
+# 2^(1/4) (each bucket about 19 % wide, so a percentile read back is within ~10 %), from 0.5 ms to
+# about 2 minutes. Fixed bounds make histograms from several gateways and intervals add up by
+# index, which raw percentiles cannot. Index len(LATENCY_BUCKETS_MS) is the overflow bucket.
+LATENCY_BUCKETS_MS: tuple[float, ...] = tuple(0.5 * 2 ** (i / 4) for i in range(72))
+
+
+def latency_bucket(ms: float) -> int:
+    """Index of the histogram bucket that counts a latency of `ms` milliseconds."""
+    return bisect.bisect_left(LATENCY_BUCKETS_MS, ms)
+
+
+@message("model_metrics")
+class ModelMetrics:
+    """Gateway → scaler, every metrics interval, one per model it saw traffic for (or still holds
+    requests of): what happened in (ts - interval_s, ts], plus gauges at ts.
+
+    `ttft_hist` / `itl_hist` count time-to-first-token and inter-token gaps per
+    `LATENCY_BUCKETS_MS` bucket; trailing empty buckets may be left out."""
+
+    gateway_id: str
+    model: str
+    seq: int = 0
+    ts: float = 0.0
+    interval_s: float = 1.0
+    arrivals: int = 0
+    completions: int = 0
+    errors: int = 0  # requests that ended with an error or were refused (429/503)
+    prompt_tokens: int = 0  # of the requests that arrived
+    generated_tokens: int = 0  # streamed to clients in the interval
+    running: int = 0  # gauge: placed on a worker, not finished
+    waiting: int = 0  # gauge: admitted, queued in the gateway (includes requests held for a model at zero)
+    ttft_hist: list[int] = field(default_factory=list)
+    itl_hist: list[int] = field(default_factory=list)
+    last_arrival_ts: float = 0.0  # wall time of the latest arrival so far (0 = none yet)
+
+
+@message("step_stat")
+class StepStat:
+    """Engine steps of one batch size in a metrics interval (the two-stage policy fits its
+    step-latency model on these)."""
+
+    batch: int
+    steps: int
+    total_ms: float
+    prefill_tokens: int = 0
+
+
+@message("instance_metrics")
+class InstanceMetrics:
+    """Worker → scaler, every metrics interval while it holds a model: its load and its engine
+    steps in (ts - interval_s, ts]."""
+
+    worker_id: str
+    model: str
+    seq: int = 0
+    ts: float = 0.0
+    interval_s: float = 1.0
+    state: WorkerState = "serving"
+    running: int = 0
+    waiting: int = 0
+    max_batch: int = 0  # the batch limit in force now (the two-stage policy may change it)
+    tokens_per_s: float = 0.0  # generated tokens/s over the interval
+    prompt_tokens: int = 0  # prefilled in the interval
+    generated_tokens: int = 0
+    steps: list[StepStat] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- mesh

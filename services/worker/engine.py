@@ -1,13 +1,27 @@
-"""The worker's execution engine: iteration-level (continuous) batching.
+"""The worker's execution engine: iteration-level (continuous) batching, with
+stage work for pipelined (partial-layer) routes batched into the same steps.
 
-Each `step()` first admits waiting sequences (one padded prefill for all of
-them, which also samples their first token), then runs one decode step for the
-whole running batch. Sequences join between steps and leave as soon as they
-finish, so a long request never holds a short one back.
+Three kinds of sequences live here:
 
-`step()` is synchronous torch work: the worker calls it in one dedicated
-executor thread. `submit()` and `cancel()` are called from the event loop
-thread; they only touch thread-safe deques, which `step()` drains.
+- **full**: this worker runs the embedding, every layer and the head. They sit
+  in KV slots 0..B-1 of one cache, kept contiguous (finished ones are
+  compacted out), so a decode step reads the cache as a view.
+- **driven**: the first stage of a pipelined route. This worker runs the
+  embedding and layers [0, k), sends the hidden states to the next stage, and
+  gets the sampled token back from the last stage. It owns the token loop:
+  detokenising, stop strings, max_tokens, events to the gateway, cancellation.
+- **relayed**: a later stage of somebody else's route. Hidden states come in,
+  this worker runs its layers (and the head and sampling when it is the last
+  stage) and sends the result on.
+
+Driven and relayed sequences each keep a one-slot KV cache over their own
+layers; they are few (they exist while an instance loads), and `step()` runs
+every segment in one `forward_segments` pass so a busy full instance reads
+each weight once per step for its own and the relayed work.
+
+`step()` is synchronous torch work, called in one dedicated executor thread.
+Everything else here is called from the event loop thread and only appends
+to thread-safe deques that `step()` drains.
 """
 
 from __future__ import annotations
@@ -16,23 +30,34 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from cascade.messages import SamplingParams, TokenEvent
+from cascade.messages import RouteStage, SamplingParams, TokenEvent
 from cascade.tokenizer import IncrementalDecoder, Tokenizer
-from services.worker.model import KVCache, LlamaModel, prefill_inputs
+from services.worker.model import KVCache, LlamaModel, Segment, prefill_inputs
 from services.worker.sampling import sample_next
+
+
+def _generator(params: SamplingParams) -> torch.Generator | None:
+    if params.temperature == 0:
+        return None
+    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator().manual_seed(seed)
 
 
 @dataclass(slots=True)
 class Sequence:
+    """A request this worker drives (full, or the first stage of a route)."""
+
     request_id: str
     gateway_id: str
     prompt: list[int]
     params: SamplingParams
     decoder: IncrementalDecoder
     generator: torch.Generator | None
+    route: list[RouteStage] = field(default_factory=list)  # empty: full
     generated: list[int] = field(default_factory=list)
     slot: int = -1
     held: str = ""  # text held back because it may be the start of a stop string
@@ -40,9 +65,12 @@ class Sequence:
     finish: str | None = None
     stop_hit: bool = False
     error: str | None = None
-    first_token_at: float = 0.0
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
+    # driven only
+    cache: KVCache | None = None
+    next_ids: list[int] | None = None  # input of the next stage-0 pass; None while awaiting a token
+    prefilled: bool = False
 
     @property
     def length(self) -> int:
@@ -50,21 +78,57 @@ class Sequence:
 
 
 @dataclass(slots=True)
+class Relayed:
+    """Stage work for a route another worker drives."""
+
+    request_id: str
+    driver: RouteStage
+    route: list[RouteStage]
+    index: int  # this worker's stage in the route
+    cache: KVCache
+    params: SamplingParams
+    generator: torch.Generator | None
+    inputs: collections.deque[tuple[bool, int, torch.Tensor]] = field(default_factory=collections.deque)
+    length: int = 0
+    last_prefill: bool = False  # whether the input being computed is the prompt
+
+    @property
+    def stage(self) -> RouteStage:
+        return self.route[self.index]
+
+    @property
+    def last(self) -> bool:
+        return self.index == len(self.route) - 1
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A stage-link frame to send: header fields and an optional tensor."""
+
+    to: RouteStage
+    header: dict[str, Any]
+    tensor: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
 class StepResult:
     events: list[tuple[str, TokenEvent]]  # (gateway id, event)
+    outbox: list[Outgoing]
     batch_size: int
     prefilled: int
     decoded: int
+    relayed: int
 
 
 @dataclass(slots=True)
 class EngineStats:
     steps: int = 0
     tokens: int = 0
+    relayed_steps: int = 0
     batch_hist: collections.Counter[int] = field(default_factory=collections.Counter)
     max_batch_seen: int = 0
-    finished: collections.Counter[str] = field(default_factory=collections.Counter)
     tokens_per_s: float = 0.0
+    finished: collections.Counter[str] = field(default_factory=collections.Counter)
     _window: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
 
     def record(self, batch: int, tokens: int, now: float) -> None:
@@ -87,35 +151,49 @@ class Engine:
         tokenizer: Tokenizer,
         max_batch: int = 32,
         max_prefill_tokens: int = 4096,
+        worker_id: str = "",
     ) -> None:
-        if not model.is_complete():
-            raise ValueError("the engine needs every unit of the model")
         self.model = model
         self.tok = tokenizer
+        self.worker_id = worker_id
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         self.cfg = model.cfg
-        L = self.cfg.num_hidden_layers
-        self.layers = range(L)
-        self.cache = KVCache(self.cfg, self.layers, max_batch, model.device, model.dtype)
-        self.running: list[Sequence] = []  # index == KV slot
+        self.L = self.cfg.num_hidden_layers
+        self._cache: KVCache | None = None  # the full sequences' cache, made when the first one comes
+        self.running: list[Sequence] = []  # full sequences; index == KV slot
         self.waiting: collections.deque[Sequence] = collections.deque()
+        self.driven: dict[str, Sequence] = {}
+        self.relayed: dict[str, Relayed] = {}
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._cancels: collections.deque[str] = collections.deque()
+        self._stage_in: collections.deque[tuple[dict[str, Any], torch.Tensor | None]] = collections.deque()
         self._eos = set(tokenizer.eos_ids) | set(self.cfg.eos_ids)
         self.stats = EngineStats()
 
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            self._cache = KVCache(self.cfg, range(self.L), self.max_batch, self.model.device, self.model.dtype)
+        return self._cache
+
     # ------------------------------------------------------------ loop-thread API
-    def submit(self, request_id: str, gateway_id: str, prompt: list[int], params: SamplingParams) -> None:
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        gen = None if params.temperature == 0 else torch.Generator().manual_seed(seed)
+    def submit(
+        self,
+        request_id: str,
+        gateway_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        route: list[RouteStage] | None = None,
+    ) -> None:
         seq = Sequence(
             request_id=request_id,
             gateway_id=gateway_id,
             prompt=list(prompt),
             params=params,
             decoder=IncrementalDecoder(self.tok),
-            generator=gen,
+            generator=_generator(params),
+            route=list(route or []) if route and len(route) > 1 else [],
             max_stop=max((len(s) for s in params.stop), default=0),
         )
         self._inbox.append(seq)
@@ -123,33 +201,293 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._cancels.append(request_id)
 
+    def stage_message(self, header: dict[str, Any], tensor: torch.Tensor | None) -> None:
+        """A frame from the stage link (input for a relayed sequence, a token for a driven one, a close)."""
+        self._stage_in.append((header, tensor))
+
+    def peer_failed(self, worker_id: str, reason: str) -> None:
+        """The stage link to `worker_id` broke: its routes cannot go on."""
+        self._stage_in.append(({"kind": "peer_failed", "worker": worker_id, "reason": reason}, None))
+
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._inbox or self._cancels)
+        """Something a step would compute or finish now."""
+        return bool(
+            self.running
+            or self.waiting
+            or self._inbox
+            or self._cancels
+            or self._stage_in
+            or any(s.next_ids is not None for s in self.driven.values())
+            or any(r.inputs for r in self.relayed.values())
+        )
+
+    def in_flight(self) -> int:
+        """Sequences alive here in any role (drain waits for zero)."""
+        return len(self.running) + len(self.waiting) + len(self._inbox) + len(self.driven) + len(self.relayed)
 
     def load(self) -> tuple[int, int]:
         """(running, waiting): read from the event loop for heartbeats and admission."""
-        return len(self.running), len(self.waiting) + len(self._inbox)
+        return len(self.running) + len(self.driven), len(self.waiting) + len(self._inbox)
 
     # ------------------------------------------------------------ executor-thread API
     def step(self) -> StepResult:
         events: list[tuple[str, TokenEvent]] = []
+        outbox: list[Outgoing] = []
         while self._inbox:
-            self.waiting.append(self._inbox.popleft())
-        self._apply_cancels(events)
-        prefilled = self._admit()
+            seq = self._inbox.popleft()
+            if seq.route:
+                self._start_driven(seq)
+            else:
+                self.waiting.append(seq)
+        self._apply_cancels(events, outbox)
+        self._apply_stage_messages(events, outbox)
+
+        segs: list[Segment] = []
+        jobs: list[tuple[str, Any]] = []
+        old = len(self.running)
+        if old:
+            segs.append(self._decode_segment())
+            jobs.append(("decode", None))
+        new = self._admit()
+        if new:
+            ids, pos, lens = prefill_inputs([s.prompt for s in new], self.model.device)
+            segs.append(Segment(range(self.L), self.cache, pos, lens, True, True, ids=ids, slot0=old))
+            jobs.append(("prefill", new))
+        for seq in self.driven.values():
+            if seq.next_ids is not None and seq.finish is None:
+                segs.append(self._driven_segment(seq))
+                jobs.append(("driven", seq))
+        for rel in self.relayed.values():
+            if rel.inputs:
+                segs.append(self._relayed_segment(rel))
+                jobs.append(("relayed", rel))
         batch = len(self.running)
-        # Sequences that finished on their first token leave before the decode step computes them.
-        self._retire_finished(events)
-        decoded = self._decode() if self.running else 0
-        self._retire_finished(events)
-        for seq in self.running:
+        relayed = sum(1 for k, _ in jobs if k == "relayed")
+        decoded = 0
+        if segs:
+            try:
+                outs = self.model.forward_segments(segs)
+            except (RuntimeError, ValueError) as e:
+                self._fail_step(jobs, f"step failed: {e}")
+                outs = []
+            for (kind, obj), out in zip(jobs, outs, strict=False):
+                if kind == "decode":
+                    self._accept_sampled(self.running[:old], out)
+                    decoded += old
+                elif kind == "prefill":
+                    self._accept_sampled(obj, out)
+                elif kind == "driven":
+                    self._send_driven(obj, out, outbox)
+                else:
+                    self._finish_relayed(obj, out, outbox)
+        self._retire_finished(events, outbox)
+        for seq in [*self.running, *self.driven.values()]:
             if seq.pending_ids:
                 events.append((seq.gateway_id, TokenEvent(seq.request_id, seq.pending_ids, seq.pending_text)))
                 seq.pending_ids, seq.pending_text = [], ""
-        self.stats.record(batch, prefilled + decoded, time.monotonic())
-        return StepResult(events=events, batch_size=batch, prefilled=prefilled, decoded=decoded)
+        self.stats.record(batch + relayed, len(new) + decoded, time.monotonic())
+        self.stats.relayed_steps += relayed
+        return StepResult(events, outbox, batch, len(new), decoded, relayed)
 
-    def _apply_cancels(self, events: list[tuple[str, TokenEvent]]) -> None:
+    # ------------------------------------------------------------ full sequences
+    def _admit(self) -> list[Sequence]:
+        """Take as many waiting sequences as fit (batch slots and a prefill token budget)."""
+        new: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        while self.waiting and len(self.running) + len(new) < self.max_batch:
+            seq = self.waiting[0]
+            if new and len(seq.prompt) > budget:
+                break
+            self.waiting.popleft()
+            budget -= len(seq.prompt)
+            new.append(seq)
+        for k, seq in enumerate(new):
+            seq.slot = len(self.running) + k
+        self.running.extend(new)
+        return new
+
+    def _decode_segment(self) -> Segment:
+        dev = self.model.device
+        last = torch.tensor([[s.generated[-1] if s.generated else s.prompt[-1]] for s in self.running])
+        positions = torch.tensor([[s.length - 1] for s in self.running])
+        return Segment(
+            range(self.L),
+            self.cache,
+            positions.to(dev),
+            (positions[:, 0] + 1).to(dev),
+            False,
+            True,
+            ids=last.to(dev),
+        )
+
+    def _accept_sampled(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        toks = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, tok in zip(seqs, toks, strict=True):
+            self._accept_token(seq, tok)
+
+    def _accept_token(self, seq: Sequence, tok: int) -> None:
+        if seq.finish is not None:
+            return
+        if tok in self._eos and not seq.params.ignore_eos:
+            seq.finish = "stop"
+            return
+        seq.generated.append(tok)
+        seq.pending_ids.append(tok)
+        self._push_text(seq, seq.decoder.push([tok]))
+        if seq.finish is None and len(seq.generated) >= seq.params.max_tokens:
+            seq.finish = "length"
+        if seq.finish is None and seq.length >= self.cfg.max_position_embeddings:
+            seq.finish = "length"
+
+    # ------------------------------------------------------------ driven (first stage)
+    def _start_driven(self, seq: Sequence) -> None:
+        first = seq.route[0]
+        seq.cache = KVCache(self.cfg, range(first.start, first.end), 1, self.model.device, self.model.dtype, 64)
+        seq.next_ids = list(seq.prompt)
+        self.driven[seq.request_id] = seq
+
+    def _driven_segment(self, seq: Sequence) -> Segment:
+        assert seq.next_ids is not None and seq.cache is not None
+        dev = self.model.device
+        first = seq.route[0]
+        if not seq.prefilled:
+            ids, pos, lens = prefill_inputs([seq.next_ids], dev)
+            return Segment(range(first.start, first.end), seq.cache, pos, lens, True, False, ids=ids)
+        p = seq.length - 1
+        return Segment(
+            range(first.start, first.end),
+            seq.cache,
+            torch.tensor([[p]], device=dev),
+            torch.tensor([p + 1], device=dev),
+            False,
+            False,
+            ids=torch.tensor([seq.next_ids], device=dev),
+        )
+
+    def _send_driven(self, seq: Sequence, hidden: torch.Tensor, outbox: list[Outgoing]) -> None:
+        header: dict[str, Any] = {
+            "kind": "input",
+            "request_id": seq.request_id,
+            "prefill": not seq.prefilled,
+            "pos": seq.length - 1,
+            "sent_at": time.time(),
+        }
+        if not seq.prefilled:
+            header["route"] = [_stage_dict(s) for s in seq.route]
+            header["index"] = 1
+            header["params"] = _params_dict(seq.params)
+        seq.prefilled = True
+        seq.next_ids = None  # wait for the token from the last stage
+        outbox.append(Outgoing(seq.route[1], header, hidden))
+
+    # ------------------------------------------------------------ relayed (later stages)
+    def _relayed_segment(self, rel: Relayed) -> Segment:
+        prefill, pos, hidden = rel.inputs.popleft()
+        rel.last_prefill = prefill
+        dev = self.model.device
+        st = rel.stage
+        if prefill:
+            T = hidden.shape[1]
+            rel.length = T
+            return Segment(
+                range(st.start, st.end),
+                rel.cache,
+                torch.arange(T, device=dev).unsqueeze(0),
+                torch.tensor([T], device=dev),
+                True,
+                rel.last,
+                hidden=hidden,
+            )
+        rel.length = pos + 1
+        return Segment(
+            range(st.start, st.end),
+            rel.cache,
+            torch.tensor([[pos]], device=dev),
+            torch.tensor([pos + 1], device=dev),
+            False,
+            rel.last,
+            hidden=hidden,
+        )
+
+    def _finish_relayed(self, rel: Relayed, out: torch.Tensor, outbox: list[Outgoing]) -> None:
+        if rel.last:
+            tok = sample_next(out, [rel.params], [rel.generator])[0]
+            outbox.append(Outgoing(rel.driver, {"kind": "token", "request_id": rel.request_id, "token": tok}))
+            return
+        header = {
+            "kind": "input",
+            "request_id": rel.request_id,
+            "prefill": rel.last_prefill,
+            "pos": rel.length - 1,
+            "sent_at": time.time(),
+            "route": [_stage_dict(s) for s in rel.route],
+            "index": rel.index + 1,
+            "params": _params_dict(rel.params),
+        }
+        outbox.append(Outgoing(rel.route[rel.index + 1], header, out))
+
+    # ------------------------------------------------------------ stage messages
+    def _apply_stage_messages(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
+        while self._stage_in:
+            h, tensor = self._stage_in.popleft()
+            kind = h.get("kind")
+            rid = str(h.get("request_id", ""))
+            if kind == "input":
+                self._stage_input(h, tensor, outbox)
+            elif kind == "token":
+                seq = self.driven.get(rid)
+                if seq is not None and seq.finish is None:
+                    self._accept_token(seq, int(h["token"]))
+                    if seq.finish is None:
+                        seq.next_ids = [int(h["token"])]
+            elif kind == "close":
+                self.relayed.pop(rid, None)
+            elif kind == "error":
+                seq = self.driven.get(rid)
+                if seq is not None and seq.finish is None:
+                    seq.finish, seq.error = "error", f"stage failed: {h.get('message', 'unknown')}"
+            elif kind == "peer_failed":
+                wid, why = str(h.get("worker")), str(h.get("reason"))
+                for seq in self.driven.values():
+                    if seq.finish is None and any(s.worker_id == wid for s in seq.route[1:]):
+                        seq.finish, seq.error = "error", f"stage worker {wid} failed: {why}"
+                for r in [r for r in self.relayed.values() if r.driver.worker_id == wid]:
+                    self.relayed.pop(r.request_id, None)
+
+    def _stage_input(self, h: dict[str, Any], tensor: torch.Tensor | None, outbox: list[Outgoing]) -> None:
+        rid = str(h["request_id"])
+        rel = self.relayed.get(rid)
+        if rel is None:
+            if not h.get("prefill"):
+                # A decode input for a request we do not hold (closed, or this worker restarted).
+                driver = RouteStage(**h["route"][0]) if h.get("route") else None
+                if driver is not None:
+                    outbox.append(Outgoing(driver, {"kind": "error", "request_id": rid, "message": "unknown request"}))
+                return
+            route = [RouteStage(**d) for d in h["route"]]
+            idx = int(h["index"])
+            st = route[idx]
+            params = SamplingParams(**h["params"])
+            missing = [i for i in range(st.start, st.end) if i not in self.model.layers]
+            if missing or (idx == len(route) - 1 and self.model.lm_head is None):
+                msg = f"worker {self.worker_id} lacks layers {missing[:3]} for stage [{st.start}, {st.end})"
+                outbox.append(Outgoing(route[0], {"kind": "error", "request_id": rid, "message": msg}))
+                return
+            rel = Relayed(
+                request_id=rid,
+                driver=route[0],
+                route=route,
+                index=idx,
+                cache=KVCache(self.cfg, range(st.start, st.end), 1, self.model.device, self.model.dtype, 64),
+                params=params,
+                generator=_generator(params),
+            )
+            self.relayed[rid] = rel
+        assert tensor is not None
+        rel.inputs.append((bool(h.get("prefill")), int(h.get("pos", 0)), tensor))
+
+    # ------------------------------------------------------------ endings
+    def _apply_cancels(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
         if not self._cancels:
             return
         ids = set()
@@ -163,79 +501,23 @@ class Engine:
             else:
                 kept.append(seq)
         self.waiting = kept
-        for seq in self.running:
+        for seq in [*self.running, *self.driven.values()]:
             if seq.request_id in ids and seq.finish is None:
                 seq.finish = "cancelled"
-        self._retire_finished(events)
+        self._retire_finished(events, outbox)
 
-    def _admit(self) -> int:
-        """Prefill as many waiting sequences as fit (slots and a prefill token budget)."""
-        new: list[Sequence] = []
-        budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) + len(new) < self.max_batch:
-            seq = self.waiting[0]
-            if new and len(seq.prompt) > budget:
-                break
-            self.waiting.popleft()
-            budget -= len(seq.prompt)
-            new.append(seq)
-        if not new:
-            return 0
-        slot0 = len(self.running)
-        for k, seq in enumerate(new):
-            seq.slot = slot0 + k
-        self.running.extend(new)
-        try:
-            ids, pos, lens = prefill_inputs([s.prompt for s in new], self.model.device)
-            logits = self.model.forward(ids, None, self.layers, self.cache, pos, lens, True, True, slot0=slot0)
-            self._accept_tokens(new, logits)
-        except (RuntimeError, ValueError) as e:
-            for seq in new:
-                seq.finish, seq.error = "error", f"prefill failed: {e}"
-        now = time.monotonic()
-        for seq in new:
-            seq.first_token_at = now
-        return len(new)
-
-    def _decode(self) -> int:
-        # Batch row b is KV slot b: the running list is kept compact, so the cache is read as a view.
-        B = len(self.running)
-        last = torch.tensor([[s.generated[-1] if s.generated else s.prompt[-1]] for s in self.running])
-        positions = torch.tensor([[s.length - 1] for s in self.running])
-        lengths = positions[:, 0] + 1
-        try:
-            logits = self.model.forward(
-                last.to(self.model.device),
-                None,
-                self.layers,
-                self.cache,
-                positions.to(self.model.device),
-                lengths.to(self.model.device),
-                False,
-                True,
-            )
-        except (RuntimeError, ValueError) as e:
-            for seq in self.running:
-                seq.finish, seq.error = "error", f"decode failed: {e}"
-            return 0
-        self._accept_tokens(self.running, logits)
-        return B
-
-    def _accept_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        toks = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, tok in zip(seqs, toks, strict=True):
-            if seq.finish is not None:
-                continue
-            if tok in self._eos and not seq.params.ignore_eos:
-                seq.finish = "stop"
-                continue
-            seq.generated.append(tok)
-            seq.pending_ids.append(tok)
-            self._push_text(seq, seq.decoder.push([tok]))
-            if seq.finish is None and len(seq.generated) >= seq.params.max_tokens:
-                seq.finish = "length"
-            if seq.finish is None and seq.length >= self.cfg.max_position_embeddings:
-                seq.finish = "length"
+    def _fail_step(self, jobs: list[tuple[str, Any]], reason: str) -> None:
+        for kind, obj in jobs:
+            if kind == "decode":
+                for seq in self.running:
+                    seq.finish, seq.error = "error", reason
+            elif kind == "prefill":
+                for seq in obj:
+                    seq.finish, seq.error = "error", reason
+            elif kind == "driven":
+                obj.finish, obj.error = "error", reason
+            else:
+                self.relayed.pop(obj.request_id, None)
 
     def _push_text(self, seq: Sequence, delta: str) -> None:
         if not seq.params.stop:
@@ -278,8 +560,9 @@ class Engine:
         seq.pending_ids, seq.pending_text, seq.held = [], "", ""
         return ev
 
-    def _retire_finished(self, events: list[tuple[str, TokenEvent]]) -> None:
-        """Send final events for finished sequences and compact them out of the KV slots."""
+    def _retire_finished(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
+        """Final events for finished sequences; full ones are compacted out of the KV slots,
+        driven ones tell their later stages to free theirs."""
         for i in range(len(self.running) - 1, -1, -1):
             seq = self.running[i]
             if seq.finish is None:
@@ -292,16 +575,38 @@ class Engine:
                 moved.slot = i
                 self.running[i] = moved
             self.running.pop()
+        for seq in [s for s in self.driven.values() if s.finish is not None]:
+            events.append((seq.gateway_id, self._final_event(seq)))
+            del self.driven[seq.request_id]
+            for st in seq.route[1:]:
+                outbox.append(Outgoing(st, {"kind": "close", "request_id": seq.request_id}))
 
     def drain_all(self, reason: str) -> list[tuple[str, TokenEvent]]:
         """End every sequence (worker shutting down): each gets a final event with the error."""
         events: list[tuple[str, TokenEvent]] = []
         while self._inbox:
             self.waiting.append(self._inbox.popleft())
-        for seq in [*self.running, *self.waiting]:
+        for seq in [*self.running, *self.waiting, *self.driven.values()]:
             if seq.finish is None:
                 seq.finish, seq.error = "error", reason
             events.append((seq.gateway_id, self._final_event(seq)))
         self.running.clear()
         self.waiting.clear()
+        self.driven.clear()
+        self.relayed.clear()
         return events
+
+
+def _stage_dict(s: RouteStage) -> dict[str, Any]:
+    return {"worker_id": s.worker_id, "start": s.start, "end": s.end, "stage_addr": s.stage_addr}
+
+
+def _params_dict(p: SamplingParams) -> dict[str, Any]:
+    return {
+        "max_tokens": p.max_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "seed": p.seed,
+        "stop": list(p.stop),
+        "ignore_eos": p.ignore_eos,
+    }

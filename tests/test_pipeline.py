@@ -1,0 +1,142 @@
+"""Pipelined (partial-layer) execution between engines: for every split point the tokens
+equal the whole model's, for prefill and decode, with the downstream stage batching relayed
+work together with its own requests. Frames cross the real stage-link encoding."""
+
+from __future__ import annotations
+
+import pytest
+
+from cascade.checkpoint import Checkpoint, generate_model
+from cascade.config import GenerateSpec
+from cascade.messages import RouteStage, SamplingParams, TokenEvent
+from cascade.stagewire import PREFIX_SIZE, decode_frame, encode_frame, split_prefix
+from cascade.tokenizer import ByteTokenizer
+from services.worker.engine import Engine, Outgoing
+from services.worker.model import LlamaModel
+
+SPEC = GenerateSpec(layers=4, hidden=64, heads=4, kv_heads=2, vocab=320, seed=21)
+tok = ByteTokenizer()
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+PROMPTS = ["partial routes", "x", "layer by layer, the new instance helps"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    d = tmp_path_factory.mktemp("model")
+    generate_model(d, SPEC)
+    return Checkpoint(d)
+
+
+def model(ck: Checkpoint, units: range) -> LlamaModel:
+    m = LlamaModel(ck.config)
+    for u in units:
+        m.load_unit(u, ck.unit_tensors(u))
+    return m
+
+
+def wire(o: Outgoing) -> tuple[dict, object]:
+    parts = encode_frame(o.header, o.tensor)
+    raw = b"".join(bytes(p) for p in parts)
+    hlen, _ = split_prefix(raw[:PREFIX_SIZE])
+    return decode_frame(raw[PREFIX_SIZE : PREFIX_SIZE + hlen], raw[PREFIX_SIZE + hlen :])
+
+
+def run_mesh(engines: dict[str, Engine], max_steps: int = 2000) -> dict[str, list[TokenEvent]]:
+    """Step every engine in turn, delivering stage frames, until none has work."""
+    out: dict[str, list[TokenEvent]] = {}
+    for _ in range(max_steps):
+        busy = False
+        for e in engines.values():
+            if not e.has_work():
+                continue
+            busy = True
+            r = e.step()
+            for _, ev in r.events:
+                out.setdefault(ev.request_id, []).append(ev)
+            for o in r.outbox:
+                if o.to.worker_id in engines:  # frames to a worker that is gone are lost, as on a real link
+                    h, t = wire(o)
+                    engines[o.to.worker_id].stage_message(h, t)  # type: ignore[arg-type]
+        if not busy:
+            return out
+    raise AssertionError("pipeline did not finish")
+
+
+def toks(evs: list[TokenEvent]) -> list[int]:
+    return [t for e in evs for t in e.token_ids]
+
+
+def whole_tokens(ck: Checkpoint) -> dict[str, list[int]]:
+    e = Engine(model(ck, range(ck.config.num_units)), tok)
+    for p in PROMPTS:
+        e.submit(p, "g", tok.encode(p), GREEDY)
+    return {p: toks(v) for p, v in run_mesh({"F": e}).items()}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_every_split_point_gives_the_whole_models_tokens(ckpt: Checkpoint, k: int) -> None:
+    L = ckpt.config.num_hidden_layers
+    expect = whole_tokens(ckpt)
+    # N holds only what it has loaded so far: the embedding and layers [0, k).
+    n = Engine(model(ckpt, range(0, k + 1)), tok, worker_id="N")
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")
+    route = [RouteStage("N", 0, k), RouteStage("F", k, L)]
+    for p in PROMPTS:
+        n.submit(p, "g", tok.encode(p), GREEDY, route=route)
+    got = run_mesh({"N": n, "F": f})
+    assert {p: toks(v) for p, v in got.items()} == expect
+    assert all(v[-1].finish_reason == "length" for v in got.values())
+    assert not f.relayed and not n.driven  # closes freed the stage state on both sides
+    assert f.stats.relayed_steps > 0
+
+
+def test_three_stages(ckpt: Checkpoint) -> None:
+    expect = whole_tokens(ckpt)
+    engines = {
+        "A": Engine(model(ckpt, range(0, 2)), tok, worker_id="A"),
+        "B": Engine(model(ckpt, range(2, 4)), tok, worker_id="B"),
+        "C": Engine(model(ckpt, range(4, ckpt.config.num_units)), tok, worker_id="C"),
+    }
+    route = [RouteStage("A", 0, 1), RouteStage("B", 1, 3), RouteStage("C", 3, 4)]
+    for p in PROMPTS:
+        engines["A"].submit(p, "g", tok.encode(p), GREEDY, route=route)
+    got = run_mesh(engines)
+    assert {p: toks(v) for p, v in got.items()} == expect
+
+
+def test_relayed_work_batches_with_own_requests(ckpt: Checkpoint) -> None:
+    L = ckpt.config.num_hidden_layers
+    expect = whole_tokens(ckpt)
+    n = Engine(model(ckpt, range(0, 3)), tok, worker_id="N")
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")
+    route = [RouteStage("N", 0, 2), RouteStage("F", 2, L)]
+    # F serves two prompts itself while relaying the third for N.
+    f.submit(PROMPTS[0], "g", tok.encode(PROMPTS[0]), GREEDY)
+    f.submit(PROMPTS[1], "g", tok.encode(PROMPTS[1]), GREEDY)
+    n.submit(PROMPTS[2], "g", tok.encode(PROMPTS[2]), GREEDY, route=route)
+    got = run_mesh({"N": n, "F": f})
+    assert {p: toks(v) for p, v in got.items()} == expect
+    # Some of F's steps computed its own batch and a relayed sequence together.
+    assert any(b >= 3 for b in f.stats.batch_hist)
+
+
+def test_stage_missing_layers_fails_the_request_clearly(ckpt: Checkpoint) -> None:
+    n = Engine(model(ckpt, range(0, 2)), tok, worker_id="N")
+    f = Engine(model(ckpt, range(0, 3)), tok, worker_id="F")  # lacks layers 2.. and the head
+    route = [RouteStage("N", 0, 1), RouteStage("F", 1, ckpt.config.num_hidden_layers)]
+    n.submit("r", "g", tok.encode("hello"), GREEDY, route=route)
+    got = run_mesh({"N": n, "F": f})
+    assert got["r"][-1].finish_reason == "error"
+    assert "lacks layers" in (got["r"][-1].error or "")
+
+
+def test_peer_failure_ends_driven_requests(ckpt: Checkpoint) -> None:
+    n = Engine(model(ckpt, range(0, 3)), tok, worker_id="N")
+    route = [RouteStage("N", 0, 2), RouteStage("F", 2, ckpt.config.num_hidden_layers)]
+    n.submit("r", "g", tok.encode("hello"), GREEDY, route=route)
+    r = n.step()
+    assert r.outbox and r.outbox[0].to.worker_id == "F"
+    n.peer_failed("F", "connection reset")
+    got = run_mesh({"N": n})
+    assert got["r"][-1].finish_reason == "error" and "F failed" in (got["r"][-1].error or "")
+    assert not n.driven
