@@ -37,6 +37,7 @@ from cascade.messages import (
     Ok,
     Rejection,
     RemoteError,
+    RouteStage,
     ServiceReady,
     ServiceStatus,
     SnapshotRequest,
@@ -53,6 +54,7 @@ from cascade.subjects import Subjects, check_token
 from cascade.tokenizer import load_tokenizer
 from services.worker.engine import Engine
 from services.worker.model import LlamaModel, pick_device
+from services.worker.stagelink import StageLink
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,6 +93,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="heartbeat interval in seconds (env CASCADE_HEARTBEAT_S, default 1.0)",
     )
     p.add_argument(
+        "--load-mb-s",
+        type=float,
+        default=env_float("CASCADE_LOAD_MB_S", 0.0),
+        help="cap disk loads at this bandwidth, to emulate an SSD (env CASCADE_LOAD_MB_S; 0 = uncapped)",
+    )
+    p.add_argument(
+        "--stage-host",
+        default=env_str("CASCADE_STAGE_HOST", "127.0.0.1"),
+        help="address the stage link (activations of pipelined routes) listens on (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--stage-port", type=int, default=env_int("CASCADE_STAGE_PORT", 0), help="stage link port (default: free)"
+    )
+    p.add_argument(
+        "--advertise-host",
+        default=os.environ.get("CASCADE_ADVERTISE_HOST"),
+        help="host name peers use to reach this worker (default: the listen address; set in containers)",
+    )
+    p.add_argument(
         "--drain-timeout-s",
         type=float,
         default=env_float("CASCADE_DRAIN_TIMEOUT_S", 10.0),
@@ -125,6 +146,10 @@ class WorkerConfig:
         device: str = "auto",
         heartbeat_s: float = 1.0,
         drain_timeout_s: float = 10.0,
+        stage_host: str = "127.0.0.1",
+        stage_port: int = 0,
+        advertise_host: str | None = None,
+        load_mb_s: float = 0.0,
     ) -> None:
         if threads < 1 or max_batch < 1 or max_waiting < 0 or heartbeat_s <= 0:
             raise ConfigError("--threads and --max-batch must be >= 1, --heartbeat-s > 0")
@@ -137,6 +162,10 @@ class WorkerConfig:
         self.device = device
         self.heartbeat_s = heartbeat_s
         self.drain_timeout_s = drain_timeout_s
+        self.stage_host = stage_host
+        self.stage_port = stage_port
+        self.advertise_host = advertise_host
+        self.load_mb_s = load_mb_s
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> WorkerConfig:
@@ -152,6 +181,10 @@ class WorkerConfig:
             device=a.device,
             heartbeat_s=a.heartbeat_s,
             drain_timeout_s=a.drain_timeout_s,
+            stage_host=a.stage_host,
+            stage_port=a.stage_port,
+            advertise_host=a.advertise_host,
+            load_mb_s=a.load_mb_s,
         )
 
 
@@ -177,6 +210,14 @@ class WorkerService:
         self.load_bytes = 0
         self.load_mb_s = 0.0
         self._load_task: asyncio.Task[None] | None = None
+        self.link = StageLink(
+            self._on_stage_frame,
+            self._on_peer_failed,
+            host=cfg.stage_host,
+            port=cfg.stage_port,
+            advertise_host=cfg.advertise_host,
+            logger=self.log,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     async def main(self, stop: asyncio.Event | None = None) -> None:
@@ -186,6 +227,7 @@ class WorkerService:
         self.nc = nc = await connect(self.cfg.nats_url, name=f"cascade-worker-{self.cfg.worker_id}")
         s, w = self.subjects, self.cfg.worker_id
         try:
+            await self.link.start()
             await nc.subscribe(s.load(w), cb=handler(self.on_load, self.log))
             await nc.subscribe(s.unload(w), cb=handler(self.on_unload, self.log))
             await nc.subscribe(s.generate(w), cb=handler(self.on_generate, self.log))
@@ -205,6 +247,7 @@ class WorkerService:
             await self.shutdown()
         finally:
             await self.tasks.cancel_all()
+            await self.link.close()
             if not nc.is_closed:
                 await nc.drain()
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -214,15 +257,15 @@ class WorkerService:
         """Stop admitting; let running requests finish for a grace period; end the rest with an error."""
         self.state = "draining"
         await self.send_heartbeat()
-        if self.engine is not None and self.engine.has_work():
-            self.log.info("draining", running=self.engine.load())
+        if self.engine is not None and self.engine.in_flight():
+            self.log.info("draining", in_flight=self.engine.in_flight())
             try:
                 await asyncio.wait_for(self.idle.wait(), self.cfg.drain_timeout_s)
             except TimeoutError:
                 pass
         if self._load_task is not None:
             self._load_task.cancel()
-        if self.engine is not None and self.engine.has_work():
+        if self.engine is not None and self.engine.in_flight():
             # The engine thread may be mid-step; end the sequences from that thread.
             loop = asyncio.get_running_loop()
             events = await loop.run_in_executor(self.executor, self.engine.drain_all, "worker shutting down")
@@ -246,6 +289,8 @@ class WorkerService:
             host=socket.gethostname(),
             loading_mb_s=round(self.load_mb_s, 1),
             ts=time.time(),
+            stage_addr=self.link.addr or None,
+            stage_running=len(self.engine.relayed) if self.engine else 0,
         )
 
     async def send_heartbeat(self) -> None:
@@ -276,14 +321,19 @@ class WorkerService:
         if self.state != "idle":
             raise RemoteError("busy", f"worker {self.cfg.worker_id} is {self.state} with {self.model_name}")
         path = Path(req.path)
+        loop = asyncio.get_running_loop()
         try:
-            ckpt = await asyncio.get_running_loop().run_in_executor(self.executor, Checkpoint, path)
+            ckpt = await loop.run_in_executor(self.executor, Checkpoint, path)
+            tok = await loop.run_in_executor(self.executor, load_tokenizer, path)
         except (OSError, ValueError) as e:
             raise RemoteError("load_failed", f"{req.model}: {e}") from None
         self.state = "loading"
         self.model_name = req.model
         self.num_units = ckpt.config.num_units
         self.model = LlamaModel(ckpt.config, self.device)
+        # The engine exists from the first unit on: a loading instance serves as the first stage of
+        # pipelined routes for the layers it already holds.
+        self.engine = Engine(self.model, tok, max_batch=self.cfg.max_batch, worker_id=self.cfg.worker_id)
         self._load_task = self.tasks.spawn(self.load_from_disk(req, ckpt), f"load-{req.model}")
         self.log.info("load_started", model=req.model, path=str(path), decision=req.decision_id)
         return Ok(f"loading {req.model}")
@@ -303,10 +353,12 @@ class WorkerService:
                     return ckpt.unit_nbytes(u)
 
                 self.load_bytes += await loop.run_in_executor(self.executor, load_one)
+                if self.cfg.load_mb_s > 0:
+                    # Pace to the emulated disk: the unit is "read" when the bandwidth budget allows.
+                    due = self.load_started + self.load_bytes / (self.cfg.load_mb_s * 1e6)
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
                 self.load_mb_s = self.load_bytes / 1e6 / max(time.monotonic() - self.load_started, 1e-6)
                 await self.publish_ready(unit)
-            tok = await loop.run_in_executor(self.executor, load_tokenizer, Path(req.path))
-            self.engine = Engine(model, tok, max_batch=self.cfg.max_batch)
             if self.state == "loading":
                 self.state = "serving"
             self.log.info(
@@ -356,12 +408,12 @@ class WorkerService:
         rejected: list[Rejection] = []
         eng = self.engine
         for r in batch.requests:
-            why = self._reject_reason(r.model, len(r.prompt_ids), r.params.max_tokens, eng)
+            why = self._reject_reason(r.model, len(r.prompt_ids), r.route, eng)
             if why is not None:
                 rejected.append(Rejection(r.request_id, why[0], why[1]))
                 continue
             assert eng is not None
-            eng.submit(r.request_id, batch.gateway_id, r.prompt_ids, r.params)
+            eng.submit(r.request_id, batch.gateway_id, r.prompt_ids, r.params, route=r.route)
             accepted.append(r.request_id)
         if accepted:
             self.idle.clear()
@@ -369,14 +421,22 @@ class WorkerService:
         return BatchReply(accepted=accepted, rejected=rejected)
 
     def _reject_reason(
-        self, model: str, prompt_len: int, max_tokens: int, eng: Engine | None
+        self, model: str, prompt_len: int, route: list[RouteStage], eng: Engine | None
     ) -> tuple[str, str] | None:
         if self.state == "draining":
             return "draining", f"worker {self.cfg.worker_id} is draining"
-        if eng is None or self.state != "serving":
+        if eng is None or self.model is None or self.state not in ("serving", "loading"):
             return "not_ready", f"worker {self.cfg.worker_id} is {self.state}"
         if model != self.model_name:
             return "wrong_model", f"worker {self.cfg.worker_id} serves {self.model_name}, not {model}"
+        if len(route) > 1:
+            first = route[0]
+            if first.worker_id != self.cfg.worker_id or first.start != 0:
+                return "invalid", f"route must start at layer 0 on {self.cfg.worker_id}"
+            if not all(self.model.has_unit(u) for u in range(0, first.end + 1)):
+                return "not_ready", f"worker {self.cfg.worker_id} does not hold layers [0, {first.end}) yet"
+        elif self.state != "serving":
+            return "not_ready", f"worker {self.cfg.worker_id} is {self.state}"
         if prompt_len < 1:
             return "invalid", "empty prompt"
         ctx = eng.cfg.max_position_embeddings
@@ -400,11 +460,27 @@ class WorkerService:
             eng = self.engine
             if eng is None or not eng.has_work():
                 self.work.clear()
-                self.idle.set()
+                if eng is None or not eng.in_flight():
+                    self.idle.set()
                 continue
             result = await loop.run_in_executor(self.executor, eng.step)
+            for o in result.outbox:
+                await self.link.send(o.to, o.header, o.tensor)
             if result.events:
                 await self.publish_events(result.events, result.batch_size)
+
+    def _on_stage_frame(self, header: dict[str, Any], tensor: torch.Tensor | None) -> None:
+        if self.engine is None:
+            self.log.warning("stage_frame_without_model", kind=header.get("kind"))
+            return
+        self.engine.stage_message(header, tensor)
+        self.idle.clear()
+        self.work.set()
+
+    def _on_peer_failed(self, worker_id: str, reason: str) -> None:
+        if self.engine is not None:
+            self.engine.peer_failed(worker_id, reason)
+            self.work.set()
 
     async def publish_events(self, events: list[tuple[str, TokenEvent]], batch_size: int) -> None:
         assert self.nc is not None
@@ -441,6 +517,9 @@ class WorkerService:
             "loading_mb_s": hb.loading_mb_s,
             "device": str(self.device),
             "threads": self.cfg.threads,
+            "stage_addr": self.link.addr,
+            "stage_running": hb.stage_running,
+            "stage_link": self.link.stats.summary(),
         }
         if self.engine is not None:
             st = self.engine.stats
@@ -450,5 +529,6 @@ class WorkerService:
                 max_batch_seen=st.max_batch_seen,
                 batch_hist={str(k): v for k, v in sorted(st.batch_hist.items())},
                 finished=dict(st.finished),
+                relayed_steps=st.relayed_steps,
             )
         return ServiceStatus(service="worker", instance=self.cfg.worker_id, pid=os.getpid(), detail=detail)

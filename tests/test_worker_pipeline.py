@@ -1,0 +1,149 @@
+"""Two real worker services over a real nats-server: a pipelined route through a worker that
+is still loading (paced to an emulated slow disk) and a full one gives the whole model's tokens;
+a route made at k keeps working after the loading worker completes; a dead downstream stage
+fails the request with a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cascade.checkpoint import Checkpoint, generate_model
+from cascade.config import GenerateSpec
+from cascade.messages import (
+    BatchReply,
+    GenerateBatch,
+    GenerateRequest,
+    LayerReady,
+    LoadModel,
+    Ok,
+    RouteStage,
+    SamplingParams,
+    TokenEvents,
+    decode,
+)
+from cascade.natsutil import connect, request
+from cascade.subjects import Subjects
+from cascade.tokenizer import ByteTokenizer
+from services.worker.main import WorkerConfig, WorkerService
+from tests.waiting import wait_until
+
+SPEC = GenerateSpec(layers=6, hidden=64, heads=4, kv_heads=2, vocab=320, seed=9)
+tok = ByteTokenizer()
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("model")
+    generate_model(d, SPEC)
+    return d
+
+
+@pytest.fixture
+async def mesh(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIterator[dict[str, Any]]:
+    unit_mb = Checkpoint(model_dir).unit_nbytes(1) / 1e6
+    services = {
+        "full": WorkerService(WorkerConfig(nats_url, subjects.prefix, "full", heartbeat_s=0.2)),
+        # ~0.4 s per layer: slow enough to route through it half-loaded, fast enough for a test.
+        "new": WorkerService(WorkerConfig(nats_url, subjects.prefix, "new", heartbeat_s=0.2, load_mb_s=unit_mb / 0.4)),
+    }
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.main(stop)) for s in services.values()]
+    nc = await connect(nats_url, "test")
+    try:
+        await wait_until(lambda: all(s.link.addr for s in services.values()), what="stage links up")
+        yield {"nc": nc, "svc": services, "subjects": subjects}
+    finally:
+        await nc.drain()
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+
+
+async def collect(nc: Any, subjects: Subjects, gw: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+
+    async def on_tokens(m: Any) -> None:
+        for e in decode(m.data, TokenEvents).events:
+            out.setdefault(e.request_id, []).append(e)
+
+    await nc.subscribe(subjects.tokens(gw), cb=on_tokens)
+    return out
+
+
+def done(out: dict[str, list], rid: str) -> bool:
+    return bool(out.get(rid)) and out[rid][-1].finish_reason is not None
+
+
+def tokens(evs: list) -> list[int]:
+    return [t for e in evs for t in e.token_ids]
+
+
+async def test_route_through_a_loading_worker(mesh: dict[str, Any], model_dir: Path) -> None:
+    nc, s, svc = mesh["nc"], mesh["subjects"], mesh["svc"]
+    L = SPEC.layers
+    out = await collect(nc, s, "gw")
+    ready: list[LayerReady] = []
+
+    async def on_ready(m: Any) -> None:
+        ready.append(decode(m.data, LayerReady))
+
+    await nc.subscribe(s.ready("new"), cb=functools.partial(on_ready))
+    await request(nc, s.load("full"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+    await wait_until(lambda: svc["full"].state == "serving", what="full instance serving")
+
+    prompt = tok.encode("live scaling")
+    await request(nc, s.generate("full"), GenerateBatch("gw", [GenerateRequest("whole", "m", prompt, GREEDY)]),
+                  BatchReply, timeout=10)  # fmt: skip
+    await wait_until(lambda: done(out, "whole"), what="whole-model request")
+
+    await request(nc, s.load("new"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+    await wait_until(lambda: len(ready) >= 3, what="three units on the new instance")  # embedding + 2 layers
+    assert svc["new"].state == "loading"
+    k = len(ready) - 1
+    assert k < L
+    addr = {n: svc[n].link.addr for n in svc}
+    route = [RouteStage("new", 0, k, addr["new"]), RouteStage("full", k, L, addr["full"])]
+    req = GenerateRequest("split", "m", prompt, GREEDY, route=route)
+    reply = await request(nc, s.generate("new"), GenerateBatch("gw", [req]), BatchReply, timeout=10)
+    assert reply.accepted == ["split"], reply
+    await wait_until(lambda: done(out, "split"), what="pipelined request")
+    assert tokens(out["split"]) == tokens(out["whole"])
+    assert out["split"][-1].finish_reason == "length"
+    # A route asking for layers the new instance does not hold yet is refused, not half-run.
+    if k + 1 < L:
+        deeper = [RouteStage("new", 0, L - 1, addr["new"]), RouteStage("full", L - 1, L, addr["full"])]
+        r = await request(nc, s.generate("new"), GenerateBatch("gw", [GenerateRequest("deep", "m", prompt, GREEDY,
+                          route=deeper)]), BatchReply, timeout=10)  # fmt: skip
+        assert [x.code for x in r.rejected] in (["not_ready"], [])
+
+    # A route pinned at k keeps working after the new instance completes.
+    long = SamplingParams(max_tokens=60, ignore_eos=True)
+    await request(nc, s.generate("new"), GenerateBatch("gw", [GenerateRequest("pinned", "m", prompt, long,
+                  route=route)]), BatchReply, timeout=10)  # fmt: skip
+    await wait_until(lambda: svc["new"].state == "serving", what="new instance complete")
+    await wait_until(lambda: done(out, "pinned"), what="pinned request")
+    assert out["pinned"][-1].finish_reason == "length" and out["pinned"][-1].completion_tokens == 60
+    assert tokens(out["pinned"])[:16] == tokens(out["whole"])
+    link = svc["full"].link.stats
+    assert link.frames_in > 0 and link.latency_ms
+
+
+async def test_dead_downstream_stage_fails_the_request(mesh: dict[str, Any], model_dir: Path) -> None:
+    nc, s, svc = mesh["nc"], mesh["subjects"], mesh["svc"]
+    L = SPEC.layers
+    out = await collect(nc, s, "gw2")
+    await request(nc, s.load("new"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+    await wait_until(lambda: svc["new"].model is not None and svc["new"].model.has_unit(2), what="two units")
+    # Nobody listens at this address: the stage link cannot connect.
+    route = [RouteStage("new", 0, 1, svc["new"].link.addr), RouteStage("ghost", 1, L, "127.0.0.1:9")]
+    req = GenerateRequest("lost", "m", tok.encode("hello"), GREEDY, route=route)
+    await request(nc, s.generate("new"), GenerateBatch("gw2", [req]), BatchReply, timeout=10)
+    await wait_until(lambda: done(out, "lost"), what="failed request to end")
+    assert out["lost"][-1].finish_reason == "error"
+    assert "ghost" in (out["lost"][-1].error or "")
