@@ -348,8 +348,8 @@ class ScaleRequest:
 # --------------------------------------------------------------------------- load metrics
 
 # Latency histograms in metrics messages share these bucket upper bounds (ms): geometric, ratio
-# 2^(1/4) (each bucket about 19 % wide, so a percentile read back is within ~10 %), from 0.5 ms to
-# about 2 minutes. Fixed bounds make histograms from several gateways and intervals add up by
+# 2^(1/4) (each bucket about 19 % wide: a percentile read back is off by at most that), from
+# 0.5 ms to about 2 minutes. Fixed bounds make histograms from several gateways and intervals add up by
 # index, which raw percentiles cannot. Index len(LATENCY_BUCKETS_MS) is the overflow bucket.
 LATENCY_BUCKETS_MS: tuple[float, ...] = tuple(0.5 * 2 ** (i / 4) for i in range(72))
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 DEFAULT_PREFIX = "cascade"
+METRICS_ROLES = ("gateway", "worker")
 
 
 def check_token(name: str) -> str:
@@ -96,6 +97,18 @@ class Subjects:
     def scale_request(self) -> str:
         """Request/reply, operator (`cascade scale`) → scaler: set a model's replica target."""
         return f"{self.prefix}.scale.request"
+
+    # ---- load metrics ------------------------------------------------------
+    def metrics(self, role: str, sender_id: str) -> str:
+        """Gateway or worker → scaler: load signals every metrics interval (`ModelMetrics` from a
+        gateway, `InstanceMetrics` from a worker). Model names stay out of the subject because
+        they may hold '.'; the message names its model."""
+        if role not in METRICS_ROLES:
+            raise ValueError(f"metrics role must be one of {METRICS_ROLES}, got {role!r}")
+        return f"{self.prefix}.metrics.{role}.{check_token(sender_id)}"
+
+    def metrics_all(self) -> str:
+        return f"{self.prefix}.metrics.>"
 
     # ---- mesh-wide ---------------------------------------------------------
     def status(self) -> str:
