@@ -81,8 +81,10 @@ def _child(conn: mpc.Connection, chunk: int, egress_bps: float) -> None:
                 def forward_failed(reason: str, tid: str = tid) -> None:
                     emit("forward_failed", tid, reason, time.monotonic())
 
-                server.expect(order, ready, failed, on_complete=complete, on_forward_failed=forward_failed, have=have)
-                emit("armed", tid)
+                rec = server.expect(
+                    order, ready, failed, on_complete=complete, on_forward_failed=forward_failed, have=have
+                )
+                emit("armed", tid, rec.stats.reserve_s)
                 continue
             if cmd[0] == "disk":
                 tid, path, model, units, digest = cmd[1], cmd[2], cmd[3], cmd[4], bool(cmd[5])
@@ -112,6 +114,7 @@ class ReceiverProc:
     name: str
     chunk: int = 1 << 20
     egress_bps: float = 0.0
+    last_reserve_s: float = 0.0  # how long the last expect() took to reserve its unit buffers
 
     def start(self, ctx: Any = None) -> None:
         ctx = ctx or mp.get_context("spawn")
@@ -135,9 +138,10 @@ class ReceiverProc:
 
     def expect(self, order: TransferOrder, have: Iterable[int] = (), digest: bool = False) -> None:
         self.conn.send(("expect", encode(order), list(have), digest))
-        ev = self.next(30.0)
-        if ev != ("armed", order.transfer_id):
+        ev = self.next(600.0)
+        if ev[:2] != ("armed", order.transfer_id):
             raise RuntimeError(f"{self.name}: expected armed, got {ev}")
+        self.last_reserve_s = float(ev[2])
 
     def load_disk(self, transfer_id: str, path: str, model: str, units: list[int], digest: bool = False) -> None:
         self.conn.send(("disk", transfer_id, path, model, units, digest))
@@ -214,3 +218,78 @@ def collect(
                 continue
             events.append((by_conn[conn].name, ev))
     return events
+
+
+# --------------------------------------------------------------------------- machine limits
+
+
+def _raw_sink(conn: mpc.Connection, fresh: bool, ring_bytes: int) -> None:
+    """Receive one TCP stream as fast as the socket allows: into a touched ring buffer (the
+    socket's own limit) or into one fresh buffer of the whole size (what a receiver that
+    allocates per transfer also pays: first-touch page faults)."""
+    import socket
+
+    import numpy as np
+
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    conn.send(("addr", f"127.0.0.1:{ls.getsockname()[1]}"))
+    total = int(conn.recv())
+    ring = None if fresh else np.ones(ring_bytes, dtype=np.uint8)
+    conn.send(("ready",))  # the ring is touched: the timed stream starts after this
+    c, _ = ls.accept()
+    t0 = time.monotonic()
+    buf = np.empty(total, dtype=np.uint8) if fresh else ring
+    assert buf is not None
+    view = buf.data
+    pos, n = 0, len(view)
+    got_total = 0
+    while got_total < total:
+        if pos == n:
+            pos = 0
+        got = c.recv_into(view[pos : min(n, pos + (1 << 20))])
+        if not got:
+            break
+        pos += got
+        got_total += got
+    conn.send(("done", got_total, t0, time.monotonic()))
+    c.close()
+    ls.close()
+
+
+def raw_loopback(data: memoryview, fresh: bool, ring_bytes: int = 64 << 20, timeout_s: float = 600.0) -> float:
+    """Seconds to push `data` through one loopback TCP stream into another process."""
+    import socket
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_raw_sink, args=(child, fresh, ring_bytes), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(60):
+            raise TimeoutError("raw sink did not start")
+        _, addr = parent.recv()
+        parent.send(len(data))
+        if not parent.poll(60):
+            raise TimeoutError("raw sink did not get ready")
+        parent.recv()
+        host, port = addr.rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t0 = time.monotonic()
+            for i in range(0, len(data), 1 << 20):
+                s.sendall(data[i : i + (1 << 20)])
+        if not parent.poll(timeout_s):
+            raise TimeoutError("raw sink did not finish")
+        _, got, _, t_end = parent.recv()
+        if got != len(data):
+            raise RuntimeError(f"raw sink got {got} of {len(data)} bytes")
+        return float(t_end - t0)
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+        parent.close()

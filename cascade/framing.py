@@ -25,6 +25,7 @@ No torch here: the gateway may import this module cheaply.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import socket
 import struct
@@ -270,16 +271,18 @@ def recv_unit_body(
     buf: memoryview,
     on_chunk: Callable[[memoryview], None] | None = None,
     chunk: int = DEFAULT_CHUNK,
+    checksum: bool = True,
 ) -> int:
     """Receive a unit's tensor bytes into `buf` at `header.layout()` offsets; returns the unit's
     CRC-32 (over `header_bytes`, as read by `read_unit_header`, then the tensor bytes).
 
     `on_chunk` sees every received slice of `buf` as soon as it is in (a forwarder sends it on from
-    the same memory, so no second copy); the CRC is computed incrementally over the same slices."""
+    the same memory, so no second copy); the CRC is computed incrementally over the same slices,
+    unless `checksum` is False (then 0 is returned: the caller computes it from `on_chunk`)."""
     offsets, total = header.layout()
     if len(buf) < total:
         raise ValueError(f"unit {header.unit}: buffer of {len(buf)} bytes, need {total}")
-    crc = zlib.crc32(header_bytes)
+    crc = zlib.crc32(header_bytes) if checksum else 0
     for t, off in zip(header.tensors, offsets, strict=True):
         pos, end = off, off + t.nbytes
         while pos < end:
@@ -289,7 +292,8 @@ def recv_unit_body(
             piece = buf[pos : pos + got]
             if on_chunk is not None:
                 on_chunk(piece)
-            crc = zlib.crc32(piece, crc)
+            if checksum:
+                crc = zlib.crc32(piece, crc)
             pos += got
     return crc
 
@@ -303,21 +307,41 @@ def verify_crc(header: UnitHeader, computed: int, received: int) -> None:
 
 
 def iter_unit_frames(
-    unit: int, tensors: Sequence[tuple[TensorMeta, memoryview]], chunk: int = DEFAULT_CHUNK
+    unit: int,
+    tensors: Sequence[tuple[TensorMeta, memoryview]],
+    chunk: int = DEFAULT_CHUNK,
+    crc: int | None = None,
+    on_crc: Callable[[int], None] | None = None,
 ) -> Iterator[bytes | memoryview]:
-    """The pieces to send for one unit: header, the raw bytes in chunks (views, not copies), CRC."""
+    """The pieces to send for one unit: header, the raw bytes in chunks (views, not copies), CRC.
+
+    A known `crc` (from an earlier send of the same immutable bytes) saves a pass over the data;
+    otherwise it is computed on the way and handed to `on_crc` at the end."""
     header = UnitHeader(unit, tuple(m for m, _ in tensors))
     head = header.encode()
     yield head
-    crc = zlib.crc32(head)
+    running = zlib.crc32(head)
     for meta, data in tensors:
         if len(data) != meta.nbytes:
             raise ValueError(f"tensor {meta.name}: {len(data)} bytes, header says {meta.nbytes}")
         for i in range(0, len(data), chunk):
             piece = data[i : i + chunk]
-            crc = zlib.crc32(piece, crc)
+            if crc is None:
+                running = zlib.crc32(piece, running)
             yield piece
+    if crc is None:
+        crc = running
+        if on_crc is not None:
+            on_crc(crc)
     yield encode_crc(crc)
+
+
+def unit_frame_crc(unit: int, tensors: Sequence[tuple[TensorMeta, memoryview]]) -> int:
+    """The CRC `iter_unit_frames` would send for this unit (to fill a source's cache ahead)."""
+    crc = zlib.crc32(UnitHeader(unit, tuple(m for m, _ in tensors)).encode())
+    for _, data in tensors:
+        crc = zlib.crc32(data, crc)
+    return crc
 
 
 # --------------------------------------------------------------------------- transport
@@ -445,6 +469,10 @@ class UnitSource(Protocol):
     """Where a sender reads units from: raw bytes per tensor, in the unit's tensor order."""
 
     model: str
+    # CRC of each unit once computed: weights are immutable while held, so a source that heads
+    # several chains (or re-plans) checksums each unit once. Bytes changed under it would be
+    # caught by every receiver, never accepted.
+    crcs: dict[int, int]
 
     def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]: ...
 
@@ -455,6 +483,7 @@ class CheckpointSource:
     def __init__(self, ckpt: Checkpoint, model: str) -> None:
         self.ckpt = ckpt
         self.model = model
+        self.crcs: dict[int, int] = {}
 
     def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]:
         out = []
@@ -514,7 +543,10 @@ def send_units(
             if cancel is not None and cancel.is_set():
                 chan.sendall(encode_abort("cancelled by sender"))
                 raise TransferError("cancelled")
-            for piece in iter_unit_frames(u, source.unit(u), chunk):
+            frames = iter_unit_frames(
+                u, source.unit(u), chunk, crc=source.crcs.get(u), on_crc=functools.partial(source.crcs.__setitem__, u)
+            )
+            for piece in frames:
                 if limiter is not None and not limiter.acquire(len(piece), cancel):
                     raise TransferError("cancelled")
                 chan.sendall(piece)

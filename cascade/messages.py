@@ -233,6 +233,9 @@ class TransferOrder:
     path: str = ""
     # A receiver that sees no connection (or no progress) for this long gives up and reports it.
     timeout_s: float = 30.0
+    # Bytes of each unit in `units` (same order): a receiver reserves its buffers before the
+    # source starts, so page faults on fresh memory stay out of the transfer.
+    unit_nbytes: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- requests

@@ -49,10 +49,10 @@ def _read_all(data: bytes) -> dict[int, dict[str, bytes]]:
         uh, raw = read_unit_header(r, expect)
         offsets, total = uh.layout()
         buf = memoryview(bytearray(total))
-        seen: list[int] = []
-        crc = recv_unit_body(r, uh, raw, buf, on_chunk=lambda p, seen=seen: seen.append(len(p)), chunk=64)
+        seen: list[memoryview] = []
+        crc = recv_unit_body(r, uh, raw, buf, on_chunk=seen.append, chunk=64)
         verify_crc(uh, crc, read_crc(r)[0])
-        assert sum(seen) == uh.nbytes
+        assert sum(len(p) for p in seen) == uh.nbytes
         got[uh.unit] = {t.name: bytes(buf[o : o + t.nbytes]) for t, o in zip(uh.tensors, offsets, strict=True)}
     return got
 
@@ -66,7 +66,7 @@ def test_round_trip() -> None:
 
 
 def test_layout_aligned() -> None:
-    uh, _ = read_unit_header(io.BytesIO(next(iter(iter_unit_frames(1, _units()[1])))).readinto)  # type: ignore[arg-type]
+    uh, _ = read_unit_header(io.BytesIO(next(iter(iter_unit_frames(1, _units()[1])))).readinto)
     offsets, total = uh.layout()
     assert all(o % 64 == 0 for o in offsets)
     assert total >= uh.nbytes

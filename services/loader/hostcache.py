@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from cascade.checkpoint import Checkpoint
-from cascade.framing import CheckpointSource, TensorMeta, UnitHeader, UnitSource
+from cascade.framing import CheckpointSource, TensorMeta, UnitHeader, UnitSource, unit_frame_crc
 
 CacheMode = Literal["mmap", "copy"]
 
@@ -37,8 +37,6 @@ DEFAULT_KEEP_ALIVE_S = 300.0
 # Idle time after which a model nobody else holds is dropped: this copy is what makes a scale
 # from zero fast, so it is kept much longer.
 DEFAULT_KEEP_ALIVE_COLD_S = 3600.0
-
-_PAGE = 4096
 
 
 # --------------------------------------------------------------------------- policy
@@ -94,6 +92,7 @@ class BufferSource:
                     self.buf[base + off : base + off + meta.nbytes] = np.frombuffer(data, dtype=np.uint8)
         self._layout = layout
         self.nbytes = total
+        self.crcs: dict[int, int] = {}
 
     def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]:
         base, metas, offsets = self._layout[unit]
@@ -115,22 +114,20 @@ def _libc_mlock() -> Callable[[int, int], int] | None:
 
 
 def _touch_and_lock(src: UnitSource, num_units: int, lock: bool) -> tuple[int, bool]:
-    """Fault in every page of every tensor (reading one byte per page); mlock if asked and allowed.
-    Returns (bytes, locked)."""
+    """Read every byte once, computing each unit's CRC on the way (so no send pays for it and the
+    pages are faulted in); mlock if asked and allowed. Returns (bytes, locked)."""
     mlock = _libc_mlock() if lock else None
     locked = mlock is not None
     total = 0
     for u in range(num_units):
-        for meta, data in src.unit(u):
-            if not meta.nbytes:
-                continue
-            arr = np.frombuffer(data, dtype=np.uint8)
-            int(arr[::_PAGE].sum())  # the read is the point: it faults every page in
+        pieces = src.unit(u)
+        src.crcs[u] = unit_frame_crc(u, pieces)
+        for meta, data in pieces:
             total += meta.nbytes
-            if mlock is not None and locked:
+            if mlock is not None and locked and meta.nbytes:
                 # mlock needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK; without, touched pages still
                 # serve from RAM until memory pressure evicts them.
-                locked = mlock(arr.ctypes.data, meta.nbytes) == 0
+                locked = mlock(np.frombuffer(data, dtype=np.uint8).ctypes.data, meta.nbytes) == 0
     return total, locked
 
 
@@ -169,6 +166,8 @@ class HostCache:
             src: UnitSource
             if self.mode == "copy":
                 buf = BufferSource(ckpt, model)
+                for u in range(ckpt.config.num_units):
+                    buf.crcs[u] = unit_frame_crc(u, buf.unit(u))
                 src, nbytes, locked = buf, buf.nbytes, False
                 ckpt.close()
             else:

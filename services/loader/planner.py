@@ -316,17 +316,28 @@ def plan_orders(plan: TransferPlan, timeout_s: float = 30.0) -> dict[str, list[T
     n = plan.num_units
     for c in plan.chains:
         units = list(c.units)
+        sizes = [plan.unit_nbytes[u] for u in units]
         if c.source.kind == "disk":
             for h in c.targets:
                 out.setdefault(h.worker_id, []).append(
-                    TransferOrder(c.transfer_id, c.token, plan.model, "disk", units, n, path=plan.model_path)
+                    TransferOrder(
+                        c.transfer_id, c.token, plan.model, "disk", units, n, path=plan.model_path, unit_nbytes=sizes
+                    )
                 )
             continue
         for i, h in enumerate(c.targets):
             nxt = c.targets[i + 1].addr if i + 1 < len(c.targets) else None
             out.setdefault(h.worker_id, []).append(
                 TransferOrder(
-                    c.transfer_id, c.token, plan.model, "receive", units, n, downstream=nxt, timeout_s=timeout_s
+                    c.transfer_id,
+                    c.token,
+                    plan.model,
+                    "receive",
+                    units,
+                    n,
+                    downstream=nxt,
+                    timeout_s=timeout_s,
+                    unit_nbytes=sizes,
                 )
             )
         sender = c.source.worker_id or "host-cache"

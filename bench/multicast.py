@@ -1,0 +1,509 @@
+"""Multicast loading benchmark, phase 1: the parameter data plane alone, with real processes.
+
+For each model size and N receivers (separate processes, each a `DataPlaneServer` like a worker's),
+every loading mode moves the whole model and times, per receiver, the first unit ready, the first
+decoder layer ready and all units ready:
+
+  chain       the planner's multicast plan: one live holder → R1 → R2 → … (each forwards as it receives)
+  star        the same holder sends to every receiver itself, concurrently
+  host-cache  the loader's host cache (checkpoint mmap, pages touched) sends to every receiver
+  disk        every receiver reads the checkpoint itself (warm page cache; cold if it can be dropped)
+
+The live holder is emulated by the parent process holding the model in anonymous memory (the host
+cache's "copy" mode); the receivers keep what they received until the run ends, like a worker.
+In the same run, the machine's own limits: one raw loopback TCP stream of the same size (into a
+touched ring buffer, and into one fresh buffer) and a memcpy of the same size (fresh and warm).
+
+    python bench/multicast.py                     # full: ~0.5 GB and ~2 GB, N = 1, 2, 3
+    python bench/multicast.py --sizes 0.05,0.2    # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as a script: make the repository importable (and so the spawned receivers).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HIDDEN = 1024
+MODES = ("chain", "star", "host-cache", "disk")
+PLANNER_MODE = {"chain": "multicast", "star": "star", "host-cache": "host-cache", "disk": "disk", "disk-cold": "disk"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/multicast.py", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--sizes", default="0.5,2", help="model sizes in GB, comma-separated (default 0.5,2)")
+    p.add_argument("--receivers", default="1,2,3", help="receiver counts N (default 1,2,3)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    p.add_argument("--repeats", type=int, default=1, help="runs per configuration; the table shows the median")
+    p.add_argument("--chunk-mb", type=float, default=1.0, help="data-plane chunk size in MiB")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="where generated models live (default $CASCADE_HOME/bench-models)"
+    )
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "multicast.json")
+    p.add_argument("--no-cold", action="store_true", help="do not try to drop the page cache for a cold disk run")
+    p.add_argument(
+        "--link-gbps",
+        type=float,
+        default=0.0,
+        help="also run chain and star with every process's egress limited to this many GB/s (an emulated NIC)",
+    )
+    p.add_argument("--timeout", type=float, default=600.0, help="per-run timeout in seconds")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def machine() -> dict[str, Any]:
+    mem_kb = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1e6, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "bench", "cascade", "services"], cwd=REPO, capture_output=True, text=True
+        )
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def ensure_model(cache_dir: Path, gb: float) -> Path:
+    from cascade.checkpoint import generate_model, is_model_dir
+    from cascade.config import GenerateSpec
+    from cascade.modelconfig import config_for_spec, unit_shapes
+
+    probe = config_for_spec(GenerateSpec(layers=1, hidden=HIDDEN, heads=16, kv_heads=8, vocab=320))
+    per_layer = sum(4 * _prod(s) for s in unit_shapes(probe, 1).values())
+    layers = max(1, round(gb * 1e9 / per_layer))
+    spec = GenerateSpec(layers=layers, hidden=HIDDEN, heads=16, kv_heads=8, vocab=320)
+    d = cache_dir / f"bench-h{HIDDEN}-l{layers}"
+    if not is_model_dir(d):
+        print(f"generating {d} ({layers} layers, ~{gb} GB) ...", file=sys.stderr, flush=True)
+        generate_model(d, spec)
+    return d
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def drop_page_cache() -> str | None:
+    """Drop the page cache (needs root and a writable /proc/sys). Returns None if it worked, else why not."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def memcpy_seconds(src: Any) -> tuple[float, float]:
+    import numpy as np
+
+    dst = np.empty(len(src), dtype=np.uint8)
+    t0 = time.monotonic()
+    np.copyto(dst, src)
+    fresh = time.monotonic() - t0
+    t0 = time.monotonic()
+    np.copyto(dst, src)
+    warm = time.monotonic() - t0
+    del dst
+    return fresh, warm
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_once(
+    mode: str,
+    n: int,
+    procs: list[Any],
+    model_dir: Path,
+    unit_nbytes: tuple[int, ...],
+    live: Any,
+    cache: Any,
+    chunk: int,
+    link_bps: float,
+    run_id: str,
+    timeout_s: float,
+) -> dict[str, Any]:
+    from bench.dpprocs import collect
+    from cascade.framing import RateLimiter, send_units
+    from services.loader.planner import MeshSnapshot, PlanRequest, WorkerView, plan_orders, plan_transfer
+
+    targets = procs[:n]
+    num_units = len(unit_nbytes)
+    model = model_dir.name
+    workers = [WorkerView(p.name, "idle", None, 0, 0, data_addr=p.addr) for p in targets]
+    if mode in ("chain", "star"):
+        workers.append(WorkerView("holder", "serving", model, num_units, num_units, data_addr="parent:0"))
+    snap = MeshSnapshot(tuple(workers), frozenset({model}) if mode == "host-cache" else frozenset())
+    req = PlanRequest(model, tuple(p.name for p in targets), PLANNER_MODE[mode], unit_nbytes, str(model_dir))  # type: ignore[arg-type]
+    plan = plan_transfer(snap, req, run_id)
+    orders = plan_orders(plan, timeout_s=timeout_s)
+    by_name = {p.name: p for p in targets}
+    reserve_s = 0.0
+    for name, os_ in orders.items():
+        for o in os_:
+            if o.role == "receive":
+                by_name[name].expect(o)
+                reserve_s = max(reserve_s, by_name[name].last_reserve_s)
+
+    # One egress budget per sending process: a NIC is shared by all its streams.
+    src_limiter = RateLimiter(link_bps, burst=chunk) if link_bps > 0 else None
+    errors: list[str] = []
+    threads = []
+
+    def send(o: Any, source: Any) -> None:
+        try:
+            send_units(
+                source,
+                o.downstream,
+                o.transfer_id,
+                o.token,
+                o.units,
+                limiter=src_limiter,
+                chunk=chunk,
+                timeout_s=timeout_s,
+            )
+        except Exception as e:
+            errors.append(f"{o.transfer_id}: {e}")
+
+    t0 = time.monotonic()
+    for name, os_ in orders.items():
+        for o in os_:
+            if o.role == "disk":
+                by_name[name].load_disk(o.transfer_id, o.path, model, o.units)
+            elif o.role == "send":
+                source = live if name == "holder" else cache
+                th = threading.Thread(target=send, args=(o, source))
+                th.start()
+                threads.append(th)
+
+    def finished(evs: list[tuple[str, tuple[Any, ...]]]) -> bool:
+        return sum(1 for _, ev in evs if ev[0] in ("complete", "failed")) >= n or bool(errors)
+
+    events = collect(targets, finished, timeout_s)
+    for th in threads:
+        th.join(timeout_s)
+    failures = [f"{nm}: {ev[2]}" for nm, ev in events if ev[0] == "failed"] + errors
+    if failures:
+        raise RuntimeError(f"{mode} N={n} failed: {failures}")
+    per: dict[str, dict[str, float]] = {p.name: {} for p in targets}
+    for nm, ev in events:
+        if ev[0] == "ready" and ev[2] == 0:
+            per[nm]["first_unit_s"] = ev[3] - t0
+        elif ev[0] == "ready" and ev[2] == 1:
+            per[nm]["first_layer_s"] = ev[3] - t0
+        elif ev[0] == "complete":
+            per[nm]["all_s"] = ev[2] - t0
+    for p in targets:
+        p.drop()
+    total = sum(unit_nbytes)
+    all_s = max(v["all_s"] for v in per.values())
+    return {
+        "mode": mode,
+        "n": n,
+        "link_gbps": link_bps / 1e9,
+        "first_unit_s": max(v["first_unit_s"] for v in per.values()),
+        "first_layer_s": max(v["first_layer_s"] for v in per.values()),
+        "all_s": all_s,
+        "mb_s_per_receiver": statistics.mean(total / 1e6 / v["all_s"] for v in per.values()),
+        "per_receiver": per,
+        "chains": len(plan.chains),
+        "reserve_s": reserve_s,
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("first_unit_s", "first_layer_s", "all_s", "mb_s_per_receiver")
+    out = dict(rows[0])
+    for k in keys:
+        out[k] = statistics.median(r[k] for r in rows)
+    out["runs"] = [{k: r[k] for k in keys} for r in rows]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = [float(s) for s in args.sizes.split(",") if s]
+    ns = sorted({int(s) for s in args.receivers.split(",") if s})
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r}; use {','.join(MODES)}")
+    chunk = int(args.chunk_mb * (1 << 20))
+
+    from bench.dpprocs import ReceiverProc, raw_loopback, start_all, stop_all
+    from cascade.checkpoint import Checkpoint
+    from cascade.config import cascade_home
+    from services.loader.hostcache import HostCache
+
+    cache_dir = args.cache_dir or cascade_home() / "bench-models"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "benchmark": "multicast (phase 1: data plane only)",
+        "commit": commit(),
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "params": {
+            "sizes_gb": sizes,
+            "receivers": ns,
+            "modes": modes,
+            "repeats": args.repeats,
+            "chunk_bytes": chunk,
+            "hidden": HIDDEN,
+            "dtype": "float32",
+            "link_gbps": args.link_gbps,
+        },
+        "emulated": [
+            "all processes on one machine; the network is loopback TCP",
+            "the live holder is the benchmark process holding the model in anonymous memory "
+            "(host cache 'copy' mode), not a worker serving requests",
+            "receivers are DataPlaneServer processes that keep the received tensors, not workers running a model",
+            "per-unit readiness is timed when the unit is verified in the receiver (no NATS event in this phase)",
+            "receivers reserve (allocate and touch) their unit buffers when they get the order, before the "
+            "source starts, as a worker does before answering the loader; that time is reported as reserve_s "
+            "and is not in the transfer times",
+        ],
+        "models": [],
+        "rows": [],
+    }
+    if args.link_gbps > 0:
+        result["emulated"].append(
+            f"--link-gbps {args.link_gbps}: every sending process (the holder and each forwarding receiver) "
+            "paces its egress with one token bucket, like a NIC of that speed"
+        )
+    procs = [ReceiverProc(f"r{i + 1}", chunk=chunk) for i in range(max(ns))]
+    link_procs: list[Any] = []
+    cold_note: str | None = "not tried (--no-cold)" if args.no_cold else None
+    try:
+        start_all(procs)
+        if args.link_gbps > 0:
+            link_procs = [
+                ReceiverProc(f"l{i + 1}", chunk=chunk, egress_bps=args.link_gbps * 1e9) for i in range(max(ns))
+            ]
+            start_all(link_procs)
+        for gb in sizes:
+            model_dir = ensure_model(cache_dir, gb)
+            ckpt = Checkpoint(model_dir)
+            units = tuple(ckpt.unit_nbytes(u) for u in range(ckpt.config.num_units))
+            total = sum(units)
+            ckpt.close()
+            live_cache = HostCache(mode="copy")
+            host_cache = HostCache(mode="mmap")
+            try:
+                model = model_dir.name
+                live_cache.load(model, model_dir)
+                host_cache.load(model, model_dir)
+                with live_cache.lease(model) as live, host_cache.lease(model) as hc:
+                    buf = live.buf  # type: ignore[attr-defined]
+                    print(f"[{gb} GB] machine limits ...", file=sys.stderr, flush=True)
+                    raw_ring = raw_loopback(buf.data, fresh=False)
+                    raw_fresh = raw_loopback(buf.data, fresh=True)
+                    mc_fresh, mc_warm = memcpy_seconds(buf)
+                    info = {
+                        "size_gb_requested": gb,
+                        "bytes": total,
+                        "units": len(units),
+                        "layers": len(units) - 2,
+                        "dir": str(model_dir),
+                        "raw_tcp_ring_mb_s": total / 1e6 / raw_ring,
+                        "raw_tcp_fresh_mb_s": total / 1e6 / raw_fresh,
+                        "memcpy_fresh_mb_s": total / 1e6 / mc_fresh,
+                        "memcpy_warm_mb_s": total / 1e6 / mc_warm,
+                    }
+                    result["models"].append(info)
+                    # First touches of fresh memory in a new process are far slower on this VM than
+                    # later ones; one unmeasured transfer to every receiver warms that up.
+                    run_once("chain", len(procs), procs, model_dir, units, live, hc, chunk, 0, "warmup", args.timeout)
+                    plan: list[tuple[str, int, list[Any], float]] = [(m, n, procs, 0.0) for m in modes for n in ns]
+                    if args.link_gbps > 0:
+                        run_once(
+                            "chain",
+                            len(link_procs),
+                            link_procs,
+                            model_dir,
+                            units,
+                            live,
+                            hc,
+                            chunk,
+                            0,
+                            "warmup-l",
+                            args.timeout,
+                        )
+                        plan += [(m, n, link_procs, args.link_gbps * 1e9) for m in ("chain", "star") for n in ns]
+                    for mode, n, ps, link in plan:
+                        rows = []
+                        for rep in range(args.repeats):
+                            rid = f"{mode}-{n}-{gb}-{rep}-{int(link)}"
+                            print(
+                                f"[{gb} GB] {mode} N={n} link={link / 1e9:g} run {rep + 1}", file=sys.stderr, flush=True
+                            )
+                            rows.append(
+                                run_once(mode, n, ps, model_dir, units, live, hc, chunk, link, rid, args.timeout)
+                            )
+                        row = _median_row(rows)
+                        row.update(size_gb=round(total / 1e9, 3), layers=len(units) - 2)
+                        result["rows"].append(row)
+                    if "disk" in modes and not args.no_cold:
+                        for n in ns:
+                            why = drop_page_cache()
+                            if why is not None:
+                                cold_note = f"could not drop the page cache ({why}): cold disk not measured"
+                                break
+                            cold_note = "page cache dropped (echo 3 > /proc/sys/vm/drop_caches) before each cold run"
+                            print(f"[{gb} GB] disk-cold N={n}", file=sys.stderr, flush=True)
+                            r = run_once(
+                                "disk", n, procs, model_dir, units, live, hc, chunk, 0, f"cold-{n}-{gb}", args.timeout
+                            )
+                            r["mode"] = "disk-cold"
+                            row = _median_row([r])
+                            row.update(size_gb=round(total / 1e9, 3), layers=len(units) - 2)
+                            result["rows"].append(row)
+            finally:
+                live_cache.close()
+                host_cache.close()
+    finally:
+        stop_all(procs + link_procs)
+    result["cold_disk"] = cold_note
+    result["targets"] = evaluate(result)
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    table = markdown(result)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+def _row(result: dict[str, Any], size: float, mode: str, n: int, link: float = 0.0) -> dict[str, Any] | None:
+    for r in result["rows"]:
+        if r["size_gb"] == size and r["mode"] == mode and r["n"] == n and r["link_gbps"] == link:
+            return r
+    return None
+
+
+def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, checked per model size (and per emulated link when one was set)."""
+    out = []
+    links = sorted({r["link_gbps"] for r in result["rows"]})
+    for info in result["models"]:
+        size = round(info["bytes"] / 1e9, 3)
+        for link in links:
+            t1, t3 = _row(result, size, "chain", 1, link), _row(result, size, "chain", 3, link)
+            s1, s3 = _row(result, size, "star", 1, link), _row(result, size, "star", 3, link)
+            tag = f"{size} GB" + (f", link {link:g} GB/s" if link else "")
+            if t1 and t3:
+                ratio = t3["all_s"] / t1["all_s"]
+                star = f"; star T(3)/T(1) = {s3['all_s'] / s1['all_s']:.2f}" if s1 and s3 else ""
+                out.append(
+                    {
+                        "target": "chain T(3)/T(1) <= 1.5",
+                        "case": tag,
+                        "value": round(ratio, 2),
+                        "met": ratio <= 1.5,
+                        "note": star.lstrip("; "),
+                    }
+                )
+            if t1 and not link:
+                share = t1["mb_s_per_receiver"] / info["raw_tcp_ring_mb_s"]
+                out.append(
+                    {
+                        "target": "one hop >= 50% of raw loopback",
+                        "case": tag,
+                        "value": round(share, 2),
+                        "met": share >= 0.5,
+                        "note": f"{t1['mb_s_per_receiver']:.0f} vs {info['raw_tcp_ring_mb_s']:.0f} MB/s "
+                        f"(raw into a fresh buffer: {info['raw_tcp_fresh_mb_s']:.0f})",
+                    }
+                )
+            for r in result["rows"]:
+                if r["size_gb"] != size or r["link_gbps"] != link or r["mode"] not in ("chain",):
+                    continue
+                bound = r["all_s"] / r["layers"] + 0.05
+                out.append(
+                    {
+                        "target": "first layer ready <= T/L + 50 ms",
+                        "case": f"{tag}, chain N={r['n']}",
+                        "value": round(r["first_layer_s"], 3),
+                        "met": r["first_layer_s"] <= bound,
+                        "note": f"bound {bound:.3f} s; first unit (embedding) {r['first_unit_s']:.3f} s",
+                    }
+                )
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"### Multicast loading, data plane only — {m['cores']} cores, {m['memory_gb']} GB, "
+        f"commit {result['commit'][:12]}",
+        "",
+        "| model | mode | link | N | first unit (s) | first layer (s) | all units (s) | MB/s per receiver |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        link = f"{r['link_gbps']:g} GB/s" if r["link_gbps"] else "loopback"
+        lines.append(
+            f"| {r['size_gb']} GB ({r['layers']} layers) | {r['mode']} | {link} | {r['n']} | {r['first_unit_s']:.3f} | "
+            f"{r['first_layer_s']:.3f} | {r['all_s']:.3f} | {r['mb_s_per_receiver']:.0f} |"
+        )
+    lines += [
+        "",
+        "| model | raw TCP, ring (MB/s) | raw TCP, fresh buffer (MB/s) | memcpy fresh (MB/s) | memcpy warm (MB/s) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for i in result["models"]:
+        lines.append(
+            f"| {i['bytes'] / 1e9:.3f} GB | {i['raw_tcp_ring_mb_s']:.0f} | {i['raw_tcp_fresh_mb_s']:.0f} | "
+            f"{i['memcpy_fresh_mb_s']:.0f} | {i['memcpy_warm_mb_s']:.0f} |"
+        )
+    lines += ["", "| target | case | value | met | note |", "| --- | --- | ---: | --- | --- |"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['case']} | {t['value']} | {'yes' if t['met'] else 'NO'} | {t['note']} |")
+    lines += ["", f"Cold disk: {result.get('cold_disk')}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
