@@ -10,6 +10,7 @@ from services.loader.planner import (
     PlanError,
     PlanRequest,
     WorkerView,
+    first_break,
     plan_orders,
     plan_transfer,
     replan,
@@ -169,3 +170,17 @@ def test_only_chain_with_failure_is_replanned() -> None:
     assert new is not None
     assert {h.worker_id for c in new.chains for h in c.targets} == {c0.targets[1].worker_id}
     assert not set(new.targets) & {h.worker_id for h in c1.targets}
+
+
+def test_first_break_names_the_member_to_replan_around() -> None:
+    (c,) = plan_transfer(snap(holder("a"), *TARGETS), req(T3), "p").chains
+    assert first_break(c, dead=set(), failed=set()) is None
+    # t2 crashed: t3's stream broke with it, t1 only lost its downstream.
+    assert first_break(c, dead={"t2"}, failed={"t3"}) == "t2"
+    # Nobody is dead yet (heartbeats lag) but t2 and t3 failed: t2's upstream, t1, broke.
+    assert first_break(c, dead=set(), failed={"t2", "t3"}) == "t1"
+    # Every target failed: the source's stream broke.
+    assert first_break(c, dead=set(), failed=set(T3)) == "a"
+    assert first_break(c, dead={"a"}, failed=set(T3)) == "a"
+    (hc,) = plan_transfer(snap(*TARGETS, cached=True), req(T3), "p").chains
+    assert first_break(hc, dead=set(), failed={"t1", "t2", "t3"}) == "host-cache"

@@ -22,7 +22,7 @@ targets and no single source carries every stream.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -305,6 +305,24 @@ def replan(
     exclude = frozenset({failed})
     new = _plan(snapshot, req, plan_id, token_factory, exclude)
     return replace(new, note=f"re-plan after {failed} failed" + (f"; {new.note}" if new.note else ""))
+
+
+def first_break(chain: Chain, dead: Collection[str], failed: Collection[str]) -> str | None:
+    """Which member of `chain` to re-plan around, from what the loader heard: `dead` workers (no
+    heartbeat) and targets that reported their receive `failed`. A dead member breaks the chain
+    where it stands; else a failed target blames its upstream hop (the source, or the target
+    before it), whose stream broke. Downstream targets of a break fail too; only the first break
+    matters. None: nothing is broken."""
+    upstream = chain.source.worker_id or ("host-cache" if chain.source.kind == "host-cache" else None)
+    if upstream is not None and upstream in dead:
+        return upstream
+    for hop in chain.targets:
+        if hop.worker_id in dead:
+            return hop.worker_id
+        if hop.worker_id in failed:
+            return upstream if upstream is not None else hop.worker_id
+        upstream = hop.worker_id
+    return None
 
 
 def plan_orders(plan: TransferPlan, timeout_s: float = 30.0) -> dict[str, list[TransferOrder]]:

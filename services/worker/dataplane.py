@@ -278,6 +278,7 @@ class Reception:
             self._finished = True
             self.error = reason
             channels = list(self._channels)
+            self._reserved.clear()
         if self._timer is not None:
             self._timer.cancel()
         for ch in channels:
