@@ -12,6 +12,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -58,12 +59,15 @@ class EmbeddedNats:
         jetstream: bool = False,
         store_dir: Path | None = None,
         log_file: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.jetstream = jetstream
         self.store_dir = store_dir
         self.log_file = log_file
+        # Run in the child before exec: `cascade up` uses it to tie the broker's life to its own.
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -80,7 +84,9 @@ class EmbeddedNats:
             cmd += ["-js", "-sd", str(self.store_dir)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, preexec_fn=self.preexec_fn
+            )
         finally:
             if self.log_file:
                 out.close()  # type: ignore[union-attr]

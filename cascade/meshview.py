@@ -1,0 +1,168 @@
+"""What `cascade status` shows: a scatter-gather of `StatusRequest` (every
+service answers `ServiceStatus` on one inbox) merged with the worker
+heartbeats heard during the same window, rendered as tables or JSON."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from cascade.console import bar, table
+from cascade.messages import Heartbeat, MessageError, ServiceStatus, StatusRequest, decode, encode
+from cascade.subjects import Subjects
+
+
+async def connect_bounded(url: str, name: str, timeout_s: float) -> NATS:
+    """`cascade.natsutil.connect`, but really giving up after `timeout_s`.
+
+    nats-py retries an unreachable first server forever when reconnects are unlimited, so the
+    connect budget is enforced here from the outside; raises ConnectionError like connect()."""
+    from cascade.natsutil import connect
+
+    try:
+        return await asyncio.wait_for(connect(url, name=name, connect_timeout_s=timeout_s), timeout_s)
+    except TimeoutError:
+        raise ConnectionError(f"cannot reach NATS at {url} within {timeout_s:g}s") from None
+
+
+@dataclass(frozen=True, slots=True)
+class MeshStatus:
+    services: list[ServiceStatus]
+    heartbeats: dict[str, Heartbeat]  # by worker id, the latest heard in the window
+
+
+async def gather_status(nc: NATS, subjects: Subjects, window_s: float, requester: str = "cli") -> MeshStatus:
+    """Publish one StatusRequest with a reply inbox and collect every answer until the window ends.
+
+    Scatter-gather cannot know how many services exist, so the window is the only end; heartbeats
+    heard meanwhile fill in worker figures a status reply may not carry."""
+    replies: dict[tuple[str, str], ServiceStatus] = {}
+    beats: dict[str, Heartbeat] = {}
+
+    async def on_reply(msg: Msg) -> None:
+        try:
+            st = decode(msg.data, ServiceStatus)
+        except MessageError:
+            return  # an error reply or a foreign message: not a status
+        replies[(st.service, st.instance)] = st
+
+    async def on_beat(msg: Msg) -> None:
+        try:
+            hb = decode(msg.data, Heartbeat)
+        except MessageError:
+            return
+        beats[hb.worker_id] = hb
+
+    inbox = nc.new_inbox()
+    sub_r = await nc.subscribe(inbox, cb=on_reply)
+    sub_h = await nc.subscribe(subjects.heartbeat_all(), cb=on_beat)
+    try:
+        await nc.publish(subjects.status(), encode(StatusRequest(requester)), reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(window_s)  # the gather window itself, not a synchronisation guess
+    finally:
+        await sub_r.unsubscribe()
+        await sub_h.unsubscribe()
+    services = sorted(replies.values(), key=lambda s: (s.service, s.instance))
+    return MeshStatus(services=services, heartbeats=beats)
+
+
+_INSTANCE_FIELDS = (
+    "state",
+    "model",
+    "units_ready",
+    "num_units",
+    "running",
+    "waiting",
+    "max_batch",
+    "tokens_per_s",
+)
+
+
+def instances(status: MeshStatus) -> list[dict[str, Any]]:
+    """One row per worker: heartbeat figures first (freshest), the status reply's detail for the rest."""
+    rows: dict[str, dict[str, Any]] = {}
+    for st in status.services:
+        if st.service != "worker":
+            continue
+        d = st.detail
+        rows[st.instance] = {"worker_id": st.instance, "pid": st.pid, **{k: d.get(k) for k in _INSTANCE_FIELDS}}
+    for wid, hb in status.heartbeats.items():
+        row = rows.setdefault(wid, {"worker_id": wid})
+        row["pid"] = hb.pid
+        for k in _INSTANCE_FIELDS:
+            row[k] = getattr(hb, k)
+    out = []
+    for wid in sorted(rows):
+        row = rows[wid]
+        running, max_batch = row.get("running"), row.get("max_batch")
+        row["load"] = (
+            round(running / max_batch, 3)
+            if isinstance(running, int) and isinstance(max_batch, int) and max_batch > 0
+            else None
+        )
+        out.append(row)
+    return out
+
+
+def to_json(status: MeshStatus, nats_url: str, prefix: str) -> dict[str, Any]:
+    return {
+        "nats_url": nats_url,
+        "prefix": prefix,
+        "services": [asdict(s) for s in status.services],
+        "instances": instances(status),
+    }
+
+
+def _scalar_summary(detail: dict[str, Any], limit: int = 70) -> str:
+    parts = []
+    for k, v in detail.items():
+        if isinstance(v, bool | int | float | str) or v is None:
+            parts.append(f"{k}={v}")
+        elif isinstance(v, dict) and all(isinstance(x, bool | int | float | str) for x in v.values()):
+            parts.append(f"{k}=" + ",".join(f"{a}:{b}" for a, b in v.items()))
+        elif isinstance(v, list):
+            parts.append(f"{k}={len(v)}")
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _units_cell(row: dict[str, Any]) -> str:
+    ready, total = row.get("units_ready"), row.get("num_units")
+    if not isinstance(ready, int) or not isinstance(total, int) or total <= 0:
+        return "-"
+    if row.get("state") == "loading" or ready < total:
+        return f"{bar(ready, total, 12)} {ready}/{total}"
+    return f"{ready}/{total}"
+
+
+def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
+    lines = [f"mesh '{prefix}' at {nats_url}: {len(status.services)} service instance(s) answered", ""]
+    srows = []
+    for st in status.services:
+        detail = str(st.detail.get("state", "")) if st.service == "worker" else _scalar_summary(st.detail)
+        srows.append([st.service, st.instance, str(st.pid), detail])
+    lines.append(table(["SERVICE", "INSTANCE", "PID", "DETAIL"], srows))
+    rows = instances(status)
+    if rows:
+        irows = []
+        for r in rows:
+            tps = r.get("tokens_per_s")
+            load = r.get("load")
+            irows.append(
+                [
+                    r["worker_id"],
+                    str(r.get("model") or "-"),
+                    _units_cell(r),
+                    str(r.get("state") or "?"),
+                    f"{r.get('running', '?')}/{r.get('waiting', '?')}",
+                    "-" if load is None else f"{100 * load:.0f}%",
+                    "-" if not isinstance(tps, int | float) else f"{tps:.1f}",
+                ]
+            )
+        lines += ["", table(["INSTANCE", "MODEL", "UNITS", "STATE", "RUN/WAIT", "LOAD", "TOK/S"], irows)]
+    return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""Replica bookkeeping: targets and the mesh in, scale decisions out. No I/O, no clock.
+
+    core = ScalerCore(bounds, settings, started_at=now, id_prefix="scaler-1")
+    result = core.tick(now, instances)      # → decisions to publish, in-flight ones that timed out
+    core.on_ack(decision_id, ok, workers, now)
+
+A model's *target* is its `min_replicas` until an operator (`cascade scale`) or a load policy
+(`policies.py`) sets another, always within [min_replicas, max_replicas]. Its *current* count is
+the workers loading or serving it, from heartbeats. Rules, each tested tick by tick:
+
+- at most one decision per model in flight: a second one would race the first for the same idle
+  workers and could overshoot; the next tick looks again once the ack is in;
+- one decision covers the whole gap (`count` may be above 1): loading several instances at once
+  costs about as much as one when parameters travel by chain multicast;
+- no decision before a loader is known (a decision nobody hears waits out the whole ack timeout)
+  nor before `warmup_s` has passed since start (until then the heartbeats heard are not yet the
+  whole mesh, and a restarted scaler would re-add instances that already run);
+- an ack's workers count as added (or removed) for `settle_s`, until heartbeats catch up, so a
+  tick right after an ack does not see the old count and decide again;
+- a failed or timed-out decision is retried on a later tick, after an exponential back-off.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Action = Literal["up", "down"]
+
+# Must outlast the loader's own wait for idle workers plus its load deadline: an ack that comes
+# after this is only used to settle counts.
+DEFAULT_ACK_TIMEOUT_S = 360.0
+
+
+class TargetError(ValueError):
+    """A replica target that cannot be set; `code` goes into the error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class ModelBounds:
+    min_replicas: int
+    max_replicas: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
+    warmup_s: float = 3.0
+    settle_s: float = 5.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        for name in ("ack_timeout_s", "retry_base_s", "retry_max_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be above 0")
+        if self.warmup_s < 0 or self.settle_s < 0:
+            raise ValueError("warmup_s and settle_s must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedDecision:
+    """A ScaleDecision to publish (the adapter adds the wall-clock timestamp)."""
+
+    decision_id: str
+    model: str
+    action: Action
+    count: int
+    target_replicas: int
+    reason: str
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    decision: PlannedDecision
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TickResult:
+    decisions: list[PlannedDecision]
+    expired: list[InFlight]  # gave up waiting for their ack this tick; retried later
+    held_back: str | None = None  # why no decision could be made at all, if so
+
+
+@dataclass(frozen=True, slots=True)
+class _Settle:
+    action: Action
+    workers: frozenset[str]
+    until: float
+
+
+def gap(target: int, current: int) -> tuple[Action, int] | None:
+    """The one decision that closes the gap between target and current, if any."""
+    if current < target:
+        return "up", target - current
+    if current > target:
+        return "down", current - target
+    return None
+
+
+class ScalerCore:
+    def __init__(
+        self,
+        bounds: Mapping[str, ModelBounds],
+        settings: Settings,
+        started_at: float,
+        id_prefix: str = "scaler",
+    ) -> None:
+        for name, b in bounds.items():
+            if not 0 <= b.min_replicas <= b.max_replicas:
+                raise ValueError(f"model {name}: need 0 <= min_replicas <= max_replicas")
+        self.bounds = dict(bounds)
+        self.settings = settings
+        self.started_at = started_at
+        self.id_prefix = id_prefix
+        self.targets: dict[str, int] = {m: b.min_replicas for m, b in bounds.items()}
+        self.in_flight: dict[str, InFlight] = {}
+        self.loader_known = False
+        self._seq = 0
+        self._settle: dict[str, list[_Settle]] = {}
+        self._failures: dict[str, int] = {}
+        self._not_before: dict[str, float] = {}
+        # Decisions that timed out, kept a while: a late ack still says which workers changed.
+        self._recent: OrderedDict[str, PlannedDecision] = OrderedDict()
+        self.counters = {"decisions": 0, "acks_ok": 0, "acks_failed": 0, "timeouts": 0}
+
+    # ---- inputs ------------------------------------------------------------
+    def set_target(self, model: str, replicas: int) -> int:
+        """Set a model's replica target; returns the previous one. Raises TargetError."""
+        b = self.bounds.get(model)
+        if b is None:
+            known = ", ".join(sorted(self.bounds)) or "none"
+            raise TargetError("unknown_model", f"{model!r} is not in the deployment (models: {known})")
+        if replicas > b.max_replicas:
+            raise TargetError(
+                "out_of_bounds",
+                f"{model}: {replicas} replicas is above max_replicas {b.max_replicas} (set in the deployment file)",
+            )
+        if replicas < b.min_replicas:
+            raise TargetError(
+                "out_of_bounds",
+                f"{model}: {replicas} replicas is below min_replicas {b.min_replicas} (set in the deployment file)",
+            )
+        previous = self.targets[model]
+        self.targets[model] = replicas
+        # An operator's new target deserves a prompt try, not the back-off of an older failure.
+        self._failures.pop(model, None)
+        self._not_before.pop(model, None)
+        return previous
+
+    def loader_ready(self) -> list[InFlight]:
+        """A loader (re)started: decisions it may never have heard are dropped, to be re-decided."""
+        self.loader_known = True
+        dropped = list(self.in_flight.values())
+        for f in dropped:
+            self._remember(f.decision)
+        self.in_flight.clear()
+        return dropped
+
+    def on_ack(self, decision_id: str, ok: bool, workers: Collection[str], now: float) -> PlannedDecision | None:
+        """Record an ack; returns the decision it answers (None for an id this scaler never sent)."""
+        entry = next((f for f in self.in_flight.values() if f.decision.decision_id == decision_id), None)
+        if entry is not None:
+            decision = entry.decision
+            del self.in_flight[decision.model]
+        else:
+            late = self._recent.pop(decision_id, None)
+            if late is None:
+                return None
+            decision = late
+        if workers:
+            self._settle.setdefault(decision.model, []).append(
+                _Settle(decision.action, frozenset(workers), now + self.settings.settle_s)
+            )
+        if ok:
+            self.counters["acks_ok"] += 1
+            self._failures.pop(decision.model, None)
+            self._not_before.pop(decision.model, None)
+        else:
+            self.counters["acks_failed"] += 1
+            self._back_off(decision.model, now)
+        return decision
+
+    # ---- the tick ----------------------------------------------------------
+    def current(self, model: str, instances: Mapping[str, Collection[str]], now: float) -> int:
+        """Workers loading or serving `model`, corrected by acks heartbeats have not caught up with."""
+        workers = set(instances.get(model, ()))
+        live = [s for s in self._settle.get(model, []) if s.until > now]
+        if live:
+            self._settle[model] = live
+        else:
+            self._settle.pop(model, None)
+        for s in live:
+            if s.action == "up":
+                workers |= s.workers
+            else:
+                workers -= s.workers
+        return len(workers)
+
+    def tick(self, now: float, instances: Mapping[str, Collection[str]]) -> TickResult:
+        expired = [f for f in self.in_flight.values() if now - f.sent_at >= self.settings.ack_timeout_s]
+        for f in expired:
+            del self.in_flight[f.decision.model]
+            self._remember(f.decision)
+            self.counters["timeouts"] += 1
+            self._back_off(f.decision.model, now)
+        if not self.loader_known:
+            return TickResult([], expired, "no loader yet")
+        if now < self.started_at + self.settings.warmup_s:
+            return TickResult([], expired, "warming up (hearing every worker's heartbeat first)")
+        decisions = []
+        for model in sorted(self.targets):
+            if model in self.in_flight or now < self._not_before.get(model, float("-inf")):
+                continue
+            target = self.targets[model]
+            current = self.current(model, instances, now)
+            step = gap(target, current)
+            if step is None:
+                continue
+            action, count = step
+            b = self.bounds[model]
+            self._seq += 1
+            d = PlannedDecision(
+                decision_id=f"{self.id_prefix}-{self._seq}",
+                model=model,
+                action=action,
+                count=count,
+                target_replicas=target,
+                reason=f"{'below' if action == 'up' else 'above'} target: {current} of {target} replicas",
+                figures={
+                    "current": float(current),
+                    "target": float(target),
+                    "min_replicas": float(b.min_replicas),
+                    "max_replicas": float(b.max_replicas),
+                    "retry": float(self._failures.get(model, 0)),
+                },
+            )
+            self.in_flight[model] = InFlight(d, now)
+            self.counters["decisions"] += 1
+            decisions.append(d)
+        return TickResult(decisions, expired)
+
+    # ---- internals ---------------------------------------------------------
+    def _back_off(self, model: str, now: float) -> None:
+        n = self._failures.get(model, 0) + 1
+        self._failures[model] = n
+        delay = min(self.settings.retry_base_s * 2 ** (n - 1), self.settings.retry_max_s)
+        self._not_before[model] = now + delay
+
+    def _remember(self, d: PlannedDecision) -> None:
+        self._recent[d.decision_id] = d
+        while len(self._recent) > 64:
+            self._recent.popitem(last=False)
+
+    def retry_at(self, model: str) -> float | None:
+        return self._not_before.get(model)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "targets": dict(self.targets),
+            "in_flight": {m: f.decision.decision_id for m, f in self.in_flight.items()},
+            "loader_known": self.loader_known,
+            **self.counters,
+        }
