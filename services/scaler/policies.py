@@ -4,8 +4,9 @@
 
 No clock, no I/O: time is `signals.now`, and everything a policy remembers between ticks (delay
 timers, fitted models, the batch limit it set) is in the frozen state it returns. The scaler
-service calls `decide` once per tick per model, turns a `Decision` into a `ScaleDecision` (and,
-for a vertical action, a batch-limit change on the model's workers), and holds back while
+service calls `decide` once per tick per model, turns a `Decision` into a `ScaleDecision`
+(`Decision.to_message`; a vertical action becomes a batch-limit change on the model's serving
+workers), and holds back while
 `signals.decision_in_flight` is set: policies never return a horizontal decision then.
 
 Three policies (`POLICIES`):
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cascade.config import ConfigError, ModelDeployment
+from cascade.messages import ScaleDecision
 from services.scaler.signals import LoadSignals, StepSample
 
 
@@ -59,6 +61,26 @@ class Decision:
     def action(self) -> Literal["up", "down"] | None:
         """The horizontal part, as ScaleDecision.action (None: vertical only)."""
         return "up" if self.delta > 0 else "down" if self.delta < 0 else None
+
+    def to_message(self, model: str, decision_id: str, ts: float) -> ScaleDecision | None:
+        """The horizontal part as the `ScaleDecision` the scaler publishes (None when this
+        decision only changes the batch limit)."""
+        action = self.action
+        if action is None:
+            return None
+        figures = dict(self.figures)
+        if self.batch_limit is not None:
+            figures["new_batch_limit"] = float(self.batch_limit)
+        return ScaleDecision(
+            decision_id=decision_id,
+            model=model,
+            action=action,
+            count=abs(self.delta),
+            target_replicas=self.target_replicas,
+            reason=self.reason,
+            figures=figures,
+            ts=ts,
+        )
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -414,10 +436,12 @@ def predict(
 ) -> Plan:
     """Queueing model: every batch slot of every instance is one server of an M/M/c queue
     (c = instances × batch), a request holds its slot for (tokens + prefill steps) steps of
-    step_ms(batch). TTFT = queueing wait + one prefill. Service times are not exponential
-    and slots are not pooled across instances in reality, so this is an approximation that errs
-    on the late side for c > 1 only mildly; the rho bound keeps the plan out of the region where
-    it matters most."""
+    step_ms(batch). TTFT = queueing wait + the prefill steps.
+
+    An approximation, and which way it errs: real slots are not one pool (a request waits at
+    the instance the router picked), which makes waits longer than predicted when load is
+    uneven; real service times are far less variable than exponential, which makes them
+    shorter. The rho bound keeps plans away from the knee of the curve, where both errors grow."""
     step = model.step_ms(batch)
     service_s = (tokens_per_request + prefill_steps) * step / 1000
     c = instances * batch

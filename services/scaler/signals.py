@@ -8,6 +8,9 @@ timestamps. Nothing here reads a clock or touches NATS: every call carries its o
 
 Figures over a window are sums over the slices that end inside (now - window, now] divided by the
 time observed, so a model seen for 3 s of a 30 s window is not reported at a tenth of its rate.
+Times are the senders' `ts` (wall clock, `time.time()`), so `snapshot(now)` takes the scaler's
+wall clock too; a sender's clock skew shifts its slices by that much, which a window of tens of
+seconds tolerates.
 """
 
 from __future__ import annotations
