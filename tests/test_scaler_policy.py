@@ -1,0 +1,236 @@
+"""The scaler's replica core, tick by tick with a fake clock (no NATS, no sleeping)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cascade.messages import Heartbeat
+from services.scaler.policy import ModelBounds, ScalerCore, Settings, TargetError, gap
+from services.scaler.state import WorkerTable
+
+SETTINGS = Settings(ack_timeout_s=30.0, warmup_s=2.0, settle_s=5.0, retry_base_s=1.0, retry_max_s=8.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def advance(self, s: float) -> float:
+        self.now += s
+        return self.now
+
+
+def make(bounds: dict[str, ModelBounds] | None = None, settings: Settings = SETTINGS) -> tuple[ScalerCore, Clock]:
+    clock = Clock()
+    core = ScalerCore(bounds or {"m": ModelBounds(2, 4)}, settings, started_at=clock.now, id_prefix="s1")
+    return core, clock
+
+
+def ready(core: ScalerCore, clock: Clock) -> None:
+    """A loader is known and the warm-up is over."""
+    core.loader_ready()
+    clock.advance(SETTINGS.warmup_s)
+
+
+def test_gap() -> None:
+    assert gap(3, 1) == ("up", 2)
+    assert gap(1, 3) == ("down", 2)
+    assert gap(2, 2) is None
+
+
+def test_holds_back_until_a_loader_is_known_and_warmup_passed() -> None:
+    core, clock = make()
+    r = core.tick(clock.now, {})
+    assert r.decisions == [] and r.held_back == "no loader yet"
+    core.loader_ready()
+    r = core.tick(clock.advance(1.0), {})
+    assert r.decisions == [] and r.held_back is not None and "warming up" in r.held_back
+    r = core.tick(clock.advance(1.0), {})
+    assert [d.model for d in r.decisions] == ["m"]
+
+
+def test_one_decision_covers_the_whole_gap() -> None:
+    core, clock = make()
+    ready(core, clock)
+    (d,) = core.tick(clock.now, {}).decisions
+    assert (d.action, d.count, d.target_replicas) == ("up", 2, 2)
+    assert d.decision_id == "s1-1"
+    assert d.figures["current"] == 0 and d.figures["target"] == 2
+    assert "0 of 2" in d.reason
+
+
+def test_never_stacks_a_second_decision_on_a_model_in_flight() -> None:
+    core, clock = make()
+    ready(core, clock)
+    assert len(core.tick(clock.now, {}).decisions) == 1
+    for _ in range(10):
+        assert core.tick(clock.advance(1.0), {"m": frozenset({"w1"})}).decisions == []
+    assert set(core.in_flight) == {"m"}
+
+
+def test_ack_ok_counts_its_workers_until_heartbeats_catch_up() -> None:
+    core, clock = make()
+    ready(core, clock)
+    (d,) = core.tick(clock.now, {}).decisions
+    assert core.on_ack(d.decision_id, True, ["w1", "w2"], clock.advance(1.0)) == d
+    # Heartbeats have not shown the new instances yet: no second decision.
+    assert core.tick(clock.advance(0.5), {}).decisions == []
+    # They show up; still nothing to do.
+    assert core.tick(clock.advance(0.5), {"m": frozenset({"w1", "w2"})}).decisions == []
+    # If the workers vanish for good, the next tick after the settle window asks again.
+    clock.advance(SETTINGS.settle_s)
+    (again,) = core.tick(clock.now, {}).decisions
+    assert (again.action, again.count) == ("up", 2)
+
+
+def test_failed_ack_retries_with_exponential_backoff_capped() -> None:
+    core, clock = make(settings=Settings(ack_timeout_s=30, warmup_s=0, settle_s=0, retry_base_s=1, retry_max_s=4))
+    core.loader_ready()
+    # Each failure since the last success doubles the wait before the next try, up to the cap.
+    for wait in (1.0, 2.0, 4.0, 4.0):
+        (d,) = core.tick(clock.now, {}).decisions
+        core.on_ack(d.decision_id, False, [], clock.now)
+        assert core.tick(clock.advance(wait - 0.01), {}).decisions == []
+        clock.advance(0.01)  # the next loop turn ticks exactly when the back-off ends
+    assert len(core.tick(clock.now, {}).decisions) == 1
+
+
+def test_success_resets_the_backoff() -> None:
+    core, clock = make(settings=Settings(ack_timeout_s=30, warmup_s=0, settle_s=0, retry_base_s=1, retry_max_s=64))
+    core.loader_ready()
+    for _ in range(4):
+        (d,) = core.tick(clock.now, {}).decisions
+        core.on_ack(d.decision_id, False, [], clock.now)
+        clock.advance(100)
+    (d,) = core.tick(clock.now, {}).decisions
+    core.on_ack(d.decision_id, True, ["w1"], clock.now)
+    # Target 2, only one arrived: the gap of one is decided again at once, no back-off.
+    (d2,) = core.tick(clock.now, {"m": frozenset({"w1"})}).decisions
+    assert (d2.action, d2.count) == ("up", 1)
+
+
+def test_ack_timeout_expires_then_retries_later() -> None:
+    core, clock = make()
+    ready(core, clock)
+    (d,) = core.tick(clock.now, {}).decisions
+    r = core.tick(clock.advance(SETTINGS.ack_timeout_s), {})
+    assert [f.decision.decision_id for f in r.expired] == [d.decision_id]
+    assert r.decisions == []  # backing off
+    (again,) = core.tick(clock.advance(SETTINGS.retry_base_s), {}).decisions
+    assert again.decision_id != d.decision_id
+    assert core.counters["timeouts"] == 1
+
+
+def test_a_late_ack_for_an_expired_decision_still_settles_counts() -> None:
+    core, clock = make()
+    ready(core, clock)
+    (d,) = core.tick(clock.now, {}).decisions
+    core.tick(clock.advance(SETTINGS.ack_timeout_s), {})
+    assert core.on_ack(d.decision_id, True, ["w1", "w2"], clock.now) == d
+    assert core.current("m", {}, clock.now) == 2
+    # Past the timeout's back-off, inside the settle window: the late ack's workers count.
+    assert core.tick(clock.advance(SETTINGS.retry_base_s), {}).decisions == []
+
+
+def test_unknown_ack_is_ignored() -> None:
+    core, clock = make()
+    ready(core, clock)
+    assert core.on_ack("someone-else-7", True, ["w9"], clock.now) is None
+    assert core.current("m", {}, clock.now) == 0
+
+
+def test_scale_down_when_above_target() -> None:
+    core, clock = make({"m": ModelBounds(1, 4)})
+    ready(core, clock)
+    (d,) = core.tick(clock.now, {"m": frozenset({"a", "b", "c"})}).decisions
+    assert (d.action, d.count, d.target_replicas) == ("down", 2, 1)
+    core.on_ack(d.decision_id, True, ["b", "c"], clock.advance(1))
+    # Stale heartbeats still show three; the ack's removals count.
+    assert core.tick(clock.advance(0.5), {"m": frozenset({"a", "b", "c"})}).decisions == []
+
+
+def test_set_target_is_bounded_and_names_the_bound() -> None:
+    core, _ = make({"m": ModelBounds(1, 3)})
+    with pytest.raises(TargetError, match="above max_replicas 3") as e:
+        core.set_target("m", 4)
+    assert e.value.code == "out_of_bounds"
+    with pytest.raises(TargetError, match="below min_replicas 1"):
+        core.set_target("m", 0)
+    with pytest.raises(TargetError, match="not in the deployment") as e2:
+        core.set_target("other", 1)
+    assert e2.value.code == "unknown_model"
+    assert core.set_target("m", 3) == 1
+    assert core.targets["m"] == 3
+
+
+def test_new_target_is_acted_on_at_once_despite_backoff() -> None:
+    core, clock = make({"m": ModelBounds(1, 4)})
+    ready(core, clock)
+    (d,) = core.tick(clock.now, {}).decisions
+    core.on_ack(d.decision_id, False, [], clock.now)
+    assert core.tick(clock.now, {}).decisions == []  # backing off
+    core.set_target("m", 3)
+    (d2,) = core.tick(clock.now, {}).decisions
+    assert (d2.action, d2.count, d2.target_replicas) == ("up", 3, 3)
+
+
+def test_a_restarted_loader_drops_in_flight_decisions() -> None:
+    core, clock = make()
+    ready(core, clock)
+    (d,) = core.tick(clock.now, {}).decisions
+    dropped = core.loader_ready()
+    assert [f.decision.decision_id for f in dropped] == [d.decision_id]
+    (d2,) = core.tick(clock.advance(0.1), {}).decisions
+    assert d2.decision_id != d.decision_id
+
+
+def test_models_are_independent() -> None:
+    core, clock = make({"a": ModelBounds(1, 2), "b": ModelBounds(2, 2)})
+    ready(core, clock)
+    ds = core.tick(clock.now, {"a": frozenset({"w1"})}).decisions
+    assert [(d.model, d.count) for d in ds] == [("b", 2)]
+    core.set_target("a", 2)
+    ds = core.tick(clock.advance(1), {"a": frozenset({"w1"})}).decisions
+    assert [(d.model, d.count) for d in ds] == [("a", 1)]  # b is still in flight
+
+
+def test_bad_settings_and_bounds_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Settings(ack_timeout_s=0)
+    with pytest.raises(ValueError):
+        ScalerCore({"m": ModelBounds(3, 2)}, SETTINGS, 0.0)
+
+
+# --------------------------------------------------------------------------- worker table
+
+
+def hb(worker: str, state: str = "serving", model: str | None = "m") -> Heartbeat:
+    return Heartbeat(
+        worker_id=worker,
+        state=state,  # type: ignore[arg-type]
+        model=model,
+        units_ready=4 if state == "serving" else 1,
+        num_units=4 if model else 0,
+        running=0,
+        waiting=0,
+        max_batch=8,
+        tokens_per_s=0.0,
+        ready_seq=1,
+        pid=1,
+        host="h",
+    )
+
+
+def test_worker_table_counts_loading_and_serving_and_forgets_the_dead() -> None:
+    t = WorkerTable(heartbeat_s=1.0)
+    assert t.observe(hb("a"), 0.0) is True
+    assert t.observe(hb("a"), 0.5) is False
+    t.observe(hb("b", "loading"), 0.5)
+    t.observe(hb("c", "idle", None), 0.5)
+    t.observe(hb("d", "draining"), 0.5)
+    assert t.instances(1.0) == {"m": frozenset({"a", "b"})}
+    # Three missed heartbeats (3 s) later, a worker is gone; one still heard stays.
+    t.observe(hb("b", "serving"), 3.4)
+    assert t.instances(3.6) == {"m": frozenset({"b"})}
+    assert sorted(t.prune(3.6)) == ["a", "c", "d"]
+    assert t.summary(3.6) == {"serving": 1}
