@@ -554,11 +554,19 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cascade.embedded_nats import BrokerError, EmbeddedNats, port_is_free
-
     # Until the event loop takes over signals, SIGTERM must unwind through the finally blocks
-    # below (stopping the broker) rather than end the process on the spot.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # (stopping the broker) rather than end the process on the spot.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cascade.embedded_nats import BrokerError, EmbeddedNats, port_is_free
 
     home = cascade_home()
     dep = load_deployment(Path(args.config) if args.config else None, home)
@@ -627,9 +635,6 @@ def run(args: argparse.Namespace) -> int:
             broker.proc.pid if broker and broker.proc else None,
         )
         return asyncio.run(_supervise(sup))
-    except KeyboardInterrupt:
-        return 130
     finally:
         if broker is not None:
             broker.stop()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
