@@ -90,9 +90,16 @@ def machine() -> dict[str, Any]:
 def commit() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "bench", "cascade", "services"], cwd=REPO, capture_output=True, text=True
-        )
+        # Only what this benchmark runs: other people's work in progress elsewhere is not ours.
+        paths = [
+            "bench",
+            "cascade/framing.py",
+            "cascade/checkpoint.py",
+            "cascade/messages.py",
+            "services/worker/dataplane.py",
+            "services/loader",
+        ]
+        dirty = subprocess.run(["git", "status", "--porcelain", *paths], cwd=REPO, capture_output=True, text=True)
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
