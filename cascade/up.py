@@ -31,6 +31,7 @@ import orjson
 
 from cascade.cliargs import non_negative_int, positive_float, positive_int
 from cascade.config import (
+    DEFAULT_NATS_PORT,
     ConfigError,
     Deployment,
     ModelDeployment,
@@ -60,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="gateway HTTP address (default 127.0.0.1)")
     parser.add_argument(
         "--nats-url", default=None, help="use this NATS server instead of starting an embedded one on port 4222"
+    )
+    parser.add_argument(
+        "--nats-port",
+        type=non_negative_int,
+        default=None,
+        help="port of the embedded NATS server (default 4222 if free, else any free port; 0: any free port)",
     )
     parser.add_argument(
         "--config",
@@ -568,6 +575,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from cascade.embedded_nats import BrokerError, EmbeddedNats, port_is_free
 
+    if args.nats_url and args.nats_port is not None:
+        raise ConfigError("--nats-port sets the embedded broker's port; with --nats-url no broker is started")
     home = cascade_home()
     dep = load_deployment(Path(args.config) if args.config else None, home)
     if args.replicas is not None:
@@ -613,8 +622,12 @@ def _run(args: argparse.Namespace) -> int:
         if args.nats_url:
             nats_url = args.nats_url
         else:
+            if args.nats_port is None:
+                nats_port = DEFAULT_NATS_PORT if port_is_free(DEFAULT_NATS_PORT) else None
+            else:
+                nats_port = args.nats_port or None  # 0 → EmbeddedNats picks a free port
             broker = EmbeddedNats(
-                port=4222 if port_is_free(4222) else None,
+                port=nats_port,
                 log_file=home / "logs" / "nats.log",
                 preexec_fn=_make_die_with_parent(),
             )

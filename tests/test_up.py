@@ -1,0 +1,177 @@
+"""`cascade up` as a user runs it: a subprocess that generates a tiny model, starts a broker and
+every service, reports itself in the mesh file and `cascade status`, and leaves no process
+behind when stopped, or when a child dies under it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cascade.config import read_mesh_file
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "up-tiny"
+DEPLOYMENT = f"""
+[[models]]
+name = "{MODEL}"
+min_replicas = 1
+max_replicas = 2
+[models.generate]
+layers = 2
+hidden = 64
+heads = 4
+kv_heads = 2
+vocab = 320
+max_position = 256
+seed = 7
+"""
+START_TIMEOUT_S = 180.0
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Poll until every pid is gone (they are not our children: nothing to wait on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [p for p in pids if alive(p)]
+        if not left:
+            return []
+        time.sleep(0.05)  # polling with a deadline
+    return [p for p in pids if alive(p)]
+
+
+@dataclass
+class Up:
+    home: Path
+    proc: subprocess.Popen[bytes]
+    info: dict[str, Any]
+    env: dict[str, str]
+
+    @property
+    def log(self) -> str:
+        return (self.home / "up.out").read_text(errors="replace")
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {k: v for k, v in self.info["pids"].items() if isinstance(v, int)}
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cascade.cli", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    """`cascade up --workers 1` on free ports in its own CASCADE_HOME; torn down whatever happens."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = home / "deploy.toml"
+    cfg.write_text(DEPLOYMENT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    env.update(CASCADE_HOME=str(home), CASCADE_HEARTBEAT_S="0.5", PYTHONPATH=str(ROOT))
+    out = open(home / "up.out", "wb")
+    argv = ["up", "--workers", "1", "--port", "0", "--nats-port", "0", "--config", str(cfg), "--stop-timeout", "20"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cascade.cli", *argv],
+        env=env,
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    seen: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        info: dict[str, Any] | None = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"cascade up exited {proc.returncode}:\n{(home / 'up.out').read_text()[-4000:]}")
+            info = read_mesh_file(home)
+            if info and info.get("pids", {}).get("up") == proc.pid:
+                break
+            time.sleep(0.1)  # polling the mesh file with a deadline
+        else:
+            raise AssertionError(f"cascade up did not come up:\n{(home / 'up.out').read_text()[-4000:]}")
+        seen = {k: v for k, v in info["pids"].items() if isinstance(v, int)}
+        yield Up(home, proc, info, env)
+    finally:
+        # Normal tests stop the mesh themselves; this is the safety net when one failed midway.
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for name, pid in seen.items():
+            if name != "up" and alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        out.close()
+
+
+def test_up_serves_reports_status_and_stops_without_leftovers(up: Up) -> None:
+    info = up.info
+    assert info["gateway_url"].startswith("http://127.0.0.1:") and info["gateway_url"].endswith("/v1")
+    assert info["nats_url"].startswith("nats://127.0.0.1:")
+    assert set(up.pids) == {"up", "nats", "gateway", "scaler", "loader", "worker-0"}
+    assert f"Cascade is up: {info['gateway_url']}" in up.log
+    for name in ("gateway", "scaler", "loader", "worker-0"):
+        assert (up.home / "logs" / f"{name}.log").is_file()
+    assert (up.home / "models" / MODEL / "config.json").is_file()
+
+    # The status command finds the mesh through the mesh file alone.
+    r = up.cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["nats_url"] == info["nats_url"]
+    services = {s["service"] for s in st["services"]}
+    assert services == {"gateway", "scaler", "loader", "worker"}
+    (inst,) = st["instances"]
+    assert inst["worker_id"] == "worker-0" and inst["model"] == MODEL and inst["state"] == "serving"
+    assert inst["units_ready"] == inst["num_units"] == 4
+
+    # The same home cannot run a second mesh at once.
+    again = up.cli("up", "--workers", "1", "--port", "0", "--nats-port", "0")
+    assert again.returncode == 1 and "already running" in again.stderr
+
+    # An operator target beyond the deployment's bound is refused by the scaler with the reason.
+    r = up.cli("scale", MODEL, "--replicas", "3")
+    assert r.returncode == 1 and "above max_replicas 2" in r.stderr
+
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0, up.log[-3000:]
+    assert wait_gone(list(up.pids.values()), 10) == [], "processes left behind"
+    assert read_mesh_file(up.home) is None
+
+
+def test_a_child_dying_stops_the_mesh_with_an_error(up: Up) -> None:
+    os.kill(up.pids["loader"], signal.SIGKILL)
+    assert up.proc.wait(60) == 1
+    assert "loader was killed by signal 9" in up.log
+    assert wait_gone(list(up.pids.values()), 10) == [], "processes left behind"
+    assert read_mesh_file(up.home) is None
