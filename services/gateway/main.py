@@ -60,7 +60,16 @@ class GatewayService:
 
     async def start(self) -> GatewayService:
         try:
-            self._nc = await natsutil.connect(self.settings.nats_url, name=f"gateway-{self.id}")
+            timeout = self.settings.nats_connect_timeout_s
+            try:
+                # natsutil.connect's own deadline is not enforced while nats-py keeps retrying an
+                # unreachable server (max_reconnect_attempts=-1 applies to the first connect too).
+                self._nc = await asyncio.wait_for(
+                    natsutil.connect(self.settings.nats_url, name=f"gateway-{self.id}", connect_timeout_s=timeout),
+                    timeout,
+                )
+            except TimeoutError:
+                raise ConnectionError(f"cannot reach NATS at {self.settings.nats_url} within {timeout:g}s") from None
             self._core = GatewayCore(self.settings, self.deployment, self._nc, self.log)
             self._runner = web.AppRunner(
                 create_app(self._core),
@@ -175,7 +184,8 @@ async def _main(args: argparse.Namespace) -> int:
     log = setup_logging("gateway", getattr(args, "log_level", None))
     try:
         settings = settings_from_args(args)
-        deployment = load_deployment(getattr(args, "config", None))
+        config = getattr(args, "config", None)
+        deployment = load_deployment(Path(config) if config else None)
     except (ConfigError, ValueError) as e:
         log.error("bad_config", error=str(e))
         return 2

@@ -36,6 +36,7 @@ class GatewaySettings:
     max_attempts: int = 3  # dispatches per request (first try + retries after loss or a dead worker)
     shutdown_grace_s: float = 10.0  # how long running streams may finish after SIGTERM
     retry_after_s: int = 1  # what a 429 or 503 asks the client to wait
+    nats_connect_timeout_s: float = 10.0  # the broker may be starting beside us
 
     def __post_init__(self) -> None:
         check_token(self.gateway_id)

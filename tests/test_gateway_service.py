@@ -1,0 +1,300 @@
+"""The real gateway (in-process, free port) against the real nats-server fixture, with no
+workers: everything the gateway answers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import pytest
+
+from cascade.checkpoint import generate_model
+from cascade.config import Deployment, GenerateSpec, ModelDeployment
+from cascade.messages import ServiceReady, ServiceStatus, StatusRequest, decode, encode
+from cascade.subjects import Subjects
+from services.gateway.main import GatewayService, add_arguments, settings_from_args
+from services.gateway.settings import GatewaySettings
+from services.gateway.testing import parse_prometheus, running_gateway, sample
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "tiny"
+CONTEXT = 2048  # GenerateSpec's default max_position
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("gateway-models") / MODEL
+    generate_model(path, GenerateSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320))
+    return path
+
+
+@pytest.fixture(scope="session")
+def deployment(tiny_model: Path) -> Deployment:
+    return Deployment(
+        models=(
+            ModelDeployment(name=MODEL, path=tiny_model, min_replicas=1),
+            # Deployed but not required to be up: /health must not wait for it.
+            ModelDeployment(name="spare", path=tiny_model, min_replicas=0),
+        )
+    )
+
+
+@pytest.fixture
+async def gw(nats_url: str, prefix: str, deployment: Deployment) -> AsyncIterator[GatewayService]:
+    async with running_gateway(nats_url, prefix, deployment) as svc:
+        yield svc
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        yield s
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: Any, **kw: Any) -> tuple[int, Any, Any]:
+    data = body if isinstance(body, bytes) else None
+    js = None if isinstance(body, bytes) else body
+    async with http.post(url, data=data, json=js, **kw) as r:
+        return r.status, await r.json(content_type=None), r.headers
+
+
+def assert_error(body: Any, code: str | None = None, param: str | None = None) -> None:
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+    if param is not None:
+        assert err["param"] == param, err
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout_s: float = 10.0) -> None:
+    """Poll `check` until true, failing at the deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        ok = check()
+        if not isinstance(ok, bool):
+            ok = await ok
+        if ok:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- 400 / 404
+
+
+async def test_bad_json_and_bad_fields(gw: GatewayService, http: aiohttp.ClientSession) -> None:
+    url = gw.url + "/v1/completions"
+    status, body, _ = await post(http, url, b"{not json", headers={"Content-Type": "application/json"})
+    assert status == 400
+    assert_error(body, code="invalid_json")
+    for bad, param in [
+        ({"model": MODEL, "prompt": "x", "temperature": 3}, "temperature"),
+        ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+        ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
+        ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),  # outside the vocabulary
+        ({"model": MODEL}, "prompt"),
+    ]:
+        status, body, _ = await post(http, url, bad)
+        assert status == 400, bad
+        assert_error(body, param=param)
+    status, body, _ = await post(http, gw.url + "/v1/chat/completions", {"model": MODEL, "messages": []})
+    assert status == 400
+    assert_error(body, param="messages")
+
+
+async def test_unknown_model_is_404(gw: GatewayService, http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, gw.url + "/v1/completions", {"model": "nope", "prompt": "x"})
+    assert status == 404
+    assert_error(body, code="model_not_found", param="model")
+    chat = {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}
+    status, body, _ = await post(http, gw.url + "/v1/chat/completions", chat)
+    assert status == 404
+    async with http.get(gw.url + "/v1/models/nope") as r:
+        assert r.status == 404
+    async with http.get(gw.url + "/no/such/path") as r:
+        assert r.status == 404
+        assert_error(await r.json())
+
+
+# --------------------------------------------------------------------------- 413
+
+
+async def test_oversized_body_is_413(nats_url: str, prefix: str, deployment: Deployment) -> None:
+    async with (
+        running_gateway(nats_url, prefix, deployment, max_body_bytes=4096) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        big = {"model": MODEL, "prompt": "x" * 5000}
+        status, body, _ = await post(http, gw.url + "/v1/completions", big)
+        assert status == 413
+        assert_error(body, code="request_too_large")
+
+        # Without a Content-Length (chunked), the limit holds while reading.
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b'{"model": "tiny", "prompt": "'
+            for _ in range(10):
+                yield b"y" * 1000
+            yield b'"}'
+
+        async with http.post(gw.url + "/v1/completions", data=chunks()) as r:
+            assert r.status == 413
+            assert_error(await r.json(), code="request_too_large")
+
+
+async def test_prompt_longer_than_context_is_413(gw: GatewayService, http: aiohttp.ClientSession) -> None:
+    url = gw.url + "/v1/completions"
+    status, body, _ = await post(http, url, {"model": MODEL, "prompt": "x" * (CONTEXT + 10)})
+    assert status == 413
+    assert_error(body, code="context_length_exceeded")
+    # Fits alone, but not with the room asked for the answer (the byte tokenizer adds BOS).
+    status, body, _ = await post(http, url, {"model": MODEL, "prompt": "x" * (CONTEXT - 50), "max_tokens": 100})
+    assert status == 413
+    assert "max_tokens is 100" in body["error"]["message"]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x" * CONTEXT}]}
+    status, body, _ = await post(http, gw.url + "/v1/chat/completions", chat)
+    assert status == 413
+    assert_error(body, code="context_length_exceeded", param="messages")
+
+
+# --------------------------------------------------------------------------- 429 / 503
+
+
+async def test_full_queue_is_429_with_retry_after(nats_url: str, prefix: str, deployment: Deployment) -> None:
+    async with (
+        running_gateway(nats_url, prefix, deployment, max_queue=2, queue_timeout_s=60.0) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        url = gw.url + "/v1/completions"
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
+        waiting = [asyncio.ensure_future(post(http, url, body)) for _ in range(2)]
+        try:
+            await eventually(lambda: gw.core.queue_depths()[MODEL] == 2)
+            status, err, headers = await post(http, url, body)
+            assert status == 429
+            assert_error(err, code="queue_full")
+            assert int(headers["Retry-After"]) >= 1
+            assert all(not t.done() for t in waiting)  # still queued, waiting for an instance
+        finally:
+            for t in waiting:
+                t.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        # Clients that hang up leave the queue.
+        await eventually(lambda: gw.core.queue_depths()[MODEL] == 0)
+        await eventually(lambda: gw.core.in_flight_by_model()[MODEL] == 0)
+
+
+async def test_no_instance_is_503_after_queue_timeout(nats_url: str, prefix: str, deployment: Deployment) -> None:
+    async with (
+        running_gateway(nats_url, prefix, deployment, queue_timeout_s=0.2) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        for stream in (False, True):
+            body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "stream": stream}
+            status, err, headers = await post(http, gw.url + "/v1/completions", body)
+            assert status == 503, stream  # also for a stream: nothing was sent yet
+            assert_error(err, code="no_instance")
+            assert "Retry-After" in headers
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        status, err, _ = await post(http, gw.url + "/v1/chat/completions", chat)
+        assert status == 503
+        assert gw.core.queue_depths()[MODEL] == 0
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+async def test_live_health_models(gw: GatewayService, http: aiohttp.ClientSession) -> None:
+    async with http.get(gw.url + "/live") as r:
+        assert r.status == 200
+    async with http.get(gw.url + "/health") as r:
+        assert r.status == 503
+        body = await r.json()
+        assert body["models_without_instance"] == [MODEL]  # "spare" has min_replicas 0
+        assert MODEL in body["reason"]
+    async with http.get(gw.url + "/v1/models") as r:
+        assert r.status == 200
+        models = await r.json()
+        assert models["object"] == "list"
+        assert [m["id"] for m in models["data"]] == [MODEL, "spare"]
+        assert all(m["object"] == "model" for m in models["data"])
+    async with http.get(gw.url + f"/v1/models/{MODEL}") as r:
+        assert (await r.json())["id"] == MODEL
+
+
+async def test_metrics_parse(gw: GatewayService, http: aiohttp.ClientSession) -> None:
+    await post(http, gw.url + "/v1/completions", {"model": "nope", "prompt": "x"})
+    await post(http, gw.url + "/v1/completions", b"{", headers={"Content-Type": "application/json"})
+    async with http.get(gw.url + "/metrics") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        samples = parse_prometheus(await r.text())
+    total = "cascade_gateway_requests_total"
+    assert sample(samples, total, endpoint="/v1/completions", status="404") == 1
+    assert sample(samples, total, endpoint="/v1/completions", status="400") == 1
+    assert sample(samples, "cascade_gateway_queue_depth", model=MODEL) == 0
+    assert sample(samples, "cascade_gateway_requests_in_flight", model=MODEL) == 0
+    assert sample(samples, "cascade_gateway_instances_serving", model=MODEL) == 0
+    assert sample(samples, "cascade_gateway_request_duration_seconds_count", endpoint="/v1/completions") == 2
+    for name in ("cascade_gateway_requests_in_flight", "cascade_gateway_queue_depth"):
+        assert name in samples
+
+
+async def test_status_and_ready_over_nats(nats_url: str, prefix: str, deployment: Deployment) -> None:
+    subjects = Subjects(prefix)
+    nc = await nats.connect(nats_url)
+    try:
+        ready: asyncio.Queue[ServiceReady] = asyncio.Queue()
+
+        async def on_ready(msg: Any) -> None:
+            ready.put_nowait(decode(msg.data, ServiceReady))
+
+        await nc.subscribe(subjects.service_ready(), cb=on_ready)
+        await nc.flush()
+        async with running_gateway(nats_url, prefix, deployment, gateway_id="gw-test") as gw:
+            announced = await asyncio.wait_for(ready.get(), 10.0)
+            assert (announced.service, announced.instance, announced.pid) == ("gateway", "gw-test", os.getpid())
+            reply = await nc.request(subjects.status(), encode(StatusRequest("test")), timeout=5.0)
+            st = decode(reply.data, ServiceStatus)
+            assert (st.service, st.instance) == ("gateway", "gw-test")
+            assert st.detail["url"] == gw.url
+            assert st.detail["queue_depth"] == {MODEL: 0, "spare": 0}
+            assert st.detail["instances"] == []
+    finally:
+        await nc.close()
+
+
+async def test_flags_build_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    monkeypatch.setenv("CASCADE_GATEWAY_PORT", "0")
+    monkeypatch.setenv("CASCADE_GATEWAY_HOST", "127.0.0.2")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nats-url")  # as the mesh CLI may add it for every service
+    add_arguments(parser)
+    args = parser.parse_args(["--nats-url", "nats://x:1", "--max-queue", "2", "--batch-wait-timeout-s", "0.01"])
+    s = settings_from_args(args)
+    assert (s.nats_url, s.host, s.port, s.max_queue, s.batch_wait_timeout_s) == ("nats://x:1", "127.0.0.2", 0, 2, 0.01)
+    assert s.gateway_id.startswith("gw-")
+    assert (s.max_batch_size, s.queue_timeout_s, s.request_timeout_s, s.max_body_bytes) == (32, 30.0, 120.0, 1 << 20)
+
+
+async def test_stop_is_idempotent_and_safe_after_failed_start(prefix: str, deployment: Deployment) -> None:
+    # Nothing listens on port 1: connecting fails, and stop() after that must be harmless.
+    settings = GatewaySettings(nats_url="nats://127.0.0.1:1", prefix=prefix, port=0, nats_connect_timeout_s=0.3)
+    svc = GatewayService(settings, deployment)
+    with pytest.raises(ConnectionError):
+        await svc.start()
+    await svc.stop()
+    await svc.stop()
