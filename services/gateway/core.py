@@ -99,6 +99,9 @@ class GatewayCore:
         self.accepting = True
         self._subs: list[Subscription] = []
         self._started = False
+        # Cancel publishes are awaited at close (not cancelled like other tasks): the handlers that
+        # aiohttp cancels at the end of the shutdown grace send them just before the engine closes.
+        self._cancels: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -137,6 +140,8 @@ class GatewayCore:
             except Exception as e:  # a closed connection refuses; nothing left to undo then
                 self.log.debug("unsubscribe_failed", error=str(e))
         self._subs.clear()
+        if self._cancels:
+            await asyncio.wait(list(self._cancels), timeout=self.settings.dispatch_timeout_s)
         await self.tasks.cancel_all()
         await self.feed.close()
         for req in self.hub.open_requests():
@@ -358,7 +363,9 @@ class GatewayCore:
                 self._retry(req, worker, f"worker {worker} stopped heart-beating")
 
     def _cancel_on(self, worker: str, request_ids: list[str]) -> None:
-        self.tasks.spawn(self._publish_cancel(worker, request_ids), name=f"cancel-{worker}")
+        task = self.tasks.spawn(self._publish_cancel(worker, request_ids), name=f"cancel-{worker}")
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
 
     async def _publish_cancel(self, worker: str, request_ids: list[str]) -> None:
         try:

@@ -269,7 +269,7 @@ class RegistryFeed:
     def reap(self) -> list[str]:
         dead = self.registry.expire(self._clock())
         for w in dead:
-            self._log.warning("worker_dead", worker_id=w, missed_s=self.registry.dead_after_s)
+            self._log.warning("worker_dead", worker_id=w, silent_for_s=round(self.registry.dead_after_s, 3))
             self._on_dead(w)
         if dead:
             self._on_change()
