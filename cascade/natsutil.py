@@ -28,26 +28,41 @@ class RequestTimeout(TimeoutError):
 
 async def connect(url: str, name: str, connect_timeout_s: float = 10.0) -> NATS:
     """Connect to NATS, retrying until `connect_timeout_s` (a broker that starts beside us)."""
-    deadline = asyncio.get_running_loop().time() + connect_timeout_s
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + connect_timeout_s
     last: Exception | None = None
+    seen: list[Exception] = []
+
+    async def on_error(e: Exception) -> None:
+        seen.append(e)
+        await _quiet_error(e)
+
     while True:
+        remaining = deadline - loop.time()
         try:
-            return await nats.connect(
-                url,
-                name=name,
-                connect_timeout=2,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                # Without these, nats-py logs a traceback per failed attempt.
-                error_cb=_quiet_error,
-                disconnected_cb=_noop,
-                reconnected_cb=_noop,
+            # nats-py keeps retrying a first connection that fails when reconnects are allowed,
+            # so the budget is enforced here, around each attempt.
+            return await asyncio.wait_for(
+                nats.connect(
+                    url,
+                    name=name,
+                    connect_timeout=2,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    # Without these, nats-py logs a traceback per failed attempt.
+                    error_cb=on_error,
+                    disconnected_cb=_noop,
+                    reconnected_cb=_noop,
+                ),
+                timeout=max(remaining, 0.1),
             )
         except Exception as e:  # nats-py raises several unrelated types here
             last = e
-            if asyncio.get_running_loop().time() >= deadline:
-                raise ConnectionError(f"cannot reach NATS at {url}: {last}") from None
+            if loop.time() >= deadline:
+                why = seen[-1] if seen else last
+                detail = str(why) or type(why).__name__
+                raise ConnectionError(f"cannot reach NATS at {url} within {connect_timeout_s:g}s: {detail}") from None
             await asyncio.sleep(0.2)
 
 

@@ -54,7 +54,20 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     env = {**os.environ, "CASCADE_HOME": str(home), "CASCADE_HEARTBEAT_S": "0.5"}
     log = open(home / "up.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cascade.cli", "up", "--workers", "2", "--port", "0", "--config", str(cfg)],
+        [
+            sys.executable,
+            "-m",
+            "cascade.cli",
+            "up",
+            "--workers",
+            "2",
+            "--port",
+            "0",
+            "--nats-port",
+            "0",
+            "--config",
+            str(cfg),
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -115,6 +128,7 @@ def test_chat_streaming_with_openai_client(mesh: dict[str, Any]) -> None:
         model=MODEL,
         messages=[{"role": "user", "content": "Say something"}],
         max_tokens=10,
+        temperature=0,
         stream=True,
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},

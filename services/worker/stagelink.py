@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +78,9 @@ class StageLink:
         self.on_peer_failed = on_peer_failed
         self.host = host
         self.port = port
-        self.advertise_host = advertise_host or host
+        # A wildcard listen address is no address for a peer: fall back to this host's name
+        # (what containers resolve each other by).
+        self.advertise_host = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::", "") else host)
         self.log = logger or structlog.get_logger()
         self.stats = LinkStats()
         self._server: asyncio.Server | None = None
