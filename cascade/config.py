@@ -18,6 +18,8 @@ import orjson
 
 DEFAULT_NATS_PORT = 4222
 DEFAULT_MODEL = "cascade-tiny"
+LOADING_MODES = ("multicast", "host-cache", "disk")
+SCALING_MODES = ("live", "stop-the-world")
 
 
 def cascade_home() -> Path:
@@ -137,6 +139,12 @@ class ModelDeployment:
     generate: GenerateSpec | None = None
     policy: str = "concurrency"
     knobs: dict[str, float] = field(default_factory=dict)
+    # Where a new instance's parameters come from: "multicast" (chain from live holders, else the
+    # host cache, else disk), "host-cache" (the one host copy, else disk) or "disk".
+    loading: str = "multicast"
+    # "live": a loading instance serves as the first stage of pipelined routes for the layers it
+    # holds; "stop-the-world": nothing is routed to it until it holds every layer.
+    scaling: str = "live"
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +170,8 @@ class Deployment:
                     "max_replicas": m.max_replicas,
                     "policy": m.policy,
                     "knobs": m.knobs,
+                    "loading": m.loading,
+                    "scaling": m.scaling,
                     "generate": None
                     if m.generate is None
                     else {k: getattr(m.generate, k) for k in GenerateSpec.__slots__},
@@ -207,6 +217,12 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
     if mn < 0 or mx < mn:
         raise ConfigError(f"model {name}: need 0 <= min_replicas <= max_replicas (got {mn}, {mx})")
     knobs = {str(k): float(v) for k, v in dict(t.get("knobs", {})).items()}
+    loading = str(t.get("loading", "multicast"))
+    if loading not in LOADING_MODES:
+        raise ConfigError(f"model {name}: loading must be one of {', '.join(LOADING_MODES)} (got {loading!r})")
+    scaling = str(t.get("scaling", "live"))
+    if scaling not in SCALING_MODES:
+        raise ConfigError(f"model {name}: scaling must be one of {', '.join(SCALING_MODES)} (got {scaling!r})")
     return ModelDeployment(
         name=name,
         path=path,
@@ -215,6 +231,8 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
         generate=spec,
         policy=str(t.get("policy", "concurrency")),
         knobs=knobs,
+        loading=loading,
+        scaling=scaling,
     )
 
 
