@@ -57,6 +57,7 @@ def test_completion_defaults_and_fields() -> None:
         some_future_field={"x": 1},  # unknown fields are ignored, as OpenAI does
         presence_penalty=0,
         logprobs=None,
+        ignore_eos=True,
     )
     assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.stop, s.stream, s.include_usage, s.user) == (
         5,
@@ -68,6 +69,7 @@ def test_completion_defaults_and_fields() -> None:
         True,
         "u",
     )
+    assert s.ignore_eos and not completion().ignore_eos
     assert completion(stop=["a", "", "b"]).stop == ["a", "b"]
     assert completion(max_tokens=None).max_tokens is None  # null means "not given"
 
@@ -107,6 +109,7 @@ def test_prompt_forms() -> None:
         ("stream", "yes", "boolean"),
         ("stream_options", {"include_usage": True}, "only allowed when stream"),
         ("user", 5, "string"),
+        ("ignore_eos", "yes", "boolean"),
         ("echo", True, "not supported"),
         ("best_of", 3, "best_of = 1"),
         ("logprobs", 2, "not supported"),

@@ -29,6 +29,7 @@ from cascade.messages import (
     GenerateRequest,
     Heartbeat,
     LayerReady,
+    ModelMetrics,
     Rejection,
     SnapshotRequest,
     TokenEvent,
@@ -576,3 +577,51 @@ async def test_shutdown_cancels_streams_after_the_grace(
             assert len(a.cancelled) == 1
         finally:
             await a.stop()
+
+
+# --------------------------------------------------------------------------- load reports
+
+
+async def test_load_reports_reach_the_scaler_subject(
+    nats_url: str, prefix: str, deployment: Deployment, nc: NATS
+) -> None:
+    subjects = Subjects(prefix)
+    reports: asyncio.Queue[ModelMetrics] = asyncio.Queue()
+
+    async def on_report(msg: Msg) -> None:
+        reports.put_nowait(decode(msg.data, ModelMetrics))
+
+    await nc.subscribe(subjects.metrics_all(), cb=on_report)
+    await nc.flush()
+    async with running_gateway(
+        nats_url, prefix, deployment, heartbeat_s=HB_S, metrics_interval_s=0.05, queue_timeout_s=60.0
+    ) as gw:
+        m = Mesh(gw, nc, subjects)
+        w = await m.worker("w1", serving=False)
+        try:
+            client = m.client()
+            call = asyncio.ensure_future(client.completions.create(model=MODEL, prompt="x", max_tokens=3))
+            seen: list[ModelMetrics] = []
+
+            async def until(cond: Callable[[], bool]) -> None:
+                while not cond():
+                    seen.append(await asyncio.wait_for(reports.get(), 10.0))
+
+            # A model with no instance still reports the request it holds: what scales it from zero.
+            await until(lambda: any(r.waiting == 1 for r in seen))
+            await w.become_ready()
+            await asyncio.wait_for(call, 20.0)
+            await until(lambda: sum(r.completions for r in seen) == 1)
+            assert {(r.gateway_id, r.model) for r in seen} == {(gw.id, MODEL)}
+            assert [r.seq for r in seen] == list(range(1, len(seen) + 1))
+            totals = (
+                sum(r.arrivals for r in seen),
+                sum(r.generated_tokens for r in seen),
+                sum(sum(r.ttft_hist) for r in seen),
+                sum(sum(r.itl_hist) for r in seen),
+                sum(r.errors for r in seen),
+            )
+            assert totals == (1, 3, 1, 2, 0)
+            await client.close()
+        finally:
+            await w.stop()

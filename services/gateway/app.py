@@ -140,12 +140,17 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     rid = oai.new_request_id(kind)
     with structlog.contextvars.bound_contextvars(request_id=rid):
         req = core.admit(rid, info, prompt_ids, spec, max_tokens)
+        progress = _Progress(core, info.name, arrived)
         try:
             if spec.stream:
-                return await _stream(request, core, req, spec, arrived)
-            return await _complete(core, req, spec, arrived)
+                return await _stream(request, core, req, spec, progress)
+            return await _complete(core, req, spec, progress)
+        except asyncio.CancelledError:
+            progress.outcome = "gone"
+            raise
         finally:
             core.release(req)
+            progress.done()
 
 
 def _failure_error(f: Failure) -> ApiError:
@@ -162,23 +167,38 @@ def _final_error(reason: str, error: str | None) -> ApiError | None:
 
 
 class _Progress:
-    """Counts what a request produced, and observes time to first token once."""
+    """What a request produced and how it ended: feeds time to first token, inter-token gaps
+    and the outcome to /metrics and the scaler's load reports."""
 
     def __init__(self, core: GatewayCore, model: str, arrived: float) -> None:
         self.core, self.model, self.arrived = core, model, arrived
         self.tokens = 0
-        self.first = False
+        self.last_token_at: float | None = None
+        self.outcome = "error"  # until the handler says otherwise: "ok" | "gone" | "error"
 
     def saw(self, token_ids: list[int], text: str) -> None:
         self.tokens += len(token_ids)
-        if not self.first and (token_ids or text):
-            self.first = True
-            self.core.metrics.ttft.observe(time.monotonic() - self.arrived, model=self.model)
+        if not (token_ids or text):
+            return
+        now = time.monotonic()
+        if self.last_token_at is None:
+            self.core.metrics.ttft.observe(now - self.arrived, model=self.model)
+            self.core.load.first_token(self.model, now - self.arrived)
+        else:
+            self.core.load.token_gap(self.model, now - self.last_token_at)
+        self.last_token_at = now
+
+    def done(self) -> None:
+        if self.outcome == "ok":
+            self.core.load.completed(self.model)
+        elif self.outcome == "error":
+            self.core.load.failed(self.model)
 
 
-async def _complete(core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, arrived: float) -> web.Response:
+async def _complete(
+    core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, progress: _Progress
+) -> web.Response:
     parts: list[str] = []
-    progress = _Progress(core, req.model, arrived)
     while True:
         ev = await core.next_event(req)
         if isinstance(ev, Failure):
@@ -192,16 +212,16 @@ async def _complete(core: GatewayCore, req: RequestState, spec: oai.GenerationSp
             raise err
         use = oai.usage(len(req.prompt_ids), ev.completion_tokens or progress.tokens)
         created = int(time.time())
+        progress.outcome = "ok"
         return json_response(
             oai.full_response(spec.kind, req.request_id, created, spec.model, "".join(parts), ev.finish_reason, use)
         )
 
 
 async def _stream(
-    request: web.Request, core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, arrived: float
+    request: web.Request, core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, progress: _Progress
 ) -> web.StreamResponse:
     kind, rid, created, model = spec.kind, req.request_id, int(time.time()), spec.model
-    progress = _Progress(core, req.model, arrived)
     # Wait for the first event before answering: until then a failure is still a proper HTTP
     # status (503 queue timeout, 413 from the worker), which clients handle better than an
     # error inside a 200 stream.
@@ -244,6 +264,7 @@ async def _stream(
                 if spec.include_usage:
                     use = oai.usage(len(req.prompt_ids), ev.completion_tokens or progress.tokens)
                     await resp.write(oai.sse(oai.usage_chunk(kind, rid, created, model, use)))
+                progress.outcome = "ok"
                 break
             ev = await core.next_event(req)
         await resp.write(oai.SSE_DONE)
@@ -251,6 +272,7 @@ async def _stream(
     except ConnectionResetError:
         # The client closed the stream; `release` (in the caller) cancels the request on its worker.
         request[CLIENT_GONE] = True
+        progress.outcome = "gone"
         core.log.info("client_gone", request_id=rid)
     return resp
 

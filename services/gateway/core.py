@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter as Tally
 from typing import Any
 
@@ -44,6 +45,7 @@ from cascade.messages import (
 from cascade.subjects import Subjects
 from services.gateway.batcher import Batcher, QueueFull
 from services.gateway.catalog import ModelCatalog, ModelInfo
+from services.gateway.loadreport import LoadReport
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError, GenerationSpec
 from services.gateway.registry import Registry, RegistryFeed, nats_snapshot_fetcher
@@ -56,8 +58,9 @@ _THREAD_TOKENISE_CHARS = 32 * 1024
 # Back-off after an "overloaded" rejection: base * 2^n, capped.
 _OVERLOAD_BACKOFF_S = 0.02
 _OVERLOAD_BACKOFF_MAX_S = 1.0
-# Rejections after which the same request is worth sending again (elsewhere, or later).
-_RETRYABLE = frozenset({"overloaded", "draining", "wrong_model"})
+# Rejections that say the instance cannot take work now, while another may: send the request
+# elsewhere and keep the instance out of routing until its next heartbeat.
+_RETRYABLE = frozenset({"draining", "wrong_model", "not_ready"})
 
 
 class GatewayCore:
@@ -95,6 +98,7 @@ class GatewayCore:
         self.metrics = GatewayMetrics(
             queue_depth=self.queue_depths, in_flight=self.in_flight_by_model, instances=self.instances_by_model
         )
+        self.load = LoadReport(self.id)
         self.url = ""
         self.accepting = True
         self._subs: list[Subscription] = []
@@ -116,6 +120,7 @@ class GatewayCore:
         for name, b in self.batchers.items():
             self.tasks.spawn(b.run(), name=f"batcher-{name}")
         self.tasks.spawn(self.feed.run_reaper(), name="reaper")
+        self.tasks.spawn(self._report_loop(), name="load-report")
         # The subscriptions must be in place at the server before a worker is told our id.
         await self.nc.flush()
 
@@ -188,14 +193,21 @@ class GatewayCore:
         if not self.accepting:
             raise ApiError(503, "the gateway is shutting down", code="shutting_down", retry_after_s=1)
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed, stop=spec.stop
+            max_tokens=max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            seed=spec.seed,
+            stop=spec.stop,
+            ignore_eos=spec.ignore_eos,
         )
         req = RequestState(request_id=request_id, model=info.name, prompt_ids=prompt_ids, params=params)
+        self.load.arrival(info.name, len(prompt_ids), time.time())
         self.hub.open(req)
         try:
             self.batchers[info.name].submit(req)
         except QueueFull as e:
             self.hub.close(req)
+            self.load.failed(info.name)
             raise ApiError(
                 429, f"{e}; retry later", code="queue_full", retry_after_s=self.settings.retry_after_s
             ) from None
@@ -386,6 +398,7 @@ class GatewayCore:
         for req, ev in self.hub.match(msg):
             if ev.token_ids:
                 self.metrics.tokens.inc(len(ev.token_ids), model=req.model)
+                self.load.generated(req.model, len(ev.token_ids))
             if ev.token_ids or ev.text:
                 req.produced = True
             if ev.finish_reason is None:
@@ -394,6 +407,22 @@ class GatewayCore:
                 self._retry(req, msg.worker_id, "the worker cancelled it before any token")
             else:
                 self.hub.finish(req, ev)
+
+    # ---- load reports ------------------------------------------------------
+    def load_gauges(self) -> dict[str, tuple[int, int]]:
+        """(running on a worker, waiting in the queue) per model."""
+        running = Tally(r.model for r in self.hub.open_requests() if r.worker_id is not None)
+        return {name: (running.get(name, 0), b.depth) for name, b in self.batchers.items()}
+
+    async def _report_loop(self) -> None:
+        subject = self.subjects.metrics("gateway", self.id)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.settings.metrics_interval_s)
+            now = time.monotonic()
+            for m in self.load.take(time.time(), now - last, self.load_gauges()):
+                await self.nc.publish(subject, encode(m))
+            last = now
 
     # ---- views -------------------------------------------------------------
     def queue_depths(self) -> dict[str, int]:

@@ -154,6 +154,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dispatch-timeout-s", type=float, default=d.dispatch_timeout_s, help="wait for a worker to admit a batch"
     )
     g.add_argument(
+        "--metrics-interval-s",
+        type=float,
+        default=d.metrics_interval_s,
+        help="how often load reports go to the scaler",
+    )
+    g.add_argument(
         "--shutdown-grace-s", type=float, default=d.shutdown_grace_s, help="time running streams get at shutdown"
     )
 
@@ -173,6 +179,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         max_body_bytes=args.max_body_bytes,
         dispatch_timeout_s=args.dispatch_timeout_s,
         shutdown_grace_s=args.shutdown_grace_s,
+        metrics_interval_s=args.metrics_interval_s,
     )
 
 

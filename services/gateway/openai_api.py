@@ -84,6 +84,7 @@ class GenerationSpec:
     stream: bool = False
     include_usage: bool = False
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -165,6 +166,9 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid("user must be a string", "user")
+    ignore_eos = body.get("ignore_eos")
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise invalid("ignore_eos must be a boolean", "ignore_eos")
     return {
         "model": model,
         "max_tokens": max_tokens,
@@ -175,6 +179,7 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
         "stream": stream,
         "include_usage": include_usage,
         "user": user,
+        "ignore_eos": bool(ignore_eos),
     }
 
 

@@ -36,6 +36,7 @@ class GatewaySettings:
     max_attempts: int = 3  # dispatches per request (first try + retries after loss or a dead worker)
     shutdown_grace_s: float = 10.0  # how long running streams may finish after SIGTERM
     retry_after_s: int = 1  # what a 429 or 503 asks the client to wait
+    metrics_interval_s: float = 1.0  # how often load reports (ModelMetrics) go to the scaler
     nats_connect_timeout_s: float = 10.0  # the broker may be starting beside us
 
     def __post_init__(self) -> None:
@@ -43,7 +44,14 @@ class GatewaySettings:
         for name in ("max_batch_size", "max_queue", "max_body_bytes", "max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("queue_timeout_s", "request_timeout_s", "heartbeat_s", "dispatch_timeout_s", "snapshot_timeout_s"):
+        for name in (
+            "queue_timeout_s",
+            "request_timeout_s",
+            "heartbeat_s",
+            "dispatch_timeout_s",
+            "snapshot_timeout_s",
+            "metrics_interval_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.batch_wait_timeout_s < 0 or self.shutdown_grace_s < 0:
