@@ -11,6 +11,7 @@ import pytest
 
 from cascade.messages import SamplingParams
 from services.gateway.batcher import Batcher, QueueFull
+from services.gateway.router import Route
 from services.gateway.streams import RequestState
 
 
@@ -31,12 +32,12 @@ class Fakes:
         self.timed_out: list[str] = []
         self.dispatched = asyncio.Event()
 
-    def pick(self, avoid: frozenset[str]) -> str | None:
+    def pick(self, avoid: frozenset[str]) -> Route | None:
         preferred = [w for w in self.instances if w not in avoid] or self.instances
-        return preferred[0] if preferred else None
+        return Route(preferred[0]) if preferred else None
 
-    def dispatch(self, worker: str, batch: list[RequestState]) -> None:
-        self.batches.append((worker, [r.request_id for r in batch]))
+    def dispatch(self, route: Route, batch: list[RequestState]) -> None:
+        self.batches.append((route.worker_id, [r.request_id for r in batch]))
         self.dispatched.set()
 
     def on_timeout(self, req: RequestState) -> None:

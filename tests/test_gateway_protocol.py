@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -31,6 +32,7 @@ from cascade.messages import (
     LayerReady,
     ModelMetrics,
     Rejection,
+    RouteStage,
     SnapshotRequest,
     TokenEvent,
     TokenEvents,
@@ -59,6 +61,9 @@ class FakeWorker:
         self.seq = NUM_UNITS if serving else 0
         self.units = list(range(NUM_UNITS)) if serving else []
         self.batches: list[list[str]] = []
+        self.routes: dict[str, list[RouteStage]] = {}
+        self.running = 0  # what its heartbeats report
+        self.stage_addr = f"127.0.0.1:{1000 + len(worker_id)}"  # never dialled: the fake runs no stages
         self.cancelled: set[str] = set()
         self.cancel_seen = asyncio.Event()
         self.snapshot_requests = 0
@@ -105,13 +110,14 @@ class FakeWorker:
             model=MODEL,
             units_ready=len(self.units),
             num_units=NUM_UNITS,
-            running=0,
+            running=self.running,
             waiting=0,
             max_batch=8,
             tokens_per_s=0.0,
             ready_seq=self.seq,
             pid=os.getpid(),
             host="test",
+            stage_addr=self.stage_addr,
         )
         await self.nc.publish(self.s.heartbeat(self.id), encode(hb))
 
@@ -119,6 +125,16 @@ class FakeWorker:
         while True:
             await self.heartbeat()
             await asyncio.sleep(HB_S)
+
+    async def load_units(self, n: int) -> None:
+        """Announce units 0..n-1 while staying in state loading."""
+        for unit in range(len(self.units), n):
+            self.seq += 1
+            self.units.append(unit)
+            await self.nc.publish(
+                self.s.ready(self.id), encode(LayerReady(self.id, MODEL, unit, NUM_UNITS, self.seq, 0.0))
+            )
+        await self.heartbeat()
 
     async def become_ready(self, skip_seq: bool = False) -> None:
         """Announce every unit, then turn serving (optionally losing one readiness event)."""
@@ -145,6 +161,7 @@ class FakeWorker:
     async def _on_generate(self, msg: Msg) -> None:
         batch = decode(msg.data, GenerateBatch)
         self.batches.append([r.request_id for r in batch.requests])
+        self.routes.update({r.request_id: r.route for r in batch.requests})
         if not self.answer_batches:
             return
         accepted, rejected = [], []
@@ -625,3 +642,54 @@ async def test_load_reports_reach_the_scaler_subject(
             await client.close()
         finally:
             await w.stop()
+
+
+# --------------------------------------------------------------------------- live scaling
+
+
+async def _split_setup(m: Mesh) -> tuple[FakeWorker, FakeWorker]:
+    f = await m.worker("f")
+    f.running = 8  # every batch slot taken
+    n = await m.worker("n", serving=False)
+    await f.heartbeat()
+    await n.load_units(2)  # the embedding and layer 0 of 2
+
+    def seen() -> bool:
+        views = {v.worker_id: v for v in m.gw.core.registry.views()}
+        return "f" in views and views["f"].running == 8 and "n" in views and views["n"].prefix_units == 2
+
+    await eventually(seen)
+    return f, n
+
+
+async def test_busy_full_instance_sheds_front_layers_to_a_loading_one(mesh: Mesh) -> None:
+    f, n = await _split_setup(mesh)
+    client = mesh.client()
+    r = await client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert r.choices[0].text == "ab"  # tokens come from the first stage, which drives
+    assert f.batches == []
+    ((rid,),) = n.batches
+    assert n.routes[rid] == [RouteStage("n", 0, 1, n.stage_addr), RouteStage("f", 1, 2, f.stage_addr)]
+    async with aiohttp.ClientSession() as http, http.get(mesh.gw.url + "/metrics") as resp:
+        samples = parse_prometheus(await resp.text())
+    assert sample(samples, "cascade_gateway_routed_requests_total", model=MODEL, route="pipelined") == 1
+    await client.close()
+
+
+async def test_stop_the_world_never_routes_to_a_loading_instance(
+    nats_url: str, prefix: str, deployment: Deployment, nc: NATS
+) -> None:
+    stw = Deployment(models=tuple(dataclasses.replace(d, scaling="stop-the-world") for d in deployment.models))
+    async with running_gateway(nats_url, prefix, stw, heartbeat_s=HB_S) as gw:
+        m = Mesh(gw, nc, Subjects(prefix))
+        try:
+            f, n = await _split_setup(m)
+            client = m.client()
+            r = await client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+            assert r.choices[0].text == "ab"
+            assert n.batches == [] and len(f.batches) == 1
+            assert f.routes[f.batches[0][0]] == []
+            await client.close()
+        finally:
+            for w in m.workers:
+                await w.stop()

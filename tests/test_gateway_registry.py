@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from cascade.messages import Heartbeat, LayerReady, WorkerSnapshot
 from services.gateway.registry import Registry, RegistryFeed
@@ -249,3 +250,13 @@ async def test_reaper_loop_runs_on_its_own() -> None:
         await asyncio.gather(task, return_exceptions=True)
         await feed.close()
     assert feed.registry.workers() == []
+
+
+def test_views_carry_the_ready_prefix_and_stage_link() -> None:
+    reg = Registry(heartbeat_s=1.0)
+    reg.on_heartbeat(dataclasses.replace(hb(state="loading", units=0), stage_addr="h:9"), now=0.0)
+    reg.on_snapshot(snap(0, []))
+    for seq, unit in ((1, 0), (2, 1), (3, 3)):  # unit 2 is not there yet
+        reg.on_layer_ready(ready(seq, unit), now=0.1)
+    v = view(reg)
+    assert (v.units_ready, v.prefix_units, v.stage_addr) == (3, 2, "h:9")

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from cascade.messages import RouteStage
 from services.gateway.router import (
     InstanceView,
+    Route,
     choose_instance,
+    choose_route,
     estimated_load,
+    front_layers,
     models_without_instance,
     serves_fully,
 )
@@ -77,3 +81,50 @@ def test_health_helpers() -> None:
     assert serves_fully(views[0], "m")
     assert not serves_fully(views[1], "x")
     assert models_without_instance(views, ["m", "x", "y"]) == ["x", "y"]
+
+
+# --------------------------------------------------------------------------- live routes
+
+
+def loading(wid: str, prefix: int, running: int = 0, stage: str | None = "h:2") -> InstanceView:
+    return InstanceView(wid, "m", "loading", prefix, 6, running, 0, 8, 0, 0, prefix, stage)
+
+
+def full(wid: str, running: int = 0, stage: str | None = "h:1") -> InstanceView:
+    return InstanceView(wid, "m", "serving", 6, 6, running, 0, 8, 0, 0, 6, stage)
+
+
+def test_full_instance_with_room_is_not_split() -> None:
+    assert choose_route([full("f", running=7), loading("n", 3)], "m") == Route("f")
+
+
+def test_busy_full_instance_sheds_front_layers_to_a_loading_one() -> None:
+    # 6 units = embedding, 4 layers, head. n holds the embedding and layers 0-1.
+    r = choose_route([full("f", running=8), loading("n", 3)], "m")
+    assert r == Route("n", (RouteStage("n", 0, 2, "h:2"), RouteStage("f", 2, 4, "h:1")))
+
+
+def test_deepest_loading_instance_wins_and_the_tail_keeps_a_layer() -> None:
+    views = [full("f", running=9), loading("n1", 2), loading("n2", 4), loading("n3", 5)]
+    # n3 holds every layer but not the head: splitting would leave f no layer, so n2 is deepest.
+    r = choose_route(views, "m")
+    assert r is not None and r.worker_id == "n2" and r.stages[0].end == 3
+
+
+def test_no_split_when_it_cannot_help() -> None:
+    busy = full("f", running=8)
+    assert choose_route([busy, loading("n", 3)], "m", live=False) == Route("f")  # stop-the-world
+    assert choose_route([busy, loading("n", 1)], "m") == Route("f")  # only the embedding
+    assert choose_route([busy, loading("n", 3, running=8)], "m") == Route("f")  # head busy too
+    assert choose_route([busy, loading("n", 3, stage=None)], "m") == Route("f")  # no stage link
+    assert choose_route([full("f", running=8, stage=None), loading("n", 3)], "m") == Route("f")
+    assert choose_route([busy, loading("n", 3)], "m", avoid=frozenset({"n"})) == Route("f")
+    assert choose_route([loading("n", 5)], "m") is None  # no instance holds the tail
+
+
+def test_front_layers() -> None:
+    assert front_layers(loading("n", 0), "m") == 0
+    assert front_layers(loading("n", 1), "m") == 0  # the embedding alone runs no layer
+    assert front_layers(loading("n", 3), "m") == 2
+    assert front_layers(loading("n", 6), "m") == 4
+    assert front_layers(loading("n", 3), "other") == 0

@@ -3,7 +3,7 @@
 Admitted requests wait in one bounded queue per model. Once an instance can take
 them, the batcher gathers requests until `max_batch_size` or until
 `wait_s` has passed since the first of them could go, and hands them to
-`dispatch` as one batch. A full batch leaves at once. While no instance is
+`dispatch` as one batch (all on the same route). A full batch leaves at once. While no instance is
 ready, requests stay queued until their own deadline, then `on_timeout` gets
 them. The batcher does no I/O: `pick` and `dispatch` are the owner's.
 """
@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from services.gateway.router import Route
 from services.gateway.streams import RequestState
 
 
@@ -31,8 +32,8 @@ class Batcher:
         wait_s: float,
         max_queue: int,
         queue_timeout_s: float,
-        pick: Callable[[frozenset[str]], str | None],
-        dispatch: Callable[[str, list[RequestState]], None],
+        pick: Callable[[frozenset[str]], Route | None],
+        dispatch: Callable[[Route, list[RequestState]], None],
         on_timeout: Callable[[RequestState], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -118,8 +119,8 @@ class Batcher:
         if not ready:
             return None if not self._queue else min(r.ready_at for r in self._queue) - now
         head = ready[0]
-        worker = self._pick(frozenset(head.avoid))
-        if worker is None:
+        route = self._pick(frozenset(head.avoid))
+        if route is None:
             self._expire(now)
             if not self._queue:
                 return None
@@ -127,17 +128,20 @@ class Batcher:
         window_end = head.ready_at + self.wait_s
         if len(ready) < self.max_batch_size and now < window_end:
             return window_end - now
+        worker = route.worker_id
         batch: list[RequestState] = []
         for r in ready:
             if len(batch) >= self.max_batch_size:
                 break
             # A request that already failed on `worker` goes there only if nothing else can serve it.
-            if r is not head and worker in r.avoid and self._pick(frozenset(r.avoid)) != worker:
-                continue
+            if r is not head and worker in r.avoid:
+                alt = self._pick(frozenset(r.avoid))
+                if alt is None or alt.worker_id != worker:
+                    continue
             batch.append(r)
         for r in batch:
             self._queue.remove(r)
-        self._dispatch(worker, batch)
+        self._dispatch(route, batch)
         return 0.0 if self._queue else None
 
     def _expire(self, now: float) -> None:

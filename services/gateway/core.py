@@ -17,6 +17,7 @@ import asyncio
 import os
 import time
 from collections import Counter as Tally
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -49,7 +50,7 @@ from services.gateway.loadreport import LoadReport
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError, GenerationSpec
 from services.gateway.registry import Registry, RegistryFeed, nats_snapshot_fetcher
-from services.gateway.router import choose_instance, models_without_instance, serves_fully
+from services.gateway.router import Route, choose_route, models_without_instance, serves_fully
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import Failure, RequestState, StreamHub
 
@@ -254,9 +255,12 @@ class GatewayCore:
             self._cancel_on(worker, [req.request_id])
 
     # ---- routing and dispatch ----------------------------------------------
-    def _picker(self, model: str) -> Any:
-        def pick(avoid: frozenset[str]) -> str | None:
-            return choose_instance(self.registry.views(self.hub.inflight_by_worker()), model, avoid)
+    def _picker(self, model: str) -> Callable[[frozenset[str]], Route | None]:
+        dep = self.catalog.deployment.get(model)
+        live = dep is None or dep.scaling == "live"
+
+        def pick(avoid: frozenset[str]) -> Route | None:
+            return choose_route(self.registry.views(self.hub.inflight_by_worker()), model, avoid, live)
 
         return pick
 
@@ -264,22 +268,33 @@ class GatewayCore:
         for b in self.batchers.values():
             b.wake()
 
-    def _dispatch(self, worker: str, batch: list[RequestState]) -> None:
-        # Bind before any await: the router's next pick must already count these.
+    def _dispatch(self, route: Route, batch: list[RequestState]) -> None:
+        # Bind before any await: the router's next pick must already count these. A pipelined
+        # route is bound to its first stage: that worker drives it and sends its tokens.
+        worker = route.worker_id
         for r in batch:
             self.hub.bind(r, worker)
             r.attempts += 1
         model = batch[0].model
         self.metrics.batches.inc(model=model)
         self.metrics.batch_size.observe(len(batch), model=model)
-        self.tasks.spawn(self._send_batch(worker, batch), name=f"dispatch-{worker}")
+        self.metrics.routed.inc(len(batch), model=model, route="pipelined" if route.stages else "full")
+        self.tasks.spawn(self._send_batch(route, batch), name=f"dispatch-{worker}")
 
-    async def _send_batch(self, worker: str, batch: list[RequestState]) -> None:
+    async def _send_batch(self, route: Route, batch: list[RequestState]) -> None:
+        worker = route.worker_id
+        stages = list(route.stages)
         msg = GenerateBatch(
             gateway_id=self.id,
-            requests=[GenerateRequest(r.request_id, r.model, r.prompt_ids, r.params) for r in batch],
+            requests=[GenerateRequest(r.request_id, r.model, r.prompt_ids, r.params, stages) for r in batch],
         )
-        self.log.debug("dispatch", worker_id=worker, size=len(batch), model=batch[0].model)
+        self.log.debug(
+            "dispatch",
+            worker_id=worker,
+            size=len(batch),
+            model=batch[0].model,
+            route=[f"{s.worker_id}[{s.start},{s.end})" for s in stages] or None,
+        )
         try:
             reply = await natsutil.request(
                 self.nc, self.subjects.generate(worker), msg, BatchReply, self.settings.dispatch_timeout_s
@@ -403,8 +418,11 @@ class GatewayCore:
                 req.produced = True
             if ev.finish_reason is None:
                 req.events.put_nowait(ev)
-            elif ev.finish_reason == "cancelled" and not req.produced and not req.cancelled:
-                self._retry(req, msg.worker_id, "the worker cancelled it before any token")
+            elif ev.finish_reason in ("cancelled", "error") and not req.produced and not req.cancelled:
+                # Nothing reached the client yet, so another instance can start it afresh (a
+                # pipelined route fails this way when its tail instance goes away).
+                why = ev.error or ("the worker cancelled it" if ev.finish_reason == "cancelled" else "no detail")
+                self._retry(req, msg.worker_id, f"{ev.finish_reason} before any token: {why}")
             else:
                 self.hub.finish(req, ev)
 

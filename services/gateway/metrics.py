@@ -168,6 +168,11 @@ class GatewayMetrics:
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens of admitted requests.", ("model",))
         self.batches = Counter(p + "batches_total", "GenerateBatch messages dispatched to workers.", ("model",))
         self.batch_size = Histogram(p + "batch_size", "Requests per dispatched batch.", BATCH_BUCKETS, ("model",))
+        self.routed = Counter(
+            p + "routed_requests_total",
+            "Dispatches by route: the whole model on one instance, or pipelined through a loading one.",
+            ("model", "route"),
+        )
         self.retries = Counter(
             p + "retries_total", "Requests sent again (rejected, lost, or their worker died).", ("model", "reason")
         )
@@ -198,6 +203,7 @@ class GatewayMetrics:
             self.prompt_tokens,
             self.batches,
             self.batch_size,
+            self.routed,
             self.retries,
             self.dead_workers,
         ):

@@ -63,6 +63,7 @@ class WorkerEntry:
     max_batch: int = 1
     tokens_per_s: float = 0.0
     ready_seq: int = 0
+    stage_addr: str | None = None
     inflight_at_heartbeat: int = 0
     # Set when the worker turned a request away as draining or for another model; cleared by
     # its next heartbeat, which tells its real state.
@@ -92,6 +93,7 @@ class Registry:
         e.max_batch = max(hb.max_batch, 1)
         e.tokens_per_s = hb.tokens_per_s
         e.ready_seq = hb.ready_seq
+        e.stage_addr = hb.stage_addr
         e.inflight_at_heartbeat = inflight
         e.suspended = False
         if not e.synced or hb.ready_seq > e.seq:
@@ -160,6 +162,8 @@ class Registry:
                 continue  # no load figures yet; the first heartbeat comes within an interval
             model = e.ready_model if e.synced else e.model
             units = len(e.ready_units) if e.synced else e.hb_units_ready
+            # Units load front to back, so without a snapshot the count is the prefix.
+            prefix = _prefix(e.ready_units) if e.synced else e.hb_units_ready
             num_units = e.num_units if e.synced else e.hb_num_units
             state = e.state
             if e.suspended or (e.synced and e.model != e.ready_model):
@@ -176,6 +180,8 @@ class Registry:
                     max_batch=e.max_batch,
                     inflight=inflight.get(e.worker_id, 0),
                     inflight_at_heartbeat=e.inflight_at_heartbeat,
+                    prefix_units=prefix,
+                    stage_addr=e.stage_addr,
                 )
             )
         return out
@@ -230,6 +236,13 @@ class Registry:
             e.ready_units = set()
         e.num_units = ev.num_units
         e.ready_units.add(ev.unit)
+
+
+def _prefix(units: set[int]) -> int:
+    n = 0
+    while n in units:
+        n += 1
+    return n
 
 
 class RegistryFeed:

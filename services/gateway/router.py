@@ -1,10 +1,18 @@
 """Routing: which instance gets the next batch of a model. Pure functions over a
-snapshot; the registry builds the snapshot, the batcher asks, nothing here does I/O."""
+snapshot; the registry builds the snapshot, the batcher asks, nothing here does I/O.
+
+`choose_instance` picks among instances that hold the whole model. `choose_route`
+adds live scaling (docs/live-scaling.md): when every full instance is busy, a
+request may run its front layers on an instance that is still loading them and
+the rest on a full one, so the busy instance sheds work before the load ends.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from cascade.messages import RouteStage
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +29,17 @@ class InstanceView:
     max_batch: int
     inflight: int = 0  # this gateway's requests on the worker now
     inflight_at_heartbeat: int = 0  # this gateway's requests on it when that heartbeat arrived
+    prefix_units: int = 0  # units ready without a hole from unit 0 (embedding, layer 0, ...)
+    stage_addr: str | None = None  # its stage link, for pipelined routes
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a batch goes. `stages` empty: `worker_id` runs the whole model. Otherwise the
+    pinned pipeline, whose first stage is `worker_id` (it drives the token loop)."""
+
+    worker_id: str
+    stages: tuple[RouteStage, ...] = ()
 
 
 def serves_fully(view: InstanceView, model: str) -> bool:
@@ -63,3 +82,60 @@ def choose_instance(
 def models_without_instance(instances: Sequence[InstanceView], required: Iterable[str]) -> list[str]:
     """The models in `required` that no instance can serve fully (what /health reports)."""
     return [m for m in required if not any(serves_fully(v, m) for v in instances)]
+
+
+def has_room(view: InstanceView) -> bool:
+    return estimated_load(view) < max(view.max_batch, 1)
+
+
+def front_layers(view: InstanceView, model: str) -> int:
+    """Decoder layers `view` can run as the first stage of `model` (embedding included), or 0."""
+    if view.model != model or view.num_units < 3 or view.prefix_units < 2:
+        return 0
+    return min(view.prefix_units - 1, view.num_units - 2)
+
+
+def choose_route(
+    instances: Sequence[InstanceView], model: str, avoid: Sequence[str] | frozenset[str] = (), live: bool = True
+) -> Route | None:
+    """A full instance while one has room; with `live` and all of them busy, a pipelined route
+    through the loading instance that holds the most front layers (it must have room itself),
+    ending on the least-loaded full instance. None when no instance holds the whole model:
+    a pipeline needs a full instance for the tail.
+
+    Stop-the-world scaling (`live` false) never splits: a loading instance gets nothing until
+    it holds every layer.
+    """
+    full_id = choose_instance(instances, model, avoid)
+    if full_id is None:
+        return None
+    full = next(v for v in instances if v.worker_id == full_id)
+    if not live or has_room(full) or not full.stage_addr:
+        return Route(full_id)
+    num_layers = full.num_units - 2
+    best: tuple[int, float, str] | None = None
+    head: InstanceView | None = None
+    for v in instances:
+        k = front_layers(v, model)
+        if (
+            v.state != "loading"  # a serving one is a full instance: choose_instance weighed it
+            or not v.stage_addr
+            or v.worker_id in avoid
+            or v.num_units != full.num_units
+            or not 1 <= k < num_layers  # the tail keeps at least one layer and the head
+            or not has_room(v)
+        ):
+            continue
+        key = (-k, estimated_load(v) / max(v.max_batch, 1), v.worker_id)
+        if best is None or key < best:
+            best, head = key, v
+    if head is None:
+        return Route(full_id)
+    k = front_layers(head, model)
+    return Route(
+        head.worker_id,
+        (
+            RouteStage(head.worker_id, 0, k, head.stage_addr or ""),
+            RouteStage(full.worker_id, k, num_layers, full.stage_addr),
+        ),
+    )
