@@ -4,13 +4,17 @@ workers: everything the gateway answers by itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import nats
+import orjson
 import pytest
 
 from cascade.checkpoint import generate_model
@@ -281,7 +285,6 @@ async def test_flags_build_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CASCADE_GATEWAY_PORT", "0")
     monkeypatch.setenv("CASCADE_GATEWAY_HOST", "127.0.0.2")
     parser = argparse.ArgumentParser()
-    parser.add_argument("--nats-url")  # as the mesh CLI may add it for every service
     add_arguments(parser)
     args = parser.parse_args(["--nats-url", "nats://x:1", "--max-queue", "2", "--batch-wait-timeout-s", "0.01"])
     s = settings_from_args(args)
@@ -298,3 +301,40 @@ async def test_stop_is_idempotent_and_safe_after_failed_start(prefix: str, deplo
         await svc.start()
     await svc.stop()
     await svc.stop()
+
+
+async def test_process_serves_and_stops_cleanly_on_sigterm(
+    nats_url: str, prefix: str, deployment: Deployment, tmp_path: Path
+) -> None:
+    """`cascade gateway` as its own process: logs its real port, serves, exits 0 on SIGTERM."""
+    config = tmp_path / "deploy.json"
+    config.write_bytes(orjson.dumps(deployment.to_json()))
+    env = {**os.environ, "CASCADE_LOG_FORMAT": "json"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cascade.cli", "gateway", "--nats-url", nats_url, "--prefix", prefix,
+        "--config", str(config), "--port", "0", "--shutdown-grace-s", "1",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        url = None
+        while url is None:
+            line = await asyncio.wait_for(proc.stderr.readline(), 60.0)
+            assert line, "the gateway exited before listening"
+            with contextlib.suppress(orjson.JSONDecodeError):
+                event = orjson.loads(line)
+                if event.get("event") == "listening":
+                    url = event["url"]
+        assert not url.endswith(":0")
+        async with aiohttp.ClientSession() as http, http.get(url + "/live") as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30.0) == 0
+    finally:
+        if proc.returncode is None:  # the test failed midway: stop it the same graceful way first
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10.0)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,8 +19,10 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from cascade import natsutil
-from cascade.config import ConfigError, Deployment, env_int, env_str, load_deployment, resolve_nats_url, resolve_prefix
+from cascade.cliargs import add_common_arguments, deployment_from_args
+from cascade.config import ConfigError, Deployment, env_int, env_str
 from cascade.logs import setup_logging
+from cascade.meshview import connect_bounded
 from services.gateway.app import create_app
 from services.gateway.core import GatewayCore
 from services.gateway.settings import GatewaySettings, new_gateway_id
@@ -60,16 +61,9 @@ class GatewayService:
 
     async def start(self) -> GatewayService:
         try:
-            timeout = self.settings.nats_connect_timeout_s
-            try:
-                # natsutil.connect's own deadline is not enforced while nats-py keeps retrying an
-                # unreachable server (max_reconnect_attempts=-1 applies to the first connect too).
-                self._nc = await asyncio.wait_for(
-                    natsutil.connect(self.settings.nats_url, name=f"gateway-{self.id}", connect_timeout_s=timeout),
-                    timeout,
-                )
-            except TimeoutError:
-                raise ConnectionError(f"cannot reach NATS at {self.settings.nats_url} within {timeout:g}s") from None
+            self._nc = await connect_bounded(
+                self.settings.nats_url, f"gateway-{self.id}", self.settings.nats_connect_timeout_s
+            )
             self._core = GatewayCore(self.settings, self.deployment, self._nc, self.log)
             self._runner = web.AppRunner(
                 create_app(self._core),
@@ -114,60 +108,77 @@ class GatewayService:
 # --------------------------------------------------------------------------- CLI
 
 
-def _add_if_absent(parser: argparse.ArgumentParser, *flags: str, **kw: Any) -> None:
-    """Add a flag the mesh CLI may already define for every service (--nats-url, ...)."""
-    try:
-        parser.add_argument(*flags, **kw)
-    except argparse.ArgumentError:
-        pass  # the caller's parser has it; run() reads it by the same name
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = GatewaySettings(nats_url="")
-    _add_if_absent(parser, "--nats-url", default=None, help="NATS URL (default: CASCADE_NATS_URL, the running mesh)")
-    _add_if_absent(parser, "--prefix", default=None, help="subject prefix (default: CASCADE_PREFIX or cascade)")
-    _add_if_absent(parser, "--config", type=Path, default=None, help="deployment file (TOML or JSON)")
-    _add_if_absent(parser, "--log-level", default=None, help="debug | info | warning (default CASCADE_LOG_LEVEL)")
+    add_common_arguments(parser)
     g = parser.add_argument_group("gateway")
     g.add_argument("--gateway-id", default=None, help="gateway id in subjects (default gw-<random>)")
-    g.add_argument("--host", default=env_str("CASCADE_GATEWAY_HOST", d.host), help="listen address")
     g.add_argument(
-        "--port", type=int, default=env_int("CASCADE_GATEWAY_PORT", d.port), help="listen port (0: any free port)"
+        "--host", default=env_str("CASCADE_GATEWAY_HOST", d.host), help="listen address (default %(default)s)"
     )
-    g.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="requests per dispatched batch")
+    g.add_argument(
+        "--port",
+        type=int,
+        default=env_int("CASCADE_GATEWAY_PORT", d.port),
+        help="listen port (0: any free port) (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=d.max_batch_size,
+        help="requests per dispatched batch (default %(default)s)",
+    )
     g.add_argument(
         "--batch-wait-timeout-s",
         type=float,
         default=d.batch_wait_timeout_s,
-        help="longest wait for a batch to fill after its first request",
+        help="longest wait for a batch to fill after its first request (default %(default)s)",
     )
-    g.add_argument("--max-queue", type=int, default=d.max_queue, help="queued requests per model before 429")
-    g.add_argument("--queue-timeout-s", type=float, default=d.queue_timeout_s, help="wait for an instance before 503")
+    g.add_argument(
+        "--max-queue", type=int, default=d.max_queue, help="queued requests per model before 429 (default %(default)s)"
+    )
+    g.add_argument(
+        "--queue-timeout-s",
+        type=float,
+        default=d.queue_timeout_s,
+        help="wait for an instance before 503 (default %(default)s)",
+    )
     g.add_argument(
         "--request-timeout-s",
         type=float,
         default=d.request_timeout_s,
-        help="longest silence from a worker during a request before 504",
+        help="longest silence from a worker during a request before 504 (default %(default)s)",
     )
-    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body (413 above)")
     g.add_argument(
-        "--dispatch-timeout-s", type=float, default=d.dispatch_timeout_s, help="wait for a worker to admit a batch"
+        "--max-body-bytes",
+        type=int,
+        default=d.max_body_bytes,
+        help="largest request body (413 above) (default %(default)s)",
+    )
+    g.add_argument(
+        "--dispatch-timeout-s",
+        type=float,
+        default=d.dispatch_timeout_s,
+        help="wait for a worker to admit a batch (default %(default)s)",
     )
     g.add_argument(
         "--metrics-interval-s",
         type=float,
         default=d.metrics_interval_s,
-        help="how often load reports go to the scaler",
+        help="how often load reports go to the scaler (default %(default)s)",
     )
     g.add_argument(
-        "--shutdown-grace-s", type=float, default=d.shutdown_grace_s, help="time running streams get at shutdown"
+        "--shutdown-grace-s",
+        type=float,
+        default=d.shutdown_grace_s,
+        help="time running streams get at shutdown (default %(default)s)",
     )
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings(
-        nats_url=resolve_nats_url(getattr(args, "nats_url", None)),
-        prefix=resolve_prefix(getattr(args, "prefix", None)),
+        nats_url=args.nats_url,
+        prefix=args.prefix,
         gateway_id=args.gateway_id or new_gateway_id(),
         host=args.host,
         port=args.port,
@@ -191,8 +202,7 @@ async def _main(args: argparse.Namespace) -> int:
     log = setup_logging("gateway", getattr(args, "log_level", None))
     try:
         settings = settings_from_args(args)
-        config = getattr(args, "config", None)
-        deployment = load_deployment(Path(config) if config else None)
+        deployment = deployment_from_args(args)
     except (ConfigError, ValueError) as e:
         log.error("bad_config", error=str(e))
         return 2
