@@ -85,7 +85,7 @@ def test_partial_batch_waits_for_the_window_then_goes() -> None:
 
 def test_full_batch_goes_without_waiting() -> None:
     clock, f = Clock(), Fakes()
-    b = make(f, clock, wait_s=60.0, max_batch_size=3)
+    b = make(f, clock, wait_s=60.0, max_batch_size=3, queue_timeout_s=600.0)
     for i in range(5):
         b.submit(req(i))
     assert b.step() == 0.0  # dispatched one full batch, more queued
@@ -140,6 +140,29 @@ def test_requeue_goes_first_with_backoff_and_fresh_deadline() -> None:
     clock.t += 0.5
     b.step()
     assert f.batches[-1] == ("w1", ["r0"])
+
+
+def test_the_window_never_outlasts_the_deadline() -> None:
+    clock, f = Clock(), Fakes()
+    b = make(f, clock, wait_s=60.0, queue_timeout_s=5.0)
+    b.submit(req(1))
+    assert b.step() == 5.0
+    clock.t += 5.0
+    b.step()
+    assert f.batches == [("w1", ["r1"])] and f.timed_out == []  # an instance is up: it goes
+
+
+def test_a_request_bounced_past_its_deadline_expires_with_an_instance_up() -> None:
+    clock, f = Clock(), Fakes()
+    b = make(f, clock, queue_timeout_s=5.0)
+    r = req(1)
+    b.submit(r)
+    b.take_all()  # dispatched; the instance said "overloaded" and it comes back, held back
+    b.requeue(r, delay_s=10.0, fresh_deadline=False)
+    assert b.step() == 5.0  # wakes for the deadline, before the back-off ends
+    clock.t += 5.0
+    assert b.step() is None
+    assert f.timed_out == ["r1"] and f.batches == []
 
 
 def test_avoided_instance_is_skipped_for_others_in_the_batch() -> None:

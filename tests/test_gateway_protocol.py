@@ -412,6 +412,26 @@ async def test_overloaded_instance_is_retried_after_backoff(mesh: Mesh) -> None:
     await client.close()
 
 
+async def test_an_instance_that_stays_overloaded_ends_in_503(
+    nats_url: str, prefix: str, deployment: Deployment, nc: NATS
+) -> None:
+    async with running_gateway(nats_url, prefix, deployment, heartbeat_s=HB_S, queue_timeout_s=0.3) as gw:
+        m = Mesh(gw, nc, Subjects(prefix))
+        w = await m.worker("w1")
+        try:
+            await m.routable("w1")
+            w.reject = lambda r: "overloaded"
+            async with aiohttp.ClientSession() as http:
+                body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+                async with http.post(gw.url + "/v1/completions", json=body) as r:
+                    assert r.status == 503
+                    assert (await r.json())["error"]["code"] == "no_instance"
+                    assert "Retry-After" in r.headers
+            assert len(w.batches) >= 2  # it was offered again after a back-off, then given up on
+        finally:
+            await w.stop()
+
+
 async def test_unanswered_batch_is_cancelled_and_retried(
     nats_url: str, prefix: str, deployment: Deployment, nc: NATS
 ) -> None:

@@ -115,17 +115,21 @@ class Batcher:
         """Dispatch what can go now. Returns how long to sleep unless woken (None: until woken,
         0: go again at once)."""
         now = self._clock()
+        # A request held back after "overloaded" must not bounce past its deadline, even while
+        # its instance is up.
+        self._expire(now, only_held=True)
+        if not self._queue:
+            return None
         ready = [r for r in self._queue if r.ready_at <= now]
         if not ready:
-            return None if not self._queue else min(r.ready_at for r in self._queue) - now
+            return min(min(r.ready_at for r in self._queue), min(r.deadline for r in self._queue)) - now
         head = ready[0]
         route = self._pick(frozenset(head.avoid))
         if route is None:
             self._expire(now)
-            if not self._queue:
-                return None
-            return max(min(r.deadline for r in self._queue) - now, 0.0)
-        window_end = head.ready_at + self.wait_s
+            return None if not self._queue else min(r.deadline for r in self._queue) - now
+        # The window never outlasts the head's deadline: with an instance up, it goes rather than expires.
+        window_end = min(head.ready_at + self.wait_s, head.deadline)
         if len(ready) < self.max_batch_size and now < window_end:
             return window_end - now
         worker = route.worker_id
@@ -144,8 +148,8 @@ class Batcher:
         self._dispatch(route, batch)
         return 0.0 if self._queue else None
 
-    def _expire(self, now: float) -> None:
-        expired = [r for r in self._queue if r.deadline <= now]
+    def _expire(self, now: float, only_held: bool = False) -> None:
+        expired = [r for r in self._queue if r.deadline <= now and not (only_held and r.ready_at <= now)]
         for r in expired:
             self._queue.remove(r)
             self._on_timeout(r)
