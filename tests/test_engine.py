@@ -140,3 +140,20 @@ def test_context_limit_finishes_with_length(tmp_path_factory: pytest.TempPathFac
     evs = run(e)["r"]
     assert evs[-1].finish_reason == "length"
     assert evs[-1].prompt_tokens + evs[-1].completion_tokens == 16
+
+
+def test_emulated_device_prices_each_step(model: LlamaModel) -> None:
+    from cascade.device_profile import StepPadder, load_profile
+
+    prof = load_profile("llama2-7b-a100-80gb")
+    e = Engine(model, tok, max_batch=8, padder=StepPadder(prof, model.cfg.num_hidden_layers))
+    for i in range(4):
+        e.submit(f"r{i}", "g", tok.encode("abc"), SamplingParams(max_tokens=5, ignore_eos=True))
+    first = e.step()  # prefill of 4 prompts of 4 tokens
+    assert first.target_s * 1000 == pytest.approx(prof.step_ms(0, prefill_tokens=16), rel=1e-6)
+    second = e.step()  # decode of 4 sequences whose KV holds 4 + 1 tokens each → positions 4
+    assert second.target_s * 1000 == pytest.approx(prof.step_ms(4, 0, 4 * 4), rel=1e-6)
+    # Without a profile nothing is padded.
+    plain = Engine(model, tok)
+    plain.submit("r", "g", tok.encode("abc"), SamplingParams(max_tokens=2, ignore_eos=True))
+    assert plain.step().target_s == 0.0

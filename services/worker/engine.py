@@ -30,7 +30,7 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from cascade.messages import RouteStage, SamplingParams, TokenEvent
 from cascade.tokenizer import IncrementalDecoder, Tokenizer
 from services.worker.model import KVCache, LlamaModel, Segment, prefill_inputs
 from services.worker.sampling import sample_next
+
+if TYPE_CHECKING:
+    from cascade.device_profile import StepPadder
 
 
 def _generator(params: SamplingParams) -> torch.Generator | None:
@@ -118,6 +121,8 @@ class StepResult:
     prefilled: int
     decoded: int
     relayed: int
+    # With an emulated device: how long this step would take there (the worker pads to it).
+    target_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -152,8 +157,10 @@ class Engine:
         max_batch: int = 32,
         max_prefill_tokens: int = 4096,
         worker_id: str = "",
+        padder: StepPadder | None = None,
     ) -> None:
         self.model = model
+        self.padder = padder
         self.tok = tokenizer
         self.worker_id = worker_id
         self.max_batch = max_batch
@@ -287,7 +294,36 @@ class Engine:
                 seq.pending_ids, seq.pending_text = [], ""
         self.stats.record(batch + relayed, len(new) + decoded, time.monotonic())
         self.stats.relayed_steps += relayed
-        return StepResult(events, outbox, batch, len(new), decoded, relayed)
+        target = self._emulated_s(segs) if self.padder is not None and segs else 0.0
+        return StepResult(events, outbox, batch, len(new), decoded, relayed, target)
+
+    def _emulated_s(self, segs: list[Segment]) -> float:
+        """The step's time on the emulated device: per layer, the decode batch, prompt tokens and
+        KV tokens of the segments that ran it, priced by the profile (each real layer stands for
+        profile.layers / L profiled ones); plus per-step overhead and the head if one ran."""
+        assert self.padder is not None
+        p = self.padder.profile
+        batch = [0] * self.L
+        prefill = [0] * self.L
+        ctx = [0] * self.L
+        head = False
+        for seg in segs:
+            head = head or seg.head
+            if seg.prefill:
+                n, c = int(seg.lengths.sum().item()), 0
+            else:
+                n, c = 0, int(seg.positions.sum().item())
+            b = 0 if seg.prefill else seg.positions.shape[0]
+            for i in seg.layers:
+                batch[i] += b
+                prefill[i] += n
+                ctx[i] += c
+        scale = p.layers / self.L
+        ms = p.step_overhead_ms + (p.head_ms if head else 0.0)
+        ms += scale * sum(
+            p.layer_step_ms(batch[i], prefill[i], ctx[i]) for i in range(self.L) if batch[i] or prefill[i]
+        )
+        return ms / 1000
 
     # ------------------------------------------------------------ full sequences
     def _admit(self) -> list[Sequence]:
