@@ -140,3 +140,20 @@ def test_peer_failure_ends_driven_requests(ckpt: Checkpoint) -> None:
     got = run_mesh({"N": n})
     assert got["r"][-1].finish_reason == "error" and "F failed" in (got["r"][-1].error or "")
     assert not n.driven
+
+
+def test_relayed_stages_count_against_the_batch_limit(ckpt: Checkpoint) -> None:
+    L = ckpt.config.num_hidden_layers
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, max_batch=2, worker_id="F")
+    n = Engine(model(ckpt, range(0, 2)), tok, worker_id="N")
+    route = [RouteStage("N", 0, 1), RouteStage("F", 1, L)]  # F runs 3 of 4 layers for it
+    n.submit("relay", "g", tok.encode("hello"), SamplingParams(max_tokens=30, ignore_eos=True), route=route)
+    r = n.step()
+    for o in r.outbox:
+        h, t = wire(o)
+        f.stage_message(h, t)  # type: ignore[arg-type]
+    for i in range(2):
+        f.submit(f"own{i}", "g", tok.encode("abc"), GREEDY)
+    f.step()
+    # 3/4 of a slot is taken by the relayed stage: only one of F's own requests fits beside it.
+    assert len(f.running) == 1 and len(f.waiting) == 1

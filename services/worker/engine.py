@@ -330,7 +330,12 @@ class Engine:
         """Take as many waiting sequences as fit (batch slots and a prefill token budget)."""
         new: list[Sequence] = []
         budget = self.max_prefill_tokens
-        while self.waiting and len(self.running) + len(new) < self.max_batch:
+        # Relayed stages hold KV and take compute here for their share of the layers: they count
+        # against the batch limit by that share, so relaying for a new instance does not let this
+        # one run more than its limit (the new instance contributes only its own layers).
+        relayed = sum(r.stage.end - r.stage.start for r in self.relayed.values()) / max(self.L, 1)
+        slots = self.max_batch - int(relayed + 0.999)
+        while self.waiting and len(self.running) + len(new) < slots:
             seq = self.waiting[0]
             if new and len(seq.prompt) > budget:
                 break
