@@ -2,7 +2,7 @@
 
     cascade up                 start a broker and every service on this machine
     cascade gateway|scaler|loader|worker [flags]   run one service
-    cascade status | tap | scale | model create | bench
+    cascade status | tap | scale | cache | model create | bench
 
 Service modules (and torch) are imported only by the subcommand that needs
 them, so `cascade --help`, `cascade status` and `cascade tap` start fast.
@@ -98,6 +98,7 @@ def build_parser(services: Collection[str] = ()) -> Parser:
     _add_status(sub)
     _add_tap(sub)
     _add_scale(sub)
+    _add_cache(sub)
     _add_bench(sub)
     return p
 
@@ -365,29 +366,61 @@ def _add_scale(sub: Any) -> None:
     p.set_defaults(func=cmd_scale)
 
 
-def cmd_scale(args: argparse.Namespace) -> int:
-    from cascade.messages import Ok, RemoteError, ScaleRequest
+def _ask(args: argparse.Namespace, service: str, subject: Callable[[Any], str], msg: Any) -> str:
+    """One request/reply to a service of the running mesh; its `Ok` detail, or a one-line error."""
+    from cascade.messages import Ok, RemoteError
     from cascade.natsutil import RequestTimeout, request
     from cascade.subjects import Subjects
 
     url, prefix = resolve_nats_url(args.nats_url), resolve_prefix(args.prefix)
 
-    async def go() -> int:
-        nc = await _connect(url, "cascade-scale")
+    async def go() -> str:
+        nc = await _connect(url, f"cascade-{args.command}")
         try:
-            reply = await request(
-                nc, Subjects(prefix).scale_request(), ScaleRequest(args.model, args.replicas), Ok, args.timeout
-            )
+            reply = await request(nc, subject(Subjects(prefix)), msg, Ok, args.timeout)
         except RemoteError as e:
-            raise CliError(f"the scaler refused: {e.message}") from None
+            raise CliError(f"the {service} refused: {e.message}") from None
         except RequestTimeout:
-            raise CliError(f"no scaler answered within {args.timeout:g}s (is the mesh '{prefix}' running?)") from None
+            why = f"no {service} answered within {args.timeout:g}s (is the mesh '{prefix}' running?)"
+            raise CliError(why) from None
         finally:
             await nc.drain()
-        print(reply.detail or f"{args.model}: target {args.replicas} replicas")
-        return 0
+        return reply.detail
 
     return asyncio.run(go())
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from cascade.messages import ScaleRequest
+
+    detail = _ask(args, "scaler", lambda s: s.scale_request(), ScaleRequest(args.model, args.replicas))
+    print(detail or f"{args.model}: target {args.replicas} replicas")
+    return 0
+
+
+# --------------------------------------------------------------------------- host cache
+
+
+def _add_cache(sub: Any) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="load a model into the loader's host cache, or release it",
+        description="The host cache keeps at most one host-memory copy of each model in the mesh, the chain "
+        "head when no worker holds the model. `load` fills it now (a scale from zero then skips the disk); "
+        "`release` frees it now (it is also released by its keep-alive policy). `cascade status` shows it.",
+    )
+    p.add_argument("action", choices=["load", "release"], help="what to do")
+    p.add_argument("model", help="model name, as in the deployment")
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds to wait for the loader's answer")
+    _add_mesh_flags(p)
+    p.set_defaults(func=cmd_cache)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from cascade.messages import HostCacheRequest
+
+    print(_ask(args, "loader", lambda s: s.host_cache(), HostCacheRequest(args.action, args.model)))
+    return 0
 
 
 # --------------------------------------------------------------------------- bench

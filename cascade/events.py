@@ -56,9 +56,55 @@ def _token_events(x: m.TokenEvents) -> str:
 
 
 def _scale_decision(x: m.ScaleDecision) -> str:
-    return (
+    text = (
         f"{x.decision_id} {x.model} {x.action} {x.count} -> target {x.target_replicas} reason={_short(x.reason, 60)!r}"
     )
+    return text + (f" loading={x.loading}" if x.loading else "")
+
+
+def _units(units: list[int]) -> str:
+    if not units:
+        return "-"
+    if units == list(range(units[0], units[-1] + 1)):
+        return f"{units[0]}-{units[-1]}" if len(units) > 1 else str(units[0])
+    return _short(units, 32)
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+def _transfer_order(x: m.TransferOrder) -> str:
+    # Never the token: anyone tapping the mesh would read it.
+    text = f"{x.transfer_id} {x.role} model={x.model} units={_units(x.units)}/{x.num_units}"
+    if x.downstream:
+        text += f" -> {x.downstream}"
+    if x.rate_limit_bps > 0:
+        text += f" limit={x.rate_limit_bps / 1e6:g}MB/s"
+    if x.role == "disk":
+        text += f" path={x.path}"
+    return text
+
+
+def _transfer_event(x: m.TransferEvent) -> str:
+    text = f"{x.worker_id} {x.role} {x.transfer_id} {x.kind.upper() if x.kind != 'complete' else 'complete'}"
+    if x.kind == "complete" and x.seconds > 0:
+        text += f" {_mb(x.nbytes)} in {x.seconds:.3f}s ({x.nbytes / 1e6 / x.seconds:.0f} MB/s)"
+    if x.role != "send":
+        text += f" held={x.units_held}/{x.num_units}"
+    return text + (f" reason={_short(x.reason, 80)!r}" if x.reason else "")
+
+
+def _transfer_plan(x: m.TransferPlanned) -> str:
+    chains = "; ".join(
+        f"{c.source} -> {' -> '.join(c.targets)} [{_units(c.units)}]"
+        + (f" limit={c.rate_limit_bps / 1e6:g}MB/s" if c.rate_limit_bps > 0 else "")
+        for c in x.chains
+    )
+    text = f"{x.plan_id} decision={x.decision_id} {x.model} {x.mode} {x.num_units} units {_mb(x.nbytes)}: {chains}"
+    if x.replaces:
+        text += f" replaces={x.replaces}"
+    return text + (f" note={_short(x.note, 60)!r}" if x.note else "")
 
 
 def _scale_ack(x: m.ScaleAck) -> str:
@@ -74,6 +120,10 @@ _FORMATS: dict[type[Any], Callable[[Any], str]] = {
     m.TokenEvents: _token_events,
     m.ScaleDecision: _scale_decision,
     m.ScaleAck: _scale_ack,
+    m.TransferOrder: _transfer_order,
+    m.TransferEvent: _transfer_event,
+    m.TransferPlanned: _transfer_plan,
+    m.HostCacheRequest: lambda x: f"{x.action} {x.model}",
     m.LoadModel: lambda x: f"model={x.model} path={x.path} decision={x.decision_id or '-'}",
     m.UnloadModel: lambda x: f"decision={x.decision_id or '-'}",
     m.Cancel: lambda x: f"ids={_ids(x.request_ids)}",

@@ -11,7 +11,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from cascade.console import bar, table
+from cascade.console import bar, human_bytes, table
 from cascade.messages import Heartbeat, MessageError, ServiceStatus, StatusRequest, decode, encode
 from cascade.subjects import Subjects
 
@@ -80,6 +80,7 @@ _INSTANCE_FIELDS = (
     "waiting",
     "max_batch",
     "tokens_per_s",
+    "loading_mb_s",
 )
 
 
@@ -109,12 +110,33 @@ def instances(status: MeshStatus) -> list[dict[str, Any]]:
     return out
 
 
+def transfers(status: MeshStatus) -> list[dict[str, Any]]:
+    """Parameter transfers the loaders report: one row per target, in flight and recently done."""
+    rows: list[dict[str, Any]] = []
+    for st in status.services:
+        if st.service == "loader" and isinstance(st.detail.get("transfers"), list):
+            rows += [dict(r, loader=st.instance) for r in st.detail["transfers"] if isinstance(r, dict)]
+    return rows
+
+
+def host_cache(status: MeshStatus) -> list[dict[str, Any]]:
+    """What each loader's host cache holds: one row per model."""
+    rows: list[dict[str, Any]] = []
+    for st in status.services:
+        held = st.detail.get("host_cache") if st.service == "loader" else None
+        if isinstance(held, dict):
+            rows += [dict(v, model=k, loader=st.instance) for k, v in sorted(held.items()) if isinstance(v, dict)]
+    return rows
+
+
 def to_json(status: MeshStatus, nats_url: str, prefix: str) -> dict[str, Any]:
     return {
         "nats_url": nats_url,
         "prefix": prefix,
         "services": [asdict(s) for s in status.services],
         "instances": instances(status),
+        "transfers": transfers(status),
+        "host_cache": host_cache(status),
     }
 
 
@@ -136,8 +158,35 @@ def _units_cell(row: dict[str, Any]) -> str:
     if not isinstance(ready, int) or not isinstance(total, int) or total <= 0:
         return "-"
     if row.get("state") == "loading" or ready < total:
-        return f"{bar(ready, total, 12)} {ready}/{total}"
+        mb_s = row.get("loading_mb_s")
+        rate = f" {mb_s:.0f} MB/s" if isinstance(mb_s, int | float) and mb_s > 0 else ""
+        return f"{bar(ready, total, 12)} {ready}/{total}{rate}"
     return f"{ready}/{total}"
+
+
+def _transfer_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    out = []
+    for r in rows:
+        ready, total = r.get("units_ready"), r.get("num_units")
+        progress = (
+            f"{bar(ready, total, 12)} {ready}/{total}" if isinstance(ready, int) and isinstance(total, int) else "-"
+        )
+        mb_s = r.get("mb_s")
+        state = str(r.get("state", "?"))
+        if r.get("error"):
+            state += f": {str(r['error'])[:60]}"
+        out.append(
+            [
+                str(r.get("worker", "?")),
+                str(r.get("model", "-")),
+                progress,
+                "-" if not isinstance(mb_s, int | float) else f"{mb_s:.0f}",
+                f"{r.get('source', '?')} ({r.get('mode', '?')})",
+                str(r.get("decision_id", "-")),
+                state,
+            ]
+        )
+    return out
 
 
 def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
@@ -165,4 +214,29 @@ def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
                 ]
             )
         lines += ["", table(["INSTANCE", "MODEL", "UNITS", "STATE", "RUN/WAIT", "LOAD", "TOK/S"], irows)]
+    trows = transfers(status)
+    if trows:
+        lines += ["", "transfers (in flight first, then the latest done):"]
+        lines.append(table(["TARGET", "MODEL", "UNITS", "MB/S", "SOURCE", "DECISION", "STATE"], _transfer_rows(trows)))
+    crows = host_cache(status)
+    if any(st.service == "loader" for st in status.services):
+        total = sum(int(r.get("nbytes", 0)) for r in crows)
+        lines += ["", f"host cache: {len(crows)} model(s), {human_bytes(total)}"]
+        if crows:
+            lines.append(
+                table(
+                    ["MODEL", "SIZE", "MODE", "LOCKED", "IDLE", "SENDING"],
+                    [
+                        [
+                            str(r["model"]),
+                            human_bytes(float(r.get("nbytes", 0))),
+                            str(r.get("mode", "?")),
+                            "yes" if r.get("locked") else "no",
+                            f"{r.get('idle_s', 0)}s",
+                            str(r.get("in_use", 0)),
+                        ]
+                        for r in crows
+                    ],
+                )
+            )
     return "\n".join(lines)

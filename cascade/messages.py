@@ -236,6 +236,65 @@ class TransferOrder:
     # Bytes of each unit in `units` (same order): a receiver reserves its buffers before the
     # source starts, so page faults on fresh memory stay out of the transfer.
     unit_nbytes: list[int] = field(default_factory=list)
+    # The plan this order belongs to (for logs and `cascade tap`; the transfer id is what counts).
+    plan_id: str = ""
+
+
+@message("transfer_event")
+class TransferEvent:
+    """Worker → loader (and `cascade tap`): how this worker's part of one transfer ended.
+
+    kind "complete": every unit of the order is in (receive, disk) or sent (send);
+    "failed": the transfer stopped, `reason` says why. A receiver keeps the units it verified
+    (`units_held`, front to back) for a while, so a re-plan can continue from there;
+    "forward_failed": a receiver lost its downstream hop; it keeps receiving for itself."""
+
+    worker_id: str
+    transfer_id: str
+    model: str
+    role: Literal["send", "receive", "disk"]
+    kind: Literal["complete", "failed", "forward_failed"]
+    reason: str = ""
+    units_held: int = 0  # units of the model this worker holds, all verified, front to back
+    num_units: int = 0
+    nbytes: int = 0  # moved by this worker for this transfer
+    seconds: float = 0.0
+    ts: float = 0.0
+
+
+@message("planned_chain")
+class PlannedChain:
+    """One chain of a transfer plan as `cascade tap` shows it (no token: the plan is public)."""
+
+    transfer_id: str
+    source: str  # a worker id, "host-cache" or "disk" (each target reads the checkpoint itself)
+    targets: list[str]
+    units: list[int]
+    rate_limit_bps: float = 0.0
+
+
+@message("transfer_plan")
+class TransferPlanned:
+    """Loader → everyone: a transfer plan it is about to carry out (also every re-plan)."""
+
+    plan_id: str
+    decision_id: str
+    model: str
+    mode: str  # multicast | host-cache | disk | star
+    chains: list[PlannedChain]
+    num_units: int
+    nbytes: int  # of the whole model
+    note: str = ""  # why this shape: fallbacks taken, what a re-plan replaces
+    replaces: str = ""  # for a re-plan: the transfer id of the chain it repairs
+    ts: float = 0.0
+
+
+@message("host_cache_request")
+class HostCacheRequest:
+    """Operator → loader: put a model in the host cache now, or release it now."""
+
+    action: Literal["load", "release"]
+    model: str
 
 
 # --------------------------------------------------------------------------- requests
@@ -330,6 +389,9 @@ class ScaleDecision:
     reason: str
     figures: dict[str, float] = field(default_factory=dict)
     ts: float = 0.0
+    # Where new instances get their parameters for this decision only ("multicast", "host-cache",
+    # "disk"; "" = the deployment's `loading`). Benchmarks compare modes in one run with it.
+    loading: str = ""
 
 
 @message("scale_ack")

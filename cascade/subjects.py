@@ -69,6 +69,14 @@ class Subjects:
         receive and forward, send, or read from disk); bytes then flow on the TCP data plane."""
         return f"{self.prefix}.worker.{check_token(worker_id)}.transfer"
 
+    def transfer_event(self, worker_id: str) -> str:
+        """Worker → loader: how its part of a transfer ended (`TransferEvent`: complete, failed
+        with a reason, or lost its downstream hop)."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.transfer_event"
+
+    def transfer_event_all(self) -> str:
+        return f"{self.prefix}.worker.*.transfer_event"
+
     def generate(self, worker_id: str) -> str:
         """Request/reply, gateway → worker: a batch of requests to admit (reply: accepted/rejected)."""
         return f"{self.prefix}.worker.{check_token(worker_id)}.generate"
@@ -97,6 +105,15 @@ class Subjects:
     def scale_request(self) -> str:
         """Request/reply, operator (`cascade scale`) → scaler: set a model's replica target."""
         return f"{self.prefix}.scale.request"
+
+    # ---- parameter transfers -----------------------------------------------
+    def transfer_plan(self) -> str:
+        """Loader → everyone: the transfer plan of a scale-up, and every re-plan (`cascade tap`)."""
+        return f"{self.prefix}.transfer.plan"
+
+    def host_cache(self) -> str:
+        """Request/reply, operator → loader: load a model into the host cache, or release it."""
+        return f"{self.prefix}.loader.cache"
 
     # ---- load metrics ------------------------------------------------------
     def metrics(self, role: str, sender_id: str) -> str:

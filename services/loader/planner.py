@@ -325,11 +325,22 @@ def first_break(chain: Chain, dead: Collection[str], failed: Collection[str]) ->
     return None
 
 
-def plan_orders(plan: TransferPlan, timeout_s: float = 30.0) -> dict[str, list[TransferOrder]]:
+def send_rate(source_limit_bps: float, cap_bps: float) -> float:
+    """The pace of one send: the source's own limit (a serving holder's), further capped by a
+    mesh-wide `cap_bps` (an operator's bandwidth budget, or an emulated link); 0 = unlimited."""
+    limits = [x for x in (source_limit_bps, cap_bps) if x > 0]
+    return min(limits) if limits else 0.0
+
+
+def plan_orders(
+    plan: TransferPlan, timeout_s: float = 30.0, rate_cap_bps: float = 0.0
+) -> dict[str, list[TransferOrder]]:
     """The `TransferOrder`s to send, by worker id ("host-cache" for the loader's own cache).
 
     Receivers must get theirs before the source's send order (they must be expecting the
-    connection), so the loader sends every "receive"/"disk" order first, then the "send" ones."""
+    connection), so the loader sends every "receive"/"disk" order first, then the "send" ones.
+    Receive orders carry the checkpoint path too: a new instance reads `config.json` and the
+    tokenizer there (small files); the weights come over the data plane."""
     out: dict[str, list[TransferOrder]] = {}
     n = plan.num_units
     for c in plan.chains:
@@ -339,7 +350,16 @@ def plan_orders(plan: TransferPlan, timeout_s: float = 30.0) -> dict[str, list[T
             for h in c.targets:
                 out.setdefault(h.worker_id, []).append(
                     TransferOrder(
-                        c.transfer_id, c.token, plan.model, "disk", units, n, path=plan.model_path, unit_nbytes=sizes
+                        c.transfer_id,
+                        c.token,
+                        plan.model,
+                        "disk",
+                        units,
+                        n,
+                        path=plan.model_path,
+                        timeout_s=timeout_s,
+                        unit_nbytes=sizes,
+                        plan_id=plan.plan_id,
                     )
                 )
             continue
@@ -354,8 +374,10 @@ def plan_orders(plan: TransferPlan, timeout_s: float = 30.0) -> dict[str, list[T
                     units,
                     n,
                     downstream=nxt,
+                    path=plan.model_path,
                     timeout_s=timeout_s,
                     unit_nbytes=sizes,
+                    plan_id=plan.plan_id,
                 )
             )
         sender = c.source.worker_id or "host-cache"
@@ -368,8 +390,9 @@ def plan_orders(plan: TransferPlan, timeout_s: float = 30.0) -> dict[str, list[T
                 units,
                 n,
                 downstream=c.targets[0].addr,
-                rate_limit_bps=c.source.rate_limit_bps,
+                rate_limit_bps=send_rate(c.source.rate_limit_bps, rate_cap_bps),
                 timeout_s=timeout_s,
+                plan_id=plan.plan_id,
             )
         )
     return out

@@ -63,6 +63,8 @@ from cascade.framing import (
     verify_crc,
 )
 from cascade.messages import TransferOrder
+from cascade.modelconfig import unit_tensor_names
+from services.worker.model import LlamaModel
 
 # The sending half is shared with the loader's host cache, so it lives in the common package;
 # re-exported so the worker needs one import.
@@ -71,6 +73,7 @@ __all__ = [
     "CheckpointSource",
     "DataPlaneServer",
     "Listener",
+    "LiveModelSource",
     "RateLimiter",
     "ReceiveStats",
     "Reception",
@@ -81,6 +84,7 @@ __all__ = [
     "Transport",
     "UnitSource",
     "load_units_local",
+    "model_unit_tensors",
     "send_units",
     "send_units_async",
     "tensor_bytes",
@@ -130,6 +134,55 @@ class TensorSource:
     def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]:
         out = []
         for name, t in self.units[unit].items():
+            raw = tensor_bytes(t)
+            out.append((TensorMeta(name, DTYPE_NAMES[t.dtype], tuple(t.shape), len(raw)), raw))
+        return out
+
+
+_WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_unit_tensors(model: LlamaModel, unit: int) -> dict[str, torch.Tensor]:
+    """One unit of a live `LlamaModel` by checkpoint tensor name (the model keeps its weights
+    unfused, in checkpoint layout and order, so this is a lookup, not a conversion)."""
+    cfg = model.cfg
+    names = unit_tensor_names(cfg, unit)
+    held: list[torch.Tensor | None]
+    if unit == 0:
+        held = [model.embed]
+    elif unit <= cfg.num_hidden_layers:
+        w = model.layers.get(unit - 1)
+        held = (
+            [None]
+            if w is None
+            else [w.input_norm, w.wq, w.wk, w.wv, w.wo, w.post_norm, w.w_gate, w.w_up, w.w_down]
+        )
+    else:
+        held = [model.norm, model.lm_head]
+    if any(t is None for t in held):
+        raise KeyError(f"unit {unit} is not held")
+    return {n: t for n, t in zip(names, held, strict=True) if t is not None}
+
+
+class LiveModelSource:
+    """A serving worker's model as a chain head: units are read from the very tensors the model
+    computes with (immutable while held; the engine thread only reads them too).
+
+    When the compute dtype differs from the checkpoint's (a bfloat16 checkpoint computed in float32
+    on a CPU), each unit is cast back on the way out, so receivers get the checkpoint's dtype and
+    size; float upcasts round-trip exactly."""
+
+    def __init__(self, name: str, model: LlamaModel) -> None:
+        self.model = name
+        self._llama = model
+        self._wire = _WIRE_DTYPES.get(model.cfg.torch_dtype, model.dtype)
+        self.crcs: dict[int, int] = {}
+
+    def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]:
+        out = []
+        for name, t in model_unit_tensors(self._llama, unit).items():
+            if t.dtype != self._wire and t.is_floating_point():
+                t = t.to(self._wire)
             raw = tensor_bytes(t)
             out.append((TensorMeta(name, DTYPE_NAMES[t.dtype], tuple(t.shape), len(raw)), raw))
         return out

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from nats.aio.client import Client as NATS
 
 from cascade.checkpoint import Checkpoint
 from cascade.config import ConfigError, env_float, env_int, env_str, resolve_nats_url, resolve_prefix
+from cascade.device_profile import StepPadder, load_profile
 from cascade.logs import setup_logging
 from cascade.messages import (
     BatchReply,
@@ -44,14 +46,25 @@ from cascade.messages import (
     StatusRequest,
     TokenEvent,
     TokenEvents,
+    TransferEvent,
+    TransferOrder,
     UnloadModel,
     WorkerSnapshot,
     WorkerState,
     encode,
 )
+from cascade.modelconfig import read_config
 from cascade.natsutil import TaskSet, connect, handler, stop_event
 from cascade.subjects import Subjects, check_token
-from cascade.tokenizer import load_tokenizer
+from cascade.tokenizer import Tokenizer, load_tokenizer
+from services.worker.dataplane import (
+    DataPlaneServer,
+    LiveModelSource,
+    ReceiveStats,
+    Reception,
+    TransferError,
+    send_units_async,
+)
 from services.worker.engine import Engine
 from services.worker.model import LlamaModel, pick_device
 from services.worker.stagelink import StageLink
@@ -93,6 +106,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="heartbeat interval in seconds (env CASCADE_HEARTBEAT_S, default 1.0)",
     )
     p.add_argument(
+        "--device-profile",
+        default=os.environ.get("CASCADE_DEVICE_PROFILE") or None,
+        help="emulate an accelerator: pad every step to this profile's time (a name in docs/device-profiles "
+        "or a path; env CASCADE_DEVICE_PROFILE). For scaling benchmarks on CPUs; off by default",
+    )
+    p.add_argument(
         "--load-mb-s",
         type=float,
         default=env_float("CASCADE_LOAD_MB_S", 0.0),
@@ -105,6 +124,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--stage-port", type=int, default=env_int("CASCADE_STAGE_PORT", 0), help="stage link port (default: free)"
+    )
+    p.add_argument(
+        "--data-host",
+        default=os.environ.get("CASCADE_DATA_HOST"),
+        help="address the parameter data plane listens on (env CASCADE_DATA_HOST; default: the stage host)",
+    )
+    p.add_argument(
+        "--data-port",
+        type=int,
+        default=env_int("CASCADE_DATA_PORT", 0),
+        help="data plane port (env CASCADE_DATA_PORT; default: free)",
     )
     p.add_argument(
         "--advertise-host",
@@ -150,6 +180,9 @@ class WorkerConfig:
         stage_port: int = 0,
         advertise_host: str | None = None,
         load_mb_s: float = 0.0,
+        data_host: str | None = None,
+        data_port: int = 0,
+        device_profile: str | None = None,
     ) -> None:
         if threads < 1 or max_batch < 1 or max_waiting < 0 or heartbeat_s <= 0:
             raise ConfigError("--threads and --max-batch must be >= 1, --heartbeat-s > 0")
@@ -166,6 +199,12 @@ class WorkerConfig:
         self.stage_port = stage_port
         self.advertise_host = advertise_host
         self.load_mb_s = load_mb_s
+        # Both links face the same peers, so by default the data plane listens where the stage link does.
+        self.data_host = data_host or stage_host
+        self.data_port = data_port
+        self.device_profile = device_profile
+        if device_profile:
+            load_profile(device_profile)  # a bad name or file fails at start, with the reason
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> WorkerConfig:
@@ -185,7 +224,29 @@ class WorkerConfig:
             stage_port=a.stage_port,
             advertise_host=a.advertise_host,
             load_mb_s=a.load_mb_s,
+            data_host=a.data_host,
+            data_port=a.data_port,
+            device_profile=a.device_profile,
         )
+
+
+@dataclass(eq=False)
+class Inbound:
+    """The transfer filling this worker's model (a "receive" or "disk" order); one at a time.
+
+    Units reach the event loop through `queue` (the data plane's callbacks put them there, in
+    order) and are installed one by one on the torch thread by `WorkerService._install`."""
+
+    order: TransferOrder
+    queue: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
+    reception: Reception | None = None
+    task: asyncio.Task[None] | None = None
+    started: float = field(default_factory=time.monotonic)
+    nbytes: int = 0
+    superseded: bool = False
+    failed: str | None = None
+    # Set when a newer order replaces this one (a failed transfer keeps its units until then).
+    replaced: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class WorkerService:
@@ -210,6 +271,7 @@ class WorkerService:
         self.load_bytes = 0
         self.load_mb_s = 0.0
         self._load_task: asyncio.Task[None] | None = None
+        self.padder: StepPadder | None = None
         self.link = StageLink(
             self._on_stage_frame,
             self._on_peer_failed,
@@ -218,6 +280,12 @@ class WorkerService:
             advertise_host=cfg.advertise_host,
             logger=self.log,
         )
+        self.dataplane = DataPlaneServer(cfg.data_host, cfg.data_port, advertise_host=cfg.advertise_host)
+        self.inbound: Inbound | None = None
+        self.sends: dict[str, asyncio.Task[None]] = {}
+        self._live_source: LiveModelSource | None = None
+        # Transfer orders and the start of a load must not interleave across their awaits.
+        self._begin_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     async def main(self, stop: asyncio.Event | None = None) -> None:
@@ -228,7 +296,9 @@ class WorkerService:
         s, w = self.subjects, self.cfg.worker_id
         try:
             await self.link.start()
+            data_addr = await asyncio.to_thread(self.dataplane.start)
             await nc.subscribe(s.load(w), cb=handler(self.on_load, self.log))
+            await nc.subscribe(s.transfer(w), cb=handler(self.on_transfer, self.log))
             await nc.subscribe(s.unload(w), cb=handler(self.on_unload, self.log))
             await nc.subscribe(s.generate(w), cb=handler(self.on_generate, self.log))
             await nc.subscribe(s.cancel(w), cb=handler(self.on_cancel, self.log))
@@ -238,7 +308,7 @@ class WorkerService:
             self.tasks.spawn(self.engine_loop(), "engine")
             await nc.publish(s.service_ready(), encode(ServiceReady("worker", w, os.getpid())))
             await self.send_heartbeat()
-            self.log.info("worker_ready", device=str(self.device), threads=self.cfg.threads)
+            self.log.info("worker_ready", device=str(self.device), threads=self.cfg.threads, data_addr=data_addr)
             stop_wait = asyncio.ensure_future(stop.wait())
             failed_wait = asyncio.ensure_future(self.tasks.failed.wait())
             await asyncio.wait([stop_wait, failed_wait], return_when=asyncio.FIRST_COMPLETED)
@@ -248,6 +318,8 @@ class WorkerService:
         finally:
             await self.tasks.cancel_all()
             await self.link.close()
+            # Fails any reception still armed and joins the data-plane threads.
+            await asyncio.to_thread(self.dataplane.close)
             if not nc.is_closed:
                 await nc.drain()
             self.executor.shutdown(wait=False, cancel_futures=True)
@@ -265,6 +337,10 @@ class WorkerService:
                 pass
         if self._load_task is not None:
             self._load_task.cancel()
+        for task in list(self.sends.values()):
+            task.cancel()
+        if self.inbound is not None:
+            await self._stop_inbound(self.inbound, "worker shutting down")
         if self.engine is not None and self.engine.in_flight():
             # The engine thread may be mid-step; end the sequences from that thread.
             loop = asyncio.get_running_loop()
@@ -291,7 +367,14 @@ class WorkerService:
             ts=time.time(),
             stage_addr=self.link.addr or None,
             stage_running=len(self.engine.relayed) if self.engine else 0,
+            data_addr=self._data_addr(),
         )
+
+    def _data_addr(self) -> str | None:
+        try:
+            return self.dataplane.address
+        except RuntimeError:  # not started yet
+            return None
 
     async def send_heartbeat(self) -> None:
         assert self.nc is not None
@@ -333,7 +416,7 @@ class WorkerService:
         self.model = LlamaModel(ckpt.config, self.device)
         # The engine exists from the first unit on: a loading instance serves as the first stage of
         # pipelined routes for the layers it already holds.
-        self.engine = Engine(self.model, tok, max_batch=self.cfg.max_batch, worker_id=self.cfg.worker_id)
+        self.engine = self._new_engine(tok)
         self._load_task = self.tasks.spawn(self.load_from_disk(req, ckpt), f"load-{req.model}")
         self.log.info("load_started", model=req.model, path=str(path), decision=req.decision_id)
         return Ok(f"loading {req.model}")
@@ -379,6 +462,12 @@ class WorkerService:
             await self.send_heartbeat()
 
     async def drop_model(self) -> None:
+        if self.inbound is not None:
+            await self._stop_inbound(self.inbound, "model dropped")
+            self.inbound = None
+        for task in list(self.sends.values()):
+            task.cancel()  # the receivers' loader re-plans from another holder
+        self._live_source = None
         self.engine = None
         self.model = None
         had = self.model_name is not None
@@ -387,6 +476,263 @@ class WorkerService:
         self.model_name = None
         self.num_units = 0
         self.state = "idle"
+
+    # ------------------------------------------------------------------ transfers
+    async def on_transfer(self, order: TransferOrder) -> Ok:
+        """A part in a transfer plan: "send" units of the model held here, or fill this worker's
+        model by "receive" (data plane) or "disk" (its own read of the checkpoint)."""
+        if order.role == "send":
+            return self._start_send(order)
+        async with self._begin_lock:
+            return await self._start_inbound(order)
+
+    def _start_send(self, order: TransferOrder) -> Ok:
+        model = self.model
+        if self.state != "serving" or model is None or self.model_name != order.model:
+            raise RemoteError("not_holder", f"worker {self.cfg.worker_id} does not serve {order.model}")
+        missing = [u for u in order.units if not model.has_unit(u)]
+        if missing or not order.downstream:
+            raise RemoteError("bad_order", f"send {order.transfer_id}: units {missing[:3]} not held or no downstream")
+        if order.transfer_id in self.sends:
+            raise RemoteError("bad_order", f"already sending {order.transfer_id}")
+        if self._live_source is None:
+            # One source per held model: it caches each unit's CRC across the chains it heads.
+            self._live_source = LiveModelSource(order.model, model)
+        task = self.tasks.spawn(self._send(order, self._live_source), f"send-{order.transfer_id}")
+        self.sends[order.transfer_id] = task
+        self.log.info(
+            "send_started", transfer=order.transfer_id, to=order.downstream, units=len(order.units),
+            rate_limit_mb_s=round(order.rate_limit_bps / 1e6, 1),
+        )  # fmt: skip
+        return Ok(f"sending {len(order.units)} units of {order.model}")
+
+    async def _send(self, order: TransferOrder, source: LiveModelSource) -> None:
+        try:
+            stats = await send_units_async(source, order)
+        except TransferError as e:
+            self.log.warning("send_failed", transfer=order.transfer_id, error=str(e))
+            await self.publish_transfer(order, "failed", reason=str(e))
+        else:
+            self.log.info(
+                "send_done",
+                transfer=order.transfer_id,
+                mb=round(stats.nbytes / 1e6, 1),
+                seconds=round(stats.seconds, 3),
+            )
+            await self.publish_transfer(order, "complete", nbytes=stats.nbytes, seconds=stats.seconds)
+        finally:
+            self.sends.pop(order.transfer_id, None)
+
+    async def _start_inbound(self, order: TransferOrder) -> Ok:
+        loop = asyncio.get_running_loop()
+        tid = order.transfer_id
+        if order.role == "disk" and not order.path:
+            raise RemoteError("bad_order", f"disk order {tid} has no checkpoint path")
+        fresh = self.model is None
+        if fresh:
+            if self.state != "idle":
+                raise RemoteError("busy", f"worker {self.cfg.worker_id} is {self.state}")
+            if not order.path:
+                raise RemoteError("bad_order", f"{tid}: no path to read config.json and the tokenizer from")
+            path = Path(order.path)
+            try:
+                cfg = await loop.run_in_executor(self.executor, read_config, path)
+                tok = await loop.run_in_executor(self.executor, load_tokenizer, path)
+            except (OSError, ValueError) as e:
+                raise RemoteError("load_failed", f"{order.model}: {e}") from None
+            if cfg.num_units != order.num_units:
+                raise RemoteError("bad_order", f"{tid}: {order.num_units} units, {path} has {cfg.num_units}")
+            if self.model is not None or self.state != "idle":
+                raise RemoteError("busy", f"worker {self.cfg.worker_id} became {self.state}")
+            self.state = "loading"
+            self.model_name = order.model
+            self.num_units = cfg.num_units
+            self.model = LlamaModel(cfg, self.device)
+            # As for a disk load: a loading instance serves as a first stage for what it holds.
+            self.engine = self._new_engine(tok)
+            self.load_started = time.monotonic()
+            self.load_bytes = 0
+        elif self.state != "loading" or self.model_name != order.model:
+            # Only a load of the same model may be continued (a re-plan after a broken chain).
+            raise RemoteError("busy", f"worker {self.cfg.worker_id} is {self.state} with {self.model_name}")
+        if self.inbound is not None:
+            # Let the old transfer finish installing the unit in hand, so `held` below is exact and
+            # no unit is announced twice.
+            await self._stop_inbound(self.inbound, f"superseded by {tid}")
+        model = self.model
+        assert model is not None
+        held = set(model.ready_units())
+        gap = sorted(set(range(order.num_units)) - held - set(order.units))
+        if gap:
+            # An order this worker cannot carry out leaves no half-loaded model waiting for nothing.
+            self.inbound = None
+            await self.drop_model()
+            raise RemoteError("gap", f"{tid} leaves units {gap[:5]} unfilled")
+        inb = Inbound(order)
+        self.inbound = inb
+        if order.role == "receive":
+            q = inb.queue
+            try:
+                # Reserving (allocating and touching) the unit buffers blocks: off the loop. The
+                # loader starts the source only after this answer, so faults stay out of the stream.
+                inb.reception = await asyncio.to_thread(
+                    self.dataplane.expect,
+                    order,
+                    lambda u, t: q.put_nowait(("unit", u, t)),
+                    lambda why: q.put_nowait(("failed", why)),
+                    on_complete=lambda st: q.put_nowait(("complete", st)),
+                    on_forward_failed=lambda why: q.put_nowait(("forward_failed", why)),
+                    loop=loop,
+                    have=held,
+                    device=self.device,
+                )
+            except (TransferError, ValueError) as e:
+                self.inbound = None
+                await self.drop_model()
+                raise RemoteError("transfer_failed", f"{tid}: {e}") from None
+            inb.task = self.tasks.spawn(self._install(inb), f"install-{tid}")
+        else:
+            inb.task = self.tasks.spawn(self._read_disk(inb, held), f"disk-{tid}")
+        self.log.info(
+            "transfer_armed", transfer=tid, role=order.role, model=order.model, units=len(order.units),
+            have=len(held), downstream=order.downstream,
+        )  # fmt: skip
+        return Ok(f"{order.role} {tid}: {len(order.units)} units of {order.model}")
+
+    async def _stop_inbound(self, inb: Inbound, reason: str) -> None:
+        inb.superseded = True
+        inb.replaced.set()
+        if inb.reception is not None:
+            inb.reception.cancel(reason)
+        inb.queue.put_nowait(("stop",))
+        if inb.task is not None and inb.task is not asyncio.current_task():
+            await asyncio.wait([inb.task])
+
+    async def _install_unit(self, inb: Inbound, unit: int, tensors: dict[str, torch.Tensor], copy: bool) -> None:
+        """Install one verified unit on the torch thread (between engine steps), then announce it."""
+        model = self.model
+        if model is None:
+            raise TransferError("model dropped")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, model.load_unit, unit, tensors, copy)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        inb.nbytes += nbytes
+        self.load_bytes += nbytes
+        self.load_mb_s = inb.nbytes / 1e6 / max(time.monotonic() - inb.started, 1e-6)
+        await self.publish_ready(unit)
+
+    async def _install(self, inb: Inbound) -> None:
+        """Install units of a "receive" as the data plane verifies them, in order."""
+        try:
+            while True:
+                item = await inb.queue.get()
+                if inb.superseded:
+                    return
+                kind = item[0]
+                if kind == "unit":
+                    # The data plane's buffers become the weights: no copy when dtype and device match.
+                    await self._install_unit(inb, item[1], item[2], copy=False)
+                elif kind == "forward_failed":
+                    await self.publish_transfer(inb.order, "forward_failed", reason=str(item[1]))
+                elif kind == "failed":
+                    await self._inbound_failed(inb, str(item[1]))
+                    return
+                elif kind == "complete":
+                    stats: ReceiveStats = item[1]
+                    await self._inbound_done(inb, stats.nbytes)
+                    return
+        except TransferError as e:
+            await self._inbound_failed(inb, str(e))
+
+    async def _read_disk(self, inb: Inbound, held: set[int]) -> None:
+        """A "disk" order: read the units from the checkpoint at `order.path`, front to back,
+        paced like `load_from_disk` when a disk bandwidth is emulated."""
+        loop = asyncio.get_running_loop()
+        order = inb.order
+        try:
+            ckpt = await loop.run_in_executor(self.executor, Checkpoint, Path(order.path))
+        except (OSError, ValueError) as e:
+            await self._inbound_failed(inb, f"cannot open {order.path}: {e}")
+            return
+        try:
+            for unit in order.units:
+                if inb.superseded:
+                    return
+                if unit in held:
+                    continue
+                # Views of the mapping: load_unit copies them into memory the model owns.
+                await self._install_unit(inb, unit, ckpt.unit_tensors(unit), copy=True)
+                if self.cfg.load_mb_s > 0:
+                    due = inb.started + inb.nbytes / (self.cfg.load_mb_s * 1e6)
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))  # the emulated disk's pace
+            if not inb.superseded:
+                await self._inbound_done(inb, inb.nbytes)
+        except (TransferError, OSError, ValueError, RuntimeError) as e:
+            if not inb.superseded:
+                await self._inbound_failed(inb, f"{type(e).__name__}: {e}")
+        finally:
+            ckpt.close()
+
+    async def _inbound_done(self, inb: Inbound, nbytes: int) -> None:
+        if self.inbound is inb:
+            self.inbound = None
+        seconds = time.monotonic() - inb.started
+        model = self.model
+        if model is None or not model.is_complete():
+            have = 0 if model is None else len(model.ready_units())
+            await self._inbound_failed(inb, f"transfer ended with {have} of {self.num_units} units")
+            return
+        if self.state == "loading":
+            self.state = "serving"
+        await self.send_heartbeat()
+        await self.publish_transfer(inb.order, "complete", nbytes=nbytes, seconds=seconds)
+        self.log.info(
+            "model_ready", model=self.model_name, units=self.num_units, transfer=inb.order.transfer_id,
+            role=inb.order.role, mb=round(inb.nbytes / 1e6, 1), seconds=round(seconds, 3),
+        )  # fmt: skip
+
+    async def _inbound_failed(self, inb: Inbound, reason: str) -> None:
+        """Report the failure; keep the verified units for a while in case the loader re-plans
+        the rest to this worker, else drop the model (never serve a partial one as full)."""
+        inb.failed = reason
+        held = self._units_held()
+        self.log.warning("transfer_failed", transfer=inb.order.transfer_id, reason=reason, units_held=held)
+        await self.publish_transfer(inb.order, "failed", reason=reason)
+        await self.send_heartbeat()
+        try:
+            await asyncio.wait_for(inb.replaced.wait(), inb.order.timeout_s)
+        except TimeoutError:
+            if self.inbound is inb:
+                self.log.warning("transfer_abandoned", transfer=inb.order.transfer_id, units_held=held)
+                self.inbound = None
+                await self.drop_model()
+                await self.send_heartbeat()
+
+    def _units_held(self) -> int:
+        """Units held front to back (transfers fill models in that order)."""
+        n = 0
+        while self.model is not None and n < self.num_units and self.model.has_unit(n):
+            n += 1
+        return n
+
+    async def publish_transfer(
+        self, order: TransferOrder, kind: str, *, reason: str = "", nbytes: int = 0, seconds: float = 0.0
+    ) -> None:
+        assert self.nc is not None
+        ev = TransferEvent(
+            worker_id=self.cfg.worker_id,
+            transfer_id=order.transfer_id,
+            model=order.model,
+            role=order.role,
+            kind=kind,  # type: ignore[arg-type]
+            reason=reason,
+            units_held=self._units_held() if self.model_name == order.model else 0,
+            num_units=order.num_units,
+            nbytes=nbytes,
+            seconds=round(seconds, 4),
+            ts=time.time(),
+        )
+        await self.nc.publish(self.subjects.transfer_event(self.cfg.worker_id), encode(ev))
 
     async def on_unload(self, req: UnloadModel) -> Ok:
         if self.state == "idle":
@@ -463,11 +809,34 @@ class WorkerService:
                 if eng is None or not eng.in_flight():
                     self.idle.set()
                 continue
+            t0 = time.monotonic()
             result = await loop.run_in_executor(self.executor, eng.step)
+            if self.padder is not None:
+                # Emulated device: the step's results exist when the device would have finished it.
+                wait = max(0.0, result.target_s - (time.monotonic() - t0))
+                self._record_pad(result.target_s, time.monotonic() - t0)
+                if wait > 0:
+                    await asyncio.sleep(wait)
             for o in result.outbox:
                 await self.link.send(o.to, o.header, o.tensor)
             if result.events:
                 await self.publish_events(result.events, result.batch_size)
+
+    def _new_engine(self, tok: Tokenizer) -> Engine:
+        assert self.model is not None
+        if self.cfg.device_profile:
+            self.padder = StepPadder(load_profile(self.cfg.device_profile), self.model.cfg.num_hidden_layers)
+        return Engine(self.model, tok, max_batch=self.cfg.max_batch, worker_id=self.cfg.worker_id, padder=self.padder)
+
+    def _record_pad(self, target_s: float, elapsed_s: float) -> None:
+        assert self.padder is not None
+        st = self.padder.stats
+        st.steps += 1
+        if elapsed_s > target_s:
+            st.overrun_steps += 1
+            st.overrun_s += elapsed_s - target_s
+        else:
+            st.padded_s += target_s - elapsed_s
 
     def _on_stage_frame(self, header: dict[str, Any], tensor: torch.Tensor | None) -> None:
         if self.engine is None:
@@ -520,7 +889,22 @@ class WorkerService:
             "stage_addr": self.link.addr,
             "stage_running": hb.stage_running,
             "stage_link": self.link.stats.summary(),
+            "emulated_device": None
+            if self.padder is None
+            else {
+                **self.padder.profile.describe(),
+                "steps": self.padder.stats.steps,
+                "overrun_steps": self.padder.stats.overrun_steps,
+                "overrun_s": round(self.padder.stats.overrun_s, 3),
+            },
+            "data_addr": hb.data_addr,
+            "data_refused": self.dataplane.refused,
+            "sending": sorted(self.sends),
         }
+        if self.inbound is not None:
+            o = self.inbound.order
+            detail["inbound"] = {"transfer": o.transfer_id, "role": o.role, "units": len(o.units),
+                                 "mb": round(self.inbound.nbytes / 1e6, 1), "failed": self.inbound.failed}  # fmt: skip
         if self.engine is not None:
             st = self.engine.stats
             detail.update(
