@@ -1,0 +1,129 @@
+"""Through `cascade up --workers 3` and `cascade scale`: the first instance reads the disk (nothing
+holds the model yet), the scale-up to three is a chain multicast from it, and every instance
+answers the same tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from cascade.config import read_mesh_file
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "mc-e2e"
+DEPLOYMENT = f"""
+[[models]]
+name = "{MODEL}"
+min_replicas = 1
+max_replicas = 3
+loading = "multicast"
+[models.generate]
+layers = 4
+hidden = 128
+heads = 4
+kv_heads = 2
+vocab = 320
+seed = 13
+"""
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CASCADE_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "cascade.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _status(home: Path) -> dict[str, Any]:
+    r = _cli(home, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    home = tmp_path_factory.mktemp("home")
+    cfg = home / "deploy.toml"
+    cfg.write_text(DEPLOYMENT)
+    env = {**os.environ, "CASCADE_HOME": str(home), "CASCADE_HEARTBEAT_S": "0.5"}
+    log = (home / "up.log").open("wb")
+    cmd = ["up", "--workers", "3", "--port", "0", "--nats-port", "0", "--config", str(cfg)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cascade.cli", *cmd], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        info = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"cascade up exited {proc.returncode}:\n{(home / 'up.log').read_text()[-4000:]}")
+            info = read_mesh_file(home)
+            if info and info.get("gateway_url"):
+                break
+            time.sleep(0.1)  # polling the mesh file with a deadline
+        else:
+            raise AssertionError(f"mesh did not come up:\n{(home / 'up.log').read_text()[-4000:]}")
+        yield {"home": home, "url": str(info["gateway_url"]).rstrip("/")}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def test_scale_to_three_is_a_chain_multicast_that_serves(mesh: dict[str, Any]) -> None:
+    home = mesh["home"]
+    st = _status(home)
+    (holder,) = [i["worker_id"] for i in st["instances"] if i["state"] == "serving"]
+    first = [t for t in st["transfers"] if t["worker"] == holder]
+    assert first and first[-1]["source"] == "disk", "nothing held the model: the first instance read the disk"
+
+    r = _cli(home, "scale", MODEL, "--replicas", "3")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 120
+    while True:
+        st = _status(home)
+        serving = [i for i in st["instances"] if i["state"] == "serving" and i["units_ready"] == i["num_units"]]
+        if len(serving) == 3:
+            break
+        assert time.monotonic() < deadline, f"not 3 serving instances: {st['instances']}\n{st['transfers']}"
+        time.sleep(0.2)  # polling status with a deadline
+
+    new = [t for t in st["transfers"] if t["worker"] != holder]
+    assert len(new) == 2 and all(t["state"] == "done" for t in new), new
+    assert {t["source"] for t in new} == {holder} and {t["mode"] for t in new} == {"multicast"}
+    assert all(t["units_ready"] == t["num_units"] == 6 for t in new)
+    (loader,) = [s for s in st["services"] if s["service"] == "loader"]
+    assert loader["detail"]["plans"] >= 2 and loader["detail"]["replans"] == 0
+    assert st["host_cache"] and st["host_cache"][0]["model"] == MODEL  # the disk load left the one host copy
+    text = _cli(home, "status").stdout
+    assert "transfers" in text and "host cache: 1 model(s)" in text
+
+    client = openai.OpenAI(base_url=mesh["url"], api_key="unused")
+    outs = {
+        client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+        for _ in range(6)
+    }
+    assert len(outs) == 1, f"instances answer differently: {outs}"
