@@ -83,6 +83,20 @@ def test_partial_batch_waits_for_the_window_then_goes() -> None:
     assert b.depth == 0
 
 
+def test_a_request_after_a_quiet_spell_goes_at_once() -> None:
+    clock, f = Clock(), Fakes()
+    b = make(f, clock, wait_s=0.25)
+    b.submit(req(1))
+    assert b.step() is None  # alone after silence: nothing to wait for
+    assert f.batches == [("w1", ["r1"])]
+    clock.t += 0.125
+    b.submit(req(2))  # arrives within the window of the last one: load is dense, batch as usual
+    assert b.step() == 0.25
+    clock.t += 1.0
+    b.step()
+    assert f.batches[-1] == ("w1", ["r2"])
+
+
 def test_full_batch_goes_without_waiting() -> None:
     clock, f = Clock(), Fakes()
     b = make(f, clock, wait_s=60.0, max_batch_size=3, queue_timeout_s=600.0)
@@ -145,11 +159,12 @@ def test_requeue_goes_first_with_backoff_and_fresh_deadline() -> None:
 def test_the_window_never_outlasts_the_deadline() -> None:
     clock, f = Clock(), Fakes()
     b = make(f, clock, wait_s=60.0, queue_timeout_s=5.0)
+    b.submit(req(0))  # two together: a batch worth waiting for (a lone request would go at once)
     b.submit(req(1))
     assert b.step() == 5.0
     clock.t += 5.0
     b.step()
-    assert f.batches == [("w1", ["r1"])] and f.timed_out == []  # an instance is up: it goes
+    assert f.batches == [("w1", ["r0", "r1"])] and f.timed_out == []  # an instance is up: they go
 
 
 def test_a_request_bounced_past_its_deadline_expires_with_an_instance_up() -> None:

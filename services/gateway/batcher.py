@@ -3,7 +3,11 @@
 Admitted requests wait in one bounded queue per model. Once an instance can take
 them, the batcher gathers requests until `max_batch_size` or until
 `wait_s` has passed since the first of them could go, and hands them to
-`dispatch` as one batch (all on the same route). A full batch leaves at once. While no instance is
+`dispatch` as one batch (all on the same route). A full batch leaves at once.
+One departure from Ray Serve: a request that arrives alone after a quiet spell
+(no arrival in the previous `wait_s`) leaves at once. Workers batch
+continuously, so waiting then would only add `wait_s` to its latency; under
+load, arrivals are dense and batches form as before. While no instance is
 ready, requests stay queued until their own deadline, then `on_timeout` gets
 them. The batcher does no I/O: `pick` and `dispatch` are the owner's.
 """
@@ -50,6 +54,7 @@ class Batcher:
         self._clock = clock
         self._queue: deque[RequestState] = deque()
         self._wake = asyncio.Event()
+        self._last_arrival = float("-inf")
 
     # ---- admission ---------------------------------------------------------
     @property
@@ -63,6 +68,8 @@ class Batcher:
         now = self._clock()
         req.ready_at = now
         req.deadline = now + self.queue_timeout_s
+        req.quiet = now - self._last_arrival > self.wait_s
+        self._last_arrival = now
         self._queue.append(req)
         self._wake.set()
 
@@ -130,7 +137,8 @@ class Batcher:
             return None if not self._queue else min(r.deadline for r in self._queue) - now
         # The window never outlasts the head's deadline: with an instance up, it goes rather than expires.
         window_end = min(head.ready_at + self.wait_s, head.deadline)
-        if len(ready) < self.max_batch_size and now < window_end:
+        alone = len(ready) == 1 and head.quiet
+        if len(ready) < self.max_batch_size and now < window_end and not alone:
             return window_end - now
         worker = route.worker_id
         batch: list[RequestState] = []

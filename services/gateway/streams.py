@@ -38,6 +38,7 @@ class RequestState:
     # stops waiting for an instance.
     ready_at: float = 0.0
     deadline: float = 0.0
+    quiet: bool = False  # arrived after a spell with no arrivals: nothing to batch it with
     events: asyncio.Queue[TokenEvent | Failure] = field(default_factory=asyncio.Queue)
     worker_id: str | None = None
     produced: bool = False  # a token reached us: retrying elsewhere would repeat output
