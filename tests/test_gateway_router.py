@@ -128,3 +128,13 @@ def test_front_layers() -> None:
     assert front_layers(loading("n", 3), "m") == 2
     assert front_layers(loading("n", 6), "m") == 4
     assert front_layers(loading("n", 3), "other") == 0
+
+
+def test_late_binding_holds_requests_when_every_instance_is_past_its_queue() -> None:
+    # Within the batch limit plus half of it queued ahead, an instance still takes work...
+    assert choose_route([inst("a", running=8, waiting=3)], "m") == Route("a")
+    # ...past it, the request waits in the gateway, where a freed slot or a new instance takes it.
+    assert choose_route([inst("a", running=8, waiting=4)], "m") is None
+    assert choose_route([inst("a", running=8, waiting=4), inst("b", running=2)], "m") == Route("b")
+    # A retry whose only possible instance is the one it avoids still goes there.
+    assert choose_route([inst("a", running=8, waiting=9)], "m", avoid=frozenset({"a"})) == Route("a")

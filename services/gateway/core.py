@@ -425,6 +425,10 @@ class GatewayCore:
                 self._retry(req, msg.worker_id, f"{ev.finish_reason} before any token: {why}")
             else:
                 self.hub.finish(req, ev)
+                # A slot freed up on that worker: requests held in the queue for room may go now.
+                b = self.batchers.get(req.model)
+                if b is not None and b.depth:
+                    b.wake()
 
     # ---- load reports ------------------------------------------------------
     def load_gauges(self) -> dict[str, tuple[int, int]]:

@@ -88,6 +88,16 @@ def has_room(view: InstanceView) -> bool:
     return estimated_load(view) < max(view.max_batch, 1)
 
 
+# How far past its batch limit an instance may be given work to queue: enough that its batch
+# refills without waiting for a gateway round trip, little enough that a backlog stays here,
+# where any instance that frees up or comes up (a new one while loading, too) can take it.
+QUEUE_AHEAD = 0.5
+
+
+def accepts(view: InstanceView) -> bool:
+    return estimated_load(view) < max(view.max_batch, 1) * (1 + QUEUE_AHEAD)
+
+
 def front_layers(view: InstanceView, model: str) -> int:
     """Decoder layers `view` can run as the first stage of `model` (embedding included), or 0."""
     if view.model != model or view.num_units < 3 or view.prefix_units < 2:
@@ -110,8 +120,12 @@ def choose_route(
     if full_id is None:
         return None
     full = next(v for v in instances if v.worker_id == full_id)
+    # Late binding: when even the least-loaded instance is past its batch limit and queue, the
+    # request waits here rather than in that instance's queue (None: the batcher holds it until
+    # a slot frees, an instance appears, or its deadline).
+    held = None if full_id not in avoid and not accepts(full) else Route(full_id)
     if not live or has_room(full) or not full.stage_addr:
-        return Route(full_id)
+        return Route(full_id) if has_room(full) else held
     num_layers = full.num_units - 2
     best: tuple[int, float, str] | None = None
     head: InstanceView | None = None
@@ -130,7 +144,7 @@ def choose_route(
         if best is None or key < best:
             best, head = key, v
     if head is None:
-        return Route(full_id)
+        return held
     k = front_layers(head, model)
     return Route(
         head.worker_id,
