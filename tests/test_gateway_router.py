@@ -138,3 +138,14 @@ def test_late_binding_holds_requests_when_every_instance_is_past_its_queue() -> 
     assert choose_route([inst("a", running=8, waiting=4), inst("b", running=2)], "m") == Route("b")
     # A retry whose only possible instance is the one it avoids still goes there.
     assert choose_route([inst("a", running=8, waiting=9)], "m", avoid=frozenset({"a"})) == Route("a")
+
+
+def test_a_backlog_on_the_full_instance_sends_new_work_through_the_loading_one() -> None:
+    loading = InstanceView("n", "m", "loading", 3, 6, 0, 0, 8, stage_addr="n:1", prefix_units=3)
+    calm = InstanceView("f", "m", "serving", 6, 6, 2, 0, 8, stage_addr="f:1", prefix_units=6)
+    assert choose_route([calm, loading], "m") == Route("f")
+    behind = InstanceView("f", "m", "serving", 6, 6, 2, 3, 8, stage_addr="f:1", prefix_units=6)
+    route = choose_route([behind, loading], "m")
+    assert route is not None and route.worker_id == "n"
+    assert [(s.worker_id, s.start, s.end) for s in route.stages] == [("n", 0, 2), ("f", 2, 4)]
+    assert choose_route([behind, loading], "m", live=False) == Route("f")

@@ -108,9 +108,10 @@ def front_layers(view: InstanceView, model: str) -> int:
 def choose_route(
     instances: Sequence[InstanceView], model: str, avoid: Sequence[str] | frozenset[str] = (), live: bool = True
 ) -> Route | None:
-    """A full instance while one has room; with `live` and all of them busy, a pipelined route
-    through the loading instance that holds the most front layers (it must have room itself),
-    ending on the least-loaded full instance. None when no instance holds the whole model:
+    """A full instance while one has room and no backlog; with `live` and the least-loaded full
+    instance busy (out of slots, or with admitted work waiting), a pipelined route through the
+    loading instance that holds the most front layers (it must have room itself), ending on
+    that full instance. None when no instance holds the whole model:
     a pipeline needs a full instance for the tail.
 
     Stop-the-world scaling (`live` false) never splits: a loading instance gets nothing until
@@ -124,7 +125,10 @@ def choose_route(
     # request waits here rather than in that instance's queue (None: the batcher holds it until
     # a slot frees, an instance appears, or its deadline).
     held = None if full_id not in avoid and not accepts(full) else Route(full_id)
-    if not live or has_room(full) or not full.stage_addr:
+    # Busy: out of batch slots, or holding admitted work it could not start yet (a prefill
+    # backlog: compute-bound, so shedding the first k layers of new prompts shortens it).
+    busy = not has_room(full) or full.waiting > 0
+    if not live or not busy or not full.stage_addr:
         return Route(full_id) if has_room(full) else held
     num_layers = full.num_units - 2
     best: tuple[int, float, str] | None = None
