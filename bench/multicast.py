@@ -1,8 +1,8 @@
-"""Multicast loading benchmark, phase 1: the parameter data plane alone, with real processes.
+"""Multicast loading benchmark: the parameter data plane alone, then the whole mesh, with real processes.
 
-For each model size and N receivers (separate processes, each a `DataPlaneServer` like a worker's),
-every loading mode moves the whole model and times, per receiver, the first unit ready, the first
-decoder layer ready and all units ready:
+Data-plane rows. For each model size and N receivers (separate processes, each a `DataPlaneServer`
+like a worker's), every loading mode moves the whole model and times, per receiver, the first unit
+ready, the first decoder layer ready and all units ready:
 
   chain       the planner's multicast plan: one live holder → R1 → R2 → … (each forwards as it receives)
   star        the same holder sends to every receiver itself, concurrently
@@ -14,8 +14,16 @@ cache's "copy" mode); the receivers keep what they received until the run ends, 
 In the same run, the machine's own limits: one raw loopback TCP stream of the same size (into a
 touched ring buffer, and into one fresh buffer) and a memcpy of the same size (fresh and warm).
 
+Mesh rows (`--mesh-modes`, default multicast and disk). The real thing end to end: a nats-server, a
+`cascade loader` and N+1 `cascade worker` processes. One worker loads the model first (from disk);
+then for each mode and N, the benchmark publishes a `ScaleDecision` (up N, with the decision's
+`loading` override) and times, from the publish, every target's first unit and first layer ready
+and the last unit ready of all N targets, as the `LayerReady` events arrive, and the ack. Between
+runs the targets are unloaded. The multicast source is that first worker, serving no requests.
+
     python bench/multicast.py                     # full: ~0.5 GB and ~2 GB, N = 1, 2, 3
     python bench/multicast.py --sizes 0.05,0.2    # quick
+    cascade bench multicast ...                   # the same
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +48,7 @@ if __package__ in (None, ""):
 
 HIDDEN = 1024
 MODES = ("chain", "star", "host-cache", "disk")
+MESH_MODES = ("multicast", "disk")
 PLANNER_MODE = {"chain": "multicast", "star": "star", "host-cache": "host-cache", "disk": "disk", "disk-cold": "disk"}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,6 +72,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also run chain and star with every process's egress limited to this many GB/s (an emulated NIC)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="per-run timeout in seconds")
+    p.add_argument(
+        "--mesh-modes",
+        default=",".join(MESH_MODES),
+        help=f"loading modes of the mesh rows (subset of {','.join(MESH_MODES)}; empty: no mesh rows)",
+    )
     return p.parse_args(argv)
 
 
@@ -97,6 +112,7 @@ def commit() -> str:
             "cascade/checkpoint.py",
             "cascade/messages.py",
             "services/worker/dataplane.py",
+            "services/worker/main.py",
             "services/loader",
         ]
         dirty = subprocess.run(["git", "status", "--porcelain", *paths], cwd=REPO, capture_output=True, text=True)
@@ -257,11 +273,207 @@ def run_once(
     }
 
 
+# --------------------------------------------------------------------------- the mesh, end to end
+
+
+def mesh_rows(
+    model_dir: Path, unit_nbytes: tuple[int, ...], ns: list[int], modes: list[str], repeats: int, timeout_s: float
+) -> list[dict[str, Any]]:
+    """Scale-ups through a real loader and real workers (see the module docstring)."""
+    import asyncio
+    import tempfile
+
+    from cascade.embedded_nats import EmbeddedNats
+
+    wids = [f"bw{i}" for i in range(max(ns) + 1)]
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    with tempfile.TemporaryDirectory(prefix="cascade-bench-mesh-") as tmp, EmbeddedNats() as broker:
+        deploy = Path(tmp) / "deploy.json"
+        deploy.write_text(json.dumps({"models": [{"name": model_dir.name, "path": str(model_dir), "min_replicas": 0}]}))
+        base = ["--nats-url", broker.url, "--prefix", MESH_PREFIX, "--heartbeat-s", "0.5"]
+        cmds = [("loader", ["loader", *base, "--config", str(deploy), "--host-cache", "off", "--loader-id", "bl",
+                            "--load-timeout-s", str(timeout_s), "--idle-wait-s", "30"])]  # fmt: skip
+        cmds += [(w, ["worker", *base, "--worker-id", w, "--threads", "1"]) for w in wids]
+        try:
+            for name, args in cmds:
+                with (Path(tmp) / f"{name}.log").open("wb") as log:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "cascade.cli", *args], cwd=REPO, stdout=log,
+                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        env={**os.environ, "CASCADE_LOG_FORMAT": "json"},
+                    )  # fmt: skip
+                procs.append((name, proc))
+            return asyncio.run(
+                _mesh_rows(broker.url, Path(tmp), [n for n, _ in procs], wids, model_dir.name, unit_nbytes, ns, modes,
+                           repeats, timeout_s)
+            )  # fmt: skip
+        finally:
+            for _, proc in procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for _, proc in procs:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+MESH_PREFIX = "benchmesh"
+
+
+async def _mesh_rows(
+    nats_url: str,
+    tmp: Path,
+    names: list[str],
+    wids: list[str],
+    model: str,
+    unit_nbytes: tuple[int, ...],
+    ns: list[int],
+    modes: list[str],
+    repeats: int,
+    timeout_s: float,
+) -> list[dict[str, Any]]:
+    import asyncio
+
+    from cascade.meshview import gather_status
+    from cascade.messages import (
+        Heartbeat,
+        LayerReady,
+        MessageError,
+        Ok,
+        ScaleAck,
+        ScaleDecision,
+        UnloadModel,
+        decode,
+        encode,
+    )
+    from cascade.natsutil import connect, request
+    from cascade.subjects import Subjects
+
+    s = Subjects(MESH_PREFIX)
+    ready: dict[str, list[tuple[float, LayerReady]]] = {}
+    acks: dict[str, tuple[float, ScaleAck]] = {}
+    beats: dict[str, str] = {}
+    changed = asyncio.Event()
+
+    async def on_ready(msg: Any) -> None:
+        ev = decode(msg.data, LayerReady)
+        ready.setdefault(ev.worker_id, []).append((time.monotonic(), ev))
+        changed.set()
+
+    async def on_ack(msg: Any) -> None:
+        try:
+            ack = decode(msg.data, ScaleAck)
+        except MessageError:
+            return
+        acks[ack.decision_id] = (time.monotonic(), ack)
+        changed.set()
+
+    async def on_beat(msg: Any) -> None:
+        hb = decode(msg.data, Heartbeat)
+        beats[hb.worker_id] = hb.state
+        changed.set()
+
+    async def until(pred: Any, what: str) -> None:
+        async def go() -> None:
+            while not pred():
+                changed.clear()
+                await changed.wait()
+
+        try:
+            await asyncio.wait_for(go(), timeout_s)
+        except TimeoutError:
+            logs = "\n".join(f"--- {n}\n" + (tmp / f"{n}.log").read_text()[-1500:] for n in names)
+            raise RuntimeError(f"mesh bench: timed out waiting for {what}\n{logs}") from None
+
+    nc = await connect(nats_url, "bench-mesh")
+    rows: list[dict[str, Any]] = []
+    try:
+        await nc.subscribe(s.ready_all(), cb=on_ready)
+        await nc.subscribe(s.scale_ack(), cb=on_ack)
+        await nc.subscribe(s.heartbeat_all(), cb=on_beat)
+        await until(lambda: all(beats.get(w) == "idle" for w in wids), "every worker idle")
+        deadline = time.monotonic() + timeout_s
+
+        async def loader_sees_all_idle() -> bool:
+            st = await gather_status(nc, s, 0.3)
+            return any(x.service == "loader" and x.detail["workers"].get("idle") == len(wids) for x in st.services)
+
+        while not await loader_sees_all_idle():  # polling the loader's view, with a deadline
+            if time.monotonic() > deadline:
+                raise RuntimeError("mesh bench: the loader does not see every worker idle")
+        seq = 0
+
+        async def decide(n: int, mode: str) -> tuple[float, str]:
+            nonlocal seq
+            seq += 1
+            d = ScaleDecision(f"bench-{seq}", model, "up", n, n, "benchmark", loading=mode)
+            t0 = time.monotonic()
+            await nc.publish(s.scale_decision(), encode(d))
+            # The loader may still be subscribing at the very start: it answers decisions it hears.
+            await until(lambda: d.decision_id in acks, f"the ack of {d.decision_id}")
+            ack = acks[d.decision_id][1]
+            if not ack.ok or len(ack.workers) != n:
+                raise RuntimeError(f"mesh bench: {d.decision_id} ({mode}, N={n}) failed: {ack.error}")
+            return t0, d.decision_id
+
+        _, first = await decide(1, "disk")
+        (holder,) = acks[first][1].workers
+        others = [w for w in wids if w != holder]
+        for rep in range(repeats):
+            for mode in modes:
+                for n in ns:
+                    print(f"  mesh {mode} N={n} run {rep + 1}", file=sys.stderr, flush=True)
+                    for w in others:
+                        ready.pop(w, None)
+                    t0, did = await decide(n, mode)
+                    t_ack, ack = acks[did]
+                    per = {}
+                    for w in ack.workers:
+                        evs = [(t, e) for t, e in ready.get(w, []) if not e.reset]
+                        units = [e.unit for _, e in evs]
+                        if units != list(range(len(unit_nbytes))):
+                            raise RuntimeError(f"mesh bench: {w} announced units {units}")
+                        per[w] = {
+                            "first_unit_s": evs[0][0] - t0,
+                            "first_layer_s": evs[1][0] - t0,
+                            "all_s": evs[-1][0] - t0,
+                        }
+                    total = sum(unit_nbytes)
+                    rows.append(
+                        {
+                            "mode": f"mesh-{mode}",
+                            "n": n,
+                            "run": rep,
+                            "first_unit_s": max(v["first_unit_s"] for v in per.values()),
+                            "first_layer_s": max(v["first_layer_s"] for v in per.values()),
+                            "all_s": max(v["all_s"] for v in per.values()),
+                            "ack_s": t_ack - t0,
+                            "mb_s_per_receiver": statistics.mean(total / 1e6 / v["all_s"] for v in per.values()),
+                            "per_receiver": per,
+                        }
+                    )
+                    await asyncio.gather(
+                        *(request(nc, s.unload(w), UnloadModel(did), Ok, timeout=timeout_s) for w in ack.workers)
+                    )
+                    await until(lambda: all(beats.get(w) == "idle" for w in others), "targets idle again")
+    finally:
+        await nc.drain()
+    out = []
+    for mode in modes:
+        for n in ns:
+            runs = [r for r in rows if r["mode"] == f"mesh-{mode}" and r["n"] == n]
+            row = _median_row(runs, extra=("ack_s",))
+            out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
-def _median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("first_unit_s", "first_layer_s", "all_s", "mb_s_per_receiver")
+def _median_row(rows: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    keys = ("first_unit_s", "first_layer_s", "all_s", "mb_s_per_receiver", *extra)
     out = dict(rows[0])
     for k in keys:
         out[k] = statistics.median(r[k] for r in rows)
@@ -277,6 +489,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; use {','.join(MODES)}")
+    mesh_modes = [m for m in args.mesh_modes.split(",") if m]
+    for m in mesh_modes:
+        if m not in MESH_MODES:
+            raise SystemExit(f"unknown mesh mode {m!r}; use {','.join(MESH_MODES)}")
     chunk = int(args.chunk_mb * (1 << 20))
 
     from bench.dpprocs import ReceiverProc, raw_loopback, start_all, stop_all
@@ -287,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache_dir = args.cache_dir or cascade_home() / "bench-models"
     cache_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "benchmark": "multicast (phase 1: data plane only)",
+        "benchmark": "multicast (data plane, and the mesh end to end)",
         "commit": commit(),
         "machine": machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -300,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hidden": HIDDEN,
             "dtype": "float32",
             "link_gbps": args.link_gbps,
+            "mesh_modes": mesh_modes,
         },
         "emulated": [
             "all processes on one machine; the network is loopback TCP",
@@ -310,9 +527,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "receivers reserve (allocate and touch) their unit buffers when they get the order, before the "
             "source starts, as a worker does before answering the loader; that time is reported as reserve_s "
             "and is not in the transfer times",
+            "mesh rows: every process (nats-server, loader, workers, this benchmark) on the same 2 cores; times are "
+            "taken in this process when the LayerReady events arrive over NATS, from the ScaleDecision's publish, so "
+            "they include planning, the orders, each receiver reserving its buffers, and installing every unit in the "
+            "worker's model; the loader runs with --host-cache off (a live holder is the source either way)",
         ],
         "models": [],
         "rows": [],
+        "mesh_rows": [],
     }
     if args.link_gbps > 0:
         result["emulated"].append(
@@ -409,6 +631,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 live_cache.close()
                 host_cache.close()
+            if mesh_modes:
+                print(f"[{gb} GB] mesh: loader and {max(ns) + 1} workers ...", file=sys.stderr, flush=True)
+                for row in mesh_rows(model_dir, units, ns, mesh_modes, args.repeats, args.timeout):
+                    row.update(size_gb=round(total / 1e9, 3), layers=len(units) - 2)
+                    result["mesh_rows"].append(row)
     finally:
         stop_all(procs + link_procs)
     result["cold_disk"] = cold_note
@@ -433,6 +660,23 @@ def _row(result: dict[str, Any], size: float, mode: str, n: int, link: float = 0
 def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, checked per model size (and per emulated link when one was set)."""
     out = []
+    for info in result["models"]:
+        size = round(info["bytes"] / 1e9, 3)
+        mesh = {(r["mode"], r["n"]): r for r in result.get("mesh_rows", []) if r["size_gb"] == size}
+        m1, m3 = mesh.get(("mesh-multicast", 1)), mesh.get(("mesh-multicast", 3))
+        if m1 and m3:
+            d1, d3 = mesh.get(("mesh-disk", 1)), mesh.get(("mesh-disk", 3))
+            ratio = m3["all_s"] / m1["all_s"]
+            disk = f"disk T(3)/T(1) = {d3['all_s'] / d1['all_s']:.2f}" if d1 and d3 else ""
+            out.append(
+                {
+                    "target": "chain T(3)/T(1) <= 1.5",
+                    "case": f"{size} GB, mesh end to end",
+                    "value": round(ratio, 2),
+                    "met": ratio <= 1.5,
+                    "note": disk,
+                }
+            )
     links = sorted({r["link_gbps"] for r in result["rows"]})
     for info in result["models"]:
         size = round(info["bytes"] / 1e9, 3)
@@ -483,8 +727,7 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        f"### Multicast loading, data plane only — {m['cores']} cores, {m['memory_gb']} GB, "
-        f"commit {result['commit'][:12]}",
+        f"### Multicast loading — {m['cores']} cores, {m['memory_gb']} GB, commit {result['commit'][:12]}",
         "",
         "| model | mode | link | N | first unit (s) | first layer (s) | all units (s) | MB/s per receiver |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -495,6 +738,19 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['size_gb']} GB ({r['layers']} layers) | {r['mode']} | {link} | {r['n']} | {r['first_unit_s']:.3f} | "
             f"{r['first_layer_s']:.3f} | {r['all_s']:.3f} | {r['mb_s_per_receiver']:.0f} |"
         )
+    if result.get("mesh_rows"):
+        lines += [
+            "",
+            "Mesh, end to end (ScaleDecision published → LayerReady events; real loader and worker processes):",
+            "",
+            "| model | mode | N | first unit (s) | first layer (s) | all units (s) | ack (s) | MB/s per receiver |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in result["mesh_rows"]:
+            lines.append(
+                f"| {r['size_gb']} GB ({r['layers']} layers) | {r['mode']} | {r['n']} | {r['first_unit_s']:.3f} | "
+                f"{r['first_layer_s']:.3f} | {r['all_s']:.3f} | {r['ack_s']:.3f} | {r['mb_s_per_receiver']:.0f} |"
+            )
     lines += [
         "",
         "| model | raw TCP, ring (MB/s) | raw TCP, fresh buffer (MB/s) | memcpy fresh (MB/s) | memcpy warm (MB/s) |",
