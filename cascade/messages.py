@@ -410,6 +410,57 @@ class ScaleRequest:
     replicas: int
 
 
+@message("set_batch_limit")
+class SetBatchLimit:
+    """Scaler → worker: run at most `max_batch` sequences per engine step from now on (the
+    two-stage policy's vertical action). The worker bounds it by the KV slots it allocated;
+    0 = back to the limit it was started with."""
+
+    max_batch: int
+    decision_id: str = ""
+    reason: str = ""
+
+
+@message("batch_limit")
+class BatchLimit:
+    """A worker's answer to `SetBatchLimit`: the limit now in force (bounded by `kv_slots`)."""
+
+    worker_id: str
+    model: str
+    max_batch: int
+    requested: int
+    kv_slots: int
+
+
+@message("deploy_request")
+class DeployRequest:
+    """Operator → scaler (`cascade deploy`): change a model's scaling policy and knobs at run
+    time. An empty `policy` keeps the current one; `knobs` are merged into the current knobs
+    unless the policy changes or `replace_knobs` is set (then they replace them). A request that
+    changes nothing just reads the model's settings."""
+
+    model: str
+    policy: str = ""
+    knobs: dict[str, float] = field(default_factory=dict)
+    replace_knobs: bool = False
+
+
+@message("deploy_reply")
+class DeployReply:
+    """The model's scaling settings after a `DeployRequest`: `knobs` as set, `effective` with
+    every knob the policy reads (defaults filled in)."""
+
+    model: str
+    policy: str
+    knobs: dict[str, float]
+    effective: dict[str, float]
+    min_replicas: int
+    max_replicas: int
+    target_replicas: int
+    changed: bool = False
+    batch_limit: int = 0  # the vertical limit the policy holds its instances at (0 = none)
+
+
 # --------------------------------------------------------------------------- load metrics
 
 # Latency histograms in metrics messages share these bucket upper bounds (ms): geometric, ratio
@@ -478,6 +529,7 @@ class InstanceMetrics:
     prompt_tokens: int = 0  # prefilled in the interval
     generated_tokens: int = 0
     steps: list[StepStat] = field(default_factory=list)
+    kv_slots: int = 0  # sequences its KV cache holds: the most `max_batch` can be raised to
 
 
 # --------------------------------------------------------------------------- mesh

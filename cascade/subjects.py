@@ -85,6 +85,11 @@ class Subjects:
         """Gateway → worker: stop these requests (client went away)."""
         return f"{self.prefix}.worker.{check_token(worker_id)}.cancel"
 
+    def batch_limit(self, worker_id: str) -> str:
+        """Request/reply, scaler → worker: set the engine's batch limit at run time (vertical
+        scaling), bounded by the KV slots the worker allocated."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.batch_limit"
+
     # ---- gateways ----------------------------------------------------------
     def tokens(self, gateway_id: str) -> str:
         """Worker → gateway: token events of one engine step for every request of that gateway."""
@@ -105,6 +110,11 @@ class Subjects:
     def scale_request(self) -> str:
         """Request/reply, operator (`cascade scale`) → scaler: set a model's replica target."""
         return f"{self.prefix}.scale.request"
+
+    def scale_deploy(self) -> str:
+        """Request/reply, operator (`cascade deploy`) → scaler: set a model's scaling policy and
+        knobs at run time (the admin API)."""
+        return f"{self.prefix}.scale.deploy"
 
     # ---- parameter transfers -----------------------------------------------
     def transfer_plan(self) -> str:

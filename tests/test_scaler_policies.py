@@ -461,7 +461,9 @@ def test_plan_grid_matches_brute_force() -> None:
 
 
 def test_knobs_parse_and_reject() -> None:
-    assert set(POLICIES) == {"concurrency", "rate", "two-stage"}
+    assert set(POLICIES) == {"manual", "concurrency", "rate", "two-stage"}
+    with pytest.raises(KnobError, match="unknown knobs"):
+        get_policy("manual").knobs({"keep_alive_s": 1}, 1, 2)
     dep = ModelDeployment("m", Path("/x"), min_replicas=0, max_replicas=3, policy="rate", knobs={"max_step": 2.0})
     pol, knobs = policy_for(dep)
     assert pol.name == "rate" and knobs.max_step == 2 and knobs.min_replicas == 0 and knobs.max_replicas == 3
@@ -602,7 +604,10 @@ def test_metrics_messages_round_trip_and_subject() -> None:
     assert latency_bucket(0.0) == 0 and latency_bucket(1e12) == len(LATENCY_BUCKETS_MS)
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+AUTOSCALING = sorted(n for n in POLICIES if n != "manual")
+
+
+@pytest.mark.parametrize("name", AUTOSCALING)
 def test_lingering_rate_does_not_wake_a_model_at_zero(name: str) -> None:
     # Scaled to zero 100 s after the last request; the windowed arrival rate may still show it.
     pol = get_policy(name)
@@ -626,3 +631,39 @@ def test_decision_to_message() -> None:
     down = Decision(1, 3, "calm").to_message("llama", "d-2", ts=0)
     assert down is not None and down.action == "down" and down.count == 2
     assert Decision(3, 3, "vertical only", batch_limit=8).to_message("llama", "d-3", ts=0) is None
+
+
+# --------------------------------------------------------------------------- needs
+
+
+def test_manual_never_decides_and_never_lends() -> None:
+    pol = get_policy("manual")
+    knobs, state = pol.knobs({}, 0, 3), pol.initial_state()
+    busy = LoadSignals(model="m", now=5.0, window_s=10, waiting=40, arrival_rate=9.0)
+    assert pol.decide(busy, knobs, state) == (None, state)
+    assert pol.need(busy, knobs, state) is None and not pol.vertical and pol.base_batch_limit(knobs) is None
+
+
+@pytest.mark.parametrize("name", AUTOSCALING)
+def test_need_is_min_replicas_when_unused_and_grows_with_load(name: str) -> None:
+    pol = get_policy(name)
+    knobs = pol.knobs({}, 0, 6)
+    quiet = LoadSignals(model="m", now=100.0, window_s=10, serving=2)
+    _, state = pol.decide(quiet, knobs, pol.initial_state())
+    assert pol.need(quiet, knobs, state) == 0
+    one = LoadSignals(model="m", now=101.0, window_s=10, running=1, serving=2, arrival_rate=0.1)
+    _, state = pol.decide(one, knobs, state)
+    assert pol.need(one, knobs, state) == 1
+    surge = LoadSignals(model="m", now=102.0, window_s=10, running=40, waiting=60, arrival_rate=40.0, serving=2)
+    _, state = pol.decide(surge, knobs, state)
+    need = pol.need(surge, knobs, state)
+    assert need is not None and 2 < need <= 6
+    with_min = pol.knobs({}, 2, 6)
+    assert pol.need(quiet, with_min, pol.decide(quiet, with_min, pol.initial_state())[1]) == 2
+
+
+def test_two_stage_is_the_vertical_policy() -> None:
+    pol = get_policy("two-stage")
+    assert pol.vertical and pol.base_batch_limit(pol.knobs({"base_batch": 4}, 1, 2)) == 4
+    eff = pol.effective_knobs(pol.knobs({"base_batch": 4}, 1, 2))
+    assert eff["base_batch"] == 4 and "min_replicas" not in eff and eff["tbt_slo_ms"] == 100.0

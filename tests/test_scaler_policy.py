@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cascade.messages import Heartbeat
-from services.scaler.policy import ModelBounds, ScalerCore, Settings, TargetError, gap
+from services.scaler.policy import ModelBounds, Pool, ScalerCore, Settings, TargetError, gap
 from services.scaler.state import WorkerTable
 
 SETTINGS = Settings(ack_timeout_s=30.0, warmup_s=2.0, settle_s=5.0, retry_base_s=1.0, retry_max_s=8.0)
@@ -234,3 +234,138 @@ def test_worker_table_counts_loading_and_serving_and_forgets_the_dead() -> None:
     assert t.instances(3.6) == {"m": frozenset({"b"})}
     assert sorted(t.prune(3.6)) == ["a", "c", "d"]
     assert t.summary(3.6) == {"serving": 1}
+
+
+# --------------------------------------------------------------------------- idle pool and loans
+
+
+def pool(*idle: str, **needs: int) -> Pool:
+    return Pool(frozenset(idle), needs)
+
+
+def test_policy_target_carries_its_reason_and_figures() -> None:
+    core, clock = make({"m": ModelBounds(1, 4)})
+    ready(core, clock)
+    core.set_target("m", 3, reason="surge: 6 ongoing", figures={"ongoing": 6.0})
+    (d,) = core.tick(clock.now, {"m": frozenset({"a"})}).decisions
+    assert (d.action, d.count, d.reason) == ("up", 2, "surge: 6 ongoing")
+    assert d.figures["ongoing"] == 6.0 and d.figures["current"] == 1 and d.figures["target"] == 3
+    assert core.reason("m") == "surge: 6 ongoing"
+    core.set_target("m", 1)  # an operator's target forgets the policy's reason
+    assert core.reason("m") == ""
+
+
+def test_a_policy_target_does_not_cut_the_backoff_short() -> None:
+    core, clock = make({"m": ModelBounds(1, 4)})
+    ready(core, clock)
+    core.set_target("m", 2, reason="policy")
+    (d,) = core.tick(clock.now, {"m": frozenset({"a"})}).decisions
+    core.on_ack(d.decision_id, False, [], clock.now)
+    core.set_target("m", 3, reason="policy again")
+    assert core.tick(clock.advance(0.1), {"m": frozenset({"a"})}).decisions == []  # still backing off
+    (again,) = core.tick(clock.advance(SETTINGS.retry_base_s), {"m": frozenset({"a"})}).decisions
+    assert again.reason == "policy again (retry 1)"
+
+
+def test_ups_take_at_most_the_idle_workers_not_claimed_in_flight() -> None:
+    core, clock = make({"a": ModelBounds(0, 4), "b": ModelBounds(0, 4)})
+    ready(core, clock)
+    core.set_target("a", 2, reason="a busy")
+    core.set_target("b", 2, reason="b busy")
+    # Three idle workers: a takes two, b the one left (the rest of its gap waits).
+    ds = core.tick(clock.now, {}, pool("w1", "w2", "w3")).decisions
+    assert [(d.model, d.count) for d in ds] == [("a", 2), ("b", 1)]
+    assert ds[1].figures["idle_pool"] == 1
+    # b's worker serves; heartbeats still show a's two idle, but a's up in flight has claimed them.
+    core.on_ack(ds[1].decision_id, True, ["w3"], clock.advance(0.5))
+    assert core.tick(clock.now, {"b": frozenset({"w3"})}, pool("w1", "w2")).decisions == []
+
+
+def test_an_empty_pool_holds_an_up_back_rather_than_ask_for_nothing() -> None:
+    core, clock = make({"m": ModelBounds(0, 4)})
+    ready(core, clock)
+    core.set_target("m", 1, reason="scale from zero")
+    assert core.tick(clock.now, {}, pool()).decisions == []
+    (d,) = core.tick(clock.advance(1), {}, pool("w1")).decisions
+    assert (d.action, d.count) == ("up", 1)
+
+
+def test_an_empty_pool_borrows_from_a_model_above_its_need() -> None:
+    core, clock = make({"a": ModelBounds(1, 4), "b": ModelBounds(0, 2)})
+    ready(core, clock)
+    core.set_target("a", 3, reason="burst")
+    held = {"a": frozenset({"w1", "w2", "w3"})}
+    assert core.tick(clock.now, held, pool(a=3)).decisions == []
+    # The burst is over: a needs one, keeps three until its downscale delay; b waits from zero.
+    core.set_target("b", 1, reason="scale from zero: 1 waiting")
+    (loan,) = core.tick(clock.advance(1), held, pool(a=1, b=1)).decisions
+    assert (loan.model, loan.action, loan.count, loan.target_replicas) == ("a", "down", 1, 2)
+    assert "lend 1 to b" in loan.reason and loan.figures["need"] == 1
+    assert core.targets["a"] == 2 and core.counters["lent"] == 1
+    # In flight: nothing more is lent, and b waits.
+    assert core.tick(clock.advance(0.5), held, pool(a=1, b=1)).decisions == []
+    core.on_ack(loan.decision_id, True, ["w3"], clock.advance(0.5))
+    # The worker is back in the pool: b's up takes it; a is not asked for more.
+    held = {"a": frozenset({"w1", "w2"})}
+    (up,) = core.tick(clock.now, held, pool("w3", a=1, b=1)).decisions
+    assert (up.model, up.action, up.count) == ("b", "up", 1)
+
+
+def test_a_loan_waits_for_a_worker_that_was_just_acked_back() -> None:
+    core, clock = make({"a": ModelBounds(0, 4), "b": ModelBounds(0, 2)})
+    ready(core, clock)
+    core.set_target("a", 0, reason="keep-alive")
+    (down,) = core.tick(clock.now, {"a": frozenset({"w1"})}, pool(a=0)).decisions
+    core.on_ack(down.decision_id, True, ["w1"], clock.advance(0.2))
+    core.set_target("b", 1, reason="scale from zero")
+    # Heartbeats still show w1 holding nothing yet (neither idle nor a): it is on its way back,
+    # so b's up counts on it and nothing is borrowed from anyone.
+    (up,) = core.tick(clock.now, {}, pool(a=0, b=1)).decisions
+    assert (up.model, up.action, up.count) == ("b", "up", 1)
+
+
+def test_never_lends_below_min_replicas_or_need_nor_from_a_manual_model() -> None:
+    core, clock = make({"a": ModelBounds(2, 4), "b": ModelBounds(0, 2), "c": ModelBounds(0, 2), "z": ModelBounds(0, 1)})
+    ready(core, clock)
+    held = {"a": frozenset({"w1", "w2"}), "b": frozenset({"w3", "w4"}), "c": frozenset({"w5"})}
+    for m, n in (("a", 2), ("b", 2), ("c", 1)):
+        core.set_target(m, n, reason="load")
+    core.set_target("z", 1, reason="scale from zero")
+    # a is at its min_replicas, b at its need, c has no need (manual): nobody lends.
+    assert core.tick(clock.now, held, pool(a=0, b=2)).decisions == []
+    assert core.counters["lent"] == 0 and core.targets == {"a": 2, "b": 2, "c": 1, "z": 1}
+
+
+def test_no_loan_while_a_decision_is_in_flight() -> None:
+    core, clock = make({"a": ModelBounds(0, 4), "b": ModelBounds(0, 2), "c": ModelBounds(0, 2)})
+    ready(core, clock)
+    core.set_target("c", 1, reason="c")
+    (up,) = core.tick(clock.now, {}, pool("w9")).decisions
+    core.set_target("a", 3, reason="a")
+    core.set_target("b", 1, reason="b")
+    # c's up may still be taking the pool's last worker: no loan from a, which is above its need.
+    held = {"a": frozenset({"w1", "w2", "w3"})}
+    assert core.tick(clock.advance(1), held, pool(a=1, b=1)).decisions == []
+    core.on_ack(up.decision_id, True, ["w9"], clock.now)
+    ds = core.tick(clock.advance(1), {**held, "c": frozenset({"w9"})}, pool(a=1, b=1)).decisions
+    assert [(d.model, d.action) for d in ds] == [("a", "down")]
+
+
+def test_a_policy_managed_model_adopts_what_runs_when_the_warmup_ends() -> None:
+    clock = Clock()
+    core = ScalerCore(
+        {"p": ModelBounds(1, 4), "q": ModelBounds(1, 4), "z": ModelBounds(1, 2)},
+        SETTINGS,
+        clock.now,
+        "s1",
+        adopt=["p", "z"],
+    )
+    core.loader_ready()
+    held = {"p": frozenset({"a", "b", "c"}), "q": frozenset({"d", "e"})}
+    assert core.tick(clock.now, held).decisions == []  # warming up: nothing adopted yet
+    assert core.targets["p"] == 1
+    ds = core.tick(clock.advance(SETTINGS.warmup_s), held).decisions
+    # p keeps its three (a restarted scaler does not undo scaling); z (none running) gets its
+    # minimum; q, not managed by a policy, goes back to its target.
+    assert core.targets["p"] == 3 and core.targets["z"] == 1
+    assert sorted((d.model, d.action, d.count) for d in ds) == [("q", "down", 1), ("z", "up", 1)]

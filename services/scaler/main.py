@@ -1,9 +1,15 @@
-"""The scaler service: a thin NATS adapter around `policy.ScalerCore`.
+"""The scaler service: a thin NATS adapter around the pure cores.
 
-In: heartbeats (who runs what), ScaleAck (a decision was carried out), ScaleRequest (an
-operator's replica target), ServiceReady from a loader. Out: ScaleDecision on every tick where a
-model is off its target, and a status answer. All decisions come from the core; this module only
-moves messages and keeps time.
+In: heartbeats (who runs what, the idle pool), load metrics (`ModelMetrics` from gateways,
+`InstanceMetrics` from workers), ScaleAck (a decision was carried out), ScaleRequest (an operator's
+replica target), DeployRequest (the admin API: a model's policy and knobs), ServiceReady from a
+loader. Out: ScaleDecision, SetBatchLimit to workers (the two-stage policy's vertical action), and
+a status answer.
+
+Every tick, per model: its signals (`control.Controls`, one `SignalWindow` each) go through its
+policy; the policy's target and reason go to `policy.ScalerCore`, which decides what to publish
+(one decision in flight per model, bounded by the idle pool, loans between models when the pool is
+empty). This module only moves messages and keeps time.
 """
 
 from __future__ import annotations
@@ -24,8 +30,13 @@ from cascade.config import ConfigError, Deployment, env_float, env_str
 from cascade.logs import setup_logging
 from cascade.meshview import connect_bounded, gather_status
 from cascade.messages import (
+    BatchLimit,
+    DeployReply,
+    DeployRequest,
     Heartbeat,
+    InstanceMetrics,
     MessageError,
+    ModelMetrics,
     Ok,
     RemoteError,
     ScaleAck,
@@ -33,14 +44,17 @@ from cascade.messages import (
     ScaleRequest,
     ServiceReady,
     ServiceStatus,
+    SetBatchLimit,
     StatusRequest,
     decode,
     encode,
 )
-from cascade.natsutil import TaskSet, handler, stop_event
+from cascade.natsutil import RequestTimeout, TaskSet, handler, request, stop_event
 from cascade.subjects import Subjects, check_token
-from services.scaler.policy import DEFAULT_ACK_TIMEOUT_S, ModelBounds, ScalerCore, Settings, TargetError
-from services.scaler.state import WorkerTable
+from services.scaler.control import Controls, UnknownModel
+from services.scaler.policies import KnobError
+from services.scaler.policy import DEFAULT_ACK_TIMEOUT_S, ModelBounds, Pool, ScalerCore, Settings, TargetError
+from services.scaler.state import COUNTED_STATES, WorkerTable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +84,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env_float("CASCADE_HEARTBEAT_S", 1.0),
         help="workers' heartbeat interval; 3 missed = dead (env CASCADE_HEARTBEAT_S, default 1.0)",
     )
+    g.add_argument(
+        "--window-s",
+        type=positive_float,
+        default=env_float("CASCADE_SCALER_WINDOW_S", 30.0),
+        help="window of latency percentiles and step samples (env CASCADE_SCALER_WINDOW_S, default 30)",
+    )
+    g.add_argument(
+        "--rate-window-s",
+        type=positive_float,
+        default=env_float("CASCADE_SCALER_RATE_WINDOW_S", 10.0),
+        help="window of arrival and token rates (env CASCADE_SCALER_RATE_WINDOW_S, default 10)",
+    )
+    g.add_argument(
+        "--stale-s",
+        type=positive_float,
+        default=env_float("CASCADE_SCALER_STALE_S", 5.0),
+        help="a gateway's or worker's load figures count for this long after its last report (default 5)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,8 +118,12 @@ async def main(args: argparse.Namespace) -> int:
         log.error("bad_config", error=str(e))
         return 2
     log = log.bind(instance=args.scaler_id, prefix=args.prefix)
+    try:
+        scaler = Scaler(args, deployment, subjects, log)
+    except ConfigError as e:  # a policy or knob the deployment names that cannot be used
+        log.error("bad_config", error=str(e))
+        return 2
     stop = stop_event()
-    scaler = Scaler(args, deployment, subjects, log)
     try:
         return await scaler.serve(stop)
     except ConnectionError as e:
@@ -107,8 +143,18 @@ class Scaler:
         self.clock: Callable[[], float] = time.monotonic
         # Warm-up lasts a little over one heartbeat round: by then every live worker was heard.
         settings = Settings(ack_timeout_s=args.ack_timeout_s, warmup_s=1.5 * args.heartbeat_s)
-        self.core = ScalerCore(bounds_of(deployment), settings, self.clock(), id_prefix=args.scaler_id)
+        # Namespaces built by hand (tests) may predate the window flags: their defaults apply.
+        self.controls = Controls(
+            deployment,
+            window_s=float(getattr(args, "window_s", 30.0)),
+            rate_window_s=float(getattr(args, "rate_window_s", 10.0)),
+            stale_s=float(getattr(args, "stale_s", 5.0)),
+        )
+        managed = [m for m, c in self.controls.models.items() if c.policy.name != "manual"]
+        self.core = ScalerCore(bounds_of(deployment), settings, self.clock(), id_prefix=args.scaler_id, adopt=managed)
+        self.wall: Callable[[], float] = time.time
         self.workers = WorkerTable(args.heartbeat_s)
+        self._vertical_seq = 0
         self.wake = asyncio.Event()
         self.tasks = TaskSet(log)
         self.nc: NATS | None = None
@@ -122,6 +168,16 @@ class Scaler:
             return
         if self.workers.observe(hb, self.clock()):
             self.log.info("worker_seen", worker=hb.worker_id, state=hb.state, model=hb.model)
+        self.controls.worker_left(hb.worker_id, hb.model if hb.state in COUNTED_STATES else None)
+
+    async def on_metrics(self, msg: Msg) -> None:
+        try:
+            m: Any = decode(msg.data)
+        except MessageError as e:
+            self.log.debug("bad_metrics", subject=msg.subject, error=str(e))
+            return
+        if isinstance(m, ModelMetrics | InstanceMetrics):
+            self.controls.fold(m)
 
     async def on_ack(self, msg: Msg) -> None:
         try:
@@ -156,13 +212,69 @@ class Scaler:
         current = self.core.current(req.model, self.workers.instances(self.clock()), self.clock())
         self.log.info("target_set", model=req.model, replicas=req.replicas, previous=previous)
         self.wake.set()
-        return Ok(f"{req.model}: target {req.replicas} replicas (was {previous}); {current} running now")
+        policy = self.controls.get(req.model).policy.name
+        note = "" if policy == "manual" else f"; policy {policy} manages it and may change it"
+        return Ok(f"{req.model}: target {req.replicas} replicas (was {previous}); {current} running now{note}")
+
+    async def on_deploy(self, req: DeployRequest) -> DeployReply:
+        """The admin API: a model's policy and knobs, changed at run time (or just read)."""
+        if not isinstance(req, DeployRequest):
+            raise RemoteError("bad_request", f"expected deploy_request, got {type(req).__name__}")
+        try:
+            before = self.controls.get(req.model).policy.name
+            r = self.controls.configure(req.model, self.wall(), req.policy, req.knobs, req.replace_knobs)
+        except UnknownModel:
+            known = ", ".join(sorted(self.controls.models))
+            raise RemoteError("unknown_model", f"{req.model!r} is not in the deployment (models: {known})") from None
+        except KnobError as e:
+            raise RemoteError("bad_policy", str(e)) from None
+        c = r.control
+        if r.changed:
+            self.log.info(
+                "policy_set", model=req.model, policy=c.policy.name, previous=before, knobs=c.knobs_set,
+                batch_limit=c.batch_limit,
+            )  # fmt: skip
+            for w in r.restore:
+                self.tasks.spawn(self.send_limit(w, req.model, 0, "", f"policy {c.policy.name}"), f"limit-{w}")
+            self.wake.set()
+        b = self.core.bounds[req.model]
+        return DeployReply(
+            model=req.model,
+            policy=c.policy.name,
+            knobs=dict(c.knobs_set),
+            effective=c.policy.effective_knobs(c.knobs),
+            min_replicas=b.min_replicas,
+            max_replicas=b.max_replicas,
+            target_replicas=self.core.targets[req.model],
+            changed=r.changed,
+            batch_limit=c.batch_limit or 0,
+        )
+
+    async def send_limit(self, worker: str, model: str, limit: int, decision_id: str, reason: str) -> None:
+        """SetBatchLimit to one worker. A failure is only logged: the next ticks see the worker's
+        limit in its metrics and send again."""
+        assert self.nc is not None
+        lg = self.log.bind(worker=worker, model=model, decision_id=decision_id)
+        try:
+            r = await request(
+                self.nc,
+                self.subjects.batch_limit(worker),
+                SetBatchLimit(limit, decision_id, reason),
+                BatchLimit,
+                timeout=self.args.tick_s + 2.0,
+            )
+        except (RemoteError, RequestTimeout, MessageError) as e:
+            lg.warning("batch_limit_failed", limit=limit, error=str(e))
+            return
+        lg.info("batch_limit_set", requested=limit, limit=r.max_batch, kv_slots=r.kv_slots)
 
     async def on_status(self, _: StatusRequest) -> ServiceStatus:
         now = self.clock()
         detail = self.core.status()
         detail["instances"] = {m: len(ws) for m, ws in self.workers.instances(now).items()}
         detail["workers"] = self.workers.summary(now)
+        detail["idle_pool"] = len(self.workers.idle(now))
+        detail["policies"] = self.controls.describe()
         return ServiceStatus("scaler", self.args.scaler_id, os.getpid(), detail)
 
     async def on_service_ready(self, msg: Msg) -> None:
@@ -190,10 +302,25 @@ class Scaler:
     async def tick(self) -> str | None:
         """One look at the mesh; returns why no decision could be made, if that is the case."""
         assert self.nc is not None
-        now = self.clock()
+        now, wall = self.clock(), self.wall()
         for w in self.workers.prune(now):
             self.log.warning("worker_lost", worker=w)
-        result = self.core.tick(now, self.workers.instances(now))
+            self.controls.worker_left(w)
+        instances = self.workers.instances(now)
+        idle = self.workers.idle(now)
+        loading = self.workers.loading(now)
+        self.core.adopt(now, instances)
+        needs: dict[str, int] = {}
+        limits: list[tuple[str, str, int]] = []
+        for model in sorted(self.controls.models):
+            needs_of, orders = self.evaluate(model, now, wall, instances, loading.get(model, 0), len(idle))
+            if needs_of is not None:
+                needs[model] = needs_of
+            limits += [(model, w, lim) for w, lim in orders]
+        for model, w, lim in limits:
+            c = self.controls.get(model)
+            self.tasks.spawn(self.send_limit(w, model, lim, c.limit_decision, c.limit_reason), f"limit-{w}")
+        result = self.core.tick(now, instances, Pool(idle, needs))
         for f in result.expired:
             self.log.warning(
                 "scale_ack_timeout",
@@ -225,6 +352,44 @@ class Scaler:
             )
         return result.held_back
 
+    def evaluate(
+        self,
+        model: str,
+        now: float,
+        wall: float,
+        instances: dict[str, frozenset[str]],
+        loading: int,
+        idle: int,
+    ) -> tuple[int | None, list[tuple[str, int]]]:
+        """Run one model's policy: its target (and reason) into the core, a new batch limit noted;
+        returns the model's need and the batch-limit orders for its instances."""
+        current = self.core.current(model, instances, now)
+        loading = min(loading, current)
+        in_flight = model in self.core.in_flight
+        ev = self.controls.evaluate(
+            model, wall, serving=current - loading, loading=loading, idle_pool=idle, in_flight=in_flight
+        )
+        d = ev.decision
+        # Until the warm-up ends the instance counts are not the whole mesh yet: the policy runs
+        # (its timers and fits go on) but its targets wait.
+        if d is not None and self.core.ready(now):
+            b = self.core.bounds[model]
+            target = max(b.min_replicas, min(b.max_replicas, d.target_replicas))
+            if target != current and not in_flight and target != self.core.targets[model]:
+                previous = self.core.set_target(model, target, reason=d.reason, figures=d.figures)
+                self.log.info(
+                    "policy_target", model=model, target=target, previous=previous, current=current, reason=d.reason
+                )
+        if ev.limit_changed:
+            c = self.controls.get(model)
+            self._vertical_seq += 1
+            c.limit_decision = f"{self.args.scaler_id}-v{self._vertical_seq}"
+            self.log.info(
+                "batch_limit_decision", model=model, decision_id=c.limit_decision, limit=c.batch_limit,
+                reason=c.limit_reason, figures=d.figures if d is not None else {},
+            )  # fmt: skip
+        return ev.need, self.controls.limit_orders(ev.signals, wall)
+
     async def serve(self, stop: asyncio.Event) -> int:
         s = self.subjects
         self.nc = await connect_bounded(self.args.nats_url, f"scaler-{self.args.scaler_id}", timeout_s=30.0)
@@ -233,6 +398,8 @@ class Scaler:
                 (s.heartbeat_all(), self.on_heartbeat),
                 (s.scale_ack(), self.on_ack),
                 (s.scale_request(), handler(self.on_scale_request, self.log)),
+                (s.scale_deploy(), handler(self.on_deploy, self.log)),
+                (s.metrics_all(), self.on_metrics),
                 (s.status(), handler(self.on_status, self.log)),
                 (s.service_ready(), self.on_service_ready),
             ]

@@ -9,8 +9,10 @@ service calls `decide` once per tick per model, turns a `Decision` into a `Scale
 workers), and holds back while
 `signals.decision_in_flight` is set: policies never return a horizontal decision then.
 
-Three policies (`POLICIES`):
+Four policies (`POLICIES`):
 
+- `manual`: no load policy. The model keeps `min_replicas`, or what an operator sets with
+  `cascade scale`; benchmarks use it to hold a configuration fixed.
 - `concurrency`: Ray Serve / KServe / ServerlessLLM. desired = ceil(ongoing / target), one
   instance per tick, upscale/downscale delays, keep-alive before zero.
 - `rate`: BlitzScale-style. Instances = token demand / measured per-instance capacity, several
@@ -22,6 +24,10 @@ Three policies (`POLICIES`):
 Common guarantees, tested tick by tick: the target stays within [min_replicas, max_replicas];
 zero only after `keep_alive_s` without requests (and only when min_replicas is 0); a model at zero
 with requests scales up at once, ignoring delays, since someone is waiting.
+
+Each policy also says what a model *needs* now (`Policy.need`): the fewest instances that carry
+its current load, without the delays that keep a policy from shrinking at once. When the idle pool
+is empty, the scaler may take instances a model holds above that need for a model that waits.
 """
 
 from __future__ import annotations
@@ -275,6 +281,14 @@ def _capacity(s: LoadSignals, k: RateKnobs, prev: float | None) -> float:
     return max(cap, best)
 
 
+def _rate_demand(s: LoadSignals, k: RateKnobs, tpr: float) -> float:
+    """Generated tokens/s wanted. Arrivals, not served tokens: while a queue drains, served
+    tokens/s counts the backlog a second time. Served tokens only stand in when no arrival rate is
+    known (long requests still running after arrivals stopped)."""
+    served = s.generated_tps if s.arrival_rate == 0 else 0.0
+    return max(served, s.arrival_rate * tpr) + s.waiting * tpr / k.backlog_drain_s
+
+
 def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision | None, RateState]:
     """Instances needed = demand / (capacity × target_util). Up as soon as utilisation passes
     `upper_util`, by as many instances as needed; down once it has stayed under `lower_util` for
@@ -290,11 +304,7 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
     if s.tokens_per_request > 0:
         tpr = 0.7 * tpr + 0.3 * s.tokens_per_request
     cap = _capacity(s, k, st.capacity_tps)
-    # Arrivals, not served tokens: while a queue drains, served tokens/s counts the backlog a
-    # second time. Served tokens only stand in when no arrival rate is known (long requests
-    # still running after arrivals stopped).
-    served = s.generated_tps if s.arrival_rate == 0 else 0.0
-    demand = max(served, s.arrival_rate * tpr) + s.waiting * tpr / k.backlog_drain_s
+    demand = _rate_demand(s, k, tpr)
     need = math.ceil(demand / (cap * k.target_util)) if demand > 0 else 0
     util = demand / (cur * cap) if cur > 0 else (math.inf if demand > 0 else 0.0)
     want = _clamp(max(need, floor), floor, k.max_replicas)
@@ -599,18 +609,89 @@ def decide_two_stage(s: LoadSignals, k: TwoStageKnobs, st: TwoStageState) -> tup
     return out(cur, "")
 
 
+# --------------------------------------------------------------------------- manual
+
+
+@dataclass(frozen=True, slots=True)
+class ManualKnobs:
+    min_replicas: int = 1
+    max_replicas: int = 8
+
+    def __post_init__(self) -> None:
+        _check_bounds(self.min_replicas, self.max_replicas, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ManualState:
+    pass
+
+
+def decide_manual(s: LoadSignals, k: ManualKnobs, st: ManualState) -> tuple[Decision | None, ManualState]:
+    """Never decides: the scaler keeps min_replicas, or the operator's target."""
+    return None, st
+
+
+# --------------------------------------------------------------------------- needs
+
+
+def _need_floor(s: LoadSignals, min_replicas: int) -> int:
+    """A model with requests in the system, or arrivals within the rate window, needs an
+    instance; an unused one needs only its min_replicas (keep-alive is a preference that an
+    idle pool shortage overrides)."""
+    return max(min_replicas, 1 if s.ongoing > 0 or s.arrival_rate > 0 else 0)
+
+
+def need_concurrency(s: LoadSignals, k: ConcurrencyKnobs, st: ConcurrencyState) -> int:
+    return _clamp(math.ceil(s.ongoing / k.target_ongoing_requests), _need_floor(s, k.min_replicas), k.max_replicas)
+
+
+def need_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> int:
+    cap = st.capacity_tps or k.capacity_tps
+    demand = _rate_demand(s, k, st.tokens_per_request or k.tokens_per_request)
+    need = math.ceil(demand / (cap * k.target_util)) if demand > 0 else 0
+    return _clamp(need, _need_floor(s, k.min_replicas), k.max_replicas)
+
+
+def need_two_stage(s: LoadSignals, k: TwoStageKnobs, st: TwoStageState) -> int:
+    floor = _need_floor(s, k.min_replicas)
+    if floor == 0:
+        return 0
+    model = st.model or StepModel(k.step_ms_base, k.step_ms_per_seq)
+    tpr = st.tokens_per_request or k.tokens_per_request
+    lam = s.arrival_rate + s.waiting / k.backlog_drain_s
+    calm = plan_grid(model, k, lam, tpr, k.rho_target)
+    n_plan = next(
+        (n for n in range(1, k.max_replicas + 1) if (b := calm[n]) is not None and b <= k.base_batch), k.max_replicas
+    )
+    return _clamp(n_plan, floor, k.max_replicas)
+
+
 # --------------------------------------------------------------------------- registry
+
+
+def _no_limit(knobs: Any) -> int | None:
+    return None
+
+
+def _base_batch(knobs: Any) -> int | None:
+    return int(knobs.base_batch)
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
     """A named policy: parses its knobs, makes its initial state, decides. `decide` is the pure
-    function of its module-level `decide_*` with a type check on what it is handed."""
+    function of its module-level `decide_*` with a type check on what it is handed.
+
+    `need_fn` says how many instances the load needs now (None: the model never lends instances
+    to another); `limit_fn` the batch limit its instances run at before any vertical action (None:
+    the policy leaves each worker's own limit alone)."""
 
     name: str
     knobs_type: type[Any]
     state_type: type[Any]
     fn: Any
+    need_fn: Any = None
+    limit_fn: Any = _no_limit
 
     def knobs(self, raw: Mapping[str, float], min_replicas: int, max_replicas: int) -> Any:
         return _parse_knobs(self.knobs_type, self.name, raw, min_replicas, max_replicas)
@@ -624,11 +705,34 @@ class Policy:
         result: tuple[Decision | None, Any] = self.fn(signals, knobs, state)
         return result
 
+    def need(self, signals: LoadSignals, knobs: Any, state: Any) -> int | None:
+        """Instances the load needs now (state: as `decide` returned it this tick); None when the
+        policy never lends instances."""
+        return None if self.need_fn is None else int(self.need_fn(signals, knobs, state))
+
+    def base_batch_limit(self, knobs: Any) -> int | None:
+        result: int | None = self.limit_fn(knobs)
+        return result
+
+    @property
+    def vertical(self) -> bool:
+        """Whether this policy sets its instances' batch limits."""
+        return self.limit_fn is not _no_limit
+
+    def effective_knobs(self, knobs: Any) -> dict[str, float]:
+        """Every knob the policy reads, defaults filled in (bounds come from the deployment)."""
+        return {
+            f.name: float(getattr(knobs, f.name))
+            for f in dataclasses.fields(knobs)
+            if f.name not in ("min_replicas", "max_replicas")
+        }
+
 
 POLICIES: dict[str, Policy] = {
-    "concurrency": Policy("concurrency", ConcurrencyKnobs, ConcurrencyState, decide_concurrency),
-    "rate": Policy("rate", RateKnobs, RateState, decide_rate),
-    "two-stage": Policy("two-stage", TwoStageKnobs, TwoStageState, decide_two_stage),
+    "manual": Policy("manual", ManualKnobs, ManualState, decide_manual),
+    "concurrency": Policy("concurrency", ConcurrencyKnobs, ConcurrencyState, decide_concurrency, need_concurrency),
+    "rate": Policy("rate", RateKnobs, RateState, decide_rate, need_rate),
+    "two-stage": Policy("two-stage", TwoStageKnobs, TwoStageState, decide_two_stage, need_two_stage, _base_batch),
 }
 
 

@@ -1,7 +1,8 @@
 """Replica bookkeeping: targets and the mesh in, scale decisions out. No I/O, no clock.
 
     core = ScalerCore(bounds, settings, started_at=now, id_prefix="scaler-1")
-    result = core.tick(now, instances)      # → decisions to publish, in-flight ones that timed out
+    core.set_target(model, n, reason=..., figures=...)   # a load policy's target (reason: why)
+    result = core.tick(now, instances, Pool(idle, needs))  # → decisions to publish, expired ones
     core.on_ack(decision_id, ok, workers, now)
 
 A model's *target* is its `min_replicas` until an operator (`cascade scale`) or a load policy
@@ -15,9 +16,21 @@ the workers loading or serving it, from heartbeats. Rules, each tested tick by t
 - no decision before a loader is known (a decision nobody hears waits out the whole ack timeout)
   nor before `warmup_s` has passed since start (until then the heartbeats heard are not yet the
   whole mesh, and a restarted scaler would re-add instances that already run);
+- a model a load policy manages (`adopt`) starts from what runs when the warm-up ends (within its
+  bounds), not from min_replicas: a restarted scaler must not undo its predecessor's scaling
+  before the policy has looked at the load;
 - an ack's workers count as added (or removed) for `settle_s`, until heartbeats catch up, so a
   tick right after an ack does not see the old count and decide again;
-- a failed or timed-out decision is retried on a later tick, after an exponential back-off.
+- a failed or timed-out decision is retried on a later tick, after an exponential back-off (a
+  policy re-asserting its target does not cut the back-off short; an operator's target does);
+- with the idle pool known (`Pool`), an `up` takes at most the idle workers not yet claimed by
+  decisions in flight, so several models share the pool without asking the loader for workers
+  that are not there;
+- when the pool is empty and nothing in flight will change it, a model that waits for instances
+  may take them from models above their need (`Pool.needs`, from their policies), never below
+  their `min_replicas`: a `down` for the lender (its worker drains its requests first, then
+  returns to the pool), and the waiting model's `up` on a later tick, once the worker is idle.
+  Models without a need (policy `manual`) never lend.
 """
 
 from __future__ import annotations
@@ -62,6 +75,15 @@ class Settings:
                 raise ValueError(f"{name} must be above 0")
         if self.warmup_s < 0 or self.settle_s < 0:
             raise ValueError("warmup_s and settle_s must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """The idle pool as a tick sees it: alive workers holding no model, and what each model
+    needs now (from its policy; a model left out never lends an instance)."""
+
+    idle: frozenset[str] = frozenset()
+    needs: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +135,7 @@ class ScalerCore:
         settings: Settings,
         started_at: float,
         id_prefix: str = "scaler",
+        adopt: Collection[str] = (),
     ) -> None:
         for name, b in bounds.items():
             if not 0 <= b.min_replicas <= b.max_replicas:
@@ -122,6 +145,7 @@ class ScalerCore:
         self.started_at = started_at
         self.id_prefix = id_prefix
         self.targets: dict[str, int] = {m: b.min_replicas for m, b in bounds.items()}
+        self._adopt = set(adopt) & set(bounds)
         self.in_flight: dict[str, InFlight] = {}
         self.loader_known = False
         self._seq = 0
@@ -130,11 +154,19 @@ class ScalerCore:
         self._not_before: dict[str, float] = {}
         # Decisions that timed out, kept a while: a late ack still says which workers changed.
         self._recent: OrderedDict[str, PlannedDecision] = OrderedDict()
-        self.counters = {"decisions": 0, "acks_ok": 0, "acks_failed": 0, "timeouts": 0}
+        # Why a model's target is what it is, when a policy (or a loan) set it: the decision that
+        # closes the gap carries this reason and these figures.
+        self._why: dict[str, tuple[str, dict[str, float]]] = {}
+        self.counters = {"decisions": 0, "acks_ok": 0, "acks_failed": 0, "timeouts": 0, "lent": 0}
 
     # ---- inputs ------------------------------------------------------------
-    def set_target(self, model: str, replicas: int) -> int:
-        """Set a model's replica target; returns the previous one. Raises TargetError."""
+    def set_target(
+        self, model: str, replicas: int, reason: str = "", figures: Mapping[str, float] | None = None
+    ) -> int:
+        """Set a model's replica target; returns the previous one. Raises TargetError.
+
+        Without `reason` the target is an operator's: it also cuts short the back-off of an
+        older failure. With one it is a policy's, and the decision carries reason and figures."""
         b = self.bounds.get(model)
         if b is None:
             known = ", ".join(sorted(self.bounds)) or "none"
@@ -151,10 +183,27 @@ class ScalerCore:
             )
         previous = self.targets[model]
         self.targets[model] = replicas
+        if reason:
+            self._why[model] = (reason, dict(figures or {}))
+            return previous
+        self._why.pop(model, None)
         # An operator's new target deserves a prompt try, not the back-off of an older failure.
         self._failures.pop(model, None)
         self._not_before.pop(model, None)
         return previous
+
+    def ready(self, now: float) -> bool:
+        """A loader is known and the warm-up is over: decisions may go out."""
+        return self.loader_known and now >= self.started_at + self.settings.warmup_s
+
+    def adopt(self, now: float, instances: Mapping[str, Collection[str]]) -> None:
+        """Once ready: policy-managed models take what runs now (within bounds) as their target."""
+        if not self._adopt or not self.ready(now):
+            return
+        for model in sorted(self._adopt):
+            b = self.bounds[model]
+            self.targets[model] = max(b.min_replicas, min(b.max_replicas, self.current(model, instances, now)))
+        self._adopt.clear()
 
     def loader_ready(self) -> list[InFlight]:
         """A loader (re)started: decisions it may never have heard are dropped, to be re-decided."""
@@ -205,7 +254,9 @@ class ScalerCore:
                 workers -= s.workers
         return len(workers)
 
-    def tick(self, now: float, instances: Mapping[str, Collection[str]]) -> TickResult:
+    def tick(self, now: float, instances: Mapping[str, Collection[str]], pool: Pool | None = None) -> TickResult:
+        """Decisions that close each model's gap. With `pool`, ups are bounded by the idle workers
+        and an empty pool may make a model above its need lend instances (see the module doc)."""
         expired = [f for f in self.in_flight.values() if now - f.sent_at >= self.settings.ack_timeout_s]
         for f in expired:
             del self.in_flight[f.decision.model]
@@ -216,7 +267,20 @@ class ScalerCore:
             return TickResult([], expired, "no loader yet")
         if now < self.started_at + self.settings.warmup_s:
             return TickResult([], expired, "warming up (hearing every worker's heartbeat first)")
-        decisions = []
+        self.adopt(now, instances)
+        # Nothing in flight: the pool will not change behind this tick's back.
+        settled = not self.in_flight
+        free: int | None = None
+        returning: set[str] = set()
+        if pool is not None:
+            returning = self._returning(now, pool.idle, instances)
+            # Workers an up in flight will take may still look idle (heartbeats lag): count them
+            # taken. Erring low only delays an up by a tick; erring high would ask for workers
+            # that are not there and wait out the loader's idle wait.
+            claimed = sum(f.decision.count for f in self.in_flight.values() if f.decision.action == "up")
+            free = len(pool.idle) + len(returning) - claimed
+        decisions: list[PlannedDecision] = []
+        starved: dict[str, int] = {}
         for model in sorted(self.targets):
             if model in self.in_flight or now < self._not_before.get(model, float("-inf")):
                 continue
@@ -226,27 +290,106 @@ class ScalerCore:
             if step is None:
                 continue
             action, count = step
-            b = self.bounds[model]
-            self._seq += 1
-            d = PlannedDecision(
-                decision_id=f"{self.id_prefix}-{self._seq}",
-                model=model,
-                action=action,
-                count=count,
-                target_replicas=target,
-                reason=f"{'below' if action == 'up' else 'above'} target: {current} of {target} replicas",
-                figures={
-                    "current": float(current),
-                    "target": float(target),
-                    "min_replicas": float(b.min_replicas),
-                    "max_replicas": float(b.max_replicas),
-                    "retry": float(self._failures.get(model, 0)),
-                },
-            )
-            self.in_flight[model] = InFlight(d, now)
-            self.counters["decisions"] += 1
-            decisions.append(d)
+            extra: dict[str, float] = {}
+            if action == "up" and free is not None:
+                extra["idle_pool"] = float(max(free, 0))
+                if count > free:
+                    starved[model] = count - max(free, 0)
+                    count = max(free, 0)
+                if count == 0:
+                    continue
+                free -= count
+            decisions.append(self._decide(model, action, count, target, current, now, extra))
+        if pool is not None and starved and settled and not decisions and not pool.idle and not returning:
+            decisions += self._lend(now, instances, pool, starved)
         return TickResult(decisions, expired)
+
+    def _decide(
+        self,
+        model: str,
+        action: Action,
+        count: int,
+        target: int,
+        current: int,
+        now: float,
+        extra: Mapping[str, float] | None = None,
+    ) -> PlannedDecision:
+        b = self.bounds[model]
+        retry = self._failures.get(model, 0)
+        why = self._why.get(model)
+        if why is None:
+            reason = f"{'below' if action == 'up' else 'above'} target: {current} of {target} replicas"
+            figures: dict[str, float] = {}
+        else:
+            reason, figures = why[0], dict(why[1])
+            if retry:
+                reason = f"{reason} (retry {retry})"
+        figures.update(
+            current=float(current),
+            target=float(target),
+            min_replicas=float(b.min_replicas),
+            max_replicas=float(b.max_replicas),
+            retry=float(retry),
+            **(extra or {}),
+        )
+        self._seq += 1
+        d = PlannedDecision(
+            decision_id=f"{self.id_prefix}-{self._seq}",
+            model=model,
+            action=action,
+            count=count,
+            target_replicas=target,
+            reason=reason,
+            figures=figures,
+        )
+        self.in_flight[model] = InFlight(d, now)
+        self.counters["decisions"] += 1
+        return d
+
+    def _returning(self, now: float, idle: frozenset[str], instances: Mapping[str, Collection[str]]) -> set[str]:
+        """Workers a down acked moments ago that heartbeats show neither idle nor holding a model
+        yet: they are on their way back to the pool."""
+        held = {w for ws in instances.values() for w in ws}
+        out: set[str] = set()
+        for entries in self._settle.values():
+            for st in entries:
+                if st.action == "down" and st.until > now:
+                    out |= st.workers
+        return out - idle - held
+
+    def _lend(
+        self, now: float, instances: Mapping[str, Collection[str]], pool: Pool, starved: Mapping[str, int]
+    ) -> list[PlannedDecision]:
+        """Downs for models above their need, for models that wait on an empty pool. A lender
+        keeps max(need, min_replicas) and lends to one model per tick (one decision in flight)."""
+        lenders: list[tuple[int, str, int, int]] = []  # (spare, model, current, need)
+        for m in sorted(self.targets):
+            need = pool.needs.get(m)
+            if need is None or m in starved or m in self.in_flight:
+                continue
+            if now < self._not_before.get(m, float("-inf")):
+                continue
+            cur = self.current(m, instances, now)
+            keep = max(need, self.bounds[m].min_replicas, 0)
+            if cur > keep and self.targets[m] <= cur:
+                lenders.append((cur - keep, m, cur, need))
+        lenders.sort(key=lambda x: (-x[0], x[1]))
+        out: list[PlannedDecision] = []
+        for model, short in sorted(starved.items(), key=lambda x: (-x[1], x[0])):
+            while short > 0 and lenders:
+                spare, m, cur, need = lenders.pop(0)
+                n = min(spare, short)
+                short -= n
+                reason = (
+                    f"lend {n} to {model}: no idle worker and {model} waits for {starved[model]}; "
+                    f"{m} needs {need} of its {cur}"
+                )
+                figures = {"need": float(need), "borrower_waits_for": float(starved[model])}
+                self.targets[m] = cur - n
+                self._why[m] = (reason, figures)
+                out.append(self._decide(m, "down", n, cur - n, cur, now))
+                self.counters["lent"] += n
+        return out
 
     # ---- internals ---------------------------------------------------------
     def _back_off(self, model: str, now: float) -> None:
@@ -262,6 +405,11 @@ class ScalerCore:
 
     def retry_at(self, model: str) -> float | None:
         return self._not_before.get(model)
+
+    def reason(self, model: str) -> str:
+        """Why the model's target is what it is ("" when it is min_replicas or an operator's)."""
+        why = self._why.get(model)
+        return why[0] if why else ""
 
     def status(self) -> dict[str, Any]:
         return {

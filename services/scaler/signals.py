@@ -54,6 +54,7 @@ class InstanceLoad:
     tokens_per_s: float  # measured generated tokens/s
     mean_batch: float = 0.0  # mean engine batch size over the last interval (0 = no steps)
     ts: float = 0.0
+    kv_slots: int = 0  # the most its batch limit can be raised to (0 = unknown)
 
     @property
     def load(self) -> float:
@@ -255,6 +256,7 @@ class SignalWindow:
                 tokens_per_s=m.tokens_per_s,
                 mean_batch=mean_batch,
                 ts=m.ts,
+                kv_slots=m.kv_slots,
             )
         if m.steps:
             s = _Slice(start=m.ts - m.interval_s, end=m.ts)

@@ -52,6 +52,18 @@ class WorkerTable:
                 out.setdefault(hb.model, set()).add(hb.worker_id)
         return {m: frozenset(ws) for m, ws in out.items()}
 
+    def idle(self, now: float) -> frozenset[str]:
+        """The idle pool: alive workers that hold no model."""
+        return frozenset(hb.worker_id for hb in self.alive(now) if hb.state == "idle")
+
+    def loading(self, now: float) -> dict[str, int]:
+        """Model → workers still loading it."""
+        out: dict[str, int] = {}
+        for hb in self.alive(now):
+            if hb.model and hb.state == "loading":
+                out[hb.model] = out.get(hb.model, 0) + 1
+        return out
+
     def summary(self, now: float) -> dict[str, Any]:
         states: dict[str, int] = {}
         for hb in self.alive(now):
