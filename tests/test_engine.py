@@ -157,3 +157,22 @@ def test_emulated_device_prices_each_step(model: LlamaModel) -> None:
     plain = Engine(model, tok)
     plain.submit("r", "g", tok.encode("abc"), SamplingParams(max_tokens=2, ignore_eos=True))
     assert plain.step().target_s == 0.0
+
+
+def test_batch_limit_moves_within_the_kv_slots_and_steps_are_timed_by_batch(model: LlamaModel) -> None:
+    e = Engine(model, tok, max_batch=2, kv_slots=4)
+    assert (e.max_batch, e.kv_slots) == (2, 4)
+    assert e.set_max_batch(16) == 4 and e.set_max_batch(0) == 1 and e.set_max_batch(3) == 3
+    greedy = SamplingParams(max_tokens=5, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        e.submit(f"r{i}", "g", tok.encode(p), greedy)
+    e.step()
+    assert len(e.running) == 3  # the limit in force, not the KV slots
+    e.set_max_batch(1)
+    out = run(e)
+    assert all(out[f"r{i}"][-1].finish_reason == "length" for i in range(1, len(PROMPTS)))
+    steps, prompt, generated = e.stats.take_interval()
+    assert prompt == sum(len(tok.encode(p)) for p in PROMPTS)
+    assert generated == 5 * len(PROMPTS)
+    assert 3 in steps and 1 in steps and all(n >= 1 and ms > 0 for n, ms, _ in steps.values())
+    assert e.stats.take_interval() == ({}, 0, 0)  # taken: the next interval starts empty

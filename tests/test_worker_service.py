@@ -13,16 +13,19 @@ import pytest
 from cascade.checkpoint import generate_model
 from cascade.config import GenerateSpec
 from cascade.messages import (
+    BatchLimit,
     BatchReply,
     Cancel,
     GenerateBatch,
     GenerateRequest,
     Heartbeat,
+    InstanceMetrics,
     LayerReady,
     LoadModel,
     Ok,
     RemoteError,
     SamplingParams,
+    SetBatchLimit,
     SnapshotRequest,
     TokenEvents,
     UnloadModel,
@@ -122,3 +125,48 @@ async def test_load_generate_cancel_unload(nats_url: str, subjects: Subjects, wo
 
 async def _append(store: list, msg) -> None:  # type: ignore[no-untyped-def]
     store.append(decode(msg.data))
+
+
+async def test_instance_metrics_and_a_batch_limit_set_at_run_time(
+    nats_url: str, subjects: Subjects, model_dir: Path
+) -> None:
+    cfg = WorkerConfig(nats_url, subjects.prefix, "w2", heartbeat_s=0.2, max_batch=4, kv_slots=8, metrics_s=0.1)
+    svc = WorkerService(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(svc.main(stop))
+    nc = await connect(nats_url, "test-metrics")
+    metrics: list[InstanceMetrics] = []
+    beats: list[Heartbeat] = []
+    try:
+        await nc.subscribe(subjects.metrics("worker", "w2"), cb=functools.partial(_append, metrics))
+        await nc.subscribe(subjects.heartbeat("w2"), cb=functools.partial(_append, beats))
+        await wait_until(lambda: bool(beats), what="worker up (it beats once subscribed)")
+        with pytest.raises(RemoteError, match="no_model"):
+            await request(nc, subjects.batch_limit("w2"), SetBatchLimit(6), BatchLimit, timeout=5)
+        await request(nc, subjects.load("w2"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+        await wait_until(lambda: svc.state == "serving", what="serving")
+        # Raised within the KV slots the worker allocated, no further; 0 = back to its own.
+        r = await request(nc, subjects.batch_limit("w2"), SetBatchLimit(16, "d-v1", "surge"), BatchLimit, timeout=5)
+        assert (r.worker_id, r.model, r.max_batch, r.requested, r.kv_slots) == ("w2", "m", 8, 16, 8)
+        tok = ByteTokenizer()
+        reqs = [
+            GenerateRequest(f"r{i}", "m", tok.encode(f"p {i}"), SamplingParams(max_tokens=6, ignore_eos=True))
+            for i in range(6)
+        ]
+        await request(nc, subjects.generate("w2"), GenerateBatch("gw", reqs), BatchReply, timeout=10)
+        await wait_until(lambda: sum(m.generated_tokens for m in metrics) >= 36, what="metrics counting every token")
+        steps = [st for m in metrics for st in m.steps]
+        assert max(st.batch for st in steps) == 6  # the raised limit let all six run together
+        assert all(st.steps > 0 and st.total_ms > 0 for st in steps)
+        assert sum(m.prompt_tokens for m in metrics) == sum(len(q.prompt_ids) for q in reqs)
+        last = metrics[-1]
+        assert (last.model, last.max_batch, last.kv_slots, last.state) == ("m", 8, 8, "serving")
+        assert [m.seq for m in metrics] == list(range(1, len(metrics) + 1))
+        r = await request(nc, subjects.batch_limit("w2"), SetBatchLimit(0), BatchLimit, timeout=5)
+        assert r.max_batch == 4
+        await request(nc, subjects.unload("w2"), UnloadModel(), Ok, timeout=10)
+        assert svc.state == "idle" and svc.instance_metrics(0.1) is None  # no model, no metrics
+    finally:
+        await nc.drain()
+        stop.set()
+        await asyncio.wait_for(task, 30)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,7 @@ class StepResult:
     relayed: int
     # With an emulated device: how long this step would take there (the worker pads to it).
     target_s: float = 0.0
+    prefill_tokens: int = 0  # prompt tokens of the sequences admitted in this step
 
 
 @dataclass(slots=True)
@@ -148,6 +150,32 @@ class EngineStats:
         span = now - self._window[0][0] if len(self._window) > 1 else 0.0
         self.tokens_per_s = sum(t for _, t in self._window) / span if span > 0 else 0.0
 
+    # ---- per metrics interval: written by the step (engine thread), taken by the metrics task
+    interval: dict[int, list[float]] = field(default_factory=dict)  # batch → [steps, total ms, prefill tokens]
+    interval_prompt: int = 0
+    interval_generated: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def step_timed(self, batch: int, ms: float, prefill_tokens: int, generated: int) -> None:
+        """One step's duration (padded to the emulated device, if any): the two-stage policy fits
+        step latency against batch size on these."""
+        with self._lock:
+            self.interval_prompt += prefill_tokens
+            self.interval_generated += generated
+            if batch <= 0:
+                return
+            acc = self.interval.setdefault(batch, [0, 0.0, 0])
+            acc[0] += 1
+            acc[1] += ms
+            acc[2] += prefill_tokens
+
+    def take_interval(self) -> tuple[dict[int, list[float]], int, int]:
+        """(steps by batch size, prompt tokens, generated tokens) since the last call; resets them."""
+        with self._lock:
+            out = (self.interval, self.interval_prompt, self.interval_generated)
+            self.interval, self.interval_prompt, self.interval_generated = {}, 0, 0
+        return out
+
 
 class Engine:
     def __init__(
@@ -158,12 +186,16 @@ class Engine:
         max_prefill_tokens: int = 4096,
         worker_id: str = "",
         padder: StepPadder | None = None,
+        kv_slots: int | None = None,
     ) -> None:
         self.model = model
         self.padder = padder
         self.tok = tokenizer
         self.worker_id = worker_id
         self.max_batch = max_batch
+        # The KV cache is sized once, for kv_slots sequences: the batch limit may move at run time
+        # (vertical scaling) only within it, since growing the cache would copy every layer's K/V.
+        self.kv_slots = max(kv_slots or max_batch, max_batch)
         self.max_prefill_tokens = max_prefill_tokens
         self.cfg = model.cfg
         self.L = self.cfg.num_hidden_layers
@@ -181,8 +213,14 @@ class Engine:
     @property
     def cache(self) -> KVCache:
         if self._cache is None:
-            self._cache = KVCache(self.cfg, range(self.L), self.max_batch, self.model.device, self.model.dtype)
+            self._cache = KVCache(self.cfg, range(self.L), self.kv_slots, self.model.device, self.model.dtype)
         return self._cache
+
+    def set_max_batch(self, limit: int) -> int:
+        """Set the batch limit, bounded by the KV slots; returns the limit in force. Running
+        sequences above a lowered limit finish where they are; new ones wait for a free slot."""
+        self.max_batch = max(1, min(limit, self.kv_slots))
+        return self.max_batch
 
     # ------------------------------------------------------------ loop-thread API
     def submit(
@@ -238,6 +276,7 @@ class Engine:
 
     # ------------------------------------------------------------ executor-thread API
     def step(self) -> StepResult:
+        t0 = time.monotonic()
         events: list[tuple[str, TokenEvent]] = []
         outbox: list[Outgoing] = []
         while self._inbox:
@@ -295,7 +334,11 @@ class Engine:
         self.stats.record(batch + relayed, len(new) + decoded, time.monotonic())
         self.stats.relayed_steps += relayed
         target = self._emulated_s(segs) if self.padder is not None and segs else 0.0
-        return StepResult(events, outbox, batch, len(new), decoded, relayed, target)
+        prompt = sum(len(s.prompt) for s in new)
+        # With an emulated device the step lasts its target (the runner pads to it) unless compute overran.
+        took = max(time.monotonic() - t0, target)
+        self.stats.step_timed(batch + relayed, took * 1000, prompt, len(new) + decoded)
+        return StepResult(events, outbox, batch, len(new), decoded, relayed, target, prompt)
 
     def _emulated_s(self, segs: list[Segment]) -> float:
         """The step's time on the emulated device: per layer, the decode batch, prompt tokens and

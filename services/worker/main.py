@@ -30,10 +30,12 @@ from cascade.config import ConfigError, env_float, env_int, env_str, resolve_nat
 from cascade.device_profile import StepPadder, load_profile
 from cascade.logs import setup_logging
 from cascade.messages import (
+    BatchLimit,
     BatchReply,
     Cancel,
     GenerateBatch,
     Heartbeat,
+    InstanceMetrics,
     LayerReady,
     LoadModel,
     Ok,
@@ -42,8 +44,10 @@ from cascade.messages import (
     RouteStage,
     ServiceReady,
     ServiceStatus,
+    SetBatchLimit,
     SnapshotRequest,
     StatusRequest,
+    StepStat,
     TokenEvent,
     TokenEvents,
     TransferEvent,
@@ -65,8 +69,9 @@ from services.worker.dataplane import (
     TransferError,
     send_units_async,
 )
-from services.worker.engine import Engine
+from services.worker.engine import Engine, StepResult
 from services.worker.model import LlamaModel, pick_device
+from services.worker.runner import EngineRunner
 from services.worker.stagelink import StageLink
 
 
@@ -91,6 +96,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=env_int("CASCADE_MAX_BATCH", 32),
         help="most sequences in the running batch (env CASCADE_MAX_BATCH, default 32)",
+    )
+    p.add_argument(
+        "--kv-slots",
+        type=int,
+        default=env_int("CASCADE_KV_SLOTS", 0),
+        help="sequences the KV cache is sized for: the most the scaler may raise the batch limit to at run time "
+        "(env CASCADE_KV_SLOTS; default: --max-batch)",
+    )
+    p.add_argument(
+        "--metrics-s",
+        type=float,
+        default=env_float("CASCADE_METRICS_S", 1.0),
+        help="how often load metrics (InstanceMetrics) go to the scaler (env CASCADE_METRICS_S, default 1.0)",
     )
     p.add_argument(
         "--max-waiting",
@@ -183,9 +201,15 @@ class WorkerConfig:
         data_host: str | None = None,
         data_port: int = 0,
         device_profile: str | None = None,
+        kv_slots: int = 0,
+        metrics_s: float = 1.0,
     ) -> None:
         if threads < 1 or max_batch < 1 or max_waiting < 0 or heartbeat_s <= 0:
             raise ConfigError("--threads and --max-batch must be >= 1, --heartbeat-s > 0")
+        if kv_slots < 0 or metrics_s <= 0:
+            raise ConfigError("--kv-slots must be >= 0 and --metrics-s > 0")
+        self.kv_slots = max(kv_slots, max_batch)
+        self.metrics_s = metrics_s
         self.nats_url = nats_url
         self.prefix = prefix
         self.worker_id = check_token(worker_id)
@@ -227,6 +251,8 @@ class WorkerConfig:
             data_host=a.data_host,
             data_port=a.data_port,
             device_profile=a.device_profile,
+            kv_slots=a.kv_slots,
+            metrics_s=a.metrics_s,
         )
 
 
@@ -261,11 +287,12 @@ class WorkerService:
         self.engine: Engine | None = None
         self.num_units = 0
         self.seq = 0  # readiness event sequence number
+        self.metrics_seq = 0
         self.nc: NATS | None = None
         self.tasks = TaskSet(self.log)
-        self.work = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+        self.runner = EngineRunner(lambda: self.engine, self._deliver, self._maybe_idle, self.log)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.load_started = 0.0
         self.load_bytes = 0
@@ -302,10 +329,13 @@ class WorkerService:
             await nc.subscribe(s.unload(w), cb=handler(self.on_unload, self.log))
             await nc.subscribe(s.generate(w), cb=handler(self.on_generate, self.log))
             await nc.subscribe(s.cancel(w), cb=handler(self.on_cancel, self.log))
+            await nc.subscribe(s.batch_limit(w), cb=handler(self.on_batch_limit, self.log))
             await nc.subscribe(s.snapshot(w), cb=handler(self.on_snapshot, self.log))
             await nc.subscribe(s.status(), cb=handler(self.on_status, self.log))
             self.tasks.spawn(self.heartbeat_loop(), "heartbeat")
-            self.tasks.spawn(self.engine_loop(), "engine")
+            self.tasks.spawn(self.metrics_loop(), "metrics")
+            self.runner.start()
+            self.tasks.spawn(self.runner.publish(), "engine-results")
             await nc.publish(s.service_ready(), encode(ServiceReady("worker", w, os.getpid())))
             await self.send_heartbeat()
             self.log.info("worker_ready", device=str(self.device), threads=self.cfg.threads, data_addr=data_addr)
@@ -341,10 +371,10 @@ class WorkerService:
             task.cancel()
         if self.inbound is not None:
             await self._stop_inbound(self.inbound, "worker shutting down")
+        await self.runner.stop()
         if self.engine is not None and self.engine.in_flight():
-            # The engine thread may be mid-step; end the sequences from that thread.
-            loop = asyncio.get_running_loop()
-            events = await loop.run_in_executor(self.executor, self.engine.drain_all, "worker shutting down")
+            # The engine thread has stopped: ending the sequences here races with nothing.
+            events = self.engine.drain_all("worker shutting down")
             await self.publish_events(events, 0)
 
     # ------------------------------------------------------------------ heartbeats
@@ -358,7 +388,7 @@ class WorkerService:
             num_units=self.num_units,
             running=running,
             waiting=waiting,
-            max_batch=self.cfg.max_batch,
+            max_batch=self.engine.max_batch if self.engine else self.cfg.max_batch,
             tokens_per_s=round(self.engine.stats.tokens_per_s, 2) if self.engine else 0.0,
             ready_seq=self.seq,
             pid=os.getpid(),
@@ -384,6 +414,63 @@ class WorkerService:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)  # a periodic timer, not synchronisation
             await self.send_heartbeat()
+
+    def instance_metrics(self, interval_s: float) -> InstanceMetrics | None:
+        """This interval's load and engine steps (None while no model is held); resets the interval."""
+        eng, model = self.engine, self.model_name
+        if eng is None or model is None:
+            return None
+        steps, prompt, generated = eng.stats.take_interval()
+        running, waiting = eng.load()
+        self.metrics_seq += 1
+        return InstanceMetrics(
+            worker_id=self.cfg.worker_id,
+            model=model,
+            seq=self.metrics_seq,
+            ts=time.time(),
+            interval_s=round(interval_s, 4),
+            state=self.state,
+            running=running,
+            waiting=waiting,
+            max_batch=eng.max_batch,
+            tokens_per_s=round(generated / interval_s, 3) if interval_s > 0 else 0.0,
+            prompt_tokens=prompt,
+            generated_tokens=generated,
+            steps=[StepStat(b, int(n), round(ms, 3), int(p)) for b, (n, ms, p) in sorted(steps.items())],
+            kv_slots=eng.kv_slots,
+        )
+
+    async def metrics_loop(self) -> None:
+        """InstanceMetrics every metrics interval while a model is held: the scaler's per-instance
+        load, tokens/s and step latency by batch size."""
+        assert self.nc is not None
+        subject = self.subjects.metrics("worker", self.cfg.worker_id)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.cfg.metrics_s)  # a periodic timer, not synchronisation
+            now = time.monotonic()
+            m = self.instance_metrics(now - last)
+            last = now
+            if m is not None:
+                await self.nc.publish(subject, encode(m))
+
+    async def on_batch_limit(self, req: SetBatchLimit) -> BatchLimit:
+        """The scaler's vertical action: a new batch limit for the engine, within its KV slots."""
+        if not isinstance(req, SetBatchLimit):
+            raise RemoteError("bad_request", f"expected set_batch_limit, got {type(req).__name__}")
+        eng = self.engine
+        if eng is None or self.model_name is None:
+            raise RemoteError("no_model", f"worker {self.cfg.worker_id} holds no model")
+        if req.max_batch < 0:
+            raise RemoteError("bad_request", f"batch limit {req.max_batch} is negative")
+        before = eng.max_batch
+        now = eng.set_max_batch(req.max_batch or self.cfg.max_batch)
+        self.runner.wake()  # a raised limit may admit waiting sequences at once
+        self.log.info(
+            "batch_limit_set", model=self.model_name, requested=req.max_batch, before=before, limit=now,
+            kv_slots=eng.kv_slots, decision=req.decision_id, reason=req.reason,
+        )  # fmt: skip
+        return BatchLimit(self.cfg.worker_id, self.model_name, now, req.max_batch, eng.kv_slots)
 
     async def publish_ready(self, unit: int, reset: bool = False) -> None:
         assert self.nc is not None
@@ -763,7 +850,7 @@ class WorkerService:
             accepted.append(r.request_id)
         if accepted:
             self.idle.clear()
-            self.work.set()
+            self.runner.wake()
         return BatchReply(accepted=accepted, rejected=rejected)
 
     def _reject_reason(
@@ -797,46 +884,29 @@ class WorkerService:
             return
         for rid in msg.request_ids:
             self.engine.cancel(rid)
-        self.work.set()
+        self.runner.wake()
 
-    async def engine_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self.work.wait()
-            eng = self.engine
-            if eng is None or not eng.has_work():
-                self.work.clear()
-                if eng is None or not eng.in_flight():
-                    self.idle.set()
-                continue
-            t0 = time.monotonic()
-            result = await loop.run_in_executor(self.executor, eng.step)
-            if self.padder is not None:
-                # Emulated device: the step's results exist when the device would have finished it.
-                wait = max(0.0, result.target_s - (time.monotonic() - t0))
-                self._record_pad(result.target_s, time.monotonic() - t0)
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            for o in result.outbox:
-                await self.link.send(o.to, o.header, o.tensor)
-            if result.events:
-                await self.publish_events(result.events, result.batch_size)
+    async def _deliver(self, result: StepResult) -> None:
+        for o in result.outbox:
+            await self.link.send(o.to, o.header, o.tensor)
+        if result.events:
+            await self.publish_events(result.events, result.batch_size)
+
+    def _maybe_idle(self) -> None:
+        eng = self.engine
+        if eng is None or not eng.in_flight():
+            self.idle.set()
+        elif eng.has_work():
+            self.runner.wake()  # work arrived as the engine thread was going to sleep
 
     def _new_engine(self, tok: Tokenizer) -> Engine:
         assert self.model is not None
         if self.cfg.device_profile:
             self.padder = StepPadder(load_profile(self.cfg.device_profile), self.model.cfg.num_hidden_layers)
-        return Engine(self.model, tok, max_batch=self.cfg.max_batch, worker_id=self.cfg.worker_id, padder=self.padder)
-
-    def _record_pad(self, target_s: float, elapsed_s: float) -> None:
-        assert self.padder is not None
-        st = self.padder.stats
-        st.steps += 1
-        if elapsed_s > target_s:
-            st.overrun_steps += 1
-            st.overrun_s += elapsed_s - target_s
-        else:
-            st.padded_s += target_s - elapsed_s
+        return Engine(
+            self.model, tok, max_batch=self.cfg.max_batch, worker_id=self.cfg.worker_id, padder=self.padder,
+            kv_slots=self.cfg.kv_slots,
+        )  # fmt: skip
 
     def _on_stage_frame(self, header: dict[str, Any], tensor: torch.Tensor | None) -> None:
         if self.engine is None:
@@ -844,12 +914,12 @@ class WorkerService:
             return
         self.engine.stage_message(header, tensor)
         self.idle.clear()
-        self.work.set()
+        self.runner.wake()
 
     def _on_peer_failed(self, worker_id: str, reason: str) -> None:
         if self.engine is not None:
             self.engine.peer_failed(worker_id, reason)
-            self.work.set()
+            self.runner.wake()
 
     async def publish_events(self, events: list[tuple[str, TokenEvent]], batch_size: int) -> None:
         assert self.nc is not None
@@ -893,9 +963,10 @@ class WorkerService:
             if self.padder is None
             else {
                 **self.padder.profile.describe(),
-                "steps": self.padder.stats.steps,
-                "overrun_steps": self.padder.stats.overrun_steps,
-                "overrun_s": round(self.padder.stats.overrun_s, 3),
+                "steps": self.runner.steps,
+                "padded_s": round(self.runner.padded_s, 3),
+                "overrun_steps": self.runner.overrun_steps,
+                "overrun_s": round(self.runner.overrun_s, 3),
             },
             "data_addr": hb.data_addr,
             "data_refused": self.dataplane.refused,
