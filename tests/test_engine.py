@@ -176,3 +176,17 @@ def test_batch_limit_moves_within_the_kv_slots_and_steps_are_timed_by_batch(mode
     assert generated == 5 * len(PROMPTS)
     assert 3 in steps and 1 in steps and all(n >= 1 and ms > 0 for n, ms, _ in steps.values())
     assert e.stats.take_interval() == ({}, 0, 0)  # taken: the next interval starts empty
+
+
+def test_kv_cache_growth_then_compaction(model: LlamaModel) -> None:
+    # A long prompt grows the cache past its first capacity inside the forward pass; a short
+    # request finishing first then moves the long one's slot. Both must keep working.
+    e = Engine(model, tok, max_batch=4)
+    e.submit("short", "g", tok.encode("hi"), SamplingParams(max_tokens=2, ignore_eos=True))
+    e.submit("long", "g", tok.encode("x" * 300), SamplingParams(max_tokens=8, ignore_eos=True))
+    out = run(e)
+    assert out["short"][-1].finish_reason == "length"
+    assert out["long"][-1].finish_reason == "length" and out["long"][-1].completion_tokens == 8
+    alone = Engine(model, tok, max_batch=4)
+    alone.submit("long", "g", tok.encode("x" * 300), SamplingParams(max_tokens=8, ignore_eos=True))
+    assert tokens(run(alone)["long"]) == tokens(out["long"])

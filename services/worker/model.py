@@ -76,6 +76,7 @@ class KVCache:
         self.k: dict[int, torch.Tensor] = {i: torch.zeros(self._shape, device=device, dtype=dtype) for i in layers}
         self.v: dict[int, torch.Tensor] = {i: torch.zeros(self._shape, device=device, dtype=dtype) for i in layers}
 
+    @torch.inference_mode()
     def ensure(self, length: int) -> None:
         if length <= self.capacity:
             return
@@ -92,6 +93,7 @@ class KVCache:
                 store[i] = grown
         self.capacity = new
 
+    @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy one sequence's K/V from slot `src` to slot `dst` (slot compaction)."""
         for store in (self.k, self.v):

@@ -80,10 +80,13 @@ class EngineRunner:
                 t0 = time.monotonic()
                 try:
                     result = eng.step()
-                except Exception:
+                except Exception as e:
                     # The engine turns model errors into failed requests; anything reaching here is a
-                    # bug. Log it and keep serving the other requests rather than wedge the worker.
+                    # bug that may have left the batch inconsistent. End every request with the
+                    # error (never leave a client waiting) and go on serving new ones.
                     self.log.exception("engine_step_failed")
+                    events = eng.drain_all(f"engine failure: {type(e).__name__}: {e}")
+                    loop.call_soon_threadsafe(self._results.put_nowait, StepResult(events, [], 0, 0, 0, 0))
                     break
                 self.steps += 1
                 if result.target_s > 0:
