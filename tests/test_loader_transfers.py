@@ -3,7 +3,8 @@ break a failure names, what a repair keeps following, and the outcome."""
 
 from __future__ import annotations
 
-from cascade.messages import TransferEvent
+from cascade.meshview import MeshStatus, render, to_json
+from cascade.messages import ServiceStatus, TransferEvent
 from services.loader.planner import MeshSnapshot, PlanRequest, WorkerView, plan_transfer, replan
 from services.loader.transfers import TransferSession
 
@@ -131,3 +132,24 @@ def test_a_target_that_gives_up_fails_with_its_reason() -> None:
     assert s.targets["t1"].error == "t1 gave up loading m (now idle: transfer p1-0: no connection within 30s)"
     s.observe("t2", idle("t2"), 2.5)  # never seen loading, and the grace is over
     assert s.targets["t2"].phase == "failed"
+
+
+def test_status_shows_transfers_with_a_progress_bar_and_the_host_cache() -> None:
+    s = session()
+    for u in range(2):
+        s.unit_ready("t1", u, 0.5)
+    s.observe("t2", None, 1.0)
+    detail = {
+        "transfers": s.rows(1.0),
+        "host_cache": {M: {"nbytes": 100_000_000, "mode": "mmap", "locked": False, "idle_s": 3.0, "in_use": 1}},
+        "host_cache_bytes": 100_000_000,
+    }
+    st = MeshStatus(services=[ServiceStatus("loader", "l1", 1, detail)], heartbeats={})
+    text = render(st, "nats://x:1", "cascade")
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith(("t1", "t2", "t3", M + " "))}
+    assert "[#####.......] 2/5" in lines["t1"] and "a (multicast)" in lines["t1"] and "loading" in lines["t1"]
+    assert "failed: t2 stopped heart-beating" in lines["t2"]
+    assert "pending" in lines["t3"]
+    assert "host cache: 1 model(s), 100.0 MB" in text and "mmap" in lines[M]
+    data = to_json(st, "nats://x:1", "cascade")
+    assert [r["worker"] for r in data["transfers"]] == ["t1", "t2", "t3"] and data["host_cache"][0]["model"] == M
