@@ -157,3 +157,21 @@ def test_relayed_stages_count_against_the_batch_limit(ckpt: Checkpoint) -> None:
     f.step()
     # 3/4 of a slot is taken by the relayed stage: only one of F's own requests fits beside it.
     assert len(f.running) == 1 and len(f.waiting) == 1
+
+
+def test_relayed_prompts_share_the_step_prefill_budget(ckpt: Checkpoint) -> None:
+    L = ckpt.config.num_hidden_layers
+    expect = whole_tokens(ckpt)
+    n = Engine(model(ckpt, range(0, 3)), tok, worker_id="N", max_prefill_tokens=16)
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F", max_prefill_tokens=16)
+    route = [RouteStage("N", 0, 2), RouteStage("F", 2, L)]
+    for p in PROMPTS:
+        n.submit(p, "g", tok.encode(p), GREEDY, route=route)
+    first = n.step()
+    # 16 tokens of budget at half the layers: the 15- and 2-token prompts fit, the 41-token one waits.
+    assert len(first.outbox) == 2
+    for o in first.outbox:
+        h, t = wire(o)
+        f.stage_message(h, t)  # type: ignore[arg-type]
+    got = run_mesh({"N": n, "F": f})
+    assert {p: toks(v) for p, v in got.items()} == expect

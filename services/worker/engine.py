@@ -294,19 +294,31 @@ class Engine:
         if old:
             segs.append(self._decode_segment())
             jobs.append(("decode", None))
-        new = self._admit()
+        # One prefill budget per step for every role, in full-model prompt tokens (a prompt through
+        # k of L layers costs k/L of its length): without it a burst of relayed or driven prompts
+        # would make one giant step and stall every sequence's decode behind it. Stage work that is
+        # already under way goes first; at least one prefill always goes, so none starves.
+        budget = _Budget(float(self.max_prefill_tokens))
+        for rel in self.relayed.values():
+            if rel.inputs:
+                pre, _, hidden = rel.inputs[0]
+                span = rel.stage.end - rel.stage.start
+                if pre and not budget.take(hidden.shape[1] * span / self.L):
+                    continue
+                segs.append(self._relayed_segment(rel))
+                jobs.append(("relayed", rel))
+        for seq in self.driven.values():
+            if seq.next_ids is not None and seq.finish is None:
+                first = seq.route[0]
+                if not seq.prefilled and not budget.take(len(seq.prompt) * (first.end - first.start) / self.L):
+                    continue
+                segs.append(self._driven_segment(seq))
+                jobs.append(("driven", seq))
+        new = self._admit(budget)
         if new:
             ids, pos, lens = prefill_inputs([s.prompt for s in new], self.model.device)
             segs.append(Segment(range(self.L), self.cache, pos, lens, True, True, ids=ids, slot0=old))
             jobs.append(("prefill", new))
-        for seq in self.driven.values():
-            if seq.next_ids is not None and seq.finish is None:
-                segs.append(self._driven_segment(seq))
-                jobs.append(("driven", seq))
-        for rel in self.relayed.values():
-            if rel.inputs:
-                segs.append(self._relayed_segment(rel))
-                jobs.append(("relayed", rel))
         batch = len(self.running)
         relayed = sum(1 for k, _ in jobs if k == "relayed")
         decoded = 0
@@ -369,22 +381,19 @@ class Engine:
         return ms / 1000
 
     # ------------------------------------------------------------ full sequences
-    def _admit(self) -> list[Sequence]:
-        """Take as many waiting sequences as fit (batch slots and a prefill token budget)."""
+    def _admit(self, budget: _Budget) -> list[Sequence]:
+        """Take as many waiting sequences as fit (batch slots and what is left of the step's
+        prefill budget)."""
         new: list[Sequence] = []
-        budget = self.max_prefill_tokens
         # Relayed stages hold KV and take compute here for their share of the layers: they count
         # against the batch limit by that share, so relaying for a new instance does not let this
         # one run more than its limit (the new instance contributes only its own layers).
         relayed = sum(r.stage.end - r.stage.start for r in self.relayed.values()) / max(self.L, 1)
         slots = self.max_batch - int(relayed + 0.999)
         while self.waiting and len(self.running) + len(new) < slots:
-            seq = self.waiting[0]
-            if new and len(seq.prompt) > budget:
+            if not budget.take(len(self.waiting[0].prompt)):
                 break
-            self.waiting.popleft()
-            budget -= len(seq.prompt)
-            new.append(seq)
+            new.append(self.waiting.popleft())
         for k, seq in enumerate(new):
             seq.slot = len(self.running) + k
         self.running.extend(new)
@@ -679,6 +688,22 @@ class Engine:
         self.driven.clear()
         self.relayed.clear()
         return events
+
+
+class _Budget:
+    """A step's prefill budget; the first take always succeeds (a prompt longer than the whole
+    budget still gets its own step)."""
+
+    def __init__(self, tokens: float) -> None:
+        self.left = tokens
+        self.used = False
+
+    def take(self, cost: float) -> bool:
+        if self.used and cost > self.left:
+            return False
+        self.left -= cost
+        self.used = True
+        return True
 
 
 def _stage_dict(s: RouteStage) -> dict[str, Any]:
