@@ -2,7 +2,7 @@
 
     cascade up                 start a broker and every service on this machine
     cascade gateway|scaler|loader|worker [flags]   run one service
-    cascade status | tap | scale | cache | model create | bench
+    cascade status | tap | scale | deploy | cache | model create | bench
 
 Service modules (and torch) are imported only by the subcommand that needs
 them, so `cascade --help`, `cascade status` and `cascade tap` start fast.
@@ -98,6 +98,7 @@ def build_parser(services: Collection[str] = ()) -> Parser:
     _add_status(sub)
     _add_tap(sub)
     _add_scale(sub)
+    _add_deploy(sub)
     _add_cache(sub)
     _add_bench(sub)
     return p
@@ -368,16 +369,24 @@ def _add_scale(sub: Any) -> None:
 
 def _ask(args: argparse.Namespace, service: str, subject: Callable[[Any], str], msg: Any) -> str:
     """One request/reply to a service of the running mesh; its `Ok` detail, or a one-line error."""
-    from cascade.messages import Ok, RemoteError
+    from cascade.messages import Ok
+
+    reply: Ok = _request(args, service, subject, msg, Ok)
+    return reply.detail
+
+
+def _request(args: argparse.Namespace, service: str, subject: Callable[[Any], str], msg: Any, expect: type[Any]) -> Any:
+    """One request/reply to a service of the running mesh: its typed reply, or a one-line error."""
+    from cascade.messages import RemoteError
     from cascade.natsutil import RequestTimeout, request
     from cascade.subjects import Subjects
 
     url, prefix = resolve_nats_url(args.nats_url), resolve_prefix(args.prefix)
 
-    async def go() -> str:
+    async def go() -> Any:
         nc = await _connect(url, f"cascade-{args.command}")
         try:
-            reply = await request(nc, subject(Subjects(prefix)), msg, Ok, args.timeout)
+            return await request(nc, subject(Subjects(prefix)), msg, expect, args.timeout)
         except RemoteError as e:
             raise CliError(f"the {service} refused: {e.message}") from None
         except RequestTimeout:
@@ -385,7 +394,6 @@ def _ask(args: argparse.Namespace, service: str, subject: Callable[[Any], str], 
             raise CliError(why) from None
         finally:
             await nc.drain()
-        return reply.detail
 
     return asyncio.run(go())
 
@@ -395,6 +403,62 @@ def cmd_scale(args: argparse.Namespace) -> int:
 
     detail = _ask(args, "scaler", lambda s: s.scale_request(), ScaleRequest(args.model, args.replicas))
     print(detail or f"{args.model}: target {args.replicas} replicas")
+    return 0
+
+
+# --------------------------------------------------------------------------- deploy
+
+
+def _knob(text: str) -> tuple[str, float]:
+    """argparse type for --knob NAME=VALUE."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"knob {name.strip()}: {value!r} is not a number") from None
+
+
+def _add_deploy(sub: Any) -> None:
+    p = sub.add_parser(
+        "deploy",
+        help="change a model's scaling policy and knobs at run time",
+        description="Ask the scaler to run MODEL under another scaling policy (manual, concurrency, rate, "
+        "two-stage) and/or with other knobs, from now on; without --policy or --knob, show what it runs. Knobs "
+        "merge into the current ones unless the policy changes or --replace-knobs is given. The change lasts "
+        "until the scaler restarts (the deployment file is not rewritten). See docs/deployment.md.",
+    )
+    p.add_argument("model", help="model name, as in the deployment")
+    p.add_argument("--policy", default="", help="manual | concurrency | rate | two-stage (default: keep the current)")
+    p.add_argument(
+        "--knob", type=_knob, action="append", default=[], metavar="NAME=VALUE", help="a policy knob (repeatable)"
+    )
+    p.add_argument("--replace-knobs", action="store_true", help="the given knobs replace the current ones")
+    p.add_argument("--json", action="store_true", help="print the scaler's reply as JSON")
+    p.add_argument("--timeout", type=positive_float, default=5.0, help="seconds to wait for the scaler's answer")
+    _add_mesh_flags(p)
+    p.set_defaults(func=cmd_deploy)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from cascade.messages import DeployReply, DeployRequest
+
+    req = DeployRequest(args.model, args.policy, dict(args.knob), args.replace_knobs)
+    r: DeployReply = _request(args, "scaler", lambda s: s.scale_deploy(), req, DeployReply)
+    if args.json:
+        print(orjson.dumps(r, option=orjson.OPT_INDENT_2).decode())
+        return 0
+
+    def knobs(d: dict[str, float]) -> str:
+        return ", ".join(f"{k}={v:g}" for k, v in sorted(d.items())) or "(defaults)"
+
+    print(f"{r.model}: policy {r.policy}" + (" (changed)" if r.changed else " (unchanged)"))
+    print(f"  knobs set:  {knobs(r.knobs)}")
+    if r.effective:
+        print(f"  in effect:  {knobs(r.effective)}")
+    limit = f", batch limit {r.batch_limit}" if r.batch_limit else ""
+    print(f"  replicas:   min {r.min_replicas}, max {r.max_replicas}, target now {r.target_replicas}{limit}")
     return 0
 
 

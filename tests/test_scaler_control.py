@@ -113,8 +113,8 @@ class Run:
             )  # fmt: skip
 
     def tick(self) -> list[PlannedDecision]:
-        for d, ws in self.mesh.acks(self.now):
-            self.core.on_ack(d.decision_id, True, ws, self.now)
+        for done, ws in self.mesh.acks(self.now):
+            self.core.on_ack(done.decision_id, True, ws, self.now)
         instances = self.mesh.instances()
         idle = self.mesh.idle()
         self.core.adopt(self.now, instances)
@@ -126,9 +126,11 @@ class Run:
             )
             if ev.need is not None:
                 needs[model] = ev.need
-            d = ev.decision
-            if d is not None and d.target_replicas != current and model not in self.core.in_flight:
-                self.core.set_target(model, d.target_replicas, reason=d.reason, figures=d.figures)
+            want = ev.decision
+            if want is not None and want.target_replicas != current and model not in self.core.in_flight:
+                self.core.set_target(model, want.target_replicas, reason=want.reason, figures=want.figures)
+            elif self.controls.get(model).policy.name != "manual":
+                self.core.follow(model, current)
         out = self.core.tick(self.now, instances, Pool(idle, needs)).decisions
         for d in out:
             self.mesh.carry_out(d, self.now)

@@ -369,3 +369,24 @@ def test_a_policy_managed_model_adopts_what_runs_when_the_warmup_ends() -> None:
     # minimum; q, not managed by a policy, goes back to its target.
     assert core.targets["p"] == 3 and core.targets["z"] == 1
     assert sorted((d.model, d.action, d.count) for d in ds) == [("q", "down", 1), ("z", "up", 1)]
+
+
+def test_a_silent_policy_lets_the_target_follow_what_runs_but_an_operator_target_is_carried_out() -> None:
+    core, clock = make({"m": ModelBounds(0, 4)})
+    ready(core, clock)
+    core.set_target("m", 1, reason="scale from zero: 1 waiting")
+    assert core.tick(clock.now, {}, pool()).decisions == []  # no idle worker
+    core.follow("m", 0)  # the request timed out; the policy says nothing any more
+    assert core.targets["m"] == 0 and core.reason("m") == ""
+    assert core.tick(clock.advance(1), {}, pool("w1")).decisions == []  # a worker appears: nothing to do
+    core.set_target("m", 2)  # an operator's target survives the policy's silence until carried out
+    core.follow("m", 0)
+    (d,) = core.tick(clock.now, {}, pool("w1", "w2")).decisions
+    assert (d.action, d.count) == ("up", 2)
+    core.follow("m", 0)  # in flight: untouched
+    assert core.targets["m"] == 2
+    core.on_ack(d.decision_id, True, ["w1", "w2"], clock.advance(1))
+    core.follow("m", 2)
+    assert core.tick(clock.now, {"m": frozenset({"w1", "w2"})}, pool()).decisions == []
+    core.follow("m", 1)  # after that, the target follows again (a worker died; the policy is silent)
+    assert core.targets["m"] == 1

@@ -372,6 +372,7 @@ class Scaler:
         d = ev.decision
         # Until the warm-up ends the instance counts are not the whole mesh yet: the policy runs
         # (its timers and fits go on) but its targets wait.
+        c = self.controls.get(model)
         if d is not None and self.core.ready(now):
             b = self.core.bounds[model]
             target = max(b.min_replicas, min(b.max_replicas, d.target_replicas))
@@ -380,8 +381,9 @@ class Scaler:
                 self.log.info(
                     "policy_target", model=model, target=target, previous=previous, current=current, reason=d.reason
                 )
+        elif c.policy.name != "manual" and self.core.ready(now) and (d is None or d.target_replicas == current):
+            self.core.follow(model, current)
         if ev.limit_changed:
-            c = self.controls.get(model)
             self._vertical_seq += 1
             c.limit_decision = f"{self.args.scaler_id}-v{self._vertical_seq}"
             self.log.info(

@@ -18,7 +18,10 @@ the workers loading or serving it, from heartbeats. Rules, each tested tick by t
   whole mesh, and a restarted scaler would re-add instances that already run);
 - a model a load policy manages (`adopt`) starts from what runs when the warm-up ends (within its
   bounds), not from min_replicas: a restarted scaler must not undo its predecessor's scaling
-  before the policy has looked at the load;
+  before the policy has looked at the load. While its policy is silent, its target follows what
+  runs (`follow`): a policy repeats an up for as long as it wants it, so a target it no longer
+  wants (the request that woke a model at zero timed out meanwhile) must not outlive it. An
+  operator's target (`cascade scale`) is carried out once before the policy takes over again;
 - an ack's workers count as added (or removed) for `settle_s`, until heartbeats catch up, so a
   tick right after an ack does not see the old count and decide again;
 - a failed or timed-out decision is retried on a later tick, after an exponential back-off (a
@@ -146,6 +149,7 @@ class ScalerCore:
         self.id_prefix = id_prefix
         self.targets: dict[str, int] = {m: b.min_replicas for m, b in bounds.items()}
         self._adopt = set(adopt) & set(bounds)
+        self._operator: set[str] = set()  # models whose operator target has not been decided on yet
         self.in_flight: dict[str, InFlight] = {}
         self.loader_known = False
         self._seq = 0
@@ -185,8 +189,10 @@ class ScalerCore:
         self.targets[model] = replicas
         if reason:
             self._why[model] = (reason, dict(figures or {}))
+            self._operator.discard(model)
             return previous
         self._why.pop(model, None)
+        self._operator.add(model)
         # An operator's new target deserves a prompt try, not the back-off of an older failure.
         self._failures.pop(model, None)
         self._not_before.pop(model, None)
@@ -204,6 +210,17 @@ class ScalerCore:
             b = self.bounds[model]
             self.targets[model] = max(b.min_replicas, min(b.max_replicas, self.current(model, instances, now)))
         self._adopt.clear()
+
+    def follow(self, model: str, current: int) -> None:
+        """The model's policy is silent: its target becomes what runs (within bounds). Not while a
+        decision is in flight or an operator's target waits to be carried out."""
+        if model in self.in_flight or model in self._operator:
+            return
+        b = self.bounds[model]
+        target = max(b.min_replicas, min(b.max_replicas, current))
+        if target != self.targets[model]:
+            self.targets[model] = target
+            self._why.pop(model, None)
 
     def loader_ready(self) -> list[InFlight]:
         """A loader (re)started: decisions it may never have heard are dropped, to be re-decided."""
@@ -288,6 +305,7 @@ class ScalerCore:
             current = self.current(model, instances, now)
             step = gap(target, current)
             if step is None:
+                self._operator.discard(model)
                 continue
             action, count = step
             extra: dict[str, float] = {}
@@ -343,6 +361,7 @@ class ScalerCore:
             figures=figures,
         )
         self.in_flight[model] = InFlight(d, now)
+        self._operator.discard(model)
         self.counters["decisions"] += 1
         return d
 

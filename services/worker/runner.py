@@ -100,4 +100,7 @@ class EngineRunner:
                         self.overrun_s += elapsed - result.target_s
                 if result.events or result.outbox:
                     loop.call_soon_threadsafe(self._results.put_nowait, result)
+            # Hold no engine while asleep: a model unloaded meanwhile must be freed, not kept
+            # alive by this thread's frame until the next wake-up.
+            eng = None
             loop.call_soon_threadsafe(self._on_idle)
