@@ -187,9 +187,14 @@ class Engine:
         worker_id: str = "",
         padder: StepPadder | None = None,
         kv_slots: int | None = None,
+        emulated_token_scale: float = 1.0,
     ) -> None:
         self.model = model
         self.padder = padder
+        # With an emulated device, each real prompt/context token is priced as this many: a small
+        # model's short prompts stand for a real model's long ones, so the CPU work stays well under
+        # the device time it pads to (long real prompts would overrun it on a 2-core machine).
+        self.token_scale = emulated_token_scale
         self.tok = tokenizer
         self.worker_id = worker_id
         self.max_batch = max_batch
@@ -365,9 +370,9 @@ class Engine:
         for seg in segs:
             head = head or seg.head
             if seg.prefill:
-                n, c = int(seg.lengths.sum().item()), 0
+                n, c = int(seg.lengths.sum().item() * self.token_scale), 0
             else:
-                n, c = 0, int(seg.positions.sum().item())
+                n, c = 0, int(seg.positions.sum().item() * self.token_scale)
             b = 0 if seg.prefill else seg.positions.shape[0]
             for i in seg.layers:
                 batch[i] += b

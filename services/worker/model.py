@@ -241,23 +241,32 @@ class LlamaModel:
         k = k * c + _rotate_half(k) * s
         cache = seg.cache
         kc, vc = cache.k[i][seg.slot0 : seg.slot0 + B], cache.v[i][seg.slot0 : seg.slot0 + B]
-        positions, lengths = seg.positions, seg.lengths
+        positions = seg.positions
         if seg.prefill:
             # Right-padded prompts: write all T positions; padding beyond a prompt's length is never
-            # attended to (masked below and overwritten by the first decode step).
+            # attended to (overwritten by the first decode step). Each prompt attends causally over
+            # its own length through the fused kernel: a [B, T, T] mask would send long prompts down
+            # the unfused path, which materialises every attention matrix.
             kc[:, :, :T] = k
             vc[:, :, :T] = v
-            S = T
-            key_pos = torch.arange(S, device=q.device)
-            mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
-        else:
-            idx = torch.arange(B, device=q.device)
-            pos = positions[:, 0]
-            kc[idx, :, pos] = k[:, :, 0]
-            vc[idx, :, pos] = v[:, :, 0]
-            S = seg.max_pos + 1
-            key_pos = torch.arange(S, device=q.device)
-            mask = (key_pos[None, :] <= pos[:, None])[:, None, :]
+            lens = seg.lengths.tolist()
+            if all(n == T for n in lens):
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nh != kvh)
+            else:
+                attn = q.new_zeros(q.shape)
+                for b, n in enumerate(lens):
+                    attn[b : b + 1, :, :n] = F.scaled_dot_product_attention(
+                        q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], is_causal=True,
+                        enable_gqa=nh != kvh,
+                    )  # fmt: skip
+            return attn.transpose(1, 2).reshape(B * T, nh * d)
+        idx = torch.arange(B, device=q.device)
+        pos = positions[:, 0]
+        kc[idx, :, pos] = k[:, :, 0]
+        vc[idx, :, pos] = v[:, :, 0]
+        S = seg.max_pos + 1
+        key_pos = torch.arange(S, device=q.device)
+        mask = (key_pos[None, :] <= pos[:, None])[:, None, :]
         attn = F.scaled_dot_product_attention(
             q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask[:, None, :, :], enable_gqa=nh != kvh
         )

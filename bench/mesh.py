@@ -1,0 +1,70 @@
+"""`cascade up` as a benchmark fixture: its own CASCADE_HOME, a free broker and gateway port,
+stopped with SIGTERM (SIGKILL only if it does not stop)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cascade.config import read_mesh_file
+
+
+class Mesh:
+    def __init__(self, up_args: list[str], env: dict[str, str] | None = None) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="cascade-bench-")
+        self.home = Path(self.tmp.name)
+        self.args = [sys.executable, "-m", "cascade.cli", "up", "--port", "0", "--nats-port", "0", *up_args]
+        self.env = {**os.environ, "CASCADE_HOME": str(self.home), **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, Any] = {}
+        self.url = ""
+
+    def start(self, timeout_s: float = 240.0) -> str:
+        log = open(self.home / "up.log", "wb")
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = (self.home / "up.log").read_text()
+                raise RuntimeError(f"cascade up exited with {self.proc.returncode}:\n{out[-3000:]}")
+            info = read_mesh_file(self.home)
+            if info and info.get("gateway_url"):
+                self.info = info
+                self.url = str(info["gateway_url"]).rstrip("/")
+                return self.url
+            time.sleep(0.1)  # polling the mesh file with a deadline
+        self.stop()
+        raise RuntimeError("cascade up did not come up in time")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        keep = os.environ.get("CASCADE_BENCH_KEEP_LOGS")
+        if keep:
+            # For debugging a run: the services' logs outlive the temporary home.
+            import shutil
+
+            dest = Path(keep) / self.home.name
+            shutil.copytree(self.home / "logs", dest, dirs_exist_ok=True)
+        self.tmp.cleanup()
+
+    def __enter__(self) -> Mesh:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
