@@ -37,6 +37,7 @@ COMMANDS = [
     ["status"],
     ["tap"],
     ["scale"],
+    ["deploy"],
     ["bench"],
 ]
 
@@ -121,6 +122,8 @@ def test_entry_point_runs_as_a_module(home: Path) -> None:
         (["up", "--workers", "0"], "must be at least 1"),
         (["status", "--timeout", "0"], "must be above 0"),
         (["loader", "--idle-wait-s", "soon"], "'soon' is not a number"),
+        (["deploy", "m", "--knob", "base_batch"], "'base_batch' is not NAME=VALUE"),
+        (["deploy", "m", "--knob", "base_batch=big"], "knob base_batch: 'big' is not a number"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(
