@@ -127,8 +127,9 @@ class Run:
             if ev.need is not None:
                 needs[model] = ev.need
             want = ev.decision
-            if want is not None and want.target_replicas != current and model not in self.core.in_flight:
-                self.core.set_target(model, want.target_replicas, reason=want.reason, figures=want.figures)
+            if want is not None and want.target_replicas != current:
+                if model not in self.core.in_flight:
+                    self.core.set_target(model, want.target_replicas, reason=want.reason, figures=want.figures)
             elif self.controls.get(model).policy.name != "manual":
                 self.core.follow(model, current)
         out = self.core.tick(self.now, instances, Pool(idle, needs)).decisions

@@ -266,6 +266,9 @@ class Scaler:
         except (RemoteError, RequestTimeout, MessageError) as e:
             lg.warning("batch_limit_failed", limit=limit, error=str(e))
             return
+        except Exception as e:  # nats-py's own errors (connection closing, draining): never fatal here
+            lg.warning("batch_limit_failed", limit=limit, error=repr(e))
+            return
         lg.info("batch_limit_set", requested=limit, limit=r.max_batch, kv_slots=r.kv_slots)
 
     async def on_status(self, _: StatusRequest) -> ServiceStatus:
@@ -370,18 +373,20 @@ class Scaler:
             model, wall, serving=current - loading, loading=loading, idle_pool=idle, in_flight=in_flight
         )
         d = ev.decision
+        c = self.controls.get(model)
         # Until the warm-up ends the instance counts are not the whole mesh yet: the policy runs
         # (its timers and fits go on) but its targets wait.
-        c = self.controls.get(model)
-        if d is not None and self.core.ready(now):
+        ready = self.core.ready(now)
+        wants = d is not None and d.target_replicas != current
+        if ready and wants and not in_flight and d is not None:
             b = self.core.bounds[model]
             target = max(b.min_replicas, min(b.max_replicas, d.target_replicas))
-            if target != current and not in_flight and target != self.core.targets[model]:
+            if target != self.core.targets[model]:
                 previous = self.core.set_target(model, target, reason=d.reason, figures=d.figures)
                 self.log.info(
                     "policy_target", model=model, target=target, previous=previous, current=current, reason=d.reason
                 )
-        elif c.policy.name != "manual" and self.core.ready(now) and (d is None or d.target_replicas == current):
+        elif ready and not wants and c.policy.name != "manual":
             self.core.follow(model, current)
         if ev.limit_changed:
             self._vertical_seq += 1
