@@ -4,10 +4,10 @@
 
 No clock, no I/O: time is `signals.now`, and everything a policy remembers between ticks (delay
 timers, fitted models, the batch limit it set) is in the frozen state it returns. The scaler
-service calls `decide` once per tick per model, turns a `Decision` into a `ScaleDecision`
-(`Decision.to_message`; a vertical action becomes a batch-limit change on the model's serving
-workers), and holds back while
-`signals.decision_in_flight` is set: policies never return a horizontal decision then.
+service calls `decide` once per tick per model (through `control.Controls`): a `Decision`'s target
+and reason become the replica target of `policy.ScalerCore`, which publishes the `ScaleDecision`;
+a vertical action becomes a `SetBatchLimit` to the model's instances. While
+`signals.decision_in_flight` is set, policies never return a horizontal decision.
 
 Four policies (`POLICIES`):
 
