@@ -94,8 +94,12 @@ def full(wid: str, running: int = 0, stage: str | None = "h:1") -> InstanceView:
     return InstanceView(wid, "m", "serving", 6, 6, running, 0, 8, 0, 0, 6, stage)
 
 
-def test_full_instance_with_room_is_not_split() -> None:
-    assert choose_route([full("f", running=7), loading("n", 3)], "m") == Route("f")
+def test_lightly_loaded_full_instance_is_not_split() -> None:
+    # Below half its batch limit and no backlog: a pipelined route would only add a hop.
+    assert choose_route([full("f", running=3), loading("n", 3)], "m") == Route("f")
+    # From half on, new work sheds its front layers to the loading instance.
+    r = choose_route([full("f", running=4), loading("n", 3)], "m")
+    assert r is not None and r.worker_id == "n"
 
 
 def test_busy_full_instance_sheds_front_layers_to_a_loading_one() -> None:

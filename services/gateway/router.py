@@ -94,6 +94,12 @@ def has_room(view: InstanceView) -> bool:
 QUEUE_AHEAD = 0.5
 
 
+# From this share of its batch limit on, a full instance counts as busy for live routes: requests
+# it holds are slowed by their neighbours, and a heartbeat's "waiting" is too brief a sample to
+# be the only sign of a prefill backlog. Below it, a pipelined route would only add a hop.
+BUSY_LOAD = 0.5
+
+
 def accepts(view: InstanceView) -> bool:
     return estimated_load(view) < max(view.max_batch, 1) * (1 + QUEUE_AHEAD)
 
@@ -127,7 +133,7 @@ def choose_route(
     held = None if full_id not in avoid and not accepts(full) else Route(full_id)
     # Busy: out of batch slots, or holding admitted work it could not start yet (a prefill
     # backlog: compute-bound, so shedding the first k layers of new prompts shortens it).
-    busy = not has_room(full) or full.waiting > 0
+    busy = estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD or full.waiting > 0
     if not live or not busy or not full.stage_addr:
         return Route(full_id) if has_room(full) else held
     num_layers = full.num_units - 2
