@@ -25,6 +25,7 @@ from cascade.messages import (
     RouteStage,
     SamplingParams,
     TokenEvents,
+    UnloadModel,
     decode,
 )
 from cascade.natsutil import connect, request
@@ -147,3 +148,47 @@ async def test_dead_downstream_stage_fails_the_request(mesh: dict[str, Any], mod
     await wait_until(lambda: done(out, "lost"), what="failed request to end")
     assert out["lost"][-1].finish_reason == "error"
     assert "ghost" in (out["lost"][-1].error or "")
+
+
+async def test_tail_stage_dying_mid_request_ends_it_with_an_error(mesh: dict[str, Any], model_dir: Path) -> None:
+    nc, s, svc = mesh["nc"], mesh["subjects"], mesh["svc"]
+    L = SPEC.layers
+    out = await collect(nc, s, "gw3")
+    await request(nc, s.load("full"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+    await request(nc, s.load("new"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+    await wait_until(lambda: svc["full"].state == "serving", what="full instance serving")
+    await wait_until(lambda: svc["new"].model is not None and svc["new"].model.has_unit(2), what="two units")
+    addr = {n: svc[n].link.addr for n in svc}
+    route = [RouteStage("new", 0, 1, addr["new"]), RouteStage("full", 1, L, addr["full"])]
+    endless = SamplingParams(max_tokens=100_000, ignore_eos=True)
+    req = GenerateRequest("doomed", "m", tok.encode("hello"), endless, route=route)
+    await request(nc, s.generate("new"), GenerateBatch("gw3", [req]), BatchReply, timeout=10)
+    await wait_until(lambda: len(tokens(out.get("doomed", []))) >= 5, what="tokens through the pipeline")
+    # The tail stage goes away (its stage link closes with it): the driver must not wait forever.
+    await svc["full"].link.close()
+    await wait_until(lambda: done(out, "doomed"), what="the request to end")
+    last = out["doomed"][-1]
+    assert last.finish_reason == "error" and "full" in (last.error or "")
+    assert not svc["new"].engine.driven  # type: ignore[union-attr]
+
+
+async def test_unload_drains_running_requests_first(mesh: dict[str, Any], model_dir: Path) -> None:
+    nc, s, svc = mesh["nc"], mesh["subjects"], mesh["svc"]
+    out = await collect(nc, s, "gw4")
+    await request(nc, s.load("full"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+    await wait_until(lambda: svc["full"].state == "serving", what="full instance serving")
+    work = SamplingParams(max_tokens=200, ignore_eos=True)
+    batch = GenerateBatch("gw4", [GenerateRequest(f"d{i}", "m", tok.encode(f"drain {i}"), work) for i in range(3)])
+    await request(nc, s.generate("full"), batch, BatchReply, timeout=10)
+    await wait_until(lambda: all(out.get(f"d{i}") for i in range(3)), what="requests running")
+    unload = asyncio.create_task(request(nc, s.unload("full"), UnloadModel("d"), Ok, timeout=60))
+    await wait_until(lambda: svc["full"].state == "draining", what="draining")
+    # While draining, new requests are turned away (the gateway routes them elsewhere)...
+    late = GenerateBatch("gw4", [GenerateRequest("late", "m", tok.encode("late"), work)])
+    reply = await request(nc, s.generate("full"), late, BatchReply, timeout=10)
+    assert [r.code for r in reply.rejected] == ["draining"]
+    # ...and the running ones finish in full before the model is freed.
+    await unload
+    assert all(out[f"d{i}"][-1].finish_reason == "length" for i in range(3))
+    assert all(out[f"d{i}"][-1].completion_tokens == 200 for i in range(3))
+    assert svc["full"].state == "idle" and svc["full"].model is None
