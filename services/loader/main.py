@@ -86,6 +86,7 @@ from services.loader.transfers import TransferSession, chain_members
 # target itself) for benchmarks that compare it with the chain.
 PLAN_MODES = (*LOADING_MODES, "star")
 HISTORY_ROWS = 24  # finished transfers `cascade status` still shows
+MAX_PLANS_PER_TARGET = 3  # re-plans a decision may make, per target, before its survivors fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -508,18 +509,18 @@ class Loader:
                 for w in session.pending():
                     session.observe(w, self.table.get(w, now), now)
                 breaks = session.breaks(dead)
+                pending = session.pending()
+                if not pending:
+                    return
+                if now >= deadline:
+                    for w in pending:
+                        t = session.targets[w]
+                        session.fail(
+                            w, f"{w} not serving {session.model} after {self.args.load_timeout_s:g}s "
+                            f"({t.units}/{session.num_units} units)",
+                        )  # fmt: skip
+                    return
                 if not breaks:
-                    pending = session.pending()
-                    if not pending:
-                        return
-                    if now >= deadline:
-                        for w in pending:
-                            t = session.targets[w]
-                            session.fail(
-                                w, f"{w} not serving {session.model} after {self.args.load_timeout_s:g}s "
-                                f"({t.units}/{session.num_units} units)",
-                            )  # fmt: skip
-                        return
                     await self._wait_change(deadline)
                     continue
             for chain, brk in breaks:
@@ -534,6 +535,11 @@ class Loader:
         units = {w: session.targets[w].units for w in survivors if w in session.targets}
         decision = ScaleDecision(session.decision_id, session.model, "up", len(survivors), 0, "")
         lg.warning("chain_broken", transfer=chain.transfer_id, at=brk, survivors=survivors, units=units)
+        if len(session.plans) > MAX_PLANS_PER_TARGET * len(session.targets):
+            # Failures that keep coming back (a corrupt source, a flapping link) end here, not in a loop.
+            session.repaired(chain, brk, dead)
+            session.give_up(survivors, f"{brk} broke the chain again after {len(session.plans)} plans")
+            return
         try:
             new = replan(
                 session.plan_of(chain),

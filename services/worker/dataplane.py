@@ -101,6 +101,13 @@ OnFailed = Callable[[str], None]
 # (ALIGN - 1 bytes per tensor at most; units hold a handful of tensors).
 _LAYOUT_SLACK = 64 * 64
 
+
+def _touched(nbytes: int) -> np.ndarray:
+    buf = np.empty(nbytes, dtype=np.uint8)
+    buf.fill(0)  # the write faults every page in now, not inside the socket copy
+    return buf
+
+
 # How long a freshly accepted connection may take to present its header: a stray client (a port
 # scanner, a wrong service) must not hold an accept thread for long.
 HEADER_TIMEOUT_S = 10.0
@@ -152,11 +159,7 @@ def model_unit_tensors(model: LlamaModel, unit: int) -> dict[str, torch.Tensor]:
         held = [model.embed]
     elif unit <= cfg.num_hidden_layers:
         w = model.layers.get(unit - 1)
-        held = (
-            [None]
-            if w is None
-            else [w.input_norm, w.wq, w.wk, w.wv, w.wo, w.post_norm, w.w_gate, w.w_up, w.w_down]
-        )
+        held = [None] if w is None else [w.input_norm, w.wq, w.wk, w.wv, w.wo, w.post_norm, w.w_gate, w.w_up, w.w_down]
     else:
         held = [model.norm, model.lm_head]
     if any(t is None for t in held):
@@ -264,6 +267,7 @@ class ReceiveStats:
     t_first_unit: float | None = None
     t_done: float | None = None
     reserve_s: float = 0.0
+    reserve_ahead_s: float = 0.0  # reserving the later units on a thread, while the stream ran
     forwarded: bool = False
     forward_error: str | None = None
 
@@ -301,6 +305,9 @@ class Reception:
         self._connected = False
         self._channels: list[Channel] = []
         self._reserved: dict[int, np.ndarray] = {}
+        # Units a background thread is still reserving (reserve-ahead); signalled per unit.
+        self._reserving: set[int] = set()
+        self._reserved_cv = threading.Condition(self._lock)
         self._future: asyncio.Future[ReceiveStats] | None = loop.create_future() if loop is not None else None
         self._timer: threading.Timer | None = None
 
@@ -332,6 +339,8 @@ class Reception:
             self.error = reason
             channels = list(self._channels)
             self._reserved.clear()
+            self._reserving.clear()
+            self._reserved_cv.notify_all()
         if self._timer is not None:
             self._timer.cancel()
         for ch in channels:
@@ -345,25 +354,61 @@ class Reception:
     def cancel(self, reason: str = "cancelled") -> None:
         self.fail(reason)
 
+    def _abandon(self) -> None:
+        """Never armed: stop reserving and free the buffers, with no callbacks."""
+        with self._lock:
+            self._finished = True
+            self._reserved.clear()
+            self._reserving.clear()
+            self._reserved_cv.notify_all()
+
     async def wait(self) -> ReceiveStats:
         """Until complete (raises TransferError on failure). Needs the loop given at `expect()`."""
         if self._future is None:
             raise RuntimeError("this reception was armed without an event loop; use done.wait()")
         return await self._future
 
-    def _reserve(self) -> float:
-        """Allocate and touch one buffer per announced unit; returns the seconds it took."""
+    def _reserve(self, ahead: bool = False) -> float:
+        """Allocate and touch one buffer per announced unit; returns the seconds it took.
+
+        `ahead`: reserve only the first unit now and the rest on a thread, in stream order, so the
+        stream can start at once and the first units are usable before the last is even reserved;
+        the receiving thread waits for a unit's buffer only if the stream overtakes the reserver."""
         t0 = time.monotonic()
-        for u, nbytes in zip(self.order.units, self.order.unit_nbytes, strict=False):
-            if u in self._have:
-                continue
-            buf = np.empty(nbytes + _LAYOUT_SLACK, dtype=np.uint8)
-            buf.fill(0)  # the write faults every page in now, not during the transfer
-            self._reserved[u] = buf
+        todo = [(u, n) for u, n in zip(self.order.units, self.order.unit_nbytes, strict=False) if u not in self._have]
+        now, later = (todo[:1], todo[1:]) if ahead else (todo, [])
+        for u, nbytes in now:
+            self._reserved[u] = _touched(nbytes + _LAYOUT_SLACK)
+        if later:
+            self._reserving = {u for u, _ in later}
+            threading.Thread(target=self._reserve_rest, args=(later,), name="dataplane-reserve", daemon=True).start()
         return time.monotonic() - t0
 
+    def _reserve_rest(self, units: list[tuple[int, int]]) -> None:
+        t0 = time.monotonic()
+        try:
+            for u, nbytes in units:
+                with self._lock:
+                    if self._finished:
+                        return
+                buf = _touched(nbytes + _LAYOUT_SLACK)
+                with self._reserved_cv:
+                    if self._finished:
+                        return
+                    self._reserved[u] = buf
+                    self._reserving.discard(u)
+                    self._reserved_cv.notify_all()
+            self.stats.reserve_ahead_s = time.monotonic() - t0
+        finally:
+            with self._reserved_cv:
+                self._reserving.clear()
+                self._reserved_cv.notify_all()
+
     def _buffer(self, unit: int, total: int) -> np.ndarray:
-        buf = self._reserved.pop(unit, None)
+        with self._reserved_cv:
+            while unit in self._reserving and not self._finished:
+                self._reserved_cv.wait()
+            buf = self._reserved.pop(unit, None)
         if buf is None or len(buf) < total:
             # Not reserved (no sizes in the order, or a unit whose tensors pad out more than the
             # slack): allocate now; np.empty leaves the faults to the socket copy.
@@ -497,6 +542,7 @@ class DataPlaneServer:
         have: Collection[int] = (),
         device: torch.device | None = None,
         reserve: bool = True,
+        reserve_ahead: bool = False,
     ) -> Reception:
         """Arm a "receive" order: accept its one connection, report each verified unit in order.
 
@@ -506,6 +552,9 @@ class DataPlaneServer:
         before returning (blocking: call it from a thread; the worker answers the order after
         it, and the loader starts the source only once every receiver answered). Fresh memory
         costs more to fault in than to copy into, so this keeps faults out of the transfer.
+        `reserve_ahead`: reserve only the first unit before returning and the rest on a thread
+        while the stream runs (what a worker does: its first layers are usable that much sooner,
+        and the whole load costs about max(reserve, transfer) instead of their sum).
         `on_failed` fires once, for a broken stream, a bad unit, or no connection within
         `order.timeout_s`; nothing is reported after it. `on_forward_failed` says the downstream
         hop went away: this worker keeps receiving for itself, the loader re-plans the rest."""
@@ -516,13 +565,18 @@ class DataPlaneServer:
                 loop = asyncio.get_running_loop()
         r = Reception(order, on_unit_ready, on_failed, on_complete, on_forward_failed, loop, have, device, self._forget)
         if reserve and order.unit_nbytes and (device is None or device.type == "cpu"):
-            r.stats.reserve_s = r._reserve()
+            r.stats.reserve_s = r._reserve(ahead=reserve_ahead)
         with self._lock:
+            refused: Exception | None = None
             if self._closing.is_set():
-                raise TransferError("data plane closed")
-            if order.transfer_id in self._expected:
-                raise ValueError(f"transfer {order.transfer_id} is already expected")
-            self._expected[order.transfer_id] = r
+                refused = TransferError("data plane closed")
+            elif order.transfer_id in self._expected:
+                refused = ValueError(f"transfer {order.transfer_id} is already expected")
+            else:
+                self._expected[order.transfer_id] = r
+        if refused is not None:
+            r._abandon()
+            raise refused
         r._timer = threading.Timer(
             order.timeout_s, r.fail, args=(f"no connection for transfer {order.transfer_id} within {order.timeout_s}s",)
         )

@@ -672,6 +672,7 @@ class WorkerService:
                     loop=loop,
                     have=held,
                     device=self.device,
+                    reserve_ahead=True,
                 )
             except (TransferError, ValueError) as e:
                 self.inbound = None
@@ -683,6 +684,7 @@ class WorkerService:
         self.log.info(
             "transfer_armed", transfer=tid, role=order.role, model=order.model, units=len(order.units),
             have=len(held), downstream=order.downstream,
+            reserve_s=round(inb.reception.stats.reserve_s, 3) if inb.reception is not None else None,
         )  # fmt: skip
         return Ok(f"{order.role} {tid}: {len(order.units)} units of {order.model}")
 
@@ -906,6 +908,7 @@ class WorkerService:
         return Engine(
             self.model, tok, max_batch=self.cfg.max_batch, worker_id=self.cfg.worker_id, padder=self.padder,
             kv_slots=self.cfg.kv_slots,
+            emulated_token_scale=env_float("CASCADE_EMULATED_TOKEN_SCALE", 1.0),
         )  # fmt: skip
 
     def _on_stage_frame(self, header: dict[str, Any], tensor: torch.Tensor | None) -> None:
