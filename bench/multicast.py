@@ -507,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "commit": commit(),
         "machine": machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # The machine is shared: its load when the run started and ended says how quiet it was.
+        "load_average": {"start": os.getloadavg()},
         "params": {
             "sizes_gb": sizes,
             "receivers": ns,
@@ -641,6 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["cold_disk"] = cold_note
     result["targets"] = evaluate(result)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["load_average"]["finish"] = os.getloadavg()
     table = markdown(result)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -765,6 +768,13 @@ def markdown(result: dict[str, Any]) -> str:
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['case']} | {t['value']} | {'yes' if t['met'] else 'NO'} | {t['note']} |")
     lines += ["", f"Cold disk: {result.get('cold_disk')}"]
+    la = result.get("load_average", {})
+    if la:
+        lines += [
+            "",
+            "Load average (1, 5, 15 min) at start / finish: "
+            + " / ".join(", ".join(f"{x:.2f}" for x in la[k]) for k in ("start", "finish") if k in la),
+        ]
     return "\n".join(lines)
 
 
