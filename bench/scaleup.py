@@ -35,7 +35,16 @@ from bench.mesh import Mesh
 from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import GenerateSpec
 from cascade.device_profile import load_profile
-from cascade.messages import LayerReady, ScaleDecision, ScaleRequest, TokenEvents, decode, encode
+from cascade.messages import (
+    LayerReady,
+    ScaleDecision,
+    ScaleRequest,
+    ServiceStatus,
+    StatusRequest,
+    TokenEvents,
+    decode,
+    encode,
+)
 from cascade.natsutil import connect
 from cascade.subjects import Subjects
 
@@ -205,8 +214,29 @@ async def drive(a: argparse.Namespace, mesh: Mesh, url: str, mode: str, target: 
             tasks.append(asyncio.create_task(one(s, url, r, t0, prompt, a.max_tokens)))
             t_next += rng.expovariate(rate)
         await asyncio.gather(*tasks)
+    hops = await stage_link_stats(nc, subjects)
     await nc.drain()
-    return analyse(a, log, initial, mode, target, rate, cap)
+    out = analyse(a, log, initial, mode, target, rate, cap)
+    out["stage_links"] = hops
+    return out
+
+
+async def stage_link_stats(nc: Any, subjects: Subjects) -> dict[str, Any]:
+    """Each worker's stage-link figures (bytes and frames each way, one-way frame latency)."""
+    inbox = nc.new_inbox()
+    got: dict[str, Any] = {}
+
+    async def on_reply(m: Any) -> None:
+        st = decode(m.data, ServiceStatus)
+        if st.service == "worker":
+            got[st.instance] = st.detail.get("stage_link")
+
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    await nc.publish(subjects.status(), encode(StatusRequest("bench")), reply=inbox)
+    await nc.flush()
+    await asyncio.sleep(1.0)  # scatter-gather: replies are collected for a fixed window
+    await sub.unsubscribe()
+    return got
 
 
 def analyse(
@@ -350,6 +380,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"({(1 - ratio) * 100:.0f} % lower; target ≥ 40 % lower)."
             )
     table += "\nTarget: first request through the new instance within 25 % of the full-load time (live).\n"
+    for r in rows:
+        if r["mode"] != "live":
+            continue
+        for wid, st in sorted((r.get("stage_links") or {}).items()):
+            if st and st.get("frames_in"):
+                table += (
+                    f"\nStage link into {wid} (live, 1→{r['target_replicas']}): {st['frames_in']} frames, "
+                    f"{st['bytes_in'] / 1e6:.1f} MB in, one-way latency p50 {st['latency_ms_p50']} ms, "
+                    f"p99 {st['latency_ms_p99']} ms."
+                )
+    table += "\n"
     print()
     print(table)
     if not a.no_write:
