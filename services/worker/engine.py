@@ -303,7 +303,7 @@ class Engine:
         # k of L layers costs k/L of its length): without it a burst of relayed or driven prompts
         # would make one giant step and stall every sequence's decode behind it. Stage work that is
         # already under way goes first; at least one prefill always goes, so none starves.
-        budget = _Budget(float(self.max_prefill_tokens))
+        budget = _Budget(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0))
         for rel in self.relayed.values():
             if rel.inputs:
                 pre, _, hidden = rel.inputs[0]
