@@ -680,6 +680,19 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "note": disk,
                 }
             )
+        for (mode, n), r in sorted(mesh.items()):
+            if mode != "mesh-multicast":
+                continue
+            bound = r["all_s"] / r["layers"] + 0.05
+            out.append(
+                {
+                    "target": "first layer ready <= T/L + 50 ms",
+                    "case": f"{size} GB, mesh multicast N={n}",
+                    "value": round(r["first_layer_s"], 3),
+                    "met": r["first_layer_s"] <= bound,
+                    "note": f"bound {bound:.3f} s; first unit (embedding) {r['first_unit_s']:.3f} s",
+                }
+            )
     links = sorted({r["link_gbps"] for r in result["rows"]})
     for info in result["models"]:
         size = round(info["bytes"] / 1e9, 3)
