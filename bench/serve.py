@@ -39,7 +39,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=0, help="requests per level (default 4x concurrency, at least 24)")
     p.add_argument("--max-tokens", type=int, default=64, help="generated tokens per request (default 64)")
     p.add_argument("--prompt-repeat", type=int, default=1, help="repeat the base prompt N times (default 1)")
-    p.add_argument("--overhead-requests", type=int, default=40, help="paired requests for the mesh-overhead figure")
+    p.add_argument("--overhead-requests", type=int, default=60, help="paired requests for the mesh-overhead figure")
+    p.add_argument(
+        "--overhead-max-tokens",
+        type=int,
+        default=16,
+        help="tokens per overhead request (default 16: short requests keep compute noise below the mesh's cost)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--max-batch", type=int, default=32, help="worker max batch (default 32)")
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     levels = [int(x) for x in a.concurrency.split(",") if x]
     if a.quick:
-        a.overhead_requests, a.max_tokens = 6, 8
+        a.overhead_requests, a.max_tokens, a.overhead_max_tokens = 6, 8, 8
     prompt = PROMPT * a.prompt_repeat
     mesh = Mesh(["--workers", str(a.workers), "--threads", str(a.threads)], {"CASCADE_MAX_BATCH": str(a.max_batch)})
     print(f"starting the mesh: {' '.join(mesh.args)}", flush=True)
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f} ms", flush=True)
         print(f"mesh overhead: {a.overhead_requests} paired requests …", flush=True)
         engine, tok = inprocess_engine(mesh.home, a.max_batch, a.threads)
-        ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.max_tokens))
+        ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens))
     finally:
         mesh.stop()
 
@@ -220,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )  # fmt: skip
     table += "\n" + md_table(
-        ["mesh overhead (concurrency 1)", "p50 ms", "p99 ms"],
+        [f"mesh overhead (concurrency 1, {a.overhead_max_tokens} tokens)", "p50 ms", "p99 ms"],
         [
             ["end-to-end through the mesh", ov["mesh_latency_ms"]["p50"], ov["mesh_latency_ms"]["p99"]],
             ["engine in-process", ov["inprocess_latency_ms"]["p50"], ov["inprocess_latency_ms"]["p99"]],
@@ -246,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads_per_worker": a.threads,
                 "max_batch": a.max_batch,
                 "overhead_pairs": a.overhead_requests,
+                "overhead_max_tokens": a.overhead_max_tokens,
                 "quick": a.quick,
             },
             "emulated": "nothing: real torch on the CPU, real nats-server, real HTTP over loopback",

@@ -70,6 +70,7 @@ from services.worker.dataplane import (
     send_units_async,
 )
 from services.worker.engine import Engine, StepResult
+from services.worker.gpu import gpu_inventory
 from services.worker.model import LlamaModel, pick_device
 from services.worker.runner import EngineRunner
 from services.worker.stagelink import StageLink
@@ -281,6 +282,8 @@ class WorkerService:
         self.subjects = Subjects(cfg.prefix)
         self.log = structlog.get_logger().bind(service="worker", worker=cfg.worker_id)
         self.device = pick_device(cfg.device)
+        # Asked once: NVML is slow to initialise, and the inventory does not change under us.
+        self.gpus = gpu_inventory()
         self.state: WorkerState = "idle"
         self.model_name: str | None = None
         self.model: LlamaModel | None = None
@@ -749,11 +752,12 @@ class WorkerService:
                     return
                 if unit in held:
                     continue
+                if self.cfg.load_mb_s > 0:
+                    # The emulated disk's pace: a unit is usable only once the disk could have read it.
+                    due = inb.started + (inb.nbytes + ckpt.unit_nbytes(unit)) / (self.cfg.load_mb_s * 1e6)
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
                 # Views of the mapping: load_unit copies them into memory the model owns.
                 await self._install_unit(inb, unit, ckpt.unit_tensors(unit), copy=True)
-                if self.cfg.load_mb_s > 0:
-                    due = inb.started + inb.nbytes / (self.cfg.load_mb_s * 1e6)
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))  # the emulated disk's pace
             if not inb.superseded:
                 await self._inbound_done(inb, inb.nbytes)
         except (TransferError, OSError, ValueError, RuntimeError) as e:
@@ -958,6 +962,7 @@ class WorkerService:
             "tokens_per_s": hb.tokens_per_s,
             "loading_mb_s": hb.loading_mb_s,
             "device": str(self.device),
+            "gpus": self.gpus,
             "threads": self.cfg.threads,
             "stage_addr": self.link.addr,
             "stage_running": hb.stage_running,
