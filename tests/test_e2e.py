@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import aiohttp
 import openai
 import pytest
 
-from cascade.config import read_mesh_file
+from tests.meshproc import running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -48,53 +47,8 @@ def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    home = tmp_path_factory.mktemp("home")
-    cfg = home / "deploy.toml"
-    cfg.write_text(DEPLOYMENT)
-    env = {**os.environ, "CASCADE_HOME": str(home), "CASCADE_HEARTBEAT_S": "0.5"}
-    log = open(home / "up.log", "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cascade.cli",
-            "up",
-            "--workers",
-            "2",
-            "--port",
-            "0",
-            "--nats-port",
-            "0",
-            "--config",
-            str(cfg),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        info = None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"cascade up exited {proc.returncode}:\n{(home / 'up.log').read_text()[-4000:]}")
-            info = read_mesh_file(home)
-            if info and info.get("gateway_url"):
-                break
-            time.sleep(0.1)  # polling the mesh file with a deadline
-        else:
-            raise AssertionError(f"mesh did not come up:\n{(home / 'up.log').read_text()[-4000:]}")
-        yield {"home": home, "url": str(info["gateway_url"]).rstrip("/"), "proc": proc, "info": info}
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+    with running_mesh(tmp_path_factory.mktemp("home"), DEPLOYMENT, workers=2) as m:
+        yield m
 
 
 def status(mesh: dict[str, Any]) -> dict[str, Any]:
