@@ -26,6 +26,7 @@ import torch
 from nats.aio.client import Client as NATS
 
 from cascade.checkpoint import Checkpoint
+from cascade.cliargs import add_common_arguments
 from cascade.config import ConfigError, env_float, env_int, env_str, resolve_nats_url, resolve_prefix
 from cascade.device_profile import StepPadder, load_profile
 from cascade.logs import setup_logging
@@ -77,10 +78,8 @@ from services.worker.stagelink import StageLink
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nats-url", default=None, help="NATS server (default: CASCADE_NATS_URL or the running mesh)")
-    p.add_argument("--prefix", default=None, help="subject prefix (default: cascade)")
-    p.add_argument("--config", default=None, help="deployment file (unused by workers; accepted for symmetry)")
-    p.add_argument("--log-level", default=None, help="debug | info | warning | error")
+    # The service contract's flags; a worker reads no deployment, but takes --config like its peers.
+    add_common_arguments(p)
     p.add_argument(
         "--worker-id",
         default=os.environ.get("CASCADE_WORKER_ID"),
