@@ -25,7 +25,6 @@ import structlog
 import torch
 from nats.aio.client import Client as NATS
 
-from cascade.checkpoint import Checkpoint
 from cascade.cliargs import add_common_arguments
 from cascade.config import ConfigError, env_float, env_int, env_str, resolve_nats_url, resolve_prefix
 from cascade.device_profile import StepPadder, load_profile
@@ -72,6 +71,7 @@ from services.worker.dataplane import (
 )
 from services.worker.engine import Engine, StepResult
 from services.worker.gpu import gpu_inventory
+from services.worker.localcache import DiskLoad, LocalCache, pace
 from services.worker.model import LlamaModel, pick_device
 from services.worker.runner import EngineRunner
 from services.worker.stagelink import StageLink
@@ -134,6 +134,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=env_float("CASCADE_LOAD_MB_S", 0.0),
         help="cap disk loads at this bandwidth, to emulate an SSD (env CASCADE_LOAD_MB_S; 0 = uncapped)",
+    )
+    p.add_argument(
+        "--local-cache-mb",
+        type=float,
+        default=env_float("CASCADE_LOCAL_CACHE_MB", 0.0),
+        help="keep a host-memory copy of checkpoints this worker read from disk, up to this many MB, least "
+        "recently used out first; a later disk load of one installs from it (env CASCADE_LOCAL_CACHE_MB; 0 = off)",
+    )
+    p.add_argument(
+        "--local-cache-mb-s",
+        type=float,
+        default=env_float("CASCADE_LOCAL_CACHE_MB_S", 0.0),
+        help="pace loads from the local cache at this bandwidth, to emulate the host-to-GPU copy "
+        "(env CASCADE_LOCAL_CACHE_MB_S; 0 = unpaced)",
     )
     p.add_argument(
         "--stage-host",
@@ -203,11 +217,17 @@ class WorkerConfig:
         device_profile: str | None = None,
         kv_slots: int = 0,
         metrics_s: float = 1.0,
+        local_cache_mb: float = 0.0,
+        local_cache_mb_s: float = 0.0,
     ) -> None:
         if threads < 1 or max_batch < 1 or max_waiting < 0 or heartbeat_s <= 0:
             raise ConfigError("--threads and --max-batch must be >= 1, --heartbeat-s > 0")
         if kv_slots < 0 or metrics_s <= 0:
             raise ConfigError("--kv-slots must be >= 0 and --metrics-s > 0")
+        if local_cache_mb < 0 or local_cache_mb_s < 0:
+            raise ConfigError("--local-cache-mb and --local-cache-mb-s must be >= 0")
+        self.local_cache_mb = local_cache_mb
+        self.local_cache_mb_s = local_cache_mb_s
         self.kv_slots = max(kv_slots, max_batch)
         self.metrics_s = metrics_s
         self.nats_url = nats_url
@@ -253,6 +273,8 @@ class WorkerConfig:
             device_profile=a.device_profile,
             kv_slots=a.kv_slots,
             metrics_s=a.metrics_s,
+            local_cache_mb=a.local_cache_mb,
+            local_cache_mb_s=a.local_cache_mb_s,
         )
 
 
@@ -269,6 +291,7 @@ class Inbound:
     task: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.monotonic)
     nbytes: int = 0
+    source: str = "data-plane"  # a "disk" order says "disk" or "local-cache" once it knows
     superseded: bool = False
     failed: str | None = None
     # Set when a newer order replaces this one (a failed transfer keeps its units until then).
@@ -299,6 +322,9 @@ class WorkerService:
         self.load_started = 0.0
         self.load_bytes = 0
         self.load_mb_s = 0.0
+        # Where the last (or current) load came from: "disk", "local-cache" or "data-plane".
+        self.load_source: str | None = None
+        self.local_cache = LocalCache(int(cfg.local_cache_mb * 1e6), cfg.local_cache_mb_s)
         self._load_task: asyncio.Task[None] | None = None
         self.padder: StepPadder | None = None
         self.link = StageLink(
@@ -495,22 +521,29 @@ class WorkerService:
         path = Path(req.path)
         loop = asyncio.get_running_loop()
         try:
-            ckpt = await loop.run_in_executor(self.executor, Checkpoint, path)
             tok = await loop.run_in_executor(self.executor, load_tokenizer, path)
+            dl = await self._open_disk_load(path, req.model, None)
         except (OSError, ValueError) as e:
             raise RemoteError("load_failed", f"{req.model}: {e}") from None
+        if self.state != "idle":
+            self._close_disk_load(dl)
+            raise RemoteError("busy", f"worker {self.cfg.worker_id} became {self.state}")
+        cfg = dl.ckpt.config
         self.state = "loading"
         self.model_name = req.model
-        self.num_units = ckpt.config.num_units
-        self.model = LlamaModel(ckpt.config, self.device)
+        self.num_units = cfg.num_units
+        self.model = LlamaModel(cfg, self.device)
         # The engine exists from the first unit on: a loading instance serves as the first stage of
         # pipelined routes for the layers it already holds.
         self.engine = self._new_engine(tok)
-        self._load_task = self.tasks.spawn(self.load_from_disk(req, ckpt), f"load-{req.model}")
-        self.log.info("load_started", model=req.model, path=str(path), decision=req.decision_id)
+        self._load_task = self.tasks.spawn(self.load_from_disk(req, dl), f"load-{req.model}")
+        self.log.info(
+            "load_started", model=req.model, path=str(path), decision=req.decision_id, source=dl.source,
+            local_cache=dl.note,
+        )  # fmt: skip
         return Ok(f"loading {req.model}")
 
-    async def load_from_disk(self, req: LoadModel, ckpt: Checkpoint) -> None:
+    async def load_from_disk(self, req: LoadModel, dl: DiskLoad) -> None:
         """Load unit by unit, front to back, announcing each as it becomes usable."""
         loop = asyncio.get_running_loop()
         model = self.model
@@ -518,28 +551,23 @@ class WorkerService:
         self.load_started = time.monotonic()
         self.load_bytes = 0
         try:
-            for unit in range(ckpt.config.num_units):
+            for unit in range(self.num_units):
+                # The emulated disk's (or host link's) pace: a unit is usable only once it could have arrived.
+                await pace(self.load_started, self.load_bytes + dl.unit_nbytes(unit), dl.mb_s)
 
                 def load_one(u: int = unit) -> int:
-                    model.load_unit(u, ckpt.unit_tensors(u))
-                    return ckpt.unit_nbytes(u)
+                    model.load_unit(u, dl.unit_tensors(u), copy=True)
+                    return dl.unit_nbytes(u)
 
                 self.load_bytes += await loop.run_in_executor(self.executor, load_one)
-                if self.cfg.load_mb_s > 0:
-                    # Pace to the emulated disk: the unit is "read" when the bandwidth budget allows.
-                    due = self.load_started + self.load_bytes / (self.cfg.load_mb_s * 1e6)
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))
                 self.load_mb_s = self.load_bytes / 1e6 / max(time.monotonic() - self.load_started, 1e-6)
                 await self.publish_ready(unit)
             if self.state == "loading":
                 self.state = "serving"
             self.log.info(
-                "model_ready",
-                model=req.model,
-                units=self.num_units,
-                mb=round(self.load_bytes / 1e6, 1),
-                seconds=round(time.monotonic() - self.load_started, 3),
-            )
+                "model_ready", model=req.model, units=self.num_units, mb=round(self.load_bytes / 1e6, 1),
+                seconds=round(time.monotonic() - self.load_started, 3), source=dl.source,
+            )  # fmt: skip
         except asyncio.CancelledError:
             await self.drop_model()
             raise
@@ -547,8 +575,25 @@ class WorkerService:
             self.log.error("load_failed", model=req.model, error=str(e))
             await self.drop_model()
         finally:
-            ckpt.close()
+            self._close_disk_load(dl)
             await self.send_heartbeat()
+
+    async def _open_disk_load(self, path: Path, model: str, units: list[int] | None) -> DiskLoad:
+        """Open a disk load of `units` (None: all): from the local cache when it holds the checkpoint."""
+        loop = asyncio.get_running_loop()
+        dl = await loop.run_in_executor(
+            self.executor, self.local_cache.open_load, path, model, units, self.cfg.load_mb_s
+        )
+        self.load_source = dl.source
+        return dl
+
+    def _close_disk_load(self, dl: DiskLoad) -> None:
+        stored = dl.close()
+        if stored is not None:
+            self.log.info(
+                "local_cache_stored", model=stored.model, mb=round(stored.nbytes / 1e6, 1),
+                cache=self.local_cache.describe(),
+            )  # fmt: skip
 
     async def drop_model(self) -> None:
         if self.inbound is not None:
@@ -660,6 +705,7 @@ class WorkerService:
         inb = Inbound(order)
         self.inbound = inb
         if order.role == "receive":
+            self.load_source = inb.source
             q = inb.queue
             try:
                 # Reserving (allocating and touching) the unit buffers blocks: off the loop. The
@@ -736,34 +782,37 @@ class WorkerService:
             await self._inbound_failed(inb, str(e))
 
     async def _read_disk(self, inb: Inbound, held: set[int]) -> None:
-        """A "disk" order: read the units from the checkpoint at `order.path`, front to back,
-        paced like `load_from_disk` when a disk bandwidth is emulated."""
+        """A "disk" order: read the units from the checkpoint at `order.path` (or the local cache's
+        copy of it), front to back, paced like `load_from_disk`."""
         loop = asyncio.get_running_loop()
         order = inb.order
+        units = [u for u in order.units if u not in held]
         try:
-            ckpt = await loop.run_in_executor(self.executor, Checkpoint, Path(order.path))
+            dl = await self._open_disk_load(Path(order.path), order.model, units)
         except (OSError, ValueError) as e:
             await self._inbound_failed(inb, f"cannot open {order.path}: {e}")
             return
+        inb.source = dl.source
+        self.log.info(
+            "disk_read_started", transfer=order.transfer_id, model=order.model, source=dl.source, units=len(units),
+            local_cache=dl.note,
+        )  # fmt: skip
         try:
-            for unit in order.units:
+            for unit in units:
                 if inb.superseded:
                     return
-                if unit in held:
-                    continue
-                if self.cfg.load_mb_s > 0:
-                    # The emulated disk's pace: a unit is usable only once the disk could have read it.
-                    due = inb.started + (inb.nbytes + ckpt.unit_nbytes(unit)) / (self.cfg.load_mb_s * 1e6)
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))
-                # Views of the mapping: load_unit copies them into memory the model owns.
-                await self._install_unit(inb, unit, ckpt.unit_tensors(unit), copy=True)
+                # The emulated disk's (or host link's) pace: a unit is usable only once it could have arrived.
+                await pace(inb.started, inb.nbytes + dl.unit_nbytes(unit), dl.mb_s)
+                tensors = await loop.run_in_executor(self.executor, dl.unit_tensors, unit)
+                # Views of the mapping, or the cache's own copy: load_unit copies them into memory the model owns.
+                await self._install_unit(inb, unit, tensors, copy=True)
             if not inb.superseded:
                 await self._inbound_done(inb, inb.nbytes)
         except (TransferError, OSError, ValueError, RuntimeError) as e:
             if not inb.superseded:
                 await self._inbound_failed(inb, f"{type(e).__name__}: {e}")
         finally:
-            ckpt.close()
+            self._close_disk_load(dl)
 
     async def _inbound_done(self, inb: Inbound, nbytes: int) -> None:
         if self.inbound is inb:
@@ -780,7 +829,7 @@ class WorkerService:
         await self.publish_transfer(inb.order, "complete", nbytes=nbytes, seconds=seconds)
         self.log.info(
             "model_ready", model=self.model_name, units=self.num_units, transfer=inb.order.transfer_id,
-            role=inb.order.role, mb=round(inb.nbytes / 1e6, 1), seconds=round(seconds, 3),
+            role=inb.order.role, source=inb.source, mb=round(inb.nbytes / 1e6, 1), seconds=round(seconds, 3),
         )  # fmt: skip
 
     async def _inbound_failed(self, inb: Inbound, reason: str) -> None:
@@ -960,6 +1009,8 @@ class WorkerService:
             "max_batch": hb.max_batch,
             "tokens_per_s": hb.tokens_per_s,
             "loading_mb_s": hb.loading_mb_s,
+            "load_source": self.load_source,
+            "local_cache": self.local_cache.describe() if self.local_cache.enabled else None,
             "device": str(self.device),
             "gpus": self.gpus,
             "threads": self.cfg.threads,
