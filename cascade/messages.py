@@ -168,6 +168,8 @@ class Heartbeat:
     ts: float = 0.0
     stage_addr: str | None = None  # where peers send activations of pipelined routes
     stage_running: int = 0  # relayed stage sequences this worker computes for other drivers
+    # Layers run for the routes it drives, summed over them (KV it holds for them, in sequence-layers).
+    driven_layers: int = 0
 
 
 @message("layer_ready")
@@ -330,6 +332,9 @@ class GenerateRequest:
     # Empty: the receiving worker runs the whole model. Otherwise the pinned pipeline; the request
     # is sent to route[0], which drives it (owns the token loop).
     route: list[RouteStage] = field(default_factory=list)
+    # Wall-clock time (epoch s) the gateway accepted it: workers start prompts oldest first across
+    # their own and relayed work, so a pipelined route cannot overtake a backlog. 0: unknown (now).
+    arrived_at: float = 0.0
 
 
 @message("generate_batch")

@@ -86,8 +86,12 @@ def test_health_helpers() -> None:
 # --------------------------------------------------------------------------- live routes
 
 
-def loading(wid: str, prefix: int, running: int = 0, stage: str | None = "h:2") -> InstanceView:
-    return InstanceView(wid, "m", "loading", prefix, 6, running, 0, 8, 0, 0, prefix, stage)
+def loading(
+    wid: str, prefix: int, running: int = 0, stage: str | None = "h:2", driven_layers: int | None = None
+) -> InstanceView:
+    # By default its running routes each run every layer it holds now (prefix - 1 of them).
+    dl = running * max(prefix - 1, 0) if driven_layers is None else driven_layers
+    return InstanceView(wid, "m", "loading", prefix, 6, running, 0, 8, 0, 0, prefix, stage, dl)
 
 
 def full(wid: str, running: int = 0, stage: str | None = "h:1") -> InstanceView:
@@ -119,7 +123,10 @@ def test_no_split_when_it_cannot_help() -> None:
     busy = full("f", running=8)
     assert choose_route([busy, loading("n", 3)], "m", live=False) == Route("f")  # stop-the-world
     assert choose_route([busy, loading("n", 1)], "m") == Route("f")  # only the embedding
-    assert choose_route([busy, loading("n", 3, running=8)], "m") == Route("f")  # head busy too
+    # The head busy too: its routes run 2 of 4 layers there, so it holds twice its batch limit.
+    assert choose_route([busy, loading("n", 3, running=16)], "m") == Route("f")
+    r = choose_route([busy, loading("n", 3, running=15)], "m")
+    assert r is not None and r.worker_id == "n"
     assert choose_route([busy, loading("n", 3, stage=None)], "m") == Route("f")  # no stage link
     assert choose_route([full("f", running=8, stage=None), loading("n", 3)], "m") == Route("f")
     assert choose_route([busy, loading("n", 3)], "m", avoid=frozenset({"n"})) == Route("f")
@@ -153,3 +160,14 @@ def test_a_backlog_on_the_full_instance_sends_new_work_through_the_loading_one()
     assert route is not None and route.worker_id == "n"
     assert [(s.worker_id, s.start, s.end) for s in route.stages] == [("n", 0, 2), ("f", 2, 4)]
     assert choose_route([behind, loading], "m", live=False) == Route("f")
+
+
+def test_a_heads_room_weighs_its_routes_by_the_layers_they_run_there() -> None:
+    busy = full("f", running=8)
+    # 24 routes made when it held one layer take 24 of its 4 x 8 sequence-layers: room for more,
+    # though 24 routes are three times its batch limit.
+    r = choose_route([busy, loading("n", 3, running=24, driven_layers=24)], "m")
+    assert r is not None and r.worker_id == "n"
+    # Routes sent since its heartbeat count at the current depth (2 layers each).
+    v = InstanceView("n", "m", "loading", 3, 6, 24, 0, 8, 30, 24, 3, "h:2", 24)
+    assert choose_route([busy, v], "m") == Route("f")

@@ -142,21 +142,22 @@ def test_peer_failure_ends_driven_requests(ckpt: Checkpoint) -> None:
     assert not n.driven
 
 
-def test_relayed_stages_count_against_the_batch_limit(ckpt: Checkpoint) -> None:
+def test_relayed_stages_do_not_take_batch_slots(ckpt: Checkpoint) -> None:
+    """A busy instance relaying for a new one still admits its own requests up to its limit
+    (engine.py says why: measured in bench/scaleup.py)."""
     L = ckpt.config.num_hidden_layers
     f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, max_batch=2, worker_id="F")
     n = Engine(model(ckpt, range(0, 2)), tok, worker_id="N")
-    route = [RouteStage("N", 0, 1), RouteStage("F", 1, L)]  # F runs 3 of 4 layers for it
+    route = [RouteStage("N", 0, 1), RouteStage("F", 1, L)]
     n.submit("relay", "g", tok.encode("hello"), SamplingParams(max_tokens=30, ignore_eos=True), route=route)
-    r = n.step()
-    for o in r.outbox:
+    for o in n.step().outbox:
         h, t = wire(o)
         f.stage_message(h, t)  # type: ignore[arg-type]
-    for i in range(2):
+    for i in range(3):
         f.submit(f"own{i}", "g", tok.encode("abc"), GREEDY)
     f.step()
-    # 3/4 of a slot is taken by the relayed stage: only one of F's own requests fits beside it.
-    assert len(f.running) == 1 and len(f.waiting) == 1
+    assert len(f.relayed) == 1 and f.relayed["relay"].length > 0
+    assert len(f.running) == 2 and len(f.waiting) == 1  # the limit binds on its own sequences
 
 
 def test_relayed_prompts_share_the_step_prefill_budget(ckpt: Checkpoint) -> None:
@@ -175,3 +176,37 @@ def test_relayed_prompts_share_the_step_prefill_budget(ckpt: Checkpoint) -> None
         f.stage_message(h, t)  # type: ignore[arg-type]
     got = run_mesh({"N": n, "F": f})
     assert {p: toks(v) for p, v in got.items()} == expect
+
+
+def test_prompts_start_oldest_first_across_own_and_relayed_work(ckpt: Checkpoint) -> None:
+    """A relayed prompt that arrived at the gateway after F's own waiting requests does not
+    overtake them (it would raise their latency by what it saves its own), and one that arrived
+    before them goes first."""
+    L = ckpt.config.num_hidden_layers
+    n = Engine(model(ckpt, range(0, 2)), tok, worker_id="N")
+    # Budget for one prompt per step: the order of admission is visible step by step.
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F", max_prefill_tokens=4)
+    route = [RouteStage("N", 0, 1), RouteStage("F", 1, L)]
+    own = tok.encode("abcd")
+    f.submit("old", "g", own, GREEDY, arrived_at=100.0)
+    f.submit("young", "g", own, GREEDY, arrived_at=300.0)
+    n.submit("relay", "g", own, GREEDY, route=route, arrived_at=200.0)
+    for o in n.step().outbox:
+        h, t = wire(o)
+        f.stage_message(h, t)  # type: ignore[arg-type]
+    order: list[str] = []
+    for _ in range(3):
+        f.step()
+        order += [s.request_id for s in f.running if s.request_id not in order]
+        order += [rid for rid, r in f.relayed.items() if r.length and rid not in order]
+    assert order == ["old", "relay", "young"]
+
+
+def test_a_late_request_is_queued_by_its_arrival(ckpt: Checkpoint) -> None:
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F", max_batch=1)
+    f.submit("running", "g", tok.encode("a"), SamplingParams(max_tokens=50, ignore_eos=True), arrived_at=1.0)
+    f.step()
+    for rid, at in (("c", 30.0), ("a", 10.0), ("b", 20.0)):
+        f.submit(rid, "g", tok.encode("a"), GREEDY, arrived_at=at)
+    f.step()
+    assert [s.request_id for s in f.waiting] == ["a", "b", "c"]

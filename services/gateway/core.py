@@ -286,13 +286,16 @@ class GatewayCore:
         stages = list(route.stages)
         msg = GenerateBatch(
             gateway_id=self.id,
-            requests=[GenerateRequest(r.request_id, r.model, r.prompt_ids, r.params, stages) for r in batch],
+            requests=[
+                GenerateRequest(r.request_id, r.model, r.prompt_ids, r.params, stages, r.arrived_at) for r in batch
+            ],
         )
         self.log.debug(
             "dispatch",
             worker_id=worker,
             size=len(batch),
             model=batch[0].model,
+            requests=[r.request_id for r in batch],
             route=[f"{s.worker_id}[{s.start},{s.end})" for s in stages] or None,
         )
         try:

@@ -64,6 +64,7 @@ class WorkerEntry:
     tokens_per_s: float = 0.0
     ready_seq: int = 0
     stage_addr: str | None = None
+    driven_layers: int = 0
     inflight_at_heartbeat: int = 0
     # Set when the worker turned a request away as draining or for another model; cleared by
     # its next heartbeat, which tells its real state.
@@ -94,6 +95,7 @@ class Registry:
         e.tokens_per_s = hb.tokens_per_s
         e.ready_seq = hb.ready_seq
         e.stage_addr = hb.stage_addr
+        e.driven_layers = hb.driven_layers
         e.inflight_at_heartbeat = inflight
         e.suspended = False
         if not e.synced or hb.ready_seq > e.seq:
@@ -182,6 +184,7 @@ class Registry:
                     inflight_at_heartbeat=e.inflight_at_heartbeat,
                     prefix_units=prefix,
                     stage_addr=e.stage_addr,
+                    driven_layers=e.driven_layers,
                 )
             )
         return out

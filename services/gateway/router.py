@@ -31,6 +31,7 @@ class InstanceView:
     inflight_at_heartbeat: int = 0  # this gateway's requests on it when that heartbeat arrived
     prefix_units: int = 0  # units ready without a hole from unit 0 (embedding, layer 0, ...)
     stage_addr: str | None = None  # its stage link, for pipelined routes
+    driven_layers: int = 0  # from the heartbeat: layers it runs for the routes it drives, summed
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,19 @@ def accepts(view: InstanceView) -> bool:
     return estimated_load(view) < max(view.max_batch, 1) * (1 + QUEUE_AHEAD)
 
 
+def head_has_room(view: InstanceView, k: int, num_layers: int) -> bool:
+    """Room on a loading instance for one more route it drives through its first k layers.
+
+    Its batch limit is for sequences running every layer; a route runs only some, so routes are
+    weighed by the layers they run there: their KV and step work, in full-sequence equivalents.
+    Routes sent since the heartbeat count at the current k. Counting routes one for one was
+    measured to turn the new instance away from the backlog it was loading to relieve
+    (bench/scaleup.py): a two-stage route's decode waits on the tail stage each token, so routes
+    live longer than full requests, and ones made at a small k kept the head full as k grew."""
+    since = max(view.inflight - view.inflight_at_heartbeat, 0) + view.waiting
+    return (view.driven_layers + k * since) / max(num_layers, 1) < max(view.max_batch, 1)
+
+
 def front_layers(view: InstanceView, model: str) -> int:
     """Decoder layers `view` can run as the first stage of `model` (embedding included), or 0."""
     if view.model != model or view.num_units < 3 or view.prefix_units < 2:
@@ -147,7 +161,7 @@ def choose_route(
             or v.worker_id in avoid
             or v.num_units != full.num_units
             or not 1 <= k < num_layers  # the tail keeps at least one layer and the head
-            or not has_room(v)
+            or not head_has_room(v, k, num_layers)
         ):
             continue
         key = (-k, estimated_load(v) / max(v.max_batch, 1), v.worker_id)

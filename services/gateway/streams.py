@@ -11,6 +11,7 @@ retry or fail when a worker dies.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class RequestState:
     # stops waiting for an instance.
     ready_at: float = 0.0
     deadline: float = 0.0
+    arrived_at: float = field(default_factory=time.time)  # wall clock, for workers' prefill order
     quiet: bool = False  # arrived after a spell with no arrivals: nothing to batch it with
     events: asyncio.Queue[TokenEvent | Failure] = field(default_factory=asyncio.Queue)
     worker_id: str | None = None

@@ -71,6 +71,7 @@ class Sequence:
     error: str | None = None
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
+    arrived_at: float = 0.0  # wall clock at the gateway: prompts start oldest first
     # driven only
     cache: KVCache | None = None
     next_ids: list[int] | None = None  # input of the next stage-0 pass; None while awaiting a token
@@ -95,6 +96,7 @@ class Relayed:
     inputs: collections.deque[tuple[bool, int, torch.Tensor]] = field(default_factory=collections.deque)
     length: int = 0
     last_prefill: bool = False  # whether the input being computed is the prompt
+    arrived_at: float = 0.0  # the request's arrival at the gateway (wall clock)
 
     @property
     def stage(self) -> RouteStage:
@@ -235,6 +237,7 @@ class Engine:
         prompt: list[int],
         params: SamplingParams,
         route: list[RouteStage] | None = None,
+        arrived_at: float = 0.0,
     ) -> None:
         seq = Sequence(
             request_id=request_id,
@@ -245,6 +248,7 @@ class Engine:
             generator=_generator(params),
             route=list(route or []) if route and len(route) > 1 else [],
             max_stop=max((len(s) for s in params.stop), default=0),
+            arrived_at=arrived_at or time.time(),
         )
         self._inbox.append(seq)
 
@@ -258,6 +262,11 @@ class Engine:
     def peer_failed(self, worker_id: str, reason: str) -> None:
         """The stage link to `worker_id` broke: its routes cannot go on."""
         self._stage_in.append(({"kind": "peer_failed", "worker": worker_id, "reason": reason}, None))
+
+    def driven_layers(self) -> int:
+        """Layers this worker runs for the routes it drives, summed over them (read from the
+        event loop for heartbeats: the gateway weighs a loading instance's room by it)."""
+        return sum(s.route[0].end - s.route[0].start for s in list(self.driven.values()))
 
     def has_work(self) -> bool:
         """Something a step would compute or finish now."""
@@ -289,7 +298,7 @@ class Engine:
             if seq.route:
                 self._start_driven(seq)
             else:
-                self.waiting.append(seq)
+                self._enqueue(seq)
         self._apply_cancels(events, outbox)
         self._apply_stage_messages(events, outbox)
 
@@ -299,27 +308,18 @@ class Engine:
         if old:
             segs.append(self._decode_segment())
             jobs.append(("decode", None))
-        # One prefill budget per step for every role, in full-model prompt tokens (a prompt through
-        # k of L layers costs k/L of its length): without it a burst of relayed or driven prompts
-        # would make one giant step and stall every sequence's decode behind it. Stage work that is
-        # already under way goes first; at least one prefill always goes, so none starves.
-        budget = _Budget(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0))
+        # Stage work past its prompt (one decode token each) goes every step: it is under way, and
+        # holding it would stall a token loop on another worker.
         for rel in self.relayed.values():
-            if rel.inputs:
-                pre, _, hidden = rel.inputs[0]
-                span = rel.stage.end - rel.stage.start
-                if pre and not budget.take(hidden.shape[1] * span / self.L):
-                    continue
+            if rel.inputs and not rel.inputs[0][0]:
                 segs.append(self._relayed_segment(rel))
                 jobs.append(("relayed", rel))
         for seq in self.driven.values():
-            if seq.next_ids is not None and seq.finish is None:
-                first = seq.route[0]
-                if not seq.prefilled and not budget.take(len(seq.prompt) * (first.end - first.start) / self.L):
-                    continue
+            if seq.next_ids is not None and seq.finish is None and seq.prefilled:
                 segs.append(self._driven_segment(seq))
                 jobs.append(("driven", seq))
-        new = self._admit(budget)
+        budget = _Budget(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0))
+        new = self._admit(budget, segs, jobs)
         if new:
             ids, pos, lens = prefill_inputs([s.prompt for s in new], self.model.device)
             segs.append(Segment(range(self.L), self.cache, pos, lens, True, True, ids=ids, slot0=old))
@@ -386,23 +386,79 @@ class Engine:
         return ms / 1000
 
     # ------------------------------------------------------------ full sequences
-    def _admit(self, budget: _Budget) -> list[Sequence]:
-        """Take as many waiting sequences as fit (batch slots and what is left of the step's
-        prefill budget)."""
+    def _enqueue(self, seq: Sequence) -> None:
+        """Add a full sequence to the waiting queue, kept in arrival order (a retry or a batch
+        from a slower gateway may come in behind younger requests)."""
+        w = self.waiting
+        if not w or w[-1].arrived_at <= seq.arrived_at:
+            w.append(seq)
+            return
+        i = len(w)
+        while i > 0 and w[i - 1].arrived_at > seq.arrived_at:
+            i -= 1
+        w.insert(i, seq)
+
+    def _admit(self, budget: _Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
+        """Start prompts within the step's prefill budget, oldest arrival first, whatever their
+        role: full sequences waiting here (they also need a batch slot), the first stage of routes
+        this worker drives, and relayed prompts of routes other workers drive. Returns the full
+        sequences admitted; stage prompts are added to `segs`/`jobs`.
+
+        One budget for every role, in full-model prompt tokens (a prompt through k of L layers costs
+        k/L of its length): without it a burst of stage prompts would make one giant step and stall
+        every sequence's decode. Oldest first, because a pipelined route that jumped this worker's
+        queue would push its backlog's latency up by just what it took off its own (measured in
+        bench/scaleup.py: the window's p99 TTFT).
+        """
+        staged: list[tuple[float, int, str, Any]] = []
+        for n, rel in enumerate(self.relayed.values()):
+            if rel.inputs and rel.inputs[0][0]:
+                staged.append((rel.arrived_at, n, "relayed", rel))
+        for n, seq in enumerate(self.driven.values()):
+            if seq.next_ids is not None and seq.finish is None and not seq.prefilled:
+                staged.append((seq.arrived_at, n, "driven", seq))
+        staged.sort(key=lambda t: (t[0], t[1]))
         new: list[Sequence] = []
-        # Relayed stages hold KV and take compute here for their share of the layers: they count
-        # against the batch limit by that share, so relaying for a new instance does not let this
-        # one run more than its limit (the new instance contributes only its own layers).
-        relayed = sum(r.stage.end - r.stage.start for r in self.relayed.values()) / max(self.L, 1)
-        slots = self.max_batch - int(relayed + 0.999)
-        while self.waiting and len(self.running) + len(new) < slots:
-            if not budget.take(len(self.waiting[0].prompt)):
+        # Relayed stages do not take this worker's batch slots. Their compute is in every step they
+        # join (and in the emulated device's time), and the route's head admitted them under its
+        # own limit. Counting them here by their share of the layers was measured to make things
+        # worse (bench/scaleup.py): a two-stage route's decode joins every other step of this
+        # worker, so each one held its share twice as long, and a busy instance relaying for a
+        # new one admitted fewer of its own requests than it would have alone.
+        i = 0
+        while True:
+            local = self.waiting[0] if self.waiting else None
+            if i >= len(staged) and local is None:
                 break
-            new.append(self.waiting.popleft())
+            if i >= len(staged) or (local is not None and local.arrived_at <= staged[i][0]):
+                assert local is not None
+                # The oldest prompt waits for its slot, and younger ones wait behind it: letting
+                # stage work past would starve this worker's own backlog.
+                if len(self.running) + len(new) >= self.max_batch or not budget.take(len(local.prompt)):
+                    break
+                new.append(self.waiting.popleft())
+                continue
+            _, _, kind, obj = staged[i]
+            if kind == "relayed":
+                if not budget.take(obj.inputs[0][2].shape[1] * self._share(obj)):
+                    break
+            else:
+                # The first stage of a route this worker drives: it runs few layers and is limited
+                # by the gateway's routing, not by this worker's batch slots.
+                first = obj.route[0]
+                if not budget.take(len(obj.prompt) * (first.end - first.start) / self.L):
+                    break
+            i += 1
+            segs.append(self._relayed_segment(obj) if kind == "relayed" else self._driven_segment(obj))
+            jobs.append((kind, obj))
         for k, seq in enumerate(new):
             seq.slot = len(self.running) + k
         self.running.extend(new)
         return new
+
+    def _share(self, rel: Relayed) -> float:
+        """A relayed stage's share of a full sequence's work: its layers over the model's."""
+        return (rel.stage.end - rel.stage.start) / max(self.L, 1)
 
     def _decode_segment(self) -> Segment:
         dev = self.model.device
@@ -474,6 +530,7 @@ class Engine:
             header["route"] = [_stage_dict(s) for s in seq.route]
             header["index"] = 1
             header["params"] = _params_dict(seq.params)
+            header["arrived_at"] = seq.arrived_at
         seq.prefilled = True
         seq.next_ids = None  # wait for the token from the last stage
         outbox.append(Outgoing(seq.route[1], header, hidden))
@@ -521,6 +578,7 @@ class Engine:
             "route": [_stage_dict(s) for s in rel.route],
             "index": rel.index + 1,
             "params": _params_dict(rel.params),
+            "arrived_at": rel.arrived_at,
         }
         outbox.append(Outgoing(rel.route[rel.index + 1], header, out))
 
@@ -579,6 +637,7 @@ class Engine:
                 cache=KVCache(self.cfg, range(st.start, st.end), 1, self.model.device, self.model.dtype, 64),
                 params=params,
                 generator=_generator(params),
+                arrived_at=float(h.get("arrived_at") or time.time()),
             )
             self.relayed[rid] = rel
         assert tensor is not None

@@ -425,6 +425,7 @@ class WorkerService:
             ts=time.time(),
             stage_addr=self.link.addr or None,
             stage_running=len(self.engine.relayed) if self.engine else 0,
+            driven_layers=self.engine.driven_layers() if self.engine else 0,
             data_addr=self._data_addr(),
         )
 
@@ -900,7 +901,7 @@ class WorkerService:
                 rejected.append(Rejection(r.request_id, why[0], why[1]))
                 continue
             assert eng is not None
-            eng.submit(r.request_id, batch.gateway_id, r.prompt_ids, r.params, route=r.route)
+            eng.submit(r.request_id, batch.gateway_id, r.prompt_ids, r.params, route=r.route, arrived_at=r.arrived_at)
             accepted.append(r.request_id)
         if accepted:
             self.idle.clear()
