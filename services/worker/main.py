@@ -71,7 +71,7 @@ from services.worker.dataplane import (
 )
 from services.worker.engine import Engine, StepResult
 from services.worker.gpu import gpu_inventory
-from services.worker.localcache import DiskLoad, LocalCache, pace
+from services.worker.localcache import DiskLoad, LocalCache, pace, unit_nbytes
 from services.worker.model import LlamaModel, pick_device
 from services.worker.runner import EngineRunner
 from services.worker.stagelink import StageLink
@@ -753,7 +753,7 @@ class WorkerService:
             raise TransferError("model dropped")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, model.load_unit, unit, tensors, copy)
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = unit_nbytes(tensors)
         inb.nbytes += nbytes
         self.load_bytes += nbytes
         self.load_mb_s = inb.nbytes / 1e6 / max(time.monotonic() - inb.started, 1e-6)
