@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.config import read_mesh_file
+from cascade.up import die_with_parent_preexec
 
 
 class Mesh:
@@ -27,8 +28,14 @@ class Mesh:
 
     def start(self, timeout_s: float = 240.0) -> str:
         log = open(self.home / "up.log", "wb")
+        # A benchmark killed mid-run (Ctrl-C twice, SIGTERM, the OOM killer) must not leave its mesh behind.
         self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            self.args,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=die_with_parent_preexec(),
         )
         log.close()
         deadline = time.monotonic() + timeout_s

@@ -106,8 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-def _make_die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking the kernel to kill the child when this process dies (Linux only)."""
+def _make_die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | None:
+    """A preexec_fn asking the kernel to send `sig` to the child when this process dies (Linux
+    only). Tools that start a whole `cascade up` (benchmarks, tests) pass SIGTERM, so that the
+    supervisor still stops its children in order."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -122,13 +124,18 @@ def _make_die_with_parent() -> Callable[[], None] | None:
     def preexec() -> None:
         # Own session: a terminal's Ctrl-C goes to the supervisor only, which stops children in order.
         os.setsid()
-        # SIGKILL, not SIGTERM: this fires only when the supervisor itself was killed, and then nobody
-        # is left to escalate a child that hangs on shutdown.
-        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        # SIGKILL for the supervisor's children, not SIGTERM: this fires only when the supervisor itself
+        # was killed, and then nobody is left to escalate a child that hangs on shutdown.
+        prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
         if os.getppid() != parent:  # the supervisor died between fork and prctl
             os._exit(1)
 
     return preexec
+
+
+def die_with_parent_preexec(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """For a process that starts `cascade up` itself: its mesh stops when that process dies."""
+    return _make_die_with_parent(sig)
 
 
 def _source_root() -> Path | None:
