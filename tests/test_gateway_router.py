@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from cascade.messages import RouteStage
 from services.gateway.router import (
+    QUEUE_AHEAD,
     InstanceView,
     Route,
     choose_instance,
@@ -171,3 +172,27 @@ def test_a_heads_room_weighs_its_routes_by_the_layers_they_run_there() -> None:
     # Routes sent since its heartbeat count at the current depth (2 layers each).
     v = InstanceView("n", "m", "loading", 3, 6, 24, 0, 8, 30, 24, 3, "h:2", 24)
     assert choose_route([busy, v], "m") == Route("f")
+
+
+def test_backlog_waits_in_the_gateway_past_a_few_queued_per_instance() -> None:
+    # Batch limit 8: up to 8 + QUEUE_AHEAD requests go to the instance, the rest wait here, where
+    # an instance that comes up later can take them.
+    assert QUEUE_AHEAD == 4
+    assert choose_route([full("f", running=8 + QUEUE_AHEAD - 1)], "m", live=False) == Route("f")
+    assert choose_route([full("f", running=8 + QUEUE_AHEAD)], "m", live=False) is None
+
+
+def test_a_prefill_backlog_holds_requests_here_and_prefers_other_instances() -> None:
+    def f(wid: str, unstarted: int) -> InstanceView:
+        return InstanceView(wid, "m", "serving", 6, 6, 1, 0, 8, 1, 1, 6, "h:1", 0, 100, unstarted)
+
+    # Free batch slots, but two steps' worth of prompts (2 x 100 tokens) without a token yet.
+    assert choose_route([f("a", 199)], "m", live=False) == Route("a")
+    assert choose_route([f("a", 200)], "m", live=False) is None
+    # Another instance without a backlog is chosen though it is busier.
+    busier = InstanceView("b", "m", "serving", 6, 6, 5, 0, 8, 0, 0, 6, "h:1", 0, 100, 0)
+    assert choose_route([f("a", 200), busier], "m", live=False) == Route("b")
+    # An unknown budget (an older worker) never holds.
+    assert choose_route([InstanceView("c", "m", "serving", 6, 6, 1, 0, 8, 1, 1, 6, "h:1", 0, 0, 10**6)], "m") == Route(
+        "c"
+    )

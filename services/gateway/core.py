@@ -260,7 +260,8 @@ class GatewayCore:
         live = dep is None or dep.scaling == "live"
 
         def pick(avoid: frozenset[str]) -> Route | None:
-            return choose_route(self.registry.views(self.hub.inflight_by_worker()), model, avoid, live)
+            views = self.registry.views(self.hub.inflight_by_worker(), self.hub.unstarted_tokens_by_worker())
+            return choose_route(views, model, avoid, live)
 
         return pick
 
@@ -417,8 +418,12 @@ class GatewayCore:
             if ev.token_ids:
                 self.metrics.tokens.inc(len(ev.token_ids), model=req.model)
                 self.load.generated(req.model, len(ev.token_ids))
-            if ev.token_ids or ev.text:
+            if (ev.token_ids or ev.text) and not req.produced:
                 req.produced = True
+                # Its prompt is done there: requests held for that instance's prefill backlog may go.
+                b = self.batchers.get(req.model)
+                if b is not None and b.depth:
+                    b.wake()
             if ev.finish_reason is None:
                 req.events.put_nowait(ev)
             elif ev.finish_reason in ("cancelled", "error") and not req.produced and not req.cancelled:

@@ -65,6 +65,7 @@ class WorkerEntry:
     ready_seq: int = 0
     stage_addr: str | None = None
     driven_layers: int = 0
+    prefill_budget: int = 0
     inflight_at_heartbeat: int = 0
     # Set when the worker turned a request away as draining or for another model; cleared by
     # its next heartbeat, which tells its real state.
@@ -96,6 +97,7 @@ class Registry:
         e.ready_seq = hb.ready_seq
         e.stage_addr = hb.stage_addr
         e.driven_layers = hb.driven_layers
+        e.prefill_budget = hb.prefill_budget
         e.inflight_at_heartbeat = inflight
         e.suspended = False
         if not e.synced or hb.ready_seq > e.seq:
@@ -154,11 +156,14 @@ class Registry:
         return dead
 
     # ---- outputs -----------------------------------------------------------
-    def views(self, inflight: Mapping[str, int] | None = None) -> list[InstanceView]:
+    def views(
+        self, inflight: Mapping[str, int] | None = None, unstarted: Mapping[str, int] | None = None
+    ) -> list[InstanceView]:
         """The routing snapshot. Until a worker's readiness is known from a snapshot, its
         heartbeat's unit count stands in (a worker whose snapshot handler is slow is still used)."""
         out = []
         inflight = inflight or {}
+        unstarted = unstarted or {}
         for e in self._workers.values():
             if not e.heard:
                 continue  # no load figures yet; the first heartbeat comes within an interval
@@ -185,6 +190,8 @@ class Registry:
                     prefix_units=prefix,
                     stage_addr=e.stage_addr,
                     driven_layers=e.driven_layers,
+                    prefill_budget=e.prefill_budget,
+                    unstarted_tokens=unstarted.get(e.worker_id, 0),
                 )
             )
         return out

@@ -32,6 +32,8 @@ class InstanceView:
     prefix_units: int = 0  # units ready without a hole from unit 0 (embedding, layer 0, ...)
     stage_addr: str | None = None  # its stage link, for pipelined routes
     driven_layers: int = 0  # from the heartbeat: layers it runs for the routes it drives, summed
+    prefill_budget: int = 0  # from the heartbeat: prompt tokens a step starts at most (0: unknown)
+    unstarted_tokens: int = 0  # prompt tokens of this gateway's requests there without a token yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +71,15 @@ def choose_instance(
     serve: a retry on the same instance beats no answer. Ties go to the smaller worker id, so
     the choice is deterministic.
     """
-    best: tuple[bool, float, int, str] | None = None
+    best: tuple[bool, bool, float, int, str] | None = None
     for v in instances:
         if not serves_fully(v, model):
             continue
         load = estimated_load(v)
-        key = (v.worker_id in avoid, load / max(v.max_batch, 1), load, v.worker_id)
+        key = (v.worker_id in avoid, prefill_backlogged(v), load / max(v.max_batch, 1), load, v.worker_id)
         if best is None or key < best:
             best = key
-    return None if best is None else best[3]
+    return None if best is None else best[4]
 
 
 def models_without_instance(instances: Sequence[InstanceView], required: Iterable[str]) -> list[str]:
@@ -85,14 +87,31 @@ def models_without_instance(instances: Sequence[InstanceView], required: Iterabl
     return [m for m in required if not any(serves_fully(v, m) for v in instances)]
 
 
+# Prompts are started a step's prefill budget at a time: with long prompts an instance with free
+# batch slots can still have seconds of prefill queued. Keeping about two steps' worth there keeps
+# its steps full; the rest of a backlog waits here (see QUEUE_AHEAD).
+PREFILL_AHEAD_STEPS = 2
+
+
+def prefill_backlogged(view: InstanceView) -> bool:
+    """This gateway has given `view` as many prompt tokens as it starts in PREFILL_AHEAD_STEPS
+    steps, and none of them has a token yet. Measured in bench/burst.py: at a burst's start the
+    one instance up took every request it had slots for (16 long prompts: seconds of prefill)
+    while the instances added half a second later found nothing left to do."""
+    return view.prefill_budget > 0 and view.unstarted_tokens >= PREFILL_AHEAD_STEPS * view.prefill_budget
+
+
 def has_room(view: InstanceView) -> bool:
-    return estimated_load(view) < max(view.max_batch, 1)
+    return estimated_load(view) < max(view.max_batch, 1) and not prefill_backlogged(view)
 
 
-# How far past its batch limit an instance may be given work to queue: enough that its batch
-# refills without waiting for a gateway round trip, little enough that a backlog stays here,
-# where any instance that frees up or comes up (a new one while loading, too) can take it.
-QUEUE_AHEAD = 0.5
+# How many requests past its batch limit an instance may be given to queue: enough that its
+# batch refills without waiting for a gateway round trip (a step admits a couple of long prompts
+# at most), little enough that a backlog stays here, where any instance that frees up or comes up
+# (a new one while loading, too) can take it. Half the batch limit, as before, pinned a burst's
+# first seconds to the one instance up then: 16 long prompts are seconds of prefill there, while
+# instances added half a second later idled (bench/burst.py).
+QUEUE_AHEAD = 4
 
 
 # From this share of its batch limit on, a full instance counts as busy for live routes: requests
@@ -102,7 +121,7 @@ BUSY_LOAD = 0.5
 
 
 def accepts(view: InstanceView) -> bool:
-    return estimated_load(view) < max(view.max_batch, 1) * (1 + QUEUE_AHEAD)
+    return estimated_load(view) < max(view.max_batch, 1) + QUEUE_AHEAD and not prefill_backlogged(view)
 
 
 def head_has_room(view: InstanceView, k: int, num_layers: int) -> bool:
@@ -147,7 +166,7 @@ def choose_route(
     held = None if full_id not in avoid and not accepts(full) else Route(full_id)
     # Busy: out of batch slots, or holding admitted work it could not start yet (a prefill
     # backlog: compute-bound, so shedding the first k layers of new prompts shortens it).
-    busy = estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD or full.waiting > 0
+    busy = estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD or full.waiting > 0 or prefill_backlogged(full)
     if not live or not busy or not full.stage_addr:
         return Route(full_id) if has_room(full) else held
     num_layers = full.num_units - 2

@@ -263,6 +263,11 @@ class Engine:
         """The stage link to `worker_id` broke: its routes cannot go on."""
         self._stage_in.append(({"kind": "peer_failed", "worker": worker_id, "reason": reason}, None))
 
+    def prefill_budget(self) -> int:
+        """Real prompt tokens one step starts at most (an emulated device prices each token at
+        `token_scale`, so fewer real ones fit)."""
+        return int(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0))
+
     def driven_layers(self) -> int:
         """Layers this worker runs for the routes it drives, summed over them (read from the
         event loop for heartbeats: the gateway weighs a loading instance's room by it)."""
@@ -318,7 +323,7 @@ class Engine:
             if seq.next_ids is not None and seq.finish is None and seq.prefilled:
                 segs.append(self._driven_segment(seq))
                 jobs.append(("driven", seq))
-        budget = _Budget(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0))
+        budget = _Budget(self.prefill_budget())
         new = self._admit(budget, segs, jobs)
         if new:
             ids, pos, lens = prefill_inputs([s.prompt for s in new], self.model.device)
