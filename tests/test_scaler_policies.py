@@ -667,3 +667,17 @@ def test_two_stage_is_the_vertical_policy() -> None:
     assert pol.vertical and pol.base_batch_limit(pol.knobs({"base_batch": 4}, 1, 2)) == 4
     eff = pol.effective_knobs(pol.knobs({"base_batch": 4}, 1, 2))
     assert eff["base_batch"] == 4 and "min_replicas" not in eff and eff["tbt_slo_ms"] == 100.0
+
+
+def test_rate_can_trust_its_capacity_prior() -> None:
+    """With learn_capacity 0 (a device profile's figure), readings do not move the estimate."""
+    pol = get_policy("rate")
+    knobs = pol.knobs({"capacity_tps": 100, "learn_capacity": 0}, 1, 8)
+    inst = InstanceLoad("w0", "serving", running=8, waiting=3, max_batch=8, tokens_per_s=400.0, ts=0)
+    s = LoadSignals(model="m", now=0, window_s=10, arrival_rate=1, serving=1, instances=(inst,), running=8)
+    state = pol.initial_state()
+    for i in range(20):
+        _, state = pol.decide(LoadSignals(**{**_fields(s), "now": float(i)}), knobs, state)
+    assert state.capacity_tps == 100
+    with pytest.raises(ValueError, match="learn_capacity"):
+        pol.knobs({"learn_capacity": 0.5}, 1, 8)

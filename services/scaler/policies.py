@@ -250,9 +250,17 @@ class RateKnobs:
     # is saturated: its measured tokens/s is its capacity.
     saturation: float = 0.9
     capacity_alpha: float = 0.3  # EWMA weight of a new capacity measurement
+    # 1: learn capacity from measurements. 0: trust `capacity_tps` (a device profile's figure, or
+    # a benchmark of the deployment). A metrics interval's tokens/s is a poor reading of capacity
+    # when prompts are long: an interval of decode-only steps yields many times the mean rate, and
+    # "an instance seen doing X can do X" then ratchets the estimate up (seen in bench/burst.py at
+    # 0.5 s intervals: 268 tok/s learnt against the profile's 128, which held back scale-ups).
+    learn_capacity: float = 1.0
 
     def __post_init__(self) -> None:
         _check_bounds(self.min_replicas, self.max_replicas, self.keep_alive_s)
+        if self.learn_capacity not in (0.0, 1.0):
+            raise ValueError("learn_capacity must be 0 or 1")
         if not 0 < self.lower_util < self.target_util < self.upper_util:
             raise ValueError("need 0 < lower_util < target_util < upper_util")
         if self.capacity_tps <= 0 or self.tokens_per_request <= 0 or self.backlog_drain_s <= 0:
@@ -270,6 +278,8 @@ class RateState:
 
 
 def _capacity(s: LoadSignals, k: RateKnobs, prev: float | None) -> float:
+    if not k.learn_capacity:
+        return k.capacity_tps
     cap = prev if prev is not None else k.capacity_tps
     serving = [i for i in s.instances if i.state == "serving" and i.tokens_per_s > 0]
     saturated = [i.tokens_per_s for i in serving if i.load >= k.saturation or i.waiting > 0]
