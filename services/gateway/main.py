@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 
 from cascade import natsutil
 from cascade.cliargs import add_common_arguments, deployment_from_args
-from cascade.config import ConfigError, Deployment, env_int, env_str
+from cascade.config import ConfigError, Deployment, env_float, env_int, env_str
 from cascade.logs import setup_logging
 from cascade.meshview import connect_bounded
 from services.gateway.app import create_app
@@ -164,8 +164,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--metrics-interval-s",
         type=float,
-        default=d.metrics_interval_s,
-        help="how often load reports go to the scaler (default %(default)s)",
+        # The same variable as the workers' --metrics-s: one knob sets how often the scaler hears.
+        default=env_float("CASCADE_METRICS_S", d.metrics_interval_s),
+        help="how often load reports go to the scaler (env CASCADE_METRICS_S, default %(default)s)",
     )
     g.add_argument(
         "--shutdown-grace-s",
