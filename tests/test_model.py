@@ -46,7 +46,9 @@ def recompute_greedy(m: LlamaModel, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
-def staged_greedy(stages: list[tuple[LlamaModel, range]], cfg: ModelConfig, prompts: list[list[int]], steps: int):
+def staged_greedy(
+    stages: list[tuple[LlamaModel, range]], cfg: ModelConfig, prompts: list[list[int]], steps: int
+) -> list[list[int]]:
     """Batched prefill + KV-cached decode with the layers split over stages, hidden states handed on."""
     caches = [KVCache(cfg, layers, len(prompts), m.device, m.dtype) for m, layers in stages]
     ids, pos, lens = prefill_inputs(prompts, torch.device("cpu"))

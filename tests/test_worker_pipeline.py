@@ -169,7 +169,7 @@ async def test_tail_stage_dying_mid_request_ends_it_with_an_error(mesh: dict[str
     await wait_until(lambda: done(out, "doomed"), what="the request to end")
     last = out["doomed"][-1]
     assert last.finish_reason == "error" and "full" in (last.error or "")
-    assert not svc["new"].engine.driven  # type: ignore[union-attr]
+    assert not svc["new"].engine.driven
 
 
 async def test_unload_drains_running_requests_first(mesh: dict[str, Any], model_dir: Path) -> None:

@@ -61,7 +61,9 @@ async def worker(nats_url: str, subjects: Subjects) -> AsyncIterator[WorkerServi
         await asyncio.wait_for(task, 30)
 
 
-async def test_load_generate_cancel_unload(nats_url: str, subjects: Subjects, worker: WorkerService, model_dir: Path):
+async def test_load_generate_cancel_unload(
+    nats_url: str, subjects: Subjects, worker: WorkerService, model_dir: Path
+) -> None:
     nc = await connect(nats_url, "test")
     ready: list[LayerReady] = []
     beats: list[Heartbeat] = []
