@@ -337,17 +337,24 @@ class Config:
         return "\n".join(lines) + "\n"
 
 
+def rate_window(a: argparse.Namespace, trace_s: float) -> dict[str, str]:
+    """The scaler's rate window for one configuration, given in trace seconds."""
+    return {"CASCADE_SCALER_RATE_WINDOW_S": f"{trace_s / a.compress:g}"}
+
+
 def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Config]:
     n = a.workers
     rate_knobs = {
-        # Priors from the profile, until the policy measures a saturated instance and completions.
+        # From the profile: the capacity (kept, see learn_capacity) and tokens per request (a prior
+        # until completions are measured).
         "capacity_tps": round(plan.capacity_req_s * plan.output_mean, 1),
         "tokens_per_request": round(plan.output_mean, 1),
         # A scale-up takes about a second here (multicast, then live routes from the first layer), so
-        # a queue is worth draining within 2 s rather than the default 10; and instances are kept
-        # through the trace's short lulls (10 s of replay), which last about as long as a burst.
+        # a queue is worth draining within 2 s rather than the default 10.
         "backlog_drain_s": 2.0,
-        "downscale_delay_s": 10.0,
+        # Every worker is the profile's device: its capacity is known, and the 0.5 s metrics intervals
+        # make tokens/s a poor reading of it (docs/deployment.md, `learn_capacity`).
+        "learn_capacity": 0.0,
     }
     # Ray Serve's default target (2 ongoing per replica); one tick of upscale delay, as ServerlessLLM
     # starts an instance when requests queue; keep-alive and downscale delay at the policy's defaults.
@@ -365,7 +372,9 @@ def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Conf
         "CASCADE_LOCAL_CACHE_MB_S": f"{emu.cache_mb_s:.6f}",
     }
     all_configs = {
-        "cascade": Config("cascade", "Cascade", "rate", "multicast", "live", 1, n, rate_knobs, True),
+        "cascade": Config(
+            "cascade", "Cascade", "rate", "multicast", "live", 1, n, rate_knobs, True, env=rate_window(a, 2.0)
+        ),
         "serverlessllm": Config(
             "serverlessllm",
             "ServerlessLLM-style",
@@ -457,6 +466,9 @@ def mesh_env(a: argparse.Namespace, emu: Emulation) -> dict[str, str]:
         "CASCADE_LOADER_SERVING_SEND_MB_S": f"{emu.send_mb_s:.6f}",
         # The scaler's rate window spans the trace-time the default (10 s) would in a real deployment.
         "CASCADE_SCALER_RATE_WINDOW_S": f"{10.0 / a.compress:g}",
+        # Likewise the scaler's tick and the load reports (1 s by default, in trace time).
+        "CASCADE_SCALER_TICK_S": f"{1.0 / a.compress:g}",
+        "CASCADE_METRICS_S": f"{1.0 / a.compress:g}",
         "CASCADE_HEARTBEAT_S": "0.5",
         "CASCADE_LOG_LEVEL": "warning",
     }
