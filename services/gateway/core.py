@@ -265,6 +265,12 @@ class GatewayCore:
 
         return pick
 
+    def _wake_queued(self, model: str) -> None:
+        """Requests of `model` held in its queue may find room now."""
+        b = self.batchers.get(model)
+        if b is not None and b.depth:
+            b.wake()
+
     def _wake_all(self) -> None:
         for b in self.batchers.values():
             b.wake()
@@ -421,9 +427,7 @@ class GatewayCore:
             if (ev.token_ids or ev.text) and not req.produced:
                 req.produced = True
                 # Its prompt is done there: requests held for that instance's prefill backlog may go.
-                b = self.batchers.get(req.model)
-                if b is not None and b.depth:
-                    b.wake()
+                self._wake_queued(req.model)
             if ev.finish_reason is None:
                 req.events.put_nowait(ev)
             elif ev.finish_reason in ("cancelled", "error") and not req.produced and not req.cancelled:
@@ -434,9 +438,7 @@ class GatewayCore:
             else:
                 self.hub.finish(req, ev)
                 # A slot freed up on that worker: requests held in the queue for room may go now.
-                b = self.batchers.get(req.model)
-                if b is not None and b.depth:
-                    b.wake()
+                self._wake_queued(req.model)
 
     # ---- load reports ------------------------------------------------------
     def load_gauges(self) -> dict[str, tuple[int, int]]:
