@@ -19,6 +19,7 @@ from cascade.messages import (
     BatchReply,
     GenerateBatch,
     GenerateRequest,
+    Heartbeat,
     LayerReady,
     LoadModel,
     Ok,
@@ -57,7 +58,16 @@ async def mesh(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncItera
     stop = asyncio.Event()
     tasks = [asyncio.create_task(s.main(stop)) for s in services.values()]
     nc = await connect(nats_url, "test")
+    beating: set[str] = set()
+
+    async def on_heartbeat(m: Any) -> None:
+        beating.add(decode(m.data, Heartbeat).worker_id)
+
+    # A worker heartbeats only once it has subscribed to its subjects (its stage link comes up
+    # before them): waiting for the link alone let a test's first request find no listener.
     try:
+        await nc.subscribe(subjects.heartbeat_all(), cb=on_heartbeat)
+        await wait_until(lambda: beating >= set(services), what="workers subscribed (heartbeating)")
         await wait_until(lambda: all(s.link.addr for s in services.values()), what="stage links up")
         yield {"nc": nc, "svc": services, "subjects": subjects}
     finally:
