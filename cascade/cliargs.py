@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
-from cascade.config import Deployment, load_deployment, resolve_nats_url, resolve_prefix
+from cascade.config import ConfigError, Deployment, load_deployment, resolve_nats_url, resolve_prefix
+from cascade.logs import setup_logging
+from cascade.subjects import Subjects, check_token
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, config: bool = True) -> None:
@@ -71,3 +74,18 @@ def positive_float(text: str) -> float:
 
 def deployment_from_args(args: argparse.Namespace) -> Deployment:
     return load_deployment(Path(args.config) if getattr(args, "config", None) else None)
+
+
+def service_start(service: str, args: argparse.Namespace, instance_id: str) -> tuple[Any, Deployment, Subjects] | None:
+    """A control-plane service's first steps: logging, then its id, deployment and subjects checked.
+    Returns the logger bound to the instance, or None after logging why the configuration is bad
+    (the caller exits 2)."""
+    log = setup_logging(service, args.log_level)
+    try:
+        check_token(instance_id)
+        deployment = deployment_from_args(args)
+        subjects = Subjects(args.prefix)
+    except (ConfigError, ValueError) as e:
+        log.error("bad_config", error=str(e))
+        return None
+    return log.bind(instance=instance_id, prefix=args.prefix), deployment, subjects

@@ -38,10 +38,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from cascade.checkpoint import Checkpoint
-from cascade.cliargs import add_common_arguments, deployment_from_args, positive_float
-from cascade.config import LOADING_MODES, ConfigError, Deployment, ModelDeployment, env_float, env_str
+from cascade.cliargs import add_common_arguments, positive_float, service_start
+from cascade.config import LOADING_MODES, Deployment, ModelDeployment, env_float, env_str
 from cascade.framing import TransferError, send_units
-from cascade.logs import setup_logging
 from cascade.meshview import connect_bounded
 from cascade.messages import (
     Heartbeat,
@@ -65,7 +64,7 @@ from cascade.messages import (
     encode,
 )
 from cascade.natsutil import RequestTimeout, TaskSet, handler, request, stop_event
-from cascade.subjects import Subjects, check_token
+from cascade.subjects import Subjects
 from services.loader.assign import Assignment, WorkerTable, choose_for_down, choose_for_up, describe, fully_serving
 from services.loader.hostcache import DEFAULT_KEEP_ALIVE_COLD_S, DEFAULT_KEEP_ALIVE_S, CacheMode, HostCache
 from services.loader.planner import (
@@ -173,15 +172,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def main(args: argparse.Namespace) -> int:
-    log = setup_logging("loader", args.log_level)
-    try:
-        check_token(args.loader_id)
-        deployment = deployment_from_args(args)
-        subjects = Subjects(args.prefix)
-    except (ConfigError, ValueError) as e:
-        log.error("bad_config", error=str(e))
+    started = service_start("loader", args, args.loader_id)
+    if started is None:
         return 2
-    log = log.bind(instance=args.loader_id, prefix=args.prefix)
+    log, deployment, subjects = started
     stop = stop_event()
     loader = Loader(args, deployment, subjects, log)
     try:

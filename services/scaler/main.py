@@ -25,9 +25,8 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from cascade.cliargs import add_common_arguments, deployment_from_args, positive_float
+from cascade.cliargs import add_common_arguments, positive_float, service_start
 from cascade.config import ConfigError, Deployment, env_float, env_str
-from cascade.logs import setup_logging
 from cascade.meshview import connect_bounded, gather_status
 from cascade.messages import (
     BatchLimit,
@@ -50,7 +49,7 @@ from cascade.messages import (
     encode,
 )
 from cascade.natsutil import RequestTimeout, TaskSet, handler, request, stop_event
-from cascade.subjects import Subjects, check_token
+from cascade.subjects import Subjects
 from services.scaler.control import Controls, UnknownModel
 from services.scaler.policies import KnobError
 from services.scaler.policy import DEFAULT_ACK_TIMEOUT_S, ModelBounds, Pool, ScalerCore, Settings, TargetError
@@ -109,15 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def main(args: argparse.Namespace) -> int:
-    log = setup_logging("scaler", args.log_level)
-    try:
-        check_token(args.scaler_id)
-        deployment = deployment_from_args(args)
-        subjects = Subjects(args.prefix)
-    except (ConfigError, ValueError) as e:
-        log.error("bad_config", error=str(e))
+    started = service_start("scaler", args, args.scaler_id)
+    if started is None:
         return 2
-    log = log.bind(instance=args.scaler_id, prefix=args.prefix)
+    log, deployment, subjects = started
     try:
         scaler = Scaler(args, deployment, subjects, log)
     except ConfigError as e:  # a policy or knob the deployment names that cannot be used
