@@ -190,3 +190,75 @@ def test_kv_cache_growth_then_compaction(model: LlamaModel) -> None:
     alone = Engine(model, tok, max_batch=4)
     alone.submit("long", "g", tok.encode("x" * 300), SamplingParams(max_tokens=8, ignore_eos=True))
     assert tokens(run(alone)["long"]) == tokens(out["long"])
+
+
+@pytest.mark.parametrize("budget", [1, 3, 7, 16])
+def test_chunked_prefill_gives_the_whole_prompts_tokens(model: LlamaModel, budget: int) -> None:
+    """Prompts longer than a step's budget are prefilled in chunks, beside other sequences'
+    decode and other prompts' chunks; every request's greedy tokens stay those of a whole prefill,
+    and no step computes more prompt tokens than the budget."""
+    greedy = SamplingParams(max_tokens=8, ignore_eos=True)
+    whole = Engine(model, tok, max_batch=8)
+    for p in PROMPTS:
+        whole.submit(p, "g", tok.encode(p), greedy)
+    expect = {k: tokens(v) for k, v in run(whole).items()}
+    assert whole.stats.steps == 8  # one prefill step for all four, then decode
+    e = Engine(model, tok, max_batch=8, max_prefill_tokens=budget)
+    out: dict[str, list[TokenEvent]] = {}
+    pending = list(PROMPTS)
+    while pending or e.has_work():
+        if pending:  # one arrival per step: chunks join steps that are decoding
+            p = pending.pop(0)
+            e.submit(p, "g", tok.encode(p), greedy)
+        r = e.step()
+        assert r.prefill_tokens <= budget
+        for _, ev in r.events:
+            out.setdefault(ev.request_id, []).append(ev)
+    assert {k: tokens(v) for k, v in out.items()} == expect
+    assert not e.prefilling
+
+
+def test_decoding_keeps_its_pace_while_a_long_prompt_is_chunked(model: LlamaModel) -> None:
+    e = Engine(model, tok, max_batch=4, max_prefill_tokens=8)
+    e.submit("short", "g", tok.encode("hi"), SamplingParams(max_tokens=40, ignore_eos=True))
+    e.step()
+    long_prompt = tok.encode("y" * 40)  # 41 tokens with BOS: six steps of 8 at most
+    e.submit("long", "g", long_prompt, SamplingParams(max_tokens=3, ignore_eos=True))
+    got_short, first_long = 0, None
+    for n in range(1, 8):
+        r = e.step()
+        ids = {ev.request_id for _, ev in r.events}
+        got_short += "short" in ids
+        if "long" in ids and first_long is None:
+            first_long = n
+    assert got_short == 7  # a token every step
+    assert first_long == 6  # ceil(41 / 8) steps to the first token
+    assert e.load() == (2, 0)
+
+
+def test_cancel_while_a_prompt_is_being_chunked(model: LlamaModel) -> None:
+    e = Engine(model, tok, max_batch=4, max_prefill_tokens=4)
+    e.submit("long", "g", tok.encode("z" * 30), SamplingParams(max_tokens=5, ignore_eos=True))
+    e.step()
+    assert [s.request_id for s in e.prefilling] == ["long"] and e.load() == (1, 0)
+    e.cancel("long")
+    out = run(e)
+    assert out["long"][-1].finish_reason == "cancelled" and out["long"][-1].completion_tokens == 0
+    assert not e.prefilling and not e.has_work() and e.in_flight() == 0
+
+
+def test_emulated_device_prices_each_chunk(model: LlamaModel) -> None:
+    from cascade.device_profile import StepPadder, load_profile
+
+    prof = load_profile("llama2-7b-a100-80gb")
+    e = Engine(
+        model, tok, max_batch=8, max_prefill_tokens=512, padder=StepPadder(prof, model.cfg.num_hidden_layers),
+        emulated_token_scale=16.0,
+    )  # fmt: skip
+    assert e.prefill_budget() == 32  # real tokens: each is priced as 16
+    e.submit("r", "g", tok.encode("q" * 79), SamplingParams(max_tokens=2, ignore_eos=True))  # 80 tokens
+    targets = [e.step().target_s * 1000 for _ in range(3)]
+    # Chunks before the last run no head; later ones also read the cached part of the prompt once.
+    assert targets[0] == pytest.approx(prof.step_ms(0, prefill_tokens=512) - prof.head_ms, rel=1e-6)
+    assert targets[1] == pytest.approx(prof.step_ms(0, 512, context_tokens=512) - prof.head_ms, rel=1e-6)
+    assert targets[2] == pytest.approx(prof.step_ms(0, prefill_tokens=16 * 16, context_tokens=1024), rel=1e-6)

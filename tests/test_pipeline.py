@@ -73,13 +73,14 @@ def whole_tokens(ck: Checkpoint) -> dict[str, list[int]]:
     return {p: toks(v) for p, v in run_mesh({"F": e}).items()}
 
 
+@pytest.mark.parametrize("budget", [2048, 6], ids=["whole-prompts", "chunked-prompts"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_every_split_point_gives_the_whole_models_tokens(ckpt: Checkpoint, k: int) -> None:
+def test_every_split_point_gives_the_whole_models_tokens(ckpt: Checkpoint, k: int, budget: int) -> None:
     L = ckpt.config.num_hidden_layers
     expect = whole_tokens(ckpt)
     # N holds only what it has loaded so far: the embedding and layers [0, k).
-    n = Engine(model(ckpt, range(0, k + 1)), tok, worker_id="N")
-    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")
+    n = Engine(model(ckpt, range(0, k + 1)), tok, worker_id="N", max_prefill_tokens=budget)
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F", max_prefill_tokens=budget)
     route = [RouteStage("N", 0, k), RouteStage("F", k, L)]
     for p in PROMPTS:
         n.submit(p, "g", tok.encode(p), GREEDY, route=route)
@@ -90,12 +91,13 @@ def test_every_split_point_gives_the_whole_models_tokens(ckpt: Checkpoint, k: in
     assert f.stats.relayed_steps > 0
 
 
-def test_three_stages(ckpt: Checkpoint) -> None:
+@pytest.mark.parametrize("budget", [2048, 5], ids=["whole-prompts", "chunked-prompts"])
+def test_three_stages(ckpt: Checkpoint, budget: int) -> None:
     expect = whole_tokens(ckpt)
     engines = {
-        "A": Engine(model(ckpt, range(0, 2)), tok, worker_id="A"),
-        "B": Engine(model(ckpt, range(2, 4)), tok, worker_id="B"),
-        "C": Engine(model(ckpt, range(4, ckpt.config.num_units)), tok, worker_id="C"),
+        "A": Engine(model(ckpt, range(0, 2)), tok, worker_id="A", max_prefill_tokens=budget),
+        "B": Engine(model(ckpt, range(2, 4)), tok, worker_id="B", max_prefill_tokens=budget),
+        "C": Engine(model(ckpt, range(4, ckpt.config.num_units)), tok, worker_id="C", max_prefill_tokens=budget),
     }
     route = [RouteStage("A", 0, 1), RouteStage("B", 1, 3), RouteStage("C", 3, 4)]
     for p in PROMPTS:
@@ -169,8 +171,10 @@ def test_relayed_prompts_share_the_step_prefill_budget(ckpt: Checkpoint) -> None
     for p in PROMPTS:
         n.submit(p, "g", tok.encode(p), GREEDY, route=route)
     first = n.step()
-    # 16 tokens of budget at half the layers: the 15- and 2-token prompts fit, the 41-token one waits.
-    assert len(first.outbox) == 2
+    # 16 tokens of budget at half the layers: the 15- and 2-token prompts fit (8.5 tokens), and the
+    # 39-token one starts with a chunk of what is left: 7.5 tokens at half the layers is 15.
+    sizes = [(o.header["start"], o.tensor.shape[1], o.header["final"]) for o in first.outbox]  # type: ignore[union-attr]
+    assert sizes == [(0, 15, True), (0, 2, True), (0, 15, False)]
     for o in first.outbox:
         h, t = wire(o)
         f.stage_message(h, t)  # type: ignore[arg-type]
@@ -184,8 +188,8 @@ def test_prompts_start_oldest_first_across_own_and_relayed_work(ckpt: Checkpoint
     before them goes first."""
     L = ckpt.config.num_hidden_layers
     n = Engine(model(ckpt, range(0, 2)), tok, worker_id="N")
-    # Budget for one prompt per step: the order of admission is visible step by step.
-    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F", max_prefill_tokens=4)
+    # Budget for one prompt per step (5 tokens with BOS): the order of admission is visible step by step.
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F", max_prefill_tokens=5)
     route = [RouteStage("N", 0, 1), RouteStage("F", 1, L)]
     own = tok.encode("abcd")
     f.submit("old", "g", own, GREEDY, arrived_at=100.0)

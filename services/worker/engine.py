@@ -14,6 +14,13 @@ Three kinds of sequences live here:
   this worker runs its layers (and the head and sampling when it is the last
   stage) and sends the result on.
 
+Prompts are prefilled in chunks: a step computes at most `max_prefill_tokens`
+prompt tokens, so a long prompt takes several steps and the sequences decoding
+beside it keep their pace (Sarathi-Serve's chunked prefill, on by default in
+vLLM). A full sequence whose prompt is under way keeps it in a one-slot cache
+of its own and moves into the batch's cache with its first token; a driven
+one sends each chunk's hidden states down its route as it goes.
+
 Driven and relayed sequences each keep a one-slot KV cache over their own
 layers; they are few (they exist while an instance loads), and `step()` runs
 every segment in one `forward_segments` pass so a busy full instance reads
@@ -31,7 +38,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -72,14 +79,28 @@ class Sequence:
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
     arrived_at: float = 0.0  # wall clock at the gateway: prompts start oldest first
-    # driven only
+    done: int = 0  # prompt tokens computed so far (prefilled in chunks)
+    chunk: int = 0  # prompt tokens in the step being computed
+    # driven, and a full sequence while its prompt is prefilled in chunks
     cache: KVCache | None = None
+    # driven only
     next_ids: list[int] | None = None  # input of the next stage-0 pass; None while awaiting a token
     prefilled: bool = False
 
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.generated)
+
+
+class StageInput(NamedTuple):
+    """Hidden states for a relayed stage: a prompt chunk (positions start..start+T-1, `final`
+    when it ends the prompt) or one decode token at `pos`."""
+
+    prefill: bool
+    pos: int
+    hidden: torch.Tensor
+    start: int = 0
+    final: bool = True
 
 
 @dataclass(slots=True)
@@ -93,9 +114,9 @@ class Relayed:
     cache: KVCache
     params: SamplingParams
     generator: torch.Generator | None
-    inputs: collections.deque[tuple[bool, int, torch.Tensor]] = field(default_factory=collections.deque)
+    inputs: collections.deque[StageInput] = field(default_factory=collections.deque)
     length: int = 0
-    last_prefill: bool = False  # whether the input being computed is the prompt
+    computing: StageInput | None = None  # the input of the step under way
     arrived_at: float = 0.0  # the request's arrival at the gateway (wall clock)
 
     @property
@@ -209,6 +230,8 @@ class Engine:
         self._cache: KVCache | None = None  # the full sequences' cache, made when the first one comes
         self.running: list[Sequence] = []  # full sequences; index == KV slot
         self.waiting: collections.deque[Sequence] = collections.deque()
+        # Full sequences whose prompts are part-computed, oldest first; each holds a batch slot.
+        self.prefilling: list[Sequence] = []
         self.driven: dict[str, Sequence] = {}
         self.relayed: dict[str, Relayed] = {}
         self._inbox: collections.deque[Sequence] = collections.deque()
@@ -264,9 +287,9 @@ class Engine:
         self._stage_in.append(({"kind": "peer_failed", "worker": worker_id, "reason": reason}, None))
 
     def prefill_budget(self) -> int:
-        """Real prompt tokens one step starts at most (an emulated device prices each token at
-        `token_scale`, so fewer real ones fit)."""
-        return int(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0))
+        """Real prompt tokens one step computes at most (an emulated device prices each token at
+        `token_scale`, so fewer real ones fit); never below one."""
+        return max(1, int(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0)))
 
     def driven_layers(self) -> int:
         """Layers this worker runs for the routes it drives, summed over them (read from the
@@ -278,6 +301,7 @@ class Engine:
         return bool(
             self.running
             or self.waiting
+            or self.prefilling
             or self._inbox
             or self._cancels
             or self._stage_in
@@ -287,11 +311,18 @@ class Engine:
 
     def in_flight(self) -> int:
         """Sequences alive here in any role (drain waits for zero)."""
-        return len(self.running) + len(self.waiting) + len(self._inbox) + len(self.driven) + len(self.relayed)
+        return (
+            len(self.running)
+            + len(self.prefilling)
+            + len(self.waiting)
+            + len(self._inbox)
+            + len(self.driven)
+            + len(self.relayed)
+        )
 
     def load(self) -> tuple[int, int]:
         """(running, waiting): read from the event loop for heartbeats and admission."""
-        return len(self.running) + len(self.driven), len(self.waiting) + len(self._inbox)
+        return len(self.running) + len(self.prefilling) + len(self.driven), len(self.waiting) + len(self._inbox)
 
     # ------------------------------------------------------------ executor-thread API
     def step(self) -> StepResult:
@@ -316,7 +347,7 @@ class Engine:
         # Stage work past its prompt (one decode token each) goes every step: it is under way, and
         # holding it would stall a token loop on another worker.
         for rel in self.relayed.values():
-            if rel.inputs and not rel.inputs[0][0]:
+            if rel.inputs and not rel.inputs[0].prefill:
                 segs.append(self._relayed_segment(rel))
                 jobs.append(("relayed", rel))
         for seq in self.driven.values():
@@ -344,6 +375,8 @@ class Engine:
                     decoded += old
                 elif kind == "prefill":
                     self._accept_sampled(obj, out)
+                elif kind == "chunk":
+                    self._chunk_done(obj, out)
                 elif kind == "driven":
                     self._send_driven(obj, out, outbox)
                 else:
@@ -356,7 +389,7 @@ class Engine:
         self.stats.record(batch + relayed, len(new) + decoded, time.monotonic())
         self.stats.relayed_steps += relayed
         target = self._emulated_s(segs) if self.padder is not None and segs else 0.0
-        prompt = sum(len(s.prompt) for s in new)
+        prompt = sum(len(s.prompt) for s in new) + sum(s.chunk for k, s in jobs if k == "chunk")
         # With an emulated device the step lasts its target (the runner pads to it) unless compute overran.
         took = max(time.monotonic() - t0, target)
         self.stats.step_timed(batch + relayed, took * 1000, prompt, len(new) + decoded)
@@ -375,7 +408,8 @@ class Engine:
         for seg in segs:
             head = head or seg.head
             if seg.prefill:
-                n, c = int(seg.lengths.sum().item() * self.token_scale), 0
+                # A later chunk also reads the prompt's cached keys and values once.
+                n, c = int(seg.lengths.sum().item() * self.token_scale), int(seg.start * self.token_scale)
             else:
                 n, c = 0, int(seg.positions.sum().item() * self.token_scale)
             b = 0 if seg.prefill else seg.positions.shape[0]
@@ -404,20 +438,24 @@ class Engine:
         w.insert(i, seq)
 
     def _admit(self, budget: _Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
-        """Start prompts within the step's prefill budget, oldest arrival first, whatever their
-        role: full sequences waiting here (they also need a batch slot), the first stage of routes
-        this worker drives, and relayed prompts of routes other workers drive. Returns the full
-        sequences admitted; stage prompts are added to `segs`/`jobs`.
+        """Spend the step's prefill budget, oldest arrival first, whatever the role: full prompts
+        waiting here (they also need a batch slot), the first stage of routes this worker drives,
+        and relayed prompt chunks of routes other workers drive. Prompts already under way go
+        first. A prompt that does not fit whole starts as a chunk of what is left. Returns the full
+        sequences admitted whole; chunks and stage prompts are added to `segs`/`jobs`.
 
         One budget for every role, in full-model prompt tokens (a prompt through k of L layers costs
-        k/L of its length): without it a burst of stage prompts would make one giant step and stall
-        every sequence's decode. Oldest first, because a pipelined route that jumped this worker's
-        queue would push its backlog's latency up by just what it took off its own (measured in
+        k/L of its length): without it a burst of prompts would make one giant step and stall every
+        sequence's decode. Oldest first, because a pipelined route that jumped this worker's queue
+        would push its backlog's latency up by just what it took off its own (measured in
         bench/scaleup.py: the window's p99 TTFT).
         """
+        for seq in self.prefilling:
+            if not self._take_chunk(seq, budget, segs, jobs):
+                break
         staged: list[tuple[float, int, str, Any]] = []
         for n, rel in enumerate(self.relayed.values()):
-            if rel.inputs and rel.inputs[0][0]:
+            if rel.inputs and rel.inputs[0].prefill:
                 staged.append((rel.arrived_at, n, "relayed", rel))
         for n, seq in enumerate(self.driven.values()):
             if seq.next_ids is not None and seq.finish is None and not seq.prefilled:
@@ -431,7 +469,7 @@ class Engine:
         # worker, so each one held its share twice as long, and a busy instance relaying for a
         # new one admitted fewer of its own requests than it would have alone.
         i = 0
-        while True:
+        while budget.left >= 1:
             local = self.waiting[0] if self.waiting else None
             if i >= len(staged) and local is None:
                 break
@@ -439,27 +477,89 @@ class Engine:
                 assert local is not None
                 # The oldest prompt waits for its slot, and younger ones wait behind it: letting
                 # stage work past would starve this worker's own backlog.
-                if len(self.running) + len(new) >= self.max_batch or not budget.take(len(local.prompt)):
+                if len(self.running) + len(self.prefilling) + len(new) >= self.max_batch:
                     break
-                new.append(self.waiting.popleft())
-                continue
+                self.waiting.popleft()
+                if len(local.prompt) <= budget.left:
+                    budget.take(len(local.prompt))
+                    new.append(local)
+                    continue
+                local.cache = KVCache(self.cfg, range(self.L), 1, self.model.device, self.model.dtype, 64)
+                self.prefilling.append(local)
+                self._take_chunk(local, budget, segs, jobs)
+                break
             _, _, kind, obj = staged[i]
             if kind == "relayed":
-                if not budget.take(obj.inputs[0][2].shape[1] * self._share(obj)):
+                # Chunked by the route's head, which holds chunks to this worker's budget.
+                if not budget.take(obj.inputs[0].hidden.shape[1] * self._share(obj)):
                     break
+                segs.append(self._relayed_segment(obj))
             else:
-                # The first stage of a route this worker drives: it runs few layers and is limited
-                # by the gateway's routing, not by this worker's batch slots.
                 first = obj.route[0]
-                if not budget.take(len(obj.prompt) * (first.end - first.start) / self.L):
+                share = (first.end - first.start) / self.L
+                # Chunks are cut in whole-model tokens so that later stages, running more layers of
+                # the same chunk, stay within their budget too.
+                n = min(
+                    len(obj.next_ids),
+                    self.prefill_budget(),
+                    int(budget.left / share) if share > 0 else self.prefill_budget(),
+                )
+                if n < 1:
                     break
+                budget.take(n * share)
+                obj.chunk = int(n)
+                segs.append(self._driven_segment(obj))
             i += 1
-            segs.append(self._relayed_segment(obj) if kind == "relayed" else self._driven_segment(obj))
             jobs.append((kind, obj))
         for k, seq in enumerate(new):
             seq.slot = len(self.running) + k
         self.running.extend(new)
         return new
+
+    def _take_chunk(self, seq: Sequence, budget: _Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> bool:
+        """Add the next chunk of a full prompt under way, as much of it as the budget holds."""
+        n = min(len(seq.prompt) - seq.done, int(budget.left))
+        if n < 1:
+            return False
+        budget.take(n)
+        seq.chunk = n
+        dev = self.model.device
+        end = seq.done + n
+        assert seq.cache is not None
+        segs.append(
+            Segment(
+                range(self.L),
+                seq.cache,
+                torch.arange(seq.done, end, device=dev).unsqueeze(0),
+                torch.tensor([n], device=dev),
+                True,
+                end == len(seq.prompt),
+                ids=torch.tensor([seq.prompt[seq.done : end]], device=dev),
+                start=seq.done,
+            )
+        )
+        jobs.append(("chunk", seq))
+        return True
+
+    def _chunk_done(self, seq: Sequence, out: torch.Tensor) -> None:
+        """A chunk of a full prompt is computed; with the last one the sequence samples its first
+        token and moves into the batch's cache (a copy of one sequence's K/V, once)."""
+        seq.done += seq.chunk
+        seq.chunk = 0
+        if seq.done < len(seq.prompt) or seq.finish is not None:
+            return
+        self.prefilling.remove(seq)
+        assert seq.cache is not None
+        seq.slot = len(self.running)
+        cache = self.cache
+        cache.ensure(seq.done)
+        with torch.inference_mode():
+            for store, own in ((cache.k, seq.cache.k), (cache.v, seq.cache.v)):
+                for i, t in store.items():
+                    t[seq.slot, :, : seq.done] = own[i][0, :, : seq.done]
+        seq.cache = None
+        self.running.append(seq)
+        self._accept_sampled([seq], out)
 
     def _share(self, rel: Relayed) -> float:
         """A relayed stage's share of a full sequence's work: its layers over the model's."""
@@ -510,8 +610,17 @@ class Engine:
         dev = self.model.device
         first = seq.route[0]
         if not seq.prefilled:
-            ids, pos, lens = prefill_inputs([seq.next_ids], dev)
-            return Segment(range(first.start, first.end), seq.cache, pos, lens, True, False, ids=ids)
+            n = seq.chunk or len(seq.next_ids)
+            return Segment(
+                range(first.start, first.end),
+                seq.cache,
+                torch.arange(seq.done, seq.done + n, device=dev).unsqueeze(0),
+                torch.tensor([n], device=dev),
+                True,
+                False,
+                ids=torch.tensor([seq.next_ids[:n]], device=dev),
+                start=seq.done,
+            )
         p = seq.length - 1
         return Segment(
             range(first.start, first.end),
@@ -532,31 +641,43 @@ class Engine:
             "sent_at": time.time(),
         }
         if not seq.prefilled:
+            assert seq.next_ids is not None
+            n = seq.chunk or len(seq.next_ids)
             header["route"] = [_stage_dict(s) for s in seq.route]
             header["index"] = 1
             header["params"] = _params_dict(seq.params)
             header["arrived_at"] = seq.arrived_at
+            header["start"] = seq.done
+            seq.done += n
+            seq.chunk = 0
+            header["final"] = seq.done >= len(seq.prompt)
+            if not header["final"]:
+                # The next chunk can go in the next step: stages keep a route's chunks in order.
+                seq.next_ids = seq.next_ids[n:]
+                outbox.append(Outgoing(seq.route[1], header, hidden))
+                return
         seq.prefilled = True
         seq.next_ids = None  # wait for the token from the last stage
         outbox.append(Outgoing(seq.route[1], header, hidden))
 
     # ------------------------------------------------------------ relayed (later stages)
     def _relayed_segment(self, rel: Relayed) -> Segment:
-        prefill, pos, hidden = rel.inputs.popleft()
-        rel.last_prefill = prefill
+        inp = rel.computing = rel.inputs.popleft()
+        prefill, pos, hidden = inp.prefill, inp.pos, inp.hidden
         dev = self.model.device
         st = rel.stage
         if prefill:
             T = hidden.shape[1]
-            rel.length = T
+            rel.length = inp.start + T
             return Segment(
                 range(st.start, st.end),
                 rel.cache,
-                torch.arange(T, device=dev).unsqueeze(0),
+                torch.arange(inp.start, inp.start + T, device=dev).unsqueeze(0),
                 torch.tensor([T], device=dev),
                 True,
-                rel.last,
+                rel.last and inp.final,
                 hidden=hidden,
+                start=inp.start,
             )
         rel.length = pos + 1
         return Segment(
@@ -570,15 +691,22 @@ class Engine:
         )
 
     def _finish_relayed(self, rel: Relayed, out: torch.Tensor, outbox: list[Outgoing]) -> None:
+        inp = rel.computing
+        assert inp is not None
+        rel.computing = None
         if rel.last:
+            if not inp.final:
+                return  # a prompt chunk before the last: its keys and values are all it leaves
             tok = sample_next(out, [rel.params], [rel.generator])[0]
             outbox.append(Outgoing(rel.driver, {"kind": "token", "request_id": rel.request_id, "token": tok}))
             return
         header = {
             "kind": "input",
             "request_id": rel.request_id,
-            "prefill": rel.last_prefill,
+            "prefill": inp.prefill,
             "pos": rel.length - 1,
+            "start": inp.start,
+            "final": inp.final,
             "sent_at": time.time(),
             "route": [_stage_dict(s) for s in rel.route],
             "index": rel.index + 1,
@@ -646,7 +774,11 @@ class Engine:
             )
             self.relayed[rid] = rel
         assert tensor is not None
-        rel.inputs.append((bool(h.get("prefill")), int(h.get("pos", 0)), tensor))
+        rel.inputs.append(
+            StageInput(
+                bool(h.get("prefill")), int(h.get("pos", 0)), tensor, int(h.get("start", 0)), bool(h.get("final", True))
+            )
+        )
 
     # ------------------------------------------------------------ endings
     def _apply_cancels(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
@@ -663,7 +795,7 @@ class Engine:
             else:
                 kept.append(seq)
         self.waiting = kept
-        for seq in [*self.running, *self.driven.values()]:
+        for seq in [*self.running, *self.prefilling, *self.driven.values()]:
             if seq.request_id in ids and seq.finish is None:
                 seq.finish = "cancelled"
         self._retire_finished(events, outbox)
@@ -676,7 +808,7 @@ class Engine:
             elif kind == "prefill":
                 for seq in obj:
                     seq.finish, seq.error = "error", reason
-            elif kind == "driven":
+            elif kind in ("driven", "chunk"):
                 obj.finish, obj.error = "error", reason
             else:
                 self.relayed.pop(obj.request_id, None)
@@ -737,6 +869,9 @@ class Engine:
                 moved.slot = i
                 self.running[i] = moved
             self.running.pop()
+        for seq in [s for s in self.prefilling if s.finish is not None]:
+            events.append((seq.gateway_id, self._final_event(seq)))
+            self.prefilling.remove(seq)
         for seq in [s for s in self.driven.values() if s.finish is not None]:
             events.append((seq.gateway_id, self._final_event(seq)))
             del self.driven[seq.request_id]
@@ -748,11 +883,12 @@ class Engine:
         events: list[tuple[str, TokenEvent]] = []
         while self._inbox:
             self.waiting.append(self._inbox.popleft())
-        for seq in [*self.running, *self.waiting, *self.driven.values()]:
+        for seq in [*self.running, *self.prefilling, *self.waiting, *self.driven.values()]:
             if seq.finish is None:
                 seq.finish, seq.error = "error", reason
             events.append((seq.gateway_id, self._final_event(seq)))
         self.running.clear()
+        self.prefilling.clear()
         self.waiting.clear()
         self.driven.clear()
         self.relayed.clear()

@@ -98,6 +98,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="most sequences in the running batch (env CASCADE_MAX_BATCH, default 32)",
     )
     p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=env_int("CASCADE_MAX_PREFILL_TOKENS", 2048),
+        help="prompt tokens one step computes at most, across every prompt it starts or continues; longer "
+        "prompts are prefilled in chunks, so decoding sequences never wait behind a whole long prompt. With "
+        "an emulated device, in the tokens it prices (env CASCADE_MAX_PREFILL_TOKENS, default 2048)",
+    )
+    p.add_argument(
         "--kv-slots",
         type=int,
         default=env_int("CASCADE_KV_SLOTS", 0),
@@ -219,6 +227,7 @@ class WorkerConfig:
         metrics_s: float = 1.0,
         local_cache_mb: float = 0.0,
         local_cache_mb_s: float = 0.0,
+        max_prefill_tokens: int = 2048,
     ) -> None:
         if threads < 1 or max_batch < 1 or max_waiting < 0 or heartbeat_s <= 0:
             raise ConfigError("--threads and --max-batch must be >= 1, --heartbeat-s > 0")
@@ -226,6 +235,9 @@ class WorkerConfig:
             raise ConfigError("--kv-slots must be >= 0 and --metrics-s > 0")
         if local_cache_mb < 0 or local_cache_mb_s < 0:
             raise ConfigError("--local-cache-mb and --local-cache-mb-s must be >= 0")
+        if max_prefill_tokens < 1:
+            raise ConfigError("--max-prefill-tokens must be >= 1")
+        self.max_prefill_tokens = max_prefill_tokens
         self.local_cache_mb = local_cache_mb
         self.local_cache_mb_s = local_cache_mb_s
         self.kv_slots = max(kv_slots, max_batch)
@@ -275,6 +287,7 @@ class WorkerConfig:
             metrics_s=a.metrics_s,
             local_cache_mb=a.local_cache_mb,
             local_cache_mb_s=a.local_cache_mb_s,
+            max_prefill_tokens=a.max_prefill_tokens,
         )
 
 
@@ -961,7 +974,7 @@ class WorkerService:
             self.padder = StepPadder(load_profile(self.cfg.device_profile), self.model.cfg.num_hidden_layers)
         return Engine(
             self.model, tok, max_batch=self.cfg.max_batch, worker_id=self.cfg.worker_id, padder=self.padder,
-            kv_slots=self.cfg.kv_slots,
+            kv_slots=self.cfg.kv_slots, max_prefill_tokens=self.cfg.max_prefill_tokens,
             emulated_token_scale=env_float("CASCADE_EMULATED_TOKEN_SCALE", 1.0),
         )  # fmt: skip
 

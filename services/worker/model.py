@@ -108,7 +108,9 @@ class KVCache:
 class Segment:
     """A batch of sequences that run the same layer range against one KV cache.
 
-    prefill: `positions` [B, T] are 0..T-1 (right-padded) and `lengths` [B] the real lengths.
+    prefill: `positions` [B, T] are start..start+T-1 (right-padded) and `lengths` [B] the real
+    lengths. `start` > 0 is a later chunk of one prompt (B == 1) whose first `start` tokens are
+    in the cache already (chunked prefill).
     decode: T == 1, `positions` [B, 1] the position of each sequence's new token.
     `ids` [B, T] when the segment starts at the embedding, else `hidden` [B, T, H].
     """
@@ -122,6 +124,7 @@ class Segment:
     ids: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     slot0: int = 0
+    start: int = 0
     # Filled in by forward_segments:
     max_pos: int = 0
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -242,6 +245,17 @@ class LlamaModel:
         cache = seg.cache
         kc, vc = cache.k[i][seg.slot0 : seg.slot0 + B], cache.v[i][seg.slot0 : seg.slot0 + B]
         positions = seg.positions
+        if seg.prefill and seg.start > 0:
+            # A later chunk of one prompt: its queries see the cached tokens before it and,
+            # causally, its own. SDPA's is_causal aligns the mask top-left, so it is explicit here.
+            p0 = seg.start
+            kc[:, :, p0 : p0 + T] = k
+            vc[:, :, p0 : p0 + T] = v
+            mask = torch.ones(T, p0 + T, dtype=torch.bool, device=q.device).tril(diagonal=p0)
+            attn = F.scaled_dot_product_attention(
+                q, kc[:, :, : p0 + T], vc[:, :, : p0 + T], attn_mask=mask, enable_gqa=nh != kvh
+            )
+            return attn.transpose(1, 2).reshape(B * T, nh * d)
         if seg.prefill:
             # Right-padded prompts: write all T positions; padding beyond a prompt's length is never
             # attended to (overwritten by the first decode step). Each prompt attends causally over
