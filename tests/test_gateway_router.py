@@ -183,12 +183,14 @@ def test_backlog_waits_in_the_gateway_past_a_few_queued_per_instance() -> None:
 
 
 def test_a_prefill_backlog_holds_requests_here_and_prefers_other_instances() -> None:
-    def f(wid: str, unstarted: int) -> InstanceView:
-        return InstanceView(wid, "m", "serving", 6, 6, 1, 0, 8, 1, 1, 6, "h:1", 0, 100, unstarted)
+    def f(wid: str, unstarted: int, prompts: int = 2) -> InstanceView:
+        return InstanceView(wid, "m", "serving", 6, 6, 1, 0, 8, 1, 1, 6, "h:1", 0, 100, unstarted, prompts)
 
     # Free batch slots, but two steps' worth of prompts (2 x 100 tokens) without a token yet.
     assert choose_route([f("a", 199)], "m", live=False) == Route("a")
     assert choose_route([f("a", 200)], "m", live=False) is None
+    # One prompt longer than two steps' budget is being chunked: the next one may queue behind it.
+    assert choose_route([f("a", 500, prompts=1)], "m", live=False) == Route("a")
     # Another instance without a backlog is chosen though it is busier.
     busier = InstanceView("b", "m", "serving", 6, 6, 5, 0, 8, 0, 0, 6, "h:1", 0, 100, 0)
     assert choose_route([f("a", 200), busier], "m", live=False) == Route("b")

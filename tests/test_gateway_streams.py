@@ -16,8 +16,8 @@ def test_unstarted_tokens_count_prompts_without_a_token_yet() -> None:
     for r, w in ((a, "w1"), (b, "w1"), (c, "w2")):
         hub.open(r)
         hub.bind(r, w)
-    assert hub.unstarted_tokens_by_worker() == {"w1": 130, "w2": 7}
+    assert hub.unstarted_by_worker() == {"w1": (2, 130), "w2": (1, 7)}
     a.produced = True  # its first token arrived: its prompt is no longer queued there
     hub.close(c)
-    assert hub.unstarted_tokens_by_worker() == {"w1": 30}
+    assert hub.unstarted_by_worker() == {"w1": (1, 30)}
     assert hub.inflight_by_worker() == {"w1": 2}

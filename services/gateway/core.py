@@ -260,7 +260,7 @@ class GatewayCore:
         live = dep is None or dep.scaling == "live"
 
         def pick(avoid: frozenset[str]) -> Route | None:
-            views = self.registry.views(self.hub.inflight_by_worker(), self.hub.unstarted_tokens_by_worker())
+            views = self.registry.views(self.hub.inflight_by_worker(), self.hub.unstarted_by_worker())
             return choose_route(views, model, avoid, live)
 
         return pick

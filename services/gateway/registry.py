@@ -157,7 +157,7 @@ class Registry:
 
     # ---- outputs -----------------------------------------------------------
     def views(
-        self, inflight: Mapping[str, int] | None = None, unstarted: Mapping[str, int] | None = None
+        self, inflight: Mapping[str, int] | None = None, unstarted: Mapping[str, tuple[int, int]] | None = None
     ) -> list[InstanceView]:
         """The routing snapshot. Until a worker's readiness is known from a snapshot, its
         heartbeat's unit count stands in (a worker whose snapshot handler is slow is still used)."""
@@ -191,7 +191,8 @@ class Registry:
                     stage_addr=e.stage_addr,
                     driven_layers=e.driven_layers,
                     prefill_budget=e.prefill_budget,
-                    unstarted_tokens=unstarted.get(e.worker_id, 0),
+                    unstarted_tokens=unstarted.get(e.worker_id, (0, 0))[1],
+                    unstarted_prompts=unstarted.get(e.worker_id, (0, 0))[0],
                 )
             )
         return out

@@ -34,6 +34,7 @@ class InstanceView:
     driven_layers: int = 0  # from the heartbeat: layers it runs for the routes it drives, summed
     prefill_budget: int = 0  # from the heartbeat: prompt tokens a step starts at most (0: unknown)
     unstarted_tokens: int = 0  # prompt tokens of this gateway's requests there without a token yet
+    unstarted_prompts: int = 0  # and how many prompts those are
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,18 +88,26 @@ def models_without_instance(instances: Sequence[InstanceView], required: Iterabl
     return [m for m in required if not any(serves_fully(v, m) for v in instances)]
 
 
-# Prompts are started a step's prefill budget at a time: with long prompts an instance with free
+# Prompts are computed a step's prefill budget at a time: with long prompts an instance with free
 # batch slots can still have seconds of prefill queued. Keeping about two steps' worth there keeps
-# its steps full; the rest of a backlog waits here (see QUEUE_AHEAD).
+# its steps full; the rest of a backlog waits here (see QUEUE_AHEAD). With prompts longer than the
+# budget (chunked), two steps' worth is less than the prompt under way, so two prompts are always
+# let through: the next one is there when the one under way ends mid-step.
 PREFILL_AHEAD_STEPS = 2
+PREFILL_AHEAD_PROMPTS = 2
 
 
 def prefill_backlogged(view: InstanceView) -> bool:
-    """This gateway has given `view` as many prompt tokens as it starts in PREFILL_AHEAD_STEPS
-    steps, and none of them has a token yet. Measured in bench/burst.py: at a burst's start the
-    one instance up took every request it had slots for (16 long prompts: seconds of prefill)
-    while the instances added half a second later found nothing left to do."""
-    return view.prefill_budget > 0 and view.unstarted_tokens >= PREFILL_AHEAD_STEPS * view.prefill_budget
+    """This gateway has given `view` PREFILL_AHEAD_PROMPTS prompts and as many prompt tokens as it
+    computes in PREFILL_AHEAD_STEPS steps, and none of them has a token yet. Measured in
+    bench/burst.py: at a burst's start the one instance up took every request it had slots for
+    (16 long prompts: seconds of prefill) while the instances added half a second later found
+    nothing left to do."""
+    return (
+        view.prefill_budget > 0
+        and view.unstarted_prompts >= PREFILL_AHEAD_PROMPTS
+        and view.unstarted_tokens >= PREFILL_AHEAD_STEPS * view.prefill_budget
+    )
 
 
 def has_room(view: InstanceView) -> bool:

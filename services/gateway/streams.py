@@ -107,14 +107,14 @@ class StreamHub:
     def inflight_by_worker(self) -> dict[str, int]:
         return {w: len(ids) for w, ids in self._by_worker.items()}
 
-    def unstarted_tokens_by_worker(self) -> dict[str, int]:
-        """Per worker, prompt tokens of this gateway's requests there that have no token yet:
-        its prefill backlog as far as this gateway knows, with no heartbeat's delay."""
-        out: dict[str, int] = {}
+    def unstarted_by_worker(self) -> dict[str, tuple[int, int]]:
+        """Per worker, (prompts, prompt tokens) of this gateway's requests there that have no token
+        yet: its prefill backlog as far as this gateway knows, with no heartbeat's delay."""
+        out: dict[str, tuple[int, int]] = {}
         for w, ids in self._by_worker.items():
-            n = sum(len(r.prompt_ids) for rid in ids if (r := self._requests.get(rid)) and not r.produced)
-            if n:
-                out[w] = n
+            lens = [len(r.prompt_ids) for rid in ids if (r := self._requests.get(rid)) and not r.produced]
+            if lens:
+                out[w] = (len(lens), sum(lens))
         return out
 
     def on_worker(self, worker_id: str) -> list[RequestState]:
