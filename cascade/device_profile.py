@@ -97,12 +97,17 @@ class DeviceProfile:
 
     def layer_step_ms(self, batch: int, prefill_tokens: int = 0, context_tokens: int = 0) -> float:
         """One layer's share of a step: decode `batch` sequences whose KV caches hold
-        `context_tokens` tokens in all, and prefill `prefill_tokens` prompt tokens. A mixed step
-        costs the sum: an approximation (a GPU overlaps some of it) that errs on the slow side."""
-        ms = self.decode_layer_ms(batch) + self.kv_ms_per_1k_tokens_per_layer * context_tokens / 1000
+        `context_tokens` tokens in all, and prefill `prefill_tokens` prompt tokens.
+
+        A mixed step's weight work is the larger of the decode batch's (bound by reading the
+        weights) and the compute of every token in it, prompt and decode alike: on a GPU the
+        decode tokens ride along with a compute-bound prefill chunk (Sarathi-Serve's "piggybacking"),
+        they do not add a second pass over the weights. Reading the KV cache adds to either."""
+        ms = self.decode_layer_ms(batch)
         if prefill_tokens > 0:
-            ms += self.prefill_ms_fixed_per_layer + self.prefill_ms_per_token_per_layer * prefill_tokens
-        return ms
+            compute = self.prefill_ms_fixed_per_layer + self.prefill_ms_per_token_per_layer * (prefill_tokens + batch)
+            ms = max(ms, compute)
+        return ms + self.kv_ms_per_1k_tokens_per_layer * context_tokens / 1000
 
     # ---- whole model -------------------------------------------------------
     def step_ms(self, batch: int, prefill_tokens: int = 0, context_tokens: int = 0) -> float:

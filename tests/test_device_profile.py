@@ -51,11 +51,15 @@ def test_decode_table_interpolates_and_extrapolates() -> None:
     assert p.extra == {"note": "kept as extra"}
 
 
-def test_step_time_sums_the_parts() -> None:
+def test_step_time_is_a_roofline_of_its_parts() -> None:
     p = simple()
-    # 4 layers × (decode 2.0 + kv 0.5 × 2 + prefill 0.2 + 0.01 × 100) + overhead 2 + head 1
-    assert p.layer_step_ms(5, prefill_tokens=100, context_tokens=2000) == pytest.approx(2.0 + 1.0 + 0.2 + 1.0)
-    assert p.step_ms(5, 100, 2000) == pytest.approx(3 + 4 * 4.2)
+    # A short prompt rides along with the decode batch's pass over the weights:
+    # 4 layers × (max(decode 2.0, prefill 0.2 + 0.01 × (100 + 5)) + kv 0.5 × 2) + overhead 2 + head 1
+    assert p.layer_step_ms(5, prefill_tokens=100, context_tokens=2000) == pytest.approx(2.0 + 1.0)
+    assert p.step_ms(5, 100, 2000) == pytest.approx(3 + 4 * 3.0)
+    # A long one is compute-bound, and the decode tokens are five more tokens of it.
+    assert p.layer_step_ms(5, prefill_tokens=1000) == pytest.approx(0.2 + 0.01 * 1005)
+    assert p.layer_step_ms(0, prefill_tokens=1000) == pytest.approx(0.2 + 0.01 * 1000)
     # batch 1 at no context: 1 ms per layer, 4 layers, + 3 ms → 7 ms/step → 142.9 tokens/s
     assert p.decode_tokens_per_s(1) == pytest.approx(1000 / 7)
     assert p.decode_tokens_per_s(0) == 0.0
