@@ -109,6 +109,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="each real prompt/context token is priced as this many on the emulated device; prompts are "
         "scaled by its inverse, so the device sees the trace's lengths (default 16)",
     )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=512,
+        help="each worker's prefill budget per step, in emulated tokens: longer prompts are prefilled in "
+        "chunks, so a step lasts at most about 50 ms on the profile (default 512; 4096 fits two mean prompts "
+        "whole)",
+    )
     p.add_argument("--link-gb-s", type=float, default=25.0, help="emulated data-plane link, GB/s (default 25)")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="TTFT SLO (default 1000 ms)")
     p.add_argument("--slo-tbt-ms", type=float, default=100.0, help="mean time-between-tokens SLO (default 100 ms)")
@@ -190,7 +198,7 @@ def make_plan(a: argparse.Namespace, profile_name: str) -> Plan:
         spec=spec,
         window_s=window_s,
         capacity_req_s=cap,
-        capacity_sim_req_s=simulated_capacity_req_s(profile, mix, a.token_scale, a.max_batch),
+        capacity_sim_req_s=simulated_capacity_req_s(profile, mix, a.token_scale, a.max_batch, a.max_prefill_tokens),
         prefill_ms_mean=profile.step_ms(0, round(prompt_em)),
         decode_ms_b1=profile.step_ms(1, 0, round(prompt_em)),
         trace_mean_rate=trace_mean,
@@ -208,30 +216,40 @@ def simulated_capacity_req_s(
     profile: DeviceProfile, mix: list[tuple[int, int]], token_scale: float, max_batch: int, budget: float = 4096
 ) -> float:
     """A cross-check of `capacity_req_s`: one saturated instance stepped as the worker's engine steps
-    (every step decodes the running batch and prefills waiting prompts within the prefill budget and
-    the free slots; a mixed step costs both), timed by the profile as the engine pads, on the
-    schedule's own (prompt, output) mix in a loop. Completed requests per second after a warm-up."""
-    running: list[list[int]] = []  # [real prompt tokens, output tokens, generated]
+    (every step decodes the running batch and spends the prefill budget on prompts oldest first,
+    continuing the ones under way and cutting the last one it starts into a chunk, within the free
+    slots; a mixed step costs both), timed by the profile as the engine pads, on the schedule's own
+    (prompt, output) mix in a loop. Completed requests per second after a warm-up."""
+    running: list[list[int]] = []  # decoding: [real prompt tokens, output tokens, generated]
+    started: list[list[int]] = []  # prompts under way: [real prompt tokens, output tokens, computed]
     i, t, done, warm = 0, 0.0, 0, (0.0, 0)
     while done < 3000:
         b = len(running)
         ctx = sum(p + g for p, _, g in running) * token_scale
-        new: list[list[int]] = []
-        left, first = budget / token_scale, True
-        while b + len(new) < max_batch:
-            p, o = mix[i % len(mix)]
-            if not first and p > left:
+        left = budget / token_scale
+        pre, prev_ctx = 0.0, 0.0
+        for x in started:
+            n = min(x[0] - x[2], left)
+            if n < 1:
                 break
-            left, first, i = left - p, False, i + 1
-            new.append([p, o, 0])
-        pre = sum(x[0] for x in new) * token_scale
-        t += profile.step_ms(b, int(pre), int(ctx)) / 1000
+            prev_ctx += x[2] * token_scale
+            x[2] += int(n)
+            left -= int(n)
+            pre += int(n)
+        while left >= 1 and b + len(started) < max_batch:
+            p, o = mix[i % len(mix)]
+            i += 1
+            n = int(min(p, left))
+            started.append([p, o, n])
+            left -= n
+            pre += n
+        t += profile.step_ms(b, int(pre * token_scale), int(ctx + prev_ctx)) / 1000
         for x in running:
             x[2] += 1
-        for x in new:
-            x[2] = 1
-        running = [x for x in running + new if x[2] < x[1]]
-        done += b + len(new) - len(running)
+        ready = [x for x in started if x[2] >= x[0]]
+        started = [x for x in started if x[2] < x[0]]
+        done += sum(1 for x in running if x[2] >= x[1]) + sum(1 for _, o, _ in ready if o <= 1)
+        running = [x for x in running if x[2] < x[1]] + [[p, o, 1] for p, o, _ in ready if o > 1]
         if warm == (0.0, 0) and done >= 300:
             warm = (t, done)
     return (done - warm[1]) / (t - warm[0])
@@ -461,6 +479,7 @@ def mesh_env(a: argparse.Namespace, emu: Emulation) -> dict[str, str]:
         "CASCADE_DEVICE_PROFILE": a.profile,
         "CASCADE_EMULATED_TOKEN_SCALE": f"{a.token_scale:g}",
         "CASCADE_MAX_BATCH": str(a.max_batch),
+        "CASCADE_MAX_PREFILL_TOKENS": str(a.max_prefill_tokens),
         "CASCADE_LOAD_MB_S": f"{emu.load_mb_s:.6f}",
         "CASCADE_LOADER_SEND_MB_S": f"{emu.send_mb_s:.6f}",
         "CASCADE_LOADER_SERVING_SEND_MB_S": f"{emu.send_mb_s:.6f}",
