@@ -170,6 +170,7 @@ class Heartbeat:
     stage_running: int = 0  # relayed stage sequences this worker computes for other drivers
     # Layers run for the routes it drives, summed over them (KV it holds for them, in sequence-layers).
     driven_layers: int = 0
+    driven: int = 0  # routes it drives (counted in `running` too)
     # Prompt tokens one engine step starts at most (0: unknown): the gateway keeps about two
     # steps' worth of prompts waiting on an instance and the rest of a backlog itself.
     prefill_budget: int = 0

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
+
 from cascade.messages import RouteStage
 from services.gateway.router import (
     QUEUE_AHEAD,
@@ -92,7 +96,7 @@ def loading(
 ) -> InstanceView:
     # By default its running routes each run every layer it holds now (prefix - 1 of them).
     dl = running * max(prefix - 1, 0) if driven_layers is None else driven_layers
-    return InstanceView(wid, "m", "loading", prefix, 6, running, 0, 8, 0, 0, prefix, stage, dl)
+    return InstanceView(wid, "m", "loading", prefix, 6, running, 0, 8, 0, 0, prefix, stage, dl, driven=running)
 
 
 def full(wid: str, running: int = 0, stage: str | None = "h:1") -> InstanceView:
@@ -124,9 +128,10 @@ def test_no_split_when_it_cannot_help() -> None:
     busy = full("f", running=8)
     assert choose_route([busy, loading("n", 3)], "m", live=False) == Route("f")  # stop-the-world
     assert choose_route([busy, loading("n", 1)], "m") == Route("f")  # only the embedding
-    # The head busy too: its routes run 2 of 4 layers there, so it holds twice its batch limit.
-    assert choose_route([busy, loading("n", 3, running=16)], "m") == Route("f")
-    r = choose_route([busy, loading("n", 3, running=15)], "m")
+    # The head busy too: its routes run 2 of 4 layers there in every other step, so it holds four
+    # times its batch limit.
+    assert choose_route([busy, loading("n", 3, running=32)], "m") == Route("f")
+    r = choose_route([busy, loading("n", 3, running=31)], "m")
     assert r is not None and r.worker_id == "n"
     assert choose_route([busy, loading("n", 3, stage=None)], "m") == Route("f")  # no stage link
     assert choose_route([full("f", running=8, stage=None), loading("n", 3)], "m") == Route("f")
@@ -165,13 +170,26 @@ def test_a_backlog_on_the_full_instance_sends_new_work_through_the_loading_one()
 
 def test_a_heads_room_weighs_its_routes_by_the_layers_they_run_there() -> None:
     busy = full("f", running=8)
-    # 24 routes made when it held one layer take 24 of its 4 x 8 sequence-layers: room for more,
-    # though 24 routes are three times its batch limit.
-    r = choose_route([busy, loading("n", 3, running=24, driven_layers=24)], "m")
+    # 48 routes made when it held one layer take half of 48 of its 4 x 8 sequence-layers: room
+    # for more, though 48 routes are six times its batch limit.
+    r = choose_route([busy, loading("n", 3, running=48, driven_layers=48)], "m")
     assert r is not None and r.worker_id == "n"
-    # Routes sent since its heartbeat count at the current depth (2 layers each).
-    v = InstanceView("n", "m", "loading", 3, 6, 24, 0, 8, 30, 24, 3, "h:2", 24)
+    # Routes sent since its heartbeat count at the current depth (2 layers each): 48 + 2 x 8 = 64.
+    v = InstanceView("n", "m", "loading", 3, 6, 48, 0, 8, 56, 48, 3, "h:2", 48, driven=48)
     assert choose_route([busy, v], "m") == Route("f")
+    v = InstanceView("n", "m", "loading", 3, 6, 48, 0, 8, 55, 48, 3, "h:2", 48, driven=48)
+    assert choose_route([busy, v], "m") is not None and choose_route([busy, v], "m").worker_id == "n"  # type: ignore[union-attr]
+
+
+def test_a_new_instance_counts_the_routes_it_still_drives_by_their_share_once_it_serves() -> None:
+    # Loaded at last, it still drives 40 routes made at 6 of its 8 layers (plus embedding and head:
+    # 10 units): 40 x 6 / 8 / 2 = 15 full sequences' worth, so it has room for whole requests.
+    n = InstanceView("n", "m", "serving", 10, 10, 42, 0, 32, 42, 42, 10, "h:2", 240, driven=40)
+    assert estimated_load(n) == pytest.approx(2 + 15)
+    busy = InstanceView("f", "m", "serving", 10, 10, 32, 2, 32, 34, 34, 10, "h:1")
+    assert choose_route([busy, n], "m") == Route("n")
+    # Counted one for one, they would have kept it out until they ended.
+    assert choose_route([busy, replace(n, driven=0, driven_layers=0)], "m") == Route("f")
 
 
 def test_backlog_waits_in_the_gateway_past_a_few_queued_per_instance() -> None:

@@ -65,6 +65,7 @@ class WorkerEntry:
     ready_seq: int = 0
     stage_addr: str | None = None
     driven_layers: int = 0
+    driven: int = 0
     prefill_budget: int = 0
     inflight_at_heartbeat: int = 0
     # Set when the worker turned a request away as draining or for another model; cleared by
@@ -97,6 +98,7 @@ class Registry:
         e.ready_seq = hb.ready_seq
         e.stage_addr = hb.stage_addr
         e.driven_layers = hb.driven_layers
+        e.driven = hb.driven
         e.prefill_budget = hb.prefill_budget
         e.inflight_at_heartbeat = inflight
         e.suspended = False
@@ -190,6 +192,7 @@ class Registry:
                     prefix_units=prefix,
                     stage_addr=e.stage_addr,
                     driven_layers=e.driven_layers,
+                    driven=e.driven,
                     prefill_budget=e.prefill_budget,
                     unstarted_tokens=unstarted.get(e.worker_id, (0, 0))[1],
                     unstarted_prompts=unstarted.get(e.worker_id, (0, 0))[0],

@@ -35,6 +35,7 @@ class InstanceView:
     prefill_budget: int = 0  # from the heartbeat: prompt tokens a step starts at most (0: unknown)
     unstarted_tokens: int = 0  # prompt tokens of this gateway's requests there without a token yet
     unstarted_prompts: int = 0  # and how many prompts those are
+    driven: int = 0  # from the heartbeat: routes it drives (in `running` too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +52,32 @@ def serves_fully(view: InstanceView, model: str) -> bool:
     return view.state == "serving" and view.model == model and view.num_units > 0 and view.units_ready >= view.num_units
 
 
-def estimated_load(view: InstanceView) -> int:
-    """Sequences on the worker now, as best the gateway can tell.
+# A route's head runs its decode in every other step at most: between two of its tokens the tail
+# stage computes, so the next input reaches the busy instance after the step that made the token
+# (measured in bench/scaleup.py: a relayed token takes about two of the busy instance's steps). Per
+# step, a route through k of L layers is then at most half of k/L of a full sequence.
+HEAD_DUTY = 0.5
+
+
+def route_load(view: InstanceView, driven_layers: float) -> float:
+    """Full-sequence equivalents of routes a head drives through `driven_layers` layers in all."""
+    return HEAD_DUTY * driven_layers / max(view.num_units - 2, 1)
+
+
+def estimated_load(view: InstanceView) -> float:
+    """Sequences on the worker now, in full-sequence equivalents, as best the gateway can tell.
 
     The heartbeat's running + waiting was true when it was sent, and already counts this
     gateway's requests of that moment; what this gateway dispatched or finished since then is
-    the difference of its own counts. Never less than what this gateway alone has there.
+    the difference of its own counts. Never less than what this gateway alone has there. The
+    routes it drives count by their share of its steps (`route_load`), not one for one: measured
+    in bench/scaleup.py, a new instance that finished loading while driving forty routes made at
+    six or seven of eight layers had no room for whole requests until they ended, so the busy
+    instance took every new request again and its latency climbed for seconds after the load.
     """
-    fresh = view.running + view.waiting + view.inflight - view.inflight_at_heartbeat
-    return max(fresh, view.inflight, 0)
+    routes = route_load(view, view.driven_layers)
+    fresh = view.running - view.driven + routes + view.waiting + view.inflight - view.inflight_at_heartbeat
+    return max(fresh, view.inflight - view.driven, 0)
 
 
 def choose_instance(
@@ -72,7 +90,7 @@ def choose_instance(
     serve: a retry on the same instance beats no answer. Ties go to the smaller worker id, so
     the choice is deterministic.
     """
-    best: tuple[bool, bool, float, int, str] | None = None
+    best: tuple[bool, bool, float, float, str] | None = None
     for v in instances:
         if not serves_fully(v, model):
             continue
@@ -137,13 +155,14 @@ def head_has_room(view: InstanceView, k: int, num_layers: int) -> bool:
     """Room on a loading instance for one more route it drives through its first k layers.
 
     Its batch limit is for sequences running every layer; a route runs only some, so routes are
-    weighed by the layers they run there: their KV and step work, in full-sequence equivalents.
+    weighed by the layers they run there and by the share of its steps they take (HEAD_DUTY), in
+    full-sequence equivalents.
     Routes sent since the heartbeat count at the current k. Counting routes one for one was
     measured to turn the new instance away from the backlog it was loading to relieve
     (bench/scaleup.py): a two-stage route's decode waits on the tail stage each token, so routes
     live longer than full requests, and ones made at a small k kept the head full as k grew."""
     since = max(view.inflight - view.inflight_at_heartbeat, 0) + view.waiting
-    return (view.driven_layers + k * since) / max(num_layers, 1) < max(view.max_batch, 1)
+    return HEAD_DUTY * (view.driven_layers + k * since) / max(num_layers, 1) < max(view.max_batch, 1)
 
 
 def front_layers(view: InstanceView, model: str) -> int:

@@ -439,6 +439,7 @@ class WorkerService:
             stage_addr=self.link.addr or None,
             stage_running=len(self.engine.relayed) if self.engine else 0,
             driven_layers=self.engine.driven_layers() if self.engine else 0,
+            driven=len(self.engine.driven) if self.engine else 0,
             prefill_budget=self.engine.prefill_budget() if self.engine else 0,
             data_addr=self._data_addr(),
         )
