@@ -70,6 +70,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="each real prompt/context token is priced as this many on the emulated device (default 8: "
         "128-token prompts stand for 1024-token ones)",
     )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=2048,
+        help="each worker's prefill budget per step, in emulated tokens (default 2048: two prompts a step)",
+    )
     p.add_argument("--overload", type=float, default=1.6, help="arrival rate over one instance's capacity")
     p.add_argument("--load-s", type=float, default=8.0, help="emulated time to load the model on one instance")
     p.add_argument(
@@ -155,6 +161,7 @@ async def run_config(a: argparse.Namespace, mode: str, target: int, model_dir: P
             "CASCADE_DEVICE_PROFILE": a.profile,
             "CASCADE_LOAD_MB_S": f"{load_mb_s:.6f}",
             "CASCADE_MAX_BATCH": str(a.max_batch),
+            "CASCADE_MAX_PREFILL_TOKENS": str(a.max_prefill_tokens),
             "CASCADE_HEARTBEAT_S": str(HEARTBEAT_S),
             "CASCADE_LOG_LEVEL": "warning",
             "CASCADE_EMULATED_TOKEN_SCALE": str(a.token_scale),
