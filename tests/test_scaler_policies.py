@@ -681,3 +681,29 @@ def test_rate_can_trust_its_capacity_prior() -> None:
     assert state.capacity_tps == 100
     with pytest.raises(ValueError, match="learn_capacity"):
         pol.knobs({"learn_capacity": 0.5}, 1, 8)
+
+
+def test_rate_scale_up_can_aim_lower_than_its_target() -> None:
+    """`up_target_util` leaves headroom on the way up; the way down still aims at `target_util`,
+    and the utilisation band keeps a plateau from moving."""
+    pol = get_policy("rate")
+    plain = pol.knobs({"capacity_tps": 100, "learn_capacity": 0, "tokens_per_request": 10}, 1, 8)
+    roomy = pol.knobs({"capacity_tps": 100, "learn_capacity": 0, "tokens_per_request": 10, "up_target_util": 0.5}, 1, 8)
+    # 21 req/s x 10 tokens = 210 tok/s on one instance of 100: 2.1x over.
+    s = LoadSignals(model="m", now=0, window_s=10, arrival_rate=21, serving=1, running=8)
+    d, _ = pol.decide(s, plain, pol.initial_state())
+    assert d is not None and d.target_replicas == 3  # 210 / (100 x 0.7)
+    d, _ = pol.decide(s, roomy, pol.initial_state())
+    assert d is not None and d.target_replicas == 5  # 210 / (100 x 0.5)
+    # At 5 the same demand is 0.42 of capacity, under lower_util 0.45: down to 3 after the delay,
+    # and 3 (0.7) is inside the band, so it stays there.
+    st = pol.initial_state()
+    seen = []
+    for i in range(20):
+        s5 = LoadSignals(model="m", now=float(i), window_s=10, arrival_rate=21, serving=5 if not seen else 3, running=8)
+        d, st = pol.decide(s5, roomy, st)
+        if d is not None:
+            seen.append(d.target_replicas)
+    assert seen == [3]
+    with pytest.raises(ValueError, match="up_target_util"):
+        pol.knobs({"up_target_util": 0.8}, 1, 8)

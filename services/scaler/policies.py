@@ -256,11 +256,17 @@ class RateKnobs:
     # "an instance seen doing X can do X" then ratchets the estimate up (seen in bench/burst.py at
     # 0.5 s intervals: 268 tok/s learnt against the profile's 128, which held back scale-ups).
     learn_capacity: float = 1.0
+    # Utilisation a scale-up aims for (0: `target_util`). Lower leaves headroom on the way up: the
+    # demand measured over the rate window still trails a burst that is rising, and an instance
+    # that is not needed is handed back after `downscale_delay_s`.
+    up_target_util: float = 0.0
 
     def __post_init__(self) -> None:
         _check_bounds(self.min_replicas, self.max_replicas, self.keep_alive_s)
         if self.learn_capacity not in (0.0, 1.0):
             raise ValueError("learn_capacity must be 0 or 1")
+        if self.up_target_util and not 0 < self.up_target_util <= self.target_util:
+            raise ValueError("need 0 < up_target_util <= target_util (or 0: target_util)")
         if not 0 < self.lower_util < self.target_util < self.upper_util:
             raise ValueError("need 0 < lower_util < target_util < upper_util")
         if self.capacity_tps <= 0 or self.tokens_per_request <= 0 or self.backlog_drain_s <= 0:
@@ -343,6 +349,9 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
     if expired and floor == 0:
         return Decision(0, cur, f"keep-alive: no requests for {now - last_busy:.0f}s", figures), new
     if util > k.upper_util and want > cur:
+        if k.up_target_util:
+            need_up = math.ceil(demand / (cap * k.up_target_util))
+            want = _clamp(max(need_up, floor), floor, k.max_replicas)
         target = min(want, step_cap)
         reason = f"utilisation {util:.2f} > {k.upper_util:g}: demand {demand:.0f} tok/s over {cap:.0f} per instance"
         return Decision(target, cur, reason, figures), new
