@@ -698,7 +698,7 @@ def test_rate_scale_up_can_aim_lower_than_its_target() -> None:
     # At 5 the same demand is 0.42 of capacity, under lower_util 0.45: down to 3 after the delay,
     # and 3 (0.7) is inside the band, so it stays there.
     st = pol.initial_state()
-    seen = []
+    seen: list[int] = []
     for i in range(20):
         s5 = LoadSignals(model="m", now=float(i), window_s=10, arrival_rate=21, serving=5 if not seen else 3, running=8)
         d, st = pol.decide(s5, roomy, st)
