@@ -707,3 +707,27 @@ def test_rate_scale_up_can_aim_lower_than_its_target() -> None:
     assert seen == [3]
     with pytest.raises(ValueError, match="up_target_util"):
         pol.knobs({"up_target_util": 0.8}, 1, 8)
+
+
+def test_rate_scale_down_can_read_a_smoothed_demand() -> None:
+    """An arrival process bursty at the scale of the rate window crosses the band for moments:
+    read raw, it never lets an instance go; smoothed (`down_smoothing_s`), the mean does."""
+    pol = get_policy("rate")
+    base = {"capacity_tps": 100, "learn_capacity": 0, "tokens_per_request": 10, "lower_util": 0.6, "upper_util": 0.9}
+    raw = pol.knobs(base, 1, 8)
+    smooth = pol.knobs({**base, "down_smoothing_s": 5}, 1, 8)
+
+    def run(knobs: object) -> list[int]:
+        st, cur, out = pol.initial_state(), 4, []
+        for i in range(60):  # 10 and 26 req/s in turn: 180 tok/s on average, 100 to 260 at a time
+            s = LoadSignals(model="m", now=float(i), window_s=1, arrival_rate=26 if i % 2 else 10, serving=cur)
+            d, st = pol.decide(s, knobs, st)
+            if d is not None:
+                out.append(d.target_replicas)
+                cur = d.target_replicas
+        return out
+
+    assert run(raw) == []  # 260 tok/s on 4 x 100 is 0.65, over lower_util, every other second
+    assert run(smooth) == [3]  # 180 / (100 x 0.7) → 3; at 3 the peaks (0.87) stay under upper_util
+    with pytest.raises(ValueError, match="down_smoothing_s"):
+        pol.knobs({"down_smoothing_s": -1}, 1, 8)

@@ -260,11 +260,18 @@ class RateKnobs:
     # demand measured over the rate window still trails a burst that is rising, and an instance
     # that is not needed is handed back after `downscale_delay_s`.
     up_target_util: float = 0.0
+    # Scale-down reads demand smoothed over about this long (an exponential average; 0: off), as
+    # Knative reads a stable window for it: an arrival process that is bursty at the scale of the
+    # rate window keeps crossing the band for moments, so an instance the mean does not need is
+    # never handed back. Scale-ups still read the rate window, at once.
+    down_smoothing_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_bounds(self.min_replicas, self.max_replicas, self.keep_alive_s)
         if self.learn_capacity not in (0.0, 1.0):
             raise ValueError("learn_capacity must be 0 or 1")
+        if self.down_smoothing_s < 0:
+            raise ValueError("down_smoothing_s must be >= 0")
         if self.up_target_util and not 0 < self.up_target_util <= self.target_util:
             raise ValueError("need 0 < up_target_util <= target_util (or 0: target_util)")
         if not 0 < self.lower_util < self.target_util < self.upper_util:
@@ -281,6 +288,15 @@ class RateState:
     tokens_per_request: float | None = None
     down_since: float | None = None
     last_busy: float | None = None
+    smooth_demand: float | None = None  # demand averaged for scale-down (down_smoothing_s)
+    smooth_at: float | None = None
+
+
+def _smooth(prev: float | None, at: float | None, value: float, now: float, tau: float) -> float:
+    if prev is None or at is None or tau <= 0:
+        return value
+    a = 1.0 - math.exp(-max(now - at, 0.0) / tau)
+    return prev + a * (value - prev)
 
 
 def _capacity(s: LoadSignals, k: RateKnobs, prev: float | None) -> float:
@@ -324,9 +340,23 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
     need = math.ceil(demand / (cap * k.target_util)) if demand > 0 else 0
     util = demand / (cur * cap) if cur > 0 else (math.inf if demand > 0 else 0.0)
     want = _clamp(max(need, floor), floor, k.max_replicas)
-    down_cond = util < k.lower_util and want < cur
+    smooth = _smooth(st.smooth_demand, st.smooth_at, demand, now, k.down_smoothing_s)
+    if k.down_smoothing_s > 0:
+        down_util = smooth / (cur * cap) if cur > 0 else 0.0
+        need_calm = math.ceil(smooth / (cap * k.target_util)) if smooth > 0 else 0
+        down_want = _clamp(max(need_calm, floor), floor, k.max_replicas)
+    else:
+        down_util, down_want = util, want
+    down_cond = down_util < k.lower_util and down_want < cur
     down_since = _since(down_cond, st.down_since, now)
-    new = RateState(capacity_tps=cap, tokens_per_request=tpr, down_since=down_since, last_busy=last_busy)
+    new = RateState(
+        capacity_tps=cap,
+        tokens_per_request=tpr,
+        down_since=down_since,
+        last_busy=last_busy,
+        smooth_demand=smooth,
+        smooth_at=now,
+    )
     figures = {
         "demand_tps": round(demand, 3),
         "capacity_tps": round(cap, 3),
@@ -335,6 +365,8 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
         "needed": float(need),
         "current": float(cur),
     }
+    if k.down_smoothing_s > 0:
+        figures["smoothed_demand_tps"] = round(smooth, 3)
     if s.decision_in_flight:
         return None, new
     step_cap = cur + k.max_step if k.max_step > 0 else k.max_replicas
@@ -356,8 +388,8 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
         reason = f"utilisation {util:.2f} > {k.upper_util:g}: demand {demand:.0f} tok/s over {cap:.0f} per instance"
         return Decision(target, cur, reason, figures), new
     if down_since is not None and now - down_since >= k.downscale_delay_s:
-        reason = f"utilisation {util:.2f} < {k.lower_util:g} for {now - down_since:.0f}s: {want} suffice"
-        return Decision(want, cur, reason, figures), new
+        reason = f"utilisation {down_util:.2f} < {k.lower_util:g} for {now - down_since:.0f}s: {down_want} suffice"
+        return Decision(down_want, cur, reason, figures), new
     return None, new
 
 
