@@ -129,6 +129,20 @@ def host_cache(status: MeshStatus) -> list[dict[str, Any]]:
     return rows
 
 
+def _mb(v: Any) -> str:
+    return human_bytes(float(v) * 1e6) if isinstance(v, int | float) else "?"
+
+
+def local_caches(status: MeshStatus) -> list[dict[str, Any]]:
+    """Each worker's own host-memory checkpoint cache, where one is configured."""
+    rows: list[dict[str, Any]] = []
+    for st in status.services:
+        held = st.detail.get("local_cache") if st.service == "worker" else None
+        if isinstance(held, dict):
+            rows.append(dict(held, worker_id=st.instance))
+    return sorted(rows, key=lambda r: str(r["worker_id"]))
+
+
 def to_json(status: MeshStatus, nats_url: str, prefix: str) -> dict[str, Any]:
     return {
         "nats_url": nats_url,
@@ -218,6 +232,25 @@ def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
     if trows:
         lines += ["", "transfers (in flight first, then the latest done):"]
         lines.append(table(["TARGET", "MODEL", "UNITS", "MB/S", "SOURCE", "DECISION", "STATE"], _transfer_rows(trows)))
+    lrows = local_caches(status)
+    if lrows:
+        lines += ["", "worker host-memory caches (--local-cache-mb):"]
+        lines.append(
+            table(
+                ["WORKER", "USED/BUDGET", "MODELS", "HITS", "MISSES", "EVICTED"],
+                [
+                    [
+                        str(r["worker_id"]),
+                        f"{_mb(r.get('used_mb'))}/{_mb(r.get('budget_mb'))}",
+                        ",".join(str(m.get("model")) for m in r.get("models", []) if isinstance(m, dict)) or "-",
+                        str(r.get("hits", 0)),
+                        str(r.get("misses", 0)),
+                        str(r.get("evicted", 0)),
+                    ]
+                    for r in lrows
+                ],
+            )
+        )
     crows = host_cache(status)
     if any(st.service == "loader" for st in status.services):
         total = sum(int(r.get("nbytes", 0)) for r in crows)

@@ -305,6 +305,17 @@ def test_status_table_shows_a_progress_bar_while_loading() -> None:
     lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.startswith(("w1", "w2"))}
     assert "loading" in lines["w1"] and "3/1" in lines["w1"] and "38%" in lines["w1"]
     assert "6/6" in lines["w2"] and "serving" in lines["w2"]
+    assert "host-memory caches" not in text  # no worker has one
+
+
+def test_status_table_shows_each_workers_own_cache() -> None:
+    cache = {"budget_mb": 2000.0, "used_mb": 27.5, "models": [{"model": "tiny", "path": "/m", "mb": 27.5}],
+             "hits": 2, "misses": 1, "evicted": 0, "copy_mb_s": 0.0}  # fmt: skip
+    st = MeshStatus(services=[ServiceStatus("worker", "w1", 12, {"local_cache": cache})], heartbeats={})
+    text = render(st, "nats://x:1", "cascade")
+    assert "host-memory caches" in text
+    (row,) = [ln for ln in text.splitlines() if ln.startswith("w1") and "tiny" in ln]
+    assert "27.5 MB/2.0 GB" in row and row.split()[-4:] == ["tiny", "2", "1", "0"]
 
 
 @pytest.mark.e2e
