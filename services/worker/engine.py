@@ -523,21 +523,11 @@ class Engine:
             return False
         budget.take(n)
         seq.chunk = n
-        dev = self.model.device
         end = seq.done + n
         assert seq.cache is not None
-        segs.append(
-            Segment(
-                range(self.L),
-                seq.cache,
-                torch.arange(seq.done, end, device=dev).unsqueeze(0),
-                torch.tensor([n], device=dev),
-                True,
-                end == len(seq.prompt),
-                ids=torch.tensor([seq.prompt[seq.done : end]], device=dev),
-                start=seq.done,
-            )
-        )
+        dev = self.model.device
+        ids = torch.tensor([seq.prompt[seq.done : end]], device=dev)
+        segs.append(prompt_chunk(range(self.L), seq.cache, seq.done, n, end == len(seq.prompt), dev, ids=ids))
         jobs.append(("chunk", seq))
         return True
 
@@ -611,16 +601,8 @@ class Engine:
         first = seq.route[0]
         if not seq.prefilled:
             n = seq.chunk or len(seq.next_ids)
-            return Segment(
-                range(first.start, first.end),
-                seq.cache,
-                torch.arange(seq.done, seq.done + n, device=dev).unsqueeze(0),
-                torch.tensor([n], device=dev),
-                True,
-                False,
-                ids=torch.tensor([seq.next_ids[:n]], device=dev),
-                start=seq.done,
-            )
+            ids = torch.tensor([seq.next_ids[:n]], device=dev)
+            return prompt_chunk(range(first.start, first.end), seq.cache, seq.done, n, False, dev, ids=ids)
         p = seq.length - 1
         return Segment(
             range(first.start, first.end),
@@ -669,15 +651,8 @@ class Engine:
         if prefill:
             T = hidden.shape[1]
             rel.length = inp.start + T
-            return Segment(
-                range(st.start, st.end),
-                rel.cache,
-                torch.arange(inp.start, inp.start + T, device=dev).unsqueeze(0),
-                torch.tensor([T], device=dev),
-                True,
-                rel.last and inp.final,
-                hidden=hidden,
-                start=inp.start,
+            return prompt_chunk(
+                range(st.start, st.end), rel.cache, inp.start, T, rel.last and inp.final, dev, hidden=hidden
             )
         rel.length = pos + 1
         return Segment(
@@ -893,6 +868,30 @@ class Engine:
         self.driven.clear()
         self.relayed.clear()
         return events
+
+
+def prompt_chunk(
+    layers: range,
+    cache: KVCache,
+    start: int,
+    n: int,
+    head: bool,
+    dev: torch.device,
+    ids: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+) -> Segment:
+    """One sequence's prompt positions start..start+n-1 (its first `start` already cached)."""
+    return Segment(
+        layers,
+        cache,
+        torch.arange(start, start + n, device=dev).unsqueeze(0),
+        torch.tensor([n], device=dev),
+        True,
+        head,
+        ids=ids,
+        hidden=hidden,
+        start=start,
+    )
 
 
 class _Budget:
