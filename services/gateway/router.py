@@ -151,7 +151,7 @@ def accepts(view: InstanceView) -> bool:
     return estimated_load(view) < max(view.max_batch, 1) + QUEUE_AHEAD and not prefill_backlogged(view)
 
 
-def head_has_room(view: InstanceView, k: int, num_layers: int) -> bool:
+def head_has_room(view: InstanceView, k: int) -> bool:
     """Room on a loading instance for one more route it drives through its first k layers.
 
     Its batch limit is for sequences running every layer; a route runs only some, so routes are
@@ -162,7 +162,7 @@ def head_has_room(view: InstanceView, k: int, num_layers: int) -> bool:
     (bench/scaleup.py): a two-stage route's decode waits on the tail stage each token, so routes
     live longer than full requests, and ones made at a small k kept the head full as k grew."""
     since = max(view.inflight - view.inflight_at_heartbeat, 0) + view.waiting
-    return HEAD_DUTY * (view.driven_layers + k * since) / max(num_layers, 1) < max(view.max_batch, 1)
+    return route_load(view, view.driven_layers + k * since) < max(view.max_batch, 1)
 
 
 def front_layers(view: InstanceView, model: str) -> int:
@@ -208,7 +208,7 @@ def choose_route(
             or v.worker_id in avoid
             or v.num_units != full.num_units
             or not 1 <= k < num_layers  # the tail keeps at least one layer and the head
-            or not head_has_room(v, k, num_layers)
+            or not head_has_room(v, k)
         ):
             continue
         key = (-k, estimated_load(v) / max(v.max_batch, 1), v.worker_id)

@@ -622,24 +622,24 @@ class Engine:
             "pos": seq.length - 1,
             "sent_at": time.time(),
         }
+        rest: list[int] = []
         if not seq.prefilled:
             assert seq.next_ids is not None
             n = seq.chunk or len(seq.next_ids)
+            rest = seq.next_ids[n:]
             header["route"] = [_stage_dict(s) for s in seq.route]
             header["index"] = 1
             header["params"] = _params_dict(seq.params)
             header["arrived_at"] = seq.arrived_at
             header["start"] = seq.done
+            header["final"] = not rest
             seq.done += n
             seq.chunk = 0
-            header["final"] = seq.done >= len(seq.prompt)
-            if not header["final"]:
-                # The next chunk can go in the next step: stages keep a route's chunks in order.
-                seq.next_ids = seq.next_ids[n:]
-                outbox.append(Outgoing(seq.route[1], header, hidden))
-                return
-        seq.prefilled = True
-        seq.next_ids = None  # wait for the token from the last stage
+        if rest:
+            seq.next_ids = rest  # the next chunk, in the next step: stages keep a route's chunks in order
+        else:
+            seq.prefilled = True
+            seq.next_ids = None  # wait for the token from the last stage
         outbox.append(Outgoing(seq.route[1], header, hidden))
 
     # ------------------------------------------------------------ relayed (later stages)
