@@ -292,6 +292,12 @@ class RateState:
     smooth_at: float | None = None
 
 
+def _replicas_for(demand: float, cap: float, util: float, floor: int, k: RateKnobs) -> int:
+    """Instances that carry `demand` tokens/s at `util` of `cap` each, within the bounds."""
+    need = math.ceil(demand / (cap * util)) if demand > 0 else 0
+    return _clamp(max(need, floor), floor, k.max_replicas)
+
+
 def _smooth(prev: float | None, at: float | None, value: float, now: float, tau: float) -> float:
     if prev is None or at is None or tau <= 0:
         return value
@@ -343,8 +349,7 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
     smooth = _smooth(st.smooth_demand, st.smooth_at, demand, now, k.down_smoothing_s)
     if k.down_smoothing_s > 0:
         down_util = smooth / (cur * cap) if cur > 0 else 0.0
-        need_calm = math.ceil(smooth / (cap * k.target_util)) if smooth > 0 else 0
-        down_want = _clamp(max(need_calm, floor), floor, k.max_replicas)
+        down_want = _replicas_for(smooth, cap, k.target_util, floor, k)
     else:
         down_util, down_want = util, want
     down_cond = down_util < k.lower_util and down_want < cur
@@ -382,8 +387,7 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
         return Decision(0, cur, f"keep-alive: no requests for {now - last_busy:.0f}s", figures), new
     if util > k.upper_util and want > cur:
         if k.up_target_util:
-            need_up = math.ceil(demand / (cap * k.up_target_util))
-            want = _clamp(max(need_up, floor), floor, k.max_replicas)
+            want = _replicas_for(demand, cap, k.up_target_util, floor, k)
         target = min(want, step_cap)
         reason = f"utilisation {util:.2f} > {k.upper_util:g}: demand {demand:.0f} tok/s over {cap:.0f} per instance"
         return Decision(target, cur, reason, figures), new
