@@ -22,6 +22,7 @@ import gc
 import os
 import subprocess
 import sys
+import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -35,7 +36,17 @@ from nats.aio.msg import Msg
 
 from cascade.checkpoint import generate_model
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
-from cascade.messages import DeployReply, DeployRequest, Ok, ScaleAck, ScaleDecision, ScaleRequest, decode
+from cascade.messages import (
+    DeployReply,
+    DeployRequest,
+    ModelMetrics,
+    Ok,
+    ScaleAck,
+    ScaleDecision,
+    ScaleRequest,
+    decode,
+    encode,
+)
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from services.gateway.main import GatewayService
@@ -160,6 +171,41 @@ async def running_mesh(
         if mesh.tasks:
             await asyncio.wait_for(asyncio.gather(*mesh.tasks, return_exceptions=True), 60)
         await mesh.nc.drain()
+
+
+async def test_a_gateway_report_of_waiting_requests_wakes_the_scaler_before_its_tick(
+    nats_url: str, subjects: Subjects, model_dir: Path
+) -> None:
+    tick_s = 8.0
+    dep = Deployment((model("m", model_dir, 0, 1, upscale_delay_s=0.0),))
+    args = argparse.Namespace(
+        nats_url=nats_url, prefix=subjects.prefix, scaler_id="scaler-w", tick_s=tick_s, ack_timeout_s=60.0,
+        heartbeat_s=HB_S, window_s=10.0, rate_window_s=2.0, stale_s=30.0,
+    )  # fmt: skip
+    scaler = Scaler(args, dep, subjects, structlog.get_logger().bind(service="scaler"))
+    looks: list[tuple[float, int]] = []  # (scaler clock, requests waiting as its policy saw them)
+    tick = scaler.tick
+
+    async def counted() -> str | None:
+        looks.append((scaler.clock(), scaler.controls.get("m").window.snapshot(time.time()).waiting))
+        return await tick()
+
+    scaler.tick = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(scaler.serve(stop))
+    nc = await connect(nats_url, "test-wake")
+    try:
+        await wait_until(lambda: len(looks) == 1, what="the scaler's first look")
+        report = ModelMetrics("gw-t", "m", seq=1, ts=time.time(), interval_s=0.1, arrivals=3, waiting=3)
+        await nc.publish(subjects.metrics("gateway", "gw-t"), encode(report))
+        await wait_until(lambda: len(looks) == 2, timeout=2 * tick_s, what="a look after the report")
+        (t0, _), (t1, waiting) = looks
+        assert waiting == 3
+        assert t1 - t0 < 0.75 * tick_s, "the report did not wake the scaler: it waited for its tick"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await nc.drain()
 
 
 async def test_a_burst_scales_up_and_the_new_instance_serves(

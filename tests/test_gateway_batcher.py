@@ -30,6 +30,7 @@ class Fakes:
         self.instances = list(instances or ["w1"])
         self.batches: list[tuple[str, list[str]]] = []
         self.timed_out: list[str] = []
+        self.held = 0
         self.dispatched = asyncio.Event()
 
     def pick(self, avoid: frozenset[str]) -> Route | None:
@@ -42,6 +43,9 @@ class Fakes:
 
     def on_timeout(self, req: RequestState) -> None:
         self.timed_out.append(req.request_id)
+
+    def on_held(self) -> None:
+        self.held += 1
 
 
 def make(fakes: Fakes, clock: Clock | None = None, **kw: float) -> Batcher:
@@ -56,6 +60,7 @@ def make(fakes: Fakes, clock: Clock | None = None, **kw: float) -> Batcher:
         pick=fakes.pick,
         dispatch=fakes.dispatch,
         on_timeout=fakes.on_timeout,
+        on_held=fakes.on_held,
         **({"clock": clock} if clock else {}),
     )
 
@@ -139,6 +144,34 @@ def test_requests_wait_while_no_instance_then_time_out() -> None:
     b.step()  # the window counted from r2's arrival is long over
     assert f.batches == [("w2", ["r2"])]
     assert f.timed_out == ["r1"]
+
+
+def test_on_held_fires_once_each_time_requests_start_to_wait_for_room() -> None:
+    clock, f = Clock(), Fakes()
+    b = make(f, clock, wait_s=0.0)
+    b.submit(req(1))
+    b.step()
+    assert f.batches == [("w1", ["r1"])] and f.held == 0  # room: nothing held
+    f.instances = []
+    b.submit(req(2))
+    b.step()
+    b.submit(req(3))
+    b.step()
+    clock.t += 0.5
+    b.step()
+    assert f.held == 1  # one signal for the spell of holding, not one per look
+    f.instances = ["w1"]
+    b.step()
+    assert f.batches[-1] == ("w1", ["r2", "r3"])
+    f.instances = []
+    b.submit(req(4))
+    b.step()
+    assert f.held == 2  # a new spell
+    b.discard(b.take_all()[0])
+    b.step()  # the queue emptied: the spell is over
+    b.submit(req(5))
+    b.step()
+    assert f.held == 3
 
 
 def test_requeue_goes_first_with_backoff_and_fresh_deadline() -> None:

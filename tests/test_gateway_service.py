@@ -19,7 +19,7 @@ import pytest
 
 from cascade.checkpoint import generate_model
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
-from cascade.messages import ServiceReady, ServiceStatus, StatusRequest, decode, encode
+from cascade.messages import ModelMetrics, ServiceReady, ServiceStatus, StatusRequest, decode, encode
 from cascade.subjects import Subjects
 from services.gateway.main import GatewayService, add_arguments, settings_from_args
 from services.gateway.settings import GatewaySettings
@@ -214,6 +214,39 @@ async def test_no_instance_is_503_after_queue_timeout(nats_url: str, prefix: str
         status, err, _ = await post(http, gw.url + "/v1/chat/completions", chat)
         assert status == 503
         assert gw.core.queue_depths()[MODEL] == 0
+
+
+async def test_requests_starting_to_wait_are_reported_before_the_interval(
+    nats_url: str, prefix: str, deployment: Deployment
+) -> None:
+    """With no instance up, a request waits: the scaler hears of it from an early report, a quarter
+    interval after the last one, not a whole interval later."""
+    interval = 8.0
+    nc = await nats.connect(nats_url)
+    reports: list[ModelMetrics] = []
+    try:
+        async with (
+            running_gateway(nats_url, prefix, deployment, metrics_interval_s=interval, queue_timeout_s=60.0) as gw,
+            aiohttp.ClientSession() as http,
+        ):
+
+            async def on_report(m: Any) -> None:
+                reports.append(decode(m.data, ModelMetrics))
+
+            await nc.subscribe(Subjects(prefix).metrics("gateway", gw.core.id), cb=on_report)
+            await nc.flush()
+            body = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
+            waiting = asyncio.ensure_future(post(http, gw.url + "/v1/completions", body))
+            try:
+                await eventually(lambda: any(r.waiting == 1 for r in reports), timeout_s=2 * interval)
+            finally:
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+            r = next(r for r in reports if r.waiting == 1)
+            assert r.model == MODEL and r.arrivals == 1
+            assert r.interval_s < 0.9 * interval  # an early report, not the regular one
+    finally:
+        await nc.close()
 
 
 # --------------------------------------------------------------------------- the rest

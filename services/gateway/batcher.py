@@ -9,7 +9,9 @@ One departure from Ray Serve: a request that arrives alone after a quiet spell
 continuously, so waiting then would only add `wait_s` to its latency; under
 load, arrivals are dense and batches form as before. While no instance is
 ready, requests stay queued until their own deadline, then `on_timeout` gets
-them. The batcher does no I/O: `pick` and `dispatch` are the owner's.
+them. When requests start to wait for room (none was waiting before), `on_held`
+is called once, so the owner can tell the scaler before its next load report.
+The batcher does no I/O: `pick` and `dispatch` are the owner's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Batcher:
         pick: Callable[[frozenset[str]], Route | None],
         dispatch: Callable[[Route, list[RequestState]], None],
         on_timeout: Callable[[RequestState], None],
+        on_held: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
@@ -51,6 +54,8 @@ class Batcher:
         self._pick = pick
         self._dispatch = dispatch
         self._on_timeout = on_timeout
+        self._on_held = on_held
+        self._holding = False  # requests wait because no instance has room
         self._clock = clock
         self._queue: deque[RequestState] = deque()
         self._wake = asyncio.Event()
@@ -126,6 +131,7 @@ class Batcher:
         # its instance is up.
         self._expire(now, only_held=True)
         if not self._queue:
+            self._holding = False
             return None
         ready = [r for r in self._queue if r.ready_at <= now]
         if not ready:
@@ -133,6 +139,10 @@ class Batcher:
         head = ready[0]
         route = self._pick(frozenset(head.avoid))
         if route is None:
+            if not self._holding:
+                self._holding = True
+                if self._on_held is not None:
+                    self._on_held()
             self._expire(now)
             return None if not self._queue else min(r.deadline for r in self._queue) - now
         # The window never outlasts the head's deadline: with an instance up, it goes rather than expires.
@@ -140,6 +150,7 @@ class Batcher:
         alone = len(ready) == 1 and head.quiet
         if len(ready) < self.max_batch_size and now < window_end and not alone:
             return window_end - now
+        self._holding = False
         worker = route.worker_id
         batch: list[RequestState] = []
         for r in ready:

@@ -172,6 +172,10 @@ class Scaler:
             return
         if isinstance(m, ModelMetrics | InstanceMetrics):
             self.controls.fold(m)
+        if isinstance(m, ModelMetrics) and m.waiting > 0:
+            # A gateway holds requests: look now rather than at the next tick (the gateway reports
+            # early when its queue starts to hold, so a burst's onset reaches the policy at once).
+            self.wake.set()
 
     async def on_ack(self, msg: Msg) -> None:
         try:
@@ -413,12 +417,17 @@ class Scaler:
             held: str | None = None
             while not stop.is_set() and not self.tasks.failed.is_set():
                 self.wake.clear()
+                ticked = self.clock()
                 reason = await self.tick()
                 if reason != held:
                     held = reason
                     if reason:
                         self.log.info("holding_back", reason=reason)
                 await _wait_any(stop, self.wake, self.tasks.failed, timeout=self.args.tick_s)
+                # Woken early (a queue, an ack): at most four looks per tick, however chatty the mesh.
+                spacing = ticked + self.args.tick_s / 4 - self.clock()
+                if spacing > 0:
+                    await _wait_any(stop, self.tasks.failed, timeout=spacing)
             return 1 if self.tasks.failed.is_set() else 0
         finally:
             self.log.info("stopping")
