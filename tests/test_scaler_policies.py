@@ -347,6 +347,24 @@ def test_rate_drop_to_zero_and_back() -> None:
     assert next(k.t for k in ticks if k.t >= 300 and k.replicas >= 1) == 300
 
 
+def test_rate_activation_scale_brings_a_model_back_from_zero_with_several_instances() -> None:
+    lam = lambda t: 0.0 if t < 100 else 0.5  # noqa: E731  one request now and then: one instance's worth
+    for activation, first in ((1, 1), (3, 3), (12, 8)):  # clamped to max_replicas
+        ticks = Sim("rate", {**RATE, "activation_scale": activation}, min_replicas=0, serving=0, load_s=2.0).run(
+            lam, 140
+        )
+        up, *rest = decisions(ticks)
+        assert up.t == 100 and up.decision is not None
+        assert up.decision.current_replicas == 0 and up.decision.target_replicas == first, activation
+        assert "scale from zero" in up.decision.reason
+        # More than the demand needs is handed back, in one step, after the downscale delay.
+        assert [k.decision.action for k in rest if k.decision is not None] == ([] if first == 1 else ["down"])
+        assert all(k.t >= 100 + RATE["downscale_delay_s"] for k in rest)
+        assert ticks[-1].replicas == 1
+    with pytest.raises(KnobError, match="activation_scale"):
+        get_policy("rate").knobs({"activation_scale": 0}, 0, 4)
+
+
 def test_rate_bounds() -> None:
     ticks = Sim("rate", {**RATE, "max_step": 2}, min_replicas=2, max_replicas=5, serving=2).run(
         lambda t: 40.0 if t < 60 else 0.0, 300

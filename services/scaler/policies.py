@@ -265,9 +265,15 @@ class RateKnobs:
     # rate window keeps crossing the band for moments, so an instance the mean does not need is
     # never handed back. Scale-ups still read the rate window, at once.
     down_smoothing_s: float = 0.0
+    # Instances a model at zero comes back with, at least (Knative's activation-scale). The first
+    # request of a burst says little about its size, and a second decision waits for the first
+    # one's load: on a bursty trace the wave arrives while one instance loads alone.
+    activation_scale: int = 1
 
     def __post_init__(self) -> None:
         _check_bounds(self.min_replicas, self.max_replicas, self.keep_alive_s)
+        if self.activation_scale < 1:
+            raise ValueError("activation_scale must be at least 1")
         if self.learn_capacity not in (0.0, 1.0):
             raise ValueError("learn_capacity must be 0 or 1")
         if self.down_smoothing_s < 0:
@@ -378,7 +384,9 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
     if cur == 0:
         if s.ongoing == 0:
             return None, new
-        target = max(1, min(want, step_cap))
+        if k.up_target_util:
+            want = _replicas_for(demand, cap, k.up_target_util, floor, k)
+        target = max(1, min(want, step_cap), min(k.activation_scale, k.max_replicas))
         return Decision(target, 0, f"scale from zero: demand {demand:.0f} tok/s", figures), new
     if cur > k.max_replicas or cur < floor:
         target = _clamp(cur, floor, k.max_replicas)
