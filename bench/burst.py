@@ -5,7 +5,8 @@ scaling configurations of the same mesh, each on the same number of emulated-GPU
     python bench/burst.py --quick    (a 2-3 minute sanity run: a short window, three configurations)
 
 Configurations (docs/deployment.md):
-  cascade        loading = "multicast", scaling = "live", policy `rate`
+  cascade        loading = "multicast", scaling = "live", policy `rate`, min_replicas 0: to zero in the
+                 lulls, back from the loader's host copy (activation_scale ACTIVATION)
   serverlessllm  loading = "disk", scaling = "stop-the-world", policy `concurrency` with keep-alive; each
                  worker keeps the checkpoints it read in its own host memory (CASCADE_LOCAL_CACHE_MB), so a
                  later load on a worker that held the model installs from DRAM at the emulated link's pace
@@ -71,6 +72,9 @@ from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 
 MODEL = "burst-model"
+# Instances Cascade brings a model back from zero with (its `activation_scale`): most of this
+# window's waves need 3-4 of the 4 workers within a second of their first request.
+ACTIVATION = 3
 CONFIG_KEYS = ("cascade", "serverlessllm", "allcache", "static-peak", "static-mean")
 HOLDING = ("loading", "serving", "draining")  # states in which a worker holds the model (GPU memory)
 # The real model: narrow (hidden 64) so its CPU step stays well under the emulated device's time on a
@@ -379,6 +383,15 @@ def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Conf
         # 81.0 % vs 77.6 %, 469 vs 458 instance-s; docs/burst-window.md has the variants.
         "up_target_util": 0.5,
         "lower_util": 0.6,
+        # The window's waves are separated by lulls of 5-30 s (replay time) with no request at all,
+        # and its waves dip for a few seconds inside. Cascade goes to zero 4 s into a lull (a model
+        # comes back from the loader's host copy in 0.54 s, and an instance in a lull serves
+        # nothing), holds what a wave took through its dips (a scale-down 10 s after the demand
+        # fell, not 5: the dips are shorter), and a wave from zero starts on ACTIVATION instances,
+        # since its first request says nothing of its size. docs/burst-window.md has the variants.
+        "keep_alive_s": 4.0,
+        "downscale_delay_s": 10.0,
+        "activation_scale": ACTIVATION,
     }
     # Ray Serve's default target (2 ongoing per replica); one tick of upscale delay, as ServerlessLLM
     # starts an instance when requests queue; keep-alive and downscale delay at the policy's defaults.
@@ -397,7 +410,7 @@ def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Conf
     }
     all_configs = {
         "cascade": Config(
-            "cascade", "Cascade", "rate", "multicast", "live", 1, n, rate_knobs, True, env=rate_window(a, 2.0)
+            "cascade", "Cascade", "rate", "multicast", "live", 0, n, rate_knobs, True, env=rate_window(a, 2.0)
         ),
         "serverlessllm": Config(
             "serverlessllm",
@@ -525,8 +538,9 @@ async def drive(a: argparse.Namespace, cfg: Config, plan: Plan, mesh: Mesh, url:
     try:
         if cfg.fill_host_cache:
             await request(nc, subjects.host_cache(), HostCacheRequest("load", MODEL), Ok, 60.0)
-        # Warm-up: two short requests per initial instance (first-call costs), not recorded.
-        warm = [Arrival(i, 0.0, 16, 4, 0.0) for i in range(2 * cfg.min_replicas)]
+        # Warm-up: two short requests per initial instance, or for the first one a model at zero
+        # scales up for (first-call costs), not recorded.
+        warm = [Arrival(i, 0.0, 16, 4, 0.0) for i in range(2 * max(1, cfg.min_replicas))]
         await replay(url, MODEL, warm, timeout_s=30.0, seed=a.seed + 1)
         await asyncio.sleep(1.0)
         # The workers' emulation counters before the replay: the figures reported are the difference.
