@@ -365,6 +365,29 @@ def test_rate_activation_scale_brings_a_model_back_from_zero_with_several_instan
         get_policy("rate").knobs({"activation_scale": 0}, 0, 4)
 
 
+def test_rate_scale_down_goes_to_the_most_needed_during_its_delay() -> None:
+    """A scale-down lands where the demand allowed it throughout the delay, not where a gap in the
+    arrivals allows at the moment it fires (as Kubernetes' HPA takes the highest recommendation
+    over its stabilisation window); and the next step down waits a delay of its own."""
+    pol = get_policy("rate")
+    k = pol.knobs(
+        {"capacity_tps": 100, "tokens_per_request": 10, "learn_capacity": 0, "downscale_delay_s": 10,
+         "lower_util": 0.6},
+        1, 8,
+    )  # fmt: skip
+    # One instance carries 70 tok/s at target_util 0.7: 7 req/s. With 4 up, 14 req/s needs 2.
+    rates = {t: 14.0 if t == 4 else (0.0 if t >= 9 else 1.0) for t in range(40)}
+    st, serving, downs = pol.initial_state(), 4, []
+    for t, rate in rates.items():
+        sig = LoadSignals("m", float(t), 10.0, arrival_rate=rate, running=1, serving=serving, last_arrival=float(t))
+        d, st = pol.decide(sig, k, st)
+        if d is not None and d.delta < 0:
+            downs.append((t, d.target_replicas))
+            serving = d.target_replicas
+    # The first fires 10 s into the dip, at 2 (the moment at t=4), though the arrivals had stopped.
+    assert downs == [(10, 2), (21, 1)]  # the second timer starts with the first tick at 2
+
+
 def test_rate_bounds() -> None:
     ticks = Sim("rate", {**RATE, "max_step": 2}, min_replicas=2, max_replicas=5, serving=2).run(
         lambda t: 40.0 if t < 60 else 0.0, 300

@@ -293,6 +293,11 @@ class RateState:
     capacity_tps: float | None = None
     tokens_per_request: float | None = None
     down_since: float | None = None
+    # The most instances the demand needed since `down_since` (Kubernetes' HPA scales down to the
+    # highest recommendation over its stabilisation window): a scale-down that lands in a gap of
+    # the arrivals would otherwise cut to what the gap needs, just before the next burst.
+    down_peak: int = 0
+    down_replicas: int = -1  # the instances when `down_since` began: a change restarts the timer
     last_busy: float | None = None
     smooth_demand: float | None = None  # demand averaged for scale-down (down_smoothing_s)
     smooth_at: float | None = None
@@ -359,11 +364,18 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
     else:
         down_util, down_want = util, want
     down_cond = down_util < k.lower_util and down_want < cur
-    down_since = _since(down_cond, st.down_since, now)
+    # A scale (either way) carried out since the timer began restarts it: the demand seen before
+    # was measured against other instances, and a second step down waits its own delay.
+    down_since = _since(down_cond, st.down_since if st.down_replicas == cur else None, now)
+    down_peak = 0
+    if down_since is not None:
+        down_peak = max(down_want, st.down_peak if st.down_since == down_since else 0)
     new = RateState(
         capacity_tps=cap,
         tokens_per_request=tpr,
         down_since=down_since,
+        down_peak=down_peak,
+        down_replicas=cur,
         last_busy=last_busy,
         smooth_demand=smooth,
         smooth_at=now,
@@ -400,8 +412,11 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
         reason = f"utilisation {util:.2f} > {k.upper_util:g}: demand {demand:.0f} tok/s over {cap:.0f} per instance"
         return Decision(target, cur, reason, figures), new
     if down_since is not None and now - down_since >= k.downscale_delay_s:
-        reason = f"utilisation {down_util:.2f} < {k.lower_util:g} for {now - down_since:.0f}s: {down_want} suffice"
-        return Decision(down_want, cur, reason, figures), new
+        reason = (
+            f"utilisation {down_util:.2f} < {k.lower_util:g} for {now - down_since:.0f}s: "
+            f"{down_peak} suffice (the most needed in that time)"
+        )
+        return Decision(down_peak, cur, reason, figures), new
     return None, new
 
 
