@@ -6,7 +6,7 @@ scaling configurations of the same mesh, each on the same number of emulated-GPU
 
 Configurations (docs/deployment.md):
   cascade        loading = "multicast", scaling = "live", policy `rate`, min_replicas 0: to zero in the
-                 lulls, back from the loader's host copy (activation_scale ACTIVATION)
+                 lulls, back from the loader's host copy on every worker (activation_scale)
   serverlessllm  loading = "disk", scaling = "stop-the-world", policy `concurrency` with keep-alive; each
                  worker keeps the checkpoints it read in its own host memory (CASCADE_LOCAL_CACHE_MB), so a
                  later load on a worker that held the model installs from DRAM at the emulated link's pace
@@ -72,9 +72,6 @@ from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 
 MODEL = "burst-model"
-# Instances Cascade brings a model back from zero with (its `activation_scale`): most of this
-# window's waves need 3-4 of the 4 workers within a second of their first request.
-ACTIVATION = 3
 CONFIG_KEYS = ("cascade", "serverlessllm", "allcache", "static-peak", "static-mean")
 HOLDING = ("loading", "serving", "draining")  # states in which a worker holds the model (GPU memory)
 # The real model: narrow (hidden 64) so its CPU step stays well under the emulated device's time on a
@@ -387,11 +384,13 @@ def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Conf
         # and its waves dip for a few seconds inside. Cascade goes to zero 4 s into a lull (a model
         # comes back from the loader's host copy in 0.54 s, and an instance in a lull serves
         # nothing), holds what a wave took through its dips (a scale-down 10 s after the demand
-        # fell, not 5: the dips are shorter), and a wave from zero starts on ACTIVATION instances,
-        # since its first request says nothing of its size. docs/burst-window.md has the variants.
+        # fell, not 5: the dips are shorter), and a wave from zero starts on every worker, since its
+        # first request says nothing of its size and this window's waves need 3-4 of the 4 within a
+        # second or two; what it does not need goes back 10 s later. docs/burst-window.md has the
+        # variants measured.
         "keep_alive_s": 4.0,
         "downscale_delay_s": 10.0,
-        "activation_scale": ACTIVATION,
+        "activation_scale": n,
     }
     # Ray Serve's default target (2 ongoing per replica); one tick of upscale delay, as ServerlessLLM
     # starts an instance when requests queue; keep-alive and downscale delay at the policy's defaults.
