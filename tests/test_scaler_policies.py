@@ -365,6 +365,17 @@ def test_rate_activation_scale_brings_a_model_back_from_zero_with_several_instan
         get_policy("rate").knobs({"activation_scale": 0}, 0, 4)
 
 
+def test_rate_scale_from_zero_aims_at_up_target_util_like_any_scale_up() -> None:
+    burst = step(100, 0.0, 40.0)
+    firsts = []
+    for knobs in (RATE, {**RATE, "up_target_util": 0.35}):
+        ticks = Sim("rate", knobs, min_replicas=0, serving=0, load_s=2.0).run(burst, 101)
+        up = decisions(ticks)[0]
+        assert up.t == 100 and up.decision is not None and "scale from zero" in up.decision.reason
+        firsts.append(up.decision.target_replicas)
+    assert 1 < firsts[0] < firsts[1]  # more headroom on the way up, from zero too
+
+
 def test_rate_scale_down_goes_to_the_most_needed_during_its_delay() -> None:
     """A scale-down lands where the demand allowed it throughout the delay, not where a gap in the
     arrivals allows at the moment it fires (as Kubernetes' HPA takes the highest recommendation
