@@ -393,12 +393,12 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
     if s.decision_in_flight:
         return None, new
     step_cap = cur + k.max_step if k.max_step > 0 else k.max_replicas
+    # A scale-up, from zero too, aims lower than target_util when up_target_util says so.
+    up_want = _replicas_for(demand, cap, k.up_target_util, floor, k) if k.up_target_util else want
     if cur == 0:
         if s.ongoing == 0:
             return None, new
-        if k.up_target_util:
-            want = _replicas_for(demand, cap, k.up_target_util, floor, k)
-        target = max(1, min(want, step_cap), min(k.activation_scale, k.max_replicas))
+        target = max(1, min(up_want, step_cap), min(k.activation_scale, k.max_replicas))
         return Decision(target, 0, f"scale from zero: demand {demand:.0f} tok/s", figures), new
     if cur > k.max_replicas or cur < floor:
         target = _clamp(cur, floor, k.max_replicas)
@@ -406,9 +406,7 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
     if expired and floor == 0:
         return Decision(0, cur, f"keep-alive: no requests for {now - last_busy:.0f}s", figures), new
     if util > k.upper_util and want > cur:
-        if k.up_target_util:
-            want = _replicas_for(demand, cap, k.up_target_util, floor, k)
-        target = min(want, step_cap)
+        target = min(up_want, step_cap)
         reason = f"utilisation {util:.2f} > {k.upper_util:g}: demand {demand:.0f} tok/s over {cap:.0f} per instance"
         return Decision(target, cur, reason, figures), new
     if down_since is not None and now - down_since >= k.downscale_delay_s:
