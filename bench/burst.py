@@ -72,6 +72,7 @@ from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 
 MODEL = "burst-model"
+CASCADE_RATE_WINDOW_S = 2.0  # trace seconds: Cascade's rate window, so a burst is seen within a tick or two
 CONFIG_KEYS = ("cascade", "serverlessllm", "allcache", "static-peak", "static-mean")
 HOLDING = ("loading", "serving", "draining")  # states in which a worker holds the model (GPU memory)
 # The real model: narrow (hidden 64) so its CPU step stays well under the emulated device's time on a
@@ -409,7 +410,16 @@ def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Conf
     }
     all_configs = {
         "cascade": Config(
-            "cascade", "Cascade", "rate", "multicast", "live", 0, n, rate_knobs, True, env=rate_window(a, 2.0)
+            "cascade",
+            "Cascade",
+            "rate",
+            "multicast",
+            "live",
+            0,
+            n,
+            rate_knobs,
+            True,
+            env=rate_window(a, CASCADE_RATE_WINDOW_S),
         ),
         "serverlessllm": Config(
             "serverlessllm",
@@ -791,7 +801,9 @@ def report(a: argparse.Namespace, plan: Plan, emu: Emulation, rows: list[dict[st
         f"a data-plane transfer or a ServerlessLLM-style worker's load from its own host-memory cache "
         f"{emu.link_s:.3f} s ({emu.emulated_bytes / 1e9:.2f} GB at {emu.profile.disk_mb_s:g} "
         f"MB/s and {a.link_gb_s:g} GB/s); prompts priced x{a.token_scale:g}. The scaler's rate window is "
-        f"{10.0 / a.compress:g} s (its default 10 s of trace time); policy delays are in replay time. "
+        f"{10.0 / a.compress:g} s (its default 10 s of trace time) except where a configuration sets its own "
+        f"(Cascade: {CASCADE_RATE_WINDOW_S / a.compress:g} s, {CASCADE_RATE_WINDOW_S:g} s of trace time); "
+        "policy delays are in replay time. "
         "Details in burst.json."
     )
     flagged = [r["label"] for r in rows if r["emulated_device"]["significant"]]
