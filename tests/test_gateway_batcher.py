@@ -11,7 +11,7 @@ import pytest
 
 from cascade.messages import SamplingParams
 from services.gateway.batcher import Batcher, QueueFull
-from services.gateway.router import Route
+from services.gateway.router import Room, Route
 from services.gateway.streams import RequestState
 
 
@@ -232,6 +232,44 @@ def test_avoided_instance_is_skipped_for_others_in_the_batch() -> None:
     b2.step()
     b2.step()
     assert f2.batches == [("w1", ["ra"]), ("w2", ["rc"])]
+
+
+def test_a_batch_holds_only_what_the_route_has_room_for_and_the_rest_is_picked_again() -> None:
+    # Four long prompts held while no instance was up; then "a" comes up, moments before "b".
+    # "a" has prefill room for two: two go there, and the next pick (which counts them) decides
+    # the rest, here the second instance once it is up.
+    clock, f = Clock(), Fakes("a")
+    up = ["a"]
+    sent: dict[str, int] = {}
+
+    def pick(avoid: frozenset[str]) -> Route | None:
+        free = [w for w in up if sent.get(w, 0) < 2]
+        if not free:
+            return None
+        w = free[0]
+        return Route(w, room=Room(requests=8, prompts=sent.get(w, 0), tokens=100 * sent.get(w, 0), prefill_budget=50))
+
+    def dispatch(route: Route, batch: list[RequestState]) -> None:
+        sent[route.worker_id] = sent.get(route.worker_id, 0) + len(batch)
+        f.dispatch(route, batch)
+
+    b = Batcher(
+        "m", max_batch_size=8, wait_s=60.0, max_queue=8, queue_timeout_s=600.0,
+        pick=pick, dispatch=dispatch, on_timeout=f.on_timeout, clock=clock,
+    )  # fmt: skip
+    for i in range(4):
+        r = req(i)
+        r.prompt_ids = [1] * 100
+        b.submit(r)
+    # No window wait: the room is full before the window could add anything.
+    assert b.step() == 0.0
+    assert f.batches == [("a", ["r0", "r1"])]
+    assert b.step() == 600.0  # "a" is backlogged now and nothing else is up: held to the deadline
+    assert len(f.batches) == 1
+    up.append("b")
+    b.step()
+    assert f.batches[-1] == ("b", ["r2", "r3"])
+    assert b.depth == 0
 
 
 def test_discard_and_take_all() -> None:

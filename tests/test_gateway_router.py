@@ -8,6 +8,7 @@ from cascade.messages import RouteStage
 from services.gateway.router import (
     QUEUE_AHEAD,
     InstanceView,
+    Room,
     Route,
     choose_instance,
     choose_route,
@@ -190,6 +191,33 @@ def test_a_new_instance_counts_the_routes_it_still_drives_by_their_share_once_it
     assert choose_route([busy, n], "m") == Route("n")
     # Counted one for one, they would have kept it out until they ended.
     assert choose_route([busy, replace(n, driven=0, driven_layers=0)], "m") == Route("f")
+
+
+def test_a_route_bounds_its_batch_by_the_room_its_instance_has() -> None:
+    def f(wid: str, running: int = 0, unstarted: int = 0, prompts: int = 0) -> InstanceView:
+        return InstanceView(wid, "m", "serving", 6, 6, running, 0, 8, 0, 0, 6, "h:1", 0, 100, unstarted, prompts)
+
+    # Alone and idle: its batch slots and queue places, and two steps' prefill (2 x 100 tokens).
+    room = choose_route([f("a")], "m", live=False).room  # type: ignore[union-attr]
+    assert room == Room(requests=8 + QUEUE_AHEAD, prompts=0, tokens=0, prefill_budget=100)
+    assert room.admits(0, 0) and room.admits(1, 150)
+    assert not room.admits(2, 200)  # two prompts, two steps' worth: backlogged, as the router counts
+    assert room.admits(2, 199)  # short prompts: more fit in the same two steps
+    assert not room.admits(8 + QUEUE_AHEAD, 0)
+    # A second idle instance: one request here, the next pick goes there.
+    room = choose_route([f("a"), f("b")], "m", live=False).room  # type: ignore[union-attr]
+    assert room is not None and room.requests == 1
+    # The other is busier by three sequences: three here before they are level.
+    route = choose_route([f("a"), f("b", running=3)], "m", live=False)
+    assert route is not None and route.worker_id == "a" and route.room is not None and route.room.requests == 3
+    # An instance with no room (a prefill backlog) does not bound the batch of one that has.
+    room = choose_route([f("a", running=5), f("b", unstarted=200, prompts=2)], "m", live=False).room  # type: ignore[union-attr]
+    assert room is not None and room.requests == 8 + QUEUE_AHEAD - 5
+    # A prefill backlog under way counts: one more prompt, then two steps' worth are waiting.
+    room = choose_route([f("a", unstarted=150, prompts=1)], "m", live=False).room  # type: ignore[union-attr]
+    assert room is not None and room.admits(0, 0) and not room.admits(1, 50)
+    # An unknown budget bounds only by slots.
+    assert Room(requests=3, prompts=5, tokens=10**6, prefill_budget=0).admits(2, 10**6)
 
 
 def test_backlog_waits_in_the_gateway_past_a_few_queued_per_instance() -> None:

@@ -3,7 +3,10 @@
 Admitted requests wait in one bounded queue per model. Once an instance can take
 them, the batcher gathers requests until `max_batch_size` or until
 `wait_s` has passed since the first of them could go, and hands them to
-`dispatch` as one batch (all on the same route). A full batch leaves at once.
+`dispatch` as one batch (all on the same route). A full batch leaves at once,
+and so does one the route's instance has no room to grow (`Route.room`: its
+batch slots, its prefill backlog, and no more than keeps it level with the next
+instance); what does not fit waits for the next pick.
 One departure from Ray Serve: a request that arrives alone after a quiet spell
 (no arrival in the previous `wait_s`) leaves at once. Workers batch
 continuously, so waiting then would only add `wait_s` to its latency; under
@@ -148,13 +151,20 @@ class Batcher:
         # The window never outlasts the head's deadline: with an instance up, it goes rather than expires.
         window_end = min(head.ready_at + self.wait_s, head.deadline)
         alone = len(ready) == 1 and head.quiet
-        if len(ready) < self.max_batch_size and now < window_end and not alone:
+        # No use waiting for more when the instance has no room for more than are here.
+        full = route.room is not None and not route.room.admits(len(ready), sum(len(r.prompt_ids) for r in ready))
+        if len(ready) < self.max_batch_size and now < window_end and not alone and not full:
             return window_end - now
         self._holding = False
         worker = route.worker_id
         batch: list[RequestState] = []
+        tokens = 0
         for r in ready:
             if len(batch) >= self.max_batch_size:
+                break
+            # The rest waits for the next pick, which weighs this batch (another instance, or this
+            # one once it has room).
+            if batch and route.room is not None and not route.room.admits(len(batch), tokens):
                 break
             # A request that already failed on `worker` goes there only if nothing else can serve it.
             if r is not head and worker in r.avoid:
@@ -162,6 +172,7 @@ class Batcher:
                 if alt is None or alt.worker_id != worker:
                     continue
             batch.append(r)
+            tokens += len(r.prompt_ids)
         for r in batch:
             self._queue.remove(r)
         self._dispatch(route, batch)

@@ -10,7 +10,8 @@ the rest on a full one, so the busy instance sheds work before the load ends.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from math import ceil, floor
 
 from cascade.messages import RouteStage
 
@@ -39,12 +40,43 @@ class InstanceView:
 
 
 @dataclass(frozen=True, slots=True)
+class Room:
+    """What one instance takes in a batch before the router would count it full or backlogged.
+
+    A batch goes to one route, and the router weighs an instance only between batches: without
+    this, the first instance of several to come up takes every request held for the model.
+    Measured in bench/burst.py: a wave from zero held 8 long prompts, the first of four instances
+    that finished loading 2 ms before the others got all 8 in one batch, and the last of them
+    waited 1.5 s for its first token while three instances idled.
+    """
+
+    requests: int  # batch slots and queue places left
+    prompts: int  # prompts of this gateway's there without a token yet
+    tokens: int  # and their prompt tokens
+    prefill_budget: int  # prompt tokens a step starts at most (0: unknown, no prefill bound)
+
+    def admits(self, n: int, tokens: int) -> bool:
+        """One more request may join a batch that already holds `n` requests of `tokens`
+        prompt tokens: the instance would not be full or backlogged (`prefill_backlogged`)
+        before it."""
+        if n >= self.requests:
+            return False
+        if self.prefill_budget <= 0:
+            return True
+        return (
+            self.prompts + n < PREFILL_AHEAD_PROMPTS or self.tokens + tokens < PREFILL_AHEAD_STEPS * self.prefill_budget
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Where a batch goes. `stages` empty: `worker_id` runs the whole model. Otherwise the
-    pinned pipeline, whose first stage is `worker_id` (it drives the token loop)."""
+    pinned pipeline, whose first stage is `worker_id` (it drives the token loop). `room`
+    bounds the batch (None: the batcher's own size limit alone)."""
 
     worker_id: str
     stages: tuple[RouteStage, ...] = ()
+    room: Room | None = field(default=None, compare=False)  # advice for the batch, not where it goes
 
 
 def serves_fully(view: InstanceView, model: str) -> bool:
@@ -151,6 +183,25 @@ def accepts(view: InstanceView) -> bool:
     return estimated_load(view) < max(view.max_batch, 1) + QUEUE_AHEAD and not prefill_backlogged(view)
 
 
+def room_of(view: InstanceView, others: Iterable[InstanceView] = ()) -> Room:
+    """What a batch for full instance `view` may hold: about what the router would give it
+    request by request. No more than `accepts` lets through, and no more than keeps it as
+    loaded as the next-least-loaded instance in `others` that takes work (one at least: the
+    router chose `view`)."""
+    load = estimated_load(view)
+    mb = max(view.max_batch, 1)
+    n = ceil(mb + QUEUE_AHEAD - load)
+    for o in others:
+        if o.worker_id != view.worker_id and accepts(o):
+            n = min(n, floor((estimated_load(o) / max(o.max_batch, 1) - load / mb) * mb))
+    return Room(
+        requests=max(1, n),
+        prompts=view.unstarted_prompts,
+        tokens=view.unstarted_tokens,
+        prefill_budget=view.prefill_budget,
+    )
+
+
 def head_has_room(view: InstanceView, k: int) -> bool:
     """Room on a loading instance for one more route it drives through its first k layers.
 
@@ -191,12 +242,13 @@ def choose_route(
     # Late binding: when even the least-loaded instance is past its batch limit and queue, the
     # request waits here rather than in that instance's queue (None: the batcher holds it until
     # a slot frees, an instance appears, or its deadline).
-    held = None if full_id not in avoid and not accepts(full) else Route(full_id)
+    others = [v for v in instances if serves_fully(v, model) and v.worker_id not in avoid]
+    held = None if full_id not in avoid and not accepts(full) else Route(full_id, room=room_of(full, others))
     # Busy: out of batch slots, or holding admitted work it could not start yet (a prefill
     # backlog: compute-bound, so shedding the first k layers of new prompts shortens it).
     busy = estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD or full.waiting > 0 or prefill_backlogged(full)
     if not live or not busy or not full.stage_addr:
-        return Route(full_id) if has_room(full) else held
+        return Route(full_id, room=room_of(full, others)) if has_room(full) else held
     num_layers = full.num_units - 2
     best: tuple[int, float, str] | None = None
     head: InstanceView | None = None
