@@ -3,6 +3,7 @@ scaling configurations of the same mesh, each on the same number of emulated-GPU
 
     python bench/burst.py            (or: cascade bench burst)
     python bench/burst.py --quick    (a 2-3 minute sanity run: a short window, three configurations)
+    python bench/burst.py --repeats 3   (each configuration three times, in rounds; the table pools them)
 
 Configurations (docs/deployment.md):
   cascade        loading = "multicast", scaling = "live", policy `rate`, min_replicas 0: to zero in the
@@ -124,6 +125,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slo-tbt-ms", type=float, default=100.0, help="mean time-between-tokens SLO (default 100 ms)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds (default 60)")
     p.add_argument("--seed", type=int, default=0, help="seed of rate scaling and prompt ids (default 0)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every configuration this many times, in rounds (each round runs them all in order); the "
+        "table pools a configuration's runs and lists each run's SLO attainment and instance-seconds "
+        "(default 1). One run's SLO attainment moves by a few points from the next on this machine",
+    )
     p.add_argument("--quick", action="store_true", help="a 2-3 minute sanity run: trace 840-900 s at 4x, 3 configs")
     p.add_argument("--no-write", action="store_true", help="print the table, write nothing")
     a = p.parse_args(argv)
@@ -136,6 +145,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown configurations {unknown}; choose from {', '.join(CONFIG_KEYS)}")
     if a.workers < 2:
         p.error("--workers must be at least 2")
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     return a
 
 
@@ -721,6 +732,77 @@ def analyse(
 # --------------------------------------------------------------------------- report
 
 
+def slo_share(a: argparse.Namespace, tl: list[tuple[float | None, float | None, str]], ttft: bool, tbt: bool) -> float:
+    """The share of (TTFT ms, time per output token ms, status) that meets the SLO's TTFT and/or TBT
+    limit, as `summary` counts it."""
+
+    def meets(t: float | None, p: float | None, st: str) -> bool:
+        if st != "ok" or t is None:
+            return False
+        return (not ttft or t <= a.slo_ttft_ms) and (not tbt or p is None or p <= a.slo_tbt_ms)
+
+    return sum(1 for t, p, st in tl if meets(t, p, st)) / len(tl) if tl else float("nan")
+
+
+def pooled_rows(a: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration over its runs: latency percentiles and SLO attainment over all
+    their requests (each run replays the same schedule, so this is the mean attainment), the
+    other figures averaged; the emulation's counters summed."""
+    out: list[dict[str, Any]] = []
+    for key in dict.fromkeys(r["key"] for r in runs):
+        rs = [r for r in runs if r["key"] == key]
+        tl = [(t, p, st) for r in rs for t, p, st in zip(r["timeline"]["ttft_ms"], r["timeline"]["tpot_ms"],
+                                                          r["timeline"]["status"], strict=True)]  # fmt: skip
+
+        emu = [r["emulated_device"] for r in rs]
+        summ = {
+            "requests": len(tl),
+            "ok": sum(r["summary"]["ok"] for r in rs),
+            "ttft_ms": dist_ms([t / 1000 for t, _, _ in tl if t is not None]),
+            "itl_ms": dist_ms([p / 1000 for _, p, _ in tl if p is not None]),
+            "itl_definition": rs[0]["summary"]["itl_definition"],
+            "slo": {
+                **rs[0]["summary"]["slo"],
+                "attainment": slo_share(a, tl, True, True),
+                "ttft_attainment": slo_share(a, tl, True, False),
+                "tbt_attainment": slo_share(a, tl, False, True),
+            },
+        }
+        out.append({
+            "key": key,
+            "label": rs[0]["label"],
+            "deployment": rs[0]["deployment"],
+            "runs": len(rs),
+            "summary": summ,
+            "instance_seconds": sum(r["instance_seconds"] for r in rs) / len(rs),
+            "scale_events": round(sum(r["scale_events"] for r in rs) / len(rs), 1),
+            "scale_up_events": round(sum(r["scale_up_events"] for r in rs) / len(rs), 1),
+            "scale_down_events": round(sum(r["scale_down_events"] for r in rs) / len(rs), 1),
+            "emulated_device": {
+                "steps": sum(e["steps"] for e in emu),
+                "overrun_steps": sum(e["overrun_steps"] for e in emu),
+                "overrun_s": round(sum(e["overrun_s"] for e in emu), 3),
+                "padded_s": round(sum(e["padded_s"] for e in emu), 3),
+                "significant": any(e["significant"] for e in emu),
+                "significance_rule": "any run's overrun_s > 1 % of its padded_s",
+            },
+        })  # fmt: skip
+    return out
+
+
+def runs_table(rows: list[dict[str, Any]], runs: list[dict[str, Any]], repeats: int) -> str:
+    body = []
+    for p in rows:
+        by_round = {r["round"]: r for r in runs if r["key"] == p["key"]}
+        cells = []
+        for k in range(1, repeats + 1):
+            r = by_round.get(k)
+            slo = "" if r is None else f"{100 * r['summary']['slo']['attainment']:.1f}"
+            cells.append("failed" if r is None else f"{slo} / {r['instance_seconds']:.0f}")
+        body.append([p["label"], *cells])
+    return md_table(["configuration", *(f"round {k}: SLO % / instance-s" for k in range(1, repeats + 1))], body)
+
+
 def verdicts(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     c, sl, sp = rows.get("cascade"), rows.get("serverlessllm"), rows.get("static-peak")
@@ -765,9 +847,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     )  # fmt: skip
 
 
-def report(a: argparse.Namespace, plan: Plan, emu: Emulation, rows: list[dict[str, Any]], argv: list[str]) -> str:
+def report(
+    a: argparse.Namespace,
+    plan: Plan,
+    emu: Emulation,
+    rows: list[dict[str, Any]],
+    argv: list[str],
+    runs: list[dict[str, Any]] | None = None,
+) -> str:
     by = {r["key"]: r for r in rows}
     lines = [table(rows)]
+    if a.repeats > 1 and runs:
+        lines.append(
+            f"Each configuration ran {a.repeats} times, in rounds; the table pools its runs (percentiles and SLO "
+            "attainment over all their requests, instance-seconds and scale events averaged). Each run:"
+        )
+        lines.append("")
+        lines.append(runs_table(rows, runs, a.repeats))
     lines.append(
         f"SLO: a request meets it when it completes, its TTFT is at most {a.slo_ttft_ms:g} ms and its time per "
         f"output token at most {a.slo_tbt_ms:g} ms; failed requests count as misses (about "
@@ -782,9 +878,19 @@ def report(a: argparse.Namespace, plan: Plan, emu: Emulation, rows: list[dict[st
         "during the replay."
     )
     lines.append("")
-    lines.append("Targets:")
-    for v in verdicts(by):
-        lines.append(f"- {v['target']}: {v['figure']} — {'met' if v['met'] else 'NOT met'}")
+    pooled = f" (pooled over the {a.repeats} rounds; each round's own verdict after it)" if a.repeats > 1 else ""
+    lines.append(f"Targets{pooled}:")
+    per_round = [verdicts({r["key"]: r for r in (runs or []) if r["round"] == k}) for k in range(1, a.repeats + 1)]
+    for i, v in enumerate(verdicts(by)):
+        line = f"- {v['target']}: {v['figure']} — {'met' if v['met'] else 'NOT met'}"
+        if a.repeats > 1:
+            got = [vs[i] for vs in per_round if i < len(vs) and vs[i]["target"] == v["target"]]
+            line += (
+                f" (met in {sum(1 for g in got if g['met'])} of {len(got)} rounds: "
+                + "; ".join(g["figure"] for g in got)
+                + ")"
+            )
+        lines.append(line)
     lines.append("")
     lines.append(
         f"Workload: {len(plan.arrivals)} requests, trace {a.start:g}-{a.start + a.duration:g} s compressed "
@@ -886,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
     t_begin = time.monotonic()
     plan = make_plan(a, a.profile)
     rows: list[dict[str, Any]] = []
-    failed: list[dict[str, str]] = []
+    failed: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cascade-burst-") as tmp:
         model_dir = Path(tmp) / MODEL
         generate_model(model_dir, SPEC)
@@ -898,15 +1004,18 @@ def main(argv: list[str] | None = None) -> int:
             f"disk load {emu.disk_s:.2f} s, data-plane load {emu.link_s:.3f} s (emulated)",
             flush=True,
         )
-        for i, cfg in enumerate(configs, 1):
-            print(f"[{i}/{len(configs)}] {cfg.label}: {cfg.loading} / {cfg.scaling} / {cfg.policy} "
-                  f"(replicas {cfg.min_replicas}-{cfg.max_replicas}) …", flush=True)  # fmt: skip
+        runs = [(rnd, cfg) for rnd in range(1, a.repeats + 1) for cfg in configs]
+        for i, (rnd, cfg) in enumerate(runs, 1):
+            print(f"[{i}/{len(runs)}] {cfg.label}: {cfg.loading} / {cfg.scaling} / {cfg.policy} "
+                  f"(replicas {cfg.min_replicas}-{cfg.max_replicas})"
+                  f"{f', round {rnd} of {a.repeats}' if a.repeats > 1 else ''} …", flush=True)  # fmt: skip
             try:
                 r = asyncio.run(run_config(a, cfg, plan, emu, model_dir))
             except Exception as e:  # one configuration failing must not lose the others' results
                 print(f"  FAILED: {type(e).__name__}: {e}", flush=True)
-                failed.append({"key": cfg.key, "error": f"{type(e).__name__}: {e}"[:2000]})
+                failed.append({"key": cfg.key, "round": rnd, "error": f"{type(e).__name__}: {e}"[:2000]})
                 continue
+            r["round"] = rnd
             rows.append(r)
             s = r["summary"]
             print(
@@ -917,7 +1026,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"({time.monotonic() - t_begin:.0f} s elapsed)",
                 flush=True,
             )
-    text = report(a, plan, emu, rows, argv)
+    runs_rows = rows
+    rows = pooled_rows(a, runs_rows) if a.repeats > 1 else runs_rows
+    text = report(a, plan, emu, rows, argv, runs_rows)
     if failed:
         text += "\nConfigurations that failed to run: " + "; ".join(f"{f['key']}: {f['error'][:300]}" for f in failed)
         text += "\n"
@@ -926,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         png = RESULTS / "burst.png"
-        plot(a, plan, rows, png)
+        plot(a, plan, [r for r in runs_rows if r["round"] == 1] or runs_rows, png)
         payload = {
             "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
             "command": "python bench/burst.py " + " ".join(argv),
@@ -960,10 +1071,18 @@ def main(argv: list[str] | None = None) -> int:
             },
             "slo": {"ttft_ms": a.slo_ttft_ms, "tbt_ms": a.slo_tbt_ms},
             "targets": verdicts({r["key"]: r for r in rows}),
+            "targets_by_round": [
+                verdicts({r["key"]: r for r in runs_rows if r["round"] == k}) for k in range(1, a.repeats + 1)
+            ]
+            if a.repeats > 1
+            else [],
             "rows": rows,
+            # With --repeats above 1, `rows` pools each configuration's runs (no timeline), and every
+            # run's own row, timeline included, is here.
+            "runs": runs_rows if a.repeats > 1 else [],
             "failed": failed,
             "total_run_s": time.monotonic() - t_begin,
-            "plot": "bench/results/burst.png",
+            "plot": "bench/results/burst.png" + (" (round 1)" if a.repeats > 1 else ""),
         }
         jp, mp = write_result("burst", payload, text + f"\n![latency and instances over time]({png.name})\n")
         print(f"wrote {jp}, {mp} and {png}")
