@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import sys
 import tempfile
 import time
@@ -528,7 +529,9 @@ def mesh_env(a: argparse.Namespace, emu: Emulation) -> dict[str, str]:
         "CASCADE_SCALER_TICK_S": f"{1.0 / a.compress:g}",
         "CASCADE_METRICS_S": f"{1.0 / a.compress:g}",
         "CASCADE_HEARTBEAT_S": "0.5",
-        "CASCADE_LOG_LEVEL": "warning",
+        # Quiet unless asked: CASCADE_LOG_LEVEL=debug with CASCADE_BENCH_KEEP_LOGS=DIR keeps the services' logs,
+        # the gateway's `dispatch` lines among them (which instance got which requests, and when).
+        "CASCADE_LOG_LEVEL": os.environ.get("CASCADE_LOG_LEVEL", "warning"),
     }
 
 
@@ -1084,7 +1087,8 @@ def main(argv: list[str] | None = None) -> int:
             "total_run_s": time.monotonic() - t_begin,
             "plot": "bench/results/burst.png" + (" (round 1)" if a.repeats > 1 else ""),
         }
-        jp, mp = write_result("burst", payload, text + f"\n![latency and instances over time]({png.name})\n")
+        caption = "latency and instances over time" + (f", round 1 of {a.repeats}" if a.repeats > 1 else "")
+        jp, mp = write_result("burst", payload, text + f"\n![{caption}]({png.name})\n")
         print(f"wrote {jp}, {mp} and {png}")
     print(f"total {time.monotonic() - t_begin:.0f} s")
     return 0
