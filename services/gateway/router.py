@@ -46,8 +46,8 @@ class Room:
     A batch goes to one route, and the router weighs an instance only between batches: without
     this, the first instance of several to come up takes every request held for the model.
     Measured in bench/burst.py: a wave from zero held 8 long prompts, the first of four instances
-    that finished loading 2 ms before the others got all 8 in one batch, and the last of them
-    waited 1.5 s for its first token while three instances idled.
+    that finished loading 2 ms before the others got all 8 in one batch, and five of them waited
+    1.3-1.6 s for a first token while the other three instances took only later arrivals.
     """
 
     requests: int  # batch slots and queue places left
@@ -59,13 +59,7 @@ class Room:
         """One more request may join a batch that already holds `n` requests of `tokens`
         prompt tokens: the instance would not be full or backlogged (`prefill_backlogged`)
         before it."""
-        if n >= self.requests:
-            return False
-        if self.prefill_budget <= 0:
-            return True
-        return (
-            self.prompts + n < PREFILL_AHEAD_PROMPTS or self.tokens + tokens < PREFILL_AHEAD_STEPS * self.prefill_budget
-        )
+        return n < self.requests and not _backlogged(self.prefill_budget, self.prompts + n, self.tokens + tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +147,11 @@ def prefill_backlogged(view: InstanceView) -> bool:
     bench/burst.py: at a burst's start the one instance up took every request it had slots for
     (16 long prompts: seconds of prefill) while the instances added half a second later found
     nothing left to do."""
-    return (
-        view.prefill_budget > 0
-        and view.unstarted_prompts >= PREFILL_AHEAD_PROMPTS
-        and view.unstarted_tokens >= PREFILL_AHEAD_STEPS * view.prefill_budget
-    )
+    return _backlogged(view.prefill_budget, view.unstarted_prompts, view.unstarted_tokens)
+
+
+def _backlogged(prefill_budget: int, prompts: int, tokens: int) -> bool:
+    return prefill_budget > 0 and prompts >= PREFILL_AHEAD_PROMPTS and tokens >= PREFILL_AHEAD_STEPS * prefill_budget
 
 
 def has_room(view: InstanceView) -> bool:
@@ -242,13 +236,13 @@ def choose_route(
     # Late binding: when even the least-loaded instance is past its batch limit and queue, the
     # request waits here rather than in that instance's queue (None: the batcher holds it until
     # a slot frees, an instance appears, or its deadline).
-    others = [v for v in instances if serves_fully(v, model) and v.worker_id not in avoid]
-    held = None if full_id not in avoid and not accepts(full) else Route(full_id, room=room_of(full, others))
+    room = room_of(full, [v for v in instances if serves_fully(v, model) and v.worker_id not in avoid])
+    held = None if full_id not in avoid and not accepts(full) else Route(full_id, room=room)
     # Busy: out of batch slots, or holding admitted work it could not start yet (a prefill
     # backlog: compute-bound, so shedding the first k layers of new prompts shortens it).
     busy = estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD or full.waiting > 0 or prefill_backlogged(full)
     if not live or not busy or not full.stage_addr:
-        return Route(full_id, room=room_of(full, others)) if has_room(full) else held
+        return Route(full_id, room=room) if has_room(full) else held
     num_layers = full.num_units - 2
     best: tuple[int, float, str] | None = None
     head: InstanceView | None = None
