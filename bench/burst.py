@@ -610,21 +610,31 @@ def dist_ms(xs: list[float]) -> dict[str, float]:
             "p95": percentile(ms, 95), "p99": percentile(ms, 99), "max": max(ms) if ms else float("nan")}  # fmt: skip
 
 
+def slo_share(
+    tl: list[tuple[float | None, float | None, str]], slo_ttft_ms: float, slo_tbt_ms: float, ttft: bool, tbt: bool
+) -> float:
+    """The share of requests, given as (TTFT ms, time per output token ms, status), that completed
+    within the TTFT limit and/or the time-per-output-token limit; a failure is a miss."""
+
+    def meets(t: float | None, p: float | None, st: str) -> bool:
+        if st != "ok" or t is None:
+            return False
+        return (not ttft or t <= slo_ttft_ms) and (not tbt or p is None or p <= slo_tbt_ms)
+
+    return sum(1 for t, p, st in tl if meets(t, p, st)) / len(tl) if tl else float("nan")
+
+
 def summary(records: list[RequestRecord], slo_ttft_ms: float, slo_tbt_ms: float) -> dict[str, Any]:
     """Counts, TTFT and inter-token latency, SLO attainment. A request meets the SLO when it
     completed, its TTFT is within the limit and its time per output token too; every scheduled
     request counts (a failure is a miss)."""
     base = summarise(records, slo_ttft_ms, slo_tbt_ms)  # statuses, throughput, SSE chunk gaps
     n = len(records)
-
-    def meets(r: RequestRecord, ttft: bool, tbt: bool) -> bool:
-        if r.status != "ok" or r.ttft is None:
-            return False
-        t = tpot_s(r)
-        return (not ttft or r.ttft * 1000 <= slo_ttft_ms) and (not tbt or t is None or t * 1000 <= slo_tbt_ms)
+    tl = [(None if r.ttft is None else r.ttft * 1000, None if (t := tpot_s(r)) is None else t * 1000, r.status)
+          for r in records]  # fmt: skip
 
     def share(ttft: bool, tbt: bool) -> float:
-        return sum(1 for r in records if meets(r, ttft, tbt)) / n if n else float("nan")
+        return slo_share(tl, slo_ttft_ms, slo_tbt_ms, ttft, tbt)
 
     return {
         "requests": n,
@@ -735,18 +745,6 @@ def analyse(
 # --------------------------------------------------------------------------- report
 
 
-def slo_share(a: argparse.Namespace, tl: list[tuple[float | None, float | None, str]], ttft: bool, tbt: bool) -> float:
-    """The share of (TTFT ms, time per output token ms, status) that meets the SLO's TTFT and/or TBT
-    limit, as `summary` counts it."""
-
-    def meets(t: float | None, p: float | None, st: str) -> bool:
-        if st != "ok" or t is None:
-            return False
-        return (not ttft or t <= a.slo_ttft_ms) and (not tbt or p is None or p <= a.slo_tbt_ms)
-
-    return sum(1 for t, p, st in tl if meets(t, p, st)) / len(tl) if tl else float("nan")
-
-
 def pooled_rows(a: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per configuration over its runs: latency percentiles and SLO attainment over all
     their requests (each run replays the same schedule, so this is the mean attainment), the
@@ -766,9 +764,9 @@ def pooled_rows(a: argparse.Namespace, runs: list[dict[str, Any]]) -> list[dict[
             "itl_definition": rs[0]["summary"]["itl_definition"],
             "slo": {
                 **rs[0]["summary"]["slo"],
-                "attainment": slo_share(a, tl, True, True),
-                "ttft_attainment": slo_share(a, tl, True, False),
-                "tbt_attainment": slo_share(a, tl, False, True),
+                "attainment": slo_share(tl, a.slo_ttft_ms, a.slo_tbt_ms, True, True),
+                "ttft_attainment": slo_share(tl, a.slo_ttft_ms, a.slo_tbt_ms, True, False),
+                "tbt_attainment": slo_share(tl, a.slo_ttft_ms, a.slo_tbt_ms, False, True),
             },
         }
         out.append({
