@@ -798,10 +798,16 @@ def runs_table(rows: list[dict[str, Any]], runs: list[dict[str, Any]], repeats: 
         cells = []
         for k in range(1, repeats + 1):
             r = by_round.get(k)
-            slo = "" if r is None else f"{100 * r['summary']['slo']['attainment']:.1f}"
-            cells.append("failed" if r is None else f"{slo} / {r['instance_seconds']:.0f}")
+            if r is None:
+                cells.append("failed")
+            else:
+                cells.append(f"{100 * r['summary']['slo']['attainment']:.1f} / {r['instance_seconds']:.0f}")
         body.append([p["label"], *cells])
     return md_table(["configuration", *(f"round {k}: SLO % / instance-s" for k in range(1, repeats + 1))], body)
+
+
+def verdicts_by_round(runs: list[dict[str, Any]], repeats: int) -> list[list[dict[str, Any]]]:
+    return [verdicts({r["key"]: r for r in runs if r["round"] == k}) for k in range(1, repeats + 1)]
 
 
 def verdicts(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -855,7 +861,10 @@ def report(
     rows: list[dict[str, Any]],
     argv: list[str],
     runs: list[dict[str, Any]] | None = None,
+    per_round: list[list[dict[str, Any]]] | None = None,
 ) -> str:
+    """The markdown report. With repeats, `runs` are every run's rows and `per_round` each round's
+    verdicts (`verdicts_by_round`)."""
     by = {r["key"]: r for r in rows}
     lines = [table(rows)]
     if a.repeats > 1 and runs:
@@ -881,11 +890,10 @@ def report(
     lines.append("")
     pooled = f" (pooled over the {a.repeats} rounds; each round's own verdict after it)" if a.repeats > 1 else ""
     lines.append(f"Targets{pooled}:")
-    per_round = [verdicts({r["key"]: r for r in (runs or []) if r["round"] == k}) for k in range(1, a.repeats + 1)]
     for i, v in enumerate(verdicts(by)):
         line = f"- {v['target']}: {v['figure']} — {'met' if v['met'] else 'NOT met'}"
         if a.repeats > 1:
-            got = [vs[i] for vs in per_round if i < len(vs) and vs[i]["target"] == v["target"]]
+            got = [vs[i] for vs in per_round or [] if i < len(vs) and vs[i]["target"] == v["target"]]
             line += (
                 f" (met in {sum(1 for g in got if g['met'])} of {len(got)} rounds: "
                 + "; ".join(g["figure"] for g in got)
@@ -1029,7 +1037,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     runs_rows = rows
     rows = pooled_rows(a, runs_rows) if a.repeats > 1 else runs_rows
-    text = report(a, plan, emu, rows, argv, runs_rows)
+    by_round = verdicts_by_round(runs_rows, a.repeats) if a.repeats > 1 else []
+    text = report(a, plan, emu, rows, argv, runs_rows, by_round)
     if failed:
         text += "\nConfigurations that failed to run: " + "; ".join(f"{f['key']}: {f['error'][:300]}" for f in failed)
         text += "\n"
@@ -1072,11 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "slo": {"ttft_ms": a.slo_ttft_ms, "tbt_ms": a.slo_tbt_ms},
             "targets": verdicts({r["key"]: r for r in rows}),
-            "targets_by_round": [
-                verdicts({r["key"]: r for r in runs_rows if r["round"] == k}) for k in range(1, a.repeats + 1)
-            ]
-            if a.repeats > 1
-            else [],
+            "targets_by_round": by_round,
             "rows": rows,
             # With --repeats above 1, `rows` pools each configuration's runs (no timeline), and every
             # run's own row, timeline included, is here.
