@@ -64,12 +64,13 @@ from bench.tracelib import (
     summarise,
     window,
 )
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import GenerateSpec
 from cascade.device_profile import PROFILES_DIR, DeviceProfile, load_profile
 from cascade.framing import DEFAULT_CHUNK
 from cascade.meshview import gather_status, to_json
 from cascade.messages import Heartbeat, HostCacheRequest, Ok, ScaleAck, ScaleDecision, decode
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 

@@ -36,7 +36,7 @@ def unit_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def _child(conn: mpc.Connection, chunk: int, egress_bps: float) -> None:
     # Imported here so the parent (and `--help`) does not pay for torch before it needs to.
-    from cascade.checkpoint import Checkpoint
+    from cascade.models.checkpoint import Checkpoint
     from services.worker.dataplane import (
         CheckpointSource,
         DataPlaneServer,

@@ -109,7 +109,7 @@ def commit() -> str:
         paths = [
             "bench",
             "cascade/framing.py",
-            "cascade/checkpoint.py",
+            "cascade/models/checkpoint.py",
             "cascade/messages.py",
             "services/worker/dataplane.py",
             "services/worker/main.py",
@@ -122,9 +122,10 @@ def commit() -> str:
 
 
 def ensure_model(cache_dir: Path, gb: float) -> Path:
-    from cascade.checkpoint import generate_model, is_model_dir
     from cascade.config import GenerateSpec
-    from cascade.modelconfig import config_for_spec, unit_shapes
+    from cascade.models.checkpoint import is_model_dir
+    from cascade.models.config import unit_shapes
+    from cascade.models.generate import config_for_spec, generate_model
 
     probe = config_for_spec(GenerateSpec(layers=1, hidden=HIDDEN, heads=16, kv_heads=8, vocab=320))
     per_layer = sum(4 * _prod(s) for s in unit_shapes(probe, 1).values())
@@ -496,8 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     chunk = int(args.chunk_mb * (1 << 20))
 
     from bench.dpprocs import ReceiverProc, raw_loopback, start_all, stop_all
-    from cascade.checkpoint import Checkpoint
     from cascade.config import cascade_home
+    from cascade.models.checkpoint import Checkpoint
     from services.loader.hostcache import HostCache
 
     cache_dir = args.cache_dir or cascade_home() / "bench-models"

@@ -32,7 +32,6 @@ if __package__ in (None, ""):
 
 from bench.common import RESULTS, md_table, percentile, write_result
 from bench.mesh import Mesh
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import GenerateSpec
 from cascade.device_profile import load_profile
 from cascade.messages import (
@@ -46,6 +45,8 @@ from cascade.messages import (
     decode,
     encode,
 )
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
 from cascade.natsutil import connect
 from cascade.subjects import Subjects
 

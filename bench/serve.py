@@ -131,8 +131,8 @@ async def load_level(url: str, concurrency: int, n: int, prompt: str, max_tokens
 def inprocess_engine(home: Path, max_batch: int, threads: int) -> Any:
     import torch
 
-    from cascade.checkpoint import Checkpoint
-    from cascade.tokenizer import load_tokenizer
+    from cascade.models.checkpoint import Checkpoint
+    from cascade.models.tokenizer import load_tokenizer
     from services.worker.engine import Engine
     from services.worker.model import LlamaModel
 

@@ -165,7 +165,8 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
 def cmd_model_create(args: argparse.Namespace) -> int:
     from cascade.config import GenerateSpec
     from cascade.console import Progress, human_bytes, human_count
-    from cascade.modelconfig import CheckpointError, config_for_spec
+    from cascade.models.config import CheckpointError
+    from cascade.models.generate import config_for_spec
 
     if not _MODEL_NAME.match(args.name):
         raise CliError(f"model name {args.name!r}: use letters, digits, '.', '_' and '-'")
@@ -195,7 +196,7 @@ def cmd_model_create(args: argparse.Namespace) -> int:
         for f in [out / "config.json", *out.glob("*.safetensors"), out / "model.safetensors.index.json"]:
             f.unlink(missing_ok=True)
 
-    from cascade.checkpoint import generate_model
+    from cascade.models.generate import generate_model
 
     params = sum(_numel(s) for s in _all_shapes(cfg))
     nbytes = params * {"float32": 4, "float16": 2, "bfloat16": 2}[spec.dtype]
@@ -219,7 +220,7 @@ def _holds_model(path: Path) -> bool:
 
 
 def _all_shapes(cfg: Any) -> list[tuple[int, ...]]:
-    from cascade.modelconfig import unit_shapes
+    from cascade.models.config import unit_shapes
 
     shapes: dict[str, tuple[int, ...]] = {}
     for u in range(cfg.num_units):

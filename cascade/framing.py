@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from cascade.checkpoint import Checkpoint
+    from cascade.models.checkpoint import Checkpoint
 
 MAGIC = b"CSCD"
 VERSION = 1
@@ -487,7 +487,7 @@ class CheckpointSource:
 
     def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]:
         out = []
-        from cascade.modelconfig import unit_tensor_names  # torch-free, but keep the import local
+        from cascade.models.config import unit_tensor_names  # torch-free, but keep the import local
 
         for name in unit_tensor_names(self.ckpt.config, unit):
             e = self.ckpt.index[name].entries[name]

@@ -534,7 +534,7 @@ def _holds_model(path: Path) -> bool:
 
 def prepare_models(dep: Deployment) -> None:
     """Generate every model that has a generate spec and no files yet; check the others exist."""
-    from cascade.modelconfig import CheckpointError, read_config
+    from cascade.models.config import CheckpointError, read_config
 
     for m in dep.models:
         if _holds_model(m.path):
@@ -548,8 +548,8 @@ def prepare_models(dep: Deployment) -> None:
                 f"model {m.name}: no model at {m.path} (needs config.json and *.safetensors), "
                 "and the deployment has no generate spec for it"
             )
-        from cascade.checkpoint import generate_model
         from cascade.console import Progress
+        from cascade.models.generate import generate_model
 
         print(f"generating model {m.name} in {m.path} (first run only)", flush=True)
         bar = Progress(f"  {m.name}", total=1)

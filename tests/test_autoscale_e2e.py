@@ -34,7 +34,6 @@ import pytest
 import structlog
 from nats.aio.msg import Msg
 
-from cascade.checkpoint import generate_model
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import (
     DeployReply,
@@ -47,6 +46,7 @@ from cascade.messages import (
     decode,
     encode,
 )
+from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from services.gateway.main import GatewayService

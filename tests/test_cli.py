@@ -16,10 +16,10 @@ import structlog
 from nats.aio.msg import Msg
 
 from cascade import cli
-from cascade.checkpoint import Checkpoint
 from cascade.events import format_message
 from cascade.meshview import MeshStatus, render
 from cascade.messages import Heartbeat, ScaleAck, ScaleDecision, ServiceStatus, encode
+from cascade.models.checkpoint import Checkpoint
 from cascade.natsutil import connect
 from cascade.subjects import Subjects
 

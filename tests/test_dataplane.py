@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from bench.dpprocs import ReceiverProc, collect, start_all, stop_all, unit_digest
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import GenerateSpec
 from cascade.framing import ConnHeader, iter_unit_frames, read_status
 from cascade.messages import TransferOrder
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
 from services.loader.hostcache import HostCache, keep_alive_decision
 from services.loader.planner import MeshSnapshot, PlanRequest, WorkerView, plan_orders, plan_transfer, replan
 from services.worker.dataplane import (

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import GenerateSpec
 from cascade.messages import SamplingParams, TokenEvent
-from cascade.tokenizer import ByteTokenizer
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
+from cascade.models.tokenizer import ByteTokenizer
 from services.worker.engine import Engine
 from services.worker.model import LlamaModel
 

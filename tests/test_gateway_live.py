@@ -14,9 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import LoadModel, Ok
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from services.gateway.main import GatewayService

@@ -21,7 +21,6 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from cascade.checkpoint import generate_model
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import (
     BatchReply,
@@ -40,6 +39,7 @@ from cascade.messages import (
     decode,
     encode,
 )
+from cascade.models.generate import generate_model
 from cascade.subjects import Subjects
 from services.gateway.main import GatewayService
 from services.gateway.testing import parse_prometheus, running_gateway, sample

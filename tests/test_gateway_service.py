@@ -17,9 +17,9 @@ import nats
 import orjson
 import pytest
 
-from cascade.checkpoint import generate_model
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import ModelMetrics, ServiceReady, ServiceStatus, StatusRequest, decode, encode
+from cascade.models.generate import generate_model
 from cascade.subjects import Subjects
 from services.gateway.main import GatewayService, add_arguments, settings_from_args
 from services.gateway.settings import GatewaySettings

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import GenerateSpec
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
 from services.worker.localcache import DiskLoad, LocalCache, checkpoint_id
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import GenerateSpec
-from cascade.modelconfig import ModelConfig
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.config import ModelConfig
+from cascade.models.generate import generate_model
 from services.worker.model import KVCache, LlamaModel, prefill_inputs
 
 SPEC = GenerateSpec(layers=5, hidden=64, heads=4, kv_heads=2, vocab=320, seed=7)

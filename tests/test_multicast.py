@@ -26,7 +26,6 @@ import torch
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.framing import ConnHeader, read_status
 from cascade.meshview import gather_status
@@ -49,9 +48,11 @@ from cascade.messages import (
     decode,
     encode,
 )
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
+from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
-from cascade.tokenizer import ByteTokenizer
 from services.loader.main import Loader
 from services.loader.main import add_arguments as loader_arguments
 from services.worker.dataplane import model_unit_tensors, tensor_bytes

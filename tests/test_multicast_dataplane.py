@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import GenerateSpec
 from cascade.messages import TransferOrder
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
 from services.worker.dataplane import CheckpointSource, DataPlaneServer, TransferError, send_units, tensor_bytes
 
 MODEL = "ahead"

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from cascade.checkpoint import Checkpoint, generate_model
 from cascade.config import GenerateSpec
 from cascade.messages import RouteStage, SamplingParams, TokenEvent
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
+from cascade.models.tokenizer import ByteTokenizer
 from cascade.stagewire import PREFIX_SIZE, decode_frame, encode_frame, split_prefix
-from cascade.tokenizer import ByteTokenizer
 from services.worker.engine import Engine, Outgoing
 from services.worker.model import LlamaModel
 

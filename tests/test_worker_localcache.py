@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from cascade.checkpoint import generate_model
 from cascade.config import GenerateSpec
 from cascade.messages import (
     BatchReply,
@@ -31,9 +30,10 @@ from cascade.messages import (
     UnloadModel,
     decode,
 )
+from cascade.models.generate import generate_model
+from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
-from cascade.tokenizer import ByteTokenizer
 from services.worker.main import WorkerConfig, WorkerService
 from tests.waiting import wait_until
 

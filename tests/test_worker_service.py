@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from cascade.checkpoint import generate_model
 from cascade.config import GenerateSpec
 from cascade.messages import (
     BatchLimit,
@@ -33,9 +32,10 @@ from cascade.messages import (
     decode,
     encode,
 )
+from cascade.models.generate import generate_model
+from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
-from cascade.tokenizer import ByteTokenizer
 from services.worker.main import WorkerConfig, WorkerService
 from tests.waiting import wait_until
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascade.config import Deployment, ModelDeployment
-from cascade.modelconfig import CheckpointError, read_config
-from cascade.tokenizer import Tokenizer, load_tokenizer
+from cascade.models.config import CheckpointError, read_config
+from cascade.models.tokenizer import Tokenizer, load_tokenizer
 from services.gateway.openai_api import ApiError
 
 

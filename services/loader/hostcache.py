@@ -26,8 +26,8 @@ from typing import Literal
 
 import numpy as np
 
-from cascade.checkpoint import Checkpoint
 from cascade.framing import CheckpointSource, TensorMeta, UnitHeader, UnitSource, unit_frame_crc
+from cascade.models.checkpoint import Checkpoint
 
 CacheMode = Literal["mmap", "copy"]
 

@@ -37,7 +37,6 @@ from typing import Any, Literal
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from cascade.checkpoint import Checkpoint
 from cascade.cliargs import add_common_arguments, positive_float, service_start
 from cascade.config import LOADING_MODES, Deployment, ModelDeployment, env_float, env_str
 from cascade.framing import TransferError, send_units
@@ -63,6 +62,7 @@ from cascade.messages import (
     decode,
     encode,
 )
+from cascade.models.checkpoint import Checkpoint
 from cascade.natsutil import RequestTimeout, TaskSet, handler, request, stop_event
 from cascade.subjects import Subjects
 from services.loader.assign import Assignment, WorkerTable, choose_for_down, choose_for_up, describe, fully_serving

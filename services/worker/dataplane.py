@@ -37,7 +37,6 @@ import numpy as np
 import structlog
 import torch
 
-from cascade.checkpoint import DTYPE_NAMES, DTYPES
 from cascade.framing import (
     DEFAULT_CHUNK,
     Channel,
@@ -63,7 +62,8 @@ from cascade.framing import (
     verify_crc,
 )
 from cascade.messages import TransferOrder
-from cascade.modelconfig import unit_tensor_names
+from cascade.models.checkpoint import DTYPE_NAMES, DTYPES
+from cascade.models.config import unit_tensor_names
 from services.worker.model import LlamaModel
 
 # The sending half is shared with the loader's host cache, so it lives in the common package;

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from cascade.messages import RouteStage, SamplingParams, TokenEvent
-from cascade.tokenizer import IncrementalDecoder, Tokenizer
+from cascade.models.tokenizer import IncrementalDecoder, Tokenizer
 from services.worker.model import KVCache, LlamaModel, Segment, prefill_inputs
 from services.worker.sampling import sample_next
 

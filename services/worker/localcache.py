@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from cascade.checkpoint import Checkpoint
+from cascade.models.checkpoint import Checkpoint
 
 Unit = dict[str, torch.Tensor]
 LoadSource = Literal["disk", "local-cache"]

@@ -57,10 +57,10 @@ from cascade.messages import (
     WorkerState,
     encode,
 )
-from cascade.modelconfig import read_config
+from cascade.models.config import read_config
+from cascade.models.tokenizer import Tokenizer, load_tokenizer
 from cascade.natsutil import TaskSet, connect, handler, stop_event
 from cascade.subjects import Subjects, check_token
-from cascade.tokenizer import Tokenizer, load_tokenizer
 from services.worker.dataplane import (
     DataPlaneServer,
     LiveModelSource,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cascade.modelconfig import ModelConfig, unit_tensor_names
+from cascade.models.config import ModelConfig, unit_tensor_names
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -10,12 +10,9 @@ readiness in these units.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from cascade.config import GenerateSpec
 
 
 class CheckpointError(ValueError):
@@ -177,25 +174,3 @@ def unit_shapes(cfg: ModelConfig, unit: int) -> dict[str, tuple[int, ...]]:
             "down_proj": (h, i),
         }[leaf]
     return shapes
-
-
-def config_for_spec(spec: GenerateSpec) -> ModelConfig:
-    if spec.hidden % spec.heads or spec.heads % spec.kv_heads:
-        raise CheckpointError("hidden must divide by heads, and heads by kv_heads")
-    if (spec.hidden // spec.heads) % 2:
-        raise CheckpointError("head dimension (hidden / heads) must be even for RoPE")
-    if spec.vocab < 258:
-        raise CheckpointError("vocab must be at least 258 (256 bytes + BOS + EOS) for the byte tokenizer")
-    inter = spec.intermediate or 256 * math.ceil(int(8 * spec.hidden / 3) / 256)
-    return ModelConfig(
-        hidden_size=spec.hidden,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        intermediate_size=inter,
-        vocab_size=spec.vocab,
-        max_position_embeddings=spec.max_position,
-        torch_dtype=spec.dtype,
-        bos_token_id=256,
-        eos_token_id=257,
-    )

@@ -1,5 +1,5 @@
 """Checkpoint format: safetensors files beside a Hugging Face-style
-`config.json` (see cascade.modelconfig), read and written without extra
+`config.json` (see cascade.models.config), read and written without extra
 packages.
 
 Safetensors layout: 8-byte little-endian header length, a JSON header
@@ -14,17 +14,15 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cascade.config import GenerateSpec
-from cascade.modelconfig import (
+from cascade.models.config import (
     CheckpointError,
     ModelConfig,
-    config_for_spec,
     read_config,
     unit_shapes,
     unit_tensor_names,
@@ -35,7 +33,6 @@ __all__ = [
     "CheckpointError",
     "ModelConfig",
     "SafetensorsFile",
-    "generate_model",
     "is_model_dir",
     "read_config",
     "unit_shapes",
@@ -190,50 +187,3 @@ def write_safetensors(
             if progress:
                 progress(done, len(shapes))
     tmp.replace(path)
-
-
-def generate_model(
-    model_dir: Path, spec: GenerateSpec, progress: Callable[[int, int], None] | None = None
-) -> ModelConfig:
-    """Write a deterministic random Llama-style model (same spec and seed → same bytes)."""
-    cfg = config_for_spec(spec)
-    if spec.dtype not in TORCH_DTYPE_BY_HF:
-        raise CheckpointError(f"dtype {spec.dtype!r}: use float32, float16 or bfloat16")
-    dtype = TORCH_DTYPE_BY_HF[spec.dtype]
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for unit in range(cfg.num_units):
-        for name, shape in unit_shapes(cfg, unit).items():
-            shapes[name] = (shape, dtype)
-
-    def produce(name: str) -> torch.Tensor:
-        shape = shapes[name][0]
-        if len(shape) == 1:
-            return torch.ones(shape)
-        # Seed per tensor name so any tensor can be regenerated alone, in any order.
-        g = torch.Generator().manual_seed(spec.seed * 1_000_003 + _stable_hash(name))
-        # 1/sqrt(fan_in) keeps activations O(1) through many random layers, so outputs are not degenerate.
-        return torch.randn(shape, generator=g) / math.sqrt(shape[1])
-
-    (model_dir / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
-    write_safetensors(
-        model_dir / "model.safetensors",
-        shapes,
-        produce,
-        metadata={"format": "pt", "generator": "cascade", "seed": str(spec.seed)},
-        progress=progress,
-    )
-    return cfg
-
-
-def _stable_hash(s: str) -> int:
-    h = 2166136261
-    for ch in s.encode():
-        h = ((h ^ ch) * 16777619) & 0xFFFFFFFF
-    return h
-
-
-def iter_units(ckpt: Checkpoint) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    for u in range(ckpt.config.num_units):
-        yield u, ckpt.unit_tensors(u)
