@@ -1,5 +1,8 @@
 """Shared fixtures: one real nats-server per test session on a free port; each test
-gets its own subject prefix so tests never hear each other."""
+gets its own subject prefix so tests never hear each other.
+
+Every test that talks to the broker is marked `e2e` here, whatever its module says, so
+`pytest -m "not e2e"` runs the broker-free unit tests alone in seconds."""
 
 from __future__ import annotations
 
@@ -10,6 +13,15 @@ import pytest
 
 from cascade.embedded_nats import EmbeddedNats
 from cascade.subjects import Subjects
+
+# Fixtures that start a broker, a process or a whole mesh: a test using one is end-to-end.
+_E2E_FIXTURES = frozenset({"nats_server", "nats_url", "three"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
