@@ -64,14 +64,14 @@ from bench.tracelib import (
     summarise,
     window,
 )
+from cascade.cli.statusview import to_json
 from cascade.config import GenerateSpec
 from cascade.device_profile import PROFILES_DIR, DeviceProfile, load_profile
 from cascade.framing import DEFAULT_CHUNK
-from cascade.meshview import gather_status, to_json
 from cascade.messages import Heartbeat, HostCacheRequest, Ok, ScaleAck, ScaleDecision, decode
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
-from cascade.natsutil import connect, request
+from cascade.natsutil import connect, gather_status, request
 from cascade.subjects import Subjects
 
 MODEL = "burst-model"

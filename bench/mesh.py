@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cascade.cli.supervisor import die_with_parent_preexec
 from cascade.config import read_mesh_file
-from cascade.up import die_with_parent_preexec
 
 
 class Mesh:

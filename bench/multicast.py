@@ -284,7 +284,7 @@ def mesh_rows(
     import asyncio
     import tempfile
 
-    from cascade.embedded_nats import EmbeddedNats
+    from cascade.cli.embedded_nats import EmbeddedNats
 
     wids = [f"bw{i}" for i in range(max(ns) + 1)]
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -337,7 +337,6 @@ async def _mesh_rows(
 ) -> list[dict[str, Any]]:
     import asyncio
 
-    from cascade.meshview import gather_status
     from cascade.messages import (
         Heartbeat,
         LayerReady,
@@ -349,7 +348,7 @@ async def _mesh_rows(
         decode,
         encode,
     )
-    from cascade.natsutil import connect, request
+    from cascade.natsutil import connect, gather_status, request
     from cascade.subjects import Subjects
 
     s = Subjects(MESH_PREFIX)

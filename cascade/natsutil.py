@@ -1,12 +1,13 @@
-"""Thin helpers over nats-py shared by every service: connect, typed
-request/reply with timeouts and error replies, handler wrapping, task keeping
-and the one shutdown path."""
+"""Thin helpers over nats-py shared by every service and command: connect, typed
+request/reply with timeouts and error replies, handler wrapping, task keeping,
+the status scatter-gather and the one shutdown signal."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats
@@ -16,7 +17,17 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from cascade.messages import ErrorReply, MessageError, RemoteError, decode, encode
+from cascade.messages import (
+    ErrorReply,
+    Heartbeat,
+    MessageError,
+    RemoteError,
+    ServiceStatus,
+    StatusRequest,
+    decode,
+    encode,
+)
+from cascade.subjects import Subjects
 
 T = TypeVar("T")
 log = structlog.get_logger()
@@ -27,7 +38,18 @@ class RequestTimeout(TimeoutError):
 
 
 async def connect(url: str, name: str, connect_timeout_s: float = 10.0) -> NATS:
-    """Connect to NATS, retrying until `connect_timeout_s` (a broker that starts beside us)."""
+    """Connect to NATS, retrying until `connect_timeout_s` (a broker that starts beside us);
+    ConnectionError after that. Once connected, reconnects are unlimited.
+
+    nats-py keeps retrying a first connection that fails when reconnects are allowed, so the
+    budget is enforced here, around each attempt and around the whole."""
+    try:
+        return await asyncio.wait_for(_connect(url, name, connect_timeout_s), connect_timeout_s + 1.0)
+    except TimeoutError:
+        raise ConnectionError(f"cannot reach NATS at {url} within {connect_timeout_s:g}s") from None
+
+
+async def _connect(url: str, name: str, connect_timeout_s: float) -> NATS:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + connect_timeout_s
     last: Exception | None = None
@@ -40,13 +62,11 @@ async def connect(url: str, name: str, connect_timeout_s: float = 10.0) -> NATS:
     while True:
         remaining = deadline - loop.time()
         try:
-            # nats-py keeps retrying a first connection that fails when reconnects are allowed,
-            # so the budget is enforced here, around each attempt.
             return await asyncio.wait_for(
                 nats.connect(
                     url,
                     name=name,
-                    connect_timeout=2,
+                    connect_timeout=min(2.0, max(connect_timeout_s, 0.1)),
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
@@ -155,3 +175,48 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, ev.set)
     return ev
+
+
+# --------------------------------------------------------------------------- status
+
+
+@dataclass(frozen=True, slots=True)
+class MeshStatus:
+    services: list[ServiceStatus]
+    heartbeats: dict[str, Heartbeat]  # by worker id, the latest heard in the window
+
+
+async def gather_status(nc: NATS, subjects: Subjects, window_s: float, requester: str = "cli") -> MeshStatus:
+    """Publish one StatusRequest with a reply inbox and collect every answer until the window ends.
+
+    Scatter-gather cannot know how many services exist, so the window is the only end; heartbeats
+    heard meanwhile fill in worker figures a status reply may not carry."""
+    replies: dict[tuple[str, str], ServiceStatus] = {}
+    beats: dict[str, Heartbeat] = {}
+
+    async def on_reply(msg: Msg) -> None:
+        try:
+            st = decode(msg.data, ServiceStatus)
+        except MessageError:
+            return  # an error reply or a foreign message: not a status
+        replies[(st.service, st.instance)] = st
+
+    async def on_beat(msg: Msg) -> None:
+        try:
+            hb = decode(msg.data, Heartbeat)
+        except MessageError:
+            return
+        beats[hb.worker_id] = hb
+
+    inbox = nc.new_inbox()
+    sub_r = await nc.subscribe(inbox, cb=on_reply)
+    sub_h = await nc.subscribe(subjects.heartbeat_all(), cb=on_beat)
+    try:
+        await nc.publish(subjects.status(), encode(StatusRequest(requester)), reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(window_s)  # the gather window itself, not a synchronisation guess
+    finally:
+        await sub_r.unsubscribe()
+        await sub_h.unsubscribe()
+    services = sorted(replies.values(), key=lambda s: (s.service, s.instance))
+    return MeshStatus(services=services, heartbeats=beats)

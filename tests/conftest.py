@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cascade.embedded_nats import EmbeddedNats
+from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.subjects import Subjects
 
 # Fixtures that start a broker, a process or a whole mesh: a test using one is end-to-end.

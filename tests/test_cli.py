@@ -16,11 +16,11 @@ import structlog
 from nats.aio.msg import Msg
 
 from cascade import cli
-from cascade.events import format_message
-from cascade.meshview import MeshStatus, render
+from cascade.cli.statusview import render
+from cascade.cli.tapformat import format_message
 from cascade.messages import Heartbeat, ScaleAck, ScaleDecision, ServiceStatus, encode
 from cascade.models.checkpoint import Checkpoint
-from cascade.natsutil import connect
+from cascade.natsutil import MeshStatus, connect
 from cascade.subjects import Subjects
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,7 +224,7 @@ def test_status_with_no_mesh_is_a_clear_error(home: Path, nats_url: str, prefix:
 
 
 def test_status_with_no_broker_is_a_clear_error(home: Path) -> None:
-    from cascade.embedded_nats import free_port
+    from cascade.cli.embedded_nats import free_port
 
     r = run_cli(home, "status", "--nats-url", f"nats://127.0.0.1:{free_port()}")
     assert r.returncode == 1

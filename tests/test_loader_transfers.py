@@ -3,8 +3,9 @@ break a failure names, what a repair keeps following, and the outcome."""
 
 from __future__ import annotations
 
-from cascade.meshview import MeshStatus, render, to_json
+from cascade.cli.statusview import render, to_json
 from cascade.messages import ServiceStatus, TransferEvent
+from cascade.natsutil import MeshStatus
 from services.loader.planner import MeshSnapshot, PlanRequest, WorkerView, plan_transfer, replan
 from services.loader.transfers import TransferSession
 

@@ -28,7 +28,6 @@ from nats.aio.msg import Msg
 
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.framing import ConnHeader, read_status
-from cascade.meshview import gather_status
 from cascade.messages import (
     BatchReply,
     GenerateBatch,
@@ -51,7 +50,7 @@ from cascade.messages import (
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
-from cascade.natsutil import connect, request
+from cascade.natsutil import connect, gather_status, request
 from cascade.subjects import Subjects
 from services.loader.main import Loader
 from services.loader.main import add_arguments as loader_arguments

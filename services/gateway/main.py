@@ -22,7 +22,6 @@ from cascade import natsutil
 from cascade.cliargs import add_common_arguments, deployment_from_args
 from cascade.config import ConfigError, Deployment, env_float, env_int, env_str
 from cascade.logs import setup_logging
-from cascade.meshview import connect_bounded
 from services.gateway.app import create_app
 from services.gateway.core import GatewayCore
 from services.gateway.settings import GatewaySettings, new_gateway_id
@@ -61,7 +60,7 @@ class GatewayService:
 
     async def start(self) -> GatewayService:
         try:
-            self._nc = await connect_bounded(
+            self._nc = await natsutil.connect(
                 self.settings.nats_url, f"gateway-{self.id}", self.settings.nats_connect_timeout_s
             )
             self._core = GatewayCore(self.settings, self.deployment, self._nc, self.log)

@@ -40,7 +40,6 @@ from nats.aio.msg import Msg
 from cascade.cliargs import add_common_arguments, positive_float, service_start
 from cascade.config import LOADING_MODES, Deployment, ModelDeployment, env_float, env_str
 from cascade.framing import TransferError, send_units
-from cascade.meshview import connect_bounded
 from cascade.messages import (
     Heartbeat,
     HostCacheRequest,
@@ -63,7 +62,7 @@ from cascade.messages import (
     encode,
 )
 from cascade.models.checkpoint import Checkpoint
-from cascade.natsutil import RequestTimeout, TaskSet, handler, request, stop_event
+from cascade.natsutil import RequestTimeout, TaskSet, connect, handler, request, stop_event
 from cascade.subjects import Subjects
 from services.loader.assign import Assignment, WorkerTable, choose_for_down, choose_for_up, describe, fully_serving
 from services.loader.hostcache import DEFAULT_KEEP_ALIVE_COLD_S, DEFAULT_KEEP_ALIVE_S, CacheMode, HostCache
@@ -754,7 +753,7 @@ class Loader:
 
     async def serve(self, stop: asyncio.Event) -> int:
         s = self.subjects
-        self.nc = await connect_bounded(self.args.nats_url, f"loader-{self.args.loader_id}", timeout_s=30.0)
+        self.nc = await connect(self.args.nats_url, f"loader-{self.args.loader_id}", connect_timeout_s=30.0)
         try:
             subs: list[tuple[str, Callable[[Msg], Awaitable[None]]]] = [
                 (s.heartbeat_all(), self.on_heartbeat),

@@ -27,7 +27,6 @@ from nats.aio.msg import Msg
 
 from cascade.cliargs import add_common_arguments, positive_float, service_start
 from cascade.config import ConfigError, Deployment, env_float, env_str
-from cascade.meshview import connect_bounded, gather_status
 from cascade.messages import (
     BatchLimit,
     DeployReply,
@@ -48,7 +47,7 @@ from cascade.messages import (
     decode,
     encode,
 )
-from cascade.natsutil import RequestTimeout, TaskSet, handler, request, stop_event
+from cascade.natsutil import RequestTimeout, TaskSet, connect, gather_status, handler, request, stop_event
 from cascade.subjects import Subjects
 from services.scaler.control import Controls, UnknownModel
 from services.scaler.policies import KnobError
@@ -397,7 +396,7 @@ class Scaler:
 
     async def serve(self, stop: asyncio.Event) -> int:
         s = self.subjects
-        self.nc = await connect_bounded(self.args.nats_url, f"scaler-{self.args.scaler_id}", timeout_s=30.0)
+        self.nc = await connect(self.args.nats_url, f"scaler-{self.args.scaler_id}", connect_timeout_s=30.0)
         try:
             subs: list[tuple[str, Callable[[Msg], Awaitable[None]]]] = [
                 (s.heartbeat_all(), self.on_heartbeat),

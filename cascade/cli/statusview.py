@@ -1,75 +1,14 @@
-"""What `cascade status` shows: a scatter-gather of `StatusRequest` (every
-service answers `ServiceStatus` on one inbox) merged with the worker
-heartbeats heard during the same window, rendered as tables or JSON."""
+"""What `cascade status` shows: the mesh's answers to one status scatter-gather
+(`natsutil.gather_status`) merged with the worker heartbeats heard during the same
+window, rendered as tables or JSON."""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-
 from cascade.console import bar, human_bytes, table
-from cascade.messages import Heartbeat, MessageError, ServiceStatus, StatusRequest, decode, encode
-from cascade.subjects import Subjects
-
-
-async def connect_bounded(url: str, name: str, timeout_s: float) -> NATS:
-    """`cascade.natsutil.connect`, but really giving up after `timeout_s`.
-
-    nats-py retries an unreachable first server forever when reconnects are unlimited, so the
-    connect budget is enforced here from the outside; raises ConnectionError like connect()."""
-    from cascade.natsutil import connect
-
-    try:
-        return await asyncio.wait_for(connect(url, name=name, connect_timeout_s=timeout_s), timeout_s)
-    except TimeoutError:
-        raise ConnectionError(f"cannot reach NATS at {url} within {timeout_s:g}s") from None
-
-
-@dataclass(frozen=True, slots=True)
-class MeshStatus:
-    services: list[ServiceStatus]
-    heartbeats: dict[str, Heartbeat]  # by worker id, the latest heard in the window
-
-
-async def gather_status(nc: NATS, subjects: Subjects, window_s: float, requester: str = "cli") -> MeshStatus:
-    """Publish one StatusRequest with a reply inbox and collect every answer until the window ends.
-
-    Scatter-gather cannot know how many services exist, so the window is the only end; heartbeats
-    heard meanwhile fill in worker figures a status reply may not carry."""
-    replies: dict[tuple[str, str], ServiceStatus] = {}
-    beats: dict[str, Heartbeat] = {}
-
-    async def on_reply(msg: Msg) -> None:
-        try:
-            st = decode(msg.data, ServiceStatus)
-        except MessageError:
-            return  # an error reply or a foreign message: not a status
-        replies[(st.service, st.instance)] = st
-
-    async def on_beat(msg: Msg) -> None:
-        try:
-            hb = decode(msg.data, Heartbeat)
-        except MessageError:
-            return
-        beats[hb.worker_id] = hb
-
-    inbox = nc.new_inbox()
-    sub_r = await nc.subscribe(inbox, cb=on_reply)
-    sub_h = await nc.subscribe(subjects.heartbeat_all(), cb=on_beat)
-    try:
-        await nc.publish(subjects.status(), encode(StatusRequest(requester)), reply=inbox)
-        await nc.flush()
-        await asyncio.sleep(window_s)  # the gather window itself, not a synchronisation guess
-    finally:
-        await sub_r.unsubscribe()
-        await sub_h.unsubscribe()
-    services = sorted(replies.values(), key=lambda s: (s.service, s.instance))
-    return MeshStatus(services=services, heartbeats=beats)
-
+from cascade.natsutil import MeshStatus
 
 _INSTANCE_FIELDS = (
     "state",

@@ -1,16 +1,12 @@
-"""`cascade up`: the whole mesh on one machine, supervised.
-
-Order of work, each step undone in reverse on the way out:
-models on disk → broker → deployment file → children (gateway, scaler,
-loader, workers) → wait until every service said `ServiceReady`, every model
-serves on its min_replicas workers and the gateway's /health is 200 → mesh
-file → wait for Ctrl-C / SIGTERM or a child dying → stop children (SIGTERM,
-then SIGKILL after a grace period) → broker → mesh file removed.
+"""The supervisor behind `cascade up`: the mesh's processes on one machine.
 
 Children are ordinary `python -m cascade.cli <service>` processes in their own
-session (a terminal Ctrl-C reaches only this supervisor, which then stops them
-in order) and, on Linux, with PR_SET_PDEATHSIG so that a supervisor killed
-with SIGKILL does not leave them behind.
+session (a terminal Ctrl-C reaches only the supervisor, which then stops them in
+order) and, on Linux, with PR_SET_PDEATHSIG so that a supervisor killed with
+SIGKILL does not leave them behind. It waits until every service said
+`ServiceReady`, every model serves on its min_replicas workers and the gateway's
+/health is 200; then it records the mesh file and waits for a signal or a child
+dying, and stops the children (SIGTERM, then SIGKILL after a grace period).
 """
 
 from __future__ import annotations
@@ -27,86 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from cascade.cliargs import non_negative_int, positive_float, positive_int
-from cascade.config import (
-    DEFAULT_NATS_PORT,
-    ConfigError,
-    Deployment,
-    ModelDeployment,
-    cascade_home,
-    load_deployment,
-    mesh_file,
-    read_mesh_file,
-    with_replicas,
-    write_mesh_file,
-)
-
-SERVICE_ORDER = ("gateway", "scaler", "loader")
+from cascade.config import Deployment, ModelDeployment, mesh_file, read_mesh_file, write_mesh_file
+from cascade.messages import Heartbeat, MessageError, ServiceReady, decode
+from cascade.natsutil import connect, stop_event
+from cascade.subjects import Subjects
 
 
 class UpError(Exception):
     """`cascade up` cannot go on; the message says what and where to look."""
 
 
-# --------------------------------------------------------------------------- flags
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workers", type=positive_int, default=2, help="worker processes to start (default 2)")
-    parser.add_argument(
-        "--port", type=non_negative_int, default=8000, help="gateway HTTP port (default 8000; 0 picks a free one)"
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="gateway HTTP address (default 127.0.0.1)")
-    parser.add_argument(
-        "--nats-url", default=None, help="use this NATS server instead of starting an embedded one on port 4222"
-    )
-    parser.add_argument(
-        "--nats-port",
-        type=non_negative_int,
-        default=None,
-        help="port of the embedded NATS server (default 4222 if free, else any free port; 0: any free port)",
-    )
-    parser.add_argument(
-        "--config",
-        default=os.environ.get("CASCADE_CONFIG") or None,
-        help="deployment file, TOML (default: $CASCADE_CONFIG, else the built-in cascade-tiny model)",
-    )
-    parser.add_argument(
-        "--replicas",
-        type=non_negative_int,
-        default=None,
-        help="min replicas of every model (default: the deployment's min_replicas, 1 for the built-in model)",
-    )
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument(
-        "--prefix",
-        default=os.environ.get("CASCADE_PREFIX") or "cascade",
-        help="subject prefix (default: $CASCADE_PREFIX, else 'cascade')",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("CASCADE_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        type=str.lower,
-        help="log level of the services (default: $CASCADE_LOG_LEVEL, else info)",
-    )
-    parser.add_argument(
-        "--timeout", type=positive_float, default=300.0, help="seconds to wait for the mesh to come up (default 300)"
-    )
-    parser.add_argument(
-        "--stop-timeout",
-        type=positive_float,
-        default=15.0,
-        help="seconds children get to stop after SIGTERM before SIGKILL (default 15)",
-    )
-
-
 # --------------------------------------------------------------------------- processes
 
 
-def _make_die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | None:
+def make_die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | None:
     """A preexec_fn asking the kernel to send `sig` to the child when this process dies (Linux
     only). Tools that start a whole `cascade up` (benchmarks, tests) pass SIGTERM, so that the
     supervisor still stops its children in order."""
@@ -135,16 +65,16 @@ def _make_die_with_parent(sig: signal.Signals = signal.SIGKILL) -> Callable[[], 
 
 def die_with_parent_preexec(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
     """For a process that starts `cascade up` itself: its mesh stops when that process dies."""
-    return _make_die_with_parent(sig)
+    return make_die_with_parent(sig)
 
 
 def _source_root() -> Path | None:
     """The checkout this package runs from, if any (so children find `services` without an install)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "services").is_dir() and (root / "pyproject.toml").is_file() else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -250,7 +180,7 @@ class Supervisor:
         self.stopping = False
         self._wrote_mesh = False
         self._last_worker_state: dict[int, tuple[str, str | None]] = {}
-        self._preexec = _make_die_with_parent()
+        self._preexec = make_die_with_parent()
 
     @property
     def gateway_url(self) -> str:
@@ -464,11 +394,7 @@ async def _wait_any(*events: asyncio.Event, timeout: float) -> bool:
     return bool(done)
 
 
-async def _supervise(sup: Supervisor) -> int:
-    from cascade.meshview import connect_bounded
-    from cascade.messages import Heartbeat, MessageError, ServiceReady, decode
-    from cascade.natsutil import stop_event
-    from cascade.subjects import Subjects
+async def supervise(sup: Supervisor) -> int:
 
     stop = stop_event()
     loop = asyncio.get_running_loop()
@@ -477,7 +403,7 @@ async def _supervise(sup: Supervisor) -> int:
     nc = None
     try:
         try:
-            nc = await connect_bounded(sup.nats_url, "cascade-up", timeout_s=10.0)
+            nc = await connect(sup.nats_url, "cascade-up", connect_timeout_s=10.0)
         except ConnectionError as e:
             raise UpError(str(e)) from None
 
@@ -523,138 +449,3 @@ async def _supervise(sup: Supervisor) -> int:
                 await nc.close()
         await sup.stop_children()
         sup.remove_mesh()
-
-
-# --------------------------------------------------------------------------- models
-
-
-def _holds_model(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
-
-
-def prepare_models(dep: Deployment) -> None:
-    """Generate every model that has a generate spec and no files yet; check the others exist."""
-    from cascade.models.config import CheckpointError, read_config
-
-    for m in dep.models:
-        if _holds_model(m.path):
-            try:
-                read_config(m.path)
-            except CheckpointError as e:
-                raise UpError(f"model {m.name}: {e}") from None
-            continue
-        if m.generate is None:
-            raise UpError(
-                f"model {m.name}: no model at {m.path} (needs config.json and *.safetensors), "
-                "and the deployment has no generate spec for it"
-            )
-        from cascade.console import Progress
-        from cascade.models.generate import generate_model
-
-        print(f"generating model {m.name} in {m.path} (first run only)", flush=True)
-        bar = Progress(f"  {m.name}", total=1)
-        try:
-            generate_model(m.path, m.generate, progress=bar.update)
-        except (CheckpointError, OSError) as e:
-            raise UpError(f"cannot generate model {m.name} in {m.path}: {e}") from None
-        bar.done("generated")
-
-
-# --------------------------------------------------------------------------- entry
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def run(args: argparse.Namespace) -> int:
-    # Until the event loop takes over signals, SIGTERM must unwind through the finally blocks
-    # (stopping the broker) rather than end the process on the spot.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from cascade.embedded_nats import BrokerError, EmbeddedNats, port_is_free
-
-    if args.nats_url and args.nats_port is not None:
-        raise ConfigError("--nats-port sets the embedded broker's port; with --nats-url no broker is started")
-    home = cascade_home()
-    dep = load_deployment(Path(args.config) if args.config else None, home)
-    if args.replicas is not None:
-        dep = with_replicas(dep, args.replicas)
-    needed = sum(m.min_replicas for m in dep.models)
-    if needed > args.workers:
-        raise ConfigError(
-            f"the deployment needs {needed} worker(s) for its min_replicas but --workers is {args.workers}"
-        )
-    info = read_mesh_file(home)
-    if info:
-        pid = (info.get("pids") or {}).get("up")
-        if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
-            print(
-                f"cascade up: a mesh is already running from {home} (pid {pid}, {info.get('gateway_url')}); "
-                "stop it first, or set CASCADE_HOME to run another",
-                file=sys.stderr,
-            )
-            return 1
-
-    port = args.port
-    if port == 0:
-        from cascade.embedded_nats import free_port
-
-        port = free_port()
-    elif not port_is_free(port, "127.0.0.1" if args.host in ("127.0.0.1", "localhost") else args.host):
-        print(f"cascade up: port {port} is in use; pass --port N (or --port 0 for a free one)", file=sys.stderr)
-        return 1
-
-    try:
-        prepare_models(dep)
-    except UpError as e:
-        print(f"cascade up: {e}", file=sys.stderr)
-        return 1
-
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "logs").mkdir(exist_ok=True)
-    deployment_file = home / "deployment.json"
-    deployment_file.write_bytes(orjson.dumps(dep.to_json(), option=orjson.OPT_INDENT_2))
-
-    broker: EmbeddedNats | None = None
-    try:
-        if args.nats_url:
-            nats_url = args.nats_url
-        else:
-            if args.nats_port is None:
-                nats_port = DEFAULT_NATS_PORT if port_is_free(DEFAULT_NATS_PORT) else None
-            else:
-                nats_port = args.nats_port or None  # 0 → EmbeddedNats picks a free port
-            broker = EmbeddedNats(
-                port=nats_port,
-                log_file=home / "logs" / "nats.log",
-                preexec_fn=_make_die_with_parent(),
-            )
-            try:
-                broker.start()
-            except BrokerError as e:
-                print(f"cascade up: cannot start the embedded NATS server: {e}", file=sys.stderr)
-                return 1
-            nats_url = broker.url
-            print(f"NATS broker at {nats_url} (log: {home / 'logs' / 'nats.log'})", flush=True)
-        sup = Supervisor(
-            args,
-            home,
-            dep,
-            deployment_file,
-            nats_url,
-            port,
-            broker.proc.pid if broker and broker.proc else None,
-        )
-        return asyncio.run(_supervise(sup))
-    finally:
-        if broker is not None:
-            broker.stop()

@@ -1,0 +1,73 @@
+"""`cascade bench NAME [ARGS]`: run one of the benchmarks in bench/ (`main(argv)`).
+
+The benchmarks live beside the services, in the `bench` package; each is imported only when
+run (they pull in torch and plotting), by a plain import.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from cascade.cli.common import CliError
+
+BENCHMARKS: dict[str, str] = {
+    "serve": "streamed completions at several concurrencies, and the mesh's own overhead",
+    "scaleup": "live against stop-the-world scaling: TTFT while new instances load",
+    "multicast": "parameter transfers: chain multicast against star and disk, per target count",
+    "burst": "a real trace's bursts: Cascade against ServerlessLLM-style, AllCache and static fleets",
+    "trace": "open-loop replay of a request trace against any OpenAI-compatible server",
+}
+
+
+def benchmark(name: str) -> Callable[[list[str]], int | None]:
+    """The benchmark's `main` (imported now, not before)."""
+    try:
+        if name == "serve":
+            from bench.serve import main as serve
+
+            return serve
+        if name == "scaleup":
+            from bench.scaleup import main as scaleup
+
+            return scaleup
+        if name == "multicast":
+            from bench.multicast import main as multicast
+
+            return multicast
+        if name == "burst":
+            from bench.burst import main as burst
+
+            return burst
+        if name == "trace":
+            from bench.trace import main as trace
+
+            return trace
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "bench":
+            raise CliError("the benchmarks are not part of this installation (run from a checkout)") from None
+        raise CliError(f"benchmark {name} needs the Python package {e.name!r}") from None
+    raise CliError(f"no benchmark {name!r} (available: {', '.join(BENCHMARKS)})")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark from bench/ (e.g. `cascade bench serve --help`)",
+        description="Run a benchmark with the remaining arguments. Without NAME, list them: "
+        + "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()),
+    )
+    p.add_argument("name", nargs="?", help="benchmark name: " + ", ".join(BENCHMARKS))
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not args.name:
+        print("benchmarks:")
+        for name, what in BENCHMARKS.items():
+            print(f"  {name:10} {what}")
+        return 0
+    main = benchmark(args.name)
+    return int(main(list(args.bench_args)) or 0)

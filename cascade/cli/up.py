@@ -1,0 +1,230 @@
+"""`cascade up`: the whole mesh on one machine.
+
+Order of work, each step undone in reverse on the way out: models on disk →
+broker → deployment file → children (gateway, scaler, loader, workers, run and
+watched by the supervisor, supervisor.py) → mesh file → wait for Ctrl-C /
+SIGTERM or a child dying → stop children → broker → mesh file removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cascade.cli.supervisor import Supervisor, UpError, make_die_with_parent, pid_alive, supervise
+from cascade.cliargs import non_negative_int, positive_float, positive_int
+from cascade.config import (
+    DEFAULT_NATS_PORT,
+    ConfigError,
+    Deployment,
+    cascade_home,
+    load_deployment,
+    read_mesh_file,
+    with_replicas,
+)
+
+
+def register(sub: Any) -> None:
+    sp = sub.add_parser(
+        "up",
+        help="start a NATS broker and every service on this machine",
+        description="Start an embedded NATS broker, the gateway, scaler, loader and N workers as child "
+        "processes; generate missing models; wait until the default model serves; stop all on Ctrl-C.",
+    )
+    add_arguments(sp)
+    sp.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=positive_int, default=2, help="worker processes to start (default 2)")
+    parser.add_argument(
+        "--port", type=non_negative_int, default=8000, help="gateway HTTP port (default 8000; 0 picks a free one)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="gateway HTTP address (default 127.0.0.1)")
+    parser.add_argument(
+        "--nats-url", default=None, help="use this NATS server instead of starting an embedded one on port 4222"
+    )
+    parser.add_argument(
+        "--nats-port",
+        type=non_negative_int,
+        default=None,
+        help="port of the embedded NATS server (default 4222 if free, else any free port; 0: any free port)",
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("CASCADE_CONFIG") or None,
+        help="deployment file, TOML (default: $CASCADE_CONFIG, else the built-in cascade-tiny model)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=non_negative_int,
+        default=None,
+        help="min replicas of every model (default: the deployment's min_replicas, 1 for the built-in model)",
+    )
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument(
+        "--prefix",
+        default=os.environ.get("CASCADE_PREFIX") or "cascade",
+        help="subject prefix (default: $CASCADE_PREFIX, else 'cascade')",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("CASCADE_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        type=str.lower,
+        help="log level of the services (default: $CASCADE_LOG_LEVEL, else info)",
+    )
+    parser.add_argument(
+        "--timeout", type=positive_float, default=300.0, help="seconds to wait for the mesh to come up (default 300)"
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=positive_float,
+        default=15.0,
+        help="seconds children get to stop after SIGTERM before SIGKILL (default 15)",
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _holds_model(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def prepare_models(dep: Deployment) -> None:
+    """Generate every model that has a generate spec and no files yet; check the others exist."""
+    from cascade.models.config import CheckpointError, read_config
+
+    for m in dep.models:
+        if _holds_model(m.path):
+            try:
+                read_config(m.path)
+            except CheckpointError as e:
+                raise UpError(f"model {m.name}: {e}") from None
+            continue
+        if m.generate is None:
+            raise UpError(
+                f"model {m.name}: no model at {m.path} (needs config.json and *.safetensors), "
+                "and the deployment has no generate spec for it"
+            )
+        from cascade.console import Progress
+        from cascade.models.generate import generate_model
+
+        print(f"generating model {m.name} in {m.path} (first run only)", flush=True)
+        bar = Progress(f"  {m.name}", total=1)
+        try:
+            generate_model(m.path, m.generate, progress=bar.update)
+        except (CheckpointError, OSError) as e:
+            raise UpError(f"cannot generate model {m.name} in {m.path}: {e}") from None
+        bar.done("generated")
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    # Until the event loop takes over signals, SIGTERM must unwind through the finally blocks
+    # (stopping the broker) rather than end the process on the spot.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cascade.cli.embedded_nats import BrokerError, EmbeddedNats, port_is_free
+
+    if args.nats_url and args.nats_port is not None:
+        raise ConfigError("--nats-port sets the embedded broker's port; with --nats-url no broker is started")
+    home = cascade_home()
+    dep = load_deployment(Path(args.config) if args.config else None, home)
+    if args.replicas is not None:
+        dep = with_replicas(dep, args.replicas)
+    needed = sum(m.min_replicas for m in dep.models)
+    if needed > args.workers:
+        raise ConfigError(
+            f"the deployment needs {needed} worker(s) for its min_replicas but --workers is {args.workers}"
+        )
+    info = read_mesh_file(home)
+    if info:
+        pid = (info.get("pids") or {}).get("up")
+        if isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+            print(
+                f"cascade up: a mesh is already running from {home} (pid {pid}, {info.get('gateway_url')}); "
+                "stop it first, or set CASCADE_HOME to run another",
+                file=sys.stderr,
+            )
+            return 1
+
+    port = args.port
+    if port == 0:
+        from cascade.cli.embedded_nats import free_port
+
+        port = free_port()
+    elif not port_is_free(port, "127.0.0.1" if args.host in ("127.0.0.1", "localhost") else args.host):
+        print(f"cascade up: port {port} is in use; pass --port N (or --port 0 for a free one)", file=sys.stderr)
+        return 1
+
+    try:
+        prepare_models(dep)
+    except UpError as e:
+        print(f"cascade up: {e}", file=sys.stderr)
+        return 1
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "logs").mkdir(exist_ok=True)
+    deployment_file = home / "deployment.json"
+    deployment_file.write_bytes(orjson.dumps(dep.to_json(), option=orjson.OPT_INDENT_2))
+
+    broker: EmbeddedNats | None = None
+    try:
+        if args.nats_url:
+            nats_url = args.nats_url
+        else:
+            if args.nats_port is None:
+                nats_port = DEFAULT_NATS_PORT if port_is_free(DEFAULT_NATS_PORT) else None
+            else:
+                nats_port = args.nats_port or None  # 0 → EmbeddedNats picks a free port
+            broker = EmbeddedNats(
+                port=nats_port,
+                log_file=home / "logs" / "nats.log",
+                preexec_fn=make_die_with_parent(),
+            )
+            try:
+                broker.start()
+            except BrokerError as e:
+                print(f"cascade up: cannot start the embedded NATS server: {e}", file=sys.stderr)
+                return 1
+            nats_url = broker.url
+            print(f"NATS broker at {nats_url} (log: {home / 'logs' / 'nats.log'})", flush=True)
+        sup = Supervisor(
+            args,
+            home,
+            dep,
+            deployment_file,
+            nats_url,
+            port,
+            broker.proc.pid if broker and broker.proc else None,
+        )
+        return asyncio.run(supervise(sup))
+    finally:
+        if broker is not None:
+            broker.stop()
