@@ -15,7 +15,6 @@ or a condition with a deadline.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
@@ -48,10 +47,12 @@ from cascade.messages import (
 )
 from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
+from cascade.service import serve
 from cascade.subjects import Subjects
 from services.gateway.main import GatewayService
 from services.gateway.testing import running_gateway
 from services.loader.main import Loader
+from services.loader.settings import LoaderSettings
 from services.scaler.main import Scaler
 from services.worker.main import WorkerConfig, WorkerService
 from tests.waiting import wait_until
@@ -149,17 +150,18 @@ async def running_mesh(
         await mesh.nc.subscribe(subjects.scale_ack(), cb=on_ack)
         for w in workers:
             await mesh.add_worker(w)
-        loader_args = argparse.Namespace(
-            nats_url=nats_url, prefix=subjects.prefix, loader_id="loader-t", heartbeat_s=HB_S, idle_wait_s=2.0,
-            load_timeout_s=60.0, unload_timeout_s=30.0, request_timeout_s=5.0, host_cache="off",
+        loader_settings = LoaderSettings(
+            loader_id="loader-t", heartbeat_s=HB_S, idle_wait_s=2.0, load_timeout_s=60.0, unload_timeout_s=30.0,
+            request_timeout_s=5.0, host_cache="off",
         )  # fmt: skip
-        scaler_args = argparse.Namespace(
-            nats_url=nats_url, prefix=subjects.prefix, scaler_id="scaler-t", tick_s=0.1, ack_timeout_s=60.0,
-            heartbeat_s=HB_S, window_s=10.0, rate_window_s=2.0, stale_s=1.0,
+
+        loader = Loader(loader_settings, deployment, log.bind(service="loader"))
+        mesh.start("loader", serve(loader, nats_url, subjects.prefix, mesh.stop))
+        mesh.scaler = Scaler(
+            deployment, "scaler-t", tick_s=0.1, ack_timeout_s=60.0, heartbeat_s=HB_S, window_s=10.0, rate_window_s=2.0,
+            stale_s=1.0, log=log.bind(service="scaler"),
         )  # fmt: skip
-        mesh.start("loader", Loader(loader_args, deployment, subjects, log.bind(service="loader")).serve(mesh.stop))
-        mesh.scaler = Scaler(scaler_args, deployment, subjects, log.bind(service="scaler"))
-        mesh.start("scaler", mesh.scaler.serve(mesh.stop))
+        mesh.start("scaler", serve(mesh.scaler, nats_url, subjects.prefix, mesh.stop))
         async with running_gateway(
             nats_url, subjects.prefix, deployment, heartbeat_s=HB_S, metrics_interval_s=HB_S,
             queue_timeout_s=queue_timeout_s,
@@ -178,21 +180,21 @@ async def test_a_gateway_report_of_waiting_requests_wakes_the_scaler_before_its_
 ) -> None:
     tick_s = 8.0
     dep = Deployment((model("m", model_dir, 0, 1, upscale_delay_s=0.0),))
-    args = argparse.Namespace(
-        nats_url=nats_url, prefix=subjects.prefix, scaler_id="scaler-w", tick_s=tick_s, ack_timeout_s=60.0,
-        heartbeat_s=HB_S, window_s=10.0, rate_window_s=2.0, stale_s=30.0,
+    scaler = Scaler(
+        dep, "scaler-w", tick_s=tick_s, ack_timeout_s=60.0, heartbeat_s=HB_S, window_s=10.0, rate_window_s=2.0,
+        stale_s=30.0, log=structlog.get_logger().bind(service="scaler"),
     )  # fmt: skip
-    scaler = Scaler(args, dep, subjects, structlog.get_logger().bind(service="scaler"))
     looks: list[tuple[float, int]] = []  # (scaler clock, requests waiting as its policy saw them)
     tick = scaler.tick
 
-    async def counted() -> str | None:
-        looks.append((scaler.clock(), scaler.controls.get("m").window.snapshot(time.time()).waiting))
-        return await tick()
+    async def counted() -> None:
+        at = scaler.clock()
+        await tick()
+        looks.append((at, scaler.state.controls.get("m").window.snapshot(time.time()).waiting))
 
     scaler.tick = counted  # type: ignore[method-assign]
     stop = asyncio.Event()
-    task = asyncio.create_task(scaler.serve(stop))
+    task = asyncio.create_task(serve(scaler, nats_url, subjects.prefix, stop))
     nc = await connect(nats_url, "test-wake")
     try:
         await wait_until(lambda: len(looks) == 1, what="the scaler's first look")
@@ -290,7 +292,7 @@ async def test_a_model_at_its_minimum_is_not_taken_from_and_one_above_its_need_l
         # The gateway's next report shows nobody waits for b any more; b's target follows.
         scaler = mesh.scaler
         assert scaler is not None
-        await wait_until(lambda: scaler.core.targets["b"] == 0, what="b's target back to zero")
+        await wait_until(lambda: scaler.state.book.targets["b"] == 0, what="b's target back to zero")
 
         # A second worker; the operator asks a for two. a now holds one above its need.
         await mesh.add_worker("w2")

@@ -19,8 +19,9 @@ from cascade.framing import ConnHeader, iter_unit_frames, read_status
 from cascade.messages import TransferOrder
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
+from cascade.workers import WorkerView
 from services.loader.hostcache import HostCache, keep_alive_decision
-from services.loader.planner import MeshSnapshot, PlanRequest, WorkerView, plan_orders, plan_transfer, replan
+from services.loader.planner import MeshSnapshot, PlanRequest, plan_orders, plan_transfer, replan
 from services.worker.dataplane import (
     CheckpointSource,
     DataPlaneServer,

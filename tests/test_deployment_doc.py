@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cascade.config import load_deployment
-from services.scaler.control import Controls
+from services.scaler.controls import Controls
 from services.scaler.policies import POLICIES
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,13 +1,13 @@
-"""The registry core with a fake clock, and its feed with an in-memory snapshot source."""
+"""The gateway's routing picture over the shared worker table: what only the gateway knows
+(its own in-flight requests, workers that turned work away) and the views the router reads."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from cascade.messages import Heartbeat, LayerReady, WorkerSnapshot
-from services.gateway.registry import Registry, RegistryFeed
-from services.gateway.router import choose_instance, serves_fully
+from services.gateway.registry import Registry
+from services.gateway.router import choose_instance
 
 NUM_UNITS = 4  # a 2-layer model: embedding, 2 layers, head
 
@@ -41,71 +41,12 @@ def view(reg: Registry, wid: str = "w1"):  # type: ignore[no-untyped-def]
     return next(v for v in reg.views() if v.worker_id == wid)
 
 
-# --------------------------------------------------------------------------- core
-
-
-def test_first_sight_asks_for_a_snapshot_once() -> None:
-    reg = Registry(heartbeat_s=1.0)
-    assert reg.on_heartbeat(hb(ready_seq=0), now=0.0) is True
-    assert reg.on_heartbeat(hb(ready_seq=0), now=1.0) is False  # already pending
-    assert reg.on_snapshot(snap(0, [], state="idle")) is False
-    assert reg.on_heartbeat(hb(state="idle", units=0), now=2.0) is False
-
-
-def test_in_order_events_apply_and_a_gap_asks_for_a_snapshot() -> None:
-    reg = Registry(heartbeat_s=1.0)
-    reg.on_heartbeat(hb(state="loading", units=0), now=0.0)
-    reg.on_snapshot(snap(0, []))
-    assert not reg.on_layer_ready(ready(1, 0), now=0.1)
-    assert not reg.on_layer_ready(ready(2, 1), now=0.2)
-    assert not reg.on_layer_ready(ready(2, 1), now=0.2)  # duplicate: ignored
-    assert len(reg.get("w1").ready_units) == 2  # type: ignore[union-attr]
-    # seq 3 is lost: 4 shows the gap.
-    assert reg.on_layer_ready(ready(4, 3), now=0.4) is True
-    assert reg.on_layer_ready(ready(5, 3), now=0.5) is False  # snapshot already on its way
-    # The snapshot covers up to 4; event 5 (buffered) is newer and applies after it.
-    assert reg.on_snapshot(snap(4, [0, 1, 2, 3])) is False
-    e = reg.get("w1")
-    assert e is not None and e.seq == 5 and e.ready_units == {0, 1, 2, 3}
-
-
-def test_snapshot_replaces_state_and_replays_newer_buffered_events() -> None:
-    reg = Registry(heartbeat_s=1.0)
-    # Met through a readiness event: no state known at all.
-    assert reg.on_layer_ready(ready(7, 2), now=0.0) is True
-    assert reg.on_layer_ready(ready(8, 3), now=0.0) is False
-    assert reg.on_snapshot(snap(6, [0, 1])) is False  # 7 and 8 follow 6 without a gap
-    assert reg.get("w1").ready_units == {0, 1, 2, 3}  # type: ignore[union-attr]
-    # A snapshot that leaves a gap before the buffered events asks again.
-    reg2 = Registry(heartbeat_s=1.0)
-    reg2.on_layer_ready(ready(9, 3), now=0.0)
-    assert reg2.on_snapshot(snap(6, [0, 1])) is True
-
-
-def test_heartbeat_ready_seq_ahead_asks_for_a_snapshot() -> None:
-    reg = Registry(heartbeat_s=1.0)
-    reg.on_heartbeat(hb(state="loading", units=0), now=0.0)
-    reg.on_snapshot(snap(0, []))
-    reg.on_layer_ready(ready(1, 0), now=0.1)
-    assert reg.on_heartbeat(hb(state="loading", units=1, ready_seq=1), now=1.0) is False
-    assert reg.on_heartbeat(hb(state="loading", units=3, ready_seq=3), now=2.0) is True
-
-
-def test_reset_forgets_units() -> None:
-    reg = Registry(heartbeat_s=1.0)
-    reg.on_heartbeat(hb(ready_seq=4), now=0.0)
-    reg.on_snapshot(snap(4, [0, 1, 2, 3], state="serving"))
-    assert serves_fully(view(reg), "m")
-    reg.on_layer_ready(ready(5, 0, reset=True), now=0.5)
-    assert not serves_fully(view(reg), "m")
-
-
 def test_routable_only_when_full_and_serving() -> None:
     reg = Registry(heartbeat_s=1.0)
     reg.on_heartbeat(hb(state="loading", units=0), now=0.0)
-    reg.on_snapshot(snap(0, []))
+    reg.table.on_snapshot(snap(0, []))
     for seq, unit in enumerate(range(NUM_UNITS), start=1):
-        reg.on_layer_ready(ready(seq, unit), now=0.1)
+        reg.table.on_layer_ready(ready(seq, unit), now=0.1)
     assert choose_instance(reg.views(), "m") is None  # all units, but the worker says loading
     reg.on_heartbeat(hb(state="serving", ready_seq=NUM_UNITS), now=1.0)
     assert choose_instance(reg.views(), "m") == "w1"
@@ -113,21 +54,6 @@ def test_routable_only_when_full_and_serving() -> None:
     assert choose_instance(reg.views(), "m") is None
     reg.on_heartbeat(hb(state="serving", ready_seq=NUM_UNITS), now=2.0)
     assert choose_instance(reg.views(), "m") == "w1"
-
-
-def test_dead_after_three_missed_heartbeats() -> None:
-    reg = Registry(heartbeat_s=1.0)
-    reg.on_heartbeat(hb("w1"), now=0.0)
-    reg.on_heartbeat(hb("w2"), now=0.0)
-    reg.on_heartbeat(hb("w2"), now=2.5)
-    assert reg.expire(now=3.0) == []
-    assert reg.expire(now=3.01) == ["w1"]
-    assert reg.workers() == ["w2"]
-    assert reg.expire(now=5.5) == []
-    assert reg.expire(now=5.6) == ["w2"]
-    # A snapshot arriving for a worker already declared dead does not bring it back.
-    assert reg.on_snapshot(snap(0, [])) is False
-    assert reg.workers() == []
 
 
 def test_views_carry_load_and_inflight() -> None:
@@ -140,123 +66,11 @@ def test_views_carry_load_and_inflight() -> None:
 # --------------------------------------------------------------------------- feed
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class Snapshots:
-    """In-memory stand-in for the snapshot request/reply: records who was asked."""
-
-    def __init__(self) -> None:
-        self.state: dict[str, WorkerSnapshot] = {}
-        self.asked: list[str] = []
-        self.fail = False
-
-    async def __call__(self, worker_id: str) -> WorkerSnapshot:
-        self.asked.append(worker_id)
-        if self.fail:
-            from cascade.natsutil import RequestTimeout
-
-            raise RequestTimeout("no reply")
-        return self.state[worker_id]
-
-
-def make_feed() -> tuple[RegistryFeed, Snapshots, FakeClock, list[str], list[int]]:
-    snaps, clock = Snapshots(), FakeClock()
-    dead: list[str] = []
-    changes: list[int] = []
-    feed = RegistryFeed(
-        Registry(heartbeat_s=1.0),
-        fetch_snapshot=snaps,
-        inflight_of=lambda w: 0,
-        on_change=lambda: changes.append(1),
-        on_dead=dead.append,
-        clock=clock,
-    )
-    return feed, snaps, clock, dead, changes
-
-
-async def test_feed_requests_snapshot_on_gap_and_applies_it() -> None:
-    feed, snaps, _, _, changes = make_feed()
-    snaps.state["w1"] = snap(0, [], state="loading")
-    feed.heartbeat(hb(state="loading", units=0))
-    await feed.settle()
-    assert snaps.asked == ["w1"]
-    feed.layer_ready(ready(1, 0))
-    feed.layer_ready(ready(2, 1))
-    await feed.settle()
-    assert snaps.asked == ["w1"]  # in order: no snapshot needed
-    snaps.state["w1"] = snap(4, [0, 1, 2, 3], state="serving")
-    feed.layer_ready(ready(4, 3))  # seq 3 never arrived
-    await feed.settle()
-    assert snaps.asked == ["w1", "w1"]
-    feed.heartbeat(hb(state="serving", ready_seq=4))
-    await feed.settle()
-    assert snaps.asked == ["w1", "w1"]
-    assert choose_instance(feed.registry.views(), "m") == "w1"
-    assert changes  # the batchers were told
-
-
-async def test_feed_retries_a_failed_snapshot_on_the_next_heartbeat() -> None:
-    feed, snaps, clock, _, _ = make_feed()
-    snaps.fail = True
-    feed.heartbeat(hb(ready_seq=4))
-    await feed.settle()
-    assert snaps.asked == ["w1"]
-    snaps.fail = False
-    snaps.state["w1"] = snap(4, [0, 1, 2, 3], state="serving")
-    clock.t = 1.0
-    feed.heartbeat(hb(ready_seq=4))
-    await feed.settle()
-    assert snaps.asked == ["w1", "w1"]
-    assert feed.registry.get("w1").synced  # type: ignore[union-attr]
-
-
-async def test_feed_declares_dead_workers() -> None:
-    feed, snaps, clock, dead, _ = make_feed()
-    snaps.state["w1"] = snap(4, [0, 1, 2, 3], state="serving")
-    feed.heartbeat(hb(ready_seq=4))
-    await feed.settle()
-    clock.t = 3.0
-    assert feed.reap() == []
-    clock.t = 3.5
-    assert feed.reap() == ["w1"]
-    assert dead == ["w1"]
-    assert feed.registry.views() == []
-
-
-async def test_reaper_loop_runs_on_its_own() -> None:
-    # Real time, tiny interval: the loop must find the silent worker by itself.
-    snaps = Snapshots()
-    snaps.state["w1"] = snap(0, [], state="idle")
-    found = asyncio.Event()
-    feed = RegistryFeed(
-        Registry(heartbeat_s=0.02),
-        fetch_snapshot=snaps,
-        inflight_of=lambda w: 0,
-        on_change=lambda: None,
-        on_dead=lambda w: found.set(),
-    )
-    feed.heartbeat(hb(state="idle", units=0))
-    task = asyncio.ensure_future(feed.run_reaper())
-    try:
-        await asyncio.wait_for(found.wait(), 10.0)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await feed.close()
-    assert feed.registry.workers() == []
-
-
 def test_views_carry_the_ready_prefix_and_stage_link() -> None:
     reg = Registry(heartbeat_s=1.0)
     reg.on_heartbeat(dataclasses.replace(hb(state="loading", units=0), stage_addr="h:9"), now=0.0)
-    reg.on_snapshot(snap(0, []))
+    reg.table.on_snapshot(snap(0, []))
     for seq, unit in ((1, 0), (2, 1), (3, 3)):  # unit 2 is not there yet
-        reg.on_layer_ready(ready(seq, unit), now=0.1)
+        reg.table.on_layer_ready(ready(seq, unit), now=0.1)
     v = view(reg)
     assert (v.units_ready, v.prefix_units, v.stage_addr) == (3, 2, "h:9")

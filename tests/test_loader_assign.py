@@ -3,7 +3,6 @@ decisions out against scripted workers on the real broker."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
@@ -28,17 +27,20 @@ from cascade.messages import (
     encode,
 )
 from cascade.natsutil import connect, handler
+from cascade.service import serve
 from cascade.subjects import Subjects
-from services.loader.assign import WorkerTable, choose_for_down, choose_for_up, describe, fully_serving
+from cascade.workers import WorkerTable, WorkerView
+from services.loader.assign import choose_for_down, choose_for_up, describe
 from services.loader.main import Loader
-from services.loader.planner import MeshSnapshot, WorkerView
+from services.loader.planner import MeshSnapshot
+from services.loader.settings import LoaderSettings
 
 
 def w(wid: str, state: str = "idle", model: str | None = None, running: int = 0, waiting: int = 0) -> WorkerView:
     n = 4 if model else 0
     return WorkerView(
         worker_id=wid,
-        state=state,
+        state=state,  # type: ignore[arg-type]
         model=model,
         units_ready=n if state == "serving" else (1 if model else 0),
         num_units=n,
@@ -90,11 +92,11 @@ def test_counts_below_one_are_refused() -> None:
 
 
 def test_fully_serving_needs_every_unit_and_the_serving_state() -> None:
-    assert fully_serving(w("a", "serving", "m"), "m")
-    assert not fully_serving(w("a", "serving", "m"), "x")
-    assert not fully_serving(w("a", "loading", "m"), "m")
+    assert w("a", "serving", "m").serves_fully("m")
+    assert not w("a", "serving", "m").serves_fully("x")
+    assert not w("a", "loading", "m").serves_fully("m")
     partial = WorkerView("a", "serving", "m", units_ready=3, num_units=4)
-    assert not fully_serving(partial, "m")
+    assert not partial.serves_fully("m")
 
 
 def test_describe_says_what_the_mesh_holds() -> None:
@@ -123,15 +125,16 @@ def heartbeat(wid: str, state: str = "idle", model: str | None = None, units: in
 
 def test_worker_table_snapshot_has_only_live_workers() -> None:
     t = WorkerTable(heartbeat_s=0.5)
-    assert t.observe(heartbeat("b"), 0.0)
-    t.observe(heartbeat("a", "serving", "m", 4), 1.0)
-    assert [v.worker_id for v in t.snapshot(1.0).workers] == ["a", "b"]
+    assert "b" not in t
+    t.on_heartbeat(heartbeat("b"), 0.0)
+    t.on_heartbeat(heartbeat("a", "serving", "m", 4), 1.0)
+    assert [v.worker_id for v in t.views(1.0)] == ["a", "b"]
     # b was last heard 1.6 s ago: more than three 0.5 s heartbeats.
-    assert [v.worker_id for v in t.snapshot(1.6).workers] == ["a"]
+    assert [v.worker_id for v in t.views(1.6)] == ["a"]
     assert t.get("b", 1.6) is None
     view = t.get("a", 1.6)
-    assert view is not None and view.data_addr == "127.0.0.1:9" and fully_serving(view, "m")
-    assert t.prune(1.6) == ["b"]
+    assert view is not None and view.data_addr == "127.0.0.1:9" and view.serves_fully("m")
+    assert t.expire(1.6) == ["b"]
 
 
 # --------------------------------------------------------------------------- the service
@@ -190,18 +193,12 @@ class ScriptedWorker:
 async def mesh(nats_url: str, subjects: Subjects) -> AsyncIterator[tuple[NATS, Subjects, list[ScriptedWorker]]]:
     """A loader service on its own prefix; tests add scripted workers to the list it yields."""
     nc = await connect(nats_url, "test-loader-driver")
-    args = argparse.Namespace(
-        nats_url=nats_url,
-        prefix=subjects.prefix,
-        loader_id="loader-t",
-        heartbeat_s=HB_S,
-        idle_wait_s=1.0,
-        load_timeout_s=10.0,
-        unload_timeout_s=5.0,
+    settings = LoaderSettings(
+        loader_id="loader-t", heartbeat_s=HB_S, idle_wait_s=1.0, load_timeout_s=10.0, unload_timeout_s=5.0,
         request_timeout_s=2.0,
-    )
+    )  # fmt: skip
     dep = Deployment(models=(ModelDeployment("m", Path("/nowhere/m"), 1, 4),))
-    loader = Loader(args, dep, subjects, structlog.get_logger().bind(test="loader"))
+    loader = Loader(settings, dep, structlog.get_logger().bind(test="loader"))
     stop = asyncio.Event()
     ready = asyncio.get_running_loop().create_future()
 
@@ -210,7 +207,7 @@ async def mesh(nats_url: str, subjects: Subjects) -> AsyncIterator[tuple[NATS, S
             ready.set_result(True)
 
     sub = await nc.subscribe(subjects.service_ready(), cb=on_ready)
-    task = asyncio.ensure_future(loader.serve(stop))
+    task = asyncio.ensure_future(serve(loader, nats_url, subjects.prefix, stop))
     workers: list[ScriptedWorker] = []
     try:
         await asyncio.wait_for(ready, 10)

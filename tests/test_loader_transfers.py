@@ -6,7 +6,8 @@ from __future__ import annotations
 from cascade.cli.statusview import render, to_json
 from cascade.messages import ServiceStatus, TransferEvent
 from cascade.natsutil import MeshStatus
-from services.loader.planner import MeshSnapshot, PlanRequest, WorkerView, plan_transfer, replan
+from cascade.workers import WorkerView
+from services.loader.planner import MeshSnapshot, PlanRequest, plan_transfer, replan
 from services.loader.transfers import TransferSession
 
 M = "m"

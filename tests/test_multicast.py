@@ -51,9 +51,11 @@ from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, gather_status, request
+from cascade.service import serve
 from cascade.subjects import Subjects
 from services.loader.main import Loader
 from services.loader.main import add_arguments as loader_arguments
+from services.loader.settings import settings_from_args
 from services.worker.dataplane import model_unit_tensors, tensor_bytes
 from services.worker.main import WorkerConfig, WorkerService
 from tests.waiting import wait_until
@@ -196,13 +198,14 @@ async def _start_mesh(
     tasks: list[asyncio.Task[Any]] = []
     nc = await connect(nats_url, "test-multicast")
     dep = Deployment(models=(ModelDeployment(MODEL, model_dir, 0, 4, loading="multicast"),))
-    loader = Loader(_loader_args(nats_url, s.prefix, *loader_extra), dep, s, structlog.get_logger().bind(test="mc"))
+    settings = settings_from_args(_loader_args(nats_url, s.prefix, *loader_extra))
+    loader = Loader(settings, dep, structlog.get_logger().bind(test="mc"))
     workers = {
         w: WorkerService(WorkerConfig(nats_url, s.prefix, w, heartbeat_s=HB_S, drain_timeout_s=2)) for w in worker_ids
     }
     m = Mesh(nc, s, loader, workers)
     await _listen(m)
-    tasks.append(asyncio.create_task(loader.serve(stop)))
+    tasks.append(asyncio.create_task(serve(loader, nats_url, s.prefix, stop)))
     tasks += [asyncio.create_task(w.main(stop)) for w in workers.values()]
     return m, stop, tasks
 
@@ -220,7 +223,7 @@ async def mesh4(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIter
     m, stop, tasks = await _start_mesh(nats_url, subjects, model_dir, ["w0", "w1", "w2", "w3"])
     try:
         await wait_until(lambda: all(w.heartbeat().data_addr for w in m.workers.values()), what="data planes up")
-        await m.until(lambda: len(m.loader.table.snapshot(m.loader.clock()).workers) == 4, "loader sees 4 workers")
+        await m.until(lambda: len(m.loader.table.views(m.loader.clock())) == 4, "loader sees 4 workers")
         yield m
     finally:
         await _stop_mesh(m, stop, tasks)
@@ -275,7 +278,10 @@ async def test_multicast_to_three_workers(mesh4: Mesh, source_crcs: list[int]) -
         assert await m.generate(w, f"on-{w}") == want, f"{w} answers differently from the source"
 
     # `cascade status` sees the finished transfers and the host copy the disk load left behind.
-    await m.until(lambda: m.loader.cache is not None and m.loader.cache.has(MODEL), "host cache filled")
+    await m.until(
+        lambda: m.loader.keeper is not None and m.loader.keeper.cache is not None and m.loader.keeper.cache.has(MODEL),
+        "host cache filled",
+    )
     st = await gather_status(m.nc, m.s, 0.5)
     (loader,) = [x for x in st.services if x.service == "loader"]
     rows = [r for r in loader.detail["transfers"] if r["decision_id"] == "d-three"]
@@ -291,7 +297,7 @@ async def test_each_mode_loads_a_correct_model(mesh4: Mesh, source_crcs: list[in
     assert [c.source for c in m.plans[-1].chains] == ["disk"]
 
     # On demand, the host cache takes the model (a disk-mode load does not fill it).
-    assert m.loader.cache is not None and not m.loader.cache.has(MODEL)
+    assert m.loader.keeper is not None and m.loader.keeper.cache is not None and not m.loader.keeper.cache.has(MODEL)
     reply = await request(m.nc, m.s.host_cache(), HostCacheRequest("load", MODEL), Ok, timeout=30)
     assert "in the host cache" in reply.detail
     ack = await m.decide(ScaleDecision("d-cache", MODEL, "up", 1, 2, "test", loading="host-cache"))
@@ -310,7 +316,7 @@ async def test_each_mode_loads_a_correct_model(mesh4: Mesh, source_crcs: list[in
         assert await m.generate(w, f"m-{w}") == want
 
     reply = await request(m.nc, m.s.host_cache(), HostCacheRequest("release", MODEL), Ok, timeout=10)
-    assert "released" in reply.detail and not m.loader.cache.has(MODEL)
+    assert "released" in reply.detail and not m.loader.keeper.cache.has(MODEL)
 
 
 async def test_wrong_token_is_refused_and_nothing_is_written(mesh4: Mesh, model_dir: Path) -> None:
@@ -356,7 +362,7 @@ async def chain_with_process(nats_url: str, subjects: Subjects, model_dir: Path)
     m, stop, tasks = await _start_mesh(nats_url, subjects, model_dir, ["w0", "w1", "w3"], ("--send-mb-s", "2"))
     proc, log = _spawn_worker("w2", nats_url, subjects.prefix, model_dir.parent / f"w2-{subjects.prefix}.log")
     try:
-        await m.until(lambda: len(m.loader.table.snapshot(m.loader.clock()).workers) == 4, "loader sees 4 workers")
+        await m.until(lambda: len(m.loader.table.views(m.loader.clock())) == 4, "loader sees 4 workers")
         yield m, proc
     finally:
         if proc.poll() is None:

@@ -5,11 +5,11 @@ from collections.abc import Callable
 
 import pytest
 
+from cascade.workers import WorkerView
 from services.loader.planner import (
     MeshSnapshot,
     PlanError,
     PlanRequest,
-    WorkerView,
     first_break,
     plan_orders,
     plan_transfer,

@@ -1,7 +1,7 @@
-"""The scaler's wiring without NATS: metrics messages (through their wire encoding) into
-`Controls`, policies into `ScalerCore`, decisions to a scripted loader that acks after a load
-time, tick by tick on a fake clock. Also the admin API's core (`Controls.configure`) and the
-batch-limit orders of the two-stage policy."""
+"""The scaler's pure core (`core.tick`) without NATS: metrics messages (through their wire
+encoding) and acks in, decisions out to a scripted loader that acks after a load time, tick by
+tick on a fake clock. Also the admin API's core (`Controls.configure`) and the batch-limit
+orders of the two-stage policy."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from cascade.config import Deployment, ModelDeployment
-from cascade.messages import InstanceMetrics, ModelMetrics, StepStat, decode, encode
-from services.scaler.control import Controls, UnknownModel
+from cascade.messages import InstanceMetrics, ModelMetrics, ScaleAck, ScaleDecision, StepStat, decode, encode
+from services.scaler import core
+from services.scaler.controls import Controls, UnknownModel
 from services.scaler.policies import KnobError
-from services.scaler.policy import ModelBounds, PlannedDecision, Pool, ScalerCore, Settings
+from services.scaler.replicas import Settings
 
 SETTINGS = Settings(ack_timeout_s=60.0, warmup_s=0.0, settle_s=2.0, retry_base_s=1.0, retry_max_s=8.0)
 TOKENS = 50  # generated per request
@@ -38,8 +39,8 @@ class Mesh:
 
     workers: dict[str, str | None]  # worker → model
     load_s: float = 3.0
-    pending: list[tuple[float, PlannedDecision, list[str]]] = field(default_factory=list)
-    decisions: list[PlannedDecision] = field(default_factory=list)
+    pending: list[tuple[float, ScaleDecision, list[str]]] = field(default_factory=list)
+    decisions: list[ScaleDecision] = field(default_factory=list)
 
     def instances(self) -> dict[str, frozenset[str]]:
         out: dict[str, set[str]] = {}
@@ -51,7 +52,7 @@ class Mesh:
     def idle(self) -> frozenset[str]:
         return frozenset(w for w, m in self.workers.items() if m is None)
 
-    def carry_out(self, d: PlannedDecision, now: float) -> None:
+    def carry_out(self, d: ScaleDecision, now: float) -> None:
         self.decisions.append(d)
         if d.action == "up":
             chosen = sorted(self.idle())[: d.count]
@@ -64,7 +65,7 @@ class Mesh:
                 self.workers[w] = None
             self.pending.append((now, d, held))
 
-    def acks(self, now: float) -> list[tuple[PlannedDecision, list[str]]]:
+    def acks(self, now: float) -> list[tuple[ScaleDecision, list[str]]]:
         due = [(d, ws) for t, d, ws in self.pending if t <= now]
         self.pending = [p for p in self.pending if p[0] > now]
         return due
@@ -72,26 +73,29 @@ class Mesh:
 
 @dataclass
 class Run:
-    """The scaler's tick (as main.Scaler.tick does it) over a scripted mesh."""
+    """The scaler's core, ticked over a scripted mesh."""
 
     deployment: Deployment
     mesh: Mesh
     now: float = 1000.0
-    controls: Controls = field(init=False)
-    core: ScalerCore = field(init=False)
+    state: core.ScalerState = field(init=False)
+    metrics: list[ModelMetrics | InstanceMetrics] = field(default_factory=list)
+    loader_up: str | None = "loader"
 
     def __post_init__(self) -> None:
-        self.controls = Controls(self.deployment, window_s=30, rate_window_s=5, stale_s=5)
-        bounds = {m.name: ModelBounds(m.min_replicas, m.max_replicas) for m in self.deployment.models}
-        managed = [m.name for m in self.deployment.models if m.policy != "manual"]
-        self.core = ScalerCore(bounds, SETTINGS, self.now, id_prefix="s", adopt=managed)
-        self.core.loader_ready()
+        self.state = core.new_state(
+            self.deployment, SETTINGS, core.Now(self.now, self.now), "s", window_s=30, rate_window_s=5, stale_s=5
+        )
+
+    @property
+    def controls(self) -> Controls:
+        return self.state.controls
 
     def report(self, model: str, arrivals: int, waiting: int = 0) -> None:
         """One second of a gateway's report and every instance's, as the messages carry them."""
         insts = sorted(self.mesh.instances().get(model, ()))
         tokens = arrivals * TOKENS
-        self.controls.fold(
+        self.metrics.append(
             wire(
                 ModelMetrics(
                     "gw", model, ts=self.now, interval_s=1.0, arrivals=arrivals, completions=arrivals,
@@ -103,7 +107,7 @@ class Run:
         for w in insts:
             per = tokens / len(insts)
             batch = max(1, round(arrivals / len(insts)))
-            self.controls.fold(
+            self.metrics.append(
                 wire(
                     InstanceMetrics(
                         w, model, ts=self.now, interval_s=1.0, running=batch, max_batch=32, tokens_per_s=per,
@@ -112,34 +116,20 @@ class Run:
                 )
             )  # fmt: skip
 
-    def tick(self) -> list[PlannedDecision]:
-        for done, ws in self.mesh.acks(self.now):
-            self.core.on_ack(done.decision_id, True, ws, self.now)
-        instances = self.mesh.instances()
-        idle = self.mesh.idle()
-        self.core.adopt(self.now, instances)
-        needs: dict[str, int] = {}
-        for model in self.controls.models:
-            current = self.core.current(model, instances, self.now)
-            ev = self.controls.evaluate(
-                model, self.now, serving=current, loading=0, idle_pool=len(idle), in_flight=model in self.core.in_flight
-            )
-            if ev.need is not None:
-                needs[model] = ev.need
-            want = ev.decision
-            if want is not None and want.target_replicas != current:
-                if model not in self.core.in_flight:
-                    self.core.set_target(model, want.target_replicas, reason=want.reason, figures=want.figures)
-            elif self.controls.get(model).policy.name != "manual":
-                self.core.follow(model, current)
-        out = self.core.tick(self.now, instances, Pool(idle, needs)).decisions
+    def tick(self) -> list[ScaleDecision]:
+        acks = [ScaleAck(d.decision_id, d.model, True, ws) for d, ws in self.mesh.acks(self.now)]
+        mesh = core.Mesh(instances=self.mesh.instances(), idle=self.mesh.idle())
+        inputs = core.Inputs(mesh=mesh, metrics=self.metrics, acks=acks, loader_up=self.loader_up)
+        self.metrics, self.loader_up = [], None
+        self.state, effects = core.tick(self.state, inputs, core.Now(self.now, self.now))
+        out = [e.decision for e in effects if isinstance(e, core.Publish)]
         for d in out:
             self.mesh.carry_out(d, self.now)
         self.now += 1.0
         return out
 
 
-def reversals(ds: list[PlannedDecision]) -> int:
+def reversals(ds: list[ScaleDecision]) -> int:
     signs = [1 if d.action == "up" else -1 for d in ds]
     return sum(1 for a, b in pairwise(signs) if a != b)
 
@@ -232,7 +222,7 @@ def test_fold_ignores_models_outside_the_deployment_and_manual_never_decides() -
     assert c.fold(ModelMetrics("gw", "other", ts=1.0, arrivals=3)) is False
     assert c.fold(ModelMetrics("gw", "m", ts=1.0, arrivals=3, waiting=5)) is True
     ev = c.evaluate("m", 1.5, serving=0, loading=0, idle_pool=2, in_flight=False)
-    assert ev.decision is None and ev.need is None and ev.signals.waiting == 5
+    assert ev.target is None and ev.need is None and ev.signals.waiting == 5
     with pytest.raises(UnknownModel):
         c.evaluate("other", 1.5, serving=0, loading=0, idle_pool=2, in_flight=False)
 

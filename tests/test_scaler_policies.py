@@ -34,9 +34,9 @@ from services.scaler.policies import (
     POLICIES,
     ConcurrencyKnobs,
     ConcurrencyState,
-    Decision,
     KnobError,
     StepModel,
+    Target,
     TwoStageKnobs,
     decide_concurrency,
     erlang_c,
@@ -71,7 +71,7 @@ class Tick:
     serving: int
     loading: int
     ongoing: int
-    decision: Decision | None
+    decision: Target | None
     limit: int
 
     @property
@@ -672,17 +672,6 @@ def test_lingering_rate_does_not_wake_a_model_at_zero(name: str) -> None:
     waiting = LoadSignals(model="m", now=60.0, window_s=30, waiting=1, last_arrival=60.0)
     d, _ = pol.decide(waiting, knobs, state)
     assert d is not None and d.target_replicas >= 1 and "zero" in d.reason
-
-
-def test_decision_to_message() -> None:
-    d = Decision(5, 2, "surge", {"rho": 0.9}, batch_limit=16)
-    m = d.to_message("llama", "d-1", ts=12.5)
-    assert m is not None and m.action == "up" and m.count == 3 and m.target_replicas == 5
-    assert m.figures == {"rho": 0.9, "new_batch_limit": 16.0} and m.decision_id == "d-1"
-    assert decode(encode(m)) == m
-    down = Decision(1, 3, "calm").to_message("llama", "d-2", ts=0)
-    assert down is not None and down.action == "down" and down.count == 2
-    assert Decision(3, 3, "vertical only", batch_limit=8).to_message("llama", "d-3", ts=0) is None
 
 
 # --------------------------------------------------------------------------- needs

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cascade.messages import Heartbeat
-from services.scaler.policy import ModelBounds, Pool, ScalerCore, Settings, TargetError, gap
-from services.scaler.state import WorkerTable
+from cascade.workers import WorkerTable
+from services.scaler.replicas import ModelBounds, Pool, ReplicaBook, Settings, TargetError, gap
 
 SETTINGS = Settings(ack_timeout_s=30.0, warmup_s=2.0, settle_s=5.0, retry_base_s=1.0, retry_max_s=8.0)
 
@@ -20,13 +20,13 @@ class Clock:
         return self.now
 
 
-def make(bounds: dict[str, ModelBounds] | None = None, settings: Settings = SETTINGS) -> tuple[ScalerCore, Clock]:
+def make(bounds: dict[str, ModelBounds] | None = None, settings: Settings = SETTINGS) -> tuple[ReplicaBook, Clock]:
     clock = Clock()
-    core = ScalerCore(bounds or {"m": ModelBounds(2, 4)}, settings, started_at=clock.now, id_prefix="s1")
+    core = ReplicaBook(bounds or {"m": ModelBounds(2, 4)}, settings, started_at=clock.now, id_prefix="s1")
     return core, clock
 
 
-def ready(core: ScalerCore, clock: Clock) -> None:
+def ready(core: ReplicaBook, clock: Clock) -> None:
     """A loader is known and the warm-up is over."""
     core.loader_ready()
     clock.advance(SETTINGS.warmup_s)
@@ -198,7 +198,7 @@ def test_bad_settings_and_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         Settings(ack_timeout_s=0)
     with pytest.raises(ValueError):
-        ScalerCore({"m": ModelBounds(3, 2)}, SETTINGS, 0.0)
+        ReplicaBook({"m": ModelBounds(3, 2)}, SETTINGS, 0.0)
 
 
 # --------------------------------------------------------------------------- worker table
@@ -223,17 +223,19 @@ def hb(worker: str, state: str = "serving", model: str | None = "m") -> Heartbea
 
 def test_worker_table_counts_loading_and_serving_and_forgets_the_dead() -> None:
     t = WorkerTable(heartbeat_s=1.0)
-    assert t.observe(hb("a"), 0.0) is True
-    assert t.observe(hb("a"), 0.5) is False
-    t.observe(hb("b", "loading"), 0.5)
-    t.observe(hb("c", "idle", None), 0.5)
-    t.observe(hb("d", "draining"), 0.5)
+    assert "a" not in t
+    t.on_heartbeat(hb("a"), 0.0)
+    assert "a" in t
+    t.on_heartbeat(hb("a"), 0.5)
+    t.on_heartbeat(hb("b", "loading"), 0.5)
+    t.on_heartbeat(hb("c", "idle", None), 0.5)
+    t.on_heartbeat(hb("d", "draining"), 0.5)
     assert t.instances(1.0) == {"m": frozenset({"a", "b"})}
     # Three missed heartbeats (3 s) later, a worker is gone; one still heard stays.
-    t.observe(hb("b", "serving"), 3.4)
+    t.on_heartbeat(hb("b", "serving"), 3.4)
     assert t.instances(3.6) == {"m": frozenset({"b"})}
-    assert sorted(t.prune(3.6)) == ["a", "c", "d"]
-    assert t.summary(3.6) == {"serving": 1}
+    assert sorted(t.expire(3.6)) == ["a", "c", "d"]
+    assert t.states(3.6) == {"serving": 1}
 
 
 # --------------------------------------------------------------------------- idle pool and loans
@@ -353,7 +355,7 @@ def test_no_loan_while_a_decision_is_in_flight() -> None:
 
 def test_a_policy_managed_model_adopts_what_runs_when_the_warmup_ends() -> None:
     clock = Clock()
-    core = ScalerCore(
+    core = ReplicaBook(
         {"p": ModelBounds(1, 4), "q": ModelBounds(1, 4), "z": ModelBounds(1, 2)},
         SETTINGS,
         clock.now,

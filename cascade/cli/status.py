@@ -30,16 +30,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_status)
 
 
-async def _connect(url: str, name: str) -> Any:
-    from cascade.meshview import connect_bounded
-
-    try:
-        # A short connect budget: an interactive command should say "nothing there" quickly.
-        return await connect_bounded(url, name, timeout_s=2.0)
-    except ConnectionError:
-        raise CliError(f"cannot reach NATS at {url}: is a mesh running? (start one with `cascade up`)") from None
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     url, prefix = mesh_address(args)
 

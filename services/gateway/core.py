@@ -45,12 +45,13 @@ from cascade.messages import (
     encode,
 )
 from cascade.subjects import Subjects
+from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from services.gateway.batcher import Batcher, QueueFull
 from services.gateway.catalog import ModelCatalog, ModelInfo
 from services.gateway.loadreport import LoadReport
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError, GenerationSpec
-from services.gateway.registry import Registry, RegistryFeed, nats_snapshot_fetcher
+from services.gateway.registry import Registry
 from services.gateway.router import Route, choose_route, models_without_instance, serves_fully
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import Failure, RequestState, StreamHub
@@ -76,10 +77,10 @@ class GatewayCore:
         self.tasks = natsutil.TaskSet(self.log)
         self.hub = StreamHub(on_stray=self._cancel_on)
         self.registry = Registry(settings.heartbeat_s)
-        self.feed = RegistryFeed(
-            self.registry,
+        self.feed = WorkerFeed(
+            self.registry.table,
             fetch_snapshot=nats_snapshot_fetcher(nc, self.subjects, self.id, settings.snapshot_timeout_s),
-            inflight_of=self.hub.inflight,
+            on_heartbeat=lambda hb: self.registry.heartbeat_seen(hb, self.hub.inflight(hb.worker_id)),
             on_change=self._wake_all,
             on_dead=self._worker_dead,
             logger=self.log,
@@ -393,6 +394,7 @@ class GatewayCore:
         )
 
     def _worker_dead(self, worker: str) -> None:
+        self.registry.forget(worker)
         self.metrics.dead_workers.inc()
         for req in self.hub.on_worker(worker):
             if req.produced:

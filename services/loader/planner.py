@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from cascade.messages import TransferOrder
+from cascade.workers import WorkerView
 
 LoadingMode = Literal["multicast", "host-cache", "disk", "star"]
 SourceKind = Literal["worker", "host-cache", "disk"]
@@ -38,32 +39,6 @@ DEFAULT_SERVING_RATE_LIMIT_BPS = 256e6
 
 class PlanError(ValueError):
     """The request cannot be planned (unknown target, no data address, nothing to load from)."""
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerView:
-    """What the planner needs to know of one worker (from its heartbeat)."""
-
-    worker_id: str
-    state: str  # idle | loading | serving | draining
-    model: str | None
-    units_ready: int
-    num_units: int
-    running: int = 0
-    waiting: int = 0
-    data_addr: str | None = None
-
-    @property
-    def load(self) -> int:
-        return self.running + self.waiting
-
-    def holds(self, model: str) -> bool:
-        return (
-            self.model == model
-            and self.num_units > 0
-            and self.units_ready >= self.num_units
-            and self.state in ("serving", "idle")
-        )
 
 
 @dataclass(frozen=True, slots=True)

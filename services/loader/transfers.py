@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from cascade.messages import TransferEvent
-from services.loader.planner import Chain, TransferPlan, WorkerView
+from cascade.workers import WorkerView
+from services.loader.planner import Chain, TransferPlan
 
 TargetPhase = Literal["pending", "loading", "done", "failed"]
 

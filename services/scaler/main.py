@@ -1,15 +1,16 @@
-"""The scaler service: a thin NATS adapter around the pure cores.
+"""The scaler service: the NATS adapter around the pure core (core.py).
 
-In: heartbeats (who runs what, the idle pool), load metrics (`ModelMetrics` from gateways,
-`InstanceMetrics` from workers), ScaleAck (a decision was carried out), ScaleRequest (an operator's
-replica target), DeployRequest (the admin API: a model's policy and knobs), ServiceReady from a
+In: the workers' heartbeats and readiness (the shared worker table), load metrics (`ModelMetrics`
+from gateways, `InstanceMetrics` from workers), ScaleAck (a decision was carried out),
+ScaleRequest (an operator's replica target), DeployRequest (the admin API), ServiceReady from a
 loader. Out: ScaleDecision, SetBatchLimit to workers (the two-stage policy's vertical action), and
-a status answer.
+status answers.
 
-Every tick, per model: its signals (`control.Controls`, one `SignalWindow` each) go through its
-policy; the policy's target and reason go to `policy.ScalerCore`, which decides what to publish
-(one decision in flight per model, bounded by the idle pool, loans between models when the pool is
-empty). This module only moves messages and keeps time.
+What arrives between ticks is queued; each tick hands it to `core.tick` with the worker table's
+picture of the mesh and carries out the effects that come back. A tick runs every `--tick-s`, and
+sooner (at most four per tick) when something needs a look now: an ack, a gateway holding
+requests (it reports early when its queue starts to hold, so a burst's onset reaches the policy
+at once), an operator's request, a loader that started.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from nats.aio.client import Client as NATS
+import structlog
 from nats.aio.msg import Msg
 
 from cascade.cliargs import add_common_arguments, positive_float, service_start
@@ -31,14 +32,12 @@ from cascade.messages import (
     BatchLimit,
     DeployReply,
     DeployRequest,
-    Heartbeat,
     InstanceMetrics,
     MessageError,
     ModelMetrics,
     Ok,
     RemoteError,
     ScaleAck,
-    ScaleDecision,
     ScaleRequest,
     ServiceReady,
     ServiceStatus,
@@ -47,12 +46,16 @@ from cascade.messages import (
     decode,
     encode,
 )
-from cascade.natsutil import RequestTimeout, TaskSet, connect, gather_status, handler, request, stop_event
-from cascade.subjects import Subjects
-from services.scaler.control import Controls, UnknownModel
+from cascade.natsutil import RequestTimeout, TaskSet, gather_status, request
+from cascade.service import Runtime, run_process
+from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
+from cascade.workers import COUNTED_STATES, WorkerTable
+from services.scaler import core
+from services.scaler.controls import UnknownModel
 from services.scaler.policies import KnobError
-from services.scaler.policy import DEFAULT_ACK_TIMEOUT_S, ModelBounds, Pool, ScalerCore, Settings, TargetError
-from services.scaler.state import COUNTED_STATES, WorkerTable
+from services.scaler.replicas import DEFAULT_ACK_TIMEOUT_S, Settings, TargetError
+
+SNAPSHOT_TIMEOUT_S = 2.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,66 +106,162 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(main(args))
-
-
-async def main(args: argparse.Namespace) -> int:
     started = service_start("scaler", args, args.scaler_id)
     if started is None:
         return 2
-    log, deployment, subjects = started
+    log, deployment, _ = started
     try:
-        scaler = Scaler(args, deployment, subjects, log)
+        scaler = Scaler.from_args(args, deployment, log)
     except ConfigError as e:  # a policy or knob the deployment names that cannot be used
         log.error("bad_config", error=str(e))
         return 2
-    stop = stop_event()
-    try:
-        return await scaler.serve(stop)
-    except ConnectionError as e:
-        log.error("start_failed", error=str(e))
-        return 1
-
-
-def bounds_of(deployment: Deployment) -> dict[str, ModelBounds]:
-    return {m.name: ModelBounds(m.min_replicas, m.max_replicas) for m in deployment.models}
+    return run_process(lambda: scaler, args.nats_url, args.prefix, log)
 
 
 class Scaler:
-    def __init__(self, args: argparse.Namespace, deployment: Deployment, subjects: Subjects, log: Any) -> None:
-        self.args = args
-        self.subjects = subjects
-        self.log = log
+    service = "scaler"
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        scaler_id: str = "scaler",
+        *,
+        tick_s: float = 1.0,
+        heartbeat_s: float = 1.0,
+        ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+        window_s: float = 30.0,
+        rate_window_s: float = 10.0,
+        stale_s: float = 5.0,
+        log: Any = None,
+    ) -> None:
+        self.scaler_id = scaler_id
+        self.tick_s = tick_s
+        self.log = log or structlog.get_logger().bind(service="scaler", instance=scaler_id)
         self.clock: Callable[[], float] = time.monotonic
-        # Warm-up lasts a little over one heartbeat round: by then every live worker was heard.
-        settings = Settings(ack_timeout_s=args.ack_timeout_s, warmup_s=1.5 * args.heartbeat_s)
-        # Namespaces built by hand (tests) may predate the window flags: their defaults apply.
-        self.controls = Controls(
-            deployment,
-            window_s=float(getattr(args, "window_s", 30.0)),
-            rate_window_s=float(getattr(args, "rate_window_s", 10.0)),
-            stale_s=float(getattr(args, "stale_s", 5.0)),
-        )
-        managed = [m for m, c in self.controls.models.items() if c.policy.name != "manual"]
-        self.core = ScalerCore(bounds_of(deployment), settings, self.clock(), id_prefix=args.scaler_id, adopt=managed)
         self.wall: Callable[[], float] = time.time
-        self.workers = WorkerTable(args.heartbeat_s)
-        self._vertical_seq = 0
+        # Warm-up lasts a little over one heartbeat round: by then every live worker was heard.
+        settings = Settings(ack_timeout_s=ack_timeout_s, warmup_s=1.5 * heartbeat_s)
+        self.state = core.new_state(
+            deployment, settings, self.now(), scaler_id, window_s=window_s, rate_window_s=rate_window_s, stale_s=stale_s
+        )
+        self.table = WorkerTable(heartbeat_s)
         self.wake = asyncio.Event()
-        self.tasks = TaskSet(log)
-        self.nc: NATS | None = None
+        # What arrived since the last tick.
+        self._metrics: list[ModelMetrics | InstanceMetrics] = []
+        self._acks: list[ScaleAck] = []
+        self._lost: list[str] = []
+        self._loader_up: str | None = None
+        self.tasks: TaskSet | None = None
+        self._rt: Runtime | None = None
 
-    # ---- handlers ----------------------------------------------------------
-    async def on_heartbeat(self, msg: Msg) -> None:
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, deployment: Deployment, log: Any = None) -> Scaler:
+        return cls(
+            deployment,
+            args.scaler_id,
+            tick_s=args.tick_s,
+            heartbeat_s=args.heartbeat_s,
+            ack_timeout_s=args.ack_timeout_s,
+            window_s=args.window_s,
+            rate_window_s=args.rate_window_s,
+            stale_s=args.stale_s,
+            log=log,
+        )
+
+    @property
+    def instance(self) -> str:
+        return self.scaler_id
+
+    def now(self) -> core.Now:
+        return core.Now(self.clock(), self.wall())
+
+    def mesh(self) -> core.Mesh:
+        now = self.clock()
+        views = self.table.views(now)
+        return core.Mesh(
+            instances=self.table.instances(now),
+            idle=self.table.idle(now),
+            loading=self.table.loading(now),
+            holding={v.worker_id: v.model if v.state in COUNTED_STATES else None for v in views},
+        )
+
+    # ---- wiring ------------------------------------------------------------
+    async def start(self, rt: Runtime) -> None:
+        self._rt = rt
+        self.tasks = rt.tasks
+        s = rt.subjects
+        feed = WorkerFeed(
+            self.table,
+            fetch_snapshot=nats_snapshot_fetcher(rt.nc, s, self.scaler_id, SNAPSHOT_TIMEOUT_S),
+            on_dead=self._lost.append,
+            clock=self.clock,
+            logger=self.log,
+        )
+        rt.stack.push_async_callback(feed.close)
+        await feed.subscribe(rt.nc, s)
+        await rt.subscribe(s.scale_ack(), self.on_ack)
+        await rt.subscribe(s.metrics_all(), self.on_metrics)
+        await rt.subscribe(s.service_ready(), self.on_service_ready)
+        await rt.serve(s.scale_request(), self.on_scale_request)
+        await rt.serve(s.scale_deploy(), self.on_deploy)
+        await rt.serve(s.status(), self.on_status)
+        rt.tasks.spawn(self.loop(feed), "tick")
+        rt.tasks.spawn(self.probe_loader(), "probe-loader")
+        self.log.info("ready", models=sorted(self.state.book.targets), tick_s=self.tick_s)
+
+    async def loop(self, feed: WorkerFeed) -> None:
+        while True:
+            self.wake.clear()
+            ticked = self.clock()
+            feed.reap()
+            await self.tick()
+            await _wait_any(self.wake, timeout=self.tick_s)
+            # Woken early (a queue, an ack): at most four looks per tick, however chatty the mesh.
+            spacing = ticked + self.tick_s / 4 - self.clock()
+            if spacing > 0:
+                await asyncio.sleep(spacing)  # a rate bound, not synchronisation
+
+    async def tick(self) -> None:
+        inputs = core.Inputs(
+            mesh=self.mesh(), metrics=self._metrics, acks=self._acks, workers_lost=self._lost, loader_up=self._loader_up
+        )
+        self._metrics, self._acks, self._lost, self._loader_up = [], [], [], None
+        self.state, effects = core.tick(self.state, inputs, self.now())
+        await self.carry_out(effects)
+
+    async def carry_out(self, effects: list[core.Effect]) -> None:
+        assert self._rt is not None and self.tasks is not None
+        rt = self._rt
+        for e in effects:
+            if isinstance(e, core.Publish):
+                await rt.nc.publish(rt.subjects.scale_decision(), encode(e.decision))
+            elif isinstance(e, core.SetLimit):
+                self.tasks.spawn(self.send_limit(e), f"limit-{e.worker}")
+            else:
+                (self.log.warning if e.level == "warning" else self.log.info)(e.event, **e.fields)
+
+    async def send_limit(self, e: core.SetLimit) -> None:
+        """SetBatchLimit to one worker. A failure is only logged: the next ticks see the worker's
+        limit in its metrics and send again."""
+        assert self._rt is not None
+        lg = self.log.bind(worker=e.worker, model=e.model, decision_id=e.decision_id)
         try:
-            hb = decode(msg.data, Heartbeat)
-        except MessageError as e:
-            self.log.debug("bad_heartbeat", subject=msg.subject, error=str(e))
+            r = await request(
+                self._rt.nc,
+                self._rt.subjects.batch_limit(e.worker),
+                SetBatchLimit(e.limit, e.decision_id, e.reason),
+                BatchLimit,
+                timeout=self.tick_s + 2.0,
+            )
+        except (RemoteError, RequestTimeout, MessageError) as err:
+            lg.warning("batch_limit_failed", limit=e.limit, error=str(err))
             return
-        if self.workers.observe(hb, self.clock()):
-            self.log.info("worker_seen", worker=hb.worker_id, state=hb.state, model=hb.model)
-        self.controls.worker_left(hb.worker_id, hb.model if hb.state in COUNTED_STATES else None)
+        except Exception as err:  # nats-py's own errors (connection closing, draining): never fatal here
+            lg.warning("batch_limit_failed", limit=e.limit, error=repr(err))
+            return
+        lg.info("batch_limit_set", requested=e.limit, limit=r.max_batch, kv_slots=r.kv_slots)
 
+    # ---- inputs ------------------------------------------------------------
     async def on_metrics(self, msg: Msg) -> None:
         try:
             m: Any = decode(msg.data)
@@ -170,10 +269,9 @@ class Scaler:
             self.log.debug("bad_metrics", subject=msg.subject, error=str(e))
             return
         if isinstance(m, ModelMetrics | InstanceMetrics):
-            self.controls.fold(m)
+            self._metrics.append(m)
         if isinstance(m, ModelMetrics) and m.waiting > 0:
-            # A gateway holds requests: look now rather than at the next tick (the gateway reports
-            # early when its queue starts to hold, so a burst's onset reaches the policy at once).
+            # A gateway holds requests: look now rather than at the next tick.
             self.wake.set()
 
     async def on_ack(self, msg: Msg) -> None:
@@ -182,100 +280,8 @@ class Scaler:
         except MessageError as e:
             self.log.warning("bad_ack", error=str(e))
             return
-        d = self.core.on_ack(ack.decision_id, ack.ok, ack.workers, self.clock())
-        if d is None:
-            return  # another scaler's decision, or one from before a restart
-        lg = self.log.bind(decision_id=ack.decision_id, model=ack.model)
-        if ack.ok:
-            lg.info("scale_done", action=d.action, workers=ack.workers)
-        else:
-            lg.warning(
-                "scale_failed",
-                action=d.action,
-                workers=ack.workers,
-                error=ack.error,
-                retry_in_s=round((self.core.retry_at(d.model) or self.clock()) - self.clock(), 1),
-            )
+        self._acks.append(ack)
         self.wake.set()
-
-    async def on_scale_request(self, req: ScaleRequest) -> Ok:
-        if not isinstance(req, ScaleRequest):
-            raise RemoteError("bad_request", f"expected scale_request, got {type(req).__name__}")
-        try:
-            previous = self.core.set_target(req.model, req.replicas)
-        except TargetError as e:
-            self.log.info("scale_request_refused", model=req.model, replicas=req.replicas, error=str(e))
-            raise RemoteError(e.code, str(e)) from None
-        current = self.core.current(req.model, self.workers.instances(self.clock()), self.clock())
-        self.log.info("target_set", model=req.model, replicas=req.replicas, previous=previous)
-        self.wake.set()
-        policy = self.controls.get(req.model).policy.name
-        note = "" if policy == "manual" else f"; policy {policy} manages it and may change it"
-        return Ok(f"{req.model}: target {req.replicas} replicas (was {previous}); {current} running now{note}")
-
-    async def on_deploy(self, req: DeployRequest) -> DeployReply:
-        """The admin API: a model's policy and knobs, changed at run time (or just read)."""
-        if not isinstance(req, DeployRequest):
-            raise RemoteError("bad_request", f"expected deploy_request, got {type(req).__name__}")
-        try:
-            before = self.controls.get(req.model).policy.name
-            r = self.controls.configure(req.model, self.wall(), req.policy, req.knobs, req.replace_knobs)
-        except UnknownModel:
-            known = ", ".join(sorted(self.controls.models))
-            raise RemoteError("unknown_model", f"{req.model!r} is not in the deployment (models: {known})") from None
-        except KnobError as e:
-            raise RemoteError("bad_policy", str(e)) from None
-        c = r.control
-        if r.changed:
-            self.log.info(
-                "policy_set", model=req.model, policy=c.policy.name, previous=before, knobs=c.knobs_set,
-                batch_limit=c.batch_limit,
-            )  # fmt: skip
-            for w in r.restore:
-                self.tasks.spawn(self.send_limit(w, req.model, 0, "", f"policy {c.policy.name}"), f"limit-{w}")
-            self.wake.set()
-        b = self.core.bounds[req.model]
-        return DeployReply(
-            model=req.model,
-            policy=c.policy.name,
-            knobs=dict(c.knobs_set),
-            effective=c.policy.effective_knobs(c.knobs),
-            min_replicas=b.min_replicas,
-            max_replicas=b.max_replicas,
-            target_replicas=self.core.targets[req.model],
-            changed=r.changed,
-            batch_limit=c.batch_limit or 0,
-        )
-
-    async def send_limit(self, worker: str, model: str, limit: int, decision_id: str, reason: str) -> None:
-        """SetBatchLimit to one worker. A failure is only logged: the next ticks see the worker's
-        limit in its metrics and send again."""
-        assert self.nc is not None
-        lg = self.log.bind(worker=worker, model=model, decision_id=decision_id)
-        try:
-            r = await request(
-                self.nc,
-                self.subjects.batch_limit(worker),
-                SetBatchLimit(limit, decision_id, reason),
-                BatchLimit,
-                timeout=self.args.tick_s + 2.0,
-            )
-        except (RemoteError, RequestTimeout, MessageError) as e:
-            lg.warning("batch_limit_failed", limit=limit, error=str(e))
-            return
-        except Exception as e:  # nats-py's own errors (connection closing, draining): never fatal here
-            lg.warning("batch_limit_failed", limit=limit, error=repr(e))
-            return
-        lg.info("batch_limit_set", requested=limit, limit=r.max_batch, kv_slots=r.kv_slots)
-
-    async def on_status(self, _: StatusRequest) -> ServiceStatus:
-        now = self.clock()
-        detail = self.core.status()
-        detail["instances"] = {m: len(ws) for m, ws in self.workers.instances(now).items()}
-        detail["workers"] = self.workers.summary(now)
-        detail["idle_pool"] = len(self.workers.idle(now))
-        detail["policies"] = self.controls.describe()
-        return ServiceStatus("scaler", self.args.scaler_id, os.getpid(), detail)
 
     async def on_service_ready(self, msg: Msg) -> None:
         try:
@@ -283,156 +289,50 @@ class Scaler:
         except MessageError:
             return
         if ready.service == "loader":
-            self._loader_up(ready.instance)
-
-    def _loader_up(self, instance: str) -> None:
-        dropped = self.core.loader_ready()
-        self.log.info("loader_seen", loader=instance, dropped=[f.decision.decision_id for f in dropped])
-        self.wake.set()
+            self._loader_up = ready.instance
+            self.wake.set()
 
     async def probe_loader(self) -> None:
         """A loader that started before us announced itself already: ask who is there."""
-        assert self.nc is not None
-        st = await gather_status(self.nc, self.subjects, window_s=0.5, requester=self.args.scaler_id)
+        assert self._rt is not None
+        st = await gather_status(self._rt.nc, self._rt.subjects, window_s=0.5, requester=self.scaler_id)
         loaders = [s for s in st.services if s.service == "loader"]
-        if loaders and not self.core.loader_known:
-            self._loader_up(loaders[0].instance)
+        if loaders and not self.state.book.loader_known:
+            self._loader_up = loaders[0].instance
+            self.wake.set()
 
-    # ---- the loop ----------------------------------------------------------
-    async def tick(self) -> str | None:
-        """One look at the mesh; returns why no decision could be made, if that is the case."""
-        assert self.nc is not None
-        now, wall = self.clock(), self.wall()
-        for w in self.workers.prune(now):
-            self.log.warning("worker_lost", worker=w)
-            self.controls.worker_left(w)
-        instances = self.workers.instances(now)
-        idle = self.workers.idle(now)
-        loading = self.workers.loading(now)
-        self.core.adopt(now, instances)
-        needs: dict[str, int] = {}
-        limits: list[tuple[str, str, int]] = []
-        for model in sorted(self.controls.models):
-            needs_of, orders = self.evaluate(model, now, wall, instances, loading.get(model, 0), len(idle))
-            if needs_of is not None:
-                needs[model] = needs_of
-            limits += [(model, w, lim) for w, lim in orders]
-        for model, w, lim in limits:
-            c = self.controls.get(model)
-            self.tasks.spawn(self.send_limit(w, model, lim, c.limit_decision, c.limit_reason), f"limit-{w}")
-        result = self.core.tick(now, instances, Pool(idle, needs))
-        for f in result.expired:
-            self.log.warning(
-                "scale_ack_timeout",
-                decision_id=f.decision.decision_id,
-                model=f.decision.model,
-                waited_s=round(now - f.sent_at, 1),
-                retry_in_s=round((self.core.retry_at(f.decision.model) or now) - now, 1),
-            )
-        for d in result.decisions:
-            msg = ScaleDecision(
-                decision_id=d.decision_id,
-                model=d.model,
-                action=d.action,
-                count=d.count,
-                target_replicas=d.target_replicas,
-                reason=d.reason,
-                figures=d.figures,
-                ts=time.time(),
-            )
-            await self.nc.publish(self.subjects.scale_decision(), encode(msg))
-            self.log.info(
-                "scale_decision",
-                decision_id=d.decision_id,
-                model=d.model,
-                action=d.action,
-                count=d.count,
-                target=d.target_replicas,
-                reason=d.reason,
-            )
-        return result.held_back
-
-    def evaluate(
-        self,
-        model: str,
-        now: float,
-        wall: float,
-        instances: dict[str, frozenset[str]],
-        loading: int,
-        idle: int,
-    ) -> tuple[int | None, list[tuple[str, int]]]:
-        """Run one model's policy: its target (and reason) into the core, a new batch limit noted;
-        returns the model's need and the batch-limit orders for its instances."""
-        current = self.core.current(model, instances, now)
-        loading = min(loading, current)
-        in_flight = model in self.core.in_flight
-        ev = self.controls.evaluate(
-            model, wall, serving=current - loading, loading=loading, idle_pool=idle, in_flight=in_flight
-        )
-        d = ev.decision
-        c = self.controls.get(model)
-        # Until the warm-up ends the instance counts are not the whole mesh yet: the policy runs
-        # (its timers and fits go on) but its targets wait.
-        ready = self.core.ready(now)
-        wants = d is not None and d.target_replicas != current
-        if ready and wants and not in_flight and d is not None:
-            b = self.core.bounds[model]
-            target = max(b.min_replicas, min(b.max_replicas, d.target_replicas))
-            if target != self.core.targets[model]:
-                previous = self.core.set_target(model, target, reason=d.reason, figures=d.figures)
-                self.log.info(
-                    "policy_target", model=model, target=target, previous=previous, current=current, reason=d.reason
-                )
-        elif ready and not wants and c.policy.name != "manual":
-            self.core.follow(model, current)
-        if ev.limit_changed:
-            self._vertical_seq += 1
-            c.limit_decision = f"{self.args.scaler_id}-v{self._vertical_seq}"
-            self.log.info(
-                "batch_limit_decision", model=model, decision_id=c.limit_decision, limit=c.batch_limit,
-                reason=c.limit_reason, figures=d.figures if d is not None else {},
-            )  # fmt: skip
-        return ev.need, self.controls.limit_orders(ev.signals, wall)
-
-    async def serve(self, stop: asyncio.Event) -> int:
-        s = self.subjects
-        self.nc = await connect(self.args.nats_url, f"scaler-{self.args.scaler_id}", connect_timeout_s=30.0)
+    # ---- requests ----------------------------------------------------------
+    async def on_scale_request(self, req: ScaleRequest) -> Ok:
+        if not isinstance(req, ScaleRequest):
+            raise RemoteError("bad_request", f"expected scale_request, got {type(req).__name__}")
         try:
-            subs: list[tuple[str, Callable[[Msg], Awaitable[None]]]] = [
-                (s.heartbeat_all(), self.on_heartbeat),
-                (s.scale_ack(), self.on_ack),
-                (s.scale_request(), handler(self.on_scale_request, self.log)),
-                (s.scale_deploy(), handler(self.on_deploy, self.log)),
-                (s.metrics_all(), self.on_metrics),
-                (s.status(), handler(self.on_status, self.log)),
-                (s.service_ready(), self.on_service_ready),
-            ]
-            for subject, cb in subs:
-                await self.nc.subscribe(subject, cb=cb)
-            await self.nc.flush()
-            await self.nc.publish(s.service_ready(), encode(ServiceReady("scaler", self.args.scaler_id, os.getpid())))
-            self.log.info("ready", models=sorted(self.core.targets), tick_s=self.args.tick_s)
-            self.tasks.spawn(self.probe_loader(), "probe-loader")
-            held: str | None = None
-            while not stop.is_set() and not self.tasks.failed.is_set():
-                self.wake.clear()
-                ticked = self.clock()
-                reason = await self.tick()
-                if reason != held:
-                    held = reason
-                    if reason:
-                        self.log.info("holding_back", reason=reason)
-                await _wait_any(stop, self.wake, self.tasks.failed, timeout=self.args.tick_s)
-                # Woken early (a queue, an ack): at most four looks per tick, however chatty the mesh.
-                spacing = ticked + self.args.tick_s / 4 - self.clock()
-                if spacing > 0:
-                    await _wait_any(stop, self.tasks.failed, timeout=spacing)
-            return 1 if self.tasks.failed.is_set() else 0
-        finally:
-            self.log.info("stopping")
-            await self.tasks.cancel_all()
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+            reply, effects = core.set_target(self.state, req, self.mesh(), self.now())
+        except TargetError as e:
+            self.log.info("scale_request_refused", model=req.model, replicas=req.replicas, error=str(e))
+            raise RemoteError(e.code, str(e)) from None
+        await self.carry_out(effects)
+        self.wake.set()
+        return reply
+
+    async def on_deploy(self, req: DeployRequest) -> DeployReply:
+        if not isinstance(req, DeployRequest):
+            raise RemoteError("bad_request", f"expected deploy_request, got {type(req).__name__}")
+        try:
+            reply, effects = core.configure(self.state, req, self.now())
+        except UnknownModel:
+            known = ", ".join(sorted(self.state.controls.models))
+            raise RemoteError("unknown_model", f"{req.model!r} is not in the deployment (models: {known})") from None
+        except KnobError as e:
+            raise RemoteError("bad_policy", str(e)) from None
+        await self.carry_out(effects)
+        if reply.changed:
+            self.wake.set()
+        return reply
+
+    async def on_status(self, _: StatusRequest) -> ServiceStatus:
+        detail = core.status(self.state, self.mesh())
+        detail["workers"] = self.table.states(self.clock())
+        return ServiceStatus("scaler", self.scaler_id, os.getpid(), detail)
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
@@ -442,4 +342,5 @@ async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
     finally:
         for w in waits:
             w.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*waits, return_exceptions=True)

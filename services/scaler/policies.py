@@ -1,11 +1,11 @@
-"""Scaling policies: pure functions from a load snapshot and a state to a decision and a state.
+"""Scaling policies: pure functions from a load snapshot and a state to a target and a state.
 
-    decision, state = policy.decide(signals, knobs, state)
+    target, state = policy.decide(signals, knobs, state)
 
 No clock, no I/O: time is `signals.now`, and everything a policy remembers between ticks (delay
 timers, fitted models, the batch limit it set) is in the frozen state it returns. The scaler
-service calls `decide` once per tick per model (through `control.Controls`): a `Decision`'s target
-and reason become the replica target of `policy.ScalerCore`, which publishes the `ScaleDecision`;
+core calls `decide` once per tick per model (through `controls.Controls`): a `Target`'s replicas
+and reason become the model's target in `replicas.ReplicaBook`, which makes the `ScaleDecision`;
 a vertical action becomes a `SetBatchLimit` to the model's instances. While
 `signals.decision_in_flight` is set, policies never return a horizontal decision.
 
@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cascade.config import ConfigError, ModelDeployment
-from cascade.messages import ScaleDecision
 from services.scaler.signals import LoadSignals, StepSample
 
 
@@ -48,10 +47,11 @@ class KnobError(ConfigError):
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
-    """What a policy wants now. `target_replicas` counts serving + loading instances;
-    `batch_limit`, when set, is a new per-instance batch limit for the model's serving instances
-    (vertical, in place). `figures` are the numbers behind `reason`, for the ScaleDecision."""
+class Target:
+    """What a policy wants now: `target_replicas` counts serving + loading instances (the
+    scaler's replica book turns a gap into a `ScaleDecision`); `batch_limit`, when set, is a new
+    per-instance batch limit for the model's serving instances (vertical, in place). `figures`
+    are the numbers behind `reason`; the decision that closes the gap carries both."""
 
     target_replicas: int
     current_replicas: int
@@ -65,28 +65,8 @@ class Decision:
 
     @property
     def action(self) -> Literal["up", "down"] | None:
-        """The horizontal part, as ScaleDecision.action (None: vertical only)."""
+        """The horizontal part (None: vertical only)."""
         return "up" if self.delta > 0 else "down" if self.delta < 0 else None
-
-    def to_message(self, model: str, decision_id: str, ts: float) -> ScaleDecision | None:
-        """The horizontal part as the `ScaleDecision` the scaler publishes (None when this
-        decision only changes the batch limit)."""
-        action = self.action
-        if action is None:
-            return None
-        figures = dict(self.figures)
-        if self.batch_limit is not None:
-            figures["new_batch_limit"] = float(self.batch_limit)
-        return ScaleDecision(
-            decision_id=decision_id,
-            model=model,
-            action=action,
-            count=abs(self.delta),
-            target_replicas=self.target_replicas,
-            reason=self.reason,
-            figures=figures,
-            ts=ts,
-        )
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -188,7 +168,7 @@ class ConcurrencyState:
 
 def decide_concurrency(
     s: LoadSignals, k: ConcurrencyKnobs, st: ConcurrencyState
-) -> tuple[Decision | None, ConcurrencyState]:
+) -> tuple[Target | None, ConcurrencyState]:
     """desired = ceil(ongoing / target_ongoing_requests), bounded; move one instance per tick
     once the wish has held for the delay. The delay timer is not reset by a decision: while the
     condition keeps holding, each tick (with no decision in flight) moves one more instance."""
@@ -209,19 +189,19 @@ def decide_concurrency(
     if s.decision_in_flight or desired == cur:
         return None, new
     if cur == 0:
-        return Decision(1, 0, f"scale from zero: {s.ongoing} request(s) waiting", figures), new
+        return Target(1, 0, f"scale from zero: {s.ongoing} request(s) waiting", figures), new
     if cur > k.max_replicas or cur < floor:
-        return Decision(
+        return Target(
             _clamp(cur, floor, k.max_replicas), cur, f"bounds: {cur} outside [{floor}, {k.max_replicas}]", figures
         ), new
     if desired == 0 and expired:
-        return Decision(0, cur, f"keep-alive: no requests for {now - last_busy:.0f}s", figures), new
+        return Target(0, cur, f"keep-alive: no requests for {now - last_busy:.0f}s", figures), new
     if up_since is not None and now - up_since >= k.upscale_delay_s:
         reason = f"{s.ongoing} ongoing / {k.target_ongoing_requests:g} per replica wants {desired}"
-        return Decision(cur + 1, cur, reason, figures), new
+        return Target(cur + 1, cur, reason, figures), new
     if down_since is not None and now - down_since >= k.downscale_delay_s:
         reason = f"{s.ongoing} ongoing wants {desired} for {now - down_since:.0f}s"
-        return Decision(cur - 1, cur, reason, figures), new
+        return Target(cur - 1, cur, reason, figures), new
     return None, new
 
 
@@ -338,7 +318,7 @@ def _rate_demand(s: LoadSignals, k: RateKnobs, tpr: float) -> float:
     return max(served, s.arrival_rate * tpr) + s.waiting * tpr / k.backlog_drain_s
 
 
-def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision | None, RateState]:
+def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Target | None, RateState]:
     """Instances needed = demand / (capacity × target_util). Up as soon as utilisation passes
     `upper_util`, by as many instances as needed; down once it has stayed under `lower_util` for
     `downscale_delay_s` and fewer instances would do, again all at once.
@@ -399,22 +379,22 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Decision |
         if s.ongoing == 0:
             return None, new
         target = max(1, min(up_want, step_cap), min(k.activation_scale, k.max_replicas))
-        return Decision(target, 0, f"scale from zero: demand {demand:.0f} tok/s", figures), new
+        return Target(target, 0, f"scale from zero: demand {demand:.0f} tok/s", figures), new
     if cur > k.max_replicas or cur < floor:
         target = _clamp(cur, floor, k.max_replicas)
-        return Decision(target, cur, f"bounds: {cur} outside [{floor}, {k.max_replicas}]", figures), new
+        return Target(target, cur, f"bounds: {cur} outside [{floor}, {k.max_replicas}]", figures), new
     if expired and floor == 0:
-        return Decision(0, cur, f"keep-alive: no requests for {now - last_busy:.0f}s", figures), new
+        return Target(0, cur, f"keep-alive: no requests for {now - last_busy:.0f}s", figures), new
     if util > k.upper_util and want > cur:
         target = min(up_want, step_cap)
         reason = f"utilisation {util:.2f} > {k.upper_util:g}: demand {demand:.0f} tok/s over {cap:.0f} per instance"
-        return Decision(target, cur, reason, figures), new
+        return Target(target, cur, reason, figures), new
     if down_since is not None and now - down_since >= k.downscale_delay_s:
         reason = (
             f"utilisation {down_util:.2f} < {k.lower_util:g} for {now - down_since:.0f}s: "
             f"{down_peak} suffice (the most needed in that time)"
         )
-        return Decision(down_peak, cur, reason, figures), new
+        return Target(down_peak, cur, reason, figures), new
     return None, new
 
 
@@ -581,7 +561,7 @@ class TwoStageState:
     last_busy: float | None = None
 
 
-def decide_two_stage(s: LoadSignals, k: TwoStageKnobs, st: TwoStageState) -> tuple[Decision | None, TwoStageState]:
+def decide_two_stage(s: LoadSignals, k: TwoStageKnobs, st: TwoStageState) -> tuple[Target | None, TwoStageState]:
     """Stage 1 (vertical, immediate): if the serving instances cannot meet the SLO at the batch
     limit in force, raise the limit to the smallest one that can (up to the TBT bound).
     Stage 2 (horizontal): if the surge outlasts `horizontal_delay_s`, or no batch limit suffices,
@@ -659,11 +639,11 @@ def decide_two_stage(s: LoadSignals, k: TwoStageKnobs, st: TwoStageState) -> tup
         else ""
     )
 
-    def out(target: int, reason: str) -> tuple[Decision | None, TwoStageState]:
+    def out(target: int, reason: str) -> tuple[Target | None, TwoStageState]:
         if target == cur and vertical is None:
             return None, new
         text = "; ".join(r for r in (reason, vreason) if r)
-        return Decision(target, cur, text, figures, vertical), new
+        return Target(target, cur, text, figures, vertical), new
 
     if s.decision_in_flight:
         return out(cur, "")
@@ -702,7 +682,7 @@ class ManualState:
     pass
 
 
-def decide_manual(s: LoadSignals, k: ManualKnobs, st: ManualState) -> tuple[Decision | None, ManualState]:
+def decide_manual(s: LoadSignals, k: ManualKnobs, st: ManualState) -> tuple[Target | None, ManualState]:
     """Never decides: the scaler keeps min_replicas, or the operator's target."""
     return None, st
 
@@ -775,10 +755,10 @@ class Policy:
     def initial_state(self) -> Any:
         return self.state_type()
 
-    def decide(self, signals: LoadSignals, knobs: Any, state: Any) -> tuple[Decision | None, Any]:
+    def decide(self, signals: LoadSignals, knobs: Any, state: Any) -> tuple[Target | None, Any]:
         if not isinstance(knobs, self.knobs_type) or not isinstance(state, self.state_type):
             raise TypeError(f"policy {self.name} needs {self.knobs_type.__name__} and {self.state_type.__name__}")
-        result: tuple[Decision | None, Any] = self.fn(signals, knobs, state)
+        result: tuple[Target | None, Any] = self.fn(signals, knobs, state)
         return result
 
     def need(self, signals: LoadSignals, knobs: Any, state: Any) -> int | None:

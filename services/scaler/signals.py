@@ -265,6 +265,9 @@ class SignalWindow:
                 s.steps[st.batch] = (n + st.steps, total + st.total_ms)
             self._append(s)
 
+    def instance_ids(self) -> list[str]:
+        return list(self._instances)
+
     def forget_instance(self, worker_id: str) -> None:
         """The worker left this model (unloaded, or stopped heart-beating)."""
         self._instances.pop(worker_id, None)

@@ -1,9 +1,9 @@
 """Replica bookkeeping: targets and the mesh in, scale decisions out. No I/O, no clock.
 
-    core = ScalerCore(bounds, settings, started_at=now, id_prefix="scaler-1")
-    core.set_target(model, n, reason=..., figures=...)   # a load policy's target (reason: why)
-    result = core.tick(now, instances, Pool(idle, needs))  # → decisions to publish, expired ones
-    core.on_ack(decision_id, ok, workers, now)
+    book = ReplicaBook(bounds, settings, started_at=now, id_prefix="scaler-1")
+    book.set_target(model, n, reason=..., figures=...)   # a load policy's target (reason: why)
+    result = book.tick(now, instances, Pool(idle, needs))  # → decisions to publish, expired ones
+    book.on_ack(decision_id, ok, workers, now)
 
 A model's *target* is its `min_replicas` until an operator (`cascade scale`) or a load policy
 (`policies.py`) sets another, always within [min_replicas, max_replicas]. Its *current* count is
@@ -42,6 +42,8 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from cascade.messages import ScaleDecision
 
 Action = Literal["up", "down"]
 
@@ -90,27 +92,14 @@ class Pool:
 
 
 @dataclass(frozen=True, slots=True)
-class PlannedDecision:
-    """A ScaleDecision to publish (the adapter adds the wall-clock timestamp)."""
-
-    decision_id: str
-    model: str
-    action: Action
-    count: int
-    target_replicas: int
-    reason: str
-    figures: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
 class InFlight:
-    decision: PlannedDecision
+    decision: ScaleDecision
     sent_at: float
 
 
 @dataclass(frozen=True, slots=True)
 class TickResult:
-    decisions: list[PlannedDecision]
+    decisions: list[ScaleDecision]
     expired: list[InFlight]  # gave up waiting for their ack this tick; retried later
     held_back: str | None = None  # why no decision could be made at all, if so
 
@@ -131,7 +120,7 @@ def gap(target: int, current: int) -> tuple[Action, int] | None:
     return None
 
 
-class ScalerCore:
+class ReplicaBook:
     def __init__(
         self,
         bounds: Mapping[str, ModelBounds],
@@ -157,7 +146,7 @@ class ScalerCore:
         self._failures: dict[str, int] = {}
         self._not_before: dict[str, float] = {}
         # Decisions that timed out, kept a while: a late ack still says which workers changed.
-        self._recent: OrderedDict[str, PlannedDecision] = OrderedDict()
+        self._recent: OrderedDict[str, ScaleDecision] = OrderedDict()
         # Why a model's target is what it is, when a policy (or a loan) set it: the decision that
         # closes the gap carries this reason and these figures.
         self._why: dict[str, tuple[str, dict[str, float]]] = {}
@@ -231,7 +220,7 @@ class ScalerCore:
         self.in_flight.clear()
         return dropped
 
-    def on_ack(self, decision_id: str, ok: bool, workers: Collection[str], now: float) -> PlannedDecision | None:
+    def on_ack(self, decision_id: str, ok: bool, workers: Collection[str], now: float) -> ScaleDecision | None:
         """Record an ack; returns the decision it answers (None for an id this scaler never sent)."""
         entry = next((f for f in self.in_flight.values() if f.decision.decision_id == decision_id), None)
         if entry is not None:
@@ -271,9 +260,12 @@ class ScalerCore:
                 workers -= s.workers
         return len(workers)
 
-    def tick(self, now: float, instances: Mapping[str, Collection[str]], pool: Pool | None = None) -> TickResult:
+    def tick(
+        self, now: float, instances: Mapping[str, Collection[str]], pool: Pool | None = None, wall: float = 0.0
+    ) -> TickResult:
         """Decisions that close each model's gap. With `pool`, ups are bounded by the idle workers
-        and an empty pool may make a model above its need lend instances (see the module doc)."""
+        and an empty pool may make a model above its need lend instances (see the module doc).
+        `wall` (wall-clock seconds) stamps the decisions; `now` is the book's own clock."""
         expired = [f for f in self.in_flight.values() if now - f.sent_at >= self.settings.ack_timeout_s]
         for f in expired:
             del self.in_flight[f.decision.model]
@@ -296,7 +288,7 @@ class ScalerCore:
             # that are not there and wait out the loader's idle wait.
             claimed = sum(f.decision.count for f in self.in_flight.values() if f.decision.action == "up")
             free = len(pool.idle) + len(returning) - claimed
-        decisions: list[PlannedDecision] = []
+        decisions: list[ScaleDecision] = []
         starved: dict[str, int] = {}
         for model in sorted(self.targets):
             if model in self.in_flight or now < self._not_before.get(model, float("-inf")):
@@ -317,9 +309,9 @@ class ScalerCore:
                 if count == 0:
                     continue
                 free -= count
-            decisions.append(self._decide(model, action, count, target, current, now, extra))
+            decisions.append(self._decide(model, action, count, target, current, now, wall, extra))
         if pool is not None and starved and settled and not decisions and not pool.idle and not returning:
-            decisions += self._lend(now, instances, pool, starved)
+            decisions += self._lend(now, wall, instances, pool, starved)
         return TickResult(decisions, expired)
 
     def _decide(
@@ -330,8 +322,9 @@ class ScalerCore:
         target: int,
         current: int,
         now: float,
+        wall: float,
         extra: Mapping[str, float] | None = None,
-    ) -> PlannedDecision:
+    ) -> ScaleDecision:
         b = self.bounds[model]
         retry = self._failures.get(model, 0)
         why = self._why.get(model)
@@ -351,7 +344,7 @@ class ScalerCore:
             **(extra or {}),
         )
         self._seq += 1
-        d = PlannedDecision(
+        d = ScaleDecision(
             decision_id=f"{self.id_prefix}-{self._seq}",
             model=model,
             action=action,
@@ -359,6 +352,7 @@ class ScalerCore:
             target_replicas=target,
             reason=reason,
             figures=figures,
+            ts=wall,
         )
         self.in_flight[model] = InFlight(d, now)
         self._operator.discard(model)
@@ -377,8 +371,13 @@ class ScalerCore:
         return out - idle - held
 
     def _lend(
-        self, now: float, instances: Mapping[str, Collection[str]], pool: Pool, starved: Mapping[str, int]
-    ) -> list[PlannedDecision]:
+        self,
+        now: float,
+        wall: float,
+        instances: Mapping[str, Collection[str]],
+        pool: Pool,
+        starved: Mapping[str, int],
+    ) -> list[ScaleDecision]:
         """Downs for models above their need, for models that wait on an empty pool. A lender
         keeps max(need, min_replicas) and lends to one model per tick (one decision in flight)."""
         lenders: list[tuple[int, str, int, int]] = []  # (spare, model, current, need)
@@ -393,7 +392,7 @@ class ScalerCore:
             if cur > keep and self.targets[m] <= cur:
                 lenders.append((cur - keep, m, cur, need))
         lenders.sort(key=lambda x: (-x[0], x[1]))
-        out: list[PlannedDecision] = []
+        out: list[ScaleDecision] = []
         for model, short in sorted(starved.items(), key=lambda x: (-x[1], x[0])):
             while short > 0 and lenders:
                 spare, m, cur, need = lenders.pop(0)
@@ -406,7 +405,7 @@ class ScalerCore:
                 figures = {"need": float(need), "borrower_waits_for": float(starved[model])}
                 self.targets[m] = cur - n
                 self._why[m] = (reason, figures)
-                out.append(self._decide(m, "down", n, cur - n, cur, now))
+                out.append(self._decide(m, "down", n, cur - n, cur, now, wall))
                 self.counters["lent"] += n
         return out
 
@@ -417,7 +416,7 @@ class ScalerCore:
         delay = min(self.settings.retry_base_s * 2 ** (n - 1), self.settings.retry_max_s)
         self._not_before[model] = now + delay
 
-    def _remember(self, d: PlannedDecision) -> None:
+    def _remember(self, d: ScaleDecision) -> None:
         self._recent[d.decision_id] = d
         while len(self._recent) > 64:
             self._recent.popitem(last=False)

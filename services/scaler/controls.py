@@ -4,25 +4,26 @@ the batch limit its instances should run at. Pure: every call carries its own ti
     controls = Controls(deployment)
     controls.fold(metrics)                                 # ModelMetrics / InstanceMetrics
     ev = controls.evaluate(model, now, serving=.., loading=.., idle_pool=.., in_flight=..)
-    ev.decision, ev.need                                   # → ScalerCore targets and Pool.needs
+    ev.target, ev.need                                     # → ReplicaBook targets and Pool.needs
     controls.limit_orders(ev.signals, now)                 # → SetBatchLimit to send
     controls.configure(model, policy, knobs)               # the admin API
 
-The scaler service (main.py) does the talking. Changing a model's policy starts the new one from
-its initial state (its timers and fitted models belong to the old one); changing only knobs keeps
-the state, so a tweak does not forget what was measured.
+The scaler's core (core.py) composes these with the replica book; main.py does the talking.
+Changing a model's policy starts the new one from its initial state (its timers and fitted models
+belong to the old one); changing only knobs keeps the state, so a tweak does not forget what was
+measured.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cascade.config import Deployment, ModelDeployment
 from cascade.messages import InstanceMetrics, ModelMetrics
-from services.scaler.policies import Decision, KnobError, Policy, get_policy
+from services.scaler.policies import KnobError, Policy, Target, get_policy
 from services.scaler.signals import LoadSignals, SignalWindow
 
 # A batch-limit order that has not shown up in the worker's metrics after this long is sent again.
@@ -63,7 +64,7 @@ class ModelControl:
 class Evaluation:
     model: str
     signals: LoadSignals
-    decision: Decision | None
+    target: Target | None
     need: int | None
     limit_changed: bool = False
 
@@ -126,14 +127,17 @@ class Controls:
             c.window.add_instance_metrics(m)
         return True
 
-    def worker_left(self, worker_id: str, model: str | None = None) -> None:
-        """A worker stopped holding a model (unloaded, took another, or died): its instance load
-        no longer counts for the others."""
+    def sync_workers(self, holding: Mapping[str, str | None], lost: Collection[str] = ()) -> None:
+        """`holding`: live workers known by their heartbeats and the model each holds (None:
+        none); `lost`: workers gone. An instance's load counts only for the model its worker holds
+        now (it unloaded, took another, or died). A worker not heard of yet keeps what it reports."""
         for name, c in self.models.items():
-            if name != model:
-                c.window.forget_instance(worker_id)
-        if model is None:
-            self._sent.pop(worker_id, None)
+            for w in c.window.instance_ids():
+                if w in lost or (w in holding and holding[w] != name):
+                    c.window.forget_instance(w)
+        for w in list(self._sent):
+            if w in lost or (w in holding and holding[w] is None):
+                self._sent.pop(w, None)
 
     # ---- the tick ------------------------------------------------------------
     def evaluate(
@@ -142,16 +146,16 @@ class Controls:
         """Run the model's policy on its signals at `now` (wall clock, as the metrics' `ts`)."""
         c = self.get(model)
         s = c.window.snapshot(now, idle_pool=idle_pool, decision_in_flight=in_flight, serving=serving, loading=loading)
-        decision, c.state = c.policy.decide(s, c.knobs, c.state)
+        target, c.state = c.policy.decide(s, c.knobs, c.state)
         c.need = c.policy.need(s, c.knobs, c.state)
         changed = False
-        if decision is not None:
-            c.last_reason = decision.reason
-            if decision.batch_limit is not None and decision.batch_limit != c.batch_limit:
-                c.batch_limit = decision.batch_limit
-                c.limit_reason = decision.reason
+        if target is not None:
+            c.last_reason = target.reason
+            if target.batch_limit is not None and target.batch_limit != c.batch_limit:
+                c.batch_limit = target.batch_limit
+                c.limit_reason = target.reason
                 changed = True
-        return Evaluation(model, s, decision, c.need, changed)
+        return Evaluation(model, s, target, c.need, changed)
 
     def limit_orders(self, signals: LoadSignals, now: float) -> list[tuple[str, int]]:
         """(worker, limit) for each instance of the model not at the limit the policy wants,

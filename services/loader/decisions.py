@@ -1,0 +1,490 @@
+"""Carrying out scale decisions, one at a time per decision id, and acking each.
+
+    up:   pick idle workers (assign.choose_for_up) → plan where their parameters come from
+          (planner.plan_transfer: a chain from live holders, else the host cache, else disk, as
+          the deployment's `loading` mode allows) → publish the plan → `TransferOrder`s, receivers
+          first, then senders → follow every target's readiness (LayerReady, TransferEvent,
+          heartbeats), re-plan a broken chain for its survivors → ScaleAck
+    down: pick instances (assign.choose_for_down) → UnloadModel to each (the worker drains its
+          requests first, then answers) → ScaleAck
+
+An ack is ok only if the whole decision was carried out; otherwise it says why (no idle worker,
+a load that failed, a deadline) and still lists the workers that did change, so the scaler's
+count stays right and it retries only the rest.
+
+When the loader cannot read a model's checkpoint itself (no unit sizes to plan with), it falls
+back to the simple path: `LoadModel` to each target, which reads the checkpoint on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from cascade.config import LOADING_MODES, Deployment, ModelDeployment
+from cascade.messages import (
+    LoadModel,
+    Ok,
+    PlannedChain,
+    RemoteError,
+    ScaleAck,
+    ScaleDecision,
+    TransferOrder,
+    TransferPlanned,
+    UnloadModel,
+    encode,
+)
+from cascade.models.checkpoint import Checkpoint
+from cascade.natsutil import RequestTimeout, request
+from cascade.subjects import Subjects
+from cascade.workers import WorkerTable
+from services.loader.assign import Assignment, choose_for_down, choose_for_up, describe
+from services.loader.cachekeeper import HostCacheKeeper
+from services.loader.planner import (
+    Chain,
+    LoadingMode,
+    MeshSnapshot,
+    PlanError,
+    PlanRequest,
+    TransferPlan,
+    plan_orders,
+    plan_transfer,
+    replan,
+)
+from services.loader.settings import LoaderSettings
+from services.loader.transfers import TransferSession, chain_members
+
+# Modes a decision may ask for: the deployment's three, and "star" (the source sends to every
+# target itself) for benchmarks that compare it with the chain.
+PLAN_MODES = (*LOADING_MODES, "star")
+HISTORY_ROWS = 24  # finished transfers `cascade status` still shows
+MAX_PLANS_PER_TARGET = 3  # re-plans a decision may make, per target, before its survivors fail
+
+
+class MeshChanges:
+    """ "The mesh may have changed" (a heartbeat, a readiness or transfer event, a worker lost),
+    told to every wait at once. A wait looks at the mesh and then waits with no await in
+    between, so a notice can never fall between its look and its wait."""
+
+    def __init__(self) -> None:
+        self._notice = asyncio.Event()
+
+    def notify(self) -> None:
+        self._notice.set()
+        self._notice = asyncio.Event()
+
+    async def wait(self, deadline: float, clock: Callable[[], float]) -> None:
+        """Until the next notice or the deadline."""
+        notice = self._notice
+        remaining = deadline - clock()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(notice.wait(), remaining)
+
+
+class Decisions:
+    """The loader's decisions in flight, and what they hold (reserved workers, transfer sessions)."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        settings: LoaderSettings,
+        deployment: Deployment,
+        table: WorkerTable,
+        changes: MeshChanges,
+        keeper: HostCacheKeeper,
+        log: Any,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.settings = settings
+        self.deployment = deployment
+        self.table = table
+        self.changes = changes
+        self.keeper = keeper
+        self.log = log
+        self.clock = clock
+        self.reserved: set[str] = set()
+        self.active: dict[str, ScaleDecision] = {}
+        self.sessions: dict[str, TransferSession] = {}
+        self.history: list[dict[str, object]] = []
+        self.counters = {"acks_ok": 0, "acks_failed": 0, "plans": 0, "replans": 0}
+        self._layouts: dict[Path, tuple[tuple[float, ...], tuple[int, ...]]] = {}
+        self._plan_seq = 0
+
+    def snapshot(self, now: float) -> MeshSnapshot:
+        return MeshSnapshot(tuple(self.table.views(now)), self.keeper.models())
+
+    async def carry_out(self, d: ScaleDecision) -> None:
+        """Carry out one decision and ack it, whatever happens (the scaler waits for the ack)."""
+        lg = self.log.bind(decision_id=d.decision_id, model=d.model, action=d.action, count=d.count)
+        lg.info("decision_received", target=d.target_replicas, reason=d.reason)
+        workers: list[str] = []
+        try:
+            if d.count < 1:
+                error = f"count {d.count} is not a number of workers"
+            elif d.action == "up":
+                workers, error = await self.scale_up(d, lg)
+            else:
+                workers, error = await self.scale_down(d, lg)
+        except Exception as e:  # the ack must go out whatever happened, or the scaler waits it out
+            lg.exception("decision_failed")
+            error = f"internal error in the loader: {type(e).__name__}: {e}"
+        finally:
+            self.active.pop(d.decision_id, None)
+        ack = ScaleAck(d.decision_id, d.model, ok=not error, workers=workers, error=error, ts=time.time())
+        await self.nc.publish(self.subjects.scale_ack(), encode(ack))
+        if ack.ok:
+            self.counters["acks_ok"] += 1
+            lg.info("decision_done", workers=workers)
+        else:
+            self.counters["acks_failed"] += 1
+            lg.warning("decision_failed", workers=workers, error=error)
+
+    async def scale_up(self, d: ScaleDecision, lg: Any) -> tuple[list[str], str]:
+        model = self.deployment.get(d.model)
+        if model is None:
+            return [], f"model {d.model} is not in the loader's deployment"
+        chosen = await self.wait_for_idle(d.count)
+        if not chosen.workers:
+            return [], f"no idle worker for {d.model} (wanted {d.count}; {describe(self.snapshot(self.clock()))})"
+        problems = []
+        if chosen.shortfall:
+            problems.append(f"only {len(chosen.workers)} idle worker(s) of {d.count} wanted")
+        mode = d.loading or model.loading
+        if mode not in PLAN_MODES:
+            return [], f"loading mode {mode!r} is not one of {', '.join(PLAN_MODES)}"
+        self.reserved.update(chosen.workers)
+        try:
+            sizes = await self.unit_sizes(model)
+            if isinstance(sizes, str):
+                # No unit sizes, no plan: the simple path, every target reads the checkpoint itself.
+                lg.warning("loading_without_plan", reason=sizes, workers=list(chosen.workers))
+                started, failed = await self.start_loads(d, model, chosen.workers)
+                ready, failed_later = await self.wait_serving(d.model, started)
+            else:
+                lg.info("loading", workers=list(chosen.workers), mode=mode, path=str(model.path))
+                failed = []
+                ready, failed_later = await self.transfer(d, model, mode, chosen.workers, sizes, lg)
+        finally:
+            self.reserved.difference_update(chosen.workers)
+        return ready, "; ".join(problems + failed + failed_later)
+
+    # ---- planned transfers ---------------------------------------------------------------------
+    async def unit_sizes(self, model: ModelDeployment) -> tuple[int, ...] | str:
+        """Bytes of each unit of the model's checkpoint (read from the safetensors headers, cached
+        while the files do not change), or why they cannot be read."""
+
+        def read() -> tuple[int, ...] | str:
+            path = Path(model.path)
+            try:
+                stamp = tuple(p.stat().st_mtime for p in sorted(path.glob("*.safetensors")))
+                known = self._layouts.get(path)
+                if known is not None and known[0] == stamp:
+                    return known[1]
+                ckpt = Checkpoint(path)
+            except (OSError, ValueError) as e:
+                return f"cannot read the checkpoint of {model.name} at {path}: {e}"
+            try:
+                sizes = tuple(ckpt.unit_nbytes(u) for u in range(ckpt.config.num_units))
+            finally:
+                ckpt.close()
+            self._layouts[path] = (stamp, sizes)
+            return sizes
+
+        return await asyncio.to_thread(read)
+
+    def mesh_snapshot(self, now: float, exclude: frozenset[str] = frozenset()) -> MeshSnapshot:
+        workers = tuple(w for w in self.table.views(now) if w.worker_id not in exclude)
+        return MeshSnapshot(workers, self.keeper.models())
+
+    def _plan_id(self, d: ScaleDecision) -> str:
+        self._plan_seq += 1
+        return f"{d.decision_id}-p{self._plan_seq}"
+
+    async def transfer(
+        self,
+        d: ScaleDecision,
+        model: ModelDeployment,
+        mode: str,
+        workers: Sequence[str],
+        sizes: tuple[int, ...],
+        lg: Any,
+    ) -> tuple[list[str], list[str]]:
+        """Plan, carry out and follow the transfers that give `workers` the model; returns (ready,
+        failures in words)."""
+        now = self.clock()
+        req = PlanRequest(
+            model.name,
+            tuple(workers),
+            typing.cast(LoadingMode, mode),
+            sizes,
+            str(model.path),
+            serving_rate_limit_bps=self.settings.serving_bps,
+        )
+        try:
+            plan = plan_transfer(self.mesh_snapshot(now), req, self._plan_id(d))
+        except PlanError as e:
+            return [], [f"cannot plan loading {model.name}: {e}"]
+        session = TransferSession(
+            d.decision_id, model.name, mode, sizes, started=now, grace_s=2 * self.settings.heartbeat_s
+        )
+        session.adopt(plan)
+        self.sessions[d.decision_id] = session
+        try:
+            await self.publish_plan(d, plan)
+            await self.carry_out_plan(session, plan, lg)
+            await self.follow(session, lg)
+        finally:
+            self.sessions.pop(d.decision_id, None)
+            self.history = (self.history + session.rows(self.clock()))[-HISTORY_ROWS:]
+        read_disk = any(c.source.kind == "disk" for p in session.plans for c in p.chains)
+        if read_disk and mode in ("multicast", "host-cache"):
+            # The next scale-up of this model must not wait on the disk: keep the one host copy.
+            self.keeper.fill(model, lg)
+        lg.info(
+            "transfer_done", plans=len(session.plans), ready=session.ready(), failed=session.failures(),
+            seconds=round(self.clock() - now, 3),
+        )  # fmt: skip
+        return session.ready(), session.failures()
+
+    async def publish_plan(self, d: ScaleDecision, plan: TransferPlan, replaces: str = "") -> None:
+        self.counters["replans" if replaces else "plans"] += 1
+        chains = [
+            PlannedChain(
+                c.transfer_id,
+                c.source.worker_id or c.source.kind,
+                [h.worker_id for h in c.targets],
+                list(c.units),
+                c.source.rate_limit_bps,
+            )
+            for c in plan.chains
+        ]
+        ev = TransferPlanned(
+            plan.plan_id, d.decision_id, plan.model, plan.mode, chains, plan.num_units, sum(plan.unit_nbytes),
+            note=plan.note, replaces=replaces, ts=time.time(),
+        )  # fmt: skip
+        await self.nc.publish(self.subjects.transfer_plan(), encode(ev))
+        self.log.info(
+            "plan", plan=plan.plan_id, decision_id=d.decision_id, mode=plan.mode, note=plan.note, replaces=replaces,
+            chains=[f"{c.source} -> {' -> '.join(c.targets)} [{c.units[0]}..{c.units[-1]}]" for c in chains],
+        )  # fmt: skip
+
+    async def carry_out_plan(self, session: TransferSession, plan: TransferPlan, lg: Any) -> None:
+        """Send a plan's orders: every receiver (and disk reader) first — each answers once it
+        expects the connection, its buffers reserved — then the senders."""
+        nc, s = self.nc, self.subjects
+        orders = plan_orders(plan, timeout_s=self.settings.transfer_timeout_s, rate_cap_bps=self.settings.send_cap_bps)
+        inbound = [(w, o) for w, os_ in orders.items() for o in os_ if o.role != "send"]
+        # A receiver reserves (allocates and touches) its buffers before it answers: allow for it.
+        reserve_s = sum(plan.unit_nbytes) / 100e6
+        timeout = self.settings.request_timeout_s + reserve_s
+        results = await asyncio.gather(
+            *(request(nc, s.transfer(w), o, Ok, timeout) for w, o in inbound), return_exceptions=True
+        )
+        for (w, o), r in zip(inbound, results, strict=True):
+            if not isinstance(r, Ok):
+                session.refused(w, self._why(w, r, f"the {o.role} order of {o.transfer_id}", timeout))
+        sends: list[tuple[str, TransferOrder]] = []
+        by_id = {c.transfer_id: c for c in plan.chains}
+        for w, os_ in orders.items():
+            for o in os_:
+                first = by_id[o.transfer_id].targets[0].worker_id
+                if o.role == "send" and first not in session.broken:
+                    sends.append((w, o))
+        worker_sends = [(w, o) for w, o in sends if w != "host-cache"]
+        results = await asyncio.gather(
+            *(request(nc, s.transfer(w), o, Ok, self.settings.request_timeout_s) for w, o in worker_sends),
+            return_exceptions=True,
+        )
+        for (w, o), r in zip(worker_sends, results, strict=True):
+            if not isinstance(r, Ok):
+                session.refused(
+                    w, self._why(w, r, f"the send order of {o.transfer_id}", self.settings.request_timeout_s)
+                )
+        for w, o in sends:
+            if w == "host-cache":
+                self.keeper.send(o, lg)
+        self.changes.notify()
+
+    @staticmethod
+    def _why(worker: str, r: object, what: str, timeout: float) -> str:
+        if isinstance(r, RemoteError):
+            return f"{worker} refused {what} ({r.code}: {r.message})"
+        if isinstance(r, RequestTimeout):
+            return f"{worker} did not answer {what} within {timeout:g}s"
+        return f"{worker}: {type(r).__name__}: {r}"
+
+    async def follow(self, session: TransferSession, lg: Any) -> None:
+        """Until every target serves or failed: watch them, and re-plan each chain that breaks."""
+        deadline = session.started + self.settings.load_timeout_s
+        while True:
+            now = self.clock()
+            members = chain_members(session.chains) | set(session.targets)
+            dead = {w for w in members if self.table.get(w, now) is None}
+            for w in session.pending():
+                session.observe(w, self.table.get(w, now), now)
+            breaks = session.breaks(dead)
+            pending = session.pending()
+            if not pending:
+                return
+            if now >= deadline:
+                for w in pending:
+                    t = session.targets[w]
+                    session.fail(
+                        w, f"{w} not serving {session.model} after {self.settings.load_timeout_s:g}s "
+                        f"({t.units}/{session.num_units} units)",
+                    )  # fmt: skip
+                return
+            if not breaks:
+                await self.changes.wait(deadline, self.clock)
+                continue
+            for chain, brk in breaks:
+                await self.repair(session, chain, brk, dead, lg)
+
+    async def repair(self, session: TransferSession, chain: Chain, brk: str, dead: set[str], lg: Any) -> None:
+        """Re-plan the survivors of a chain broken at `brk`: another holder, else the host cache,
+        else disk; each survivor keeps the units it verified."""
+        survivors = session.survivors(chain, brk)
+        now = self.clock()
+        snap = self.mesh_snapshot(now, exclude=frozenset(dead | session.broken))
+        units = {w: session.targets[w].units for w in survivors if w in session.targets}
+        decision = ScaleDecision(session.decision_id, session.model, "up", len(survivors), 0, "")
+        lg.warning("chain_broken", transfer=chain.transfer_id, at=brk, survivors=survivors, units=units)
+        if len(session.plans) > MAX_PLANS_PER_TARGET * len(session.targets):
+            # Failures that keep coming back (a corrupt source, a flapping link) end here, not in a loop.
+            session.repaired(chain, brk, dead)
+            session.give_up(survivors, f"{brk} broke the chain again after {len(session.plans)} plans")
+            return
+        try:
+            new = replan(
+                session.plan_of(chain),
+                brk,
+                snap,
+                units,
+                self._plan_id(decision),
+                serving_rate_limit_bps=self.settings.serving_bps,
+            )
+        except PlanError as e:
+            new = None
+            session.give_up(survivors, f"re-plan after {brk} broke the chain failed: {e}")
+        session.repaired(chain, brk, dead)
+        if new is None:
+            return
+        session.adopt(new)
+        await self.publish_plan(decision, new, replaces=chain.transfer_id)
+        await self.carry_out_plan(session, new, lg)
+
+    async def wait_for_idle(self, count: int) -> Assignment:
+        """Enough idle workers, or as many as appear before the idle-wait deadline."""
+        deadline = self.clock() + self.settings.idle_wait_s
+        while True:
+            chosen = choose_for_up(self.snapshot(self.clock()), count, self.reserved)
+            if chosen.shortfall == 0 or self.clock() >= deadline:
+                return chosen
+            await self.changes.wait(deadline, self.clock)
+
+    async def start_loads(
+        self, d: ScaleDecision, model: ModelDeployment, workers: Sequence[str]
+    ) -> tuple[list[str], list[str]]:
+        """Tell each target to load; returns (started, failures in words).
+
+        The transfer planner's seam: here the plan would decide sources and chains and send
+        TransferOrders; today every target reads the checkpoint from disk."""
+        nc = self.nc
+        msg = LoadModel(model.name, str(model.path), d.decision_id)
+        timeout = self.settings.request_timeout_s
+        results = await asyncio.gather(
+            *(request(nc, self.subjects.load(w), msg, Ok, timeout) for w in workers), return_exceptions=True
+        )
+        started, failed = [], []
+        for w, r in zip(workers, results, strict=True):
+            if isinstance(r, Ok):
+                started.append(w)
+            elif isinstance(r, RemoteError):
+                failed.append(f"{w} refused the load ({r.code}: {r.message})")
+            elif isinstance(r, RequestTimeout):
+                failed.append(f"{w} did not answer LoadModel within {timeout:g}s")
+            elif isinstance(r, BaseException):
+                failed.append(f"{w}: {type(r).__name__}: {r}")
+        return started, failed
+
+    async def wait_serving(self, model: str, workers: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Wait until each worker serves `model` with every unit ready; returns (ready, failures)."""
+        start = self.clock()
+        deadline = start + self.settings.load_timeout_s
+        # A heartbeat in flight when the worker said Ok may still show it idle; after two
+        # intervals an idle worker has really given the load up.
+        grace = 2 * self.settings.heartbeat_s
+        pending = set(workers)
+        seen_loading: set[str] = set()
+        ready: list[str] = []
+        failed: list[str] = []
+        while pending:
+            now = self.clock()
+            for w in sorted(pending):
+                v = self.table.get(w, now)
+                if v is None:
+                    failed.append(f"{w} stopped heart-beating while loading {model}")
+                elif v.serves_fully(model):
+                    ready.append(w)
+                elif v.model == model and v.state in ("loading", "serving"):
+                    seen_loading.add(w)
+                    continue
+                elif w in seen_loading or now - start >= grace:
+                    failed.append(f"{w} gave up loading {model} (now {v.state}; see its log)")
+                else:
+                    continue
+                pending.discard(w)
+            if not pending:
+                break
+            if now >= deadline:
+                for w in sorted(pending):
+                    v = self.table.get(w, now)
+                    units = f"{v.units_ready}/{v.num_units} units" if v else "no heartbeat"
+                    failed.append(f"{w} not serving {model} after {self.settings.load_timeout_s:g}s ({units})")
+                break
+            await self.changes.wait(deadline, self.clock)
+        return ready, failed
+
+    async def scale_down(self, d: ScaleDecision, lg: Any) -> tuple[list[str], str]:
+        nc = self.nc
+        chosen = choose_for_down(self.snapshot(self.clock()), d.model, d.count, self.reserved)
+        if not chosen.workers:
+            return [], f"no instance of {d.model} to remove ({describe(self.snapshot(self.clock()))})"
+        problems = []
+        if chosen.shortfall:
+            problems.append(f"only {len(chosen.workers)} instance(s) of {d.model} to remove, {d.count} wanted")
+        self.reserved.update(chosen.workers)
+        try:
+            lg.info("unloading", workers=list(chosen.workers))
+            timeout = self.settings.unload_timeout_s
+            results = await asyncio.gather(
+                *(
+                    request(nc, self.subjects.unload(w), UnloadModel(d.decision_id), Ok, timeout)
+                    for w in chosen.workers
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            self.reserved.difference_update(chosen.workers)
+        done = []
+        for w, r in zip(chosen.workers, results, strict=True):
+            if isinstance(r, Ok):
+                done.append(w)
+            elif isinstance(r, RemoteError):
+                problems.append(f"{w} refused the unload ({r.code}: {r.message})")
+            elif isinstance(r, RequestTimeout):
+                problems.append(f"{w} did not finish unloading within {timeout:g}s")
+            elif isinstance(r, BaseException):
+                problems.append(f"{w}: {type(r).__name__}: {r}")
+        return done, "; ".join(problems)

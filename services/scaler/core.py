@@ -1,0 +1,333 @@
+"""The scaler as one pure core: what it knows is a `ScalerState`, what happens is an input, what
+it does is a list of effects.
+
+    state = new_state(deployment, settings, now)
+    state, effects = tick(state, inputs, now)       # every tick: metrics, acks, the mesh in
+    reply, effects = set_target(state, request, mesh, now)   # `cascade scale`
+    reply, effects = configure(state, request, now)          # `cascade deploy`
+
+No I/O and no clock: `now` carries both the scaler's own clock (`mono`: timers, ack deadlines,
+back-off) and the wall clock (`wall`: the senders' metric timestamps, decision timestamps). The
+NATS adapter (main.py) queues what arrives between ticks and carries out the effects; the
+simulator drives the same functions with modelled time. (Dynamo's planner core and Ray Serve's
+`autoscaling_policy` are the models: decisions as functions of a snapshot, effects out.)
+
+A tick, per model, in name order:
+1. fold the metrics that arrived into the model's signal window; forget instance loads of
+   workers that hold another model now or are gone;
+2. run the model's policy (`controls.Controls.evaluate`) on its signals: its target and reason go
+   into the replica book unless a decision is in flight; a silent policy's target follows what
+   runs; a new batch limit becomes `SetLimit` effects for the model's instances;
+3. the replica book (`replicas.ReplicaBook.tick`) turns every gap into at most one
+   `ScaleDecision` per model, bounded by the idle pool, lending instances between models when the
+   pool is empty; decisions whose ack never came expire and are retried after a back-off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cascade.config import Deployment
+from cascade.messages import (
+    DeployReply,
+    DeployRequest,
+    InstanceMetrics,
+    ModelMetrics,
+    Ok,
+    ScaleAck,
+    ScaleDecision,
+    ScaleRequest,
+)
+from services.scaler.controls import Controls, UnknownModel
+from services.scaler.policies import KnobError
+from services.scaler.replicas import ModelBounds, Pool, ReplicaBook, Settings, TargetError
+
+__all__ = [
+    "Effect",
+    "Inputs",
+    "Mesh",
+    "Note",
+    "Now",
+    "Publish",
+    "ScalerState",
+    "SetLimit",
+    "configure",
+    "new_state",
+    "set_target",
+    "status",
+    "tick",
+]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Now:
+    mono: float  # the scaler's own clock: timers, ack deadlines, back-off
+    wall: float  # wall clock: metric windows (the senders' timestamps) and decision timestamps
+
+
+@dataclass(frozen=True, slots=True)
+class Mesh:
+    """The workers as the shared worker table shows them at the tick."""
+
+    instances: Mapping[str, frozenset[str]] = field(default_factory=dict)  # model → loading or serving
+    idle: frozenset[str] = frozenset()
+    loading: Mapping[str, int] = field(default_factory=dict)  # model → still loading
+    holding: Mapping[str, str | None] = field(default_factory=dict)  # live worker → its model (None: none)
+
+
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """What reached the scaler since the last tick."""
+
+    mesh: Mesh = field(default_factory=Mesh)
+    metrics: Sequence[ModelMetrics | InstanceMetrics] = ()
+    acks: Sequence[ScaleAck] = ()
+    workers_lost: Collection[str] = ()
+    # A loader (re)started: decisions it may never have heard are dropped, to be re-decided.
+    loader_up: str | None = None
+
+
+# --------------------------------------------------------------------------- effects
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Publish this decision (to the loader and anyone tapping the mesh)."""
+
+    decision: ScaleDecision
+
+
+@dataclass(frozen=True, slots=True)
+class SetLimit:
+    """Ask `worker` to run `model` at batch limit `limit` (0: back to its own)."""
+
+    worker: str
+    model: str
+    limit: int
+    decision_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Something worth a log line (the adapter logs it; the simulator may record it)."""
+
+    event: str
+    fields: dict[str, Any]
+    level: Literal["info", "warning"] = "info"
+
+
+Effect = Publish | SetLimit | Note
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(slots=True)
+class ScalerState:
+    book: ReplicaBook
+    controls: Controls
+    scaler_id: str
+    vertical_seq: int = 0
+    # Why no decision could be made at the last tick (logged when it changes).
+    held_back: str | None = None
+
+
+def new_state(
+    deployment: Deployment,
+    settings: Settings,
+    now: Now,
+    scaler_id: str = "scaler",
+    window_s: float = 30.0,
+    rate_window_s: float = 10.0,
+    stale_s: float = 5.0,
+) -> ScalerState:
+    """Parse every model's policy and knobs now: a bad deployment fails at start (KnobError)."""
+    controls = Controls(deployment, window_s=window_s, rate_window_s=rate_window_s, stale_s=stale_s)
+    managed = [m for m, c in controls.models.items() if c.policy.name != "manual"]
+    bounds = {m.name: ModelBounds(m.min_replicas, m.max_replicas) for m in deployment.models}
+    book = ReplicaBook(bounds, settings, now.mono, id_prefix=scaler_id, adopt=managed)
+    return ScalerState(book, controls, scaler_id)
+
+
+# --------------------------------------------------------------------------- the tick
+
+
+def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, list[Effect]]:
+    effects: list[Effect] = []
+    book, controls = state.book, state.controls
+    if inputs.loader_up is not None:
+        dropped = book.loader_ready()
+        effects.append(
+            Note("loader_seen", {"loader": inputs.loader_up, "dropped": [f.decision.decision_id for f in dropped]})
+        )
+    for ack in inputs.acks:
+        effects += _ack(book, ack, now)
+    for m in inputs.metrics:
+        controls.fold(m)
+    controls.sync_workers(inputs.mesh.holding, inputs.workers_lost)
+
+    mesh = inputs.mesh
+    book.adopt(now.mono, mesh.instances)
+    needs: dict[str, int] = {}
+    for model in sorted(controls.models):
+        need, more = _evaluate(state, model, mesh, now)
+        if need is not None:
+            needs[model] = need
+        effects += more
+    result = book.tick(now.mono, mesh.instances, Pool(mesh.idle, needs), wall=now.wall)
+    for f in result.expired:
+        effects.append(
+            Note(
+                "scale_ack_timeout",
+                {
+                    "decision_id": f.decision.decision_id,
+                    "model": f.decision.model,
+                    "waited_s": round(now.mono - f.sent_at, 1),
+                    "retry_in_s": round((book.retry_at(f.decision.model) or now.mono) - now.mono, 1),
+                },
+                "warning",
+            )
+        )
+    for d in result.decisions:
+        effects.append(Publish(d))
+        effects.append(
+            Note(
+                "scale_decision",
+                {
+                    "decision_id": d.decision_id, "model": d.model, "action": d.action, "count": d.count,
+                    "target": d.target_replicas, "reason": d.reason,
+                },
+            )
+        )  # fmt: skip
+    if result.held_back != state.held_back:
+        state.held_back = result.held_back
+        if result.held_back:
+            effects.append(Note("holding_back", {"reason": result.held_back}))
+    return state, effects
+
+
+def _evaluate(state: ScalerState, model: str, mesh: Mesh, now: Now) -> tuple[int | None, list[Effect]]:
+    """Run one model's policy: its target (and reason) into the book, a new batch limit noted;
+    returns the model's need and the effects (batch-limit orders, notes)."""
+    book, controls = state.book, state.controls
+    effects: list[Effect] = []
+    current = book.current(model, mesh.instances, now.mono)
+    loading = min(mesh.loading.get(model, 0), current)
+    in_flight = model in book.in_flight
+    ev = controls.evaluate(
+        model, now.wall, serving=current - loading, loading=loading, idle_pool=len(mesh.idle), in_flight=in_flight
+    )
+    t = ev.target
+    c = controls.get(model)
+    # Until the warm-up ends the instance counts are not the whole mesh yet: the policy runs (its
+    # timers and fits go on) but its targets wait.
+    ready = book.ready(now.mono)
+    wants = t is not None and t.target_replicas != current
+    if ready and wants and not in_flight and t is not None:
+        b = book.bounds[model]
+        target = max(b.min_replicas, min(b.max_replicas, t.target_replicas))
+        if target != book.targets[model]:
+            previous = book.set_target(model, target, reason=t.reason, figures=t.figures)
+            effects.append(
+                Note(
+                    "policy_target",
+                    {"model": model, "target": target, "previous": previous, "current": current, "reason": t.reason},
+                )
+            )
+    elif ready and not wants and c.policy.name != "manual":
+        book.follow(model, current)
+    if ev.limit_changed:
+        state.vertical_seq += 1
+        c.limit_decision = f"{state.scaler_id}-v{state.vertical_seq}"
+        effects.append(
+            Note(
+                "batch_limit_decision",
+                {
+                    "model": model, "decision_id": c.limit_decision, "limit": c.batch_limit, "reason": c.limit_reason,
+                    "figures": t.figures if t is not None else {},
+                },
+            )
+        )  # fmt: skip
+    for worker, limit in controls.limit_orders(ev.signals, now.wall):
+        effects.append(SetLimit(worker, model, limit, c.limit_decision, c.limit_reason))
+    return ev.need, effects
+
+
+def _ack(book: ReplicaBook, ack: ScaleAck, now: Now) -> list[Effect]:
+    d = book.on_ack(ack.decision_id, ack.ok, ack.workers, now.mono)
+    if d is None:
+        return []  # another scaler's decision, or one from before a restart
+    fields: dict[str, Any] = {"decision_id": ack.decision_id, "model": ack.model, "action": d.action}
+    if ack.ok:
+        return [Note("scale_done", {**fields, "workers": ack.workers})]
+    retry_in = round((book.retry_at(d.model) or now.mono) - now.mono, 1)
+    return [
+        Note("scale_failed", {**fields, "workers": ack.workers, "error": ack.error, "retry_in_s": retry_in}, "warning")
+    ]
+
+
+# --------------------------------------------------------------------------- operator requests
+
+
+def set_target(state: ScalerState, req: ScaleRequest, mesh: Mesh, now: Now) -> tuple[Ok, list[Effect]]:
+    """`cascade scale`: an operator's replica target. Raises TargetError when it cannot be set."""
+    book = state.book
+    previous = book.set_target(req.model, req.replicas)
+    current = book.current(req.model, mesh.instances, now.mono)
+    policy = state.controls.get(req.model).policy.name
+    note = "" if policy == "manual" else f"; policy {policy} manages it and may change it"
+    ok = Ok(f"{req.model}: target {req.replicas} replicas (was {previous}); {current} running now{note}")
+    return ok, [Note("target_set", {"model": req.model, "replicas": req.replicas, "previous": previous})]
+
+
+def configure(state: ScalerState, req: DeployRequest, now: Now) -> tuple[DeployReply, list[Effect]]:
+    """`cascade deploy`: a model's policy and knobs, changed (or just read). Raises UnknownModel or
+    KnobError, and nothing changes then."""
+    controls = state.controls
+    before = controls.get(req.model).policy.name
+    r = controls.configure(req.model, now.wall, req.policy, req.knobs, req.replace_knobs)
+    c = r.control
+    effects: list[Effect] = []
+    if r.changed:
+        effects.append(
+            Note(
+                "policy_set",
+                {
+                    "model": req.model, "policy": c.policy.name, "previous": before, "knobs": c.knobs_set,
+                    "batch_limit": c.batch_limit,
+                },
+            )
+        )  # fmt: skip
+        # Instances of a model that left a vertical policy go back to their own batch limit.
+        effects += [SetLimit(w, req.model, 0, "", f"policy {c.policy.name}") for w in r.restore]
+    b = state.book.bounds[req.model]
+    reply = DeployReply(
+        model=req.model,
+        policy=c.policy.name,
+        knobs=dict(c.knobs_set),
+        effective=c.policy.effective_knobs(c.knobs),
+        min_replicas=b.min_replicas,
+        max_replicas=b.max_replicas,
+        target_replicas=state.book.targets[req.model],
+        changed=r.changed,
+        batch_limit=c.batch_limit or 0,
+    )
+    return reply, effects
+
+
+def status(state: ScalerState, mesh: Mesh) -> dict[str, Any]:
+    detail = state.book.status()
+    detail["instances"] = {m: len(ws) for m, ws in mesh.instances.items()}
+    detail["idle_pool"] = len(mesh.idle)
+    detail["policies"] = state.controls.describe()
+    return detail
+
+
+# Errors the request functions raise, for the adapter to answer with.
+REQUEST_ERRORS = (TargetError, UnknownModel, KnobError)
