@@ -104,13 +104,17 @@ def _holds_model(path: Path) -> bool:
 
 def prepare_models(dep: Deployment) -> None:
     """Generate every model that has a generate spec and no files yet; check the others exist."""
-    from cascade.models.config import CheckpointError, read_config
+    from cascade.models.config import CheckpointError
 
     for m in dep.models:
         if _holds_model(m.path):
+            # Every header and tensor shape, not only config.json: a bad checkpoint stops `up` here
+            # rather than failing in a worker mid-load.
+            from cascade.models.checkpoint import validate_checkpoint
+
             try:
-                read_config(m.path)
-            except CheckpointError as e:
+                validate_checkpoint(m.path)
+            except (CheckpointError, OSError) as e:
                 raise UpError(f"model {m.name}: {e}") from None
             continue
         if m.generate is None:

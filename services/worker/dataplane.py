@@ -64,7 +64,7 @@ from cascade.framing import (
 from cascade.messages import TransferOrder
 from cascade.models.checkpoint import DTYPE_NAMES, DTYPES
 from cascade.models.config import unit_tensor_names
-from services.worker.model import LlamaModel
+from services.worker.model import LlamaModel, layer_unit_tensors
 
 # The sending half is shared with the loader's host cache, so it lives in the common package;
 # re-exported so the worker needs one import.
@@ -161,18 +161,15 @@ def model_unit_tensors(model: LlamaModel, unit: int) -> dict[str, torch.Tensor]:
     """One unit of a live `LlamaModel` by checkpoint tensor name (the model keeps its weights
     unfused, in checkpoint layout and order, so this is a lookup, not a conversion)."""
     cfg = model.cfg
-    names = unit_tensor_names(cfg, unit)
-    held: list[torch.Tensor | None]
-    if unit == 0:
-        held = [model.embed]
-    elif unit <= cfg.num_hidden_layers:
+    if 1 <= unit <= cfg.num_hidden_layers:
         w = model.layers.get(unit - 1)
-        held = [None] if w is None else [w.input_norm, w.wq, w.wk, w.wv, w.wo, w.post_norm, w.w_gate, w.w_up, w.w_down]
-    else:
-        held = [model.norm, model.lm_head]
+        if w is None:
+            raise KeyError(f"unit {unit} is not held")
+        return layer_unit_tensors(cfg, unit - 1, w)
+    held = [model.embed] if unit == 0 else [model.norm, model.lm_head]
     if any(t is None for t in held):
         raise KeyError(f"unit {unit} is not held")
-    return {n: t for n, t in zip(names, held, strict=True) if t is not None}
+    return {n: t for n, t in zip(unit_tensor_names(cfg, unit), held, strict=True) if t is not None}
 
 
 class LiveModelSource:
@@ -180,8 +177,8 @@ class LiveModelSource:
     computes with (immutable while held; the engine thread only reads them too).
 
     When the compute dtype differs from the checkpoint's (a bfloat16 checkpoint computed in float32
-    on a CPU), each unit is cast back on the way out, so receivers get the checkpoint's dtype and
-    size; float upcasts round-trip exactly."""
+    on a CPU), each tensor is cast back on the way out to the dtype it arrived in, so receivers get
+    the checkpoint's dtype and size; float upcasts round-trip exactly."""
 
     def __init__(self, name: str, model: LlamaModel) -> None:
         self.model = name
@@ -192,8 +189,9 @@ class LiveModelSource:
     def unit(self, unit: int) -> list[tuple[TensorMeta, memoryview]]:
         out = []
         for name, t in model_unit_tensors(self._llama, unit).items():
-            if t.dtype != self._wire and t.is_floating_point():
-                t = t.to(self._wire)
+            wire = self._llama.source_dtypes.get(name, self._wire)
+            if t.dtype != wire and t.is_floating_point():
+                t = t.to(wire)
             raw = tensor_bytes(t)
             out.append((TensorMeta(name, DTYPE_NAMES[t.dtype], tuple(t.shape), len(raw)), raw))
         return out

@@ -1,6 +1,11 @@
 """A Llama-style decoder executed unit by unit (RMSNorm, RoPE, grouped-query
 attention, SwiGLU), so a worker can hold and run any contiguous slice of it.
 
+One decoder for every supported family: what a family changes (q/k/v/o and MLP
+biases, Qwen3's per-head q/k norm, the rope type's frequencies, a sliding window)
+comes as flags and parameters on the `ModelConfig` (cascade.models.config), and a
+tensor a family lacks is simply None here.
+
 Weights are plain tensors per unit rather than an nn.Module tree: units arrive
 one at a time (from disk or a peer) and each becomes usable on its own. The
 KV cache is per layer, so a worker that runs layers [a, b) keeps KV only for
@@ -14,12 +19,13 @@ gathering scattered slots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from cascade.models.config import ModelConfig, unit_tensor_names
+from cascade.models.config import LAYER_TENSOR_SUFFIXES, ModelConfig, Rope, layer_tensor_suffixes, unit_tensor_names
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -40,6 +46,50 @@ def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(cfg.torch_dtype, torch.float32)
 
 
+def rope_frequencies(rope: Rope, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim / 2] (float32) and the factor cos/sin are multiplied by, for
+    every supported rope type in one place. The arithmetic is transformers' own
+    (`modeling_rope_utils`, float32 throughout), so the angles match it bit for bit."""
+    dim = head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "default":
+        return inv_freq, 1.0
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor, 1.0
+    orig = rope.original_max_position_embeddings
+    assert orig is not None, "llama3 and yarn carry original_max_position_embeddings"
+    if rope.rope_type == "llama3":
+        # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+        low_wavelen = orig / rope.low_freq_factor
+        high_wavelen = orig / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (orig / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if rope.rope_type == "yarn":
+        pos_freqs = rope.theta ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+        extrapolation = 1.0 / pos_freqs
+        interpolation = 1.0 / (rope.factor * pos_freqs)
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+        low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+        if rope.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # transformers' guard against a zero-width ramp
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation_share = 1 - ramp
+        inv = interpolation * (1 - extrapolation_share) + extrapolation * extrapolation_share
+        return inv, rope.attention_factor
+    raise ValueError(f"rope type {rope.rope_type!r} has no frequencies here")  # config.py refuses it first
+
+
 @dataclass(slots=True)
 class LayerWeights:
     # Kept unfused, in the checkpoint's own layout: when the compute dtype matches the
@@ -54,6 +104,53 @@ class LayerWeights:
     w_gate: torch.Tensor
     w_up: torch.Tensor
     w_down: torch.Tensor
+    # Present only in the families that have them (see cascade.models.config.FAMILIES).
+    bq: torch.Tensor | None = None
+    bk: torch.Tensor | None = None
+    bv: torch.Tensor | None = None
+    bo: torch.Tensor | None = None
+    b_gate: torch.Tensor | None = None
+    b_up: torch.Tensor | None = None
+    b_down: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+# Checkpoint name after "model.layers.{i}." -> LayerWeights field: the one mapping both ways
+# (loading a unit, and `services.worker.dataplane.model_unit_tensors` sending it on).
+LAYER_FIELDS: dict[str, str] = {
+    "input_layernorm.weight": "input_norm",
+    "self_attn.q_proj.weight": "wq",
+    "self_attn.q_proj.bias": "bq",
+    "self_attn.k_proj.weight": "wk",
+    "self_attn.k_proj.bias": "bk",
+    "self_attn.v_proj.weight": "wv",
+    "self_attn.v_proj.bias": "bv",
+    "self_attn.q_norm.weight": "q_norm",
+    "self_attn.k_norm.weight": "k_norm",
+    "self_attn.o_proj.weight": "wo",
+    "self_attn.o_proj.bias": "bo",
+    "post_attention_layernorm.weight": "post_norm",
+    "mlp.gate_proj.weight": "w_gate",
+    "mlp.gate_proj.bias": "b_gate",
+    "mlp.up_proj.weight": "w_up",
+    "mlp.up_proj.bias": "b_up",
+    "mlp.down_proj.weight": "w_down",
+    "mlp.down_proj.bias": "b_down",
+}
+assert set(LAYER_FIELDS) == set(LAYER_TENSOR_SUFFIXES)
+assert set(LAYER_FIELDS.values()) == {f.name for f in fields(LayerWeights)}
+
+
+def layer_unit_tensors(cfg: ModelConfig, layer: int, w: LayerWeights) -> dict[str, torch.Tensor]:
+    """A held layer's tensors by checkpoint name, in unit order."""
+    p = f"model.layers.{layer}."
+    out: dict[str, torch.Tensor] = {}
+    for s in layer_tensor_suffixes(cfg):
+        t = getattr(w, LAYER_FIELDS[s])
+        assert t is not None, s
+        out[p + s] = t
+    return out
 
 
 class KVCache:
@@ -142,6 +239,9 @@ class LlamaModel:
         self.norm: torch.Tensor | None = None
         self.lm_head: torch.Tensor | None = None
         self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The dtype each tensor arrived in (checkpoint name -> dtype): what a live source sends on,
+        # whatever this model computes in.
+        self.source_dtypes: dict[str, torch.dtype] = {}
 
     # ---------------------------------------------------------------- units
     def load_unit(self, unit: int, tensors: dict[str, torch.Tensor], copy: bool = True) -> None:
@@ -154,6 +254,7 @@ class LlamaModel:
             raise ValueError(f"unit {unit} lacks {missing}")
 
         def get(name: str) -> torch.Tensor:
+            self.source_dtypes[name] = tensors[name].dtype
             return tensors[name].to(device=self.device, dtype=self.dtype, copy=copy).contiguous()
 
         L = self.cfg.num_hidden_layers
@@ -162,15 +263,7 @@ class LlamaModel:
         elif unit <= L:
             p = f"model.layers.{unit - 1}."
             self.layers[unit - 1] = LayerWeights(
-                input_norm=get(p + "input_layernorm.weight"),
-                wq=get(p + "self_attn.q_proj.weight"),
-                wk=get(p + "self_attn.k_proj.weight"),
-                wv=get(p + "self_attn.v_proj.weight"),
-                wo=get(p + "self_attn.o_proj.weight"),
-                post_norm=get(p + "post_attention_layernorm.weight"),
-                w_gate=get(p + "mlp.gate_proj.weight"),
-                w_up=get(p + "mlp.up_proj.weight"),
-                w_down=get(p + "mlp.down_proj.weight"),
+                **{LAYER_FIELDS[s]: get(p + s) for s in layer_tensor_suffixes(self.cfg)}
             )
         else:
             self.norm = get(names[0])
@@ -203,14 +296,15 @@ class LlamaModel:
     # ---------------------------------------------------------------- pieces
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_cache is None:
-            d = self.cfg.dim_per_head
-            inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-            t = torch.arange(self.cfg.max_position_embeddings, dtype=torch.float64)
-            freqs = torch.outer(t, inv)
+            inv, scale = rope_frequencies(self.cfg.rope, self.cfg.dim_per_head)
+            # float32 like transformers' rotary embedding (position * inv_freq, cos, sin, scale): the
+            # same angles, so logits match it at every position, not only near 0.
+            t = torch.arange(self.cfg.max_position_embeddings, dtype=torch.float32)
+            freqs = t[:, None] * inv[None, :]
             emb = torch.cat([freqs, freqs], dim=-1)
             self._rope_cache = (
-                emb.cos().to(device=self.device, dtype=self.dtype),
-                emb.sin().to(device=self.device, dtype=self.dtype),
+                (emb.cos() * scale).to(device=self.device, dtype=self.dtype),
+                (emb.sin() * scale).to(device=self.device, dtype=self.dtype),
             )
         cos, sin = self._rope_cache
         return cos[positions], sin[positions]
@@ -231,10 +325,16 @@ class LlamaModel:
         return F.linear(self._rms(h, self.norm), self.lm_head).float()
 
     def _attend(self, i: int, seg: Segment, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """RoPE, KV-cache write and attention for one segment at layer i; q/k/v are [B, T, heads*d]."""
+        """RoPE, KV-cache write and attention for one segment at layer i; q/k/v are [B, T, heads*d].
+
+        A sliding-window layer (Mistral, Qwen with use_sliding_window) lets each query see itself
+        and the window - 1 keys before it, as transformers' `sliding_window_overlay`; the cache keeps
+        every position. The band mask is built only once a sequence outgrows the window: below it,
+        the window changes nothing and the causal paths stay as they are."""
         cfg = self.cfg
         B, T = seg.positions.shape
         nh, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+        window = cfg.window(i)
         q = q.view(B, T, nh, d).transpose(1, 2)
         k = k.view(B, T, kvh, d).transpose(1, 2)
         v = v.view(B, T, kvh, d).transpose(1, 2)
@@ -252,6 +352,8 @@ class LlamaModel:
             kc[:, :, p0 : p0 + T] = k
             vc[:, :, p0 : p0 + T] = v
             mask = torch.ones(T, p0 + T, dtype=torch.bool, device=q.device).tril(diagonal=p0)
+            if window is not None and p0 + T > window:
+                mask &= torch.ones_like(mask).triu(diagonal=p0 - window + 1)
             attn = F.scaled_dot_product_attention(
                 q, kc[:, :, : p0 + T], vc[:, :, : p0 + T], attn_mask=mask, enable_gqa=nh != kvh
             )
@@ -264,14 +366,18 @@ class LlamaModel:
             kc[:, :, :T] = k
             vc[:, :, :T] = v
             lens = seg.lengths.tolist()
+            band = _band(T, window, q.device) if window is not None and T > window else None
             if all(n == T for n in lens):
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nh != kvh)
+                attn = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=band, is_causal=band is None, enable_gqa=nh != kvh
+                )
             else:
                 attn = q.new_zeros(q.shape)
                 for b, n in enumerate(lens):
+                    m = band[:n, :n] if band is not None and n > (window or 0) else None
                     attn[b : b + 1, :, :n] = F.scaled_dot_product_attention(
-                        q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], is_causal=True,
-                        enable_gqa=nh != kvh,
+                        q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], attn_mask=m,
+                        is_causal=m is None, enable_gqa=nh != kvh,
                     )  # fmt: skip
             return attn.transpose(1, 2).reshape(B * T, nh * d)
         idx = torch.arange(B, device=q.device)
@@ -280,9 +386,11 @@ class LlamaModel:
         vc[idx, :, pos] = v[:, :, 0]
         S = seg.max_pos + 1
         key_pos = torch.arange(S, device=q.device)
-        mask = (key_pos[None, :] <= pos[:, None])[:, None, :]
+        mask = key_pos[None, :] <= pos[:, None]
+        if window is not None and S > window:
+            mask &= key_pos[None, :] > pos[:, None] - window
         attn = F.scaled_dot_product_attention(
-            q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask[:, None, :, :], enable_gqa=nh != kvh
+            q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask[:, None, None, :], enable_gqa=nh != kvh
         )
         return attn.transpose(1, 2).reshape(B * T, nh * d)
 
@@ -322,7 +430,12 @@ class LlamaModel:
             sizes = [hs[j].shape[0] for j in active]
             x_in = hs[active[0]] if len(active) == 1 else torch.cat([hs[j] for j in active])
             x = self._rms(x_in, w.input_norm)
-            q, k, v = F.linear(x, w.wq), F.linear(x, w.wk), F.linear(x, w.wv)
+            q, k, v = F.linear(x, w.wq, w.bq), F.linear(x, w.wk, w.bk), F.linear(x, w.wv, w.bv)
+            if w.q_norm is not None and w.k_norm is not None:
+                # Qwen3: RMSNorm over each head's vector, before RoPE.
+                n = x.shape[0]
+                q = self._rms(q.view(n, -1, self.cfg.dim_per_head), w.q_norm).view(n, -1)
+                k = self._rms(k.view(n, -1, self.cfg.dim_per_head), w.k_norm).view(n, -1)
             if len(active) == 1:
                 attn = self._attend(i, segs[active[0]], q, k, v)
             else:
@@ -330,9 +443,10 @@ class LlamaModel:
                 attn = torch.cat(
                     [self._attend(i, segs[j], qq, kk, vv) for j, (qq, kk, vv) in zip(active, parts, strict=True)]
                 )
-            h = x_in + F.linear(attn, w.wo)
+            h = x_in + F.linear(attn, w.wo, w.bo)
             x = self._rms(h, w.post_norm)
-            h = h + F.linear(F.silu(F.linear(x, w.w_gate)) * F.linear(x, w.w_up), w.w_down)
+            gate, up = F.linear(x, w.w_gate, w.b_gate), F.linear(x, w.w_up, w.b_up)
+            h = h + F.linear(F.silu(gate) * up, w.w_down, w.b_down)
             if len(active) == 1:
                 hs[active[0]] = h
             else:
@@ -369,6 +483,12 @@ class LlamaModel:
         or logits at each sequence's last real position when `head`."""
         seg = Segment(layers, cache, positions, lengths, prefill, head, ids=ids, hidden=hidden, slot0=slot0)
         return self.forward_segments([seg])[0]
+
+
+def _band(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """[T, T] causal sliding-window mask: query i sees keys i - window + 1 .. i."""
+    ones = torch.ones(T, T, dtype=torch.bool, device=device)
+    return ones.tril() & ones.triu(diagonal=1 - window)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
