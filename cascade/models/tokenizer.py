@@ -480,22 +480,24 @@ class IncrementalDecoder:
     Strip) then treat the window's first real token the same way in every decode of it.
 
     Text that ends in U+FFFD is a character still arriving byte by byte (byte-level BPE, or
-    SentencePiece byte fallback, which even renders a valid character already seen as U+FFFD
-    while the byte run it belongs to is incomplete): the replacement characters are held back,
-    and so is everything when the window's text no longer extends what was sent, until more
-    tokens settle it. Only output that is not valid UTF-8 can keep it unsettled; after
-    `MAX_HELD_TOKENS` such tokens, or at `flush`, the best text is sent as it is.
+    SentencePiece byte fallback, which renders a whole run of byte tokens as U+FFFD until the run
+    is valid UTF-8, so even a character already seen). Such tokens are held back: the text is sent
+    up to the last token boundary where it is settled (no U+FFFD at its end, extending what was
+    sent). Only output that is not valid UTF-8 keeps tokens held; after `MAX_HELD_TOKENS` of them,
+    or at `flush`, the text is sent as it decodes then.
     """
 
     MAX_HELD_TOKENS = 16
+    # A character is at most 4 bytes, so a settled boundary is among the last few tokens.
+    _BOUNDARY_SEARCH = 4
 
     def __init__(self, tok: Tokenizer) -> None:
         self._tok = tok
         self._skip = tok.special_ids
         self._ids: list[int] = []
         self._start = 0  # the window: ids[_start:] is decoded at each step
-        self._read = 0  # ids before this index are in sent text; the next window starts here
-        self._sent = ""  # the text of the window already emitted
+        self._read = 0  # ids before this index are in the sent text; the next window starts here
+        self._sent = ""  # decode(ids[_start:_read]): the window's text already emitted
         self._emitted: list[str] = []
 
     @property
@@ -509,28 +511,31 @@ class IncrementalDecoder:
     def flush(self) -> str:
         return self._step(final=True)
 
+    def _settled(self, end: int) -> str | None:
+        text = self._tok.decode(self._ids[self._start : end])
+        return text if not text.endswith("\ufffd") and text.startswith(self._sent) else None
+
     def _step(self, final: bool) -> str:
-        if self._read >= len(self._ids):
+        n = len(self._ids)
+        if self._read >= n:
             return ""
-        full = self._tok.decode(self._ids[self._start :])
-        force = final or len(self._ids) - self._read > self.MAX_HELD_TOKENS
-        stable = full if force else full.rstrip("\ufffd")
-        if stable.startswith(self._sent):
-            delta = stable[len(self._sent) :]
-        elif force:
-            # Not valid UTF-8: what was sent stays sent; the rest follows the common part.
-            common = 0
-            while common < min(len(full), len(self._sent)) and full[common] == self._sent[common]:
-                common += 1
-            delta, stable = full[common:], full
-        else:
-            return ""
-        self._sent = stable
-        if stable == full:
-            # Settled: the next window starts at the first token of this step, so the decoders
-            # still see the token before any new one (for leading spaces and merges).
-            self._start, self._read = self._read, len(self._ids)
-            self._sent = self._tok.decode(self._ids[self._start :])
+        end, text = n, self._settled(n)
+        if not final:
+            for e in range(n - 1, max(self._read, n - 1 - self._BOUNDARY_SEARCH), -1):
+                if text is not None:
+                    break
+                end, text = e, self._settled(e)
+        if text is None:
+            if not final and n - self._read <= self.MAX_HELD_TOKENS:
+                return ""
+            # Not valid UTF-8: bytes already sent as text may decode differently now. What was
+            # sent stays sent; the rest keeps the length of the whole text right.
+            end, text = n, self._tok.decode(self._ids[self._start :])
+        delta = text[len(self._sent) :]
+        # The next window starts at the first token of this step, so the decoders still see the
+        # token before any new one (leading spaces, merges).
+        self._start, self._read = self._read, end
+        self._sent = self._tok.decode(self._ids[self._start : self._read])
         if delta:
             self._emitted.append(delta)
         return delta
