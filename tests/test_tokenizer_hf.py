@@ -204,6 +204,9 @@ def test_tokenizer_files_without_tokenizer_json_are_refused(tmp_path: Path) -> N
     with pytest.raises(TokenizerError, match=r"tokenizer\.model"):
         load_tokenizer(tmp_path)
     assert isinstance(load_tokenizer(tmp_path / "nothing"), ByteTokenizer)  # generated models
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "NoSuchModel"}}))
+    with pytest.raises(TokenizerError, match="does not load"):
+        load_tokenizer(tmp_path)
 
 
 def test_byte_tokenizer_keeps_its_rules() -> None:

@@ -212,8 +212,8 @@ def render(
     add_generation_prompt: bool = True,
     context: Mapping[str, Any] | None = None,
 ) -> str:
-    """`source` rendered as transformers renders it. `context` holds the tokenizer's named
-    special tokens (transformers passes `special_tokens_map`), overridden by nothing else here."""
+    """`source` rendered as transformers renders it; `context` is the tokenizer's named special
+    tokens (bos_token, eos_token, ...), which transformers passes as its `special_tokens_map`."""
     try:
         template = _compile(source)
     except jinja2.TemplateSyntaxError as e:

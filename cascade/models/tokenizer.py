@@ -343,10 +343,15 @@ class HFTokenizer:
         tj_text = (model_dir / "tokenizer.json").read_text(encoding="utf-8")
         tj: dict[str, Any] = json.loads(tj_text)
         self.tokenizer_class = _tokenizer_class(tc, mc, tj_text)
-        if self.tokenizer_class in _REBUILT:
-            backend = _rebuild(self.tokenizer_class, tj, tc)
-        else:
-            backend = Backend.from_str(tj_text)
+        try:
+            if self.tokenizer_class in _REBUILT:
+                backend = _rebuild(self.tokenizer_class, tj, tc)
+            else:
+                backend = Backend.from_str(tj_text)
+        except TokenizerError:
+            raise
+        except Exception as e:  # the tokenizers package reports a malformed file as a bare Exception
+            raise TokenizerError(f"{model_dir / 'tokenizer.json'} does not load: {e}") from None
         # transformers turns off padding and truncation for every call that does not ask for them.
         backend.no_truncation()
         backend.no_padding()
@@ -383,17 +388,12 @@ class HFTokenizer:
         self.eos_ids = [eos] if eos is not None else []
         self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         self._templates: Templates | None = read_chat_templates(model_dir, tc)
-        self.name = model_dir.name
 
     def _id_of(self, token: str | None) -> int | None:
         if token is None:
             return None
         i = self._tok.token_to_id(token)
         return int(i) if i is not None else None
-
-    @property
-    def has_chat_template(self) -> bool:
-        return self._templates is not None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
