@@ -147,11 +147,76 @@ def test_chat_fields() -> None:
             "response_format": {"type": "text"},
         }
     )
+    # The fields chat templates read are kept (name too); nulls are dropped, as transformers does.
     assert s.messages == [
         {"role": "system", "content": "be brief"},
-        {"role": "user", "content": parts},
-        {"role": "assistant", "content": None},
+        {"role": "user", "content": parts, "name": "bob"},
+        {"role": "assistant"},
     ]
+
+
+def test_chat_tool_messages() -> None:
+    s = oai.parse_chat(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call12345",
+                            "type": "function",
+                            "function": {"name": "temp", "arguments": '{"city": "Paris"}'},
+                        },
+                        {"type": "function", "function": {"name": "noargs", "arguments": ""}},
+                    ],
+                    "refusal": None,
+                },
+                {"role": "tool", "tool_call_id": "call12345", "name": "temp", "content": "22"},
+            ],
+        }
+    )
+    assert s.messages is not None
+    # OpenAI sends arguments as a JSON string; templates read an object.
+    assert s.messages[1] == {
+        "role": "assistant",
+        "tool_calls": [
+            {"id": "call12345", "type": "function", "function": {"name": "temp", "arguments": {"city": "Paris"}}},
+            {"type": "function", "function": {"name": "noargs", "arguments": {}}},
+        ],
+    }
+    assert s.messages[2] == {"role": "tool", "content": "22", "name": "temp", "tool_call_id": "call12345"}
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "match"),
+    [
+        ({"role": "user", "content": "x", "name": 5}, "messages[0].name", "string"),
+        ({"role": "tool", "content": "x"}, "messages[0].tool_call_id", "required"),
+        ({"role": "user", "content": "x", "tool_calls": []}, "messages[0].tool_calls", "assistant"),
+        ({"role": "assistant", "tool_calls": {"a": 1}}, "messages[0].tool_calls", "list"),
+        ({"role": "assistant", "tool_calls": [{"type": "code"}]}, "messages[0].tool_calls[0]", "function call"),
+        (
+            {"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]},
+            "messages[0].tool_calls[0].function.name",
+            "string",
+        ),
+        (
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{nope"}}]},
+            "messages[0].tool_calls[0].function.arguments",
+            "valid JSON",
+        ),
+        (
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]},
+            "messages[0].tool_calls[0].function.arguments",
+            "object",
+        ),
+    ],
+)
+def test_chat_tool_message_errors(message: dict[str, Any], param: str, match: str) -> None:
+    bad(lambda: oai.parse_chat({"model": "m", "messages": [message]}), param, match=match)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from collections import Counter as Tally
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -44,6 +45,7 @@ from cascade.messages import (
     decode,
     encode,
 )
+from cascade.models.chat_template import ChatTemplateError, NoChatTemplate
 from cascade.subjects import Subjects
 from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from services.gateway.batcher import Batcher, QueueFull
@@ -168,12 +170,29 @@ class GatewayCore:
                 raise ApiError(
                     400, f"token id {bad} is outside the vocabulary of {info.name} ({info.vocab_size})", param="prompt"
                 )
-        else:
-            text = spec.prompt if spec.prompt is not None else tok.apply_chat_template(spec.messages or [])
-            if len(text) > _THREAD_TOKENISE_CHARS:
-                ids = await asyncio.to_thread(tok.encode, text)
+        elif spec.prompt is not None:
+            # The tokenizer's own special-token rules: BOS for Llama/Mistral, none for Qwen/SmolLM.
+            if len(spec.prompt) > _THREAD_TOKENISE_CHARS:
+                ids = await asyncio.to_thread(tok.encode, spec.prompt)
             else:
-                ids = tok.encode(text)
+                ids = tok.encode(spec.prompt)
+        else:
+            messages = spec.messages or []
+            try:
+                if len(orjson.dumps(messages)) > _THREAD_TOKENISE_CHARS:
+                    ids = await asyncio.to_thread(tok.encode_chat, messages)
+                else:
+                    ids = tok.encode_chat(messages)
+            except NoChatTemplate:
+                raise ApiError(
+                    400,
+                    f"the model `{info.name}` has no chat template, so it cannot take chat messages; "
+                    "send a prompt to /v1/completions instead",
+                    param="messages",
+                    code="chat_template_missing",
+                ) from None
+            except ChatTemplateError as e:
+                raise ApiError(400, f"model `{info.name}`: {e}", param="messages", code="chat_template_error") from None
         ctx = info.context_len
         if spec.max_tokens is not None:
             max_tokens = spec.max_tokens

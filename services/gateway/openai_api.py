@@ -245,6 +245,9 @@ def _prompt(body: dict[str, Any]) -> tuple[str | None, list[int] | None]:
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat as the model's chat template reads it: each message keeps the OpenAI fields
+    templates use (role, content, name, an assistant's tool_calls, a tool message's
+    tool_call_id); other fields are dropped, and so are nulls (transformers drops them too)."""
     msgs = body.get("messages")
     if msgs is None:
         raise invalid("you must provide a messages parameter", "messages", code="missing_required_parameter")
@@ -268,7 +271,55 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                     raise invalid(f"{where}.content[{j}]: only text content parts are supported", f"{where}.content")
         elif not isinstance(content, str):
             raise invalid(f"{where}.content must be a string or a list of text parts", f"{where}.content")
-        out.append({"role": role, "content": content})
+        msg: dict[str, Any] = {"role": role, "content": content}
+        name = m.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise invalid(f"{where}.name must be a string", f"{where}.name")
+            msg["name"] = name
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise invalid(f"{where}.tool_calls is only allowed in assistant messages", f"{where}.tool_calls")
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "tool":
+            tcid = m.get("tool_call_id")
+            if not isinstance(tcid, str):
+                raise invalid(f"{where}.tool_call_id is required for role tool", f"{where}.tool_call_id")
+            msg["tool_call_id"] = tcid
+        out.append({k: v for k, v in msg.items() if v is not None})
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's earlier tool calls. OpenAI sends `arguments` as a JSON string; chat templates
+    read it as an object (`tool_call.arguments | tojson`, `.items()`), as transformers documents and
+    vLLM passes it, so it is parsed here."""
+    if not isinstance(calls, list):
+        raise invalid(f"{where} must be a list", where)
+    out = []
+    for j, c in enumerate(calls):
+        at = f"{where}[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(c, dict) or c.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise invalid(f"{at} must be a function call: {{'type': 'function', 'function': {{...}}}}", at)
+        if not isinstance(fn.get("name"), str):
+            raise invalid(f"{at}.function.name must be a string", f"{at}.function.name")
+        args = fn.get("arguments")
+        if args is None or args == "":
+            args = {}
+        elif isinstance(args, str):
+            try:
+                args = orjson.loads(args)
+            except orjson.JSONDecodeError as e:
+                raise invalid(f"{at}.function.arguments is not valid JSON: {e}", f"{at}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise invalid(f"{at}.function.arguments must be a JSON object", f"{at}.function.arguments")
+        call: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if c.get("id") is not None:
+            if not isinstance(c["id"], str):
+                raise invalid(f"{at}.id must be a string", f"{at}.id")
+            call = {"id": c["id"], **call}
+        out.append(call)
     return out
 
 
