@@ -108,7 +108,7 @@ def resolve_model(spec: str, *, home: Path | None = None, progress: bool = True)
             f"{spec} is a file but not a .gguf file: give a checkpoint folder, a .gguf file or a hub id"
         )
     if path.suffix.lower() == ".gguf":
-        raise ModelSourceError(f"{spec}: no such file")
+        raise GGUFError(f"{spec}: no such file")
     hub = parse_hub_id(spec)
     # `./x`, `/x`, `~/x`: the user meant a path, so "not found" is the useful answer, not a hub look-up.
     if hub is None or spec.startswith(("/", "./", "../", "~")):
@@ -150,7 +150,7 @@ def gguf_checkpoint(path: Path, *, home: Path | None = None, progress: bool = Tr
     """The checkpoint folder of a GGUF file, converting it on first use. A cache hit costs a stat:
     the converter (and torch with it) is imported only when there is converting to do."""
     if not Path(path).is_file():
-        raise ModelSourceError(f"{path}: no such file")
+        raise GGUFError(f"{path}: no such file")
     folder = gguf_cache_dir(path, home)
     if (folder / GGUF_MANIFEST).is_file():
         return folder
@@ -237,9 +237,10 @@ def check_checkpoint_dir(path: Path, what: str | None = None) -> None:
 
 @dataclass(frozen=True, slots=True)
 class HubSettings:
-    """The hub settings in effect now. huggingface_hub reads its environment once, at import;
-    reading it per call means a process that changes HF_HUB_OFFLINE or HF_HUB_CACHE (a test, an
-    embedding application) is still honoured. The precedence is huggingface_hub's own."""
+    """The hub settings in effect now, with huggingface_hub's precedence. huggingface_hub reads
+    its environment once, at import; reading it per call means a cache location or offline mode set
+    later (by an embedding application, a test) is still honoured. (Offline mode switched off after
+    import is not: huggingface_hub itself keeps refusing requests then.)"""
 
     cache_dir: Path
     offline: bool
