@@ -72,6 +72,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
             "hidden_size": 64,
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
+            # Families default the rest as transformers does (qwen2: 32 kv heads), so say it.
+            "num_key_value_heads": 4,
             "intermediate_size": 128,
             "vocab_size": 1024,
             "max_position_embeddings": 4096,
