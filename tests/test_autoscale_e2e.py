@@ -49,8 +49,7 @@ from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.service import serve
 from cascade.subjects import Subjects
-from services.gateway.main import GatewayService
-from services.gateway.testing import running_gateway
+from services.gateway.testing import RunningGateway, running_gateway
 from services.loader.main import Loader
 from services.loader.settings import LoaderSettings
 from services.scaler.main import Scaler
@@ -81,7 +80,7 @@ class Mesh:
     subjects: Subjects
     deployment: Deployment
     nc: Any = None
-    gateway: GatewayService | None = None
+    gateway: RunningGateway | None = None
     scaler: Scaler | None = None
     workers: dict[str, WorkerService] = field(default_factory=dict)
     decisions: list[ScaleDecision] = field(default_factory=list)

@@ -20,9 +20,8 @@ from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
-from services.gateway.main import GatewayService
 from services.gateway.router import serves_fully
-from services.gateway.testing import parse_prometheus, running_gateway, sample
+from services.gateway.testing import RunningGateway, parse_prometheus, running_gateway, sample
 from services.worker.main import WorkerConfig, WorkerService
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +65,7 @@ async def until(pred: Any, what: str, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def view(gw: GatewayService, wid: str) -> Any:
+def view(gw: RunningGateway, wid: str) -> Any:
     return next((v for v in gw.core.registry.views() if v.worker_id == wid), None)
 
 
