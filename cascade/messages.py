@@ -52,6 +52,11 @@ def decode(data: bytes, expect: type[T] | None = None) -> T:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise MessageError(f"not JSON: {e}") from None
+    return decode_object(obj, expect)
+
+
+def decode_object(obj: Any, expect: type[T] | None = None) -> T:
+    """`decode` for a payload already parsed from JSON (a frame header that carries one)."""
     if not isinstance(obj, dict) or "type" not in obj or "body" not in obj:
         raise MessageError("not a Cascade message (needs 'type' and 'body')")
     name = obj["type"]

@@ -60,6 +60,7 @@ from cascade.messages import (
 from cascade.models.config import read_config
 from cascade.models.tokenizer import Tokenizer, load_tokenizer
 from cascade.natsutil import TaskSet, connect, handler, stop_event
+from cascade.stagewire import StageFrame
 from cascade.subjects import Subjects, check_token
 from services.worker.dataplane import (
     DataPlaneServer,
@@ -958,7 +959,7 @@ class WorkerService:
 
     async def _deliver(self, result: StepResult) -> None:
         for o in result.outbox:
-            await self.link.send(o.to, o.header, o.tensor)
+            await self.link.send(o.to, o.frame, o.tensor)
         if result.events:
             await self.publish_events(result.events, result.batch_size)
 
@@ -979,11 +980,11 @@ class WorkerService:
             emulated_token_scale=env_float("CASCADE_EMULATED_TOKEN_SCALE", 1.0),
         )  # fmt: skip
 
-    def _on_stage_frame(self, header: dict[str, Any], tensor: torch.Tensor | None) -> None:
+    def _on_stage_frame(self, frame: StageFrame, tensor: torch.Tensor | None) -> None:
         if self.engine is None:
-            self.log.warning("stage_frame_without_model", kind=header.get("kind"))
+            self.log.warning("stage_frame_without_model", frame=frame.TYPE)  # type: ignore[union-attr]
             return
-        self.engine.stage_message(header, tensor)
+        self.engine.stage_frame(frame, tensor)
         self.idle.clear()
         self.runner.wake()
 
