@@ -24,7 +24,7 @@ import orjson
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import md_table, summary, write_result
+from bench.common import md_table, result_header, summary, write_result
 from bench.mesh import Mesh
 from cascade.config import DEFAULT_MODEL, GenerateSpec
 
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "overhead": ov,
             "tokens_per_s_ratio_max_over_min": scaling,
         }
-        jp, mp = write_result("serve", payload, table)
+        jp, mp = write_result("serve", {**result_header("serve"), **payload}, table)
         print(f"wrote {jp} and {mp}")
     return 0
 
