@@ -7,7 +7,7 @@ One connection carries one transfer, one way (upstream → downstream):
     per unit            frame kind "UNIT", unit index, tensor count, unit nbytes;
                         per tensor: name, dtype (safetensors code), shape, nbytes;
                         then the tensors' raw bytes back to back, in header order, no padding;
-                        then the CRC-32 (zlib) of the unit header and those bytes
+                        then the CRC-32 (zlib's polynomial) of the unit header and those bytes
     or an abort         frame kind "ABRT" with a reason: the sender gave up; nothing after it
 
 The receiver knows from the connection header how many units follow, so a stream that ends early
@@ -31,10 +31,14 @@ import socket
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+# The same CRC-32 as zlib's (so the wire format is unchanged), from zlib-ng: folded with
+# PCLMULQDQ/VPCLMULQDQ it runs at ~13 GB/s on the dev VM against 3.6 GB/s for the system zlib,
+# and a profile of a 3-hop chain had zlib's crc32 as a third of all CPU time. Releases the GIL.
+from zlib_ng.zlib_ng import crc32
 
 if TYPE_CHECKING:
     from cascade.models.checkpoint import Checkpoint
@@ -282,7 +286,7 @@ def recv_unit_body(
     offsets, total = header.layout()
     if len(buf) < total:
         raise ValueError(f"unit {header.unit}: buffer of {len(buf)} bytes, need {total}")
-    crc = zlib.crc32(header_bytes) if checksum else 0
+    crc = crc32(header_bytes) if checksum else 0
     for t, off in zip(header.tensors, offsets, strict=True):
         pos, end = off, off + t.nbytes
         while pos < end:
@@ -293,7 +297,7 @@ def recv_unit_body(
             if on_chunk is not None:
                 on_chunk(piece)
             if checksum:
-                crc = zlib.crc32(piece, crc)
+                crc = crc32(piece, crc)
             pos += got
     return crc
 
@@ -320,14 +324,14 @@ def iter_unit_frames(
     header = UnitHeader(unit, tuple(m for m, _ in tensors))
     head = header.encode()
     yield head
-    running = zlib.crc32(head)
+    running = crc32(head)
     for meta, data in tensors:
         if len(data) != meta.nbytes:
             raise ValueError(f"tensor {meta.name}: {len(data)} bytes, header says {meta.nbytes}")
         for i in range(0, len(data), chunk):
             piece = data[i : i + chunk]
             if crc is None:
-                running = zlib.crc32(piece, running)
+                running = crc32(piece, running)
             yield piece
     if crc is None:
         crc = running
@@ -338,9 +342,9 @@ def iter_unit_frames(
 
 def unit_frame_crc(unit: int, tensors: Sequence[tuple[TensorMeta, memoryview]]) -> int:
     """The CRC `iter_unit_frames` would send for this unit (to fill a source's cache ahead)."""
-    crc = zlib.crc32(UnitHeader(unit, tuple(m for m, _ in tensors)).encode())
+    crc = crc32(UnitHeader(unit, tuple(m for m, _ in tensors)).encode())
     for _, data in tensors:
-        crc = zlib.crc32(data, crc)
+        crc = crc32(data, crc)
     return crc
 
 

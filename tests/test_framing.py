@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 
 import pytest
 
@@ -12,6 +13,7 @@ from cascade.framing import (
     TensorMeta,
     TransferAborted,
     TruncatedStream,
+    crc32,
     encode_abort,
     encode_status,
     iter_unit_frames,
@@ -105,3 +107,15 @@ def test_bad_magic_and_abort() -> None:
 def test_status() -> None:
     assert read_status(io.BytesIO(encode_status(True)).readinto) == (True, "")
     assert read_status(io.BytesIO(encode_status(False, "bad token")).readinto) == (False, "bad token")
+
+
+def test_crc_is_zlibs_crc32() -> None:
+    # The wire carries zlib's CRC-32; the faster implementation must agree with it byte for byte,
+    # whole and when chained over uneven pieces (as a receiver computes it chunk by chunk).
+    data = os.urandom((1 << 20) + 12345)
+    assert crc32(data) == zlib.crc32(data)
+    running = 0
+    for start, end in ((0, 1), (1, 4097), (4097, 700_001), (700_001, len(data))):
+        running = crc32(memoryview(data)[start:end], running)
+    assert running == zlib.crc32(data)
+    assert crc32(b"") == 0 and crc32(b"x", 0xFFFFFFFF) == zlib.crc32(b"x", 0xFFFFFFFF)
