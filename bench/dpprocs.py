@@ -34,7 +34,7 @@ def unit_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _child(conn: mpc.Connection, chunk: int, egress_bps: float) -> None:
+def _child(conn: mpc.Connection, chunk: int, egress_bps: float, relay: bool) -> None:
     # Imported here so the parent (and `--help`) does not pay for torch before it needs to.
     from cascade.models.checkpoint import Checkpoint
     from services.worker.dataplane import (
@@ -52,7 +52,7 @@ def _child(conn: mpc.Connection, chunk: int, egress_bps: float) -> None:
             conn.send(ev)
 
     egress = RateLimiter(egress_bps) if egress_bps > 0 else None
-    server = DataPlaneServer(chunk=chunk, egress=egress)
+    server = DataPlaneServer(chunk=chunk, egress=egress, relay=relay)
     emit("addr", server.start())
     held: dict[int, dict[str, torch.Tensor]] = {}
     try:
@@ -114,12 +114,14 @@ class ReceiverProc:
     name: str
     chunk: int = 1 << 20
     egress_bps: float = 0.0
+    relay: bool = False  # forward unit bodies in the kernel (DataPlaneServer's `relay`)
     last_reserve_s: float = 0.0  # how long the last expect() took to reserve its unit buffers
 
     def start(self, ctx: Any = None) -> None:
         ctx = ctx or mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_child, args=(child, self.chunk, self.egress_bps), name=self.name, daemon=True)
+        args = (child, self.chunk, self.egress_bps, self.relay)
+        self.proc = ctx.Process(target=_child, args=args, name=self.name, daemon=True)
         self.proc.start()
         child.close()
         self.addr = ""
