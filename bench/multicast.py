@@ -126,6 +126,7 @@ def commit() -> str:
             "cascade/messages.py",
             "services/worker/dataplane.py",
             "services/worker/main.py",
+            "services/worker/loading.py",
             "services/loader",
         ]
         dirty = subprocess.run(["git", "status", "--porcelain", *paths], cwd=REPO, capture_output=True, text=True)

@@ -26,9 +26,12 @@ layers; they are few (they exist while an instance loads), and `step()` runs
 every segment in one `forward_segments` pass so a busy full instance reads
 each weight once per step for its own and the relayed work.
 
-`step()` is synchronous torch work, called in one dedicated executor thread.
-Everything else here is called from the event loop thread and only appends
-to thread-safe deques that `step()` drains.
+Threads: `step()`, `set_max_batch()` and everything that touches sequences or
+the model run on the worker's engine thread (runner.py), the only thread that
+writes this state. The event loop calls `submit`, `cancel`, `stage_frame` and
+`peer_failed`, which only append to thread-safe deques that `step()` drains,
+and reads `figures` (an immutable snapshot the engine thread replaces after
+every step) and `load()`.
 """
 
 from __future__ import annotations
@@ -151,6 +154,20 @@ class StepResult:
     prefill_tokens: int = 0  # prompt tokens of the sequences admitted in this step
 
 
+@dataclass(frozen=True, slots=True)
+class EngineFigures:
+    """What the event loop may read of the engine (heartbeats, metrics, admission): replaced as a
+    whole by the engine thread, never mutated."""
+
+    running: int = 0  # full sequences in the batch or prefilling, and routes this worker drives
+    waiting: int = 0  # admitted full sequences waiting for a slot (the inbox not counted)
+    driven: int = 0  # routes it drives
+    driven_layers: int = 0  # layers run for the routes it drives, summed over them
+    relayed: int = 0  # stage sequences it computes for routes other workers drive
+    max_batch: int = 1
+    tokens_per_s: float = 0.0
+
+
 @dataclass(slots=True)
 class EngineStats:
     steps: int = 0
@@ -243,6 +260,7 @@ class Engine:
         )
         self._eos = set(tokenizer.eos_ids) | set(self.cfg.eos_ids)
         self.stats = EngineStats()
+        self.figures = self._figures()
 
     @property
     def cache(self) -> KVCache:
@@ -254,6 +272,7 @@ class Engine:
         """Set the batch limit, bounded by the KV slots; returns the limit in force. Running
         sequences above a lowered limit finish where they are; new ones wait for a free slot."""
         self.max_batch = max(1, min(limit, self.kv_slots))
+        self.figures = self._figures()
         return self.max_batch
 
     # ------------------------------------------------------------ loop-thread API
@@ -295,10 +314,17 @@ class Engine:
         `token_scale`, so fewer real ones fit); never below one."""
         return max(1, int(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0)))
 
-    def driven_layers(self) -> int:
-        """Layers this worker runs for the routes it drives, summed over them (read from the
-        event loop for heartbeats: the gateway weighs a loading instance's room by it)."""
-        return sum(s.route[0].end - s.route[0].start for s in list(self.driven.values()))
+    def _figures(self) -> EngineFigures:
+        return EngineFigures(
+            running=len(self.running) + len(self.prefilling) + len(self.driven),
+            waiting=len(self.waiting),
+            driven=len(self.driven),
+            # The gateway weighs a loading instance's room by it.
+            driven_layers=sum(s.route[0].end - s.route[0].start for s in self.driven.values()),
+            relayed=len(self.relayed),
+            max_batch=self.max_batch,
+            tokens_per_s=self.stats.tokens_per_s,
+        )
 
     def has_work(self) -> bool:
         """Something a step would compute or finish now."""
@@ -325,8 +351,10 @@ class Engine:
         )
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting): read from the event loop for heartbeats and admission."""
-        return len(self.running) + len(self.prefilling) + len(self.driven), len(self.waiting) + len(self._inbox)
+        """(running, waiting) for heartbeats and admission, from any thread: the last step's
+        figures, plus what was submitted since."""
+        f = self.figures
+        return f.running, f.waiting + len(self._inbox)
 
     # ------------------------------------------------------------ executor-thread API
     def step(self) -> StepResult:
@@ -397,6 +425,7 @@ class Engine:
         # With an emulated device the step lasts its target (the runner pads to it) unless compute overran.
         took = max(time.monotonic() - t0, target)
         self.stats.step_timed(batch + relayed, took * 1000, prompt, len(new) + decoded)
+        self.figures = self._figures()
         return StepResult(events, outbox, batch, len(new), decoded, relayed, target, prompt)
 
     def _emulated_s(self, segs: list[Segment]) -> float:
@@ -850,6 +879,7 @@ class Engine:
         self.waiting.clear()
         self.driven.clear()
         self.relayed.clear()
+        self.figures = self._figures()
         return events
 
 
