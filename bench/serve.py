@@ -1,11 +1,14 @@
-"""Serving benchmark: the default model behind `cascade up`, streamed completions at
-concurrency 1, 8 and 32; and the cost of the mesh itself (gateway + NATS + worker)
-against calling the worker's engine in-process with the same requests.
+"""Serving benchmark: streamed completions through the mesh at concurrency 1, 8 and 32, beside
+the worker's engine called in-process on the same model (and, with --transformers, transformers'
+`generate` at the same batch sizes); and the cost of the mesh itself (gateway + NATS + worker)
+against the in-process engine, request by request.
 
-    python bench/serve.py            (or: cascade bench serve)
-    python bench/serve.py --quick    (a short run to check it works)
+    cascade bench serve                       the generated test model (the mesh-overhead figure)
+    cascade bench serve --model X --transformers
+                                              a real model (folder, .gguf file, hub id)
+    cascade bench serve --quick               a short run to check it works
 
-Writes bench/results/serve.json and bench/results/serve.md.
+Writes bench/results/serve.{json,md} (the test model) or serve-<model>.{json,md}.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,14 +53,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--max-batch", type=int, default=32, help="worker max batch (default 32)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a checkpoint folder, .gguf file or hub id (default: the generated test model cascade-tiny)",
+    )
+    p.add_argument(
+        "--transformers", action="store_true", help="also measure transformers' generate at the same batch sizes"
+    )
+    p.add_argument("--out", default=None, help="result name under bench/results (default serve / serve-<model>)")
     p.add_argument("--quick", action="store_true", help="few requests, to check the benchmark runs")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     return p.parse_args(argv)
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+async def one_request(
+    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, model: str = DEFAULT_MODEL
+) -> dict[str, Any]:
     body = {
-        "model": DEFAULT_MODEL,
+        "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -95,18 +110,20 @@ async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max
     }
 
 
-async def load_level(url: str, concurrency: int, n: int, prompt: str, max_tokens: int) -> dict[str, Any]:
+async def load_level(
+    url: str, concurrency: int, n: int, prompt: str, max_tokens: int, model: str = DEFAULT_MODEL
+) -> dict[str, Any]:
     conn = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
         # Warm-up: one request per client so first-use costs are not measured.
-        await asyncio.gather(*(one_request(s, url, prompt, 4) for _ in range(min(concurrency, 4))))
+        await asyncio.gather(*(one_request(s, url, prompt, 4, model) for _ in range(min(concurrency, 4))))
         queue = list(range(n))
         results: list[dict[str, Any]] = []
 
         async def client() -> None:
             while queue:
                 queue.pop()
-                results.append(await one_request(s, url, prompt, max_tokens))
+                results.append(await one_request(s, url, prompt, max_tokens, model))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -128,7 +145,7 @@ async def load_level(url: str, concurrency: int, n: int, prompt: str, max_tokens
     }
 
 
-def inprocess_engine(home: Path, max_batch: int, threads: int) -> Any:
+def inprocess_engine(path: Path, max_batch: int, threads: int) -> Any:
     import torch
 
     from cascade.models.checkpoint import Checkpoint
@@ -137,7 +154,6 @@ def inprocess_engine(home: Path, max_batch: int, threads: int) -> Any:
     from services.worker.model import LlamaModel
 
     torch.set_num_threads(threads)
-    path = home / "models" / DEFAULT_MODEL
     ck = Checkpoint(path)
     m = LlamaModel(ck.config)
     for u in range(ck.config.num_units):
@@ -161,16 +177,51 @@ def inprocess_request(engine: Any, tok: Any, prompt: str, max_tokens: int) -> di
     return {"ttft": first - t0, "latency": end - t0}
 
 
-async def overhead(url: str, engine: Any, tok: Any, n: int, prompt: str, max_tokens: int) -> dict[str, Any]:
+def inprocess_level(engine: Any, tok: Any, concurrency: int, n: int, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """The engine in this process, closed loop like the mesh's clients: `concurrency` sequences in
+    flight, a new one submitted as one ends, `n` in all."""
+    from cascade.messages import SamplingParams
+
+    ids = tok.encode(prompt)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    submitted = done = 0
+    t0 = time.perf_counter()
+    while done < n:
+        while submitted < n and submitted - done < concurrency:
+            engine.submit(f"r{submitted}", "bench", ids, params)
+            submitted += 1
+        res = engine.step()
+        done += sum(1 for _, ev in res.events if ev.finish_reason is not None)
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": n, "output_tokens_per_s": n * max_tokens / wall, "wall_s": wall}
+
+
+def transformers_level(model: Any, ids: list[int], batch: int, max_tokens: int) -> dict[str, Any]:
+    """transformers' `generate`, greedy, `batch` copies of the prompt (no padding needed), exactly
+    `max_tokens` new tokens each (ignore_eos's equivalent)."""
+    import torch
+
+    x = torch.tensor([ids] * batch)
+    with torch.no_grad():
+        model.generate(x, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
+        wall = time.perf_counter() - t0
+    return {"batch": batch, "output_tokens_per_s": batch * max_tokens / wall, "wall_s": wall}
+
+
+async def overhead(
+    url: str, engine: Any, tok: Any, n: int, prompt: str, max_tokens: int, model: str = DEFAULT_MODEL
+) -> dict[str, Any]:
     """Alternate one request through the mesh and one in-process, one at a time, so both see the
     same machine state; the added latency is their difference per pair."""
     mesh, local = [], []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         for _ in range(3):
-            await one_request(s, url, prompt, max_tokens)
+            await one_request(s, url, prompt, max_tokens, model)
             inprocess_request(engine, tok, prompt, max_tokens)
         for _ in range(n):
-            mesh.append(await one_request(s, url, prompt, max_tokens))
+            mesh.append(await one_request(s, url, prompt, max_tokens, model))
             local.append(inprocess_request(engine, tok, prompt, max_tokens))
     pairs = [(m, lo) for m, lo in zip(mesh, local, strict=True) if m["ok"]]
     added = [(m["latency"] - lo["latency"]) * 1e3 for m, lo in pairs]
@@ -184,31 +235,70 @@ async def overhead(url: str, engine: Any, tok: Any, n: int, prompt: str, max_tok
     }
 
 
+def _model_folder(a: argparse.Namespace, scratch: Path) -> tuple[Path, str, dict[str, Any]]:
+    """(checkpoint folder, name clients use, what the result records about it)."""
+    if a.model is None:
+        from cascade.models.generate import generate_model
+
+        folder = scratch / DEFAULT_MODEL
+        generate_model(folder, GenerateSpec())
+        return folder, DEFAULT_MODEL, {"generated": {k: getattr(GenerateSpec(), k) for k in GenerateSpec.__slots__}}
+    from cascade.models.source import resolve_model
+
+    got = resolve_model(a.model)
+    return got.path, got.name, {"source": a.model, "kind": got.kind, "revision": got.revision}
+
+
 def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
     a = parse(argv)
     levels = [int(x) for x in a.concurrency.split(",") if x]
     if a.quick:
         a.overhead_requests, a.max_tokens, a.overhead_max_tokens = 6, 8, 8
     prompt = PROMPT * a.prompt_repeat
-    mesh = Mesh(["--workers", str(a.workers), "--threads", str(a.threads)], {"CASCADE_MAX_BATCH": str(a.max_batch)})
+    scratch = tempfile.TemporaryDirectory(prefix="cascade-bench-model-")
+    folder, name, model_info = _model_folder(a, Path(scratch.name))
+    out_name = a.out or ("serve" if a.model is None else "serve-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).lower())
+    mesh = Mesh(
+        ["--workers", str(a.workers), "--threads", str(a.threads), "--model", str(folder), "--served-model-name", name],
+        {"CASCADE_MAX_BATCH": str(a.max_batch)},
+    )
     print(f"starting the mesh: {' '.join(mesh.args)}", flush=True)
+    rows, local_rows = [], []
     try:
         url = mesh.start()
         print(f"mesh up at {url}", flush=True)
-        rows = []
         for c in levels:
             n = a.requests or max(4 * c, 24)
             if a.quick:
                 n = max(c, 4)
             print(f"concurrency {c}: {n} requests of {a.max_tokens} tokens …", flush=True)
-            rows.append(asyncio.run(load_level(url, c, n, prompt, a.max_tokens)))
+            rows.append(asyncio.run(load_level(url, c, n, prompt, a.max_tokens, name)))
             r = rows[-1]
             print(f"  {r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f} ms", flush=True)
+        engine, tok = inprocess_engine(folder, a.max_batch, a.threads)
         print(f"mesh overhead: {a.overhead_requests} paired requests …", flush=True)
-        engine, tok = inprocess_engine(mesh.home, a.max_batch, a.threads)
-        ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens))
+        ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name))
     finally:
         mesh.stop()
+    # With the mesh stopped, the engine in-process has the machine to itself, as the mesh had.
+    for r in rows:
+        c, n = r["concurrency"], r["requests"]
+        print(f"in-process engine, concurrency {c} …", flush=True)
+        local_rows.append(inprocess_level(engine, tok, c, n, prompt, a.max_tokens))
+    hf_rows: list[dict[str, Any]] = []
+    if a.transformers:
+        import torch
+        import transformers
+
+        torch.set_num_threads(a.threads)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        ids = tok.encode(prompt)
+        for c in levels:
+            print(f"transformers generate, batch {c} …", flush=True)
+            hf_rows.append(transformers_level(hf, ids, c, a.max_tokens))
+    scratch.cleanup()
 
     by_c = {r["concurrency"]: r for r in rows}
     scaling = (
@@ -227,6 +317,18 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ],
     )  # fmt: skip
+    head = ["streams", "mesh tok/s", "engine in-process tok/s", "mesh / in-process"]
+    if hf_rows:
+        head += ["transformers generate tok/s", "mesh / transformers"]
+    cmp_rows = []
+    for i, (r, lo) in enumerate(zip(rows, local_rows, strict=True)):
+        row = [r["concurrency"], r["output_tokens_per_s"], lo["output_tokens_per_s"]]
+        row.append(f"{r['output_tokens_per_s'] / lo['output_tokens_per_s']:.2f}x")
+        if hf_rows:
+            hf_tps = hf_rows[i]["output_tokens_per_s"]
+            row += [hf_tps, f"{r['output_tokens_per_s'] / hf_tps:.2f}x"]
+        cmp_rows.append(row)
+    table += "\n" + md_table(head, cmp_rows)
     table += "\n" + md_table(
         [f"mesh overhead (concurrency 1, {a.overhead_max_tokens} tokens)", "p50 ms", "p99 ms"],
         [
@@ -237,32 +339,37 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     if scaling is not None:
-        hi, lo = max(levels), min(levels)
-        table += f"\nTokens/s at concurrency {hi} over concurrency {lo}: {scaling:.2f}x (target ≥ 4x)\n"
-    table += f"Added p50 latency: {ov['added_latency_ms']['p50']:.2f} ms (target ≤ 2 ms)\n"
+        hi, lo_c = max(levels), min(levels)
+        table += f"\nTokens/s at concurrency {hi} over concurrency {lo_c}: {scaling:.2f}x (target ≥ 4x)\n"
+    table += f"Added p50 latency: {ov['added_latency_ms']['p50']:.2f} ms (target ≤ 2 ms); "
+    table += f"added p50 time to first token: {ov['added_ttft_ms']['p50']:.2f} ms (target ≤ 5 ms)\n"
     print()
     print(table)
     if not a.no_write:
         payload = {
             "parameters": {
-                "model": DEFAULT_MODEL,
-                "model_spec": {k: getattr(GenerateSpec(), k) for k in GenerateSpec.__slots__},
+                "model": name,
+                "model_info": model_info,
                 "concurrency": levels,
                 "max_tokens": a.max_tokens,
                 "prompt_chars": len(prompt),
+                "prompt_tokens": len(tok.encode(prompt)),
                 "workers": a.workers,
                 "threads_per_worker": a.threads,
                 "max_batch": a.max_batch,
                 "overhead_pairs": a.overhead_requests,
                 "overhead_max_tokens": a.overhead_max_tokens,
+                "transformers": a.transformers,
                 "quick": a.quick,
             },
-            "emulated": "nothing: real torch on the CPU, real nats-server, real HTTP over loopback",
+            "emulated": "nothing: real torch on the CPU (float32), real nats-server, real HTTP over loopback",
             "levels": rows,
+            "inprocess_levels": local_rows,
+            "transformers_levels": hf_rows,
             "overhead": ov,
             "tokens_per_s_ratio_max_over_min": scaling,
         }
-        jp, mp = write_result("serve", {**result_header("serve"), **payload}, table)
+        jp, mp = write_result(out_name, {**result_header("serve"), **payload}, table)
         print(f"wrote {jp} and {mp}")
     return 0
 

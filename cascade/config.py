@@ -71,10 +71,15 @@ def mesh_file(home: Path | None = None) -> Path:
 def write_mesh_file(info: dict[str, Any], home: Path | None = None) -> Path:
     path = mesh_file(home)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(info, option=orjson.OPT_INDENT_2))
-    tmp.replace(path)
+    write_json_atomic(path, info)
     return path
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    tmp.replace(path)
 
 
 def read_mesh_file(home: Path | None = None) -> dict[str, Any] | None:
@@ -145,6 +150,9 @@ class ModelDeployment:
     # "live": a loading instance serves as the first stage of pipelined routes for the layers it
     # holds; "stop-the-world": nothing is routed to it until it holds every layer.
     scaling: str = "live"
+    # What the user named (a folder, a `.gguf` file, a hub id[@revision]) when `path` was not given
+    # directly; `cascade up` / `cascade deploy` resolve it into `path` before any service reads it.
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,24 +169,38 @@ class Deployment:
         return [m.name for m in self.models]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "models": [
-                {
-                    "name": m.name,
-                    "path": str(m.path),
-                    "min_replicas": m.min_replicas,
-                    "max_replicas": m.max_replicas,
-                    "policy": m.policy,
-                    "knobs": m.knobs,
-                    "loading": m.loading,
-                    "scaling": m.scaling,
-                    "generate": None
-                    if m.generate is None
-                    else {k: getattr(m.generate, k) for k in GenerateSpec.__slots__},
-                }
-                for m in self.models
-            ]
-        }
+        return {"models": [entry_json(m) for m in self.models]}
+
+    def with_model(self, m: ModelDeployment) -> Deployment:
+        """This deployment plus `m` (replacing an entry of the same name)."""
+        return Deployment(models=(*(x for x in self.models if x.name != m.name), m))
+
+
+def entry_json(m: ModelDeployment) -> dict[str, Any]:
+    """One model's entry as the deployment file's JSON form (what `DeployRequest.add` and
+    `DeploymentChanged` carry)."""
+    return {
+        "name": m.name,
+        "path": str(m.path),
+        "min_replicas": m.min_replicas,
+        "max_replicas": m.max_replicas,
+        "policy": m.policy,
+        "knobs": m.knobs,
+        "loading": m.loading,
+        "scaling": m.scaling,
+        "source": m.source,
+        "generate": None if m.generate is None else {k: getattr(m.generate, k) for k in GenerateSpec.__slots__},
+    }
+
+
+def model_from_entry(t: dict[str, Any], home: Path | None = None) -> ModelDeployment:
+    """Parse one entry in the JSON form (validated as a deployment file's would be)."""
+    if not isinstance(t, dict):
+        raise ConfigError("a model entry must be an object")
+    t = {k: v for k, v in t.items() if v is not None}
+    if not t.get("path"):
+        raise ConfigError(f"model {t.get('name', '?')}: the entry has no resolved path")
+    return _model_from_table(t, home or cascade_home(), Path("/"))
 
 
 def default_deployment(home: Path | None = None, replicas: int = 1) -> Deployment:
@@ -196,12 +218,31 @@ def default_deployment(home: Path | None = None, replicas: int = 1) -> Deploymen
 
 
 def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeployment:
-    if "name" not in t:
-        raise ConfigError("every [[models]] entry needs a name")
-    name = str(t["name"])
+    # `model` is the user's form (what `cascade up --model` takes); `source` is how a resolved
+    # deployment (deployment.json) remembers it next to the `path` it resolved to.
+    source = str(t.get("model") or t.get("source") or "").strip()
+    if "model" in t and not source:
+        raise ConfigError("a [[models]] entry has an empty model: name a folder, a .gguf file or a hub id")
+    if "model" in t and ("path" in t or "generate" in t):
+        raise ConfigError(
+            f"model {t.get('name') or source}: give either model = (folder, .gguf file or hub id) or path/generate, "
+            "not both"
+        )
+    if source and "model" in t:
+        source = _relative_spec(source, base)
+    if "name" not in t and not source:
+        raise ConfigError("every [[models]] entry needs a name (or a model = folder, .gguf file or hub id)")
+    name = str(t["name"]) if "name" in t else default_served_name(source)
+    if not name.strip():
+        raise ConfigError("a [[models]] entry has an empty name")
     raw_path = t.get("path")
-    path = Path(raw_path).expanduser() if raw_path else home / "models" / name
-    if not path.is_absolute():
+    if raw_path:
+        path = Path(raw_path).expanduser()
+    elif source:
+        path = Path()  # filled in from `source` by resolve_deployment()
+    else:
+        path = home / "models" / name
+    if raw_path and not path.is_absolute():
         path = base / path
     gen = t.get("generate")
     spec = None
@@ -233,7 +274,56 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
         knobs=knobs,
         loading=loading,
         scaling=scaling,
+        source=source,
     )
+
+
+def _relative_spec(spec: str, base: Path) -> str:
+    """A relative folder or `.gguf` named in a deployment file is relative to that file, as `path`
+    is; a hub id stays as it is."""
+    p = Path(spec).expanduser()
+    if p.is_absolute() or spec.startswith("~"):
+        return str(p)
+    candidate = base / p
+    if candidate.exists() or spec.lower().endswith(".gguf") or spec.startswith(("./", "../")):
+        return str(candidate)
+    return spec
+
+
+def default_served_name(spec: str) -> str:
+    """The name clients use for a model named by `spec` when no name is given (what
+    `resolve_model` reports, computed without touching the network)."""
+    from cascade.models.source import served_name_of
+
+    return served_name_of(spec)
+
+
+def model_from_spec(spec: str, home: Path | None = None, name: str | None = None, replicas: int = 1) -> ModelDeployment:
+    """A deployment entry for `cascade up --model SPEC` / `cascade deploy --model SPEC`."""
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("--model is empty: name a folder, a .gguf file or a hub id")
+    if name is not None and not name.strip():
+        raise ConfigError("--served-model-name is empty")
+    return ModelDeployment(
+        name=name or default_served_name(spec),
+        path=Path(),
+        min_replicas=replicas,
+        max_replicas=max(replicas, 8),
+        source=str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec,
+    )
+
+
+def unresolved(dep: Deployment) -> list[ModelDeployment]:
+    """Entries still waiting for `resolve_sources` (named by `model =`, no path yet)."""
+    return [m for m in dep.models if m.source and m.path == Path()]
+
+
+def check_names(dep: Deployment, where: str) -> None:
+    names = dep.names()
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{where} names model {twice[0]!r} twice (give each its own name / --served-model-name)")
 
 
 def load_deployment(path: Path | None, home: Path | None = None) -> Deployment:
@@ -255,9 +345,10 @@ def load_deployment(path: Path | None, home: Path | None = None) -> Deployment:
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"deployment file {path} needs at least one [[models]] entry")
+    if not all(isinstance(t, dict) for t in models):
+        raise ConfigError(f"deployment file {path}: every [[models]] entry must be a table")
     dep = Deployment(models=tuple(_model_from_table(t, home, path.parent) for t in models))
-    if len(set(dep.names())) != len(dep.names()):
-        raise ConfigError(f"deployment file {path} names a model twice")
+    check_names(dep, f"deployment file {path}")
     return dep
 
 

@@ -488,6 +488,18 @@ class DeployRequest:
     policy: str = ""
     knobs: dict[str, float] = field(default_factory=dict)
     replace_knobs: bool = False
+    # Deploy a new model: its deployment entry in the deployment file's JSON form (name, path,
+    # min/max replicas, policy, knobs, loading, scaling, source), path already resolved by the CLI.
+    add: dict[str, Any] | None = None
+
+
+@message("deployment_changed")
+class DeploymentChanged:
+    """Scaler → every service: the deployment now holds these models (the JSON form of the
+    deployment file's entries); `added` names the ones new in this change."""
+
+    models: list[dict[str, Any]]
+    added: list[str] = field(default_factory=list)
 
 
 @message("deploy_reply")

@@ -116,6 +116,11 @@ class Subjects:
         knobs at run time (the admin API)."""
         return f"{self.prefix}.scale.deploy"
 
+    def deployment_changed(self) -> str:
+        """Scaler → everyone: the deployment changed (`cascade deploy --model` added a model); the
+        message carries the whole deployment, so a service applies it without asking back."""
+        return f"{self.prefix}.deployment.changed"
+
     # ---- parameter transfers -----------------------------------------------
     def transfer_plan(self) -> str:
         """Loader → everyone: the transfer plan of a scale-up, and every re-plan (`cascade tap`)."""

@@ -19,11 +19,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def running_mesh(home: Path, deployment: str, workers: int, timeout_s: float = 180) -> Iterator[dict[str, Any]]:
-    cfg = home / "deploy.toml"
-    cfg.write_text(deployment)
+def running_mesh(
+    home: Path, deployment: str | None, workers: int, timeout_s: float = 180, args: tuple[str, ...] = ()
+) -> Iterator[dict[str, Any]]:
+    """`deployment`: the deployment file's text, or None to name models with `args` (--model)."""
     env = {**os.environ, "CASCADE_HOME": str(home), "CASCADE_HEARTBEAT_S": "0.5"}
-    cmd = ["up", "--workers", str(workers), "--port", "0", "--nats-port", "0", "--config", str(cfg)]
+    cmd = ["up", "--workers", str(workers), "--port", "0", "--nats-port", "0", *args]
+    if deployment is not None:
+        cfg = home / "deploy.toml"
+        cfg.write_text(deployment)
+        cmd += ["--config", str(cfg)]
     with (home / "up.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cascade.cli", *cmd], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -266,3 +266,25 @@ def test_two_stage_holds_instances_at_its_batch_limit_within_their_kv_slots() ->
     r = c.configure("m", 16.3, policy="rate")
     assert set(r.restore) == {"w1", "w2"} and c.get("m").batch_limit is None
     assert c.limit_orders(ev.signals, 16.4) == []
+
+
+def test_a_model_deployed_at_run_time_is_scaled_to_its_minimum_and_announced() -> None:
+    run = Run(Deployment((dep("a", "manual"),)), Mesh({"w1": "a", "w2": None}))
+    for _ in range(3):
+        assert run.tick() == []
+    reply, effects = core.add_model(run.state, dep("b", "concurrency", lo=1, hi=2), core.Now(run.now, run.now))
+    assert reply.changed and (reply.model, reply.min_replicas, reply.max_replicas) == ("b", 1, 2)
+    announced = [e for e in effects if isinstance(e, core.Announce)]
+    assert len(announced) == 1 and announced[0].added == ("b",)
+    assert announced[0].deployment.names() == ["a", "b"]
+    ups = [d for _ in range(3) for d in run.tick()]
+    assert [(d.model, d.action, d.count) for d in ups] == [("b", "up", 1)]
+    # The same model again changes nothing; the same name from another folder is refused.
+    again, effects = core.add_model(run.state, dep("b", "concurrency", lo=1, hi=2), core.Now(run.now, run.now))
+    assert not again.changed and not any(isinstance(e, core.Announce) for e in effects)
+    other = ModelDeployment("b", Path("/elsewhere"), 1, 2)
+    with pytest.raises(core.ModelExists, match="deployed already"):
+        core.add_model(run.state, other, core.Now(run.now, run.now))
+    with pytest.raises(KnobError):
+        core.add_model(run.state, dep("c", "no-such-policy"), core.Now(run.now, run.now))
+    assert sorted(run.controls.models) == ["a", "b"] and "c" not in run.state.book.targets

@@ -21,11 +21,16 @@ import orjson
 from cascade.cli.supervisor import Supervisor, UpError, make_die_with_parent, pid_alive, supervise
 from cascade.cliargs import non_negative_int, positive_float, positive_int
 from cascade.config import (
+    DEFAULT_MODEL,
     DEFAULT_NATS_PORT,
     ConfigError,
     Deployment,
+    ModelDeployment,
     cascade_home,
+    check_names,
+    default_deployment,
     load_deployment,
+    model_from_spec,
     read_mesh_file,
     with_replicas,
 )
@@ -36,7 +41,10 @@ def register(sub: Any) -> None:
         "up",
         help="start a NATS broker and every service on this machine",
         description="Start an embedded NATS broker, the gateway, scaler, loader and N workers as child "
-        "processes; generate missing models; wait until the default model serves; stop all on Ctrl-C.",
+        "processes and wait until every model serves; stop all on Ctrl-C. The models: each --model (a "
+        "checkpoint folder, a .gguf file or a Hugging Face hub id org/name[@revision]), else the deployment "
+        "file's, else SmolLM2-135M-Instruct (fetched and cached on first run; the generated test model "
+        "cascade-tiny when it cannot be fetched).",
     )
     add_arguments(sp)
     sp.set_defaults(func=run)
@@ -46,6 +54,22 @@ def register(sub: Any) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="serve this model: a checkpoint folder, a .gguf file or a hub id org/name[@revision] "
+        "(repeatable; default: the deployment file's models, else SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the name clients use for the --model at the same position (repeatable; default: the hub id, "
+        "the .gguf file's or the folder's name)",
+    )
     parser.add_argument("--workers", type=positive_int, default=2, help="worker processes to start (default 2)")
     parser.add_argument(
         "--port", type=non_negative_int, default=8000, help="gateway HTTP port (default 8000; 0 picks a free one)"
@@ -62,8 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--config",
-        default=os.environ.get("CASCADE_CONFIG") or None,
-        help="deployment file, TOML (default: $CASCADE_CONFIG, else the built-in cascade-tiny model)",
+        default=None,
+        help="deployment file, TOML (default: $CASCADE_CONFIG; see docs/deployment.md)",
     )
     parser.add_argument(
         "--replicas",
@@ -102,10 +126,59 @@ def _holds_model(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def prepare_models(dep: Deployment) -> None:
-    """Generate every model that has a generate spec and no files yet; check the others exist."""
-    from cascade.models.config import CheckpointError
+def chosen_deployment(args: argparse.Namespace, home: Path) -> Deployment | None:
+    """The deployment the flags name; None means the default model (chosen later, in `prepare`,
+    because obtaining it may download)."""
+    if args.served_model_name and len(args.served_model_name) != len(args.model):
+        raise ConfigError(
+            f"{len(args.served_model_name)} --served-model-name for {len(args.model)} --model: give one name per "
+            "--model, in the same order"
+        )
+    config = args.config or (None if args.model else os.environ.get("CASCADE_CONFIG") or None)
+    if args.model:
+        if args.config:
+            raise ConfigError("--model and --config both name the models to serve: use one of them")
+        names = args.served_model_name or [None] * len(args.model)
+        dep = Deployment(models=tuple(model_from_spec(m, home, n) for m, n in zip(args.model, names, strict=True)))
+        check_names(dep, "the --model flags")
+        return dep
+    if config:
+        return load_deployment(Path(config), home)
+    return None
 
+
+def default_model_deployment(home: Path, replicas: int) -> Deployment:
+    """SmolLM2-135M-Instruct, from the first source that has it; else the generated test model,
+    saying why (a mesh that starts beats one that refuses to on an offline machine)."""
+    from cascade.models.default_model import DEFAULT_HUB_ID, DefaultModelUnavailable, obtain_default_model
+
+    print(f"default model: {DEFAULT_HUB_ID} (pass --model to serve another)", flush=True)
+    try:
+        got = obtain_default_model(home=home)
+    except DefaultModelUnavailable as e:
+        print(
+            f"cascade up: {e}\n  serving the generated test model {DEFAULT_MODEL} instead (random weights: its "
+            "answers are noise); pass --model to serve a checkpoint you have",
+            file=sys.stderr,
+            flush=True,
+        )
+        return default_deployment(home, replicas)
+    return Deployment(
+        models=(ModelDeployment(name=got.name, path=got.path, min_replicas=replicas, source=DEFAULT_HUB_ID),)
+    )
+
+
+def prepare_models(dep: Deployment, home: Path | None = None) -> Deployment:
+    """Resolve every model named by source (hub download, GGUF conversion), generate every model
+    that has a generate spec and no files yet, and check the others; returns the deployment with
+    every path filled in."""
+    from cascade.models.config import CheckpointError
+    from cascade.models.source import resolve_deployment
+
+    try:
+        dep = resolve_deployment(dep, home=home)
+    except CheckpointError as e:
+        raise UpError(str(e)) from None
     for m in dep.models:
         if _holds_model(m.path):
             # Every header and tensor shape, not only config.json: a bad checkpoint stops `up` here
@@ -132,6 +205,7 @@ def prepare_models(dep: Deployment) -> None:
         except (CheckpointError, OSError) as e:
             raise UpError(f"cannot generate model {m.name} in {m.path}: {e}") from None
         bar.done("generated")
+    return dep
 
 
 # --------------------------------------------------------------------------- entry
@@ -159,10 +233,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.nats_url and args.nats_port is not None:
         raise ConfigError("--nats-port sets the embedded broker's port; with --nats-url no broker is started")
     home = cascade_home()
-    dep = load_deployment(Path(args.config) if args.config else None, home)
-    if args.replicas is not None:
-        dep = with_replicas(dep, args.replicas)
-    needed = sum(m.min_replicas for m in dep.models)
+    chosen = chosen_deployment(args, home)
+    if chosen is not None and args.replicas is not None:
+        chosen = with_replicas(chosen, args.replicas)
+    replicas = 1 if args.replicas is None else args.replicas
+    needed = replicas if chosen is None else sum(m.min_replicas for m in chosen.models)
     if needed > args.workers:
         raise ConfigError(
             f"the deployment needs {needed} worker(s) for its min_replicas but --workers is {args.workers}"
@@ -188,7 +263,7 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
     try:
-        prepare_models(dep)
+        dep = prepare_models(chosen or default_model_deployment(home, replicas), home)
     except UpError as e:
         print(f"cascade up: {e}", file=sys.stderr)
         return 1

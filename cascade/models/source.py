@@ -21,11 +21,11 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from cascade.config import cascade_home
+from cascade.config import Deployment, cascade_home, unresolved
 from cascade.models.config import CheckpointError, read_config
 
 if TYPE_CHECKING:
@@ -115,6 +115,41 @@ def resolve_model(spec: str, *, home: Path | None = None, progress: bool = True)
         raise ModelSourceError(f"{spec}: no such file or folder, and not a hub id (org/name or org/name@revision)")
     repo_id, revision = hub
     return resolve_hub(repo_id, revision, spec=spec)
+
+
+def resolve_deployment(dep: Deployment, *, home: Path | None = None, progress: bool = True) -> Deployment:
+    """Every entry named by source (`model = ...`, `--model`) with its local folder filled in;
+    the first model that cannot be obtained raises, naming it."""
+    models = []
+    for m in dep.models:
+        if m in unresolved(dep):
+            try:
+                got = resolve_model(m.source, home=home, progress=progress)
+            except CheckpointError as e:
+                raise ModelSourceError(f"model {m.name}: {e}") from None
+            m = replace(m, path=got.path)
+        models.append(m)
+    return Deployment(models=tuple(models))
+
+
+def served_name_of(spec: str) -> str:
+    """The name `resolve_model(spec)` gives the model, without network or conversion: the hub id
+    (revision dropped), the GGUF file's name, or the folder's (a hub cache folder's repo id)."""
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        return gguf_served_name(path)
+    if path.is_dir():
+        if path.name.startswith("models--"):
+            return _repo_id_from_cache_name(path.name)
+        resolved = path.resolve()
+        if resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--"):
+            return _repo_id_from_cache_name(resolved.parent.parent.name)
+        return resolved.name
+    hub = parse_hub_id(spec)
+    if hub is not None and not spec.startswith(("/", "./", "../", "~")):
+        return hub[0]
+    return path.name or spec
 
 
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:

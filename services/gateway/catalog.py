@@ -44,6 +44,22 @@ class ModelCatalog:
     def names(self) -> list[str]:
         return self.deployment.names()
 
+    def update(self, deployment: Deployment) -> list[str]:
+        """Take a changed deployment (a model deployed at run time); returns the names that must be
+        read. A model whose folder changed is read again; one that left is forgotten."""
+        changed = []
+        for m in deployment.models:
+            old = self.deployment.get(m.name)
+            if old is None or old.path != m.path:
+                self._loaded.pop(m.name, None)
+                self._errors[m.name] = "not read yet"
+                changed.append(m.name)
+        for name in set(self.deployment.names()) - set(deployment.names()):
+            self._loaded.pop(name, None)
+            self._errors.pop(name, None)
+        self.deployment = deployment
+        return changed
+
     def required(self) -> list[str]:
         """Models that must have an instance for the gateway to be healthy."""
         return [m.name for m in self.deployment.models if m.min_replicas > 0]

@@ -28,10 +28,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cascade import natsutil
-from cascade.config import Deployment
+from cascade.config import ConfigError, Deployment, model_from_entry
 from cascade.messages import (
     BatchReply,
     Cancel,
+    DeploymentChanged,
     GenerateBatch,
     GenerateRequest,
     MessageError,
@@ -95,17 +96,7 @@ class GatewayCore:
             on_dead=self._worker_dead,
             logger=self.log,
         )
-        self.batchers: dict[str, Batcher] = {
-            name: Batcher(
-                name,
-                max_batch_size=settings.max_batch_size,
-                wait_s=settings.batch_wait_timeout_s,
-                max_queue=settings.max_queue,
-                queue_timeout_s=settings.queue_timeout_s,
-                owner=self,
-            )
-            for name in self.catalog.names()
-        }
+        self.batchers: dict[str, Batcher] = {name: self._new_batcher(name) for name in self.catalog.names()}
         self.metrics = GatewayMetrics(
             queue_depth=self.queue_depths, in_flight=self.in_flight_by_model, instances=self.instances_by_model
         )
@@ -119,6 +110,17 @@ class GatewayCore:
         # aiohttp cancels at the end of the shutdown grace send them just before the engine closes.
         self._cancels: set[asyncio.Task[None]] = set()
 
+    def _new_batcher(self, model: str) -> Batcher:
+        s = self.settings
+        return Batcher(
+            model,
+            max_batch_size=s.max_batch_size,
+            wait_s=s.batch_wait_timeout_s,
+            max_queue=s.max_queue,
+            queue_timeout_s=s.queue_timeout_s,
+            owner=self,
+        )
+
     # ---- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         for name, err in (await self.catalog.refresh()).items():
@@ -131,6 +133,8 @@ class GatewayCore:
         )
         for name, b in self.batchers.items():
             self.tasks.spawn(b.run(), name=f"batcher-{name}")
+        # After the batchers run: a model deployed from here on gets its own batcher started.
+        self._subs.append(await self.nc.subscribe(self.subjects.deployment_changed(), cb=self._on_deployment_msg))
         self.tasks.spawn(self.feed.run_reaper(), name="reaper")
         self.tasks.spawn(self._report_loop(), name="load-report")
         self.tasks.spawn(self._catalog_loop(), name="catalog")
@@ -457,6 +461,30 @@ class GatewayCore:
                 self.hub.finish(req, ev)
                 # A slot freed up on that worker: requests held in the queue for room may go now.
                 self._wake_queued(req.model)
+
+    async def _on_deployment_msg(self, msg: Msg) -> None:
+        try:
+            changed = decode(msg.data, DeploymentChanged)
+            dep = Deployment(models=tuple(model_from_entry(t) for t in changed.models))
+        except (MessageError, ConfigError) as e:
+            self.log.warning("bad_deployment_message", error=str(e))
+            return
+        await self.apply_deployment(dep)
+
+    async def apply_deployment(self, dep: Deployment) -> None:
+        """A model deployed at run time gets a batcher and its files read (off the loop); requests
+        for it are served from the moment an instance is up."""
+        to_read = self.catalog.update(dep)
+        for name in dep.names():
+            if name not in self.batchers:
+                self.batchers[name] = b = self._new_batcher(name)
+                if self._started:
+                    self.tasks.spawn(b.run(), name=f"batcher-{name}")
+        self.log.info("deployment_changed", models=dep.names(), reading=to_read)
+        for name, err in (await self.catalog.refresh(to_read)).items():
+            self.log.warning("model_unavailable", model=name, error=err)
+        for name in to_read:
+            self._wake_queued(name)
 
     async def _catalog_loop(self) -> None:
         while True:

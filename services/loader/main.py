@@ -20,8 +20,9 @@ import structlog
 from nats.aio.msg import Msg
 
 from cascade.cliargs import service_start
-from cascade.config import Deployment
+from cascade.config import ConfigError, Deployment, model_from_entry
 from cascade.messages import (
+    DeploymentChanged,
     LayerReady,
     MessageError,
     ScaleDecision,
@@ -93,6 +94,7 @@ class Loader:
         await rt.subscribe(s.ready_all(), self.on_ready)
         await rt.subscribe(s.transfer_event_all(), self.on_transfer_event)
         await rt.subscribe(s.scale_decision(), self.on_decision)
+        await rt.subscribe(s.deployment_changed(), self.on_deployment)
         await rt.serve(s.status(), self.on_status)
         await rt.serve(s.host_cache(), self.keeper.on_request)
         rt.tasks.spawn(self.pulse(feed), "pulse")
@@ -110,6 +112,21 @@ class Loader:
                     holders[v.model] = holders.get(v.model, 0) + 1
             self.keeper.sweep(holders)
             self.changes.notify()
+
+    async def on_deployment(self, msg: Msg) -> None:
+        """A model deployed at run time: its folder is where orders point workers from now on."""
+        try:
+            changed = decode(msg.data, DeploymentChanged)
+            dep = Deployment(models=tuple(model_from_entry(t) for t in changed.models))
+        except (MessageError, ConfigError) as e:
+            self.log.warning("bad_deployment_message", error=str(e))
+            return
+        self.deployment = dep
+        if self.keeper is not None:
+            self.keeper.deployment = dep
+        if self.decisions is not None:
+            self.decisions.deployment = dep
+        self.log.info("deployment_changed", models=dep.names(), added=changed.added)
 
     # ---- decisions ---------------------------------------------------------
     async def on_decision(self, msg: Msg) -> None:

@@ -95,19 +95,28 @@ class Controls:
 
     def __post_init__(self) -> None:
         """Parse every model's policy and knobs now: a bad deployment fails at start (KnobError)."""
-        self.models = {}
-        for dep in self.deployment.models:
-            policy = get_policy(dep.policy)
-            knobs = policy.knobs(dep.knobs, dep.min_replicas, dep.max_replicas)
-            self.models[dep.name] = ModelControl(
-                deployment=dep,
-                policy=policy,
-                knobs_set=dict(dep.knobs),
-                knobs=knobs,
-                state=policy.initial_state(),
-                window=SignalWindow(dep.name, self.window_s, self.rate_window_s, self.stale_s),
-                batch_limit=policy.base_batch_limit(knobs),
-            )
+        self.models = {dep.name: self._control(dep) for dep in self.deployment.models}
+
+    def _control(self, dep: ModelDeployment) -> ModelControl:
+        policy = get_policy(dep.policy)
+        knobs = policy.knobs(dep.knobs, dep.min_replicas, dep.max_replicas)
+        return ModelControl(
+            deployment=dep,
+            policy=policy,
+            knobs_set=dict(dep.knobs),
+            knobs=knobs,
+            state=policy.initial_state(),
+            window=SignalWindow(dep.name, self.window_s, self.rate_window_s, self.stale_s),
+            batch_limit=policy.base_batch_limit(knobs),
+        )
+
+    def add(self, dep: ModelDeployment) -> ModelControl:
+        """A model deployed at run time; KnobError (and nothing changes) when its policy or knobs
+        cannot be used."""
+        c = self._control(dep)
+        self.models[dep.name] = c
+        self.deployment = self.deployment.with_model(dep)
+        return c
 
     def get(self, model: str) -> ModelControl:
         c = self.models.get(model)

@@ -26,10 +26,10 @@ A tick, per model, in name order:
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from cascade.config import Deployment
+from cascade.config import Deployment, ModelDeployment
 from cascade.messages import (
     DeployReply,
     DeployRequest,
@@ -122,7 +122,15 @@ class Note:
     level: Literal["info", "warning"] = "info"
 
 
-Effect = Publish | SetLimit | Note
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Tell every service the deployment changed (and keep it where a restart reads it)."""
+
+    deployment: Deployment
+    added: tuple[str, ...]
+
+
+Effect = Publish | SetLimit | Note | Announce
 
 
 # --------------------------------------------------------------------------- state
@@ -319,6 +327,34 @@ def configure(state: ScalerState, req: DeployRequest, now: Now) -> tuple[DeployR
         batch_limit=c.batch_limit or 0,
     )
     return reply, effects
+
+
+class ModelExists(ValueError):
+    """`cascade deploy --model` named a model already deployed from another folder."""
+
+
+def add_model(state: ScalerState, dep: ModelDeployment, now: Now) -> tuple[DeployReply, list[Effect]]:
+    """`cascade deploy NAME --model X`: a new model, scaled from now on like the deployment's own.
+    Deploying the same model again (same name and folder) changes nothing. Raises ModelExists or
+    KnobError, and nothing changes then."""
+    controls, book = state.controls, state.book
+    known = controls.models.get(dep.name)
+    if known is not None:
+        if known.deployment.path != dep.path:
+            raise ModelExists(
+                f"{dep.name!r} is deployed already (from {known.deployment.path}); "
+                "give the new one another name (--served-model-name)"
+            )
+        return configure(state, DeployRequest(dep.name), now)
+    c = controls.add(dep)
+    book.add_model(dep.name, ModelBounds(dep.min_replicas, dep.max_replicas), adopt=c.policy.name != "manual")
+    reply, effects = configure(state, DeployRequest(dep.name), now)
+    fields = {"model": dep.name, "path": str(dep.path), "min_replicas": dep.min_replicas, "policy": dep.policy}
+    return replace(reply, changed=True), [
+        *effects,
+        Note("model_added", fields),
+        Announce(controls.deployment, (dep.name,)),
+    ]
 
 
 def status(state: ScalerState, mesh: Mesh) -> dict[str, Any]:

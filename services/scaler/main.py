@@ -21,15 +21,17 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
 from nats.aio.msg import Msg
 
 from cascade.cliargs import add_common_arguments, positive_float, service_start
-from cascade.config import ConfigError, Deployment, env_float, env_str
+from cascade.config import ConfigError, Deployment, entry_json, env_float, env_str, model_from_entry, write_json_atomic
 from cascade.messages import (
     BatchLimit,
+    DeploymentChanged,
     DeployReply,
     DeployRequest,
     InstanceMetrics,
@@ -133,8 +135,10 @@ class Scaler:
         rate_window_s: float = 10.0,
         stale_s: float = 5.0,
         log: Any = None,
+        deployment_file: Path | None = None,
     ) -> None:
         self.scaler_id = scaler_id
+        self.deployment_file = deployment_file
         self.tick_s = tick_s
         self.log = log or structlog.get_logger().bind(service="scaler", instance=scaler_id)
         self.clock: Callable[[], float] = time.monotonic
@@ -166,6 +170,7 @@ class Scaler:
             rate_window_s=args.rate_window_s,
             stale_s=args.stale_s,
             log=log,
+            deployment_file=Path(args.config) if getattr(args, "config", None) else None,
         )
 
     @property
@@ -237,8 +242,25 @@ class Scaler:
                 await rt.nc.publish(rt.subjects.scale_decision(), encode(e.decision))
             elif isinstance(e, core.SetLimit):
                 self.tasks.spawn(self.send_limit(e), f"limit-{e.worker}")
+            elif isinstance(e, core.Announce):
+                await self.announce(e)
             else:
                 (self.log.warning if e.level == "warning" else self.log.info)(e.event, **e.fields)
+
+    async def announce(self, e: core.Announce) -> None:
+        """Every service learns the new deployment from this message; the file keeps it for restarts."""
+        assert self._rt is not None
+        models = [entry_json(m) for m in e.deployment.models]
+        await self._rt.nc.publish(
+            self._rt.subjects.deployment_changed(), encode(DeploymentChanged(models, list(e.added)))
+        )
+        # Only the file `cascade up` writes for its children (JSON) is ours to rewrite; a user's TOML
+        # is theirs, and the change then lasts until the mesh restarts.
+        if self.deployment_file is not None and self.deployment_file.suffix == ".json":
+            try:
+                write_json_atomic(self.deployment_file, e.deployment.to_json())
+            except OSError as err:
+                self.log.warning("deployment_not_saved", path=str(self.deployment_file), error=str(err))
 
     async def send_limit(self, e: core.SetLimit) -> None:
         """SetBatchLimit to one worker. A failure is only logged: the next ticks see the worker's
@@ -318,7 +340,18 @@ class Scaler:
         if not isinstance(req, DeployRequest):
             raise RemoteError("bad_request", f"expected deploy_request, got {type(req).__name__}")
         try:
-            reply, effects = core.configure(self.state, req, self.now())
+            if req.add is not None:
+                try:
+                    dep = model_from_entry(req.add)
+                except ConfigError as e:
+                    raise RemoteError("bad_model", str(e)) from None
+                if dep.name != req.model:
+                    raise RemoteError("bad_model", f"the entry names {dep.name!r}, the request {req.model!r}")
+                reply, effects = core.add_model(self.state, dep, self.now())
+            else:
+                reply, effects = core.configure(self.state, req, self.now())
+        except core.ModelExists as e:
+            raise RemoteError("model_exists", str(e)) from None
         except UnknownModel:
             known = ", ".join(sorted(self.state.controls.models))
             raise RemoteError("unknown_model", f"{req.model!r} is not in the deployment (models: {known})") from None

@@ -153,6 +153,15 @@ class ReplicaBook:
         self.counters = {"decisions": 0, "acks_ok": 0, "acks_failed": 0, "timeouts": 0, "lent": 0}
 
     # ---- inputs ------------------------------------------------------------
+    def add_model(self, model: str, bounds: ModelBounds, adopt: bool) -> None:
+        """A model deployed at run time: its target starts at its min_replicas."""
+        if not 0 <= bounds.min_replicas <= bounds.max_replicas:
+            raise ValueError(f"model {model}: need 0 <= min_replicas <= max_replicas")
+        self.bounds[model] = bounds
+        self.targets[model] = bounds.min_replicas
+        if adopt:
+            self._adopt.add(model)
+
     def set_target(
         self, model: str, replicas: int, reason: str = "", figures: Mapping[str, float] | None = None
     ) -> int:

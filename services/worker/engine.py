@@ -79,6 +79,9 @@ class Sequence:
     max_stop: int = 0
     finish: str | None = None
     stop_hit: bool = False
+    # Ended by an end-of-sequence token: it is not text, but it was generated, and usage counts it
+    # (as vLLM and transformers' generate do).
+    eos_hit: bool = False
     error: str | None = None
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
@@ -612,6 +615,7 @@ class Engine:
             return
         if tok in self._eos and not seq.params.ignore_eos:
             seq.finish = "stop"
+            seq.eos_hit = True
             return
         seq.generated.append(tok)
         seq.pending_ids.append(tok)
@@ -835,7 +839,7 @@ class Engine:
             text=text,
             finish_reason=seq.finish,
             prompt_tokens=len(seq.prompt),
-            completion_tokens=len(seq.generated),
+            completion_tokens=len(seq.generated) + seq.eos_hit,
             error=seq.error,
         )
         seq.pending_ids, seq.pending_text, seq.held = [], "", ""
