@@ -19,7 +19,19 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-TRACES_DIR = Path(__file__).resolve().parents[2] / "shared" / "traces"
+
+
+def _traces_dir() -> Path:
+    """`shared/traces` beside the checkout: the nearest ancestor that has one (a git worktree
+    sits deeper than the main checkout, and must find the same traces)."""
+    here = Path(__file__).resolve().parent
+    for parent in here.parents:
+        if (parent / "shared" / "traces").is_dir():
+            return parent / "shared" / "traces"
+    return here.parents[1] / "shared" / "traces"
+
+
+TRACES_DIR = _traces_dir()
 DEFAULT_TRACE = TRACES_DIR / "azure_llm_2023_code.csv"
 
 
