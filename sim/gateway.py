@@ -111,8 +111,10 @@ class Gateway:
         return self.sim.now
 
     def start(self) -> None:
+        # Its own phase: services start at their own moments, and a report that always reached the
+        # scaler just after its tick would always be read an interval late.
         self._last_report = self.sim.now
-        self._report_at = self.sim.after(self.settings.metrics_s, self._report)
+        self._report_at = self.sim.after(self.mesh.rng.random() * self.settings.metrics_s, self._report)
 
     # ------------------------------------------------------------------ admission
     def admit(self, req: Req) -> None:

@@ -51,7 +51,7 @@ class Scaler:
         return core.Now(self.sim.now, self.sim.now)
 
     def start(self) -> None:
-        self._next = self.sim.at(self.sim.now, self._tick)
+        self._next = self.sim.after(self.mesh.rng.random() * self.tick_s, self._tick)
 
     # ---- inputs ------------------------------------------------------------
     def on_metrics(self, m: ModelMetrics | InstanceMetrics) -> None:
@@ -101,11 +101,16 @@ class Scaler:
         )
 
     def _tick(self) -> None:
+        self._next = None
         self._last_tick = self.sim.now
         self.ticks += 1
         inputs = core.Inputs(mesh=self.mesh_view(), metrics=self._metrics, acks=self._acks, loader_up=self._loader_up)
         self._metrics, self._acks, self._loader_up = [], [], None
         self.state, effects = core.tick(self.state, inputs, self.now())
+        # The tick takes its time: its effects leave, and the wait for the next one begins, at its end.
+        self.sim.after(self.mesh.settings.scaler_tick_cost_s, self._carry_out, effects)
+
+    def _carry_out(self, effects: list[core.Effect]) -> None:
         for e in effects:
             if isinstance(e, core.Publish):
                 self.mesh.decision(e.decision)
@@ -113,4 +118,5 @@ class Scaler:
                 self.mesh.control(self.mesh.worker(e.worker).set_max_batch, e.limit)
             else:
                 self.notes.append({"t": self.sim.now, "event": e.event, **e.fields})
-        self._next = self.sim.at(self.sim.now + self.tick_s, self._tick)
+        if self._next is None or not Sim.pending(self._next):
+            self._next = self.sim.at(self.sim.now + self.tick_s, self._tick)

@@ -40,6 +40,10 @@ class MeshSettings:
     rate_window_s: float = 10.0
     stale_s: float = 5.0
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
+    # A tick's own time (the worker table's views, the policies, publishing): the service waits
+    # `scaler_tick_s` from its end. About 1 ms: `core.tick` alone takes 0.8 ms on this machine
+    # (timed in the simulator on the burst benchmark's mesh).
+    scaler_tick_cost_s: float = 1e-3
     # ---- loader (services/loader/settings.py)
     idle_wait_s: float = _LD.idle_wait_s
     send_cap_bps: float = 0.0  # CASCADE_LOADER_SEND_MB_S: every parameter send capped (0: none)
