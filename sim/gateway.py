@@ -34,7 +34,7 @@ from services.gateway.router import (
 )
 from services.gateway.streams import RequestState
 from sim.engine import Event, Sim
-from sim.worker import Beat
+from sim.worker import Beat, _figures
 
 if TYPE_CHECKING:
     from sim.mesh import Mesh, Req
@@ -49,8 +49,8 @@ _PARAMS = SamplingParams()
 class Seen:
     """What the gateway knows of one worker (its registry entry and its own counts there)."""
 
-    __slots__ = ("beat", "inflight", "inflight_at_hb", "key", "loading_of", "ready_model", "ready_num", "ready_units",
-                 "serving_of", "suspended", "unstarted_prompts", "unstarted_tokens", "view")  # fmt: skip
+    __slots__ = ("accepting", "beat", "inflight", "inflight_at_hb", "key", "loading_of", "ready_model", "ready_num",
+                 "ready_units", "serving_of", "suspended", "unstarted_prompts", "unstarted_tokens", "view")  # fmt: skip
 
     def __init__(self) -> None:
         self.beat: Beat | None = None
@@ -64,6 +64,7 @@ class Seen:
         self.unstarted_tokens = 0
         self.view: InstanceView | None = None
         self.key: tuple[Any, ...] | None = None  # in the serving index of `serving_of`
+        self.accepting = False  # and in its index of instances that `accepts` work
         self.serving_of: str | None = None
         self.loading_of: str | None = None
 
@@ -74,96 +75,38 @@ class Gateway:
         self.sim: Sim = mesh.sim
         s = mesh.settings
         self.settings = s
-        self.load = LoadReport("gw-sim")
         self.seen: dict[str, Seen] = {}
         self.index: dict[str, list[tuple[Any, ...]]] = {}  # model → sorted keys of fully serving instances
+        self.accepting: dict[str, list[tuple[Any, ...]]] = {}  # the same, of those that `accepts` work
         self.loading: dict[str, set[str]] = {}  # model → loading workers (heads of live routes)
         self.live: dict[str, bool] = {}
-        self.batchers: dict[str, Batcher] = {}
-        self._step_at: dict[str, Event | None] = {}
         self.reqs: dict[str, Req] = {}
-        self.bound: dict[str, int] = {}  # model → requests on a worker, not finished (the load gauge)
-        self._report_at: Event | None = None
-        self._last_report = 0.0
-        self._early = False
         for dep in mesh.deployment.models:
-            name = dep.name
-            self.live[name] = dep.scaling == "live"
-            self.index[name] = []
-            self.loading[name] = set()
-            self.bound[name] = 0
-            self._step_at[name] = None
-            self.batchers[name] = Batcher(
-                name,
-                max_batch_size=s.gw_max_batch_size,
-                wait_s=s.gw_batch_wait_s,
-                max_queue=s.gw_max_queue,
-                queue_timeout_s=s.gw_queue_timeout_s,
-                pick=self._picker(name),
-                dispatch=self._dispatch,
-                on_timeout=self._queue_timeout,
-                on_held=self._held,
-                clock=self._clock,
-            )
+            self.live[dep.name] = dep.scaling == "live"
+            self.index[dep.name] = []
+            self.accepting[dep.name] = []
+            self.loading[dep.name] = set()
+        self.fronts = [Front(self, i) for i in range(max(1, s.gateways))]
         self.routed = {"full": 0, "pipelined": 0}
-
-    def _clock(self) -> float:
-        return self.sim.now
+        self._next_front = 0
 
     def start(self) -> None:
-        # Its own phase: services start at their own moments, and a report that always reached the
-        # scaler just after its tick would always be read an interval late.
-        self._last_report = self.sim.now
-        self._report_at = self.sim.after(self.mesh.rng.random() * self.settings.metrics_s, self._report)
+        for f in self.fronts:
+            f.start()
 
     # ------------------------------------------------------------------ admission
     def admit(self, req: Req) -> None:
-        """A request arrives (the HTTP handler's `admit`)."""
-        self.load.arrival(req.model, req.prompt, self.sim.now)
-        st = RequestState(
-            request_id=str(req.idx),
-            model=req.model,
-            # The batcher and router read only its length: a range is one without the ids.
-            prompt_ids=range(req.prompt),  # type: ignore[arg-type]
-            params=_PARAMS,
-            arrived_at=req.arrived,
-        )
-        req.state = st
-        self.reqs[st.request_id] = req
-        try:
-            self.batchers[req.model].submit(st)
-        except QueueFull:
-            self.load.failed(req.model)
-            self.mesh.finish(req, "http_error")
-            del self.reqs[st.request_id]
-            return
-        self._kick(req.model)
-
-    # ------------------------------------------------------------------ the batcher's loop
-    def _kick(self, model: str) -> None:
-        """Wake the model's batcher (its `_wake` event): a step now, once."""
-        ev = self._step_at[model]
-        if ev is not None and Sim.pending(ev):
-            if ev[0] <= self.sim.now:
-                return
-            Sim.cancel(ev)
-        self._step_at[model] = self.sim.at(self.sim.now, self._batch_step, model)
-
-    def _batch_step(self, model: str) -> None:
-        self._step_at[model] = None
-        timeout = self.batchers[model].step()
-        if timeout is None:
-            return
-        # 0: more to dispatch now (the real loop yields to other tasks first, as this does).
-        self._step_at[model] = self.sim.after(max(timeout, 0.0), self._batch_step, model)
+        """A request arrives, at the gateways in turn (a load balancer's round robin)."""
+        req.gw = self._next_front
+        self._next_front = (self._next_front + 1) % len(self.fronts)
+        self.fronts[req.gw].admit(req)
 
     def _wake_all(self) -> None:
-        for model, b in self.batchers.items():
-            if b.depth:
-                self._kick(model)
+        for f in self.fronts:
+            f.wake_all()
 
     # ------------------------------------------------------------------ routing
-    def _picker(self, model: str) -> Callable[[frozenset[str]], Route | None]:
+    def picker(self, model: str) -> Callable[[frozenset[str]], Route | None]:
         def pick(avoid: frozenset[str]) -> Route | None:
             return choose_route(self.candidates(model, avoid), model, avoid, self.live[model])
 
@@ -173,22 +116,24 @@ class Gateway:
         """The instances `choose_route` needs to see to decide as it would with all of them
         (module docstring)."""
         out: list[InstanceView] = []
-        full: InstanceView | None = None
+        full: tuple[Any, ...] | None = None
         for key in self.index[model]:
-            w = key[-1]
-            if w in avoid:
-                continue
-            v = self.seen[w].view
-            assert v is not None
-            if full is None:
-                full = v
-                out.append(v)
-                if not accepts(v):
-                    break
-                continue
-            if accepts(v):
-                out.append(v)
+            if key[-1] not in avoid:
+                full = key
                 break
+        if full is not None:
+            sw = self.seen[full[-1]]
+            assert sw.view is not None
+            out.append(sw.view)
+            if sw.accepting:
+                # The first instance after it that accepts work bounds its room (`room_of`).
+                acc = self.accepting[model]
+                for key in acc[bisect.bisect_right(acc, full) :]:
+                    if key[-1] not in avoid:
+                        v = self.seen[key[-1]].view
+                        assert v is not None
+                        out.append(v)
+                        break
         for w in avoid:
             sw = self.seen.get(w)
             if sw is not None and sw.serving_of == model and sw.view is not None:
@@ -235,14 +180,19 @@ class Gateway:
         if serving is not None:
             load = estimated_load(v)
             key = (prefill_backlogged(v), load / v.max_batch, load, worker)
-        if sw.key != key or sw.serving_of != serving:
+        ok = key is not None and accepts(v)
+        if sw.key != key or sw.serving_of != serving or sw.accepting != ok:
             if sw.serving_of is not None and sw.key is not None:
                 idx = self.index[sw.serving_of]
-                i = bisect.bisect_left(idx, sw.key)
-                del idx[i]
+                del idx[bisect.bisect_left(idx, sw.key)]
+                if sw.accepting:
+                    acc = self.accepting[sw.serving_of]
+                    del acc[bisect.bisect_left(acc, sw.key)]
             if serving is not None and key is not None:
                 bisect.insort(self.index[serving], key)
-            sw.key, sw.serving_of = key, serving
+                if ok:
+                    bisect.insort(self.accepting[serving], key)
+            sw.key, sw.serving_of, sw.accepting = key, serving, ok
         loading = model if model is not None and state == "loading" else None
         if loading != sw.loading_of:
             if sw.loading_of is not None:
@@ -260,7 +210,17 @@ class Gateway:
     # ------------------------------------------------------------------ the worker feed
     def on_heartbeat(self, hb: Beat) -> None:
         sw = self._seen(hb.worker_id)
+        old = sw.beat
+        same = (
+            old is not None
+            and not sw.suspended
+            and sw.inflight_at_hb == sw.inflight
+            and _figures(old) == _figures(hb)
+            and old.prefill_budget == hb.prefill_budget
+        )
         sw.beat = hb
+        if same:
+            return  # the view it would rebuild is the one there: nothing to look at again
         sw.inflight_at_hb = sw.inflight
         sw.suspended = False
         self._refresh(hb.worker_id)
@@ -330,13 +290,14 @@ class Gateway:
         if req.worker == worker:
             self._unbind(req)
         if st.attempts >= self.settings.gw_max_attempts:
-            self.load.failed(req.model)
+            self.fronts[req.gw].load.failed(req.model)
             self._close(req, "http_error")
             return
         st.avoid.add(worker)
         req.route_k, req.route_tail = 0, ""
-        self.batchers[req.model].requeue(st, delay_s=delay_s, fresh_deadline=delay_s == 0)
-        self._kick(req.model)
+        f = self.fronts[req.gw]
+        f.batchers[req.model].requeue(st, delay_s=delay_s, fresh_deadline=delay_s == 0)
+        f.kick(req.model)
 
     def _bind(self, req: Req, worker: str) -> None:
         req.worker = worker
@@ -345,7 +306,7 @@ class Gateway:
         if not req.produced:
             sw.unstarted_prompts += 1
             sw.unstarted_tokens += req.prompt
-        self.bound[req.model] += 1
+        self.fronts[req.gw].bound[req.model] += 1
         self._refresh(worker)
 
     def _unbind(self, req: Req) -> None:
@@ -358,14 +319,163 @@ class Gateway:
         if not req.produced:
             sw.unstarted_prompts -= 1
             sw.unstarted_tokens -= req.prompt
-        self.bound[req.model] -= 1
+        self.fronts[req.gw].bound[req.model] -= 1
         self._refresh(worker)
 
+    def client_gone(self, req: Req) -> None:
+        """The client gave up (its timeout): the handler releases the request (`release`): out
+        of the queue, or cancelled on its worker."""
+        if req.done:
+            return
+        st = req.state
+        if st is not None:
+            self.fronts[req.gw].batchers[req.model].discard(st)
+        worker = req.worker
+        if worker is not None:
+            self._unbind(req)
+            self.mesh.control(self.mesh.worker(worker).cancel, req.idx)
+        self._close(req, "timeout")
+
+    # ------------------------------------------------------------------ tokens back
+    def on_tokens(self, worker: str, model: str, generated: int, firsts: list[Req], finished: list[Req]) -> None:
+        if generated:
+            # Counted at the first gateway: the scaler reads the sum over gateways.
+            self.fronts[0].load.generated(model, generated)
+        now = self.sim.now
+        wake: set[int] = set()
+        for req in firsts:
+            if req.done or req.worker != worker or req.produced:
+                continue
+            req.produced = True
+            req.first = now
+            req.served_by = worker
+            self.fronts[req.gw].load.first_token(model, now - req.arrived)
+            sw = self.seen[worker]
+            sw.unstarted_prompts -= 1
+            sw.unstarted_tokens -= req.prompt
+            self._refresh(worker)
+            wake.add(req.gw)
+        for req in finished:
+            if req.done or req.worker != worker:
+                continue
+            if req.out > 1 and req.first == req.first:
+                # One gap for the request's mean time between tokens: no policy reads the
+                # inter-token histogram; the rate figures it feeds are the generated counts.
+                self.fronts[req.gw].load.token_gap(model, (now - req.first) / (req.out - 1))
+            self.fronts[req.gw].load.completed(model)
+            self._unbind(req)
+            self._close(req, "ok")
+            wake.add(req.gw)
+        # A slot freed up (or a prompt started): the requests' own gateway looks again at once;
+        # the others learn of it from the next heartbeat.
+        for i in wake:
+            f = self.fronts[i]
+            if f.batchers[model].depth:
+                f.kick(model)
+
+    def _close(self, req: Req, status: str) -> None:
+        st = req.state
+        if st is not None:
+            self.reqs.pop(st.request_id, None)
+        self.mesh.finish(req, status)
+
+
+
+class Front:
+    """One gateway's own parts: its batchers (one per model, the real `Batcher`), its load
+    reports (the real `LoadReport`) and its gauges. The routing picture is the `Gateway`'s,
+    shared by every front: each real gateway knows only its own requests in flight between two
+    heartbeats, so these gateways are better informed than real ones (they never pick the same
+    instance for lack of knowing what another sent it)."""
+
+    def __init__(self, gw: Gateway, i: int) -> None:
+        self.gw = gw
+        self.sim = gw.sim
+        self.i = i
+        s = gw.settings
+        self.settings = s
+        self.load = LoadReport(f"gw-{i}")
+        self.batchers: dict[str, Batcher] = {}
+        self._step_at: dict[str, Event | None] = {}
+        self.bound: dict[str, int] = {}  # model → requests on a worker, not finished (the load gauge)
+        self._report_at: Event | None = None
+        self._last_report = 0.0
+        self._early = False
+        for name in gw.live:
+            self.bound[name] = 0
+            self._step_at[name] = None
+            self.batchers[name] = Batcher(
+                name,
+                max_batch_size=s.gw_max_batch_size,
+                wait_s=s.gw_batch_wait_s,
+                max_queue=s.gw_max_queue,
+                queue_timeout_s=s.gw_queue_timeout_s,
+                pick=gw.picker(name),
+                dispatch=gw._dispatch,
+                on_timeout=self._queue_timeout,
+                on_held=self._held,
+                clock=self._clock,
+            )
+
+    def _clock(self) -> float:
+        return self.sim.now
+
+    def start(self) -> None:
+        # Its own phase: services start at their own moments, and a report that always reached the
+        # scaler just after its tick would always be read an interval late.
+        self._last_report = self.sim.now
+        self._report_at = self.sim.after(self.gw.mesh.rng.random() * self.settings.metrics_s, self._report)
+
+    def admit(self, req: Req) -> None:
+        """The HTTP handler's `admit`: into the model's queue, or 429."""
+        self.load.arrival(req.model, req.prompt, self.sim.now)
+        st = RequestState(
+            request_id=str(req.idx),
+            model=req.model,
+            # The batcher and router read only its length: a range is one without the ids.
+            prompt_ids=range(req.prompt),  # type: ignore[arg-type]
+            params=_PARAMS,
+            arrived_at=req.arrived,
+        )
+        req.state = st
+        self.gw.reqs[st.request_id] = req
+        try:
+            self.batchers[req.model].submit(st)
+        except QueueFull:
+            self.load.failed(req.model)
+            del self.gw.reqs[st.request_id]
+            self.gw.mesh.finish(req, "http_error")
+            return
+        self.kick(req.model)
+
+    # ---- the batcher's loop --------------------------------------------------
+    def kick(self, model: str) -> None:
+        """Wake the model's batcher (its `_wake` event): a step now, once."""
+        ev = self._step_at[model]
+        if ev is not None and Sim.pending(ev):
+            if ev[0] <= self.sim.now:
+                return
+            Sim.cancel(ev)
+        self._step_at[model] = self.sim.at(self.sim.now, self._batch_step, model)
+
+    def _batch_step(self, model: str) -> None:
+        self._step_at[model] = None
+        timeout = self.batchers[model].step()
+        if timeout is None:
+            return
+        # 0: more to dispatch now (the real loop yields to other tasks first, as this does).
+        self._step_at[model] = self.sim.after(max(timeout, 0.0), self._batch_step, model)
+
+    def wake_all(self) -> None:
+        for model, b in self.batchers.items():
+            if b.depth:
+                self.kick(model)
+
     def _queue_timeout(self, st: RequestState) -> None:
-        req = self.reqs.get(st.request_id)
+        req = self.gw.reqs.get(st.request_id)
         if req is not None:
             self.load.failed(req.model)
-            self._close(req, "http_error")
+            self.gw._close(req, "http_error")
 
     def _held(self) -> None:
         """Requests began to wait for room: report now rather than at the next interval."""
@@ -377,50 +487,11 @@ class Gateway:
             Sim.cancel(self._report_at)
             self._report_at = self.sim.at(at, self._report)
 
-    # ------------------------------------------------------------------ tokens back
-    def on_tokens(self, worker: str, model: str, generated: int, firsts: list[Req], finished: list[Req]) -> None:
-        if generated:
-            self.load.generated(model, generated)
-        now = self.sim.now
-        wake = False
-        for req in firsts:
-            if req.done or req.worker != worker or req.produced:
-                continue
-            req.produced = True
-            req.first = now
-            req.served_by = worker
-            self.load.first_token(model, now - req.arrived)
-            sw = self.seen[worker]
-            sw.unstarted_prompts -= 1
-            sw.unstarted_tokens -= req.prompt
-            self._refresh(worker)
-            wake = True
-        for req in finished:
-            if req.done or req.worker != worker:
-                continue
-            if req.out > 1 and req.first == req.first:
-                # One gap for the request's mean time between tokens: no policy reads the
-                # inter-token histogram; the rate figures it feeds are the generated counts.
-                self.load.token_gap(model, (now - req.first) / (req.out - 1))
-            self.load.completed(model)
-            self._unbind(req)
-            self._close(req, "ok")
-            wake = True
-        if wake and self.batchers[model].depth:
-            self._kick(model)
-
-    def _close(self, req: Req, status: str) -> None:
-        st = req.state
-        if st is not None:
-            self.reqs.pop(st.request_id, None)
-        self.mesh.finish(req, status)
-
-    # ------------------------------------------------------------------ load reports
     def _report(self) -> None:
         now = self.sim.now
         gauges = {m: (self.bound[m], b.depth) for m, b in self.batchers.items()}
         for msg in self.load.take(now, now - self._last_report, gauges):
-            self.mesh.model_metrics(msg)
+            self.gw.mesh.model_metrics(msg)
         self._last_report = now
         self._early = False
         self._report_at = self.sim.at(now + self.settings.metrics_s, self._report)

@@ -192,8 +192,13 @@ class Loader:
             for w in targets:
                 self._disk(p, w, shape)
             return
-        links, cap, hop_s = self._chain_links(c, targets, shape)
+        links, cap = self._chain_links(c, targets, shape)
         marks = list(itertools.accumulate(shape.unit_nbytes))
+        topo = self.mesh.topology
+
+        def hop_s() -> float:
+            # Each target forwards a chunk once it has it: one chunk at the chain's pace, per hop.
+            return topo.link_latency_s + topo.chunk_bytes / max(flow.rate, 1.0)
 
         def on_mark(i: int) -> None:
             for j, w in enumerate(targets):
@@ -206,10 +211,8 @@ class Loader:
         p.flows.append(flow)
         self.mesh.net.start(flow)
 
-    def _chain_links(
-        self, c: Chain, targets: list[Worker], shape: ModelShape
-    ) -> tuple[list[Link], float, Callable[[], float]]:
-        """The links a chain crosses, its rate cap, and its per-hop pipeline delay."""
+    def _chain_links(self, c: Chain, targets: list[Worker], shape: ModelShape) -> tuple[list[Link], float]:
+        """The links a chain crosses, and its rate cap."""
         mesh = self.mesh
         s = mesh.settings
         links: list[Link] = []
@@ -226,13 +229,7 @@ class Loader:
             else:
                 links += mesh.worker_to_worker(prev, w)
             prev = w
-        cap = mesh.flow_cap(c.source.rate_limit_bps)
-        topo = mesh.topology
-
-        def hop_s() -> float:
-            return topo.link_latency_s + topo.chunk_bytes / max(cap or 25e9, 1.0)
-
-        return links, cap, hop_s
+        return links, mesh.flow_cap(c.source.rate_limit_bps)
 
     def _disk(self, p: Pending, w: Worker, shape: ModelShape) -> None:
         mesh = self.mesh

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -40,7 +41,7 @@ class Arrival(NamedTuple):
 class Req:
     """One request's life in the mesh and what the client saw of it."""
 
-    __slots__ = ("arrived", "done", "end", "first", "idx", "model", "out", "produced", "prompt", "route_k",
+    __slots__ = ("arrived", "done", "end", "first", "gw", "idx", "model", "out", "produced", "prompt", "route_k",
                  "route_tail", "served_by", "state", "status", "worker")  # fmt: skip
 
     def __init__(self, idx: int, a: Arrival, t: float) -> None:
@@ -50,6 +51,7 @@ class Req:
         self.out = a.out
         self.arrived = t
         self.state: Any = None  # the gateway's RequestState
+        self.gw = 0  # which gateway took it
         self.worker: str | None = None
         self.route_k = 0  # > 0: a pipelined route, its first stage's layers [0, k)
         self.route_tail = ""
@@ -164,6 +166,8 @@ class Mesh:
         self.decisions: list[dict[str, Any]] = []
         self.acks: list[dict[str, Any]] = []
         self.reqs: list[Req] = []
+        self._deadlines: deque[Req] = deque()
+        self._deadline_event: Any = None
         self.outstanding = 0
         self.warm = 0  # warm-up requests, left out of the result
         self.all_sent = False
@@ -291,6 +295,23 @@ class Mesh:
         self.reqs.append(req)
         self.outstanding += 1
         self.gateway.admit(req)
+        if not req.done:
+            # Deadlines come in arrival order: one timer for the earliest is enough.
+            self._deadlines.append(req)
+            if self._deadline_event is None:
+                self._deadline_event = self.sim.at(req.arrived + self.settings.client_timeout_s, self._client_timeouts)
+
+    def _client_timeouts(self) -> None:
+        """Clients whose timeout has come give up (the gateway releases their requests)."""
+        self._deadline_event = None
+        q = self._deadlines
+        limit = self.settings.client_timeout_s
+        while q and (q[0].done or q[0].arrived + limit <= self.sim.now):
+            req = q.popleft()
+            if not req.done:
+                self.gateway.client_gone(req)
+        if q:
+            self._deadline_event = self.sim.at(q[0].arrived + limit, self._client_timeouts)
 
     def finish(self, req: Req, status: str) -> None:
         if req.done:

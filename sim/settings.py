@@ -29,6 +29,7 @@ class MeshSettings:
     token_scale: float = 1.0  # each modelled token is priced as this many (CASCADE_EMULATED_TOKEN_SCALE)
     max_waiting: int = 256
     # ---- gateway (services/gateway/settings.py)
+    gateways: int = 1  # requests spread over this many gateways, each with its own queues
     gw_max_batch_size: int = _GW.max_batch_size
     gw_batch_wait_s: float = _GW.batch_wait_timeout_s
     gw_max_queue: int = _GW.max_queue

@@ -122,6 +122,11 @@ class Worker:
         self._reset_engine()
         self.metrics_seq = 0
         self.beat_event: Event | None = None
+        self.metrics_event: Event | None = None
+        self.started = False
+        self.beat_phase = self.metrics_phase = 0.0
+        self._said: tuple[Any, ...] | None = None  # the last heartbeat's figures
+        self._generated = 0  # tokens generated and not yet reported to the gateway
 
     # ------------------------------------------------------------------ engine state
     def _reset_engine(self) -> None:
@@ -148,8 +153,22 @@ class Worker:
         """Heartbeats and load reports from a random phase, as independent processes have."""
         rng = self.mesh.rng
         s = self.mesh.settings
-        self.beat_event = self.sim.after(rng.random() * s.heartbeat_s, self._beat_loop)
-        self.sim.after(rng.random() * s.metrics_s, self._metrics_loop)
+        self.started = True
+        self.beat_phase = rng.random() * s.heartbeat_s
+        self.metrics_phase = rng.random() * s.metrics_s
+        self._arm()
+
+    def _arm(self) -> None:
+        """Heartbeat and metrics timers on their phase grid. An idle worker that has said so lets
+        them sleep (a beat would repeat itself and it has no metrics); a load wakes them."""
+        s = self.mesh.settings
+        now = self.sim.now
+        if self.beat_event is None:
+            k = math.floor((now - self.beat_phase) / s.heartbeat_s) + 1
+            self.beat_event = self.sim.at(self.beat_phase + k * s.heartbeat_s, self._beat_loop)
+        if self.metrics_event is None:
+            k = math.floor((now - self.metrics_phase) / s.metrics_s) + 1
+            self.metrics_event = self.sim.at(self.metrics_phase + k * s.metrics_s, self._metrics_loop)
 
     def begin_load(self, model: ModelShape) -> bool:
         """A load order: the engine exists from the first unit on (a loading instance serves as
@@ -161,6 +180,8 @@ class Worker:
         self.units = 0
         self.max_batch = self.base_batch
         self._reset_engine()
+        if self.started:
+            self._arm()
         return True
 
     def unit_ready(self, unit: int) -> None:
@@ -200,6 +221,9 @@ class Worker:
         if self.state != "draining" or self.in_flight():
             return
         model = self.model
+        if model is not None and self._generated:
+            self.mesh.tokens(self.id, model.name, self._generated, [], [])
+            self._generated = 0
         self.model = None
         self.units = 0
         self.state = "idle"
@@ -241,18 +265,30 @@ class Worker:
         )
 
     def beat(self) -> None:
-        self.mesh.heartbeat(self.snapshot())
+        hb = self.snapshot()
+        self._said = _figures(hb)
+        self.mesh.heartbeat(hb)
 
     def _beat_loop(self) -> None:
-        self.beat()
+        self.beat_event = None
+        hb = self.snapshot()
+        if self.state == "idle" and _figures(hb) == self._said:
+            return  # idle and said so: nothing a service reads would change
+        self._said = _figures(hb)
+        self.mesh.heartbeat(hb)
         self.beat_event = self.sim.after(self.mesh.settings.heartbeat_s, self._beat_loop)
 
     def _metrics_loop(self) -> None:
         s = self.mesh.settings
-        self.sim.after(s.metrics_s, self._metrics_loop)
+        self.metrics_event = None
         m = self.model
         if m is None:
             return
+        self.metrics_event = self.sim.after(s.metrics_s, self._metrics_loop)
+        if self._generated:
+            # Decode-only steps' tokens reach the gateway with the next first token or end, or here.
+            self.mesh.tokens(self.id, m.name, self._generated, [], [])
+            self._generated = 0
         running, waiting = self.load()
         self.metrics_seq += 1
         # Step samples feed only the two-stage policy's latency fit; a window of them from every
@@ -325,6 +361,11 @@ class Worker:
         self.inbox.append(("close", rid))
         self.kick()
 
+    def cancel(self, rid: int) -> None:
+        """Cancel (the gateway released the request: its client left)."""
+        self.inbox.append(("cancel", rid))
+        self.kick()
+
     def kick(self) -> None:
         """New work: the engine thread wakes, or takes it at its next step."""
         if self.busy:
@@ -385,7 +426,33 @@ class Worker:
                         d.token_in = True
             elif kind == "close":
                 self.relayed.pop(item[1], None)
+            elif kind == "cancel":
+                self._cancel(item[1])
         return finished, firsts, tokens
+
+    def _cancel(self, rid: int) -> None:
+        """engine.py `_apply_cancels`: the sequence ends wherever it is (nothing is reported back:
+        the gateway has forgotten it); a driven route tells its later stage to free its state."""
+        for seq in self.waiting:
+            if seq.req.idx == rid:
+                self.waiting.remove(seq)
+                return
+        for seq in self.prefilling:
+            if seq.req.idx == rid:
+                self.prefilling.remove(seq)
+                return
+        d = self.driven.pop(rid, None)
+        if d is not None:
+            self.mesh.stage_frame(self.id, d.tail, 0, self.mesh.worker(d.tail).stage_close, rid)
+            return
+        for i, (fk, _, seq) in enumerate(self.running):
+            if seq.req.idx == rid:
+                gen = seq.out - (fk - self.k)  # tokens it has now
+                self.ctx -= seq.prompt + gen - 1
+                self.running[i] = self.running[-1]
+                self.running.pop()
+                heapq.heapify(self.running)
+                return
 
     def _enqueue(self, seq: Full) -> None:
         """Waiting queue kept in arrival order (engine.py `_enqueue`)."""
@@ -413,7 +480,8 @@ class Worker:
             or any(r.inputs for r in self.relayed.values())
         ):
             if tokens:
-                self.mesh.tokens(self.id, self.model.name, tokens, firsts, finished)
+                self.mesh.tokens(self.id, self.model.name, self._generated + tokens, firsts, finished)
+                self._generated = 0
             self._maybe_idle()
             return
         if (
@@ -432,11 +500,15 @@ class Worker:
         assert model is not None
         L = model.layers
         sc = self.scale
+        # Work on every layer is summed here, as `stage_step_ms` would sum it per layer (the
+        # engine prices each segment's tokens with int(); so is each here); partial-layer work
+        # of pipelined routes goes in `parts`.
+        fb = fn = fc = 0
         parts: list[LayerWork] = []
         head = False
         b_old = len(self.running)
         if b_old:
-            parts.append(LayerWork(0, L, b_old, 0, int(self.ctx * sc)))
+            fb, fc = b_old, int(self.ctx * sc)
             head = True
         rel_decode: list[Relayed] = []
         for rel in self.relayed.values():
@@ -450,33 +522,30 @@ class Worker:
             if d.token_in and d.prefilled:
                 parts.append(LayerWork(0, d.k, 1, 0, int((d.prompt + d.gen - 1) * sc)))
                 drv_decode.append(d)
-        # Stage prompt work, sorted as the engine sorts it.
-        staged: list[tuple[float, int, str, Any]] = []
-        for n, rel in enumerate(self.relayed.values()):
-            if rel.inputs and rel.inputs[0][0]:
-                staged.append((rel.arrived, n, "relayed", rel))
-        for n, d in enumerate(self.driven.values()):
-            if not d.prefilled:
-                staged.append((d.arrived, n, "driven", d))
-        staged.sort(key=lambda t: (t[0], t[1]))
+        # Stage prompt work, sorted as the engine sorts it: by arrival, then position in its own
+        # table, relayed before driven (the engine's stable sort of relayed-then-driven entries).
+        staged: list[tuple[float, int, int, Any]] = []
+        if self.relayed or self.driven:
+            for n, rel in enumerate(self.relayed.values()):
+                if rel.inputs and rel.inputs[0][0]:
+                    staged.append((rel.arrived, n, 0, rel))
+            for n, d in enumerate(self.driven.values()):
+                if not d.prefilled:
+                    staged.append((d.arrived, n, 1, d))
+            staged.sort()
         plan = admit(
             self.budget,
             [s.prompt - s.done for s in self.prefilling],
-            [(s.arrived, s.prompt) for s in self.waiting] if self.waiting else [],
-            [
-                Staged(o.arrived, "relayed", o.inputs[0][2], (L - o.k) / L)
-                if kind == "relayed"
-                else Staged(o.arrived, "driven", o.prompt - o.done, o.k / L)
-                for _, _, kind, o in staged
-            ],
+            _Waiting(self.waiting),
+            _StagedView(staged, L),
             self.max_batch - b_old - len(self.prefilling),
             self.budget,
         )
         chunks: list[tuple[Full, int]] = []
         for seq, n in zip(list(self.prefilling), plan.chunks, strict=False):
-            final = seq.done + n == seq.prompt
-            parts.append(LayerWork(0, L, 0, int(n * sc), int(seq.done * sc)))
-            head = head or final
+            fn += int(n * sc)
+            fc += int(seq.done * sc)
+            head = head or seq.done + n == seq.prompt
             chunks.append((seq, n))
         new: list[Full] = []
         rel_prefill: list[Relayed] = []
@@ -487,7 +556,7 @@ class Worker:
             elif kind == "start":
                 seq = self.waiting.popleft()
                 self.prefilling.append(seq)
-                parts.append(LayerWork(0, L, 0, int(n * sc), 0))
+                fn += int(n * sc)
                 chunks.append((seq, n))
             elif kind == "relayed":
                 rel = staged[index][3]
@@ -500,8 +569,10 @@ class Worker:
                 parts.append(LayerWork(0, d.k, 0, int(n * sc), int(d.done * sc)))
                 drv_prefill.append((d, n))
         if new:
-            parts.append(LayerWork(0, L, 0, int(sum(s.prompt for s in new) * sc), 0))
+            fn += int(sum(s.prompt for s in new) * sc)
             head = True
+        if fb or fn:
+            parts.append(LayerWork(0, L, fb, fn, fc))
         ms = model.profile.stage_step_ms(L, parts, head)
         prompt = sum(s.prompt for s in new) + sum(n for _, n in chunks)
         batch = b_old + len(new) + len(rel_decode) + len(rel_prefill)
@@ -584,8 +655,10 @@ class Worker:
                 d.req.idx, self.id, d.k, d.arrived, (True, start, n, final),
             )  # fmt: skip
         self.interval_generated += generated
-        if generated or finished:
-            mesh.tokens(self.id, model.name, generated, firsts, finished)
+        self._generated += generated
+        if firsts or finished:
+            mesh.tokens(self.id, model.name, self._generated, firsts, finished)
+            self._generated = 0
         self._next()
 
     def _retire(self, finished: list[Req]) -> None:
@@ -642,8 +715,53 @@ class Worker:
         self._retire(finished)
         self._record_steps(b, n, 1000 * _span(n, t0, dt), 0)
         self.interval_generated += b * n
-        self.mesh.tokens(self.id, self.model.name, b * n, [], finished)
+        self._generated += b * n
+        if finished:
+            self.mesh.tokens(self.id, self.model.name, self._generated, [], finished)
+            self._generated = 0
         self._next()
+
+
+def _figures(hb: Beat) -> tuple[Any, ...]:
+    return (hb.state, hb.model, hb.units_ready, hb.running, hb.waiting, hb.max_batch, hb.driven_layers, hb.driven,
+            hb.stage_running)  # fmt: skip
+
+
+class _Waiting:
+    """The waiting queue as `admit` reads it, (arrival, prompt tokens) by position, without a
+    copy of the whole queue each step."""
+
+    __slots__ = ("q",)
+
+    def __init__(self, q: deque[Full]) -> None:
+        self.q = q
+
+    def __len__(self) -> int:
+        return len(self.q)
+
+    def __getitem__(self, i: int) -> tuple[float, int]:
+        s = self.q[i]
+        return s.arrived, s.prompt
+
+
+class _StagedView:
+    """Stage work as `admit` reads it, built only as far as it reads."""
+
+    __slots__ = ("layers", "staged")
+
+    def __init__(self, staged: list[tuple[float, int, int, Any]], layers: int) -> None:
+        self.staged = staged
+        self.layers = layers
+
+    def __len__(self) -> int:
+        return len(self.staged)
+
+    def __getitem__(self, i: int) -> Staged:
+        _, _, kind, o = self.staged[i]
+        L = self.layers
+        if kind == 0:
+            return Staged(o.arrived, "relayed", o.inputs[0][2], (L - o.k) / L)
+        return Staged(o.arrived, "driven", o.prompt - o.done, o.k / L)
 
 
 def _span(n: int, t0: float, dt: float) -> float:
