@@ -98,9 +98,15 @@ def stage_latency_s(scaleup_json: dict[str, Any]) -> float:
 
 
 def burst_scenarios(
-    ba: argparse.Namespace, plan: burst.Plan, emu: burst.Emulation, unit_real: list[int], fit: dict[str, float],
-    stage_s: float, keys: list[str], seed: int,
-) -> list[tuple[burst.Config, Scenario]]:  # fmt: skip
+    ba: argparse.Namespace,
+    plan: burst.Plan,
+    emu: burst.Emulation,
+    unit_real: list[int],
+    fit: dict[str, float],
+    stage_s: float,
+    keys: list[str],
+    seed: int,
+) -> list[tuple[burst.Config, Scenario]]:
     profile = emu.profile
     scale = emu.emulated_bytes / sum(unit_real)
     units = [round(b * scale) for b in unit_real]
@@ -194,11 +200,17 @@ def pooled(results: list[Result], slo_ttft_ms: float, slo_tpot_ms: float) -> dic
         "slo": float(meets.sum() / ttft.size),
         "instance_s": statistics.fmean(x["instance_seconds"] for x in runs),
         "per_seed": [
-            {"slo": x["slo"]["attainment"], "instance_s": x["instance_seconds"], "ttft_p99": x["ttft_ms"]["p99"],
-             "scale_up_events": x["scale_up_events"], "scale_down_events": x["scale_down_events"],
-             "events": x["events"], "wall_s": x["wall_s"]}
+            {
+                "slo": x["slo"]["attainment"],
+                "instance_s": x["instance_seconds"],
+                "ttft_p99": x["ttft_ms"]["p99"],
+                "scale_up_events": x["scale_up_events"],
+                "scale_down_events": x["scale_down_events"],
+                "events": x["events"],
+                "wall_s": x["wall_s"],
+            }
             for x in runs
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -247,7 +259,9 @@ def scaleup_scenario(sa: argparse.Namespace, mode: str, target: int, units_real:
     prof = load_profile(sa.profile)
     shape0 = model_shape(sa.profile, name=scaleup.MODEL)
     scale = shape0.nbytes / sum(units_real)
-    shape = model_shape(sa.profile, name=scaleup.MODEL, layers=sa.layers, unit_nbytes=[round(b * scale) for b in units_real])
+    shape = model_shape(
+        sa.profile, name=scaleup.MODEL, layers=sa.layers, unit_nbytes=[round(b * scale) for b in units_real]
+    )
     shape = type(shape)(**{**{f: getattr(shape, f) for f in shape.__dataclass_fields__}, "hidden": 64, "act_bytes": 4})
     cap = scaleup.capacity_req_s(sa.profile, sa.max_batch, int(sa.prompt_tokens * sa.token_scale), sa.max_tokens)
     rate = sa.overload * cap
@@ -269,19 +283,40 @@ def scaleup_scenario(sa: argparse.Namespace, mode: str, target: int, units_real:
         client_timeout_s=300.0,
     )
     topo = Topology(
-        hosts=target, accelerators_per_host=1, nvlink_gb_s=HUGE_GB_S, pcie_gb_s=HUGE_GB_S, nic_gbps=HUGE_GB_S,
-        nics_per_host=1, ssd_gb_s=shape.nbytes / sa.load_s / 1e9,
-    )  # fmt: skip
+        hosts=target,
+        accelerators_per_host=1,
+        nvlink_gb_s=HUGE_GB_S,
+        pcie_gb_s=HUGE_GB_S,
+        nic_gbps=HUGE_GB_S,
+        nics_per_host=1,
+        ssd_gb_s=shape.nbytes / sa.load_s / 1e9,
+    )
     dep = Deployment(
-        (ModelDeployment(scaleup.MODEL, Path("/sim") / scaleup.MODEL, min_replicas=1, max_replicas=target,
-                         policy="manual", loading="disk", scaling=mode),)
-    )  # fmt: skip
+        (
+            ModelDeployment(
+                scaleup.MODEL,
+                Path("/sim") / scaleup.MODEL,
+                min_replicas=1,
+                max_replicas=target,
+                policy="manual",
+                loading="disk",
+                scaling=mode,
+            ),
+        )
+    )
     del prof
     return Scenario(
-        name=f"scaleup-{mode}-{target}", topology=topo, settings=settings, deployment=dep,
-        models={scaleup.MODEL: shape}, arrivals=arrivals, preload={scaleup.MODEL: 1},
-        operator=[(sa.before_s, scaleup.MODEL, target)], trace_beats=True, seed=sa.seed,
-    )  # fmt: skip
+        name=f"scaleup-{mode}-{target}",
+        topology=topo,
+        settings=settings,
+        deployment=dep,
+        models={scaleup.MODEL: shape},
+        arrivals=arrivals,
+        preload={scaleup.MODEL: 1},
+        operator=[(sa.before_s, scaleup.MODEL, target)],
+        trace_beats=True,
+        seed=sa.seed,
+    )
 
 
 def scaleup_figures(r: Result) -> dict[str, Any]:
@@ -294,10 +329,13 @@ def scaleup_figures(r: Result) -> dict[str, Any]:
     all_loaded = max((t for t, _, _ in new_ready), default=math.nan)
     first_unit = min((t for t, _, _ in new_ready), default=math.nan)
     first_work = min(
-        (hb.ts - t0 for hb in r.beat_log if hb.worker_id in workers and (hb.driven_layers > 0 or hb.running > 0)
-         and hb.ts - t0 >= dec),
+        (
+            hb.ts - t0
+            for hb in r.beat_log
+            if hb.worker_id in workers and (hb.driven_layers > 0 or hb.running > 0) and hb.ts - t0 >= dec
+        ),
         default=math.nan,
-    )  # fmt: skip
+    )
     served_new = sorted(q.first - t0 for q in r.reqs if q.served_by in workers and q.first == q.first)
     window = [q for q in r.reqs if dec <= q.arrived - t0 <= all_loaded and q.first == q.first]
     import numpy as np
@@ -350,9 +388,29 @@ def main(argv: list[str] | None = None) -> int:
     t_begin = time.monotonic()
     real = json.loads(a.burst_json.read_text())
     real_scaleup = json.loads(a.scaleup_json.read_text()) if a.scaleup_json.is_file() else {}
-    ba = burst.parse([f"--{k.replace('_', '-')}={v}" for k, v in real["parameters"].items()
-                      if k in ("start", "duration", "compress", "load", "workers", "profile", "max_batch", "token_scale",
-                               "max_prefill_tokens", "link_gb_s", "slo_ttft_ms", "slo_tbt_ms", "timeout", "seed")])  # fmt: skip
+    ba = burst.parse(
+        [
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in real["parameters"].items()
+            if k
+            in (
+                "start",
+                "duration",
+                "compress",
+                "load",
+                "workers",
+                "profile",
+                "max_batch",
+                "token_scale",
+                "max_prefill_tokens",
+                "link_gb_s",
+                "slo_ttft_ms",
+                "slo_tbt_ms",
+                "timeout",
+                "seed",
+            )
+        ]
+    )
     plan = burst.make_plan(ba, ba.profile)
     with tempfile.TemporaryDirectory(prefix="cascade-simcal-") as tmp:
         model_dir = Path(tmp) / burst.MODEL
@@ -403,10 +461,27 @@ def main(argv: list[str] | None = None) -> int:
     # ---- scaleup
     su_rows: list[dict[str, Any]] = []
     if not a.no_scaleup and real_scaleup:
-        sa = scaleup.parse([f"--{k.replace('_', '-')}={v}" for k, v in real_scaleup["parameters"].items()
-                            if k in ("profile", "max_batch", "max_tokens", "prompt_tokens", "token_scale",
-                                     "max_prefill_tokens", "overload", "load_s", "before_s", "after_s", "layers",
-                                     "seed")])  # fmt: skip
+        sa = scaleup.parse(
+            [
+                f"--{k.replace('_', '-')}={v}"
+                for k, v in real_scaleup["parameters"].items()
+                if k
+                in (
+                    "profile",
+                    "max_batch",
+                    "max_tokens",
+                    "prompt_tokens",
+                    "token_scale",
+                    "max_prefill_tokens",
+                    "overload",
+                    "load_s",
+                    "before_s",
+                    "after_s",
+                    "layers",
+                    "seed",
+                )
+            ]
+        )
         spec = GenerateSpec(**real_scaleup["model_spec"])
         with tempfile.TemporaryDirectory(prefix="cascade-simcal-") as tmp:
             md = Path(tmp) / scaleup.MODEL
@@ -416,10 +491,25 @@ def main(argv: list[str] | None = None) -> int:
             ck.close()
         for rr in real_scaleup["rows"]:
             res = run(scaleup_scenario(sa, rr["mode"], rr["target_replicas"], su_units, stage_s))
-            su_rows.append({"mode": rr["mode"], "target": rr["target_replicas"], "real": {
-                k: rr[k] for k in ("first_unit_ready_s", "all_loaded_s", "first_request_via_new_s",
-                                   "first_token_via_new_s", "ttft_window_ms", "window_requests",
-                                   "served_by_new_during_window")}, "sim": scaleup_figures(res)})  # fmt: skip
+            su_rows.append(
+                {
+                    "mode": rr["mode"],
+                    "target": rr["target_replicas"],
+                    "real": {
+                        k: rr[k]
+                        for k in (
+                            "first_unit_ready_s",
+                            "all_loaded_s",
+                            "first_request_via_new_s",
+                            "first_token_via_new_s",
+                            "ttft_window_ms",
+                            "window_requests",
+                            "served_by_new_during_window",
+                        )
+                    },
+                    "sim": scaleup_figures(res),
+                }
+            )
             print(f"  scaleup {rr['mode']} 1->{rr['target_replicas']}: {res.events} events", flush=True)
     text = report(a, ba, plan, emu, fit, stage_s, table, rank, n_ok, len(verdicts), real_figs, sim_figs, su_rows, argv)
     print()
@@ -446,10 +536,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(
-    a: argparse.Namespace, ba: argparse.Namespace, plan: burst.Plan, emu: burst.Emulation, fit: dict[str, float],
-    stage_s: float, table: str, rank: dict[str, Any], n_ok: int, n: int, real: dict[str, Any],
-    sim: dict[str, Any], su: list[dict[str, Any]], argv: list[str],
-) -> str:  # fmt: skip
+    a: argparse.Namespace,
+    ba: argparse.Namespace,
+    plan: burst.Plan,
+    emu: burst.Emulation,
+    fit: dict[str, float],
+    stage_s: float,
+    table: str,
+    rank: dict[str, Any],
+    n_ok: int,
+    n: int,
+    real: dict[str, Any],
+    sim: dict[str, Any],
+    su: list[dict[str, Any]],
+    argv: list[str],
+) -> str:
     lines = [
         "# Simulator calibration against the real mesh",
         "",
@@ -465,8 +566,10 @@ def report(
     ]
     for f, head, _ in FIGURES:
         r = rank[f]
-        lines.append(f"- {head}: real {', '.join(r['real'])}; simulated {', '.join(r['sim'])}"
-                     f" — {'same' if r['same'] else 'DIFFERENT'}")  # fmt: skip
+        lines.append(
+            f"- {head}: real {', '.join(r['real'])}; simulated {', '.join(r['sim'])}"
+            f" — {'same' if r['same'] else 'DIFFERENT'}"
+        )
     lines.append("")
     lines.append("Run-to-run spread of the real mesh (rounds) and of the simulator (seeds):")
     lines.append("")
@@ -476,28 +579,54 @@ def report(
             continue
         rs, ss = real[k]["slo_rounds"], [x["slo"] for x in sim[k]["per_seed"]]
         ri, si = real[k]["instance_s_rounds"], [x["instance_s"] for x in sim[k]["per_seed"]]
-        spread.append([real[k]["label"], ", ".join(f"{100 * x:.1f}" for x in rs), ", ".join(f"{100 * x:.1f}" for x in ss),
-                       ", ".join(f"{x:.0f}" for x in ri), ", ".join(f"{x:.0f}" for x in si)])  # fmt: skip
-    lines.append(md_table(["configuration", "real SLO % by round", "sim SLO % by seed", "real instance-s",
-                           "sim instance-s"], spread))  # fmt: skip
+        spread.append(
+            [
+                real[k]["label"],
+                ", ".join(f"{100 * x:.1f}" for x in rs),
+                ", ".join(f"{100 * x:.1f}" for x in ss),
+                ", ".join(f"{x:.0f}" for x in ri),
+                ", ".join(f"{x:.0f}" for x in si),
+            ]
+        )
+    lines.append(
+        md_table(
+            ["configuration", "real SLO % by round", "sim SLO % by seed", "real instance-s", "sim instance-s"], spread
+        )
+    )
     if su:
         lines.append("## bench/scaleup.py's timeline (1 instance under 1.6x overload, scaled to N by an operator)")
         lines.append("")
         body = []
         for x in su:
             r, s = x["real"], x["sim"]
-            body.append([
-                x["mode"], x["target"],
-                f"{r['first_request_via_new_s']:.2f} / {s['first_request_via_new_s']:.2f}",
-                f"{r['first_token_via_new_s']:.2f} / {s['first_token_via_new_s']:.2f}",
-                f"{r['all_loaded_s']:.2f} / {s['all_loaded_s']:.2f}",
-                f"{r['ttft_window_ms']['p50']:.0f} / {s['ttft_window_ms']['p50']:.0f}",
-                f"{r['ttft_window_ms']['p99']:.0f} / {s['ttft_window_ms']['p99']:.0f}",
-                f"{r['served_by_new_during_window']}/{r['window_requests']} / "
-                f"{s['served_by_new_during_window']}/{s['window_requests']}",
-            ])  # fmt: skip
-        lines.append(md_table(["mode", "1→N", "first request via new s", "first token via new s", "all loaded s",
-                               "window TTFT p50 ms", "window TTFT p99 ms", "served by new in window"], body))  # fmt: skip
+            body.append(
+                [
+                    x["mode"],
+                    x["target"],
+                    f"{r['first_request_via_new_s']:.2f} / {s['first_request_via_new_s']:.2f}",
+                    f"{r['first_token_via_new_s']:.2f} / {s['first_token_via_new_s']:.2f}",
+                    f"{r['all_loaded_s']:.2f} / {s['all_loaded_s']:.2f}",
+                    f"{r['ttft_window_ms']['p50']:.0f} / {s['ttft_window_ms']['p50']:.0f}",
+                    f"{r['ttft_window_ms']['p99']:.0f} / {s['ttft_window_ms']['p99']:.0f}",
+                    f"{r['served_by_new_during_window']}/{r['window_requests']} / "
+                    f"{s['served_by_new_during_window']}/{s['window_requests']}",
+                ]
+            )
+        lines.append(
+            md_table(
+                [
+                    "mode",
+                    "1→N",
+                    "first request via new s",
+                    "first token via new s",
+                    "all loaded s",
+                    "window TTFT p50 ms",
+                    "window TTFT p99 ms",
+                    "served by new in window",
+                ],
+                body,
+            )
+        )
         for t in sorted({x["target"] for x in su}):
             by = {x["mode"]: x for x in su if x["target"] == t}
             if "live" in by and "stop-the-world" in by:

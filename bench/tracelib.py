@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def _traces_dir() -> Path:
     """`shared/traces` beside the checkout: the nearest ancestor that has one (a git worktree
     sits deeper than the main checkout, and must find the same traces)."""

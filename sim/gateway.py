@@ -49,8 +49,22 @@ _PARAMS = SamplingParams()
 class Seen:
     """What the gateway knows of one worker (its registry entry and its own counts there)."""
 
-    __slots__ = ("accepting", "beat", "inflight", "inflight_at_hb", "key", "loading_of", "ready_model", "ready_num",
-                 "ready_units", "serving_of", "suspended", "unstarted_prompts", "unstarted_tokens", "view")  # fmt: skip
+    __slots__ = (
+        "accepting",
+        "beat",
+        "inflight",
+        "inflight_at_hb",
+        "key",
+        "loading_of",
+        "ready_model",
+        "ready_num",
+        "ready_units",
+        "serving_of",
+        "suspended",
+        "unstarted_prompts",
+        "unstarted_tokens",
+        "view",
+    )
 
     def __init__(self) -> None:
         self.beat: Beat | None = None
@@ -135,9 +149,9 @@ class Gateway:
                         out.append(v)
                         break
         for w in avoid:
-            sw = self.seen.get(w)
-            if sw is not None and sw.serving_of == model and sw.view is not None:
-                out.append(sw.view)
+            other = self.seen.get(w)
+            if other is not None and other.serving_of == model and other.view is not None:
+                out.append(other.view)
         if self.live[model]:
             for w in self.loading[model]:
                 v = self.seen[w].view
@@ -377,8 +391,8 @@ class Gateway:
         st = req.state
         if st is not None:
             self.reqs.pop(st.request_id, None)
+        req.state = None  # its queue and batcher fields are not needed past its end (memory, at scale)
         self.mesh.finish(req, status)
-
 
 
 class Front:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,7 @@ class Topology:
     nics_per_host: int = 8
     ssd_gb_s: float = 2.0
     flow_cap_gb_s: float = 0.0
+    storage_hosts: int = 0  # hosts without accelerators (numbered after the others) that keep host copies
     link_latency_s: float = 10e-6  # one hop of the stage link or the data plane
     chunk_bytes: int = 1 << 20  # the data plane's chunk: a chain's per-hop pipeline delay
 
@@ -140,6 +141,7 @@ class Topology:
             "nic": f"{self.nics_per_host} x {self.nic_gbps:g} Gb/s per host",
             "ssd_gb_s_per_host": self.ssd_gb_s,
             "flow_cap_gb_s": self.flow_cap_gb_s,
+            "storage_hosts": self.storage_hosts,
         }
 
 
@@ -159,8 +161,19 @@ class Flow:
     """`nbytes` over `links` at a rate the network sets (at most `cap` bytes/s, 0: no cap).
     `marks` are byte counts (increasing) at which `on_mark(i)` fires; `on_done()` at the end."""
 
-    __slots__ = ("cap", "done_bytes", "event", "links", "marks", "nbytes", "next_mark", "on_done", "on_mark", "rate",
-                 "since")  # fmt: skip
+    __slots__ = (
+        "cap",
+        "done_bytes",
+        "event",
+        "links",
+        "marks",
+        "nbytes",
+        "next_mark",
+        "on_done",
+        "on_mark",
+        "rate",
+        "since",
+    )
 
     def __init__(
         self,

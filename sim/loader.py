@@ -64,9 +64,12 @@ class Loader:
 
     # ---- the host cache ------------------------------------------------------
     def host_cache_host(self, model: str) -> int:
-        """Where a model's one host copy lives: hosts in turn by model, so copies spread."""
+        """Where a model's one host copy lives: hosts in turn by model, so copies spread (on the
+        storage hosts, when the topology has some)."""
+        t = self.mesh.topology
         names = sorted(m.name for m in self.mesh.models.values())
-        return names.index(model) % self.mesh.topology.hosts if model in names else 0
+        i = names.index(model) if model in names else 0
+        return t.hosts + i % t.storage_hosts if t.storage_hosts else i % t.hosts
 
     def fill_host_cache(self, model: str, at_once: bool = False) -> None:
         """`cascade cache load` / the loader's fill after a disk read: the host reads the model
@@ -166,9 +169,16 @@ class Loader:
             self._ack(p, [], f"cannot plan loading {d.model}: {e}")
             return
         self.plans.append(
-            {"t": self.sim.now, "decision": d.decision_id, "mode": plan.mode, "note": plan.note,
-             "chains": [{"source": c.source.worker_id or c.source.kind, "targets": len(c.targets)} for c in plan.chains]}
-        )  # fmt: skip
+            {
+                "t": self.sim.now,
+                "decision": d.decision_id,
+                "mode": plan.mode,
+                "note": plan.note,
+                "chains": [
+                    {"source": c.source.worker_id or c.source.kind, "targets": len(c.targets)} for c in plan.chains
+                ],
+            }
+        )
         p.targets = list(plan.targets)
         p.left = set(p.targets)
         # Orders out: receivers first, then senders (a round trip each), then the bytes flow.
@@ -320,4 +330,3 @@ class Loader:
         d = p.decision
         ack = ScaleAck(d.decision_id, d.model, ok=not error, workers=list(workers), error=error, ts=self.sim.now)
         self.mesh.ack(ack, p)
-

@@ -41,8 +41,24 @@ class Arrival(NamedTuple):
 class Req:
     """One request's life in the mesh and what the client saw of it."""
 
-    __slots__ = ("arrived", "done", "end", "first", "gw", "idx", "model", "out", "produced", "prompt", "route_k",
-                 "route_tail", "served_by", "state", "status", "worker")  # fmt: skip
+    __slots__ = (
+        "arrived",
+        "done",
+        "end",
+        "first",
+        "gw",
+        "idx",
+        "model",
+        "out",
+        "produced",
+        "prompt",
+        "route_k",
+        "route_tail",
+        "served_by",
+        "state",
+        "status",
+        "worker",
+    )
 
     def __init__(self, idx: int, a: Arrival, t: float) -> None:
         self.idx = idx
@@ -83,6 +99,7 @@ class Scenario:
     # An operator's replica targets (`cascade scale`): (seconds after the workload starts, model, replicas).
     operator: Sequence[tuple[float, str, int]] = ()
     trace_beats: bool = False  # keep every heartbeat and readiness event in the result (small runs)
+    halt_after_acks: int = 0  # stop once this many scale decisions are acked (loading experiments)
     seed: int = 0
     max_sim_s: float = math.inf  # stop here even if requests are left (they count as timed out)
 
@@ -149,7 +166,9 @@ class Mesh:
         self._links: dict[str, Link] = {}
         per = max((m.accelerators for m in sc.models.values()), default=1)
         if sc.topology.accelerators_per_host % per:
-            raise ValueError(f"{per} accelerators per instance do not divide a host of {sc.topology.accelerators_per_host}")
+            raise ValueError(
+                f"{per} accelerators per instance do not divide a host of {sc.topology.accelerators_per_host}"
+            )
         self.per_instance = per
         self.workers: dict[str, Worker] = {}
         for h in range(sc.topology.hosts):
@@ -208,14 +227,19 @@ class Mesh:
         if host == w.host:
             return [self._pcie(w)]
         t = self.topology
-        return [self._link(f"nic-out{host}", t.nic_bytes_s()), self._link(f"nic-in{w.host}", t.nic_bytes_s()),
-                self._pcie(w)]  # fmt: skip
+        return [
+            self._link(f"nic-out{host}", t.nic_bytes_s()),
+            self._link(f"nic-in{w.host}", t.nic_bytes_s()),
+            self._pcie(w),
+        ]
 
     def worker_to_worker(self, a: Worker, b: Worker) -> list[Link]:
         t = self.topology
         if a.host == b.host:
-            return [self._link(f"nvl-out-{a.id}", t.nvlink_gb_s * GB * a.accelerators),
-                    self._link(f"nvl-in-{b.id}", t.nvlink_gb_s * GB * b.accelerators)]  # fmt: skip
+            return [
+                self._link(f"nvl-out-{a.id}", t.nvlink_gb_s * GB * a.accelerators),
+                self._link(f"nvl-in-{b.id}", t.nvlink_gb_s * GB * b.accelerators),
+            ]
         return [self._link(f"nic-out{a.host}", t.nic_bytes_s()), self._link(f"nic-in{b.host}", t.nic_bytes_s())]
 
     def flow_cap(self, source_limit_bps: float) -> float:
@@ -276,18 +300,34 @@ class Mesh:
 
     def decision(self, d: ScaleDecision) -> None:
         self.decisions.append(
-            {"t": self.sim.now, "id": d.decision_id, "model": d.model, "action": d.action, "count": d.count,
-             "target": d.target_replicas, "reason": d.reason}
-        )  # fmt: skip
+            {
+                "t": self.sim.now,
+                "id": d.decision_id,
+                "model": d.model,
+                "action": d.action,
+                "count": d.count,
+                "target": d.target_replicas,
+                "reason": d.reason,
+            }
+        )
         self.control(self.loader.on_decision, d)
 
     def ack(self, ack: ScaleAck, p: Pending) -> None:
         self.acks.append(
-            {"t": self.sim.now, "id": ack.decision_id, "model": ack.model, "ok": ack.ok, "workers": len(ack.workers),
-             "error": ack.error, "seconds": self.sim.now - p.started}
-        )  # fmt: skip
+            {
+                "t": self.sim.now,
+                "id": ack.decision_id,
+                "model": ack.model,
+                "ok": ack.ok,
+                "workers": len(ack.workers),
+                "error": ack.error,
+                "seconds": self.sim.now - p.started,
+            }
+        )
         self.cache_peak = max(self.cache_peak, self.loader.memory_bytes())
         self.control(self.scaler.on_ack, ack)
+        if self.scenario.halt_after_acks and len(self.acks) >= self.scenario.halt_after_acks:
+            self.sim.halt()
 
     # ---- requests ----------------------------------------------------------
     def send(self, a: Arrival) -> None:

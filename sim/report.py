@@ -19,8 +19,14 @@ def _dist(xs: np.ndarray) -> dict[str, float]:
     if xs.size == 0:
         return {"n": 0, "mean": math.nan, "p50": math.nan, "p95": math.nan, "p99": math.nan, "max": math.nan}
     p50, p95, p99 = np.percentile(xs, [50, 95, 99])
-    return {"n": int(xs.size), "mean": float(xs.mean()), "p50": float(p50), "p95": float(p95), "p99": float(p99),
-            "max": float(xs.max())}  # fmt: skip
+    return {
+        "n": int(xs.size),
+        "mean": float(xs.mean()),
+        "p50": float(p50),
+        "p95": float(p95),
+        "p99": float(p99),
+        "max": float(xs.max()),
+    }
 
 
 def request_arrays(r: Result) -> dict[str, np.ndarray]:

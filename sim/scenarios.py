@@ -83,15 +83,28 @@ def build(spec: ScaleSpec, system: str) -> Built:
     if spec.workload == "code":
         duration = spec.duration_s or None
         mean0, peak0 = trace_peak_rate(spec.trace, spec.start_s, duration, PEAK_BIN_S * spec.compress)
-        probe = trace_arrivals(names[0], trace=spec.trace, start_s=spec.start_s, duration_s=duration,
-                               compress=spec.compress, seed=spec.seed)  # fmt: skip
+        probe = trace_arrivals(
+            names[0],
+            trace=spec.trace,
+            start_s=spec.start_s,
+            duration_s=duration,
+            compress=spec.compress,
+            seed=spec.seed,
+        )
         prompt = sum(a.prompt for a in probe) / len(probe)
         out = sum(a.out for a in probe) / len(probe)
         cap = capacity_req_s(spec.profile, spec.max_batch, round(prompt), round(out))
         # Peak of the replay = peak0 × rate_scale × compress: set to fill × the cluster's capacity.
         rate_scale = spec.fill * instances * cap / (peak0 * spec.compress)
-        arrivals = trace_arrivals(names[0], trace=spec.trace, start_s=spec.start_s, duration_s=duration,
-                                  compress=spec.compress, rate_scale=rate_scale, seed=spec.seed)  # fmt: skip
+        arrivals = trace_arrivals(
+            names[0],
+            trace=spec.trace,
+            start_s=spec.start_s,
+            duration_s=duration,
+            compress=spec.compress,
+            rate_scale=rate_scale,
+            seed=spec.seed,
+        )
         level = {"trace_mean_req_s": mean0, "trace_peak_10s_req_s": peak0, "rate_scale": rate_scale}
     else:
         duration_c = spec.duration_s or 3600.0
@@ -102,8 +115,13 @@ def build(spec: ScaleSpec, system: str) -> Built:
         peak = spec.fill * instances * cap
         w = replace(w0, mean_rate=peak * (1 + w0.level_lo) / 2)
         arrivals = conversation_arrivals(names[0], w)
-        level = {"envelope_peak_req_s": peak, "mean_req_s_target": w.mean_rate, "cv": spec.cv,
-                 "level_s": w.level_s, "level_lo": w.level_lo}  # fmt: skip
+        level = {
+            "envelope_peak_req_s": peak,
+            "mean_req_s_target": w.mean_rate,
+            "cv": spec.cv,
+            "level_s": w.level_s,
+            "level_lo": w.level_lo,
+        }
     if spec.models > 1:
         arrivals = zipf_models(arrivals, names, spec.zipf, spec.seed)
     stats = describe(arrivals, PEAK_BIN_S)

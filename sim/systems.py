@@ -49,9 +49,15 @@ class System:
         return Deployment(
             tuple(
                 ModelDeployment(
-                    m, Path("/sim") / m, min_replicas=self.min_replicas, max_replicas=self.max_replicas,
-                    policy=self.policy, knobs=dict(self.knobs), loading=self.loading, scaling=self.scaling,
-                )  # fmt: skip
+                    m,
+                    Path("/sim") / m,
+                    min_replicas=self.min_replicas,
+                    max_replicas=self.max_replicas,
+                    policy=self.policy,
+                    knobs=dict(self.knobs),
+                    loading=self.loading,
+                    scaling=self.scaling,
+                )
                 for m in models
             )
         )
@@ -75,8 +81,12 @@ def rate_knobs(capacity_tps: float, tokens_per_request: float, activation_scale:
 
 
 # bench/burst.py: Ray Serve's default target, one tick of upscale delay, the policy's defaults.
-CONCURRENCY_KNOBS = {"target_ongoing_requests": 2.0, "upscale_delay_s": 1.0, "downscale_delay_s": 30.0,
-                     "keep_alive_s": 60.0}  # fmt: skip
+CONCURRENCY_KNOBS = {
+    "target_ongoing_requests": 2.0,
+    "upscale_delay_s": 1.0,
+    "downscale_delay_s": 30.0,
+    "keep_alive_s": 60.0,
+}
 
 
 def make_systems(
@@ -95,18 +105,64 @@ def make_systems(
     peak = max(1, min(peak_need, n))
     mean = max(1, min(mean_need, n))
     return {
-        "cascade": System("cascade", LABELS["cascade"], "rate", "multicast", "live", 0, n,
-                          rate_knobs(capacity_tps, tokens_per_request, act), fill_host_cache=True,
-                          host_cache="one", rate_window_s=cascade_rate_window_s),
-        "serverlessllm": System("serverlessllm", LABELS["serverlessllm"], "concurrency", "disk", "stop-the-world", 1,
-                                n, dict(CONCURRENCY_KNOBS), host_cache="off", local_cache=True),
-        "allcache": System("allcache", LABELS["allcache"], "concurrency", "host-cache", "stop-the-world", 1, n,
-                           dict(CONCURRENCY_KNOBS), fill_host_cache=True, host_cache="every-host"),
-        "static-peak": System("static-peak", f"{LABELS['static-peak']} ({peak})", "manual", "multicast", "live", peak,
-                              peak, host_cache="off"),
-        "static-mean": System("static-mean", f"{LABELS['static-mean']} ({mean})", "manual", "multicast", "live", mean,
-                              mean, host_cache="off"),
-    }  # fmt: skip
+        "cascade": System(
+            "cascade",
+            LABELS["cascade"],
+            "rate",
+            "multicast",
+            "live",
+            0,
+            n,
+            rate_knobs(capacity_tps, tokens_per_request, act),
+            fill_host_cache=True,
+            host_cache="one",
+            rate_window_s=cascade_rate_window_s,
+        ),
+        "serverlessllm": System(
+            "serverlessllm",
+            LABELS["serverlessllm"],
+            "concurrency",
+            "disk",
+            "stop-the-world",
+            1,
+            n,
+            dict(CONCURRENCY_KNOBS),
+            host_cache="off",
+            local_cache=True,
+        ),
+        "allcache": System(
+            "allcache",
+            LABELS["allcache"],
+            "concurrency",
+            "host-cache",
+            "stop-the-world",
+            1,
+            n,
+            dict(CONCURRENCY_KNOBS),
+            fill_host_cache=True,
+            host_cache="every-host",
+        ),
+        "static-peak": System(
+            "static-peak",
+            f"{LABELS['static-peak']} ({peak})",
+            "manual",
+            "multicast",
+            "live",
+            peak,
+            peak,
+            host_cache="off",
+        ),
+        "static-mean": System(
+            "static-mean",
+            f"{LABELS['static-mean']} ({mean})",
+            "manual",
+            "multicast",
+            "live",
+            mean,
+            mean,
+            host_cache="off",
+        ),
+    }
 
 
 def need(rate: float, capacity_req_s: float) -> int:

@@ -484,13 +484,7 @@ class Worker:
                 self._generated = 0
             self._maybe_idle()
             return
-        if (
-            not tokens
-            and not self.waiting
-            and not self.prefilling
-            and not self.driven
-            and not self.relayed
-        ):
+        if not tokens and not self.waiting and not self.prefilling and not self.driven and not self.relayed:
             self._start_macro()
             return
         self._step(finished, firsts, tokens)
@@ -580,7 +574,18 @@ class Worker:
         self.step_event = self.sim.after(
             ms / 1000,
             self._end_step,
-            (pre_finished, pre_firsts, pre_tokens, b_old, new, chunks, rel_decode, rel_prefill, drv_decode, drv_prefill),
+            (
+                pre_finished,
+                pre_firsts,
+                pre_tokens,
+                b_old,
+                new,
+                chunks,
+                rel_decode,
+                rel_prefill,
+                drv_decode,
+                drv_prefill,
+            ),
         )
         self._record_steps(batch, 1, ms, prompt)
 
@@ -595,7 +600,9 @@ class Worker:
         self.interval_prompt += prompt
 
     def _end_step(self, work: tuple[Any, ...]) -> None:
-        pre_finished, pre_firsts, pre_tokens, b_old, new, chunks, rel_decode, rel_prefill, drv_decode, drv_prefill = work
+        pre_finished, pre_firsts, pre_tokens, b_old, new, chunks, rel_decode, rel_prefill, drv_decode, drv_prefill = (
+            work
+        )
         self.busy = False
         self.step_event = None
         model = self.model
@@ -641,9 +648,16 @@ class Worker:
             d.token_in = False
             pos = d.prompt + d.gen - 1
             mesh.stage_frame(
-                self.id, d.tail, model.hidden * model.act_bytes, mesh.worker(d.tail).stage_input,
-                d.req.idx, self.id, d.k, d.arrived, (False, pos, 1, True),
-            )  # fmt: skip
+                self.id,
+                d.tail,
+                model.hidden * model.act_bytes,
+                mesh.worker(d.tail).stage_input,
+                d.req.idx,
+                self.id,
+                d.k,
+                d.arrived,
+                (False, pos, 1, True),
+            )
         for d, n in drv_prefill:
             start = d.done
             d.done += n
@@ -651,9 +665,16 @@ class Worker:
             if final:
                 d.prefilled = True
             mesh.stage_frame(
-                self.id, d.tail, n * model.hidden * model.act_bytes, mesh.worker(d.tail).stage_input,
-                d.req.idx, self.id, d.k, d.arrived, (True, start, n, final),
-            )  # fmt: skip
+                self.id,
+                d.tail,
+                n * model.hidden * model.act_bytes,
+                mesh.worker(d.tail).stage_input,
+                d.req.idx,
+                self.id,
+                d.k,
+                d.arrived,
+                (True, start, n, final),
+            )
         self.interval_generated += generated
         self._generated += generated
         if firsts or finished:
@@ -723,8 +744,17 @@ class Worker:
 
 
 def _figures(hb: Beat) -> tuple[Any, ...]:
-    return (hb.state, hb.model, hb.units_ready, hb.running, hb.waiting, hb.max_batch, hb.driven_layers, hb.driven,
-            hb.stage_running)  # fmt: skip
+    return (
+        hb.state,
+        hb.model,
+        hb.units_ready,
+        hb.running,
+        hb.waiting,
+        hb.max_batch,
+        hb.driven_layers,
+        hb.driven,
+        hb.stage_running,
+    )
 
 
 class _Waiting:

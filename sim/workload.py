@@ -96,11 +96,14 @@ def conversation_arrivals(model: str, w: Conversation) -> list[Arrival]:
     return out
 
 
-def gamma_arrivals(model: str, rate: float, duration_s: float, cv: float, prompt: int, output: int, seed: int = 0) -> list[Arrival]:
+def gamma_arrivals(
+    model: str, rate: float, duration_s: float, cv: float, prompt: int, output: int, seed: int = 0
+) -> list[Arrival]:
     """Fixed-size requests at a constant mean rate with gamma inter-arrivals (CV `cv`)."""
     rng = random.Random(seed)
     shape = 1 / (cv * cv)
-    out, t = [], 0.0
+    out: list[Arrival] = []
+    t = 0.0
     while True:
         t += rng.gammavariate(shape, 1 / (rate * shape))
         if t >= duration_s:

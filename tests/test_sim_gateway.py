@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.config import Deployment, ModelDeployment
+from cascade.messages import WorkerState
 from services.gateway.router import choose_route
 from sim.hardware import Topology, model_shape
 from sim.mesh import Mesh, Scenario
@@ -29,12 +30,24 @@ def snapshot(rng: random.Random, m: Mesh) -> None:
     gw = m.gateway
     units = m.models["m"].num_units
     for i, wid in enumerate(m.workers):
-        state = rng.choice(["serving", "serving", "serving", "loading", "idle", "draining"])
+        state: WorkerState = rng.choice(["serving", "serving", "serving", "loading", "idle", "draining"])
         ready = units if state in ("serving", "draining") else rng.randrange(0, units) if state == "loading" else 0
         mb = rng.choice([8, 16, 32, 32])
-        hb = Beat(wid, state, None if state == "idle" else "m", ready, units if state != "idle" else 0,  # type: ignore[arg-type]
-                  rng.randrange(0, mb + 6), rng.randrange(0, 4), mb, rng.randrange(0, 40), rng.randrange(0, 6), 32,
-                  0, float(i))  # fmt: skip
+        hb = Beat(
+            wid,
+            state,
+            None if state == "idle" else "m",
+            ready,
+            units if state != "idle" else 0,
+            rng.randrange(0, mb + 6),
+            rng.randrange(0, 4),
+            mb,
+            rng.randrange(0, 40),
+            rng.randrange(0, 6),
+            32,
+            0,
+            float(i),
+        )
         gw.on_heartbeat(hb)
         if state != "idle":
             gw.on_ready(wid, "m", ready, units)
@@ -49,8 +62,13 @@ def snapshot(rng: random.Random, m: Mesh) -> None:
 def key(route: Any) -> Any:
     if route is None:
         return None
-    return (route.worker_id, route.stages, None if route.room is None else (route.room.requests, route.room.prompts,
-            route.room.tokens, route.room.prefill_budget))  # fmt: skip
+    return (
+        route.worker_id,
+        route.stages,
+        None
+        if route.room is None
+        else (route.room.requests, route.room.prompts, route.room.tokens, route.room.prefill_budget),
+    )
 
 
 def test_the_candidates_route_as_all_instances_would() -> None:

@@ -25,13 +25,19 @@ def profile(tmp_path: Path) -> str:
         "format": "cascade-device-profile",
         "version": 1,
         "name": "toy",
-        "model": {"name": "toy", "layers": 2, "hidden": 8, "bytes_per_layer": 1_000_000_000,
-                  "bytes_embedding": 500_000_000, "bytes_head": 500_000_000},
+        "model": {
+            "name": "toy",
+            "layers": 2,
+            "hidden": 8,
+            "bytes_per_layer": 1_000_000_000,
+            "bytes_embedding": 500_000_000,
+            "bytes_head": 500_000_000,
+        },
         "device": {"name": "toy"},
         "decode": {"batch": [1, 64], "ms_per_layer": [1.0, 1.0]},
         "prefill": {"ms_per_token_per_layer": 0.01, "ms_fixed_per_layer": 0.0},
         "disk_mb_s": 1000,
-    }  # fmt: skip
+    }
     p = tmp_path / "toy.json"
     p.write_text(json.dumps(data))
     return str(p)
@@ -78,8 +84,15 @@ def test_two_requests_by_hand(tmp_path: Path) -> None:
 def test_a_scale_up_costs_its_bytes_over_its_links(tmp_path: Path, mode: str, want: float) -> None:
     shape = model_shape(profile(tmp_path), name="m")
     # 8 Gb/s NICs (1 GB/s), a fast PCIe: the NICs are the bottleneck.
-    topo = Topology(hosts=4, accelerators_per_host=1, nic_gbps=8.0, nics_per_host=1, pcie_gb_s=100.0,
-                    chunk_bytes=1_000_000, link_latency_s=0.0)  # fmt: skip
+    topo = Topology(
+        hosts=4,
+        accelerators_per_host=1,
+        nic_gbps=8.0,
+        nics_per_host=1,
+        pcie_gb_s=100.0,
+        chunk_bytes=1_000_000,
+        link_latency_s=0.0,
+    )
     setup = 0.02
     settings = MeshSettings(control_latency_s=L, transfer_setup_s=setup, host_cache="one", heartbeat_s=0.5)
     sc = Scenario(

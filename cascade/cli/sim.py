@@ -116,6 +116,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
     print(f"routes        {s['routed']['full']} full, {s['routed']['pipelined']} pipelined")
     print(f"simulator     {s['events']} events in {s['wall_s']:.1f} s ({s['events_per_s']:.0f} events/s)")
     if args.json is not None:
-        args.json.write_text(json.dumps({"command": "cascade sim " + " ".join(sys.argv[2:]), "info": info,
-                                         "summary": s}, indent=2, default=str))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {"command": "cascade sim " + " ".join(sys.argv[2:]), "info": info, "summary": s}, indent=2, default=str
+            )
+        )
     return 0

@@ -20,9 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 TakeKind = Literal["whole", "start", "relayed", "driven"]
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Rows(Protocol[T_co]):
+    """What `admit` reads of a queue: its length and its items by position, front first (a list,
+    or a view that builds items only as far as they are read)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int, /) -> T_co: ...
 
 
 class Budget:
@@ -68,8 +78,8 @@ class Admission:
 def admit(
     budget_tokens: float,
     under_way: Sequence[int],
-    waiting: Sequence[tuple[float, int]],
-    staged: Sequence[Staged],
+    waiting: Rows[tuple[float, int]],
+    staged: Rows[Staged],
     free_slots: int,
     chunk_cap: int,
 ) -> Admission:
