@@ -192,6 +192,11 @@ class Mesh:
         self.all_sent = False
         self.cache_peak = 0
         self._steps_models = {m.name for m in sc.deployment.models if m.policy == "two-stage"}
+        # Instance loads are read by the two-stage policy (batch limits) and by `rate` when it
+        # learns capacity from them; for every other policy they change no decision.
+        self._load_models = self._steps_models | {
+            m.name for m in sc.deployment.models if m.policy == "rate" and m.knobs.get("learn_capacity", 1.0) != 0
+        }
         self.beat_log: list[Beat] = []
         self.ready_log: list[tuple[float, str, int]] = []
 
@@ -206,6 +211,9 @@ class Mesh:
 
     def wants_steps(self, model: str) -> bool:
         return model in self._steps_models
+
+    def wants_loads(self, model: str) -> bool:
+        return model in self._load_models
 
     def hosts_with_workers(self) -> list[int]:
         return sorted({w.host for w in self.workers.values()})

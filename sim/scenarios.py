@@ -50,9 +50,10 @@ class ScaleSpec:
     ssd_gb_s: float = 0.0  # 0: the profile's disk_mb_s
     cv: float = 2.0  # conversation: inter-arrival burstiness
     activation_scale: int = 0  # Cascade's; 0: every instance (bench/burst.py's rule)
-    # A mesh this size runs several gateways behind a load balancer: one per this many instances,
-    # each with the service's own queue bound (256 requests per model).
-    instances_per_gateway: int = 32
+    # A mesh this size runs several gateways behind a load balancer: one per this many instances
+    # (at 1,000 7B instances, 8 gateways of about 600 req/s each at the peak), each with the
+    # service's own queue bound (256 requests per model).
+    instances_per_gateway: int = 128
     seed: int = 0
 
     def describe(self) -> dict[str, Any]:

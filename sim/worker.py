@@ -289,6 +289,10 @@ class Worker:
             # Decode-only steps' tokens reach the gateway with the next first token or end, or here.
             self.mesh.tokens(self.id, m.name, self._generated, [], [])
             self._generated = 0
+        if not self.mesh.wants_loads(m.name):
+            self.interval_generated = self.interval_prompt = 0
+            self.steps_by_batch = {}
+            return  # no policy of this model reads them (the simulator's shortcut; Mesh.wants_loads)
         running, waiting = self.load()
         self.metrics_seq += 1
         # Step samples feed only the two-stage policy's latency fit; a window of them from every
