@@ -1,14 +1,22 @@
 """What every benchmark records beside its figures, so a result can be reproduced and
-compared later: the commit, the machine, every parameter and what was emulated."""
+compared later: the commit, the machine, every parameter and what was emulated; and the few
+statistics every benchmark reports.
+
+A result in bench/results is a summary: the figures its markdown shows and the headline figures of
+each run, small enough to read and to keep in git. Per-request records (timelines, every decision
+and ack) go to `--raw DIR` when asked, compressed, outside the repository by default."""
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +72,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def percentile(xs: list[float], p: float) -> float:
+def percentile(xs: Sequence[float], p: float) -> float:
+    """Linear-interpolated percentile (NaN for no samples)."""
     if not xs:
         return float("nan")
     s = sorted(xs)
@@ -73,7 +82,7 @@ def percentile(xs: list[float], p: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def summary(xs: list[float]) -> dict[str, float]:
+def summary(xs: Sequence[float]) -> dict[str, float]:
     return {
         "n": len(xs),
         "mean": statistics.fmean(xs) if xs else float("nan"),
@@ -83,20 +92,55 @@ def summary(xs: list[float]) -> dict[str, float]:
     }
 
 
-def write_result(name: str, payload: dict[str, Any], table_md: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    doc = {
+def dist_ms(xs: Sequence[float]) -> dict[str, float]:
+    """A latency distribution: samples in seconds, figures in milliseconds, the worst one too."""
+    ms = [x * 1000 for x in xs]
+    return {**summary(ms), "max": max(ms) if ms else float("nan")}
+
+
+def add_raw_option(p: argparse.ArgumentParser, name: str, records: str) -> None:
+    """`--raw DIR`: where the raw result goes, beside the summary bench/results keeps."""
+    p.add_argument(
+        "--raw",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"also write the raw result ({records}) to DIR/{name}.raw.json.gz; bench/results keeps the summary "
+        "only. Not with --no-write",
+    )
+
+
+def result_header(name: str) -> dict[str, Any]:
+    """What identifies a run: the benchmark, the commit, the machine and when it finished."""
+    return {
         "benchmark": name,
         "commit": commit(),
         "machine": machine(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **payload,
     }
+
+
+def raw_path(raw_dir: Path, name: str) -> Path:
+    return raw_dir / f"{name}.raw.json.gz"
+
+
+def write_result(
+    name: str, doc: dict[str, Any], table_md: str, raw: dict[str, Any] | None = None, raw_dir: Path | None = None
+) -> list[Path]:
+    """Write `doc` (a summary with its header) as bench/results/NAME.json and the markdown beside
+    it; with `raw_dir`, also the raw document (per-request records), gzip-compressed, there."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
     jp = RESULTS / f"{name}.json"
-    jp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    jp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
     mp = RESULTS / f"{name}.md"
     mp.write_text(table_md)
-    return jp, mp
+    out = [jp, mp]
+    if raw is not None and raw_dir is not None:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        rp = raw_path(raw_dir, name)
+        rp.write_bytes(gzip.compress(orjson.dumps(raw, option=orjson.OPT_SERIALIZE_NUMPY)))
+        out.append(rp)
+    return out
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:

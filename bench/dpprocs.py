@@ -34,7 +34,7 @@ def unit_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _child(conn: mpc.Connection, chunk: int, egress_bps: float) -> None:
+def _child(conn: mpc.Connection, chunk: int, egress_bps: float, relay: bool) -> None:
     # Imported here so the parent (and `--help`) does not pay for torch before it needs to.
     from cascade.models.checkpoint import Checkpoint
     from services.worker.dataplane import (
@@ -52,7 +52,7 @@ def _child(conn: mpc.Connection, chunk: int, egress_bps: float) -> None:
             conn.send(ev)
 
     egress = RateLimiter(egress_bps) if egress_bps > 0 else None
-    server = DataPlaneServer(chunk=chunk, egress=egress)
+    server = DataPlaneServer(chunk=chunk, egress=egress, relay=relay)
     emit("addr", server.start())
     held: dict[int, dict[str, torch.Tensor]] = {}
     try:
@@ -114,12 +114,14 @@ class ReceiverProc:
     name: str
     chunk: int = 1 << 20
     egress_bps: float = 0.0
+    relay: bool = False  # forward unit bodies in the kernel (DataPlaneServer's `relay`)
     last_reserve_s: float = 0.0  # how long the last expect() took to reserve its unit buffers
 
     def start(self, ctx: Any = None) -> None:
         ctx = ctx or mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_child, args=(child, self.chunk, self.egress_bps), name=self.name, daemon=True)
+        args = (child, self.chunk, self.egress_bps, self.relay)
+        self.proc = ctx.Process(target=_child, args=args, name=self.name, daemon=True)
         self.proc.start()
         child.close()
         self.addr = ""
@@ -258,38 +260,84 @@ def _raw_sink(conn: mpc.Connection, fresh: bool, ring_bytes: int) -> None:
     ls.close()
 
 
-def raw_loopback(data: memoryview, fresh: bool, ring_bytes: int = 64 << 20, timeout_s: float = 600.0) -> float:
-    """Seconds to push `data` through one loopback TCP stream into another process."""
+def raw_loopback(
+    data: memoryview, fresh: bool, ring_bytes: int = 64 << 20, timeout_s: float = 600.0, streams: int = 1
+) -> float:
+    """Seconds to push `data` through `streams` loopback TCP streams at once (one sending thread
+    here and one receiving process each), from the first send to the last byte received. With
+    several streams this is the machine's own cost of moving that many copies over loopback on
+    shared cores: a floor for what a chain of as many hops can take."""
     import socket
+    import threading
 
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_raw_sink, args=(child, fresh, ring_bytes), daemon=True)
-    proc.start()
-    child.close()
+    pipes, procs = [], []
+    for _ in range(streams):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_raw_sink, args=(child, fresh, ring_bytes), daemon=True)
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
     try:
-        if not parent.poll(60):
-            raise TimeoutError("raw sink did not start")
-        _, addr = parent.recv()
-        parent.send(len(data))
-        if not parent.poll(60):
-            raise TimeoutError("raw sink did not get ready")
-        parent.recv()
-        host, port = addr.rsplit(":", 1)
-        with socket.create_connection((host, int(port))) as s:
+        addrs = []
+        for parent in pipes:
+            if not parent.poll(60):
+                raise TimeoutError("raw sink did not start")
+            addrs.append(parent.recv()[1])
+            parent.send(len(data))
+        for parent in pipes:
+            if not parent.poll(60):
+                raise TimeoutError("raw sink did not get ready")
+            parent.recv()
+        socks = []
+        for addr in addrs:
+            host, port = addr.rsplit(":", 1)
+            s = socket.create_connection((host, int(port)))
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            t0 = time.monotonic()
-            for i in range(0, len(data), 1 << 20):
-                s.sendall(data[i : i + (1 << 20)])
-        if not parent.poll(timeout_s):
-            raise TimeoutError("raw sink did not finish")
-        _, got, _, t_end = parent.recv()
-        if got != len(data):
-            raise RuntimeError(f"raw sink got {got} of {len(data)} bytes")
+            socks.append(s)
+
+        def push(s: socket.socket) -> None:
+            with s:
+                for i in range(0, len(data), 1 << 20):
+                    s.sendall(data[i : i + (1 << 20)])
+
+        senders = [threading.Thread(target=push, args=(s,)) for s in socks]
+        t0 = time.monotonic()
+        for th in senders:
+            th.start()
+        for th in senders:
+            th.join(timeout_s)
+        t_end = t0
+        for parent in pipes:
+            if not parent.poll(timeout_s):
+                raise TimeoutError("raw sink did not finish")
+            _, got, _, t = parent.recv()
+            if got != len(data):
+                raise RuntimeError(f"raw sink got {got} of {len(data)} bytes")
+            t_end = max(t_end, t)
         return float(t_end - t0)
     finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.terminate()
-            proc.join()
-        parent.close()
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        for parent in pipes:
+            parent.close()
+
+
+def crc_mb_s(data: memoryview) -> dict[str, float]:
+    """The checksum's own speed here, whole-buffer, for the data plane's CRC-32 (zlib-ng) and the
+    system zlib's (what it replaced): the receivers' third cost beside the two copies."""
+    import zlib
+
+    from cascade.framing import crc32
+
+    out = {}
+    for name, fn in (("zlib-ng", crc32), ("zlib", zlib.crc32)):
+        t0 = time.monotonic()
+        for i in range(0, len(data), 1 << 20):  # in chunks, as a receiver does
+            fn(data[i : i + (1 << 20)])
+        out[name] = len(data) / 1e6 / (time.monotonic() - t0)
+    return out

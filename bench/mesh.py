@@ -1,5 +1,5 @@
 """`cascade up` as a benchmark fixture: its own CASCADE_HOME, a free broker and gateway port,
-stopped with SIGTERM (SIGKILL only if it does not stop)."""
+stopped with SIGTERM (SIGKILL only if it does not stop); and what benchmarks ask a running mesh."""
 
 from __future__ import annotations
 
@@ -12,15 +12,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nats.aio.client import Client as NATS
+
 from cascade.cli.supervisor import die_with_parent_preexec
 from cascade.config import read_mesh_file
+from cascade.natsutil import gather_status
+from cascade.subjects import Subjects
 
 
 class Mesh:
-    def __init__(self, up_args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, up_args: list[str], env: dict[str, str] | None = None, deploy_toml: str | None = None) -> None:
+        """`deploy_toml`: the deployment file's text; it is written into the mesh's own home, which
+        exists only from here on, and passed to `cascade up --config`."""
         self.tmp = tempfile.TemporaryDirectory(prefix="cascade-bench-")
         self.home = Path(self.tmp.name)
         self.args = [sys.executable, "-m", "cascade.cli", "up", "--port", "0", "--nats-port", "0", *up_args]
+        if deploy_toml is not None:
+            deploy = self.home / "deploy.toml"
+            deploy.write_text(deploy_toml)
+            self.args += ["--config", str(deploy)]
         self.env = {**os.environ, "CASCADE_HOME": str(self.home), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
@@ -75,3 +85,10 @@ class Mesh:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def worker_details(nc: NATS, subjects: Subjects, key: str, window_s: float) -> dict[str, Any]:
+    """Per worker, one entry of its status detail (`cascade status --json` shows the same), from a
+    scatter-gather status request answered within `window_s`."""
+    status = await gather_status(nc, subjects, window_s, requester="bench")
+    return {s.instance: s.detail.get(key) for s in status.services if s.service == "worker"}

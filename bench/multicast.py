@@ -4,7 +4,10 @@ Data-plane rows. For each model size and N receivers (separate processes, each a
 like a worker's), every loading mode moves the whole model and times, per receiver, the first unit
 ready, the first decoder layer ready and all units ready:
 
-  chain       the planner's multicast plan: one live holder → R1 → R2 → … (each forwards as it receives)
+  chain       the planner's multicast plan: one live holder → R1 → R2 → … (each forwards as it receives,
+              sending from the buffer it received into)
+  chain-relay the same chain through receivers whose data plane forwards in the kernel (splice/tee,
+              `DataPlaneServer(relay=True)`), on their own receiver processes
   star        the same holder sends to every receiver itself, concurrently
   host-cache  the loader's host cache (checkpoint mmap, pages touched) sends to every receiver
   disk        every receiver reads the checkpoint itself (warm page cache; cold if it can be dropped)
@@ -12,7 +15,9 @@ ready, the first decoder layer ready and all units ready:
 The live holder is emulated by the parent process holding the model in anonymous memory (the host
 cache's "copy" mode); the receivers keep what they received until the run ends, like a worker.
 In the same run, the machine's own limits: one raw loopback TCP stream of the same size (into a
-touched ring buffer, and into one fresh buffer) and a memcpy of the same size (fresh and warm).
+touched ring buffer, and into one fresh buffer), three such streams at once (what moving three
+copies over loopback costs these cores, whatever forwards them), a memcpy of the same size (fresh
+and warm) and the CRC-32's speed.
 
 Mesh rows (`--mesh-modes`, default multicast and disk). The real thing end to end: a nats-server, a
 `cascade loader` and N+1 `cascade worker` processes. One worker loads the model first (from disk);
@@ -47,9 +52,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HIDDEN = 1024
-MODES = ("chain", "star", "host-cache", "disk")
+MODES = ("chain", "chain-relay", "star", "host-cache", "disk")
+LINK_MODES = ("chain", "chain-relay", "star")
 MESH_MODES = ("multicast", "disk")
-PLANNER_MODE = {"chain": "multicast", "star": "star", "host-cache": "host-cache", "disk": "disk", "disk-cold": "disk"}
+PLANNER_MODE = {
+    "chain": "multicast",
+    "chain-relay": "multicast",
+    "star": "star",
+    "host-cache": "host-cache",
+    "disk": "disk",
+    "disk-cold": "disk",
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -113,6 +126,7 @@ def commit() -> str:
             "cascade/messages.py",
             "services/worker/dataplane.py",
             "services/worker/main.py",
+            "services/worker/loading.py",
             "services/loader",
         ]
         dirty = subprocess.run(["git", "status", "--porcelain", *paths], cwd=REPO, capture_output=True, text=True)
@@ -194,7 +208,7 @@ def run_once(
     num_units = len(unit_nbytes)
     model = model_dir.name
     workers = [WorkerView(p.name, "idle", None, 0, 0, data_addr=p.addr) for p in targets]
-    if mode in ("chain", "star"):
+    if mode in ("chain", "chain-relay", "star"):
         workers.append(WorkerView("holder", "serving", model, num_units, num_units, data_addr="parent:0"))
     snap = MeshSnapshot(tuple(workers), frozenset({model}) if mode == "host-cache" else frozenset())
     req = PlanRequest(model, tuple(p.name for p in targets), PLANNER_MODE[mode], unit_nbytes, str(model_dir))  # type: ignore[arg-type]
@@ -495,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"unknown mesh mode {m!r}; use {','.join(MESH_MODES)}")
     chunk = int(args.chunk_mb * (1 << 20))
 
-    from bench.dpprocs import ReceiverProc, raw_loopback, start_all, stop_all
+    from bench.dpprocs import ReceiverProc, crc_mb_s, raw_loopback, start_all, stop_all
     from cascade.config import cascade_home
     from cascade.models.checkpoint import Checkpoint
     from services.loader.hostcache import HostCache
@@ -519,12 +533,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dtype": "float32",
             "link_gbps": args.link_gbps,
             "mesh_modes": mesh_modes,
+            "checksum": "CRC-32 (zlib's polynomial) computed with zlib-ng",
         },
         "emulated": [
             "all processes on one machine; the network is loopback TCP",
             "the live holder is the benchmark process holding the model in anonymous memory "
             "(host cache 'copy' mode), not a worker serving requests",
             "receivers are DataPlaneServer processes that keep the received tensors, not workers running a model",
+            "chain-relay: the same chain through a second set of receiver processes built with relay=True "
+            "(forwarding in the kernel with splice/tee), measured in the same run",
             "per-unit readiness is timed when the unit is verified in the receiver (no NATS event in this phase)",
             "receivers reserve (allocate and touch) their unit buffers when they get the order, before the "
             "source starts, as a worker does before answering the loader; that time is reported as reserve_s "
@@ -543,16 +560,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--link-gbps {args.link_gbps}: every sending process (the holder and each forwarding receiver) "
             "paces its egress with one token bucket, like a NIC of that speed"
         )
+    relay = "chain-relay" in modes
     procs = [ReceiverProc(f"r{i + 1}", chunk=chunk) for i in range(max(ns))]
+    relay_procs = [ReceiverProc(f"x{i + 1}", chunk=chunk, relay=True) for i in range(max(ns))] if relay else []
     link_procs: list[Any] = []
+    link_relay_procs: list[Any] = []
     cold_note: str | None = "not tried (--no-cold)" if args.no_cold else None
     try:
-        start_all(procs)
+        start_all(procs + relay_procs)
         if args.link_gbps > 0:
             link_procs = [
                 ReceiverProc(f"l{i + 1}", chunk=chunk, egress_bps=args.link_gbps * 1e9) for i in range(max(ns))
             ]
-            start_all(link_procs)
+            if relay:
+                link_relay_procs = [
+                    ReceiverProc(f"lx{i + 1}", chunk=chunk, egress_bps=args.link_gbps * 1e9, relay=True)
+                    for i in range(max(ns))
+                ]
+            start_all(link_procs + link_relay_procs)
         for gb in sizes:
             model_dir = ensure_model(cache_dir, gb)
             ckpt = Checkpoint(model_dir)
@@ -570,7 +595,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"[{gb} GB] machine limits ...", file=sys.stderr, flush=True)
                     raw_ring = raw_loopback(buf.data, fresh=False)
                     raw_fresh = raw_loopback(buf.data, fresh=True)
+                    raw_three = raw_loopback(buf.data, fresh=False, streams=3)
                     mc_fresh, mc_warm = memcpy_seconds(buf)
+                    crc = crc_mb_s(buf.data)
                     info = {
                         "size_gb_requested": gb,
                         "bytes": total,
@@ -579,6 +606,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "dir": str(model_dir),
                         "raw_tcp_ring_mb_s": total / 1e6 / raw_ring,
                         "raw_tcp_fresh_mb_s": total / 1e6 / raw_fresh,
+                        # Per stream, three at once: compare with a 3-hop chain's MB/s per receiver.
+                        "raw_tcp_ring_x3_mb_s": total / 1e6 / raw_three,
+                        "raw_tcp_x3_over_x1": raw_three / raw_ring,
+                        "crc32_zlib_ng_mb_s": crc["zlib-ng"],
+                        "crc32_zlib_mb_s": crc["zlib"],
                         "memcpy_fresh_mb_s": total / 1e6 / mc_fresh,
                         "memcpy_warm_mb_s": total / 1e6 / mc_warm,
                     }
@@ -586,7 +618,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # First touches of fresh memory in a new process are far slower on this VM than
                     # later ones; one unmeasured transfer to every receiver warms that up.
                     run_once("chain", len(procs), procs, model_dir, units, live, hc, chunk, 0, "warmup", args.timeout)
-                    plan: list[tuple[str, int, list[Any], float]] = [(m, n, procs, 0.0) for m in modes for n in ns]
+                    if relay:
+                        run_once("chain", len(procs), relay_procs, model_dir, units, live, hc, chunk, 0, "warmup-x",
+                                 args.timeout)  # fmt: skip
+                    plan: list[tuple[str, int, list[Any], float]] = [
+                        (m, n, relay_procs if m == "chain-relay" else procs, 0.0) for m in modes for n in ns
+                    ]
                     if args.link_gbps > 0:
                         run_once(
                             "chain",
@@ -601,7 +638,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "warmup-l",
                             args.timeout,
                         )
-                        plan += [(m, n, link_procs, args.link_gbps * 1e9) for m in ("chain", "star") for n in ns]
+                        if relay:
+                            run_once("chain", len(procs), link_relay_procs, model_dir, units, live, hc, chunk, 0,
+                                     "warmup-lx", args.timeout)  # fmt: skip
+                        plan += [
+                            (m, n, link_relay_procs if m == "chain-relay" else link_procs, args.link_gbps * 1e9)
+                            for m in LINK_MODES
+                            if m in modes
+                            for n in ns
+                        ]
                     for mode, n, ps, link in plan:
                         rows = []
                         for rep in range(args.repeats):
@@ -639,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row.update(size_gb=round(total / 1e9, 3), layers=len(units) - 2)
                     result["mesh_rows"].append(row)
     finally:
-        stop_all(procs + link_procs)
+        stop_all(procs + relay_procs + link_procs + link_relay_procs)
     result["cold_disk"] = cold_note
     result["targets"] = evaluate(result)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -697,21 +742,28 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
     for info in result["models"]:
         size = round(info["bytes"] / 1e9, 3)
         for link in links:
-            t1, t3 = _row(result, size, "chain", 1, link), _row(result, size, "chain", 3, link)
             s1, s3 = _row(result, size, "star", 1, link), _row(result, size, "star", 3, link)
             tag = f"{size} GB" + (f", link {link:g} GB/s" if link else "")
-            if t1 and t3:
+            for chain in ("chain", "chain-relay"):
+                t1, t3 = _row(result, size, chain, 1, link), _row(result, size, chain, 3, link)
+                if not (t1 and t3):
+                    continue
                 ratio = t3["all_s"] / t1["all_s"]
-                star = f"; star T(3)/T(1) = {s3['all_s'] / s1['all_s']:.2f}" if s1 and s3 else ""
+                # The issue's bars: <= 1.5 on the emulated link (goal 1.2), <= 2.0 on loopback.
+                bar = 1.5 if link else 2.0
+                notes = [f"star T(3)/T(1) = {s3['all_s'] / s1['all_s']:.2f}"] if s1 and s3 else []
+                if not link:
+                    notes.append(f"3 raw TCP streams at once take {info['raw_tcp_x3_over_x1']:.2f}x one")
                 out.append(
                     {
-                        "target": "chain T(3)/T(1) <= 1.5",
+                        "target": f"{chain} T(3)/T(1) <= {bar}",
                         "case": tag,
                         "value": round(ratio, 2),
-                        "met": ratio <= 1.5,
-                        "note": star.lstrip("; "),
+                        "met": ratio <= bar,
+                        "note": "; ".join(notes),
                     }
                 )
+            t1 = _row(result, size, "chain", 1, link)
             if t1 and not link:
                 share = t1["mb_s_per_receiver"] / info["raw_tcp_ring_mb_s"]
                 out.append(
@@ -722,6 +774,20 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
                         "met": share >= 0.5,
                         "note": f"{t1['mb_s_per_receiver']:.0f} vs {info['raw_tcp_ring_mb_s']:.0f} MB/s "
                         f"(raw into a fresh buffer: {info['raw_tcp_fresh_mb_s']:.0f})",
+                    }
+                )
+            t3 = _row(result, size, "chain", 3, link)
+            if t3 and not link:
+                # Three hops move three copies over loopback: the floor is three raw streams at once.
+                share3 = t3["mb_s_per_receiver"] / info["raw_tcp_ring_x3_mb_s"]
+                out.append(
+                    {
+                        "target": "3-hop chain >= 50% of 3 raw loopback streams",
+                        "case": tag,
+                        "value": round(share3, 2),
+                        "met": share3 >= 0.5,
+                        "note": f"{t3['mb_s_per_receiver']:.0f} vs {info['raw_tcp_ring_x3_mb_s']:.0f} MB/s "
+                        "per receiver",
                     }
                 )
             for r in result["rows"]:
@@ -769,13 +835,15 @@ def markdown(result: dict[str, Any]) -> str:
             )
     lines += [
         "",
-        "| model | raw TCP, ring (MB/s) | raw TCP, fresh buffer (MB/s) | memcpy fresh (MB/s) | memcpy warm (MB/s) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| model | raw TCP, ring (MB/s) | raw TCP, 3 streams at once (MB/s each) | raw TCP, fresh buffer (MB/s) "
+        "| memcpy fresh (MB/s) | memcpy warm (MB/s) | CRC-32 zlib-ng (MB/s) | CRC-32 zlib (MB/s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for i in result["models"]:
         lines.append(
-            f"| {i['bytes'] / 1e9:.3f} GB | {i['raw_tcp_ring_mb_s']:.0f} | {i['raw_tcp_fresh_mb_s']:.0f} | "
-            f"{i['memcpy_fresh_mb_s']:.0f} | {i['memcpy_warm_mb_s']:.0f} |"
+            f"| {i['bytes'] / 1e9:.3f} GB | {i['raw_tcp_ring_mb_s']:.0f} | {i['raw_tcp_ring_x3_mb_s']:.0f} | "
+            f"{i['raw_tcp_fresh_mb_s']:.0f} | {i['memcpy_fresh_mb_s']:.0f} | {i['memcpy_warm_mb_s']:.0f} | "
+            f"{i['crc32_zlib_ng_mb_s']:.0f} | {i['crc32_zlib_mb_s']:.0f} |"
         )
     lines += ["", "| target | case | value | met | note |", "| --- | --- | ---: | --- | --- |"]
     for t in result["targets"]:

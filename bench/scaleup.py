@@ -9,7 +9,9 @@ device profile's time) so that instances have capacities of their own on a 2-cor
 load is paced to an emulated disk bandwidth so it takes seconds, as a real model's does. Both
 are recorded in the result. Reports, from the scale decision: the first request served through
 a new instance, all layers loaded, throughput back to 90 % of the new steady state, and TTFT
-p50/p99 inside the loading window. Writes bench/results/scaleup.{json,md,png}.
+p50/p99 inside the loading window. Writes bench/results/scaleup.{json,md,png}: the JSON is a
+summary (every figure of the table, per run); `--raw DIR` also writes the per-request timelines,
+gzip-compressed, to DIR.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import orjson
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, md_table, percentile, write_result
-from bench.mesh import Mesh
+from bench.common import RESULTS, add_raw_option, md_table, percentile, raw_path, result_header, write_result
+from bench.mesh import Mesh, worker_details
 from cascade.config import GenerateSpec
 from cascade.device_profile import load_profile
 from cascade.messages import (
@@ -39,8 +41,6 @@ from cascade.messages import (
     LayerReady,
     ScaleDecision,
     ScaleRequest,
-    ServiceStatus,
-    StatusRequest,
     TokenEvents,
     decode,
     encode,
@@ -87,7 +87,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7, help="arrival process seed")
     p.add_argument("--quick", action="store_true", help="one short configuration, to check the benchmark runs")
     p.add_argument("--no-write", action="store_true")
-    return p.parse_args(argv)
+    add_raw_option(p, "scaleup", "every request's timeline")
+    a = p.parse_args(argv)
+    if a.raw is not None and a.no_write:
+        p.error("--raw and --no-write exclude each other")
+    return a
 
 
 @dataclass
@@ -157,7 +161,7 @@ async def run_config(a: argparse.Namespace, mode: str, target: int, model_dir: P
     load_mb_s = ck.total_nbytes() / 1e6 / a.load_s
     ck.close()
     mesh = Mesh(
-        ["--workers", str(target), "--config", "DEPLOY"],
+        ["--workers", str(target)],
         {
             "CASCADE_DEVICE_PROFILE": a.profile,
             "CASCADE_LOAD_MB_S": f"{load_mb_s:.6f}",
@@ -167,10 +171,8 @@ async def run_config(a: argparse.Namespace, mode: str, target: int, model_dir: P
             "CASCADE_LOG_LEVEL": "warning",
             "CASCADE_EMULATED_TOKEN_SCALE": str(a.token_scale),
         },
+        deploy_toml=deploy,
     )
-    cfg = mesh.home / "deploy.toml"
-    cfg.write_text(deploy)
-    mesh.args[mesh.args.index("DEPLOY")] = str(cfg)
     url = mesh.start()
     try:
         return await drive(a, mesh, url, mode, target)
@@ -235,29 +237,11 @@ async def drive(a: argparse.Namespace, mesh: Mesh, url: str, mode: str, target: 
             tasks.append(asyncio.create_task(one(s, url, r, t0, prompt, a.max_tokens)))
             t_next += rng.expovariate(rate)
         await asyncio.gather(*tasks)
-    hops = await stage_link_stats(nc, subjects)
+    hops = await worker_details(nc, subjects, "stage_link", 1.0)
     await nc.drain()
     out = analyse(a, log, initial, mode, target, rate, cap)
     out["stage_links"] = hops
     return out
-
-
-async def stage_link_stats(nc: Any, subjects: Subjects) -> dict[str, Any]:
-    """Each worker's stage-link figures (bytes and frames each way, one-way frame latency)."""
-    inbox = nc.new_inbox()
-    got: dict[str, Any] = {}
-
-    async def on_reply(m: Any) -> None:
-        st = decode(m.data, ServiceStatus)
-        if st.service == "worker":
-            got[st.instance] = st.detail.get("stage_link")
-
-    sub = await nc.subscribe(inbox, cb=on_reply)
-    await nc.publish(subjects.status(), encode(StatusRequest("bench")), reply=inbox)
-    await nc.flush()
-    await asyncio.sleep(1.0)  # scatter-gather: replies are collected for a fixed window
-    await sub.unsubscribe()
-    return got
 
 
 def analyse(
@@ -367,6 +351,60 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def live_over_stw(rows: list[dict[str, Any]], targets: list[int]) -> list[dict[str, Any]]:
+    """For each target with both modes: live's window p99 TTFT over stop-the-world's."""
+    out = []
+    for target in targets:
+        by = {r["mode"]: r for r in rows if r["target_replicas"] == target}
+        if "live" in by and "stop-the-world" in by:
+            ratio = by["live"]["ttft_window_ms"]["p99"] / by["stop-the-world"]["ttft_window_ms"]["p99"]
+            out.append({"target": target, "live_over_stw_p99_ttft": ratio})
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
+    """The report, from result rows with or without their timelines (a summary's rows render it)."""
+    text = md_table(
+        ["mode", "1→N", "first unit s", "first req via new s", "all loaded s", "first/full",
+         "first token via new s", "tput 90% s", "window TTFT p50 ms", "window TTFT p99 ms", "ok/n"],
+        [
+            [r["mode"], r["target_replicas"], r["first_unit_ready_s"], r["first_request_via_new_s"],
+             r["all_loaded_s"], r["first_via_new_over_full_load"], r["first_token_via_new_s"], r["throughput_90pct_s"],
+             r["ttft_window_ms"]["p50"], r["ttft_window_ms"]["p99"], f"{r['ok']}/{r['requests']}"]
+            for r in rows
+        ],
+    )  # fmt: skip
+    for x in ratios:
+        ratio = x["live_over_stw_p99_ttft"]
+        text += (
+            f"\n1→{x['target']}: live window p99 TTFT is {ratio:.2f}× stop-the-world's "
+            f"({(1 - ratio) * 100:.0f} % lower; target ≥ 40 % lower)."
+        )
+    text += (
+        "\nTarget: first request through the new instance within 25 % of the full-load time (live). "
+        f'"First req via new": the first heartbeat (every {HEARTBEAT_S} s) in which a new instance drives '
+        'a route or runs a request, i.e. computes its layers for it. "First token via new": that request\'s '
+        "first token, later by its wait in the busy instance's queue, which every request takes in arrival "
+        "order (services/worker/engine.py, `_admit`).\n"
+    )
+    for r in rows:
+        if r["mode"] != "live":
+            continue
+        for wid, st in sorted((r.get("stage_links") or {}).items()):
+            if st and st.get("frames_in"):
+                text += (
+                    f"\nStage link into {wid} (live, 1→{r['target_replicas']}): {st['frames_in']} frames, "
+                    f"{st['bytes_in'] / 1e6:.1f} MB in, one-way latency p50 {st['latency_ms_p50']} ms, "
+                    f"p99 {st['latency_ms_p99']} ms."
+                )
+    return text + "\n"
+
+
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a raw result: each row without its per-request timeline (the plot's data)."""
+    return {**raw, "rows": [{k: v for k, v in r.items() if k != "timeline"} for r in raw["rows"]]}
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     targets = [int(x) for x in a.targets.split(",")]
@@ -388,53 +426,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"window TTFT p99 {r['ttft_window_ms']['p99']:.0f} ms",
                     flush=True,
                 )
-    table = md_table(
-        ["mode", "1→N", "first unit s", "first req via new s", "all loaded s", "first/full",
-         "first token via new s", "tput 90% s", "window TTFT p50 ms", "window TTFT p99 ms", "ok/n"],
-        [
-            [r["mode"], r["target_replicas"], r["first_unit_ready_s"], r["first_request_via_new_s"],
-             r["all_loaded_s"], r["first_via_new_over_full_load"], r["first_token_via_new_s"], r["throughput_90pct_s"],
-             r["ttft_window_ms"]["p50"], r["ttft_window_ms"]["p99"], f"{r['ok']}/{r['requests']}"]
-            for r in rows
-        ],
-    )  # fmt: skip
-    ratios = []
-    for target in targets:
-        by = {r["mode"]: r for r in rows if r["target_replicas"] == target}
-        if "live" in by and "stop-the-world" in by:
-            ratio = by["live"]["ttft_window_ms"]["p99"] / by["stop-the-world"]["ttft_window_ms"]["p99"]
-            ratios.append({"target": target, "live_over_stw_p99_ttft": ratio})
-            table += (
-                f"\n1→{target}: live window p99 TTFT is {ratio:.2f}× stop-the-world's "
-                f"({(1 - ratio) * 100:.0f} % lower; target ≥ 40 % lower)."
-            )
-    table += (
-        "\nTarget: first request through the new instance within 25 % of the full-load time (live). "
-        f'"First req via new": the first heartbeat (every {HEARTBEAT_S} s) in which a new instance drives '
-        'a route or runs a request, i.e. computes its layers for it. "First token via new": that request\'s '
-        "first token, later by its wait in the busy instance's queue, which every request takes in arrival "
-        "order (services/worker/engine.py, `_admit`).\n"
-    )
-    for r in rows:
-        if r["mode"] != "live":
-            continue
-        for wid, st in sorted((r.get("stage_links") or {}).items()):
-            if st and st.get("frames_in"):
-                table += (
-                    f"\nStage link into {wid} (live, 1→{r['target_replicas']}): {st['frames_in']} frames, "
-                    f"{st['bytes_in'] / 1e6:.1f} MB in, one-way latency p50 {st['latency_ms_p50']} ms, "
-                    f"p99 {st['latency_ms_p99']} ms."
-                )
-    table += "\n"
+    ratios = live_over_stw(rows, targets)
+    text = markdown(rows, ratios)
     print()
-    print(table)
+    print(text)
     if not a.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         png = RESULTS / "scaleup.png"
         plot(rows, png)
         prof = load_profile(a.profile)
-        payload = {
-            "parameters": {k: v for k, v in vars(a).items()},
+        raw = {
+            **result_header("scaleup"),
+            "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
             "model_spec": {k: getattr(spec, k) for k in GenerateSpec.__slots__},
             "emulated": {
                 "device": prof.describe(),
@@ -447,8 +450,14 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
             "plot": str(png.relative_to(RESULTS.parent.parent)),
         }
-        jp, mp = write_result("scaleup", payload, table + f"\n![latency over time]({png.name})\n")
-        print(f"wrote {jp}, {mp} and {png}")
+        doc = summarise(raw)
+        doc["raw"] = (
+            f"per-request timelines in {raw_path(a.raw, 'scaleup')}"
+            if a.raw is not None
+            else "per-request timelines not kept (python bench/scaleup.py --raw DIR writes them)"
+        )
+        written = write_result("scaleup", doc, text + f"\n![latency over time]({png.name})\n", raw, a.raw)
+        print(f"wrote {', '.join(map(str, written))} and {png}")
     return 0
 
 

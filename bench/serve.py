@@ -24,7 +24,7 @@ import orjson
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import md_table, summary, write_result
+from bench.common import md_table, result_header, summary, write_result
 from bench.mesh import Mesh
 from cascade.config import DEFAULT_MODEL, GenerateSpec
 
@@ -153,7 +153,9 @@ def inprocess_request(engine: Any, tok: Any, prompt: str, max_tokens: int) -> di
     first = 0.0
     while engine.has_work():
         res = engine.step()
-        if not first and any(ev.text or ev.token_ids for _, ev in res.events):
+        # The same mark as the client's through the mesh: the first text it can show (an incomplete
+        # UTF-8 sequence is held back until the token that completes it, on both paths).
+        if not first and any(ev.text for _, ev in res.events):
             first = time.perf_counter()
     end = time.perf_counter()
     return {"ttft": first - t0, "latency": end - t0}
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             "overhead": ov,
             "tokens_per_s_ratio_max_over_min": scaling,
         }
-        jp, mp = write_result("serve", payload, table)
+        jp, mp = write_result("serve", {**result_header("serve"), **payload}, table)
         print(f"wrote {jp} and {mp}")
     return 0
 

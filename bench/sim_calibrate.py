@@ -5,7 +5,7 @@ scaleup.json).
     python bench/sim_calibrate.py              (or: cascade bench sim-calibrate)
     python bench/sim_calibrate.py --seeds 1 --no-write
 
-The burst part builds its plan, emulation and configurations with bench/burst.py's own
+The burst part builds its plan, emulation and configurations with the burst benchmark's own
 functions (`parse`, `make_plan`, `make_emulation`, `make_configs`, `mesh_env`), so the simulated
 mesh gets the same window, rate, token scaling, device profile, loads and knobs as the real one.
 The machine the real runs had is modelled as they emulated it: one accelerator per worker, each
@@ -18,10 +18,13 @@ connections), from its decision-to-ack gaps. Writes bench/results/sim-calibratio
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import random
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +35,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import burst, scaleup
-from bench.common import RESULTS, md_table, write_result
+from bench.burst_configs import CONFIG_KEYS, Config, make_configs, mesh_env
+from bench.burst_plan import MODEL, SPEC, Emulation, Plan, make_emulation, make_plan
+from bench.common import RESULTS, ROOT, md_table, write_result
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.device_profile import load_profile
 from cascade.models.checkpoint import Checkpoint
@@ -51,7 +56,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="simulated runs per configuration, pooled (default 3)")
     p.add_argument("--burst-json", type=Path, default=RESULTS / "burst.json", help="the committed real burst result")
     p.add_argument("--scaleup-json", type=Path, default=RESULTS / "scaleup.json", help="the committed scaleup result")
-    p.add_argument("--configs", default=",".join(burst.CONFIG_KEYS), help="burst configurations to simulate")
+    p.add_argument(
+        "--burst-raw",
+        type=Path,
+        default=None,
+        help="the burst run's raw result (.json or .json.gz, with its decisions and acks; default: the commit "
+        "the summary's `raw` field names, read with git show)",
+    )
+    p.add_argument("--configs", default=",".join(CONFIG_KEYS), help="burst configurations to simulate")
     p.add_argument("--no-scaleup", action="store_true", help="skip the scaleup timeline")
     p.add_argument("--no-write", action="store_true", help="print, write nothing")
     return p.parse_args(argv)
@@ -60,11 +72,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- fitted figures
 
 
-def fitted_setup(real: dict[str, Any], link_s: float, disk_s: float) -> dict[str, float]:
+def raw_runs(real: dict[str, Any], raw_file: Path | None) -> list[dict[str, Any]]:
+    """The committed burst run's runs with their scale decisions and acks. The summary in
+    bench/results keeps neither (bench/burst_results.py), so they come from the raw document:
+    `raw_file`, or the one its `raw` field names ("... git show COMMIT:PATH")."""
+    if raw_file is not None:
+        data = raw_file.read_bytes()
+        doc = json.loads(gzip.decompress(data) if raw_file.suffix == ".gz" else data)
+    elif any("acks" in r for r in real.get("runs", [])):
+        doc = real
+    else:
+        m = re.search(r"git show (\w+):(\S+)", str(real.get("raw", "")))
+        if m is None:
+            raise SystemExit("the burst summary names no raw result; pass --burst-raw")
+        out = subprocess.run(["git", "show", f"{m[1]}:{m[2]}"], cwd=ROOT, capture_output=True, check=True)
+        doc = json.loads(out.stdout)
+    runs: list[dict[str, Any]] = doc.get("runs") or doc["rows"]
+    return runs
+
+
+def fitted_setup(runs: list[dict[str, Any]], link_s: float, disk_s: float) -> dict[str, float]:
     """Time a load took beyond its bytes in the committed run (median over its scale-ups), less
     the messages the simulator already counts (decision, orders there and back, the ack)."""
     loads, disks = [], []
-    for r in real.get("runs") or real["rows"]:
+    for r in runs:
         acks = {k["id"]: k["t"] for k in r.get("acks", [])}
         for d in r.get("decisions", []):
             if d["action"] != "up" or d["id"] not in acks:
@@ -99,18 +130,18 @@ def stage_latency_s(scaleup_json: dict[str, Any]) -> float:
 
 def burst_scenarios(
     ba: argparse.Namespace,
-    plan: burst.Plan,
-    emu: burst.Emulation,
+    plan: Plan,
+    emu: Emulation,
     unit_real: list[int],
     fit: dict[str, float],
     stage_s: float,
     keys: list[str],
     seed: int,
-) -> list[tuple[burst.Config, Scenario]]:
+) -> list[tuple[Config, Scenario]]:
     profile = emu.profile
     scale = emu.emulated_bytes / sum(unit_real)
     units = [round(b * scale) for b in unit_real]
-    shape = model_shape(ba.profile, name=burst.MODEL, layers=burst.SPEC.layers, unit_nbytes=units)
+    shape = model_shape(ba.profile, name=MODEL, layers=SPEC.layers, unit_nbytes=units)
     # The real model's activations cross the stage link: hidden 64 in float32.
     shape = type(shape)(**{**{f: getattr(shape, f) for f in shape.__dataclass_fields__}, "hidden": 64, "act_bytes": 4})
     link_bps = emu.emulated_bytes / emu.link_s
@@ -124,11 +155,11 @@ def burst_scenarios(
         ssd_gb_s=profile.disk_mb_s / 1000,
     )
     out = []
-    arrivals = [Arrival(x.t, burst.MODEL, x.prompt_tokens, x.output_tokens) for x in plan.arrivals]
-    for cfg in burst.make_configs(ba, plan, emu):
+    arrivals = [Arrival(x.t, MODEL, x.prompt_tokens, x.output_tokens) for x in plan.arrivals]
+    for cfg in make_configs(ba, plan, emu):
         if cfg.key not in keys:
             continue
-        env = {**burst.mesh_env(ba, emu), **cfg.env}
+        env = {**mesh_env(ba, emu), **cfg.env}
         settings = MeshSettings(
             heartbeat_s=float(env["CASCADE_HEARTBEAT_S"]),
             metrics_s=float(env["CASCADE_METRICS_S"]),
@@ -150,8 +181,8 @@ def burst_scenarios(
         dep = Deployment(
             (
                 ModelDeployment(
-                    burst.MODEL,
-                    Path("/sim") / burst.MODEL,
+                    MODEL,
+                    Path("/sim") / MODEL,
                     min_replicas=cfg.min_replicas,
                     max_replicas=cfg.max_replicas,
                     policy=cfg.policy,
@@ -161,16 +192,16 @@ def burst_scenarios(
                 ),
             )
         )
-        warm = [Arrival(0.0, burst.MODEL, 16, 4) for _ in range(2 * max(1, cfg.min_replicas))]
+        warm = [Arrival(0.0, MODEL, 16, 4) for _ in range(2 * max(1, cfg.min_replicas))]
         sc = Scenario(
             name=f"burst-{cfg.key}",
             topology=topo,
             settings=settings,
             deployment=dep,
-            models={burst.MODEL: shape},
+            models={MODEL: shape},
             arrivals=arrivals,
-            preload={burst.MODEL: cfg.min_replicas},
-            fill_host_cache=(burst.MODEL,) if cfg.fill_host_cache else (),
+            preload={MODEL: cfg.min_replicas},
+            fill_host_cache=(MODEL,) if cfg.fill_host_cache else (),
             warmup=warm,
             window_s=plan.window_s,
             seed=seed,
@@ -356,13 +387,13 @@ def scaleup_figures(r: Result) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def plot(path: Path, real: dict[str, Any], sims: dict[str, Result], labels: dict[str, str]) -> None:
+def plot(path: Path, real_runs: list[dict[str, Any]], sims: dict[str, Result], labels: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {r["key"]: r for r in real.get("runs", []) if r.get("round") == 1} or {r["key"]: r for r in real["rows"]}
+    runs = {r["key"]: r for r in real_runs if r.get("round", 1) == 1}
     keys = [k for k in sims if k in runs and "timeline" in runs[k]]
     fig, axes = plt.subplots(len(keys), 1, figsize=(11, 2.4 * len(keys)), sharex=True, squeeze=False)
     for ax, k in zip(axes[:, 0], keys, strict=True):
@@ -411,15 +442,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         ]
     )
-    plan = burst.make_plan(ba, ba.profile)
+    plan = make_plan(ba, ba.profile)
     with tempfile.TemporaryDirectory(prefix="cascade-simcal-") as tmp:
-        model_dir = Path(tmp) / burst.MODEL
-        generate_model(model_dir, burst.SPEC)
-        emu = burst.make_emulation(ba, model_dir)
+        model_dir = Path(tmp) / MODEL
+        generate_model(model_dir, SPEC)
+        emu = make_emulation(ba, model_dir)
         ck = Checkpoint(model_dir)
         unit_real = [ck.unit_nbytes(u) for u in range(ck.config.num_units)]
         ck.close()
-    fit = fitted_setup(real, emu.link_s, emu.disk_s)
+    real_runs = raw_runs(real, a.burst_raw)
+    fit = fitted_setup(real_runs, emu.link_s, emu.disk_s)
     stage_s = stage_latency_s(real_scaleup)
     keys = a.configs.split(",")
     scen = {s: burst_scenarios(ba, plan, emu, unit_real, fit, stage_s, keys, s) for s in range(a.seeds)}
@@ -516,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not a.no_write:
         png = RESULTS / "sim-calibration.png"
-        plot(png, real, first_runs, labels)
+        plot(png, real_runs, first_runs, labels)
         payload = {
             "command": "python bench/sim_calibrate.py " + " ".join(argv),
             "parameters": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}},
@@ -538,8 +570,8 @@ def main(argv: list[str] | None = None) -> int:
 def report(
     a: argparse.Namespace,
     ba: argparse.Namespace,
-    plan: burst.Plan,
-    emu: burst.Emulation,
+    plan: Plan,
+    emu: Emulation,
     fit: dict[str, float],
     stage_s: float,
     table: str,

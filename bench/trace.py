@@ -37,8 +37,10 @@ import orjson
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import RESULTS
 from bench.tracelib import (
     DEFAULT_TRACE,
+    LICENCE,
     Arrival,
     RequestRecord,
     ScheduleSpec,
@@ -52,12 +54,6 @@ from bench.tracelib import (
     summarise,
 )
 from cascade.config import DEFAULT_MODEL, read_mesh_file
-
-RESULTS = Path(__file__).resolve().parent / "results"
-LICENCE = (
-    "Azure LLM inference trace 2023, CC BY 4.0. Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini: "
-    '"Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024.'
-)
 
 
 def completions_url(base: str) -> str:

@@ -12,12 +12,13 @@ import csv
 import datetime as dt
 import math
 import random
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+from bench.common import dist_ms
 
 
 def _traces_dir() -> Path:
@@ -32,6 +33,11 @@ def _traces_dir() -> Path:
 
 TRACES_DIR = _traces_dir()
 DEFAULT_TRACE = TRACES_DIR / "azure_llm_2023_code.csv"
+# The notice that goes with the default trace and with any figure derived from it.
+LICENCE = (
+    "Azure LLM inference trace 2023, CC BY 4.0. Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini: "
+    '"Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024.'
+)
 
 
 class TraceError(ValueError):
@@ -298,28 +304,6 @@ class RequestRecord:
         return asdict(self)
 
 
-def percentile(xs: Sequence[float], p: float) -> float:
-    """Linear-interpolated percentile (NaN for no samples)."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def _dist_ms(xs: Sequence[float]) -> dict[str, float]:
-    ms = [x * 1000 for x in xs]
-    return {
-        "n": len(ms),
-        "mean": statistics.fmean(ms) if ms else float("nan"),
-        "p50": percentile(ms, 50),
-        "p95": percentile(ms, 95),
-        "p99": percentile(ms, 99),
-        "max": max(ms) if ms else float("nan"),
-    }
-
-
 def summarise(records: Sequence[RequestRecord], slo_ttft_ms: float, slo_tbt_ms: float) -> dict[str, Any]:
     """Counts, latency distributions and SLO attainment of a replay.
 
@@ -354,10 +338,10 @@ def summarise(records: Sequence[RequestRecord], slo_ttft_ms: float, slo_tbt_ms: 
         "throughput_rps": len(ok) / span if span > 0 else 0.0,
         "tokens_per_s": tokens / span if span > 0 else 0.0,
         "completion_tokens": tokens,
-        "ttft_ms": _dist_ms(ttfts),
-        "itl_ms": _dist_ms(gaps),
-        "tpot_ms": _dist_ms(tpots),
-        "send_lag_ms": _dist_ms(lags),
+        "ttft_ms": dist_ms(ttfts),
+        "itl_ms": dist_ms(gaps),
+        "tpot_ms": dist_ms(tpots),
+        "send_lag_ms": dist_ms(lags),
         "slo": {
             "ttft_ms": slo_ttft_ms,
             "tbt_ms": slo_tbt_ms,

@@ -12,6 +12,7 @@ import bisect
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -52,6 +53,11 @@ def decode(data: bytes, expect: type[T] | None = None) -> T:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         raise MessageError(f"not JSON: {e}") from None
+    return decode_object(obj, expect)
+
+
+def decode_object(obj: Any, expect: type[T] | None = None) -> T:
+    """`decode` for a payload already parsed from JSON (a frame header that carries one)."""
     if not isinstance(obj, dict) or "type" not in obj or "body" not in obj:
         raise MessageError("not a Cascade message (needs 'type' and 'body')")
     name = obj["type"]
@@ -69,54 +75,84 @@ def decode(data: bytes, expect: type[T] | None = None) -> T:
         raise MessageError(f"malformed {name}: {e}") from None
 
 
-_HINTS: dict[type[Any], dict[str, Any]] = {}
-
-
-def _hints(cls: type[Any]) -> dict[str, Any]:
-    h = _HINTS.get(cls)
-    if h is None:
-        names = {f.name for f in dataclasses.fields(cls)}
-        h = {n: t for n, t in get_type_hints(cls).items() if n in names}
-        _HINTS[cls] = h
-    return h
+# Decoding is compiled once per message type: a converter per field, built from its type hint,
+# so a message is checked without inspecting hints on every call (token events arrive every step).
+_BUILDERS: dict[type[Any], Callable[[Any], Any]] = {}
+_Conv = Callable[[Any], Any]
 
 
 def _build(cls: type[Any], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise TypeError(f"{cls.__name__} body must be an object")
-    kwargs = {}
-    for name, hint in _hints(cls).items():
-        if name in body:
-            kwargs[name] = _convert(hint, body[name])
-    return cls(**kwargs)
+    b = _BUILDERS.get(cls)
+    if b is None:
+        b = _BUILDERS[cls] = _compile_builder(cls)
+    return b(body)
 
 
-def _convert(hint: Any, value: Any) -> Any:
+def _compile_builder(cls: type[Any]) -> _Conv:
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = [(n, _converter(t)) for n, t in get_type_hints(cls).items() if n in names]
+
+    def build(body: Any) -> Any:
+        if not isinstance(body, dict):
+            raise TypeError(f"{cls.__name__} body must be an object")
+        return cls(**{name: conv(body[name]) for name, conv in fields if name in body})
+
+    return build
+
+
+def _converter(hint: Any) -> _Conv:
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(typing.cast(type, hint), value)
+        target = typing.cast(type, hint)
+        return lambda value: _build(target, value)
     if origin in (list, tuple):
-        if not isinstance(value, list):
-            raise TypeError(f"expected a list, got {type(value).__name__}")
         (inner, *_) = get_args(hint) or (Any,)
-        out = [_convert(inner, v) for v in value]
-        return tuple(out) if origin is tuple else out
+        item = _converter(inner)
+        exact = inner if inner in (int, str) else None
+
+        def seq(value: Any) -> Any:
+            if not isinstance(value, list):
+                raise TypeError(f"expected a list, got {type(value).__name__}")
+            # Lists of plain ids or strings (token ids, worker ids) are checked without a call per item.
+            if exact is not None and all(isinstance(v, exact) for v in value):
+                out = list(value)
+            else:
+                out = [item(v) for v in value]
+            return tuple(out) if origin is tuple else out
+
+        return seq
     if origin in (Union, types.UnionType):
-        if value is None:
-            return None
-        for arg in get_args(hint):
-            if arg is type(None):
-                continue
-            return _convert(arg, value)
+        arms = [a for a in get_args(hint) if a is not type(None)]
+        inner_conv = _converter(arms[0]) if arms else (lambda v: v)
+        return lambda value: None if value is None else inner_conv(value)
     if origin is Literal:
-        if value not in get_args(hint):
-            raise ValueError(f"{value!r} is not one of {get_args(hint)}")
-        return value
-    if hint is float and isinstance(value, int):
-        return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise TypeError(f"expected {hint.__name__}, got {type(value).__name__}")
-    return value
+        allowed = get_args(hint)
+
+        def literal(value: Any) -> Any:
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {allowed}")
+            return value
+
+        return literal
+    if hint is float:
+
+        def number(value: Any) -> Any:
+            if isinstance(value, float):
+                return value
+            if isinstance(value, int):
+                return float(value)
+            raise TypeError(f"expected float, got {type(value).__name__}")
+
+        return number
+    if hint in (int, str, bool):
+
+        def plain(value: Any) -> Any:
+            if not isinstance(value, hint):
+                raise TypeError(f"expected {hint.__name__}, got {type(value).__name__}")
+            return value
+
+        return plain
+    return lambda value: value
 
 
 # --------------------------------------------------------------------------- errors

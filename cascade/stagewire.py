@@ -1,21 +1,32 @@
-"""Wire format of the stage link: activations and tokens between the workers of a
-pipelined (partial-layer) route, over a direct TCP connection, never the broker.
+"""The stage link's contract: the frames workers of a pipelined (partial-layer) route send each
+other over a direct TCP connection (never the broker), and their wire format.
 
-A frame: 4-byte header length, 8-byte payload length (both little-endian),
-an orjson header, then the raw tensor bytes (may be empty). The header holds
-`kind` and the tensor's dtype and shape; what each kind carries is listed in
-docs/live-scaling.md.
+Frames are typed and versioned like the NATS messages (cascade/messages.py): a frame this build
+does not understand, or a malformed one, is a `StageWireError`, never a half-read dict.
+
+    StageInput   driver/stage → next stage: hidden states of a prompt chunk or one decode token;
+                 the first chunk of a request carries its route, sampling parameters and arrival
+    StageToken   last stage → driver: the token it sampled
+    StageClose   driver → later stages: the request ended, free its KV cache
+    StageError   a stage → driver: this request cannot go on here (why)
+
+On the wire: 4-byte header length, 8-byte payload length (both little-endian), an orjson header
+`{"type", "v", "body", "tensor": {"dtype", "shape"} | null}`, then the raw tensor bytes.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import field
 from typing import Any
 
 import orjson
 import torch
 
+from cascade.messages import MessageError, RouteStage, SamplingParams, decode_object, message
+
 _PREFIX = struct.Struct("<IQ")
+PREFIX_SIZE = _PREFIX.size
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 1 << 34
 
@@ -24,21 +35,67 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class StageWireError(ValueError):
-    pass
+    """A frame that cannot be read: too large, not JSON, an unknown or malformed frame type."""
 
 
-def encode_frame(header: dict[str, Any], tensor: torch.Tensor | None = None) -> list[bytes | memoryview]:
+# --------------------------------------------------------------------------- frames
+
+
+@message("stage_input")
+class StageInput:
+    """Hidden states for the next stage: a prompt chunk (positions start..start+T-1; `final` when
+    it ends the prompt) or one decode token at `pos`. The first chunk of a request (the stage has
+    no state for it yet) carries `route`, this stage's `index` in it, `params` and `arrived_at`."""
+
+    request_id: str
+    prefill: bool
+    pos: int
+    start: int = 0
+    final: bool = True
+    sent_at: float = 0.0  # sender's wall clock, for the link's latency figure
+    route: list[RouteStage] = field(default_factory=list)
+    index: int = 0
+    params: SamplingParams | None = None
+    arrived_at: float = 0.0
+
+
+@message("stage_token")
+class StageToken:
+    request_id: str
+    token: int
+
+
+@message("stage_close")
+class StageClose:
+    request_id: str
+
+
+@message("stage_error")
+class StageError:
+    request_id: str
+    message: str
+
+
+StageFrame = StageInput | StageToken | StageClose | StageError
+FRAME_TYPES: tuple[type[Any], ...] = (StageInput, StageToken, StageClose, StageError)
+
+
+# --------------------------------------------------------------------------- wire
+
+
+def encode_frame(frame: StageFrame, tensor: torch.Tensor | None = None) -> list[bytes | memoryview]:
     """Frame parts to write in order (the tensor's bytes are not copied into one buffer)."""
     payload: memoryview | bytes = b""
+    described: dict[str, Any] | None = None
     if tensor is not None:
         t = tensor.detach().contiguous()
         if t.device.type != "cpu":
             # GPU activations are staged through host memory on this path; a CUDA IPC / NCCL
             # transport would send device memory directly (not exercised on CPU-only machines).
             t = t.cpu()
-        header = {**header, "dtype": _NAMES[t.dtype], "shape": list(t.shape)}
+        described = {"dtype": _NAMES[t.dtype], "shape": list(t.shape)}
         payload = memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else b""  # type: ignore[arg-type]
-    hb = orjson.dumps(header)
+    hb = orjson.dumps({"type": frame.TYPE, "v": frame.VERSION, "body": frame, "tensor": described})  # type: ignore[union-attr]
     return [_PREFIX.pack(len(hb), len(payload)), hb, payload]
 
 
@@ -49,23 +106,35 @@ def split_prefix(prefix: bytes) -> tuple[int, int]:
     return hlen, plen
 
 
-PREFIX_SIZE = _PREFIX.size
-
-
-def decode_frame(header_bytes: bytes, payload: bytes | bytearray) -> tuple[dict[str, Any], torch.Tensor | None]:
+def decode_frame(header_bytes: bytes, payload: bytes | bytearray) -> tuple[StageFrame, torch.Tensor | None]:
     try:
         header = orjson.loads(header_bytes)
     except orjson.JSONDecodeError as e:
         raise StageWireError(f"bad frame header: {e}") from None
-    if not isinstance(header, dict) or "kind" not in header:
-        raise StageWireError("frame header lacks 'kind'")
-    if "dtype" not in header:
-        return header, None
-    dtype = _DTYPES.get(header["dtype"])
-    if dtype is None:
-        raise StageWireError(f"unsupported dtype {header['dtype']!r}")
-    shape = tuple(int(x) for x in header["shape"])
+    try:
+        frame: Any = decode_object(header)
+    except MessageError as e:
+        raise StageWireError(f"bad frame: {e}") from None
+    if not isinstance(frame, FRAME_TYPES):
+        raise StageWireError(f"{type(frame).__name__} is not a stage frame")
+    described = header.get("tensor")
+    if described is None:
+        if payload:
+            raise StageWireError(f"{frame.TYPE} frame carries {len(payload)} bytes but no tensor")
+        return frame, None
+    try:
+        dtype = _DTYPES[described["dtype"]]
+        shape = tuple(int(x) for x in described["shape"])
+    except (KeyError, TypeError, ValueError):
+        raise StageWireError(f"bad tensor description {described!r}") from None
+    expect = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        expect *= d
+    if expect != len(payload):
+        raise StageWireError(
+            f"tensor {list(shape)} {described['dtype']} needs {expect} bytes, frame has {len(payload)}"
+        )
     if not payload:
-        return header, torch.empty(shape, dtype=dtype)
+        return frame, torch.empty(shape, dtype=dtype)
     t = torch.frombuffer(bytearray(payload) if isinstance(payload, bytes) else payload, dtype=dtype)
-    return header, t.reshape(shape)
+    return frame, t.reshape(shape)

@@ -17,7 +17,6 @@ subset is the choice from all of them, on random snapshots.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cascade.messages import SamplingParams
@@ -120,11 +119,8 @@ class Gateway:
             f.wake_all()
 
     # ------------------------------------------------------------------ routing
-    def picker(self, model: str) -> Callable[[frozenset[str]], Route | None]:
-        def pick(avoid: frozenset[str]) -> Route | None:
-            return choose_route(self.candidates(model, avoid), model, avoid, self.live[model])
-
-        return pick
+    def pick(self, model: str, avoid: frozenset[str]) -> Route | None:
+        return choose_route(self.candidates(model, avoid), model, avoid, self.live[model])
 
     def candidates(self, model: str, avoid: frozenset[str] = frozenset()) -> list[InstanceView]:
         """The instances `choose_route` needs to see to decide as it would with all of them
@@ -253,7 +249,7 @@ class Gateway:
         self._wake_all()
 
     # ------------------------------------------------------------------ dispatch
-    def _dispatch(self, route: Route, batch: list[RequestState]) -> None:
+    def dispatch(self, route: Route, batch: list[RequestState]) -> None:
         worker = route.worker_id
         k = route.stages[0].end if route.stages else 0
         tail = route.stages[1].worker_id if route.stages else ""
@@ -424,10 +420,7 @@ class Front:
                 wait_s=s.gw_batch_wait_s,
                 max_queue=s.gw_max_queue,
                 queue_timeout_s=s.gw_queue_timeout_s,
-                pick=gw.picker(name),
-                dispatch=gw._dispatch,
-                on_timeout=self._queue_timeout,
-                on_held=self._held,
+                owner=self,
                 clock=self._clock,
             )
 
@@ -485,13 +478,20 @@ class Front:
             if b.depth:
                 self.kick(model)
 
-    def _queue_timeout(self, st: RequestState) -> None:
+    # ---- the batcher's owner (services.gateway.batcher.Dispatcher) ------------
+    def pick(self, model: str, avoid: frozenset[str]) -> Route | None:
+        return self.gw.pick(model, avoid)
+
+    def dispatch(self, route: Route, batch: list[RequestState]) -> None:
+        self.gw.dispatch(route, batch)
+
+    def expired(self, st: RequestState) -> None:
         req = self.gw.reqs.get(st.request_id)
         if req is not None:
             self.load.failed(req.model)
             self.gw._close(req, "http_error")
 
-    def _held(self) -> None:
+    def holding(self, model: str) -> None:
         """Requests began to wait for room: report now rather than at the next interval."""
         if self._early:
             return

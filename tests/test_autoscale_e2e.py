@@ -49,12 +49,12 @@ from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.service import serve
 from cascade.subjects import Subjects
-from services.gateway.main import GatewayService
-from services.gateway.testing import running_gateway
+from services.gateway.testing import RunningGateway, running_gateway
 from services.loader.main import Loader
 from services.loader.settings import LoaderSettings
 from services.scaler.main import Scaler
-from services.worker.main import WorkerConfig, WorkerService
+from services.worker.main import WorkerService
+from services.worker.settings import WorkerSettings
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -81,7 +81,7 @@ class Mesh:
     subjects: Subjects
     deployment: Deployment
     nc: Any = None
-    gateway: GatewayService | None = None
+    gateway: RunningGateway | None = None
     scaler: Scaler | None = None
     workers: dict[str, WorkerService] = field(default_factory=dict)
     decisions: list[ScaleDecision] = field(default_factory=list)
@@ -94,15 +94,15 @@ class Mesh:
 
     async def add_worker(self, wid: str, **cfg: Any) -> WorkerService:
         svc = WorkerService(
-            WorkerConfig(self.nats_url, self.subjects.prefix, wid, heartbeat_s=HB_S, metrics_s=HB_S, **cfg)
+            WorkerSettings(self.nats_url, self.subjects.prefix, wid, heartbeat_s=HB_S, metrics_s=HB_S, **cfg)
         )
         self.workers[wid] = svc
-        self.start(wid, svc.main(self.stop))
-        await wait_until(lambda: svc.runner is not None and svc.nc is not None, what=f"{wid} started")
+        self.start(wid, serve(svc, svc.settings.nats_url, svc.settings.prefix, self.stop))
+        await wait_until(lambda: svc.started, what=f"{wid} started")
         return svc
 
     def serving(self, name: str) -> list[str]:
-        return sorted(w for w, s in self.workers.items() if s.model_name == name and s.state == "serving")
+        return sorted(w for w, s in self.workers.items() if s.slot.model_name == name and s.slot.state == "serving")
 
     def decided(self, name: str, action: str) -> list[ScaleDecision]:
         return [d for d in self.decisions if d.model == name and d.action == action]
@@ -239,7 +239,7 @@ async def test_a_burst_scales_up_and_the_new_instance_serves(
             (new,) = ack.workers
             assert new != first
             await wait_until(
-                lambda: (e := mesh.workers[new].engine) is not None and sum(e.stats.finished.values()) > 0,
+                lambda: (e := mesh.workers[new].slot.engine) is not None and sum(e.stats.finished.values()) > 0,
                 what="the new instance answering requests",
             )
         finally:
@@ -264,12 +264,12 @@ async def test_keep_alive_scales_to_zero_and_the_next_request_from_zero(
             up = mesh.decided("z", "up")[-1]
             assert len(mesh.decided("z", "up")) == round_ and "scale from zero" in up.reason
             await mesh.done(up)
-            model_ref = weakref.ref(w1.model) if w1.model is not None else None
+            model_ref = weakref.ref(w1.slot.model) if w1.slot.model is not None else None
             await mesh.until_decided("z", "down", round_, what="keep-alive scale-down")
             down = mesh.decided("z", "down")[-1]
             assert "keep-alive" in down.reason and down.target_replicas == 0
             await mesh.done(down)
-            assert w1.state == "idle" and w1.model is None and w1.engine is None
+            assert w1.slot.state == "idle" and w1.slot.model is None and w1.slot.engine is None
             gc.collect()
             assert model_ref is not None and model_ref() is None, "the unloaded model's memory is still held"
 
@@ -298,7 +298,7 @@ async def test_a_model_at_its_minimum_is_not_taken_from_and_one_above_its_need_l
         await mesh.add_worker("w2")
         await request(mesh.nc, subjects.scale_request(), ScaleRequest("a", 2), Ok, timeout=5)
         await wait_until(lambda: len(mesh.serving("a")) == 2, what="a on both workers")
-        held = {w: weakref.ref(s.model) for w, s in mesh.workers.items() if s.model is not None}
+        held = {w: weakref.ref(s.slot.model) for w, s in mesh.workers.items() if s.slot.model is not None}
         status, body = await mesh.complete("b", max_tokens=4)
         assert status == 200, body
         (loan,) = mesh.decided("a", "down")
@@ -317,7 +317,9 @@ async def test_admin_api_changes_the_policy_and_two_stage_sets_batch_limits(
         w1 = await mesh.add_worker("w1", max_batch=6, kv_slots=12)
         await wait_until(lambda: mesh.serving("t") == ["w1"], what="t serving")
         # The two-stage policy holds its instances at its base batch.
-        await wait_until(lambda: w1.engine is not None and w1.engine.max_batch == 3, what="batch limit 3")
+        await wait_until(
+            lambda: w1.slot.engine is not None and w1.slot.engine.figures.max_batch == 3, what="batch limit 3"
+        )
 
         reply = await request(mesh.nc, subjects.scale_deploy(), DeployRequest("t"), DeployReply, timeout=5)
         assert (reply.policy, reply.changed, reply.batch_limit, reply.target_replicas) == ("two-stage", False, 3, 1)
@@ -333,10 +335,17 @@ async def test_admin_api_changes_the_policy_and_two_stage_sets_batch_limits(
         assert proc.returncode == 0, err.decode()
         assert "t: policy rate" in out.decode() and "capacity_tps=50" in out.decode()
         # Off the vertical policy, the worker goes back to its own limit.
-        await wait_until(lambda: w1.engine is not None and w1.engine.max_batch == 6, what="own batch limit again")
+        await wait_until(
+            lambda: w1.slot.engine is not None and w1.slot.engine.figures.max_batch == 6, what="own batch limit again"
+        )
 
         bad = DeployRequest("t", knobs={"speed": 2})
         with pytest.raises(Exception, match="bad_policy: policy rate: unknown knobs"):
             await request(mesh.nc, subjects.scale_deploy(), bad, DeployReply, timeout=5)
         with pytest.raises(Exception, match="unknown_model"):
             await request(mesh.nc, subjects.scale_deploy(), DeployRequest("nope"), DeployReply, timeout=5)
+
+
+def batch_limit(w: WorkerService) -> int | None:
+    eng = w.slot.engine
+    return eng.figures.max_batch if eng is not None else None

@@ -15,7 +15,7 @@ import torch
 
 from bench.dpprocs import ReceiverProc, collect, start_all, stop_all, unit_digest
 from cascade.config import GenerateSpec
-from cascade.framing import ConnHeader, iter_unit_frames, read_status
+from cascade.framing import ConnHeader, TeeRelay, iter_unit_frames, read_status
 from cascade.messages import TransferOrder
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
@@ -56,8 +56,8 @@ def source_digests(ckpt: Checkpoint) -> list[str]:
     return [unit_digest(ckpt.unit_tensors(u)) for u in range(ckpt.config.num_units)]
 
 
-def _procs(n: int) -> Iterator[list[ReceiverProc]]:
-    procs = [ReceiverProc(f"t{i + 1}") for i in range(n)]
+def _procs(n: int, relay: bool = False) -> Iterator[list[ReceiverProc]]:
+    procs = [ReceiverProc(f"t{i + 1}", relay=relay) for i in range(n)]
     start_all(procs)
     try:
         yield procs
@@ -65,9 +65,11 @@ def _procs(n: int) -> Iterator[list[ReceiverProc]]:
         stop_all(procs)
 
 
-@pytest.fixture
-def three() -> Iterator[list[ReceiverProc]]:
-    yield from _procs(3)
+# Both ways of forwarding (send from the buffer, or the kernel relay) through every chain test:
+# same bytes at every hop, and a hop that loses its downstream keeps receiving either way.
+@pytest.fixture(params=[False, True], ids=["copy", "relay"])
+def three(request: pytest.FixtureRequest) -> Iterator[list[ReceiverProc]]:
+    yield from _procs(3, relay=request.param)
 
 
 def _snapshot(procs: list[ReceiverProc], holder_load: int = 0, cached: bool = False) -> MeshSnapshot:
@@ -296,9 +298,31 @@ async def _send_raw(addr: str, parts: list[bytes]) -> None:
     await asyncio.to_thread(go)
 
 
-async def test_corrupted_unit_never_ready_anywhere_in_chain(ckpt: Checkpoint) -> None:
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "copy"])
+async def test_forwarder_passes_on_the_bytes_it_keeps(ckpt: Checkpoint, relay: bool) -> None:
     n = ckpt.config.num_units
-    with DataPlaneServer() as a, DataPlaneServer() as b:
+    with DataPlaneServer(relay=relay) as a, DataPlaneServer() as b:
+        ra, rb = Recorder(), Recorder()
+        wb = b.expect(_order("f1", "k", n), rb.ready, rb.fail)
+        wa = a.expect(_order("f1", "k", n, downstream=b.address), ra.ready, ra.fail)
+        await asyncio.to_thread(send_units, CheckpointSource(ckpt, MODEL), a.address, "f1", "k", list(range(n)))
+        sa, sb = await asyncio.wait_for(asyncio.gather(wa.wait(), wb.wait()), EVENT_TIMEOUT_S)
+    # Through the relay every payload byte went downstream in the kernel, none through a send
+    # from the forwarder's buffer; either way both hops hold the source's bytes, every unit.
+    assert sa.forward_path == ("relay" if relay and TeeRelay.available() else "copy") and sb.forward_path is None
+    assert sa.relayed == (ckpt.total_nbytes() if sa.forward_path == "relay" else 0)
+    assert sa.forward_error is None and not ra.failed and not rb.failed
+    for rec in (ra, rb):
+        assert rec.units == list(range(n))
+        for u in range(n):
+            for name, t in rec.tensors[u].items():
+                assert bytes(tensor_bytes(t)) == bytes(ckpt.raw(name))
+
+
+@pytest.mark.parametrize("relay", [True, False], ids=["relay", "copy"])
+async def test_corrupted_unit_never_ready_anywhere_in_chain(ckpt: Checkpoint, relay: bool) -> None:
+    n = ckpt.config.num_units
+    with DataPlaneServer(relay=relay) as a, DataPlaneServer() as b:
         ra, rb = Recorder(), Recorder()
         b.expect(_order("c1", "k", n), rb.ready, rb.fail)
         a.expect(_order("c1", "k", n, downstream=b.address), ra.ready, ra.fail)

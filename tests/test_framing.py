@@ -2,16 +2,22 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import zlib
 
 import pytest
 
 from cascade.framing import (
+    Channel,
     ChecksumMismatch,
     ConnHeader,
     FramingError,
+    TcpTransport,
+    TeeRelay,
     TensorMeta,
     TransferAborted,
     TruncatedStream,
+    crc32,
     encode_abort,
     encode_status,
     iter_unit_frames,
@@ -105,3 +111,123 @@ def test_bad_magic_and_abort() -> None:
 def test_status() -> None:
     assert read_status(io.BytesIO(encode_status(True)).readinto) == (True, "")
     assert read_status(io.BytesIO(encode_status(False, "bad token")).readinto) == (False, "bad token")
+
+
+def test_crc_is_zlibs_crc32() -> None:
+    # The wire carries zlib's CRC-32; the faster implementation must agree with it byte for byte,
+    # whole and when chained over uneven pieces (as a receiver computes it chunk by chunk).
+    data = os.urandom((1 << 20) + 12345)
+    assert crc32(data) == zlib.crc32(data)
+    running = 0
+    for start, end in ((0, 1), (1, 4097), (4097, 700_001), (700_001, len(data))):
+        running = crc32(memoryview(data)[start:end], running)
+    assert running == zlib.crc32(data)
+    assert crc32(b"") == 0 and crc32(b"x", 0xFFFFFFFF) == zlib.crc32(b"x", 0xFFFFFFFF)
+
+
+# --------------------------------------------------------------------------- the kernel relay
+
+
+def _tcp_pair(transport: TcpTransport) -> tuple[Channel, Channel]:
+    """Two connected channels (connecting end, accepting end) over loopback TCP."""
+    lst = transport.listen("127.0.0.1", 0)
+    try:
+        got: list[Channel] = []
+        th = threading.Thread(target=lambda: got.append(lst.accept()))
+        th.start()
+        client = transport.connect(lst.address, 10)
+        th.join(10)
+        return client, got[0]
+    finally:
+        lst.close()
+
+
+def _drain(chan: Channel, into: bytearray) -> None:
+    buf = memoryview(bytearray(1 << 16))
+    while (n := chan.recv_into(buf)) > 0:
+        into += buf[:n]
+
+
+@pytest.mark.skipif(not TeeRelay.available(), reason="splice/tee are Linux-only")
+def test_relay_receives_and_forwards_the_same_bytes() -> None:
+    t = TcpTransport()
+    (src, up), (down, sink) = _tcp_pair(t), _tcp_pair(t)
+    for ch in (src, up, down, sink):
+        ch.settimeout(10)
+    data = os.urandom(3 * (1 << 20) + 4321)
+    lost: list[str] = []
+    relay = TeeRelay.between(up, down, lost.append)
+    assert relay is not None
+    got_down = bytearray()
+    sender = threading.Thread(target=src.sendall, args=(data,))
+    reader = threading.Thread(target=_drain, args=(sink, got_down))
+    sender.start()
+    reader.start()
+    mine = bytearray(len(data))
+    view, pos = memoryview(mine), 0
+    try:
+        while pos < len(data):  # odd piece sizes: the relay never reads past what it is asked for
+            pos += relay.recv_into(view[pos : min(len(data), pos + 700_001)])
+        down.shutdown()
+        sender.join(10)
+        reader.join(10)
+    finally:
+        relay.close()
+        for ch in (src, up, down, sink):
+            ch.close()
+    assert bytes(mine) == data and bytes(got_down) == data
+    assert relay.spliced == len(data) and relay.forwarding and not lost
+
+
+@pytest.mark.skipif(not TeeRelay.available(), reason="splice/tee are Linux-only")
+def test_relay_that_loses_its_downstream_keeps_receiving() -> None:
+    t = TcpTransport()
+    (src, up), (down, sink) = _tcp_pair(t), _tcp_pair(t)
+    for ch in (src, up, down):
+        ch.settimeout(10)
+    sink.close()  # the next hop is gone before the first byte: forwarding fails, receiving must not
+    data = os.urandom(8 * (1 << 20))
+    lost: list[str] = []
+    relay = TeeRelay.between(up, down, lost.append)
+    assert relay is not None
+    sender = threading.Thread(target=src.sendall, args=(data,))
+    sender.start()
+    mine = bytearray(len(data))
+    view, pos = memoryview(mine), 0
+    try:
+        while pos < len(data):
+            n = relay.recv_into(view[pos:])
+            assert n > 0
+            pos += n
+        sender.join(10)
+    finally:
+        relay.close()
+        for ch in (src, up, down):
+            ch.close()
+    assert bytes(mine) == data
+    assert len(lost) == 1 and not relay.forwarding and relay.spliced < len(data)
+
+
+def test_relay_only_between_kernel_sockets() -> None:
+    class Memory:
+        def recv_into(self, buf: memoryview, /) -> int:
+            return 0
+
+        def sendall(self, data: bytes | memoryview, /) -> None:
+            pass
+
+        def settimeout(self, seconds: float | None, /) -> None:
+            pass
+
+        def shutdown(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    a, b = _tcp_pair(TcpTransport())
+    try:
+        assert TeeRelay.between(Memory(), b, print) is None and TeeRelay.between(a, Memory(), print) is None
+    finally:
+        a.close()
+        b.close()

@@ -24,7 +24,8 @@ class Clock:
 
 
 class Fakes:
-    """`pick` behaves like the router: instances in `avoid` only as a last resort."""
+    """The batcher's owner (`Dispatcher`). `pick` behaves like the router: instances in `avoid`
+    only as a last resort."""
 
     def __init__(self, *instances: str) -> None:
         self.instances = list(instances or ["w1"])
@@ -33,7 +34,7 @@ class Fakes:
         self.held = 0
         self.dispatched = asyncio.Event()
 
-    def pick(self, avoid: frozenset[str]) -> Route | None:
+    def pick(self, model: str, avoid: frozenset[str]) -> Route | None:
         preferred = [w for w in self.instances if w not in avoid] or self.instances
         return Route(preferred[0]) if preferred else None
 
@@ -41,10 +42,10 @@ class Fakes:
         self.batches.append((route.worker_id, [r.request_id for r in batch]))
         self.dispatched.set()
 
-    def on_timeout(self, req: RequestState) -> None:
+    def expired(self, req: RequestState) -> None:
         self.timed_out.append(req.request_id)
 
-    def on_held(self) -> None:
+    def holding(self, model: str) -> None:
         self.held += 1
 
 
@@ -57,10 +58,7 @@ def make(fakes: Fakes, clock: Clock | None = None, **kw: float) -> Batcher:
         wait_s=args["wait_s"],
         max_queue=int(args["max_queue"]),
         queue_timeout_s=args["queue_timeout_s"],
-        pick=fakes.pick,
-        dispatch=fakes.dispatch,
-        on_timeout=fakes.on_timeout,
-        on_held=fakes.on_held,
+        owner=fakes,
         **({"clock": clock} if clock else {}),
     )
 
@@ -242,21 +240,20 @@ def test_a_batch_holds_only_what_the_route_has_room_for_and_the_rest_is_picked_a
     up = ["a"]
     sent: dict[str, int] = {}
 
-    def pick(avoid: frozenset[str]) -> Route | None:
-        free = [w for w in up if sent.get(w, 0) < 2]
-        if not free:
-            return None
-        w = free[0]
-        return Route(w, room=Room(requests=8, prompts=sent.get(w, 0), tokens=100 * sent.get(w, 0), prefill_budget=50))
+    class Rooms(Fakes):
+        def pick(self, model: str, avoid: frozenset[str]) -> Route | None:
+            free = [w for w in up if sent.get(w, 0) < 2]
+            if not free:
+                return None
+            w = free[0]
+            room = Room(requests=8, prompts=sent.get(w, 0), tokens=100 * sent.get(w, 0), prefill_budget=50)
+            return Route(w, room=room)
 
-    def dispatch(route: Route, batch: list[RequestState]) -> None:
-        sent[route.worker_id] = sent.get(route.worker_id, 0) + len(batch)
-        f.dispatch(route, batch)
+        def dispatch(self, route: Route, batch: list[RequestState]) -> None:
+            sent[route.worker_id] = sent.get(route.worker_id, 0) + len(batch)
+            f.dispatch(route, batch)
 
-    b = Batcher(
-        "m", max_batch_size=8, wait_s=60.0, max_queue=8, queue_timeout_s=600.0,
-        pick=pick, dispatch=dispatch, on_timeout=f.on_timeout, clock=clock,
-    )  # fmt: skip
+    b = Batcher("m", max_batch_size=8, wait_s=60.0, max_queue=8, queue_timeout_s=600.0, owner=Rooms("a"), clock=clock)
     for i in range(4):
         r = req(i)
         r.prompt_ids = [1] * 100
@@ -340,20 +337,14 @@ async def test_loop_times_out_queued_requests() -> None:
     f.instances = []
     done = asyncio.Event()
 
-    def on_timeout(r: RequestState) -> None:
-        f.timed_out.append(r.request_id)
-        done.set()
+    class Expiring(Fakes):
+        def expired(self, r: RequestState) -> None:
+            f.timed_out.append(r.request_id)
+            done.set()
 
-    b = Batcher(
-        "m",
-        max_batch_size=4,
-        wait_s=0.0,
-        max_queue=4,
-        queue_timeout_s=0.05,
-        pick=f.pick,
-        dispatch=f.dispatch,
-        on_timeout=on_timeout,
-    )
+    owner = Expiring()
+    owner.instances = []
+    b = Batcher("m", max_batch_size=4, wait_s=0.0, max_queue=4, queue_timeout_s=0.05, owner=owner)
     async with running(b):
         b.submit(req(1))
         await asyncio.wait_for(done.wait(), 10.0)

@@ -19,11 +19,12 @@ from cascade.messages import LoadModel, Ok
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
+from cascade.service import serve
 from cascade.subjects import Subjects
-from services.gateway.main import GatewayService
 from services.gateway.router import serves_fully
-from services.gateway.testing import parse_prometheus, running_gateway, sample
-from services.worker.main import WorkerConfig, WorkerService
+from services.gateway.testing import RunningGateway, parse_prometheus, running_gateway, sample
+from services.worker.main import WorkerService
+from services.worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.e2e
 
@@ -45,12 +46,14 @@ async def workers(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIt
     unit_mb = Checkpoint(model_dir).unit_nbytes(1) / 1e6
     services = {
         # One batch slot: a single long request makes it busy.
-        "full": WorkerService(WorkerConfig(nats_url, subjects.prefix, "full", heartbeat_s=HB_S, max_batch=1)),
+        "full": WorkerService(WorkerSettings(nats_url, subjects.prefix, "full", heartbeat_s=HB_S, max_batch=1)),
         # ~0.5 s per layer: slow enough to catch it half-loaded.
-        "new": WorkerService(WorkerConfig(nats_url, subjects.prefix, "new", heartbeat_s=HB_S, load_mb_s=unit_mb / 0.5)),
+        "new": WorkerService(
+            WorkerSettings(nats_url, subjects.prefix, "new", heartbeat_s=HB_S, load_mb_s=unit_mb / 0.5)
+        ),
     }
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(s.main(stop)) for s in services.values()]
+    tasks = [asyncio.create_task(serve(s, s.settings.nats_url, s.settings.prefix, stop)) for s in services.values()]
     try:
         yield services
     finally:
@@ -66,7 +69,7 @@ async def until(pred: Any, what: str, timeout_s: float = 30.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def view(gw: GatewayService, wid: str) -> Any:
+def view(gw: RunningGateway, wid: str) -> Any:
     return next((v for v in gw.core.registry.views() if v.worker_id == wid), None)
 
 

@@ -43,7 +43,8 @@ def test_json_body() -> None:
 def test_completion_defaults_and_fields() -> None:
     s = completion()
     assert (s.kind, s.model, s.prompt, s.prompt_ids, s.max_tokens) == ("completion", "m", "hi", None, None)
-    assert (s.temperature, s.top_p, s.seed, s.stop, s.stream, s.include_usage) == (1.0, 1.0, None, [], False, False)
+    # Unset sampling fields stay unset here: the model's generation_config.json may set them.
+    assert (s.temperature, s.top_p, s.seed, s.stop, s.stream, s.include_usage) == (None, None, None, [], False, False)
     s = completion(
         max_tokens=5,
         temperature=0,
@@ -332,3 +333,16 @@ def test_model_list() -> None:
         "object": "list",
         "data": [{"id": "a", "object": "model", "created": 9, "owned_by": "cascade"}],
     }
+
+
+def test_unset_sampling_fields_take_the_models_defaults_then_openais() -> None:
+    from services.gateway.core import sampling_params
+
+    bare = completion()
+    assert (sampling_params(bare, 8, {}).temperature, sampling_params(bare, 8, {}).top_p) == (1.0, 1.0)
+    model = {"temperature": 0.6, "top_p": 0.9}
+    p = sampling_params(bare, 8, model)
+    assert (p.temperature, p.top_p, p.max_tokens) == (0.6, 0.9, 8)
+    given = completion(temperature=0, top_p=0.5)
+    p = sampling_params(given, 8, model)
+    assert (p.temperature, p.top_p) == (0.0, 0.5)  # what the request says wins

@@ -41,8 +41,7 @@ from cascade.messages import (
 )
 from cascade.models.generate import generate_model
 from cascade.subjects import Subjects
-from services.gateway.main import GatewayService
-from services.gateway.testing import parse_prometheus, running_gateway, sample
+from services.gateway.testing import RunningGateway, parse_prometheus, running_gateway, sample
 
 pytestmark = pytest.mark.e2e
 
@@ -221,7 +220,7 @@ async def nc(nats_url: str) -> AsyncIterator[NATS]:
 
 
 class Mesh:
-    def __init__(self, gw: GatewayService, nc: NATS, subjects: Subjects) -> None:
+    def __init__(self, gw: RunningGateway, nc: NATS, subjects: Subjects) -> None:
         self.gw, self.nc, self.subjects = gw, nc, subjects
         self.workers: list[FakeWorker] = []
 

@@ -21,9 +21,9 @@ from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import ModelMetrics, ServiceReady, ServiceStatus, StatusRequest, decode, encode
 from cascade.models.generate import generate_model
 from cascade.subjects import Subjects
-from services.gateway.main import GatewayService, add_arguments, settings_from_args
+from services.gateway.main import GatewayService, add_arguments, host, settings_from_args
 from services.gateway.settings import GatewaySettings
-from services.gateway.testing import parse_prometheus, running_gateway, sample
+from services.gateway.testing import RunningGateway, parse_prometheus, running_gateway, sample
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,7 @@ def deployment(tiny_model: Path) -> Deployment:
 
 
 @pytest.fixture
-async def gw(nats_url: str, prefix: str, deployment: Deployment) -> AsyncIterator[GatewayService]:
+async def gw(nats_url: str, prefix: str, deployment: Deployment) -> AsyncIterator[RunningGateway]:
     async with running_gateway(nats_url, prefix, deployment) as svc:
         yield svc
 
@@ -329,11 +329,11 @@ async def test_flags_build_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_stop_is_idempotent_and_safe_after_failed_start(prefix: str, deployment: Deployment) -> None:
     # Nothing listens on port 1: connecting fails, and stop() after that must be harmless.
     settings = GatewaySettings(nats_url="nats://127.0.0.1:1", prefix=prefix, port=0, nats_connect_timeout_s=0.3)
-    svc = GatewayService(settings, deployment)
+    h = host(GatewayService(settings, deployment))
     with pytest.raises(ConnectionError):
-        await svc.start()
-    await svc.stop()
-    await svc.stop()
+        await h.start()
+    await h.stop()
+    await h.stop()
 
 
 async def test_process_serves_and_stops_cleanly_on_sigterm(

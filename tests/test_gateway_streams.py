@@ -1,9 +1,11 @@
-"""StreamHub's per-worker figures the router uses."""
+"""A request's life cycle, and the StreamHub's per-worker figures the router uses."""
 
 from __future__ import annotations
 
-from cascade.messages import SamplingParams
-from services.gateway.streams import RequestState, StreamHub
+import pytest
+
+from cascade.messages import SamplingParams, TokenEvent
+from services.gateway.streams import Failure, Phase, PhaseError, RequestState, StreamHub
 
 
 def req(rid: str, n: int) -> RequestState:
@@ -15,9 +17,46 @@ def test_unstarted_tokens_count_prompts_without_a_token_yet() -> None:
     a, b, c = req("a", 100), req("b", 30), req("c", 7)
     for r, w in ((a, "w1"), (b, "w1"), (c, "w2")):
         hub.open(r)
-        hub.bind(r, w)
+        r.advance(Phase.PREFILL, w)
     assert hub.unstarted_by_worker() == {"w1": (2, 130), "w2": (1, 7)}
-    a.produced = True  # its first token arrived: its prompt is no longer queued there
+    a.advance(Phase.DECODE)  # its first token arrived: its prompt is no longer queued there
     hub.close(c)
     assert hub.unstarted_by_worker() == {"w1": (1, 30)}
     assert hub.inflight_by_worker() == {"w1": 2}
+
+
+def test_the_life_cycle_allows_only_its_transitions() -> None:
+    r = req("r", 3)
+    assert r.phase is Phase.QUEUED and r.worker_id is None and not r.produced
+    with pytest.raises(PhaseError):
+        r.advance(Phase.DECODE)  # no token before a worker has it
+    with pytest.raises(PhaseError):
+        r.advance(Phase.PREFILL)  # dispatched needs a worker
+    r.advance(Phase.PREFILL, "w1")
+    assert r.worker_id == "w1" and r.phase.bound
+    r.advance(Phase.QUEUED)  # the worker turned it away before its first token
+    assert r.worker_id is None
+    r.advance(Phase.PREFILL, "w2")
+    r.advance(Phase.DECODE)
+    assert r.produced and r.worker_id == "w2"
+    with pytest.raises(PhaseError):
+        r.advance(Phase.QUEUED)  # a retry after tokens reached the client would repeat output
+    r.advance(Phase.DONE)
+    assert r.ended and r.worker_id is None
+    for to in Phase:
+        with pytest.raises(PhaseError):
+            r.advance(to)  # nothing follows an end
+
+
+def test_finish_ends_once_done_or_failed_and_frees_the_worker() -> None:
+    hub = StreamHub(on_stray=lambda w, ids: None)
+    ok, bad, err = req("ok", 1), req("bad", 1), req("err", 1)
+    for r in (ok, bad, err):
+        hub.open(r)
+        r.advance(Phase.PREFILL, "w1")
+    hub.finish(ok, TokenEvent("ok", [1], "x", finish_reason="stop"))
+    hub.finish(ok, Failure(503, "late", "x"))  # only the first final event counts
+    hub.finish(bad, Failure(504, "silent", "timeout"))
+    hub.finish(err, TokenEvent("err", [], "", finish_reason="error", error="boom"))
+    assert (ok.phase, bad.phase, err.phase) == (Phase.DONE, Phase.FAILED, Phase.FAILED)
+    assert ok.events.qsize() == 1 and hub.inflight_by_worker() == {}

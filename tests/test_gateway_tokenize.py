@@ -87,6 +87,7 @@ async def test_prepare_gives_transformers_ids(nats_url: str, prefix: str, deploy
     nc = await nats.connect(nats_url)
     try:
         core = GatewayCore(GatewaySettings(nats_url=nats_url, prefix=prefix), deployment, nc)
+        assert await core.catalog.refresh() == {}  # what start() does: the models' files, off the loop
         for m in deployment.models:
             hf = hf_tokenizer(m.path)
             info = core.catalog.get(m.name)

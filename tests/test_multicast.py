@@ -1,7 +1,7 @@
 """Scale-ups through the real loader and real worker services on a real nats-server: the loader
 plans, workers receive, verify, forward and install units, and announce each one.
 
-Workers run in this process (`WorkerService.main(stop)`), except the one a test kills: that one is
+Workers run in this process (`cascade.service.serve`), except the one a test kills: that one is
 a `cascade worker` process, so it can die the way a crashed process does (SIGKILL, no goodbye on
 its sockets)."""
 
@@ -57,7 +57,8 @@ from services.loader.main import Loader
 from services.loader.main import add_arguments as loader_arguments
 from services.loader.settings import settings_from_args
 from services.worker.dataplane import model_unit_tensors, tensor_bytes
-from services.worker.main import WorkerConfig, WorkerService
+from services.worker.main import WorkerService
+from services.worker.settings import WorkerSettings
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -201,12 +202,12 @@ async def _start_mesh(
     settings = settings_from_args(_loader_args(nats_url, s.prefix, *loader_extra))
     loader = Loader(settings, dep, structlog.get_logger().bind(test="mc"))
     workers = {
-        w: WorkerService(WorkerConfig(nats_url, s.prefix, w, heartbeat_s=HB_S, drain_timeout_s=2)) for w in worker_ids
+        w: WorkerService(WorkerSettings(nats_url, s.prefix, w, heartbeat_s=HB_S, drain_timeout_s=2)) for w in worker_ids
     }
     m = Mesh(nc, s, loader, workers)
     await _listen(m)
     tasks.append(asyncio.create_task(serve(loader, nats_url, s.prefix, stop)))
-    tasks += [asyncio.create_task(w.main(stop)) for w in workers.values()]
+    tasks += [asyncio.create_task(serve(w, w.settings.nats_url, w.settings.prefix, stop)) for w in workers.values()]
     return m, stop, tasks
 
 
@@ -222,7 +223,8 @@ async def _stop_mesh(m: Mesh, stop: asyncio.Event, tasks: list[asyncio.Task[Any]
 async def mesh4(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIterator[Mesh]:
     m, stop, tasks = await _start_mesh(nats_url, subjects, model_dir, ["w0", "w1", "w2", "w3"])
     try:
-        await wait_until(lambda: all(w.heartbeat().data_addr for w in m.workers.values()), what="data planes up")
+        up = lambda: all(w.started and w.heartbeat().data_addr for w in m.workers.values())  # noqa: E731
+        await wait_until(up, what="data planes up")
         await m.until(lambda: len(m.loader.table.views(m.loader.clock())) == 4, "loader sees 4 workers")
         yield m
     finally:
@@ -230,7 +232,7 @@ async def mesh4(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIter
 
 
 def _check_model(m: Mesh, worker: str, source_crcs: list[int]) -> None:
-    model = m.workers[worker].model
+    model = m.workers[worker].slot.model
     assert model is not None and model.is_complete()
     got = [_crc(model_unit_tensors(model, u)) for u in range(len(source_crcs))]
     assert got == source_crcs, f"{worker}: units whose bytes differ from the checkpoint: " + str(
@@ -268,7 +270,7 @@ async def test_multicast_to_three_workers(mesh4: Mesh, source_crcs: list[int]) -
     for w in ("w1", "w2", "w3"):
         _check_readiness(m, w, n)
         _check_model(m, w, source_crcs)
-        assert m.workers[w].state == "serving"
+        assert m.workers[w].slot.state == "serving"
     done = {(e.worker_id, e.role) for e in m.events if e.kind == "complete" and e.transfer_id == chain.transfer_id}
     assert done == {("w0", "send"), ("w1", "receive"), ("w2", "receive"), ("w3", "receive")}
     assert not [e for e in m.events if e.kind != "complete"], "no transfer failed"
@@ -336,9 +338,9 @@ async def test_wrong_token_is_refused_and_nothing_is_written(mesh4: Mesh, model_
 
     ok, reason = await asyncio.to_thread(knock)
     assert not ok and reason == "bad token"
-    assert w.model is not None and w.model.ready_units() == [] and not m.ready.get("w3")
+    assert w.slot.model is not None and w.slot.ready == set() and not m.ready.get("w3")
     await request(m.nc, m.s.unload("w3"), UnloadModel(), Ok, timeout=10)
-    assert w.state == "idle"
+    assert w.slot.state == "idle"
 
 
 # --------------------------------------------------------------------------- a member dies

@@ -5,13 +5,14 @@ work together with its own requests. Frames cross the real stage-link encoding."
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cascade.config import GenerateSpec
 from cascade.messages import RouteStage, SamplingParams, TokenEvent
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
-from cascade.stagewire import PREFIX_SIZE, decode_frame, encode_frame, split_prefix
+from cascade.stagewire import PREFIX_SIZE, StageFrame, StageInput, decode_frame, encode_frame, split_prefix
 from services.worker.engine import Engine, Outgoing
 from services.worker.model import LlamaModel
 
@@ -35,8 +36,8 @@ def model(ck: Checkpoint, units: range) -> LlamaModel:
     return m
 
 
-def wire(o: Outgoing) -> tuple[dict, object]:
-    parts = encode_frame(o.header, o.tensor)
+def wire(o: Outgoing) -> tuple[StageFrame, torch.Tensor | None]:
+    parts = encode_frame(o.frame, o.tensor)
     raw = b"".join(bytes(p) for p in parts)
     hlen, _ = split_prefix(raw[:PREFIX_SIZE])
     return decode_frame(raw[PREFIX_SIZE : PREFIX_SIZE + hlen], raw[PREFIX_SIZE + hlen :])
@@ -57,7 +58,7 @@ def run_mesh(engines: dict[str, Engine], max_steps: int = 2000) -> dict[str, lis
             for o in r.outbox:
                 if o.to.worker_id in engines:  # frames to a worker that is gone are lost, as on a real link
                     h, t = wire(o)
-                    engines[o.to.worker_id].stage_message(h, t)  # type: ignore[arg-type]
+                    engines[o.to.worker_id].stage_frame(h, t)
         if not busy:
             return out
     raise AssertionError("pipeline did not finish")
@@ -155,7 +156,7 @@ def test_relayed_stages_do_not_take_batch_slots(ckpt: Checkpoint) -> None:
     n.submit("relay", "g", tok.encode("hello"), SamplingParams(max_tokens=30, ignore_eos=True), route=route)
     for o in n.step().outbox:
         h, t = wire(o)
-        f.stage_message(h, t)  # type: ignore[arg-type]
+        f.stage_frame(h, t)
     for i in range(3):
         f.submit(f"own{i}", "g", tok.encode("abc"), GREEDY)
     f.step()
@@ -174,11 +175,12 @@ def test_relayed_prompts_share_the_step_prefill_budget(ckpt: Checkpoint) -> None
     first = n.step()
     # 16 tokens of budget at half the layers: the 15- and 2-token prompts fit (8.5 tokens), and the
     # 39-token one starts with a chunk of what is left: 7.5 tokens at half the layers is 15.
-    sizes = [(o.header["start"], o.tensor.shape[1], o.header["final"]) for o in first.outbox]  # type: ignore[union-attr]
+    frames = [(o.frame, o.tensor) for o in first.outbox]
+    sizes = [(f.start, t.shape[1], f.final) for f, t in frames if isinstance(f, StageInput) and t is not None]
     assert sizes == [(0, 15, True), (0, 2, True), (0, 15, False)]
     for o in first.outbox:
         h, t = wire(o)
-        f.stage_message(h, t)  # type: ignore[arg-type]
+        f.stage_frame(h, t)
     got = run_mesh({"N": n, "F": f})
     assert {p: toks(v) for p, v in got.items()} == expect
 
@@ -198,7 +200,7 @@ def test_prompts_start_oldest_first_across_own_and_relayed_work(ckpt: Checkpoint
     n.submit("relay", "g", own, GREEDY, route=route, arrived_at=200.0)
     for o in n.step().outbox:
         h, t = wire(o)
-        f.stage_message(h, t)  # type: ignore[arg-type]
+        f.stage_frame(h, t)
     order: list[str] = []
     for _ in range(3):
         f.step()

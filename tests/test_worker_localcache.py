@@ -33,8 +33,10 @@ from cascade.messages import (
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
+from cascade.service import serve
 from cascade.subjects import Subjects
-from services.worker.main import WorkerConfig, WorkerService
+from services.worker.main import WorkerService
+from services.worker.settings import WorkerSettings
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=7)
@@ -51,13 +53,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def worker(nats_url: str, subjects: Subjects) -> AsyncIterator[WorkerService]:
     # Both paces on, so the paced paths run (nothing here asserts a time).
-    cfg = WorkerConfig(
+    cfg = WorkerSettings(
         nats_url, subjects.prefix, "wc", heartbeat_s=0.2, drain_timeout_s=2, load_mb_s=200.0,
         local_cache_mb=16.0, local_cache_mb_s=400.0,
     )  # fmt: skip
     svc = WorkerService(cfg)
     stop = asyncio.Event()
-    task = asyncio.create_task(svc.main(stop))
+    task = asyncio.create_task(serve(svc, svc.settings.nats_url, svc.settings.prefix, stop))
     try:
         yield svc
     finally:
@@ -110,7 +112,7 @@ async def test_a_reload_comes_from_the_local_cache_with_the_same_tokens(
             return [r.unit for r in ready[since:]]
 
         async def loaded_units() -> list[int]:
-            await wait_until(lambda: worker.state == "serving" and len(this_load()) >= UNITS, what="serving")
+            await wait_until(lambda: worker.slot.state == "serving" and len(this_load()) >= UNITS, what="serving")
             return this_load()
 
         async def unload() -> None:

@@ -32,8 +32,10 @@ from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
+from cascade.service import serve
 from cascade.subjects import Subjects
-from services.worker.main import WorkerConfig, WorkerService
+from services.worker.main import WorkerService
+from services.worker.settings import WorkerSettings
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=6, hidden=64, heads=4, kv_heads=2, vocab=320, seed=9)
@@ -52,12 +54,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def mesh(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIterator[dict[str, Any]]:
     unit_mb = Checkpoint(model_dir).unit_nbytes(1) / 1e6
     services = {
-        "full": WorkerService(WorkerConfig(nats_url, subjects.prefix, "full", heartbeat_s=0.2)),
+        "full": WorkerService(WorkerSettings(nats_url, subjects.prefix, "full", heartbeat_s=0.2)),
         # ~0.4 s per layer: slow enough to route through it half-loaded, fast enough for a test.
-        "new": WorkerService(WorkerConfig(nats_url, subjects.prefix, "new", heartbeat_s=0.2, load_mb_s=unit_mb / 0.4)),
+        "new": WorkerService(
+            WorkerSettings(nats_url, subjects.prefix, "new", heartbeat_s=0.2, load_mb_s=unit_mb / 0.4)
+        ),
     }
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(s.main(stop)) for s in services.values()]
+    tasks = [asyncio.create_task(serve(s, s.settings.nats_url, s.settings.prefix, stop)) for s in services.values()]
     nc = await connect(nats_url, "test")
     beating: set[str] = set()
 
@@ -107,7 +111,7 @@ async def test_route_through_a_loading_worker(mesh: dict[str, Any], model_dir: P
 
     await nc.subscribe(s.ready("new"), cb=functools.partial(on_ready))
     await request(nc, s.load("full"), LoadModel("m", str(model_dir)), Ok, timeout=10)
-    await wait_until(lambda: svc["full"].state == "serving", what="full instance serving")
+    await wait_until(lambda: svc["full"].slot.state == "serving", what="full instance serving")
 
     prompt = tok.encode("live scaling")
     await request(nc, s.generate("full"), GenerateBatch("gw", [GenerateRequest("whole", "m", prompt, GREEDY)]),
@@ -116,7 +120,7 @@ async def test_route_through_a_loading_worker(mesh: dict[str, Any], model_dir: P
 
     await request(nc, s.load("new"), LoadModel("m", str(model_dir)), Ok, timeout=10)
     await wait_until(lambda: len(ready) >= 3, what="three units on the new instance")  # embedding + 2 layers
-    assert svc["new"].state == "loading"
+    assert svc["new"].slot.state == "loading"
     k = len(ready) - 1
     assert k < L
     addr = {n: svc[n].link.addr for n in svc}
@@ -138,7 +142,7 @@ async def test_route_through_a_loading_worker(mesh: dict[str, Any], model_dir: P
     long = SamplingParams(max_tokens=60, ignore_eos=True)
     await request(nc, s.generate("new"), GenerateBatch("gw", [GenerateRequest("pinned", "m", prompt, long,
                   route=route)]), BatchReply, timeout=10)  # fmt: skip
-    await wait_until(lambda: svc["new"].state == "serving", what="new instance complete")
+    await wait_until(lambda: svc["new"].slot.state == "serving", what="new instance complete")
     await wait_until(lambda: done(out, "pinned"), what="pinned request")
     assert out["pinned"][-1].finish_reason == "length" and out["pinned"][-1].completion_tokens == 60
     assert tokens(out["pinned"])[:16] == tokens(out["whole"])
@@ -151,7 +155,7 @@ async def test_dead_downstream_stage_fails_the_request(mesh: dict[str, Any], mod
     L = SPEC.layers
     out = await collect(nc, s, "gw2")
     await request(nc, s.load("new"), LoadModel("m", str(model_dir)), Ok, timeout=10)
-    await wait_until(lambda: svc["new"].model is not None and svc["new"].model.has_unit(2), what="two units")
+    await wait_until(lambda: 2 in svc["new"].slot.ready, what="two units")
     # Nobody listens at this address: the stage link cannot connect.
     route = [RouteStage("new", 0, 1, svc["new"].link.addr), RouteStage("ghost", 1, L, "127.0.0.1:9")]
     req = GenerateRequest("lost", "m", tok.encode("hello"), GREEDY, route=route)
@@ -167,8 +171,8 @@ async def test_tail_stage_dying_mid_request_ends_it_with_an_error(mesh: dict[str
     out = await collect(nc, s, "gw3")
     await request(nc, s.load("full"), LoadModel("m", str(model_dir)), Ok, timeout=10)
     await request(nc, s.load("new"), LoadModel("m", str(model_dir)), Ok, timeout=10)
-    await wait_until(lambda: svc["full"].state == "serving", what="full instance serving")
-    await wait_until(lambda: svc["new"].model is not None and svc["new"].model.has_unit(2), what="two units")
+    await wait_until(lambda: svc["full"].slot.state == "serving", what="full instance serving")
+    await wait_until(lambda: 2 in svc["new"].slot.ready, what="two units")
     addr = {n: svc[n].link.addr for n in svc}
     route = [RouteStage("new", 0, 1, addr["new"]), RouteStage("full", 1, L, addr["full"])]
     endless = SamplingParams(max_tokens=100_000, ignore_eos=True)
@@ -180,20 +184,20 @@ async def test_tail_stage_dying_mid_request_ends_it_with_an_error(mesh: dict[str
     await wait_until(lambda: done(out, "doomed"), what="the request to end")
     last = out["doomed"][-1]
     assert last.finish_reason == "error" and "full" in (last.error or "")
-    assert not svc["new"].engine.driven
+    assert not svc["new"].slot.engine.driven
 
 
 async def test_unload_drains_running_requests_first(mesh: dict[str, Any], model_dir: Path) -> None:
     nc, s, svc = mesh["nc"], mesh["subjects"], mesh["svc"]
     out = await collect(nc, s, "gw4")
     await request(nc, s.load("full"), LoadModel("m", str(model_dir)), Ok, timeout=10)
-    await wait_until(lambda: svc["full"].state == "serving", what="full instance serving")
+    await wait_until(lambda: svc["full"].slot.state == "serving", what="full instance serving")
     work = SamplingParams(max_tokens=200, ignore_eos=True)
     batch = GenerateBatch("gw4", [GenerateRequest(f"d{i}", "m", tok.encode(f"drain {i}"), work) for i in range(3)])
     await request(nc, s.generate("full"), batch, BatchReply, timeout=10)
     await wait_until(lambda: all(out.get(f"d{i}") for i in range(3)), what="requests running")
     unload = asyncio.create_task(request(nc, s.unload("full"), UnloadModel("d"), Ok, timeout=60))
-    await wait_until(lambda: svc["full"].state == "draining", what="draining")
+    await wait_until(lambda: svc["full"].slot.state == "draining", what="draining")
     # While draining, new requests are turned away (the gateway routes them elsewhere)...
     late = GenerateBatch("gw4", [GenerateRequest("late", "m", tok.encode("late"), work)])
     reply = await request(nc, s.generate("full"), late, BatchReply, timeout=10)
@@ -202,4 +206,4 @@ async def test_unload_drains_running_requests_first(mesh: dict[str, Any], model_
     await unload
     assert all(out[f"d{i}"][-1].finish_reason == "length" for i in range(3))
     assert all(out[f"d{i}"][-1].completion_tokens == 200 for i in range(3))
-    assert svc["full"].state == "idle" and svc["full"].model is None
+    assert svc["full"].slot.state == "idle" and svc["full"].slot.model is None

@@ -35,8 +35,10 @@ from cascade.messages import (
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
+from cascade.service import serve
 from cascade.subjects import Subjects
-from services.worker.main import WorkerConfig, WorkerService
+from services.worker.main import WorkerService
+from services.worker.settings import WorkerSettings
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=3)
@@ -51,9 +53,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def worker(nats_url: str, subjects: Subjects) -> AsyncIterator[WorkerService]:
-    svc = WorkerService(WorkerConfig(nats_url, subjects.prefix, "w1", heartbeat_s=0.2, drain_timeout_s=2))
+    svc = WorkerService(WorkerSettings(nats_url, subjects.prefix, "w1", heartbeat_s=0.2, drain_timeout_s=2))
     stop = asyncio.Event()
-    task = asyncio.create_task(svc.main(stop))
+    task = asyncio.create_task(serve(svc, svc.settings.nats_url, svc.settings.prefix, stop))
     try:
         yield svc
     finally:
@@ -89,7 +91,7 @@ async def test_load_generate_cancel_unload(
         with pytest.raises(RemoteError, match="busy"):
             await request(nc, subjects.load("w1"), LoadModel("m", str(model_dir)), Ok, timeout=10)
         n = SPEC.layers + 2
-        await wait_until(lambda: len(ready) == n and worker.state == "serving")
+        await wait_until(lambda: len(ready) == n and worker.slot.state == "serving")
         assert [r.unit for r in ready] == list(range(n))
         assert [r.seq for r in ready] == list(range(1, n + 1))
         snap = await request(nc, subjects.snapshot("w1"), SnapshotRequest(), WorkerSnapshot, timeout=5)
@@ -118,7 +120,7 @@ async def test_load_generate_cancel_unload(
         await wait_until(lambda: bool(events.get("forever")) and events["forever"][-1].finish_reason == "cancelled")
 
         await request(nc, subjects.unload("w1"), UnloadModel("d2"), Ok, timeout=10)
-        assert ready[-1].reset and worker.state == "idle"
+        assert ready[-1].reset and worker.slot.state == "idle"
         reply = await request(nc, subjects.generate("w1"), GenerateBatch("gw1", reqs[:1]), BatchReply, timeout=10)
         assert reply.rejected[0].code == "not_ready"
     finally:
@@ -132,10 +134,10 @@ async def _append(store: list, msg) -> None:  # type: ignore[no-untyped-def]
 async def test_instance_metrics_and_a_batch_limit_set_at_run_time(
     nats_url: str, subjects: Subjects, model_dir: Path
 ) -> None:
-    cfg = WorkerConfig(nats_url, subjects.prefix, "w2", heartbeat_s=0.2, max_batch=4, kv_slots=8, metrics_s=0.1)
+    cfg = WorkerSettings(nats_url, subjects.prefix, "w2", heartbeat_s=0.2, max_batch=4, kv_slots=8, metrics_s=0.1)
     svc = WorkerService(cfg)
     stop = asyncio.Event()
-    task = asyncio.create_task(svc.main(stop))
+    task = asyncio.create_task(serve(svc, svc.settings.nats_url, svc.settings.prefix, stop))
     nc = await connect(nats_url, "test-metrics")
     metrics: list[InstanceMetrics] = []
     beats: list[Heartbeat] = []
@@ -146,7 +148,7 @@ async def test_instance_metrics_and_a_batch_limit_set_at_run_time(
         with pytest.raises(RemoteError, match="no_model"):
             await request(nc, subjects.batch_limit("w2"), SetBatchLimit(6), BatchLimit, timeout=5)
         await request(nc, subjects.load("w2"), LoadModel("m", str(model_dir)), Ok, timeout=10)
-        await wait_until(lambda: svc.state == "serving", what="serving")
+        await wait_until(lambda: svc.slot.state == "serving", what="serving")
         # Raised within the KV slots the worker allocated, no further; 0 = back to its own.
         r = await request(nc, subjects.batch_limit("w2"), SetBatchLimit(16, "d-v1", "surge"), BatchLimit, timeout=5)
         assert (r.worker_id, r.model, r.max_batch, r.requested, r.kv_slots) == ("w2", "m", 8, 16, 8)
@@ -167,7 +169,7 @@ async def test_instance_metrics_and_a_batch_limit_set_at_run_time(
         r = await request(nc, subjects.batch_limit("w2"), SetBatchLimit(0), BatchLimit, timeout=5)
         assert r.max_batch == 4
         await request(nc, subjects.unload("w2"), UnloadModel(), Ok, timeout=10)
-        assert svc.state == "idle" and svc.instance_metrics(0.1) is None  # no model, no metrics
+        assert svc.slot.state == "idle" and svc.instance_metrics(0.1) is None  # no model, no metrics
     finally:
         await nc.drain()
         stop.set()

@@ -2,8 +2,8 @@
 
 Admitted requests wait in one bounded queue per model. Once an instance can take
 them, the batcher gathers requests until `max_batch_size` or until
-`wait_s` has passed since the first of them could go, and hands them to
-`dispatch` as one batch (all on the same route). A full batch leaves at once,
+`wait_s` has passed since the first of them could go, and hands them to its
+owner's `dispatch` as one batch (all on the same route). A full batch leaves at once,
 and so does one the route's instance has no room to grow (`Route.room`: its
 batch slots, its prefill backlog, and no more than keeps it level with the next
 instance); what does not fit waits for the next pick.
@@ -11,10 +11,11 @@ One departure from Ray Serve: a request that arrives alone after a quiet spell
 (no arrival in the previous `wait_s`) leaves at once. Workers batch
 continuously, so waiting then would only add `wait_s` to its latency; under
 load, arrivals are dense and batches form as before. While no instance is
-ready, requests stay queued until their own deadline, then `on_timeout` gets
-them. When requests start to wait for room (none was waiting before), `on_held`
-is called once, so the owner can tell the scaler before its next load report.
-The batcher does no I/O: `pick` and `dispatch` are the owner's.
+ready, requests stay queued until their own deadline, then the owner's `expired`
+gets them. When requests start to wait for room (none was waiting before), the
+owner's `holding` is called once, so it can tell the scaler before its next load
+report. The batcher does no I/O: it talks to its owner through one interface,
+`Dispatcher`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,30 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from services.gateway.router import Route
 from services.gateway.streams import RequestState
+
+
+class Dispatcher(Protocol):
+    """What a batcher asks of its owner (the gateway core; fakes in tests)."""
+
+    def pick(self, model: str, avoid: frozenset[str]) -> Route | None:
+        """Where the next batch of `model` goes, avoiding `avoid` unless nothing else serves."""
+        ...
+
+    def dispatch(self, route: Route, batch: list[RequestState]) -> None:
+        """Send `batch` (taken off the queue) along `route`; binds them before returning."""
+        ...
+
+    def expired(self, req: RequestState) -> None:
+        """`req` waited its whole queue timeout for an instance."""
+        ...
+
+    def holding(self, model: str) -> None:
+        """Requests of `model` began to wait for room."""
+        ...
 
 
 class QueueFull(Exception):
@@ -41,10 +63,7 @@ class Batcher:
         wait_s: float,
         max_queue: int,
         queue_timeout_s: float,
-        pick: Callable[[frozenset[str]], Route | None],
-        dispatch: Callable[[Route, list[RequestState]], None],
-        on_timeout: Callable[[RequestState], None],
-        on_held: Callable[[], None] | None = None,
+        owner: Dispatcher,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
@@ -54,10 +73,7 @@ class Batcher:
         self.wait_s = wait_s
         self.max_queue = max_queue
         self.queue_timeout_s = queue_timeout_s
-        self._pick = pick
-        self._dispatch = dispatch
-        self._on_timeout = on_timeout
-        self._on_held = on_held
+        self._owner = owner
         self._holding = False  # requests wait because no instance has room
         self._clock = clock
         self._queue: deque[RequestState] = deque()
@@ -140,12 +156,11 @@ class Batcher:
         if not ready:
             return min(min(r.ready_at for r in self._queue), min(r.deadline for r in self._queue)) - now
         head = ready[0]
-        route = self._pick(frozenset(head.avoid))
+        route = self._owner.pick(self.model, frozenset(head.avoid))
         if route is None:
             if not self._holding:
                 self._holding = True
-                if self._on_held is not None:
-                    self._on_held()
+                self._owner.holding(self.model)
             self._expire(now)
             return None if not self._queue else min(r.deadline for r in self._queue) - now
         # The window never outlasts the head's deadline: with an instance up, it goes rather than expires.
@@ -168,18 +183,18 @@ class Batcher:
                 break
             # A request that already failed on `worker` goes there only if nothing else can serve it.
             if r is not head and worker in r.avoid:
-                alt = self._pick(frozenset(r.avoid))
+                alt = self._owner.pick(self.model, frozenset(r.avoid))
                 if alt is None or alt.worker_id != worker:
                     continue
             batch.append(r)
             tokens += len(r.prompt_ids)
         for r in batch:
             self._queue.remove(r)
-        self._dispatch(route, batch)
+        self._owner.dispatch(route, batch)
         return 0.0 if self._queue else None
 
     def _expire(self, now: float, only_held: bool = False) -> None:
         expired = [r for r in self._queue if r.deadline <= now and not (only_held and r.ready_at <= now)]
         for r in expired:
             self._queue.remove(r)
-            self._on_timeout(r)
+            self._owner.expired(r)

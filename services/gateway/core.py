@@ -3,7 +3,7 @@ and the token stream back, over NATS. The HTTP side (app.py) only validates,
 calls `prepare` / `admit` / `next_event` / `release`, and formats.
 
 A request's life: `admit` queues it in its model's `Batcher`; the batcher picks
-an instance through the router and `_dispatch`es a batch as one
+an instance through the router (`pick`) and `dispatch`es a batch as one
 `GenerateBatch`; the worker's `TokenEvents` reach the request through the
 `StreamHub`. When the worker turns a request away, does not answer, or dies
 before the first token, the request goes back to the front of the queue (a
@@ -18,7 +18,7 @@ import contextlib
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -37,7 +37,6 @@ from cascade.messages import (
     MessageError,
     RemoteError,
     SamplingParams,
-    ServiceReady,
     ServiceStatus,
     StatusRequest,
     TokenEvent,
@@ -56,7 +55,7 @@ from services.gateway.openai_api import ApiError, GenerationSpec
 from services.gateway.registry import Registry
 from services.gateway.router import Route, choose_route, models_without_instance, serves_fully
 from services.gateway.settings import GatewaySettings
-from services.gateway.streams import Failure, RequestState, StreamHub
+from services.gateway.streams import Failure, Phase, RequestState, StreamHub
 
 # Texts longer than this are tokenised in a thread, so one huge prompt does not stall every stream.
 _THREAD_TOKENISE_CHARS = 32 * 1024
@@ -66,17 +65,26 @@ _OVERLOAD_BACKOFF_MAX_S = 1.0
 # Rejections that say the instance cannot take work now, while another may: send the request
 # elsewhere and keep the instance out of routing until its next heartbeat.
 _RETRYABLE = frozenset({"draining", "wrong_model", "not_ready"})
+# A model whose files could not be read is read again this often (they may appear after start).
+_CATALOG_RETRY_S = 5.0
 
 
 class GatewayCore:
-    def __init__(self, settings: GatewaySettings, deployment: Deployment, nc: NATS, logger: Any = None) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        deployment: Deployment,
+        nc: NATS,
+        logger: Any = None,
+        tasks: natsutil.TaskSet | None = None,
+    ) -> None:
         self.settings = settings
         self.id = settings.gateway_id
         self.nc = nc
         self.subjects = Subjects(settings.prefix)
         self.log = logger or structlog.get_logger().bind(service="gateway", gateway_id=self.id)
         self.catalog = ModelCatalog(deployment)
-        self.tasks = natsutil.TaskSet(self.log)
+        self.tasks = tasks or natsutil.TaskSet(self.log)
         self.hub = StreamHub(on_stray=self._cancel_on)
         self.registry = Registry(settings.heartbeat_s)
         self.feed = WorkerFeed(
@@ -94,10 +102,7 @@ class GatewayCore:
                 wait_s=settings.batch_wait_timeout_s,
                 max_queue=settings.max_queue,
                 queue_timeout_s=settings.queue_timeout_s,
-                pick=self._picker(name),
-                dispatch=self._dispatch,
-                on_timeout=self._queue_timeout,
-                on_held=self._report_early,
+                owner=self,
             )
             for name in self.catalog.names()
         }
@@ -116,7 +121,7 @@ class GatewayCore:
 
     # ---- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
-        for name, err in self.catalog.preload().items():
+        for name, err in (await self.catalog.refresh()).items():
             self.log.warning("model_unavailable", model=name, error=err)
         self._started = True
         self._subs.append(await self.nc.subscribe(self.subjects.tokens(self.id), cb=self._on_tokens_msg))
@@ -128,18 +133,16 @@ class GatewayCore:
             self.tasks.spawn(b.run(), name=f"batcher-{name}")
         self.tasks.spawn(self.feed.run_reaper(), name="reaper")
         self.tasks.spawn(self._report_loop(), name="load-report")
+        self.tasks.spawn(self._catalog_loop(), name="catalog")
         # The subscriptions must be in place at the server before a worker is told our id.
         await self.nc.flush()
-
-    async def announce_ready(self) -> None:
-        await self.nc.publish(self.subjects.service_ready(), encode(ServiceReady("gateway", self.id, os.getpid())))
 
     def begin_shutdown(self) -> None:
         """Stop admitting. Queued requests that no instance can take fail now rather than be
         cut off when the grace period ends; running ones may finish."""
         self.accepting = False
         for name, b in self.batchers.items():
-            if self._picker(name)(frozenset()) is None:
+            if self.pick(name, frozenset()) is None:
                 for req in b.take_all():
                     self.hub.finish(req, Failure(503, "the gateway is shutting down", "shutting_down", 1))
 
@@ -196,6 +199,8 @@ class GatewayCore:
         ctx = info.context_len
         if spec.max_tokens is not None:
             max_tokens = spec.max_tokens
+        elif "max_new_tokens" in info.defaults:  # the model's generation_config.json
+            max_tokens = max(1, min(int(info.defaults["max_new_tokens"]), ctx - len(ids)))
         elif spec.kind == "chat":
             max_tokens = max(ctx - len(ids), 1)  # OpenAI chat: up to the rest of the context
         else:
@@ -216,20 +221,14 @@ class GatewayCore:
         """Queue a request; 429 when its model's queue is full, 503 while shutting down."""
         if not self.accepting:
             raise ApiError(503, "the gateway is shutting down", code="shutting_down", retry_after_s=1)
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            seed=spec.seed,
-            stop=spec.stop,
-            ignore_eos=spec.ignore_eos,
-        )
+        params = sampling_params(spec, max_tokens, info.defaults)
         req = RequestState(request_id=request_id, model=info.name, prompt_ids=prompt_ids, params=params)
         self.load.arrival(info.name, len(prompt_ids), time.time())
         self.hub.open(req)
         try:
             self.batchers[info.name].submit(req)
         except QueueFull as e:
+            req.advance(Phase.FAILED)
             self.hub.close(req)
             self.load.failed(info.name)
             raise ApiError(
@@ -246,9 +245,8 @@ class GatewayCore:
             try:
                 return await asyncio.wait_for(req.events.get(), timeout)
             except TimeoutError:
-                if req.worker_id is None and not req.finished and req.model in self.batchers:
-                    if self.batchers[req.model].is_queued(req):
-                        continue
+                if req.phase is Phase.QUEUED and self.batchers[req.model].is_queued(req):
+                    continue
                 failure = Failure(
                     504,
                     f"no output from worker {req.worker_id or '?'} for {timeout:g}s; request abandoned",
@@ -260,33 +258,30 @@ class GatewayCore:
     def release(self, req: RequestState) -> None:
         """The handler is done with `req` (answered, failed, or its client left): forget it,
         and stop its worker if it is still generating."""
-        if not req.finished:
-            req.cancelled = True
+        worker = req.worker_id
+        if not req.ended:
+            req.advance(Phase.CANCELLED)
         b = self.batchers.get(req.model)
         if b is not None:
             b.discard(req)
-        worker = self.hub.close(req)
-        if worker is not None and not req.finished:
+        self.hub.close(req)
+        if worker is not None:
             self.log.info("request_cancelled", request_id=req.request_id, worker_id=worker)
             self._cancel_on(worker, [req.request_id])
 
     def _give_up(self, req: RequestState, failure: Failure) -> None:
         worker = req.worker_id
-        req.cancelled = True
         self.hub.finish(req, failure)
         if worker is not None:
             self._cancel_on(worker, [req.request_id])
 
     # ---- routing and dispatch ----------------------------------------------
-    def _picker(self, model: str) -> Callable[[frozenset[str]], Route | None]:
+    # ---- the batchers' Dispatcher --------------------------------------------
+    def pick(self, model: str, avoid: frozenset[str]) -> Route | None:
         dep = self.catalog.deployment.get(model)
         live = dep is None or dep.scaling == "live"
-
-        def pick(avoid: frozenset[str]) -> Route | None:
-            views = self.registry.views(self.hub.inflight_by_worker(), self.hub.unstarted_by_worker())
-            return choose_route(views, model, avoid, live)
-
-        return pick
+        views = self.registry.views(self.hub.inflight_by_worker(), self.hub.unstarted_by_worker())
+        return choose_route(views, model, avoid, live)
 
     def _wake_queued(self, model: str) -> None:
         """Requests of `model` held in its queue may find room now."""
@@ -298,12 +293,12 @@ class GatewayCore:
         for b in self.batchers.values():
             b.wake()
 
-    def _dispatch(self, route: Route, batch: list[RequestState]) -> None:
+    def dispatch(self, route: Route, batch: list[RequestState]) -> None:
         # Bind before any await: the router's next pick must already count these. A pipelined
         # route is bound to its first stage: that worker drives it and sends its tokens.
         worker = route.worker_id
         for r in batch:
-            self.hub.bind(r, worker)
+            r.advance(Phase.PREFILL, worker)
             r.attempts += 1
         model = batch[0].model
         self.metrics.batches.inc(model=model)
@@ -343,7 +338,7 @@ class GatewayCore:
         rejected = {r.request_id: r for r in reply.rejected}
         for r in batch:
             if r.request_id in accepted:
-                if r.cancelled and r.worker_id is None:
+                if r.ended:
                     # The client left while the batch was on its way; the Cancel sent then may
                     # have reached the worker before the batch did.
                     self._cancel_on(worker, [r.request_id])
@@ -370,7 +365,7 @@ class GatewayCore:
                 self._retry(r, worker, f"{rej.code}: {rej.message}")
 
     def _batch_lost(self, worker: str, batch: list[RequestState], why: str) -> None:
-        lost = [r for r in batch if r.worker_id == worker and not r.produced]
+        lost = [r for r in batch if r.worker_id == worker and r.phase is Phase.PREFILL]
         if not lost:
             return
         self.log.warning("batch_lost", worker_id=worker, size=len(lost), error=why)
@@ -380,10 +375,8 @@ class GatewayCore:
             self._retry(r, worker, why)
 
     def _retry(self, req: RequestState, worker: str, why: str, delay_s: float = 0.0) -> None:
-        if req.worker_id == worker:
-            self.hub.unbind(req)
-        if req.cancelled or req.finished:
-            return
+        if req.phase is not Phase.PREFILL or req.worker_id != worker:
+            return  # ended, or moved on already
         if req.attempts >= self.settings.max_attempts:
             self.hub.finish(
                 req,
@@ -399,9 +392,10 @@ class GatewayCore:
         self.metrics.retries.inc(model=req.model, reason=reason[:40])
         self.log.info("retry", request_id=req.request_id, worker_id=worker, reason=why, attempt=req.attempts)
         req.avoid.add(worker)
+        req.advance(Phase.QUEUED)
         self.batchers[req.model].requeue(req, delay_s=delay_s, fresh_deadline=delay_s == 0)
 
-    def _queue_timeout(self, req: RequestState) -> None:
+    def expired(self, req: RequestState) -> None:
         self.hub.finish(
             req,
             Failure(
@@ -448,13 +442,13 @@ class GatewayCore:
             if ev.token_ids:
                 self.metrics.tokens.inc(len(ev.token_ids), model=req.model)
                 self.load.generated(req.model, len(ev.token_ids))
-            if (ev.token_ids or ev.text) and not req.produced:
-                req.produced = True
+            if (ev.token_ids or ev.text) and req.phase is Phase.PREFILL:
+                req.advance(Phase.DECODE)
                 # Its prompt is done there: requests held for that instance's prefill backlog may go.
                 self._wake_queued(req.model)
             if ev.finish_reason is None:
                 req.events.put_nowait(ev)
-            elif ev.finish_reason in ("cancelled", "error") and not req.produced and not req.cancelled:
+            elif ev.finish_reason in ("cancelled", "error") and req.phase is Phase.PREFILL:
                 # Nothing reached the client yet, so another instance can start it afresh (a
                 # pipelined route fails this way when its tail instance goes away).
                 why = ev.error or ("the worker cancelled it" if ev.finish_reason == "cancelled" else "no detail")
@@ -464,13 +458,25 @@ class GatewayCore:
                 # A slot freed up on that worker: requests held in the queue for room may go now.
                 self._wake_queued(req.model)
 
+    async def _catalog_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_CATALOG_RETRY_S)  # a periodic retry, not synchronisation
+            missing = list(self.catalog.unavailable())
+            if not missing:
+                continue
+            errors = await self.catalog.refresh(missing)
+            for name in missing:
+                if name not in errors:
+                    self.log.info("model_available", model=name)
+                    self._wake_queued(name)
+
     # ---- load reports ------------------------------------------------------
     def load_gauges(self) -> dict[str, tuple[int, int]]:
         """(running on a worker, waiting in the queue) per model."""
-        running = Tally(r.model for r in self.hub.open_requests() if r.worker_id is not None)
+        running = Tally(r.model for r in self.hub.open_requests() if r.phase.bound)
         return {name: (running.get(name, 0), b.depth) for name, b in self.batchers.items()}
 
-    def _report_early(self) -> None:
+    def holding(self, model: str) -> None:
         """Requests began to wait for room: the scaler hears of it now rather than on the next
         report, which at a burst's onset is most of the time a scale-up takes."""
         self._report_now.set()
@@ -533,3 +539,16 @@ class GatewayCore:
 
     async def _on_status(self, req: StatusRequest) -> ServiceStatus:
         return ServiceStatus(service="gateway", instance=self.id, pid=os.getpid(), detail=self.status())
+
+
+def sampling_params(spec: GenerationSpec, max_tokens: int, defaults: Mapping[str, Any]) -> SamplingParams:
+    """What the request leaves out comes from the model's generation_config.json (`defaults`, as
+    vLLM's "generation config: auto" takes it), then from OpenAI's defaults."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=spec.temperature if spec.temperature is not None else float(defaults.get("temperature", 1.0)),
+        top_p=spec.top_p if spec.top_p is not None else float(defaults.get("top_p", 1.0)),
+        seed=spec.seed,
+        stop=spec.stop,
+        ignore_eos=spec.ignore_eos,
+    )

@@ -1,10 +1,6 @@
 """The gateway process: flags → settings → NATS → HTTP server, one shutdown path.
 
-In-process use (tests, benchmarks):
-
-    settings = GatewaySettings(nats_url=url, prefix=prefix, port=0)
-    async with GatewayService(settings, deployment) as gw:
-        ...  # gw.url is http://127.0.0.1:<port>, gw.core is the engine
+In-process use (tests, benchmarks): `services.gateway.testing.running_gateway`.
 """
 
 from __future__ import annotations
@@ -16,32 +12,32 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from nats.aio.client import Client as NATS
 
-from cascade import natsutil
 from cascade.cliargs import add_common_arguments, deployment_from_args
 from cascade.config import ConfigError, Deployment, env_float, env_int, env_str
 from cascade.logs import setup_logging
+from cascade.service import Runtime, ServiceHost
 from services.gateway.app import create_app
 from services.gateway.core import GatewayCore
 from services.gateway.settings import GatewaySettings, new_gateway_id
 
-# How long draining NATS may take at shutdown before the connection is just closed.
-_DRAIN_TIMEOUT_S = 5.0
-
 
 class GatewayService:
-    """A running gateway: NATS connection, engine, HTTP server. `stop` is idempotent and safe
-    after a partial `start`."""
+    """The gateway as a service (cascade/service.py): its engine (`core`) on the host's NATS
+    connection, and the HTTP server in front of it."""
+
+    service = "gateway"
 
     def __init__(self, settings: GatewaySettings, deployment: Deployment, logger: Any = None) -> None:
         self.settings = settings
         self.deployment = deployment
         self.log = logger or structlog.get_logger().bind(service="gateway", gateway_id=settings.gateway_id)
         self.port = settings.port
-        self._nc: NATS | None = None
         self._core: GatewayCore | None = None
-        self._runner: web.AppRunner | None = None
+
+    @property
+    def instance(self) -> str:
+        return self.settings.gateway_id
 
     @property
     def id(self) -> str:
@@ -58,50 +54,29 @@ class GatewayService:
             raise RuntimeError("the gateway is not started")
         return self._core
 
-    async def start(self) -> GatewayService:
-        try:
-            self._nc = await natsutil.connect(
-                self.settings.nats_url, f"gateway-{self.id}", self.settings.nats_connect_timeout_s
-            )
-            self._core = GatewayCore(self.settings, self.deployment, self._nc, self.log)
-            self._runner = web.AppRunner(
-                create_app(self._core),
-                # Without this, a handler keeps waiting for tokens after its client has gone.
-                handler_cancellation=True,
-                shutdown_timeout=self.settings.shutdown_grace_s,
-                access_log=None,
-            )
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
-            await site.start()
-            self.port = int(self._runner.addresses[0][1])
-            self._core.url = self.url
-            await self._core.announce_ready()
-        except BaseException:
-            await self.stop()
-            raise
+    async def start(self, rt: Runtime) -> None:
+        self._core = GatewayCore(self.settings, self.deployment, rt.nc, self.log, tasks=rt.tasks)
+        runner = web.AppRunner(
+            create_app(self._core),
+            # Without this, a handler keeps waiting for tokens after its client has gone.
+            handler_cancellation=True,
+            shutdown_timeout=self.settings.shutdown_grace_s,
+            access_log=None,
+        )
+        await runner.setup()
+        # Stops listening, lets running handlers finish for shutdown_grace_s, cancels the rest, then
+        # closes the engine (cleanup_ctx): all before the host cancels tasks and drains NATS.
+        rt.stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, self.settings.host, self.settings.port)
+        await site.start()
+        self.port = int(runner.addresses[0][1])
+        self._core.url = self.url
         self.log.info("listening", url=self.url, nats_url=self.settings.nats_url, prefix=self.settings.prefix)
-        return self
 
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            # Stops listening, lets running handlers finish for shutdown_grace_s, cancels the rest,
-            # then closes the engine (cleanup_ctx).
-            await runner.cleanup()
-        nc, self._nc = self._nc, None
-        if nc is not None and not nc.is_closed:
-            try:
-                await asyncio.wait_for(nc.drain(), _DRAIN_TIMEOUT_S)
-            except Exception as e:  # draining a broken connection: closing is all that is left
-                self.log.warning("nats_drain_failed", error=repr(e))
-                await nc.close()
 
-    async def __aenter__(self) -> GatewayService:
-        return await self.start()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+def host(service: GatewayService) -> ServiceHost:
+    s = service.settings
+    return ServiceHost(service, s.nats_url, s.prefix, connect_timeout_s=s.nats_connect_timeout_s, logger=service.log)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -195,10 +170,6 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_main(args))
-
-
-async def _main(args: argparse.Namespace) -> int:
     log = setup_logging("gateway", getattr(args, "log_level", None))
     try:
         settings = settings_from_args(args)
@@ -207,23 +178,15 @@ async def _main(args: argparse.Namespace) -> int:
         log.error("bad_config", error=str(e))
         return 2
     log = log.bind(gateway_id=settings.gateway_id, pid=os.getpid())
-    stop = natsutil.stop_event()
-    service = GatewayService(settings, deployment, log)
-    try:
-        await service.start()
-    except (ConnectionError, OSError) as e:
-        log.error("start_failed", error=str(e))
-        return 1
-    failed = service.core.tasks.failed
-    try:
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(failed.wait())]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
-    finally:
-        log.info("stopping", reason="task failed" if failed.is_set() else "signal")
-        await service.stop()
-    return 1 if failed.is_set() else 0
+
+    async def main() -> int:
+        try:
+            return await host(GatewayService(settings, deployment, log)).run()
+        except (ConnectionError, OSError) as e:
+            log.error("start_failed", error=str(e))
+            return 1
+
+    return asyncio.run(main())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,8 +77,9 @@ class GenerationSpec:
     prompt_ids: list[int] | None = None  # completion given as token ids
     messages: list[dict[str, Any]] | None = None  # chat
     max_tokens: int | None = None  # None: the endpoint's default
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # None: not given; the model's generation_config.json default applies, else OpenAI's (1.0).
+    temperature: float | None = None
+    top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -139,8 +140,8 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
     for name in ("max_tokens", "max_completion_tokens") if kind == "chat" else ("max_tokens",):
         if _present(body, name):
             max_tokens = _int(body, name, lo=1)
-    temperature = _number(body, "temperature", 0.0, 2.0) if _present(body, "temperature") else 1.0
-    top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True) if _present(body, "top_p") else 1.0
+    temperature = _number(body, "temperature", 0.0, 2.0) if _present(body, "temperature") else None
+    top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True) if _present(body, "top_p") else None
     for name in ("presence_penalty", "frequency_penalty"):
         if _present(body, name) and _number(body, name, -2.0, 2.0) != 0.0:
             raise _unsupported(name)

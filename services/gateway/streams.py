@@ -1,18 +1,25 @@
-"""Per-request state and the hub that routes token events from workers to the
+"""A request's life in the gateway, and the hub that routes token events from workers to the
 request waiting for them.
 
-Every admitted request has one `RequestState`; its `events` queue receives the
-worker's `TokenEvent`s and, when the gateway gives up on it, one `Failure`. The
-hub knows which worker each request is bound to, which gives the gateway's own
-in-flight count per instance (used by the router) and the list of requests to
-retry or fail when a worker dies.
+Every admitted request has one `RequestState`. Its life is one `Phase`, changed only through
+`RequestState.advance`, which holds the allowed transitions in one table:
+
+    QUEUED ──dispatch──▶ PREFILL ──first token──▶ DECODE ──final event──▶ DONE
+       ▲                    │                        │
+       └──────retry─────────┘                        └──worker lost──▶ MIGRATING ──▶ PREFILL
+    any live phase ──▶ FAILED (the gateway gave up) or CANCELLED (the client left)
+
+While PREFILL or DECODE the request is bound to exactly one worker (`worker_id`); the worker is
+stored there and nowhere else. Its `events` queue receives the worker's `TokenEvent`s and, when
+the gateway gives up on it, one `Failure`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,30 +36,88 @@ class Failure:
     retry_after_s: float | None = None
 
 
+class Phase(enum.Enum):
+    QUEUED = "queued"  # admitted, waiting in its model's queue for an instance
+    PREFILL = "prefill"  # dispatched to a worker, no token yet: another instance may still take it
+    DECODE = "decode"  # tokens reached the client: a failure now is reported, not retried
+    MIGRATING = "migrating"  # its worker was lost mid-stream; being re-sent with the tokens so far
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def live(self) -> bool:
+        return self not in _ENDED
+
+    @property
+    def bound(self) -> bool:
+        """A worker holds the request in this phase."""
+        return self in (Phase.PREFILL, Phase.DECODE)
+
+
+_ENDED = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED})
+
+_ALLOWED: dict[Phase, frozenset[Phase]] = {
+    Phase.QUEUED: frozenset({Phase.PREFILL, Phase.FAILED, Phase.CANCELLED}),
+    # Back to the queue when the worker turned it away or went silent before its first token; DONE
+    # directly when the model ended it without a token (EOS first).
+    Phase.PREFILL: frozenset({Phase.QUEUED, Phase.DECODE, Phase.DONE, Phase.FAILED, Phase.CANCELLED}),
+    Phase.DECODE: frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED, Phase.MIGRATING}),
+    Phase.MIGRATING: frozenset({Phase.PREFILL, Phase.FAILED, Phase.CANCELLED}),
+    Phase.DONE: frozenset(),
+    Phase.FAILED: frozenset(),
+    Phase.CANCELLED: frozenset(),
+}
+
+
+class PhaseError(RuntimeError):
+    """A transition the life cycle does not allow: a bug in the caller, never a client's fault."""
+
+
 @dataclass(eq=False, slots=True)
 class RequestState:
     request_id: str
     model: str
     prompt_ids: list[int]
     params: SamplingParams
-    # Monotonic times: when it may be dispatched (arrival, or after a back-off) and when it
-    # stops waiting for an instance.
+    phase: Phase = Phase.QUEUED
+    worker_id: str | None = None  # set while bound (PREFILL, DECODE), None otherwise
+    # Queue timing (monotonic), the batcher's: when it may be dispatched (arrival, or after a
+    # back-off), when it stops waiting for an instance, and whether it came after a quiet spell.
     ready_at: float = 0.0
     deadline: float = 0.0
+    quiet: bool = False
     arrived_at: float = field(default_factory=time.time)  # wall clock, for workers' prefill order
-    quiet: bool = False  # arrived after a spell with no arrivals: nothing to batch it with
     events: asyncio.Queue[TokenEvent | Failure] = field(default_factory=asyncio.Queue)
-    worker_id: str | None = None
-    produced: bool = False  # a token reached us: retrying elsewhere would repeat output
+    # Retry bookkeeping.
     attempts: int = 0  # dispatches that counted against the retry budget
     overloads: int = 0  # "overloaded" rejections (back-off exponent)
-    avoid: set[str] = field(default_factory=set)
-    cancelled: bool = False  # the client left or the gateway gave up
-    finished: bool = False  # a final event or a failure was delivered
+    avoid: set[str] = field(default_factory=set)  # workers that already failed it
+
+    def advance(self, to: Phase, worker_id: str | None = None) -> None:
+        """Move to `to` (binding `worker_id` when it is PREFILL); raises PhaseError if not allowed."""
+        if to not in _ALLOWED[self.phase]:
+            raise PhaseError(f"request {self.request_id}: {self.phase.value} -> {to.value} is not allowed")
+        if to is Phase.PREFILL:
+            if worker_id is None:
+                raise PhaseError(f"request {self.request_id}: dispatched without a worker")
+            self.worker_id = worker_id
+        elif not to.bound:
+            self.worker_id = None
+        self.phase = to
+
+    @property
+    def ended(self) -> bool:
+        return not self.phase.live
+
+    @property
+    def produced(self) -> bool:
+        """A token reached the client: starting it afresh elsewhere would repeat output."""
+        return self.phase in (Phase.DECODE, Phase.MIGRATING, Phase.DONE)
 
 
 class StreamHub:
-    """Routes `TokenEvents` to requests; tracks which worker holds which request."""
+    """Routes `TokenEvents` to requests; answers which worker holds which request."""
 
     # Requests we stopped listening to, and (worker, request) pairs already told to stop: late
     # events for them are dropped quietly instead of each engine step triggering another Cancel.
@@ -63,7 +128,6 @@ class StreamHub:
         that worker (the caller cancels them there)."""
         self._on_stray = on_stray
         self._requests: dict[str, RequestState] = {}
-        self._by_worker: dict[str, set[str]] = {}
         self._quiet: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     # ---- registration ------------------------------------------------------
@@ -72,53 +136,37 @@ class StreamHub:
             raise ValueError(f"request id {req.request_id} is already open")
         self._requests[req.request_id] = req
 
-    def close(self, req: RequestState) -> str | None:
-        """Forget `req`; returns the worker it was still bound to (the caller may cancel it there)."""
-        worker = self.unbind(req)
+    def close(self, req: RequestState) -> None:
+        """Forget `req` (its handler is done with it)."""
         self._requests.pop(req.request_id, None)
         self._remember(("", req.request_id))
-        return worker
 
     def _remember(self, key: tuple[str, str]) -> None:
         self._quiet[key] = None
         while len(self._quiet) > self._MEMORY:
             self._quiet.popitem(last=False)
 
-    def bind(self, req: RequestState, worker_id: str) -> None:
-        self.unbind(req)
-        req.worker_id = worker_id
-        self._by_worker.setdefault(worker_id, set()).add(req.request_id)
-
-    def unbind(self, req: RequestState) -> str | None:
-        worker = req.worker_id
-        if worker is not None:
-            ids = self._by_worker.get(worker)
-            if ids is not None:
-                ids.discard(req.request_id)
-                if not ids:
-                    del self._by_worker[worker]
-            req.worker_id = None
-        return worker
-
     # ---- queries -----------------------------------------------------------
+    # Computed from the requests themselves (a few hundred at most), so the worker a request is
+    # bound to is stored once, on the request.
     def inflight(self, worker_id: str) -> int:
-        return len(self._by_worker.get(worker_id, ()))
+        return sum(1 for r in self._requests.values() if r.worker_id == worker_id)
 
     def inflight_by_worker(self) -> dict[str, int]:
-        return {w: len(ids) for w, ids in self._by_worker.items()}
+        return dict(Counter(r.worker_id for r in self._requests.values() if r.worker_id is not None))
 
     def unstarted_by_worker(self) -> dict[str, tuple[int, int]]:
         """Per worker, (prompts, prompt tokens) of this gateway's requests there that have no token
         yet: its prefill backlog as far as this gateway knows, with no heartbeat's delay."""
         out: dict[str, tuple[int, int]] = {}
-        for w, ids in self._by_worker.items():
-            lens = [len(r.prompt_ids) for rid in ids if (r := self._requests.get(rid)) and not r.produced]
-            if lens:
-                out[w] = (len(lens), sum(lens))
+        for r in self._requests.values():
+            if r.phase is Phase.PREFILL and r.worker_id is not None:
+                n, tokens = out.get(r.worker_id, (0, 0))
+                out[r.worker_id] = (n + 1, tokens + len(r.prompt_ids))
         return out
 
     def on_worker(self, worker_id: str) -> list[RequestState]:
-        return [self._requests[r] for r in self._by_worker.get(worker_id, ()) if r in self._requests]
+        return [r for r in self._requests.values() if r.worker_id == worker_id]
 
     def open_requests(self) -> list[RequestState]:
         return list(self._requests.values())
@@ -138,7 +186,7 @@ class StreamHub:
         stray: list[str] = []
         for ev in msg.events:
             req = self._requests.get(ev.request_id)
-            if req is None or req.worker_id != msg.worker_id or req.finished:
+            if req is None or req.worker_id != msg.worker_id or not req.phase.bound:
                 key = (msg.worker_id, ev.request_id)
                 if ev.finish_reason is None and ("", ev.request_id) not in self._quiet and key not in self._quiet:
                     self._remember(key)
@@ -152,8 +200,8 @@ class StreamHub:
     def finish(self, req: RequestState, final: TokenEvent | Failure) -> None:
         """Deliver the last event of `req` (the worker's final one or the gateway's failure).
         Only the first final event counts; the request leaves its worker's in-flight count."""
-        if req.finished:
+        if req.ended:
             return
-        req.finished = True
-        self.unbind(req)
+        ok = isinstance(final, TokenEvent) and final.finish_reason in ("stop", "length")
+        req.advance(Phase.DONE if ok else Phase.FAILED)
         req.events.put_nowait(final)

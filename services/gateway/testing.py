@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cascade.config import Deployment, ModelDeployment
-from services.gateway.main import GatewayService
+from services.gateway.core import GatewayCore
+from services.gateway.main import GatewayService, host
 from services.gateway.settings import GatewaySettings
 
 
@@ -27,17 +28,37 @@ def one_model_deployment(name: str, path: Path, min_replicas: int = 1) -> Deploy
 @contextlib.asynccontextmanager
 async def running_gateway(
     nats_url: str, prefix: str, deployment: Deployment, **overrides: Any
-) -> AsyncIterator[GatewayService]:
+) -> AsyncIterator[RunningGateway]:
     """A gateway on a free port under `prefix`, with any GatewaySettings field overridden;
     stopped on the way out, also on failure. A short shutdown grace keeps teardown quick."""
     overrides.setdefault("shutdown_grace_s", 1.0)
     settings = GatewaySettings(nats_url=nats_url, prefix=prefix, port=0, **overrides)
-    svc = GatewayService(settings, deployment)
-    await svc.start()
-    try:
-        yield svc
-    finally:
-        await svc.stop()
+    running = RunningGateway(GatewayService(settings, deployment))
+    async with running.host:
+        yield running
+
+
+class RunningGateway:
+    """A gateway started in this process: its URL and engine, and `stop` (idempotent)."""
+
+    def __init__(self, service: GatewayService) -> None:
+        self.service = service
+        self.host = host(service)
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    @property
+    def id(self) -> str:
+        return self.service.id
+
+    @property
+    def core(self) -> GatewayCore:
+        return self.service.core
+
+    async def stop(self) -> None:
+        await self.host.stop()
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")

@@ -5,7 +5,8 @@ loader tells the worker, over NATS, which transfer to expect (`cascade.messages.
 transfer id, token, units, downstream hop); `DataPlaneServer.expect` arms that. A connection for
 an unknown transfer or with a wrong token is refused before a byte of payload is read, so nothing
 is written. An accepted connection is received unit by unit (front to back) into one buffer per
-unit; every chunk is forwarded to the downstream hop from the same memory as soon as it is in; a
+unit; every chunk goes on to the downstream hop as soon as it is in, sent from the same memory
+(or, with `relay=True`, spliced in the kernel by `cascade.framing.TeeRelay`); a
 unit is handed to `on_unit_ready` only after its CRC matched. A source streams units with
 `send_units` (cascade.framing, shared with the loader's host cache) from a `Checkpoint` (disk, or
 the host cache's mmap) or, with `TensorSource`, a live worker's tensors.
@@ -28,7 +29,6 @@ import hmac
 import queue
 import threading
 import time
-import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,11 +47,13 @@ from cascade.framing import (
     RateLimiter,
     SendStats,
     TcpTransport,
+    TeeRelay,
     TensorMeta,
     TransferError,
     Transport,
     UnitHeader,
     UnitSource,
+    crc32,
     encode_status,
     read_conn_header,
     read_crc,
@@ -276,6 +278,10 @@ class ReceiveStats:
     reserve_ahead_s: float = 0.0  # reserving the later units on a thread, while the stream ran
     forwarded: bool = False
     forward_error: str | None = None
+    # How unit bodies went downstream: "relay" (spliced in the kernel, see cascade.framing.TeeRelay)
+    # or "copy" (received into the buffer, then sent from it); None when there was no downstream.
+    forward_path: str | None = None
+    relayed: int = 0  # payload bytes the relay spliced downstream
 
 
 class Reception:
@@ -482,8 +488,15 @@ class DataPlaneServer:
         transport: Transport | None = None,
         chunk: int = DEFAULT_CHUNK,
         egress: RateLimiter | None = None,
+        relay: bool = False,
     ) -> None:
         self._host, self._port, self._advertise = host, port, advertise_host
+        # Forward unit bodies in the kernel (`TeeRelay`) where the transport allows. Off by
+        # default: on loopback on the 2-core dev VM it saved the send copy but spent as much CPU
+        # on page-sized splices and made 3-hop chains slower (bench/results/multicast.md, the
+        # chain-relay rows); with a NIC per host it is the path that keeps payload out of user
+        # space on the way out, and the benchmark is how to decide.
+        self._relay = relay
         self._transport = transport or TcpTransport()
         self._chunk = chunk
         # Only the benchmark sets this (emulating a NIC's egress on forwarded bytes).
@@ -694,8 +707,12 @@ class DataPlaneServer:
         egress = self._egress
         dead = False
 
-        def forward(data: bytes | memoryview) -> None:
+        def lost(reason: str) -> None:
             nonlocal dead
+            dead = True
+            r._forward_failed(f"downstream {r.order.downstream} lost: {reason}")
+
+        def forward(data: bytes | memoryview) -> None:
             if down is None or dead:
                 return
             try:
@@ -703,11 +720,16 @@ class DataPlaneServer:
                     egress.acquire(len(data))
                 down.sendall(data)
             except OSError as e:
-                dead = True
-                r._forward_failed(f"downstream {r.order.downstream} lost: {e}")
+                lost(str(e))
 
-        # The CRC runs on its own thread, a chunk behind the socket: zlib.crc32 releases the GIL,
-        # and inline it cost as much as the receive itself (~2 GB/s here).
+        # Unit bodies go downstream in the kernel when both ends are sockets (one copy per hop, not
+        # two); frame headers and CRC trailers, a few bytes each, through `forward`.
+        relay = TeeRelay.between(chan, down, lost, egress) if down is not None and self._relay else None
+        if down is not None:
+            r.stats.forward_path = "relay" if relay is not None else "copy"
+
+        # The CRC runs on its own thread, a chunk behind the socket: crc32 releases the GIL, and
+        # the receiving thread goes straight back to the socket (or the pipes) for the next chunk.
         crc_in: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
         crc_out: queue.SimpleQueue[int] = queue.SimpleQueue()
 
@@ -721,7 +743,7 @@ class DataPlaneServer:
                     continue
                 if not len(piece):
                     return
-                crc = zlib.crc32(piece, crc)
+                crc = crc32(piece, crc)
 
         def chunk_in(piece: memoryview) -> None:
             forward(piece)
@@ -738,8 +760,16 @@ class DataPlaneServer:
                 # One buffer per unit, reserved at expect() when the order gave sizes; tensors
                 # become views of it.
                 buf = stager.buffer(total) if stager is not None else r._buffer(u, total)
+                # Through the relay a body is on its way downstream by the time it is in `buf`.
+                relayed = relay is not None and not dead
                 recv_unit_body(
-                    chan.recv_into, uh, raw_header, buf.data, on_chunk=chunk_in, chunk=self._chunk, checksum=False
+                    relay.recv_into if relay is not None and relayed else chan.recv_into,
+                    uh,
+                    raw_header,
+                    buf.data,
+                    on_chunk=crc_in.put if relayed else chunk_in,
+                    chunk=self._chunk,
+                    checksum=False,
                 )
                 sent_crc, raw_crc = read_crc(chan.recv_into)
                 # Forward the sender's CRC as is: the next hop checks the source's checksum.
@@ -755,6 +785,9 @@ class DataPlaneServer:
                     return
         finally:
             crc_in.put(b"")  # an empty piece ends the worker
+            if relay is not None:
+                r.stats.relayed = relay.spliced
+                relay.close()
         r._complete()
 
 
@@ -797,5 +830,5 @@ def unit_crc(tensors: Mapping[str, torch.Tensor]) -> int:
     """CRC-32 of a unit's tensor bytes in order (what a sender would frame; for checks and tests)."""
     crc = 0
     for t in tensors.values():
-        crc = zlib.crc32(tensor_bytes(t), crc)
+        crc = crc32(tensor_bytes(t), crc)
     return crc

@@ -26,9 +26,12 @@ layers; they are few (they exist while an instance loads), and `step()` runs
 every segment in one `forward_segments` pass so a busy full instance reads
 each weight once per step for its own and the relayed work.
 
-`step()` is synchronous torch work, called in one dedicated executor thread.
-Everything else here is called from the event loop thread and only appends
-to thread-safe deques that `step()` drains.
+Threads: `step()`, `set_max_batch()` and everything that touches sequences or
+the model run on the worker's engine thread (runner.py), the only thread that
+writes this state. The event loop calls `submit`, `cancel`, `stage_frame` and
+`peer_failed`, which only append to thread-safe deques that `step()` drains,
+and reads `figures` (an immutable snapshot the engine thread replaces after
+every step) and `load()`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch
 from cascade.device_profile import LayerWork
 from cascade.messages import RouteStage, SamplingParams, TokenEvent
 from cascade.models.tokenizer import IncrementalDecoder, Tokenizer
+from cascade.stagewire import StageClose, StageError, StageFrame, StageInput, StageToken
 from services.worker.admission import Staged, admit
 from services.worker.model import KVCache, LlamaModel, Segment, prefill_inputs
 from services.worker.sampling import sample_next
@@ -94,7 +98,7 @@ class Sequence:
         return len(self.prompt) + len(self.generated)
 
 
-class StageInput(NamedTuple):
+class Pending(NamedTuple):
     """Hidden states for a relayed stage: a prompt chunk (positions start..start+T-1, `final`
     when it ends the prompt) or one decode token at `pos`."""
 
@@ -116,9 +120,9 @@ class Relayed:
     cache: KVCache
     params: SamplingParams
     generator: torch.Generator | None
-    inputs: collections.deque[StageInput] = field(default_factory=collections.deque)
+    inputs: collections.deque[Pending] = field(default_factory=collections.deque)
     length: int = 0
-    computing: StageInput | None = None  # the input of the step under way
+    computing: Pending | None = None  # the input of the step under way
     arrived_at: float = 0.0  # the request's arrival at the gateway (wall clock)
 
     @property
@@ -132,10 +136,10 @@ class Relayed:
 
 @dataclass(slots=True)
 class Outgoing:
-    """A stage-link frame to send: header fields and an optional tensor."""
+    """A stage-link frame to send, with its tensor if it carries one."""
 
     to: RouteStage
-    header: dict[str, Any]
+    frame: StageFrame
     tensor: torch.Tensor | None = None
 
 
@@ -150,6 +154,20 @@ class StepResult:
     # With an emulated device: how long this step would take there (the worker pads to it).
     target_s: float = 0.0
     prefill_tokens: int = 0  # prompt tokens of the sequences admitted in this step
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFigures:
+    """What the event loop may read of the engine (heartbeats, metrics, admission): replaced as a
+    whole by the engine thread, never mutated."""
+
+    running: int = 0  # full sequences in the batch or prefilling, and routes this worker drives
+    waiting: int = 0  # admitted full sequences waiting for a slot (the inbox not counted)
+    driven: int = 0  # routes it drives
+    driven_layers: int = 0  # layers run for the routes it drives, summed over them
+    relayed: int = 0  # stage sequences it computes for routes other workers drive
+    max_batch: int = 1
+    tokens_per_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -238,9 +256,13 @@ class Engine:
         self.relayed: dict[str, Relayed] = {}
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._cancels: collections.deque[str] = collections.deque()
-        self._stage_in: collections.deque[tuple[dict[str, Any], torch.Tensor | None]] = collections.deque()
+        # Stage frames from peers, and peers lost (worker id, why), in arrival order.
+        self._stage_in: collections.deque[tuple[StageFrame | tuple[str, str], torch.Tensor | None]] = (
+            collections.deque()
+        )
         self._eos = set(tokenizer.eos_ids) | set(self.cfg.eos_ids)
         self.stats = EngineStats()
+        self.figures = self._figures()
 
     @property
     def cache(self) -> KVCache:
@@ -252,6 +274,7 @@ class Engine:
         """Set the batch limit, bounded by the KV slots; returns the limit in force. Running
         sequences above a lowered limit finish where they are; new ones wait for a free slot."""
         self.max_batch = max(1, min(limit, self.kv_slots))
+        self.figures = self._figures()
         return self.max_batch
 
     # ------------------------------------------------------------ loop-thread API
@@ -280,23 +303,30 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._cancels.append(request_id)
 
-    def stage_message(self, header: dict[str, Any], tensor: torch.Tensor | None) -> None:
+    def stage_frame(self, frame: StageFrame, tensor: torch.Tensor | None) -> None:
         """A frame from the stage link (input for a relayed sequence, a token for a driven one, a close)."""
-        self._stage_in.append((header, tensor))
+        self._stage_in.append((frame, tensor))
 
     def peer_failed(self, worker_id: str, reason: str) -> None:
         """The stage link to `worker_id` broke: its routes cannot go on."""
-        self._stage_in.append(({"kind": "peer_failed", "worker": worker_id, "reason": reason}, None))
+        self._stage_in.append(((worker_id, reason), None))
 
     def prefill_budget(self) -> int:
         """Real prompt tokens one step computes at most (an emulated device prices each token at
         `token_scale`, so fewer real ones fit); never below one."""
         return max(1, int(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0)))
 
-    def driven_layers(self) -> int:
-        """Layers this worker runs for the routes it drives, summed over them (read from the
-        event loop for heartbeats: the gateway weighs a loading instance's room by it)."""
-        return sum(s.route[0].end - s.route[0].start for s in list(self.driven.values()))
+    def _figures(self) -> EngineFigures:
+        return EngineFigures(
+            running=len(self.running) + len(self.prefilling) + len(self.driven),
+            waiting=len(self.waiting),
+            driven=len(self.driven),
+            # The gateway weighs a loading instance's room by it.
+            driven_layers=sum(s.route[0].end - s.route[0].start for s in self.driven.values()),
+            relayed=len(self.relayed),
+            max_batch=self.max_batch,
+            tokens_per_s=self.stats.tokens_per_s,
+        )
 
     def has_work(self) -> bool:
         """Something a step would compute or finish now."""
@@ -323,8 +353,10 @@ class Engine:
         )
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting): read from the event loop for heartbeats and admission."""
-        return len(self.running) + len(self.prefilling) + len(self.driven), len(self.waiting) + len(self._inbox)
+        """(running, waiting) for heartbeats and admission, from any thread: the last step's
+        figures, plus what was submitted since."""
+        f = self.figures
+        return f.running, f.waiting + len(self._inbox)
 
     # ------------------------------------------------------------ executor-thread API
     def step(self) -> StepResult:
@@ -338,7 +370,7 @@ class Engine:
             else:
                 self._enqueue(seq)
         self._apply_cancels(events, outbox)
-        self._apply_stage_messages(events, outbox)
+        self._apply_stage_frames(events, outbox)
 
         segs: list[Segment] = []
         jobs: list[tuple[str, Any]] = []
@@ -394,6 +426,7 @@ class Engine:
         # With an emulated device the step lasts its target (the runner pads to it) unless compute overran.
         took = max(time.monotonic() - t0, target)
         self.stats.step_timed(batch + relayed, took * 1000, prompt, len(new) + decoded)
+        self.figures = self._figures()
         return StepResult(events, outbox, batch, len(new), decoded, relayed, target, prompt)
 
     def _emulated_s(self, segs: list[Segment]) -> float:
@@ -593,24 +626,17 @@ class Engine:
         )
 
     def _send_driven(self, seq: Sequence, hidden: torch.Tensor, outbox: list[Outgoing]) -> None:
-        header: dict[str, Any] = {
-            "kind": "input",
-            "request_id": seq.request_id,
-            "prefill": not seq.prefilled,
-            "pos": seq.length - 1,
-            "sent_at": time.time(),
-        }
+        frame = StageInput(seq.request_id, prefill=not seq.prefilled, pos=seq.length - 1, sent_at=time.time())
         rest: list[int] = []
         if not seq.prefilled:
             assert seq.next_ids is not None
             n = seq.chunk or len(seq.next_ids)
             rest = seq.next_ids[n:]
-            header["route"] = [_stage_dict(s) for s in seq.route]
-            header["index"] = 1
-            header["params"] = _params_dict(seq.params)
-            header["arrived_at"] = seq.arrived_at
-            header["start"] = seq.done
-            header["final"] = not rest
+            # A prompt chunk tells the next stage everything it needs to take the request on.
+            frame = StageInput(
+                seq.request_id, True, seq.length - 1, start=seq.done, final=not rest, sent_at=frame.sent_at,
+                route=list(seq.route), index=1, params=seq.params, arrived_at=seq.arrived_at,
+            )  # fmt: skip
             seq.done += n
             seq.chunk = 0
         if rest:
@@ -618,7 +644,7 @@ class Engine:
         else:
             seq.prefilled = True
             seq.next_ids = None  # wait for the token from the last stage
-        outbox.append(Outgoing(seq.route[1], header, hidden))
+        outbox.append(Outgoing(seq.route[1], frame, hidden))
 
     # ------------------------------------------------------------ relayed (later stages)
     def _relayed_segment(self, rel: Relayed) -> Segment:
@@ -651,87 +677,73 @@ class Engine:
             if not inp.final:
                 return  # a prompt chunk before the last: its keys and values are all it leaves
             tok = sample_next(out, [rel.params], [rel.generator])[0]
-            outbox.append(Outgoing(rel.driver, {"kind": "token", "request_id": rel.request_id, "token": tok}))
+            outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, tok)))
             return
-        header = {
-            "kind": "input",
-            "request_id": rel.request_id,
-            "prefill": inp.prefill,
-            "pos": rel.length - 1,
-            "start": inp.start,
-            "final": inp.final,
-            "sent_at": time.time(),
-            "route": [_stage_dict(s) for s in rel.route],
-            "index": rel.index + 1,
-            "params": _params_dict(rel.params),
-            "arrived_at": rel.arrived_at,
-        }
-        outbox.append(Outgoing(rel.route[rel.index + 1], header, out))
+        frame = StageInput(
+            rel.request_id, inp.prefill, rel.length - 1, start=inp.start, final=inp.final, sent_at=time.time(),
+            route=rel.route, index=rel.index + 1, params=rel.params, arrived_at=rel.arrived_at,
+        )  # fmt: skip
+        outbox.append(Outgoing(rel.route[rel.index + 1], frame, out))
 
     # ------------------------------------------------------------ stage messages
-    def _apply_stage_messages(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
+    def _apply_stage_frames(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
         while self._stage_in:
-            h, tensor = self._stage_in.popleft()
-            kind = h.get("kind")
-            rid = str(h.get("request_id", ""))
-            if kind == "input":
-                self._stage_input(h, tensor, outbox)
-            elif kind == "token":
-                seq = self.driven.get(rid)
+            f, tensor = self._stage_in.popleft()
+            if isinstance(f, tuple):
+                self._peer_lost(*f)
+            elif isinstance(f, StageInput):
+                self._stage_input(f, tensor, outbox)
+            elif isinstance(f, StageToken):
+                seq = self.driven.get(f.request_id)
                 if seq is not None and seq.finish is None:
-                    self._accept_token(seq, int(h["token"]))
+                    self._accept_token(seq, f.token)
                     if seq.finish is None:
-                        seq.next_ids = [int(h["token"])]
-            elif kind == "close":
-                self.relayed.pop(rid, None)
-            elif kind == "error":
-                seq = self.driven.get(rid)
+                        seq.next_ids = [f.token]
+            elif isinstance(f, StageClose):
+                self.relayed.pop(f.request_id, None)
+            else:
+                seq = self.driven.get(f.request_id)
                 if seq is not None and seq.finish is None:
-                    seq.finish, seq.error = "error", f"stage failed: {h.get('message', 'unknown')}"
-            elif kind == "peer_failed":
-                wid, why = str(h.get("worker")), str(h.get("reason"))
-                for seq in self.driven.values():
-                    if seq.finish is None and any(s.worker_id == wid for s in seq.route[1:]):
-                        seq.finish, seq.error = "error", f"stage worker {wid} failed: {why}"
-                for r in [r for r in self.relayed.values() if r.driver.worker_id == wid]:
-                    self.relayed.pop(r.request_id, None)
+                    seq.finish, seq.error = "error", f"stage failed: {f.message}"
 
-    def _stage_input(self, h: dict[str, Any], tensor: torch.Tensor | None, outbox: list[Outgoing]) -> None:
-        rid = str(h["request_id"])
+    def _peer_lost(self, wid: str, why: str) -> None:
+        """The stage link to `wid` broke: the routes through it cannot go on."""
+        for seq in self.driven.values():
+            if seq.finish is None and any(s.worker_id == wid for s in seq.route[1:]):
+                seq.finish, seq.error = "error", f"stage worker {wid} failed: {why}"
+        for r in [r for r in self.relayed.values() if r.driver.worker_id == wid]:
+            self.relayed.pop(r.request_id, None)
+
+    def _stage_input(self, f: StageInput, tensor: torch.Tensor | None, outbox: list[Outgoing]) -> None:
+        rid = f.request_id
         rel = self.relayed.get(rid)
         if rel is None:
-            if not h.get("prefill"):
-                # A decode input for a request we do not hold (closed, or this worker restarted).
-                driver = RouteStage(**h["route"][0]) if h.get("route") else None
-                if driver is not None:
-                    outbox.append(Outgoing(driver, {"kind": "error", "request_id": rid, "message": "unknown request"}))
+            if not f.prefill or not f.route or f.params is None or not 0 < f.index < len(f.route):
+                # An input for a request we do not hold (closed, or this worker restarted).
+                if f.route:
+                    outbox.append(Outgoing(f.route[0], StageError(rid, "unknown request")))
                 return
-            route = [RouteStage(**d) for d in h["route"]]
-            idx = int(h["index"])
-            st = route[idx]
-            params = SamplingParams(**h["params"])
+            st = f.route[f.index]
             missing = [i for i in range(st.start, st.end) if i not in self.model.layers]
-            if missing or (idx == len(route) - 1 and self.model.lm_head is None):
+            if missing or (f.index == len(f.route) - 1 and self.model.lm_head is None):
                 msg = f"worker {self.worker_id} lacks layers {missing[:3]} for stage [{st.start}, {st.end})"
-                outbox.append(Outgoing(route[0], {"kind": "error", "request_id": rid, "message": msg}))
+                outbox.append(Outgoing(f.route[0], StageError(rid, msg)))
                 return
             rel = Relayed(
                 request_id=rid,
-                driver=route[0],
-                route=route,
-                index=idx,
+                driver=f.route[0],
+                route=list(f.route),
+                index=f.index,
                 cache=KVCache(self.cfg, range(st.start, st.end), 1, self.model.device, self.model.dtype, 64),
-                params=params,
-                generator=_generator(params),
-                arrived_at=float(h.get("arrived_at") or time.time()),
+                params=f.params,
+                generator=_generator(f.params),
+                arrived_at=f.arrived_at or time.time(),
             )
             self.relayed[rid] = rel
-        assert tensor is not None
-        rel.inputs.append(
-            StageInput(
-                bool(h.get("prefill")), int(h.get("pos", 0)), tensor, int(h.get("start", 0)), bool(h.get("final", True))
-            )
-        )
+        if tensor is None:
+            outbox.append(Outgoing(rel.driver, StageError(rid, "a stage input without hidden states")))
+            return
+        rel.inputs.append(Pending(f.prefill, f.pos, tensor, f.start, f.final))
 
     # ------------------------------------------------------------ endings
     def _apply_cancels(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
@@ -829,7 +841,7 @@ class Engine:
             events.append((seq.gateway_id, self._final_event(seq)))
             del self.driven[seq.request_id]
             for st in seq.route[1:]:
-                outbox.append(Outgoing(st, {"kind": "close", "request_id": seq.request_id}))
+                outbox.append(Outgoing(st, StageClose(seq.request_id)))
 
     def drain_all(self, reason: str) -> list[tuple[str, TokenEvent]]:
         """End every sequence (worker shutting down): each gets a final event with the error."""
@@ -845,6 +857,7 @@ class Engine:
         self.waiting.clear()
         self.driven.clear()
         self.relayed.clear()
+        self.figures = self._figures()
         return events
 
 
@@ -870,18 +883,3 @@ def prompt_chunk(
         hidden=hidden,
         start=start,
     )
-
-
-def _stage_dict(s: RouteStage) -> dict[str, Any]:
-    return {"worker_id": s.worker_id, "start": s.start, "end": s.end, "stage_addr": s.stage_addr}
-
-
-def _params_dict(p: SamplingParams) -> dict[str, Any]:
-    return {
-        "max_tokens": p.max_tokens,
-        "temperature": p.temperature,
-        "top_p": p.top_p,
-        "seed": p.seed,
-        "stop": list(p.stop),
-        "ignore_eos": p.ignore_eos,
-    }

@@ -23,9 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from cascade.models.checkpoint import Checkpoint
+from cascade.models.config import unit_tensor_names
+
+_PAGE = 4096
 
 Unit = dict[str, torch.Tensor]
 LoadSource = Literal["disk", "local-cache"]
@@ -115,9 +119,18 @@ class DiskLoad:
     def unit_nbytes(self, unit: int) -> int:
         return self.hit.unit_bytes[unit] if self.hit is not None else self.ckpt.unit_nbytes(unit)
 
+    def prefetch(self, unit: int) -> None:
+        """Bring the unit's bytes from disk into memory without torch (any thread): the engine
+        thread's copy then reads RAM, not the disk, while it holds up the steps."""
+        if self.hit is None:
+            for name in unit_tensor_names(self.ckpt.config, unit):
+                view = np.frombuffer(self.ckpt.raw(name), dtype=np.uint8)
+                if view.size:
+                    int(view[::_PAGE].sum())  # one read per page faults the page in
+
     def unit_tensors(self, unit: int) -> Unit:
-        """The unit's tensors (blocking: run it on the torch thread). Never the cache's own
-        tensors to keep: install them with a copy."""
+        """The unit's tensors (blocking, torch: run it on the engine thread). Never the cache's
+        own tensors to keep: install them with a copy."""
         if self.hit is not None:
             return self.hit.units[unit]
         tensors = self.ckpt.unit_tensors(unit)

@@ -25,9 +25,17 @@ import structlog
 import torch
 
 from cascade.messages import RouteStage
-from cascade.stagewire import PREFIX_SIZE, StageWireError, decode_frame, encode_frame, split_prefix
+from cascade.stagewire import (
+    PREFIX_SIZE,
+    StageFrame,
+    StageInput,
+    StageWireError,
+    decode_frame,
+    encode_frame,
+    split_prefix,
+)
 
-FrameHandler = Callable[[dict[str, Any], torch.Tensor | None], None]
+FrameHandler = Callable[[StageFrame, torch.Tensor | None], None]
 FailureHandler = Callable[[str, str], None]
 
 
@@ -110,10 +118,10 @@ class StageLink:
             await self._server.wait_closed()
 
     # ------------------------------------------------------------ sending
-    async def send(self, to: RouteStage, header: dict[str, Any], tensor: torch.Tensor | None) -> None:
+    async def send(self, to: RouteStage, frame: StageFrame, tensor: torch.Tensor | None) -> None:
         try:
             peer = await self._peer(to)
-            parts = encode_frame(header, tensor)
+            parts = encode_frame(frame, tensor)
             async with peer.lock:
                 peer.writer.writelines(parts)
                 await peer.writer.drain()
@@ -166,15 +174,15 @@ class StageLink:
                 hlen, plen = split_prefix(prefix)
                 header_bytes = await reader.readexactly(hlen)
                 payload = await reader.readexactly(plen) if plen else b""
-                header, tensor = decode_frame(header_bytes, payload)
+                frame, tensor = decode_frame(header_bytes, payload)
                 self.stats.frames_in += 1
                 self.stats.bytes_in += PREFIX_SIZE + hlen + plen
-                if "sent_at" in header:
-                    self.stats.latency_ms.append((time.time() - float(header["sent_at"])) * 1e3)
-                route = header.get("route")
-                if route:
-                    senders.add(str(route[0]["worker_id"]))
-                self.on_frame(header, tensor)
+                if isinstance(frame, StageInput):
+                    if frame.sent_at:
+                        self.stats.latency_ms.append((time.time() - frame.sent_at) * 1e3)
+                    if frame.route:
+                        senders.add(frame.route[0].worker_id)
+                self.on_frame(frame, tensor)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         except StageWireError as e:

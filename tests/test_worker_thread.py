@@ -1,0 +1,130 @@
+"""One thread owns the model: a worker's weights are installed, its steps computed and its batch
+limit changed on its engine thread, whichever path the weights come by (a disk load, a transfer
+received over the data plane), while requests are served during the load."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cascade.config import GenerateSpec
+from cascade.messages import (
+    BatchLimit,
+    BatchReply,
+    GenerateBatch,
+    GenerateRequest,
+    LoadModel,
+    Ok,
+    RouteStage,
+    SamplingParams,
+    SetBatchLimit,
+    TokenEvents,
+    TransferOrder,
+    decode,
+)
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
+from cascade.models.tokenizer import ByteTokenizer
+from cascade.natsutil import connect, request
+from cascade.service import serve
+from cascade.subjects import Subjects
+from services.worker.dataplane import CheckpointSource, send_units
+from services.worker.engine import Engine
+from services.worker.main import WorkerService
+from services.worker.model import LlamaModel
+from services.worker.runner import ENGINE_THREAD
+from services.worker.settings import WorkerSettings
+from tests.waiting import wait_until
+
+SPEC = GenerateSpec(layers=4, hidden=64, heads=4, kv_heads=2, vocab=320, seed=5)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("model")
+    generate_model(d, SPEC)
+    return d
+
+
+@pytest.fixture
+def torch_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[tuple[str, str]]]:
+    """Which thread ran each model-writing or computing call: (call, thread name) counts."""
+    seen: Counter[tuple[str, str]] = Counter()
+
+    def watch(cls: type, name: str) -> None:
+        original = getattr(cls, name)
+
+        def wrapped(self: Any, *args: Any, **kw: Any) -> Any:
+            seen[(name, threading.current_thread().name)] += 1
+            return original(self, *args, **kw)
+
+        monkeypatch.setattr(cls, name, wrapped)
+
+    for cls, name in (
+        (LlamaModel, "load_unit"),
+        (LlamaModel, "drop_unit"),
+        (LlamaModel, "forward_segments"),
+        (Engine, "step"),
+        (Engine, "set_max_batch"),
+    ):
+        watch(cls, name)
+    yield seen
+
+
+async def test_every_torch_call_runs_on_the_engine_thread(
+    nats_url: str, subjects: Subjects, model_dir: Path, torch_threads: Counter[tuple[str, str]]
+) -> None:
+    settings = WorkerSettings(nats_url, subjects.prefix, "wt", heartbeat_s=0.2, load_mb_s=1.0)
+    other = WorkerSettings(nats_url, subjects.prefix, "wr", heartbeat_s=0.2)
+    workers = [WorkerService(settings), WorkerService(other)]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(serve(w, w.settings.nats_url, w.settings.prefix, stop)) for w in workers]
+    nc = await connect(nats_url, "test-thread")
+    finished: list[str] = []
+
+    async def on_tokens(msg: Any) -> None:
+        finished.extend(e.request_id for e in decode(msg.data, TokenEvents).events if e.finish_reason)
+
+    try:
+        await nc.subscribe(subjects.tokens("gw"), cb=on_tokens)
+        await wait_until(lambda: all(w.started for w in workers), what="workers started")
+        # wr gets the model over the data plane, from the checkpoint.
+        ck = Checkpoint(model_dir)
+        n, L = ck.config.num_units, ck.config.num_hidden_layers
+        sizes = [ck.unit_nbytes(u) for u in range(n)]
+        order = TransferOrder("t1", "tok", "m", "receive", list(range(n)), n, path=str(model_dir), unit_nbytes=sizes)
+        await request(nc, subjects.transfer("wr"), order, Ok, timeout=20)
+        addr = workers[1].heartbeat().data_addr
+        assert addr is not None
+        await asyncio.to_thread(send_units, CheckpointSource(ck, "m"), addr, "t1", "tok", list(range(n)))
+        ck.close()
+        await wait_until(lambda: workers[1].slot.state == "serving", what="wr serving")
+        # wt loads from disk, paced, and serves routes through the layers it has while the rest
+        # are still being installed.
+        await request(nc, subjects.load("wt"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+        await wait_until(lambda: workers[0].slot.holds_front(2), what="front layers loaded")
+        route = [RouteStage("wt", 0, 2, workers[0].link.addr), RouteStage("wr", 2, L, workers[1].link.addr)]
+        tok = ByteTokenizer()
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        reqs = [GenerateRequest(f"r{i}", "m", tok.encode(f"hello {i}"), params, route) for i in range(3)]
+        reply = await request(nc, subjects.generate("wt"), GenerateBatch("gw", reqs), BatchReply, timeout=10)
+        assert len(reply.accepted) == 3, reply.rejected
+        await wait_until(lambda: workers[0].slot.state == "serving", timeout=30, what="wt serving")
+        limit = await request(nc, subjects.batch_limit("wt"), SetBatchLimit(2), BatchLimit, timeout=10)
+        assert limit.max_batch == 2
+        await wait_until(lambda: len(finished) == 3, what="requests done")
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        await nc.drain()
+
+    threads = {t for (_, t) in torch_threads}
+    calls = {c for (c, _) in torch_threads}
+    assert {"load_unit", "forward_segments", "step", "set_max_batch"} <= calls
+    assert threads == {ENGINE_THREAD}, dict(torch_threads)
