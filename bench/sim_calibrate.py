@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 from bench import burst, scaleup
 from bench.burst_configs import CONFIG_KEYS, Config, make_configs, mesh_env
 from bench.burst_plan import MODEL, SPEC, Emulation, Plan, make_emulation, make_plan
-from bench.common import RESULTS, ROOT, md_table, write_result
+from bench.common import RESULTS, ROOT, md_table, result_header, write_result
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.device_profile import load_profile
 from cascade.models.checkpoint import Checkpoint
@@ -550,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         png = RESULTS / "sim-calibration.png"
         plot(png, real_runs, first_runs, labels)
         payload = {
+            **result_header("sim-calibration"),
             "command": "python bench/sim_calibrate.py " + " ".join(argv),
             "parameters": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}},
             "burst_parameters": real["parameters"],

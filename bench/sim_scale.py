@@ -28,7 +28,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, md_table, write_result
+from bench.common import RESULTS, md_table, result_header, write_result
 from cascade.config import Deployment, ModelDeployment
 from sim.hardware import Topology, model_shape
 from sim.mesh import Arrival, Scenario, run
@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if has_tl:
             text += f"\n![instances over time]({tl_png.name})\n"
         payload = {
+            **result_header("sim-scale"),
             "command": "python bench/sim_scale.py " + " ".join(argv),
             "parameters": vars(a),
             "rows": [{k: v for k, v in r.items() if k != "timeline"} for r in rows],
