@@ -29,6 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, md_table, result_header, write_result
+from bench.tracelib import LICENCE
 from cascade.config import Deployment, ModelDeployment
 from sim.hardware import Topology, model_shape
 from sim.mesh import Arrival, Scenario, run
@@ -37,10 +38,6 @@ from sim.scenarios import ScaleSpec, build
 from sim.settings import MeshSettings
 from sim.systems import LABELS
 
-LICENCE = (
-    "Azure LLM inference trace 2023, CC BY 4.0. Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini: "
-    '"Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024.'
-)
 DEFAULT_SYSTEMS = "cascade,serverlessllm,allcache,static-peak"
 DEFAULT_PROFILES = "llama2-7b-a100-80gb,llama2-70b-a100-80gb-tp4"
 
