@@ -48,7 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profiles", default=DEFAULT_PROFILES, help=f"device profiles (default {DEFAULT_PROFILES})")
     p.add_argument("--workloads", default="code,conversation", help="workloads (default code,conversation)")
     p.add_argument("--systems", default=DEFAULT_SYSTEMS, help=f"systems (default {DEFAULT_SYSTEMS})")
+    p.add_argument("--start", type=float, default=0.0, help="code trace: window start, trace seconds (default 0)")
     p.add_argument("--duration", type=float, default=0.0, help="seconds of workload (default: the hour)")
+    p.add_argument("--compress", type=float, default=1.0, help="code trace: time compression (default 1)")
     p.add_argument("--fill", type=float, default=1.0, help="busiest 10 s over the cluster's capacity (default 1)")
     p.add_argument("--nic-gbps", type=float, default=200.0, help="RDMA NIC speed, Gb/s (default 200, 8 per host)")
     p.add_argument("--seed", type=int, default=0)
@@ -81,7 +83,9 @@ def one(job: tuple[ScaleSpec, str]) -> dict[str, Any]:
         "decisions": len(r.decisions),
         "command": f"cascade sim --system {system} --accelerators {spec.accelerators} --profile {spec.profile} "
         f"--workload {spec.workload}"
+        + (f" --start {spec.start_s:g}" if spec.start_s and spec.workload == "code" else "")
         + (f" --duration {spec.duration_s:g}" if spec.duration_s else "")
+        + (f" --compress {spec.compress:g}" if spec.compress != 1 and spec.workload == "code" else "")
         + (f" --fill {spec.fill:g}" if spec.fill != 1 else "")
         + (f" --seed {spec.seed}" if spec.seed else ""),
     }
@@ -147,7 +151,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
                 f"{s['requests'] - s['ok']}/{s['requests']}",
                 f"{s['scale_up_events']} / {s['scale_down_events']}",
                 f"{s['routed']['pipelined']}",
-                f"{s['events'] / 1e6:.2f} M in {s['wall_s']:.0f} s",
+                f"{s['events'] / 1e6:.2f} M in {s['cpu_s']:.0f} s",
             ]
         )
     return md_table(
@@ -164,7 +168,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
             "failed/n",
             "ups / downs",
             "pipelined",
-            "simulated (events, wall)",
+            "simulated (events, CPU)",
         ],
         body,
     )
@@ -350,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                     accelerators=n,
                     profile=prof,
                     workload=wl,
-                    duration_s=a.duration,
+                    start_s=a.start,
+                    # The conversation workload lasts as long as the code trace's replay.
+                    duration_s=a.duration if wl == "code" else a.duration / a.compress,
+                    compress=a.compress,
                     fill=a.fill,
                     nic_gbps=a.nic_gbps,
                     seed=a.seed,
@@ -364,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"  {spec_sys[0].accelerators} {spec_sys[0].profile} {spec_sys[0].workload} {spec_sys[1]}: "
                 f"SLO {100 * s['slo']['attainment']:.1f} %, TTFT p99 {fmt_ms(s['ttft_ms']['p99'])} ms, "
-                f"{s['accelerator_seconds'] / 3600:.1f} accelerator-h; {s['events']} events in {s['wall_s']:.0f} s "
+                f"{s['accelerator_seconds'] / 3600:.1f} accelerator-h; {s['events']} events in {s['cpu_s']:.0f} s CPU "
                 f"({time.monotonic() - t_begin:.0f} s elapsed)",
                 flush=True,
             )
@@ -400,6 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def workload_sentence(a: argparse.Namespace) -> str:
+    span = f"trace seconds {a.start:g}-{a.start + a.duration:g}" if a.duration else f"from trace second {a.start:g}"
+    code = f"Code: the Azure code trace, {span}" + (f", compressed {a.compress:g}x" if a.compress != 1 else "")
+    conv = (
+        f"conversation: synthetic (sim/workload.py), {a.duration / a.compress if a.duration else 3600:g} s; no "
+        "conversation trace is in ../shared/traces"
+    )
+    return f"{code}; {conv}."
+
+
 def report(
     a: argparse.Namespace, argv: list[str], rows: list[dict[str, Any]], sweep: dict[str, list[dict[str, Any]]]
 ) -> str:
@@ -408,7 +425,9 @@ def report(
         "",
         "Every row is one run of the simulator (sim/): the services' own scaler core, loader assignment and "
         "planner, gateway batcher and router, and worker admission rule and step pricing, on modelled hosts of 8 "
-        f"accelerators with NVLink, PCIe, {a.nic_gbps:g} Gb/s RDMA NICs (8 per host) and an SSD each. The workload's "
+        f"accelerators with NVLink, PCIe, {a.nic_gbps:g} Gb/s RDMA NICs (8 per host) and an SSD each. "
+        + workload_sentence(a)
+        + " The workload's "
         f"busiest 10 s carry {a.fill:g} times what the cluster serves (sim/scenarios.py); the SLO is set per profile "
         "as bench/burst.py sets its own (TTFT about 6x an unloaded prefill of a mean prompt, time per output token "
         "about 8x a decode step). Accelerator-hours: workers holding the model (loading, serving, draining), by "
@@ -447,12 +466,13 @@ def report(
         "",
         "## Speed",
         "",
-        "Each run in one process on one core of this 2-core machine (two at a time): events and wall time per "
-        "run are in the table; the largest runs: "
+        "Each run in one process on one core of this 2-core machine (two at a time, beside other work, so the "
+        "figures are the process's CPU time, not its wall time): events and CPU seconds per run are in the "
+        "table; the largest runs: "
         + "; ".join(
             f"{r['accelerators']} accelerators, {r['profile']}, {r['workload']}, {r['label']}: "
-            f"{r['summary']['events'] / 1e6:.1f} M events in {r['summary']['wall_s']:.0f} s "
-            f"({r['summary']['events_per_s'] / 1e3:.0f} k events/s)"
+            f"{r['summary']['events'] / 1e6:.1f} M events in {r['summary']['cpu_s']:.0f} s of CPU "
+            f"({r['summary']['events_per_cpu_s'] / 1e3:.0f} k events per CPU second)"
             for r in rows
             if r["accelerators"] == max(x["accelerators"] for x in rows) and r["workload"] == "code"
         )
@@ -463,3 +483,7 @@ def report(
         f"Trace (code workload): {LICENCE}",
     ]
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

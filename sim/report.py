@@ -79,6 +79,8 @@ def summary(r: Result, slo_ttft_ms: float, slo_tpot_ms: float, window_s: float |
         "events": r.events,
         "wall_s": r.wall_s,
         "events_per_s": r.events / r.wall_s if r.wall_s > 0 else math.nan,
+        "cpu_s": r.cpu_s,
+        "events_per_cpu_s": r.events / r.cpu_s if r.cpu_s > 0 else math.nan,
         "sim_s": r.sim_s,
         "cache_bytes_peak": r.cache_bytes_peak,
     }

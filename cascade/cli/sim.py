@@ -114,7 +114,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
     print(f"accelerator-s {s['accelerator_seconds']:.0f} over {s['window_s']:.0f} s")
     print(f"scale events  {s['scale_up_events']} up ({s['instances_added']} instances), {s['scale_down_events']} down")
     print(f"routes        {s['routed']['full']} full, {s['routed']['pipelined']} pipelined")
-    print(f"simulator     {s['events']} events in {s['wall_s']:.1f} s ({s['events_per_s']:.0f} events/s)")
+    print(
+        f"simulator     {s['events']} events in {s['wall_s']:.1f} s wall, {s['cpu_s']:.1f} s CPU "
+        f"({s['events_per_cpu_s']:.0f} events per CPU second)"
+    )
     if args.json is not None:
         args.json.write_text(
             json.dumps(
