@@ -21,9 +21,11 @@ import argparse
 import math
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,6 +58,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2: this machine's cores)")
     p.add_argument("--quick", action="store_true", help="32 and 128 accelerators, 600 s of workload")
+    p.add_argument(
+        "--rows",
+        type=Path,
+        default=None,
+        help="keep each finished run's row in this JSON-lines file, and take runs already there from it",
+    )
+    p.add_argument("--report-only", action="store_true", help="run nothing new: report the runs in --rows")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
     if a.quick:
@@ -64,6 +73,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- the comparison
+
+
+def job_command(spec: ScaleSpec, system: str) -> str:
+    """The `cascade sim` command that makes the same run (and the run's key in `--rows`)."""
+    return (
+        f"cascade sim --system {system} --accelerators {spec.accelerators} --profile {spec.profile} "
+        f"--workload {spec.workload}"
+        + (f" --start {spec.start_s:g}" if spec.start_s and spec.workload == "code" else "")
+        + (f" --duration {spec.duration_s:g}" if spec.duration_s else "")
+        + (f" --compress {spec.compress:g}" if spec.compress != 1 and spec.workload == "code" else "")
+        + (f" --fill {spec.fill:g}" if spec.fill != 1 else "")
+        + (f" --nic-gbps {spec.nic_gbps:g}" if spec.nic_gbps != 200 else "")
+        + (f" --seed {spec.seed}" if spec.seed else "")
+    )
+
+
+def load_rows(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    rows = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    return {r["command"]: r for r in rows}
 
 
 def one(job: tuple[ScaleSpec, str]) -> dict[str, Any]:
@@ -81,13 +111,7 @@ def one(job: tuple[ScaleSpec, str]) -> dict[str, Any]:
         "summary": s,
         "timeline": timeline(r, 10.0),
         "decisions": len(r.decisions),
-        "command": f"cascade sim --system {system} --accelerators {spec.accelerators} --profile {spec.profile} "
-        f"--workload {spec.workload}"
-        + (f" --start {spec.start_s:g}" if spec.start_s and spec.workload == "code" else "")
-        + (f" --duration {spec.duration_s:g}" if spec.duration_s else "")
-        + (f" --compress {spec.compress:g}" if spec.compress != 1 and spec.workload == "code" else "")
-        + (f" --fill {spec.fill:g}" if spec.fill != 1 else "")
-        + (f" --seed {spec.seed}" if spec.seed else ""),
+        "command": job_command(spec, system),
     }
 
 
@@ -363,25 +387,38 @@ def main(argv: list[str] | None = None) -> int:
                     seed=a.seed,
                 )
                 jobs += [(spec, s) for s in a.systems.split(",")]
-    print(f"{len(jobs)} runs, {a.jobs} at a time", flush=True)
-    rows: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=a.jobs) as pool:
-        for spec_sys, r in zip(jobs, pool.map(one, jobs), strict=True):
-            s = r["summary"]
-            print(
-                f"  {spec_sys[0].accelerators} {spec_sys[0].profile} {spec_sys[0].workload} {spec_sys[1]}: "
-                f"SLO {100 * s['slo']['attainment']:.1f} %, TTFT p99 {fmt_ms(s['ttft_ms']['p99'])} ms, "
-                f"{s['accelerator_seconds'] / 3600:.1f} accelerator-h; {s['events']} events in {s['cpu_s']:.0f} s CPU "
-                f"({time.monotonic() - t_begin:.0f} s elapsed)",
-                flush=True,
-            )
-            rows.append(r)
+    # The cheapest first: rows are kept as they finish (`--rows`), so a run cut short still has
+    # every small cluster, and the report can be written from what is there (`--report-only`).
+    jobs.sort(key=lambda j: (j[0].accelerators, j[0].workload != "code"))
+    done = load_rows(a.rows) if a.rows else {}
+    todo = [j for j in jobs if job_command(*j) not in done]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already in {a.rows}; {a.jobs} at a time", flush=True)
+    if todo and not a.report_only:
+        with ProcessPoolExecutor(max_workers=a.jobs) as pool:
+            futures = {pool.submit(one, j): j for j in todo}
+            for fut in as_completed(futures):
+                spec, system = futures[fut]
+                r = fut.result()
+                done[r["command"]] = r
+                if a.rows:
+                    with a.rows.open("ab") as f:
+                        f.write(orjson.dumps(r, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+                s = r["summary"]
+                print(
+                    f"  {spec.accelerators} {spec.profile} {spec.workload} {system}: "
+                    f"SLO {100 * s['slo']['attainment']:.1f} %, TTFT p99 {fmt_ms(s['ttft_ms']['p99'])} ms, "
+                    f"{s['accelerator_seconds'] / 3600:.1f} accelerator-h; {s['events']} events in "
+                    f"{s['cpu_s']:.0f} s CPU ({time.monotonic() - t_begin:.0f} s elapsed)",
+                    flush=True,
+                )
+    rows = [done[job_command(*j)] for j in jobs if job_command(*j) in done]
+    missing = [job_command(*j) for j in jobs if job_command(*j) not in done]
     ns = [1, 2, 4, 8, 16, 32, 64, 128, 256]
     sweep = {
         p: multicast_sweep(p, ns if "70b" not in p else [n for n in ns if n <= 128], a.nic_gbps)
         for p in a.profiles.split(",")
     }
-    text = report(a, argv, rows, sweep)
+    text = report(a, argv, rows, sweep, missing)
     print(text)
     if not a.no_write:
         png, sweep_png, tl_png = RESULTS / "sim-scale.png", RESULTS / "sim-multicast.png", RESULTS / "sim-timeline.png"
@@ -394,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             **result_header("sim-scale"),
             "command": "python bench/sim_scale.py " + " ".join(argv),
-            "parameters": vars(a),
+            "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+            "not_run": missing,
             "rows": [{k: v for k, v in r.items() if k != "timeline"} for r in rows],
             "timelines": {
                 f"{r['accelerators']}-{r['profile']}-{r['workload']}-{r['system']}": r["timeline"] for r in rows
@@ -418,7 +456,11 @@ def workload_sentence(a: argparse.Namespace) -> str:
 
 
 def report(
-    a: argparse.Namespace, argv: list[str], rows: list[dict[str, Any]], sweep: dict[str, list[dict[str, Any]]]
+    a: argparse.Namespace,
+    argv: list[str],
+    rows: list[dict[str, Any]],
+    sweep: dict[str, list[dict[str, Any]]],
+    missing: list[str],
 ) -> str:
     lines = [
         "# Cascade at scale, simulated",
@@ -436,6 +478,11 @@ def report(
         comparison_table(rows),
         "Each row's own command is in sim-scale.json (`cascade sim ...`).",
         "",
+        *(
+            ["Not run (the grid was cut short; these rows are missing):", "", *(f"- `{c}`" for c in missing), ""]
+            if missing
+            else []
+        ),
         "## Headline",
         "",
         *headline(rows),
