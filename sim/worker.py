@@ -218,7 +218,9 @@ class Worker:
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
-        if self.state != "draining" or self.in_flight():
+        # A step under way holds the prompts it admitted whole, which are in no queue until it
+        # ends (the engine has them in its batch): the drain waits for the step (`_next` after it).
+        if self.state != "draining" or self.busy or self.in_flight():
             return
         model = self.model
         if model is not None and self._generated:

@@ -112,3 +112,29 @@ def test_a_scale_up_costs_its_bytes_over_its_links(tmp_path: Path, mode: str, wa
     # The decision's message, the orders (a round trip), the setup, the bytes, the ack (a round
     # trip: the last target's heartbeat, then the ack).
     assert ack["t"] - d["t"] == pytest.approx(5 * L + setup + want, rel=1e-6)
+
+
+def test_a_drain_waits_for_the_step_that_admitted_the_last_request(tmp_path: Path) -> None:
+    """Scaled to zero while a step prefills the worker's only request (admitted whole, so in no
+    queue while the step runs): the worker drains after that step, and the request completes."""
+    shape = model_shape(profile(tmp_path), name="m")
+    # 10,000 prompt tokens in one step: 2 layers x 0.01 ms x 10,000 = 200 ms.
+    settings = MeshSettings(
+        control_latency_s=L, max_prefill_tokens=20_000, host_cache="off", heartbeat_s=0.01, scaler_tick_s=0.01
+    )
+    sc = Scenario(
+        "drain",
+        Topology(hosts=1, accelerators_per_host=1),
+        settings,
+        deployment("manual", 0, 1),
+        {"m": shape},
+        [Arrival(0.0, "m", 10_000, 3)],
+        preload={"m": 1},
+        operator=[(0.05, "m", 0)],
+    )
+    r = run(sc)
+    (a,) = r.reqs
+    assert a.status == "ok"
+    # Prefill 200 ms, then two decode steps of 2 ms; the messages there and back.
+    assert a.end - a.arrived == pytest.approx(L + 0.204 + L)
+    assert [d["action"] for d in r.decisions] == ["down"]
