@@ -487,6 +487,14 @@ def report(
         "",
         *headline(rows),
         "",
+        "How to read the baselines at scale: ServerlessLLM-style and AllCache run the `concurrency` policy with "
+        "bench/burst.py's Ray Serve-like knobs, which adds one instance per tick and none while a decision is in "
+        "flight (services/scaler/policies.py, `decide_concurrency`). On 4 workers that is no limit; on hundreds "
+        "it is the limit: their rows at 128 and 1,000 accelerators measure that stepping as much as their loading "
+        "(their scale-ups in the table are many, of one instance each). Cascade's `rate` policy adds as many as "
+        "the demand needs in one decision. A fairer baseline at scale would step by the deficit; it has not been "
+        "run here.",
+        "",
         "## Chain multicast against a star, as N grows",
         "",
         "Loading N idle instances from the one host copy (on a host of its own), chosen by the real planner: "
