@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python bench/sim_scale.py " + " ".join(argv),
             "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
             "not_run": missing,
+            # A report written from kept rows: the runs themselves were made by an earlier
+            # invocation, whose commit each row does not record; this file's commit is the report's.
+            "rows_from": str(a.rows) if a.report_only else None,
             "rows": [{k: v for k, v in r.items() if k != "timeline"} for r in rows],
             "timelines": {
                 f"{r['accelerators']}-{r['profile']}-{r['workload']}-{r['system']}": r["timeline"] for r in rows
@@ -533,7 +536,7 @@ def report(
         )
         + ".",
         "",
-        "Reproduce: `" + " ".join(["python bench/sim_scale.py", *argv]) + "`",
+        "Reproduce: `" + " ".join(["python bench/sim_scale.py", *(x for x in argv if x != "--report-only")]) + "`",
         "",
         f"Trace (code workload): {LICENCE}",
     ]
