@@ -66,6 +66,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
+    from bench.common import result_header
     from cascade.config import ConfigError
     from sim.mesh import run
     from sim.report import summary
@@ -121,7 +122,14 @@ def cmd_sim(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(
             json.dumps(
-                {"command": "cascade sim " + " ".join(sys.argv[2:]), "info": info, "summary": s}, indent=2, default=str
+                {
+                    **result_header("sim"),
+                    "command": "cascade sim " + " ".join(sys.argv[2:]),
+                    "info": info,
+                    "summary": s,
+                },
+                indent=2,
+                default=str,
             )
         )
     return 0
