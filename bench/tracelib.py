@@ -20,7 +20,18 @@ from typing import Any
 
 from bench.common import dist_ms
 
-TRACES_DIR = Path(__file__).resolve().parents[2] / "shared" / "traces"
+
+def _traces_dir() -> Path:
+    """`shared/traces` beside the checkout: the nearest ancestor that has one (a git worktree
+    sits deeper than the main checkout, and must find the same traces)."""
+    here = Path(__file__).resolve().parent
+    for parent in here.parents:
+        if (parent / "shared" / "traces").is_dir():
+            return parent / "shared" / "traces"
+    return here.parents[1] / "shared" / "traces"
+
+
+TRACES_DIR = _traces_dir()
 DEFAULT_TRACE = TRACES_DIR / "azure_llm_2023_code.csv"
 # The notice that goes with the default trace and with any figure derived from it.
 LICENCE = (

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,18 @@ MB = 1_000_000  # disk bandwidths are quoted in decimal megabytes per second, as
 
 class ProfileError(ConfigError):
     """A device profile that cannot be used; the message says which file and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWork:
+    """What one step does on the real layers [start, end): decode `batch` sequences whose KV
+    caches hold `context_tokens` tokens in all, and compute `prefill_tokens` prompt tokens."""
+
+    start: int
+    end: int
+    batch: int = 0
+    prefill_tokens: int = 0
+    context_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +138,37 @@ class DeviceProfile:
         if batch <= 0:
             return 0.0
         return batch * 1000 / self.step_ms(batch, 0, batch * context_per_seq)
+
+    def stage_step_ms(self, model_layers: int, parts: Iterable[LayerWork], head: bool) -> float:
+        """A step of a worker whose real model has `model_layers` layers, doing `parts` of work
+        on runs of them (each real layer stands for profile.layers / model_layers profiled ones):
+        per layer, the batch, prompt tokens and KV tokens of every part that runs it are added up
+        and priced together (one pass over the layer's weights serves them all), plus the step
+        overhead and the head if the step ran it. Nothing to do costs no time.
+
+        The engine prices its steps with this (services/worker/engine.py), and so does the
+        simulator (sim/), so both use one step-time model."""
+        work = [p for p in parts if p.end > p.start and (p.batch or p.prefill_tokens)]
+        if not work:
+            return 0.0
+        scale = self.layers / model_layers
+        ms = self.step_overhead_ms + (self.head_ms if head else 0.0)
+        if len(work) == 1:
+            p = work[0]
+            return ms + scale * (p.end - p.start) * self.layer_step_ms(p.batch, p.prefill_tokens, p.context_tokens)
+        # Runs of layers that the same parts cover are priced once, times their length.
+        bounds = sorted({b for p in work for b in (p.start, p.end)})
+        total = 0.0
+        for lo, hi in pairwise(bounds):
+            batch = prefill = ctx = 0
+            for p in work:
+                if p.start <= lo and hi <= p.end:
+                    batch += p.batch
+                    prefill += p.prefill_tokens
+                    ctx += p.context_tokens
+            if batch or prefill:
+                total += (hi - lo) * self.layer_step_ms(batch, prefill, ctx)
+        return ms + scale * total
 
     def describe(self) -> dict[str, Any]:
         """What a benchmark result records about the emulation."""

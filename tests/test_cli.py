@@ -39,6 +39,7 @@ COMMANDS = [
     ["scale"],
     ["deploy"],
     ["bench"],
+    ["sim"],
 ]
 
 
@@ -381,3 +382,19 @@ def test_bench_lists_and_refuses_unknown(home: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().out.startswith("benchmarks:")
     assert cli.main(["bench", "no_such_bench"]) == 1
     assert "no benchmark 'no_such_bench'" in one_line(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------- sim
+
+
+def test_sim_runs_a_small_scenario(home: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "sim.json"
+    args = ["sim", "--system", "cascade", "--accelerators", "8", "--duration", "30", "--json", str(out)]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "SLO" in text and "events per CPU second" in text
+    doc = json.loads(out.read_text())
+    assert doc["summary"]["requests"] > 0 and doc["info"]["instances"] == 8
+    assert doc["commit"] and doc["machine"]["cores"] > 0
+    assert cli.main(["sim", "--accelerators", "12"]) == 1  # not whole hosts of 8
+    assert "whole hosts" in one_line(capsys.readouterr().err)

@@ -154,3 +154,16 @@ def test_shipped_profiles_load_and_are_plausible() -> None:
     assert tps == sorted(tps)
     d = a100.describe()
     assert d["profile"] == "llama2-7b-a100-80gb" and d["approximate"] is True
+
+
+def test_stage_step_ms_prices_layer_runs_like_the_whole_model() -> None:
+    from cascade.device_profile import LayerWork
+
+    p = load_profile("llama2-7b-a100-80gb")
+    whole = [LayerWork(0, 8, batch=4, prefill_tokens=0, context_tokens=400)]
+    assert p.stage_step_ms(8, whole, head=True) == pytest.approx(p.step_ms(4, 0, 400))
+    # Two parts on overlapping runs: layers 0-3 carry both, 4-7 one; each run is priced on its sums.
+    parts = [LayerWork(0, 8, batch=4), LayerWork(0, 4, prefill_tokens=256)]
+    want = p.step_overhead_ms + 4 * (4 * p.layer_step_ms(4, 256, 0) + 4 * p.layer_step_ms(4, 0, 0))
+    assert p.stage_step_ms(8, parts, head=False) == pytest.approx(want)
+    assert p.stage_step_ms(8, [LayerWork(0, 8)], head=True) == 0.0  # nothing to do, no time

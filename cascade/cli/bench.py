@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, str] = {
     "multicast": "parameter transfers: chain multicast against star and disk, per target count",
     "burst": "a real trace's bursts: Cascade against ServerlessLLM-style, AllCache and static fleets",
     "trace": "open-loop replay of a request trace against any OpenAI-compatible server",
+    "sim-calibrate": "the simulator against the real mesh: burst's and scaleup's configurations, side by side",
+    "sim-scale": "the simulated comparison at 32, 128 and 1,000 accelerators, with plots",
 }
 
 
@@ -44,8 +46,16 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.trace import main as trace
 
             return trace
+        if name == "sim-calibrate":
+            from bench.sim_calibrate import main as sim_calibrate
+
+            return sim_calibrate
+        if name == "sim-scale":
+            from bench.sim_scale import main as sim_scale
+
+            return sim_scale
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] == "bench":
+        if (e.name or "").split(".")[0] in ("bench", "sim"):
             raise CliError("the benchmarks are not part of this installation (run from a checkout)") from None
         raise CliError(f"benchmark {name} needs the Python package {e.name!r}") from None
     raise CliError(f"no benchmark {name!r} (available: {', '.join(BENCHMARKS)})")
@@ -67,7 +77,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.name:
         print("benchmarks:")
         for name, what in BENCHMARKS.items():
-            print(f"  {name:10} {what}")
+            print(f"  {name:14} {what}")
         return 0
     main = benchmark(args.name)
     return int(main(list(args.bench_args)) or 0)

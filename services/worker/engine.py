@@ -45,9 +45,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from cascade.device_profile import LayerWork
 from cascade.messages import RouteStage, SamplingParams, TokenEvent
 from cascade.models.tokenizer import IncrementalDecoder, Tokenizer
 from cascade.stagewire import StageClose, StageError, StageFrame, StageInput, StageToken
+from services.worker.admission import Staged, admit
 from services.worker.model import KVCache, LlamaModel, Segment, prefill_inputs
 from services.worker.sampling import sample_next
 
@@ -389,8 +391,7 @@ class Engine:
             if seq.next_ids is not None and seq.finish is None and seq.prefilled:
                 segs.append(self._driven_segment(seq))
                 jobs.append(("driven", seq))
-        budget = _Budget(self.prefill_budget())
-        new = self._admit(budget, segs, jobs)
+        new = self._admit(segs, jobs)
         if new:
             ids, pos, lens = prefill_inputs([s.prompt for s in new], self.model.device)
             segs.append(Segment(range(self.L), self.cache, pos, lens, True, True, ids=ids, slot0=old))
@@ -432,14 +433,12 @@ class Engine:
         return StepResult(events, outbox, batch, len(new), decoded, relayed, target, prompt)
 
     def _emulated_s(self, segs: list[Segment]) -> float:
-        """The step's time on the emulated device: per layer, the decode batch, prompt tokens and
-        KV tokens of the segments that ran it, priced by the profile (each real layer stands for
-        profile.layers / L profiled ones); plus per-step overhead and the head if one ran."""
+        """The step's time on the emulated device: the decode batch, prompt tokens and KV tokens
+        of each segment on the layers it ran, priced by the profile (`stage_step_ms`: each real
+        layer stands for profile.layers / L profiled ones); plus per-step overhead and the head if
+        one ran."""
         assert self.padder is not None
-        p = self.padder.profile
-        batch = [0] * self.L
-        prefill = [0] * self.L
-        ctx = [0] * self.L
+        parts = []
         head = False
         for seg in segs:
             head = head or seg.head
@@ -449,16 +448,8 @@ class Engine:
             else:
                 n, c = 0, int(seg.positions.sum().item() * self.token_scale)
             b = 0 if seg.prefill else seg.positions.shape[0]
-            for i in seg.layers:
-                batch[i] += b
-                prefill[i] += n
-                ctx[i] += c
-        scale = p.layers / self.L
-        ms = p.step_overhead_ms + (p.head_ms if head else 0.0)
-        ms += scale * sum(
-            p.layer_step_ms(batch[i], prefill[i], ctx[i]) for i in range(self.L) if batch[i] or prefill[i]
-        )
-        return ms / 1000
+            parts.append(LayerWork(seg.layers.start, seg.layers.stop, b, n, c))
+        return self.padder.profile.stage_step_ms(self.L, parts, head) / 1000
 
     # ------------------------------------------------------------ full sequences
     def _enqueue(self, seq: Sequence) -> None:
@@ -473,22 +464,28 @@ class Engine:
             i -= 1
         w.insert(i, seq)
 
-    def _admit(self, budget: _Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
+    def _admit(self, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
         """Spend the step's prefill budget, oldest arrival first, whatever the role: full prompts
         waiting here (they also need a batch slot), the first stage of routes this worker drives,
         and relayed prompt chunks of routes other workers drive. Prompts already under way go
         first. A prompt that does not fit whole starts as a chunk of what is left. Returns the full
-        sequences admitted whole; chunks and stage prompts are added to `segs`/`jobs`.
+        sequences admitted whole; chunks and stage prompts are added to `segs`/`jobs`. The rule
+        itself is `admission.admit` (the simulator runs it too); this applies its answer.
 
         One budget for every role, in full-model prompt tokens (a prompt through k of L layers costs
         k/L of its length): without it a burst of prompts would make one giant step and stall every
         sequence's decode. Oldest first, because a pipelined route that jumped this worker's queue
         would push its backlog's latency up by just what it took off its own (measured in
-        bench/scaleup.py: the window's p99 TTFT).
+        bench/scaleup.py: the window's p99 TTFT). The oldest prompt waits for its slot, and younger
+        ones wait behind it: letting stage work past would starve this worker's own backlog.
+
+        Relayed stages do not take this worker's batch slots. Their compute is in every step they
+        join (and in the emulated device's time), and the route's head admitted them under its own
+        limit. Counting them here by their share of the layers was measured to make things worse
+        (bench/scaleup.py): a two-stage route's decode joins every other step of this worker, so
+        each one held its share twice as long, and a busy instance relaying for a new one admitted
+        fewer of its own requests than it would have alone.
         """
-        for seq in self.prefilling:
-            if not self._take_chunk(seq, budget, segs, jobs):
-                break
         staged: list[tuple[float, int, str, Any]] = []
         for n, rel in enumerate(self.relayed.values()):
             if rel.inputs and rel.inputs[0].prefill:
@@ -497,67 +494,49 @@ class Engine:
             if seq.next_ids is not None and seq.finish is None and not seq.prefilled:
                 staged.append((seq.arrived_at, n, "driven", seq))
         staged.sort(key=lambda t: (t[0], t[1]))
+        cap = self.prefill_budget()
+        plan = admit(
+            cap,
+            [len(s.prompt) - s.done for s in self.prefilling],
+            [(s.arrived_at, len(s.prompt)) for s in self.waiting],
+            [self._staged(kind, obj) for _, _, kind, obj in staged],
+            self.max_batch - len(self.running) - len(self.prefilling),
+            cap,
+        )
+        for seq, n in zip(list(self.prefilling), plan.chunks, strict=False):
+            self._take_chunk(seq, n, segs, jobs)
         new: list[Sequence] = []
-        # Relayed stages do not take this worker's batch slots. Their compute is in every step they
-        # join (and in the emulated device's time), and the route's head admitted them under its
-        # own limit. Counting them here by their share of the layers was measured to make things
-        # worse (bench/scaleup.py): a two-stage route's decode joins every other step of this
-        # worker, so each one held its share twice as long, and a busy instance relaying for a
-        # new one admitted fewer of its own requests than it would have alone.
-        i = 0
-        while budget.left >= 1:
-            local = self.waiting[0] if self.waiting else None
-            if i >= len(staged) and local is None:
-                break
-            if i >= len(staged) or (local is not None and local.arrived_at <= staged[i][0]):
-                assert local is not None
-                # The oldest prompt waits for its slot, and younger ones wait behind it: letting
-                # stage work past would starve this worker's own backlog.
-                if len(self.running) + len(self.prefilling) + len(new) >= self.max_batch:
-                    break
-                self.waiting.popleft()
-                if len(local.prompt) <= budget.left:
-                    budget.take(len(local.prompt))
-                    new.append(local)
-                    continue
+        for kind, index, n in plan.takes:
+            if kind == "whole":
+                new.append(self.waiting.popleft())
+            elif kind == "start":
+                local = self.waiting.popleft()
                 local.cache = KVCache(self.cfg, range(self.L), 1, self.model.device, self.model.dtype, 64)
                 self.prefilling.append(local)
-                self._take_chunk(local, budget, segs, jobs)
-                break
-            _, _, kind, obj = staged[i]
-            if kind == "relayed":
+                self._take_chunk(local, n, segs, jobs)
+            elif kind == "relayed":
                 # Chunked by the route's head, which holds chunks to this worker's budget.
-                if not budget.take(obj.inputs[0].hidden.shape[1] * self._share(obj)):
-                    break
-                segs.append(self._relayed_segment(obj))
+                rel = staged[index][3]
+                segs.append(self._relayed_segment(rel))
+                jobs.append((kind, rel))
             else:
-                first = obj.route[0]
-                share = (first.end - first.start) / self.L
-                # Chunks are cut in whole-model tokens so that later stages, running more layers of
-                # the same chunk, stay within their budget too.
-                n = min(
-                    len(obj.next_ids),
-                    self.prefill_budget(),
-                    int(budget.left / share) if share > 0 else self.prefill_budget(),
-                )
-                if n < 1:
-                    break
-                budget.take(n * share)
-                obj.chunk = int(n)
-                segs.append(self._driven_segment(obj))
-            i += 1
-            jobs.append((kind, obj))
+                seq = staged[index][3]
+                seq.chunk = n
+                segs.append(self._driven_segment(seq))
+                jobs.append((kind, seq))
         for k, seq in enumerate(new):
             seq.slot = len(self.running) + k
         self.running.extend(new)
         return new
 
-    def _take_chunk(self, seq: Sequence, budget: _Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> bool:
-        """Add the next chunk of a full prompt under way, as much of it as the budget holds."""
-        n = min(len(seq.prompt) - seq.done, int(budget.left))
-        if n < 1:
-            return False
-        budget.take(n)
+    def _staged(self, kind: str, obj: Any) -> Staged:
+        if kind == "relayed":
+            return Staged(obj.arrived_at, "relayed", int(obj.inputs[0].hidden.shape[1]), self._share(obj))
+        first = obj.route[0]
+        return Staged(obj.arrived_at, "driven", len(obj.next_ids), (first.end - first.start) / self.L)
+
+    def _take_chunk(self, seq: Sequence, n: int, segs: list[Segment], jobs: list[tuple[str, Any]]) -> None:
+        """Add the next `n` tokens of a full prompt under way as a chunk."""
         seq.chunk = n
         end = seq.done + n
         assert seq.cache is not None
@@ -565,7 +544,6 @@ class Engine:
         ids = torch.tensor([seq.prompt[seq.done : end]], device=dev)
         segs.append(prompt_chunk(range(self.L), seq.cache, seq.done, n, end == len(seq.prompt), dev, ids=ids))
         jobs.append(("chunk", seq))
-        return True
 
     def _chunk_done(self, seq: Sequence, out: torch.Tensor) -> None:
         """A chunk of a full prompt is computed; with the last one the sequence samples its first
@@ -909,19 +887,3 @@ def prompt_chunk(
         hidden=hidden,
         start=start,
     )
-
-
-class _Budget:
-    """A step's prefill budget; the first take always succeeds (a prompt longer than the whole
-    budget still gets its own step)."""
-
-    def __init__(self, tokens: float) -> None:
-        self.left = tokens
-        self.used = False
-
-    def take(self, cost: float) -> bool:
-        if self.used and cost > self.left:
-            return False
-        self.left -= cost
-        self.used = True
-        return True
