@@ -116,6 +116,9 @@ class Scaler:
                 self.mesh.decision(e.decision)
             elif isinstance(e, core.SetLimit):
                 self.mesh.control(self.mesh.worker(e.worker).set_max_batch, e.limit)
+            elif isinstance(e, core.Announce):
+                # Only `cascade deploy --model` announces, and the simulated mesh has no operator.
+                self.notes.append({"t": self.sim.now, "event": "deployment_changed", "added": list(e.added)})
             else:
                 self.notes.append({"t": self.sim.now, "event": e.event, **e.fields})
         if self._next is None or not Sim.pending(self._next):
