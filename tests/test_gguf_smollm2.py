@@ -30,11 +30,14 @@ def _find_gguf() -> Path | None:
 
 
 GGUF = _find_gguf()
-pytestmark = pytest.mark.skipif(
-    GGUF is None,
-    reason="SmolLM2 GGUF not found: set CASCADE_SMOLLM2_GGUF, or fetch the default model once "
-    f"(it lands at {default_gguf_path()})",
-)
+pytestmark = [
+    pytest.mark.realmodel,
+    pytest.mark.skipif(
+        GGUF is None,
+        reason="SmolLM2 GGUF not found: set CASCADE_SMOLLM2_GGUF, or fetch the default model once "
+        f"(it lands at {default_gguf_path()})",
+    ),
+]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 TEXTS = [
     "Hello world",

@@ -242,6 +242,7 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     return gguf_tok, out
 
 
+@pytest.mark.realmodel
 def test_real_smollm2_completions_and_chat(smollm2: tuple[Any, Path]) -> None:
     gguf_tok, d = smollm2
     saved, ours = hf_tokenizer(d), load_tokenizer(d)
