@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import occupancy
 from bench.burst_configs import Config, mesh_env
 from bench.burst_metrics import request_summary, tpot_s
 from bench.burst_plan import MODEL, Emulation, Plan
@@ -55,33 +56,10 @@ class Recorder:
             self.acks.append({"t": self.clock(), "id": ack.decision_id, "ok": ack.ok, "error": ack.error})
 
     def holding_at(self, t: float) -> int:
-        n = 0
-        for seq in self.beats.values():
-            state = False
-            for ts, h in seq:
-                if ts > t:
-                    break
-                state = h
-            n += state
-        return n
+        return occupancy.holding_at(self.beats, t)
 
     def instance_seconds(self, t0: float, t1: float) -> float:
-        """The integral of the number of workers holding the model over [t0, t1]."""
-        total = 0.0
-        for seq in self.beats.values():
-            state, since = False, t0
-            for ts, h in seq:
-                if ts <= t0:
-                    state = h
-                    continue
-                if ts >= t1:
-                    break
-                if state:
-                    total += ts - since
-                state, since = h, ts
-            if state:
-                total += t1 - since
-        return total
+        return occupancy.instance_seconds(self.beats, t0, t1)
 
 
 async def run_config(a: argparse.Namespace, cfg: Config, plan: Plan, emu: Emulation, model_dir: Path) -> dict[str, Any]:

@@ -193,6 +193,17 @@ def entry_json(m: ModelDeployment) -> dict[str, Any]:
     }
 
 
+def deployment_from_message(data: bytes) -> tuple[Deployment, list[str]]:
+    """A `DeploymentChanged` message → (the deployment, the names it added). Raises ConfigError,
+    or MessageError for a message that does not decode."""
+    from cascade.messages import DeploymentChanged, decode
+
+    msg = decode(data, DeploymentChanged)
+    dep = Deployment(models=tuple(model_from_entry(t) for t in msg.models))
+    check_names(dep, "the deployment.changed message")
+    return dep, list(msg.added)
+
+
 def model_from_entry(t: dict[str, Any], home: Path | None = None) -> ModelDeployment:
     """Parse one entry in the JSON form (validated as a deployment file's would be)."""
     if not isinstance(t, dict):

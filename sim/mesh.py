@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from bench import occupancy
 from cascade.config import Deployment, ModelDeployment
 from cascade.messages import InstanceMetrics, ModelMetrics, ScaleAck, ScaleDecision
 from services.loader.planner import send_rate
@@ -127,33 +128,10 @@ class Result:
     ready_log: list[tuple[float, str, int]] = field(default_factory=list)  # (time, worker, units ready)
 
     def holding_at(self, t: float) -> int:
-        n = 0
-        for seq in self.beats.values():
-            state = False
-            for ts, h in seq:
-                if ts > t:
-                    break
-                state = h
-            n += state
-        return n
+        return occupancy.holding_at(self.beats, t)
 
     def instance_seconds(self, t0: float, t1: float) -> float:
-        """The integral of the workers holding a model over [t0, t1] (bench/burst.py's Recorder)."""
-        total = 0.0
-        for seq in self.beats.values():
-            state, since = False, t0
-            for ts, h in seq:
-                if ts <= t0:
-                    state = h
-                    continue
-                if ts >= t1:
-                    break
-                if state:
-                    total += ts - since
-                state, since = h, ts
-            if state:
-                total += t1 - since
-        return total
+        return occupancy.instance_seconds(self.beats, t0, t1)
 
 
 class Mesh:

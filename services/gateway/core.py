@@ -28,11 +28,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cascade import natsutil
-from cascade.config import ConfigError, Deployment, model_from_entry
+from cascade.config import ConfigError, Deployment, deployment_from_message
 from cascade.messages import (
     BatchReply,
     Cancel,
-    DeploymentChanged,
     GenerateBatch,
     GenerateRequest,
     MessageError,
@@ -464,8 +463,7 @@ class GatewayCore:
 
     async def _on_deployment_msg(self, msg: Msg) -> None:
         try:
-            changed = decode(msg.data, DeploymentChanged)
-            dep = Deployment(models=tuple(model_from_entry(t) for t in changed.models))
+            dep, _ = deployment_from_message(msg.data)
         except (MessageError, ConfigError) as e:
             self.log.warning("bad_deployment_message", error=str(e))
             return

@@ -20,9 +20,8 @@ import structlog
 from nats.aio.msg import Msg
 
 from cascade.cliargs import service_start
-from cascade.config import ConfigError, Deployment, model_from_entry
+from cascade.config import ConfigError, Deployment, deployment_from_message
 from cascade.messages import (
-    DeploymentChanged,
     LayerReady,
     MessageError,
     ScaleDecision,
@@ -116,8 +115,7 @@ class Loader:
     async def on_deployment(self, msg: Msg) -> None:
         """A model deployed at run time: its folder is where orders point workers from now on."""
         try:
-            changed = decode(msg.data, DeploymentChanged)
-            dep = Deployment(models=tuple(model_from_entry(t) for t in changed.models))
+            dep, added = deployment_from_message(msg.data)
         except (MessageError, ConfigError) as e:
             self.log.warning("bad_deployment_message", error=str(e))
             return
@@ -126,7 +124,7 @@ class Loader:
             self.keeper.deployment = dep
         if self.decisions is not None:
             self.decisions.deployment = dep
-        self.log.info("deployment_changed", models=dep.names(), added=changed.added)
+        self.log.info("deployment_changed", models=dep.names(), added=added)
 
     # ---- decisions ---------------------------------------------------------
     async def on_decision(self, msg: Msg) -> None:
