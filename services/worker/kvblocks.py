@@ -231,4 +231,3 @@ def contiguous_cache_bytes(slots: int, longest: int, bytes_per_token: int, conte
     while cap < longest:
         cap *= 2
     return slots * min(cap, context) * bytes_per_token
-

@@ -541,7 +541,7 @@ def _place(seg: Segment) -> None:
     pos = seg.positions
     block = seg.tables.gather(1, (pos // bs).clamp(max=nb - 1))
     slots = block * bs + pos % bs
-    B, T = pos.shape
+    T = pos.shape[1]
     if seg.prefill and T > 1 and int(seg.lengths.min().item()) < T:
         seg.real = torch.arange(T, device=pos.device)[None, :] < seg.lengths[:, None]
         seg.slots = slots[seg.real]
