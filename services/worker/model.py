@@ -178,23 +178,23 @@ class PagedKV:
         self.block_size = block_size
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.dim_per_head
-        shape = (cfg.num_key_value_heads, num_blocks, block_size, cfg.dim_per_head)
-        n = math.prod(shape)
+        self._shape = (cfg.num_key_value_heads, num_blocks, block_size, cfg.dim_per_head)
+        self._device, self._dtype = device, dtype
         self._maps: list[mmap.mmap] = []
+        # A layer's storage is made when the layer first writes: a worker that runs only some
+        # layers (a stage of a pipelined route, an instance still loading) holds only theirs.
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
-        for i in layers:
-            self.k[i] = self._zeros(n, shape, device, dtype)
-            self.v[i] = self._zeros(n, shape, device, dtype)
         # One gather buffer for whichever layer attends now (grown to the largest batch seen).
         self._gk: torch.Tensor | None = None
         self._gv: torch.Tensor | None = None
 
-    def _zeros(self, n: int, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        if device.type != "cpu":
-            return torch.zeros(shape, device=device, dtype=dtype)
-        size = n * torch.empty((), dtype=dtype).element_size()
-        m = mmap.mmap(-1, max(size, 1))
+    def _zeros(self) -> torch.Tensor:
+        shape, dtype = self._shape, self._dtype
+        if self._device.type != "cpu":
+            return torch.zeros(shape, device=self._device, dtype=dtype)
+        n = math.prod(shape)
+        m = mmap.mmap(-1, max(n * torch.empty((), dtype=dtype).element_size(), 1))
         self._maps.append(m)
         return torch.frombuffer(m, dtype=dtype, count=n).view(shape)
 
@@ -204,6 +204,10 @@ class PagedKV:
     def write(self, i: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys/values [n, kv_heads, d] at flat slots (block * block_size + offset)."""
         h, d = self.kv_heads, self.head_dim
+        if i not in self.k:
+            if i not in self.layers:
+                raise ValueError(f"layer {i} is outside this KV store's layers {self.layers}")
+            self.k[i], self.v[i] = self._zeros(), self._zeros()
         self.k[i].view(h, -1, d)[:, slots] = k.transpose(0, 1)
         self.v[i].view(h, -1, d)[:, slots] = v.transpose(0, 1)
 
