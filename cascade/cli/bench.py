@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "multicast": "parameter transfers: chain multicast against star and disk, per target count",
     "burst": "a real trace's bursts: Cascade against ServerlessLLM-style, AllCache and static fleets",
     "trace": "open-loop replay of a request trace against any OpenAI-compatible server",
+    "kv": "the paged KV cache against the contiguous one: sequences within a budget, prefix caching, decode",
 }
 
 
@@ -44,6 +45,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.trace import main as trace
 
             return trace
+        if name == "kv":
+            from bench.kv import main as kv
+
+            return kv
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] == "bench":
             raise CliError("the benchmarks are not part of this installation (run from a checkout)") from None
