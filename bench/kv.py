@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             pre[caching] = run(
                 here, {**common, "mode": "prefix", "requests": preqs, "max_batch": 8, "prefix_caching": caching}
             )
-        offered = sum(len(r["prompt"]) for r in preqs)
+        offered = sum(len(system) + p for p, _ in plens)
         doc["prefix"] = {
             "requests": len(preqs),
             "system_tokens": a.system_tokens,

@@ -56,7 +56,8 @@ def main() -> None:
     def kv_bytes() -> int:
         if paged:
             return int(eng.kv_bytes_held())
-        cache = eng._cache  # the contiguous cache: what it holds is all it allocated
+        # The contiguous cache: what it holds is all it allocated (the baseline tree's private field).
+        cache = getattr(eng, "_cache", None)
         return int(cache.nbytes()) if cache is not None else 0
 
     def submit(i: int) -> None:
