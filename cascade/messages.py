@@ -210,6 +210,10 @@ class Heartbeat:
     # Prompt tokens one engine step starts at most (0: unknown): the gateway keeps about two
     # steps' worth of prompts waiting on an instance and the rest of a backlog itself.
     prefill_budget: int = 0
+    # The paged KV cache: blocks held over usable blocks (0..1), and the longest sequence it serves
+    # (0: unknown): the gateway refuses a longer prompt itself, before any work.
+    kv_cache_usage: float = 0.0
+    max_model_len: int = 0
 
 
 @message("layer_ready")
@@ -586,7 +590,14 @@ class InstanceMetrics:
     prompt_tokens: int = 0  # prefilled in the interval
     generated_tokens: int = 0
     steps: list[StepStat] = field(default_factory=list)
-    kv_slots: int = 0  # sequences its KV cache holds: the most `max_batch` can be raised to
+    kv_slots: int = 0  # the most `max_batch` can be raised to
+    # The paged KV cache (names as vLLM's metrics): blocks held over usable blocks (0..1), free
+    # blocks, preemptions since start, prompt tokens looked up in / found in the prefix cache since start.
+    kv_cache_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 # --------------------------------------------------------------------------- mesh

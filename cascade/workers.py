@@ -53,6 +53,8 @@ class WorkerView:
     driven: int = 0
     stage_running: int = 0
     prefill_budget: int = 0
+    kv_cache_usage: float = 0.0  # KV blocks held over usable blocks (heartbeat)
+    max_model_len: int = 0  # longest sequence it serves (heartbeat; 0: unknown)
     loading_mb_s: float = 0.0
     pid: int = 0
     host: str = ""
@@ -261,6 +263,8 @@ class WorkerTable:
             driven=hb.driven,
             stage_running=hb.stage_running,
             prefill_budget=hb.prefill_budget,
+            kv_cache_usage=hb.kv_cache_usage,
+            max_model_len=hb.max_model_len,
             loading_mb_s=hb.loading_mb_s,
             pid=hb.pid,
             host=hb.host,

@@ -160,7 +160,7 @@ def test_bad_inputs_through_the_mesh(mesh: dict[str, Any]) -> None:
         return out
 
     out = asyncio.run(run())
-    expect = {"bad_json": 400, "bad_field": 400, "unknown_model": 404, "too_long_prompt": 413, "oversized_body": 413}
+    expect = {"bad_json": 400, "bad_field": 400, "unknown_model": 404, "too_long_prompt": 400, "oversized_body": 413}
     assert {k: v[0] for k, v in out.items()} == expect
     for _, body in out.values():
         assert set(body["error"]) >= {"message", "type", "code"}

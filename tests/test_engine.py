@@ -179,9 +179,9 @@ def test_batch_limit_moves_within_the_kv_slots_and_steps_are_timed_by_batch(mode
     assert e.stats.take_interval() == ({}, 0, 0)  # taken: the next interval starts empty
 
 
-def test_kv_cache_growth_then_compaction(model: LlamaModel) -> None:
-    # A long prompt grows the cache past its first capacity inside the forward pass; a short
-    # request finishing first then moves the long one's slot. Both must keep working.
+def test_a_long_prompt_goes_on_after_a_short_neighbour_finishes(model: LlamaModel) -> None:
+    # A long prompt holds many blocks beside a short one; the short one's blocks go back to the
+    # pool when it finishes first, and the long one's table is untouched by that.
     e = Engine(model, tok, max_batch=4)
     e.submit("short", "g", tok.encode("hi"), SamplingParams(max_tokens=2, ignore_eos=True))
     e.submit("long", "g", tok.encode("x" * 300), SamplingParams(max_tokens=8, ignore_eos=True))

@@ -244,3 +244,13 @@ def test_a_prefill_backlog_holds_requests_here_and_prefers_other_instances() -> 
     assert choose_route([InstanceView("c", "m", "serving", 6, 6, 1, 0, 8, 1, 1, 6, "h:1", 0, 0, 10**6)], "m") == Route(
         "c"
     )
+
+
+def test_a_worker_full_of_kv_is_loaded_whatever_its_free_slots() -> None:
+    # Two requests each, but a's KV cache is nearly full (long contexts): b takes the next one,
+    # and a counts as at its batch limit, no room left.
+    a = replace(inst("a", running=2), kv_cache_usage=0.97)
+    b = replace(inst("b", running=2), kv_cache_usage=0.10)
+    assert choose_instance([a, b], "m") == "b"
+    assert estimated_load(a) == pytest.approx(0.97 * 8) and estimated_load(b) == 2
+    assert choose_instance([replace(a, kv_cache_usage=0.0), b], "m") == "a"  # ties by id without KV

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
-from cascade.messages import ModelMetrics, ServiceReady, ServiceStatus, StatusRequest, decode, encode
+from cascade.messages import Heartbeat, ModelMetrics, ServiceReady, ServiceStatus, StatusRequest, decode, encode
 from cascade.models.generate import generate_model
 from cascade.subjects import Subjects
 from services.gateway.main import GatewayService, add_arguments, host, settings_from_args
@@ -170,6 +170,33 @@ async def test_prompt_longer_than_context_is_413(gw: GatewayService, http: aioht
     status, body, _ = await post(http, gw.url + "/v1/chat/completions", chat)
     assert status == 413
     assert_error(body, code="context_length_exceeded", param="messages")
+
+
+async def test_prompt_past_the_instances_max_model_len_is_400_before_any_work(
+    nats_url: str, prefix: str, gw: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    """A worker announces a max_model_len below the model's context (its KV budget caps it): the
+    gateway refuses a longer prompt itself, and sends nothing to the worker."""
+    subjects = Subjects(prefix)
+    nc = await nats.connect(nats_url)
+    dispatched: list[bytes] = []
+    try:
+
+        async def on_generate(msg: Any) -> None:
+            dispatched.append(msg.data)
+
+        await nc.subscribe(subjects.generate("wkv"), cb=on_generate)
+        hb = Heartbeat("wkv", "serving", MODEL, 4, 4, 0, 0, 8, 0.0, 4, 1, "h", max_model_len=64)
+        await nc.publish(subjects.heartbeat("wkv"), encode(hb))
+        await eventually(lambda: gw.core.registry.max_model_len(MODEL) == 64)
+        status, body, _ = await post(http, gw.url + "/v1/completions", {"model": MODEL, "prompt": "x" * 100})
+        assert status == 400
+        assert_error(body, code="context_length_exceeded", param="prompt")
+        assert "64" in body["error"]["message"]
+        await nc.flush()
+        assert dispatched == []
+    finally:
+        await nc.drain()
 
 
 # --------------------------------------------------------------------------- 429 / 503

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,20 @@ def test_concurrency_downscale_delay_respected() -> None:
     downs = decisions(ticks)
     assert downs and downs[0].t >= CONC["downscale_delay_s"]
     assert all(k.decision and k.decision.delta == -1 for k in downs)
+
+
+def test_concurrency_counts_kv_held_beside_requests() -> None:
+    """Two requests with long contexts fill two instances' KV caches: few ongoing requests, but
+    the KV held wants a third instance."""
+    k = ConcurrencyKnobs(upscale_delay_s=0)
+    full = tuple(InstanceLoad(f"w{i}", "serving", 1, 0, 8, 10.0, kv_cache_usage=0.95) for i in range(2))
+    s = LoadSignals(model="m", now=10, window_s=10, running=2, serving=2, instances=full)
+    assert s.kv_held == pytest.approx(1.9) and all(i.load == 0.95 for i in full)
+    d, _ = decide_concurrency(s, k, ConcurrencyState())
+    assert d is not None and d.target_replicas == 3 and d.figures["kv_held"] == 1.9
+    light = tuple(InstanceLoad(f"w{i}", "serving", 1, 0, 8, 10.0, kv_cache_usage=0.2) for i in range(2))
+    d, _ = decide_concurrency(replace(s, instances=light), k, ConcurrencyState())
+    assert d is None  # 2 requests, 0.4 instances of KV: two instances are enough
 
 
 def test_concurrency_never_stacks_on_decision_in_flight() -> None:

@@ -174,3 +174,66 @@ async def test_instance_metrics_and_a_batch_limit_set_at_run_time(
         await nc.drain()
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def test_a_kv_budget_smaller_than_the_load_serves_every_request_and_announces_max_model_len(
+    nats_url: str, subjects: Subjects, model_dir: Path
+) -> None:
+    """--kv-cache-mb holds 8 blocks of 16 tokens: max_model_len is capped to 128 and announced, a
+    longer prompt is refused, and six requests needing 4 blocks each all finish, by admission and
+    preemption, with the tokens of an unconstrained engine, streamed without a gap or a repeat."""
+    from cascade.models.checkpoint import Checkpoint
+    from services.worker.engine import Engine
+    from services.worker.model import LlamaModel
+
+    per_block = 16 * 2 * SPEC.layers * SPEC.kv_heads * (SPEC.hidden // SPEC.heads) * 4
+    cfg = WorkerSettings(
+        nats_url, subjects.prefix, "wkv", heartbeat_s=0.2, drain_timeout_s=2, kv_cache_mb=8.5 * per_block / 1e6
+    )
+    svc = WorkerService(cfg)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(svc, nats_url, subjects.prefix, stop))
+    nc = await connect(nats_url, "test")
+    beats: list[Heartbeat] = []
+    events: dict[str, list] = {}
+    tok = ByteTokenizer()
+    try:
+        await nc.subscribe(subjects.heartbeat("wkv"), cb=functools.partial(_append, beats))
+
+        async def on_tokens(m) -> None:  # type: ignore[no-untyped-def]
+            for e in decode(m.data, TokenEvents).events:
+                events.setdefault(e.request_id, []).append(e)
+
+        await nc.subscribe(subjects.tokens("gw1"), cb=on_tokens)
+        await wait_until(lambda: bool(beats))
+        await request(nc, subjects.load("wkv"), LoadModel("m", str(model_dir)), Ok, timeout=10)
+        await wait_until(lambda: bool(beats) and beats[-1].state == "serving")
+        assert beats[-1].max_model_len == 128
+        params = SamplingParams(max_tokens=40, ignore_eos=True)
+        prompts = {f"r{i}": tok.encode(f"request number {i}, a bit longer") for i in range(6)}
+        reqs = [GenerateRequest(rid, "m", p, params) for rid, p in prompts.items()]
+        reqs.append(GenerateRequest("long", "m", [1] * 128, params))
+        reply = await request(nc, subjects.generate("wkv"), GenerateBatch("gw1", reqs), BatchReply, timeout=10)
+        assert [(r.request_id, r.code) for r in reply.rejected] == [("long", "too_long")]
+        await wait_until(lambda: all(events.get(r) and events[r][-1].finish_reason for r in prompts), timeout=60)
+
+        ck = Checkpoint(model_dir)
+        m = LlamaModel(ck.config)
+        for u in range(ck.config.num_units):
+            m.load_unit(u, ck.unit_tensors(u))
+        alone = Engine(m, tok, max_batch=8)
+        for rid, p in prompts.items():
+            alone.submit(rid, "g", p, params)
+        expect: dict[str, list[int]] = {}
+        while alone.has_work():
+            for _, ev in alone.step().events:
+                expect.setdefault(ev.request_id, []).extend(ev.token_ids)
+        got = {rid: [t for e in evs for t in e.token_ids] for rid, evs in events.items()}
+        assert got == expect
+        assert all(evs[-1].finish_reason == "length" and evs[-1].error is None for evs in events.values())
+        status = svc.slot.engine.figures if svc.slot.engine else None
+        assert status is not None and status.num_preemptions > 0 and status.kv_blocks_total == 8
+    finally:
+        await nc.drain()
+        stop.set()
+        await asyncio.wait_for(task, 30)

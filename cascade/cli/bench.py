@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "trace": "open-loop replay of a request trace against any OpenAI-compatible server",
     "sim-calibrate": "the simulator against the real mesh: burst's and scaleup's configurations, side by side",
     "sim-scale": "the simulated comparison at 32, 128 and 1,000 accelerators, with plots",
+    "kv": "the paged KV cache against the contiguous one: sequences within a budget, prefix caching, decode",
 }
 
 
@@ -54,6 +55,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.sim_scale import main as sim_scale
 
             return sim_scale
+        if name == "kv":
+            from bench.kv import main as kv
+
+            return kv
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] in ("bench", "sim"):
             raise CliError("the benchmarks are not part of this installation (run from a checkout)") from None

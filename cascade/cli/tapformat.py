@@ -27,7 +27,7 @@ def _ids(ids: list[str], keep: int = 3) -> str:
 def _heartbeat(x: m.Heartbeat) -> str:
     return (
         f"{x.worker_id} {x.state} model={x.model or '-'} units={x.units_ready}/{x.num_units} "
-        f"run={x.running} wait={x.waiting} tok/s={x.tokens_per_s:.1f}"
+        f"run={x.running} wait={x.waiting} tok/s={x.tokens_per_s:.1f} kv={x.kv_cache_usage:.0%}"
     )
 
 

@@ -200,6 +200,17 @@ class GatewayCore:
             except ChatTemplateError as e:
                 raise ApiError(400, f"model `{info.name}`: {e}", param="messages", code="chat_template_error") from None
         ctx = info.context_len
+        limit = self.registry.max_model_len(info.name)
+        if limit and len(ids) >= limit:
+            # The instances' own --max-model-len (at most the context, capped by their KV budget):
+            # refused here, before any work, as vLLM does, rather than by every worker in turn.
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {limit} tokens (max_model_len); the prompt has "
+                f"{len(ids)} tokens, and at least one must be left to generate",
+                param="prompt" if spec.kind == "completion" else "messages",
+                code="context_length_exceeded",
+            )
         if spec.max_tokens is not None:
             max_tokens = spec.max_tokens
         elif "max_new_tokens" in info.defaults:  # the model's generation_config.json

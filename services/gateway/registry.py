@@ -73,11 +73,17 @@ class Registry:
                     driven_layers=v.driven_layers,
                     driven=v.driven,
                     prefill_budget=v.prefill_budget,
+                    kv_cache_usage=v.kv_cache_usage,
                     unstarted_tokens=tokens,
                     unstarted_prompts=prompts,
                 )
             )
         return out
+
+    def max_model_len(self, model: str) -> int:
+        """The longest sequence an instance holding `model` serves, as their heartbeats announce
+        it (0: none has said). The largest: a prompt that fits one of them is routable."""
+        return max((v.max_model_len for v in self.table.views() if v.model == model), default=0)
 
     def describe(self) -> list[dict[str, Any]]:
         return self.table.describe()

@@ -37,6 +37,7 @@ class InstanceView:
     unstarted_tokens: int = 0  # prompt tokens of this gateway's requests there without a token yet
     unstarted_prompts: int = 0  # and how many prompts those are
     driven: int = 0  # from the heartbeat: routes it drives (in `running` too)
+    kv_cache_usage: float = 0.0  # from the heartbeat: KV blocks held over usable blocks (0..1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +104,10 @@ def estimated_load(view: InstanceView) -> float:
     """
     routes = route_load(view, view.driven_layers)
     fresh = view.running - view.driven + routes + view.waiting + view.inflight - view.inflight_at_heartbeat
-    return max(fresh, view.inflight - view.driven, 0)
+    # A worker whose KV cache is full is loaded whatever its free batch slots: a request sent
+    # there waits for blocks (or makes it preempt one). Its KV usage counts as that share of its
+    # batch limit.
+    return max(fresh, view.inflight - view.driven, view.kv_cache_usage * max(view.max_batch, 1), 0)
 
 
 def choose_instance(

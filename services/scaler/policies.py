@@ -139,6 +139,11 @@ def _since(cond: bool, start: float | None, now: float) -> float | None:
 
 # --------------------------------------------------------------------------- concurrency
 
+# KV usage an instance is kept under on average (vLLM's gpu_memory_utilization default, taken as
+# the share of its KV cache a replica should hold): more, summed over the serving instances,
+# wants another instance.
+KV_TARGET_USAGE = 0.9
+
 
 @dataclass(frozen=True, slots=True)
 class ConcurrencyKnobs:
@@ -175,13 +180,16 @@ def decide_concurrency(
     now, cur = s.now, s.replicas
     last_busy = _last_busy(s, st.last_busy)
     floor, expired = _floor(s, k.min_replicas, k.keep_alive_s, last_busy)
-    raw = math.ceil(s.ongoing / k.target_ongoing_requests)
+    # Beside the requests: the KV held. Few requests with long contexts fill instances' KV caches
+    # (and then queue or get preempted there) long before they count as many requests.
+    raw = max(math.ceil(s.ongoing / k.target_ongoing_requests), math.ceil(s.kv_held / KV_TARGET_USAGE))
     desired = _clamp(raw, floor, k.max_replicas)
     up_since = _since(desired > cur, st.up_since, now)
     down_since = _since(desired < cur, st.down_since, now)
     new = ConcurrencyState(up_since=up_since, down_since=down_since, last_busy=last_busy)
     figures = {
         "ongoing": float(s.ongoing),
+        "kv_held": round(s.kv_held, 3),
         "target_ongoing_requests": k.target_ongoing_requests,
         "desired": float(desired),
         "current": float(cur),

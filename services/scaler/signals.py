@@ -55,11 +55,15 @@ class InstanceLoad:
     mean_batch: float = 0.0  # mean engine batch size over the last interval (0 = no steps)
     ts: float = 0.0
     kv_slots: int = 0  # the most its batch limit can be raised to (0 = unknown)
+    kv_cache_usage: float = 0.0  # KV blocks held over usable blocks (0..1)
 
     @property
     def load(self) -> float:
-        """Requests held per batch slot (> 1 when requests queue on the instance)."""
-        return (self.running + self.waiting) / self.max_batch if self.max_batch > 0 else 0.0
+        """Requests held per batch slot (> 1 when requests queue on the instance), or its KV
+        usage when that is higher: an instance whose KV cache is full is loaded whatever its
+        free batch slots (requests sent there wait for blocks)."""
+        slots = (self.running + self.waiting) / self.max_batch if self.max_batch > 0 else 0.0
+        return max(slots, self.kv_cache_usage)
 
     @property
     def batch_occupancy(self) -> float:
@@ -110,6 +114,11 @@ class LoadSignals:
         serving = [i for i in self.instances if i.state == "serving"]
         slots = sum(i.max_batch for i in serving)
         return sum(i.mean_batch for i in serving) / slots if slots else 0.0
+
+    @property
+    def kv_held(self) -> float:
+        """KV cache held across serving instances, in whole instances' worth (sum of usages)."""
+        return sum(i.kv_cache_usage for i in self.instances if i.state == "serving")
 
     @property
     def tokens_per_s_per_instance(self) -> float:
@@ -257,6 +266,7 @@ class SignalWindow:
                 mean_batch=mean_batch,
                 ts=m.ts,
                 kv_slots=m.kv_slots,
+                kv_cache_usage=m.kv_cache_usage,
             )
         if m.steps:
             s = _Slice(start=m.ts - m.interval_s, end=m.ts)

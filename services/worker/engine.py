@@ -3,9 +3,7 @@ stage work for pipelined (partial-layer) routes batched into the same steps.
 
 Three kinds of sequences live here:
 
-- **full**: this worker runs the embedding, every layer and the head. They sit
-  in KV slots 0..B-1 of one cache, kept contiguous (finished ones are
-  compacted out), so a decode step reads the cache as a view.
+- **full**: this worker runs the embedding, every layer and the head.
 - **driven**: the first stage of a pipelined route. This worker runs the
   embedding and layers [0, k), sends the hidden states to the next stage, and
   gets the sampled token back from the last stage. It owns the token loop:
@@ -17,14 +15,19 @@ Three kinds of sequences live here:
 Prompts are prefilled in chunks: a step computes at most `max_prefill_tokens`
 prompt tokens, so a long prompt takes several steps and the sequences decoding
 beside it keep their pace (Sarathi-Serve's chunked prefill, on by default in
-vLLM). A full sequence whose prompt is under way keeps it in a one-slot cache
-of its own and moves into the batch's cache with its first token; a driven
-one sends each chunk's hidden states down its route as it goes.
+vLLM); a driven sequence sends each chunk's hidden states down its route as it
+goes. `step()` runs every segment in one `forward_segments` pass so a busy full
+instance reads each weight once per step for its own and the relayed work.
 
-Driven and relayed sequences each keep a one-slot KV cache over their own
-layers; they are few (they exist while an instance loads), and `step()` runs
-every segment in one `forward_segments` pass so a busy full instance reads
-each weight once per step for its own and the relayed work.
+KV memory is paged (vLLM's block manager; kvblocks.py): every sequence, in any
+role, holds a block table into the one pool of this worker, over the layers it
+runs here. A full sequence is admitted when the blocks of its prompt are free
+(less what the prefix cache already holds); when a decode step needs a block and
+none is free, the most recently admitted full sequence is preempted: its blocks
+are freed and it goes back to the front of the queue, to be recomputed (its
+prompt and the tokens it generated, prefilled again) and to go on from there, so
+its stream pauses and resumes with no gap and no repeat. Stage sequences are not
+preempted (their route spans other workers); they wait for blocks instead.
 
 Threads: `step()`, `set_max_batch()` and everything that touches sequences or
 the model run on the worker's engine thread (runner.py), the only thread that
@@ -49,8 +52,16 @@ from cascade.device_profile import LayerWork
 from cascade.messages import RouteStage, SamplingParams, TokenEvent
 from cascade.models.tokenizer import IncrementalDecoder, Tokenizer
 from cascade.stagewire import StageClose, StageError, StageFrame, StageInput, StageToken
-from services.worker.admission import Staged, admit
-from services.worker.model import KVCache, LlamaModel, Segment, prefill_inputs
+from services.worker.kvblocks import (
+    NULL_BLOCK,
+    BlockManager,
+    KVGeometry,
+    block_key,
+    block_keys,
+    blocks_for,
+    cap_model_len,
+)
+from services.worker.model import LlamaModel, PagedKV, Segment, prefill_inputs
 from services.worker.sampling import sample_next
 
 if TYPE_CHECKING:
@@ -76,7 +87,6 @@ class Sequence:
     generator: torch.Generator | None
     route: list[RouteStage] = field(default_factory=list)  # empty: full
     generated: list[int] = field(default_factory=list)
-    slot: int = -1
     held: str = ""  # text held back because it may be the start of a stop string
     max_stop: int = 0
     finish: str | None = None
@@ -88,10 +98,17 @@ class Sequence:
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
     arrived_at: float = 0.0  # wall clock at the gateway: prompts start oldest first
-    done: int = 0  # prompt tokens computed so far (prefilled in chunks)
+    done: int = 0  # prompt tokens computed so far (prefilled in chunks, or found in the prefix cache)
     chunk: int = 0  # prompt tokens in the step being computed
-    # driven, and a full sequence while its prompt is prefilled in chunks
-    cache: KVCache | None = None
+    # The KV blocks it holds here, in position order (any role).
+    table: list[int] = field(default_factory=list)
+    # full only: tokens prefilled before the first new token (its prompt, and after a preemption
+    # the tokens it had generated too); prefix-cache keys of its full blocks, and how many of its
+    # blocks are registered under theirs; its admission's number (preemption takes the highest).
+    target: int = 0
+    keys: list[bytes] = field(default_factory=list)
+    registered: int = 0
+    admitted: int = 0
     # driven only
     next_ids: list[int] | None = None  # input of the next stage-0 pass; None while awaiting a token
     prefilled: bool = False
@@ -99,6 +116,9 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt) + len(self.generated)
+
+    def ids(self) -> list[int]:
+        return self.prompt + self.generated
 
 
 class Pending(NamedTuple):
@@ -120,13 +140,13 @@ class Relayed:
     driver: RouteStage
     route: list[RouteStage]
     index: int  # this worker's stage in the route
-    cache: KVCache
     params: SamplingParams
     generator: torch.Generator | None
     inputs: collections.deque[Pending] = field(default_factory=collections.deque)
     length: int = 0
     computing: Pending | None = None  # the input of the step under way
     arrived_at: float = 0.0  # the request's arrival at the gateway (wall clock)
+    table: list[int] = field(default_factory=list)  # its KV blocks here
 
     @property
     def stage(self) -> RouteStage:
@@ -171,6 +191,19 @@ class EngineFigures:
     relayed: int = 0  # stage sequences it computes for routes other workers drive
     max_batch: int = 1
     tokens_per_s: float = 0.0
+    # The paged KV cache, as vLLM names its metrics: kv_cache_usage_perc (blocks held / usable,
+    # 0..1), num_free_blocks, num_preemptions_total, prefix_cache_queries/hits (in tokens).
+    kv_cache_usage: float = 0.0
+    kv_blocks_free: int = 0
+    kv_blocks_total: int = 0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    max_model_len: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 @dataclass(slots=True)
@@ -182,6 +215,8 @@ class EngineStats:
     max_batch_seen: int = 0
     tokens_per_s: float = 0.0
     finished: collections.Counter[str] = field(default_factory=collections.Counter)
+    prefilled: int = 0  # prompt tokens computed (a prefix found in the prefix cache is not)
+    preemptions: int = 0
     _window: collections.deque[tuple[float, int]] = field(default_factory=collections.deque)
 
     def record(self, batch: int, tokens: int, now: float) -> None:
@@ -234,6 +269,10 @@ class Engine:
         padder: StepPadder | None = None,
         kv_slots: int | None = None,
         emulated_token_scale: float = 1.0,
+        kv_cache_bytes: int = 0,
+        block_size: int = 16,
+        prefix_caching: bool = True,
+        max_model_len: int = 0,
     ) -> None:
         self.model = model
         self.padder = padder
@@ -244,14 +283,28 @@ class Engine:
         self.tok = tokenizer
         self.worker_id = worker_id
         self.max_batch = max_batch
-        # The KV cache is sized once, for kv_slots sequences: the batch limit may move at run time
-        # (vertical scaling) only within it, since growing the cache would copy every layer's K/V.
+        # The most the batch limit may be raised to at run time (vertical scaling). KV memory is
+        # the block budget's business, not the slots'.
         self.kv_slots = max(kv_slots or max_batch, max_batch)
         self.max_prefill_tokens = max_prefill_tokens
         self.cfg = model.cfg
         self.L = self.cfg.num_hidden_layers
-        self._cache: KVCache | None = None  # the full sequences' cache, made when the first one comes
-        self.running: list[Sequence] = []  # full sequences; index == KV slot
+        ctx = self.cfg.max_position_embeddings
+        self.geometry = KVGeometry(
+            self.L, self.cfg.num_key_value_heads, self.cfg.dim_per_head,
+            torch.empty((), dtype=model.dtype).element_size(), block_size,
+        )  # fmt: skip
+        # Without a budget (an engine built by hand), room for kv_slots sequences at full context:
+        # what the contiguous cache this replaced could grow to.
+        budget = kv_cache_bytes or self.kv_slots * blocks_for(ctx, block_size) * self.geometry.bytes_per_block
+        self.blocks = BlockManager(self.geometry.blocks_in(budget) + 1, block_size, prefix_caching)
+        self.max_model_len = cap_model_len(ctx, max_model_len, self.blocks.total, block_size)
+        # vLLM's watermark: a prompt is admitted only if 1 % of the blocks stay free after it, so
+        # a fresh admission does not force a preemption at the very next decode step.
+        self._watermark = self.blocks.total // 100
+        self._kv: PagedKV | None = None  # made when the first sequence needs it
+        self._admissions = 0
+        self.running: list[Sequence] = []  # full sequences decoding, in admission order
         self.waiting: collections.deque[Sequence] = collections.deque()
         # Full sequences whose prompts are part-computed, oldest first; each holds a batch slot.
         self.prefilling: list[Sequence] = []
@@ -268,10 +321,17 @@ class Engine:
         self.figures = self._figures()
 
     @property
-    def cache(self) -> KVCache:
-        if self._cache is None:
-            self._cache = KVCache(self.cfg, range(self.L), self.kv_slots, self.model.device, self.model.dtype)
-        return self._cache
+    def kv(self) -> PagedKV:
+        if self._kv is None:
+            self._kv = PagedKV(
+                self.cfg, range(self.L), self.blocks.num_blocks, self.geometry.block_size, self.model.device,
+                self.model.dtype,
+            )  # fmt: skip
+        return self._kv
+
+    def kv_bytes_held(self) -> int:
+        """Bytes of the blocks sequences hold now (what the budget is spent on)."""
+        return self.blocks.used_count() * self.geometry.bytes_per_block
 
     def set_max_batch(self, limit: int) -> int:
         """Set the batch limit, bounded by the KV slots; returns the limit in force. Running
@@ -320,7 +380,15 @@ class Engine:
         return max(1, int(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0)))
 
     def _figures(self) -> EngineFigures:
+        b = self.blocks.stats()
         return EngineFigures(
+            kv_cache_usage=b.usage,
+            kv_blocks_free=b.free,
+            kv_blocks_total=b.total,
+            num_preemptions=self.stats.preemptions,
+            prefix_cache_queries=b.prefix_queries,
+            prefix_cache_hits=b.prefix_hits,
+            max_model_len=self.max_model_len,
             running=len(self.running) + len(self.prefilling) + len(self.driven),
             waiting=len(self.waiting),
             driven=len(self.driven),
@@ -335,7 +403,7 @@ class Engine:
         """Something a step would compute or finish now."""
         return bool(
             self.running
-            or self.waiting
+            or (self.waiting and self._fits(self.waiting[0]))
             or self.prefilling
             or self._inbox
             or self._cancels
@@ -377,24 +445,28 @@ class Engine:
 
         segs: list[Segment] = []
         jobs: list[tuple[str, Any]] = []
+        # Every decode's next block first, before any segment is built: this is where a full
+        # sequence may be preempted, and a preempted one must not be in this step.
+        decoding = self._grow_decodes()
         old = len(self.running)
         if old:
             segs.append(self._decode_segment())
             jobs.append(("decode", None))
         # Stage work past its prompt (one decode token each) goes every step: it is under way, and
         # holding it would stall a token loop on another worker.
-        for rel in self.relayed.values():
-            if rel.inputs and not rel.inputs[0].prefill:
+        for rel in decoding:
+            if isinstance(rel, Relayed):
                 segs.append(self._relayed_segment(rel))
                 jobs.append(("relayed", rel))
-        for seq in self.driven.values():
-            if seq.next_ids is not None and seq.finish is None and seq.prefilled:
-                segs.append(self._driven_segment(seq))
-                jobs.append(("driven", seq))
-        new = self._admit(segs, jobs)
+            else:
+                segs.append(self._driven_segment(rel))
+                jobs.append(("driven", rel))
+        budget = _Budget(self.prefill_budget())
+        new = self._admit(budget, segs, jobs)
+        chunked = sum(s.chunk for k, s in jobs if k == "chunk")
         if new:
-            ids, pos, lens = prefill_inputs([s.prompt for s in new], self.model.device)
-            segs.append(Segment(range(self.L), self.cache, pos, lens, True, True, ids=ids, slot0=old))
+            ids, pos, lens = prefill_inputs([s.ids() for s in new], self.model.device)
+            segs.append(Segment(range(self.L), self.kv, self._tables(new), pos, lens, True, True, ids=ids))
             jobs.append(("prefill", new))
         batch = len(self.running)
         relayed = sum(1 for k, _ in jobs if k == "relayed")
@@ -425,7 +497,9 @@ class Engine:
         self.stats.record(batch + relayed, len(new) + decoded, time.monotonic())
         self.stats.relayed_steps += relayed
         target = self._emulated_s(segs) if self.padder is not None and segs else 0.0
-        prompt = sum(len(s.prompt) for s in new) + sum(s.chunk for k, s in jobs if k == "chunk")
+        prompt = sum(s.target for s in new) + chunked
+        self.stats.prefilled += prompt
+        self._register_full_blocks()
         # With an emulated device the step lasts its target (the runner pads to it) unless compute overran.
         took = max(time.monotonic() - t0, target)
         self.stats.step_timed(batch + relayed, took * 1000, prompt, len(new) + decoded)
@@ -464,28 +538,22 @@ class Engine:
             i -= 1
         w.insert(i, seq)
 
-    def _admit(self, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
+    def _admit(self, budget: _Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
         """Spend the step's prefill budget, oldest arrival first, whatever the role: full prompts
         waiting here (they also need a batch slot), the first stage of routes this worker drives,
         and relayed prompt chunks of routes other workers drive. Prompts already under way go
         first. A prompt that does not fit whole starts as a chunk of what is left. Returns the full
-        sequences admitted whole; chunks and stage prompts are added to `segs`/`jobs`. The rule
-        itself is `admission.admit` (the simulator runs it too); this applies its answer.
+        sequences admitted whole; chunks and stage prompts are added to `segs`/`jobs`.
 
         One budget for every role, in full-model prompt tokens (a prompt through k of L layers costs
         k/L of its length): without it a burst of prompts would make one giant step and stall every
         sequence's decode. Oldest first, because a pipelined route that jumped this worker's queue
         would push its backlog's latency up by just what it took off its own (measured in
-        bench/scaleup.py: the window's p99 TTFT). The oldest prompt waits for its slot, and younger
-        ones wait behind it: letting stage work past would starve this worker's own backlog.
-
-        Relayed stages do not take this worker's batch slots. Their compute is in every step they
-        join (and in the emulated device's time), and the route's head admitted them under its own
-        limit. Counting them here by their share of the layers was measured to make things worse
-        (bench/scaleup.py): a two-stage route's decode joins every other step of this worker, so
-        each one held its share twice as long, and a busy instance relaying for a new one admitted
-        fewer of its own requests than it would have alone.
+        bench/scaleup.py: the window's p99 TTFT).
         """
+        for seq in self.prefilling:
+            if not self._take_chunk(seq, budget, segs, jobs):
+                break
         staged: list[tuple[float, int, str, Any]] = []
         for n, rel in enumerate(self.relayed.values()):
             if rel.inputs and rel.inputs[0].prefill:
@@ -494,76 +562,194 @@ class Engine:
             if seq.next_ids is not None and seq.finish is None and not seq.prefilled:
                 staged.append((seq.arrived_at, n, "driven", seq))
         staged.sort(key=lambda t: (t[0], t[1]))
-        cap = self.prefill_budget()
-        plan = admit(
-            cap,
-            [len(s.prompt) - s.done for s in self.prefilling],
-            [(s.arrived_at, len(s.prompt)) for s in self.waiting],
-            [self._staged(kind, obj) for _, _, kind, obj in staged],
-            self.max_batch - len(self.running) - len(self.prefilling),
-            cap,
-        )
-        for seq, n in zip(list(self.prefilling), plan.chunks, strict=False):
-            self._take_chunk(seq, n, segs, jobs)
         new: list[Sequence] = []
-        for kind, index, n in plan.takes:
-            if kind == "whole":
-                new.append(self.waiting.popleft())
-            elif kind == "start":
-                local = self.waiting.popleft()
-                local.cache = KVCache(self.cfg, range(self.L), 1, self.model.device, self.model.dtype, 64)
+        # Relayed stages do not take this worker's batch slots. Their compute is in every step they
+        # join (and in the emulated device's time), and the route's head admitted them under its
+        # own limit. Counting them here by their share of the layers was measured to make things
+        # worse (bench/scaleup.py): a two-stage route's decode joins every other step of this
+        # worker, so each one held its share twice as long, and a busy instance relaying for a
+        # new one admitted fewer of its own requests than it would have alone.
+        i = 0
+        while budget.left >= 1:
+            local = self.waiting[0] if self.waiting else None
+            if i >= len(staged) and local is None:
+                break
+            if i >= len(staged) or (local is not None and local.arrived_at <= staged[i][0]):
+                assert local is not None
+                # The oldest prompt waits for its slot, and younger ones wait behind it: letting
+                # stage work past would starve this worker's own backlog.
+                if len(self.running) + len(self.prefilling) + len(new) >= self.max_batch:
+                    break
+                # ... and for the blocks of its prompt (vLLM's admission: by free blocks).
+                if not self._reserve(local):
+                    break
+                self.waiting.popleft()
+                if local.done == 0 and local.target <= budget.left:
+                    budget.take(local.target)
+                    new.append(local)
+                    continue
+                # Part of its prompt is cached already, or it does not fit the step: in chunks.
                 self.prefilling.append(local)
-                self._take_chunk(local, n, segs, jobs)
-            elif kind == "relayed":
+                if not self._take_chunk(local, budget, segs, jobs):
+                    break
+                if local.done + local.chunk < local.target:
+                    break
+                continue
+            _, _, kind, obj = staged[i]
+            if kind == "relayed":
                 # Chunked by the route's head, which holds chunks to this worker's budget.
-                rel = staged[index][3]
-                segs.append(self._relayed_segment(rel))
-                jobs.append((kind, rel))
+                inp = obj.inputs[0]
+                if not self._grow(obj.table, inp.start + inp.hidden.shape[1]):
+                    break  # waits for blocks, and what is younger waits behind it
+                if not budget.take(inp.hidden.shape[1] * self._share(obj)):
+                    break
+                segs.append(self._relayed_segment(obj))
             else:
-                seq = staged[index][3]
-                seq.chunk = n
-                segs.append(self._driven_segment(seq))
-                jobs.append((kind, seq))
-        for k, seq in enumerate(new):
-            seq.slot = len(self.running) + k
+                first = obj.route[0]
+                share = (first.end - first.start) / self.L
+                # Chunks are cut in whole-model tokens so that later stages, running more layers of
+                # the same chunk, stay within their budget too.
+                n = min(
+                    len(obj.next_ids),
+                    self.prefill_budget(),
+                    int(budget.left / share) if share > 0 else self.prefill_budget(),
+                )
+                if n < 1 or not self._grow(obj.table, obj.done + n):
+                    break
+                budget.take(n * share)
+                obj.chunk = int(n)
+                segs.append(self._driven_segment(obj))
+            i += 1
+            jobs.append((kind, obj))
         self.running.extend(new)
         return new
 
-    def _staged(self, kind: str, obj: Any) -> Staged:
-        if kind == "relayed":
-            return Staged(obj.arrived_at, "relayed", int(obj.inputs[0].hidden.shape[1]), self._share(obj))
-        first = obj.route[0]
-        return Staged(obj.arrived_at, "driven", len(obj.next_ids), (first.end - first.start) / self.L)
-
-    def _take_chunk(self, seq: Sequence, n: int, segs: list[Segment], jobs: list[tuple[str, Any]]) -> None:
-        """Add the next `n` tokens of a full prompt under way as a chunk."""
+    def _take_chunk(self, seq: Sequence, budget: _Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> bool:
+        """Add the next chunk of a full prompt under way, as much of it as the budget holds."""
+        n = min(seq.target - seq.done, int(budget.left))
+        if n < 1:
+            return False
+        budget.take(n)
         seq.chunk = n
         end = seq.done + n
-        assert seq.cache is not None
         dev = self.model.device
-        ids = torch.tensor([seq.prompt[seq.done : end]], device=dev)
-        segs.append(prompt_chunk(range(self.L), seq.cache, seq.done, n, end == len(seq.prompt), dev, ids=ids))
+        ids = torch.tensor([seq.ids()[seq.done : end]], device=dev)
+        segs.append(
+            prompt_chunk(range(self.L), self.kv, self._tables([seq]), seq.done, n, end == seq.target, dev, ids=ids)
+        )
         jobs.append(("chunk", seq))
+        return True
 
     def _chunk_done(self, seq: Sequence, out: torch.Tensor) -> None:
-        """A chunk of a full prompt is computed; with the last one the sequence samples its first
-        token and moves into the batch's cache (a copy of one sequence's K/V, once)."""
+        """A chunk of a full prompt is computed; with the last one the sequence samples its next
+        token and joins the batch (its blocks stay where they are)."""
         seq.done += seq.chunk
         seq.chunk = 0
-        if seq.done < len(seq.prompt) or seq.finish is not None:
+        if seq.done < seq.target or seq.finish is not None:
             return
         self.prefilling.remove(seq)
-        assert seq.cache is not None
-        seq.slot = len(self.running)
-        cache = self.cache
-        cache.ensure(seq.done)
-        with torch.inference_mode():
-            for store, own in ((cache.k, seq.cache.k), (cache.v, seq.cache.v)):
-                for i, t in store.items():
-                    t[seq.slot, :, : seq.done] = own[i][0, :, : seq.done]
-        seq.cache = None
         self.running.append(seq)
         self._accept_sampled([seq], out)
+
+    # ------------------------------------------------------------ KV blocks
+    def _fits(self, seq: Sequence) -> bool:
+        """The blocks of `seq`'s prompt could be had now (not counting its prefix-cache hits)."""
+        return self.blocks.can_allocate(blocks_for(len(seq.prompt) + len(seq.generated), self.geometry.block_size))
+
+    def _reserve(self, seq: Sequence) -> bool:
+        """Admit `seq` to the KV cache: take the blocks of its prompt that the prefix cache holds,
+        allocate the rest; False (nothing taken) when they are not free."""
+        bs = self.geometry.block_size
+        ids = seq.ids()
+        target = len(ids)
+        hits: list[int] = []
+        if self.blocks.prefix_caching:
+            seq.keys = block_keys(ids, bs)
+            # One token at least is computed, for the logits of the next one.
+            hits = self.blocks.match(seq.keys[: (target - 1) // bs])
+        need = blocks_for(target, bs) - len(hits)
+        if not self.blocks.can_allocate(need + (self._watermark if self.running or self.prefilling else 0)):
+            self.blocks.free(hits)
+            return False
+        self.blocks.record_query(target, len(hits) * bs)
+        seq.table = hits + [self.blocks.allocate() for _ in range(need)]
+        seq.registered = len(hits)
+        seq.done = len(hits) * bs
+        seq.target = target
+        self._admissions += 1
+        seq.admitted = self._admissions
+        return True
+
+    def _grow(self, table: list[int], tokens: int, own: Sequence | None = None) -> bool:
+        """Blocks in `table` for `tokens` tokens, preempting the most recently admitted full
+        sequences while none is free. False when that is not possible (or `own` itself was the
+        one preempted)."""
+        need = blocks_for(tokens, self.geometry.block_size) - len(table)
+        while need > 0:
+            if self.blocks.can_allocate(1):
+                table.append(self.blocks.allocate())
+                need -= 1
+                continue
+            victim = max([*self.running, *self.prefilling], key=lambda q: q.admitted, default=None)
+            if victim is None:
+                return False
+            self._preempt(victim)
+            if victim is own:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a full sequence's blocks and queue it again, to be recomputed (vLLM's preemption
+        by recompute): its prompt and what it generated are prefilled anew when blocks free up,
+        and it samples on from there. Its stream just pauses: every token sent stays sent."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.prefilling.remove(seq)
+        self.blocks.free(seq.table)
+        seq.table, seq.keys, seq.registered, seq.done, seq.chunk = [], [], 0, 0, 0
+        self.stats.preemptions += 1
+        self._enqueue(seq)
+
+    def _grow_decodes(self) -> list[Relayed | Sequence]:
+        """A block for every decode that starts a new one: full sequences oldest first, then the
+        stage work past its prompt. Returns that stage work, less what must wait for a block."""
+        for seq in sorted(self.running, key=lambda q: q.admitted):
+            if seq in self.running:  # not preempted meanwhile
+                self._grow(seq.table, seq.length, own=seq)
+        out: list[Relayed | Sequence] = []
+        for rel in self.relayed.values():
+            if rel.inputs and not rel.inputs[0].prefill and self._grow(rel.table, rel.inputs[0].pos + 1):
+                out.append(rel)
+        for seq in self.driven.values():
+            if seq.next_ids is not None and seq.finish is None and seq.prefilled and self._grow(seq.table, seq.length):
+                out.append(seq)
+        return out
+
+    def _register_full_blocks(self) -> None:
+        """Offer every block that filled up in this step to the prefix cache, under the key of its
+        tokens and all before them."""
+        if not self.blocks.prefix_caching:
+            return
+        bs = self.geometry.block_size
+        for seq in [*self.running, *self.prefilling]:
+            computed = seq.done if seq in self.prefilling else seq.length - 1
+            full = min(computed // bs, len(seq.table))
+            if full <= seq.registered:
+                continue
+            ids = seq.ids()
+            while len(seq.keys) < full:
+                b = len(seq.keys)
+                seq.keys.append(block_key(seq.keys[-1] if b else b"", ids[b * bs : (b + 1) * bs]))
+            for b in range(seq.registered, full):
+                self.blocks.register(seq.table[b], seq.keys[b])
+            seq.registered = full
+
+    def _tables(self, seqs: list[Sequence] | list[Relayed]) -> torch.Tensor:
+        """Block tables [B, longest], padded with the null block."""
+        width = max(len(s.table) for s in seqs)
+        rows = [s.table + [NULL_BLOCK] * (width - len(s.table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.long, device=self.model.device)
 
     def _share(self, rel: Relayed) -> float:
         """A relayed stage's share of a full sequence's work: its layers over the model's."""
@@ -575,7 +761,8 @@ class Engine:
         positions = torch.tensor([[s.length - 1] for s in self.running])
         return Segment(
             range(self.L),
-            self.cache,
+            self.kv,
+            self._tables(self.running),
             positions.to(dev),
             (positions[:, 0] + 1).to(dev),
             False,
@@ -600,28 +787,28 @@ class Engine:
         self._push_text(seq, seq.decoder.push([tok]))
         if seq.finish is None and len(seq.generated) >= seq.params.max_tokens:
             seq.finish = "length"
-        if seq.finish is None and seq.length >= self.cfg.max_position_embeddings:
+        if seq.finish is None and seq.length >= self.max_model_len:
             seq.finish = "length"
 
     # ------------------------------------------------------------ driven (first stage)
     def _start_driven(self, seq: Sequence) -> None:
-        first = seq.route[0]
-        seq.cache = KVCache(self.cfg, range(first.start, first.end), 1, self.model.device, self.model.dtype, 64)
         seq.next_ids = list(seq.prompt)
         self.driven[seq.request_id] = seq
 
     def _driven_segment(self, seq: Sequence) -> Segment:
-        assert seq.next_ids is not None and seq.cache is not None
+        assert seq.next_ids is not None
         dev = self.model.device
         first = seq.route[0]
         if not seq.prefilled:
             n = seq.chunk or len(seq.next_ids)
             ids = torch.tensor([seq.next_ids[:n]], device=dev)
-            return prompt_chunk(range(first.start, first.end), seq.cache, seq.done, n, False, dev, ids=ids)
+            layers = range(first.start, first.end)
+            return prompt_chunk(layers, self.kv, self._tables([seq]), seq.done, n, False, dev, ids=ids)
         p = seq.length - 1
         return Segment(
             range(first.start, first.end),
-            seq.cache,
+            self.kv,
+            self._tables([seq]),
             torch.tensor([[p]], device=dev),
             torch.tensor([p + 1], device=dev),
             False,
@@ -660,12 +847,14 @@ class Engine:
             T = hidden.shape[1]
             rel.length = inp.start + T
             return prompt_chunk(
-                range(st.start, st.end), rel.cache, inp.start, T, rel.last and inp.final, dev, hidden=hidden
-            )
+                range(st.start, st.end), self.kv, self._tables([rel]), inp.start, T, rel.last and inp.final, dev,
+                hidden=hidden,
+            )  # fmt: skip
         rel.length = pos + 1
         return Segment(
             range(st.start, st.end),
-            rel.cache,
+            self.kv,
+            self._tables([rel]),
             torch.tensor([[pos]], device=dev),
             torch.tensor([pos + 1], device=dev),
             False,
@@ -704,7 +893,7 @@ class Engine:
                     if seq.finish is None:
                         seq.next_ids = [f.token]
             elif isinstance(f, StageClose):
-                self.relayed.pop(f.request_id, None)
+                self._drop_relayed(f.request_id)
             else:
                 seq = self.driven.get(f.request_id)
                 if seq is not None and seq.finish is None:
@@ -716,7 +905,13 @@ class Engine:
             if seq.finish is None and any(s.worker_id == wid for s in seq.route[1:]):
                 seq.finish, seq.error = "error", f"stage worker {wid} failed: {why}"
         for r in [r for r in self.relayed.values() if r.driver.worker_id == wid]:
-            self.relayed.pop(r.request_id, None)
+            self._drop_relayed(r.request_id)
+
+    def _drop_relayed(self, request_id: str) -> None:
+        rel = self.relayed.pop(request_id, None)
+        if rel is not None:
+            self.blocks.free(rel.table)
+            rel.table = []
 
     def _stage_input(self, f: StageInput, tensor: torch.Tensor | None, outbox: list[Outgoing]) -> None:
         rid = f.request_id
@@ -738,7 +933,6 @@ class Engine:
                 driver=f.route[0],
                 route=list(f.route),
                 index=f.index,
-                cache=KVCache(self.cfg, range(st.start, st.end), 1, self.model.device, self.model.dtype, 64),
                 params=f.params,
                 generator=_generator(f.params),
                 arrived_at=f.arrived_at or time.time(),
@@ -780,7 +974,7 @@ class Engine:
             elif kind in ("driven", "chunk"):
                 obj.finish, obj.error = "error", reason
             else:
-                self.relayed.pop(obj.request_id, None)
+                self._drop_relayed(obj.request_id)
 
     def _push_text(self, seq: Sequence, delta: str) -> None:
         if not seq.params.stop:
@@ -824,28 +1018,24 @@ class Engine:
         return ev
 
     def _retire_finished(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
-        """Final events for finished sequences; full ones are compacted out of the KV slots,
-        driven ones tell their later stages to free theirs."""
-        for i in range(len(self.running) - 1, -1, -1):
-            seq = self.running[i]
-            if seq.finish is None:
-                continue
-            events.append((seq.gateway_id, self._final_event(seq)))
-            last = len(self.running) - 1
-            if i != last:
-                moved = self.running[last]
-                self.cache.move(last, i, moved.length)
-                moved.slot = i
-                self.running[i] = moved
-            self.running.pop()
-        for seq in [s for s in self.prefilling if s.finish is not None]:
-            events.append((seq.gateway_id, self._final_event(seq)))
-            self.prefilling.remove(seq)
+        """Final events for finished sequences, whose blocks go back to the pool (the prefix
+        cache keeps the full ones' contents until it needs the room); driven ones tell their later
+        stages to free theirs."""
+        for group in (self.running, self.prefilling):
+            for seq in [s for s in group if s.finish is not None]:
+                events.append((seq.gateway_id, self._final_event(seq)))
+                group.remove(seq)
+                self._release(seq)
         for seq in [s for s in self.driven.values() if s.finish is not None]:
             events.append((seq.gateway_id, self._final_event(seq)))
             del self.driven[seq.request_id]
+            self._release(seq)
             for st in seq.route[1:]:
                 outbox.append(Outgoing(st, StageClose(seq.request_id)))
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.table)
+        seq.table = []
 
     def drain_all(self, reason: str) -> list[tuple[str, TokenEvent]]:
         """End every sequence (worker shutting down): each gets a final event with the error."""
@@ -856,18 +1046,21 @@ class Engine:
             if seq.finish is None:
                 seq.finish, seq.error = "error", reason
             events.append((seq.gateway_id, self._final_event(seq)))
+            self._release(seq)
+        for rid in list(self.relayed):
+            self._drop_relayed(rid)
         self.running.clear()
         self.prefilling.clear()
         self.waiting.clear()
         self.driven.clear()
-        self.relayed.clear()
         self.figures = self._figures()
         return events
 
 
 def prompt_chunk(
     layers: range,
-    cache: KVCache,
+    kv: PagedKV,
+    tables: torch.Tensor,
     start: int,
     n: int,
     head: bool,
@@ -878,7 +1071,8 @@ def prompt_chunk(
     """One sequence's prompt positions start..start+n-1 (its first `start` already cached)."""
     return Segment(
         layers,
-        cache,
+        kv,
+        tables,
         torch.arange(start, start + n, device=dev).unsqueeze(0),
         torch.tensor([n], device=dev),
         True,
@@ -887,3 +1081,19 @@ def prompt_chunk(
         hidden=hidden,
         start=start,
     )
+
+
+class _Budget:
+    """A step's prefill budget; the first take always succeeds (a prompt longer than the whole
+    budget still gets its own step)."""
+
+    def __init__(self, tokens: float) -> None:
+        self.left = tokens
+        self.used = False
+
+    def take(self, cost: float) -> bool:
+        if self.used and cost > self.left:
+            return False
+        self.left -= cost
+        self.used = True
+        return True

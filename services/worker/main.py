@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import socket
 import time
@@ -42,18 +43,51 @@ from cascade.messages import (
     WorkerSnapshot,
     encode,
 )
+from cascade.models.config import unit_shapes
 from cascade.models.tokenizer import Tokenizer
 from cascade.service import Runtime, run_process
 from cascade.stagewire import StageFrame
 from services.worker.dataplane import DataPlaneServer
 from services.worker.engine import Engine, StepResult
 from services.worker.gpu import gpu_inventory
+from services.worker.kvblocks import default_budget_bytes
 from services.worker.loading import ModelSlot
 from services.worker.model import LlamaModel, pick_device
 from services.worker.runner import EngineRunner
 from services.worker.settings import WorkerSettings
 from services.worker.settings import add_arguments as add_arguments
 from services.worker.stagelink import StageLink
+
+
+def measured_kv_budget(model: LlamaModel) -> int:
+    """The default KV budget, measured now (a load is starting): the device's free memory, less
+    the weights still to arrive, with kvblocks.default_budget_bytes' margin."""
+    cfg = model.cfg
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    weights = sum(
+        math.prod(shape) * elem
+        for u in range(cfg.num_units)
+        if not model.has_unit(u)
+        for shape in unit_shapes(cfg, u).values()
+    )
+    dev = model.device
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+    else:
+        free = host_available_bytes()
+    return default_budget_bytes(int(free), weights, dev.type)
+
+
+def host_available_bytes() -> int:
+    """The kernel's estimate of memory available without swapping (MemAvailable), else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -196,6 +230,8 @@ class WorkerService:
             driven=f.driven if f else 0,
             prefill_budget=eng.prefill_budget() if eng else 0,
             data_addr=self._data_addr(),
+            kv_cache_usage=round(f.kv_cache_usage, 4) if f else 0.0,
+            max_model_len=f.max_model_len if f else 0,
         )
 
     def _data_addr(self) -> str | None:
@@ -235,6 +271,11 @@ class WorkerService:
             generated_tokens=generated,
             steps=[StepStat(b, int(n), round(ms, 3), int(p)) for b, (n, ms, p) in sorted(steps.items())],
             kv_slots=eng.kv_slots,
+            kv_cache_usage=round(eng.figures.kv_cache_usage, 4),
+            num_free_blocks=eng.figures.kv_blocks_free,
+            num_preemptions=eng.figures.num_preemptions,
+            prefix_cache_queries=eng.figures.prefix_cache_queries,
+            prefix_cache_hits=eng.figures.prefix_cache_hits,
         )
 
     async def metrics_loop(self) -> None:
@@ -305,9 +346,10 @@ class WorkerService:
             return "not_ready", f"worker {self.settings.worker_id} is {self.slot.state}"
         if prompt_len < 1:
             return "invalid", "empty prompt"
-        ctx = eng.cfg.max_position_embeddings
+        # One token at least must fit after the prompt.
+        ctx = eng.max_model_len
         if prompt_len >= ctx:
-            return "too_long", f"prompt of {prompt_len} tokens does not fit the context of {ctx}"
+            return "too_long", f"prompt of {prompt_len} tokens does not fit max_model_len {ctx}"
         if eng.load()[1] >= self.settings.max_waiting:
             return "overloaded", f"worker {self.settings.worker_id} has {self.settings.max_waiting} requests waiting"
         return None
@@ -331,13 +373,22 @@ class WorkerService:
             self.idle.set()
 
     def _new_engine(self, model: LlamaModel, tok: Tokenizer) -> Engine:
-        if self.settings.device_profile:
-            self.padder = StepPadder(load_profile(self.settings.device_profile), model.cfg.num_hidden_layers)
-        return Engine(
-            model, tok, max_batch=self.settings.max_batch, worker_id=self.settings.worker_id, padder=self.padder,
-            kv_slots=self.settings.kv_capacity, max_prefill_tokens=self.settings.max_prefill_tokens,
-            emulated_token_scale=self.settings.emulated_token_scale,
+        s = self.settings
+        if s.device_profile:
+            self.padder = StepPadder(load_profile(s.device_profile), model.cfg.num_hidden_layers)
+        measured = s.kv_cache_mb <= 0
+        kv_bytes = measured_kv_budget(model) if measured else int(s.kv_cache_mb * 1e6)
+        eng = Engine(
+            model, tok, max_batch=s.max_batch, worker_id=s.worker_id, padder=self.padder, kv_slots=s.kv_capacity,
+            max_prefill_tokens=s.max_prefill_tokens, emulated_token_scale=s.emulated_token_scale,
+            kv_cache_bytes=kv_bytes, block_size=s.kv_block_size, prefix_caching=s.prefix_caching,
+            max_model_len=s.max_model_len,
         )  # fmt: skip
+        self.log.info(
+            "kv_cache", mb=round(kv_bytes / 1e6, 1), measured=measured, blocks=eng.blocks.total,
+            block_size=s.kv_block_size, max_model_len=eng.max_model_len, prefix_caching=s.prefix_caching,
+        )  # fmt: skip
+        return eng
 
     def _on_stage_frame(self, frame: StageFrame, tensor: torch.Tensor | None) -> None:
         if self.slot.engine is None:
@@ -420,4 +471,18 @@ class WorkerService:
                 finished=dict(st.finished),
                 relayed_steps=st.relayed_steps,
             )
+            f = self.slot.engine.figures
+            # Named as vLLM's metrics (vllm:kv_cache_usage_perc, ...), so dashboards read alike.
+            detail["kv_cache"] = {
+                "kv_cache_usage_perc": round(f.kv_cache_usage, 4),
+                "num_free_blocks": f.kv_blocks_free,
+                "num_blocks": f.kv_blocks_total,
+                "block_size": self.slot.engine.geometry.block_size,
+                "mb": round(f.kv_blocks_total * self.slot.engine.geometry.bytes_per_block / 1e6, 1),
+                "num_preemptions_total": f.num_preemptions,
+                "prefix_cache_queries": f.prefix_cache_queries,
+                "prefix_cache_hits": f.prefix_cache_hits,
+                "prefix_cache_hit_rate": round(f.prefix_cache_hit_rate, 4),
+                "max_model_len": f.max_model_len,
+            }
         return ServiceStatus(service="worker", instance=self.settings.worker_id, pid=os.getpid(), detail=detail)

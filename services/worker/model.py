@@ -12,14 +12,15 @@ KV cache is per layer, so a worker that runs layers [a, b) keeps KV only for
 those layers; a request split across workers keeps each part of its cache
 where that part ran.
 
-Sequences in a batch occupy KV *slots* 0..B-1 contiguously (the engine
-compacts on removal), so a decode step reads `cache[:B]` as a view instead of
-gathering scattered slots.
+The KV cache is paged (`PagedKV`, bookkeeping in kvblocks.py): each sequence's
+keys and values sit in fixed-size blocks listed by its block table, so memory
+follows the tokens held; a decode step gathers the batch's blocks per layer.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass, fields
 
 import torch
@@ -153,78 +154,130 @@ def layer_unit_tensors(cfg: ModelConfig, layer: int, w: LayerWeights) -> dict[st
     return out
 
 
-class KVCache:
-    """Per-layer K/V for up to `slots` sequences; capacity along time grows by doubling."""
+class PagedKV:
+    """Keys and values of layers `layers` in `num_blocks` blocks of `block_size` tokens: per layer,
+    k[i] and v[i] are [kv_heads, num_blocks, block_size, head_dim]. Which block holds which tokens
+    is the block tables' business (kvblocks.BlockManager); this is storage only.
+
+    Heads first: gathering a batch's blocks along dim 1 gives [kv_heads, B * blocks, block_size,
+    head_dim], which is [B, kv_heads, S, head_dim] as a view (no second copy) with each head's keys
+    contiguous, the layout SDPA reads fastest (measured: 7 ms against 11 ms for blocks first, for
+    32 sequences of 600 tokens at SmolLM2's shapes).
+
+    On a CPU the storage is anonymous memory the kernel hands out as zero pages on first touch, so
+    a budget of gigabytes costs resident memory only as blocks are written (and the lowest block
+    ids are handed out first). Unwritten positions are then zeros, never a NaN that a masked-out
+    key would still spread through the softmax's weighted sum."""
 
     def __init__(
-        self,
-        cfg: ModelConfig,
-        layers: range,
-        slots: int,
-        device: torch.device,
+        self, cfg: ModelConfig, layers: range, num_blocks: int, block_size: int, device: torch.device,
         dtype: torch.dtype,
-        initial_len: int = 256,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.layers = layers
-        self.slots = slots
-        self.max_len = cfg.max_position_embeddings
-        self.capacity = min(initial_len, self.max_len)
-        self._shape = (slots, cfg.num_key_value_heads, self.capacity, cfg.dim_per_head)
-        self.k: dict[int, torch.Tensor] = {i: torch.zeros(self._shape, device=device, dtype=dtype) for i in layers}
-        self.v: dict[int, torch.Tensor] = {i: torch.zeros(self._shape, device=device, dtype=dtype) for i in layers}
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.dim_per_head
+        self._shape = (cfg.num_key_value_heads, num_blocks, block_size, cfg.dim_per_head)
+        self._device, self._dtype = device, dtype
+        self._maps: list[mmap.mmap] = []
+        # A layer's storage is made when the layer first writes: a worker that runs only some
+        # layers (a stage of a pipelined route, an instance still loading) holds only theirs.
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        # One gather buffer for whichever layer attends now (grown to the largest batch seen).
+        self._gk: torch.Tensor | None = None
+        self._gv: torch.Tensor | None = None
 
-    @torch.inference_mode()
-    def ensure(self, length: int) -> None:
-        if length <= self.capacity:
-            return
-        if length > self.max_len:
-            raise ValueError(f"sequence of {length} tokens exceeds the model's context of {self.max_len}")
-        new = self.capacity
-        while new < length:
-            new *= 2
-        new = min(new, self.max_len)
-        for store in (self.k, self.v):
-            for i, t in store.items():
-                grown = t.new_zeros((t.shape[0], t.shape[1], new, t.shape[3]))
-                grown[:, :, : self.capacity] = t
-                store[i] = grown
-        self.capacity = new
-
-    @torch.inference_mode()
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy one sequence's K/V from slot `src` to slot `dst` (slot compaction)."""
-        for store in (self.k, self.v):
-            for t in store.values():
-                t[dst, :, :length] = t[src, :, :length]
+    def _zeros(self) -> torch.Tensor:
+        shape, dtype = self._shape, self._dtype
+        if self._device.type != "cpu":
+            return torch.zeros(shape, device=self._device, dtype=dtype)
+        n = math.prod(shape)
+        m = mmap.mmap(-1, max(n * torch.empty((), dtype=dtype).element_size(), 1))
+        self._maps.append(m)
+        return torch.frombuffer(m, dtype=dtype, count=n).view(shape)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in (self.k, self.v) for t in s.values())
 
+    def write(self, i: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys/values [n, kv_heads, d] at flat slots (block * block_size + offset)."""
+        h, d = self.kv_heads, self.head_dim
+        if i not in self.k:
+            if i not in self.layers:
+                raise ValueError(f"layer {i} is outside this KV store's layers {self.layers}")
+            self.k[i], self.v[i] = self._zeros(), self._zeros()
+        self.k[i].view(h, -1, d)[:, slots] = k.transpose(0, 1)
+        self.v[i].view(h, -1, d)[:, slots] = v.transpose(0, 1)
+
+    def gather(self, i: int, tables: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [B, kv_heads, length, d] of the sequences whose block tables are `tables`
+        [B, nb] (positions past a sequence's own length are whatever its blocks hold: mask them)."""
+        B, nb = tables.shape
+        h, bs, d = self.kv_heads, self.block_size, self.head_dim
+        idx = tables.reshape(-1)
+        k, v = self.k[i], self.v[i]
+        need = h * B * nb * bs * d
+        if self._gk is None or self._gk.numel() < need:
+            self._gk = k.new_empty(need)
+            self._gv = v.new_empty(need)
+        assert self._gv is not None
+        # Into a buffer kept across steps: a fresh tensor of this size per layer would be mapped
+        # and faulted in anew each time.
+        gk = torch.index_select(k, 1, idx, out=self._gk[:need].view(h, B * nb, bs, d))
+        gv = torch.index_select(v, 1, idx, out=self._gv[:need].view(h, B * nb, bs, d))
+        gk = gk.view(h, B, nb * bs, d).transpose(0, 1)[:, :, :length]
+        gv = gv.view(h, B, nb * bs, d).transpose(0, 1)[:, :, :length]
+        return gk, gv
+
+
+class KVCache(PagedKV):
+    """A paged cache for a fixed set of `slots` sequences, each with its own run of blocks: for
+    running the model outside an engine (tests, the parity checks against transformers). The
+    blocks are mapped for the whole context but touched only as positions are written."""
+
+    def __init__(
+        self, cfg: ModelConfig, layers: range, slots: int, device: torch.device, dtype: torch.dtype,
+        block_size: int = 16,
+    ) -> None:  # fmt: skip
+        self.slots = slots
+        self.max_len = cfg.max_position_embeddings
+        self.per_slot = -(-self.max_len // block_size)
+        super().__init__(cfg, layers, 1 + slots * self.per_slot, block_size, device, dtype)
+
+    def tables(self, slot0: int, batch: int, device: torch.device) -> torch.Tensor:
+        first = 1 + torch.arange(slot0, slot0 + batch) * self.per_slot
+        return (first[:, None] + torch.arange(self.per_slot)[None, :]).to(device)
+
 
 @dataclass(slots=True)
 class Segment:
-    """A batch of sequences that run the same layer range against one KV cache.
+    """A batch of sequences that run the same layer range against one paged KV store.
 
     prefill: `positions` [B, T] are start..start+T-1 (right-padded) and `lengths` [B] the real
-    lengths. `start` > 0 is a later chunk of one prompt (B == 1) whose first `start` tokens are
-    in the cache already (chunked prefill).
+    lengths. `start` > 0 is a later part of one prompt (B == 1) whose first `start` tokens are
+    in the cache already (a chunked prefill, or a prefix found in the prefix cache).
     decode: T == 1, `positions` [B, 1] the position of each sequence's new token.
+    `tables` [B, nb]: each sequence's block table, covering every position it writes.
     `ids` [B, T] when the segment starts at the embedding, else `hidden` [B, T, H].
     """
 
     layers: range
-    cache: KVCache
+    kv: PagedKV
+    tables: torch.Tensor
     positions: torch.Tensor
     lengths: torch.Tensor
     prefill: bool
     head: bool
     ids: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
-    slot0: int = 0
     start: int = 0
     # Filled in by forward_segments:
     max_pos: int = 0
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    slots: torch.Tensor | None = None  # flat KV slot of each real token, in (b, t) order
+    real: torch.Tensor | None = None  # [B, T] which tokens are real (None: all of them)
 
 
 class LlamaModel:
@@ -342,29 +395,28 @@ class LlamaModel:
         c, s = seg.rope
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
-        cache = seg.cache
-        kc, vc = cache.k[i][seg.slot0 : seg.slot0 + B], cache.v[i][seg.slot0 : seg.slot0 + B]
+        kv = seg.kv
+        assert seg.slots is not None
+        if seg.real is None:
+            kv.write(i, seg.slots, k.transpose(1, 2).reshape(B * T, kvh, d), v.transpose(1, 2).reshape(B * T, kvh, d))
+        else:
+            kv.write(i, seg.slots, k.transpose(1, 2)[seg.real], v.transpose(1, 2)[seg.real])
         positions = seg.positions
         if seg.prefill and seg.start > 0:
-            # A later chunk of one prompt: its queries see the cached tokens before it and,
+            # A later part of one prompt: its queries see the cached tokens before it and,
             # causally, its own. SDPA's is_causal aligns the mask top-left, so it is explicit here.
             p0 = seg.start
-            kc[:, :, p0 : p0 + T] = k
-            vc[:, :, p0 : p0 + T] = v
+            kc, vc = kv.gather(i, seg.tables, p0 + T)
             mask = torch.ones(T, p0 + T, dtype=torch.bool, device=q.device).tril(diagonal=p0)
             if window is not None and p0 + T > window:
                 mask &= torch.ones_like(mask).triu(diagonal=p0 - window + 1)
-            attn = F.scaled_dot_product_attention(
-                q, kc[:, :, : p0 + T], vc[:, :, : p0 + T], attn_mask=mask, enable_gqa=nh != kvh
-            )
+            attn = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=nh != kvh)
             return attn.transpose(1, 2).reshape(B * T, nh * d)
         if seg.prefill:
-            # Right-padded prompts: write all T positions; padding beyond a prompt's length is never
-            # attended to (overwritten by the first decode step). Each prompt attends causally over
-            # its own length through the fused kernel: a [B, T, T] mask would send long prompts down
-            # the unfused path, which materialises every attention matrix.
-            kc[:, :, :T] = k
-            vc[:, :, :T] = v
+            # Prompts from position 0 attend over their own keys and values, as computed: no read
+            # of the cache. Each prompt attends causally over its own length through the fused
+            # kernel: a [B, T, T] mask would send long prompts down the unfused path, which
+            # materialises every attention matrix.
             lens = seg.lengths.tolist()
             band = _band(T, window, q.device) if window is not None and T > window else None
             if all(n == T for n in lens):
@@ -380,18 +432,14 @@ class LlamaModel:
                         is_causal=m is None, enable_gqa=nh != kvh,
                     )  # fmt: skip
             return attn.transpose(1, 2).reshape(B * T, nh * d)
-        idx = torch.arange(B, device=q.device)
         pos = positions[:, 0]
-        kc[idx, :, pos] = k[:, :, 0]
-        vc[idx, :, pos] = v[:, :, 0]
         S = seg.max_pos + 1
+        kc, vc = kv.gather(i, seg.tables, S)
         key_pos = torch.arange(S, device=q.device)
         mask = key_pos[None, :] <= pos[:, None]
         if window is not None and S > window:
             mask &= key_pos[None, :] > pos[:, None] - window
-        attn = F.scaled_dot_product_attention(
-            q, kc[:, :, :S], vc[:, :, :S], attn_mask=mask[:, None, None, :], enable_gqa=nh != kvh
-        )
+        attn = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask[:, None, None, :], enable_gqa=nh != kvh)
         return attn.transpose(1, 2).reshape(B * T, nh * d)
 
     @torch.inference_mode()
@@ -414,7 +462,7 @@ class LlamaModel:
             else:
                 raise ValueError("a segment needs ids or hidden states")
             seg.max_pos = int(seg.positions.max().item())
-            seg.cache.ensure(seg.max_pos + 1)
+            _place(seg)
             cos, sin = self._rope(seg.positions)
             seg.rope = (cos.unsqueeze(1), sin.unsqueeze(1))
             hs.append(h.reshape(-1, H))
@@ -478,11 +526,32 @@ class LlamaModel:
         prefill: bool,
         head: bool,
         slot0: int = 0,
+        start: int = 0,
     ) -> torch.Tensor:
-        """One stage: embed (when given ids) → layers → head (when asked). Returns hidden states,
-        or logits at each sequence's last real position when `head`."""
-        seg = Segment(layers, cache, positions, lengths, prefill, head, ids=ids, hidden=hidden, slot0=slot0)
+        """One stage for sequences in slots slot0.. of a standalone cache: embed (when given ids)
+        → layers → head (when asked). Returns hidden states, or logits at each sequence's last
+        real position when `head`."""
+        tables = cache.tables(slot0, positions.shape[0], positions.device)
+        seg = Segment(layers, cache, tables, positions, lengths, prefill, head, ids=ids, hidden=hidden, start=start)
         return self.forward_segments([seg])[0]
+
+
+def _place(seg: Segment) -> None:
+    """Each real token's flat KV slot, from its position and its sequence's block table; the
+    table is cut to the blocks the segment reaches (a decode gathers no more than that)."""
+    bs = seg.kv.block_size
+    seg.tables = seg.tables[:, : seg.max_pos // bs + 1]
+    nb = seg.tables.shape[1]
+    pos = seg.positions
+    block = seg.tables.gather(1, (pos // bs).clamp(max=nb - 1))
+    slots = block * bs + pos % bs
+    T = pos.shape[1]
+    if seg.prefill and T > 1 and int(seg.lengths.min().item()) < T:
+        seg.real = torch.arange(T, device=pos.device)[None, :] < seg.lengths[:, None]
+        seg.slots = slots[seg.real]
+    else:
+        seg.real = None
+        seg.slots = slots.reshape(-1)
 
 
 def _band(T: int, window: int, device: torch.device) -> torch.Tensor:

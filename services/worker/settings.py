@@ -40,6 +40,10 @@ class WorkerSettings:
     max_prefill_tokens: int = 2048
     # With an emulated device, each real prompt/context token is priced as this many.
     emulated_token_scale: float = 1.0
+    kv_cache_mb: float = 0.0  # 0: what is left after the weights, with a margin, measured at load
+    max_model_len: int = 0  # 0: the model's context, capped so that one sequence fits the KV budget
+    kv_block_size: int = 16
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         check_token(self.worker_id)
@@ -51,6 +55,8 @@ class WorkerSettings:
             raise ConfigError("--local-cache-mb and --local-cache-mb-s must be >= 0")
         if self.max_prefill_tokens < 1:
             raise ConfigError("--max-prefill-tokens must be >= 1")
+        if self.kv_cache_mb < 0 or self.max_model_len < 0 or self.kv_block_size < 1:
+            raise ConfigError("--kv-cache-mb and --max-model-len must be >= 0, --kv-block-size >= 1")
         if self.emulated_token_scale <= 0:
             raise ConfigError("CASCADE_EMULATED_TOKEN_SCALE must be above 0")
         if self.device_profile:
@@ -58,7 +64,7 @@ class WorkerSettings:
 
     @property
     def kv_capacity(self) -> int:
-        """Sequences the KV cache is sized for: the most the batch limit can be raised to."""
+        """The most the batch limit can be raised to."""
         return max(self.kv_slots, self.max_batch)
 
     @property
@@ -92,6 +98,10 @@ class WorkerSettings:
             local_cache_mb_s=a.local_cache_mb_s,
             max_prefill_tokens=a.max_prefill_tokens,
             emulated_token_scale=env_float("CASCADE_EMULATED_TOKEN_SCALE", 1.0),
+            kv_cache_mb=a.kv_cache_mb,
+            max_model_len=a.max_model_len,
+            kv_block_size=a.kv_block_size,
+            prefix_caching=a.prefix_caching,
         )
 
 
@@ -124,11 +134,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "an emulated device, in the tokens it prices (env CASCADE_MAX_PREFILL_TOKENS, default 2048)",
     )
     p.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=env_float("CASCADE_KV_CACHE_MB", 0.0),
+        help="memory for the paged KV cache, in MB (env CASCADE_KV_CACHE_MB; default 0: measured at load, what "
+        "is left after the weights with a margin: 90 %% on a GPU, half and at most 4 GiB on a CPU)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=env_int("CASCADE_MAX_MODEL_LEN", 0),
+        help="longest sequence (prompt and output) served; longer prompts are refused (env CASCADE_MAX_MODEL_LEN; "
+        "default 0: the model's context, capped so that one sequence fits the KV cache)",
+    )
+    p.add_argument(
+        "--kv-block-size",
+        type=int,
+        default=env_int("CASCADE_KV_BLOCK_SIZE", 16),
+        help="tokens per KV cache block (env CASCADE_KV_BLOCK_SIZE, default 16)",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        default=env_str("CASCADE_PREFIX_CACHING", "1").lower() not in ("0", "false", "no", "off"),
+        help="do not reuse the KV blocks of prompt prefixes other requests computed (env CASCADE_PREFIX_CACHING=0)",
+    )
+    p.add_argument(
         "--kv-slots",
         type=int,
         default=env_int("CASCADE_KV_SLOTS", 0),
-        help="sequences the KV cache is sized for: the most the scaler may raise the batch limit to at run time "
-        "(env CASCADE_KV_SLOTS; default: --max-batch)",
+        help="the most the scaler may raise the batch limit to at run time (env CASCADE_KV_SLOTS; default: "
+        "--max-batch); KV memory is --kv-cache-mb's",
     )
     p.add_argument(
         "--metrics-s",
