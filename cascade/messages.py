@@ -212,6 +212,16 @@ class Heartbeat:
     prefill_budget: int = 0
 
 
+@message("worker_gone")
+class WorkerGone:
+    """A worker's process ended (its supervisor saw it exit): drop it now, not three heartbeats
+    later. `pid` names the incarnation, so a worker restarted under the same id is not dropped."""
+
+    worker_id: str
+    pid: int
+    reason: str = ""
+
+
 @message("layer_ready")
 class LayerReady:
     """Unit `unit` of `model` is usable on `worker_id`. Units: 0 = embedding,
