@@ -360,6 +360,10 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # A migrated request (its worker was lost mid-stream): how many output tokens an earlier
+    # instance already streamed. They end the prompt; the worker resumes after them: a seeded
+    # stream past their draws, the text and stop-string matching after their text.
+    resumed: int = 0
 
 
 @message("route_stage")

@@ -37,6 +37,10 @@ class RequestTimeout(TimeoutError):
     """Nobody answered a request in time (or nobody listens on the subject)."""
 
 
+class NoResponders(RequestTimeout):
+    """Nobody listens on the subject: the broker said so at once (its owner is gone)."""
+
+
 async def connect(url: str, name: str, connect_timeout_s: float = 10.0) -> NATS:
     """Connect to NATS, retrying until `connect_timeout_s` (a broker that starts beside us);
     ConnectionError after that. Once connected, reconnects are unlimited.
@@ -101,7 +105,7 @@ async def request(nc: NATS, subject: str, msg: Any, expect: type[T], timeout: fl
     except (TimeoutError, NatsTimeout):
         raise RequestTimeout(f"no reply on {subject} within {timeout:.1f}s") from None
     except NoRespondersError:
-        raise RequestTimeout(f"nobody listens on {subject}") from None
+        raise NoResponders(f"nobody listens on {subject}") from None
     obj: Any = decode(reply.data)
     if isinstance(obj, ErrorReply):
         raise RemoteError(obj.code, obj.message)
