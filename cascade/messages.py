@@ -216,6 +216,16 @@ class Heartbeat:
     max_model_len: int = 0
 
 
+@message("worker_gone")
+class WorkerGone:
+    """A worker's process ended (its supervisor saw it exit): drop it now, not three heartbeats
+    later. `pid` names the incarnation, so a worker restarted under the same id is not dropped."""
+
+    worker_id: str
+    pid: int
+    reason: str = ""
+
+
 @message("layer_ready")
 class LayerReady:
     """Unit `unit` of `model` is usable on `worker_id`. Units: 0 = embedding,
@@ -354,6 +364,10 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # A migrated request (its worker was lost mid-stream): how many output tokens an earlier
+    # instance already streamed. They end the prompt; the worker resumes after them: a seeded
+    # stream past their draws, the text and stop-string matching after their text.
+    resumed: int = 0
 
 
 @message("route_stage")

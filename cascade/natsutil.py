@@ -37,19 +37,34 @@ class RequestTimeout(TimeoutError):
     """Nobody answered a request in time (or nobody listens on the subject)."""
 
 
-async def connect(url: str, name: str, connect_timeout_s: float = 10.0) -> NATS:
+class NoResponders(RequestTimeout):
+    """Nobody listens on the subject: the broker said so at once (its owner is gone)."""
+
+
+async def connect(
+    url: str,
+    name: str,
+    connect_timeout_s: float = 10.0,
+    logger: Any = None,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
     """Connect to NATS, retrying until `connect_timeout_s` (a broker that starts beside us);
-    ConnectionError after that. Once connected, reconnects are unlimited.
+    ConnectionError after that. Once connected, reconnects are unlimited: a broker that restarts
+    is logged going and coming back, and `on_reconnect` runs once it is back (re-announce state).
 
     nats-py keeps retrying a first connection that fails when reconnects are allowed, so the
     budget is enforced here, around each attempt and around the whole."""
     try:
-        return await asyncio.wait_for(_connect(url, name, connect_timeout_s), connect_timeout_s + 1.0)
+        return await asyncio.wait_for(
+            _connect(url, name, connect_timeout_s, logger or log, on_reconnect), connect_timeout_s + 1.0
+        )
     except TimeoutError:
         raise ConnectionError(f"cannot reach NATS at {url} within {connect_timeout_s:g}s") from None
 
 
-async def _connect(url: str, name: str, connect_timeout_s: float) -> NATS:
+async def _connect(
+    url: str, name: str, connect_timeout_s: float, lg: Any, on_reconnect: Callable[[], Awaitable[None]] | None
+) -> NATS:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + connect_timeout_s
     last: Exception | None = None
@@ -58,6 +73,17 @@ async def _connect(url: str, name: str, connect_timeout_s: float) -> NATS:
     async def on_error(e: Exception) -> None:
         seen.append(e)
         await _quiet_error(e)
+
+    async def on_disconnected() -> None:
+        lg.warning("nats_disconnected", url=url)
+
+    async def on_reconnected() -> None:
+        lg.info("nats_reconnected", url=url)
+        if on_reconnect is not None:
+            try:
+                await on_reconnect()
+            except Exception as e:  # re-announcing is best effort; the next heartbeat says it again
+                lg.warning("reannounce_failed", error=repr(e))
 
     while True:
         remaining = deadline - loop.time()
@@ -72,8 +98,8 @@ async def _connect(url: str, name: str, connect_timeout_s: float) -> NATS:
                     reconnect_time_wait=0.5,
                     # Without these, nats-py logs a traceback per failed attempt.
                     error_cb=on_error,
-                    disconnected_cb=_noop,
-                    reconnected_cb=_noop,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
                 ),
                 timeout=max(remaining, 0.1),
             )
@@ -90,10 +116,6 @@ async def _quiet_error(e: Exception) -> None:
     log.debug("nats_error", error=str(e))
 
 
-async def _noop() -> None:
-    return None
-
-
 async def request(nc: NATS, subject: str, msg: Any, expect: type[T], timeout: float) -> T:
     """Typed request/reply: raises RemoteError for an error reply, RequestTimeout when nobody answers."""
     try:
@@ -101,7 +123,7 @@ async def request(nc: NATS, subject: str, msg: Any, expect: type[T], timeout: fl
     except (TimeoutError, NatsTimeout):
         raise RequestTimeout(f"no reply on {subject} within {timeout:.1f}s") from None
     except NoRespondersError:
-        raise RequestTimeout(f"nobody listens on {subject}") from None
+        raise NoResponders(f"nobody listens on {subject}") from None
     obj: Any = decode(reply.data)
     if isinstance(obj, ErrorReply):
         raise RemoteError(obj.code, obj.message)

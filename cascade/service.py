@@ -95,8 +95,13 @@ class ServiceHost:
     async def start(self) -> Runtime:
         stack = self._stack = contextlib.AsyncExitStack()
         try:
+            self.log.info("connecting", nats_url=self.nats_url)
             nc = await connect(
-                self.nats_url, f"cascade-{self.service.service}-{self.service.instance}", self.connect_timeout_s
+                self.nats_url,
+                f"cascade-{self.service.service}-{self.service.instance}",
+                self.connect_timeout_s,
+                logger=self.log,
+                on_reconnect=self._announce,
             )
             stack.push_async_callback(self._drain, nc)
             stack.push_async_callback(self.tasks.cancel_all)
@@ -105,12 +110,19 @@ class ServiceHost:
             await self.service.start(self.rt)
             # Subscriptions must be in place at the server before anyone acts on "ready".
             await nc.flush()
-            ready = ServiceReady(self.service.service, self.service.instance, os.getpid())
-            await nc.publish(self.subjects.service_ready(), encode(ready))
+            await self._announce()
         except BaseException:
             await self.stop()
             raise
         return self.rt
+
+    async def _announce(self) -> None:
+        """Say `ServiceReady` (again after a broker restart: a scaler that restarted meanwhile
+        re-sends its lost decisions when a loader says it)."""
+        if self.rt is None:
+            return
+        ready = ServiceReady(self.service.service, self.service.instance, os.getpid())
+        await self.rt.nc.publish(self.subjects.service_ready(), encode(ready))
 
     async def stop(self) -> None:
         stack, self._stack = self._stack, None
@@ -120,7 +132,20 @@ class ServiceHost:
     async def run(self, stop: asyncio.Event | None = None) -> int:
         """Until `stop` (default: SIGINT/SIGTERM) is set or a background task fails; 0 or 1."""
         stop = stop or stop_event()
-        await self.start()
+        # A stop while it connects (the broker is away) ends the wait at once: exit 0, not an
+        # error after the whole connect budget.
+        starting = asyncio.ensure_future(self.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            self.log.info("stopping", reason="stop while starting")
+            return 0
+        starting.result()  # raises what start raised
         try:
             waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.tasks.failed.wait())]
             try:

@@ -45,6 +45,13 @@ class Subjects:
     def heartbeat_all(self) -> str:
         return f"{self.prefix}.worker.*.heartbeat"
 
+    def gone(self, worker_id: str) -> str:
+        """Supervisor (`cascade up`) → everyone: this worker's process exited (`WorkerGone`)."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.gone"
+
+    def gone_all(self) -> str:
+        return f"{self.prefix}.worker.*.gone"
+
     def ready(self, worker_id: str) -> str:
         """Worker → everyone: one layer became usable (sequence-numbered per worker)."""
         return f"{self.prefix}.worker.{check_token(worker_id)}.ready"

@@ -23,7 +23,16 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cascade import natsutil
-from cascade.messages import Heartbeat, LayerReady, MessageError, RemoteError, SnapshotRequest, WorkerSnapshot, decode
+from cascade.messages import (
+    Heartbeat,
+    LayerReady,
+    MessageError,
+    RemoteError,
+    SnapshotRequest,
+    WorkerGone,
+    WorkerSnapshot,
+    decode,
+)
 from cascade.subjects import Subjects
 from cascade.workers import WorkerTable
 
@@ -57,6 +66,10 @@ class WorkerFeed:
 
     # ---- inputs (sync: callable from tests and NATS callbacks alike) -------
     def heartbeat(self, hb: Heartbeat) -> None:
+        old_pid = self.table.pid(hb.worker_id)
+        if old_pid and hb.pid and old_pid != hb.pid:
+            # Restarted under the same id before it was reaped: the old process's work is gone.
+            self._drop(hb.worker_id, f"restarted (pid {old_pid} -> {hb.pid})")
         new = hb.worker_id not in self.table
         self._on_heartbeat(hb)
         if self.table.on_heartbeat(hb, self._clock()):
@@ -68,6 +81,19 @@ class WorkerFeed:
     def layer_ready(self, ev: LayerReady) -> None:
         if self.table.on_layer_ready(ev, self._clock()):
             self._start_fetch(ev.worker_id)
+        self._on_change()
+
+    def gone(self, ev: WorkerGone) -> None:
+        """Its supervisor saw the process exit; ignored when the table knows another incarnation."""
+        pid = self.table.pid(ev.worker_id)
+        if ev.worker_id not in self.table or (pid and ev.pid and pid != ev.pid):
+            return
+        self._drop(ev.worker_id, ev.reason or "process exited")
+
+    def _drop(self, worker_id: str, why: str) -> None:
+        self.table.forget(worker_id)
+        self._log.warning("worker_dead", worker=worker_id, reason=why)
+        self._on_dead(worker_id)
         self._on_change()
 
     def reap(self) -> list[str]:
@@ -125,7 +151,16 @@ class WorkerFeed:
         return [
             await nc.subscribe(subjects.heartbeat_all(), cb=self._on_heartbeat_msg),
             await nc.subscribe(subjects.ready_all(), cb=self._on_ready_msg),
+            await nc.subscribe(subjects.gone_all(), cb=self._on_gone_msg),
         ]
+
+    async def _on_gone_msg(self, msg: Msg) -> None:
+        try:
+            ev = decode(msg.data, WorkerGone)
+        except MessageError as e:
+            self._log.warning("bad_message", subject=msg.subject, error=str(e))
+            return
+        self.gone(ev)
 
     async def _on_heartbeat_msg(self, msg: Msg) -> None:
         try:

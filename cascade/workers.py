@@ -168,6 +168,11 @@ class WorkerTable:
     def forget(self, worker_id: str) -> None:
         self._workers.pop(worker_id, None)
 
+    def pid(self, worker_id: str) -> int | None:
+        """The pid its last heartbeat gave (None: unknown)."""
+        e = self._workers.get(worker_id)
+        return e.heartbeat.pid if e is not None and e.heartbeat is not None else None
+
     # ---- outputs -----------------------------------------------------------
     def get(self, worker_id: str, now: float | None = None) -> WorkerView | None:
         """The worker's view; None when unknown, known by neither a heartbeat nor a snapshot, or

@@ -61,6 +61,7 @@ class FakeWorker:
         self.units = list(range(NUM_UNITS)) if serving else []
         self.batches: list[list[str]] = []
         self.routes: dict[str, list[RouteStage]] = {}
+        self.requests: dict[str, GenerateRequest] = {}
         self.running = 0  # what its heartbeats report
         self.stage_addr = f"127.0.0.1:{1000 + len(worker_id)}"  # never dialled: the fake runs no stages
         self.cancelled: set[str] = set()
@@ -161,6 +162,7 @@ class FakeWorker:
         batch = decode(msg.data, GenerateBatch)
         self.batches.append([r.request_id for r in batch.requests])
         self.routes.update({r.request_id: r.route for r in batch.requests})
+        self.requests.update({r.request_id: r for r in batch.requests})
         if not self.answer_batches:
             return
         accepted, rejected = [], []
@@ -176,14 +178,15 @@ class FakeWorker:
                 self._spawn(self._generate(batch.gateway_id, r))
 
     async def _generate(self, gateway_id: str, r: GenerateRequest) -> None:
+        # A migrated request resumes the alphabet where the lost worker's stream stopped.
         n = r.params.max_tokens
-        for i in range(n):
+        for i in range(r.params.resumed, r.params.resumed + n):
             if self.tokens_before_hold is not None and i >= self.tokens_before_hold:
                 await self.release.wait()  # hung until the test says otherwise
             if r.request_id in self.cancelled:
                 await self._send(gateway_id, TokenEvent(r.request_id, [], "", "cancelled", len(r.prompt_ids), i))
                 return
-            last = i == n - 1
+            last = i == r.params.resumed + n - 1
             ev = TokenEvent(
                 r.request_id,
                 [97 + i % 26],
@@ -473,20 +476,54 @@ async def test_worker_dying_before_first_token_is_retried_elsewhere(mesh: Mesh) 
     await client.close()
 
 
-async def test_worker_dying_mid_stream_ends_the_stream_with_an_error(mesh: Mesh) -> None:
+async def test_worker_dying_mid_stream_moves_the_stream_to_another_worker(mesh: Mesh) -> None:
     a = await mesh.worker("a")
     await mesh.routable("a")
     a.tokens_before_hold = 2
     client = mesh.client()
-    stream = await client.completions.create(model=MODEL, prompt="x", max_tokens=10, stream=True)
-    got = []
-    with pytest.raises(openai.APIError, match="stopped responding"):
-        async for ch in stream:
-            got.append(ch.choices[0].text)
-            if len(got) == 2:
-                a.die()
-    assert "".join(got) == "ab"
+    stream = await client.completions.create(
+        model=MODEL, prompt="x", max_tokens=10, stream=True, stream_options={"include_usage": True}
+    )
+    got, usage = [], None
+    async for ch in stream:
+        if ch.usage is not None:
+            usage = ch.usage
+        if not ch.choices:
+            continue
+        got.append(ch.choices[0].text)
+        if len(got) == 2:
+            b = await mesh.worker("b")
+            await mesh.routable("b")
+            a.die()
+    # One unbroken stream: b resumed after the two tokens a streamed, and usage counts all ten.
+    assert "".join(got) == "abcdefghij"
+    assert usage is not None and usage.completion_tokens == 10
+    (moved,) = b.requests.values()
+    assert moved.prompt_ids[-2:] == [97, 98] and moved.params.resumed == 2 and moved.params.max_tokens == 8
     await client.close()
+
+
+async def test_worker_dying_mid_stream_with_migration_off_ends_the_stream_with_an_error(
+    nats_url: str, prefix: str, deployment: Deployment, nc: NATS
+) -> None:
+    async with running_gateway(nats_url, prefix, deployment, heartbeat_s=HB_S, migration_limit=0) as gw:
+        m = Mesh(gw, nc, Subjects(prefix))
+        a = await m.worker("a")
+        try:
+            await m.routable("a")
+            a.tokens_before_hold = 2
+            client = m.client()
+            stream = await client.completions.create(model=MODEL, prompt="x", max_tokens=10, stream=True)
+            got = []
+            with pytest.raises(openai.APIError, match="stopped responding"):
+                async for ch in stream:
+                    got.append(ch.choices[0].text)
+                    if len(got) == 2:
+                        a.die()
+            assert "".join(got) == "ab"
+            await client.close()
+        finally:
+            await a.stop()
 
 
 async def test_worker_dying_without_retry_left_is_503(

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +88,11 @@ class Up:
 
 
 @pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
-    """`cascade up --workers 1` on free ports in its own CASCADE_HOME; torn down whatever happens."""
+def up(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Up]:
+    """`cascade up --workers 1` on free ports in its own CASCADE_HOME; torn down whatever happens.
+    Extra flags come from the test's `up_args` marker."""
+    marker = request.node.get_closest_marker("up_args")
+    extra = list(marker.args) if marker else []
     home = tmp_path / "home"
     home.mkdir()
     cfg = home / "deploy.toml"
@@ -96,6 +101,7 @@ def up(tmp_path: Path) -> Iterator[Up]:
     env.update(CASCADE_HOME=str(home), CASCADE_HEARTBEAT_S="0.5", PYTHONPATH=str(ROOT))
     out = open(home / "up.out", "wb")
     argv = ["up", "--workers", "1", "--port", "0", "--nats-port", "0", "--config", str(cfg), "--stop-timeout", "20"]
+    argv += extra
     proc = subprocess.Popen(
         [sys.executable, "-m", "cascade.cli", *argv],
         env=env,
@@ -118,7 +124,9 @@ def up(tmp_path: Path) -> Iterator[Up]:
         else:
             raise AssertionError(f"cascade up did not come up:\n{(home / 'up.out').read_text()[-4000:]}")
         seen = {k: v for k, v in info["pids"].items() if isinstance(v, int)}
-        yield Up(home, proc, info, env)
+        up = Up(home, proc, info, env)
+        yield up
+        seen.update(up.pids)
     finally:
         # Normal tests stop the mesh themselves; this is the safety net when one failed midway.
         if proc.poll() is None:
@@ -169,9 +177,75 @@ def test_up_serves_reports_status_and_stops_without_leftovers(up: Up) -> None:
     assert read_mesh_file(up.home) is None
 
 
-def test_a_child_dying_stops_the_mesh_with_an_error(up: Up) -> None:
+@pytest.mark.up_args("--max-restarts", "0")
+def test_without_restarts_a_child_dying_stops_the_mesh_with_an_error(up: Up) -> None:
     os.kill(up.pids["loader"], signal.SIGKILL)
     assert up.proc.wait(60) == 1
     assert "loader was killed by signal 9" in up.log
     assert wait_gone(list(up.pids.values()), 10) == [], "processes left behind"
+    assert read_mesh_file(up.home) is None
+
+
+def _restarted(up: Up, name: str, old_pid: int, timeout: float = 60.0) -> int:
+    """Poll the mesh file until `name` runs under a new pid (the supervisor rewrites it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert up.proc.poll() is None, up.log[-3000:]
+        info = read_mesh_file(up.home) or {}
+        pid = info.get("pids", {}).get(name)
+        if isinstance(pid, int) and pid != old_pid and alive(pid):
+            up.info = info
+            return pid
+        time.sleep(0.05)  # polling the mesh file with a deadline
+    raise AssertionError(f"{name} was not restarted:\n{up.log[-3000:]}")
+
+
+def _completes(up: Up, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll until a completion succeeds (the mesh may be reloading its model)."""
+    url = up.info["gateway_url"] + "/completions"
+    body = json.dumps({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}).encode()
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        req = urllib.request.Request(url, body, {"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return dict(json.loads(resp.read()))
+        except (urllib.error.URLError, OSError) as e:
+            last = repr(e)
+        time.sleep(0.2)  # polling with a deadline until the mesh serves again
+    raise AssertionError(f"no completion within {timeout}s (last: {last}):\n{up.log[-3000:]}")
+
+
+def test_a_killed_worker_and_a_killed_broker_are_restarted_and_the_mesh_serves_again(up: Up) -> None:
+    before = _completes(up)["choices"][0]["text"]
+    old = up.pids["worker-0"]
+    os.kill(old, signal.SIGKILL)
+    _restarted(up, "worker-0", old)
+    assert "worker-0 was killed by signal 9; restarting it" in up.log
+    # The restarted worker is idle; the scaler puts the model back on it.
+    assert _completes(up)["choices"][0]["text"] == before
+
+    old = up.pids["nats"]
+    os.kill(old, signal.SIGKILL)
+    _restarted(up, "nats", old)
+    assert "the NATS server was killed by signal 9; restarting it" in up.log
+    # Every service reconnects to the restarted broker on its own.
+    assert _completes(up)["choices"][0]["text"] == before
+    assert up.proc.poll() is None
+
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0, up.log[-3000:]
+    assert wait_gone(list(up.pids.values()), 10) == [], "processes left behind"
+
+
+@pytest.mark.up_args("--max-restarts", "1")
+def test_a_crash_looping_child_stops_the_mesh_saying_why(up: Up) -> None:
+    old = up.pids["loader"]
+    os.kill(old, signal.SIGKILL)
+    new = _restarted(up, "loader", old)
+    os.kill(new, signal.SIGKILL)
+    assert up.proc.wait(60) == 1
+    assert "loader was killed by signal 9: 2 deaths within 60s, it is crash-looping" in up.log
+    assert wait_gone([p for n, p in up.pids.items() if n != "up"], 10) == [], "processes left behind"
     assert read_mesh_file(up.home) is None

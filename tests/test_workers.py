@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from cascade.messages import Heartbeat, LayerReady, WorkerSnapshot
+from cascade.messages import Heartbeat, LayerReady, WorkerGone, WorkerSnapshot
 from cascade.workerfeed import WorkerFeed
 from cascade.workers import WorkerTable
 
@@ -23,7 +23,7 @@ def hb(wid: str = "w1", state: str = "serving", units: int = NUM_UNITS, ready_se
         max_batch=8,
         tokens_per_s=0.0,
         ready_seq=ready_seq,
-        pid=1,
+        pid=kw.get("pid", 1),
         host="h",
     )
 
@@ -225,3 +225,27 @@ async def test_reaper_loop_runs_on_its_own() -> None:
         await asyncio.gather(task, return_exceptions=True)
         await feed.close()
     assert feed.table.views() == []
+
+
+async def test_feed_drops_a_worker_its_supervisor_saw_exit_but_not_a_newer_incarnation() -> None:
+    feed, snaps, _, dead, _ = make_feed()
+    snaps.state["w1"] = snap(4, [0, 1, 2, 3], state="serving")
+    feed.heartbeat(hb(ready_seq=4, pid=10))
+    await feed.settle()
+    feed.gone(WorkerGone("w1", pid=9, reason="an older process"))
+    assert dead == [] and "w1" in feed.table
+    feed.gone(WorkerGone("w1", pid=10, reason="killed"))
+    assert dead == ["w1"] and "w1" not in feed.table
+
+
+async def test_feed_treats_a_heartbeat_from_a_new_pid_as_the_old_process_dead() -> None:
+    feed, snaps, _, dead, _ = make_feed()
+    snaps.state["w1"] = snap(4, [0, 1, 2, 3], state="serving")
+    feed.heartbeat(hb(ready_seq=4, pid=10))
+    await feed.settle()
+    snaps.state["w1"] = snap(0, [], state="idle")
+    feed.heartbeat(hb(state="idle", units=0, pid=11))
+    await feed.settle()
+    assert dead == ["w1"]
+    v = feed.table.get("w1")
+    assert v is not None and v.state == "idle" and v.pid == 11

@@ -5,8 +5,16 @@ session (a terminal Ctrl-C reaches only the supervisor, which then stops them in
 order) and, on Linux, with PR_SET_PDEATHSIG so that a supervisor killed with
 SIGKILL does not leave them behind. It waits until every service said
 `ServiceReady`, every model serves on its min_replicas workers and the gateway's
-/health is 200; then it records the mesh file and waits for a signal or a child
-dying, and stops the children (SIGTERM, then SIGKILL after a grace period).
+/health is 200; then it records the mesh file and waits for a signal, and stops
+the children (SIGTERM, then SIGKILL after a grace period).
+
+Once the mesh is up, a child that dies (the embedded broker included) is started
+again after a back-off, and a worker's exit is announced at once (`WorkerGone`),
+so the gateway migrates its requests without waiting for missed heartbeats. A
+child that dies `max_restarts` times within `restart_window_s` is crash-looping:
+restarting it again would only hide the cause, so `cascade up` stops, saying
+which child and where its log is. During start-up a dying child stops `up` at
+once: that is a configuration error far more often than bad luck.
 """
 
 from __future__ import annotations
@@ -24,13 +32,48 @@ from pathlib import Path
 from typing import Any
 
 from cascade.config import Deployment, ModelDeployment, mesh_file, read_mesh_file, write_mesh_file
-from cascade.messages import Heartbeat, MessageError, ServiceReady, decode
+from cascade.messages import Heartbeat, MessageError, ServiceReady, WorkerGone, decode, encode
 from cascade.natsutil import connect, stop_event
 from cascade.subjects import Subjects
 
 
 class UpError(Exception):
     """`cascade up` cannot go on; the message says what and where to look."""
+
+
+# --------------------------------------------------------------------------- restart policy
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """Back-off doubles from `backoff_s` up to `max_backoff_s` with each recent restart; more than
+    `max_restarts` deaths within `window_s` is a crash loop (0 restarts: never restart)."""
+
+    max_restarts: int = 5
+    window_s: float = 60.0
+    backoff_s: float = 0.25
+    max_backoff_s: float = 8.0
+
+
+@dataclass
+class RestartBook:
+    """Which child died when: the decision to restart (and after how long) or give up. Pure: the
+    caller passes the time."""
+
+    policy: RestartPolicy
+    deaths: dict[str, list[float]] = field(default_factory=dict)
+
+    def died(self, name: str, now: float) -> float | None:
+        """Record a death; the delay before the restart, or None when the child crash-loops."""
+        recent = [t for t in self.deaths.get(name, []) if now - t < self.policy.window_s]
+        recent.append(now)
+        self.deaths[name] = recent
+        if len(recent) > self.policy.max_restarts:
+            return None
+        return min(self.policy.backoff_s * 2 ** (len(recent) - 1), self.policy.max_backoff_s)
+
+    def recent(self, name: str) -> int:
+        return len(self.deaths.get(name, []))
 
 
 # --------------------------------------------------------------------------- processes
@@ -92,6 +135,7 @@ class Child:
     log_path: Path
     proc: asyncio.subprocess.Process | None = None
     exited: asyncio.Task[int] | None = None
+    restart_at: float | None = None  # loop time of a pending restart
 
     @property
     def pid(self) -> int | None:
@@ -99,6 +143,10 @@ class Child:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
+
+
+def _open_log(path: Path, fresh: bool) -> Any:
+    return open(path, "wb" if fresh else "ab")  # opening a local file: quick, no need for a thread
 
 
 def _tail(path: Path, lines: int = 12) -> str:
@@ -165,6 +213,7 @@ class Supervisor:
         nats_url: str,
         gateway_port: int,
         broker_pid: int | None,
+        broker: Any = None,
     ) -> None:
         self.args = args
         self.home = home
@@ -181,6 +230,16 @@ class Supervisor:
         self._wrote_mesh = False
         self._last_worker_state: dict[int, tuple[str, str | None]] = {}
         self._preexec = make_die_with_parent()
+        # The embedded broker (an EmbeddedNats), watched and restarted like a child.
+        self.broker = broker
+        self.book = RestartBook(
+            RestartPolicy(
+                max_restarts=getattr(args, "max_restarts", 5), window_s=getattr(args, "restart_window_s", 60.0)
+            )
+        )
+        self._broker_watch: Callable[[], None] | None = None
+        self._broker_restart_at: float | None = None
+        self.gone: Callable[[Child], Any] | None = None  # announces a worker's exit (set by supervise)
 
     @property
     def gateway_url(self) -> str:
@@ -224,27 +283,136 @@ class Supervisor:
     async def start_children(self) -> None:
         self._plan_children()
         self.logs.mkdir(parents=True, exist_ok=True)
-        env = self._child_env()
         for c in self.children:
-            with self._open_log(c) as log:
-                c.proc = await asyncio.create_subprocess_exec(
-                    *c.argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env=env,
-                    preexec_fn=self._preexec,
-                    start_new_session=self._preexec is None,  # the preexec does setsid itself
-                )
-            c.exited = asyncio.ensure_future(c.proc.wait())
-            c.exited.add_done_callback(lambda _t: self.changed.set())
+            await self._spawn(c, fresh_log=True)
         names = ", ".join(c.name for c in self.children)
         print(f"started {names}; logs in {self.logs}/<name>.log", flush=True)
 
-    @staticmethod
-    def _open_log(c: Child) -> Any:
-        # A fresh log per run: the previous run's lines would only mislead.
-        return open(c.log_path, "wb")
+    async def _spawn(self, c: Child, fresh_log: bool) -> None:
+        # A fresh log per run (the previous run's lines would only mislead); a restart appends, so
+        # the lines that explain the death stay above the new start.
+        with _open_log(c.log_path, fresh_log) as log:
+            c.proc = await asyncio.create_subprocess_exec(
+                *c.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self._child_env(),
+                preexec_fn=self._preexec,
+                start_new_session=self._preexec is None,  # the preexec does setsid itself
+            )
+        c.restart_at = None
+        c.exited = asyncio.ensure_future(c.proc.wait())
+        c.exited.add_done_callback(lambda _t: self.changed.set())
+
+    # ---- restarts (after the mesh is up) -------------------------------------
+    def _how(self, c: Child) -> str:
+        code = c.proc.returncode if c.proc else None
+        return f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+
+    async def tend(self) -> float | None:
+        """Schedule restarts for children that died, start those that are due. Returns how long
+        until the next is due (None: nothing pending); raises UpError on a crash loop."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for c in self.children:
+            if c.restart_at is None and c.exited is not None and c.exited.done():
+                how = self._how(c)
+                if self.gone is not None and c.service == "worker":
+                    await self.gone(c)
+                delay = self.book.died(c.name, now)
+                if delay is None:
+                    raise self._crash_loop(c.name, how, c.log_path)
+                c.exited = None
+                c.restart_at = now + delay
+                print(
+                    f"cascade up: {c.name} {how}; restarting it in {delay:g}s "
+                    f"({self.book.recent(c.name)} death(s) in the last {self.book.policy.window_s:g}s; "
+                    f"log: {c.log_path})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        await self._tend_broker(now)
+        for c in self.children:
+            if c.restart_at is not None and c.restart_at <= loop.time() and not self.stopping:
+                await self._spawn(c, fresh_log=False)
+                print(f"cascade up: {c.name} restarted (pid {c.pid})", flush=True)
+                self._rewrite_mesh()
+        pending = [c.restart_at for c in self.children if c.restart_at is not None]
+        if self._broker_restart_at is not None:
+            pending.append(self._broker_restart_at)
+        return max(0.0, min(pending) - loop.time()) if pending else None
+
+    def _crash_loop(self, name: str, how: str, log_path: Path) -> UpError:
+        tail = _tail(log_path)
+        return UpError(
+            f"{name} {how}: {self.book.recent(name)} deaths within {self.book.policy.window_s:g}s, "
+            f"it is crash-looping, so the mesh stops (log: {log_path})" + (f"\n{tail}" if tail else "")
+        )
+
+    # ---- the embedded broker ---------------------------------------------
+    def watch_broker(self) -> None:
+        """Wake the supervisor when the embedded broker's process exits (a pidfd on Linux; else
+        the loop's periodic wake-up finds it)."""
+        proc = self.broker.proc if self.broker is not None else None
+        if proc is None or not hasattr(os, "pidfd_open"):
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except OSError:
+            return
+
+        def readable() -> None:
+            self.changed.set()
+            stop_watching()
+
+        def stop_watching() -> None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self._broker_watch = None
+
+        loop.add_reader(fd, readable)
+        self._broker_watch = stop_watching
+
+    def broker_dead(self) -> bool:
+        proc = self.broker.proc if self.broker is not None else None
+        return proc is not None and proc.poll() is not None
+
+    async def _tend_broker(self, now: float) -> None:
+        if self.broker is None or self.stopping:
+            return
+        if self._broker_restart_at is None and self.broker_dead():
+            code = self.broker.proc.returncode
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            log_path = self.logs / "nats.log"
+            delay = self.book.died("nats", now)
+            if delay is None:
+                raise self._crash_loop("the NATS server", how, log_path)
+            self._broker_restart_at = now + delay
+            print(f"cascade up: the NATS server {how}; restarting it in {delay:g}s", file=sys.stderr, flush=True)
+        if self._broker_restart_at is not None and self._broker_restart_at <= asyncio.get_running_loop().time():
+            from cascade.cli.embedded_nats import BrokerError
+
+            self._broker_restart_at = None
+            try:
+                # Same port: every service reconnects to the URL it has.
+                await asyncio.to_thread(self.broker.start)
+            except BrokerError as e:
+                print(f"cascade up: the NATS server did not restart: {e}", file=sys.stderr, flush=True)
+                self._broker_restart_at = asyncio.get_running_loop().time() + self.book.policy.max_backoff_s
+                self.book.died("nats", asyncio.get_running_loop().time())
+                return
+            self.broker_pid = self.broker.proc.pid
+            print(f"cascade up: the NATS server restarted (pid {self.broker_pid})", flush=True)
+            self.watch_broker()
+            self._rewrite_mesh()
+
+    def _rewrite_mesh(self) -> None:
+        if self._wrote_mesh:
+            self.write_mesh()
 
     def died(self) -> Child | None:
         for c in self.children:
@@ -253,14 +421,14 @@ class Supervisor:
         return None
 
     def _died_error(self, c: Child) -> UpError:
-        code = c.proc.returncode if c.proc else None
-        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         tail = _tail(c.log_path)
-        return UpError(f"{c.name} {how} (log: {c.log_path})" + (f"\n{tail}" if tail else ""))
+        return UpError(f"{c.name} {self._how(c)} (log: {c.log_path})" + (f"\n{tail}" if tail else ""))
 
     async def stop_children(self) -> None:
         """SIGTERM everyone, wait for the grace period, SIGKILL the rest. Safe to call twice."""
         self.stopping = True
+        if self._broker_watch is not None:
+            self._broker_watch()
         live = [c for c in self.children if c.running()]
         for c in live:
             with contextlib.suppress(ProcessLookupError):
@@ -431,15 +599,35 @@ async def supervise(sup: Supervisor) -> int:
         print(f"  mesh recorded in {path}; `cascade status` and `cascade tap` find it there")
         print("  Ctrl-C stops everything", flush=True)
 
+        async def announce_gone(c: Child) -> None:
+            assert c.proc is not None
+            # Best effort: while the broker is away, missed heartbeats tell the same later.
+            with contextlib.suppress(Exception):
+                await nc.publish(
+                    subjects.gone(c.name), encode(WorkerGone(c.name, c.proc.pid, f"process {sup._how(c)}"))
+                )
+                await nc.flush(timeout=1)
+
+        sup.gone = announce_gone if sup.args.max_restarts > 0 else None
+        sup.watch_broker()
         while True:
             sup.changed.clear()
-            dead = sup.died()
-            if dead is not None:
-                raise sup._died_error(dead)
             if stop.is_set():
                 print("\ncascade up: stopping", flush=True)
                 return 0
-            await _wait_any(sup.changed, stop, timeout=3600)
+            if sup.args.max_restarts <= 0:
+                dead = sup.died()
+                if dead is not None:
+                    raise sup._died_error(dead)
+                if sup.broker_dead():
+                    raise UpError("the NATS server stopped (log: " + str(sup.logs / "nats.log") + ")")
+                wait: float | None = None
+            else:
+                wait = await sup.tend()
+            # Without a pidfd for the broker, look at it now and then.
+            if sup.broker is not None and sup._broker_watch is None:
+                wait = min(wait, 1.0) if wait is not None else 1.0
+            await _wait_any(sup.changed, stop, timeout=3600 if wait is None else wait)
     except UpError as e:
         print(f"cascade up: {e}", file=sys.stderr, flush=True)
         return 1

@@ -3,7 +3,8 @@
 Order of work, each step undone in reverse on the way out: models on disk →
 broker → deployment file → children (gateway, scaler, loader, workers, run and
 watched by the supervisor, supervisor.py) → mesh file → wait for Ctrl-C /
-SIGTERM or a child dying → stop children → broker → mesh file removed.
+SIGTERM, restarting children (and the broker) that die → stop children → broker →
+mesh file removed.
 """
 
 from __future__ import annotations
@@ -116,6 +117,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=15.0,
         help="seconds children get to stop after SIGTERM before SIGKILL (default 15)",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=non_negative_int,
+        default=5,
+        help="restarts of one child (or the embedded broker) within --restart-window-s before `up` "
+        "gives up on a crash loop and stops (default 5; 0: a dying child stops the mesh)",
+    )
+    parser.add_argument(
+        "--restart-window-s",
+        type=positive_float,
+        default=60.0,
+        help="the window --max-restarts counts in (default 60)",
     )
 
 
@@ -302,6 +316,7 @@ def _run(args: argparse.Namespace) -> int:
             nats_url,
             port,
             broker.proc.pid if broker and broker.proc else None,
+            broker=broker,
         )
         return asyncio.run(supervise(sup))
     finally:

@@ -7,14 +7,20 @@ an instance through the router (`pick`) and `dispatch`es a batch as one
 `GenerateBatch`; the worker's `TokenEvents` reach the request through the
 `StreamHub`. When the worker turns a request away, does not answer, or dies
 before the first token, the request goes back to the front of the queue (a
-bounded number of times); once a token has reached the client, a failure is
-reported instead, since a retry would repeat output.
+bounded number of times). Once tokens have reached the client, a lost worker
+(dead, or its stream ended by an error) means *migration* (Dynamo's
+`--migration-limit`): the request goes back to the front of the queue with the
+tokens streamed so far appended to its prompt, and the next instance recomputes
+them and carries on where the client's stream stopped, a seeded one on the same
+random stream; the client sees one unbroken stream. Past `migration_limit`
+moves, or with no instance to take it, the client gets an explicit error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections import Counter as Tally
@@ -259,7 +265,7 @@ class GatewayCore:
             try:
                 return await asyncio.wait_for(req.events.get(), timeout)
             except TimeoutError:
-                if req.phase is Phase.QUEUED and self.batchers[req.model].is_queued(req):
+                if req.waiting and self.batchers[req.model].is_queued(req):
                     continue
                 failure = Failure(
                     504,
@@ -311,9 +317,12 @@ class GatewayCore:
         # Bind before any await: the router's next pick must already count these. A pipelined
         # route is bound to its first stage: that worker drives it and sends its tokens.
         worker = route.worker_id
+        relays = tuple(s.worker_id for s in route.stages[1:])
         for r in batch:
             r.advance(Phase.PREFILL, worker)
             r.attempts += 1
+            r.relays = relays
+            r.resumed = len(r.streamed)
         model = batch[0].model
         self.metrics.batches.inc(model=model)
         self.metrics.batch_size.observe(len(batch), model=model)
@@ -325,9 +334,7 @@ class GatewayCore:
         stages = list(route.stages)
         msg = GenerateBatch(
             gateway_id=self.id,
-            requests=[
-                GenerateRequest(r.request_id, r.model, r.prompt_ids, r.params, stages, r.arrived_at) for r in batch
-            ],
+            requests=[GenerateRequest(r.request_id, r.model, *_resumed_input(r), stages, r.arrived_at) for r in batch],
         )
         self.log.debug(
             "dispatch",
@@ -342,6 +349,10 @@ class GatewayCore:
                 self.nc, self.subjects.generate(worker), msg, BatchReply, self.settings.dispatch_timeout_s
             )
         except (natsutil.RequestTimeout, RemoteError, MessageError, ConnectionError) as e:
+            if isinstance(e, natsutil.NoResponders):
+                # Its process is gone (its subscription went with it): keep it out of routing
+                # rather than spend every retry on it before its heartbeats are missed.
+                self.registry.suspend(worker)
             self._batch_lost(worker, batch, str(e))
             return
         except Exception as e:  # nats-py's own errors (connection closed, draining, ...)
@@ -406,7 +417,7 @@ class GatewayCore:
         self.metrics.retries.inc(model=req.model, reason=reason[:40])
         self.log.info("retry", request_id=req.request_id, worker_id=worker, reason=why, attempt=req.attempts)
         req.avoid.add(worker)
-        req.advance(Phase.QUEUED)
+        req.advance(Phase.MIGRATING if req.streamed else Phase.QUEUED)
         self.batchers[req.model].requeue(req, delay_s=delay_s, fresh_deadline=delay_s == 0)
 
     def expired(self, req: RequestState) -> None:
@@ -425,11 +436,61 @@ class GatewayCore:
         self.metrics.dead_workers.inc()
         for req in self.hub.on_worker(worker):
             if req.produced:
-                self.hub.finish(
-                    req, Failure(503, f"worker {worker} stopped responding during generation", "worker_died")
-                )
+                self._migrate(req, worker, "worker_lost", f"worker {worker} stopped responding during generation")
             else:
                 self._retry(req, worker, f"worker {worker} stopped heart-beating")
+        # Routes that relay through it lose their stream too; their driver may not have noticed yet.
+        for req in [r for r in self.hub.open_requests() if worker in r.relays and r.phase.bound]:
+            assert req.worker_id is not None
+            if req.produced:
+                self._migrate(req, req.worker_id, "worker_lost", f"stage worker {worker} stopped responding")
+            else:
+                self._retry(req, req.worker_id, f"stage worker {worker} stopped heart-beating")
+
+    def _migrate(self, req: RequestState, worker: str, reason: str, why: str) -> None:
+        """`req` lost its worker after tokens reached the client: send it elsewhere with the
+        tokens so far, or fail it explicitly when the limit is reached."""
+        if not req.phase.bound or req.worker_id != worker:
+            return  # ended, or moved on already
+        limit = self.settings.migration_limit
+        if req.migrations >= limit:
+            self.metrics.migration_failures.inc(model=req.model, reason="limit")
+            detail = f"; migrated {req.migrations} time(s), the limit is {limit}" if limit else ""
+            self.hub.finish(req, Failure(503, f"{why}{detail}", "worker_died", self.settings.retry_after_s))
+            self._cancel_on(worker, [req.request_id])
+            return
+        req.migrations += 1
+        req.attempts = 0  # a fresh retry budget for finding the next instance
+        self.metrics.migrations.inc(model=req.model, reason=reason)
+        self.log.info(
+            "migrate",
+            request_id=req.request_id,
+            worker_id=worker,
+            reason=why,
+            migration=req.migrations,
+            streamed=len(req.streamed),
+        )
+        self._cancel_on(worker, [req.request_id])  # it may still be alive, only cut off from us
+        req.avoid.add(worker)
+        req.avoid.update(req.relays)
+        remaining = req.params.max_tokens - len(req.streamed)
+        if remaining <= 0:
+            # Everything it may produce is out already; only the final event was lost.
+            req.advance(Phase.MIGRATING)
+            self.hub.finish(
+                req,
+                TokenEvent(
+                    req.request_id,
+                    [],
+                    "",
+                    "length",
+                    prompt_tokens=len(req.prompt_ids),
+                    completion_tokens=len(req.streamed),
+                ),
+            )
+            return
+        req.advance(Phase.MIGRATING)
+        self.batchers[req.model].requeue(req)
 
     def _cancel_on(self, worker: str, request_ids: list[str]) -> None:
         task = self.tasks.spawn(self._publish_cancel(worker, request_ids), name=f"cancel-{worker}")
@@ -453,21 +514,40 @@ class GatewayCore:
 
     def on_tokens(self, msg: TokenEvents) -> None:
         for req, ev in self.hub.match(msg):
+            broken = ev.finish_reason in ("cancelled", "error")
             if ev.token_ids:
                 self.metrics.tokens.inc(len(ev.token_ids), model=req.model)
                 self.load.generated(req.model, len(ev.token_ids))
-            if (ev.token_ids or ev.text) and req.phase is Phase.PREFILL:
+                if not broken:
+                    req.streamed.extend(ev.token_ids)
+            if (ev.token_ids or ev.text) and req.phase is Phase.PREFILL and not broken:
                 req.advance(Phase.DECODE)
                 # Its prompt is done there: requests held for that instance's prefill backlog may go.
                 self._wake_queued(req.model)
             if ev.finish_reason is None:
                 req.events.put_nowait(ev)
-            elif ev.finish_reason in ("cancelled", "error") and req.phase is Phase.PREFILL:
+            elif broken and not req.produced:
                 # Nothing reached the client yet, so another instance can start it afresh (a
                 # pipelined route fails this way when its tail instance goes away).
                 why = ev.error or ("the worker cancelled it" if ev.finish_reason == "cancelled" else "no detail")
                 self._retry(req, msg.worker_id, f"{ev.finish_reason} before any token: {why}")
+            elif broken:
+                # Its stream broke after tokens reached the client (a stage of its route died, the
+                # worker stopped): the tokens in this last event are dropped and recomputed.
+                why = ev.error or "the worker cancelled it"
+                reason = "worker_cancelled" if ev.finish_reason == "cancelled" else "worker_error"
+                if req.phase is Phase.PREFILL:
+                    self._retry(req, msg.worker_id, f"{ev.finish_reason} before any token: {why}")
+                else:
+                    self._migrate(req, msg.worker_id, reason, f"worker {msg.worker_id}: {why}")
             else:
+                if req.resumed:
+                    # The worker counts from where it resumed; the client's usage counts it all.
+                    ev = dataclasses.replace(
+                        ev,
+                        prompt_tokens=len(req.prompt_ids),
+                        completion_tokens=ev.completion_tokens + req.resumed,
+                    )
                 self.hub.finish(req, ev)
                 # A slot freed up on that worker: requests held in the queue for room may go now.
                 self._wake_queued(req.model)
@@ -576,6 +656,16 @@ class GatewayCore:
 
     async def _on_status(self, req: StatusRequest) -> ServiceStatus:
         return ServiceStatus(service="gateway", instance=self.id, pid=os.getpid(), detail=self.status())
+
+
+def _resumed_input(req: RequestState) -> tuple[list[int], SamplingParams]:
+    """The prompt and params a (re)dispatch sends: after a migration, the tokens streamed so far
+    end the prompt and max_tokens counts what is left."""
+    if not req.streamed:
+        return req.prompt_ids, req.params
+    n = len(req.streamed)
+    params = dataclasses.replace(req.params, max_tokens=req.params.max_tokens - n, resumed=n)
+    return req.prompt_ids + req.streamed, params
 
 
 def sampling_params(spec: GenerationSpec, max_tokens: int, defaults: Mapping[str, Any]) -> SamplingParams:

@@ -143,6 +143,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how often load reports go to the scaler (env CASCADE_METRICS_S, default %(default)s)",
     )
     g.add_argument(
+        "--migration-limit",
+        type=int,
+        default=d.migration_limit,
+        help="times a request whose worker is lost mid-stream moves to another instance, resuming "
+        "where its stream stopped; 0 fails it instead (default %(default)s)",
+    )
+    g.add_argument(
         "--shutdown-grace-s",
         type=float,
         default=d.shutdown_grace_s,
@@ -165,6 +172,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         max_body_bytes=args.max_body_bytes,
         dispatch_timeout_s=args.dispatch_timeout_s,
         shutdown_grace_s=args.shutdown_grace_s,
+        migration_limit=args.migration_limit,
         metrics_interval_s=args.metrics_interval_s,
     )
 

@@ -177,6 +177,16 @@ class GatewayMetrics:
             p + "retries_total", "Requests sent again (rejected, lost, or their worker died).", ("model", "reason")
         )
         self.dead_workers = Counter(p + "dead_workers_total", "Workers dropped after missing heartbeats.")
+        self.migrations = Counter(
+            p + "migrations_total",
+            "Requests moved to another instance after their worker was lost mid-stream, by why.",
+            ("model", "reason"),
+        )
+        self.migration_failures = Counter(
+            p + "migration_failures_total",
+            "Requests that lost their worker mid-stream and could not move on (limit reached).",
+            ("model", "reason"),
+        )
         for m in (
             self.requests,
             GaugeFunc(
@@ -206,6 +216,8 @@ class GatewayMetrics:
             self.routed,
             self.retries,
             self.dead_workers,
+            self.migrations,
+            self.migration_failures,
         ):
             self.set.add(m)
 

@@ -34,6 +34,8 @@ class GatewaySettings:
     dispatch_timeout_s: float = 5.0  # GenerateBatch request/reply
     snapshot_timeout_s: float = 2.0
     max_attempts: int = 3  # dispatches per request (first try + retries after loss or a dead worker)
+    # Moves of a request whose worker was lost after tokens reached the client (0: fail it instead).
+    migration_limit: int = 3
     shutdown_grace_s: float = 10.0  # how long running streams may finish after SIGTERM
     retry_after_s: int = 1  # what a 429 or 503 asks the client to wait
     metrics_interval_s: float = 1.0  # how often load reports (ModelMetrics) go to the scaler
@@ -54,6 +56,8 @@ class GatewaySettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.migration_limit < 0:
+            raise ValueError("migration_limit must not be negative")
         if self.batch_wait_timeout_s < 0 or self.shutdown_grace_s < 0:
             raise ValueError("batch_wait_timeout_s and shutdown_grace_s must not be negative")
         if not 0 <= self.port <= 65535:

@@ -6,8 +6,12 @@ Every admitted request has one `RequestState`. Its life is one `Phase`, changed 
 
     QUEUED ──dispatch──▶ PREFILL ──first token──▶ DECODE ──final event──▶ DONE
        ▲                    │                        │
-       └──────retry─────────┘                        └──worker lost──▶ MIGRATING ──▶ PREFILL
+       └──────retry─────────┘                        └──worker lost──▶ MIGRATING ──dispatch──▶ PREFILL
     any live phase ──▶ FAILED (the gateway gave up) or CANCELLED (the client left)
+
+A MIGRATING request waits in its model's queue like a QUEUED one, but is sent with the tokens
+it streamed so far (`streamed`) appended to its prompt; a migrated request whose new worker
+fails before its first token goes back to MIGRATING, not QUEUED.
 
 While PREFILL or DECODE the request is bound to exactly one worker (`worker_id`); the worker is
 stored there and nowhere else. Its `events` queue receives the worker's `TokenEvent`s and, when
@@ -61,7 +65,7 @@ _ALLOWED: dict[Phase, frozenset[Phase]] = {
     Phase.QUEUED: frozenset({Phase.PREFILL, Phase.FAILED, Phase.CANCELLED}),
     # Back to the queue when the worker turned it away or went silent before its first token; DONE
     # directly when the model ended it without a token (EOS first).
-    Phase.PREFILL: frozenset({Phase.QUEUED, Phase.DECODE, Phase.DONE, Phase.FAILED, Phase.CANCELLED}),
+    Phase.PREFILL: frozenset({Phase.QUEUED, Phase.MIGRATING, Phase.DECODE, Phase.DONE, Phase.FAILED, Phase.CANCELLED}),
     Phase.DECODE: frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED, Phase.MIGRATING}),
     Phase.MIGRATING: frozenset({Phase.PREFILL, Phase.FAILED, Phase.CANCELLED}),
     Phase.DONE: frozenset(),
@@ -93,6 +97,14 @@ class RequestState:
     attempts: int = 0  # dispatches that counted against the retry budget
     overloads: int = 0  # "overloaded" rejections (back-off exponent)
     avoid: set[str] = field(default_factory=set)  # workers that already failed it
+    # Later stages of its pipelined route (the first is `worker_id`): a failure on the route may
+    # be theirs, so a migration avoids them too.
+    relays: tuple[str, ...] = ()
+    # Migration: every token id streamed to the client so far, how many of them the current
+    # dispatch resumed from (they ended its prompt), and how many times it moved.
+    streamed: list[int] = field(default_factory=list)
+    resumed: int = 0
+    migrations: int = 0
 
     def advance(self, to: Phase, worker_id: str | None = None) -> None:
         """Move to `to` (binding `worker_id` when it is PREFILL); raises PhaseError if not allowed."""
@@ -113,7 +125,12 @@ class RequestState:
     @property
     def produced(self) -> bool:
         """A token reached the client: starting it afresh elsewhere would repeat output."""
-        return self.phase in (Phase.DECODE, Phase.MIGRATING, Phase.DONE)
+        return bool(self.streamed) or self.phase in (Phase.DECODE, Phase.MIGRATING, Phase.DONE)
+
+    @property
+    def waiting(self) -> bool:
+        """In its model's queue, not on a worker."""
+        return self.phase in (Phase.QUEUED, Phase.MIGRATING)
 
 
 class StreamHub:

@@ -62,17 +62,30 @@ from services.worker.kvblocks import (
     cap_model_len,
 )
 from services.worker.model import LlamaModel, PagedKV, Segment, prefill_inputs
-from services.worker.sampling import sample_next
+from services.worker.sampling import sample_next, skip_draws
 
 if TYPE_CHECKING:
     from cascade.device_profile import StepPadder
 
 
-def _generator(params: SamplingParams) -> torch.Generator | None:
+def _generator(params: SamplingParams, vocab: int) -> torch.Generator | None:
     if params.temperature == 0:
         return None
-    seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-    return torch.Generator().manual_seed(seed)
+    if params.seed is None:
+        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    gen = torch.Generator().manual_seed(params.seed)
+    skip_draws(gen, params.resumed, vocab)
+    return gen
+
+
+def _resume_text(seq: Sequence, streamed: list[int]) -> None:
+    """A migrated request: its detokeniser and stop matching pick up after the output the lost
+    instance streamed. That instance held back the same tail (the last max_stop - 1 characters,
+    and any incomplete character), so the client sees it once, from here."""
+    text = seq.decoder.push(streamed)
+    keep = seq.max_stop - 1
+    if seq.params.stop and keep > 0:
+        seq.held = text[-keep:]
 
 
 @dataclass(slots=True)
@@ -356,11 +369,13 @@ class Engine:
             prompt=list(prompt),
             params=params,
             decoder=IncrementalDecoder(self.tok),
-            generator=_generator(params),
+            generator=_generator(params, self.cfg.vocab_size),
             route=list(route or []) if route and len(route) > 1 else [],
             max_stop=max((len(s) for s in params.stop), default=0),
             arrived_at=arrived_at or time.time(),
         )
+        if 0 < params.resumed <= len(prompt):
+            _resume_text(seq, prompt[-params.resumed :])
         self._inbox.append(seq)
 
     def cancel(self, request_id: str) -> None:
@@ -934,7 +949,7 @@ class Engine:
                 route=list(f.route),
                 index=f.index,
                 params=f.params,
-                generator=_generator(f.params),
+                generator=_generator(f.params, self.cfg.vocab_size),
                 arrived_at=f.arrived_at or time.time(),
             )
             self.relayed[rid] = rel

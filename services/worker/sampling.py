@@ -26,3 +26,12 @@ def sample_next(
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         out[b] = int(torch.multinomial(probs, 1, generator=generators[b]).item())
     return [int(t) for t in out]
+
+
+def skip_draws(generator: torch.Generator, n: int, vocab: int) -> None:
+    """Advance `generator` past `n` draws of `sample_next` over a `vocab`-sized row, so a migrated
+    request's seeded stream resumes where the lost instance left it. The same operation on the
+    same shape and dtype: what multinomial consumes depends on those, not on the probabilities."""
+    uniform = torch.full((vocab,), 1.0 / vocab, dtype=torch.float32)
+    for _ in range(n):
+        torch.multinomial(uniform, 1, generator=generator)
