@@ -423,6 +423,9 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # Where its first token stands in the worker's output for this request (-1: not told): a
+    # gateway that sees it run ahead knows events were lost (the broker restarted between them).
+    index: int = -1
 
 
 @message("token_events")

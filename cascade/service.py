@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class Runtime:
     tasks: TaskSet
     stack: contextlib.AsyncExitStack
     log: Any
+    # Called when the broker connection comes back after a loss (re-announce, wake what waited).
+    on_reconnect: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
         """A subscription for the service's lifetime (draining NATS ends it)."""
@@ -101,7 +104,7 @@ class ServiceHost:
                 f"cascade-{self.service.service}-{self.service.instance}",
                 self.connect_timeout_s,
                 logger=self.log,
-                on_reconnect=self._announce,
+                on_reconnect=self._reconnected,
             )
             stack.push_async_callback(self._drain, nc)
             stack.push_async_callback(self.tasks.cancel_all)
@@ -115,6 +118,13 @@ class ServiceHost:
             await self.stop()
             raise
         return self.rt
+
+    async def _reconnected(self) -> None:
+        if self.rt is None:
+            return
+        for cb in self.rt.on_reconnect:
+            cb()
+        await self._announce()
 
     async def _announce(self) -> None:
         """Say `ServiceReady` (again after a broker restart: a scaler that restarted meanwhile

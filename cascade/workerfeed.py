@@ -63,6 +63,7 @@ class WorkerFeed:
         self._clock = clock
         self._log = logger or structlog.get_logger()
         self._fetches: set[asyncio.Task[None]] = set()
+        self._nc: NATS | None = None  # the connection it listens on, once subscribed
 
     # ---- inputs (sync: callable from tests and NATS callbacks alike) -------
     def heartbeat(self, hb: Heartbeat) -> None:
@@ -97,6 +98,10 @@ class WorkerFeed:
         self._on_change()
 
     def reap(self) -> list[str]:
+        if self._nc is not None and not self._nc.is_connected:
+            # Cut off from the broker: we hear nobody, which says nothing about them.
+            self.table.excuse(self._clock())
+            return []
         dead = self.table.expire(self._clock())
         for w in dead:
             self._log.warning("worker_dead", worker=w, silent_for_s=round(self.table.dead_after_s, 3))
@@ -148,6 +153,7 @@ class WorkerFeed:
 
     # ---- NATS --------------------------------------------------------------
     async def subscribe(self, nc: NATS, subjects: Subjects) -> list[Subscription]:
+        self._nc = nc
         return [
             await nc.subscribe(subjects.heartbeat_all(), cb=self._on_heartbeat_msg),
             await nc.subscribe(subjects.ready_all(), cb=self._on_ready_msg),

@@ -165,6 +165,12 @@ class WorkerTable:
             del self._workers[w]
         return dead
 
+    def excuse(self, now: float) -> None:
+        """The listener itself was cut off (its broker connection is down): silence says nothing
+        about the workers, so each gets a whole dead interval again from `now`."""
+        for e in self._workers.values():
+            e.last_heartbeat = max(e.last_heartbeat, now)
+
     def forget(self, worker_id: str) -> None:
         self._workers.pop(worker_id, None)
 

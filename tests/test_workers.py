@@ -249,3 +249,11 @@ async def test_feed_treats_a_heartbeat_from_a_new_pid_as_the_old_process_dead() 
     assert dead == ["w1"]
     v = feed.table.get("w1")
     assert v is not None and v.state == "idle" and v.pid == 11
+
+
+def test_a_listener_cut_off_from_the_broker_excuses_the_silence() -> None:
+    t = WorkerTable(heartbeat_s=1.0)
+    t.on_heartbeat(hb(), now=0.0)
+    t.excuse(now=10.0)  # the listener's own connection was down until now
+    assert t.expire(12.0) == []
+    assert t.expire(13.5) == ["w1"]

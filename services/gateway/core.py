@@ -298,6 +298,10 @@ class GatewayCore:
     # ---- routing and dispatch ----------------------------------------------
     # ---- the batchers' Dispatcher --------------------------------------------
     def pick(self, model: str, avoid: frozenset[str]) -> Route | None:
+        if not self.nc.is_connected:
+            # The broker is away: requests wait in the queue (bounded by its timeout, then a 503
+            # with Retry-After) rather than spend their retries on dispatches that cannot go.
+            return None
         dep = self.catalog.deployment.get(model)
         live = dep is None or dep.scaling == "live"
         views = self.registry.views(self.hub.inflight_by_worker(), self.hub.unstarted_by_worker())
@@ -312,6 +316,10 @@ class GatewayCore:
     def _wake_all(self) -> None:
         for b in self.batchers.values():
             b.wake()
+
+    def broker_back(self) -> None:
+        """The broker connection is back: what waited for it may go."""
+        self._wake_all()
 
     def dispatch(self, route: Route, batch: list[RequestState]) -> None:
         # Bind before any await: the router's next pick must already count these. A pipelined
@@ -447,6 +455,20 @@ class GatewayCore:
             else:
                 self._retry(req, req.worker_id, f"stage worker {worker} stopped heart-beating")
 
+    def _out_of_step(self, req: RequestState, worker: str, index: int, expected: int) -> None:
+        """An event that does not continue the request's stream: a repeat is dropped; one that
+        runs ahead means events were lost (the broker restarted between them), and the
+        request resumes elsewhere from what the client has, as if its worker were lost."""
+        if index < expected:
+            return
+        why = f"token events {expected}..{index - 1} from worker {worker} were lost"
+        self.log.warning("events_lost", request_id=req.request_id, worker_id=worker, expected=expected, got=index)
+        if req.produced:
+            self._migrate(req, worker, "events_lost", why)
+        else:
+            self._cancel_on(worker, [req.request_id])
+            self._retry(req, worker, why)
+
     def _migrate(self, req: RequestState, worker: str, reason: str, why: str) -> None:
         """`req` lost its worker after tokens reached the client: send it elsewhere with the
         tokens so far, or fail it explicitly when the limit is reached."""
@@ -514,6 +536,10 @@ class GatewayCore:
 
     def on_tokens(self, msg: TokenEvents) -> None:
         for req, ev in self.hub.match(msg):
+            expected = len(req.streamed) - req.resumed
+            if ev.index >= 0 and ev.index != expected:
+                self._out_of_step(req, msg.worker_id, ev.index, expected)
+                continue
             broken = ev.finish_reason in ("cancelled", "error")
             if ev.token_ids:
                 self.metrics.tokens.inc(len(ev.token_ids), model=req.model)
@@ -634,6 +660,8 @@ class GatewayCore:
             return False, {"status": "unavailable", "reason": "the gateway is starting"}
         if not self.accepting:
             return False, {"status": "unavailable", "reason": "the gateway is shutting down"}
+        if not self.nc.is_connected:
+            return False, {"status": "unavailable", "reason": "the broker is unreachable; reconnecting"}
         if missing:
             return False, {
                 "status": "unavailable",

@@ -56,6 +56,7 @@ class GatewayService:
 
     async def start(self, rt: Runtime) -> None:
         self._core = GatewayCore(self.settings, self.deployment, rt.nc, self.log, tasks=rt.tasks)
+        rt.on_reconnect.append(self._core.broker_back)
         runner = web.AppRunner(
             create_app(self._core),
             # Without this, a handler keeps waiting for tokens after its client has gone.

@@ -507,7 +507,10 @@ class Engine:
         self._retire_finished(events, outbox)
         for seq in [*self.running, *self.driven.values()]:
             if seq.pending_ids:
-                events.append((seq.gateway_id, TokenEvent(seq.request_id, seq.pending_ids, seq.pending_text)))
+                first = len(seq.generated) - len(seq.pending_ids)
+                events.append(
+                    (seq.gateway_id, TokenEvent(seq.request_id, seq.pending_ids, seq.pending_text, index=first))
+                )
                 seq.pending_ids, seq.pending_text = [], ""
         self.stats.record(batch + relayed, len(new) + decoded, time.monotonic())
         self.stats.relayed_steps += relayed
@@ -1028,6 +1031,7 @@ class Engine:
             prompt_tokens=len(seq.prompt),
             completion_tokens=len(seq.generated) + seq.eos_hit,
             error=seq.error,
+            index=len(seq.generated) - len(seq.pending_ids),
         )
         seq.pending_ids, seq.pending_text, seq.held = [], "", ""
         return ev
