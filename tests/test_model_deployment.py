@@ -210,3 +210,24 @@ def test_catalog_takes_a_changed_deployment(tmp_path: Path, ckpt: Path) -> None:
         assert gone.value.status == 404
 
     asyncio.run(go())
+
+
+def test_up_passes_kv_flags_to_every_worker(tmp_path: Path) -> None:
+    from cascade.cli.supervisor import Supervisor
+    from services.worker.settings import add_arguments as worker_arguments
+
+    dep = Deployment((ModelDeployment("a", tmp_path),))
+    sup = Supervisor(up_args("--workers", "2", "--kv-cache-mb", "96", "--max-model-len", "1024"), tmp_path, dep,
+                     tmp_path / "d.json", "nats://127.0.0.1:1", 8000, None)  # fmt: skip
+    sup._plan_children()
+    workers = [c for c in sup.children if c.service == "worker"]
+    assert len(workers) == 2
+    p = argparse.ArgumentParser()
+    worker_arguments(p)
+    for c in workers:
+        argv = c.argv[c.argv.index("worker") + 1 :]
+        known, _ = p.parse_known_args(argv)
+        assert (known.kv_cache_mb, known.max_model_len) == (96.0, 1024)
+    plain = Supervisor(up_args(), tmp_path, dep, tmp_path / "d.json", "nats://127.0.0.1:1", 8000, None)
+    plain._plan_children()
+    assert not any("--kv-cache-mb" in c.argv for c in plain.children)

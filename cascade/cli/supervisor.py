@@ -263,10 +263,12 @@ class Supervisor:
             ("scaler", "scaler", []),
             ("loader", "loader", []),
         ]
-        specs += [
-            (f"worker-{i}", "worker", ["--worker-id", f"worker-{i}", "--threads", str(a.threads)])
-            for i in range(a.workers)
-        ]
+        worker_flags = ["--threads", str(a.threads)]
+        if getattr(a, "kv_cache_mb", None) is not None:
+            worker_flags += ["--kv-cache-mb", f"{a.kv_cache_mb:g}"]
+        if getattr(a, "max_model_len", None) is not None:
+            worker_flags += ["--max-model-len", str(a.max_model_len)]
+        specs += [(f"worker-{i}", "worker", ["--worker-id", f"worker-{i}", *worker_flags]) for i in range(a.workers)]
         for name, service, extra in specs:
             argv = [sys.executable, "-m", "cascade.cli", service, *common, *extra]
             self.children.append(Child(name, service, argv, self.logs / f"{name}.log"))

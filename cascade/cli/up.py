@@ -98,6 +98,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument(
+        "--kv-cache-mb",
+        type=positive_float,
+        default=None,
+        help="each worker's paged KV cache, in MB (default: $CASCADE_KV_CACHE_MB, else measured at load)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=positive_int,
+        default=None,
+        help="longest sequence (prompt + output) a worker takes (default: the model's context, capped to fit "
+        "the KV cache)",
+    )
+    parser.add_argument(
         "--prefix",
         default=os.environ.get("CASCADE_PREFIX") or "cascade",
         help="subject prefix (default: $CASCADE_PREFIX, else 'cascade')",
