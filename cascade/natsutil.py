@@ -74,7 +74,12 @@ async def _connect(
         seen.append(e)
         await _quiet_error(e)
 
+    client: list[NATS] = []
+
     async def on_disconnected() -> None:
+        # nats-py reports its own close as a disconnect too; only a lost broker is news.
+        if client and (client[0].is_closed or client[0].is_draining):
+            return
         lg.warning("nats_disconnected", url=url)
 
     async def on_reconnected() -> None:
@@ -88,7 +93,7 @@ async def _connect(
     while True:
         remaining = deadline - loop.time()
         try:
-            return await asyncio.wait_for(
+            nc = await asyncio.wait_for(
                 nats.connect(
                     url,
                     name=name,
@@ -103,6 +108,8 @@ async def _connect(
                 ),
                 timeout=max(remaining, 0.1),
             )
+            client.append(nc)
+            return nc
         except Exception as e:  # nats-py raises several unrelated types here
             last = e
             if loop.time() >= deadline:
