@@ -11,13 +11,14 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from cascade.cli.embedded_nats import EmbeddedNats, free_port
 from cascade.config import GenerateSpec
-from cascade.messages import LoadModel, Ok
+from cascade.messages import LoadModel, Ok, ServiceReady, decode
 from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
@@ -74,12 +75,20 @@ async def test_sigterm_with_the_broker_gone_exits_0_without_a_traceback(
     procs: dict[str, subprocess.Popen[bytes]] = {}
     paced = ("--device-profile", "llama2-7b-a100-80gb")
     try:
+        nc = await connect(url, "test")
+        s = Subjects(prefix)
+        ready: set[str] = set()
+
+        async def on_ready(msg: Any) -> None:
+            ready.add(decode(msg.data, ServiceReady).service)
+
+        # Every service subscribed and announced itself (the signal handlers are in place by then).
+        await nc.subscribe(s.service_ready(), cb=on_ready)
+        await nc.flush()
         procs["worker"] = start("worker", url, prefix, tmp_path, "--worker-id", "w1", *paced, "--config", str(cfg))
         procs["gateway"] = start("gateway", url, prefix, tmp_path, "--port", str(port), "--config", str(cfg))
         procs["scaler"] = start("scaler", url, prefix, tmp_path, "--config", str(cfg))
         procs["loader"] = start("loader", url, prefix, tmp_path, "--config", str(cfg))
-        nc = await connect(url, "test")
-        s = Subjects(prefix)
         async with aiohttp.ClientSession() as http:
             health = f"http://127.0.0.1:{port}/health"
 
@@ -99,6 +108,7 @@ async def test_sigterm_with_the_broker_gone_exits_0_without_a_traceback(
                     break
                 await asyncio.sleep(0.1)
             assert await healthy(), "the mesh did not serve"
+            await wait_until(lambda: ready == set(procs), 60, "every service ready")
             await nc.close()
             body = {"model": MODEL, "prompt": "x", "max_tokens": 3000, "ignore_eos": True, "stream": True}
             async with http.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
