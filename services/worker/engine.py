@@ -52,6 +52,7 @@ from cascade.device_profile import LayerWork
 from cascade.messages import RouteStage, SamplingParams, TokenEvent
 from cascade.models.tokenizer import IncrementalDecoder, Tokenizer
 from cascade.stagewire import StageClose, StageError, StageFrame, StageInput, StageToken
+from services.worker.admission import Budget
 from services.worker.kvblocks import (
     NULL_BLOCK,
     BlockManager,
@@ -476,7 +477,7 @@ class Engine:
             else:
                 segs.append(self._driven_segment(rel))
                 jobs.append(("driven", rel))
-        budget = _Budget(self.prefill_budget())
+        budget = Budget(self.prefill_budget())
         new = self._admit(budget, segs, jobs)
         chunked = sum(s.chunk for k, s in jobs if k == "chunk")
         if new:
@@ -556,7 +557,7 @@ class Engine:
             i -= 1
         w.insert(i, seq)
 
-    def _admit(self, budget: _Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
+    def _admit(self, budget: Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
         """Spend the step's prefill budget, oldest arrival first, whatever the role: full prompts
         waiting here (they also need a batch slot), the first stage of routes this worker drives,
         and relayed prompt chunks of routes other workers drive. Prompts already under way go
@@ -642,7 +643,7 @@ class Engine:
         self.running.extend(new)
         return new
 
-    def _take_chunk(self, seq: Sequence, budget: _Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> bool:
+    def _take_chunk(self, seq: Sequence, budget: Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> bool:
         """Add the next chunk of a full prompt under way, as much of it as the budget holds."""
         n = min(seq.target - seq.done, int(budget.left))
         if n < 1:
@@ -1100,19 +1101,3 @@ def prompt_chunk(
         hidden=hidden,
         start=start,
     )
-
-
-class _Budget:
-    """A step's prefill budget; the first take always succeeds (a prompt longer than the whole
-    budget still gets its own step)."""
-
-    def __init__(self, tokens: float) -> None:
-        self.left = tokens
-        self.used = False
-
-    def take(self, cost: float) -> bool:
-        if self.used and cost > self.left:
-            return False
-        self.left -= cost
-        self.used = True
-        return True
