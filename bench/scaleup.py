@@ -34,6 +34,7 @@ if __package__ in (None, ""):
 
 from bench.common import RESULTS, add_raw_option, md_table, percentile, raw_path, result_header, write_result
 from bench.mesh import Mesh, worker_details
+from bench.tracelib import prompt_ids
 from cascade.config import GenerateSpec
 from cascade.device_profile import load_profile
 from cascade.messages import (
@@ -217,7 +218,13 @@ async def drive(a: argparse.Namespace, mesh: Mesh, url: str, mode: str, target: 
     cap = capacity_req_s(a.profile, a.max_batch, int(a.prompt_tokens * a.token_scale), a.max_tokens)
     rate = a.overload * cap
     rng = random.Random(a.seed)
-    prompt = ("scale " * a.prompt_tokens)[: a.prompt_tokens - 1]  # bytes = tokens, with BOS
+
+    def prompt(i: int) -> str:
+        # Bytes = tokens (with BOS). Each request its own text: one prompt sent again and again is
+        # served from the prefix cache after the first, which would make an instance look far
+        # faster than under a real trace's distinct prompts.
+        return "".join(chr(c) for c in prompt_ids(a.prompt_tokens - 1, a.seed, i))
+
     total_s = a.before_s + a.load_s * 1.3 + a.after_s
     tasks: list[asyncio.Task[None]] = []
     scaled = False
@@ -234,7 +241,7 @@ async def drive(a: argparse.Namespace, mesh: Mesh, url: str, mode: str, target: 
                 await asyncio.sleep(t_next - now)  # open-loop arrivals on their schedule
             r = Req(arrival=time.monotonic() - t0)
             log.reqs.append(r)
-            tasks.append(asyncio.create_task(one(s, url, r, t0, prompt, a.max_tokens)))
+            tasks.append(asyncio.create_task(one(s, url, r, t0, prompt(len(log.reqs)), a.max_tokens)))
             t_next += rng.expovariate(rate)
         await asyncio.gather(*tasks)
     hops = await worker_details(nc, subjects, "stage_link", 1.0)

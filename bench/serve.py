@@ -158,7 +158,8 @@ def inprocess_engine(path: Path, max_batch: int, threads: int) -> Any:
     m = LlamaModel(ck.config)
     for u in range(ck.config.num_units):
         m.load_unit(u, ck.unit_tensors(u))
-    return Engine(m, load_tokenizer(path), max_batch=max_batch), load_tokenizer(path)
+    # No prefix caching, as in the mesh's workers here: every request sends the same prompt.
+    return Engine(m, load_tokenizer(path), max_batch=max_batch, prefix_caching=False), load_tokenizer(path)
 
 
 def inprocess_request(engine: Any, tok: Any, prompt: str, max_tokens: int) -> dict[str, float]:
@@ -262,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     out_name = a.out or ("serve" if a.model is None else "serve-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).lower())
     mesh = Mesh(
         ["--workers", str(a.workers), "--threads", str(a.threads), "--model", str(folder), "--served-model-name", name],
-        {"CASCADE_MAX_BATCH": str(a.max_batch)},
+        # Every request sends the same prompt: with prefix caching on, all but the first would skip
+        # most of their prefill, which transformers' generate (the reference) cannot do.
+        {"CASCADE_MAX_BATCH": str(a.max_batch), "CASCADE_PREFIX_CACHING": "0"},
     )
     print(f"starting the mesh: {' '.join(mesh.args)}", flush=True)
     rows, local_rows = [], []
@@ -361,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 "overhead_max_tokens": a.overhead_max_tokens,
                 "transformers": a.transformers,
                 "quick": a.quick,
+                "prefix_caching": False,
             },
             "emulated": "nothing: real torch on the CPU (float32), real nats-server, real HTTP over loopback",
             "levels": rows,
