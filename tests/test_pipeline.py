@@ -4,6 +4,8 @@ work together with its own requests. Frames cross the real stage-link encoding."
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.stagewire import PREFIX_SIZE, StageFrame, StageInput, decode_frame, encode_frame, split_prefix
 from services.worker.engine import Engine, Outgoing
-from services.worker.model import LlamaModel
+from services.worker.model import LlamaModel, Segment
 
 SPEC = GenerateSpec(layers=4, hidden=64, heads=4, kv_heads=2, vocab=320, seed=21)
 tok = ByteTokenizer()
@@ -122,6 +124,35 @@ def test_relayed_work_batches_with_own_requests(ckpt: Checkpoint) -> None:
     assert {p: toks(v) for p, v in got.items()} == expect
     # Some of F's steps computed its own batch and a relayed sequence together.
     assert any(b >= 3 for b in f.stats.batch_hist)
+
+
+def test_stage_decodes_at_one_depth_run_as_one_segment(ckpt: Checkpoint) -> None:
+    """Routes split at the same layer decode together: one segment (one attention call per layer)
+    on each side per depth, whatever the number of routes, with the whole model's tokens."""
+    L = ckpt.config.num_hidden_layers
+    expect = whole_tokens(ckpt)
+    n = Engine(model(ckpt, range(0, 3)), tok, worker_id="N")
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")
+    seen: dict[str, list[list[tuple[bool, int]]]] = {"N": [], "F": []}
+    for name, e in (("N", n), ("F", f)):
+        real = e.model.forward_segments
+
+        def spy(segs: list[Segment], real: Any = real, name: str = name) -> list[torch.Tensor]:
+            seen[name].append([(s.prefill, s.positions.shape[0]) for s in segs])
+            return real(segs)
+
+        e.model.forward_segments = spy  # type: ignore[method-assign]
+    expect2 = {f"{p}@{k}": v for p, v in expect.items() for k in (1, 2)}
+    for k in (1, 2):
+        route = [RouteStage("N", 0, k), RouteStage("F", k, L)]
+        for p in PROMPTS:
+            n.submit(f"{p}@{k}", "g", tok.encode(p), GREEDY, route=route)
+    got = run_mesh({"N": n, "F": f})
+    assert {r: toks(v) for r, v in got.items()} == expect2
+    for name in ("N", "F"):
+        decode_segments = [[b for pre, b in step if not pre] for step in seen[name]]
+        assert max(len(d) for d in decode_segments) <= 2  # one per depth
+        assert max(b for d in decode_segments for b in d) == len(PROMPTS)  # every route of a depth at once
 
 
 def test_stage_missing_layers_fails_the_request_clearly(ckpt: Checkpoint) -> None:

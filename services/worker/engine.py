@@ -44,7 +44,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 
@@ -469,14 +469,12 @@ class Engine:
             segs.append(self._decode_segment())
             jobs.append(("decode", None))
         # Stage work past its prompt (one decode token each) goes every step: it is under way, and
-        # holding it would stall a token loop on another worker.
-        for rel in decoding:
-            if isinstance(rel, Relayed):
-                segs.append(self._relayed_segment(rel))
-                jobs.append(("relayed", rel))
-            else:
-                segs.append(self._driven_segment(rel))
-                jobs.append(("driven", rel))
+        # holding it would stall a token loop on another worker. Routes that run the same layers
+        # go as one segment: one attention call per layer for all of them, not one per route (a
+        # busy instance relays for dozens of routes while a new one loads).
+        for group in _stage_decode_groups(decoding):
+            segs.append(self._stage_decode_segment(group))
+            jobs.append(("stage_decode", group))
         budget = Budget(self.prefill_budget())
         new = self._admit(budget, segs, jobs)
         chunked = sum(s.chunk for k, s in jobs if k == "chunk")
@@ -485,7 +483,9 @@ class Engine:
             segs.append(Segment(range(self.L), self.kv, self._tables(new), pos, lens, True, True, ids=ids))
             jobs.append(("prefill", new))
         batch = len(self.running)
-        relayed = sum(1 for k, _ in jobs if k == "relayed")
+        relayed = sum(1 for k, _ in jobs if k == "relayed") + sum(
+            1 for k, g in jobs if k == "stage_decode" for r in g if isinstance(r, Relayed)
+        )
         decoded = 0
         if segs:
             try:
@@ -503,6 +503,12 @@ class Engine:
                     self._chunk_done(obj, out)
                 elif kind == "driven":
                     self._send_driven(obj, out, outbox)
+                elif kind == "stage_decode":
+                    for b, one in enumerate(obj):
+                        if isinstance(one, Relayed):
+                            self._finish_relayed(one, out[b : b + 1], outbox)
+                        else:
+                            self._send_driven(one, out[b : b + 1], outbox)
                 else:
                     self._finish_relayed(obj, out, outbox)
         self._retire_finished(events, outbox)
@@ -815,25 +821,46 @@ class Engine:
         self.driven[seq.request_id] = seq
 
     def _driven_segment(self, seq: Sequence) -> Segment:
-        assert seq.next_ids is not None
-        dev = self.model.device
+        """The next chunk of a driven route's prompt through this worker's first stage (decodes go
+        by `_stage_decode_segment`)."""
+        assert seq.next_ids is not None and not seq.prefilled
         first = seq.route[0]
-        if not seq.prefilled:
-            n = seq.chunk or len(seq.next_ids)
-            ids = torch.tensor([seq.next_ids[:n]], device=dev)
-            layers = range(first.start, first.end)
-            return prompt_chunk(layers, self.kv, self._tables([seq]), seq.done, n, False, dev, ids=ids)
-        p = seq.length - 1
-        return Segment(
-            range(first.start, first.end),
-            self.kv,
-            self._tables([seq]),
-            torch.tensor([[p]], device=dev),
-            torch.tensor([p + 1], device=dev),
-            False,
-            False,
-            ids=torch.tensor([seq.next_ids], device=dev),
+        n = seq.chunk or len(seq.next_ids)
+        ids = torch.tensor([seq.next_ids[:n]], device=self.model.device)
+        return prompt_chunk(
+            range(first.start, first.end), self.kv, self._tables([seq]), seq.done, n, False, self.model.device, ids=ids
         )
+
+    def _stage_decode_segment(self, group: list[Relayed] | list[Sequence]) -> Segment:
+        """One decode token for each of a group of stage sequences that run the same layers (see
+        `_stage_decode_groups`): driven routes' first stages from their sampled ids, relayed
+        stages from the hidden states their previous stage sent."""
+        dev = self.model.device
+        if isinstance(group[0], Relayed):
+            rels = cast(list[Relayed], group)
+            hidden, pos = [], []
+            for rel in rels:
+                inp = rel.computing = rel.inputs.popleft()
+                rel.length = inp.pos + 1
+                hidden.append(inp.hidden)
+                pos.append(inp.pos)
+            st = rels[0].stage
+            return Segment(
+                range(st.start, st.end), self.kv, self._tables(rels), torch.tensor([[p] for p in pos], device=dev),
+                torch.tensor([p + 1 for p in pos], device=dev), False, rels[0].last,
+                hidden=hidden[0] if len(hidden) == 1 else torch.cat(hidden),
+            )  # fmt: skip
+        seqs = cast(list[Sequence], group)
+        first = seqs[0].route[0]
+        ids: list[list[int]] = []
+        for seq in seqs:
+            assert seq.next_ids is not None and len(seq.next_ids) == 1
+            ids.append(seq.next_ids)
+        pos = [s.length - 1 for s in seqs]
+        return Segment(
+            range(first.start, first.end), self.kv, self._tables(seqs), torch.tensor([[p] for p in pos], device=dev),
+            torch.tensor([p + 1 for p in pos], device=dev), False, False, ids=torch.tensor(ids, device=dev),
+        )  # fmt: skip
 
     def _send_driven(self, seq: Sequence, hidden: torch.Tensor, outbox: list[Outgoing]) -> None:
         frame = StageInput(seq.request_id, prefill=not seq.prefilled, pos=seq.length - 1, sent_at=time.time())
@@ -858,28 +885,16 @@ class Engine:
 
     # ------------------------------------------------------------ relayed (later stages)
     def _relayed_segment(self, rel: Relayed) -> Segment:
+        """A relayed prompt chunk (decodes go by `_stage_decode_segment`)."""
         inp = rel.computing = rel.inputs.popleft()
-        prefill, pos, hidden = inp.prefill, inp.pos, inp.hidden
-        dev = self.model.device
+        assert inp.prefill
+        T = inp.hidden.shape[1]
+        rel.length = inp.start + T
         st = rel.stage
-        if prefill:
-            T = hidden.shape[1]
-            rel.length = inp.start + T
-            return prompt_chunk(
-                range(st.start, st.end), self.kv, self._tables([rel]), inp.start, T, rel.last and inp.final, dev,
-                hidden=hidden,
-            )  # fmt: skip
-        rel.length = pos + 1
-        return Segment(
-            range(st.start, st.end),
-            self.kv,
-            self._tables([rel]),
-            torch.tensor([[pos]], device=dev),
-            torch.tensor([pos + 1], device=dev),
-            False,
-            rel.last,
-            hidden=hidden,
-        )
+        return prompt_chunk(
+            range(st.start, st.end), self.kv, self._tables([rel]), inp.start, T, rel.last and inp.final,
+            self.model.device, hidden=inp.hidden,
+        )  # fmt: skip
 
     def _finish_relayed(self, rel: Relayed, out: torch.Tensor, outbox: list[Outgoing]) -> None:
         inp = rel.computing
@@ -992,6 +1007,12 @@ class Engine:
                     seq.finish, seq.error = "error", reason
             elif kind in ("driven", "chunk"):
                 obj.finish, obj.error = "error", reason
+            elif kind == "stage_decode":
+                for one in obj:
+                    if isinstance(one, Relayed):
+                        self._drop_relayed(one.request_id)
+                    else:
+                        one.finish, one.error = "error", reason
             else:
                 self._drop_relayed(obj.request_id)
 
@@ -1101,3 +1122,17 @@ def prompt_chunk(
         hidden=hidden,
         start=start,
     )
+
+
+def _stage_decode_groups(decoding: list[Relayed | Sequence]) -> list[list[Relayed] | list[Sequence]]:
+    """Stage decodes that can share one segment: the same layers, the same inputs (ids for a
+    driven route's first stage, hidden states for a relayed stage) and the same end (with the head
+    or without). In first-seen order, so steps stay deterministic."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for one in decoding:
+        if isinstance(one, Relayed):
+            key: tuple[Any, ...] = ("relayed", one.stage.start, one.stage.end, one.last)
+        else:
+            key = ("driven", one.route[0].start, one.route[0].end)
+        groups.setdefault(key, []).append(one)
+    return list(groups.values())
