@@ -261,6 +261,9 @@ class LoadModel:
     model: str
     path: str
     decision_id: str = ""
+    # The deployment's KV settings for this model (None: the worker's own flag/env default).
+    kv_cache_mb: float | None = None
+    max_model_len: int | None = None
 
 
 @message("unload_model")
@@ -294,6 +297,10 @@ class TransferOrder:
     unit_nbytes: list[int] = field(default_factory=list)
     # The plan this order belongs to (for logs and `cascade tap`; the transfer id is what counts).
     plan_id: str = ""
+    # For an order that starts the model here ("receive", "disk"): the deployment's KV settings
+    # for it, as in `LoadModel` (None: the worker's own flag/env default).
+    kv_cache_mb: float | None = None
+    max_model_len: int | None = None
 
 
 @message("transfer_event")
