@@ -206,9 +206,17 @@ def deployment_from_message(data: bytes) -> tuple[Deployment, list[str]]:
     from cascade.messages import DeploymentChanged, decode
 
     msg = decode(data, DeploymentChanged)
-    dep = Deployment(models=tuple(model_from_entry(t) for t in msg.models))
-    check_names(dep, "the deployment.changed message")
-    return dep, list(msg.added)
+    return deployment_from_entries(msg.models, "the deployment.changed message"), list(msg.added)
+
+
+def deployment_from_entries(models: list[dict[str, Any]], where: str) -> Deployment:
+    """The deployment a `DeploymentChanged` or `DeploymentReply` carries (entries validated as a
+    deployment file's would be). Raises ConfigError."""
+    if not models:
+        raise ConfigError(f"{where} holds no model")
+    dep = Deployment(models=tuple(model_from_entry(t) for t in models))
+    check_names(dep, where)
+    return dep
 
 
 def model_from_entry(t: dict[str, Any], home: Path | None = None) -> ModelDeployment:

@@ -530,6 +530,22 @@ class DeploymentChanged:
     added: list[str] = field(default_factory=list)
 
 
+@message("deployment_request")
+class DeploymentRequest:
+    """Any service → scaler: what is the deployment now? (A service that starts after models were
+    deployed at run time learns them from the answer.)"""
+
+    requester: str = ""
+
+
+@message("deployment_reply")
+class DeploymentReply:
+    """The scaler's deployment: every model's entry in the deployment file's JSON form."""
+
+    models: list[dict[str, Any]]
+    scaler_id: str = ""
+
+
 @message("deploy_reply")
 class DeployReply:
     """The model's scaling settings after a `DeployRequest`: `knobs` as set, `effective` with
