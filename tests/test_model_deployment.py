@@ -275,3 +275,17 @@ def test_up_passes_kv_flags_to_every_worker(tmp_path: Path) -> None:
     plain = Supervisor(up_args(), tmp_path, dep, tmp_path / "d.json", "nats://127.0.0.1:1", 8000, None)
     plain._plan_children()
     assert not any("--kv-cache-mb" in c.argv for c in plain.children)
+
+
+def test_deploy_model_carries_its_kv_settings_in_the_entry_it_sends(ckpt: Path) -> None:
+    from cascade import cli
+    from cascade.cli.common import CliError
+    from cascade.cli.deploy import new_model_entry
+
+    args = cli.parse_args(["deploy", "small", "--model", str(ckpt), "--kv-cache-mb", "48", "--max-model-len", "512"])
+    entry = new_model_entry(args)
+    m = model_from_entry(entry)
+    assert (m.name, m.path, m.kv_cache_mb, m.max_model_len) == ("small", ckpt, 48.0, 512)
+    args = cli.parse_args(["deploy", "small", "--model", str(ckpt), "--kv-cache-mb", "-1"])
+    with pytest.raises(CliError, match="kv_cache_mb must be a number"):
+        new_model_entry(args)

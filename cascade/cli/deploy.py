@@ -77,7 +77,7 @@ def register(sub: Any) -> None:
 def cmd_deploy(args: argparse.Namespace) -> int:
     add = None
     if args.source is not None:
-        add = _new_model_entry(args)
+        add = new_model_entry(args)
         args.model = add["name"]
     elif args.model is None:
         raise CliError("name the model (NAME), or deploy a new one with --model")
@@ -99,7 +99,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _new_model_entry(args: argparse.Namespace) -> dict[str, Any]:
+def new_model_entry(args: argparse.Namespace) -> dict[str, Any]:
     """Resolve --model on this machine (download, conversion: with progress) into a deployment entry.
     The folder must be readable where the workers run: the same machine, or a shared volume."""
     from cascade.models.config import CheckpointError
