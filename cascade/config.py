@@ -153,6 +153,11 @@ class ModelDeployment:
     # What the user named (a folder, a `.gguf` file, a hub id[@revision]) when `path` was not given
     # directly; `cascade up` / `cascade deploy` resolve it into `path` before any service reads it.
     source: str = ""
+    # The paged KV cache of each instance of this model, carried to workers in the loader's orders
+    # (None: the worker's own --kv-cache-mb / --max-model-len, else its measured default). 0 means
+    # the worker's default explicitly: the measured budget, the model's context.
+    kv_cache_mb: float | None = None
+    max_model_len: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +194,8 @@ def entry_json(m: ModelDeployment) -> dict[str, Any]:
         "loading": m.loading,
         "scaling": m.scaling,
         "source": m.source,
+        "kv_cache_mb": m.kv_cache_mb,
+        "max_model_len": m.max_model_len,
         "generate": None if m.generate is None else {k: getattr(m.generate, k) for k in GenerateSpec.__slots__},
     }
 
@@ -199,9 +206,17 @@ def deployment_from_message(data: bytes) -> tuple[Deployment, list[str]]:
     from cascade.messages import DeploymentChanged, decode
 
     msg = decode(data, DeploymentChanged)
-    dep = Deployment(models=tuple(model_from_entry(t) for t in msg.models))
-    check_names(dep, "the deployment.changed message")
-    return dep, list(msg.added)
+    return deployment_from_entries(msg.models, "the deployment.changed message"), list(msg.added)
+
+
+def deployment_from_entries(models: list[dict[str, Any]], where: str) -> Deployment:
+    """The deployment a `DeploymentChanged` or `DeploymentReply` carries (entries validated as a
+    deployment file's would be). Raises ConfigError."""
+    if not models:
+        raise ConfigError(f"{where} holds no model")
+    dep = Deployment(models=tuple(model_from_entry(t) for t in models))
+    check_names(dep, where)
+    return dep
 
 
 def model_from_entry(t: dict[str, Any], home: Path | None = None) -> ModelDeployment:
@@ -275,6 +290,7 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
     scaling = str(t.get("scaling", "live"))
     if scaling not in SCALING_MODES:
         raise ConfigError(f"model {name}: scaling must be one of {', '.join(SCALING_MODES)} (got {scaling!r})")
+    kv_cache_mb, max_model_len = kv_limits(name, t.get("kv_cache_mb"), t.get("max_model_len"))
     return ModelDeployment(
         name=name,
         path=path,
@@ -286,7 +302,24 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
         loading=loading,
         scaling=scaling,
         source=source,
+        kv_cache_mb=kv_cache_mb,
+        max_model_len=max_model_len,
     )
+
+
+def kv_limits(name: str, kv_cache_mb: Any, max_model_len: Any) -> tuple[float | None, int | None]:
+    """A model's KV settings checked: numbers >= 0 (a whole number for max_model_len), or None."""
+    mb: float | None = None
+    if kv_cache_mb is not None:
+        if isinstance(kv_cache_mb, bool) or not isinstance(kv_cache_mb, int | float) or kv_cache_mb < 0:
+            raise ConfigError(f"model {name}: kv_cache_mb must be a number of MB >= 0 (got {kv_cache_mb!r})")
+        mb = float(kv_cache_mb)
+    n: int | None = None
+    if max_model_len is not None:
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 0:
+            raise ConfigError(f"model {name}: max_model_len must be a whole number >= 0 (got {max_model_len!r})")
+        n = max_model_len
+    return mb, n
 
 
 def _relative_spec(spec: str, base: Path) -> str:
@@ -309,19 +342,30 @@ def default_served_name(spec: str) -> str:
     return served_name_of(spec)
 
 
-def model_from_spec(spec: str, home: Path | None = None, name: str | None = None, replicas: int = 1) -> ModelDeployment:
+def model_from_spec(
+    spec: str,
+    home: Path | None = None,
+    name: str | None = None,
+    replicas: int = 1,
+    kv_cache_mb: float | None = None,
+    max_model_len: int | None = None,
+) -> ModelDeployment:
     """A deployment entry for `cascade up --model SPEC` / `cascade deploy --model SPEC`."""
     spec = spec.strip()
     if not spec:
         raise ConfigError("--model is empty: name a folder, a .gguf file or a hub id")
     if name is not None and not name.strip():
         raise ConfigError("--served-model-name is empty")
+    served = name or default_served_name(spec)
+    mb, n = kv_limits(served, kv_cache_mb, max_model_len)
     return ModelDeployment(
-        name=name or default_served_name(spec),
+        name=served,
         path=Path(),
         min_replicas=replicas,
         max_replicas=max(replicas, 8),
         source=str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec,
+        kv_cache_mb=mb,
+        max_model_len=n,
     )
 
 

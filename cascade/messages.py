@@ -261,6 +261,9 @@ class LoadModel:
     model: str
     path: str
     decision_id: str = ""
+    # The deployment's KV settings for this model (None: the worker's own flag/env default).
+    kv_cache_mb: float | None = None
+    max_model_len: int | None = None
 
 
 @message("unload_model")
@@ -294,6 +297,10 @@ class TransferOrder:
     unit_nbytes: list[int] = field(default_factory=list)
     # The plan this order belongs to (for logs and `cascade tap`; the transfer id is what counts).
     plan_id: str = ""
+    # For an order that starts the model here ("receive", "disk"): the deployment's KV settings
+    # for it, as in `LoadModel` (None: the worker's own flag/env default).
+    kv_cache_mb: float | None = None
+    max_model_len: int | None = None
 
 
 @message("transfer_event")
@@ -521,6 +528,22 @@ class DeploymentChanged:
 
     models: list[dict[str, Any]]
     added: list[str] = field(default_factory=list)
+
+
+@message("deployment_request")
+class DeploymentRequest:
+    """Any service → scaler: what is the deployment now? (A service that starts after models were
+    deployed at run time learns them from the answer.)"""
+
+    requester: str = ""
+
+
+@message("deployment_reply")
+class DeploymentReply:
+    """The scaler's deployment: every model's entry in the deployment file's JSON form."""
+
+    models: list[dict[str, Any]]
+    scaler_id: str = ""
 
 
 @message("deploy_reply")

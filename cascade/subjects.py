@@ -128,6 +128,12 @@ class Subjects:
         message carries the whole deployment, so a service applies it without asking back."""
         return f"{self.prefix}.deployment.changed"
 
+    def deployment_get(self) -> str:
+        """Request/reply, any service → scaler: the deployment as the scaler holds it now, models
+        added at run time included (`DeploymentRequest` → `DeploymentReply`). A gateway or loader
+        that (re)starts asks it, and keeps its deployment file's when no scaler answers."""
+        return f"{self.prefix}.deployment.get"
+
     # ---- parameter transfers -----------------------------------------------
     def transfer_plan(self) -> str:
         """Loader → everyone: the transfer plan of a scale-up, and every re-plan (`cascade tap`)."""

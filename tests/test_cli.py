@@ -34,6 +34,7 @@ COMMANDS = [
     ["up"],
     ["model"],
     ["model", "create"],
+    ["model", "pull"],
     ["status"],
     ["tap"],
     ["scale"],

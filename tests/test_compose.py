@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cascade import cli
-from cascade.config import GenerateSpec, default_deployment, resolve_nats_url, resolve_prefix
+from cascade.config import resolve_nats_url, resolve_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 CASCADE_SERVICES = ["model-init", "gateway", "scaler", "loader", "worker"]
@@ -81,28 +81,24 @@ def test_gateway_listens_where_it_is_published_and_checked(
     assert "127.0.0.1:8000/health" in " ".join(gw["healthcheck"]["test"])
 
 
-def test_model_init_creates_the_model_the_default_deployment_serves(
-    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+def test_model_init_writes_the_deployment_file_the_services_read(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    init = compose["services"]["model-init"]
+    """model-init pulls the default model (SmolLM2, else cascade-tiny: tests/test_model_pull.py
+    runs this very command) and writes the file every control-plane service is configured with."""
+    services = compose["services"]
+    init = services["model-init"]
     args = parse(init["command"], init["environment"], monkeypatch)
-    assert args.model_command == "create" and args.exist_ok and args.out is None
-    (model,) = default_deployment(Path(init["environment"]["CASCADE_HOME"])).models
-    assert args.name == model.name
-    assert model.path == Path("/models") / "models" / model.name
-    spec = GenerateSpec(
-        layers=args.layers,
-        hidden=args.hidden,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        vocab=args.vocab,
-        intermediate=args.intermediate,
-        max_position=args.max_position,
-        seed=args.seed,
-        dtype=args.dtype,
-    )
-    # Same spec as `cascade up` would generate: one model, whichever way the mesh is started.
-    assert spec == model.generate
+    assert args.model_command == "pull" and args.model is None  # the default model, as `cascade up`
+    home = Path(init["environment"]["CASCADE_HOME"])
+    written = Path(args.deployment)
+    assert written.is_relative_to(home)  # on the shared volume
+    for name in ("gateway", "scaler", "loader"):
+        svc = services[name]
+        assert Path(parse(svc["command"], svc["environment"], monkeypatch).config) == written, name
+    # The hub cache is on the volume too: workers read a hub model's files from it.
+    assert Path(init["environment"]["HF_HOME"]).is_relative_to(home)
+    assert services["worker"]["environment"]["HF_HOME"] == init["environment"]["HF_HOME"]
 
 
 def test_dockerfile_installs_with_the_constraints() -> None:

@@ -291,3 +291,53 @@ def run_mesh_step(engines: dict[str, Engine]) -> list[TokenEvent]:
             h, t = wire(o)
             engines[o.to.worker_id].stage_frame(h, t)
     return evs
+
+
+def test_stage_work_that_preempts_a_decoding_sequence_leaves_every_stream_its_own_tokens(
+    ckpt: Checkpoint,
+) -> None:
+    """A relayed prompt chunk arrives when the worker's blocks are held by two decoding full
+    sequences: admitting it preempts the younger one in the step whose decode batch already holds
+    it. That row is dropped (the preempted sequence recomputes it later), and no other sequence
+    takes its token."""
+    L = ckpt.config.num_hidden_layers
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    full = {"a": tok.encode("the older request " * 3), "b": tok.encode("a younger request " * 3)}
+    routed = tok.encode("through two stages " * 2)
+    whole = Engine(load(ckpt), tok)
+    for rid, p in {**full, "r": routed}.items():
+        whole.submit(rid, "g", p, greedy)
+    expect = {k: tokens(v) for k, v in run(whole).items()}
+
+    probe = Engine(load(ckpt), tok)
+    bs = probe.geometry.block_size
+    held = sum(blocks_for(len(p) + 1, bs) for p in full.values())
+    # One block short of the routed prompt's blocks besides the two full sequences.
+    f = Engine(
+        load(ckpt), tok, worker_id="F", kv_cache_bytes=budget_blocks(probe, held + blocks_for(len(routed), bs) - 1)
+    )
+    for rid, p in full.items():
+        f.submit(rid, "g", p, greedy)
+    out: dict[str, list[TokenEvent]] = {}
+    while len(f.running) < 2:
+        for _, ev in f.step().events:
+            out.setdefault(ev.request_id, []).append(ev)
+    assert f.stats.preemptions == 0
+    k = 1
+    n = Engine(load(ckpt, range(0, k + 1)), tok, worker_id="N")
+    n.submit("r", "g", routed, greedy, route=[RouteStage("N", 0, k), RouteStage("F", k, L)])
+    engines = {"N": n, "F": f}
+    for _ in range(2000):
+        for ev in run_mesh_step(engines):
+            out.setdefault(ev.request_id, []).append(ev)
+        if f.stats.preemptions:
+            break
+    # The routed prompt took the younger sequence's blocks while both were decoding.
+    assert [s.request_id for s in f.waiting] == ["b"] and [s.request_id for s in f.running] == ["a"]
+    for _ in range(4000):
+        for ev in run_mesh_step(engines):
+            out.setdefault(ev.request_id, []).append(ev)
+        if all(v[-1].finish_reason is not None for v in out.values()) and len(out) == 3:
+            break
+    run_mesh(engines)
+    assert {rid: tokens(v) for rid, v in out.items()} == expect

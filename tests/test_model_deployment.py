@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 
 from cascade.cli.supervisor import UpError
@@ -18,11 +20,14 @@ from cascade.config import (
     Deployment,
     GenerateSpec,
     ModelDeployment,
+    deployment_from_message,
     entry_json,
     load_deployment,
     model_from_entry,
+    model_from_spec,
     unresolved,
 )
+from cascade.messages import DeploymentChanged, encode
 from cascade.models.generate import generate_model
 from cascade.models.source import ModelSourceError, resolve_deployment, served_name_of
 from services.gateway.catalog import ModelCatalog
@@ -157,6 +162,45 @@ def test_entries_travel_as_json_and_back(ckpt: Path) -> None:
         model_from_entry({**entry_json(m), "path": ""})
 
 
+def test_kv_settings_per_model_travel_through_every_form(tmp_path: Path, ckpt: Path) -> None:
+    """kv_cache_mb / max_model_len in the TOML reach the JSON file `cascade up` writes, the
+    entries of deploy requests and deployment.changed, and the orders the loader builds from them."""
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(
+        f'[[models]]\nname = "small"\npath = "{ckpt}"\nkv_cache_mb = 64\nmax_model_len = 256\n\n'
+        f'[[models]]\nname = "plain"\npath = "{ckpt}"\n'
+    )
+    dep = load_deployment(cfg, tmp_path)
+    small, plain = dep.models
+    assert (small.kv_cache_mb, small.max_model_len) == (64.0, 256)
+    assert (plain.kv_cache_mb, plain.max_model_len) == (None, None)
+    as_json = tmp_path / "d.json"
+    as_json.write_bytes(orjson.dumps(dep.to_json()))
+    assert load_deployment(as_json, tmp_path) == dep
+    assert [model_from_entry(entry_json(m)) for m in dep.models] == list(dep.models)
+    msg = encode(DeploymentChanged([entry_json(m) for m in dep.models], ["small"]))
+    assert deployment_from_message(msg) == (dep, ["small"])
+    m = model_from_spec(str(ckpt), name="x", kv_cache_mb=8.5, max_model_len=0)
+    assert (m.kv_cache_mb, m.max_model_len) == (8.5, 0)
+    assert model_from_entry({**entry_json(m), "path": str(ckpt)}) == replace(m, path=ckpt)
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("kv_cache_mb = -1", "kv_cache_mb must be a number"),
+        ('kv_cache_mb = "64"', "kv_cache_mb must be a number"),
+        ("max_model_len = 1.5", "max_model_len must be a whole number"),
+        ("max_model_len = -2", "max_model_len must be a whole number"),
+    ],
+)
+def test_kv_settings_that_cannot_be_used_are_refused(tmp_path: Path, line: str, needle: str) -> None:
+    cfg = tmp_path / "d.toml"
+    cfg.write_text(f'[[models]]\nname = "m"\npath = "p"\n{line}\n')
+    with pytest.raises(ConfigError, match=f"model m: {needle}"):
+        load_deployment(cfg, tmp_path)
+
+
 # --------------------------------------------------------------------------- resolution
 
 
@@ -231,3 +275,17 @@ def test_up_passes_kv_flags_to_every_worker(tmp_path: Path) -> None:
     plain = Supervisor(up_args(), tmp_path, dep, tmp_path / "d.json", "nats://127.0.0.1:1", 8000, None)
     plain._plan_children()
     assert not any("--kv-cache-mb" in c.argv for c in plain.children)
+
+
+def test_deploy_model_carries_its_kv_settings_in_the_entry_it_sends(ckpt: Path) -> None:
+    from cascade import cli
+    from cascade.cli.common import CliError
+    from cascade.cli.deploy import new_model_entry
+
+    args = cli.parse_args(["deploy", "small", "--model", str(ckpt), "--kv-cache-mb", "48", "--max-model-len", "512"])
+    entry = new_model_entry(args)
+    m = model_from_entry(entry)
+    assert (m.name, m.path, m.kv_cache_mb, m.max_model_len) == ("small", ckpt, 48.0, 512)
+    args = cli.parse_args(["deploy", "small", "--model", str(ckpt), "--kv-cache-mb", "-1"])
+    with pytest.raises(CliError, match="kv_cache_mb must be a number"):
+        new_model_entry(args)

@@ -44,3 +44,73 @@ def test_the_first_take_always_succeeds() -> None:
     assert not b.take(1)
     plan = admit(10, [], [], [Staged(0.0, "relayed", 80, 1.0)], free_slots=4, chunk_cap=10)
     assert plan.takes == [("relayed", 0, 80)]  # a chunk bigger than the budget still gets its step
+
+
+class Pool:
+    """A KV block gate over a counted pool: each waiting prompt needs ceil(tokens / 16) blocks less
+    the ones its cached front holds; staged work needs a block per 16 tokens. Records its calls."""
+
+    def __init__(self, free: int, prompts: list[int], cached: dict[int, int] | None = None) -> None:
+        self.free = free
+        self.prompts = prompts
+        self.cached = cached or {}
+        self.calls: list[tuple[str, int, int]] = []
+
+    def reserve(self, w: int, /) -> int | None:
+        cached = self.cached.get(w, 0)
+        need = -(-self.prompts[w] // 16) - cached // 16
+        self.calls.append(("reserve", w, need))
+        if need > self.free:
+            return None
+        self.free -= need
+        return cached
+
+    def grow(self, i: int, tokens: int, /) -> bool:
+        need = -(-tokens // 16)
+        self.calls.append(("grow", i, need))
+        if need > self.free:
+            return False
+        self.free -= need
+        return True
+
+
+def test_a_prompt_waits_for_its_blocks_and_everything_younger_waits_behind_it() -> None:
+    prompts = [100, 200, 16]
+    pool = Pool(free=8, prompts=prompts)  # 7 blocks for the first, 13 for the second: no room
+    staged = [Staged(5.0, "relayed", 16, 0.5)]
+    plan = admit(4096, [], [(1.0, 100), (2.0, 200), (3.0, 16)], staged, free_slots=8, chunk_cap=512, blocks=pool)
+    assert plan.takes == [("whole", 0, 100)]
+    # The third prompt (1 block) and the relayed chunk would fit, but are younger: never asked.
+    assert pool.calls == [("reserve", 0, 7), ("reserve", 1, 13)]
+    assert pool.free == 1
+
+
+def test_without_a_block_gate_every_prompt_fits() -> None:
+    plan = admit(4096, [], [(1.0, 100), (2.0, 200)], [], free_slots=8, chunk_cap=512)
+    assert plan.takes == [("whole", 0, 100), ("whole", 1, 200)]
+
+
+def test_a_cached_front_is_not_recomputed_and_admission_goes_on_when_the_rest_fits() -> None:
+    # The first prompt's first 96 tokens are in the prefix cache: it computes 54 as a chunk that
+    # ends it, and the next prompt is admitted in the same step.
+    pool = Pool(free=100, prompts=[150, 40], cached={0: 96})
+    plan = admit(4096, [], [(1.0, 150), (2.0, 40)], [], free_slots=8, chunk_cap=512, blocks=pool)
+    assert plan.takes == [("start", 0, 54), ("whole", 1, 40)]
+    # With a budget smaller than the rest, the chunk is cut and nothing younger starts.
+    pool = Pool(free=100, prompts=[150, 40], cached={0: 96})
+    plan = admit(30, [], [(1.0, 150), (2.0, 40)], [], free_slots=8, chunk_cap=512, blocks=pool)
+    assert plan.takes == [("start", 0, 30)]
+    assert [c[0] for c in pool.calls] == ["reserve"]
+
+
+def test_stage_work_waits_for_blocks_without_spending_the_budget() -> None:
+    staged = [Staged(0.5, "relayed", 64, 0.5), Staged(0.7, "driven", 300, 0.5)]
+    pool = Pool(free=3, prompts=[10])  # the relayed chunk needs 4 blocks
+    plan = admit(512, [], [(1.0, 10)], staged, free_slots=8, chunk_cap=512, blocks=pool)
+    assert plan.takes == []
+    assert pool.calls == [("grow", 0, 4)]
+    # With room, the driven route's chunk asks for the blocks of the tokens it computes now.
+    pool = Pool(free=100, prompts=[10])
+    plan = admit(512, [], [(1.0, 10)], staged, free_slots=8, chunk_cap=512, blocks=pool)
+    assert plan.takes == [("relayed", 0, 64), ("driven", 1, 300), ("whole", 0, 10)]
+    assert pool.calls == [("grow", 0, 4), ("grow", 1, 19), ("reserve", 0, 1)]

@@ -10,7 +10,7 @@ import orjson
 
 from cascade.cli.common import CliError, add_mesh_flags, ask_typed
 from cascade.cliargs import non_negative_int, positive_float, positive_int
-from cascade.config import ModelDeployment, entry_json
+from cascade.config import ConfigError, ModelDeployment, entry_json, kv_limits
 from cascade.messages import DeployReply, DeployRequest
 
 
@@ -51,6 +51,18 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--max-replicas", type=positive_int, default=None, help="with --model: most replicas (default max(8, min))"
     )
+    p.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=None,
+        help="with --model: each instance's paged KV cache, in MB (default: the worker's own --kv-cache-mb)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=non_negative_int,
+        default=None,
+        help="with --model: the longest sequence its instances serve (default: the worker's own --max-model-len)",
+    )
     p.add_argument("--policy", default="", help="manual | concurrency | rate | two-stage (default: keep the current)")
     p.add_argument(
         "--knob", type=_knob, action="append", default=[], metavar="NAME=VALUE", help="a policy knob (repeatable)"
@@ -65,7 +77,7 @@ def register(sub: Any) -> None:
 def cmd_deploy(args: argparse.Namespace) -> int:
     add = None
     if args.source is not None:
-        add = _new_model_entry(args)
+        add = new_model_entry(args)
         args.model = add["name"]
     elif args.model is None:
         raise CliError("name the model (NAME), or deploy a new one with --model")
@@ -87,7 +99,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _new_model_entry(args: argparse.Namespace) -> dict[str, Any]:
+def new_model_entry(args: argparse.Namespace) -> dict[str, Any]:
     """Resolve --model on this machine (download, conversion: with progress) into a deployment entry.
     The folder must be readable where the workers run: the same machine, or a shared volume."""
     from cascade.models.config import CheckpointError
@@ -98,6 +110,10 @@ def _new_model_entry(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f"--max-replicas {mx} is below --min-replicas {args.min_replicas}")
     if args.model is not None and not args.model.strip():
         raise CliError("the model name is empty")
+    try:
+        kv_cache_mb, max_model_len = kv_limits(args.model or args.source, args.kv_cache_mb, args.max_model_len)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
     try:
         got = resolve_model(args.source)
     except CheckpointError as e:
@@ -110,6 +126,8 @@ def _new_model_entry(args: argparse.Namespace) -> dict[str, Any]:
         policy=args.policy or "concurrency",
         knobs=dict(args.knob),
         source=args.source,
+        kv_cache_mb=kv_cache_mb,
+        max_model_len=max_model_len,
     )
     print(f"deploying {entry.name} from {entry.path}", flush=True)
     return entry_json(entry)

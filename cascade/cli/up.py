@@ -174,7 +174,7 @@ def chosen_deployment(args: argparse.Namespace, home: Path) -> Deployment | None
     return None
 
 
-def default_model_deployment(home: Path, replicas: int) -> Deployment:
+def default_model_deployment(home: Path, replicas: int, who: str = "cascade up") -> Deployment:
     """SmolLM2-135M-Instruct, from the first source that has it; else the generated test model,
     saying why (a mesh that starts beats one that refuses to on an offline machine)."""
     from cascade.models.default_model import DEFAULT_HUB_ID, DefaultModelUnavailable, obtain_default_model
@@ -184,7 +184,7 @@ def default_model_deployment(home: Path, replicas: int) -> Deployment:
         got = obtain_default_model(home=home)
     except DefaultModelUnavailable as e:
         print(
-            f"cascade up: {e}\n  serving the generated test model {DEFAULT_MODEL} instead (random weights: its "
+            f"{who}: {e}\n  serving the generated test model {DEFAULT_MODEL} instead (random weights: its "
             "answers are noise); pass --model to serve a checkpoint you have",
             file=sys.stderr,
             flush=True,

@@ -34,7 +34,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cascade import natsutil
-from cascade.config import ConfigError, Deployment, deployment_from_message
+from cascade.config import ConfigError, Deployment
+from cascade.deployfeed import DeploymentFeed
 from cascade.messages import (
     BatchReply,
     Cancel,
@@ -90,6 +91,7 @@ class GatewayCore:
         self.subjects = Subjects(settings.prefix)
         self.log = logger or structlog.get_logger().bind(service="gateway", gateway_id=self.id)
         self.catalog = ModelCatalog(deployment)
+        self.deployments = DeploymentFeed()
         self.tasks = tasks or natsutil.TaskSet(self.log)
         self.hub = StreamHub(on_stray=self._cancel_on)
         self.registry = Registry(settings.heartbeat_s)
@@ -140,6 +142,13 @@ class GatewayCore:
             self.tasks.spawn(b.run(), name=f"batcher-{name}")
         # After the batchers run: a model deployed from here on gets its own batcher started.
         self._subs.append(await self.nc.subscribe(self.subjects.deployment_changed(), cb=self._on_deployment_msg))
+        # Models deployed at run time before this gateway (re)started: the scaler knows them.
+        dep, source = await self.deployments.ask(self.nc, self.subjects, self.id)
+        if dep is None:
+            self.log.info("deployment_from_config", models=self.catalog.names(), why=source)
+        else:
+            self.log.info("deployment_from_scaler", models=dep.names(), scaler=source)
+            await self.apply_deployment(dep)
         self.tasks.spawn(self.feed.run_reaper(), name="reaper")
         self.tasks.spawn(self._report_loop(), name="load-report")
         self.tasks.spawn(self._catalog_loop(), name="catalog")
@@ -580,7 +589,7 @@ class GatewayCore:
 
     async def _on_deployment_msg(self, msg: Msg) -> None:
         try:
-            dep, _ = deployment_from_message(msg.data)
+            dep, _ = self.deployments.changed(msg.data)
         except (MessageError, ConfigError) as e:
             self.log.warning("bad_deployment_message", error=str(e))
             return

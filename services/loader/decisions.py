@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import typing
 from collections.abc import Callable, Sequence
@@ -284,7 +285,7 @@ class Decisions:
         expects the connection, its buffers reserved — then the senders."""
         nc, s = self.nc, self.subjects
         orders = plan_orders(plan, timeout_s=self.settings.transfer_timeout_s, rate_cap_bps=self.settings.send_cap_bps)
-        inbound = [(w, o) for w, os_ in orders.items() for o in os_ if o.role != "send"]
+        inbound = [(w, self.with_kv(o)) for w, os_ in orders.items() for o in os_ if o.role != "send"]
         # A receiver reserves (allocates and touches) its buffers before it answers: allow for it.
         reserve_s = sum(plan.unit_nbytes) / 100e6
         timeout = self.settings.request_timeout_s + reserve_s
@@ -315,6 +316,14 @@ class Decisions:
             if w == "host-cache":
                 self.keeper.send(o, lg)
         self.changes.notify()
+
+    def with_kv(self, order: TransferOrder) -> TransferOrder:
+        """An order that may start the model on its worker carries the deployment's KV settings
+        for it (the worker creates its engine from them)."""
+        m = self.deployment.get(order.model)
+        if m is None or (m.kv_cache_mb is None and m.max_model_len is None):
+            return order
+        return dataclasses.replace(order, kv_cache_mb=m.kv_cache_mb, max_model_len=m.max_model_len)
 
     @staticmethod
     def _why(worker: str, r: object, what: str, timeout: float) -> str:
@@ -401,7 +410,7 @@ class Decisions:
         The transfer planner's seam: here the plan would decide sources and chains and send
         TransferOrders; today every target reads the checkpoint from disk."""
         nc = self.nc
-        msg = LoadModel(model.name, str(model.path), d.decision_id)
+        msg = LoadModel(model.name, str(model.path), d.decision_id, model.kv_cache_mb, model.max_model_len)
         timeout = self.settings.request_timeout_s
         results = await asyncio.gather(
             *(request(nc, self.subjects.load(w), msg, Ok, timeout) for w in workers), return_exceptions=True

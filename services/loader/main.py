@@ -20,7 +20,8 @@ import structlog
 from nats.aio.msg import Msg
 
 from cascade.cliargs import service_start
-from cascade.config import ConfigError, Deployment, deployment_from_message
+from cascade.config import ConfigError, Deployment
+from cascade.deployfeed import DeploymentFeed
 from cascade.messages import (
     LayerReady,
     MessageError,
@@ -67,6 +68,7 @@ class Loader:
         self.decisions: Decisions | None = None
         self.keeper: HostCacheKeeper | None = None
         self.tasks: TaskSet | None = None
+        self.deployments = DeploymentFeed()
 
     @property
     def instance(self) -> str:
@@ -94,6 +96,13 @@ class Loader:
         await rt.subscribe(s.transfer_event_all(), self.on_transfer_event)
         await rt.subscribe(s.scale_decision(), self.on_decision)
         await rt.subscribe(s.deployment_changed(), self.on_deployment)
+        # Models deployed at run time before this loader (re)started: the scaler knows them.
+        dep, source = await self.deployments.ask(rt.nc, s, self.instance)
+        if dep is None:
+            self.log.info("deployment_from_config", models=self.deployment.names(), why=source)
+        else:
+            self.log.info("deployment_from_scaler", models=dep.names(), scaler=source)
+            self.use_deployment(dep)
         await rt.serve(s.status(), self.on_status)
         await rt.serve(s.host_cache(), self.keeper.on_request)
         rt.tasks.spawn(self.pulse(feed), "pulse")
@@ -115,16 +124,19 @@ class Loader:
     async def on_deployment(self, msg: Msg) -> None:
         """A model deployed at run time: its folder is where orders point workers from now on."""
         try:
-            dep, added = deployment_from_message(msg.data)
+            dep, added = self.deployments.changed(msg.data)
         except (MessageError, ConfigError) as e:
             self.log.warning("bad_deployment_message", error=str(e))
             return
+        self.use_deployment(dep)
+        self.log.info("deployment_changed", models=dep.names(), added=added)
+
+    def use_deployment(self, dep: Deployment) -> None:
         self.deployment = dep
         if self.keeper is not None:
             self.keeper.deployment = dep
         if self.decisions is not None:
             self.decisions.deployment = dep
-        self.log.info("deployment_changed", models=dep.names(), added=added)
 
     # ---- decisions ---------------------------------------------------------
     async def on_decision(self, msg: Msg) -> None:

@@ -32,6 +32,8 @@ from cascade.config import ConfigError, Deployment, entry_json, env_float, env_s
 from cascade.messages import (
     BatchLimit,
     DeploymentChanged,
+    DeploymentReply,
+    DeploymentRequest,
     DeployReply,
     DeployRequest,
     InstanceMetrics,
@@ -209,6 +211,7 @@ class Scaler:
         await rt.subscribe(s.service_ready(), self.on_service_ready)
         await rt.serve(s.scale_request(), self.on_scale_request)
         await rt.serve(s.scale_deploy(), self.on_deploy)
+        await rt.serve(s.deployment_get(), self.on_deployment_get)
         await rt.serve(s.status(), self.on_status)
         rt.tasks.spawn(self.loop(feed), "tick")
         rt.tasks.spawn(self.probe_loader(), "probe-loader")
@@ -361,6 +364,13 @@ class Scaler:
         if reply.changed:
             self.wake.set()
         return reply
+
+    async def on_deployment_get(self, req: DeploymentRequest) -> DeploymentReply:
+        """A gateway or loader (re)starting: the deployment now, models added at run time included."""
+        if not isinstance(req, DeploymentRequest):
+            raise RemoteError("bad_request", f"expected deployment_request, got {type(req).__name__}")
+        dep = self.state.controls.deployment
+        return DeploymentReply([entry_json(m) for m in dep.models], self.scaler_id)
 
     async def on_status(self, _: StatusRequest) -> ServiceStatus:
         detail = core.status(self.state, self.mesh())

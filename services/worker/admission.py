@@ -12,6 +12,11 @@ k/L of its length), spent in this order:
    prompt chunks of routes other workers drive. A full prompt that fits what is left starts
    whole; one that does not starts as a chunk of what is left, and nothing younger starts in
    that step. The oldest full prompt waits for its slot and younger work waits behind it.
+3. KV blocks (vLLM's admission by free blocks): a full prompt is taken only when `blocks` can
+   reserve the blocks of its prompt, and stage work only when they can grow its block table;
+   otherwise it waits, and everything younger waits behind it. A prompt whose front the prefix
+   cache already holds computes only the rest, as a chunk; if that chunk ends the prompt,
+   admission goes on with the next one.
 
 Why each rule holds is told where the engine applies it (`Engine._admit`).
 """
@@ -33,6 +38,35 @@ class Rows(Protocol[T_co]):
     def __len__(self) -> int: ...
 
     def __getitem__(self, i: int, /) -> T_co: ...
+
+
+class Blocks(Protocol):
+    """The KV block gate `admit` asks before it takes work (the engine's paged cache; the
+    simulator models none: `NO_BLOCK_LIMIT`). Called only for work `admit` then takes, in the order
+    it takes it, so an implementation may allocate as it answers."""
+
+    def reserve(self, w: int, /) -> int | None:
+        """Blocks for the whole prompt of the `w`-th waiting prompt (the next one not yet taken).
+        Returns the tokens at its front the prefix cache already holds (0: none), or None when
+        the blocks are not free (nothing reserved)."""
+        ...
+
+    def grow(self, i: int, tokens: int, /) -> bool:
+        """Blocks for `tokens` more prompt tokens of the `i`-th staged entry; False: not free."""
+        ...
+
+
+class _Unlimited:
+    """No KV limit: every prompt's blocks are free and nothing is cached."""
+
+    def reserve(self, w: int, /) -> int | None:
+        return 0
+
+    def grow(self, i: int, tokens: int, /) -> bool:
+        return True
+
+
+NO_BLOCK_LIMIT: Blocks = _Unlimited()
 
 
 class Budget:
@@ -82,13 +116,16 @@ def admit(
     staged: Rows[Staged],
     free_slots: int,
     chunk_cap: int,
+    blocks: Blocks = NO_BLOCK_LIMIT,
 ) -> Admission:
     """Spend one step's prefill budget.
 
     `under_way`: prompt tokens left of each prompt being prefilled in chunks, oldest first.
     `waiting`: (arrival, prompt tokens) of the full prompts waiting for a slot, in arrival order.
     `staged`: stage work, sorted by arrival. `free_slots`: batch slots no running or prefilling
-    sequence holds. `chunk_cap`: the most prompt tokens a driven route sends in one chunk."""
+    sequence holds. `chunk_cap`: the most prompt tokens a driven route sends in one chunk.
+    `blocks`: the KV block gate (default: no limit). A "start" take's tokens are computed after
+    the prefix-cache hits `blocks.reserve` reported."""
     budget = Budget(budget_tokens)
     out = Admission()
     for left in under_way:
@@ -105,27 +142,36 @@ def admit(
         if local is not None and (i >= len(staged) or local[0] <= staged[i].arrived_at):
             if started >= free_slots:
                 break
+            cached = blocks.reserve(w)
+            if cached is None:
+                break
             tokens = local[1]
-            if tokens <= budget.left:
+            if cached == 0 and tokens <= budget.left:
                 budget.take(tokens)
                 out.takes.append(("whole", w, tokens))
                 w += 1
                 started += 1
                 continue
-            n = min(tokens, int(budget.left))
+            rest = tokens - cached
+            n = min(rest, int(budget.left))
             budget.take(n)
             out.takes.append(("start", w, n))
-            break
+            w += 1
+            started += 1
+            if n < rest:
+                break
+            continue
         st = staged[i]
         if st.kind == "relayed":
-            if not budget.take(st.tokens * st.share):
+            # Its blocks first: a chunk that must wait for blocks does not spend the budget.
+            if not blocks.grow(i, st.tokens) or not budget.take(st.tokens * st.share):
                 break
             out.takes.append(("relayed", i, st.tokens))
         else:
             # Chunks are cut in whole-model tokens, so that later stages, which run more layers of
             # the same chunk, stay within their budget too.
             n = min(st.tokens, chunk_cap, int(budget.left / st.share) if st.share > 0 else chunk_cap)
-            if n < 1:
+            if n < 1 or not blocks.grow(i, n):
                 break
             budget.take(n * st.share)
             out.takes.append(("driven", i, n))

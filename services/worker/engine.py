@@ -52,7 +52,7 @@ from cascade.device_profile import LayerWork
 from cascade.messages import RouteStage, SamplingParams, TokenEvent
 from cascade.models.tokenizer import IncrementalDecoder, Tokenizer
 from cascade.stagewire import StageClose, StageError, StageFrame, StageInput, StageToken
-from services.worker.admission import Budget
+from services.worker.admission import Staged, admit
 from services.worker.kvblocks import (
     NULL_BLOCK,
     BlockManager,
@@ -464,7 +464,10 @@ class Engine:
         # Every decode's next block first, before any segment is built: this is where a full
         # sequence may be preempted, and a preempted one must not be in this step.
         decoding = self._grow_decodes()
-        old = len(self.running)
+        # The sequences the decode segment computes, row by row: stage work admitted below may
+        # still preempt one of them (its row is then dropped, not given to another sequence).
+        batch_rows = list(self.running)
+        old = len(batch_rows)
         if old:
             segs.append(self._decode_segment())
             jobs.append(("decode", None))
@@ -475,8 +478,7 @@ class Engine:
         for group in _stage_decode_groups(decoding):
             segs.append(self._stage_decode_segment(group))
             jobs.append(("stage_decode", group))
-        budget = Budget(self.prefill_budget())
-        new = self._admit(budget, segs, jobs)
+        new = self._admit(segs, jobs)
         chunked = sum(s.chunk for k, s in jobs if k == "chunk")
         if new:
             ids, pos, lens = prefill_inputs([s.ids() for s in new], self.model.device)
@@ -495,8 +497,11 @@ class Engine:
                 outs = []
             for (kind, obj), out in zip(jobs, outs, strict=False):
                 if kind == "decode":
-                    self._accept_sampled(self.running[:old], out)
-                    decoded += old
+                    rows = [k for k, q in enumerate(batch_rows) if q in self.running]
+                    if len(rows) < old:
+                        out = out[rows]
+                    self._accept_sampled([batch_rows[k] for k in rows], out)
+                    decoded += len(rows)
                 elif kind == "prefill":
                     self._accept_sampled(obj, out)
                 elif kind == "chunk":
@@ -563,22 +568,30 @@ class Engine:
             i -= 1
         w.insert(i, seq)
 
-    def _admit(self, budget: Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
+    def _admit(self, segs: list[Segment], jobs: list[tuple[str, Any]]) -> list[Sequence]:
         """Spend the step's prefill budget, oldest arrival first, whatever the role: full prompts
-        waiting here (they also need a batch slot), the first stage of routes this worker drives,
-        and relayed prompt chunks of routes other workers drive. Prompts already under way go
-        first. A prompt that does not fit whole starts as a chunk of what is left. Returns the full
-        sequences admitted whole; chunks and stage prompts are added to `segs`/`jobs`.
+        waiting here (they also need a batch slot and the KV blocks of their prompt), the first
+        stage of routes this worker drives, and relayed prompt chunks of routes other workers
+        drive. Prompts already under way go first. A prompt that does not fit whole starts as a
+        chunk of what is left. Returns the full sequences admitted whole; chunks and stage prompts
+        are added to `segs`/`jobs`. The rule itself is `admission.admit` (the simulator runs it
+        too); `_KVGate` answers its block questions from the paged cache, and this applies its answer.
 
         One budget for every role, in full-model prompt tokens (a prompt through k of L layers costs
         k/L of its length): without it a burst of prompts would make one giant step and stall every
         sequence's decode. Oldest first, because a pipelined route that jumped this worker's queue
         would push its backlog's latency up by just what it took off its own (measured in
-        bench/scaleup.py: the window's p99 TTFT).
+        bench/scaleup.py: the window's p99 TTFT). The oldest prompt waits for its slot and its
+        blocks, and younger ones wait behind it: letting stage work past would starve this
+        worker's own backlog.
+
+        Relayed stages do not take this worker's batch slots. Their compute is in every step they
+        join (and in the emulated device's time), and the route's head admitted them under its own
+        limit. Counting them here by their share of the layers was measured to make things worse
+        (bench/scaleup.py): a two-stage route's decode joins every other step of this worker, so
+        each one held its share twice as long, and a busy instance relaying for a new one admitted
+        fewer of its own requests than it would have alone.
         """
-        for seq in self.prefilling:
-            if not self._take_chunk(seq, budget, segs, jobs):
-                break
         staged: list[tuple[float, int, str, Any]] = []
         for n, rel in enumerate(self.relayed.values()):
             if rel.inputs and rel.inputs[0].prefill:
@@ -587,74 +600,46 @@ class Engine:
             if seq.next_ids is not None and seq.finish is None and not seq.prefilled:
                 staged.append((seq.arrived_at, n, "driven", seq))
         staged.sort(key=lambda t: (t[0], t[1]))
+        under = list(self.prefilling)
+        gate = _KVGate(self, [obj for *_, obj in staged])
+        cap = self.prefill_budget()
+        plan = admit(
+            cap,
+            [s.target - s.done for s in under],
+            gate,
+            _StagedRows(staged, self),
+            self.max_batch - len(self.running) - len(self.prefilling),
+            cap,
+            gate,
+        )
+        for seq, n in zip(under, plan.chunks, strict=False):
+            if seq in self.prefilling:  # not preempted by stage work's blocks meanwhile
+                self._take_chunk(seq, n, segs, jobs)
         new: list[Sequence] = []
-        # Relayed stages do not take this worker's batch slots. Their compute is in every step they
-        # join (and in the emulated device's time), and the route's head admitted them under its
-        # own limit. Counting them here by their share of the layers was measured to make things
-        # worse (bench/scaleup.py): a two-stage route's decode joins every other step of this
-        # worker, so each one held its share twice as long, and a busy instance relaying for a
-        # new one admitted fewer of its own requests than it would have alone.
-        i = 0
-        while budget.left >= 1:
-            local = self.waiting[0] if self.waiting else None
-            if i >= len(staged) and local is None:
-                break
-            if i >= len(staged) or (local is not None and local.arrived_at <= staged[i][0]):
-                assert local is not None
-                # The oldest prompt waits for its slot, and younger ones wait behind it: letting
-                # stage work past would starve this worker's own backlog.
-                if len(self.running) + len(self.prefilling) + len(new) >= self.max_batch:
-                    break
-                # ... and for the blocks of its prompt (vLLM's admission: by free blocks).
-                if not self._reserve(local):
-                    break
-                self.waiting.popleft()
-                if local.done == 0 and local.target <= budget.left:
-                    budget.take(local.target)
-                    new.append(local)
-                    continue
+        taken = iter(gate.taken)
+        for kind, index, n in plan.takes:
+            if kind == "whole":
+                new.append(next(taken))
+            elif kind == "start":
                 # Part of its prompt is cached already, or it does not fit the step: in chunks.
+                local = next(taken)
                 self.prefilling.append(local)
-                if not self._take_chunk(local, budget, segs, jobs):
-                    break
-                if local.done + local.chunk < local.target:
-                    break
-                continue
-            _, _, kind, obj = staged[i]
-            if kind == "relayed":
+                self._take_chunk(local, n, segs, jobs)
+            elif kind == "relayed":
                 # Chunked by the route's head, which holds chunks to this worker's budget.
-                inp = obj.inputs[0]
-                if not self._grow(obj.table, inp.start + inp.hidden.shape[1]):
-                    break  # waits for blocks, and what is younger waits behind it
-                if not budget.take(inp.hidden.shape[1] * self._share(obj)):
-                    break
-                segs.append(self._relayed_segment(obj))
+                rel = staged[index][3]
+                segs.append(self._relayed_segment(rel))
+                jobs.append((kind, rel))
             else:
-                first = obj.route[0]
-                share = (first.end - first.start) / self.L
-                # Chunks are cut in whole-model tokens so that later stages, running more layers of
-                # the same chunk, stay within their budget too.
-                n = min(
-                    len(obj.next_ids),
-                    self.prefill_budget(),
-                    int(budget.left / share) if share > 0 else self.prefill_budget(),
-                )
-                if n < 1 or not self._grow(obj.table, obj.done + n):
-                    break
-                budget.take(n * share)
-                obj.chunk = int(n)
-                segs.append(self._driven_segment(obj))
-            i += 1
-            jobs.append((kind, obj))
+                seq = staged[index][3]
+                seq.chunk = n
+                segs.append(self._driven_segment(seq))
+                jobs.append((kind, seq))
         self.running.extend(new)
         return new
 
-    def _take_chunk(self, seq: Sequence, budget: Budget, segs: list[Segment], jobs: list[tuple[str, Any]]) -> bool:
-        """Add the next chunk of a full prompt under way, as much of it as the budget holds."""
-        n = min(seq.target - seq.done, int(budget.left))
-        if n < 1:
-            return False
-        budget.take(n)
+    def _take_chunk(self, seq: Sequence, n: int, segs: list[Segment], jobs: list[tuple[str, Any]]) -> None:
+        """Add the next `n` tokens of a full prompt under way as a chunk."""
         seq.chunk = n
         end = seq.done + n
         dev = self.model.device
@@ -663,7 +648,6 @@ class Engine:
             prompt_chunk(range(self.L), self.kv, self._tables([seq]), seq.done, n, end == seq.target, dev, ids=ids)
         )
         jobs.append(("chunk", seq))
-        return True
 
     def _chunk_done(self, seq: Sequence, out: torch.Tensor) -> None:
         """A chunk of a full prompt is computed; with the last one the sequence samples its next
@@ -681,9 +665,10 @@ class Engine:
         """The blocks of `seq`'s prompt could be had now (not counting its prefix-cache hits)."""
         return self.blocks.can_allocate(blocks_for(len(seq.prompt) + len(seq.generated), self.geometry.block_size))
 
-    def _reserve(self, seq: Sequence) -> bool:
+    def _reserve(self, seq: Sequence, busy: bool) -> bool:
         """Admit `seq` to the KV cache: take the blocks of its prompt that the prefix cache holds,
-        allocate the rest; False (nothing taken) when they are not free."""
+        allocate the rest; False (nothing taken) when they are not free. `busy`: other sequences
+        hold blocks and will grow (vLLM's watermark then applies)."""
         bs = self.geometry.block_size
         ids = seq.ids()
         target = len(ids)
@@ -693,7 +678,7 @@ class Engine:
             # One token at least is computed, for the logits of the next one.
             hits = self.blocks.match(seq.keys[: (target - 1) // bs])
         need = blocks_for(target, bs) - len(hits)
-        if not self.blocks.can_allocate(need + (self._watermark if self.running or self.prefilling else 0)):
+        if not self.blocks.can_allocate(need + (self._watermark if busy else 0)):
             self.blocks.free(hits)
             return False
         self.blocks.record_query(target, len(hits) * bs)
@@ -1096,6 +1081,63 @@ class Engine:
         self.driven.clear()
         self.figures = self._figures()
         return events
+
+
+class _KVGate:
+    """`admission.admit`'s view of the engine's waiting queue and its KV block gate (`Blocks`).
+
+    As a queue: the prompts not yet taken in this step, front first, read live, so a sequence
+    that stage work preempted during admission (re-queued by arrival) is seen where it now
+    stands. As a gate: `reserve` allocates the front prompt's blocks (prefix-cache hits first)
+    and takes it off the queue; `grow` extends a staged entry's block table, which may preempt
+    the most recently admitted full sequence, as decoding does."""
+
+    def __init__(self, engine: Engine, staged: list[Any]) -> None:
+        self.engine = engine
+        self.staged = staged
+        self.taken: list[Sequence] = []
+
+    def __len__(self) -> int:
+        return len(self.taken) + len(self.engine.waiting)
+
+    def __getitem__(self, w: int, /) -> tuple[float, int]:
+        seq = self.engine.waiting[w - len(self.taken)]
+        return seq.arrived_at, seq.length
+
+    def reserve(self, w: int, /) -> int | None:
+        eng = self.engine
+        assert w == len(self.taken), "admit takes waiting prompts front first"
+        seq = eng.waiting[0]
+        # The watermark applies when others hold blocks, those admitted earlier in this step too.
+        if not eng._reserve(seq, bool(eng.running or eng.prefilling or self.taken)):
+            return None
+        eng.waiting.popleft()
+        self.taken.append(seq)
+        return seq.done
+
+    def grow(self, i: int, tokens: int, /) -> bool:
+        obj = self.staged[i]
+        if isinstance(obj, Relayed):
+            return self.engine._grow(obj.table, obj.inputs[0].start + tokens)
+        return self.engine._grow(obj.table, obj.done + tokens)
+
+
+class _StagedRows:
+    """Stage work as `admit` reads it, built only as far as it reads."""
+
+    def __init__(self, staged: list[tuple[float, int, str, Any]], engine: Engine) -> None:
+        self.staged = staged
+        self.engine = engine
+
+    def __len__(self) -> int:
+        return len(self.staged)
+
+    def __getitem__(self, i: int, /) -> Staged:
+        _, _, kind, obj = self.staged[i]
+        if kind == "relayed":
+            return Staged(obj.arrived_at, "relayed", int(obj.inputs[0].hidden.shape[1]), self.engine._share(obj))
+        first = obj.route[0]
+        return Staged(obj.arrived_at, "driven", len(obj.next_ids), (first.end - first.start) / self.engine.L)
 
 
 def prompt_chunk(

@@ -89,7 +89,7 @@ class ModelSlot:
         device: torch.device,
         idle: asyncio.Event,
         beat: Callable[[], Awaitable[None]],
-        make_engine: Callable[[LlamaModel, Tokenizer], Engine],
+        make_engine: Callable[[LlamaModel, Tokenizer, LoadModel | TransferOrder], Engine],
         log: Any,
     ) -> None:
         self.settings = settings
@@ -125,9 +125,10 @@ class ModelSlot:
         # Transfer orders and the start of a load must not interleave across their awaits.
         self._begin_lock = asyncio.Lock()
 
-    def _make_engine(self, tok: Tokenizer) -> Engine:
+    def _make_engine(self, tok: Tokenizer, order: LoadModel | TransferOrder) -> Engine:
+        """The engine for the model being loaded; `order` carries the deployment's KV settings."""
         assert self.model is not None
-        return self._new_engine(self.model, tok)
+        return self._new_engine(self.model, tok, order)
 
     def holds_front(self, end_unit: int) -> bool:
         """Units 0..end_unit are all installed (what a first stage through them needs)."""
@@ -182,7 +183,7 @@ class ModelSlot:
         self.model = LlamaModel(cfg, self.device)
         # The engine exists from the first unit on: a loading instance serves as the first stage of
         # pipelined routes for the layers it already holds.
-        self.engine = self._make_engine(tok)
+        self.engine = self._make_engine(tok, req)
         self._load_task = self.tasks.spawn(self.load_from_disk(req, dl), f"load-{req.model}")
         self.log.info(
             "load_started", model=req.model, path=str(path), decision=req.decision_id, source=dl.source,
@@ -330,7 +331,7 @@ class ModelSlot:
             self.num_units = cfg.num_units
             self.model = LlamaModel(cfg, self.device)
             # As for a disk load: a loading instance serves as a first stage for what it holds.
-            self.engine = self._make_engine(tok)
+            self.engine = self._make_engine(tok, order)
             self.load_started = time.monotonic()
             self.load_bytes = 0
         elif self.state != "loading" or self.model_name != order.model:

@@ -30,6 +30,7 @@ from cascade.messages import (
     GenerateBatch,
     Heartbeat,
     InstanceMetrics,
+    LoadModel,
     Rejection,
     RemoteError,
     RouteStage,
@@ -40,6 +41,7 @@ from cascade.messages import (
     StepStat,
     TokenEvent,
     TokenEvents,
+    TransferOrder,
     WorkerSnapshot,
     encode,
 )
@@ -372,21 +374,28 @@ class WorkerService:
         if in_flight == 0:
             self.idle.set()
 
-    def _new_engine(self, model: LlamaModel, tok: Tokenizer) -> Engine:
+    def _new_engine(self, model: LlamaModel, tok: Tokenizer, order: LoadModel | TransferOrder) -> Engine:
+        """The engine for a model being loaded. Its KV budget and longest sequence are the
+        deployment's for that model when the loader's order carries them, else this worker's flags
+        (--kv-cache-mb, --max-model-len, or their env); a budget of 0 is measured now."""
         s = self.settings
         if s.device_profile:
             self.padder = StepPadder(load_profile(s.device_profile), model.cfg.num_hidden_layers)
-        measured = s.kv_cache_mb <= 0
-        kv_bytes = measured_kv_budget(model) if measured else int(s.kv_cache_mb * 1e6)
+        kv_mb = s.kv_cache_mb if order.kv_cache_mb is None else order.kv_cache_mb
+        max_len = s.max_model_len if order.max_model_len is None else order.max_model_len
+        measured = kv_mb <= 0
+        kv_bytes = measured_kv_budget(model) if measured else int(kv_mb * 1e6)
         eng = Engine(
             model, tok, max_batch=s.max_batch, worker_id=s.worker_id, padder=self.padder, kv_slots=s.kv_capacity,
             max_prefill_tokens=s.max_prefill_tokens, emulated_token_scale=s.emulated_token_scale,
             kv_cache_bytes=kv_bytes, block_size=s.kv_block_size, prefix_caching=s.prefix_caching,
-            max_model_len=s.max_model_len,
+            max_model_len=max_len,
         )  # fmt: skip
         self.log.info(
             "kv_cache", mb=round(kv_bytes / 1e6, 1), measured=measured, blocks=eng.blocks.total,
             block_size=s.kv_block_size, max_model_len=eng.max_model_len, prefix_caching=s.prefix_caching,
+            kv_cache_mb_from="deployment" if order.kv_cache_mb is not None else "worker",
+            max_model_len_from="deployment" if order.max_model_len is not None else "worker",
         )  # fmt: skip
         return eng
 
