@@ -203,6 +203,9 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
             )
         )
     for d in result.decisions:
+        # The policy in force names the decision on the wire (metrics count by it); the book
+        # that made it knows targets, not policies.
+        d = replace(d, policy=controls.get(d.model).policy.name)
         effects.append(Publish(d))
         effects.append(
             Note(

@@ -333,6 +333,7 @@ class ReplicaBook:
         now: float,
         wall: float,
         extra: Mapping[str, float] | None = None,
+        trigger: str = "",
     ) -> ScaleDecision:
         b = self.bounds[model]
         retry = self._failures.get(model, 0)
@@ -362,6 +363,7 @@ class ReplicaBook:
             reason=reason,
             figures=figures,
             ts=wall,
+            trigger=trigger or ("target" if why is None else "load"),
         )
         self.in_flight[model] = InFlight(d, now)
         self._operator.discard(model)
@@ -414,7 +416,7 @@ class ReplicaBook:
                 figures = {"need": float(need), "borrower_waits_for": float(starved[model])}
                 self.targets[m] = cur - n
                 self._why[m] = (reason, figures)
-                out.append(self._decide(m, "down", n, cur - n, cur, now, wall))
+                out.append(self._decide(m, "down", n, cur - n, cur, now, wall, trigger="lend"))
                 self.counters["lent"] += n
         return out
 

@@ -232,6 +232,7 @@ class WorkerService:
             data_addr=self._data_addr(),
             kv_cache_usage=round(f.kv_cache_usage, 4) if f else 0.0,
             max_model_len=f.max_model_len if f else 0,
+            num_preemptions=f.num_preemptions if f else 0,
         )
 
     def _data_addr(self) -> str | None:
