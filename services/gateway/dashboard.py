@@ -51,7 +51,8 @@ def describe_instance(v: WorkerView) -> dict[str, Any]:
         "max_batch": v.max_batch,
         "tokens_per_s": v.tokens_per_s,
         "kv_cache_usage": v.kv_cache_usage,
-        "loading_mb_s": v.loading_mb_s,
+        # A worker's heartbeat keeps its last load's rate after the load ends.
+        "loading_mb_s": v.loading_mb_s if v.units_ready < v.num_units else 0.0,
     }
 
 

@@ -420,9 +420,10 @@ class GatewayMetrics:
             ),
             GaugeFunc(
                 VLLM + "loading_mb_per_s",
-                "MB/s at which the worker receives parameters now (0 when not loading).",
+                "MB/s at which the worker receives parameters now (0 once it holds every unit).",
                 mw,
-                _per_worker(workers, lambda w: w.loading_mb_s),
+                # A worker's heartbeat keeps its last load's rate after the load ends.
+                _per_worker(workers, lambda w: w.loading_mb_s if w.units_ready < w.num_units else 0.0),
             ),
             self.transfer_bytes,
             self.transfer_seconds,

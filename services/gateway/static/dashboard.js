@@ -161,7 +161,7 @@ function drawChart(canvas, lines, unit) {
     }
     g.stroke();
     g.fillStyle = l.color || colorOf(i);
-    g.fillText(l.name, w - pad.r - 160, pad.t + 12 + i * 13);
+    g.fillText(l.name, pad.l + 8, pad.t + 12 + i * 13);
   });
 }
 
