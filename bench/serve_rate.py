@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import itertools
 import math
+import os
 import random
 import re
 import shlex
@@ -290,6 +291,8 @@ def run(a: argparse.Namespace) -> int:
     n = a.num_prompts or (16 if a.quick else 200)
     prompt = PROMPT * a.prompt_repeat
     gaps = arrival_gaps(n, rate, burstiness, a.seed)
+    # The machine may be shared: its load beside the figures says how far to trust them.
+    load_before = os.getloadavg()
 
     mesh: Mesh | None = None
     scratch: tempfile.TemporaryDirectory[str] | None = None
@@ -327,6 +330,7 @@ def run(a: argparse.Namespace) -> int:
         if scratch is not None:
             scratch.cleanup()
 
+    load_after = os.getloadavg()
     m = compute(results, duration, goodput, percentiles)
     text = table(m, a, rate, metrics)
     print()
@@ -335,7 +339,9 @@ def run(a: argparse.Namespace) -> int:
         print(f"failures: {m['errors']}")
     if a.no_write:
         return 0
-    command = "cascade " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "cascade" else shlex.join(sys.argv)
+    # The command as a user types it (`cascade ...`, also when run as `python -m cascade.cli`).
+    via_cli = Path(sys.argv[0]).name == "cascade" or sys.argv[0].endswith(("cascade/cli/__main__.py", "cascade.cli"))
+    command = "cascade " + shlex.join(sys.argv[1:]) if via_cli else shlex.join(sys.argv)
     params = {
         "model": name,
         "model_info": model_info,
@@ -361,7 +367,8 @@ def run(a: argparse.Namespace) -> int:
         f"Model {name}; {n} requests of {a.max_tokens} generated tokens; "
         + ("served by the mesh this run started" if mesh is not None else f"served by {url}")
         + (f"; goodput objectives {goodput} ms" if goodput else "")
-        + ".\n\n```text\n"
+        + f". Load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on "
+        + f"{os.cpu_count()} cores.\n\n```text\n"
         + text
         + "```\n"
     )
@@ -370,6 +377,7 @@ def run(a: argparse.Namespace) -> int:
         "command": command,
         "parameters": params,
         "emulated": "nothing: real torch on the CPU (float32), real nats-server, real HTTP over loopback",
+        "loadavg_1_5_15": {"before": load_before, "after": load_after},
         "metrics": m,
     }
     paths = write_result(out_name, doc, md)
