@@ -227,7 +227,9 @@ def compute(
     return m
 
 
-def table(m: dict[str, Any], a: argparse.Namespace, rate: float, metrics: list[str]) -> str:
+def table(
+    m: dict[str, Any], max_concurrency: int | None, rate: float, metrics: list[str], percentiles: list[float]
+) -> str:
     """vLLM's printed result, line for line; "n/a" where a figure has no samples."""
 
     def num(v: float | None) -> str:
@@ -237,8 +239,8 @@ def table(m: dict[str, Any], a: argparse.Namespace, rate: float, metrics: list[s
     row = "{:<40} {:<10}"
     lines.append(row.format("Successful requests:", m["completed"]))
     lines.append(row.format("Failed requests:", m["failed"]))
-    if a.max_concurrency is not None:
-        lines.append(row.format("Maximum request concurrency:", a.max_concurrency))
+    if max_concurrency is not None:
+        lines.append(row.format("Maximum request concurrency:", max_concurrency))
     if not math.isinf(rate):
         lines.append(row.format("Request rate configured (RPS):", num(rate)))
     lines.append(row.format("Benchmark duration (s):", num(m["duration"])))
@@ -256,7 +258,7 @@ def table(m: dict[str, Any], a: argparse.Namespace, rate: float, metrics: list[s
         lines.append("{s:{c}^{n}}".format(s=header, n=50, c="-"))
         lines.append(row.format(f"Mean {name} (ms):", num(m[f"mean_{key}_ms"])))
         lines.append(row.format(f"Median {name} (ms):", num(m[f"median_{key}_ms"])))
-        for p, v in m[f"percentiles_{key}_ms"] or [[p, None] for p in _percentiles(a)]:
+        for p, v in m[f"percentiles_{key}_ms"] or [[p, None] for p in percentiles]:
             word = str(int(p)) if int(p) == p else str(p)
             lines.append(row.format(f"P{word} {name} (ms):", num(v)))
     lines.append("=" * 50)
@@ -332,7 +334,7 @@ def run(a: argparse.Namespace) -> int:
 
     load_after = os.getloadavg()
     m = compute(results, duration, goodput, percentiles)
-    text = table(m, a, rate, metrics)
+    text = table(m, a.max_concurrency, rate, metrics, percentiles)
     print()
     print(text, end="")
     if m["failed"]:
@@ -362,24 +364,36 @@ def run(a: argparse.Namespace) -> int:
         "quick": a.quick,
     }
     out_name = re.sub(r"\.json$", "", a.result_filename or "serve-rate")
-    md = (
-        f"# cascade bench serve, vLLM-style run\n\n`{command}`\n\n"
-        f"Model {name}; {n} requests of {a.max_tokens} generated tokens; "
-        + ("served by the mesh this run started" if mesh is not None else f"served by {url}")
-        + (f"; goodput objectives {goodput} ms" if goodput else "")
-        + f". Load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on "
-        + f"{os.cpu_count()} cores.\n\n```text\n"
-        + text
-        + "```\n"
-    )
     doc = {
         **result_header("serve-rate"),
         "command": command,
         "parameters": params,
+        "served_by": "the mesh this run started" if mesh is not None else url,
         "emulated": "nothing: real torch on the CPU (float32), real nats-server, real HTTP over loopback",
         "loadavg_1_5_15": {"before": load_before, "after": load_after},
         "metrics": m,
     }
+    md = markdown(doc)
     paths = write_result(out_name, doc, md)
     print("wrote " + " and ".join(str(p) for p in paths))
     return 0
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The committed markdown, from the result's JSON alone."""
+    p, m = doc["parameters"], doc["metrics"]
+    rate = math.inf if p["request_rate"] == "inf" else float(p["request_rate"])
+    text = table(m, p["max_concurrency"], rate, p["percentile_metrics"], p["metric_percentiles"])
+    load = doc["loadavg_1_5_15"]
+    goodput = ", ".join(f"{k} ≤ {v:g} ms" for k, v in p["goodput_ms"].items())
+    return (
+        f"# cascade bench serve, vLLM-style run\n\n`{doc['command']}`\n\n"
+        f"Model {p['model']}; {p['num_prompts']} requests of {p['max_tokens']} generated tokens; served by "
+        f"{doc['served_by']}" + (f"; goodput: a request meets {goodput}" if goodput else "") + ". "
+        f"Commit {doc['commit'][:12]}; load average (1 min) {load['before'][0]:.1f} before and "
+        f"{load['after'][0]:.1f} after the run, on {doc['machine']['cores']} cores.\n\n"
+        "```text\n" + text + "```\n\n"
+        "ITL is vLLM's: the gap between streamed chunks. A chunk may carry several tokens (the detokeniser "
+        "holds back incomplete UTF-8, which the random test model emits often), so ITL reads above TPOT here; "
+        "TPOT divides the time after the first token by the tokens after it.\n"
+    )
