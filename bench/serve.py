@@ -336,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"concurrency {c}: {n} requests of {a.max_tokens} tokens …", flush=True)
             rows.append(asyncio.run(load_level(url, c, n, prompt, a.max_tokens, name)))
             r = rows[-1]
-            print(f"  {r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f} ms", flush=True)
+            ttft = r["ttft_ms"]["p50"]
+            shown = f"{ttft:.1f} ms" if r["ok"] else f"— ({len(r['errors'])} errors shown of {n - r['ok']})"
+            print(f"  {r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {shown}", flush=True)
         engine, tok = inprocess_engine(folder, a.max_batch, a.threads)
         print(f"mesh overhead: {a.overhead_requests} paired requests …", flush=True)
         ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name))
