@@ -176,12 +176,15 @@ class ReplicaBook:
         if replicas > b.max_replicas:
             raise TargetError(
                 "out_of_bounds",
-                f"{model}: {replicas} replicas is above max_replicas {b.max_replicas} (set in the deployment file)",
+                f"{model}: {replicas} replicas is above max_replicas {b.max_replicas} (set in the deployment file); "
+                f"the target stays {self.targets[model]}. Ask for at most {b.max_replicas}, or raise max_replicas "
+                "in the deployment file and restart the mesh",
             )
         if replicas < b.min_replicas:
             raise TargetError(
                 "out_of_bounds",
-                f"{model}: {replicas} replicas is below min_replicas {b.min_replicas} (set in the deployment file)",
+                f"{model}: {replicas} replicas is below min_replicas {b.min_replicas} (set in the deployment file); "
+                f"the target stays {self.targets[model]}",
             )
         previous = self.targets[model]
         self.targets[model] = replicas

@@ -218,7 +218,8 @@ class WorkerService:
             running=running,
             waiting=waiting,
             max_batch=f.max_batch if f else self.settings.max_batch,
-            tokens_per_s=round(f.tokens_per_s, 2) if f else 0.0,
+            # Read now, not the figure of the last step: an engine gone quiet reports 0.
+            tokens_per_s=round(eng.stats.rate(time.monotonic()), 2) if eng else 0.0,
             ready_seq=slot.seq,
             pid=os.getpid(),
             host=socket.gethostname(),
