@@ -609,6 +609,8 @@ async def supervise(sup: Supervisor) -> int:
         models = ", ".join(m.name for m in sup.deployment.models)
         print(f"\nCascade is up: {sup.gateway_url}", flush=True)
         print(f"  models: {models}; {sup.args.workers} worker(s); NATS {sup.nats_url}; prefix '{sup.args.prefix}'")
+        base = sup.gateway_url.removesuffix("/v1")
+        print(f"  dashboard {base}/dashboard; Prometheus metrics {base}/metrics")
         print(f"  mesh recorded in {path}; `cascade status` and `cascade tap` find it there")
         print("  Ctrl-C stops everything", flush=True)
 
