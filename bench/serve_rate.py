@@ -287,6 +287,11 @@ def run(a: argparse.Namespace) -> int:
             raise UsageError("--request-rate and --burstiness must be above 0")
         if a.max_concurrency is not None and a.max_concurrency < 1:
             raise UsageError("--max-concurrency must be at least 1")
+        if a.concurrency != "1,8,32" or a.requests or a.transformers:
+            raise UsageError(
+                "--concurrency, --requests and --transformers belong to the concurrency sweep; with vllm bench "
+                "serve's options use --max-concurrency and --num-prompts"
+            )
     except UsageError as e:
         print(f"cascade bench serve: {e}", file=sys.stderr)
         return 2

@@ -99,3 +99,12 @@ def test_the_table_has_vllm_lines_and_never_nan_or_none() -> None:
     assert "nan" not in text.lower() and "None" not in text
     assert "Median TTFT (ms):                        n/a" in text.splitlines()
     assert "Request rate configured" not in text  # vLLM leaves it out at an infinite rate
+
+
+def test_sweep_options_are_refused_beside_vllm_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.serve import main
+
+    assert main(["--request-rate", "8", "--concurrency", "4"]) == 2
+    assert "use --max-concurrency and --num-prompts" in capsys.readouterr().err
+    assert main(["--request-rate", "8", "--goodput", "itl:5"]) == 2
+    assert "--goodput takes KEY:MS" in capsys.readouterr().err
