@@ -831,6 +831,7 @@ async def test_scale_and_transfer_events_reach_metrics_and_the_dashboard_stream(
     await mesh.worker("w1")
     n = await mesh.worker("n", serving=False)
     await mesh.routable("w1")
+    await eventually(lambda: "n" in {v.worker_id for v in mesh.gw.core.registry.views()})
     s = mesh.subjects
     async with (
         aiohttp.ClientSession() as http,
