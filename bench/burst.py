@@ -57,7 +57,7 @@ from bench.burst_report import pooled_rows, report, verdicts_by_round
 from bench.burst_results import result_doc, summarise
 from bench.burst_run import run_config
 from bench.common import RESULTS, add_raw_option, raw_path, result_header, write_result
-from bench.tracelib import DEFAULT_TRACE
+from bench.tracelib import DEFAULT_TRACE, TraceError
 from cascade.models.generate import generate_model
 
 
@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse(argv)
     t_begin = time.monotonic()
-    plan = make_plan(a, a.profile)
+    try:
+        plan = make_plan(a, a.profile)
+    except TraceError as e:
+        print(f"cascade bench burst: {e}", file=sys.stderr)
+        return 2
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cascade-burst-") as tmp:

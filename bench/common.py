@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import math
 import os
 import platform
 import statistics
@@ -143,8 +144,15 @@ def write_result(
     return out
 
 
+# What a table shows for a figure with no samples (a level where every request failed, a metric a
+# run did not measure): a dash, never "nan" or "None".
+MISSING = "—"
+
+
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return MISSING
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
         return str(v)

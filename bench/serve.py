@@ -8,7 +8,16 @@ against the in-process engine, request by request.
                                               a real model (folder, .gguf file, hub id)
     cascade bench serve --quick               a short run to check it works
 
-Writes bench/results/serve.{json,md} (the test model) or serve-<model>.{json,md}.
+With any of `vllm bench serve`'s load options (--request-rate, --burstiness, --max-concurrency,
+--num-prompts, --goodput, --base-url) it runs as vLLM's does instead: one open-loop run,
+requests sent at --request-rate with gamma-distributed gaps (--burstiness 1 = Poisson; lower is
+burstier), at most --max-concurrency in flight, and prints vLLM's result table:
+
+    cascade bench serve --request-rate 8 --burstiness 0.5 --goodput ttft:500 tpot:100
+    cascade bench serve --base-url http://127.0.0.1:8000 --model cascade-tiny --num-prompts 200
+
+Writes bench/results/serve.{json,md} (the test model) or serve-<model>.{json,md}; the vLLM-style
+run writes serve-rate.{json,md} (or --result-filename).
 """
 
 from __future__ import annotations
@@ -64,7 +73,54 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result name under bench/results (default serve / serve-<model>)")
     p.add_argument("--quick", action="store_true", help="few requests, to check the benchmark runs")
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    v = p.add_argument_group("vllm bench serve's options (any of them: one open-loop run, vLLM's table)")
+    v.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="requests per second (default inf: every request at once, as vLLM's default)",
+    )
+    v.add_argument(
+        "--burstiness",
+        type=float,
+        default=None,
+        help="gamma shape of the gaps between requests: 1 = Poisson (default), below 1 burstier, above steadier",
+    )
+    v.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
+    v.add_argument("--num-prompts", type=int, default=None, help="requests in the run (default 200; --quick 16)")
+    v.add_argument(
+        "--goodput",
+        nargs="+",
+        default=None,
+        metavar="KEY:MS",
+        help="service-level objectives a request must meet to count as good: ttft, tpot, e2el in ms, e.g. "
+        "--goodput ttft:500 tpot:100",
+    )
+    v.add_argument(
+        "--percentile-metrics", default="ttft,tpot,itl", help="metrics to report percentiles of (ttft,tpot,itl,e2el)"
+    )
+    v.add_argument("--metric-percentiles", default="99", help="percentiles to report, e.g. 50,90,99 (default 99)")
+    v.add_argument(
+        "--save-result",
+        action="store_true",
+        help="accepted for vLLM's command lines: Cascade's benchmarks always write their result unless --no-write",
+    )
+    v.add_argument("--result-filename", default=None, help="result name under bench/results (default serve-rate)")
+    v.add_argument(
+        "--base-url",
+        default=None,
+        help="benchmark this running OpenAI-compatible server (e.g. http://127.0.0.1:8000) instead of starting "
+        "a mesh; --model is then the served model's name",
+    )
+    v.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default 0)")
     return p.parse_args(argv)
+
+
+def rate_mode(a: argparse.Namespace) -> bool:
+    """Any of vllm bench serve's load options asks for its kind of run."""
+    return any(
+        x is not None for x in (a.request_rate, a.burstiness, a.max_concurrency, a.num_prompts, a.goodput, a.base_url)
+    )
 
 
 async def one_request(
@@ -254,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     a = parse(argv)
+    if rate_mode(a):
+        from bench.serve_rate import run as run_rate
+
+        return run_rate(a)
     levels = [int(x) for x in a.concurrency.split(",") if x]
     if a.quick:
         a.overhead_requests, a.max_tokens, a.overhead_max_tokens = 6, 8, 8
@@ -279,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"concurrency {c}: {n} requests of {a.max_tokens} tokens …", flush=True)
             rows.append(asyncio.run(load_level(url, c, n, prompt, a.max_tokens, name)))
             r = rows[-1]
-            print(f"  {r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.1f} ms", flush=True)
+            ttft = r["ttft_ms"]["p50"]
+            shown = f"{ttft:.1f} ms" if r["ok"] else f"— ({len(r['errors'])} errors shown of {n - r['ok']})"
+            print(f"  {r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {shown}", flush=True)
         engine, tok = inprocess_engine(folder, a.max_batch, a.threads)
         print(f"mesh overhead: {a.overhead_requests} paired requests …", flush=True)
         ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name))

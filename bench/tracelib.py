@@ -44,6 +44,22 @@ class TraceError(ValueError):
     """A trace file or a replay option that cannot be used; the message says which and why."""
 
 
+def missing_trace(path: Path) -> str:
+    """What is missing and where it was looked for, in words a user can act on."""
+    if path.resolve() == DEFAULT_TRACE.resolve():
+        looked = "shared/traces/ in the checkout's folder or any folder above it"
+        if not TRACES_DIR.is_dir():
+            where = f"there is no {looked}"
+        else:
+            where = f"{TRACES_DIR} has no {DEFAULT_TRACE.name}"
+        return (
+            f"the default trace (the Azure LLM inference trace 2023, code service) is missing: {where}. "
+            f"Put azure_llm_2023_code.csv (from the Azure Public Dataset, AzureLLMInferenceDataset2023) at "
+            f"{DEFAULT_TRACE}, or pass --trace FILE: any CSV with the columns TIMESTAMP,ContextTokens,GeneratedTokens"
+        )
+    return f"no trace at {path}: pass --trace FILE, a CSV with the columns TIMESTAMP,ContextTokens,GeneratedTokens"
+
+
 @dataclass(frozen=True, slots=True)
 class TraceRow:
     t: float  # seconds since the trace's first request
@@ -68,6 +84,8 @@ def parse_timestamp(text: str) -> float:
 def load_trace(path: Path) -> list[TraceRow]:
     """Rows of a `TIMESTAMP,ContextTokens,GeneratedTokens` CSV, sorted by time, times relative to
     the first request."""
+    if not path.exists():
+        raise TraceError(missing_trace(path))
     try:
         f = path.open(newline="")
     except OSError as e:

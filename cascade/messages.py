@@ -214,6 +214,8 @@ class Heartbeat:
     # (0: unknown): the gateway refuses a longer prompt itself, before any work.
     kv_cache_usage: float = 0.0
     max_model_len: int = 0
+    # Sequences preempted for KV blocks since the worker started (vLLM's num_preemptions_total).
+    num_preemptions: int = 0
 
 
 @message("worker_gone")
@@ -465,6 +467,12 @@ class ScaleDecision:
     # Where new instances get their parameters for this decision only ("multicast", "host-cache",
     # "disk"; "" = the deployment's `loading`). Benchmarks compare modes in one run with it.
     loading: str = ""
+    # The model's scaling policy when it was decided, and what set the target: "load" (the
+    # policy's reading of the load), "target" (an operator's target or the replica bounds),
+    # "lend" (an instance given to a model that waits on an empty pool). Metrics count by these;
+    # `reason` stays the free text.
+    policy: str = ""
+    trigger: str = ""
 
 
 @message("scale_ack")

@@ -55,6 +55,7 @@ class WorkerView:
     prefill_budget: int = 0
     kv_cache_usage: float = 0.0  # KV blocks held over usable blocks (heartbeat)
     max_model_len: int = 0  # longest sequence it serves (heartbeat; 0: unknown)
+    num_preemptions: int = 0  # since it started (heartbeat)
     loading_mb_s: float = 0.0
     pid: int = 0
     host: str = ""
@@ -276,6 +277,7 @@ class WorkerTable:
             prefill_budget=hb.prefill_budget,
             kv_cache_usage=hb.kv_cache_usage,
             max_model_len=hb.max_model_len,
+            num_preemptions=hb.num_preemptions,
             loading_mb_s=hb.loading_mb_s,
             pid=hb.pid,
             host=hb.host,

@@ -8,12 +8,12 @@ from typing import Any
 import orjson
 import pytest
 
-from bench import scaleup
+from bench import scaleup, serve_rate
 from bench.burst_report import report
 from bench.common import RESULTS
 
 # Another benchmark's own format, rewritten elsewhere; serve's JSON has always been its summary.
-SUMMARIES = ("burst", "burst.repeat", "scaleup", "serve")
+SUMMARIES = ("burst", "burst.repeat", "scaleup", "serve", "serve-rate")
 
 
 def load(name: str) -> dict[str, Any]:
@@ -42,3 +42,10 @@ def test_burst_json_renders_burst_md() -> None:
 def test_scaleup_json_renders_scaleup_md() -> None:
     doc = load("scaleup")
     assert scaleup.markdown(doc["rows"], doc["ratios"]) == markdown_body("scaleup")
+
+
+def test_serve_rate_json_renders_serve_rate_md() -> None:
+    doc = load("serve-rate")
+    assert serve_rate.markdown(doc) == (RESULTS / "serve-rate.md").read_text()
+    p = doc["parameters"]
+    assert (p["request_rate"], p["burstiness"], p["goodput_ms"]) == (8.0, 0.5, {"ttft": 500.0, "tpot": 100.0})

@@ -308,6 +308,7 @@ def test_status_table_shows_a_progress_bar_while_loading() -> None:
     assert "loading" in lines["w1"] and "3/1" in lines["w1"] and "38%" in lines["w1"]
     assert "6/6" in lines["w2"] and "serving" in lines["w2"]
     assert "host-memory caches" not in text  # no worker has one
+    assert "tokens/s now (last 5 s): m 25.0" in text  # both instances' current figures, summed per model
 
 
 def test_status_table_shows_each_workers_own_cache() -> None:

@@ -4,7 +4,9 @@ run under, and the one-shot model matches what the services expect on the volume
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import yaml
 
 from cascade import cli
 from cascade.config import resolve_nats_url, resolve_prefix
+from services.gateway.metrics import GatewayMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CASCADE_SERVICES = ["model-init", "gateway", "scaler", "loader", "worker"]
@@ -39,7 +42,7 @@ def parse(command: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPat
 
 
 def test_services_and_volumes(compose: dict[str, Any]) -> None:
-    services = compose["services"]
+    services = {n: s for n, s in compose["services"].items() if "profiles" not in s}
     assert set(services) == {"nats", *CASCADE_SERVICES}
     assert "models" in compose["volumes"]
     nats = services["nats"]
@@ -109,3 +112,76 @@ def test_dockerfile_installs_with_the_constraints() -> None:
         assert needed in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "cascade" not in ignored and "services" not in ignored and "README.md" not in ignored
+
+
+# --------------------------------------------------------------------------- observability profile
+
+OBS = ROOT / "observability"
+
+
+def test_observability_profile_scrapes_the_gateway_and_provisions_grafana(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    prom, graf = services["prometheus"], services["grafana"]
+    assert prom["profiles"] == graf["profiles"] == ["observability"]
+    # Every file a container mounts from the repository is there.
+    for svc in (prom, graf):
+        for vol in svc["volumes"]:
+            src = vol.split(":")[0]
+            assert (ROOT / src).exists(), f"{vol}: {src} is missing"
+    cfg = yaml.safe_load((OBS / "prometheus.yml").read_text())
+    (job,) = cfg["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    gw = services["gateway"]
+    port = gw["ports"][0].split(":")[-1]
+    assert job["static_configs"][0]["targets"] == [f"gateway:{port}"]
+    ds = yaml.safe_load((OBS / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    (source,) = ds["datasources"]
+    assert source["url"] == "http://prometheus:9090" and source["type"] == "prometheus"
+    dashboard = json.loads((OBS / "grafana/dashboards/cascade.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert uids == {source["uid"]}, "panels must name the provisioned datasource"
+    provider = yaml.safe_load((OBS / "grafana/provisioning/dashboards/cascade.yml").read_text())
+    mounted = {v.split(":")[1] for v in graf["volumes"]}
+    assert provider["providers"][0]["options"]["path"] in mounted
+
+
+_NAME = re.compile(r"\b(cascade[a-zA-Z0-9_:]*)")
+
+
+def test_grafana_dashboard_uses_only_metrics_the_gateway_exports() -> None:
+    """The dashboard and the code cannot drift: every metric a panel queries is registered,
+    with the suffix its kind has (_bucket only on histograms), and every label it groups or
+    filters by is one the metric carries."""
+    cat = GatewayMetrics(queue_depth=dict, in_flight=dict, instances=dict).catalogue()
+    dashboard = json.loads((OBS / "grafana/dashboards/cascade.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"]]
+    used = set()
+    for expr in exprs:
+        for name in _NAME.findall(expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if base != name:
+                assert cat.get(base, ("",))[0] == "histogram", f"{name}: {base} is not an exported histogram"
+            else:
+                assert name in cat, f"{name} (in {expr!r}) is not exported"
+            used.add(base)
+        for group in re.findall(r"by \(([^)]*)\)", expr):
+            labels = {x.strip() for x in group.split(",")} - {"le"}
+            for name in _NAME.findall(expr):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                assert labels <= set(cat[base][1]), f"{expr!r} groups by {labels - set(cat[base][1])}"
+        for name, selector in re.findall(r"(cascade[a-zA-Z0-9_:]*)\{([^}]*)\}", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            labels = set(re.findall(r"([a-zA-Z_]+)\s*!?=~?", selector))
+            assert labels <= set(cat[base][1]), f"{name} has no label {labels - set(cat[base][1])}"
+    # The panels cover what the issue asks to see.
+    for needed in (
+        "cascade:time_to_first_token_seconds",
+        "cascade:inter_token_latency_seconds",
+        "cascade:generation_tokens_total",
+        "cascade:layers_ready",
+        "cascade:transfer_bytes_total",
+        "cascade:scale_decisions_total",
+        "cascade:num_requests_waiting",
+    ):
+        assert needed in used, needed

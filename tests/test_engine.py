@@ -263,3 +263,18 @@ def test_emulated_device_prices_each_chunk(model: LlamaModel) -> None:
     assert targets[0] == pytest.approx(prof.step_ms(0, prefill_tokens=512) - prof.head_ms, rel=1e-6)
     assert targets[1] == pytest.approx(prof.step_ms(0, 512, context_tokens=512) - prof.head_ms, rel=1e-6)
     assert targets[2] == pytest.approx(prof.step_ms(0, prefill_tokens=16 * 16, context_tokens=1024), rel=1e-6)
+
+
+def test_tokens_per_s_falls_to_zero_when_the_engine_goes_quiet() -> None:
+    """`cascade status` and the dashboard show the heartbeat's figure: read at heartbeat time, it
+    must not keep the last busy second's rate after the traffic stopped."""
+    from services.worker.engine import EngineStats
+
+    stats = EngineStats()
+    for i in range(50):  # 10 tokens per step, 10 steps/s, for 5 s
+        stats.record(batch=10, tokens=10, now=100.0 + i / 10)
+    assert stats.rate(104.9) == pytest.approx(100.0, rel=0.05)
+    # Two seconds after the last step: the steps of the last 5 s (102.0 .. 104.9) over those 5 s.
+    assert stats.rate(107.0) == pytest.approx(300 / 5.0)
+    assert stats.rate(120.0) == 0.0
+    assert stats.tokens_per_s > 0  # the step-time figure, kept for the engine's own summaries

@@ -30,11 +30,16 @@ from cascade.messages import (
     Heartbeat,
     LayerReady,
     ModelMetrics,
+    PlannedChain,
     Rejection,
     RouteStage,
+    ScaleAck,
+    ScaleDecision,
     SnapshotRequest,
     TokenEvent,
     TokenEvents,
+    TransferEvent,
+    TransferPlanned,
     WorkerSnapshot,
     decode,
     encode,
@@ -63,6 +68,9 @@ class FakeWorker:
         self.routes: dict[str, list[RouteStage]] = {}
         self.requests: dict[str, GenerateRequest] = {}
         self.running = 0  # what its heartbeats report
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self.num_preemptions = 0
         self.stage_addr = f"127.0.0.1:{1000 + len(worker_id)}"  # never dialled: the fake runs no stages
         self.cancelled: set[str] = set()
         self.cancel_seen = asyncio.Event()
@@ -111,7 +119,9 @@ class FakeWorker:
             units_ready=len(self.units),
             num_units=NUM_UNITS,
             running=self.running,
-            waiting=0,
+            waiting=self.waiting,
+            kv_cache_usage=self.kv_cache_usage,
+            num_preemptions=self.num_preemptions,
             max_batch=8,
             tokens_per_s=0.0,
             ready_seq=self.seq,
@@ -357,8 +367,8 @@ async def test_queued_requests_leave_as_one_batch(nats_url: str, prefix: str, de
                 samples = parse_prometheus(await r.text())
             assert sample(samples, "cascade_gateway_batches_total", model=MODEL) == 1
             assert sample(samples, "cascade_gateway_batch_size_count", model=MODEL) == 1
-            assert sample(samples, "cascade_gateway_generated_tokens_total", model=MODEL) == 12
-            assert sample(samples, "cascade_gateway_time_to_first_token_seconds_count", model=MODEL) == 6
+            assert sample(samples, "cascade:generation_tokens_total", model=MODEL, worker="w1") == 12
+            assert sample(samples, "cascade:time_to_first_token_seconds_count", model=MODEL, worker="w1") == 6
             await client.close()
         finally:
             await w.stop()
@@ -522,6 +532,18 @@ async def test_worker_dying_mid_stream_with_migration_off_ends_the_stream_with_a
                         a.die()
             assert "".join(got) == "ab"
             await client.close()
+            # A stream that broke after its 200 is a failure in /metrics, never a success.
+            async with aiohttp.ClientSession() as http, http.get(gw.url + "/metrics") as r:
+                samples = parse_prometheus(await r.text())
+            failed = sample(samples, "cascade:request_failures_total", model=MODEL, worker="a", mid_stream="true")
+            assert failed == 1
+            assert sample(samples, "cascade:request_success_total", model=MODEL) is None
+            statuses = {
+                lab["status"]: v
+                for lab, v in samples["cascade_gateway_requests_total"]
+                if lab["endpoint"] == "/v1/completions"
+            }
+            assert statuses == {"503": 1}
         finally:
             await a.stop()
 
@@ -729,6 +751,8 @@ async def test_busy_full_instance_sheds_front_layers_to_a_loading_one(mesh: Mesh
     async with aiohttp.ClientSession() as http, http.get(mesh.gw.url + "/metrics") as resp:
         samples = parse_prometheus(await resp.text())
     assert sample(samples, "cascade_gateway_routed_requests_total", model=MODEL, route="pipelined") == 1
+    # Split depth: the loading instance ran one decoder layer before handing on.
+    assert sample(samples, "cascade:partial_routes_total", model=MODEL, worker="n", depth="1") == 1
     await client.close()
 
 
@@ -749,3 +773,118 @@ async def test_stop_the_world_never_routes_to_a_loading_instance(
         finally:
             for w in m.workers:
                 await w.stop()
+
+
+# --------------------------------------------------------------------------- metrics and the dashboard
+
+
+async def _samples(gw: RunningGateway) -> dict[str, list[tuple[dict[str, str], float]]]:
+    async with aiohttp.ClientSession() as http, http.get(gw.url + "/metrics") as r:
+        return parse_prometheus(await r.text())
+
+
+async def test_vllm_request_metrics_carry_model_and_worker(mesh: Mesh) -> None:
+    w = await mesh.worker("w1")
+    w.running, w.waiting, w.kv_cache_usage, w.num_preemptions = 3, 2, 0.25, 7
+    await mesh.routable("w1")
+    client = mesh.client()
+    stream = await client.completions.create(model=MODEL, prompt="hi", max_tokens=4, stream=True)
+    assert "".join([ch.choices[0].text async for ch in stream]) == "abcd"
+    await client.close()
+    views = lambda: {v.worker_id: v for v in mesh.gw.core.registry.table.views()}  # noqa: E731
+    await eventually(lambda: views()["w1"].num_preemptions == 7)
+    s = await _samples(mesh.gw)
+    mw = {"model": MODEL, "worker": "w1"}
+    for name in (
+        "time_to_first_token_seconds",
+        "e2e_request_latency_seconds",
+        "request_queue_time_seconds",
+        "request_prefill_time_seconds",
+        "request_decode_time_seconds",
+        "request_time_per_output_token_seconds",
+    ):
+        assert sample(s, f"cascade:{name}_count", **mw) == 1, name
+    assert sample(s, "cascade:inter_token_latency_seconds_count", **mw) == 3  # 4 tokens, 3 gaps
+    assert sample(s, "cascade:prompt_tokens_total", **mw) == 3  # BOS + "hi"
+    assert sample(s, "cascade:generation_tokens_total", **mw) == 4
+    assert sample(s, "cascade:request_success_total", **mw, finished_reason="length") == 1
+    # The worker's own figures, from its heartbeats: one scrape target for the whole mesh.
+    assert sample(s, "cascade:num_requests_running", **mw) == 3
+    assert sample(s, "cascade:num_requests_waiting", **mw) == 2
+    assert sample(s, "cascade:kv_cache_usage_perc", **mw) == 0.25
+    assert sample(s, "cascade:num_preemptions_total", **mw) == 7
+    assert sample(s, "cascade:layers_ready", **mw) == NUM_UNITS
+    assert sample(s, "cascade:layers_total", **mw) == NUM_UNITS
+
+
+async def _sse_frames(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
+    event = ""
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            event = line[len("event: ") :]
+        elif line.startswith("data: "):
+            yield event, orjson.loads(line[len("data: ") :])
+
+
+async def test_scale_and_transfer_events_reach_metrics_and_the_dashboard_stream(mesh: Mesh) -> None:
+    await mesh.worker("w1")
+    n = await mesh.worker("n", serving=False)
+    await mesh.routable("w1")
+    await eventually(lambda: "n" in {v.worker_id for v in mesh.gw.core.registry.views()})
+    s = mesh.subjects
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(mesh.gw.url + "/dashboard/events") as resp,
+    ):
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        frames = _sse_frames(resp)
+        event, snap = await asyncio.wait_for(anext(frames), 10)
+        assert event == "snapshot"
+        assert {i["worker_id"] for i in snap["instances"]} == {"w1", "n"}
+        assert {i["worker_id"]: i["ready_units"] for i in snap["instances"]}["w1"] == list(range(NUM_UNITS))
+
+        decision = ScaleDecision("d-1", MODEL, "up", 1, 2, "2 ongoing wants 2", policy="concurrency", trigger="load")
+        chain = PlannedChain("t-1", "w1", ["n"], list(range(NUM_UNITS)))
+        plan = TransferPlanned("p-1", "d-1", MODEL, "multicast", [chain], NUM_UNITS, 8_000_000)
+        done = TransferEvent("n", "t-1", MODEL, "receive", "complete", nbytes=8_000_000, seconds=0.5)
+        await mesh.nc.publish(s.scale_decision(), encode(decision))
+        await mesh.nc.publish(s.transfer_plan(), encode(plan))
+        await n.load_units(2)
+        await mesh.nc.publish(s.transfer_event("n"), encode(done))
+        await mesh.nc.publish(s.scale_ack(), encode(ScaleAck("d-1", MODEL, True, ["n"])))
+
+        seen: dict[str, Any] = {}
+        partial = False
+        while not ({"decision", "plan", "transfer", "ack"} <= set(seen) and partial):
+            event, body = await asyncio.wait_for(anext(frames), 10)
+            seen[event] = body
+            if event == "instances":
+                ready = {i["worker_id"]: i["ready_units"] for i in body}
+                partial = partial or ready.get("n") == [0, 1]
+        assert seen["decision"]["reason"] == "2 ongoing wants 2" and seen["decision"]["policy"] == "concurrency"
+        assert seen["plan"]["chains"] == [{"transfer_id": "t-1", "source": "w1", "targets": ["n"]}]
+        assert seen["transfer"]["source"] == "chain" and seen["transfer"]["mb_s"] == 16.0
+        assert seen["ack"]["ok"] is True
+
+    samples = await _samples(mesh.gw)
+    assert sample(samples, "cascade:scale_decisions_total", model=MODEL, policy="concurrency", action="up") == 1
+    assert sample(samples, "cascade:scale_decisions_total", model=MODEL, reason="load") == 1
+    labels = {"model": MODEL, "worker": "n", "source": "chain"}
+    assert sample(samples, "cascade:transfer_bytes_total", **labels) == 8_000_000
+    assert sample(samples, "cascade:transfer_mb_per_s", **labels) == 16.0
+    assert sample(samples, "cascade:layers_ready", model=MODEL, worker="n") == 2
+
+
+async def test_dashboard_page_and_its_files_are_served(mesh: Mesh) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(mesh.gw.url + "/dashboard") as r:
+            assert r.status == 200 and r.content_type == "text/html"
+            html = await r.text()
+        for name in ("dashboard.js", "dashboard.css"):
+            assert f"/dashboard/static/{name}" in html
+            async with http.get(mesh.gw.url + f"/dashboard/static/{name}") as r:
+                assert r.status == 200 and len(await r.read()) > 100
+        assert "http://" not in html and "https://" not in html  # nothing from a CDN
+        async with http.get(mesh.gw.url + "/dashboard/static/..%2Fcore.py") as r:
+            assert r.status == 404

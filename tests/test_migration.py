@@ -214,7 +214,7 @@ async def test_streams_cut_by_a_killed_worker_resume_token_for_token(mesh: Mesh)
         assert "".join(out.text) == want[name][0], name
         assert out.usage is not None and out.usage["completion_tokens"] == n, out.usage
         assert out.usage["prompt_tokens"] + n == out.usage["total_tokens"]
-    moved = await m.metric("cascade_gateway_migrations_total", model=MODEL, reason="worker_lost")
+    moved = await m.metric("cascade:migrations_total", model=MODEL, reason="worker_lost")
     assert moved == 2
 
 
@@ -253,8 +253,8 @@ async def test_a_stream_through_a_pipelined_route_resumes_when_its_stage_dies(me
     assert "".join(out.text) == want[0]
     assert out.usage is not None and out.usage["completion_tokens"] == n
     assert (
-        await m.metric("cascade_gateway_migrations_total", model=MODEL, reason="worker_lost")
-        + await m.metric("cascade_gateway_migrations_total", model=MODEL, reason="worker_error")
+        await m.metric("cascade:migrations_total", model=MODEL, reason="worker_lost")
+        + await m.metric("cascade:migrations_total", model=MODEL, reason="worker_error")
         >= 1
     )
 
@@ -284,7 +284,7 @@ async def test_without_an_instance_to_move_to_the_client_gets_an_error_chunk(
             # Migration is off: an explicit error, not a hang and not a silent end.
             assert out.error is not None and out.error["code"] == "worker_died", out
             assert out.done and out.finish is None
-            assert await m.metric("cascade_gateway_migration_failures_total", model=MODEL, reason="limit") == 1
+            assert await m.metric("cascade:migration_failures_total", model=MODEL, reason="limit") == 1
     finally:
         workers.stop_all()
         with contextlib.suppress(Exception):

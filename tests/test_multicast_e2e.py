@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import openai
 import pytest
 
+from services.gateway.testing import parse_prometheus, sample
 from tests.meshproc import running_mesh
 
 pytestmark = pytest.mark.e2e
@@ -96,3 +98,20 @@ def test_scale_to_three_is_a_chain_multicast_that_serves(mesh: dict[str, Any]) -
         for _ in range(6)
     }
     assert len(outs) == 1, f"instances answer differently: {outs}"
+
+    # The gateway's /metrics carries what the mesh did, from the bus alone: the decision by policy
+    # and trigger, the bytes each new instance took in by source, every worker's own figures.
+    with urllib.request.urlopen(mesh["url"].removesuffix("/v1") + "/metrics", timeout=10) as r:
+        samples = parse_prometheus(r.read().decode())
+    ups = sample(samples, "cascade:scale_decisions_total", model=MODEL, action="up", reason="target")
+    assert ups is not None and ups >= 1
+    nbytes = {lab["worker"]: v for lab, v in samples["cascade:transfer_bytes_total"] if lab["source"] == "chain"}
+    assert set(nbytes) >= {t["worker"] for t in new} and all(v > 0 for v in nbytes.values()), nbytes
+    for w in [holder, *(t["worker"] for t in new)]:
+        assert sample(samples, "cascade:layers_ready", model=MODEL, worker=w) == 6
+        assert sample(samples, "cascade:kv_cache_usage_perc", model=MODEL, worker=w) is not None
+        assert sample(samples, "cascade:num_preemptions_total", model=MODEL, worker=w) == 0
+    successes = samples["cascade:request_success_total"]
+    served = {lab["worker"] for lab, _ in successes if lab["finished_reason"] == "length"}
+    assert served and served <= {holder, *(t["worker"] for t in new)}
+    assert sum(v for _, v in samples["cascade:generation_tokens_total"]) == 6 * 8

@@ -13,11 +13,20 @@ from pathlib import Path
 import pytest
 
 from cascade.config import Deployment, ModelDeployment
-from cascade.messages import InstanceMetrics, ModelMetrics, ScaleAck, ScaleDecision, StepStat, decode, encode
+from cascade.messages import (
+    InstanceMetrics,
+    ModelMetrics,
+    ScaleAck,
+    ScaleDecision,
+    ScaleRequest,
+    StepStat,
+    decode,
+    encode,
+)
 from services.scaler import core
 from services.scaler.controls import Controls, UnknownModel
 from services.scaler.policies import KnobError
-from services.scaler.replicas import Settings
+from services.scaler.replicas import Settings, TargetError
 
 SETTINGS = Settings(ack_timeout_s=60.0, warmup_s=0.0, settle_s=2.0, retry_base_s=1.0, retry_max_s=8.0)
 TOKENS = 50  # generated per request
@@ -288,3 +297,21 @@ def test_a_model_deployed_at_run_time_is_scaled_to_its_minimum_and_announced() -
     with pytest.raises(KnobError):
         core.add_model(run.state, dep("c", "no-such-policy"), core.Now(run.now, run.now))
     assert sorted(run.controls.models) == ["a", "b"] and "c" not in run.state.book.targets
+
+
+def test_a_target_beyond_the_idle_workers_is_kept_and_says_what_will_happen() -> None:
+    run = Run(Deployment((dep("a", "manual", lo=1, hi=5),)), Mesh({"w1": "a", "w2": None}))
+    run.tick()
+    now = core.Now(run.now, run.now)
+    mesh = core.Mesh(instances=run.mesh.instances(), idle=run.mesh.idle())
+    reply, _ = core.set_target(run.state, ScaleRequest("a", 4), mesh, now)
+    assert "target 4 replicas" in reply.detail
+    assert "Only 1 idle worker(s) for 3 more instance(s): 2 will run, and 2 will start when workers join" in (
+        reply.detail
+    )
+    # Within the idle pool: no warning.
+    reply, _ = core.set_target(run.state, ScaleRequest("a", 2), mesh, now)
+    assert "idle worker" not in reply.detail
+    # Beyond max_replicas: refused, and the reply says the target stays and how to raise the bound.
+    with pytest.raises(TargetError, match=r"the target stays 2\. Ask for at most 5, or raise max_replicas"):
+        core.set_target(run.state, ScaleRequest("a", 6), mesh, now)

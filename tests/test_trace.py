@@ -72,7 +72,7 @@ def test_load_sorts_and_rebases(small_trace: Path, tmp_path: Path) -> None:
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(TraceError, match="columns"):
         load_trace(bad)
-    with pytest.raises(TraceError, match="cannot read"):
+    with pytest.raises(TraceError, match=r"no trace at .*missing\.csv: pass --trace FILE"):
         load_trace(tmp_path / "missing.csv")
 
 
@@ -326,3 +326,37 @@ async def test_cli_dry_run_and_errors(small_trace: Path, tmp_path: Path, capsys:
     assert await trace_cli.amain(["--trace", str(tmp_path / "nope.csv"), "--dry-run"]) == 2
     assert await trace_cli.amain(["--trace", str(small_trace), "--start", "100", "--dry-run"]) == 2
     assert await trace_cli.amain(["--trace", str(small_trace), "--analyse", "--duration", "5"]) == 0
+
+
+# --------------------------------------------------------------------------- a missing trace
+
+
+def test_a_missing_default_trace_says_what_is_missing_and_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import tracelib
+
+    traces = tmp_path / "shared" / "traces"
+    monkeypatch.setattr(tracelib, "TRACES_DIR", traces)
+    monkeypatch.setattr(tracelib, "DEFAULT_TRACE", traces / "azure_llm_2023_code.csv")
+    with pytest.raises(tracelib.TraceError) as e:
+        tracelib.load_trace(traces / "azure_llm_2023_code.csv")
+    msg = str(e.value)
+    assert "no shared/traces/" in msg and str(traces / "azure_llm_2023_code.csv") in msg and "--trace FILE" in msg
+    traces.mkdir(parents=True)
+    with pytest.raises(tracelib.TraceError, match=f"{traces} has no azure_llm_2023_code.csv"):
+        tracelib.load_trace(traces / "azure_llm_2023_code.csv")
+
+
+@pytest.mark.parametrize("name", ["burst", "trace"])
+def test_bench_commands_answer_a_missing_trace_without_a_traceback(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cascade import cli
+
+    missing = tmp_path / "none.csv"
+    rc = cli.main(["bench", name, "--trace", str(missing), *(["--dry-run"] if name == "trace" else [])])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert f"no trace at {missing}" in err and "TIMESTAMP,ContextTokens,GeneratedTokens" in err
+    assert "Traceback" not in err

@@ -85,4 +85,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"  {name:14} {what}")
         return 0
     main = benchmark(args.name)
-    return int(main(list(args.bench_args)) or 0)
+    from bench.tracelib import TraceError  # importable: benchmark() found the bench package
+
+    try:
+        return int(main(list(args.bench_args)) or 0)
+    except TraceError as e:  # a missing or unusable trace, in any benchmark that reads one
+        raise CliError(f"bench {args.name}: {e}") from None

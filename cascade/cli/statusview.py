@@ -167,6 +167,15 @@ def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
                 ]
             )
         lines += ["", table(["INSTANCE", "MODEL", "UNITS", "STATE", "RUN/WAIT", "LOAD", "TOK/S"], irows)]
+        per_model: dict[str, float] = {}
+        for r in rows:
+            tps = r.get("tokens_per_s")
+            if r.get("model") and isinstance(tps, int | float):
+                per_model[str(r["model"])] = per_model.get(str(r["model"]), 0.0) + tps
+        if per_model:
+            # Heartbeat figures: generated over the last few seconds, 0 once an engine goes quiet.
+            now = ", ".join(f"{m} {v:.1f}" for m, v in sorted(per_model.items()))
+            lines.append(f"tokens/s now (last 5 s): {now}")
     trows = transfers(status)
     if trows:
         lines += ["", "transfers (in flight first, then the latest done):"]

@@ -36,6 +36,9 @@ from cascade.messages import Heartbeat, MessageError, ServiceReady, WorkerGone, 
 from cascade.natsutil import connect, stop_event
 from cascade.subjects import Subjects
 
+# While `cascade up` waits for the mesh and nothing changes, it says what it waits for this often.
+_STILL_WAITING_S = 10.0
+
 
 class UpError(Exception):
     """`cascade up` cannot go on; the message says what and where to look."""
@@ -228,7 +231,7 @@ class Supervisor:
         self.changed = asyncio.Event()
         self.stopping = False
         self._wrote_mesh = False
-        self._last_worker_state: dict[int, tuple[str, str | None]] = {}
+        self._last_worker_state: dict[int, tuple[str, str | None, int]] = {}
         self._preexec = make_die_with_parent()
         # The embedded broker (an EmbeddedNats), watched and restarted like a child.
         self.broker = broker
@@ -472,7 +475,9 @@ class Supervisor:
     def on_heartbeat(self, hb: Any) -> None:
         self.readiness.beats[hb.pid] = hb
         c = self._by_pid(hb.pid)
-        key = (hb.state, hb.model)
+        # A line per state change and per quarter of a load: a big model's load shows progress.
+        quarter = 4 * hb.units_ready // hb.num_units if hb.num_units else 0
+        key = (hb.state, hb.model, quarter)
         if c is not None and self._last_worker_state.get(hb.pid) != key:
             self._last_worker_state[hb.pid] = key
             model = f" {hb.model}" if hb.model else ""
@@ -482,6 +487,7 @@ class Supervisor:
     async def wait_up(self, deadline: float, stop: asyncio.Event) -> bool:
         """True once everything is up; False if stopped by a signal. Raises UpError otherwise."""
         loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
             # Clear before looking, so a change that lands while we look wakes the next wait.
             self.changed.clear()
@@ -490,12 +496,17 @@ class Supervisor:
             dead = self.died()
             if dead is not None:
                 raise self._died_error(dead)
-            if not self.readiness.missing(self.children):
+            missing = self.readiness.missing(self.children)
+            if not missing:
                 break
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise self._timeout_error(self.readiness.missing(self.children))
-            await _wait_any(self.changed, stop, timeout=remaining)
+                raise self._timeout_error(missing)
+            if not await _wait_any(self.changed, stop, timeout=min(remaining, _STILL_WAITING_S)):
+                # Nothing changed for a while: say what it still waits for, so a slow start
+                # (a big model read from a slow disk) does not look like a hang.
+                waited = loop.time() - started
+                print(f"  still waiting ({waited:.0f}s of {self.args.timeout:g}s): {'; '.join(missing)}", flush=True)
         return await self._wait_health(deadline, stop)
 
     async def _wait_health(self, deadline: float, stop: asyncio.Event) -> bool:
@@ -598,6 +609,8 @@ async def supervise(sup: Supervisor) -> int:
         models = ", ".join(m.name for m in sup.deployment.models)
         print(f"\nCascade is up: {sup.gateway_url}", flush=True)
         print(f"  models: {models}; {sup.args.workers} worker(s); NATS {sup.nats_url}; prefix '{sup.args.prefix}'")
+        base = sup.gateway_url.removesuffix("/v1")
+        print(f"  dashboard {base}/dashboard; Prometheus metrics {base}/metrics")
         print(f"  mesh recorded in {path}; `cascade status` and `cascade tap` find it there")
         print("  Ctrl-C stops everything", flush=True)
 

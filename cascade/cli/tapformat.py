@@ -59,6 +59,8 @@ def _scale_decision(x: m.ScaleDecision) -> str:
     text = (
         f"{x.decision_id} {x.model} {x.action} {x.count} -> target {x.target_replicas} reason={_short(x.reason, 60)!r}"
     )
+    if x.policy or x.trigger:
+        text += f" policy={x.policy or '?'}/{x.trigger or '?'}"
     return text + (f" loading={x.loading}" if x.loading else "")
 
 

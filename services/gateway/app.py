@@ -16,6 +16,7 @@ import orjson
 import structlog
 from aiohttp import web
 
+from services.gateway import dashboard
 from services.gateway import openai_api as oai
 from services.gateway.core import GatewayCore
 from services.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -26,6 +27,9 @@ GATEWAY = web.AppKey("gateway", GatewayCore)
 STARTED = web.AppKey("started", int)
 # Set by a handler whose client went away mid-stream (counted as status 499, as nginx does).
 CLIENT_GONE = web.RequestKey("client_gone", bool)
+# Set by a handler whose stream failed after its 200 went out: counted under the failure's
+# status, since the client got an error, not an answer.
+STREAM_FAILED = web.RequestKey("stream_failed", int)
 
 _GENERATION_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
@@ -45,6 +49,7 @@ def create_app(core: GatewayCore) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/live", live)
     app.router.add_get("/metrics", metrics)
+    dashboard.add_routes(app, core.dashboard)
     app.cleanup_ctx.append(_core_ctx)
     app.on_shutdown.append(_on_shutdown)
     return app
@@ -88,7 +93,7 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     status = 500
     try:
         resp = await handler(request)
-        status = 499 if request.get(CLIENT_GONE) else resp.status
+        status = 499 if request.get(CLIENT_GONE) else request.get(STREAM_FAILED, resp.status)
         return resp
     except ApiError as e:
         status = e.status
@@ -140,11 +145,14 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     rid = oai.new_request_id(kind)
     with structlog.contextvars.bound_contextvars(request_id=rid):
         req = core.admit(rid, info, prompt_ids, spec, max_tokens)
-        progress = _Progress(core, info.name, arrived)
+        progress = _Progress(core, req, arrived)
         try:
             if spec.stream:
                 return await _stream(request, core, req, spec, progress)
             return await _complete(core, req, spec, progress)
+        except ApiError as e:
+            progress.failed(e.code or str(e.status), mid_stream=False)
+            raise
         except asyncio.CancelledError:
             progress.outcome = "gone"
             raise
@@ -167,32 +175,64 @@ def _final_error(reason: str, error: str | None) -> ApiError | None:
 
 
 class _Progress:
-    """What a request produced and how it ended: feeds time to first token, inter-token gaps
-    and the outcome to /metrics and the scaler's load reports."""
+    """What a request produced and how it ended: feeds the request metrics (vLLM's, labelled with
+    the worker that served it) and the scaler's load reports."""
 
-    def __init__(self, core: GatewayCore, model: str, arrived: float) -> None:
-        self.core, self.model, self.arrived = core, model, arrived
+    def __init__(self, core: GatewayCore, req: RequestState, arrived: float) -> None:
+        self.core, self.req, self.model, self.arrived = core, req, req.model, arrived
         self.tokens = 0
+        self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.outcome = "error"  # until the handler says otherwise: "ok" | "gone" | "error"
+        self.finish_reason = ""
+        self.cause = "internal_error"  # the error code, when outcome is "error"
+        self.mid_stream = False
 
     def saw(self, token_ids: list[int], text: str) -> None:
         self.tokens += len(token_ids)
         if not (token_ids or text):
             return
         now = time.monotonic()
+        m = self.core.metrics
+        worker = self.req.served_by
         if self.last_token_at is None:
-            self.core.metrics.ttft.observe(now - self.arrived, model=self.model)
+            self.first_token_at = now
+            m.ttft.observe(now - self.arrived, model=self.model, worker=worker)
             self.core.load.first_token(self.model, now - self.arrived)
+            self.core.dashboard.stats.first_token(self.model, now - self.arrived)
         else:
+            m.itl.observe(now - self.last_token_at, model=self.model, worker=worker)
             self.core.load.token_gap(self.model, now - self.last_token_at)
+            self.core.dashboard.stats.token_gap(self.model, now - self.last_token_at)
         self.last_token_at = now
 
+    def finished(self, reason: str) -> None:
+        self.outcome = "ok"
+        self.finish_reason = reason
+
+    def failed(self, cause: str, mid_stream: bool) -> None:
+        self.outcome = "error"
+        self.cause = cause
+        self.mid_stream = mid_stream
+
     def done(self) -> None:
+        m, model, worker = self.core.metrics, self.model, self.req.served_by
         if self.outcome == "ok":
             self.core.load.completed(self.model)
+            end = self.last_token_at or time.monotonic()
+            m.e2e.observe(end - self.arrived, model=model, worker=worker)
+            m.success.inc(model=model, worker=worker, finished_reason=self.finish_reason)
+            dispatched = self.req.dispatched_at or self.arrived
+            m.queue_time.observe(max(0.0, dispatched - self.arrived), model=model, worker=worker)
+            if self.first_token_at is not None:
+                m.prefill_time.observe(max(0.0, self.first_token_at - dispatched), model=model, worker=worker)
+                decode = end - self.first_token_at
+                m.decode_time.observe(decode, model=model, worker=worker)
+                if self.tokens > 1:
+                    m.tpot.observe(decode / (self.tokens - 1), model=model, worker=worker)
         elif self.outcome == "error":
             self.core.load.failed(self.model)
+            m.failures.inc(model=model, worker=worker, cause=self.cause, mid_stream=str(self.mid_stream).lower())
 
 
 async def _complete(
@@ -212,7 +252,7 @@ async def _complete(
             raise err
         use = oai.usage(len(req.prompt_ids), ev.completion_tokens or progress.tokens)
         created = int(time.time())
-        progress.outcome = "ok"
+        progress.finished(ev.finish_reason)
         return json_response(
             oai.full_response(spec.kind, req.request_id, created, spec.model, "".join(parts), ev.finish_reason, use)
         )
@@ -241,11 +281,13 @@ async def _stream(
     try:
         while True:
             if isinstance(ev, Failure):
+                _stream_failed(request, progress, _failure_error(ev))
                 await resp.write(oai.sse(_failure_error(ev).body()))
                 break
             progress.saw(ev.token_ids, ev.text)
             err = _final_error(ev.finish_reason, ev.error) if ev.finish_reason is not None else None
             if err is not None:
+                _stream_failed(request, progress, err)
                 await resp.write(oai.sse(err.body()))
                 break
             if ev.text or first:
@@ -264,7 +306,7 @@ async def _stream(
                 if spec.include_usage:
                     use = oai.usage(len(req.prompt_ids), ev.completion_tokens or progress.tokens)
                     await resp.write(oai.sse(oai.usage_chunk(kind, rid, created, model, use)))
-                progress.outcome = "ok"
+                progress.finished(ev.finish_reason)
                 break
             ev = await core.next_event(req)
         await resp.write(oai.SSE_DONE)
@@ -275,6 +317,13 @@ async def _stream(
         progress.outcome = "gone"
         core.log.info("client_gone", request_id=rid)
     return resp
+
+
+def _stream_failed(request: web.Request, progress: _Progress, err: ApiError) -> None:
+    """A stream that breaks after its 200 is a failed request: counted under the error's status
+    and code, never as a success."""
+    request[STREAM_FAILED] = err.status
+    progress.failed(err.code or str(err.status), mid_stream=True)
 
 
 # --------------------------------------------------------------------------- the rest

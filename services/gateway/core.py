@@ -24,8 +24,8 @@ import dataclasses
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -44,10 +44,14 @@ from cascade.messages import (
     MessageError,
     RemoteError,
     SamplingParams,
+    ScaleAck,
+    ScaleDecision,
     ServiceStatus,
     StatusRequest,
     TokenEvent,
     TokenEvents,
+    TransferEvent,
+    TransferPlanned,
     decode,
     encode,
 )
@@ -56,7 +60,9 @@ from cascade.subjects import Subjects
 from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from services.gateway.batcher import Batcher, QueueFull
 from services.gateway.catalog import ModelCatalog, ModelInfo
+from services.gateway.dashboard import DashboardHub
 from services.gateway.loadreport import LoadReport
+from services.gateway.meshwatch import Frame, MeshWatch
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError, GenerationSpec
 from services.gateway.registry import Registry
@@ -74,6 +80,7 @@ _OVERLOAD_BACKOFF_MAX_S = 1.0
 _RETRYABLE = frozenset({"draining", "wrong_model", "not_ready"})
 # A model whose files could not be read is read again this often (they may appear after start).
 _CATALOG_RETRY_S = 5.0
+T = TypeVar("T")
 
 
 class GatewayCore:
@@ -99,14 +106,19 @@ class GatewayCore:
             self.registry.table,
             fetch_snapshot=nats_snapshot_fetcher(nc, self.subjects, self.id, settings.snapshot_timeout_s),
             on_heartbeat=lambda hb: self.registry.heartbeat_seen(hb, self.hub.inflight(hb.worker_id)),
-            on_change=self._wake_all,
+            on_change=self._mesh_changed,
             on_dead=self._worker_dead,
             logger=self.log,
         )
         self.batchers: dict[str, Batcher] = {name: self._new_batcher(name) for name in self.catalog.names()}
         self.metrics = GatewayMetrics(
-            queue_depth=self.queue_depths, in_flight=self.in_flight_by_model, instances=self.instances_by_model
+            queue_depth=self.queue_depths,
+            in_flight=self.in_flight_by_model,
+            instances=self.instances_by_model,
+            workers=self.registry.table.views,
         )
+        self.watch = MeshWatch(self.metrics)
+        self.dashboard = DashboardHub(self.watch, self.registry.table.views, self.queue_depths)
         self.load = LoadReport(self.id)
         self._report_now = asyncio.Event()
         self.url = ""
@@ -142,6 +154,15 @@ class GatewayCore:
             self.tasks.spawn(b.run(), name=f"batcher-{name}")
         # After the batchers run: a model deployed from here on gets its own batcher started.
         self._subs.append(await self.nc.subscribe(self.subjects.deployment_changed(), cb=self._on_deployment_msg))
+        # The rest of the mesh, for /metrics and the dashboard.
+        w, s = self.watch, self.subjects
+        self._subs += [
+            await self.nc.subscribe(s.scale_decision(), cb=self._watcher(ScaleDecision, w.on_decision)),
+            await self.nc.subscribe(s.scale_ack(), cb=self._watcher(ScaleAck, w.on_ack)),
+            await self.nc.subscribe(s.transfer_plan(), cb=self._watcher(TransferPlanned, w.on_plan)),
+            await self.nc.subscribe(s.transfer_event_all(), cb=self._watcher(TransferEvent, w.on_transfer_event)),
+        ]
+        self.tasks.spawn(self.dashboard.run(), name="dashboard")
         # Models deployed at run time before this gateway (re)started: the scaler knows them.
         dep, source = await self.deployments.ask(self.nc, self.subjects, self.id)
         if dep is None:
@@ -260,10 +281,10 @@ class GatewayCore:
             req.advance(Phase.FAILED)
             self.hub.close(req)
             self.load.failed(info.name)
+            self.metrics.failures.inc(model=info.name, worker="", cause="queue_full", mid_stream="false")
             raise ApiError(
                 429, f"{e}; retry later", code="queue_full", retry_after_s=self.settings.retry_after_s
             ) from None
-        self.metrics.prompt_tokens.inc(len(prompt_ids), model=info.name)
         return req
 
     async def next_event(self, req: RequestState) -> TokenEvent | Failure:
@@ -322,6 +343,21 @@ class GatewayCore:
         if b is not None and b.depth:
             b.wake()
 
+    def _watcher(self, kind: type[T], on: Callable[[T], Frame | None]) -> Callable[[Msg], Awaitable[None]]:
+        async def cb(msg: Msg) -> None:
+            try:
+                m = decode(msg.data, kind)
+            except MessageError as e:
+                self.log.warning("bad_message", subject=msg.subject, error=str(e))
+                return
+            self.dashboard.publish(on(m))
+
+        return cb
+
+    def _mesh_changed(self) -> None:
+        self._wake_all()
+        self.dashboard.changed()
+
     def _wake_all(self) -> None:
         for b in self.batchers.values():
             b.wake()
@@ -335,15 +371,22 @@ class GatewayCore:
         # route is bound to its first stage: that worker drives it and sends its tokens.
         worker = route.worker_id
         relays = tuple(s.worker_id for s in route.stages[1:])
+        now = time.monotonic()
         for r in batch:
             r.advance(Phase.PREFILL, worker)
             r.attempts += 1
+            if not r.streamed:
+                r.dispatched_at = now
             r.relays = relays
             r.resumed = len(r.streamed)
         model = batch[0].model
         self.metrics.batches.inc(model=model)
         self.metrics.batch_size.observe(len(batch), model=model)
         self.metrics.routed.inc(len(batch), model=model, route="pipelined" if route.stages else "full")
+        if route.stages:
+            # The split depth: decoder layers the first (loading) instance runs before handing on.
+            depth = str(route.stages[0].end - route.stages[0].start)
+            self.metrics.partial_routes.inc(len(batch), model=model, worker=worker, depth=depth)
         self.tasks.spawn(self._send_batch(route, batch), name=f"dispatch-{worker}")
 
     async def _send_batch(self, route: Route, batch: list[RequestState]) -> None:
@@ -550,8 +593,14 @@ class GatewayCore:
                 self._out_of_step(req, msg.worker_id, ev.index, expected)
                 continue
             broken = ev.finish_reason in ("cancelled", "error")
+            if ev.token_ids and not broken:
+                if not req.served_by and not req.streamed:
+                    # Its prompt is through prefill there (a migrated request's was counted once).
+                    self.metrics.prompt_tokens.inc(len(req.prompt_ids), model=req.model, worker=msg.worker_id)
+                req.served_by = msg.worker_id
+                self.metrics.generation_tokens.inc(len(ev.token_ids), model=req.model, worker=msg.worker_id)
+                self.dashboard.stats.generated(req.model, len(ev.token_ids))
             if ev.token_ids:
-                self.metrics.tokens.inc(len(ev.token_ids), model=req.model)
                 self.load.generated(req.model, len(ev.token_ids))
                 if not broken:
                     req.streamed.extend(ev.token_ids)

@@ -105,6 +105,11 @@ class RequestState:
     streamed: list[int] = field(default_factory=list)
     resumed: int = 0
     migrations: int = 0
+    # For metrics (monotonic): its last dispatch before its first token (queue time ends there,
+    # prefill time starts), and the worker whose tokens reached the client last (unlike
+    # `worker_id`, kept after the request ends: the `worker` label of its finished-request metrics).
+    dispatched_at: float = 0.0
+    served_by: str = ""
 
     def advance(self, to: Phase, worker_id: str | None = None) -> None:
         """Move to `to` (binding `worker_id` when it is PREFILL); raises PhaseError if not allowed."""

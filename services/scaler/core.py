@@ -203,6 +203,9 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
             )
         )
     for d in result.decisions:
+        # The policy in force names the decision on the wire (metrics count by it); the book
+        # that made it knows targets, not policies.
+        d = replace(d, policy=controls.get(d.model).policy.name)
         effects.append(Publish(d))
         effects.append(
             Note(
@@ -290,6 +293,15 @@ def set_target(state: ScalerState, req: ScaleRequest, mesh: Mesh, now: Now) -> t
     current = book.current(req.model, mesh.instances, now.mono)
     policy = state.controls.get(req.model).policy.name
     note = "" if policy == "manual" else f"; policy {policy} manages it and may change it"
+    wanted, idle = req.replicas - current, len(mesh.idle)
+    if wanted > idle:
+        # Accepted all the same: the scaler keeps the target and starts instances as workers
+        # join the pool (or another model lends one), so say what happens meanwhile.
+        note += (
+            f". Only {idle} idle worker(s) for {wanted} more instance(s): {idle + current} will run, and "
+            f"{wanted - idle} will start when workers join (`cascade up --workers N`, "
+            "`docker compose up --scale worker=N`) or another model gives one back"
+        )
     ok = Ok(f"{req.model}: target {req.replicas} replicas (was {previous}); {current} running now{note}")
     return ok, [Note("target_set", {"model": req.model, "replicas": req.replicas, "previous": previous})]
 

@@ -176,12 +176,15 @@ class ReplicaBook:
         if replicas > b.max_replicas:
             raise TargetError(
                 "out_of_bounds",
-                f"{model}: {replicas} replicas is above max_replicas {b.max_replicas} (set in the deployment file)",
+                f"{model}: {replicas} replicas is above max_replicas {b.max_replicas} (set in the deployment file); "
+                f"the target stays {self.targets[model]}. Ask for at most {b.max_replicas}, or raise max_replicas "
+                "in the deployment file and restart the mesh",
             )
         if replicas < b.min_replicas:
             raise TargetError(
                 "out_of_bounds",
-                f"{model}: {replicas} replicas is below min_replicas {b.min_replicas} (set in the deployment file)",
+                f"{model}: {replicas} replicas is below min_replicas {b.min_replicas} (set in the deployment file); "
+                f"the target stays {self.targets[model]}",
             )
         previous = self.targets[model]
         self.targets[model] = replicas
@@ -333,6 +336,7 @@ class ReplicaBook:
         now: float,
         wall: float,
         extra: Mapping[str, float] | None = None,
+        trigger: str = "",
     ) -> ScaleDecision:
         b = self.bounds[model]
         retry = self._failures.get(model, 0)
@@ -362,6 +366,7 @@ class ReplicaBook:
             reason=reason,
             figures=figures,
             ts=wall,
+            trigger=trigger or ("target" if why is None else "load"),
         )
         self.in_flight[model] = InFlight(d, now)
         self._operator.discard(model)
@@ -414,7 +419,7 @@ class ReplicaBook:
                 figures = {"need": float(need), "borrower_waits_for": float(starved[model])}
                 self.targets[m] = cur - n
                 self._why[m] = (reason, figures)
-                out.append(self._decide(m, "down", n, cur - n, cur, now, wall))
+                out.append(self._decide(m, "down", n, cur - n, cur, now, wall, trigger="lend"))
                 self.counters["lent"] += n
         return out
 

@@ -220,6 +220,10 @@ class EngineFigures:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
+# Generated tokens/s is measured over this trailing window.
+_RATE_WINDOW_S = 5.0
+
+
 @dataclass(slots=True)
 class EngineStats:
     steps: int = 0
@@ -239,11 +243,23 @@ class EngineStats:
         if batch:
             self.batch_hist[batch] += 1
             self.max_batch_seen = max(self.max_batch_seen, batch)
-        self._window.append((now, tokens))
-        while self._window and now - self._window[0][0] > 5.0:
-            self._window.popleft()
-        span = now - self._window[0][0] if len(self._window) > 1 else 0.0
-        self.tokens_per_s = sum(t for _, t in self._window) / span if span > 0 else 0.0
+        with self._lock:
+            self._window.append((now, tokens))
+            while self._window and now - self._window[0][0] > _RATE_WINDOW_S:
+                self._window.popleft()
+            span = now - self._window[0][0] if len(self._window) > 1 else 0.0
+            self.tokens_per_s = sum(t for _, t in self._window) / span if span > 0 else 0.0
+
+    def rate(self, now: float) -> float:
+        """Generated tokens/s over the last few seconds up to `now` (monotonic). Unlike
+        `tokens_per_s`, which only steps update, it falls to 0 when the engine goes quiet; safe
+        to call from the event loop while the engine thread steps."""
+        with self._lock:
+            recent = [(t, n) for t, n in self._window if now - t <= _RATE_WINDOW_S]
+        if not recent:
+            return 0.0
+        # At least a second: a first step alone must not read as a burst of thousands of tokens/s.
+        return sum(n for _, n in recent) / max(now - recent[0][0], 1.0)
 
     # ---- per metrics interval: written by the step (engine thread), taken by the metrics task
     interval: dict[int, list[float]] = field(default_factory=dict)  # batch → [steps, total ms, prefill tokens]

@@ -220,7 +220,8 @@ class WorkerService:
             running=running,
             waiting=waiting,
             max_batch=f.max_batch if f else self.settings.max_batch,
-            tokens_per_s=round(f.tokens_per_s, 2) if f else 0.0,
+            # Read now, not the figure of the last step: an engine gone quiet reports 0.
+            tokens_per_s=round(eng.stats.rate(time.monotonic()), 2) if eng else 0.0,
             ready_seq=slot.seq,
             pid=os.getpid(),
             host=socket.gethostname(),
@@ -234,6 +235,7 @@ class WorkerService:
             data_addr=self._data_addr(),
             kv_cache_usage=round(f.kv_cache_usage, 4) if f else 0.0,
             max_model_len=f.max_model_len if f else 0,
+            num_preemptions=f.num_preemptions if f else 0,
         )
 
     def _data_addr(self) -> str | None:
