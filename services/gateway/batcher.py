@@ -21,6 +21,7 @@ report. The batcher does no I/O: it talks to its owner through one interface,
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -79,6 +80,9 @@ class Batcher:
         self._queue: deque[RequestState] = deque()
         self._wake = asyncio.Event()
         self._last_arrival = float("-inf")
+        # No queued request's deadline is earlier than this (a lower bound, exact after a scan):
+        # a step under overload then costs O(1) in the queue's length, not a scan of it.
+        self._first_deadline = float("inf")
 
     # ---- admission ---------------------------------------------------------
     @property
@@ -95,6 +99,7 @@ class Batcher:
         req.quiet = now - self._last_arrival > self.wait_s
         self._last_arrival = now
         self._queue.append(req)
+        self._first_deadline = min(self._first_deadline, req.deadline)
         self._wake.set()
 
     def requeue(self, req: RequestState, delay_s: float = 0.0, fresh_deadline: bool = True) -> None:
@@ -106,6 +111,7 @@ class Batcher:
         if fresh_deadline:
             req.deadline = now + self.queue_timeout_s
         self._queue.appendleft(req)
+        self._first_deadline = min(self._first_deadline, req.deadline)
         self._wake.set()
 
     def is_queued(self, req: RequestState) -> bool:
@@ -152,9 +158,13 @@ class Batcher:
         if not self._queue:
             self._holding = False
             return None
-        ready = [r for r in self._queue if r.ready_at <= now]
+        # Ready requests in queue order, read only as far as needed: a batch never holds more than
+        # max_batch_size, so the first that many decide whether to wait; the rest is read only
+        # when some of those are skipped below.
+        ready_iter = (r for r in self._queue if r.ready_at <= now)
+        ready = list(itertools.islice(ready_iter, self.max_batch_size))
         if not ready:
-            return min(min(r.ready_at for r in self._queue), min(r.deadline for r in self._queue)) - now
+            return min(min(r.ready_at for r in self._queue), self._first_deadline) - now
         head = ready[0]
         route = self._owner.pick(self.model, frozenset(head.avoid))
         if route is None:
@@ -162,7 +172,7 @@ class Batcher:
                 self._holding = True
                 self._owner.holding(self.model)
             self._expire(now)
-            return None if not self._queue else min(r.deadline for r in self._queue) - now
+            return None if not self._queue else self._first_deadline - now
         # The window never outlasts the head's deadline: with an instance up, it goes rather than expires.
         window_end = min(head.ready_at + self.wait_s, head.deadline)
         alone = len(ready) == 1 and head.quiet
@@ -174,7 +184,7 @@ class Batcher:
         worker = route.worker_id
         batch: list[RequestState] = []
         tokens = 0
-        for r in ready:
+        for r in itertools.chain(ready, ready_iter):
             if len(batch) >= self.max_batch_size:
                 break
             # The rest waits for the next pick, which weighs this batch (another instance, or this
@@ -194,6 +204,10 @@ class Batcher:
         return 0.0 if self._queue else None
 
     def _expire(self, now: float, only_held: bool = False) -> None:
+        if now < self._first_deadline:
+            return
+        if not only_held:
+            self._first_deadline = min((r.deadline for r in self._queue if r.deadline > now), default=float("inf"))
         expired = [r for r in self._queue if r.deadline <= now and not (only_held and r.ready_at <= now)]
         for r in expired:
             self._queue.remove(r)
