@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import torch
 
-from cascade.messages import MessageError, RouteStage, SamplingParams, decode_object, message
+from cascade.messages import MessageError, RouteStage, SamplingParams, TokenLogprob, decode_object, message
 
 _PREFIX = struct.Struct("<IQ")
 PREFIX_SIZE = _PREFIX.size
@@ -63,6 +63,7 @@ class StageInput:
 class StageToken:
     request_id: str
     token: int
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 @message("stage_close")

@@ -11,11 +11,14 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
 
+from cascade.messages import TokenEvent, TokenLogprob
+from cascade.models.tokenizer import Tokenizer
 from services.gateway import openai_api as oai
 from services.gateway.core import GatewayCore
 from services.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -142,9 +145,10 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
         req = core.admit(rid, info, prompt_ids, spec, max_tokens)
         progress = _Progress(core, info.name, arrived)
         try:
+            fmt = _Formatter(spec, info.tokenizer, req.prompt_ids)
             if spec.stream:
-                return await _stream(request, core, req, spec, progress)
-            return await _complete(core, req, spec, progress)
+                return await _stream(request, core, req, spec, progress, fmt)
+            return await _complete(core, req, spec, progress, fmt)
         except asyncio.CancelledError:
             progress.outcome = "gone"
             raise
@@ -195,16 +199,66 @@ class _Progress:
             self.core.load.failed(self.model)
 
 
+class _Formatter:
+    """Turns a request's token events into the OpenAI shapes it asked for: log probabilities
+    (chat's or the completions' legacy shape), echo, vLLM's prompt_logprobs."""
+
+    def __init__(self, spec: oai.GenerationSpec, tok: Tokenizer, prompt_ids: list[int]) -> None:
+        self.spec, self.tok, self.prompt_ids = spec, tok, prompt_ids
+        self._texts: dict[int, str] = {}
+        self.prompt_lps: list[TokenLogprob | None] | None = None
+        self.offset = 0  # completions' text_offset of the next token
+
+    def text_of(self, token: int) -> str:
+        t = self._texts.get(token)
+        if t is None:
+            t = self._texts[token] = self.tok.decode([token])
+        return t
+
+    def saw(self, ev: TokenEvent) -> None:
+        if ev.prompt_logprobs is not None and self.prompt_lps is None:
+            self.prompt_lps = ev.prompt_logprobs
+
+    def echo_text(self) -> str:
+        if not self.spec.echo:
+            return ""
+        return self.spec.prompt if self.spec.prompt is not None else self.tok.decode(self.prompt_ids)
+
+    def vllm_prompt_logprobs(self) -> list[Any] | None:
+        if self.spec.prompt_logprobs is None:
+            return None
+        return oai.vllm_prompt_logprobs(self.prompt_ids, list(self.prompt_lps or []), self.text_of)
+
+    def logprobs(self, ids: list[int], lps: list[TokenLogprob], echo: bool = False) -> dict[str, Any] | None:
+        """The `logprobs` of a choice (or of a chunk) with these tokens; with `echo`, the prompt's
+        tokens lead (completions)."""
+        if self.spec.logprobs is None:
+            return None
+        if self.spec.kind == "chat":
+            return oai.chat_logprobs(lps, self.text_of)
+        items: list[tuple[int, TokenLogprob | None]] = []
+        if echo:
+            plps = list(self.prompt_lps or [])
+            items += [(t, plps[i] if i < len(plps) else None) for i, t in enumerate(self.prompt_ids)]
+        items += [(e.token, e) for e in lps]
+        out = oai.completion_logprobs(items, self.text_of, self.offset)
+        self.offset = out["text_offset"][-1] + len(out["tokens"][-1]) if items else self.offset
+        return out
+
+
 async def _complete(
-    core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, progress: _Progress
+    core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, progress: _Progress, fmt: _Formatter
 ) -> web.Response:
     parts: list[str] = []
+    lps: list[TokenLogprob] = []
     while True:
         ev = await core.next_event(req)
         if isinstance(ev, Failure):
             raise _failure_error(ev)
         progress.saw(ev.token_ids, ev.text)
+        fmt.saw(ev)
         parts.append(ev.text)
+        lps.extend(ev.logprobs)
         if ev.finish_reason is None:
             continue
         err = _final_error(ev.finish_reason, ev.error)
@@ -213,13 +267,34 @@ async def _complete(
         use = oai.usage(len(req.prompt_ids), ev.completion_tokens or progress.tokens)
         created = int(time.time())
         progress.outcome = "ok"
+        text = fmt.echo_text() + "".join(parts)
+        plps = fmt.vllm_prompt_logprobs()
+        ch = oai.choice(
+            spec.kind, text, ev.finish_reason, logprobs=fmt.logprobs([], lps, echo=spec.echo),
+            prompt_logprobs=plps if spec.kind == "completion" else None,
+        )  # fmt: skip
         return json_response(
-            oai.full_response(spec.kind, req.request_id, created, spec.model, "".join(parts), ev.finish_reason, use)
+            oai.full_response(
+                spec.kind,
+                req.request_id,
+                created,
+                spec.model,
+                text,
+                ev.finish_reason,
+                use,
+                choices=[ch],
+                prompt_logprobs=plps if spec.kind == "chat" else None,
+            )
         )
 
 
 async def _stream(
-    request: web.Request, core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, progress: _Progress
+    request: web.Request,
+    core: GatewayCore,
+    req: RequestState,
+    spec: oai.GenerationSpec,
+    progress: _Progress,
+    fmt: _Formatter,
 ) -> web.StreamResponse:
     kind, rid, created, model = spec.kind, req.request_id, int(time.time()), spec.model
     # Wait for the first event before answering: until then a failure is still a proper HTTP
@@ -238,7 +313,30 @@ async def _stream(
     )
     await resp.prepare(request)
     first = True
+    iu = spec.include_usage
     try:
+        if not isinstance(ev, Failure):
+            fmt.saw(ev)
+        if spec.echo or spec.prompt_logprobs is not None:
+            # The prompt's own chunk first: its text under echo, its logprobs when asked for.
+            lp = fmt.logprobs([], [], echo=True) if spec.echo else None
+            plps = fmt.vllm_prompt_logprobs()
+            await resp.write(
+                oai.sse(
+                    oai.chunk(
+                        kind,
+                        rid,
+                        created,
+                        model,
+                        fmt.echo_text(),
+                        first=True,
+                        include_usage=iu,
+                        logprobs=lp,
+                        prompt_logprobs=plps,
+                    )
+                )
+            )
+            first = False
         while True:
             if isinstance(ev, Failure):
                 await resp.write(oai.sse(_failure_error(ev).body()))
@@ -248,11 +346,10 @@ async def _stream(
             if err is not None:
                 await resp.write(oai.sse(err.body()))
                 break
-            if ev.text or first:
+            if ev.text or first or ev.logprobs:
+                lp = fmt.logprobs(ev.token_ids, ev.logprobs) if ev.logprobs else None
                 await resp.write(
-                    oai.sse(
-                        oai.chunk(kind, rid, created, model, ev.text, first=first, include_usage=spec.include_usage)
-                    )
+                    oai.sse(oai.chunk(kind, rid, created, model, ev.text, first=first, include_usage=iu, logprobs=lp))
                 )
                 first = False
             if ev.finish_reason is not None:

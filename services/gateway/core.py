@@ -692,7 +692,8 @@ def _resumed_input(req: RequestState) -> tuple[list[int], SamplingParams]:
     if not req.streamed:
         return req.prompt_ids, req.params
     n = len(req.streamed)
-    params = dataclasses.replace(req.params, max_tokens=req.params.max_tokens - n, resumed=n)
+    # The client has the prompt's logprobs already (they came with the first event).
+    params = dataclasses.replace(req.params, max_tokens=req.params.max_tokens - n, resumed=n, prompt_logprobs=None)
     return req.prompt_ids + req.streamed, params
 
 
@@ -706,4 +707,9 @@ def sampling_params(spec: GenerationSpec, max_tokens: int, defaults: Mapping[str
         seed=spec.seed,
         stop=spec.stop,
         ignore_eos=spec.ignore_eos,
+        logprobs=spec.logprobs,
+        prompt_logprobs=spec.worker_prompt_logprobs,
+        presence_penalty=spec.presence_penalty,
+        frequency_penalty=spec.frequency_penalty,
+        repetition_penalty=spec.repetition_penalty,
     )

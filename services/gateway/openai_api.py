@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
+
+from cascade.messages import TokenLogprob
 
 Kind = Literal["completion", "chat"]
 
 # OpenAI's own limits where it has them; generous where the model is the limit anyway.
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs; vLLM's default max_logprobs too
+MAX_N = 16
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -86,6 +91,22 @@ class GenerationSpec:
     include_usage: bool = False
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    n: int = 1
+    # None: not asked. Chat: top_logprobs when logprobs is true; completions: the logprobs int.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's extension (both endpoints)
+    echo: bool = False  # completions: the prompt (and with logprobs its logprobs) leads the text
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's extension
+
+    @property
+    def worker_prompt_logprobs(self) -> int | None:
+        """What the worker computes for the prompt: prompt_logprobs, or with echo the logprobs."""
+        k = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            k = max(k or 0, self.logprobs)
+        return k
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -102,27 +123,44 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 def parse_completion(body: dict[str, Any]) -> GenerationSpec:
     common = _common(body, "completion")
-    if body.get("echo"):
-        raise _unsupported("echo")
-    if _present(body, "best_of") and _int(body, "best_of", lo=1) != 1:
-        raise _unsupported("best_of", "only best_of = 1 is supported")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise invalid("echo must be a boolean", "echo")
+    if _present(body, "best_of") and _int(body, "best_of", lo=1) != common["n"]:
+        raise _unsupported("best_of", "best_of must equal n (choices are not ranked by this server)")
     if body.get("suffix"):
         raise _unsupported("suffix")
-    if body.get("logprobs") not in (None, 0, False):
-        raise _unsupported("logprobs")
+    logprobs = None
+    if _present(body, "logprobs"):
+        logprobs = _int(body, "logprobs", lo=0)
+        if logprobs > MAX_TOP_LOGPROBS:
+            raise invalid(f"logprobs must be at most {MAX_TOP_LOGPROBS}, got {logprobs}", "logprobs")
     prompt, prompt_ids = _prompt(body)
-    return GenerationSpec(kind="completion", prompt=prompt, prompt_ids=prompt_ids, **common)
+    return GenerationSpec(
+        kind="completion", prompt=prompt, prompt_ids=prompt_ids, logprobs=logprobs, echo=bool(echo), **common
+    )
 
 
 def parse_chat(body: dict[str, Any]) -> GenerationSpec:
     common = _common(body, "chat")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise _unsupported("logprobs")
+    lp = body.get("logprobs")
+    if lp is not None and not isinstance(lp, bool):
+        raise invalid("logprobs must be a boolean", "logprobs")
+    top = None
+    if _present(body, "top_logprobs"):
+        top = _int(body, "top_logprobs", lo=0)
+        if top > MAX_TOP_LOGPROBS:
+            raise invalid(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {top}", "top_logprobs")
+        if not lp:
+            raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+    common["logprobs"] = (top or 0) if lp else None
     if body.get("tools") or body.get("functions"):
         raise _unsupported("tools", "tool calling is not supported by this server")
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
         raise _unsupported("response_format", "only response_format {'type': 'text'} is supported")
+    if body.get("echo"):
+        raise _unsupported("echo", "echo is a /v1/completions parameter")
     return GenerationSpec(kind="chat", messages=_messages(body), **common)
 
 
@@ -135,6 +173,11 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
     n = _int(body, "n", lo=1) if _present(body, "n") else 1
     if n != 1:
         raise invalid("only n = 1 is supported; send several requests for several choices", "n")
+    prompt_logprobs = None
+    if _present(body, "prompt_logprobs"):
+        prompt_logprobs = _int(body, "prompt_logprobs", lo=0)
+        if prompt_logprobs > MAX_TOP_LOGPROBS:
+            raise invalid(f"prompt_logprobs must be at most {MAX_TOP_LOGPROBS}", "prompt_logprobs")
     # Chat deprecates max_tokens for max_completion_tokens; when both come, the newer one wins.
     max_tokens = None
     for name in ("max_tokens", "max_completion_tokens") if kind == "chat" else ("max_tokens",):
@@ -142,9 +185,12 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
             max_tokens = _int(body, name, lo=1)
     temperature = _number(body, "temperature", 0.0, 2.0) if _present(body, "temperature") else None
     top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True) if _present(body, "top_p") else None
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _present(body, name) and _number(body, name, -2.0, 2.0) != 0.0:
-            raise _unsupported(name)
+    penalties = {
+        name: _number(body, name, -2.0, 2.0) if _present(body, name) else 0.0
+        for name in ("presence_penalty", "frequency_penalty")
+    }
+    if _present(body, "repetition_penalty"):
+        penalties["repetition_penalty"] = _number(body, "repetition_penalty", 0.0, 100.0, lo_open=True)
     if body.get("logit_bias"):
         raise _unsupported("logit_bias")
     seed = _int(body, "seed") if _present(body, "seed") else None
@@ -181,6 +227,9 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
         "include_usage": include_usage,
         "user": user,
         "ignore_eos": bool(ignore_eos),
+        "n": n,
+        "prompt_logprobs": prompt_logprobs,
+        **penalties,
     }
 
 
@@ -354,6 +403,31 @@ def object_name(kind: Kind, stream: bool) -> str:
     return "chat.completion.chunk" if stream else "chat.completion"
 
 
+def choice(
+    kind: Kind,
+    text: str,
+    finish_reason: str | None,
+    *,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    prompt_logprobs: list[Any] | None = None,
+    message: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One choice of a whole response (chat: `message` replaces the plain text message)."""
+    out: dict[str, Any]
+    if kind == "completion":
+        out = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_logprobs  # vLLM's extension, per choice on completions
+        return out
+    return {
+        "index": index,
+        "message": message if message is not None else {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
+
+
 def full_response(
     kind: Kind,
     rid: str,
@@ -362,26 +436,22 @@ def full_response(
     text: str,
     finish_reason: str | None,
     use: dict[str, int],
+    *,
+    choices: list[dict[str, Any]] | None = None,
+    prompt_logprobs: list[Any] | None = None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any]
-    if kind == "completion":
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    else:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
-    return {
+    out = {
         "id": rid,
         "object": object_name(kind, False),
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [choice],
+        "choices": choices if choices is not None else [choice(kind, text, finish_reason)],
         "usage": use,
     }
+    if kind == "chat" and prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs  # vLLM's extension, on the response for chat
+    return out
 
 
 def chunk(
@@ -394,26 +464,37 @@ def chunk(
     *,
     first: bool = False,
     include_usage: bool = False,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    delta: dict[str, Any] | None = None,
+    prompt_logprobs: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """One stream chunk with a text delta (chat: the first one also carries the role)."""
-    choice: dict[str, Any]
+    """One stream chunk with a text delta (chat: the first one also carries the role; `delta`
+    replaces the text delta, for tool calls)."""
+    ch: dict[str, Any]
     if kind == "completion":
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        ch = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if prompt_logprobs is not None:
+            ch["prompt_logprobs"] = prompt_logprobs
     else:
-        delta: dict[str, Any] = {}
+        d: dict[str, Any] = {}
         if first:
-            delta["role"] = "assistant"
-        if text or first:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            d["role"] = "assistant"
+        if delta is not None:
+            d.update(delta)
+        elif text or first:
+            d["content"] = text
+        ch = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason}
     out: dict[str, Any] = {
         "id": rid,
         "object": object_name(kind, True),
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [choice],
+        "choices": [ch],
     }
+    if kind == "chat" and prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs
     if include_usage:
         out["usage"] = None  # OpenAI: null on every chunk but the last, which carries the figures
     return out
@@ -443,3 +524,65 @@ def model_list(names: list[str], created: int) -> dict[str, Any]:
         "object": "list",
         "data": [{"id": n, "object": "model", "created": created, "owned_by": "cascade"} for n in names],
     }
+
+
+# --------------------------------------------------------------------------- log probabilities
+
+TokenText = Callable[[int], str]
+
+
+def _lp_item(text_of: TokenText, token: int, logprob: float) -> dict[str, Any]:
+    t = text_of(token)
+    return {"token": t, "logprob": logprob, "bytes": list(t.encode("utf-8"))}
+
+
+def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText) -> dict[str, Any]:
+    """OpenAI's chat `logprobs`: per token its text, log probability, UTF-8 bytes and the top ones."""
+    content = []
+    for e in entries:
+        item = _lp_item(text_of, e.token, e.logprob)
+        item["top_logprobs"] = [_lp_item(text_of, i, lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=True)]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(
+    items: list[tuple[int, TokenLogprob | None]], text_of: TokenText, offset: int = 0
+) -> dict[str, Any]:
+    """OpenAI's legacy completions `logprobs` for (token id, entry) pairs: an entry of None (the
+    first prompt token, under echo) has no log probability. `offset`: text_offset of the first."""
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for tok, e in items:
+        t = text_of(tok)
+        tokens.append(t)
+        offsets.append(offset)
+        offset += len(t)
+        token_lps.append(None if e is None else e.logprob)
+        if e is None:
+            tops.append(None)
+        else:
+            top: dict[str, float] = {}
+            for i, lp in zip(e.top_ids, e.top_logprobs, strict=True):
+                top.setdefault(text_of(i), lp)
+            tops.append(top)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(
+    prompt_ids: list[int], entries: list[TokenLogprob | None], text_of: TokenText
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} for the token itself and the top ones."""
+    out: list[dict[str, Any] | None] = []
+    for tok, e in zip(prompt_ids, entries, strict=False):
+        if e is None:
+            out.append(None)
+            continue
+        d = {str(tok): {"logprob": e.logprob, "rank": e.rank, "decoded_token": text_of(tok)}}
+        for r, (i, lp) in enumerate(zip(e.top_ids, e.top_logprobs, strict=True), 1):
+            d.setdefault(str(i), {"logprob": lp, "rank": r, "decoded_token": text_of(i)})
+        out.append(d)
+    return out

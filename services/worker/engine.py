@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from cascade.device_profile import LayerWork
-from cascade.messages import RouteStage, SamplingParams, TokenEvent
+from cascade.messages import RouteStage, SamplingParams, TokenEvent, TokenLogprob
 from cascade.models.tokenizer import IncrementalDecoder, Tokenizer
 from cascade.stagewire import StageClose, StageError, StageFrame, StageInput, StageToken
 from services.worker.admission import Budget
@@ -63,7 +63,7 @@ from services.worker.kvblocks import (
     cap_model_len,
 )
 from services.worker.model import LlamaModel, PagedKV, Segment, prefill_inputs
-from services.worker.sampling import sample_next, skip_draws
+from services.worker.sampling import LogprobsMode, SampleRow, prompt_logprobs, sample, skip_draws
 
 if TYPE_CHECKING:
     from cascade.device_profile import StepPadder
@@ -111,6 +111,11 @@ class Sequence:
     error: str | None = None
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
+    pending_lps: list[TokenLogprob] = field(default_factory=list)
+    # Prompt logprobs (asked for with prompt_logprobs): filled as its prompt is computed, sent
+    # once with its first event.
+    prompt_lps: list[TokenLogprob | None] | None = None
+    prompt_lps_sent: bool = False
     arrived_at: float = 0.0  # wall clock at the gateway: prompts start oldest first
     done: int = 0  # prompt tokens computed so far (prefilled in chunks, or found in the prefix cache)
     chunk: int = 0  # prompt tokens in the step being computed
@@ -133,6 +138,18 @@ class Sequence:
 
     def ids(self) -> list[int]:
         return self.prompt + self.generated
+
+    @property
+    def wants_prompt_lps(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.prompt_lps_sent
+
+    def sample_row(self) -> SampleRow:
+        """Its row of the sampler. A migrated request's streamed tokens end its prompt here but
+        were its output: the penalties count them as output, so its sampling state moves with it."""
+        r = self.params.resumed
+        if 0 < r <= len(self.prompt):
+            return SampleRow(self.params, self.generator, self.prompt[:-r], self.prompt[-r:] + self.generated)
+        return SampleRow(self.params, self.generator, self.prompt, self.generated)
 
 
 class Pending(NamedTuple):
@@ -287,8 +304,10 @@ class Engine:
         block_size: int = 16,
         prefix_caching: bool = True,
         max_model_len: int = 0,
+        logprobs_mode: LogprobsMode = "raw",
     ) -> None:
         self.model = model
+        self.logprobs_mode: LogprobsMode = logprobs_mode
         self.padder = padder
         # With an emulated device, each real prompt/context token is priced as this many: a small
         # model's short prompts stand for a real model's long ones, so the CPU work stays well under
@@ -482,7 +501,9 @@ class Engine:
         chunked = sum(s.chunk for k, s in jobs if k == "chunk")
         if new:
             ids, pos, lens = prefill_inputs([s.ids() for s in new], self.model.device)
-            segs.append(Segment(range(self.L), self.kv, self._tables(new), pos, lens, True, True, ids=ids))
+            seg = Segment(range(self.L), self.kv, self._tables(new), pos, lens, True, True, ids=ids)
+            seg.all_logits = any(s.wants_prompt_lps for s in new)
+            segs.append(seg)
             jobs.append(("prefill", new))
         batch = len(self.running)
         relayed = sum(1 for k, _ in jobs if k == "relayed")
@@ -493,13 +514,18 @@ class Engine:
             except (RuntimeError, ValueError) as e:
                 self._fail_step(jobs, f"step failed: {e}")
                 outs = []
-            for (kind, obj), out in zip(jobs, outs, strict=False):
+            for (kind, obj), seg, out in zip(jobs, segs, outs, strict=False):
                 if kind == "decode":
                     self._accept_sampled(self.running[:old], out)
                     decoded += old
                 elif kind == "prefill":
+                    for b, s in enumerate(obj):
+                        if s.wants_prompt_lps and seg.logits_all is not None:
+                            self._record_prompt_lps(s, seg.logits_all[b], 0, len(s.ids()))
                     self._accept_sampled(obj, out)
                 elif kind == "chunk":
+                    if obj.wants_prompt_lps and seg.logits_all is not None:
+                        self._record_prompt_lps(obj, seg.logits_all[0], obj.done, obj.chunk)
                     self._chunk_done(obj, out)
                 elif kind == "driven":
                     self._send_driven(obj, out, outbox)
@@ -507,12 +533,15 @@ class Engine:
                     self._finish_relayed(obj, out, outbox)
         self._retire_finished(events, outbox)
         for seq in [*self.running, *self.driven.values()]:
-            if seq.pending_ids:
+            plps = self._take_prompt_lps(seq)
+            if seq.pending_ids or plps is not None:
                 first = len(seq.generated) - len(seq.pending_ids)
-                events.append(
-                    (seq.gateway_id, TokenEvent(seq.request_id, seq.pending_ids, seq.pending_text, index=first))
-                )
-                seq.pending_ids, seq.pending_text = [], ""
+                ev = TokenEvent(
+                    seq.request_id, seq.pending_ids, seq.pending_text, index=first, logprobs=seq.pending_lps,
+                    prompt_logprobs=plps,
+                )  # fmt: skip
+                events.append((seq.gateway_id, ev))
+                seq.pending_ids, seq.pending_text, seq.pending_lps = [], "", []
         self.stats.record(batch + relayed, len(new) + decoded, time.monotonic())
         self.stats.relayed_steps += relayed
         target = self._emulated_s(segs) if self.padder is not None and segs else 0.0
@@ -653,9 +682,11 @@ class Engine:
         end = seq.done + n
         dev = self.model.device
         ids = torch.tensor([seq.ids()[seq.done : end]], device=dev)
-        segs.append(
-            prompt_chunk(range(self.L), self.kv, self._tables([seq]), seq.done, n, end == seq.target, dev, ids=ids)
-        )
+        seg = prompt_chunk(range(self.L), self.kv, self._tables([seq]), seq.done, n, end == seq.target, dev, ids=ids)
+        # Prompt logprobs need every position's logits, so every chunk runs the head then.
+        seg.head = seg.head or seq.wants_prompt_lps
+        seg.all_logits = seq.wants_prompt_lps
+        segs.append(seg)
         jobs.append(("chunk", seq))
         return True
 
@@ -684,6 +715,9 @@ class Engine:
         hits: list[int] = []
         if self.blocks.prefix_caching:
             seq.keys = block_keys(ids, bs)
+        # Prompt logprobs need the logits at every prompt position: a cached prefix has none
+        # (vLLM recomputes such prompts too).
+        if self.blocks.prefix_caching and not seq.wants_prompt_lps:
             # One token at least is computed, for the logits of the next one.
             hits = self.blocks.match(seq.keys[: (target - 1) // bs])
         need = blocks_for(target, bs) - len(hits)
@@ -790,11 +824,30 @@ class Engine:
         )
 
     def _accept_sampled(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        toks = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, tok in zip(seqs, toks, strict=True):
-            self._accept_token(seq, tok)
+        toks, lps = sample(logits, [s.sample_row() for s in seqs], self.logprobs_mode)
+        for seq, tok, lp in zip(seqs, toks, lps, strict=True):
+            self._accept_token(seq, tok, lp)
 
-    def _accept_token(self, seq: Sequence, tok: int) -> None:
+    def _record_prompt_lps(self, seq: Sequence, logits: torch.Tensor, start: int, n: int) -> None:
+        """Prompt logprobs from the logits of positions start..start+n-1 [>= n, V]: position p
+        predicts prompt token p + 1."""
+        if start == 0:
+            seq.prompt_lps = [None]  # nothing predicts the first token (a recompute starts over)
+        if seq.prompt_lps is None or len(seq.prompt_lps) != start + 1:
+            return
+        targets = seq.prompt[start + 1 : min(start + n + 1, len(seq.prompt))]
+        seq.prompt_lps.extend(prompt_logprobs(logits[: len(targets)], targets, seq.params.prompt_logprobs or 0))
+
+    def _take_prompt_lps(self, seq: Sequence) -> list[TokenLogprob | None] | None:
+        """Its prompt logprobs, once, when every prompt token has one."""
+        lps = seq.prompt_lps
+        if not seq.wants_prompt_lps or lps is None or len(lps) < len(seq.prompt):
+            return None
+        seq.prompt_lps_sent = True
+        seq.prompt_lps = None
+        return lps
+
+    def _accept_token(self, seq: Sequence, tok: int, lp: TokenLogprob | None = None) -> None:
         if seq.finish is not None:
             return
         if tok in self._eos and not seq.params.ignore_eos:
@@ -803,6 +856,8 @@ class Engine:
             return
         seq.generated.append(tok)
         seq.pending_ids.append(tok)
+        if lp is not None:
+            seq.pending_lps.append(lp)
         self._push_text(seq, seq.decoder.push([tok]))
         if seq.finish is None and len(seq.generated) >= seq.params.max_tokens:
             seq.finish = "length"
@@ -888,8 +943,8 @@ class Engine:
         if rel.last:
             if not inp.final:
                 return  # a prompt chunk before the last: its keys and values are all it leaves
-            tok = sample_next(out, [rel.params], [rel.generator])[0]
-            outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, tok)))
+            toks, lps = sample(out, [SampleRow(rel.params, rel.generator)], self.logprobs_mode)
+            outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, toks[0], lps[0])))
             return
         frame = StageInput(
             rel.request_id, inp.prefill, rel.length - 1, start=inp.start, final=inp.final, sent_at=time.time(),
@@ -908,7 +963,7 @@ class Engine:
             elif isinstance(f, StageToken):
                 seq = self.driven.get(f.request_id)
                 if seq is not None and seq.finish is None:
-                    self._accept_token(seq, f.token)
+                    self._accept_token(seq, f.token, f.logprob)
                     if seq.finish is None:
                         seq.next_ids = [f.token]
             elif isinstance(f, StageClose):
@@ -1033,8 +1088,10 @@ class Engine:
             completion_tokens=len(seq.generated) + seq.eos_hit,
             error=seq.error,
             index=len(seq.generated) - len(seq.pending_ids),
+            logprobs=seq.pending_lps,
+            prompt_logprobs=self._take_prompt_lps(seq),
         )
-        seq.pending_ids, seq.pending_text, seq.held = [], "", ""
+        seq.pending_ids, seq.pending_text, seq.held, seq.pending_lps = [], "", "", []
         return ev
 
     def _retire_finished(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:

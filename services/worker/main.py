@@ -382,7 +382,7 @@ class WorkerService:
             model, tok, max_batch=s.max_batch, worker_id=s.worker_id, padder=self.padder, kv_slots=s.kv_capacity,
             max_prefill_tokens=s.max_prefill_tokens, emulated_token_scale=s.emulated_token_scale,
             kv_cache_bytes=kv_bytes, block_size=s.kv_block_size, prefix_caching=s.prefix_caching,
-            max_model_len=s.max_model_len,
+            max_model_len=s.max_model_len, logprobs_mode="processed" if s.logprobs_mode == "processed" else "raw",
         )  # fmt: skip
         self.log.info(
             "kv_cache", mb=round(kv_bytes / 1e6, 1), measured=measured, blocks=eng.blocks.total,

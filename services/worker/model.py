@@ -273,6 +273,10 @@ class Segment:
     ids: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     start: int = 0
+    # With `head` on a prefill: also the logits at every position (prompt logprobs), left in
+    # `logits_all` [B, T, V].
+    all_logits: bool = False
+    logits_all: torch.Tensor | None = None
     # Filled in by forward_segments:
     max_pos: int = 0
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -508,6 +512,8 @@ class LlamaModel:
                 outs.append(h3)
                 continue
             if seg.prefill:
+                if seg.all_logits:
+                    seg.logits_all = self.logits(h3.reshape(B * T, H)).view(B, T, -1)
                 last = (seg.lengths - 1).clamp(min=0)
                 hl = h3[torch.arange(B, device=h3.device), last]
             else:

@@ -1,0 +1,181 @@
+"""The OpenAI API features vLLM serves, through the mesh: the official `openai` client against a
+real gateway, a real worker process and the real nats-server fixture, on a tiny random checkpoint
+transformers wrote (so transformers is the oracle of every figure). The token ids behind the text
+come from the worker's own token events, tapped on the broker (a random model's text is mostly
+U+FFFD and cannot be compared alone)."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from cascade.config import Deployment, ModelDeployment
+from cascade.messages import LoadModel, Ok, TokenEvents, decode
+from cascade.models.tokenizer import ByteTokenizer
+from cascade.natsutil import connect, request
+from cascade.subjects import Subjects
+from services.gateway.router import serves_fully
+from services.gateway.testing import RunningGateway, running_gateway
+from tests.hfmodels import CASES, Built, build, hf_logits
+from tests.test_sampling_api import reference_penalties
+from tests.waiting import wait_until
+from tests.workerprocs import WorkerProcs
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "m"
+TOL = 1e-4
+MESSAGES = [{"role": "user", "content": "Score this answer."}]
+tok = ByteTokenizer()
+
+
+@dataclass
+class Mesh:
+    gw: RunningGateway
+    client: Any  # openai.AsyncOpenAI
+    built: Built
+    # request id → (event index, token ids) as the worker sent them
+    tapped: dict[str, list[Any]] = field(default_factory=dict)
+
+    async def on_tokens(self, msg: Any) -> None:
+        for ev in decode(msg.data, TokenEvents).events:
+            self.tapped.setdefault(ev.request_id, []).append(ev)
+
+    def ids(self, request_id: str) -> list[int]:
+        return [t for ev in self.tapped.get(request_id, []) for t in ev.token_ids]
+
+
+@pytest.fixture(scope="module")
+async def mesh(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    root = tmp_path_factory.mktemp("features")
+    built = build(CASES[0], root)
+    subjects = Subjects("t" + uuid.uuid4().hex[:10])
+    workers = WorkerProcs(nats_url, subjects.prefix, root)
+    nc = await connect(nats_url, "test")
+    dep = Deployment(models=(ModelDeployment(name=MODEL, path=built.v5, min_replicas=1),))
+    try:
+        async with running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=0.2) as gw:
+            workers.start("w1", "--heartbeat-s", "0.2")
+            views = gw.core.registry.views
+            await wait_until(lambda: any(v.worker_id == "w1" for v in views()), 60, "w1 heart-beating")
+            await request(nc, subjects.load("w1"), LoadModel(MODEL, str(built.v5)), Ok, timeout=10)
+            await wait_until(lambda: any(serves_fully(v, MODEL) for v in views()), 60, "w1 serving")
+            m = Mesh(gw, openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0), built)
+            await nc.subscribe(subjects.tokens(gw.id), cb=m.on_tokens)
+            await nc.flush()
+            yield m
+            await m.client.close()
+    finally:
+        workers.stop_all()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+
+def log_softmax(built: Built, ids: list[int]) -> torch.Tensor:
+    return torch.log_softmax(hf_logits(built.hf, ids), dim=-1)
+
+
+async def test_chat_logprobs_equal_transformers(mesh: Mesh) -> None:
+    prompt = tok.encode_chat(MESSAGES)
+    r = await mesh.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
+        extra_body={"ignore_eos": True, "prompt_logprobs": 2},
+    )  # fmt: skip
+    gen = mesh.ids(r.id)
+    assert len(gen) == 6
+    ls = log_softmax(mesh.built, prompt + gen)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for j, (t, item) in enumerate(zip(gen, content, strict=True)):
+        row = ls[len(prompt) - 1 + j]
+        assert abs(item.logprob - float(row[t])) < TOL
+        assert item.token == tok.decode([t]) and item.bytes == list(item.token.encode())
+        vals = row.topk(3).values.tolist()
+        assert [x.logprob for x in item.top_logprobs] == pytest.approx(vals, abs=TOL)
+    # vLLM's prompt_logprobs: on the response, one per prompt token, keyed by token id.
+    plps = r.model_extra["prompt_logprobs"]
+    assert len(plps) == len(prompt) and plps[0] is None
+    for i in range(1, len(prompt)):
+        got = plps[i][str(prompt[i])]
+        assert abs(got["logprob"] - float(ls[i - 1, prompt[i]])) < TOL
+        assert got["rank"] == int((ls[i - 1] > ls[i - 1, prompt[i]]).sum()) + 1
+
+    # Streamed: the same log probabilities, chunk by chunk.
+    stream = await mesh.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    streamed: list[Any] = []
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content or []
+    assert [x.logprob for x in streamed] == pytest.approx([x.logprob for x in content], abs=TOL)
+    assert [x.token for x in streamed] == [x.token for x in content]
+
+
+async def test_completion_echo_logprobs_score_the_prompt(mesh: Mesh) -> None:
+    """What evaluation harnesses send to score a continuation: echo, logprobs, max_tokens 1."""
+    text = "The answer is B"
+    prompt = tok.encode(text)
+    r = await mesh.client.completions.create(
+        model=MODEL, prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=2, extra_body={"ignore_eos": True}
+    )
+    gen = mesh.ids(r.id)
+    ch = r.choices[0]
+    assert ch.text.startswith(text)
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(prompt) + 1 == len(lp.token_logprobs) == len(lp.text_offset)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ls = log_softmax(mesh.built, prompt + gen)
+    for i in range(1, len(prompt) + 1):
+        t = (prompt + gen)[i]
+        assert abs(lp.token_logprobs[i] - float(ls[i - 1, t])) < TOL
+        assert len(lp.top_logprobs[i]) <= 2
+    # Streamed: the prompt's chunk first (its text and logprobs), then the token's.
+    stream = await mesh.client.completions.create(
+        model=MODEL, prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=2, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    token_lps: list[float | None] = []
+    texts = []
+    async for chunk in stream:
+        for c in chunk.choices:
+            texts.append(c.text)
+            if c.logprobs is not None:
+                token_lps += c.logprobs.token_logprobs
+    assert "".join(texts) == ch.text
+    assert token_lps[0] is None
+    assert token_lps[1:] == pytest.approx(lp.token_logprobs[1:], abs=TOL)
+
+
+async def test_penalties_through_the_mesh_follow_the_reference(mesh: Mesh) -> None:
+    prompt = tok.encode("penalise me")
+    pres, freq, rep = 0.5, 1.5, 1.1
+    r = await mesh.client.completions.create(
+        model=MODEL, prompt="penalise me", max_tokens=8, temperature=0, presence_penalty=pres, frequency_penalty=freq,
+        extra_body={"ignore_eos": True, "repetition_penalty": rep},
+    )  # fmt: skip
+    got = mesh.ids(r.id)
+    seq: list[int] = []
+    for _ in range(8):
+        logits = hf_logits(mesh.built.hf, prompt + seq)[-1].tolist()
+        pen = reference_penalties(logits, prompt, seq, pres, freq, rep)
+        seq.append(max(range(len(pen)), key=pen.__getitem__))
+    assert got == seq
+    assert r.usage.completion_tokens == 8
+
+
+async def test_logprob_parameters_out_of_range_are_400s(mesh: Mesh) -> None:
+    with pytest.raises(openai.BadRequestError) as ei:
+        await mesh.client.chat.completions.create(model=MODEL, messages=MESSAGES, top_logprobs=2)
+    assert ei.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError):
+        await mesh.client.completions.create(model=MODEL, prompt="x", logprobs=21)
