@@ -57,6 +57,9 @@ class StageInput:
     index: int = 0
     params: SamplingParams | None = None
     arrived_at: float = 0.0
+    # The first chunk of a request whose sampling counts its tokens (penalties): the prompt ids,
+    # so that the last stage, which samples, holds the same history as a whole instance would.
+    tokens: list[int] = field(default_factory=list)
 
 
 @message("stage_token")

@@ -123,6 +123,12 @@ class RequestState:
         return not self.phase.live
 
     @property
+    def needs_full_instance(self) -> bool:
+        """It asks for what only a whole instance computes: prompt logprobs need the logits at
+        every prompt position, which a pipelined route's last stage does not send back."""
+        return self.params.prompt_logprobs is not None
+
+    @property
     def produced(self) -> bool:
         """A token reached the client: starting it afresh elsewhere would repeat output."""
         return bool(self.streamed) or self.phase in (Phase.DECODE, Phase.MIGRATING, Phase.DONE)

@@ -79,6 +79,22 @@ def _generator(params: SamplingParams, vocab: int) -> torch.Generator | None:
     return gen
 
 
+def history_row(
+    params: SamplingParams, generator: torch.Generator | None, prompt: list[int], output: list[int]
+) -> SampleRow:
+    """A sequence's row of the sampler. A migrated request's streamed tokens end its prompt here
+    but were its output: the penalties count them as output, so its sampling state moves with it."""
+    r = params.resumed
+    if 0 < r <= len(prompt):
+        return SampleRow(params, generator, prompt[:-r], prompt[-r:] + output)
+    return SampleRow(params, generator, prompt, output)
+
+
+def _counts_history(params: SamplingParams) -> bool:
+    """Its sampling depends on the tokens so far (a later stage must be told the prompt)."""
+    return params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1
+
+
 def _resume_text(seq: Sequence, streamed: list[int]) -> None:
     """A migrated request: its detokeniser and stop matching pick up after the output the lost
     instance streamed. That instance held back the same tail (the last max_stop - 1 characters,
@@ -144,12 +160,7 @@ class Sequence:
         return self.params.prompt_logprobs is not None and not self.prompt_lps_sent
 
     def sample_row(self) -> SampleRow:
-        """Its row of the sampler. A migrated request's streamed tokens end its prompt here but
-        were its output: the penalties count them as output, so its sampling state moves with it."""
-        r = self.params.resumed
-        if 0 < r <= len(self.prompt):
-            return SampleRow(self.params, self.generator, self.prompt[:-r], self.prompt[-r:] + self.generated)
-        return SampleRow(self.params, self.generator, self.prompt, self.generated)
+        return history_row(self.params, self.generator, self.prompt, self.generated)
 
 
 class Pending(NamedTuple):
@@ -178,6 +189,10 @@ class Relayed:
     computing: Pending | None = None  # the input of the step under way
     arrived_at: float = 0.0  # the request's arrival at the gateway (wall clock)
     table: list[int] = field(default_factory=list)  # its KV blocks here
+    # For sampling that counts tokens (penalties): the prompt, from the first chunk's frame, and
+    # at the last stage the tokens it sampled.
+    prompt: list[int] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)
 
     @property
     def stage(self) -> RouteStage:
@@ -901,6 +916,7 @@ class Engine:
             frame = StageInput(
                 seq.request_id, True, seq.length - 1, start=seq.done, final=not rest, sent_at=frame.sent_at,
                 route=list(seq.route), index=1, params=seq.params, arrived_at=seq.arrived_at,
+                tokens=seq.prompt if seq.done == 0 and _counts_history(seq.params) else [],
             )  # fmt: skip
             seq.done += n
             seq.chunk = 0
@@ -943,12 +959,16 @@ class Engine:
         if rel.last:
             if not inp.final:
                 return  # a prompt chunk before the last: its keys and values are all it leaves
-            toks, lps = sample(out, [SampleRow(rel.params, rel.generator)], self.logprobs_mode)
+            row = history_row(rel.params, rel.generator, rel.prompt, rel.output)
+            toks, lps = sample(out, [row], self.logprobs_mode)
+            if _counts_history(rel.params):
+                rel.output.append(toks[0])
             outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, toks[0], lps[0])))
             return
         frame = StageInput(
             rel.request_id, inp.prefill, rel.length - 1, start=inp.start, final=inp.final, sent_at=time.time(),
             route=rel.route, index=rel.index + 1, params=rel.params, arrived_at=rel.arrived_at,
+            tokens=rel.prompt if inp.prefill and inp.start == 0 else [],
         )  # fmt: skip
         outbox.append(Outgoing(rel.route[rel.index + 1], frame, out))
 
@@ -1010,6 +1030,7 @@ class Engine:
                 params=f.params,
                 generator=_generator(f.params, self.cfg.vocab_size),
                 arrived_at=f.arrived_at or time.time(),
+                prompt=list(f.tokens),
             )
             self.relayed[rid] = rel
         if tensor is None:

@@ -316,6 +316,9 @@ class WorkerService:
         eng = self.slot.engine
         for r in batch.requests:
             why = self._reject_reason(r.model, len(r.prompt_ids), r.route, eng)
+            if why is None and len(r.route) > 1 and r.params.prompt_logprobs is not None:
+                # The gateway sends these to whole instances; the last stage sends no prompt logits back.
+                why = "invalid", "prompt_logprobs need a whole instance, not a pipelined route"
             if why is not None:
                 rejected.append(Rejection(r.request_id, why[0], why[1]))
                 continue
