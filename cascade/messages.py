@@ -377,6 +377,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # Choices: n sequences share the prompt's prefill and KV blocks, each decodes on its own.
+    n: int = 1
 
 
 @message("token_logprob")
@@ -452,6 +454,8 @@ class TokenEvent:
     # Once, on the request's first event, when it asked for prompt_logprobs: one per prompt
     # token, None for the first (nothing predicts it).
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Which of the request's n choices it belongs to (`index` counts within the choice).
+    choice: int = 0
 
 
 @message("token_events")

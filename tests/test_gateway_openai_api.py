@@ -103,7 +103,7 @@ def test_prompt_forms() -> None:
         ("top_p", 0, r"\(0, 1\]"),
         ("top_p", 1.01, r"\(0, 1\]"),
         ("seed", 1.5, "integer"),
-        ("n", 2, "only n = 1"),
+        ("n", 17, "at most 16"),
         ("n", 0, "at least 1"),
         ("stop", 5, "string or a list"),
         ("stop", ["x"] * 17, "at most"),

@@ -18,7 +18,7 @@ import torch
 from cascade.config import Deployment, ModelDeployment
 from cascade.messages import LoadModel, Ok, TokenEvents, decode
 from cascade.models.tokenizer import ByteTokenizer
-from cascade.natsutil import connect, request
+from cascade.natsutil import connect, gather_status, request
 from cascade.subjects import Subjects
 from services.gateway.router import serves_fully
 from services.gateway.testing import RunningGateway, running_gateway
@@ -42,6 +42,8 @@ class Mesh:
     gw: RunningGateway
     client: Any  # openai.AsyncOpenAI
     built: Built
+    nc: Any
+    subjects: Subjects
     # request id → (event index, token ids) as the worker sent them
     tapped: dict[str, list[Any]] = field(default_factory=dict)
 
@@ -49,8 +51,14 @@ class Mesh:
         for ev in decode(msg.data, TokenEvents).events:
             self.tapped.setdefault(ev.request_id, []).append(ev)
 
-    def ids(self, request_id: str) -> list[int]:
-        return [t for ev in self.tapped.get(request_id, []) for t in ev.token_ids]
+    def ids(self, request_id: str, choice: int = 0) -> list[int]:
+        return [t for ev in self.tapped.get(request_id, []) if ev.choice == choice for t in ev.token_ids]
+
+    async def prefill_tokens(self) -> int:
+        """Prompt tokens the worker computed so far (its status)."""
+        st = await gather_status(self.nc, self.subjects, 0.5, "test")
+        w = next(s for s in st.services if s.service == "worker")
+        return int(w.detail["prefill_tokens"])
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +76,8 @@ async def mesh(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Async
             await wait_until(lambda: any(v.worker_id == "w1" for v in views()), 60, "w1 heart-beating")
             await request(nc, subjects.load("w1"), LoadModel(MODEL, str(built.v5)), Ok, timeout=10)
             await wait_until(lambda: any(serves_fully(v, MODEL) for v in views()), 60, "w1 serving")
-            m = Mesh(gw, openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0), built)
+            client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+            m = Mesh(gw, client, built, nc, subjects)
             await nc.subscribe(subjects.tokens(gw.id), cb=m.on_tokens)
             await nc.flush()
             yield m
@@ -179,3 +188,45 @@ async def test_logprob_parameters_out_of_range_are_400s(mesh: Mesh) -> None:
     assert ei.value.body["param"] == "top_logprobs"
     with pytest.raises(openai.BadRequestError):
         await mesh.client.completions.create(model=MODEL, prompt="x", logprobs=21)
+
+
+async def test_n_greedy_choices_are_identical_and_share_one_prefill(mesh: Mesh) -> None:
+    text = "n choices of " + uuid.uuid4().hex  # a prompt no earlier request cached
+    prompt = tok.encode(text)
+    before = await mesh.prefill_tokens()
+    r = await mesh.client.completions.create(
+        model=MODEL, prompt=text, max_tokens=5, temperature=0, n=4, logprobs=1, extra_body={"ignore_eos": True}
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert len({c.text for c in r.choices}) == 1
+    assert all(c.logprobs.token_logprobs == r.choices[0].logprobs.token_logprobs for c in r.choices)
+    assert [mesh.ids(r.id, i) for i in range(4)] == [mesh.ids(r.id, 0)] * 4
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 4 * 5
+    assert await mesh.prefill_tokens() - before == len(prompt)
+
+
+async def test_n_sampled_chat_choices_stream_with_their_index(mesh: Mesh) -> None:
+    stream = await mesh.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0, seed=7, n=3, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    texts: dict[int, str] = {}
+    roles: dict[int, int] = {}
+    finishes: dict[int, str] = {}
+    usage = None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            roles[c.index] = roles.get(c.index, 0) + (c.delta.role == "assistant")
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert sorted(texts) == [0, 1, 2] and roles == {0: 1, 1: 1, 2: 1}
+    assert finishes == {0: "length", 1: "length", 2: "length"}
+    assert usage is not None and usage.completion_tokens == 18
+    # The same request, not streamed: the same three choices (each choice's seed is its own).
+    r = await mesh.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0, seed=7, n=3, extra_body={"ignore_eos": True}
+    )
+    assert {c.index: c.message.content for c in r.choices} == texts

@@ -176,3 +176,59 @@ def test_logprobs_do_not_change_the_tokens(model: LlamaModel, tmp_path: Path) ->
     with_lp = generate(model, SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.9, seed=5, logprobs=3))
     assert [t for e in plain for t in e.token_ids] == [t for e in with_lp for t in e.token_ids]
     assert all(not e.logprobs for e in plain)
+
+
+def choices(evs: list[TokenEvent]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for e in evs:
+        out.setdefault(e.choice, []).extend(e.token_ids)
+    return out
+
+
+def test_n_greedy_choices_share_one_prefill(model: LlamaModel) -> None:
+    e = Engine(model, ByteTokenizer(), max_batch=8)
+    e.submit("r", "g", PROMPT, SamplingParams(max_tokens=7, ignore_eos=True, n=4))
+    evs = run(e)["r"]
+    got = choices(evs)
+    assert sorted(got) == [0, 1, 2, 3]
+    assert all(v == got[0] for v in got.values()) and len(got[0]) == 7
+    assert e.stats.prefilled == len(PROMPT)  # the prompt was computed once, not four times
+    finals = [ev for ev in evs if ev.finish_reason is not None]
+    assert sorted(f.choice for f in finals) == [0, 1, 2, 3]
+    assert all(f.completion_tokens == 7 and f.finish_reason == "length" for f in finals)
+    assert e.blocks.used_count() == 0  # every shared block went back
+
+
+@pytest.mark.parametrize("prompt_len", [16, 20])  # the prompt fills whole blocks; it ends in a part-filled one
+@pytest.mark.parametrize("chunk", [2048, 7])
+def test_each_sampled_choice_is_what_one_request_with_its_seed_gives(
+    model: LlamaModel, prompt_len: int, chunk: int
+) -> None:
+    """Choice i of a seeded request draws from seed + i: with the KV blocks forked right, each
+    choice equals a single request with that seed, token for token."""
+    prompt = PROMPT[:prompt_len]
+    base = SamplingParams(max_tokens=9, ignore_eos=True, temperature=1.0, seed=40, frequency_penalty=0.5)
+    e = Engine(model, ByteTokenizer(), max_batch=8, max_prefill_tokens=chunk)
+    e.submit("n", "g", prompt, SamplingParams(**{**_fields(base), "n": 3}))
+    got = choices(run(e)["n"])
+    assert len({tuple(v) for v in got.values()}) > 1  # the choices differ
+    for i in range(3):
+        one = Engine(model, ByteTokenizer(), max_batch=8)
+        one.submit("1", "g", prompt, SamplingParams(**{**_fields(base), "seed": 40 + i}))
+        assert got[i] == [t for ev in run(one)["1"] for t in ev.token_ids], i
+
+
+def _fields(p: SamplingParams) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+
+
+def test_n_choices_take_batch_slots(model: LlamaModel) -> None:
+    e = Engine(model, ByteTokenizer(), max_batch=4)
+    e.submit("a", "g", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True, n=3))
+    e.submit("b", "g", PROMPT[:5], SamplingParams(max_tokens=3, ignore_eos=True, n=2))
+    e.step()
+    assert len(e.running) == 3  # b's two choices do not fit beside a's three
+    out = run(e)
+    assert sorted(choices(out["b"])) == [0, 1]

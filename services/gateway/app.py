@@ -11,6 +11,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -207,7 +208,7 @@ class _Formatter:
         self.spec, self.tok, self.prompt_ids = spec, tok, prompt_ids
         self._texts: dict[int, str] = {}
         self.prompt_lps: list[TokenLogprob | None] | None = None
-        self.offset = 0  # completions' text_offset of the next token
+        self.offsets: dict[int, int] = {}  # completions' text_offset of each choice's next token
 
     def text_of(self, token: int) -> str:
         t = self._texts.get(token)
@@ -229,7 +230,7 @@ class _Formatter:
             return None
         return oai.vllm_prompt_logprobs(self.prompt_ids, list(self.prompt_lps or []), self.text_of)
 
-    def logprobs(self, ids: list[int], lps: list[TokenLogprob], echo: bool = False) -> dict[str, Any] | None:
+    def logprobs(self, lps: list[TokenLogprob], echo: bool = False, choice: int = 0) -> dict[str, Any] | None:
         """The `logprobs` of a choice (or of a chunk) with these tokens; with `echo`, the prompt's
         tokens lead (completions)."""
         if self.spec.logprobs is None:
@@ -241,48 +242,85 @@ class _Formatter:
             plps = list(self.prompt_lps or [])
             items += [(t, plps[i] if i < len(plps) else None) for i, t in enumerate(self.prompt_ids)]
         items += [(e.token, e) for e in lps]
-        out = oai.completion_logprobs(items, self.text_of, self.offset)
-        self.offset = out["text_offset"][-1] + len(out["tokens"][-1]) if items else self.offset
+        out = oai.completion_logprobs(items, self.text_of, self.offsets.get(choice, 0))
+        if items:
+            self.offsets[choice] = out["text_offset"][-1] + len(out["tokens"][-1])
         return out
+
+
+@dataclass
+class _Choice:
+    """What one of the request's choices produced so far."""
+
+    parts: list[str] = field(default_factory=list)
+    lps: list[TokenLogprob] = field(default_factory=list)
+    tokens: int = 0
+    finish: str | None = None
+    completion_tokens: int = 0
+    started: bool = False  # streaming: its first chunk (with the role) went out
+
+
+def _saw_final(c: _Choice, ev: TokenEvent) -> None:
+    c.finish = ev.finish_reason
+    c.completion_tokens = ev.completion_tokens or c.tokens
+
+
+def _usage(req: RequestState, choices: dict[int, _Choice]) -> dict[str, int]:
+    """The prompt once, each choice's tokens once (n choices share one prefill)."""
+    return oai.usage(len(req.prompt_ids), sum(c.completion_tokens for c in choices.values()))
 
 
 async def _complete(
     core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, progress: _Progress, fmt: _Formatter
 ) -> web.Response:
-    parts: list[str] = []
-    lps: list[TokenLogprob] = []
+    choices: dict[int, _Choice] = {}
+    finished = 0
     while True:
         ev = await core.next_event(req)
         if isinstance(ev, Failure):
             raise _failure_error(ev)
         progress.saw(ev.token_ids, ev.text)
         fmt.saw(ev)
-        parts.append(ev.text)
-        lps.extend(ev.logprobs)
+        c = choices.setdefault(ev.choice, _Choice())
+        c.parts.append(ev.text)
+        c.lps.extend(ev.logprobs)
+        c.tokens += len(ev.token_ids)
         if ev.finish_reason is None:
             continue
         err = _final_error(ev.finish_reason, ev.error)
         if err is not None:
             raise err
-        use = oai.usage(len(req.prompt_ids), ev.completion_tokens or progress.tokens)
+        _saw_final(c, ev)
+        finished += 1
+        if finished < spec.n:
+            continue
         created = int(time.time())
         progress.outcome = "ok"
-        text = fmt.echo_text() + "".join(parts)
         plps = fmt.vllm_prompt_logprobs()
-        ch = oai.choice(
-            spec.kind, text, ev.finish_reason, logprobs=fmt.logprobs([], lps, echo=spec.echo),
-            prompt_logprobs=plps if spec.kind == "completion" else None,
-        )  # fmt: skip
+        body = []
+        for i in range(spec.n):
+            c = choices.get(i, _Choice(finish="stop"))
+            text = fmt.echo_text() + "".join(c.parts)
+            body.append(
+                oai.choice(
+                    spec.kind,
+                    text,
+                    c.finish,
+                    index=i,
+                    logprobs=fmt.logprobs(c.lps, echo=spec.echo, choice=i),
+                    prompt_logprobs=plps if spec.kind == "completion" else None,
+                )
+            )
         return json_response(
             oai.full_response(
                 spec.kind,
                 req.request_id,
                 created,
                 spec.model,
-                text,
-                ev.finish_reason,
-                use,
-                choices=[ch],
+                "",
+                None,
+                _usage(req, choices),
+                choices=body,
                 prompt_logprobs=plps if spec.kind == "chat" else None,
             )
         )
@@ -312,55 +350,45 @@ async def _stream(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
     await resp.prepare(request)
-    first = True
     iu = spec.include_usage
+    choices: dict[int, _Choice] = {i: _Choice() for i in range(spec.n)}
+    finished = 0
+
+    def chunk(i: int, text: str, finish: str | None = None, **kw: Any) -> bytes:
+        c = choices[i]
+        first, c.started = not c.started, True
+        return oai.sse(oai.chunk(kind, rid, created, model, text, finish, first=first, include_usage=iu, index=i, **kw))
+
     try:
-        if not isinstance(ev, Failure):
-            fmt.saw(ev)
+        fmt.saw(ev)
         if spec.echo or spec.prompt_logprobs is not None:
             # The prompt's own chunk first: its text under echo, its logprobs when asked for.
-            lp = fmt.logprobs([], [], echo=True) if spec.echo else None
             plps = fmt.vllm_prompt_logprobs()
-            await resp.write(
-                oai.sse(
-                    oai.chunk(
-                        kind,
-                        rid,
-                        created,
-                        model,
-                        fmt.echo_text(),
-                        first=True,
-                        include_usage=iu,
-                        logprobs=lp,
-                        prompt_logprobs=plps,
-                    )
-                )
-            )
-            first = False
+            for i in range(spec.n):
+                lp = fmt.logprobs([], echo=True, choice=i) if spec.echo else None
+                await resp.write(chunk(i, fmt.echo_text(), logprobs=lp, prompt_logprobs=plps if i == 0 else None))
         while True:
             if isinstance(ev, Failure):
                 await resp.write(oai.sse(_failure_error(ev).body()))
                 break
             progress.saw(ev.token_ids, ev.text)
+            fmt.saw(ev)
             err = _final_error(ev.finish_reason, ev.error) if ev.finish_reason is not None else None
             if err is not None:
                 await resp.write(oai.sse(err.body()))
                 break
-            if ev.text or first or ev.logprobs:
-                lp = fmt.logprobs(ev.token_ids, ev.logprobs) if ev.logprobs else None
-                await resp.write(
-                    oai.sse(oai.chunk(kind, rid, created, model, ev.text, first=first, include_usage=iu, logprobs=lp))
-                )
-                first = False
+            c = choices[ev.choice]
+            c.tokens += len(ev.token_ids)
+            if ev.text or not c.started or ev.logprobs:
+                lp = fmt.logprobs(ev.logprobs, choice=ev.choice) if ev.logprobs else None
+                await resp.write(chunk(ev.choice, ev.text, logprobs=lp))
             if ev.finish_reason is not None:
-                await resp.write(
-                    oai.sse(
-                        oai.chunk(kind, rid, created, model, "", ev.finish_reason, include_usage=spec.include_usage)
-                    )
-                )
+                _saw_final(c, ev)
+                await resp.write(chunk(ev.choice, "", ev.finish_reason))
+                finished += 1
+            if finished == spec.n:
                 if spec.include_usage:
-                    use = oai.usage(len(req.prompt_ids), ev.completion_tokens or progress.tokens)
-                    await resp.write(oai.sse(oai.usage_chunk(kind, rid, created, model, use)))
+                    await resp.write(oai.sse(oai.usage_chunk(kind, rid, created, model, _usage(req, choices))))
                 progress.outcome = "ok"
                 break
             ev = await core.next_event(req)

@@ -474,6 +474,11 @@ class GatewayCore:
         tokens so far, or fail it explicitly when the limit is reached."""
         if not req.phase.bound or req.worker_id != worker:
             return  # ended, or moved on already
+        if req.params.n > 1:
+            self.metrics.migration_failures.inc(model=req.model, reason="n")
+            self.hub.finish(req, Failure(503, f"{why}; a request with n > 1 is not migrated", "worker_died"))
+            self._cancel_on(worker, [req.request_id])
+            return
         limit = self.settings.migration_limit
         if req.migrations >= limit:
             self.metrics.migration_failures.inc(model=req.model, reason="limit")
@@ -536,6 +541,9 @@ class GatewayCore:
 
     def on_tokens(self, msg: TokenEvents) -> None:
         for req, ev in self.hub.match(msg):
+            if req.params.n > 1:
+                self._on_choice_event(req, msg.worker_id, ev)
+                continue
             expected = len(req.streamed) - req.resumed
             if ev.index >= 0 and ev.index != expected:
                 self._out_of_step(req, msg.worker_id, ev.index, expected)
@@ -577,6 +585,50 @@ class GatewayCore:
                 self.hub.finish(req, ev)
                 # A slot freed up on that worker: requests held in the queue for room may go now.
                 self._wake_queued(req.model)
+
+    def _on_choice_event(self, req: RequestState, worker: str, ev: TokenEvent) -> None:
+        """An event of one of a request's n > 1 choices. Each choice's events are in step on
+        their own; the request ends with its last choice. Such a request is retried before its
+        first token, never migrated after (its choices share one prefill that would have to move
+        whole)."""
+        expected = req.choice_tokens.get(ev.choice, 0)
+        if ev.index >= 0 and ev.index != expected:
+            if ev.index < expected:
+                return
+            why = f"token events of choice {ev.choice} from worker {worker} were lost"
+            self.log.warning("events_lost", request_id=req.request_id, worker_id=worker, choice=ev.choice)
+            self._cancel_on(worker, [req.request_id])
+            if req.produced:
+                self.hub.finish(req, Failure(503, f"{why}; a request with n > 1 is not migrated", "events_lost"))
+            else:
+                self._retry(req, worker, why)
+            return
+        broken = ev.finish_reason in ("cancelled", "error")
+        if broken:
+            why = ev.error or "the worker cancelled it"
+            if req.produced:
+                self._migrate(req, worker, "worker_error", f"worker {worker}: {why}")
+            else:
+                self._retry(req, worker, f"{ev.finish_reason} before any token: {why}")
+            return
+        if ev.token_ids:
+            self.metrics.tokens.inc(len(ev.token_ids), model=req.model)
+            self.load.generated(req.model, len(ev.token_ids))
+            req.choice_tokens[ev.choice] = expected + len(ev.token_ids)
+            req.streamed.extend(ev.token_ids)
+        if req.phase is Phase.PREFILL:
+            # Whatever reaches the client now (a token, or a choice that ended at once) makes it produced.
+            req.advance(Phase.DECODE)
+            self._wake_queued(req.model)
+        if ev.finish_reason is None:
+            req.events.put_nowait(ev)
+            return
+        req.choices_done.add(ev.choice)
+        if len(req.choices_done) < req.params.n:
+            req.events.put_nowait(ev)
+            return
+        self.hub.finish(req, ev)
+        self._wake_queued(req.model)
 
     async def _on_deployment_msg(self, msg: Msg) -> None:
         try:
@@ -707,6 +759,7 @@ def sampling_params(spec: GenerationSpec, max_tokens: int, defaults: Mapping[str
         seed=spec.seed,
         stop=spec.stop,
         ignore_eos=spec.ignore_eos,
+        n=spec.n,
         logprobs=spec.logprobs,
         prompt_logprobs=spec.worker_prompt_logprobs,
         presence_penalty=spec.presence_penalty,

@@ -171,8 +171,8 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
     if not isinstance(model, str) or not model:
         raise invalid("model must be a non-empty string", "model")
     n = _int(body, "n", lo=1) if _present(body, "n") else 1
-    if n != 1:
-        raise invalid("only n = 1 is supported; send several requests for several choices", "n")
+    if n > MAX_N:
+        raise invalid(f"n must be at most {MAX_N}, got {n}", "n")
     prompt_logprobs = None
     if _present(body, "prompt_logprobs"):
         prompt_logprobs = _int(body, "prompt_logprobs", lo=0)

@@ -105,6 +105,9 @@ class RequestState:
     streamed: list[int] = field(default_factory=list)
     resumed: int = 0
     migrations: int = 0
+    # n > 1: tokens each choice streamed (its events' expected index), and the choices ended.
+    choice_tokens: dict[int, int] = field(default_factory=dict)
+    choices_done: set[int] = field(default_factory=set)
 
     def advance(self, to: Phase, worker_id: str | None = None) -> None:
         """Move to `to` (binding `worker_id` when it is PREFILL); raises PhaseError if not allowed."""
@@ -125,8 +128,9 @@ class RequestState:
     @property
     def needs_full_instance(self) -> bool:
         """It asks for what only a whole instance computes: prompt logprobs need the logits at
-        every prompt position, which a pipelined route's last stage does not send back."""
-        return self.params.prompt_logprobs is not None
+        every prompt position, which a pipelined route's last stage does not send back; n > 1
+        choices fork off one prefill into the whole instance's KV blocks."""
+        return self.params.prompt_logprobs is not None or self.params.n > 1
 
     @property
     def produced(self) -> bool:

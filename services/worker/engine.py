@@ -69,12 +69,13 @@ if TYPE_CHECKING:
     from cascade.device_profile import StepPadder
 
 
-def _generator(params: SamplingParams, vocab: int) -> torch.Generator | None:
+def _generator(params: SamplingParams, vocab: int, choice: int = 0) -> torch.Generator | None:
     if params.temperature == 0:
         return None
     if params.seed is None:
         return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    gen = torch.Generator().manual_seed(params.seed)
+    # Each choice of a seeded request draws from its own stream, reproducibly.
+    gen = torch.Generator().manual_seed(params.seed + choice)
     skip_draws(gen, params.resumed, vocab)
     return gen
 
@@ -144,6 +145,12 @@ class Sequence:
     keys: list[bytes] = field(default_factory=list)
     registered: int = 0
     admitted: int = 0
+    # n > 1: which choice this is; whether the choices were forked off it yet (until then it
+    # holds a batch slot per choice, and a spare block per other choice when its prompt ends
+    # in a part-filled block, so the fork never waits for memory).
+    choice: int = 0
+    forked: bool = False
+    fork_blocks: list[int] = field(default_factory=list)
     # driven only
     next_ids: list[int] | None = None  # input of the next stage-0 pass; None while awaiting a token
     prefilled: bool = False
@@ -154,6 +161,11 @@ class Sequence:
 
     def ids(self) -> list[int]:
         return self.prompt + self.generated
+
+    @property
+    def slots(self) -> int:
+        """Batch slots it holds: one per choice it will fork into."""
+        return 1 if self.forked else self.params.n
 
     @property
     def wants_prompt_lps(self) -> bool:
@@ -553,7 +565,7 @@ class Engine:
                 first = len(seq.generated) - len(seq.pending_ids)
                 ev = TokenEvent(
                     seq.request_id, seq.pending_ids, seq.pending_text, index=first, logprobs=seq.pending_lps,
-                    prompt_logprobs=plps,
+                    prompt_logprobs=plps, choice=seq.choice,
                 )  # fmt: skip
                 events.append((seq.gateway_id, ev))
                 seq.pending_ids, seq.pending_text, seq.pending_lps = [], "", []
@@ -641,7 +653,9 @@ class Engine:
                 assert local is not None
                 # The oldest prompt waits for its slot, and younger ones wait behind it: letting
                 # stage work past would starve this worker's own backlog.
-                if len(self.running) + len(self.prefilling) + len(new) >= self.max_batch:
+                held = len(self.running) + sum(s.slots for s in (*self.prefilling, *new))
+                # n choices take n slots (a request with more choices than the limit goes alone).
+                if held and held + local.slots > self.max_batch:
                     break
                 # ... and for the blocks of its prompt (vLLM's admission: by free blocks).
                 if not self._reserve(local):
@@ -736,11 +750,13 @@ class Engine:
             # One token at least is computed, for the logits of the next one.
             hits = self.blocks.match(seq.keys[: (target - 1) // bs])
         need = blocks_for(target, bs) - len(hits)
-        if not self.blocks.can_allocate(need + (self._watermark if self.running or self.prefilling else 0)):
+        spare = (seq.params.n - 1) if not seq.forked and target % bs else 0
+        if not self.blocks.can_allocate(need + spare + (self._watermark if self.running or self.prefilling else 0)):
             self.blocks.free(hits)
             return False
         self.blocks.record_query(target, len(hits) * bs)
         seq.table = hits + [self.blocks.allocate() for _ in range(need)]
+        seq.fork_blocks = [self.blocks.allocate() for _ in range(spare)]
         seq.registered = len(hits)
         seq.done = len(hits) * bs
         seq.target = target
@@ -774,8 +790,8 @@ class Engine:
             self.running.remove(seq)
         else:
             self.prefilling.remove(seq)
-        self.blocks.free(seq.table)
-        seq.table, seq.keys, seq.registered, seq.done, seq.chunk = [], [], 0, 0, 0
+        self.blocks.free(seq.table + seq.fork_blocks)
+        seq.table, seq.keys, seq.registered, seq.done, seq.chunk, seq.fork_blocks = [], [], 0, 0, 0, []
         self.stats.preemptions += 1
         self._enqueue(seq)
 
@@ -839,9 +855,47 @@ class Engine:
         )
 
     def _accept_sampled(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        if any(not s.forked and s.params.n > 1 for s in seqs):
+            # Prompts just computed for n choices: fork them here, so every choice samples its
+            # first token from the same logits (one prefill, n decodes).
+            rows: list[int] = []
+            out: list[Sequence] = []
+            for b, s in enumerate(seqs):
+                group = self._fork(s) if not s.forked and s.params.n > 1 else [s]
+                out += group
+                rows += [b] * len(group)
+            seqs, logits = out, logits[rows]
         toks, lps = sample(logits, [s.sample_row() for s in seqs], self.logprobs_mode)
         for seq, tok, lp in zip(seqs, toks, lps, strict=True):
             self._accept_token(seq, tok, lp)
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """`seq` (choice 0) and its n - 1 other choices, which share its full prompt blocks (their
+        refcounts go up) and each get their own copy of a part-filled last block. They join the
+        running batch right behind it."""
+        bs = self.geometry.block_size
+        full = seq.length // bs
+        out = [seq]
+        seq.forked = True
+        spare = seq.fork_blocks
+        seq.fork_blocks = []
+        for i in range(1, seq.params.n):
+            table = seq.table[:full]
+            self.blocks.share(table)
+            if len(seq.table) > full:
+                table = [*table, spare[i - 1]]
+                self.kv.copy_block(seq.table[full], spare[i - 1])
+            child = Sequence(
+                request_id=seq.request_id, gateway_id=seq.gateway_id, prompt=seq.prompt, params=seq.params,
+                decoder=IncrementalDecoder(self.tok), generator=_generator(seq.params, self.cfg.vocab_size, i),
+                max_stop=seq.max_stop, arrived_at=seq.arrived_at, done=seq.done, table=table, target=seq.target,
+                keys=list(seq.keys), registered=min(seq.registered, full), admitted=seq.admitted, choice=i,
+                forked=True, prompt_lps_sent=True,
+            )  # fmt: skip
+            out.append(child)
+        at = self.running.index(seq) + 1 if seq in self.running else len(self.running)
+        self.running[at:at] = out[1:]
+        return out
 
     def _record_prompt_lps(self, seq: Sequence, logits: torch.Tensor, start: int, n: int) -> None:
         """Prompt logprobs from the logits of positions start..start+n-1 [>= n, V]: position p
@@ -1111,6 +1165,7 @@ class Engine:
             index=len(seq.generated) - len(seq.pending_ids),
             logprobs=seq.pending_lps,
             prompt_logprobs=self._take_prompt_lps(seq),
+            choice=seq.choice,
         )
         seq.pending_ids, seq.pending_text, seq.held, seq.pending_lps = [], "", "", []
         return ev
@@ -1132,8 +1187,8 @@ class Engine:
                 outbox.append(Outgoing(st, StageClose(seq.request_id)))
 
     def _release(self, seq: Sequence) -> None:
-        self.blocks.free(seq.table)
-        seq.table = []
+        self.blocks.free(seq.table + seq.fork_blocks)
+        seq.table, seq.fork_blocks = [], []
 
     def drain_all(self, reason: str) -> list[tuple[str, TokenEvent]]:
         """End every sequence (worker shutting down): each gets a final event with the error."""

@@ -201,6 +201,14 @@ class PagedKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in (self.k, self.v) for t in s.values())
 
+    @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src`'s keys and values into `dst` in every layer held (a forked sequence's
+        own copy of a part-filled block it shared)."""
+        for store in (self.k, self.v):
+            for t in store.values():
+                t[:, dst].copy_(t[:, src])
+
     def write(self, i: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys/values [n, kv_heads, d] at flat slots (block * block_size + offset)."""
         h, d = self.kv_heads, self.head_dim
