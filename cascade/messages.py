@@ -379,6 +379,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # Choices: n sequences share the prompt's prefill and KV blocks, each decodes on its own.
     n: int = 1
+    # Structured outputs: an llguidance grammar (cascade/structured.py) masking every token; "": none.
+    grammar: str = ""
 
 
 @message("token_logprob")

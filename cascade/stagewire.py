@@ -67,6 +67,8 @@ class StageToken:
     request_id: str
     token: int
     logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    # The request's grammar is complete with this token (structured outputs): the sequence ends.
+    stop: bool = False
 
 
 @message("stage_close")

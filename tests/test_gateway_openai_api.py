@@ -250,7 +250,12 @@ def test_chat_unsupported() -> None:
     bad(lambda: chat(logprobs=True, top_logprobs=21), "top_logprobs", match="at most 20")
     bad(lambda: chat(logprobs=3), "logprobs", match="boolean")
     bad(lambda: chat(echo=True), "echo", code="unsupported_parameter")
-    bad(lambda: chat(response_format={"type": "json_object"}), "response_format")
+    bad(lambda: chat(response_format={"type": "xml"}), "response_format")
+    bad(lambda: chat(response_format={"type": "json_schema"}), "response_format")
+    bad(lambda: chat(guided_choice=[]), "guided_choice")
+    bad(lambda: chat(guided_json={"type": "objekt"}), "guided_json", code="invalid_schema")
+    bad(lambda: chat(guided_regex="a", guided_choice=["a"]), code="conflicting_parameters")
+    bad(lambda: completion(structured_outputs={"regex": "(("}), "structured_outputs.regex", code="invalid_schema")
     bad(lambda: chat(max_completion_tokens=0), "max_completion_tokens")
 
 
@@ -402,3 +407,21 @@ def test_logprob_shapes() -> None:
             "3": {"logprob": -1.0, "rank": 2, "decoded_token": "c"},
         },
     ]
+
+
+def test_structured_output_fields_become_one_grammar() -> None:
+    for body, param in [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+            "response_format",
+        ),
+        ({"guided_json": '{"type": "array"}'}, "guided_json"),
+        ({"guided_regex": "[a-z]+"}, "guided_regex"),
+        ({"guided_choice": ["a", "b"]}, "guided_choice"),
+        ({"guided_grammar": 'start: "x"'}, "guided_grammar"),
+        ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs.json"),
+    ]:
+        s = chat(**body)
+        assert s.grammar and s.grammar_param == param, body
+    assert chat(response_format={"type": "text"}).grammar is None

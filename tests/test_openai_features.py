@@ -7,13 +7,16 @@ U+FFFD and cannot be compared alone)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
+from pydantic import BaseModel, Field
 
 from cascade.config import Deployment, ModelDeployment
 from cascade.messages import LoadModel, Ok, TokenEvents, decode
@@ -64,7 +67,9 @@ class Mesh:
 @pytest.fixture(scope="module")
 async def mesh(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
     root = tmp_path_factory.mktemp("features")
-    built = build(CASES[0], root)
+    # A longer context than the family tests need: structured outputs spell whole JSON documents.
+    case = dataclasses.replace(CASES[0], name="llama-long", config={**CASES[0].config, "max_position_embeddings": 1024})
+    built = build(case, root)
     subjects = Subjects("t" + uuid.uuid4().hex[:10])
     workers = WorkerProcs(nats_url, subjects.prefix, root)
     nc = await connect(nats_url, "test")
@@ -230,3 +235,78 @@ async def test_n_sampled_chat_choices_stream_with_their_index(mesh: Mesh) -> Non
         model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0, seed=7, n=3, extra_body={"ignore_eos": True}
     )
     assert {c.index: c.message.content for c in r.choices} == texts
+
+
+class Owner(BaseModel):
+    first: str = Field(max_length=5)
+    tags: list[Literal["a", "b", "c"]] = Field(max_length=3)
+
+
+class Pet(BaseModel):
+    name: str = Field(max_length=6)
+    kind: Literal["cat", "dog", "bird"]
+    age: int = Field(ge=0, le=99)
+    owner: Owner
+    vaccinated: bool
+
+
+def closed(schema: Any) -> Any:
+    """`additionalProperties: false` on every object, as OpenAI's strict mode requires (an open
+    object lets a random model add keys for ever)."""
+    if isinstance(schema, dict):
+        out = {k: closed(v) for k, v in schema.items()}
+        if out.get("type") == "object":
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [closed(v) for v in schema]
+    return schema
+
+
+async def test_openai_parse_with_a_pydantic_model(mesh: Mesh) -> None:
+    """The official client's structured-output helper: a random model's output parses into the
+    pydantic model every time (the mask is what makes it)."""
+    for seed in range(3):
+        r = await mesh.client.chat.completions.parse(
+            model=MODEL, messages=MESSAGES, response_format=Pet, max_tokens=300, temperature=1.0, seed=seed
+        )
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "stop", msg.content
+        assert isinstance(msg.parsed, Pet)
+        assert Pet.model_validate_json(msg.content or "") == msg.parsed
+
+
+async def test_json_object_guided_choice_and_streaming(mesh: Mesh) -> None:
+    r = await mesh.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=300, temperature=0.8, seed=1, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+    r2 = await mesh.client.completions.create(
+        model=MODEL, prompt="pick", max_tokens=10, temperature=1.0, n=3, extra_body={"guided_choice": ["left", "right"]}
+    )
+    assert all(c.text in ("left", "right") and c.finish_reason == "stop" for c in r2.choices)
+    pet = {"name": "pet", "schema": closed(Pet.model_json_schema()), "strict": True}
+    stream = await mesh.client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=300, temperature=1.0, seed=2, stream=True,
+        response_format={"type": "json_schema", "json_schema": pet},
+    )  # fmt: skip
+    text = ""
+    async for chunk in stream:
+        for c in chunk.choices:
+            text += c.delta.content or ""
+    Pet.model_validate_json(text)
+
+
+async def test_structured_output_errors_are_400s_naming_the_parameter(mesh: Mesh) -> None:
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
+    with pytest.raises(openai.BadRequestError) as ei:
+        await mesh.client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=bad_schema)
+    assert ei.value.body["param"] == "response_format" and "objekt" in ei.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as ei:
+        await mesh.client.completions.create(model=MODEL, prompt="x", extra_body={"guided_regex": "a("})
+    assert ei.value.body["param"] == "guided_regex"
+    with pytest.raises(openai.BadRequestError) as ei:
+        await mesh.client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, response_format={"type": "json_object"}, extra_body={"guided_regex": "a"}
+        )
+    assert ei.value.body["code"] == "conflicting_parameters"

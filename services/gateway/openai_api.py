@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import orjson
 
+from cascade import structured
 from cascade.messages import TokenLogprob
 
 Kind = Literal["completion", "chat"]
@@ -99,6 +100,10 @@ class GenerationSpec:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0  # vLLM's extension
+    # Structured outputs: the llguidance grammar every token is masked by (None: free text), and
+    # the request parameter it came from.
+    grammar: str | None = None
+    grammar_param: str | None = None
 
     @property
     def worker_prompt_logprobs(self) -> int | None:
@@ -156,9 +161,6 @@ def parse_chat(body: dict[str, Any]) -> GenerationSpec:
     common["logprobs"] = (top or 0) if lp else None
     if body.get("tools") or body.get("functions"):
         raise _unsupported("tools", "tool calling is not supported by this server")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise _unsupported("response_format", "only response_format {'type': 'text'} is supported")
     if body.get("echo"):
         raise _unsupported("echo", "echo is a /v1/completions parameter")
     return GenerationSpec(kind="chat", messages=_messages(body), **common)
@@ -216,7 +218,10 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
     ignore_eos = body.get("ignore_eos")
     if ignore_eos is not None and not isinstance(ignore_eos, bool):
         raise invalid("ignore_eos must be a boolean", "ignore_eos")
+    grammar, grammar_param = _structured(body)
     return {
+        "grammar": grammar,
+        "grammar_param": grammar_param,
         "model": model,
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -231,6 +236,77 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
         "prompt_logprobs": prompt_logprobs,
         **penalties,
     }
+
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _structured(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The request's one output constraint as a grammar, from OpenAI's response_format, vLLM's
+    guided_* extras or its structured_outputs object; (None, None) for free text. More than one
+    constraint, or one the grammar engine cannot compile, is a 400 naming the parameter."""
+    found: list[tuple[str, str, Any]] = []  # (param, kind, value)
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise invalid("response_format.type must be text, json_object or json_schema", "response_format")
+        if rf["type"] == "json_object":
+            found.append(("response_format", "json_object", True))
+        elif rf["type"] == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("name"), str):
+                raise invalid("response_format.json_schema must be an object with a name", "response_format")
+            schema = js.get("schema", {})
+            strict = js.get("strict")
+            if strict is not None and not isinstance(strict, bool):
+                raise invalid("response_format.json_schema.strict must be a boolean", "response_format")
+            # strict or not, the schema is enforced (as vLLM does): the output always validates.
+            found.append(("response_format", "json", schema))
+    for name, kind in _GUIDED.items():
+        if _present(body, name):
+            found.append((name, kind, body[name]))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise invalid("structured_outputs must be an object", "structured_outputs")
+        for kind in ("json", "regex", "choice", "grammar"):
+            if so.get(kind) is not None:
+                found.append((f"structured_outputs.{kind}", kind, so[kind]))
+        if so.get("json_object"):
+            found.append(("structured_outputs.json_object", "json_object", True))
+    if not found:
+        return None, None
+    if len(found) > 1:
+        names = ", ".join(sorted({p for p, _, _ in found}))
+        raise invalid(
+            f"only one output constraint may be given, got {names}", found[1][0], code="conflicting_parameters"
+        )
+    param, kind, value = found[0]
+    try:
+        if kind == "json_object":
+            return structured.any_json_object(), param
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    value = orjson.loads(value)
+                except orjson.JSONDecodeError as e:
+                    raise invalid(f"{param} is not valid JSON: {e}", param) from None
+            if not isinstance(value, dict | bool):
+                raise invalid(f"{param} must be a JSON schema (an object)", param)
+            return structured.from_json_schema(value), param
+        if kind == "regex":
+            if not isinstance(value, str):
+                raise invalid(f"{param} must be a string", param)
+            return structured.from_regex(value), param
+        if kind == "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+                raise invalid(f"{param} must be a non-empty list of non-empty strings", param)
+            return structured.from_choice(value), param
+        if not isinstance(value, str):
+            raise invalid(f"{param} must be a string", param)
+        return structured.from_grammar(value), param
+    except structured.GrammarError as e:
+        raise invalid(f"{param} cannot be compiled: {e}", param, code="invalid_schema") from None
 
 
 def _present(body: dict[str, Any], name: str) -> bool:

@@ -53,6 +53,7 @@ from cascade.messages import RouteStage, SamplingParams, TokenEvent, TokenLogpro
 from cascade.models.tokenizer import IncrementalDecoder, Tokenizer
 from cascade.stagewire import StageClose, StageError, StageFrame, StageInput, StageToken
 from services.worker.admission import Budget
+from services.worker.grammar import GrammarMasks
 from services.worker.kvblocks import (
     NULL_BLOCK,
     BlockManager,
@@ -93,7 +94,12 @@ def history_row(
 
 def _counts_history(params: SamplingParams) -> bool:
     """Its sampling depends on the tokens so far (a later stage must be told the prompt)."""
-    return params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1
+    return (
+        params.presence_penalty != 0
+        or params.frequency_penalty != 0
+        or params.repetition_penalty != 1
+        or bool(params.grammar)
+    )
 
 
 def _resume_text(seq: Sequence, streamed: list[int]) -> None:
@@ -151,6 +157,9 @@ class Sequence:
     choice: int = 0
     forked: bool = False
     fork_blocks: list[int] = field(default_factory=list)
+    # Structured outputs: its llguidance matcher (made on first use, from params.grammar), which
+    # has consumed every token it generated.
+    matcher: Any = None
     # driven only
     next_ids: list[int] | None = None  # input of the next stage-0 pass; None while awaiting a token
     prefilled: bool = False
@@ -205,6 +214,7 @@ class Relayed:
     # at the last stage the tokens it sampled.
     prompt: list[int] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
+    matcher: Any = None  # structured outputs, at the last stage
 
     @property
     def stage(self) -> RouteStage:
@@ -377,6 +387,11 @@ class Engine:
             collections.deque()
         )
         self._eos = set(tokenizer.eos_ids) | set(self.cfg.eos_ids)
+        # Structured outputs: the step's token masks are computed on this thread while the model
+        # runs the step (llguidance releases the interpreter lock), so the sequences of the batch
+        # do not wait for the grammar work.
+        self._grammar = GrammarMasks(tokenizer, self.cfg.vocab_size, sorted(self._eos))
+        self._masks: dict[int, torch.Tensor] = {}
         self.stats = EngineStats()
         self.figures = self._figures()
 
@@ -535,12 +550,14 @@ class Engine:
         batch = len(self.running)
         relayed = sum(1 for k, _ in jobs if k == "relayed")
         decoded = 0
+        pending = self._grammar.start(self._guided(old, jobs))
         if segs:
             try:
                 outs = self.model.forward_segments(segs)
             except (RuntimeError, ValueError) as e:
                 self._fail_step(jobs, f"step failed: {e}")
                 outs = []
+            self._masks = self._grammar.finish(pending)
             for (kind, obj), seg, out in zip(jobs, segs, outs, strict=False):
                 if kind == "decode":
                     self._accept_sampled(self.running[:old], out)
@@ -580,6 +597,27 @@ class Engine:
         self.stats.step_timed(batch + relayed, took * 1000, prompt, len(new) + decoded)
         self.figures = self._figures()
         return StepResult(events, outbox, batch, len(new), decoded, relayed, target, prompt)
+
+    def _guided(self, old: int, jobs: list[tuple[str, Any]]) -> list[Sequence | Relayed]:
+        """The sequences with a grammar that sample in this step: the decode batch, prompts that
+        end in it, and relayed last stages."""
+        out: list[Sequence | Relayed] = [s for s in self.running[:old] if s.params.grammar and s.finish is None]
+        for kind, obj in jobs:
+            if kind == "prefill":
+                out += [s for s in obj if s.params.grammar]
+            elif kind == "chunk" and obj.params.grammar and obj.done + obj.chunk >= obj.target:
+                out.append(obj)
+            elif kind == "relayed" and obj.params.grammar and obj.last:
+                out.append(obj)
+        return out
+
+    def _mask(self, obj: Sequence | Relayed) -> torch.Tensor | None:
+        if not obj.params.grammar:
+            return None
+        m = self._masks.get(id(obj))
+        if m is None:  # not foreseen before the step (cannot happen in order; computed here then)
+            m = self._grammar.finish(self._grammar.start([obj]))[id(obj)]
+        return m
 
     def _emulated_s(self, segs: list[Segment]) -> float:
         """The step's time on the emulated device: the decode batch, prompt tokens and KV tokens
@@ -865,7 +903,10 @@ class Engine:
                 out += group
                 rows += [b] * len(group)
             seqs, logits = out, logits[rows]
-        toks, lps = sample(logits, [s.sample_row() for s in seqs], self.logprobs_mode)
+        sample_rows = [s.sample_row() for s in seqs]
+        for s, r in zip(seqs, sample_rows, strict=True):
+            r.allowed = self._mask(s)
+        toks, lps = sample(logits, sample_rows, self.logprobs_mode)
         for seq, tok, lp in zip(seqs, toks, lps, strict=True):
             self._accept_token(seq, tok, lp)
 
@@ -891,7 +932,10 @@ class Engine:
                 max_stop=seq.max_stop, arrived_at=seq.arrived_at, done=seq.done, table=table, target=seq.target,
                 keys=list(seq.keys), registered=min(seq.registered, full), admitted=seq.admitted, choice=i,
                 forked=True, prompt_lps_sent=True,
+                matcher=seq.matcher.deep_copy() if seq.matcher is not None else None,
             )  # fmt: skip
+            if id(seq) in self._masks:  # the same state as its parent's: the same first mask
+                self._masks[id(child)] = self._masks[id(seq)]
             out.append(child)
         at = self.running.index(seq) + 1 if seq in self.running else len(self.running)
         self.running[at:at] = out[1:]
@@ -916,10 +960,27 @@ class Engine:
         seq.prompt_lps = None
         return lps
 
-    def _accept_token(self, seq: Sequence, tok: int, lp: TokenLogprob | None = None) -> None:
+    def _accept_token(
+        self, seq: Sequence, tok: int, lp: TokenLogprob | None = None, grammar_done: bool = False
+    ) -> None:
         if seq.finish is not None:
             return
-        if tok in self._eos and not seq.params.ignore_eos:
+        eos = tok in self._eos
+        if seq.params.grammar and seq.route:
+            # A route's last stage holds the matcher and said whether the grammar ended here.
+            if eos and grammar_done:
+                seq.finish, seq.eos_hit = "stop", True
+                return
+        elif seq.params.grammar:
+            ended = self._grammar.consume(seq, tok)
+            if isinstance(ended, str):
+                seq.finish, seq.error = "error", ended
+                return
+            if eos:  # the mask allowed EOS: the grammar accepts what came before it
+                seq.finish, seq.eos_hit = "stop", True
+                return
+            grammar_done = ended
+        if eos and not seq.params.ignore_eos:
             seq.finish = "stop"
             seq.eos_hit = True
             return
@@ -927,6 +988,11 @@ class Engine:
         seq.pending_ids.append(tok)
         if lp is not None:
             seq.pending_lps.append(lp)
+        if grammar_done:
+            # The grammar admits nothing more (the JSON value is closed): OpenAI's finish "stop".
+            self._push_text(seq, seq.decoder.push([tok]))
+            seq.finish = "stop"
+            return
         self._push_text(seq, seq.decoder.push([tok]))
         if seq.finish is None and len(seq.generated) >= seq.params.max_tokens:
             seq.finish = "length"
@@ -1014,10 +1080,18 @@ class Engine:
             if not inp.final:
                 return  # a prompt chunk before the last: its keys and values are all it leaves
             row = history_row(rel.params, rel.generator, rel.prompt, rel.output)
+            row.allowed = self._mask(rel)
             toks, lps = sample(out, [row], self.logprobs_mode)
             if _counts_history(rel.params):
                 rel.output.append(toks[0])
-            outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, toks[0], lps[0])))
+            done = False
+            if rel.params.grammar:
+                ended = self._grammar.consume(rel, toks[0])
+                if isinstance(ended, str):
+                    outbox.append(Outgoing(rel.driver, StageError(rel.request_id, ended)))
+                    return
+                done = ended or toks[0] in self._eos
+            outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, toks[0], lps[0], stop=done)))
             return
         frame = StageInput(
             rel.request_id, inp.prefill, rel.length - 1, start=inp.start, final=inp.final, sent_at=time.time(),
@@ -1037,7 +1111,7 @@ class Engine:
             elif isinstance(f, StageToken):
                 seq = self.driven.get(f.request_id)
                 if seq is not None and seq.finish is None:
-                    self._accept_token(seq, f.token, f.logprob)
+                    self._accept_token(seq, f.token, f.logprob, grammar_done=f.stop)
                     if seq.finish is None:
                         seq.next_ids = [f.token]
             elif isinstance(f, StageClose):

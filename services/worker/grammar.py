@@ -1,0 +1,93 @@
+"""Token masks for structured outputs (llguidance), computed beside the model's forward pass.
+
+`start` hands the step's guided sequences to one helper thread before the step's forward pass;
+llguidance computes each mask in Rust with the interpreter lock released, so the masks are ready
+(or nearly) when the logits are, and the sequences of the batch without a grammar never wait for
+them. `finish` collects them. Only the helper thread touches a matcher between `start` and
+`finish`; the engine thread consumes sampled tokens after `finish` returned, so each matcher has
+one user at a time.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import llguidance
+import torch
+
+from cascade import structured
+from cascade.messages import SamplingParams
+from cascade.models.tokenizer import Tokenizer
+
+
+class Guided(Protocol):
+    """A sequence with a grammar (a full or driven Sequence, or a relayed last stage)."""
+
+    params: SamplingParams
+    prompt: list[int]
+    matcher: Any
+
+
+class GrammarMasks:
+    def __init__(self, tok: Tokenizer, vocab: int, eos: list[int]) -> None:
+        self._tok, self.vocab, self.eos = tok, vocab, eos
+        self._lltok: llguidance.LLTokenizer | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._shifts = torch.arange(32, dtype=torch.int32)
+
+    def start(self, seqs: list[Any]) -> Future[dict[int, torch.Tensor]] | None:
+        if not seqs:
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        return self._pool.submit(self._compute, list(seqs))
+
+    def finish(self, pending: Future[dict[int, torch.Tensor]] | None) -> dict[int, torch.Tensor]:
+        """The allowed tokens of each sequence started, by id(sequence): bool [vocab]."""
+        return pending.result() if pending is not None else {}
+
+    def consume(self, seq: Guided, token: int) -> bool | str:
+        """Advance `seq`'s matcher past `token`: True when the grammar is complete with it, an
+        error message when the grammar rejects it (the mask makes that impossible short of a bug)."""
+        m = seq.matcher or self._matcher(seq)
+        if token in self.eos:
+            return True
+        if not m.consume_token(token):
+            return f"structured output: the grammar rejected token {token}: {m.get_error() or 'no detail'}"
+        return bool(m.is_stopped())
+
+    def _tokenizer(self) -> llguidance.LLTokenizer:
+        # Built once, on first use (about half a second for a 50k vocabulary), on the helper thread.
+        if self._lltok is None:
+            self._lltok = structured.tokenizer_for(self._tok, self.vocab, self.eos)
+        return self._lltok
+
+    def _matcher(self, seq: Guided) -> Any:
+        m = llguidance.LLMatcher(self._tokenizer(), seq.params.grammar, log_level=0)
+        r = seq.params.resumed
+        if 0 < r <= len(seq.prompt):
+            # A migrated request: the grammar state moves with it, replayed from what it streamed.
+            m.consume_tokens(seq.prompt[-r:])
+        seq.matcher = m
+        return m
+
+    def _compute(self, seqs: list[Guided]) -> dict[int, torch.Tensor]:
+        self._tokenizer()
+        words = (self.vocab + 31) // 32
+        bitmask = torch.full((len(seqs), words), -1, dtype=torch.int32)
+        for i, seq in enumerate(seqs):
+            m = seq.matcher or self._matcher(seq)
+            if not m.is_error():
+                # (llguidance.torch.fill_next_token_bitmask does this, but importing that module
+                # sets up torch.compile, seconds of a worker's start for one pointer call.)
+                row = bitmask[i]
+                m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+            # A matcher in error allows everything; consume() then ends the sequence with the error.
+        bits = (bitmask.unsqueeze(-1) >> self._shifts) & 1
+        allowed = bits.view(len(seqs), -1)[:, : self.vocab].bool()
+        return {id(seq): allowed[i] for i, seq in enumerate(seqs)}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
