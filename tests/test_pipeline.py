@@ -272,3 +272,52 @@ def test_penalty_counts_move_with_a_migrated_request(ckpt: Checkpoint) -> None:
     f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")
     n.submit(p, "g", tok.encode(p) + unbroken[:cut], resumed, route=[RouteStage("N", 0, 2), RouteStage("F", 2, L)])
     assert toks(run_mesh({"N": n, "F": f})[p]) == unbroken[cut:]
+
+
+def test_structured_output_through_a_route_and_after_a_migration(ckpt: Checkpoint) -> None:
+    """The grammar's matcher lives where sampling happens (the route's last stage), and a
+    migrated request's matcher is replayed from what it streamed: the same JSON as one whole run."""
+    import json
+
+    from cascade import structured
+
+    grammar = structured.from_json_schema(
+        {
+            "type": "object",
+            "properties": {
+                "k": {"enum": ["x", "y", "z"]},
+                "v": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+            },
+            "required": ["k", "v"],
+            "additionalProperties": False,
+        }
+    )
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=9, grammar=grammar)
+    p = PROMPTS[0]
+    whole = Engine(model(ckpt, range(ckpt.config.num_units)), tok)
+    whole.submit(p, "g", tok.encode(p), params)
+    evs = run_mesh({"F": whole})[p]
+    want = toks(evs)
+    assert evs[-1].finish_reason == "stop"
+    json.loads(tok.decode(want))
+    L = ckpt.config.num_hidden_layers
+    n = Engine(model(ckpt, range(0, 3)), tok, worker_id="N")
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")
+    n.submit(p, "g", tok.encode(p), params, route=[RouteStage("N", 0, 2), RouteStage("F", 2, L)])
+    routed = run_mesh({"N": n, "F": f})[p]
+    assert toks(routed) == want and routed[-1].finish_reason == "stop"
+    cut = 5
+    resumed = SamplingParams(max_tokens=80 - cut, temperature=1.0, seed=9, grammar=grammar, resumed=cut)
+    for engines, route in [
+        ({"F": Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")}, None),
+        (
+            {
+                "N": Engine(model(ckpt, range(0, 3)), tok, worker_id="N"),
+                "F": Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F"),
+            },
+            [RouteStage("N", 0, 2), RouteStage("F", 2, L)],
+        ),
+    ]:
+        head = next(iter(engines.values()))
+        head.submit(p, "g", tok.encode(p) + want[:cut], resumed, route=route)
+        assert toks(run_mesh(engines)[p]) == want[cut:]
