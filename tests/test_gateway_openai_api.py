@@ -245,7 +245,11 @@ def test_chat_message_errors(messages: Any, param: str, match: str) -> None:
 
 
 def test_chat_unsupported() -> None:
-    bad(lambda: chat(tools=[{"type": "function"}]), "tools", code="unsupported_parameter")
+    bad(lambda: chat(tools=[{"type": "function"}]), "tools[0]")
+    bad(lambda: chat(functions=[{"name": "f"}]), "functions", code="unsupported_parameter")
+    tool = {"type": "function", "function": {"name": "f"}}
+    bad(lambda: chat(tools=[tool], tool_choice="required", guided_regex="a"), code="conflicting_parameters")
+    assert chat(tools=[tool], tool_choice="none", guided_regex="a").grammar is not None
     bad(lambda: chat(top_logprobs=2), "top_logprobs", match="requires logprobs")
     bad(lambda: chat(logprobs=True, top_logprobs=21), "top_logprobs", match="at most 20")
     bad(lambda: chat(logprobs=3), "logprobs", match="boolean")
@@ -410,7 +414,7 @@ def test_logprob_shapes() -> None:
 
 
 def test_structured_output_fields_become_one_grammar() -> None:
-    for body, param in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"response_format": {"type": "json_object"}}, "response_format"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
@@ -421,7 +425,8 @@ def test_structured_output_fields_become_one_grammar() -> None:
         ({"guided_choice": ["a", "b"]}, "guided_choice"),
         ({"guided_grammar": 'start: "x"'}, "guided_grammar"),
         ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs.json"),
-    ]:
+    ]
+    for body, param in cases:
         s = chat(**body)
         assert s.grammar and s.grammar_param == param, body
     assert chat(response_format={"type": "text"}).grammar is None

@@ -310,3 +310,89 @@ async def test_structured_output_errors_are_400s_naming_the_parameter(mesh: Mesh
             model=MODEL, messages=MESSAGES, response_format={"type": "json_object"}, extra_body={"guided_regex": "a"}
         )
     assert ei.value.body["code"] == "conflicting_parameters"
+
+
+class GetWeather(BaseModel):
+    city: str = Field(max_length=8)
+    unit: Literal["c", "f"]
+
+
+WEATHER_TOOL = openai.pydantic_function_tool(GetWeather, name="get_weather", description="Weather at a place")
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def test_forced_tool_calls_parse_into_openai_shape(mesh: Mesh) -> None:
+    """tool_choice required / a named function: even a random model's output is a call in the
+    template's format (hermes here), parsed into OpenAI's tool_calls, with valid arguments."""
+    for seed, choice in enumerate(["required", {"type": "function", "function": {"name": "get_time"}}]):
+        r = await mesh.client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=choice,
+            parallel_tool_calls=False, max_tokens=300, temperature=1.0, seed=seed,
+        )  # fmt: skip
+        ch = r.choices[0]
+        assert ch.finish_reason == "tool_calls" and ch.message.content is None
+        calls = ch.message.tool_calls or []
+        assert len(calls) == 1 and calls[0].type == "function" and calls[0].id.startswith("call_")
+        fn = calls[0].function
+        if fn.name == "get_weather":
+            GetWeather.model_validate_json(fn.arguments)
+        else:
+            assert fn.name == "get_time" and json.loads(fn.arguments)["zone"] in ("UTC", "CET")
+        if isinstance(choice, dict):
+            assert fn.name == "get_time"
+
+
+async def test_streamed_tool_calls_with_the_clients_helper(mesh: Mesh) -> None:
+    """The client's streaming helper accumulates the tool_calls deltas into a final message whose
+    arguments it parses into the pydantic model (strict function tools), with parallel calls."""
+    async with mesh.client.chat.completions.stream(
+        model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=400,
+        temperature=1.0, seed=4,
+    ) as stream:  # fmt: skip
+        done = []
+        async for event in stream:
+            if event.type == "tool_calls.function.arguments.done":
+                done.append(event.name)
+        final = await stream.get_final_completion()
+    ch = final.choices[0]
+    assert ch.finish_reason == "tool_calls"
+    calls = ch.message.tool_calls or []
+    assert calls and done == ["get_weather"] * len(calls)
+    for c in calls:
+        assert isinstance(c.function.parsed_arguments, GetWeather)
+
+
+async def test_tool_results_go_back_into_the_conversation(mesh: Mesh) -> None:
+    messages = [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    r = await mesh.client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[TIME_TOOL], tool_choice="none", max_tokens=4, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert r.choices[0].message.tool_calls is None and r.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError) as ei:
+        await mesh.client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, tools=[TIME_TOOL], tool_choice="required",
+            response_format={"type": "json_object"},
+        )  # fmt: skip
+    assert ei.value.body["code"] == "conflicting_parameters"

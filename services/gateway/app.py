@@ -8,6 +8,7 @@ leaves as an OpenAI error body; a middleware counts requests and latencies.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,9 +19,11 @@ import orjson
 import structlog
 from aiohttp import web
 
+from cascade import structured
 from cascade.messages import TokenEvent, TokenLogprob
 from cascade.models.tokenizer import Tokenizer
 from services.gateway import openai_api as oai
+from services.gateway import tools
 from services.gateway.core import GatewayCore
 from services.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from services.gateway.openai_api import ApiError, Kind
@@ -140,13 +143,23 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     body = oai.parse_json(await _read_body(request, core.settings.max_body_bytes))
     spec = oai.parse_completion(body) if kind == "completion" else oai.parse_chat(body)
     info = core.catalog.get(spec.model)
+    parser: tools.Parser | None = None
+    if spec.tools is not None and spec.tools.choice != "none":
+        parser = core.tool_parser(info)
+        if spec.tools.forced:
+            # required / a named function: only calls in the model's format can come out.
+            try:
+                grammar = tools.forced_grammar(spec.tools, parser)
+            except structured.GrammarError as e:
+                raise ApiError(400, f"tools: a parameters schema cannot be compiled: {e}", param="tools") from None
+            spec = dataclasses.replace(spec, grammar=grammar, grammar_param="tool_choice")
     prompt_ids, max_tokens = await core.prepare(info, spec)
     rid = oai.new_request_id(kind)
     with structlog.contextvars.bound_contextvars(request_id=rid):
         req = core.admit(rid, info, prompt_ids, spec, max_tokens)
         progress = _Progress(core, info.name, arrived)
         try:
-            fmt = _Formatter(spec, info.tokenizer, req.prompt_ids)
+            fmt = _Formatter(spec, info.tokenizer, req.prompt_ids, parser)
             if spec.stream:
                 return await _stream(request, core, req, spec, progress, fmt)
             return await _complete(core, req, spec, progress, fmt)
@@ -204,8 +217,11 @@ class _Formatter:
     """Turns a request's token events into the OpenAI shapes it asked for: log probabilities
     (chat's or the completions' legacy shape), echo, vLLM's prompt_logprobs."""
 
-    def __init__(self, spec: oai.GenerationSpec, tok: Tokenizer, prompt_ids: list[int]) -> None:
+    def __init__(
+        self, spec: oai.GenerationSpec, tok: Tokenizer, prompt_ids: list[int], parser: tools.Parser | None = None
+    ) -> None:
         self.spec, self.tok, self.prompt_ids = spec, tok, prompt_ids
+        self.parser = parser  # tool calls are parsed out of the text in this format (None: no tools)
         self._texts: dict[int, str] = {}
         self.prompt_lps: list[TokenLogprob | None] | None = None
         self.offsets: dict[int, int] = {}  # completions' text_offset of each choice's next token
@@ -258,6 +274,7 @@ class _Choice:
     finish: str | None = None
     completion_tokens: int = 0
     started: bool = False  # streaming: its first chunk (with the role) went out
+    tool_stream: tools.StreamParser | None = None  # streaming with tools: what parses calls out
 
 
 def _saw_final(c: _Choice, ev: TokenEvent) -> None:
@@ -301,14 +318,22 @@ async def _complete(
         for i in range(spec.n):
             c = choices.get(i, _Choice(finish="stop"))
             text = fmt.echo_text() + "".join(c.parts)
+            message = None
+            finish = c.finish
+            if fmt.parser is not None:
+                content, calls = tools.parse(text, fmt.parser)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish = "tool_calls" if finish == "stop" else finish
             body.append(
                 oai.choice(
                     spec.kind,
                     text,
-                    c.finish,
+                    finish,
                     index=i,
                     logprobs=fmt.logprobs(c.lps, echo=spec.echo, choice=i),
                     prompt_logprobs=plps if spec.kind == "completion" else None,
+                    message=message,
                 )
             )
         return json_response(
@@ -352,6 +377,9 @@ async def _stream(
     await resp.prepare(request)
     iu = spec.include_usage
     choices: dict[int, _Choice] = {i: _Choice() for i in range(spec.n)}
+    if fmt.parser is not None:
+        for c in choices.values():
+            c.tool_stream = tools.StreamParser(fmt.parser, forced=spec.tools is not None and spec.tools.forced)
     finished = 0
 
     def chunk(i: int, text: str, finish: str | None = None, **kw: Any) -> bytes:
@@ -379,12 +407,24 @@ async def _stream(
                 break
             c = choices[ev.choice]
             c.tokens += len(ev.token_ids)
-            if ev.text or not c.started or ev.logprobs:
+            text, calls = ev.text, list[dict[str, Any]]()
+            tp = c.tool_stream
+            if tp is not None:
+                text, calls = tp.feed(ev.text)
+                if ev.finish_reason is not None:
+                    rest, more = tp.finish()
+                    text, calls = text + rest, calls + more
+            if text or not c.started or ev.logprobs:
                 lp = fmt.logprobs(ev.logprobs, choice=ev.choice) if ev.logprobs else None
-                await resp.write(chunk(ev.choice, ev.text, logprobs=lp))
+                await resp.write(chunk(ev.choice, text, logprobs=lp))
+            if calls:
+                await resp.write(chunk(ev.choice, "", delta={"tool_calls": calls}))
             if ev.finish_reason is not None:
                 _saw_final(c, ev)
-                await resp.write(chunk(ev.choice, "", ev.finish_reason))
+                finish = ev.finish_reason
+                if tp is not None and tp.calls and finish == "stop":
+                    finish = "tool_calls"
+                await resp.write(chunk(ev.choice, "", finish))
                 finished += 1
             if finished == spec.n:
                 if spec.include_usage:

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import os
 import time
+import typing
 from collections import Counter as Tally
 from collections.abc import Mapping
 from typing import Any
@@ -62,6 +63,7 @@ from services.gateway.registry import Registry
 from services.gateway.router import Route, choose_route, models_without_instance, serves_fully
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import Failure, Phase, RequestState, StreamHub
+from services.gateway.tools import Parser, infer_parser
 
 # Texts longer than this are tokenised in a thread, so one huge prompt does not stall every stream.
 _THREAD_TOKENISE_CHARS = 32 * 1024
@@ -114,6 +116,7 @@ class GatewayCore:
         # Cancel publishes are awaited at close (not cancelled like other tasks): the handlers that
         # aiohttp cancels at the end of the shutdown grace send them just before the engine closes.
         self._cancels: set[asyncio.Task[None]] = set()
+        self._tool_parsers: dict[str, Parser] = {}
 
     def _new_batcher(self, model: str) -> Batcher:
         s = self.settings
@@ -172,6 +175,21 @@ class GatewayCore:
             self.hub.finish(req, Failure(503, "the gateway is shutting down", "shutting_down", 1))
 
     # ---- requests (called by the HTTP handlers) ----------------------------
+    def tool_parser(self, info: ModelInfo) -> Parser:
+        """How `info`'s model writes tool calls: the --tool-call-parser setting, else what its chat
+        template teaches (rendered once with a tool, per model)."""
+        if self.settings.tool_call_parser != "auto":
+            return typing.cast(Parser, self.settings.tool_call_parser)
+        parser = self._tool_parsers.get(info.name)
+        if parser is None:
+            probe = [{"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}]
+            try:
+                rendered = info.tokenizer.render_chat([{"role": "user", "content": "x"}], tools=probe)
+            except (NoChatTemplate, ChatTemplateError):
+                rendered = ""
+            parser = self._tool_parsers[info.name] = infer_parser(rendered)
+        return parser
+
     async def prepare(self, info: ModelInfo, spec: GenerationSpec) -> tuple[list[int], int]:
         """Tokenise and check the length: (prompt ids, max_tokens). 413 when it cannot fit."""
         tok = info.tokenizer
@@ -190,11 +208,14 @@ class GatewayCore:
                 ids = tok.encode(spec.prompt)
         else:
             messages = spec.messages or []
+            # The tools go into the template as transformers' apply_chat_template(tools=...) takes
+            # them (with tool_choice none too, as vLLM renders them by default).
+            tools = spec.tools.functions if spec.tools is not None else None
             try:
                 if len(orjson.dumps(messages)) > _THREAD_TOKENISE_CHARS:
-                    ids = await asyncio.to_thread(tok.encode_chat, messages)
+                    ids = await asyncio.to_thread(tok.encode_chat, messages, tools=tools)
                 else:
-                    ids = tok.encode_chat(messages)
+                    ids = tok.encode_chat(messages, tools=tools)
             except NoChatTemplate:
                 raise ApiError(
                     400,

@@ -18,6 +18,7 @@ import orjson
 
 from cascade import structured
 from cascade.messages import TokenLogprob
+from services.gateway.tools import ToolError, Tools, parse_tools
 
 Kind = Literal["completion", "chat"]
 
@@ -104,6 +105,7 @@ class GenerationSpec:
     # the request parameter it came from.
     grammar: str | None = None
     grammar_param: str | None = None
+    tools: Tools | None = None  # chat: the functions the model may call, and how
 
     @property
     def worker_prompt_logprobs(self) -> int | None:
@@ -159,8 +161,20 @@ def parse_chat(body: dict[str, Any]) -> GenerationSpec:
         if not lp:
             raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
     common["logprobs"] = (top or 0) if lp else None
-    if body.get("tools") or body.get("functions"):
-        raise _unsupported("tools", "tool calling is not supported by this server")
+    if body.get("functions") or body.get("function_call"):
+        raise _unsupported("functions", "functions/function_call are deprecated: send tools and tool_choice")
+    try:
+        tools = parse_tools(body)
+    except ToolError as e:
+        raise invalid(str(e), e.param) from None
+    if tools is not None and tools.choice != "none" and common["grammar"] is not None:
+        # Both would constrain the same output: a call in the model's format, or the given shape.
+        raise invalid(
+            f"tools (tool_choice {tools.choice!r}) cannot go with {common['grammar_param']}",
+            common["grammar_param"],
+            code="conflicting_parameters",
+        )
+    common["tools"] = tools
     if body.get("echo"):
         raise _unsupported("echo", "echo is a /v1/completions parameter")
     return GenerationSpec(kind="chat", messages=_messages(body), **common)
