@@ -112,7 +112,10 @@ def _resume_text(seq: Sequence, streamed: list[int]) -> None:
         seq.held = text[-keep:]
 
 
-@dataclass(slots=True)
+# Identity, not value, equality: `seq in self.running` compared every field of every sequence (a
+# step's worth of list compares at batch 32), and n choices forked off one prompt are alike in
+# nearly every field.
+@dataclass(slots=True, eq=False)
 class Sequence:
     """A request this worker drives (full, or the first stage of a route)."""
 
