@@ -16,6 +16,8 @@ sequence and asks it for the allowed tokens at every step.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +36,13 @@ def from_json_schema(schema: dict[str, Any] | bool) -> str:
         schema = {}
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
+    # Clients send the same schema request after request: compile it once.
+    return _compiled_schema(json.dumps(schema, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_schema(text: str) -> str:
+    schema = json.loads(text)
     try:
         # Compact JSON: no free whitespace, so a model cannot spend its max_tokens on indentation
         # (vLLM's xgrammar backend makes the same choice by default).

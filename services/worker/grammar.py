@@ -34,6 +34,9 @@ class GrammarMasks:
         self._tok, self.vocab, self.eos = tok, vocab, eos
         self._lltok: llguidance.LLTokenizer | None = None
         self._pool: ThreadPoolExecutor | None = None
+        # One Rust call fills the whole step's masks (one interpreter-lock release, not one per
+        # sequence); one thread: the model's torch threads have the other cores.
+        self._executor: llguidance.LLExecutor | None = None
         self._shifts = torch.arange(32, dtype=torch.int32)
 
     def start(self, seqs: list[Any]) -> Future[dict[int, torch.Tensor]] | None:
@@ -74,16 +77,16 @@ class GrammarMasks:
 
     def _compute(self, seqs: list[Guided]) -> dict[int, torch.Tensor]:
         self._tokenizer()
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(num_threads=1)
         words = (self.vocab + 31) // 32
         bitmask = torch.full((len(seqs), words), -1, dtype=torch.int32)
-        for i, seq in enumerate(seqs):
-            m = seq.matcher or self._matcher(seq)
-            if not m.is_error():
-                # (llguidance.torch.fill_next_token_bitmask does this, but importing that module
-                # sets up torch.compile, seconds of a worker's start for one pointer call.)
-                row = bitmask[i]
-                m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
-            # A matcher in error allows everything; consume() then ends the sequence with the error.
+        # A matcher in error keeps the all-allowed row; consume() then ends the sequence with the error.
+        todo = [(m, i) for i, seq in enumerate(seqs) if not (m := seq.matcher or self._matcher(seq)).is_error()]
+        if todo:
+            # (llguidance.torch.fill_next_token_bitmask_par does this, but importing that module sets
+            # up torch.compile, seconds of a worker's start for one pointer call.)
+            self._executor.unsafe_compute_mask_ptr(todo, bitmask.data_ptr(), words * 4, len(seqs))
         bits = (bitmask.unsqueeze(-1) >> self._shifts) & 1
         allowed = bits.view(len(seqs), -1)[:, : self.vocab].bool()
         return {id(seq): allowed[i] for i, seq in enumerate(seqs)}

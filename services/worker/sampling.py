@@ -119,10 +119,9 @@ def sample(
     masked = [b for b, r in enumerate(rows) if r.allowed is not None]
     if masked:
         x = x.clone() if x is raw else x
-        for b in masked:
-            allowed = rows[b].allowed
-            assert allowed is not None
-            x[b].masked_fill_(~allowed.to(x.device), float("-inf"))
+        allowed = torch.stack([r.allowed for r in rows if r.allowed is not None]).to(x.device)
+        idx = torch.tensor(masked, device=x.device)
+        x[idx] = x[idx].masked_fill(~allowed, float("-inf"))
     out = x.argmax(-1).tolist()  # greedy rows, computed for all at once
     temps = [r.params.temperature for r in rows]
     for b, r in enumerate(rows):
