@@ -347,7 +347,15 @@ def json_schema_main(a: argparse.Namespace) -> int:
                     r["itl_ms"]["p50"], f"{r['ok']}/{r['requests']}",
                 ]
             )  # fmt: skip
-    table = md_table(["constraint", "round", "output tok/s", "tokens", "TTFT p50 ms", "ITL p50 ms", "ok/n"], rows)
+    head = result_header("serve-json-schema")
+    table = (
+        f"# Structured outputs' cost (`cascade bench serve --json-schema --rounds {a.rounds}`)\n\n"
+        f"Commit {head['commit']}; {head['machine']['cores']} cores ({head['machine']['cpu']}), shared; model {name} "
+        f"({model_info}); {c} streams of completions, {n} requests of {a.max_tokens} tokens per round (ignore_eos, "
+        f"greedy), {a.workers} worker(s) with {a.threads} torch thread(s); the schema (nested objects, enums, an "
+        "array of at least 40 items) is in the JSON file. Rounds alternate, none first.\n\n"
+    )
+    table += md_table(["constraint", "round", "output tok/s", "tokens", "TTFT p50 ms", "ITL p50 ms", "ok/n"], rows)
     table += (
         f"\njson_schema on every request / none, at {c} streams: **{ratio:.2f}x** (median of {len(ratios)} "
         f"alternating rounds: {', '.join(f'{x:.2f}' for x in ratios)}; bar: >= 0.8x)\n"
@@ -367,7 +375,7 @@ def json_schema_main(a: argparse.Namespace) -> int:
             "ratios": ratios,
             "ratio_median": ratio,
         }  # fmt: skip
-        jp, mp = write_result(a.out or "serve-json-schema", {**result_header("serve-json-schema"), **payload}, table)
+        jp, mp = write_result(a.out or "serve-json-schema", {**head, **payload}, table)
         print(f"wrote {jp} and {mp}")
     return 0
 
