@@ -361,6 +361,8 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False

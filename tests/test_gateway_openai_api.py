@@ -362,12 +362,22 @@ def test_unset_sampling_fields_take_the_models_defaults_then_openais() -> None:
     given = completion(temperature=0, top_p=0.5)
     p = sampling_params(given, 8, model)
     assert (p.temperature, p.top_p) == (0.0, 0.5)  # what the request says wins
+    # top_k, min_p and repetition_penalty from generation_config.json too, as vLLM takes them.
+    model = {"top_k": 50, "min_p": 0.05, "repetition_penalty": 1.1}
+    p = sampling_params(bare, 8, model)
+    assert (p.top_k, p.min_p, p.repetition_penalty) == (50, 0.05, 1.1)
+    p = sampling_params(completion(top_k=-1, min_p=0, repetition_penalty=1.0), 8, model)
+    assert (p.top_k, p.min_p, p.repetition_penalty) == (0, 0.0, 1.0)
 
 
 def test_logprob_and_penalty_fields_are_honoured() -> None:
     s = chat(logprobs=True, top_logprobs=3, prompt_logprobs=2, presence_penalty=0.5, frequency_penalty=-1)
     assert (s.logprobs, s.prompt_logprobs, s.presence_penalty, s.frequency_penalty) == (3, 2, 0.5, -1.0)
     assert chat(logprobs=True).logprobs == 0 and chat(logprobs=False).logprobs is None
+    assert (completion(top_k=-1).top_k, completion(top_k=40).top_k, completion(min_p=0.1).min_p) == (0, 40, 0.1)
+    assert completion().top_k is None and completion().repetition_penalty is None  # the model's defaults then
+    bad(lambda: completion(top_k=-2), "top_k")
+    bad(lambda: completion(min_p=1.5), "min_p")
     c = completion(logprobs=2, echo=True, repetition_penalty=1.3)
     assert (c.logprobs, c.echo, c.repetition_penalty) == (2, True, 1.3)
     # echo with logprobs: the worker computes the prompt's logprobs too, with the same top count.

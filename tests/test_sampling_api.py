@@ -232,3 +232,24 @@ def test_n_choices_take_batch_slots(model: LlamaModel) -> None:
     assert len(e.running) == 3  # b's two choices do not fit beside a's three
     out = run(e)
     assert sorted(choices(out["b"])) == [0, 1]
+
+
+def test_top_k_and_min_p_keep_only_the_tokens_they_allow() -> None:
+    from services.worker.sampling import sample
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 50, generator=g) * 3
+    top3 = set(logits[0].topk(3).indices.tolist())
+    probs = torch.softmax(logits[0], -1)
+    above = {i for i in range(50) if probs[i] >= 0.2 * probs.max()}
+    seen_k, seen_p = set(), set()
+    for seed in range(60):
+        k = SamplingParams(temperature=1.0, top_k=3)
+        seen_k.add(sample(logits, [SampleRow(k, torch.Generator().manual_seed(seed))])[0][0])
+        p = SamplingParams(temperature=1.0, min_p=0.2)
+        seen_p.add(sample(logits, [SampleRow(p, torch.Generator().manual_seed(seed))])[0][0])
+    assert seen_k <= top3 and len(seen_k) > 1
+    assert seen_p <= above and len(above) > 1
+    greedy = int(logits.argmax())
+    one = SamplingParams(temperature=1.0, top_k=1)
+    assert sample(logits, [SampleRow(one, torch.Generator().manual_seed(0))])[0] == [greedy]

@@ -786,5 +786,14 @@ def sampling_params(spec: GenerationSpec, max_tokens: int, defaults: Mapping[str
         prompt_logprobs=spec.worker_prompt_logprobs,
         presence_penalty=spec.presence_penalty,
         frequency_penalty=spec.frequency_penalty,
-        repetition_penalty=spec.repetition_penalty,
+        repetition_penalty=_given(spec.repetition_penalty, defaults, "repetition_penalty", 1.0),
+        top_k=int(_given(spec.top_k, defaults, "top_k", 0)),
+        min_p=_given(spec.min_p, defaults, "min_p", 0.0),
     )
+
+
+def _given(value: float | None, defaults: Mapping[str, Any], name: str, neutral: float) -> float:
+    """The request's value, else the model's generation_config.json default, else neutral."""
+    if value is not None:
+        return value
+    return float(defaults.get(name, neutral))

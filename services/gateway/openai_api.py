@@ -100,7 +100,10 @@ class GenerationSpec:
     echo: bool = False  # completions: the prompt (and with logprobs its logprobs) leads the text
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # vLLM's extension
+    # vLLM's extensions; None: not given (the model's generation_config.json default applies).
+    repetition_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     # Structured outputs: the llguidance grammar every token is masked by (None: free text), and
     # the request parameter it came from.
     grammar: str | None = None
@@ -207,6 +210,11 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
     }
     if _present(body, "repetition_penalty"):
         penalties["repetition_penalty"] = _number(body, "repetition_penalty", 0.0, 100.0, lo_open=True)
+    if _present(body, "top_k"):
+        k = _int(body, "top_k", lo=-1)
+        penalties["top_k"] = max(k, 0)  # vLLM: -1 (or 0) turns it off
+    if _present(body, "min_p"):
+        penalties["min_p"] = _number(body, "min_p", 0.0, 1.0)
     if body.get("logit_bias"):
         raise _unsupported("logit_bias")
     seed = _int(body, "seed") if _present(body, "seed") else None

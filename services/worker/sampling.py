@@ -129,6 +129,9 @@ def sample(
         if p.temperature == 0:
             continue
         row = x[b].cpu() / p.temperature
+        if 0 < p.top_k < row.shape[0]:
+            kth = row.topk(p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
         probs = torch.softmax(row, dim=-1)
         if p.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
@@ -137,6 +140,9 @@ def sample(
             drop = cum - sorted_p >= p.top_p
             sorted_p[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        if p.min_p > 0:
+            # vLLM's min_p: drop what is less likely than min_p times the most likely token.
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         out[b] = int(torch.multinomial(probs, 1, generator=r.generator).item())
     toks = [int(t) for t in out]
     if want:
