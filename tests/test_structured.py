@@ -140,3 +140,41 @@ def test_uncompilable_constraints_are_named() -> None:
         structured.from_json_schema({"type": "object", "properties": {"a": {"type": "strin"}}})
     with pytest.raises(structured.GrammarError, match="unclosed group"):
         structured.from_regex("a(")
+
+
+@pytest.mark.parametrize("flavour", ["qwen", "llama3"])
+def test_a_hugging_face_tokenizer_drives_the_mask(tmp_path: object, flavour: str) -> None:
+    """A real tokenizer.json (byte-level BPE, special tokens) through llguidance: a random walk of
+    the mask, decoded by Cascade's own tokenizer, is JSON that validates."""
+    import random
+    from pathlib import Path
+
+    import llguidance
+    import torch
+
+    from cascade.models.tokenizer import HFTokenizer
+    from tests.hf_fixtures import LLAMA3, QWEN25, build
+
+    pytest.importorskip("transformers")
+    d = build({"qwen": QWEN25, "llama3": LLAMA3}[flavour], Path(str(tmp_path)) / flavour)
+    tok = HFTokenizer(d)
+    vocab = len(json.loads(tok.backend_json())["model"]["vocab"]) + 64
+    eos = tok.eos_ids
+    lltok = structured.tokenizer_for(tok, vocab, eos)
+    for seed in range(4):
+        m = llguidance.LLMatcher(lltok, structured.from_json_schema(SCHEMA), log_level=0)
+        rng = random.Random(seed)
+        words = (vocab + 31) // 32
+        mask = torch.full((words,), -1, dtype=torch.int32)
+        out: list[int] = []
+        for _ in range(400):
+            m.unsafe_compute_mask_ptr(mask.data_ptr(), words * 4)
+            bits = ((mask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(-1)[:vocab]
+            allowed = [int(i) for i in bits.nonzero().view(-1).tolist() if int(i) not in eos]
+            if not allowed or m.is_stopped():
+                break
+            t = rng.choice(allowed)
+            assert m.consume_token(t), m.get_error()
+            out.append(t)
+        assert m.is_stopped() or m.is_accepting()
+        jsonschema.validate(json.loads(tok.decode(out)), SCHEMA)
