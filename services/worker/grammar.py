@@ -89,6 +89,15 @@ class GrammarMasks:
             self._executor.unsafe_compute_mask_ptr(todo, bitmask.data_ptr(), words * 4, len(seqs))
         bits = (bitmask.unsqueeze(-1) >> self._shifts) & 1
         allowed = bits.view(len(seqs), -1)[:, : self.vocab].bool()
+        eos = [e for e in self.eos if e < self.vocab]
+        for i, seq in enumerate(seqs):
+            if seq.params.ignore_eos and eos:
+                # ignore_eos: the end-of-sequence token is not offered while the grammar can go on
+                # (it still ends a grammar that admits nothing more).
+                row = allowed[i].clone()
+                row[eos] = False
+                if bool(row.any()):
+                    allowed[i] = row
         return {id(seq): allowed[i] for i, seq in enumerate(seqs)}
 
     def close(self) -> None:
