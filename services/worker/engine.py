@@ -1267,6 +1267,10 @@ class Engine:
         self.blocks.free(seq.table + seq.fork_blocks)
         seq.table, seq.fork_blocks = [], []
 
+    def close(self) -> None:
+        """Let the structured-output helper thread go (the engine is being dropped)."""
+        self._grammar.close()
+
     def drain_all(self, reason: str) -> list[tuple[str, TokenEvent]]:
         """End every sequence (worker shutting down): each gets a final event with the error."""
         events: list[tuple[str, TokenEvent]] = []

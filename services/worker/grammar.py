@@ -102,4 +102,5 @@ class GrammarMasks:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # Without cancelling: a step still under way gets its masks; the thread ends after.
+            self._pool.shutdown(wait=False)
