@@ -7,6 +7,8 @@ against the in-process engine, request by request.
     cascade bench serve --model X --transformers
                                               a real model (folder, .gguf file, hub id)
     cascade bench serve --quick               a short run to check it works
+    cascade bench serve --json-schema         structured outputs' cost: tokens/s at 32 streams with a
+                                              json_schema on every request against none, in one run
 
 With any of `vllm bench serve`'s load options (--request-rate, --burstiness, --max-concurrency,
 --num-prompts, --goodput, --base-url) it runs as vLLM's does instead: one open-loop run,
@@ -113,6 +115,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "a mesh; --model is then the served model's name",
     )
     v.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default 0)")
+    p.add_argument(
+        "--json-schema",
+        action="store_true",
+        help="measure structured outputs: the highest --concurrency level with response_format json_schema on "
+        "every request against none, alternating rounds on one mesh (writes serve-json-schema)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each variant with --json-schema")
     return p.parse_args(argv)
 
 
@@ -123,8 +132,39 @@ def rate_mode(a: argparse.Namespace) -> bool:
     )
 
 
+# What --json-schema asks every request for: nested objects, enums, an array long enough that the
+# document never closes before max_tokens (so both variants generate the same number of tokens).
+BENCH_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 12},
+        "items": {
+            "type": "array",
+            "minItems": 40,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "kind": {"enum": ["cat", "dog", "bird"]},
+                    "n": {"type": "integer", "minimum": 0, "maximum": 999},
+                    "tag": {"type": "string", "maxLength": 6},
+                },
+                "required": ["kind", "n", "tag"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["title", "items"],
+    "additionalProperties": False,
+}
+
+
 async def one_request(
-    session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int, model: str = DEFAULT_MODEL
+    session: aiohttp.ClientSession,
+    url: str,
+    prompt: str,
+    max_tokens: int,
+    model: str = DEFAULT_MODEL,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body = {
         "model": model,
@@ -133,7 +173,10 @@ async def one_request(
         "temperature": 0,
         "stream": True,
         "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+        **(extra or {}),
     }
+    generated = max_tokens
     t0 = time.perf_counter()
     stamps: list[float] = []
     async with session.post(f"{url}/completions", json=body) as resp:
@@ -152,6 +195,8 @@ async def one_request(
                 obj = orjson.loads(data)
                 if obj.get("choices") and obj["choices"][0].get("text"):
                     stamps.append(time.perf_counter())
+                if obj.get("usage"):
+                    generated = obj["usage"]["completion_tokens"]
     end = time.perf_counter()
     return {
         "ok": True,
@@ -163,23 +208,30 @@ async def one_request(
         "chunk_gaps": [b - a for a, b in itertools.pairwise(stamps)],
         "latency": end - t0,
         "chunks": len(stamps),
+        "tokens": generated,
     }
 
 
 async def load_level(
-    url: str, concurrency: int, n: int, prompt: str, max_tokens: int, model: str = DEFAULT_MODEL
+    url: str,
+    concurrency: int,
+    n: int,
+    prompt: str,
+    max_tokens: int,
+    model: str = DEFAULT_MODEL,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     conn = aiohttp.TCPConnector(limit=concurrency + 4)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
         # Warm-up: one request per client so first-use costs are not measured.
-        await asyncio.gather(*(one_request(s, url, prompt, 4, model) for _ in range(min(concurrency, 4))))
+        await asyncio.gather(*(one_request(s, url, prompt, 4, model, extra) for _ in range(min(concurrency, 4))))
         queue = list(range(n))
         results: list[dict[str, Any]] = []
 
         async def client() -> None:
             while queue:
                 queue.pop()
-                results.append(await one_request(s, url, prompt, max_tokens, model))
+                results.append(await one_request(s, url, prompt, max_tokens, model, extra))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -194,7 +246,8 @@ async def load_level(
         "errors": [r for r in results if not r["ok"]][:3],
         "wall_s": wall,
         "requests_per_s": len(ok) / wall,
-        "output_tokens_per_s": len(ok) * max_tokens / wall,
+        "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "output_tokens": sum(r["tokens"] for r in ok),
         "ttft_ms": summary(ttft),
         "itl_ms": summary(itl),
         "latency_ms": summary([r["latency"] * 1e3 for r in ok]),
@@ -306,10 +359,90 @@ def _model_folder(a: argparse.Namespace, scratch: Path) -> tuple[Path, str, dict
     return got.path, got.name, {"source": a.model, "kind": got.kind, "revision": got.revision}
 
 
+def json_schema_main(a: argparse.Namespace) -> int:
+    """Structured outputs' cost on one mesh: the same streams with and without a json_schema,
+    alternating rounds (the machine is shared: a ratio of neighbouring runs moves less than the
+    figures themselves), tokens/s from each response's usage."""
+    import tempfile
+
+    c = max(int(x) for x in a.concurrency.split(",") if x)
+    n = a.requests or max(2 * c, 24)
+    if a.quick:
+        n, a.max_tokens, a.rounds = c, 8, 1
+    prompt = PROMPT * a.prompt_repeat
+    scratch = tempfile.TemporaryDirectory(prefix="cascade-bench-model-")
+    folder, name, model_info = _model_folder(a, Path(scratch.name))
+    mesh = Mesh(
+        ["--workers", str(a.workers), "--threads", str(a.threads), "--model", str(folder), "--served-model-name", name],
+        {"CASCADE_MAX_BATCH": str(a.max_batch)},
+    )
+    fmt = {"response_format": {"type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA}}}
+    runs: dict[str, list[dict[str, Any]]] = {"none": [], "json_schema": []}
+    print(f"starting the mesh: {' '.join(mesh.args)}", flush=True)
+    try:
+        url = mesh.start()
+        for i in range(a.rounds):
+            for variant, extra in (("none", None), ("json_schema", fmt)):
+                print(f"round {i + 1}: {variant}, {c} streams, {n} requests of {a.max_tokens} tokens …", flush=True)
+                r = asyncio.run(load_level(url, c, n, prompt, a.max_tokens, name, extra))
+                runs[variant].append(r)
+                print(f"  {r['output_tokens_per_s']:.0f} tok/s ({r['ok']}/{r['requests']} ok)", flush=True)
+    finally:
+        mesh.stop()
+        scratch.cleanup()
+    ratios = [
+        j["output_tokens_per_s"] / f["output_tokens_per_s"]
+        for f, j in zip(runs["none"], runs["json_schema"], strict=True)
+    ]
+    ratio = sorted(ratios)[len(ratios) // 2]
+    rows = []
+    for variant, rs in runs.items():
+        for i, r in enumerate(rs):
+            rows.append(
+                [
+                    variant, i + 1, r["output_tokens_per_s"], r["output_tokens"], r["ttft_ms"]["p50"],
+                    r["itl_ms"]["p50"], f"{r['ok']}/{r['requests']}",
+                ]
+            )  # fmt: skip
+    head = result_header("serve-json-schema")
+    table = (
+        f"# Structured outputs' cost (`cascade bench serve --json-schema --rounds {a.rounds}`)\n\n"
+        f"Commit {head['commit']}; {head['machine']['cores']} cores ({head['machine']['cpu']}), shared; model {name} "
+        f"({model_info}); {c} streams of completions, {n} requests of {a.max_tokens} tokens per round (ignore_eos, "
+        f"greedy), {a.workers} worker(s) with {a.threads} torch thread(s); the schema (nested objects, enums, an "
+        "array of at least 40 items) is in the JSON file. Rounds alternate, none first.\n\n"
+    )
+    table += md_table(["constraint", "round", "output tok/s", "tokens", "TTFT p50 ms", "ITL p50 ms", "ok/n"], rows)
+    table += (
+        f"\njson_schema on every request / none, at {c} streams: **{ratio:.2f}x** (median of {len(ratios)} "
+        f"alternating rounds: {', '.join(f'{x:.2f}' for x in ratios)}; bar: >= 0.8x)\n"
+    )
+    print()
+    print(table)
+    if not a.no_write:
+        payload = {
+            "parameters": {
+                "model": name, "model_info": model_info, "concurrency": c, "requests": n,
+                "max_tokens": a.max_tokens, "rounds": a.rounds, "workers": a.workers,
+                "threads_per_worker": a.threads, "max_batch": a.max_batch, "schema": BENCH_SCHEMA,
+                "prompt_chars": len(prompt), "quick": a.quick,
+            },
+            "emulated": "nothing: real torch on the CPU (float32), real nats-server, real HTTP over loopback",
+            "runs": runs,
+            "ratios": ratios,
+            "ratio_median": ratio,
+        }  # fmt: skip
+        jp, mp = write_result(a.out or "serve-json-schema", {**head, **payload}, table)
+        print(f"wrote {jp} and {mp}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     a = parse(argv)
+    if a.json_schema:
+        return json_schema_main(a)
     if rate_mode(a):
         from bench.serve_rate import run as run_rate
 

@@ -370,6 +370,8 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
@@ -377,6 +379,31 @@ class SamplingParams:
     # instance already streamed. They end the prompt; the worker resumes after them: a seeded
     # stream past their draws, the text and stop-string matching after their text.
     resumed: int = 0
+    # Log probabilities: None asks for none; k >= 0 for each sampled token's own and the top k
+    # (`logprobs`), for each prompt token's (`prompt_logprobs`, vLLM's; echo uses it too).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # Penalties (OpenAI's presence/frequency over the output, transformers' repetition penalty
+    # over prompt and output); neutral by default.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Choices: n sequences share the prompt's prefill and KV blocks, each decodes on its own.
+    n: int = 1
+    # Structured outputs: an llguidance grammar (cascade/structured.py) masking every token; "": none.
+    grammar: str = ""
+
+
+@message("token_logprob")
+class TokenLogprob:
+    """A token's log probability and, when asked for, the top alternatives at its position
+    (`top_ids[i]` has `top_logprobs[i]`, most likely first)."""
+
+    token: int
+    logprob: float
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+    rank: int = 0  # 1 + how many tokens were more likely (0: not computed)
 
 
 @message("route_stage")
@@ -435,6 +462,13 @@ class TokenEvent:
     # Where its first token stands in the worker's output for this request (-1: not told): a
     # gateway that sees it run ahead knows events were lost (the broker restarted between them).
     index: int = -1
+    # One per token of `token_ids` when the request asked for logprobs.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Once, on the request's first event, when it asked for prompt_logprobs: one per prompt
+    # token, None for the first (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Which of the request's n choices it belongs to (`index` counts within the choice).
+    choice: int = 0
 
 
 @message("token_events")

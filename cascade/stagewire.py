@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import torch
 
-from cascade.messages import MessageError, RouteStage, SamplingParams, decode_object, message
+from cascade.messages import MessageError, RouteStage, SamplingParams, TokenLogprob, decode_object, message
 
 _PREFIX = struct.Struct("<IQ")
 PREFIX_SIZE = _PREFIX.size
@@ -57,12 +57,18 @@ class StageInput:
     index: int = 0
     params: SamplingParams | None = None
     arrived_at: float = 0.0
+    # The first chunk of a request whose sampling counts its tokens (penalties): the prompt ids,
+    # so that the last stage, which samples, holds the same history as a whole instance would.
+    tokens: list[int] = field(default_factory=list)
 
 
 @message("stage_token")
 class StageToken:
     request_id: str
     token: int
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    # The request's grammar is complete with this token (structured outputs): the sequence ends.
+    stop: bool = False
 
 
 @message("stage_close")

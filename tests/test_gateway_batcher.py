@@ -350,3 +350,23 @@ async def test_loop_times_out_queued_requests() -> None:
         await asyncio.wait_for(done.wait(), 10.0)
     assert f.timed_out == ["r1"]
     assert b.depth == 0
+
+
+def test_requests_that_need_a_whole_instance_skip_pipelined_routes() -> None:
+    """Prompt logprobs need every position's logits: such a request goes to the route's tail
+    (a whole instance) and never joins a pipelined batch."""
+    from cascade.messages import RouteStage
+
+    class Pipelined(Fakes):
+        def pick(self, model: str, avoid: frozenset[str]) -> Route | None:
+            return Route("new", (RouteStage("new", 0, 2), RouteStage("full", 2, 4)))
+
+    clock, f = Clock(), Pipelined()
+    b = make(f, clock, wait_s=0.0)
+    scored = RequestState(request_id="s", model="m", prompt_ids=[1], params=SamplingParams(prompt_logprobs=1))
+    b.submit(req(1))
+    b.submit(scored)
+    b.step()
+    assert f.batches == [("new", ["r1"])]
+    b.step()
+    assert f.batches[1] == ("full", ["s"])

@@ -103,7 +103,7 @@ def test_prompt_forms() -> None:
         ("top_p", 0, r"\(0, 1\]"),
         ("top_p", 1.01, r"\(0, 1\]"),
         ("seed", 1.5, "integer"),
-        ("n", 2, "only n = 1"),
+        ("n", 17, "at most 16"),
         ("n", 0, "at least 1"),
         ("stop", 5, "string or a list"),
         ("stop", ["x"] * 17, "at most"),
@@ -111,11 +111,15 @@ def test_prompt_forms() -> None:
         ("stream_options", {"include_usage": True}, "only allowed when stream"),
         ("user", 5, "string"),
         ("ignore_eos", "yes", "boolean"),
-        ("echo", True, "not supported"),
-        ("best_of", 3, "best_of = 1"),
-        ("logprobs", 2, "not supported"),
-        ("presence_penalty", 0.5, "not supported"),
+        ("echo", "yes", "boolean"),
+        ("best_of", 3, "best_of must equal n"),
+        ("logprobs", 21, "at most 20"),
+        ("logprobs", -1, "at least 0"),
+        ("logprobs", True, "integer"),
+        ("prompt_logprobs", 21, "at most 20"),
+        ("presence_penalty", 2.5, r"\[-2, 2\]"),
         ("frequency_penalty", 3, r"\[-2, 2\]"),
+        ("repetition_penalty", 0, r"\(0, 100\]"),
         ("logit_bias", {"1": 5}, "not supported"),
     ],
 )
@@ -241,9 +245,21 @@ def test_chat_message_errors(messages: Any, param: str, match: str) -> None:
 
 
 def test_chat_unsupported() -> None:
-    bad(lambda: chat(tools=[{"type": "function"}]), "tools", code="unsupported_parameter")
-    bad(lambda: chat(logprobs=True), "logprobs")
-    bad(lambda: chat(response_format={"type": "json_object"}), "response_format")
+    bad(lambda: chat(tools=[{"type": "function"}]), "tools[0]")
+    bad(lambda: chat(functions=[{"name": "f"}]), "functions", code="unsupported_parameter")
+    tool = {"type": "function", "function": {"name": "f"}}
+    bad(lambda: chat(tools=[tool], tool_choice="required", guided_regex="a"), code="conflicting_parameters")
+    assert chat(tools=[tool], tool_choice="none", guided_regex="a").grammar is not None
+    bad(lambda: chat(top_logprobs=2), "top_logprobs", match="requires logprobs")
+    bad(lambda: chat(logprobs=True, top_logprobs=21), "top_logprobs", match="at most 20")
+    bad(lambda: chat(logprobs=3), "logprobs", match="boolean")
+    bad(lambda: chat(echo=True), "echo", code="unsupported_parameter")
+    bad(lambda: chat(response_format={"type": "xml"}), "response_format")
+    bad(lambda: chat(response_format={"type": "json_schema"}), "response_format")
+    bad(lambda: chat(guided_choice=[]), "guided_choice")
+    bad(lambda: chat(guided_json={"type": "objekt"}), "guided_json", code="invalid_schema")
+    bad(lambda: chat(guided_regex="a", guided_choice=["a"]), code="conflicting_parameters")
+    bad(lambda: completion(structured_outputs={"regex": "(("}), "structured_outputs.regex", code="invalid_schema")
     bad(lambda: chat(max_completion_tokens=0), "max_completion_tokens")
 
 
@@ -346,3 +362,81 @@ def test_unset_sampling_fields_take_the_models_defaults_then_openais() -> None:
     given = completion(temperature=0, top_p=0.5)
     p = sampling_params(given, 8, model)
     assert (p.temperature, p.top_p) == (0.0, 0.5)  # what the request says wins
+    # top_k, min_p and repetition_penalty from generation_config.json too, as vLLM takes them.
+    model = {"top_k": 50, "min_p": 0.05, "repetition_penalty": 1.1}
+    p = sampling_params(bare, 8, model)
+    assert (p.top_k, p.min_p, p.repetition_penalty) == (50, 0.05, 1.1)
+    p = sampling_params(completion(top_k=-1, min_p=0, repetition_penalty=1.0), 8, model)
+    assert (p.top_k, p.min_p, p.repetition_penalty) == (0, 0.0, 1.0)
+
+
+def test_logprob_and_penalty_fields_are_honoured() -> None:
+    s = chat(logprobs=True, top_logprobs=3, prompt_logprobs=2, presence_penalty=0.5, frequency_penalty=-1)
+    assert (s.logprobs, s.prompt_logprobs, s.presence_penalty, s.frequency_penalty) == (3, 2, 0.5, -1.0)
+    assert chat(logprobs=True).logprobs == 0 and chat(logprobs=False).logprobs is None
+    assert (completion(top_k=-1).top_k, completion(top_k=40).top_k, completion(min_p=0.1).min_p) == (0, 40, 0.1)
+    assert completion().top_k is None and completion().repetition_penalty is None  # the model's defaults then
+    bad(lambda: completion(top_k=-2), "top_k")
+    bad(lambda: completion(min_p=1.5), "min_p")
+    c = completion(logprobs=2, echo=True, repetition_penalty=1.3)
+    assert (c.logprobs, c.echo, c.repetition_penalty) == (2, True, 1.3)
+    # echo with logprobs: the worker computes the prompt's logprobs too, with the same top count.
+    assert c.worker_prompt_logprobs == 2
+    assert completion(echo=True).worker_prompt_logprobs is None
+    assert completion(logprobs=0).worker_prompt_logprobs is None
+
+
+def test_logprob_shapes() -> None:
+    from cascade.messages import TokenLogprob
+
+    text_of = {1: "a", 2: "é", 3: "c"}.__getitem__
+    e = TokenLogprob(2, -0.5, [2, 3], [-0.5, -1.0], 1)
+    ch = oai.chat_logprobs([e], text_of)
+    assert ch == {
+        "content": [
+            {
+                "token": "é",
+                "logprob": -0.5,
+                "bytes": [195, 169],
+                "top_logprobs": [
+                    {"token": "é", "logprob": -0.5, "bytes": [195, 169]},
+                    {"token": "c", "logprob": -1.0, "bytes": [99]},
+                ],
+            }
+        ],
+        "refusal": None,
+    }
+    c = oai.completion_logprobs([(1, None), (2, e)], text_of)
+    assert c == {
+        "tokens": ["a", "é"],
+        "token_logprobs": [None, -0.5],
+        "top_logprobs": [None, {"é": -0.5, "c": -1.0}],
+        "text_offset": [0, 1],
+    }
+    p = oai.vllm_prompt_logprobs([1, 2], [None, e], text_of)
+    assert p == [
+        None,
+        {
+            "2": {"logprob": -0.5, "rank": 1, "decoded_token": "é"},
+            "3": {"logprob": -1.0, "rank": 2, "decoded_token": "c"},
+        },
+    ]
+
+
+def test_structured_output_fields_become_one_grammar() -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+            "response_format",
+        ),
+        ({"guided_json": '{"type": "array"}'}, "guided_json"),
+        ({"guided_regex": "[a-z]+"}, "guided_regex"),
+        ({"guided_choice": ["a", "b"]}, "guided_choice"),
+        ({"guided_grammar": 'start: "x"'}, "guided_grammar"),
+        ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs.json"),
+    ]
+    for body, param in cases:
+        s = chat(**body)
+        assert s.grammar and s.grammar_param == param, body
+    assert chat(response_format={"type": "text"}).grammar is None

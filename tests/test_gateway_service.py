@@ -105,7 +105,7 @@ async def test_bad_json_and_bad_fields(gw: GatewayService, http: aiohttp.ClientS
         ({"model": MODEL, "prompt": "x", "temperature": 3}, "temperature"),
         ({"model": MODEL, "prompt": "x", "top_p": 0}, "top_p"),
         ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens"),
-        ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+        ({"model": MODEL, "prompt": "x", "n": 17}, "n"),
         ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
         ({"model": MODEL, "prompt": [1, 99999]}, "prompt"),  # outside the vocabulary
         ({"model": MODEL}, "prompt"),

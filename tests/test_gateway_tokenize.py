@@ -129,3 +129,38 @@ async def test_chats_a_model_cannot_take_are_400(nats_url: str, prefix: str, dep
         status, err = await chat("mistral", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
         assert status == 400 and err["code"] == "chat_template_error"
         assert "mistral" in err["message"] and "alternate" in err["message"]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_current_temperature",
+        "description": "The temperature at a place.",
+        "parameters": {
+            "type": "object",
+            "properties": {"location": {"type": "string", "description": "City, Country"}},
+            "required": ["location"],
+        },
+    },
+}
+
+
+async def test_tools_render_through_the_models_template(nats_url: str, prefix: str, deployment: Deployment) -> None:
+    """`tools` and `tool` role messages reach the chat template as transformers'
+    apply_chat_template(tools=...) passes them: the same prompt ids; the tool-call format the
+    template teaches picks the parser."""
+    nc = await nats.connect(nats_url)
+    try:
+        core = GatewayCore(GatewaySettings(nats_url=nats_url, prefix=prefix), deployment, nc)
+        assert await core.catalog.refresh() == {}
+        expect_parser = {"qwen": "hermes", "llama3": "llama3_json", "mistral": "mistral"}
+        for name, parser in expect_parser.items():
+            m = next(d for d in deployment.models if d.name == name)
+            hf = hf_tokenizer(m.path)
+            info = core.catalog.get(name)
+            spec = oai.parse_chat({"model": name, "messages": OPENAI_CHAT, "tools": [WEATHER_TOOL]})
+            ids, _ = await core.prepare(info, spec)
+            assert ids == hf_chat_ids(hf, HF_CHAT, tools=[WEATHER_TOOL]), name
+            assert core.tool_parser(info) == parser
+    finally:
+        await nc.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,11 @@ HB_S = 0.2
 PACED = ("--device-profile", "llama2-7b-a100-80gb", "--heartbeat-s", str(HB_S))
 GREEDY = {"temperature": 0}
 SEEDED = {"temperature": 0.9, "top_p": 0.95, "seed": 1234}
+# Sampling state that must move with the request: penalty counts and a grammar's matcher.
+STATEFUL = {
+    "temperature": 0.9, "seed": 77, "frequency_penalty": 0.8, "presence_penalty": 0.4, "repetition_penalty": 1.2,
+    "guided_regex": "[a-z]+( [a-z]+)*",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -195,18 +201,20 @@ async def test_streams_cut_by_a_killed_worker_resume_token_for_token(mesh: Mesh)
     await m.load("a")
     await m.serving("a")
     # The unbroken runs, both on `a`.
-    want = {name: await complete(m, s, n) for name, s in (("greedy", GREEDY), ("seeded", SEEDED))}
+    kinds = (("greedy", GREEDY), ("seeded", SEEDED), ("stateful", STATEFUL))
+    want = {name: await complete(m, s, n) for name, s in kinds}
     assert want["greedy"][1] != want["seeded"][1] and len(want["greedy"][1]) == n
+    assert re.fullmatch("[a-z]+( [a-z]+)*", want["stateful"][0])
 
-    async with stream(m, GREEDY, n) as g, stream(m, SEEDED, n) as s:
-        await asyncio.gather(g.read(until_chunks=10), s.read(until_chunks=10))
-        # Only `a` serves: both streams are there. `b` takes the model while they move.
+    async with stream(m, GREEDY, n) as g, stream(m, SEEDED, n) as s, stream(m, STATEFUL, n) as st:
+        await asyncio.gather(g.read(until_chunks=10), s.read(until_chunks=10), st.read(until_chunks=10))
+        # Only `a` serves: the streams are all there. `b` takes the model while they move.
         assert m.holder() == "a"
         await m.load("b")
         m.workers.kill("a")
-        got = await asyncio.gather(g.read(), s.read())
+        got = await asyncio.gather(g.read(), s.read(), st.read())
 
-    for name, out in zip(("greedy", "seeded"), got, strict=True):
+    for name, out in zip(("greedy", "seeded", "stateful"), got, strict=True):
         assert out.error is None, (name, out.error)
         assert out.done and out.finish == "length"
         assert m.tap.senders[out.id] == ["a", "b"], "the stream was not cut mid-way"
@@ -215,7 +223,7 @@ async def test_streams_cut_by_a_killed_worker_resume_token_for_token(mesh: Mesh)
         assert out.usage is not None and out.usage["completion_tokens"] == n, out.usage
         assert out.usage["prompt_tokens"] + n == out.usage["total_tokens"]
     moved = await m.metric("cascade:migrations_total", model=MODEL, reason="worker_lost")
-    assert moved == 2
+    assert moved == 3
 
 
 async def test_a_stream_through_a_pipelined_route_resumes_when_its_stage_dies(mesh: Mesh) -> None:

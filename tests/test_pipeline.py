@@ -248,3 +248,107 @@ def test_a_late_request_is_queued_by_its_arrival(ckpt: Checkpoint) -> None:
         f.submit(rid, "g", tok.encode("a"), GREEDY, arrived_at=at)
     f.step()
     assert [s.request_id for s in f.waiting] == ["a", "b", "c"]
+
+
+SAMPLED = SamplingParams(
+    max_tokens=10, ignore_eos=True, presence_penalty=0.6, frequency_penalty=1.1, repetition_penalty=1.3, logprobs=2
+)
+
+
+@pytest.mark.parametrize("budget", [2048, 5], ids=["whole-prompts", "chunked-prompts"])
+def test_penalties_and_logprobs_through_three_stages(ckpt: Checkpoint, budget: int) -> None:
+    """The last stage samples: it holds the prompt (from the first chunk's frame) and the tokens
+    it sampled, so penalties and logprobs come out as on a whole instance."""
+    whole = Engine(model(ckpt, range(ckpt.config.num_units)), tok)
+    for p in PROMPTS:
+        whole.submit(p, "g", tok.encode(p), SAMPLED)
+    expect = run_mesh({"F": whole})
+    plain = whole_tokens(ckpt)
+    assert {p: toks(v) for p, v in expect.items()} != plain  # the penalties matter here
+    engines = {
+        "A": Engine(model(ckpt, range(0, 2)), tok, worker_id="A", max_prefill_tokens=budget),
+        "B": Engine(model(ckpt, range(2, 4)), tok, worker_id="B", max_prefill_tokens=budget),
+        "C": Engine(model(ckpt, range(4, ckpt.config.num_units)), tok, worker_id="C", max_prefill_tokens=budget),
+    }
+    route = [RouteStage("A", 0, 1), RouteStage("B", 1, 3), RouteStage("C", 3, 4)]
+    for p in PROMPTS:
+        engines["A"].submit(p, "g", tok.encode(p), SAMPLED, route=route)
+    got = run_mesh(engines)
+    assert {p: toks(v) for p, v in got.items()} == {p: toks(v) for p, v in expect.items()}
+    for p in PROMPTS:
+        a = [x for e in got[p] for x in e.logprobs]
+        b = [x for e in expect[p] for x in e.logprobs]
+        assert [x.top_ids for x in a] == [x.top_ids for x in b]
+        assert [x.logprob for x in a] == pytest.approx([x.logprob for x in b], abs=1e-4)
+
+
+def test_penalty_counts_move_with_a_migrated_request(ckpt: Checkpoint) -> None:
+    """A request resumed elsewhere with its first tokens appended to its prompt (what the gateway
+    sends after a migration) goes on with the tokens an unbroken run gives: the streamed tokens
+    count as output for the penalties, on a whole instance and at a route's last stage."""
+    p = PROMPTS[2]
+    whole = Engine(model(ckpt, range(ckpt.config.num_units)), tok)
+    whole.submit(p, "g", tok.encode(p), SAMPLED)
+    unbroken = toks(run_mesh({"F": whole})[p])
+    cut = 4
+    resumed = SamplingParams(
+        max_tokens=10 - cut, ignore_eos=True, presence_penalty=0.6, frequency_penalty=1.1, repetition_penalty=1.3,
+        resumed=cut,
+    )  # fmt: skip
+    again = Engine(model(ckpt, range(ckpt.config.num_units)), tok)
+    again.submit(p, "g", tok.encode(p) + unbroken[:cut], resumed)
+    assert toks(run_mesh({"F": again})[p]) == unbroken[cut:]
+    L = ckpt.config.num_hidden_layers
+    n = Engine(model(ckpt, range(0, 3)), tok, worker_id="N")
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")
+    n.submit(p, "g", tok.encode(p) + unbroken[:cut], resumed, route=[RouteStage("N", 0, 2), RouteStage("F", 2, L)])
+    assert toks(run_mesh({"N": n, "F": f})[p]) == unbroken[cut:]
+
+
+def test_structured_output_through_a_route_and_after_a_migration(ckpt: Checkpoint) -> None:
+    """The grammar's matcher lives where sampling happens (the route's last stage), and a
+    migrated request's matcher is replayed from what it streamed: the same JSON as one whole run."""
+    import json
+
+    from cascade import structured
+
+    grammar = structured.from_json_schema(
+        {
+            "type": "object",
+            "properties": {
+                "k": {"enum": ["x", "y", "z"]},
+                "v": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+            },
+            "required": ["k", "v"],
+            "additionalProperties": False,
+        }
+    )
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=9, grammar=grammar)
+    p = PROMPTS[0]
+    whole = Engine(model(ckpt, range(ckpt.config.num_units)), tok)
+    whole.submit(p, "g", tok.encode(p), params)
+    evs = run_mesh({"F": whole})[p]
+    want = toks(evs)
+    assert evs[-1].finish_reason == "stop"
+    json.loads(tok.decode(want))
+    L = ckpt.config.num_hidden_layers
+    n = Engine(model(ckpt, range(0, 3)), tok, worker_id="N")
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")
+    n.submit(p, "g", tok.encode(p), params, route=[RouteStage("N", 0, 2), RouteStage("F", 2, L)])
+    routed = run_mesh({"N": n, "F": f})[p]
+    assert toks(routed) == want and routed[-1].finish_reason == "stop"
+    cut = 5
+    resumed = SamplingParams(max_tokens=80 - cut, temperature=1.0, seed=9, grammar=grammar, resumed=cut)
+    for engines, route in [
+        ({"F": Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")}, None),
+        (
+            {
+                "N": Engine(model(ckpt, range(0, 3)), tok, worker_id="N"),
+                "F": Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F"),
+            },
+            [RouteStage("N", 0, 2), RouteStage("F", 2, L)],
+        ),
+    ]:
+        head = next(iter(engines.values()))
+        head.submit(p, "g", tok.encode(p) + want[:cut], resumed, route=route)
+        assert toks(run_mesh(engines)[p]) == want[cut:]

@@ -389,6 +389,11 @@ class HFTokenizer:
         self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
         self._templates: Templates | None = read_chat_templates(model_dir, tc)
 
+    def backend_json(self) -> str:
+        """The tokenizer as the `tokenizers` library serialises it (added tokens included): what
+        other engines (the structured-output grammar engine) load the same tokenizer from."""
+        return str(self._tok.to_str())
+
     def _id_of(self, token: str | None) -> int | None:
         if token is None:
             return None

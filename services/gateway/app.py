@@ -8,15 +8,21 @@ leaves as an OpenAI error body; a middleware counts requests and latencies.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 import structlog
 from aiohttp import web
 
-from services.gateway import dashboard
+from cascade import structured
+from cascade.messages import TokenEvent, TokenLogprob
+from cascade.models.tokenizer import Tokenizer
+from services.gateway import dashboard, tools
 from services.gateway import openai_api as oai
 from services.gateway.core import GatewayCore
 from services.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -141,15 +147,26 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     body = oai.parse_json(await _read_body(request, core.settings.max_body_bytes))
     spec = oai.parse_completion(body) if kind == "completion" else oai.parse_chat(body)
     info = core.catalog.get(spec.model)
+    parser: tools.Parser | None = None
+    if spec.tools is not None and spec.tools.choice != "none":
+        parser = core.tool_parser(info)
+        if spec.tools.forced:
+            # required / a named function: only calls in the model's format can come out.
+            try:
+                grammar = tools.forced_grammar(spec.tools, parser)
+            except structured.GrammarError as e:
+                raise ApiError(400, f"tools: a parameters schema cannot be compiled: {e}", param="tools") from None
+            spec = dataclasses.replace(spec, grammar=grammar, grammar_param="tool_choice")
     prompt_ids, max_tokens = await core.prepare(info, spec)
     rid = oai.new_request_id(kind)
     with structlog.contextvars.bound_contextvars(request_id=rid):
         req = core.admit(rid, info, prompt_ids, spec, max_tokens)
         progress = _Progress(core, req, arrived)
         try:
+            fmt = _Formatter(spec, info.tokenizer, req.prompt_ids, parser)
             if spec.stream:
-                return await _stream(request, core, req, spec, progress)
-            return await _complete(core, req, spec, progress)
+                return await _stream(request, core, req, spec, progress, fmt)
+            return await _complete(core, req, spec, progress, fmt)
         except ApiError as e:
             progress.failed(e.code or str(e.status), mid_stream=False)
             raise
@@ -235,31 +252,151 @@ class _Progress:
             m.failures.inc(model=model, worker=worker, cause=self.cause, mid_stream=str(self.mid_stream).lower())
 
 
+class _Formatter:
+    """Turns a request's token events into the OpenAI shapes it asked for: log probabilities
+    (chat's or the completions' legacy shape), echo, vLLM's prompt_logprobs."""
+
+    def __init__(
+        self, spec: oai.GenerationSpec, tok: Tokenizer, prompt_ids: list[int], parser: tools.Parser | None = None
+    ) -> None:
+        self.spec, self.tok, self.prompt_ids = spec, tok, prompt_ids
+        self.parser = parser  # tool calls are parsed out of the text in this format (None: no tools)
+        self._texts: dict[int, str] = {}
+        self.prompt_lps: list[TokenLogprob | None] | None = None
+        self.offsets: dict[int, int] = {}  # completions' text_offset of each choice's next token
+
+    def text_of(self, token: int) -> str:
+        t = self._texts.get(token)
+        if t is None:
+            t = self._texts[token] = self.tok.decode([token])
+        return t
+
+    def saw(self, ev: TokenEvent) -> None:
+        if ev.prompt_logprobs is not None and self.prompt_lps is None:
+            self.prompt_lps = ev.prompt_logprobs
+
+    def echo_text(self) -> str:
+        if not self.spec.echo:
+            return ""
+        return self.spec.prompt if self.spec.prompt is not None else self.tok.decode(self.prompt_ids)
+
+    def vllm_prompt_logprobs(self) -> list[Any] | None:
+        if self.spec.prompt_logprobs is None:
+            return None
+        return oai.vllm_prompt_logprobs(self.prompt_ids, list(self.prompt_lps or []), self.text_of)
+
+    def logprobs(self, lps: list[TokenLogprob], echo: bool = False, choice: int = 0) -> dict[str, Any] | None:
+        """The `logprobs` of a choice (or of a chunk) with these tokens; with `echo`, the prompt's
+        tokens lead (completions)."""
+        if self.spec.logprobs is None:
+            return None
+        if self.spec.kind == "chat":
+            return oai.chat_logprobs(lps, self.text_of)
+        items: list[tuple[int, TokenLogprob | None]] = []
+        if echo:
+            plps = list(self.prompt_lps or [])
+            items += [(t, plps[i] if i < len(plps) else None) for i, t in enumerate(self.prompt_ids)]
+        items += [(e.token, e) for e in lps]
+        out = oai.completion_logprobs(items, self.text_of, self.offsets.get(choice, 0))
+        if items:
+            self.offsets[choice] = out["text_offset"][-1] + len(out["tokens"][-1])
+        return out
+
+
+@dataclass
+class _Choice:
+    """What one of the request's choices produced so far."""
+
+    parts: list[str] = field(default_factory=list)
+    lps: list[TokenLogprob] = field(default_factory=list)
+    tokens: int = 0
+    finish: str | None = None
+    completion_tokens: int = 0
+    started: bool = False  # streaming: its first chunk (with the role) went out
+    tool_stream: tools.StreamParser | None = None  # streaming with tools: what parses calls out
+
+
+def _saw_final(c: _Choice, ev: TokenEvent) -> None:
+    c.finish = ev.finish_reason
+    c.completion_tokens = ev.completion_tokens or c.tokens
+
+
+def _usage(req: RequestState, choices: dict[int, _Choice]) -> dict[str, int]:
+    """The prompt once, each choice's tokens once (n choices share one prefill)."""
+    return oai.usage(len(req.prompt_ids), sum(c.completion_tokens for c in choices.values()))
+
+
 async def _complete(
-    core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, progress: _Progress
+    core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, progress: _Progress, fmt: _Formatter
 ) -> web.Response:
-    parts: list[str] = []
+    choices: dict[int, _Choice] = {}
+    finished = 0
     while True:
         ev = await core.next_event(req)
         if isinstance(ev, Failure):
             raise _failure_error(ev)
         progress.saw(ev.token_ids, ev.text)
-        parts.append(ev.text)
+        fmt.saw(ev)
+        c = choices.setdefault(ev.choice, _Choice())
+        c.parts.append(ev.text)
+        c.lps.extend(ev.logprobs)
+        c.tokens += len(ev.token_ids)
         if ev.finish_reason is None:
             continue
         err = _final_error(ev.finish_reason, ev.error)
         if err is not None:
             raise err
-        use = oai.usage(len(req.prompt_ids), ev.completion_tokens or progress.tokens)
+        _saw_final(c, ev)
+        finished += 1
+        if finished < spec.n:
+            continue
         created = int(time.time())
         progress.finished(ev.finish_reason)
+        plps = fmt.vllm_prompt_logprobs()
+        body = []
+        for i in range(spec.n):
+            c = choices.get(i, _Choice(finish="stop"))
+            text = fmt.echo_text() + "".join(c.parts)
+            message = None
+            finish = c.finish
+            if fmt.parser is not None:
+                content, calls = tools.parse(text, fmt.parser)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish = "tool_calls" if finish == "stop" else finish
+            body.append(
+                oai.choice(
+                    spec.kind,
+                    text,
+                    finish,
+                    index=i,
+                    logprobs=fmt.logprobs(c.lps, echo=spec.echo, choice=i),
+                    prompt_logprobs=plps if spec.kind == "completion" else None,
+                    message=message,
+                )
+            )
         return json_response(
-            oai.full_response(spec.kind, req.request_id, created, spec.model, "".join(parts), ev.finish_reason, use)
+            oai.full_response(
+                spec.kind,
+                req.request_id,
+                created,
+                spec.model,
+                "",
+                None,
+                _usage(req, choices),
+                choices=body,
+                prompt_logprobs=plps if spec.kind == "chat" else None,
+            )
         )
 
 
 async def _stream(
-    request: web.Request, core: GatewayCore, req: RequestState, spec: oai.GenerationSpec, progress: _Progress
+    request: web.Request,
+    core: GatewayCore,
+    req: RequestState,
+    spec: oai.GenerationSpec,
+    progress: _Progress,
+    fmt: _Formatter,
 ) -> web.StreamResponse:
     kind, rid, created, model = spec.kind, req.request_id, int(time.time()), spec.model
     # Wait for the first event before answering: until then a failure is still a proper HTTP
@@ -277,36 +414,63 @@ async def _stream(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
     await resp.prepare(request)
-    first = True
+    iu = spec.include_usage
+    choices: dict[int, _Choice] = {i: _Choice() for i in range(spec.n)}
+    if fmt.parser is not None:
+        for c in choices.values():
+            c.tool_stream = tools.StreamParser(fmt.parser, forced=spec.tools is not None and spec.tools.forced)
+    finished = 0
+
+    def chunk(i: int, text: str, finish: str | None = None, **kw: Any) -> bytes:
+        c = choices[i]
+        first, c.started = not c.started, True
+        return oai.sse(oai.chunk(kind, rid, created, model, text, finish, first=first, include_usage=iu, index=i, **kw))
+
     try:
+        fmt.saw(ev)
+        if spec.echo or spec.prompt_logprobs is not None:
+            # The prompt's own chunk first: its text under echo, its logprobs when asked for.
+            plps = fmt.vllm_prompt_logprobs()
+            for i in range(spec.n):
+                lp = fmt.logprobs([], echo=True, choice=i) if spec.echo else None
+                await resp.write(chunk(i, fmt.echo_text(), logprobs=lp, prompt_logprobs=plps if i == 0 else None))
         while True:
             if isinstance(ev, Failure):
                 _stream_failed(request, progress, _failure_error(ev))
                 await resp.write(oai.sse(_failure_error(ev).body()))
                 break
             progress.saw(ev.token_ids, ev.text)
+            fmt.saw(ev)
             err = _final_error(ev.finish_reason, ev.error) if ev.finish_reason is not None else None
             if err is not None:
                 _stream_failed(request, progress, err)
                 await resp.write(oai.sse(err.body()))
                 break
-            if ev.text or first:
-                await resp.write(
-                    oai.sse(
-                        oai.chunk(kind, rid, created, model, ev.text, first=first, include_usage=spec.include_usage)
-                    )
-                )
-                first = False
+            c = choices[ev.choice]
+            c.tokens += len(ev.token_ids)
+            text, calls = ev.text, list[dict[str, Any]]()
+            tp = c.tool_stream
+            if tp is not None:
+                text, calls = tp.feed(ev.text)
+                if ev.finish_reason is not None:
+                    rest, more = tp.finish()
+                    text, calls = text + rest, calls + more
+            if text or not c.started or ev.logprobs:
+                lp = fmt.logprobs(ev.logprobs, choice=ev.choice) if ev.logprobs else None
+                await resp.write(chunk(ev.choice, text, logprobs=lp))
+            if calls:
+                await resp.write(chunk(ev.choice, "", delta={"tool_calls": calls}))
             if ev.finish_reason is not None:
-                await resp.write(
-                    oai.sse(
-                        oai.chunk(kind, rid, created, model, "", ev.finish_reason, include_usage=spec.include_usage)
-                    )
-                )
+                _saw_final(c, ev)
+                finish = ev.finish_reason
+                if tp is not None and tp.calls and finish == "stop":
+                    finish = "tool_calls"
+                await resp.write(chunk(ev.choice, "", finish))
+                finished += 1
+            if finished == spec.n:
                 if spec.include_usage:
-                    use = oai.usage(len(req.prompt_ids), ev.completion_tokens or progress.tokens)
-                    await resp.write(oai.sse(oai.usage_chunk(kind, rid, created, model, use)))
-                progress.finished(ev.finish_reason)
+                    await resp.write(oai.sse(oai.usage_chunk(kind, rid, created, model, _usage(req, choices))))
+                progress.finished(ev.finish_reason or "stop")
                 break
             ev = await core.next_event(req)
         await resp.write(oai.SSE_DONE)

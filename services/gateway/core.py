@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import os
 import time
+import typing
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -69,6 +70,7 @@ from services.gateway.registry import Registry
 from services.gateway.router import Route, choose_route, models_without_instance, serves_fully
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import Failure, Phase, RequestState, StreamHub
+from services.gateway.tools import Parser, infer_parser
 
 # Texts longer than this are tokenised in a thread, so one huge prompt does not stall every stream.
 _THREAD_TOKENISE_CHARS = 32 * 1024
@@ -128,6 +130,7 @@ class GatewayCore:
         # Cancel publishes are awaited at close (not cancelled like other tasks): the handlers that
         # aiohttp cancels at the end of the shutdown grace send them just before the engine closes.
         self._cancels: set[asyncio.Task[None]] = set()
+        self._tool_parsers: dict[str, Parser] = {}
 
     def _new_batcher(self, model: str) -> Batcher:
         s = self.settings
@@ -202,6 +205,21 @@ class GatewayCore:
             self.hub.finish(req, Failure(503, "the gateway is shutting down", "shutting_down", 1))
 
     # ---- requests (called by the HTTP handlers) ----------------------------
+    def tool_parser(self, info: ModelInfo) -> Parser:
+        """How `info`'s model writes tool calls: the --tool-call-parser setting, else what its chat
+        template teaches (rendered once with a tool, per model)."""
+        if self.settings.tool_call_parser != "auto":
+            return typing.cast(Parser, self.settings.tool_call_parser)
+        parser = self._tool_parsers.get(info.name)
+        if parser is None:
+            probe = [{"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}]
+            try:
+                rendered = info.tokenizer.render_chat([{"role": "user", "content": "x"}], tools=probe)
+            except (NoChatTemplate, ChatTemplateError):
+                rendered = ""
+            parser = self._tool_parsers[info.name] = infer_parser(rendered)
+        return parser
+
     async def prepare(self, info: ModelInfo, spec: GenerationSpec) -> tuple[list[int], int]:
         """Tokenise and check the length: (prompt ids, max_tokens). 413 when it cannot fit."""
         tok = info.tokenizer
@@ -220,11 +238,14 @@ class GatewayCore:
                 ids = tok.encode(spec.prompt)
         else:
             messages = spec.messages or []
+            # The tools go into the template as transformers' apply_chat_template(tools=...) takes
+            # them (with tool_choice none too, as vLLM renders them by default).
+            tools = spec.tools.functions if spec.tools is not None else None
             try:
                 if len(orjson.dumps(messages)) > _THREAD_TOKENISE_CHARS:
-                    ids = await asyncio.to_thread(tok.encode_chat, messages)
+                    ids = await asyncio.to_thread(tok.encode_chat, messages, tools=tools)
                 else:
-                    ids = tok.encode_chat(messages)
+                    ids = tok.encode_chat(messages, tools=tools)
             except NoChatTemplate:
                 raise ApiError(
                     400,
@@ -526,6 +547,11 @@ class GatewayCore:
         tokens so far, or fail it explicitly when the limit is reached."""
         if not req.phase.bound or req.worker_id != worker:
             return  # ended, or moved on already
+        if req.params.n > 1:
+            self.metrics.migration_failures.inc(model=req.model, reason="n")
+            self.hub.finish(req, Failure(503, f"{why}; a request with n > 1 is not migrated", "worker_died"))
+            self._cancel_on(worker, [req.request_id])
+            return
         limit = self.settings.migration_limit
         if req.migrations >= limit:
             self.metrics.migration_failures.inc(model=req.model, reason="limit")
@@ -588,6 +614,9 @@ class GatewayCore:
 
     def on_tokens(self, msg: TokenEvents) -> None:
         for req, ev in self.hub.match(msg):
+            if req.params.n > 1:
+                self._on_choice_event(req, msg.worker_id, ev)
+                continue
             expected = len(req.streamed) - req.resumed
             if ev.index >= 0 and ev.index != expected:
                 self._out_of_step(req, msg.worker_id, ev.index, expected)
@@ -635,6 +664,49 @@ class GatewayCore:
                 self.hub.finish(req, ev)
                 # A slot freed up on that worker: requests held in the queue for room may go now.
                 self._wake_queued(req.model)
+
+    def _on_choice_event(self, req: RequestState, worker: str, ev: TokenEvent) -> None:
+        """An event of one of a request's n > 1 choices. Each choice's events are in step on
+        their own; the request ends with its last choice. Such a request is retried before its
+        first token, never migrated after (its choices share one prefill that would have to move
+        whole)."""
+        expected = req.choice_tokens.get(ev.choice, 0)
+        if ev.index >= 0 and ev.index != expected:
+            if ev.index < expected:
+                return
+            why = f"token events of choice {ev.choice} from worker {worker} were lost"
+            self.log.warning("events_lost", request_id=req.request_id, worker_id=worker, choice=ev.choice)
+            self._cancel_on(worker, [req.request_id])
+            if req.produced:
+                self.hub.finish(req, Failure(503, f"{why}; a request with n > 1 is not migrated", "events_lost"))
+            else:
+                self._retry(req, worker, why)
+            return
+        broken = ev.finish_reason in ("cancelled", "error")
+        if broken:
+            why = ev.error or "the worker cancelled it"
+            if req.produced:
+                self._migrate(req, worker, "worker_error", f"worker {worker}: {why}")
+            else:
+                self._retry(req, worker, f"{ev.finish_reason} before any token: {why}")
+            return
+        if ev.token_ids:
+            self.load.generated(req.model, len(ev.token_ids))
+            req.choice_tokens[ev.choice] = expected + len(ev.token_ids)
+            req.streamed.extend(ev.token_ids)
+        if req.phase is Phase.PREFILL:
+            # Whatever reaches the client now (a token, or a choice that ended at once) makes it produced.
+            req.advance(Phase.DECODE)
+            self._wake_queued(req.model)
+        if ev.finish_reason is None:
+            req.events.put_nowait(ev)
+            return
+        req.choices_done.add(ev.choice)
+        if len(req.choices_done) < req.params.n:
+            req.events.put_nowait(ev)
+            return
+        self.hub.finish(req, ev)
+        self._wake_queued(req.model)
 
     async def _on_deployment_msg(self, msg: Msg) -> None:
         try:
@@ -750,7 +822,8 @@ def _resumed_input(req: RequestState) -> tuple[list[int], SamplingParams]:
     if not req.streamed:
         return req.prompt_ids, req.params
     n = len(req.streamed)
-    params = dataclasses.replace(req.params, max_tokens=req.params.max_tokens - n, resumed=n)
+    # The client has the prompt's logprobs already (they came with the first event).
+    params = dataclasses.replace(req.params, max_tokens=req.params.max_tokens - n, resumed=n, prompt_logprobs=None)
     return req.prompt_ids + req.streamed, params
 
 
@@ -764,4 +837,20 @@ def sampling_params(spec: GenerationSpec, max_tokens: int, defaults: Mapping[str
         seed=spec.seed,
         stop=spec.stop,
         ignore_eos=spec.ignore_eos,
+        n=spec.n,
+        grammar=spec.grammar or "",
+        logprobs=spec.logprobs,
+        prompt_logprobs=spec.worker_prompt_logprobs,
+        presence_penalty=spec.presence_penalty,
+        frequency_penalty=spec.frequency_penalty,
+        repetition_penalty=_given(spec.repetition_penalty, defaults, "repetition_penalty", 1.0),
+        top_k=int(_given(spec.top_k, defaults, "top_k", 0)),
+        min_p=_given(spec.min_p, defaults, "min_p", 0.0),
     )
+
+
+def _given(value: float | None, defaults: Mapping[str, Any], name: str, neutral: float) -> float:
+    """The request's value, else the model's generation_config.json default, else neutral."""
+    if value is not None:
+        return value
+    return float(defaults.get(name, neutral))

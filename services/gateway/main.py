@@ -151,6 +151,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "where its stream stopped; 0 fails it instead (default %(default)s)",
     )
     g.add_argument(
+        "--tool-call-parser",
+        choices=("auto", "hermes", "llama3_json", "mistral"),
+        default=env_str("CASCADE_TOOL_CALL_PARSER", d.tool_call_parser),
+        help="how the model writes tool calls (vLLM's parser names); auto reads it off the chat template "
+        "(env CASCADE_TOOL_CALL_PARSER, default %(default)s)",
+    )
+    g.add_argument(
         "--shutdown-grace-s",
         type=float,
         default=d.shutdown_grace_s,
@@ -175,6 +182,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         shutdown_grace_s=args.shutdown_grace_s,
         migration_limit=args.migration_limit,
         metrics_interval_s=args.metrics_interval_s,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
+
+from cascade import structured
+from cascade.messages import TokenLogprob
+from services.gateway.tools import ToolError, Tools, parse_tools
 
 Kind = Literal["completion", "chat"]
 
 # OpenAI's own limits where it has them; generous where the model is the limit anyway.
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs; vLLM's default max_logprobs too
+MAX_N = 16
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
@@ -86,6 +93,30 @@ class GenerationSpec:
     include_usage: bool = False
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    n: int = 1
+    # None: not asked. Chat: top_logprobs when logprobs is true; completions: the logprobs int.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's extension (both endpoints)
+    echo: bool = False  # completions: the prompt (and with logprobs its logprobs) leads the text
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's extensions; None: not given (the model's generation_config.json default applies).
+    repetition_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    # Structured outputs: the llguidance grammar every token is masked by (None: free text), and
+    # the request parameter it came from.
+    grammar: str | None = None
+    grammar_param: str | None = None
+    tools: Tools | None = None  # chat: the functions the model may call, and how
+
+    @property
+    def worker_prompt_logprobs(self) -> int | None:
+        """What the worker computes for the prompt: prompt_logprobs, or with echo the logprobs."""
+        k = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:
+            k = max(k or 0, self.logprobs)
+        return k
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -102,27 +133,53 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 def parse_completion(body: dict[str, Any]) -> GenerationSpec:
     common = _common(body, "completion")
-    if body.get("echo"):
-        raise _unsupported("echo")
-    if _present(body, "best_of") and _int(body, "best_of", lo=1) != 1:
-        raise _unsupported("best_of", "only best_of = 1 is supported")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise invalid("echo must be a boolean", "echo")
+    if _present(body, "best_of") and _int(body, "best_of", lo=1) != common["n"]:
+        raise _unsupported("best_of", "best_of must equal n (choices are not ranked by this server)")
     if body.get("suffix"):
         raise _unsupported("suffix")
-    if body.get("logprobs") not in (None, 0, False):
-        raise _unsupported("logprobs")
+    logprobs = None
+    if _present(body, "logprobs"):
+        logprobs = _int(body, "logprobs", lo=0)
+        if logprobs > MAX_TOP_LOGPROBS:
+            raise invalid(f"logprobs must be at most {MAX_TOP_LOGPROBS}, got {logprobs}", "logprobs")
     prompt, prompt_ids = _prompt(body)
-    return GenerationSpec(kind="completion", prompt=prompt, prompt_ids=prompt_ids, **common)
+    return GenerationSpec(
+        kind="completion", prompt=prompt, prompt_ids=prompt_ids, logprobs=logprobs, echo=bool(echo), **common
+    )
 
 
 def parse_chat(body: dict[str, Any]) -> GenerationSpec:
     common = _common(body, "chat")
-    if body.get("logprobs") or body.get("top_logprobs"):
-        raise _unsupported("logprobs")
-    if body.get("tools") or body.get("functions"):
-        raise _unsupported("tools", "tool calling is not supported by this server")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise _unsupported("response_format", "only response_format {'type': 'text'} is supported")
+    lp = body.get("logprobs")
+    if lp is not None and not isinstance(lp, bool):
+        raise invalid("logprobs must be a boolean", "logprobs")
+    top = None
+    if _present(body, "top_logprobs"):
+        top = _int(body, "top_logprobs", lo=0)
+        if top > MAX_TOP_LOGPROBS:
+            raise invalid(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {top}", "top_logprobs")
+        if not lp:
+            raise invalid("top_logprobs requires logprobs to be true", "top_logprobs")
+    common["logprobs"] = (top or 0) if lp else None
+    if body.get("functions") or body.get("function_call"):
+        raise _unsupported("functions", "functions/function_call are deprecated: send tools and tool_choice")
+    try:
+        tools = parse_tools(body)
+    except ToolError as e:
+        raise invalid(str(e), e.param) from None
+    if tools is not None and tools.choice != "none" and common["grammar"] is not None:
+        # Both would constrain the same output: a call in the model's format, or the given shape.
+        raise invalid(
+            f"tools (tool_choice {tools.choice!r}) cannot go with {common['grammar_param']}",
+            common["grammar_param"],
+            code="conflicting_parameters",
+        )
+    common["tools"] = tools
+    if body.get("echo"):
+        raise _unsupported("echo", "echo is a /v1/completions parameter")
     return GenerationSpec(kind="chat", messages=_messages(body), **common)
 
 
@@ -133,8 +190,13 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
     if not isinstance(model, str) or not model:
         raise invalid("model must be a non-empty string", "model")
     n = _int(body, "n", lo=1) if _present(body, "n") else 1
-    if n != 1:
-        raise invalid("only n = 1 is supported; send several requests for several choices", "n")
+    if n > MAX_N:
+        raise invalid(f"n must be at most {MAX_N}, got {n}", "n")
+    prompt_logprobs = None
+    if _present(body, "prompt_logprobs"):
+        prompt_logprobs = _int(body, "prompt_logprobs", lo=0)
+        if prompt_logprobs > MAX_TOP_LOGPROBS:
+            raise invalid(f"prompt_logprobs must be at most {MAX_TOP_LOGPROBS}", "prompt_logprobs")
     # Chat deprecates max_tokens for max_completion_tokens; when both come, the newer one wins.
     max_tokens = None
     for name in ("max_tokens", "max_completion_tokens") if kind == "chat" else ("max_tokens",):
@@ -142,9 +204,17 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
             max_tokens = _int(body, name, lo=1)
     temperature = _number(body, "temperature", 0.0, 2.0) if _present(body, "temperature") else None
     top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True) if _present(body, "top_p") else None
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _present(body, name) and _number(body, name, -2.0, 2.0) != 0.0:
-            raise _unsupported(name)
+    penalties = {
+        name: _number(body, name, -2.0, 2.0) if _present(body, name) else 0.0
+        for name in ("presence_penalty", "frequency_penalty")
+    }
+    if _present(body, "repetition_penalty"):
+        penalties["repetition_penalty"] = _number(body, "repetition_penalty", 0.0, 100.0, lo_open=True)
+    if _present(body, "top_k"):
+        k = _int(body, "top_k", lo=-1)
+        penalties["top_k"] = max(k, 0)  # vLLM: -1 (or 0) turns it off
+    if _present(body, "min_p"):
+        penalties["min_p"] = _number(body, "min_p", 0.0, 1.0)
     if body.get("logit_bias"):
         raise _unsupported("logit_bias")
     seed = _int(body, "seed") if _present(body, "seed") else None
@@ -170,7 +240,10 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
     ignore_eos = body.get("ignore_eos")
     if ignore_eos is not None and not isinstance(ignore_eos, bool):
         raise invalid("ignore_eos must be a boolean", "ignore_eos")
+    grammar, grammar_param = _structured(body)
     return {
+        "grammar": grammar,
+        "grammar_param": grammar_param,
         "model": model,
         "max_tokens": max_tokens,
         "temperature": temperature,
@@ -181,7 +254,81 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
         "include_usage": include_usage,
         "user": user,
         "ignore_eos": bool(ignore_eos),
+        "n": n,
+        "prompt_logprobs": prompt_logprobs,
+        **penalties,
     }
+
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _structured(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The request's one output constraint as a grammar, from OpenAI's response_format, vLLM's
+    guided_* extras or its structured_outputs object; (None, None) for free text. More than one
+    constraint, or one the grammar engine cannot compile, is a 400 naming the parameter."""
+    found: list[tuple[str, str, Any]] = []  # (param, kind, value)
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise invalid("response_format.type must be text, json_object or json_schema", "response_format")
+        if rf["type"] == "json_object":
+            found.append(("response_format", "json_object", True))
+        elif rf["type"] == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("name"), str):
+                raise invalid("response_format.json_schema must be an object with a name", "response_format")
+            schema = js.get("schema", {})
+            strict = js.get("strict")
+            if strict is not None and not isinstance(strict, bool):
+                raise invalid("response_format.json_schema.strict must be a boolean", "response_format")
+            # strict or not, the schema is enforced (as vLLM does): the output always validates.
+            found.append(("response_format", "json", schema))
+    for name, kind in _GUIDED.items():
+        if _present(body, name):
+            found.append((name, kind, body[name]))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise invalid("structured_outputs must be an object", "structured_outputs")
+        for kind in ("json", "regex", "choice", "grammar"):
+            if so.get(kind) is not None:
+                found.append((f"structured_outputs.{kind}", kind, so[kind]))
+        if so.get("json_object"):
+            found.append(("structured_outputs.json_object", "json_object", True))
+    if not found:
+        return None, None
+    if len(found) > 1:
+        names = ", ".join(sorted({p for p, _, _ in found}))
+        raise invalid(
+            f"only one output constraint may be given, got {names}", found[1][0], code="conflicting_parameters"
+        )
+    param, kind, value = found[0]
+    try:
+        if kind == "json_object":
+            return structured.any_json_object(), param
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    value = orjson.loads(value)
+                except orjson.JSONDecodeError as e:
+                    raise invalid(f"{param} is not valid JSON: {e}", param) from None
+            if not isinstance(value, dict | bool):
+                raise invalid(f"{param} must be a JSON schema (an object)", param)
+            return structured.from_json_schema(value), param
+        if kind == "regex":
+            if not isinstance(value, str):
+                raise invalid(f"{param} must be a string", param)
+            return structured.from_regex(value), param
+        if kind == "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+                raise invalid(f"{param} must be a non-empty list of non-empty strings", param)
+            return structured.from_choice(value), param
+        if not isinstance(value, str):
+            raise invalid(f"{param} must be a string", param)
+        return structured.from_grammar(value), param
+    except structured.GrammarError as e:
+        raise invalid(f"{param} cannot be compiled: {e}", param, code="invalid_schema") from None
 
 
 def _present(body: dict[str, Any], name: str) -> bool:
@@ -354,6 +501,31 @@ def object_name(kind: Kind, stream: bool) -> str:
     return "chat.completion.chunk" if stream else "chat.completion"
 
 
+def choice(
+    kind: Kind,
+    text: str,
+    finish_reason: str | None,
+    *,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    prompt_logprobs: list[Any] | None = None,
+    message: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One choice of a whole response (chat: `message` replaces the plain text message)."""
+    out: dict[str, Any]
+    if kind == "completion":
+        out = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_logprobs  # vLLM's extension, per choice on completions
+        return out
+    return {
+        "index": index,
+        "message": message if message is not None else {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
+
+
 def full_response(
     kind: Kind,
     rid: str,
@@ -362,26 +534,22 @@ def full_response(
     text: str,
     finish_reason: str | None,
     use: dict[str, int],
+    *,
+    choices: list[dict[str, Any]] | None = None,
+    prompt_logprobs: list[Any] | None = None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any]
-    if kind == "completion":
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    else:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
-    return {
+    out = {
         "id": rid,
         "object": object_name(kind, False),
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [choice],
+        "choices": choices if choices is not None else [choice(kind, text, finish_reason)],
         "usage": use,
     }
+    if kind == "chat" and prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs  # vLLM's extension, on the response for chat
+    return out
 
 
 def chunk(
@@ -394,26 +562,37 @@ def chunk(
     *,
     first: bool = False,
     include_usage: bool = False,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    delta: dict[str, Any] | None = None,
+    prompt_logprobs: list[Any] | None = None,
 ) -> dict[str, Any]:
-    """One stream chunk with a text delta (chat: the first one also carries the role)."""
-    choice: dict[str, Any]
+    """One stream chunk with a text delta (chat: the first one also carries the role; `delta`
+    replaces the text delta, for tool calls)."""
+    ch: dict[str, Any]
     if kind == "completion":
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        ch = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        if prompt_logprobs is not None:
+            ch["prompt_logprobs"] = prompt_logprobs
     else:
-        delta: dict[str, Any] = {}
+        d: dict[str, Any] = {}
         if first:
-            delta["role"] = "assistant"
-        if text or first:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            d["role"] = "assistant"
+        if delta is not None:
+            d.update(delta)
+        elif text or first:
+            d["content"] = text
+        ch = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish_reason}
     out: dict[str, Any] = {
         "id": rid,
         "object": object_name(kind, True),
         "created": created,
         "model": model,
         "system_fingerprint": None,
-        "choices": [choice],
+        "choices": [ch],
     }
+    if kind == "chat" and prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs
     if include_usage:
         out["usage"] = None  # OpenAI: null on every chunk but the last, which carries the figures
     return out
@@ -443,3 +622,65 @@ def model_list(names: list[str], created: int) -> dict[str, Any]:
         "object": "list",
         "data": [{"id": n, "object": "model", "created": created, "owned_by": "cascade"} for n in names],
     }
+
+
+# --------------------------------------------------------------------------- log probabilities
+
+TokenText = Callable[[int], str]
+
+
+def _lp_item(text_of: TokenText, token: int, logprob: float) -> dict[str, Any]:
+    t = text_of(token)
+    return {"token": t, "logprob": logprob, "bytes": list(t.encode("utf-8"))}
+
+
+def chat_logprobs(entries: list[TokenLogprob], text_of: TokenText) -> dict[str, Any]:
+    """OpenAI's chat `logprobs`: per token its text, log probability, UTF-8 bytes and the top ones."""
+    content = []
+    for e in entries:
+        item = _lp_item(text_of, e.token, e.logprob)
+        item["top_logprobs"] = [_lp_item(text_of, i, lp) for i, lp in zip(e.top_ids, e.top_logprobs, strict=True)]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(
+    items: list[tuple[int, TokenLogprob | None]], text_of: TokenText, offset: int = 0
+) -> dict[str, Any]:
+    """OpenAI's legacy completions `logprobs` for (token id, entry) pairs: an entry of None (the
+    first prompt token, under echo) has no log probability. `offset`: text_offset of the first."""
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for tok, e in items:
+        t = text_of(tok)
+        tokens.append(t)
+        offsets.append(offset)
+        offset += len(t)
+        token_lps.append(None if e is None else e.logprob)
+        if e is None:
+            tops.append(None)
+        else:
+            top: dict[str, float] = {}
+            for i, lp in zip(e.top_ids, e.top_logprobs, strict=True):
+                top.setdefault(text_of(i), lp)
+            tops.append(top)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(
+    prompt_ids: list[int], entries: list[TokenLogprob | None], text_of: TokenText
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} for the token itself and the top ones."""
+    out: list[dict[str, Any] | None] = []
+    for tok, e in zip(prompt_ids, entries, strict=False):
+        if e is None:
+            out.append(None)
+            continue
+        d = {str(tok): {"logprob": e.logprob, "rank": e.rank, "decoded_token": text_of(tok)}}
+        for r, (i, lp) in enumerate(zip(e.top_ids, e.top_logprobs, strict=True), 1):
+            d.setdefault(str(i), {"logprob": lp, "rank": r, "decoded_token": text_of(i)})
+        out.append(d)
+    return out

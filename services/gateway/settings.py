@@ -40,6 +40,9 @@ class GatewaySettings:
     retry_after_s: int = 1  # what a 429 or 503 asks the client to wait
     metrics_interval_s: float = 1.0  # how often load reports (ModelMetrics) go to the scaler
     nats_connect_timeout_s: float = 10.0  # the broker may be starting beside us
+    # vLLM's --tool-call-parser: hermes | llama3_json | mistral, or auto (read off the model's chat
+    # template: what it teaches the model to write).
+    tool_call_parser: str = "auto"
 
     def __post_init__(self) -> None:
         check_token(self.gateway_id)
@@ -58,6 +61,10 @@ class GatewaySettings:
                 raise ValueError(f"{name} must be positive")
         if self.migration_limit < 0:
             raise ValueError("migration_limit must not be negative")
+        if self.tool_call_parser not in ("auto", "hermes", "llama3_json", "mistral"):
+            raise ValueError(
+                f"tool_call_parser must be auto, hermes, llama3_json or mistral, not {self.tool_call_parser!r}"
+            )
         if self.batch_wait_timeout_s < 0 or self.shutdown_grace_s < 0:
             raise ValueError("batch_wait_timeout_s and shutdown_grace_s must not be negative")
         if not 0 <= self.port <= 65535:

@@ -110,6 +110,9 @@ class RequestState:
     # `worker_id`, kept after the request ends: the `worker` label of its finished-request metrics).
     dispatched_at: float = 0.0
     served_by: str = ""
+    # n > 1: tokens each choice streamed (its events' expected index), and the choices ended.
+    choice_tokens: dict[int, int] = field(default_factory=dict)
+    choices_done: set[int] = field(default_factory=set)
 
     def advance(self, to: Phase, worker_id: str | None = None) -> None:
         """Move to `to` (binding `worker_id` when it is PREFILL); raises PhaseError if not allowed."""
@@ -126,6 +129,13 @@ class RequestState:
     @property
     def ended(self) -> bool:
         return not self.phase.live
+
+    @property
+    def needs_full_instance(self) -> bool:
+        """It asks for what only a whole instance computes: prompt logprobs need the logits at
+        every prompt position, which a pipelined route's last stage does not send back; n > 1
+        choices fork off one prefill into the whole instance's KV blocks."""
+        return self.params.prompt_logprobs is not None or self.params.n > 1
 
     @property
     def produced(self) -> bool:

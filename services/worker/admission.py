@@ -112,16 +112,19 @@ class Admission:
 def admit(
     budget_tokens: float,
     under_way: Sequence[int],
-    waiting: Rows[tuple[float, int]],
+    waiting: Rows[tuple[float, int]] | Rows[tuple[float, int, int]],
     staged: Rows[Staged],
     free_slots: int,
     chunk_cap: int,
     blocks: Blocks = NO_BLOCK_LIMIT,
+    idle: bool = False,
 ) -> Admission:
     """Spend one step's prefill budget.
 
     `under_way`: prompt tokens left of each prompt being prefilled in chunks, oldest first.
-    `waiting`: (arrival, prompt tokens) of the full prompts waiting for a slot, in arrival order.
+    `waiting`: (arrival, prompt tokens[, batch slots]) of the full prompts waiting for a slot, in
+    arrival order; a request with n choices takes n slots (default 1). `idle`: no sequence holds
+    a slot, so a request with more choices than `free_slots` may go alone.
     `staged`: stage work, sorted by arrival. `free_slots`: batch slots no running or prefilling
     sequence holds. `chunk_cap`: the most prompt tokens a driven route sends in one chunk.
     `blocks`: the KV block gate (default: no limit). A "start" take's tokens are computed after
@@ -140,7 +143,8 @@ def admit(
         if i >= len(staged) and local is None:
             break
         if local is not None and (i >= len(staged) or local[0] <= staged[i].arrived_at):
-            if started >= free_slots:
+            need = local[2] if len(local) > 2 else 1
+            if started + need > free_slots and not (idle and started == 0):
                 break
             cached = blocks.reserve(w)
             if cached is None:
@@ -150,14 +154,14 @@ def admit(
                 budget.take(tokens)
                 out.takes.append(("whole", w, tokens))
                 w += 1
-                started += 1
+                started += need
                 continue
             rest = tokens - cached
             n = min(rest, int(budget.left))
             budget.take(n)
             out.takes.append(("start", w, n))
             w += 1
-            started += 1
+            started += need
             if n < rest:
                 break
             continue

@@ -49,10 +49,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 import torch
 
 from cascade.device_profile import LayerWork
-from cascade.messages import RouteStage, SamplingParams, TokenEvent
+from cascade.messages import RouteStage, SamplingParams, TokenEvent, TokenLogprob
 from cascade.models.tokenizer import IncrementalDecoder, Tokenizer
 from cascade.stagewire import StageClose, StageError, StageFrame, StageInput, StageToken
 from services.worker.admission import Staged, admit
+from services.worker.grammar import GrammarMasks
 from services.worker.kvblocks import (
     NULL_BLOCK,
     BlockManager,
@@ -63,20 +64,42 @@ from services.worker.kvblocks import (
     cap_model_len,
 )
 from services.worker.model import LlamaModel, PagedKV, Segment, prefill_inputs
-from services.worker.sampling import sample_next, skip_draws
+from services.worker.sampling import LogprobsMode, SampleRow, prompt_logprobs, sample, skip_draws
 
 if TYPE_CHECKING:
     from cascade.device_profile import StepPadder
 
 
-def _generator(params: SamplingParams, vocab: int) -> torch.Generator | None:
+def _generator(params: SamplingParams, vocab: int, choice: int = 0) -> torch.Generator | None:
     if params.temperature == 0:
         return None
     if params.seed is None:
         return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    gen = torch.Generator().manual_seed(params.seed)
+    # Each choice of a seeded request draws from its own stream, reproducibly.
+    gen = torch.Generator().manual_seed(params.seed + choice)
     skip_draws(gen, params.resumed, vocab)
     return gen
+
+
+def history_row(
+    params: SamplingParams, generator: torch.Generator | None, prompt: list[int], output: list[int]
+) -> SampleRow:
+    """A sequence's row of the sampler. A migrated request's streamed tokens end its prompt here
+    but were its output: the penalties count them as output, so its sampling state moves with it."""
+    r = params.resumed
+    if 0 < r <= len(prompt):
+        return SampleRow(params, generator, prompt[:-r], prompt[-r:] + output)
+    return SampleRow(params, generator, prompt, output)
+
+
+def _counts_history(params: SamplingParams) -> bool:
+    """Its sampling depends on the tokens so far (a later stage must be told the prompt)."""
+    return (
+        params.presence_penalty != 0
+        or params.frequency_penalty != 0
+        or params.repetition_penalty != 1
+        or bool(params.grammar)
+    )
 
 
 def _resume_text(seq: Sequence, streamed: list[int]) -> None:
@@ -89,7 +112,10 @@ def _resume_text(seq: Sequence, streamed: list[int]) -> None:
         seq.held = text[-keep:]
 
 
-@dataclass(slots=True)
+# Identity, not value, equality: `seq in self.running` compared every field of every sequence (a
+# step's worth of list compares at batch 32), and n choices forked off one prompt are alike in
+# nearly every field.
+@dataclass(slots=True, eq=False)
 class Sequence:
     """A request this worker drives (full, or the first stage of a route)."""
 
@@ -111,6 +137,11 @@ class Sequence:
     error: str | None = None
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
+    pending_lps: list[TokenLogprob] = field(default_factory=list)
+    # Prompt logprobs (asked for with prompt_logprobs): filled as its prompt is computed, sent
+    # once with its first event.
+    prompt_lps: list[TokenLogprob | None] | None = None
+    prompt_lps_sent: bool = False
     arrived_at: float = 0.0  # wall clock at the gateway: prompts start oldest first
     done: int = 0  # prompt tokens computed so far (prefilled in chunks, or found in the prefix cache)
     chunk: int = 0  # prompt tokens in the step being computed
@@ -123,6 +154,15 @@ class Sequence:
     keys: list[bytes] = field(default_factory=list)
     registered: int = 0
     admitted: int = 0
+    # n > 1: which choice this is; whether the choices were forked off it yet (until then it
+    # holds a batch slot per choice, and a spare block per other choice when its prompt ends
+    # in a part-filled block, so the fork never waits for memory).
+    choice: int = 0
+    forked: bool = False
+    fork_blocks: list[int] = field(default_factory=list)
+    # Structured outputs: its llguidance matcher (made on first use, from params.grammar), which
+    # has consumed every token it generated.
+    matcher: Any = None
     # driven only
     next_ids: list[int] | None = None  # input of the next stage-0 pass; None while awaiting a token
     prefilled: bool = False
@@ -133,6 +173,18 @@ class Sequence:
 
     def ids(self) -> list[int]:
         return self.prompt + self.generated
+
+    @property
+    def slots(self) -> int:
+        """Batch slots it holds: one per choice it will fork into."""
+        return 1 if self.forked else self.params.n
+
+    @property
+    def wants_prompt_lps(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.prompt_lps_sent
+
+    def sample_row(self) -> SampleRow:
+        return history_row(self.params, self.generator, self.prompt, self.generated)
 
 
 class Pending(NamedTuple):
@@ -161,6 +213,11 @@ class Relayed:
     computing: Pending | None = None  # the input of the step under way
     arrived_at: float = 0.0  # the request's arrival at the gateway (wall clock)
     table: list[int] = field(default_factory=list)  # its KV blocks here
+    # For sampling that counts tokens (penalties): the prompt, from the first chunk's frame, and
+    # at the last stage the tokens it sampled.
+    prompt: list[int] = field(default_factory=list)
+    output: list[int] = field(default_factory=list)
+    matcher: Any = None  # structured outputs, at the last stage
 
     @property
     def stage(self) -> RouteStage:
@@ -303,8 +360,10 @@ class Engine:
         block_size: int = 16,
         prefix_caching: bool = True,
         max_model_len: int = 0,
+        logprobs_mode: LogprobsMode = "raw",
     ) -> None:
         self.model = model
+        self.logprobs_mode: LogprobsMode = logprobs_mode
         self.padder = padder
         # With an emulated device, each real prompt/context token is priced as this many: a small
         # model's short prompts stand for a real model's long ones, so the CPU work stays well under
@@ -347,6 +406,11 @@ class Engine:
             collections.deque()
         )
         self._eos = set(tokenizer.eos_ids) | set(self.cfg.eos_ids)
+        # Structured outputs: the step's token masks are computed on this thread while the model
+        # runs the step (llguidance releases the interpreter lock), so the sequences of the batch
+        # do not wait for the grammar work.
+        self._grammar = GrammarMasks(tokenizer, self.cfg.vocab_size, sorted(self._eos))
+        self._masks: dict[int, torch.Tensor] = {}
         self.stats = EngineStats()
         self.figures = self._figures()
 
@@ -498,20 +562,24 @@ class Engine:
         chunked = sum(s.chunk for k, s in jobs if k == "chunk")
         if new:
             ids, pos, lens = prefill_inputs([s.ids() for s in new], self.model.device)
-            segs.append(Segment(range(self.L), self.kv, self._tables(new), pos, lens, True, True, ids=ids))
+            seg = Segment(range(self.L), self.kv, self._tables(new), pos, lens, True, True, ids=ids)
+            seg.all_logits = any(s.wants_prompt_lps for s in new)
+            segs.append(seg)
             jobs.append(("prefill", new))
         batch = len(self.running)
         relayed = sum(1 for k, _ in jobs if k == "relayed") + sum(
             1 for k, g in jobs if k == "stage_decode" for r in g if isinstance(r, Relayed)
         )
         decoded = 0
+        pending = self._grammar.start(self._guided(old, jobs))
         if segs:
             try:
                 outs = self.model.forward_segments(segs)
             except (RuntimeError, ValueError) as e:
                 self._fail_step(jobs, f"step failed: {e}")
                 outs = []
-            for (kind, obj), out in zip(jobs, outs, strict=False):
+            self._masks = self._grammar.finish(pending)
+            for (kind, obj), seg, out in zip(jobs, segs, outs, strict=False):
                 if kind == "decode":
                     rows = [k for k, q in enumerate(batch_rows) if q in self.running]
                     if len(rows) < old:
@@ -519,8 +587,13 @@ class Engine:
                     self._accept_sampled([batch_rows[k] for k in rows], out)
                     decoded += len(rows)
                 elif kind == "prefill":
+                    for b, s in enumerate(obj):
+                        if s.wants_prompt_lps and seg.logits_all is not None:
+                            self._record_prompt_lps(s, seg.logits_all[b], 0, len(s.ids()))
                     self._accept_sampled(obj, out)
                 elif kind == "chunk":
+                    if obj.wants_prompt_lps and seg.logits_all is not None:
+                        self._record_prompt_lps(obj, seg.logits_all[0], obj.done, obj.chunk)
                     self._chunk_done(obj, out)
                 elif kind == "driven":
                     self._send_driven(obj, out, outbox)
@@ -534,12 +607,15 @@ class Engine:
                     self._finish_relayed(obj, out, outbox)
         self._retire_finished(events, outbox)
         for seq in [*self.running, *self.driven.values()]:
-            if seq.pending_ids:
+            plps = self._take_prompt_lps(seq)
+            if seq.pending_ids or plps is not None:
                 first = len(seq.generated) - len(seq.pending_ids)
-                events.append(
-                    (seq.gateway_id, TokenEvent(seq.request_id, seq.pending_ids, seq.pending_text, index=first))
-                )
-                seq.pending_ids, seq.pending_text = [], ""
+                ev = TokenEvent(
+                    seq.request_id, seq.pending_ids, seq.pending_text, index=first, logprobs=seq.pending_lps,
+                    prompt_logprobs=plps, choice=seq.choice,
+                )  # fmt: skip
+                events.append((seq.gateway_id, ev))
+                seq.pending_ids, seq.pending_text, seq.pending_lps = [], "", []
         self.stats.record(batch + relayed, len(new) + decoded, time.monotonic())
         self.stats.relayed_steps += relayed
         target = self._emulated_s(segs) if self.padder is not None and segs else 0.0
@@ -551,6 +627,29 @@ class Engine:
         self.stats.step_timed(batch + relayed, took * 1000, prompt, len(new) + decoded)
         self.figures = self._figures()
         return StepResult(events, outbox, batch, len(new), decoded, relayed, target, prompt)
+
+    def _guided(self, old: int, jobs: list[tuple[str, Any]]) -> list[Sequence | Relayed]:
+        """The sequences with a grammar that sample in this step: the decode batch, prompts that
+        end in it, and relayed last stages."""
+        out: list[Sequence | Relayed] = [s for s in self.running[:old] if s.params.grammar and s.finish is None]
+        for kind, obj in jobs:
+            if kind == "prefill":
+                out += [s for s in obj if s.params.grammar]
+            elif kind == "chunk" and obj.params.grammar and obj.done + obj.chunk >= obj.target:
+                out.append(obj)
+            elif kind == "relayed" and obj.params.grammar and obj.last:
+                out.append(obj)
+            elif kind == "stage_decode":
+                out += [r for r in obj if isinstance(r, Relayed) and r.params.grammar and r.last]
+        return out
+
+    def _mask(self, obj: Sequence | Relayed) -> torch.Tensor | None:
+        if not obj.params.grammar:
+            return None
+        m = self._masks.get(id(obj))
+        if m is None:  # not foreseen before the step (cannot happen in order; computed here then)
+            m = self._grammar.finish(self._grammar.start([obj]))[id(obj)]
+        return m
 
     def _emulated_s(self, segs: list[Segment]) -> float:
         """The step's time on the emulated device: the decode batch, prompt tokens and KV tokens
@@ -624,9 +723,10 @@ class Engine:
             [s.target - s.done for s in under],
             gate,
             _StagedRows(staged, self),
-            self.max_batch - len(self.running) - len(self.prefilling),
+            self.max_batch - len(self.running) - sum(s.slots for s in self.prefilling),
             cap,
             gate,
+            idle=not self.running and not self.prefilling,
         )
         for seq, n in zip(under, plan.chunks, strict=False):
             if seq in self.prefilling:  # not preempted by stage work's blocks meanwhile
@@ -660,9 +760,11 @@ class Engine:
         end = seq.done + n
         dev = self.model.device
         ids = torch.tensor([seq.ids()[seq.done : end]], device=dev)
-        segs.append(
-            prompt_chunk(range(self.L), self.kv, self._tables([seq]), seq.done, n, end == seq.target, dev, ids=ids)
-        )
+        seg = prompt_chunk(range(self.L), self.kv, self._tables([seq]), seq.done, n, end == seq.target, dev, ids=ids)
+        # Prompt logprobs need every position's logits, so every chunk runs the head then.
+        seg.head = seg.head or seq.wants_prompt_lps
+        seg.all_logits = seq.wants_prompt_lps
+        segs.append(seg)
         jobs.append(("chunk", seq))
 
     def _chunk_done(self, seq: Sequence, out: torch.Tensor) -> None:
@@ -691,14 +793,19 @@ class Engine:
         hits: list[int] = []
         if self.blocks.prefix_caching:
             seq.keys = block_keys(ids, bs)
+        # Prompt logprobs need the logits at every prompt position: a cached prefix has none
+        # (vLLM recomputes such prompts too).
+        if self.blocks.prefix_caching and not seq.wants_prompt_lps:
             # One token at least is computed, for the logits of the next one.
             hits = self.blocks.match(seq.keys[: (target - 1) // bs])
         need = blocks_for(target, bs) - len(hits)
-        if not self.blocks.can_allocate(need + (self._watermark if busy else 0)):
+        spare = (seq.params.n - 1) if not seq.forked and target % bs else 0
+        if not self.blocks.can_allocate(need + spare + (self._watermark if busy else 0)):
             self.blocks.free(hits)
             return False
         self.blocks.record_query(target, len(hits) * bs)
         seq.table = hits + [self.blocks.allocate() for _ in range(need)]
+        seq.fork_blocks = [self.blocks.allocate() for _ in range(spare)]
         seq.registered = len(hits)
         seq.done = len(hits) * bs
         seq.target = target
@@ -732,8 +839,8 @@ class Engine:
             self.running.remove(seq)
         else:
             self.prefilling.remove(seq)
-        self.blocks.free(seq.table)
-        seq.table, seq.keys, seq.registered, seq.done, seq.chunk = [], [], 0, 0, 0
+        self.blocks.free(seq.table + seq.fork_blocks)
+        seq.table, seq.keys, seq.registered, seq.done, seq.chunk, seq.fork_blocks = [], [], 0, 0, 0, []
         self.stats.preemptions += 1
         self._enqueue(seq)
 
@@ -797,19 +904,106 @@ class Engine:
         )
 
     def _accept_sampled(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        toks = sample_next(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, tok in zip(seqs, toks, strict=True):
-            self._accept_token(seq, tok)
+        if any(not s.forked and s.params.n > 1 for s in seqs):
+            # Prompts just computed for n choices: fork them here, so every choice samples its
+            # first token from the same logits (one prefill, n decodes).
+            rows: list[int] = []
+            out: list[Sequence] = []
+            for b, s in enumerate(seqs):
+                group = self._fork(s) if not s.forked and s.params.n > 1 else [s]
+                out += group
+                rows += [b] * len(group)
+            seqs, logits = out, logits[rows]
+        sample_rows = [s.sample_row() for s in seqs]
+        for s, r in zip(seqs, sample_rows, strict=True):
+            r.allowed = self._mask(s)
+        toks, lps = sample(logits, sample_rows, self.logprobs_mode)
+        for seq, tok, lp in zip(seqs, toks, lps, strict=True):
+            self._accept_token(seq, tok, lp)
 
-    def _accept_token(self, seq: Sequence, tok: int) -> None:
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """`seq` (choice 0) and its n - 1 other choices, which share its full prompt blocks (their
+        refcounts go up) and each get their own copy of a part-filled last block. They join the
+        running batch right behind it."""
+        bs = self.geometry.block_size
+        full = seq.length // bs
+        out = [seq]
+        seq.forked = True
+        spare = seq.fork_blocks
+        seq.fork_blocks = []
+        for i in range(1, seq.params.n):
+            table = seq.table[:full]
+            self.blocks.share(table)
+            if len(seq.table) > full:
+                table = [*table, spare[i - 1]]
+                self.kv.copy_block(seq.table[full], spare[i - 1])
+            child = Sequence(
+                request_id=seq.request_id, gateway_id=seq.gateway_id, prompt=seq.prompt, params=seq.params,
+                decoder=IncrementalDecoder(self.tok), generator=_generator(seq.params, self.cfg.vocab_size, i),
+                max_stop=seq.max_stop, arrived_at=seq.arrived_at, done=seq.done, table=table, target=seq.target,
+                keys=list(seq.keys), registered=min(seq.registered, full), admitted=seq.admitted, choice=i,
+                forked=True, prompt_lps_sent=True,
+                matcher=seq.matcher.deep_copy() if seq.matcher is not None else None,
+            )  # fmt: skip
+            if id(seq) in self._masks:  # the same state as its parent's: the same first mask
+                self._masks[id(child)] = self._masks[id(seq)]
+            out.append(child)
+        at = self.running.index(seq) + 1 if seq in self.running else len(self.running)
+        self.running[at:at] = out[1:]
+        return out
+
+    def _record_prompt_lps(self, seq: Sequence, logits: torch.Tensor, start: int, n: int) -> None:
+        """Prompt logprobs from the logits of positions start..start+n-1 [>= n, V]: position p
+        predicts prompt token p + 1."""
+        if start == 0:
+            seq.prompt_lps = [None]  # nothing predicts the first token (a recompute starts over)
+        if seq.prompt_lps is None or len(seq.prompt_lps) != start + 1:
+            return
+        targets = seq.prompt[start + 1 : min(start + n + 1, len(seq.prompt))]
+        seq.prompt_lps.extend(prompt_logprobs(logits[: len(targets)], targets, seq.params.prompt_logprobs or 0))
+
+    def _take_prompt_lps(self, seq: Sequence) -> list[TokenLogprob | None] | None:
+        """Its prompt logprobs, once, when every prompt token has one."""
+        lps = seq.prompt_lps
+        if not seq.wants_prompt_lps or lps is None or len(lps) < len(seq.prompt):
+            return None
+        seq.prompt_lps_sent = True
+        seq.prompt_lps = None
+        return lps
+
+    def _accept_token(
+        self, seq: Sequence, tok: int, lp: TokenLogprob | None = None, grammar_done: bool = False
+    ) -> None:
         if seq.finish is not None:
             return
-        if tok in self._eos and not seq.params.ignore_eos:
+        eos = tok in self._eos
+        if seq.params.grammar and seq.route:
+            # A route's last stage holds the matcher and said whether the grammar ended here.
+            if eos and grammar_done:
+                seq.finish, seq.eos_hit = "stop", True
+                return
+        elif seq.params.grammar:
+            ended = self._grammar.consume(seq, tok)
+            if isinstance(ended, str):
+                seq.finish, seq.error = "error", ended
+                return
+            if eos:  # the mask allowed EOS: the grammar accepts what came before it
+                seq.finish, seq.eos_hit = "stop", True
+                return
+            grammar_done = ended
+        if eos and not seq.params.ignore_eos:
             seq.finish = "stop"
             seq.eos_hit = True
             return
         seq.generated.append(tok)
         seq.pending_ids.append(tok)
+        if lp is not None:
+            seq.pending_lps.append(lp)
+        if grammar_done:
+            # The grammar admits nothing more (the JSON value is closed): OpenAI's finish "stop".
+            self._push_text(seq, seq.decoder.push([tok]))
+            seq.finish = "stop"
+            return
         self._push_text(seq, seq.decoder.push([tok]))
         if seq.finish is None and len(seq.generated) >= seq.params.max_tokens:
             seq.finish = "length"
@@ -874,6 +1068,7 @@ class Engine:
             frame = StageInput(
                 seq.request_id, True, seq.length - 1, start=seq.done, final=not rest, sent_at=frame.sent_at,
                 route=list(seq.route), index=1, params=seq.params, arrived_at=seq.arrived_at,
+                tokens=seq.prompt if seq.done == 0 and _counts_history(seq.params) else [],
             )  # fmt: skip
             seq.done += n
             seq.chunk = 0
@@ -904,12 +1099,24 @@ class Engine:
         if rel.last:
             if not inp.final:
                 return  # a prompt chunk before the last: its keys and values are all it leaves
-            tok = sample_next(out, [rel.params], [rel.generator])[0]
-            outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, tok)))
+            row = history_row(rel.params, rel.generator, rel.prompt, rel.output)
+            row.allowed = self._mask(rel)
+            toks, lps = sample(out, [row], self.logprobs_mode)
+            if _counts_history(rel.params):
+                rel.output.append(toks[0])
+            done = False
+            if rel.params.grammar:
+                ended = self._grammar.consume(rel, toks[0])
+                if isinstance(ended, str):
+                    outbox.append(Outgoing(rel.driver, StageError(rel.request_id, ended)))
+                    return
+                done = ended or toks[0] in self._eos
+            outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, toks[0], lps[0], stop=done)))
             return
         frame = StageInput(
             rel.request_id, inp.prefill, rel.length - 1, start=inp.start, final=inp.final, sent_at=time.time(),
             route=rel.route, index=rel.index + 1, params=rel.params, arrived_at=rel.arrived_at,
+            tokens=rel.prompt if inp.prefill and inp.start == 0 else [],
         )  # fmt: skip
         outbox.append(Outgoing(rel.route[rel.index + 1], frame, out))
 
@@ -924,7 +1131,7 @@ class Engine:
             elif isinstance(f, StageToken):
                 seq = self.driven.get(f.request_id)
                 if seq is not None and seq.finish is None:
-                    self._accept_token(seq, f.token)
+                    self._accept_token(seq, f.token, f.logprob, grammar_done=f.stop)
                     if seq.finish is None:
                         seq.next_ids = [f.token]
             elif isinstance(f, StageClose):
@@ -971,6 +1178,7 @@ class Engine:
                 params=f.params,
                 generator=_generator(f.params, self.cfg.vocab_size),
                 arrived_at=f.arrived_at or time.time(),
+                prompt=list(f.tokens),
             )
             self.relayed[rid] = rel
         if tensor is None:
@@ -1055,8 +1263,11 @@ class Engine:
             completion_tokens=len(seq.generated) + seq.eos_hit,
             error=seq.error,
             index=len(seq.generated) - len(seq.pending_ids),
+            logprobs=seq.pending_lps,
+            prompt_logprobs=self._take_prompt_lps(seq),
+            choice=seq.choice,
         )
-        seq.pending_ids, seq.pending_text, seq.held = [], "", ""
+        seq.pending_ids, seq.pending_text, seq.held, seq.pending_lps = [], "", "", []
         return ev
 
     def _retire_finished(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
@@ -1076,8 +1287,12 @@ class Engine:
                 outbox.append(Outgoing(st, StageClose(seq.request_id)))
 
     def _release(self, seq: Sequence) -> None:
-        self.blocks.free(seq.table)
-        seq.table = []
+        self.blocks.free(seq.table + seq.fork_blocks)
+        seq.table, seq.fork_blocks = [], []
+
+    def close(self) -> None:
+        """Let the structured-output helper thread go (the engine is being dropped)."""
+        self._grammar.close()
 
     def drain_all(self, reason: str) -> list[tuple[str, TokenEvent]]:
         """End every sequence (worker shutting down): each gets a final event with the error."""
@@ -1116,9 +1331,9 @@ class _KVGate:
     def __len__(self) -> int:
         return len(self.taken) + len(self.engine.waiting)
 
-    def __getitem__(self, w: int, /) -> tuple[float, int]:
+    def __getitem__(self, w: int, /) -> tuple[float, int, int]:
         seq = self.engine.waiting[w - len(self.taken)]
-        return seq.arrived_at, seq.length
+        return seq.arrived_at, seq.length, seq.slots
 
     def reserve(self, w: int, /) -> int | None:
         eng = self.engine

@@ -180,6 +180,12 @@ class BlockManager:
             else:
                 self._free.append(b)
 
+    def share(self, blocks: Sequence[int]) -> None:
+        """One more user of each block (a sequence forked onto its parent's full blocks)."""
+        for b in blocks:
+            if b != NULL_BLOCK:
+                self._refs[b] += 1
+
     def match(self, keys: Sequence[bytes]) -> list[int]:
         """The longest run of `keys` from the first that the cache holds, each block taken (its
         refcount raised; `free` gives them back)."""

@@ -249,6 +249,8 @@ class ModelSlot:
         for task in list(self.sends.values()):
             task.cancel()  # the receivers' loader re-plans from another holder
         self._live_source = None
+        if self.engine is not None:
+            self.engine.close()
         self.engine = None
         self.model = None
         had = self.model_name is not None

@@ -320,6 +320,9 @@ class WorkerService:
         eng = self.slot.engine
         for r in batch.requests:
             why = self._reject_reason(r.model, len(r.prompt_ids), r.route, eng)
+            if why is None and len(r.route) > 1 and (r.params.prompt_logprobs is not None or r.params.n > 1):
+                # The gateway sends these to whole instances; the last stage sends no prompt logits back.
+                why = "invalid", "prompt_logprobs and n > 1 need a whole instance, not a pipelined route"
             if why is not None:
                 rejected.append(Rejection(r.request_id, why[0], why[1]))
                 continue
@@ -391,7 +394,7 @@ class WorkerService:
             model, tok, max_batch=s.max_batch, worker_id=s.worker_id, padder=self.padder, kv_slots=s.kv_capacity,
             max_prefill_tokens=s.max_prefill_tokens, emulated_token_scale=s.emulated_token_scale,
             kv_cache_bytes=kv_bytes, block_size=s.kv_block_size, prefix_caching=s.prefix_caching,
-            max_model_len=max_len,
+            max_model_len=max_len, logprobs_mode="processed" if s.logprobs_mode == "processed" else "raw",
         )  # fmt: skip
         self.log.info(
             "kv_cache", mb=round(kv_bytes / 1e6, 1), measured=measured, blocks=eng.blocks.total,
@@ -481,6 +484,8 @@ class WorkerService:
                 batch_hist={str(k): v for k, v in sorted(st.batch_hist.items())},
                 finished=dict(st.finished),
                 relayed_steps=st.relayed_steps,
+                # Prompt tokens computed (n choices share one prefill; a prefix-cache hit is not one).
+                prefill_tokens=st.prefilled,
             )
             f = self.slot.engine.figures
             # Named as vLLM's metrics (vllm:kv_cache_usage_perc, ...), so dashboards read alike.

@@ -201,6 +201,14 @@ class PagedKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in (self.k, self.v) for t in s.values())
 
+    @torch.inference_mode()
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy block `src`'s keys and values into `dst` in every layer held (a forked sequence's
+        own copy of a part-filled block it shared)."""
+        for store in (self.k, self.v):
+            for t in store.values():
+                t[:, dst].copy_(t[:, src])
+
     def write(self, i: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys/values [n, kv_heads, d] at flat slots (block * block_size + offset)."""
         h, d = self.kv_heads, self.head_dim
@@ -273,6 +281,10 @@ class Segment:
     ids: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     start: int = 0
+    # With `head` on a prefill: also the logits at every position (prompt logprobs), left in
+    # `logits_all` [B, T, V].
+    all_logits: bool = False
+    logits_all: torch.Tensor | None = None
     # Filled in by forward_segments:
     max_pos: int = 0
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -508,6 +520,8 @@ class LlamaModel:
                 outs.append(h3)
                 continue
             if seg.prefill:
+                if seg.all_logits:
+                    seg.logits_all = self.logits(h3.reshape(B * T, H)).view(B, T, -1)
                 last = (seg.lengths - 1).clamp(min=0)
                 hl = h3[torch.arange(B, device=h3.device), last]
             else:

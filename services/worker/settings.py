@@ -44,6 +44,9 @@ class WorkerSettings:
     max_model_len: int = 0  # 0: the model's context, capped so that one sequence fits the KV budget
     kv_block_size: int = 16
     prefix_caching: bool = True
+    # vLLM's --logprobs-mode: "raw" logprobs are the model's own distribution (before penalties,
+    # the structured-output mask and temperature); "processed" the one each token was drawn from.
+    logprobs_mode: str = "raw"
 
     def __post_init__(self) -> None:
         check_token(self.worker_id)
@@ -55,6 +58,8 @@ class WorkerSettings:
             raise ConfigError("--local-cache-mb and --local-cache-mb-s must be >= 0")
         if self.max_prefill_tokens < 1:
             raise ConfigError("--max-prefill-tokens must be >= 1")
+        if self.logprobs_mode not in ("raw", "processed"):
+            raise ConfigError(f"--logprobs-mode must be raw or processed, not {self.logprobs_mode!r}")
         if self.kv_cache_mb < 0 or self.max_model_len < 0 or self.kv_block_size < 1:
             raise ConfigError("--kv-cache-mb and --max-model-len must be >= 0, --kv-block-size >= 1")
         if self.emulated_token_scale <= 0:
@@ -102,6 +107,7 @@ class WorkerSettings:
             max_model_len=a.max_model_len,
             kv_block_size=a.kv_block_size,
             prefix_caching=a.prefix_caching,
+            logprobs_mode=a.logprobs_mode,
         )
 
 
@@ -159,6 +165,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         default=env_str("CASCADE_PREFIX_CACHING", "1").lower() not in ("0", "false", "no", "off"),
         help="do not reuse the KV blocks of prompt prefixes other requests computed (env CASCADE_PREFIX_CACHING=0)",
+    )
+    p.add_argument(
+        "--logprobs-mode",
+        choices=("raw", "processed"),
+        default=env_str("CASCADE_LOGPROBS_MODE", "raw"),
+        help="what `logprobs` report: raw, the model's own distribution before penalties, the structured-output "
+        "mask and temperature (vLLM's default), or processed, the distribution each token was drawn from "
+        "(env CASCADE_LOGPROBS_MODE, default raw); prompt logprobs are always raw",
     )
     p.add_argument(
         "--kv-slots",

@@ -1,0 +1,329 @@
+"""Tool calling: OpenAI's `tools`/`tool_choice` validated, the grammar that forces a call in the
+model's own format, and the parsers that turn what the model wrote back into OpenAI `tool_calls`,
+whole or streamed. Pure: text in, structures out.
+
+Formats (vLLM's `--tool-call-parser` names):
+
+- `hermes` (Hermes, Qwen2.5/Qwen3, SmolLM3): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
+  one block per call;
+- `llama3_json` (Llama 3.1+): the message is one JSON object `{"name": ..., "parameters": {...}}`,
+  optionally after `<|python_tag|>`;
+- `mistral`: `[TOOL_CALLS]` then a JSON list of `{"name": ..., "arguments": {...}}`.
+
+`required` and a named function are enforced with structured outputs: the grammar admits exactly
+the format's calls to the allowed functions with arguments valid for their schemas, so the output
+always parses. `auto` lets the model choose and parses what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cascade import structured
+
+Parser = Literal["hermes", "llama3_json", "mistral"]
+PARSERS: tuple[Parser, ...] = ("hermes", "llama3_json", "mistral")
+
+
+class ToolError(ValueError):
+    """A tools request this server cannot take: (message, param)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class Tools:
+    """A request's tools: the function definitions (as chat templates read them), the choice
+    (`auto`, `none`, `required` or a function name) and whether several calls may come at once."""
+
+    functions: list[dict[str, Any]]
+    choice: str = "auto"  # "auto" | "none" | "required" | "function"
+    name: str | None = None  # the named function, with choice "function"
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        return self.choice in ("required", "function")
+
+    def allowed(self) -> list[dict[str, Any]]:
+        if self.choice == "function":
+            return [f for f in self.functions if f["function"]["name"] == self.name]
+        return self.functions
+
+
+def parse_tools(body: dict[str, Any]) -> Tools | None:
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise ToolError("tool_choice needs tools", "tool_choice")
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise ToolError("tools must be a non-empty list", "tools")
+    functions = []
+    names = set()
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise ToolError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", f"tools[{i}]")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise ToolError(f"tools[{i}].function.name must be a non-empty string", f"tools[{i}].function.name")
+        if name in names:
+            raise ToolError(f"tools[{i}]: the function name {name!r} is used twice", f"tools[{i}].function.name")
+        names.add(name)
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}]")
+        # As the client sent it (templates render `tool | tojson`, key order and all), nulls dropped.
+        functions.append({"type": "function", "function": {k: v for k, v in fn.items() if v is not None}})
+    parallel = body.get("parallel_tool_calls", True)
+    if parallel is None:
+        parallel = True
+    if not isinstance(parallel, bool):
+        raise ToolError("parallel_tool_calls must be a boolean", "parallel_tool_calls")
+    if choice is None or choice in ("auto", "none", "required"):
+        return Tools(functions, choice or "auto", None, parallel)
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(fn, dict):
+        raise ToolError(
+            "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}",
+            "tool_choice",
+        )
+    if fn.get("name") not in names:
+        raise ToolError(f"tool_choice names {fn.get('name')!r}, which is not among the tools", "tool_choice")
+    return Tools(functions, "function", fn["name"], parallel)
+
+
+# --------------------------------------------------------------------------- forcing a call
+
+
+def _call_schema(tools: Tools, args_key: str) -> dict[str, Any]:
+    """A JSON schema for one call of an allowed function, in the format's key names."""
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["function"]["name"]}, args_key: _parameters(f)},
+            "required": ["name", args_key],
+            "additionalProperties": False,
+        }
+        for f in tools.allowed()
+    ]
+    schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
+    # The JSON as chat templates show calls (json.dumps' separators), no free whitespace: a model
+    # may not pad a call for ever.
+    return {**schema, "x-guidance": _COMPACT}
+
+
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    params = tool["function"].get("parameters")
+    return params if isinstance(params, dict) else {"type": "object", "properties": {}}
+
+
+def forced_grammar(tools: Tools, parser: Parser) -> str:
+    """The grammar that admits only calls, in the parser's format (one, or with parallel calls
+    several), to the allowed functions with valid arguments."""
+    if parser == "llama3_json":
+        # One JSON object per message: Llama 3's format has no list of calls.
+        return structured.checked(structured_lark(f"start: %json{json.dumps(_call_schema(tools, 'parameters'))}"))
+    if parser == "mistral":
+        call = _call_schema(tools, "arguments")
+        items: dict[str, Any] = {"type": "array", "items": call, "minItems": 1, "x-guidance": _COMPACT}
+        if not tools.parallel:
+            items["maxItems"] = 1
+        return structured.checked(structured_lark(f'start: "[TOOL_CALLS]" %json{json.dumps(items)}'))
+    call_json = json.dumps(_call_schema(tools, "arguments"))
+    more = ' ("\\n" call)*' if tools.parallel else ""
+    lark = f'start: call{more}\ncall: "<tool_call>\\n" %json{call_json} "\\n</tool_call>"'
+    return structured.checked(structured_lark(lark))
+
+
+def structured_lark(text: str) -> str:
+    import llguidance
+
+    return str(llguidance.LLMatcher.grammar_from_lark(text))
+
+
+def infer_parser(rendered: str) -> Parser:
+    """The format a chat template teaches, from the template rendered with a tool."""
+    if "[AVAILABLE_TOOLS]" in rendered or "[TOOL_CALLS]" in rendered:
+        return "mistral"
+    if "<tool_call>" in rendered:
+        return "hermes"
+    if "Environment: ipython" in rendered or ('"parameters"' in rendered and "<|start_header_id|>" in rendered):
+        return "llama3_json"
+    return "hermes"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _call(obj: Any, args_key: str) -> dict[str, Any] | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    return {
+        "id": new_call_id(),
+        "type": "function",
+        "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)},
+    }
+
+
+def _json_prefix(text: str) -> tuple[Any, int] | None:
+    """The JSON value at the start of `text` (after whitespace) and where it ends, or None."""
+    s = text.lstrip()
+    try:
+        obj, end = json.JSONDecoder().raw_decode(s)
+    except json.JSONDecodeError:
+        return None
+    return obj, len(text) - len(s) + end
+
+
+def parse(text: str, parser: Parser) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, tool_calls) from a whole message. Text that is not a well-formed call stays
+    content, as vLLM's parsers leave it."""
+    if parser == "hermes":
+        calls: list[dict[str, Any]] = []
+        content: list[str] = []
+        rest = text
+        while True:
+            i = rest.find("<tool_call>")
+            if i < 0:
+                content.append(rest)
+                break
+            content.append(rest[:i])
+            j = rest.find("</tool_call>", i)
+            body = rest[i + len("<tool_call>") : j if j >= 0 else len(rest)]
+            got = _json_prefix(body)
+            call = _call(got[0], "arguments") if got else None
+            if call is None:
+                content.append(rest[i:])
+                break
+            calls.append(call)
+            rest = rest[j + len("</tool_call>") :] if j >= 0 else ""
+        joined = "".join(content).strip()
+        return (joined or None) if calls else text, calls
+    if parser == "mistral":
+        i = text.find("[TOOL_CALLS]")
+        if i < 0:
+            return text, []
+        got = _json_prefix(text[i + len("[TOOL_CALLS]") :])
+        items = got[0] if got else None
+        items = [items] if isinstance(items, dict) else items
+        calls = [c for c in (_call(o, "arguments") for o in items or []) if c is not None] if items else []
+        if not calls:
+            return text, []
+        return text[:i].strip() or None, calls
+    s = text.strip()
+    if s.startswith("<|python_tag|>"):
+        s = s[len("<|python_tag|>") :]
+    got = _json_prefix(s)
+    if got is None or got[1] != len(s):
+        return text, []
+    objs = got[0] if isinstance(got[0], list) else [got[0]]
+    calls = [c for c in (_call(o, "parameters") for o in objs) if c is not None]
+    return (None, calls) if calls and len(calls) == len(objs) else (text, [])
+
+
+@dataclass
+class StreamParser:
+    """Streams a message with tool calls as OpenAI does: content deltas while the model writes
+    text, then each call as a `tool_calls` delta once it is whole (its name and arguments in one
+    piece, which every client accumulates alike). Text that may be the start of a call is held
+    back until it is known not to be one."""
+
+    parser: Parser
+    forced: bool = False
+    _buf: str = ""
+    _in_calls: bool = False
+    _content: str = ""  # a block that looked like a call and was not one: content after all
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def _marker(self) -> str:
+        return {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3_json": "{"}[self.parser]
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """(content to send now, new calls as tool_calls delta items)."""
+        self._buf += text
+        if not self._in_calls:
+            marker = self._marker()
+            if self.parser == "llama3_json":
+                s = self._buf.lstrip()
+                if not s:
+                    return "", []
+                if self.forced or s.startswith(("{", "<|python_tag|>")) or "<|python_tag|>".startswith(s):
+                    self._in_calls = True
+                else:
+                    out, self._buf = self._buf, ""
+                    return out, []
+            else:
+                i = self._buf.find(marker)
+                if i < 0:
+                    # Hold back a tail that could be the marker's beginning.
+                    keep = next((k for k in range(len(marker) - 1, 0, -1) if self._buf.endswith(marker[:k])), 0)
+                    cut = len(self._buf) - keep
+                    out, self._buf = self._buf[:cut], self._buf[cut:]
+                    return out, []
+                out, self._buf = self._buf[:i], self._buf[i:]
+                self._in_calls = True
+                calls = self._drain(final=False)
+                return out + self._take_content(), calls
+        calls = self._drain(final=False)
+        return self._take_content(), calls
+
+    def _take_content(self) -> str:
+        out, self._content = self._content, ""
+        return out
+
+    def _drain(self, final: bool) -> list[dict[str, Any]]:
+        if self.parser != "hermes":
+            if not final:
+                return []
+            _, calls = parse(self._buf, self.parser)
+            return self._emit(calls)
+        new: list[dict[str, Any]] = []
+        while True:
+            j = self._buf.find("</tool_call>")
+            if j < 0:
+                if final and self._buf.strip():
+                    _, calls = parse(self._buf, "hermes")
+                    new += calls
+                    self._buf = ""
+                return self._emit(new)
+            block = self._buf[: j + len("</tool_call>")]
+            _, calls = parse(block, "hermes")
+            new += calls
+            if not calls:
+                self._content += block
+            self._buf = self._buf[j + len("</tool_call>") :]
+
+    def _emit(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for c in calls:
+            out.append({"index": len(self.calls), **c})
+            self.calls.append(c)
+        return out
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """What is left at the end: held-back content, or the last calls."""
+        if not self._in_calls:
+            out, self._buf = self._buf, ""
+            return out, []
+        calls = self._drain(final=True)
+        if not calls and self._buf:
+            # It looked like a call and was not one: it was content after all.
+            self._content += self._buf
+            self._buf = ""
+        return self._take_content(), calls
