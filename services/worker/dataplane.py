@@ -722,6 +722,10 @@ class DataPlaneServer:
         fwd = Forwarder(down, lost, egress, self._chunk) if down is not None and relay is None else None
         if down is not None:
             r.stats.forward_path = "relay" if relay is not None else "copy"
+        batch_reads = getattr(chan, "batch_reads", None)
+        if relay is None and callable(batch_reads):
+            # One wake-up per chunk, not per packet (the relay splices whatever is there instead).
+            batch_reads(self._chunk)
 
         def forward(data: bytes | memoryview) -> None:
             if down is None or dead:
