@@ -13,8 +13,10 @@ One connection carries one transfer, one way (upstream → downstream):
 The receiver knows from the connection header how many units follow, so a stream that ends early
 is detected as truncated; a unit whose bytes do not match its CRC is never declared complete.
 A forwarder re-sends unit frames verbatim (header, the same bytes it received, trailer), so every
-hop verifies the checksum the source computed. Between two TCP sockets on Linux it can forward unit
-bodies in the kernel (`TeeRelay`: splice and tee, one copy per hop into its own buffer).
+hop verifies the checksum the source computed. It sends them from its own buffer on a thread of its
+own (`Forwarder`), so receiving never waits on the next hop; between two TCP sockets on Linux it can
+instead forward unit bodies in the kernel (`TeeRelay`: splice and tee, one copy per hop into its own
+buffer).
 
 The framing itself is pure (no sockets): reading goes through a `recv_into`-shaped callable so the
 same code serves a socket, a file or a test buffer. Below it sits what every *sender* shares — the

@@ -6,16 +6,24 @@ transfer id, token, units, downstream hop); `DataPlaneServer.expect` arms that. 
 an unknown transfer or with a wrong token is refused before a byte of payload is read, so nothing
 is written. An accepted connection is received unit by unit (front to back) into one buffer per
 unit; every chunk goes on to the downstream hop as soon as it is in, sent from the same memory
-(or, with `relay=True`, spliced in the kernel by `cascade.framing.TeeRelay`); a
+by a forwarding thread (`cascade.framing.Forwarder`) while the receiving thread is already back at
+the socket (or, with `relay=True`, spliced in the kernel by `cascade.framing.TeeRelay`); a
 unit is handed to `on_unit_ready` only after its CRC matched. A source streams units with
 `send_units` (cascade.framing, shared with the loader's host cache) from a `Checkpoint` (disk, or
 the host cache's mmap) or, with `TensorSource`, a live worker's tensors.
 
 Threads, not asyncio streams: each connection is served by a dedicated thread doing blocking
-`recv_into`/`sendall` on memoryviews, which release the GIL, and results reach the event loop via
+`recv_into` on memoryviews, which releases the GIL, and results reach the event loop via
 `loop.call_soon_threadsafe`. Measured on the 2-core dev VM, one 512 MB loopback stream into a
 preallocated buffer: 2.1-2.3 GB/s with a blocking thread, 1.1-1.3 GB/s with asyncio
 `StreamReader.read` (an extra copy per chunk and loop overhead per read).
+
+Per chunk a forwarding receiver does one wake-up (SO_RCVLOWAT at the read's size:
+`_TcpChannel.batch_reads`), one kernel copy into the unit buffer, the CRC on this same thread
+while the bytes are still in cache, and hands a view of them to the forwarding thread, which sends
+it (the kernel's second copy) with no wait on the receiving side: the unit buffer, which holds the
+whole unit anyway, is the queue between them, so a slow or descheduled next hop never holds up this
+one or the hops before it. bench/results/multicast.notes.md has the profile behind this.
 
 The socket work sits behind `cascade.framing.Transport` (listen/connect → byte `Channel`s) so an NCCL or
 CUDA-IPC transport can replace TCP without touching the framing, ordering and auth logic.
