@@ -63,6 +63,11 @@ def _child(conn: mpc.Connection, chunk: int, egress_bps: float, relay: bool) -> 
             if cmd[0] == "drop":
                 held.clear()
                 continue
+            if cmd[0] == "cpu":
+                # This process's CPU seconds so far (every thread, user and system): what a
+                # transfer costs the machine, whatever else shares its cores.
+                emit("cpu", time.process_time())
+                continue
             if cmd[0] == "expect":
                 order = decode(cmd[1], TransferOrder)
                 have, digest = set(cmd[2]), bool(cmd[3])
@@ -150,6 +155,14 @@ class ReceiverProc:
 
     def drop(self) -> None:
         self.conn.send(("drop",))
+
+    def cpu_seconds(self, timeout_s: float = 60.0) -> float:
+        """The child's CPU time so far (call between runs: no other event may be pending)."""
+        self.conn.send(("cpu",))
+        ev = self.next(timeout_s)
+        if ev[0] != "cpu":
+            raise RuntimeError(f"{self.name}: expected its CPU time, got {ev}")
+        return float(ev[1])
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Graceful stop; a child that does not exit in time is terminated (then killed)."""

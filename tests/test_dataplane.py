@@ -15,7 +15,17 @@ import torch
 
 from bench.dpprocs import ReceiverProc, collect, start_all, stop_all, unit_digest
 from cascade.config import GenerateSpec
-from cascade.framing import ConnHeader, TeeRelay, iter_unit_frames, read_status
+from cascade.framing import (
+    ConnHeader,
+    TeeRelay,
+    encode_status,
+    iter_unit_frames,
+    read_conn_header,
+    read_crc,
+    read_status,
+    read_unit_header,
+    recv_unit_body,
+)
 from cascade.messages import TransferOrder
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
@@ -382,3 +392,51 @@ def test_host_cache_copy_mode_and_policy(ckpt: Checkpoint, model_dir: Path) -> N
     assert keep_alive_decision(1000, 0, in_use=0, live_holders=0, keep_alive_cold_s=3600).release is False
     assert keep_alive_decision(5000, 0, in_use=0, live_holders=0, keep_alive_cold_s=3600).release is True
     assert keep_alive_decision(400, 0, in_use=0, live_holders=2, keep_alive_s=300).release is True
+
+
+async def test_a_stalled_next_hop_does_not_hold_up_the_forwarder() -> None:
+    """The forwarder receives, verifies and reports every unit while its next hop reads nothing
+    (far more bytes than the sockets between them can buffer); the next hop, reading afterwards,
+    gets every unit byte for byte with the source's CRC."""
+    gen = torch.Generator().manual_seed(5)
+    units = {u: {f"u{u}.w": torch.randn(2 << 20, generator=gen)} for u in range(4)}  # 8 MB each
+    source = TensorSource(MODEL, units)
+    stalled = socket.create_server(("127.0.0.1", 0))
+    addr = f"127.0.0.1:{stalled.getsockname()[1]}"
+    accepted: list[socket.socket] = []
+    handshake = threading.Event()
+
+    def next_hop() -> None:
+        # Answers the connection header, then reads nothing until told to.
+        conn, _ = stalled.accept()
+        accepted.append(conn)
+        conn.settimeout(EVENT_TIMEOUT_S)
+        read_conn_header(conn.recv_into)
+        conn.sendall(encode_status(True))
+        handshake.set()
+
+    hop = threading.Thread(target=next_hop)
+    hop.start()
+    order = TransferOrder("st", "k", MODEL, "receive", [0, 1, 2, 3], 4, downstream=addr, timeout_s=EVENT_TIMEOUT_S)
+    try:
+        with DataPlaneServer() as srv:
+            rec = Recorder()
+            srv.expect(order, rec.ready, rec.fail, on_complete=rec.complete)
+            await asyncio.to_thread(send_units, source, srv.address, "st", "k", [0, 1, 2, 3])
+            await asyncio.wait_for(rec.done.wait(), EVENT_TIMEOUT_S)
+            assert rec.units == [0, 1, 2, 3] and not rec.failed
+            assert handshake.is_set()
+            hop.join(EVENT_TIMEOUT_S)
+            conn = accepted[0]
+            for u in range(4):
+                uh, raw = read_unit_header(conn.recv_into, expect=u)
+                buf = bytearray(uh.layout()[1])
+                crc = recv_unit_body(conn.recv_into, uh, raw, memoryview(buf))
+                sent_crc, _ = read_crc(conn.recv_into)
+                assert crc == sent_crc == source.crcs[u]
+                assert bytes(buf) == bytes(tensor_bytes(units[u][f"u{u}.w"]))
+    finally:
+        for c in accepted:
+            c.close()
+        stalled.close()
+        hop.join(EVENT_TIMEOUT_S)

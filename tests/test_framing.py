@@ -11,7 +11,9 @@ from cascade.framing import (
     Channel,
     ChecksumMismatch,
     ConnHeader,
+    Forwarder,
     FramingError,
+    RateLimiter,
     TcpTransport,
     TeeRelay,
     TensorMeta,
@@ -25,6 +27,7 @@ from cascade.framing import (
     read_crc,
     read_status,
     read_unit_header,
+    recv_exact_into,
     recv_unit_body,
     verify_crc,
 )
@@ -228,6 +231,141 @@ def test_relay_only_between_kernel_sockets() -> None:
     a, b = _tcp_pair(TcpTransport())
     try:
         assert TeeRelay.between(Memory(), b, print) is None and TeeRelay.between(a, Memory(), print) is None
+    finally:
+        a.close()
+        b.close()
+
+
+# --------------------------------------------------------------------------- forwarding from user space
+
+
+class _Recording:
+    """A channel that keeps what is sent to it; `fail_after` sends succeed, then it is broken."""
+
+    def __init__(self, fail_after: int | None = None, gate: threading.Event | None = None) -> None:
+        self.got: list[bytes] = []
+        self._fail_after = fail_after
+        self._gate = gate
+
+    def recv_into(self, buf: memoryview, /) -> int:
+        return 0
+
+    def sendall(self, data: bytes | memoryview, /) -> None:
+        if self._gate is not None:
+            self._gate.wait(10)
+        if self._fail_after is not None and len(self.got) >= self._fail_after:
+            raise BrokenPipeError("peer gone")
+        self.got.append(bytes(data))
+
+    def settimeout(self, seconds: float | None, /) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_forwarder_sends_views_in_order_without_copying_them_first() -> None:
+    buf = bytearray(os.urandom(10_000))
+    view = memoryview(buf)
+    gate = threading.Event()  # holds the sending thread until every piece is queued
+    chan = _Recording(gate=gate)
+    lost: list[str] = []
+    fwd = Forwarder(chan, lost.append)
+    pieces: list[bytes | memoryview] = [b"head", view[:4000], view[4000:4001], view[4001:], b"crc!"]
+    for p in pieces:
+        fwd.send(p)
+    # Queued as views: a byte changed before the send goes out as changed (the caller's promise
+    # is not to change them; this shows nothing was copied on the receiving thread).
+    buf[0] ^= 0xFF
+    gate.set()
+    fwd.drain()
+    assert b"".join(chan.got) == b"head" + bytes(buf) + b"crc!"
+    fwd.close()
+    assert fwd.sent == len(buf) + 8 and not lost and not fwd.lost
+
+
+def test_forwarder_close_sends_what_is_queued_and_later_sends_are_ignored() -> None:
+    gate = threading.Event()
+    chan = _Recording(gate=gate)
+    fwd = Forwarder(chan, print)
+    fwd.send(b"a")
+    fwd.send(b"b")
+    closer = threading.Thread(target=fwd.close)
+    closer.start()
+    gate.set()
+    closer.join(10)
+    fwd.send(b"c")
+    assert chan.got == [b"a", b"b"]
+
+
+def test_forwarder_that_loses_its_channel_says_so_once_and_drops_the_rest() -> None:
+    chan = _Recording(fail_after=1)
+    lost: list[str] = []
+    fwd = Forwarder(chan, lost.append)
+    for p in (b"one", b"two", b"three"):
+        fwd.send(p)
+    fwd.drain()  # returns once lost too: nothing will ever send the rest
+    fwd.send(b"four")
+    fwd.close()
+    assert chan.got == [b"one"] and fwd.lost
+    assert len(lost) == 1 and "peer gone" in lost[0]
+
+
+def test_forwarder_paces_in_chunks_through_the_egress_budget() -> None:
+    class Budget(RateLimiter):
+        def __init__(self) -> None:
+            super().__init__(1e12)
+            self.asked: list[int] = []
+
+        def acquire(self, n: int, cancel: threading.Event | None = None) -> bool:
+            self.asked.append(n)
+            return True
+
+    chan, budget = _Recording(), Budget()
+    fwd = Forwarder(chan, print, egress=budget, pace_chunk=1000)
+    fwd.send(bytes(2500))
+    fwd.close()
+    assert budget.asked == [1000, 1000, 500] and [len(g) for g in chan.got] == [1000, 1000, 500]
+
+
+def test_batched_reads_never_wait_for_bytes_the_frame_does_not_need() -> None:
+    """With batch_reads on, a read of a small frame returns as soon as that frame is in, while
+    the peer keeps the connection open (a wait for a whole chunk would time out here), and a
+    stream of mixed frame sizes arrives byte for byte."""
+    a, b = _tcp_pair(TcpTransport())
+    try:
+        a.settimeout(10)
+        b.settimeout(10)
+        b.batch_reads(1 << 20)  # type: ignore[attr-defined]
+        header, body, trailer = os.urandom(20), os.urandom(3 * (1 << 20) + 17), os.urandom(4)
+        a.sendall(header)
+        got = bytearray(20)
+        recv_exact_into(b.recv_into, memoryview(got))
+        assert bytes(got) == header
+
+        def send_rest() -> None:
+            a.sendall(body)
+            a.sendall(trailer)
+
+        sender = threading.Thread(target=send_rest)
+        sender.start()
+        mine = bytearray(len(body))
+        view, pos = memoryview(mine), 0
+        while pos < len(body):  # reads of at most one chunk, as recv_unit_body makes them
+            n = b.recv_into(view[pos : min(len(body), pos + (1 << 20))])
+            assert n > 0
+            pos += n
+        tail = bytearray(4)
+        recv_exact_into(b.recv_into, memoryview(tail))
+        sender.join(10)
+        assert bytes(mine) == body and bytes(tail) == trailer
+        b.batch_reads(0)  # type: ignore[attr-defined]
+        a.sendall(b"x")
+        one = bytearray(64)
+        assert b.recv_into(memoryview(one)) == 1
     finally:
         a.close()
         b.close()

@@ -6,16 +6,24 @@ transfer id, token, units, downstream hop); `DataPlaneServer.expect` arms that. 
 an unknown transfer or with a wrong token is refused before a byte of payload is read, so nothing
 is written. An accepted connection is received unit by unit (front to back) into one buffer per
 unit; every chunk goes on to the downstream hop as soon as it is in, sent from the same memory
-(or, with `relay=True`, spliced in the kernel by `cascade.framing.TeeRelay`); a
+by a forwarding thread (`cascade.framing.Forwarder`) while the receiving thread is already back at
+the socket (or, with `relay=True`, spliced in the kernel by `cascade.framing.TeeRelay`); a
 unit is handed to `on_unit_ready` only after its CRC matched. A source streams units with
 `send_units` (cascade.framing, shared with the loader's host cache) from a `Checkpoint` (disk, or
 the host cache's mmap) or, with `TensorSource`, a live worker's tensors.
 
 Threads, not asyncio streams: each connection is served by a dedicated thread doing blocking
-`recv_into`/`sendall` on memoryviews, which release the GIL, and results reach the event loop via
+`recv_into` on memoryviews, which releases the GIL, and results reach the event loop via
 `loop.call_soon_threadsafe`. Measured on the 2-core dev VM, one 512 MB loopback stream into a
 preallocated buffer: 2.1-2.3 GB/s with a blocking thread, 1.1-1.3 GB/s with asyncio
 `StreamReader.read` (an extra copy per chunk and loop overhead per read).
+
+Per chunk a forwarding receiver does one wake-up (SO_RCVLOWAT at the read's size:
+`_TcpChannel.batch_reads`), one kernel copy into the unit buffer, the CRC on this same thread
+while the bytes are still in cache, and hands a view of them to the forwarding thread, which sends
+it (the kernel's second copy) with no wait on the receiving side: the unit buffer, which holds the
+whole unit anyway, is the queue between them, so a slow or descheduled next hop never holds up this
+one or the hops before it. bench/results/multicast.notes.md has the profile behind this.
 
 The socket work sits behind `cascade.framing.Transport` (listen/connect → byte `Channel`s) so an NCCL or
 CUDA-IPC transport can replace TCP without touching the framing, ordering and auth logic.
@@ -26,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -42,6 +49,7 @@ from cascade.framing import (
     Channel,
     CheckpointSource,
     ConnHeader,
+    Forwarder,
     FramingError,
     Listener,
     RateLimiter,
@@ -706,14 +714,32 @@ class DataPlaneServer:
         stager = _DeviceStager(r._device) if r._device is not None and r._device.type == "cuda" else None
         egress = self._egress
         dead = False
+        stopping = False  # this reception failed: the downstream is being cut on purpose
 
         def lost(reason: str) -> None:
             nonlocal dead
             dead = True
-            r._forward_failed(f"downstream {r.order.downstream} lost: {reason}")
+            if not stopping and r.error is None:
+                r._forward_failed(f"downstream {r.order.downstream} lost: {reason}")
+
+        # Unit bodies go downstream in the kernel when both ends are sockets and `relay` is on;
+        # then frame headers and CRC trailers, a few bytes each, must go inline, in order with them.
+        relay = TeeRelay.between(chan, down, lost, egress) if down is not None and self._relay else None
+        # Otherwise every piece goes downstream from the buffer it was received into, on the
+        # forwarding thread, while this thread is already back at the socket for the next one.
+        fwd = Forwarder(down, lost, egress, self._chunk) if down is not None and relay is None else None
+        if down is not None:
+            r.stats.forward_path = "relay" if relay is not None else "copy"
+        batch_reads = getattr(chan, "batch_reads", None)
+        if relay is None and callable(batch_reads):
+            # One wake-up per chunk, not per packet (the relay splices whatever is there instead).
+            batch_reads(self._chunk)
 
         def forward(data: bytes | memoryview) -> None:
             if down is None or dead:
+                return
+            if fwd is not None:
+                fwd.send(data)
                 return
             try:
                 if egress is not None:
@@ -722,60 +748,35 @@ class DataPlaneServer:
             except OSError as e:
                 lost(str(e))
 
-        # Unit bodies go downstream in the kernel when both ends are sockets (one copy per hop, not
-        # two); frame headers and CRC trailers, a few bytes each, through `forward`.
-        relay = TeeRelay.between(chan, down, lost, egress) if down is not None and self._relay else None
-        if down is not None:
-            r.stats.forward_path = "relay" if relay is not None else "copy"
-
-        # The CRC runs on its own thread, a chunk behind the socket: crc32 releases the GIL, and
-        # the receiving thread goes straight back to the socket (or the pipes) for the next chunk.
-        crc_in: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
-        crc_out: queue.SimpleQueue[int] = queue.SimpleQueue()
-
-        def crc_worker() -> None:
-            crc = 0
-            while True:
-                piece = crc_in.get()
-                if piece is None:
-                    crc_out.put(crc)
-                    crc = 0
-                    continue
-                if not len(piece):
-                    return
-                crc = crc32(piece, crc)
-
-        def chunk_in(piece: memoryview) -> None:
-            forward(piece)
-            crc_in.put(piece)
-
-        crc_thread = threading.Thread(target=crc_worker, name="dataplane-crc", daemon=True)
-        crc_thread.start()
+        complete = False
         try:
             for u in hdr.units:
                 uh, raw_header = read_unit_header(chan.recv_into, expect=u)
+                if stager is not None and fwd is not None:
+                    # The staging buffer is reused per unit: the last unit's bytes must be out.
+                    fwd.drain()
                 forward(raw_header)
-                crc_in.put(raw_header)
                 offsets, total = uh.layout()
                 # One buffer per unit, reserved at expect() when the order gave sizes; tensors
                 # become views of it.
                 buf = stager.buffer(total) if stager is not None else r._buffer(u, total)
                 # Through the relay a body is on its way downstream by the time it is in `buf`.
                 relayed = relay is not None and not dead
-                recv_unit_body(
+                # The CRC runs on this thread, on each piece just after the kernel wrote it (still
+                # in cache): a CRC thread a chunk behind read it back from memory and cost a
+                # thread wake-up per chunk, as much CPU as the checksum itself on 2 shared cores.
+                crc = recv_unit_body(
                     relay.recv_into if relay is not None and relayed else chan.recv_into,
                     uh,
                     raw_header,
                     buf.data,
-                    on_chunk=crc_in.put if relayed else chunk_in,
+                    on_chunk=None if relayed or down is None else forward,
                     chunk=self._chunk,
-                    checksum=False,
                 )
                 sent_crc, raw_crc = read_crc(chan.recv_into)
                 # Forward the sender's CRC as is: the next hop checks the source's checksum.
                 forward(raw_crc)
-                crc_in.put(None)
-                verify_crc(uh, crc_out.get(), sent_crc)
+                verify_crc(uh, crc, sent_crc)
                 r.stats.nbytes += uh.nbytes
                 if stager is not None:
                     tensors = stager.to_device(uh, offsets, total)
@@ -783,12 +784,23 @@ class DataPlaneServer:
                     tensors = _unit_tensors(uh, buf, offsets)
                 if not r._unit_ready(u, tensors):
                     return
+            complete = True
         finally:
-            crc_in.put(b"")  # an empty piece ends the worker
+            if fwd is not None:
+                if complete:
+                    r._complete()
+                    fwd.close()  # the rest goes downstream before the caller closes the channel
+                else:
+                    # What came in before the failure still goes on (as it would have, sent
+                    # chunk by chunk), so the next hop reaches its own verdict on the same bytes
+                    # (a bad checksum, a truncated stream) rather than a cut of ours.
+                    stopping = True
+                    fwd.close()
             if relay is not None:
                 r.stats.relayed = relay.spliced
                 relay.close()
-        r._complete()
+        if fwd is None:
+            r._complete()
 
 
 # --------------------------------------------------------------------------- disk / local
