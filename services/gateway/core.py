@@ -182,7 +182,7 @@ class GatewayCore:
 
     # ---- requests (called by the HTTP handlers) ----------------------------
     async def prepare(self, info: ModelInfo, spec: GenerationSpec) -> tuple[list[int], int]:
-        """Tokenise and check the length: (prompt ids, max_tokens). 413 when it cannot fit."""
+        """Tokenise and check the length: (prompt ids, max_tokens). 400 when it cannot fit."""
         tok = info.tokenizer
         if spec.prompt_ids is not None:
             ids = spec.prompt_ids
@@ -235,8 +235,9 @@ class GatewayCore:
         else:
             max_tokens = 16  # OpenAI's completions default
         if len(ids) + max_tokens > ctx:
+            # 400 invalid_request_error, as vLLM and OpenAI answer: the request asks for too much.
             raise ApiError(
-                413,
+                400,
                 f"this model's maximum context length is {ctx} tokens; the prompt has {len(ids)} tokens "
                 f"and max_tokens is {max_tokens}",
                 param="prompt" if spec.kind == "completion" else "messages",
@@ -400,7 +401,7 @@ class GatewayCore:
                 self.registry.suspend(worker)
                 self._retry(r, worker, f"{rej.code}: {rej.message}")
             elif rej.code == "too_long":
-                self.hub.finish(r, Failure(413, rej.message, "context_length_exceeded"))
+                self.hub.finish(r, Failure(400, rej.message, "context_length_exceeded"))
             elif rej.code == "invalid":
                 self.hub.finish(r, Failure(400, f"the worker rejected the request: {rej.message}", "invalid_value"))
             else:

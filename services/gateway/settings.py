@@ -40,6 +40,8 @@ class GatewaySettings:
     retry_after_s: int = 1  # what a 429 or 503 asks the client to wait
     metrics_interval_s: float = 1.0  # how often load reports (ModelMetrics) go to the scaler
     nats_connect_timeout_s: float = 10.0  # the broker may be starting beside us
+    # Accepted `Authorization: Bearer` keys on /v1 routes (auth.py); empty: open (loopback use).
+    api_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_token(self.gateway_id)
