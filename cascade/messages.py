@@ -467,6 +467,22 @@ class ScaleDecision:
     loading: str = ""
 
 
+@message("active_decisions_request")
+class ActiveDecisionsRequest:
+    """Scaler → loader: which decisions are you carrying out? (A scaler that (re)starts, or sees a
+    loader start, takes them as its own in flight instead of deciding the same gap again.)"""
+
+    requester: str = ""
+
+
+@message("active_decisions")
+class ActiveDecisions:
+    """The loader's decisions not acked yet, oldest first."""
+
+    decisions: list[ScaleDecision]
+    loader_id: str = ""
+
+
 @message("scale_ack")
 class ScaleAck:
     decision_id: str
