@@ -196,6 +196,7 @@ class ReplicaBook:
             return previous
         self._why.pop(model, None)
         self._operator.add(model)
+        self._adopt.discard(model)  # an operator's target, even during the warm-up, beats what runs
         # An operator's new target deserves a prompt try, not the back-off of an older failure.
         self._failures.pop(model, None)
         self._not_before.pop(model, None)
