@@ -328,16 +328,43 @@ class GatewayCore:
             b.wake()
 
     def broker_back(self) -> None:
-        """The broker connection is back: what waited for it may go."""
+        """The broker connection is back: what waited for it may go, and the streams that lost
+        events while it was away are found (see `_check_silent`)."""
         self._wake_all()
+        self.tasks.spawn(self._check_silent(), name="broker-back-check")
+
+    async def _check_silent(self) -> None:
+        """Events published while the broker was away are gone; when a request's final event was
+        among them, nothing more comes and the request would wait out request_timeout_s for a 504.
+        For a few grace periods after the broker came back (a worker's buffered events may still
+        trickle in first), a bound request its worker has not been heard for during a whole
+        grace period is treated as cut off: it resumes elsewhere from what its client has
+        (migration), exactly as when its worker dies."""
+        grace = max(2.0, 3 * self.settings.heartbeat_s)
+        for _ in range(3):
+            await asyncio.sleep(grace)  # the grace period itself (a timer, not synchronisation)
+            cutoff = time.monotonic() - grace
+            for req in list(self.hub.open_requests()):
+                worker = req.worker_id
+                if worker is None or not req.phase.bound or req.heard_at >= cutoff:
+                    continue
+                why = f"no events from worker {worker} for {grace:g}s after the broker came back"
+                self.log.warning("silent_after_broker_loss", request_id=req.request_id, worker_id=worker)
+                if req.produced:
+                    self._migrate(req, worker, "events_lost", why)
+                else:
+                    self._cancel_on(worker, [req.request_id])
+                    self._retry(req, worker, why)
 
     def dispatch(self, route: Route, batch: list[RequestState]) -> None:
         # Bind before any await: the router's next pick must already count these. A pipelined
         # route is bound to its first stage: that worker drives it and sends its tokens.
         worker = route.worker_id
         relays = tuple(s.worker_id for s in route.stages[1:])
+        now = time.monotonic()
         for r in batch:
             r.advance(Phase.PREFILL, worker)
+            r.heard_at = now
             r.attempts += 1
             r.relays = relays
             r.resumed = len(r.streamed)
@@ -545,7 +572,9 @@ class GatewayCore:
         self.on_tokens(events)
 
     def on_tokens(self, msg: TokenEvents) -> None:
+        now = time.monotonic()
         for req, ev in self.hub.match(msg):
+            req.heard_at = now
             expected = len(req.streamed) - req.resumed
             if ev.index >= 0 and ev.index != expected:
                 self._out_of_step(req, msg.worker_id, ev.index, expected)

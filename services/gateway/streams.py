@@ -105,6 +105,9 @@ class RequestState:
     streamed: list[int] = field(default_factory=list)
     resumed: int = 0
     migrations: int = 0
+    # Monotonic time its current worker was last heard for it (dispatch, then each event): after
+    # a broker loss, a request not heard since has lost events nobody will resend.
+    heard_at: float = 0.0
 
     def advance(self, to: Phase, worker_id: str | None = None) -> None:
         """Move to `to` (binding `worker_id` when it is PREFILL); raises PhaseError if not allowed."""
