@@ -37,7 +37,7 @@ from bench.common import md_table, result_header, write_result
 from bench.mesh import Mesh
 from cascade.config import GenerateSpec, read_mesh_file
 from cascade.device_profile import load_profile
-from cascade.messages import Heartbeat, MessageError, Ok, ScaleRequest, decode
+from cascade.messages import Heartbeat, LayerReady, MessageError, Ok, ScaleRequest, decode
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.natsutil import request
@@ -55,6 +55,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--replicas", type=int, default=2, help="instances serving before the scale-up faults (default 2)")
     p.add_argument("--clients", type=int, default=6, help="closed-loop streaming clients (default 6)")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens per request (default 24)")
+    p.add_argument("--max-batch", type=int, default=4, help="each worker's batch limit (default 4)")
     p.add_argument("--profile", default="llama2-7b-a100-80gb", help="device profile to emulate")
     p.add_argument("--load-s", type=float, default=3.0, help="emulated time to load the model on one instance")
     p.add_argument("--window-s", type=float, default=12.0, help="load before and after each fault, at least (s)")
@@ -147,14 +148,42 @@ async def read_stream(resp: aiohttp.ClientResponse, o: Outcome, max_tokens: int)
 @dataclass
 class Watch:
     beats: dict[str, tuple[float, Heartbeat]] = field(default_factory=dict)
+    # Units announced per worker since its last reset (readiness events come as each unit lands,
+    # sooner than the next heartbeat: a fast transfer is caught mid-way here).
+    units: dict[str, set[int]] = field(default_factory=dict)
+    num_units: int = 0
+
+    def receiving(self) -> list[Heartbeat]:
+        """Workers part-way through receiving the model (some units, not all, not serving)."""
+        out = []
+        for w, got in self.units.items():
+            seen = self.beats.get(w)
+            if seen is None or seen[1].state == "serving":
+                continue
+            if 0 < len(got) < self.num_units:
+                out.append(seen[1])
+        return out
 
     async def attach(self, nc: NATS, s: Subjects) -> None:
         async def on_beat(msg: Any) -> None:
             with contextlib.suppress(MessageError):
                 hb = decode(msg.data, Heartbeat)
+                old = self.beats.get(hb.worker_id)
+                if old is not None and old[1].pid != hb.pid:
+                    self.units.pop(hb.worker_id, None)  # restarted: it holds nothing of before
                 self.beats[hb.worker_id] = (time.monotonic(), hb)
 
+        async def on_ready(msg: Any) -> None:
+            with contextlib.suppress(MessageError):
+                ev = decode(msg.data, LayerReady)
+                if ev.reset:
+                    self.units.pop(ev.worker_id, None)
+                elif ev.model == MODEL:
+                    self.num_units = ev.num_units
+                    self.units.setdefault(ev.worker_id, set()).add(ev.unit)
+
         await nc.subscribe(s.heartbeat_all(), cb=on_beat)
+        await nc.subscribe(s.ready_all(), cb=on_ready)
 
     def fresh(self) -> list[Heartbeat]:
         now = time.monotonic()
@@ -227,21 +256,20 @@ class Chaos:
                 return [hb for hb in self.watch.fresh() if hb.model == MODEL and hb.state == "loading"]
 
             if fault == "worker_multicast":
-                ok = await wait_for(lambda: any(0 < hb.units_ready < hb.num_units for hb in loading()), 30)
+                ok = await wait_for(lambda: bool(self.watch.receiving()), 30)
+                cands = self.watch.receiving() or loading()
             else:
                 # A loading instance that drives partial routes: a stage of a route through it.
                 ok = await wait_for(lambda: any(hb.driven > 0 for hb in loading()), 30)
-            cands = loading()
-            if fault == "worker_stage":
-                cands = [hb for hb in cands if hb.driven > 0] or cands
+                cands = [hb for hb in loading() if hb.driven > 0] or loading()
             if not cands:
                 return {"killed": None, "note": "no loading worker seen"}
             hb = cands[0]
             self.killed.add(hb.pid)
             os.kill(hb.pid, signal.SIGKILL)
             return {
-                "killed": hb.worker_id, "units_ready": hb.units_ready, "num_units": hb.num_units,
-                "driven": hb.driven, "condition_seen": ok,
+                "killed": hb.worker_id, "units_ready": len(self.watch.units.get(hb.worker_id, ())),
+                "num_units": self.watch.num_units, "driven": hb.driven, "condition_seen": ok,
             }  # fmt: skip
         name = {"loader": "loader", "scaler": "scaler", "gateway": "gateway", "nats": "nats"}[fault]
         os.kill(self.pid(name), signal.SIGKILL)
@@ -262,8 +290,8 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
     clients = [asyncio.ensure_future(client()) for _ in range(a.clients)]
     try:
         await asyncio.sleep(a.window_s / 3)  # steady load before the fault (the schedule itself)
-        t_fault = time.monotonic()
         what = await chaos.inject(fault)
+        t_fault = time.monotonic()  # the kill (after a scale-up fault's wait for its moment)
         print(f"  {fault}: {what}", flush=True)
         dropped_at: float | None = None
 
@@ -360,8 +388,17 @@ def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) ->
         f"window of at least {a.window_s:g} s. `migrated`: the gateway's migrations_total over the window "
         "(n/a for the gateway fault: the restarted gateway counts from 0). `failed (explicit)`: error "
         "statuses, error chunks, and streams cut by a dying gateway. Targets: 0 lost, 0 hung, >= 99 % "
-        "complete for worker faults, recovery <= 3 s after a worker fault.\n\n" + table
+        "complete for worker faults, recovery <= 3 s after a worker fault.\n\n"
+        + table
+        + "\nWhat each fault did:\n\n"
+        + "".join(f"- {r['fault']}: {injected(r['injected'])}\n" for r in rows)
     )
+
+
+def injected(what: dict[str, Any]) -> str:
+    if what.get("killed") is None:
+        return f"NOT injected ({what.get('note', 'nothing to kill')})"
+    return ", ".join(f"{k} {v}" for k, v in what.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "CASCADE_DEVICE_PROFILE": a.profile,
                 "CASCADE_LOAD_MB_S": f"{load_mb_s:.6f}",
+                # Parameter sends paced like disk loads: a multicast lasts long enough to be caught.
+                "CASCADE_LOADER_SEND_MB_S": f"{load_mb_s:.6f}",
+                # A small batch limit: the instances are busy under the clients, so the gateway routes
+                # through a loading instance for the layers it holds (partial routes).
+                "CASCADE_MAX_BATCH": str(a.max_batch),
                 "CASCADE_HEARTBEAT_S": str(HEARTBEAT_S),
                 "CASCADE_LOG_LEVEL": "warning",
                 "CASCADE_KV_CACHE_MB": "64",
@@ -406,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             "model_spec": {k: getattr(spec, k) for k in GenerateSpec.__slots__},
             "emulated": {
                 "device": prof.describe(),
-                "load": f"disk loads paced to {a.load_s} s per instance (CASCADE_LOAD_MB_S); transfers between "
-                "workers over loopback TCP",
+                "load": f"disk loads and parameter sends paced to {a.load_s} s per instance for the whole model "
+                "(CASCADE_LOAD_MB_S, CASCADE_LOADER_SEND_MB_S); transfers between workers over loopback TCP",
                 "note": "real torch on the small model; each step padded to the profile's time",
             },
             "rows": rows,
