@@ -400,6 +400,9 @@ class GenerateRequest:
     # Wall-clock time (epoch s) the gateway accepted it: workers start prompts oldest first across
     # their own and relayed work, so a pipelined route cannot overtake a backlog. 0: unknown (now).
     arrived_at: float = 0.0
+    # The gateway's dispatch number for this request (1, 2, ... across retries and migrations),
+    # echoed in its events: a late event of an earlier dispatch to the same worker is told apart.
+    attempt: int = 0
 
 
 @message("generate_batch")
@@ -433,6 +436,8 @@ class TokenEvent:
     # Where its first token stands in the worker's output for this request (-1: not told): a
     # gateway that sees it run ahead knows events were lost (the broker restarted between them).
     index: int = -1
+    # The dispatch it answers (GenerateRequest.attempt; 0: not told).
+    attempt: int = 0
 
 
 @message("token_events")

@@ -263,3 +263,12 @@ def test_emulated_device_prices_each_chunk(model: LlamaModel) -> None:
     assert targets[0] == pytest.approx(prof.step_ms(0, prefill_tokens=512) - prof.head_ms, rel=1e-6)
     assert targets[1] == pytest.approx(prof.step_ms(0, 512, context_tokens=512) - prof.head_ms, rel=1e-6)
     assert targets[2] == pytest.approx(prof.step_ms(0, prefill_tokens=16 * 16, context_tokens=1024), rel=1e-6)
+
+
+def test_every_event_echoes_the_dispatch_attempt(model: LlamaModel) -> None:
+    e = Engine(model, tok, max_batch=4)
+    e.submit("r", "g", tok.encode("hi"), SamplingParams(max_tokens=5, ignore_eos=True), attempt=3)
+    e.submit("u", "g", tok.encode("hi"), SamplingParams(max_tokens=5, ignore_eos=True))
+    out = run(e)
+    assert len(tokens(out["r"])) == 5 and {ev.attempt for ev in out["r"]} == {3}
+    assert {ev.attempt for ev in out["u"]} == {0}

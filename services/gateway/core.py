@@ -366,6 +366,7 @@ class GatewayCore:
             r.advance(Phase.PREFILL, worker)
             r.heard_at = now
             r.attempts += 1
+            r.dispatches += 1
             r.relays = relays
             r.resumed = len(r.streamed)
         model = batch[0].model
@@ -379,7 +380,10 @@ class GatewayCore:
         stages = list(route.stages)
         msg = GenerateBatch(
             gateway_id=self.id,
-            requests=[GenerateRequest(r.request_id, r.model, *_resumed_input(r), stages, r.arrived_at) for r in batch],
+            requests=[
+                GenerateRequest(r.request_id, r.model, *_resumed_input(r), stages, r.arrived_at, attempt=r.dispatches)
+                for r in batch
+            ],
         )
         self.log.debug(
             "dispatch",

@@ -112,6 +112,7 @@ class Sequence:
     pending_ids: list[int] = field(default_factory=list)
     pending_text: str = ""
     arrived_at: float = 0.0  # wall clock at the gateway: prompts start oldest first
+    attempt: int = 0  # the gateway's dispatch number, echoed in every event
     done: int = 0  # prompt tokens computed so far (prefilled in chunks, or found in the prefix cache)
     chunk: int = 0  # prompt tokens in the step being computed
     # The KV blocks it holds here, in position order (any role).
@@ -363,6 +364,7 @@ class Engine:
         params: SamplingParams,
         route: list[RouteStage] | None = None,
         arrived_at: float = 0.0,
+        attempt: int = 0,
     ) -> None:
         seq = Sequence(
             request_id=request_id,
@@ -374,6 +376,7 @@ class Engine:
             route=list(route or []) if route and len(route) > 1 else [],
             max_stop=max((len(s) for s in params.stop), default=0),
             arrived_at=arrived_at or time.time(),
+            attempt=attempt,
         )
         if 0 < params.resumed <= len(prompt):
             _resume_text(seq, prompt[-params.resumed :])
@@ -520,9 +523,8 @@ class Engine:
         for seq in [*self.running, *self.driven.values()]:
             if seq.pending_ids:
                 first = len(seq.generated) - len(seq.pending_ids)
-                events.append(
-                    (seq.gateway_id, TokenEvent(seq.request_id, seq.pending_ids, seq.pending_text, index=first))
-                )
+                ev = TokenEvent(seq.request_id, seq.pending_ids, seq.pending_text, index=first, attempt=seq.attempt)
+                events.append((seq.gateway_id, ev))
                 seq.pending_ids, seq.pending_text = [], ""
         self.stats.record(batch + relayed, len(new) + decoded, time.monotonic())
         self.stats.relayed_steps += relayed
@@ -1039,6 +1041,7 @@ class Engine:
             completion_tokens=len(seq.generated) + seq.eos_hit,
             error=seq.error,
             index=len(seq.generated) - len(seq.pending_ids),
+            attempt=seq.attempt,
         )
         seq.pending_ids, seq.pending_text, seq.held = [], "", ""
         return ev
