@@ -20,7 +20,7 @@ from bench.mesh import Mesh, worker_details
 from bench.trace import replay
 from bench.tracelib import Arrival, RequestRecord
 from cascade.messages import Heartbeat, HostCacheRequest, Ok, ScaleAck, ScaleDecision, decode
-from cascade.natsutil import connect, request
+from cascade.natsutil import request
 from cascade.subjects import Subjects
 
 HOLDING = ("loading", "serving", "draining")  # states in which a worker holds the model (GPU memory)
@@ -76,8 +76,7 @@ async def run_config(a: argparse.Namespace, cfg: Config, plan: Plan, emu: Emulat
 async def drive(a: argparse.Namespace, cfg: Config, plan: Plan, mesh: Mesh, url: str) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     subjects = Subjects(str(mesh.info.get("prefix", "cascade")))
-    nats_url = str(mesh.info["nats_url"])
-    nc = await connect(nats_url, "bench-burst")
+    nc = await mesh.connect("bench-burst")
     rec = Recorder(loop.time)
     await nc.subscribe(subjects.heartbeat_all(), cb=rec.on_heartbeat)
     await nc.subscribe(subjects.scale_decision(), cb=rec.on_decision)

@@ -16,7 +16,8 @@ from nats.aio.client import Client as NATS
 
 from cascade.cli.supervisor import die_with_parent_preexec
 from cascade.config import read_mesh_file
-from cascade.natsutil import gather_status
+from cascade.natsauth import read_mesh_credentials
+from cascade.natsutil import connect, gather_status
 from cascade.subjects import Subjects
 
 
@@ -78,6 +79,12 @@ class Mesh:
             dest = Path(keep) / self.home.name
             shutil.copytree(self.home / "logs", dest, dirs_exist_ok=True)
         self.tmp.cleanup()
+
+    async def connect(self, name: str) -> NATS:
+        """A NATS connection to the mesh's broker, with the credentials `cascade up` made for it
+        (they live in the mesh's home, not in this process's CASCADE_HOME)."""
+        found = read_mesh_credentials(self.home)
+        return await connect(str(self.info["nats_url"]), name, credentials=found[1] if found else None)
 
     def __enter__(self) -> Mesh:
         self.start()

@@ -48,7 +48,6 @@ from cascade.messages import (
 )
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
-from cascade.natsutil import connect
 from cascade.subjects import Subjects
 
 MODEL = "scaleup-model"
@@ -183,7 +182,7 @@ async def run_config(a: argparse.Namespace, mode: str, target: int, model_dir: P
 
 async def drive(a: argparse.Namespace, mesh: Mesh, url: str, mode: str, target: int) -> dict[str, Any]:
     subjects = Subjects(str(mesh.info.get("prefix", "cascade")))
-    nc = await connect(str(mesh.info["nats_url"]), "bench-scaleup")
+    nc = await mesh.connect("bench-scaleup")
     t0 = time.monotonic()
     log = RunLog(t0=t0)
     initial: set[str] = set()

@@ -429,6 +429,9 @@ class GenerateRequest:
     # Wall-clock time (epoch s) the gateway accepted it: workers start prompts oldest first across
     # their own and relayed work, so a pipelined route cannot overtake a backlog. 0: unknown (now).
     arrived_at: float = 0.0
+    # The gateway's dispatch number for this request (1, 2, ... across retries and migrations),
+    # echoed in its events: a late event of an earlier dispatch to the same worker is told apart.
+    attempt: int = 0
 
 
 @message("generate_batch")
@@ -469,6 +472,8 @@ class TokenEvent:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # Which of the request's n choices it belongs to (`index` counts within the choice).
     choice: int = 0
+    # The dispatch it answers (GenerateRequest.attempt; 0: not told).
+    attempt: int = 0
 
 
 @message("token_events")
@@ -507,6 +512,22 @@ class ScaleDecision:
     # `reason` stays the free text.
     policy: str = ""
     trigger: str = ""
+
+
+@message("active_decisions_request")
+class ActiveDecisionsRequest:
+    """Scaler → loader: which decisions are you carrying out? (A scaler that (re)starts, or sees a
+    loader start, takes them as its own in flight instead of deciding the same gap again.)"""
+
+    requester: str = ""
+
+
+@message("active_decisions")
+class ActiveDecisions:
+    """The loader's decisions not acked yet, oldest first."""
+
+    decisions: list[ScaleDecision]
+    loader_id: str = ""
 
 
 @message("scale_ack")

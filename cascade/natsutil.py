@@ -27,6 +27,7 @@ from cascade.messages import (
     decode,
     encode,
 )
+from cascade.natsauth import PASSWORD_ENV, TOKEN_ENV, USER_ENV, NatsCredentials, credentials_for
 from cascade.subjects import Subjects
 
 T = TypeVar("T")
@@ -47,31 +48,51 @@ async def connect(
     connect_timeout_s: float = 10.0,
     logger: Any = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    credentials: NatsCredentials | None = None,
 ) -> NATS:
     """Connect to NATS, retrying until `connect_timeout_s` (a broker that starts beside us);
     ConnectionError after that. Once connected, reconnects are unlimited: a broker that restarts
     is logged going and coming back, and `on_reconnect` runs once it is back (re-announce state).
 
     nats-py keeps retrying a first connection that fails when reconnects are allowed, so the
-    budget is enforced here, around each attempt and around the whole."""
+    budget is enforced here, around each attempt and around the whole.
+
+    Credentials: `credentials`, else those `cascade/natsauth.py` finds for `url` (the URL's own,
+    the CASCADE_NATS_* variables, the mesh's file). A broker that refuses them is an error at
+    once, not after the whole budget: retrying cannot fix a wrong password."""
+    creds = credentials if credentials is not None else credentials_for(url)
     try:
         return await asyncio.wait_for(
-            _connect(url, name, connect_timeout_s, logger or log, on_reconnect), connect_timeout_s + 1.0
+            _connect(url, name, connect_timeout_s, logger or log, on_reconnect, creds), connect_timeout_s + 1.0
         )
     except TimeoutError:
         raise ConnectionError(f"cannot reach NATS at {url} within {connect_timeout_s:g}s") from None
 
 
+def _refused(e: BaseException) -> bool:
+    return "authorization violation" in str(e).lower()
+
+
 async def _connect(
-    url: str, name: str, connect_timeout_s: float, lg: Any, on_reconnect: Callable[[], Awaitable[None]] | None
+    url: str,
+    name: str,
+    connect_timeout_s: float,
+    lg: Any,
+    on_reconnect: Callable[[], Awaitable[None]] | None,
+    creds: NatsCredentials | None,
 ) -> NATS:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + connect_timeout_s
     last: Exception | None = None
     seen: list[Exception] = []
+    # nats-py retries a refused first connection by itself until its own timeout: the refusal is
+    # seen here first, and ends the wait.
+    refused = asyncio.Event()
 
     async def on_error(e: Exception) -> None:
         seen.append(e)
+        if _refused(e):
+            refused.set()
         await _quiet_error(e)
 
     conn: list[NATS] = []
@@ -90,12 +111,16 @@ async def _connect(
             except Exception as e:  # re-announcing is best effort; the next heartbeat says it again
                 lg.warning("reannounce_failed", error=repr(e))
 
+    auth: dict[str, str] = {}
+    if creds is not None:
+        auth = {"token": creds.token} if creds.token else {"user": creds.user, "password": creds.password}
     while True:
         remaining = deadline - loop.time()
         try:
-            nc = await asyncio.wait_for(
+            attempt = asyncio.ensure_future(
                 nats.connect(
                     url,
+                    **auth,
                     name=name,
                     connect_timeout=min(2.0, max(connect_timeout_s, 0.1)),
                     allow_reconnect=True,
@@ -105,18 +130,41 @@ async def _connect(
                     error_cb=on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
-                ),
-                timeout=max(remaining, 0.1),
+                )
             )
+            nc = await _first(attempt, refused, max(remaining, 0.1))
             conn.append(nc)
             return nc
         except Exception as e:  # nats-py raises several unrelated types here
             last = e
+            if _refused(e) or any(_refused(x) for x in seen):
+                reason = "no credentials were presented" if creds is None else "it refused the credentials presented"
+                raise ConnectionError(
+                    f"NATS at {url} requires authentication and {reason}: set {USER_ENV}/{PASSWORD_ENV} (or "
+                    f"{TOKEN_ENV}), put them in the URL, or run from the mesh's CASCADE_HOME"
+                ) from None
             if loop.time() >= deadline:
                 why = seen[-1] if seen else last
                 detail = str(why) or type(why).__name__
                 raise ConnectionError(f"cannot reach NATS at {url} within {connect_timeout_s:g}s: {detail}") from None
             await asyncio.sleep(0.2)
+
+
+async def _first(attempt: asyncio.Future[NATS], refused: asyncio.Event, timeout: float) -> NATS:
+    """The connection `attempt` makes, unless the broker refuses us (or time runs out) first."""
+    gate: asyncio.Future[Any] = asyncio.ensure_future(refused.wait())
+    both: set[asyncio.Future[Any]] = {attempt, gate}
+    try:
+        done, _ = await asyncio.wait(both, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gate.cancel()
+    if attempt in done:
+        return attempt.result()
+    attempt.cancel()
+    await asyncio.gather(attempt, gate, return_exceptions=True)
+    if refused.is_set():
+        raise ConnectionError("nats: authorization violation")
+    raise TimeoutError
 
 
 async def _quiet_error(e: Exception) -> None:

@@ -139,6 +139,11 @@ class Subjects:
         """Loader → everyone: the transfer plan of a scale-up, and every re-plan (`cascade tap`)."""
         return f"{self.prefix}.transfer.plan"
 
+    def loader_decisions(self) -> str:
+        """Request/reply, scaler → loader: the decisions it is carrying out, not acked yet
+        (`ActiveDecisionsRequest` → `ActiveDecisions`)."""
+        return f"{self.prefix}.loader.decisions"
+
     def host_cache(self) -> str:
         """Request/reply, operator → loader: load a model into the host cache, or release it."""
         return f"{self.prefix}.loader.cache"

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from cascade.cli.embedded_nats import EmbeddedNats, free_port
@@ -98,3 +99,48 @@ async def test_a_broker_restart_under_a_streaming_request(broker: EmbeddedNats, 
         workers.stop_all()
         with contextlib.suppress(Exception):
             broker.stop()
+
+
+async def test_a_stream_whose_last_events_were_lost_with_the_broker_resumes_elsewhere(
+    broker: EmbeddedNats, tmp_path: Path
+) -> None:
+    """The worker's remaining events were published while the broker was away (here: a scripted
+    worker that holds after two tokens, so no later event ever shows a gap). Once the broker is
+    back, the gateway does not wait out request_timeout_s (120 s) for a 504: the request, not
+    heard since, migrates and the client gets the whole stream."""
+    from tests.test_gateway_protocol import MODEL as FAKE_MODEL
+    from tests.test_gateway_protocol import FakeWorker
+
+    path = tmp_path / FAKE_MODEL
+    generate_model(path, GenerateSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320))
+    dep = Deployment(models=(ModelDeployment(name=FAKE_MODEL, path=path, min_replicas=1),))
+    s = Subjects(f"lost{free_port()}")
+    async with running_gateway(broker.url, s.prefix, dep, heartbeat_s=0.1, batch_wait_timeout_s=0.01) as gw:
+        nc = await connect(broker.url, "fake-workers")
+        a = await FakeWorker(nc, s, "wa").start()
+        b: FakeWorker | None = None
+        try:
+            a.tokens_before_hold = 2
+            await wait_until(lambda: any(v.worker_id == "wa" for v in gw.core.registry.views()), 10, "wa routable")
+            req = {"model": FAKE_MODEL, "prompt": "hi", "max_tokens": 6, "stream": True}
+            async with aiohttp.ClientSession() as http:
+                resp = await http.post(gw.url + "/v1/completions", json=req)
+                await asyncio.wait_for(a.produced.wait(), 10)
+                b = await FakeWorker(nc, s, "wb").start()  # somewhere to move to, once wa is left
+                broker.stop()
+                broker.start()
+                text = ""
+                async for line in resp.content:
+                    if line.startswith(b"data: {"):
+                        for ch in orjson.loads(line[6:])["choices"]:
+                            text += ch["text"]
+                resp.release()
+            assert resp.status == 200
+            assert text == "abcdef"  # two from wa, the rest from wb resuming where wa's stream stopped
+            await asyncio.wait_for(a.cancel_seen.wait(), 10)  # wa is told to stop it
+        finally:
+            a.release.set()
+            await a.stop()
+            if b is not None:
+                await b.stop()
+            await nc.close()

@@ -153,6 +153,20 @@ def test_up_reports_a_model_it_cannot_find(home: Path) -> None:
     assert "model mine: no model at" in one_line(r.stderr)
 
 
+def test_up_beyond_loopback_without_an_api_key_warns_loudly(home: Path) -> None:
+    """The warning comes before anything starts (here the model is missing, so `up` stops after it)."""
+    cfg = home / "deploy.toml"
+    cfg.write_text('[[models]]\nname = "mine"\npath = "no/such/dir"\n')
+    argv = ["up", "--workers", "1", "--port", "0", "--config", str(cfg)]
+    r = run_cli(home, *argv, "--host", "0.0.0.0")
+    assert r.returncode == 1
+    assert "WARNING" in r.stderr and "with no API key" in r.stderr and "--api-key" in r.stderr
+    for quiet in (["--host", "0.0.0.0", "--api-key", "k"], ["--host", "127.0.0.1"], ["--host", "localhost"]):
+        r = run_cli(home, *argv, *quiet)
+        assert r.returncode == 1
+        assert "WARNING" not in r.stderr and "model mine: no model at" in one_line(r.stderr)
+
+
 def test_bad_deployment_file_is_a_clear_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["up", "--config", str(home / "missing.toml")]) == 1
     assert "cannot read deployment file" in one_line(capsys.readouterr().err)

@@ -278,3 +278,12 @@ def test_tokens_per_s_falls_to_zero_when_the_engine_goes_quiet() -> None:
     assert stats.rate(107.0) == pytest.approx(300 / 5.0)
     assert stats.rate(120.0) == 0.0
     assert stats.tokens_per_s > 0  # the step-time figure, kept for the engine's own summaries
+
+
+def test_every_event_echoes_the_dispatch_attempt(model: LlamaModel) -> None:
+    e = Engine(model, tok, max_batch=4)
+    e.submit("r", "g", tok.encode("hi"), SamplingParams(max_tokens=5, ignore_eos=True), attempt=3)
+    e.submit("u", "g", tok.encode("hi"), SamplingParams(max_tokens=5, ignore_eos=True))
+    out = run(e)
+    assert len(tokens(out["r"])) == 5 and {ev.attempt for ev in out["r"]} == {3}
+    assert {ev.attempt for ev in out["u"]} == {0}

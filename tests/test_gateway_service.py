@@ -3,6 +3,7 @@ workers: everything the gateway answers by itself."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -157,19 +158,69 @@ async def test_oversized_body_is_413(nats_url: str, prefix: str, deployment: Dep
             assert_error(await r.json(), code="request_too_large")
 
 
-async def test_prompt_longer_than_context_is_413(gw: GatewayService, http: aiohttp.ClientSession) -> None:
+async def test_prompt_or_max_tokens_past_the_context_is_400_invalid_request(
+    gw: GatewayService, http: aiohttp.ClientSession
+) -> None:
+    """As vLLM answers: a request asking for more than the model's context is the client's error
+    (400 invalid_request_error), not a payload-size problem (413)."""
     url = gw.url + "/v1/completions"
     status, body, _ = await post(http, url, {"model": MODEL, "prompt": "x" * (CONTEXT + 10)})
-    assert status == 413
+    assert status == 400
     assert_error(body, code="context_length_exceeded")
+    assert body["error"]["type"] == "invalid_request_error"
     # Fits alone, but not with the room asked for the answer (the byte tokenizer adds BOS).
     status, body, _ = await post(http, url, {"model": MODEL, "prompt": "x" * (CONTEXT - 50), "max_tokens": 100})
-    assert status == 413
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error"
     assert "max_tokens is 100" in body["error"]["message"]
+    # A short prompt with max_tokens beyond the whole context.
+    status, body, _ = await post(http, url, {"model": MODEL, "prompt": "hi", "max_tokens": CONTEXT + 1})
+    assert status == 400
+    assert_error(body, code="context_length_exceeded")
+    assert body["error"]["type"] == "invalid_request_error"
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "x" * CONTEXT}]}
     status, body, _ = await post(http, gw.url + "/v1/chat/completions", chat)
-    assert status == 413
+    assert status == 400
     assert_error(body, code="context_length_exceeded", param="messages")
+
+
+# --------------------------------------------------------------------------- API keys
+
+
+async def test_api_keys_refuse_v1_requests_without_a_valid_bearer_key(
+    nats_url: str, prefix: str, deployment: Deployment, http: aiohttp.ClientSession
+) -> None:
+    async with running_gateway(nats_url, prefix, deployment, api_keys=("key-one", "key-two")) as gw:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic key-one"}):
+            async with http.get(gw.url + "/v1/models", headers=headers) as r:
+                assert r.status == 401, headers
+                body = await r.json()
+            assert_error(body, code="invalid_api_key")
+            assert body["error"]["type"] == "invalid_request_error"
+            status, body, _ = await post(
+                http, gw.url + "/v1/completions", {"model": MODEL, "prompt": "hi"}, headers=headers
+            )
+            assert status == 401
+            assert_error(body, code="invalid_api_key")
+        # Either key works; probes and scrapers need none.
+        for key in ("key-one", "key-two"):
+            async with http.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+                assert r.status == 200
+                assert MODEL in {m["id"] for m in (await r.json())["data"]}
+        async with http.get(gw.url + "/live") as r:
+            assert r.status == 200
+        async with http.get(gw.url + "/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+        assert 'status="401"' in text  # refusals are counted like any other answer
+
+
+def test_api_key_flags_and_environment_are_merged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_API_KEYS", " b, c,,a ")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    s = settings_from_args(parser.parse_args(["--nats-url", "nats://x:1", "--api-key", "a", "--api-key", "z"]))
+    assert s.api_keys == ("a", "z", "b", "c")
 
 
 async def test_prompt_past_the_instances_max_model_len_is_400_before_any_work(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cascade.messages import SamplingParams, TokenEvent
+from cascade.messages import SamplingParams, TokenEvent, TokenEvents
 from services.gateway.streams import Failure, Phase, PhaseError, RequestState, StreamHub
 
 
@@ -60,3 +60,22 @@ def test_finish_ends_once_done_or_failed_and_frees_the_worker() -> None:
     hub.finish(err, TokenEvent("err", [], "", finish_reason="error", error="boom"))
     assert (ok.phase, bad.phase, err.phase) == (Phase.DONE, Phase.FAILED, Phase.FAILED)
     assert ok.events.qsize() == 1 and hub.inflight_by_worker() == {}
+
+
+def test_a_late_event_of_an_earlier_dispatch_to_the_same_worker_is_not_taken() -> None:
+    """A request moved back to the worker it left (its second dispatch): an event the worker
+    still sends for the first dispatch carries attempt 1 and is dropped, neither delivered nor
+    reported as a stray (that would cancel the new dispatch); attempt 2's event is delivered."""
+    strays: list[tuple[str, list[str]]] = []
+    hub = StreamHub(on_stray=lambda w, ids: strays.append((w, ids)))
+    r = req("r", 2)
+    hub.open(r)
+    r.advance(Phase.PREFILL, "w1")
+    r.dispatches = 2
+    old = TokenEvents("w1", [TokenEvent("r", [5], "a", index=3, attempt=1)])
+    new = TokenEvents("w1", [TokenEvent("r", [6], "b", index=0, attempt=2)])
+    untold = TokenEvents("w1", [TokenEvent("r", [7], "c", index=1)])  # a worker that does not echo
+    assert hub.match(old) == []
+    assert [ev.token_ids for _, ev in hub.match(new)] == [[6]]
+    assert [ev.token_ids for _, ev in hub.match(untold)] == [[7]]
+    assert strays == []

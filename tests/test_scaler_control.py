@@ -315,3 +315,60 @@ def test_a_target_beyond_the_idle_workers_is_kept_and_says_what_will_happen() ->
     # Beyond max_replicas: refused, and the reply says the target stays and how to raise the bound.
     with pytest.raises(TargetError, match=r"the target stays 2\. Ask for at most 5, or raise max_replicas"):
         core.set_target(run.state, ScaleRequest("a", 6), mesh, now)
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+def _mesh(held: dict[str, set[str]], idle: set[str]) -> core.Mesh:
+    holding: dict[str, str | None] = {w: m for m, ws in held.items() for w in ws}
+    holding.update(dict.fromkeys(idle))
+    return core.Mesh(instances={m: frozenset(ws) for m, ws in held.items()}, idle=frozenset(idle), holding=holding)
+
+
+def test_a_restarted_scaler_keeps_what_runs_and_takes_over_the_loaders_decision() -> None:
+    """A predecessor (operator target 3, manual policy) left `up 1` at the loader, and 2 of 3 run:
+    the new scaler neither scales back to min_replicas nor decides the same gap again."""
+    deployment = Deployment((dep("m", "manual", lo=1, hi=4), dep("k", "manual", lo=1, hi=4)))
+    now = core.Now(0.0, 1000.0)
+    state = core.new_state(deployment, SETTINGS, now, "scaler", id_prefix="scaler-b")
+    left = ScaleDecision("scaler-a-7", "m", "up", 1, 3, "operator")
+    mesh = _mesh({"m": {"w1", "w2"}, "k": {"w4", "w5"}}, {"w3"})
+    state, effects = core.tick(state, core.Inputs(mesh=mesh, loader_up="loader", resumed=[left]), now)
+    assert [e for e in effects if isinstance(e, core.Publish)] == []
+    assert state.book.targets == {"m": 3, "k": 2} and state.book.in_flight["m"].decision == left
+    # The ack of the decision taken over settles it; nothing is decided again.
+    ack = ScaleAck("scaler-a-7", "m", True, ["w3"])
+    later = core.Now(1.0, 1001.0)
+    state, effects = core.tick(state, core.Inputs(mesh=mesh, acks=[ack]), later)
+    assert [e for e in effects if isinstance(e, core.Publish)] == []
+    assert "m" not in state.book.in_flight
+    full = _mesh({"m": {"w1", "w2", "w3"}, "k": {"w4", "w5"}}, set())
+    state, effects = core.tick(state, core.Inputs(mesh=full), core.Now(9.0, 1009.0))
+    assert [e for e in effects if isinstance(e, core.Publish)] == []
+
+
+def test_an_ack_that_overtakes_the_loaders_answer_is_not_waited_for() -> None:
+    deployment = Deployment((dep("m", "manual", lo=1, hi=4),))
+    now = core.Now(0.0, 1000.0)
+    state = core.new_state(deployment, SETTINGS, now, "scaler", id_prefix="scaler-b")
+    left = ScaleDecision("scaler-a-7", "m", "up", 1, 3, "operator")
+    mesh = _mesh({"m": {"w1", "w2"}}, {"w3"})
+    # The ack arrives at a tick before the loader's answer does.
+    state, _ = core.tick(state, core.Inputs(mesh=mesh, acks=[ScaleAck("scaler-a-7", "m", True, ["w3"])]), now)
+    state, effects = core.tick(state, core.Inputs(mesh=mesh, loader_up="loader", resumed=[left]), now)
+    assert "m" not in state.book.in_flight  # acked already: not waited for until the ack timeout
+    assert state.book.targets["m"] == 3
+    # w3 counts (settling) until heartbeats show it: no second up.
+    assert [e for e in effects if isinstance(e, core.Publish)] == []
+
+
+def test_decision_ids_carry_the_start_so_a_restart_never_repeats_one() -> None:
+    deployment = Deployment((dep("m", "manual", lo=2, hi=4),))
+    now = core.Now(0.0, 1000.0)
+    ids = []
+    for start in ("a1", "b2"):
+        state = core.new_state(deployment, SETTINGS, now, "scaler", id_prefix=f"scaler-{start}")
+        state, effects = core.tick(state, core.Inputs(mesh=_mesh({}, {"w1", "w2"}), loader_up="l"), now)
+        ids += [e.decision.decision_id for e in effects if isinstance(e, core.Publish)]
+    assert ids == ["scaler-a1-1", "scaler-b2-1"]

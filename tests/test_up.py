@@ -249,3 +249,74 @@ def test_a_crash_looping_child_stops_the_mesh_saying_why(up: Up) -> None:
     assert "loader was killed by signal 9: 2 deaths within 60s, it is crash-looping" in up.log
     assert wait_gone([p for n, p in up.pids.items() if n != "up"], 10) == [], "processes left behind"
     assert read_mesh_file(up.home) is None
+
+
+def _http(url: str, body: dict[str, Any] | None = None, key: str | None = None) -> tuple[int, dict[str, Any]]:
+    headers = {"content-type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data, headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as e:
+        return e.code, dict(json.loads(e.read()))
+
+
+API_KEY = "test-key-0123"
+
+
+@pytest.mark.up_args("--api-key", API_KEY)
+def test_up_with_an_api_key_and_broker_credentials_refuses_strangers(up: Up) -> None:
+    import asyncio
+
+    import nats
+
+    from cascade.natsauth import read_mesh_credentials
+    from cascade.natsutil import connect
+
+    base = up.info["gateway_url"]
+    completion = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}
+    # HTTP: no key, a wrong key → 401 with an OpenAI error body; the key → served.
+    for key in (None, "wrong"):
+        status, body = _http(base + "/completions", completion, key)
+        assert status == 401, body
+        assert body["error"]["code"] == "invalid_api_key"
+        assert body["error"]["type"] == "invalid_request_error"
+    status, body = _http(base + "/completions", completion, API_KEY)
+    assert status == 200, body
+    assert body["usage"]["completion_tokens"] == 4
+    # A limit is a 400 like vLLM's: max_tokens beyond the model's context (max_position 256).
+    status, body = _http(base + "/completions", {**completion, "max_tokens": 1000}, API_KEY)
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == "context_length_exceeded"
+
+    # NATS: the embedded broker has per-mesh credentials, in a file only the user can read.
+    auth = up.home / "nats-auth.json"
+    assert auth.stat().st_mode & 0o077 == 0
+    found = read_mesh_credentials(up.home)
+    assert found is not None and found[0] == up.info["nats_url"]
+
+    async def clients() -> None:
+        errors: list[Exception] = []
+
+        async def on_error(e: Exception) -> None:
+            errors.append(e)
+
+        # A plain nats-py client with no credentials: the broker refuses it.
+        with pytest.raises(Exception):  # noqa: B017 - nats-py's type varies; the reason is checked below
+            await nats.connect(up.info["nats_url"], allow_reconnect=False, connect_timeout=5, error_cb=on_error)
+        assert any("authorization violation" in str(e).lower() for e in errors), errors
+        nc = await connect(up.info["nats_url"], "insider", 5.0, credentials=found[1])
+        await nc.close()
+
+    asyncio.run(clients())
+    # The CLI tools find the credentials beside mesh.json.
+    r = up.cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0, up.log[-3000:]
+    assert not auth.exists()

@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "trace": "open-loop replay of a request trace against any OpenAI-compatible server",
     "sim-calibrate": "the simulator against the real mesh: burst's and scaleup's configurations, side by side",
     "sim-scale": "the simulated comparison at 32, 128 and 1,000 accelerators, with plots",
+    "chaos": "faults under load (workers, loader, scaler, gateway, broker killed): lost, hung, recovery",
     "kv": "the paged KV cache against the contiguous one: sequences within a budget, prefix caching, decode",
 }
 
@@ -55,6 +56,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.sim_scale import main as sim_scale
 
             return sim_scale
+        if name == "chaos":
+            from bench.chaos import main as chaos
+
+            return chaos
         if name == "kv":
             from bench.kv import main as kv
 

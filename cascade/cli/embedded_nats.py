@@ -60,6 +60,7 @@ class EmbeddedNats:
         store_dir: Path | None = None,
         log_file: Path | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        config_file: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -68,6 +69,8 @@ class EmbeddedNats:
         self.log_file = log_file
         # Run in the child before exec: `cascade up` uses it to tie the broker's life to its own.
         self.preexec_fn = preexec_fn
+        # A nats-server config file (`cascade up` puts the mesh's credentials there, natsauth.py).
+        self.config_file = config_file
         self.proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -77,6 +80,8 @@ class EmbeddedNats:
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedNats:
         cmd = [find_nats_server(), "-a", self.host, "-p", str(self.port)]
+        if self.config_file is not None:
+            cmd += ["-c", str(self.config_file)]
         if self.jetstream:
             if self.store_dir is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="cascade-nats-")

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cascade.apikeys import API_KEYS_ENV
 from cascade.config import Deployment, ModelDeployment, mesh_file, read_mesh_file, write_mesh_file
 from cascade.messages import Heartbeat, MessageError, ServiceReady, WorkerGone, decode, encode
+from cascade.natsauth import PASSWORD_ENV, TOKEN_ENV, USER_ENV, NatsCredentials
 from cascade.natsutil import connect, stop_event
 from cascade.subjects import Subjects
 
@@ -217,8 +219,15 @@ class Supervisor:
         gateway_port: int,
         broker_pid: int | None,
         broker: Any = None,
+        nats_credentials: NatsCredentials | None = None,
+        api_keys: tuple[str, ...] = (),
     ) -> None:
         self.args = args
+        # The embedded broker's credentials, handed to every child (None: the broker is the user's,
+        # and children find credentials as any client does, natsauth.py).
+        self.nats_credentials = nats_credentials
+        # Passed to the gateway in its environment, not its command line (`ps` shows that to all).
+        self.api_keys = api_keys
         self.home = home
         self.logs = home / "logs"
         self.deployment = deployment
@@ -279,6 +288,12 @@ class Supervisor:
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["CASCADE_HOME"] = str(self.home)
+        if self.nats_credentials is not None:
+            for k in (TOKEN_ENV, USER_ENV, PASSWORD_ENV):
+                env.pop(k, None)  # the user's, for another broker: not this mesh's
+            env.update(self.nats_credentials.env())
+        if self.api_keys:
+            env[API_KEYS_ENV] = ",".join(self.api_keys)
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log file as they happen
         root = _source_root()
         if root is not None:
@@ -584,7 +599,7 @@ async def supervise(sup: Supervisor) -> int:
     nc = None
     try:
         try:
-            nc = await connect(sup.nats_url, "cascade-up", connect_timeout_s=10.0)
+            nc = await connect(sup.nats_url, "cascade-up", connect_timeout_s=10.0, credentials=sup.nats_credentials)
         except ConnectionError as e:
             raise UpError(str(e)) from None
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from cascade.apikeys import is_loopback, keys_from, open_gateway_warning
 from cascade.cli.supervisor import Supervisor, UpError, make_die_with_parent, pid_alive, supervise
 from cascade.cliargs import non_negative_int, positive_float, positive_int
 from cascade.config import (
@@ -35,6 +36,8 @@ from cascade.config import (
     read_mesh_file,
     with_replicas,
 )
+from cascade.natsauth import NatsCredentials, remove_mesh_credentials, write_mesh_credentials
+from cascade.natsauth import generate as generate_nats_credentials
 
 
 def register(sub: Any) -> None:
@@ -76,6 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=non_negative_int, default=8000, help="gateway HTTP port (default 8000; 0 picks a free one)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="gateway HTTP address (default 127.0.0.1)")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="the gateway requires 'Authorization: Bearer KEY' on /v1 routes (repeatable; also the "
+        "comma-separated $CASCADE_API_KEYS; default: none, which is for a gateway on loopback only)",
+    )
     parser.add_argument(
         "--nats-url", default=None, help="use this NATS server instead of starting an embedded one on port 4222"
     )
@@ -289,6 +300,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"cascade up: port {port} is in use; pass --port N (or --port 0 for a free one)", file=sys.stderr)
         return 1
 
+    api_keys = keys_from(args.api_key)
+    if not api_keys and not is_loopback(args.host):
+        print(f"\n*** WARNING ***\ncascade up: {open_gateway_warning(args.host)}\n", file=sys.stderr, flush=True)
+
     try:
         dep = prepare_models(chosen or default_model_deployment(home, replicas), home)
     except UpError as e:
@@ -301,6 +316,7 @@ def _run(args: argparse.Namespace) -> int:
     deployment_file.write_bytes(orjson.dumps(dep.to_json(), option=orjson.OPT_INDENT_2))
 
     broker: EmbeddedNats | None = None
+    creds: NatsCredentials | None = None
     try:
         if args.nats_url:
             nats_url = args.nats_url
@@ -314,6 +330,9 @@ def _run(args: argparse.Namespace) -> int:
                 log_file=home / "logs" / "nats.log",
                 preexec_fn=make_die_with_parent(),
             )
+            # Credentials for this mesh only: a client without them is refused by the broker.
+            creds = generate_nats_credentials()
+            _, broker.config_file = write_mesh_credentials(creds, broker.url, home)
             try:
                 broker.start()
             except BrokerError as e:
@@ -330,8 +349,12 @@ def _run(args: argparse.Namespace) -> int:
             port,
             broker.proc.pid if broker and broker.proc else None,
             broker=broker,
+            nats_credentials=creds,
+            api_keys=api_keys,
         )
         return asyncio.run(supervise(sup))
     finally:
         if broker is not None:
             broker.stop()
+        if creds is not None:
+            remove_mesh_credentials(home)

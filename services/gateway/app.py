@@ -18,12 +18,14 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from cascade import structured
 from cascade.messages import TokenEvent, TokenLogprob
 from cascade.models.tokenizer import Tokenizer
 from services.gateway import dashboard, tools
 from services.gateway import openai_api as oai
+from services.gateway.auth import api_key_middleware
 from services.gateway.core import GatewayCore
 from services.gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from services.gateway.openai_api import ApiError, Kind
@@ -45,7 +47,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_app(core: GatewayCore) -> web.Application:
     # aiohttp enforces the body limit itself while reading; the handler turns its 413 into an
     # OpenAI error body.
-    app = web.Application(middlewares=[_observe], client_max_size=core.settings.max_body_bytes)
+    keys = core.settings.api_keys
+    middlewares: list[Middleware] = [_observe, api_key_middleware(keys)] if keys else [_observe]
+    app = web.Application(middlewares=middlewares, client_max_size=core.settings.max_body_bytes)
     app[GATEWAY] = core
     app[STARTED] = int(time.time())
     app.router.add_post("/v1/completions", completions)
@@ -400,7 +404,7 @@ async def _stream(
 ) -> web.StreamResponse:
     kind, rid, created, model = spec.kind, req.request_id, int(time.time()), spec.model
     # Wait for the first event before answering: until then a failure is still a proper HTTP
-    # status (503 queue timeout, 413 from the worker), which clients handle better than an
+    # status (503 queue timeout, 400 from the worker), which clients handle better than an
     # error inside a 200 stream.
     ev = await core.next_event(req)
     if isinstance(ev, Failure):

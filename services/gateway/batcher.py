@@ -144,7 +144,10 @@ class Batcher:
                 await asyncio.sleep(0)  # more to dispatch: let handlers and replies run between batches
                 continue
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                # asyncio.timeout, not wait_for: a cancel racing wait_for's timeout can surface as
+                # TimeoutError on 3.11, and this loop would then never stop.
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
@@ -164,6 +167,12 @@ class Batcher:
         ready_iter = (r for r in self._queue if r.ready_at <= now)
         ready = list(itertools.islice(ready_iter, self.max_batch_size))
         if not ready:
+            if self._first_deadline <= now:
+                # The bound may be stale (a held-only scan does not renew it): renew it, so the
+                # sleep below is never zero or negative (a spinning loop).
+                self._expire(now)
+                if not self._queue:
+                    return None
             return min(min(r.ready_at for r in self._queue), self._first_deadline) - now
         head = ready[0]
         route = self._owner.pick(self.model, frozenset(head.avoid))

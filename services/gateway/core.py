@@ -221,7 +221,7 @@ class GatewayCore:
         return parser
 
     async def prepare(self, info: ModelInfo, spec: GenerationSpec) -> tuple[list[int], int]:
-        """Tokenise and check the length: (prompt ids, max_tokens). 413 when it cannot fit."""
+        """Tokenise and check the length: (prompt ids, max_tokens). 400 when it cannot fit."""
         tok = info.tokenizer
         if spec.prompt_ids is not None:
             ids = spec.prompt_ids
@@ -277,8 +277,9 @@ class GatewayCore:
         else:
             max_tokens = 16  # OpenAI's completions default
         if len(ids) + max_tokens > ctx:
+            # 400 invalid_request_error, as vLLM and OpenAI answer: the request asks for too much.
             raise ApiError(
-                413,
+                400,
                 f"this model's maximum context length is {ctx} tokens; the prompt has {len(ids)} tokens "
                 f"and max_tokens is {max_tokens}",
                 param="prompt" if spec.kind == "completion" else "messages",
@@ -384,8 +385,33 @@ class GatewayCore:
             b.wake()
 
     def broker_back(self) -> None:
-        """The broker connection is back: what waited for it may go."""
+        """The broker connection is back: what waited for it may go, and the streams that lost
+        events while it was away are found (see `_check_silent`)."""
         self._wake_all()
+        self.tasks.spawn(self._check_silent(), name="broker-back-check")
+
+    async def _check_silent(self) -> None:
+        """Events published while the broker was away are gone; when a request's final event was
+        among them, nothing more comes and the request would wait out request_timeout_s for a 504.
+        For a few grace periods after the broker came back (a worker's buffered events may still
+        trickle in first), a bound request its worker has not been heard for during a whole
+        grace period is treated as cut off: it resumes elsewhere from what its client has
+        (migration), exactly as when its worker dies."""
+        grace = max(2.0, 3 * self.settings.heartbeat_s)
+        for _ in range(3):
+            await asyncio.sleep(grace)  # the grace period itself (a timer, not synchronisation)
+            cutoff = time.monotonic() - grace
+            for req in list(self.hub.open_requests()):
+                worker = req.worker_id
+                if worker is None or not req.phase.bound or req.heard_at >= cutoff:
+                    continue
+                why = f"no events from worker {worker} for {grace:g}s after the broker came back"
+                self.log.warning("silent_after_broker_loss", request_id=req.request_id, worker_id=worker)
+                if req.produced:
+                    self._migrate(req, worker, "events_lost", why)
+                else:
+                    self._cancel_on(worker, [req.request_id])
+                    self._retry(req, worker, why)
 
     def dispatch(self, route: Route, batch: list[RequestState]) -> None:
         # Bind before any await: the router's next pick must already count these. A pipelined
@@ -395,9 +421,11 @@ class GatewayCore:
         now = time.monotonic()
         for r in batch:
             r.advance(Phase.PREFILL, worker)
+            r.heard_at = now
             r.attempts += 1
             if not r.streamed:
                 r.dispatched_at = now
+            r.dispatches += 1
             r.relays = relays
             r.resumed = len(r.streamed)
         model = batch[0].model
@@ -415,7 +443,10 @@ class GatewayCore:
         stages = list(route.stages)
         msg = GenerateBatch(
             gateway_id=self.id,
-            requests=[GenerateRequest(r.request_id, r.model, *_resumed_input(r), stages, r.arrived_at) for r in batch],
+            requests=[
+                GenerateRequest(r.request_id, r.model, *_resumed_input(r), stages, r.arrived_at, attempt=r.dispatches)
+                for r in batch
+            ],
         )
         self.log.debug(
             "dispatch",
@@ -464,7 +495,7 @@ class GatewayCore:
                 self.registry.suspend(worker)
                 self._retry(r, worker, f"{rej.code}: {rej.message}")
             elif rej.code == "too_long":
-                self.hub.finish(r, Failure(413, rej.message, "context_length_exceeded"))
+                self.hub.finish(r, Failure(400, rej.message, "context_length_exceeded"))
             elif rej.code == "invalid":
                 self.hub.finish(r, Failure(400, f"the worker rejected the request: {rej.message}", "invalid_value"))
             else:
@@ -613,7 +644,9 @@ class GatewayCore:
         self.on_tokens(events)
 
     def on_tokens(self, msg: TokenEvents) -> None:
+        now = time.monotonic()
         for req, ev in self.hub.match(msg):
+            req.heard_at = now
             if req.params.n > 1:
                 self._on_choice_event(req, msg.worker_id, ev)
                 continue

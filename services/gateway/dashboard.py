@@ -152,8 +152,12 @@ class DashboardHub:
         last_stats = time.monotonic()
         while True:
             wait = max(0.0, last_stats + self.interval_s - time.monotonic())
+            # asyncio.timeout, not wait_for: on 3.11 a cancel that races wait_for's own timeout can
+            # come out as TimeoutError, which this loop would swallow, and the gateway's close would
+            # wait for this task forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._changed.wait()
             if self._changed.is_set():
                 self._changed.clear()
                 if self._clients:

@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from cascade.apikeys import API_KEYS_ENV, is_loopback, keys_from, open_gateway_warning
 from cascade.cliargs import add_common_arguments, deployment_from_args
 from cascade.config import ConfigError, Deployment, env_float, env_int, env_str
 from cascade.logs import setup_logging
@@ -72,7 +73,15 @@ class GatewayService:
         await site.start()
         self.port = int(runner.addresses[0][1])
         self._core.url = self.url
-        self.log.info("listening", url=self.url, nats_url=self.settings.nats_url, prefix=self.settings.prefix)
+        self.log.info(
+            "listening",
+            url=self.url,
+            nats_url=self.settings.nats_url,
+            prefix=self.settings.prefix,
+            api_keys=len(self.settings.api_keys),
+        )
+        if not self.settings.api_keys and not is_loopback(self.settings.host):
+            self.log.warning("open_gateway", warning=open_gateway_warning(self.settings.host))
 
 
 def host(service: GatewayService) -> ServiceHost:
@@ -158,6 +167,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(env CASCADE_TOOL_CALL_PARSER, default %(default)s)",
     )
     g.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 routes (repeatable; also the comma-separated "
+        f"${API_KEYS_ENV}; default: none, which is for a gateway on loopback only)",
+    )
+    g.add_argument(
         "--shutdown-grace-s",
         type=float,
         default=d.shutdown_grace_s,
@@ -183,6 +200,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         migration_limit=args.migration_limit,
         metrics_interval_s=args.metrics_interval_s,
         tool_call_parser=args.tool_call_parser,
+        api_keys=keys_from(getattr(args, "api_key", None)),
     )
 
 

@@ -43,6 +43,8 @@ class GatewaySettings:
     # vLLM's --tool-call-parser: hermes | llama3_json | mistral, or auto (read off the model's chat
     # template: what it teaches the model to write).
     tool_call_parser: str = "auto"
+    # Accepted `Authorization: Bearer` keys on /v1 routes (auth.py); empty: open (loopback use).
+    api_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_token(self.gateway_id)

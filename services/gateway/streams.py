@@ -113,6 +113,12 @@ class RequestState:
     # n > 1: tokens each choice streamed (its events' expected index), and the choices ended.
     choice_tokens: dict[int, int] = field(default_factory=dict)
     choices_done: set[int] = field(default_factory=set)
+    # Monotonic time its current worker was last heard for it (dispatch, then each event): after
+    # a broker loss, a request not heard since has lost events nobody will resend.
+    heard_at: float = 0.0
+    # Dispatches so far (never reset): the current one's number goes out with it and comes back in
+    # its events, so a late event of an earlier dispatch to the same worker is never taken as new.
+    dispatches: int = 0
 
     def advance(self, to: Phase, worker_id: str | None = None) -> None:
         """Move to `to` (binding `worker_id` when it is PREFILL); raises PhaseError if not allowed."""
@@ -218,6 +224,9 @@ class StreamHub:
         stray: list[str] = []
         for ev in msg.events:
             req = self._requests.get(ev.request_id)
+            stale = ev.attempt != 0 and ev.attempt != (req.dispatches if req is not None else 0)
+            if req is not None and stale and req.worker_id == msg.worker_id and req.phase.bound:
+                continue  # an earlier dispatch's event from the same worker: neither ours nor a stray
             if req is None or req.worker_id != msg.worker_id or not req.phase.bound:
                 key = (msg.worker_id, ev.request_id)
                 if ev.finish_reason is None and ("", ev.request_id) not in self._quiet and key not in self._quiet:

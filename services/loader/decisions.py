@@ -32,6 +32,7 @@ from nats.aio.client import Client as NATS
 from cascade.config import LOADING_MODES, Deployment, ModelDeployment
 from cascade.messages import (
     LoadModel,
+    MessageError,
     Ok,
     PlannedChain,
     RemoteError,
@@ -121,6 +122,10 @@ class Decisions:
         self.counters = {"acks_ok": 0, "acks_failed": 0, "plans": 0, "replans": 0}
         self._layouts: dict[Path, tuple[tuple[float, ...], tuple[int, ...]]] = {}
         self._plan_seq = 0
+        # A (re)started loader knows the workers only from heartbeats heard since it started. Until
+        # every live worker was heard once, a worker its predecessor just ordered to load may still
+        # look idle here: choosing it, or another in its place, would apply a decision twice.
+        self.warm_until = clock() + 1.5 * settings.heartbeat_s
 
     def snapshot(self, now: float) -> MeshSnapshot:
         return MeshSnapshot(tuple(self.table.views(now)), self.keeper.models())
@@ -131,6 +136,8 @@ class Decisions:
         lg.info("decision_received", target=d.target_replicas, reason=d.reason)
         workers: list[str] = []
         try:
+            while self.clock() < self.warm_until:
+                await self.changes.wait(self.warm_until, self.clock)
             if d.count < 1:
                 error = f"count {d.count} is not a number of workers"
             elif d.action == "up":
@@ -392,6 +399,18 @@ class Decisions:
         session.adopt(new)
         await self.publish_plan(decision, new, replaces=chain.transfer_id)
         await self.carry_out_plan(session, new, lg)
+
+    async def unload_orphan(self, worker: str) -> None:
+        """Return a worker a dead loader left loading to the idle pool (see orphans.py)."""
+        try:
+            await request(
+                self.nc, self.subjects.unload(worker), UnloadModel("orphan"), Ok, self.settings.unload_timeout_s
+            )
+        except (RemoteError, RequestTimeout, MessageError) as e:
+            self.log.warning("orphan_unload_failed", worker=worker, error=str(e))
+            return
+        self.log.info("orphan_unloaded", worker=worker)
+        self.changes.notify()
 
     async def wait_for_idle(self, count: int) -> Assignment:
         """Enough idle workers, or as many as appear before the idle-wait deadline."""

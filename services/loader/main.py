@@ -23,6 +23,8 @@ from cascade.cliargs import service_start
 from cascade.config import ConfigError, Deployment
 from cascade.deployfeed import DeploymentFeed
 from cascade.messages import (
+    ActiveDecisions,
+    ActiveDecisionsRequest,
     LayerReady,
     MessageError,
     ScaleDecision,
@@ -37,6 +39,7 @@ from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from cascade.workers import WorkerTable
 from services.loader.cachekeeper import HostCacheKeeper
 from services.loader.decisions import HISTORY_ROWS, Decisions, MeshChanges
+from services.loader.orphans import OrphanLoads
 from services.loader.settings import LoaderSettings, settings_from_args
 from services.loader.settings import add_arguments as add_arguments
 
@@ -69,6 +72,8 @@ class Loader:
         self.keeper: HostCacheKeeper | None = None
         self.tasks: TaskSet | None = None
         self.deployments = DeploymentFeed()
+        # A load stuck this long with no loader owning it is undone (its loader died mid-plan).
+        self.orphans = OrphanLoads(stall_s=max(5.0, 5 * settings.heartbeat_s))
 
     @property
     def instance(self) -> str:
@@ -105,6 +110,7 @@ class Loader:
             self.use_deployment(dep)
         await rt.serve(s.status(), self.on_status)
         await rt.serve(s.host_cache(), self.keeper.on_request)
+        await rt.serve(s.loader_decisions(), self.on_active_decisions)
         rt.tasks.spawn(self.pulse(feed), "pulse")
         self.log.info("ready", models=self.deployment.names())
 
@@ -120,6 +126,18 @@ class Loader:
                     holders[v.model] = holders.get(v.model, 0) + 1
             self.keeper.sweep(holders)
             self.changes.notify()
+            self.unload_orphans()
+
+    def unload_orphans(self) -> None:
+        """Unload what a dead loader left loading with no progress (orphans.py), once this loader
+        has heard every worker."""
+        assert self.decisions is not None and self.tasks is not None
+        now = self.clock()
+        if now < self.decisions.warm_until:
+            return
+        for w in self.orphans.stalled(self.table.views(now), self.decisions.reserved, now):
+            self.log.warning("orphan_load", worker=w, stall_s=self.orphans.stall_s)
+            self.tasks.spawn(self.decisions.unload_orphan(w), f"orphan-{w}")
 
     async def on_deployment(self, msg: Msg) -> None:
         """A model deployed at run time: its folder is where orders point workers from now on."""
@@ -153,6 +171,12 @@ class Loader:
         assert self.decisions is not None and self.tasks is not None
         self.decisions.active[d.decision_id] = d
         self.tasks.spawn(self.decisions.carry_out(d), f"decision-{d.decision_id}")
+
+    async def on_active_decisions(self, _: ActiveDecisionsRequest) -> ActiveDecisions:
+        """A (re)started scaler asks what is in flight here, so that it waits for these acks
+        instead of deciding the same gap again."""
+        assert self.decisions is not None
+        return ActiveDecisions(list(self.decisions.active.values()), self.instance)
 
     # ---- events --------------------------------------------------------------------------------
     async def on_ready(self, msg: Msg) -> None:

@@ -90,6 +90,8 @@ class Inputs:
     workers_lost: Collection[str] = ()
     # A loader (re)started: decisions it may never have heard are dropped, to be re-decided.
     loader_up: str | None = None
+    # The decisions that loader says it carries out (taken over as in flight, see ReplicaBook.resume).
+    resumed: Sequence[ScaleDecision] = ()
 
 
 # --------------------------------------------------------------------------- effects
@@ -154,12 +156,15 @@ def new_state(
     window_s: float = 30.0,
     rate_window_s: float = 10.0,
     stale_s: float = 5.0,
+    id_prefix: str | None = None,
 ) -> ScalerState:
-    """Parse every model's policy and knobs now: a bad deployment fails at start (KnobError)."""
+    """Parse every model's policy and knobs now: a bad deployment fails at start (KnobError).
+    `id_prefix` starts every decision id (default `scaler_id`); the service makes it unique per
+    start, so that a restarted scaler's ids never repeat one a loader has already seen."""
     controls = Controls(deployment, window_s=window_s, rate_window_s=rate_window_s, stale_s=stale_s)
-    managed = [m for m, c in controls.models.items() if c.policy.name != "manual"]
     bounds = {m.name: ModelBounds(m.min_replicas, m.max_replicas) for m in deployment.models}
-    book = ReplicaBook(bounds, settings, now.mono, id_prefix=scaler_id, adopt=managed)
+    # Every model starts from what runs once the warm-up ends (see ReplicaBook.adopt).
+    book = ReplicaBook(bounds, settings, now.mono, id_prefix=id_prefix or scaler_id, adopt=list(bounds))
     return ScalerState(book, controls, scaler_id)
 
 
@@ -171,8 +176,16 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
     book, controls = state.book, state.controls
     if inputs.loader_up is not None:
         dropped = book.loader_ready()
+        taken = [d.decision_id for d in inputs.resumed if book.resume(d, now.mono)]
         effects.append(
-            Note("loader_seen", {"loader": inputs.loader_up, "dropped": [f.decision.decision_id for f in dropped]})
+            Note(
+                "loader_seen",
+                {
+                    "loader": inputs.loader_up,
+                    "dropped": [f.decision.decision_id for f in dropped if f.decision.decision_id not in taken],
+                    "resumed": taken,
+                },
+            )
         )
     for ack in inputs.acks:
         effects += _ack(book, ack, now)

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from nats.aio.msg import Msg
 from cascade.cliargs import add_common_arguments, positive_float, service_start
 from cascade.config import ConfigError, Deployment, entry_json, env_float, env_str, model_from_entry, write_json_atomic
 from cascade.messages import (
+    ActiveDecisions,
+    ActiveDecisionsRequest,
     BatchLimit,
     DeploymentChanged,
     DeploymentReply,
@@ -42,6 +45,7 @@ from cascade.messages import (
     Ok,
     RemoteError,
     ScaleAck,
+    ScaleDecision,
     ScaleRequest,
     ServiceReady,
     ServiceStatus,
@@ -147,8 +151,17 @@ class Scaler:
         self.wall: Callable[[], float] = time.time
         # Warm-up lasts a little over one heartbeat round: by then every live worker was heard.
         settings = Settings(ack_timeout_s=ack_timeout_s, warmup_s=1.5 * heartbeat_s)
+        # Decision ids are `<scaler id>-<this start>-<n>`: a restarted scaler (same id, counting from 1
+        # again) must not repeat an id a loader has seen, or the loader would drop it as a redelivery.
         self.state = core.new_state(
-            deployment, settings, self.now(), scaler_id, window_s=window_s, rate_window_s=rate_window_s, stale_s=stale_s
+            deployment,
+            settings,
+            self.now(),
+            scaler_id,
+            window_s=window_s,
+            rate_window_s=rate_window_s,
+            stale_s=stale_s,
+            id_prefix=f"{scaler_id}-{uuid.uuid4().hex[:6]}",
         )
         self.table = WorkerTable(heartbeat_s)
         self.wake = asyncio.Event()
@@ -157,6 +170,7 @@ class Scaler:
         self._acks: list[ScaleAck] = []
         self._lost: list[str] = []
         self._loader_up: str | None = None
+        self._resumed: list[ScaleDecision] = []
         self.tasks: TaskSet | None = None
         self._rt: Runtime | None = None
 
@@ -231,9 +245,14 @@ class Scaler:
 
     async def tick(self) -> None:
         inputs = core.Inputs(
-            mesh=self.mesh(), metrics=self._metrics, acks=self._acks, workers_lost=self._lost, loader_up=self._loader_up
+            mesh=self.mesh(),
+            metrics=self._metrics,
+            acks=self._acks,
+            workers_lost=self._lost,
+            loader_up=self._loader_up,
+            resumed=self._resumed,
         )
-        self._metrics, self._acks, self._lost, self._loader_up = [], [], [], None
+        self._metrics, self._acks, self._lost, self._loader_up, self._resumed = [], [], [], None, []
         self.state, effects = core.tick(self.state, inputs, self.now())
         await self.carry_out(effects)
 
@@ -313,9 +332,30 @@ class Scaler:
             ready = decode(msg.data, ServiceReady)
         except MessageError:
             return
-        if ready.service == "loader":
-            self._loader_up = ready.instance
-            self.wake.set()
+        if ready.service == "loader" and self.tasks is not None:
+            self.tasks.spawn(self.learn_loader(ready.instance), f"loader-{ready.instance}")
+
+    async def learn_loader(self, loader: str) -> None:
+        """A loader is there: ask which decisions it carries out, then tell the next tick (which
+        drops what this scaler had in flight and takes those over). A loader that does not answer
+        has none we could take over."""
+        assert self._rt is not None
+        decisions: list[ScaleDecision] = []
+        try:
+            got = await request(
+                self._rt.nc,
+                self._rt.subjects.loader_decisions(),
+                ActiveDecisionsRequest(self.scaler_id),
+                ActiveDecisions,
+                timeout=SNAPSHOT_TIMEOUT_S,
+            )
+            decisions = list(got.decisions)
+        except (RemoteError, RequestTimeout, MessageError) as e:
+            self.log.warning("loader_decisions_unknown", loader=loader, error=str(e))
+        # Set together, with no await in between: the tick sees both or neither.
+        self._loader_up = loader
+        self._resumed = decisions
+        self.wake.set()
 
     async def probe_loader(self) -> None:
         """A loader that started before us announced itself already: ask who is there."""
@@ -323,8 +363,7 @@ class Scaler:
         st = await gather_status(self._rt.nc, self._rt.subjects, window_s=0.5, requester=self.scaler_id)
         loaders = [s for s in st.services if s.service == "loader"]
         if loaders and not self.state.book.loader_known:
-            self._loader_up = loaders[0].instance
-            self.wake.set()
+            await self.learn_loader(loaders[0].instance)
 
     # ---- requests ----------------------------------------------------------
     async def on_scale_request(self, req: ScaleRequest) -> Ok:

@@ -16,12 +16,14 @@ the workers loading or serving it, from heartbeats. Rules, each tested tick by t
 - no decision before a loader is known (a decision nobody hears waits out the whole ack timeout)
   nor before `warmup_s` has passed since start (until then the heartbeats heard are not yet the
   whole mesh, and a restarted scaler would re-add instances that already run);
-- a model a load policy manages (`adopt`) starts from what runs when the warm-up ends (within its
-  bounds), not from min_replicas: a restarted scaler must not undo its predecessor's scaling
-  before the policy has looked at the load. While its policy is silent, its target follows what
-  runs (`follow`): a policy repeats an up for as long as it wants it, so a target it no longer
-  wants (the request that woke a model at zero timed out meanwhile) must not outlive it. An
-  operator's target (`cascade scale`) is carried out once before the policy takes over again;
+- every model starts from what runs when the warm-up ends (`adopt`, within its bounds), not
+  from min_replicas: a restarted scaler must not undo its predecessor's scaling (an operator's
+  target included) before a policy has looked at the load; decisions its predecessor left in
+  flight at the loader are taken over (`resume`), their targets with them. While a load
+  policy is silent, its model's target follows what runs (`follow`): a policy repeats an up
+  for as long as it wants it, so a target it no longer wants (the request that woke a model
+  at zero timed out meanwhile) must not outlive it. An operator's target (`cascade scale`) is
+  carried out once before the policy takes over again;
 - an ack's workers count as added (or removed) for `settle_s`, until heartbeats catch up, so a
   tick right after an ack does not see the old count and decide again;
 - a failed or timed-out decision is retried on a later tick, after an exponential back-off (a
@@ -147,6 +149,9 @@ class ReplicaBook:
         self._not_before: dict[str, float] = {}
         # Decisions that timed out, kept a while: a late ack still says which workers changed.
         self._recent: OrderedDict[str, ScaleDecision] = OrderedDict()
+        # Acks for ids this book never sent, kept a while: one may answer a decision `resume` is
+        # about to take over from the loader (the ack overtook the loader's answer).
+        self._orphan_acks: OrderedDict[str, tuple[bool, frozenset[str]]] = OrderedDict()
         # Why a model's target is what it is, when a policy (or a loan) set it: the decision that
         # closes the gap carries this reason and these figures.
         self._why: dict[str, tuple[str, dict[str, float]]] = {}
@@ -194,6 +199,7 @@ class ReplicaBook:
             return previous
         self._why.pop(model, None)
         self._operator.add(model)
+        self._adopt.discard(model)  # an operator's target, even during the warm-up, beats what runs
         # An operator's new target deserves a prompt try, not the back-off of an older failure.
         self._failures.pop(model, None)
         self._not_before.pop(model, None)
@@ -232,6 +238,24 @@ class ReplicaBook:
         self.in_flight.clear()
         return dropped
 
+    def resume(self, d: ScaleDecision, now: float) -> bool:
+        """Take over a decision the loader is carrying out (a predecessor of this scaler sent it):
+        it is in flight, and its target is the model's, so this scaler waits for its ack instead
+        of deciding the same gap again, and does not undo it. False if the model is unknown or its
+        ack was heard already (then it counts as acked)."""
+        b = self.bounds.get(d.model)
+        if b is None:
+            return False
+        self.targets[d.model] = max(b.min_replicas, min(b.max_replicas, d.target_replicas))
+        self._adopt.discard(d.model)
+        self._operator.discard(d.model)
+        self.in_flight[d.model] = InFlight(d, now)
+        heard = self._orphan_acks.pop(d.decision_id, None)
+        if heard is not None:
+            self.on_ack(d.decision_id, heard[0], heard[1], now)
+            return False
+        return True
+
     def on_ack(self, decision_id: str, ok: bool, workers: Collection[str], now: float) -> ScaleDecision | None:
         """Record an ack; returns the decision it answers (None for an id this scaler never sent)."""
         entry = next((f for f in self.in_flight.values() if f.decision.decision_id == decision_id), None)
@@ -241,6 +265,9 @@ class ReplicaBook:
         else:
             late = self._recent.pop(decision_id, None)
             if late is None:
+                self._orphan_acks[decision_id] = (ok, frozenset(workers))
+                while len(self._orphan_acks) > 64:
+                    self._orphan_acks.popitem(last=False)
                 return None
             decision = late
         if workers:

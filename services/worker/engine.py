@@ -143,6 +143,7 @@ class Sequence:
     prompt_lps: list[TokenLogprob | None] | None = None
     prompt_lps_sent: bool = False
     arrived_at: float = 0.0  # wall clock at the gateway: prompts start oldest first
+    attempt: int = 0  # the gateway's dispatch number, echoed in every event
     done: int = 0  # prompt tokens computed so far (prefilled in chunks, or found in the prefix cache)
     chunk: int = 0  # prompt tokens in the step being computed
     # The KV blocks it holds here, in position order (any role).
@@ -443,6 +444,7 @@ class Engine:
         params: SamplingParams,
         route: list[RouteStage] | None = None,
         arrived_at: float = 0.0,
+        attempt: int = 0,
     ) -> None:
         seq = Sequence(
             request_id=request_id,
@@ -454,6 +456,7 @@ class Engine:
             route=list(route or []) if route and len(route) > 1 else [],
             max_stop=max((len(s) for s in params.stop), default=0),
             arrived_at=arrived_at or time.time(),
+            attempt=attempt,
         )
         if 0 < params.resumed <= len(prompt):
             _resume_text(seq, prompt[-params.resumed :])
@@ -612,7 +615,7 @@ class Engine:
                 first = len(seq.generated) - len(seq.pending_ids)
                 ev = TokenEvent(
                     seq.request_id, seq.pending_ids, seq.pending_text, index=first, logprobs=seq.pending_lps,
-                    prompt_logprobs=plps, choice=seq.choice,
+                    prompt_logprobs=plps, choice=seq.choice, attempt=seq.attempt,
                 )  # fmt: skip
                 events.append((seq.gateway_id, ev))
                 seq.pending_ids, seq.pending_text, seq.pending_lps = [], "", []
@@ -942,7 +945,7 @@ class Engine:
                 decoder=IncrementalDecoder(self.tok), generator=_generator(seq.params, self.cfg.vocab_size, i),
                 max_stop=seq.max_stop, arrived_at=seq.arrived_at, done=seq.done, table=table, target=seq.target,
                 keys=list(seq.keys), registered=min(seq.registered, full), admitted=seq.admitted, choice=i,
-                forked=True, prompt_lps_sent=True,
+                forked=True, prompt_lps_sent=True, attempt=seq.attempt,
                 matcher=seq.matcher.deep_copy() if seq.matcher is not None else None,
             )  # fmt: skip
             if id(seq) in self._masks:  # the same state as its parent's: the same first mask
@@ -1266,6 +1269,7 @@ class Engine:
             logprobs=seq.pending_lps,
             prompt_logprobs=self._take_prompt_lps(seq),
             choice=seq.choice,
+            attempt=seq.attempt,
         )
         seq.pending_ids, seq.pending_text, seq.held, seq.pending_lps = [], "", "", []
         return ev

@@ -327,7 +327,15 @@ class WorkerService:
                 rejected.append(Rejection(r.request_id, why[0], why[1]))
                 continue
             assert eng is not None
-            eng.submit(r.request_id, batch.gateway_id, r.prompt_ids, r.params, route=r.route, arrived_at=r.arrived_at)
+            eng.submit(
+                r.request_id,
+                batch.gateway_id,
+                r.prompt_ids,
+                r.params,
+                route=r.route,
+                arrived_at=r.arrived_at,
+                attempt=r.attempt,
+            )
             accepted.append(r.request_id)
         if accepted:
             self.idle.clear()

@@ -1,0 +1,459 @@
+"""`cascade bench chaos`: faults under load, and what clients see.
+
+A whole `cascade up` mesh on the emulated accelerator (steps padded to a device profile's time,
+disk loads paced) serves closed-loop streaming clients while, one window at a time, a fault is
+injected: SIGKILL of a serving worker, of a worker receiving a multicast (a scale-up is asked
+first), of a worker serving as a stage of a partial route (a scale-up under load, killed once it
+drives routes for the layers it holds), of the loader, the scaler, the gateway (clients retry a
+refused connection), and of the NATS server (`cascade up` restarts every one of them).
+
+Per fault: requests accepted (the gateway answered with a status), completed (every token,
+`[DONE]`), of those the gateway migrated (its `migrations_total` over the window), failed with an
+explicit error (an HTTP error status, an error chunk, or a connection cut mid-stream, which a
+client sees), lost (a stream that ended cleanly without its final chunk or short of tokens) and
+hung (no end within the request deadline); both must be 0. Recovery: from the fault until the
+mesh serves at full capacity again, i.e. the target count of instances serving (by heartbeats
+heard in the last three intervals) and a request sent after the fault completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from nats.aio.client import Client as NATS
+
+from bench.common import md_table, result_header, write_result
+from bench.mesh import Mesh
+from cascade.config import GenerateSpec, read_mesh_file
+from cascade.device_profile import load_profile
+from cascade.messages import Heartbeat, LayerReady, MessageError, Ok, ScaleRequest, decode
+from cascade.models.checkpoint import Checkpoint
+from cascade.models.generate import generate_model
+from cascade.natsutil import request
+from cascade.subjects import Subjects
+
+MODEL = "chaos-model"
+HEARTBEAT_S = 0.5
+FAULTS = ("worker_serving", "worker_multicast", "worker_stage", "loader", "scaler", "gateway", "nats")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cascade bench chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--faults", default=",".join(FAULTS), help=f"faults in order (default: all: {','.join(FAULTS)})")
+    p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument("--replicas", type=int, default=2, help="instances serving before the scale-up faults (default 2)")
+    p.add_argument("--clients", type=int, default=6, help="closed-loop streaming clients (default 6)")
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens per request (default 24)")
+    p.add_argument("--max-batch", type=int, default=4, help="each worker's batch limit (default 4)")
+    p.add_argument("--profile", default="llama2-7b-a100-80gb", help="device profile to emulate")
+    p.add_argument("--load-s", type=float, default=3.0, help="emulated time to load the model on one instance")
+    p.add_argument("--window-s", type=float, default=12.0, help="load before and after each fault, at least (s)")
+    p.add_argument("--recover-timeout-s", type=float, default=60.0, help="give up waiting for full capacity after")
+    p.add_argument("--request-deadline-s", type=float, default=60.0, help="a request with no end by then is hung")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers of the real (small) model")
+    p.add_argument("--no-write", action="store_true")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float = float("nan")
+    kind: str = "hung"  # completed | error_status | error_chunk | cut | lost | hung
+    status: int = 0
+    tokens: int = 0
+    retries: int = 0  # connections refused before the gateway answered
+
+
+async def one_request(
+    http: aiohttp.ClientSession, base: Any, max_tokens: int, deadline_s: float, headers: dict[str, str]
+) -> Outcome:
+    body = {
+        "model": MODEL, "prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": max_tokens, "temperature": 0,
+        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    o = Outcome(started=time.monotonic())
+
+    async def go() -> None:
+        while True:
+            try:
+                async with http.post(f"{base()}/completions", json=body, headers=headers) as resp:
+                    o.status = resp.status
+                    if resp.status != 200:
+                        await resp.read()
+                        o.kind = "error_status"
+                        return
+                    await read_stream(resp, o, max_tokens)
+                    return
+            except aiohttp.ClientConnectorError:
+                # The gateway is down (being restarted): not accepted yet, try again.
+                o.retries += 1
+                await asyncio.sleep(0.1)  # a client's retry back-off
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                # The gateway died with the request: before its answer or mid-stream, the client knows.
+                o.kind = "cut"
+                return
+
+    try:
+        await asyncio.wait_for(go(), deadline_s)
+    except TimeoutError:
+        o.kind = "hung"
+    o.ended = time.monotonic()
+    return o
+
+
+async def read_stream(resp: aiohttp.ClientResponse, o: Outcome, max_tokens: int) -> None:
+    done = finished = False
+    usage = 0
+    buf = b""
+    async for chunk in resp.content.iter_any():
+        buf += chunk
+        while b"\n\n" in buf:
+            ev, buf = buf.split(b"\n\n", 1)
+            if not ev.startswith(b"data: "):
+                continue
+            if ev == b"data: [DONE]":
+                done = True
+                continue
+            obj = orjson.loads(ev[6:])
+            if "error" in obj:
+                o.kind = "error_chunk"
+                return
+            for ch in obj.get("choices") or []:
+                if ch.get("finish_reason"):
+                    finished = True
+            if obj.get("usage"):
+                usage = int(obj["usage"].get("completion_tokens", 0))
+    o.tokens = usage
+    o.kind = "completed" if done and finished and usage == max_tokens else "lost"
+
+
+# --------------------------------------------------------------------------- the mesh as seen
+
+
+@dataclass
+class Watch:
+    beats: dict[str, tuple[float, Heartbeat]] = field(default_factory=dict)
+    # Units announced per worker since its last reset (readiness events come as each unit lands,
+    # sooner than the next heartbeat: a fast transfer is caught mid-way here).
+    units: dict[str, set[int]] = field(default_factory=dict)
+    num_units: int = 0
+
+    def receiving(self) -> list[Heartbeat]:
+        """Workers part-way through receiving the model (some units, not all, not serving)."""
+        out = []
+        for w, got in self.units.items():
+            seen = self.beats.get(w)
+            if seen is None or seen[1].state == "serving":
+                continue
+            if 0 < len(got) < self.num_units:
+                out.append(seen[1])
+        return out
+
+    async def attach(self, nc: NATS, s: Subjects) -> None:
+        async def on_beat(msg: Any) -> None:
+            with contextlib.suppress(MessageError):
+                hb = decode(msg.data, Heartbeat)
+                old = self.beats.get(hb.worker_id)
+                if old is not None and old[1].pid != hb.pid:
+                    self.units.pop(hb.worker_id, None)  # restarted: it holds nothing of before
+                self.beats[hb.worker_id] = (time.monotonic(), hb)
+
+        async def on_ready(msg: Any) -> None:
+            with contextlib.suppress(MessageError):
+                ev = decode(msg.data, LayerReady)
+                if ev.reset:
+                    self.units.pop(ev.worker_id, None)
+                elif ev.model == MODEL:
+                    self.num_units = ev.num_units
+                    self.units.setdefault(ev.worker_id, set()).add(ev.unit)
+
+        await nc.subscribe(s.heartbeat_all(), cb=on_beat)
+        await nc.subscribe(s.ready_all(), cb=on_ready)
+
+    def fresh(self) -> list[Heartbeat]:
+        now = time.monotonic()
+        return [hb for t, hb in self.beats.values() if now - t <= 3 * HEARTBEAT_S]
+
+    def serving(self) -> list[Heartbeat]:
+        return [
+            hb
+            for hb in self.fresh()
+            if hb.model == MODEL and hb.state == "serving" and hb.units_ready == hb.num_units > 0
+        ]
+
+
+async def migrations(http: aiohttp.ClientSession, base: str) -> float:
+    """The gateway's migrations_total, summed (0 when it cannot be read: the gateway is down)."""
+    try:
+        async with http.get(base.removesuffix("/v1") + "/metrics") as r:
+            text = await r.text()
+    except aiohttp.ClientError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("cascade_gateway_migrations_total")
+    )
+
+
+# --------------------------------------------------------------------------- faults
+
+
+async def wait_for(pred: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(0.05)  # polling heartbeats with a deadline
+    return False
+
+
+class Chaos:
+    def __init__(self, a: argparse.Namespace, mesh: Mesh, nc: NATS, watch: Watch) -> None:
+        self.a = a
+        self.mesh = mesh
+        self.nc = nc
+        self.watch = watch
+        self.s = Subjects(str(mesh.info.get("prefix", "cascade")))
+        self.target = a.replicas
+        self.killed: set[int] = set()  # worker pids killed: their last heartbeats do not count
+
+    def pid(self, name: str) -> int:
+        info = read_mesh_file(self.mesh.home) or {}
+        return int(info["pids"][name])
+
+    async def scale(self, n: int) -> None:
+        self.target = n
+        await request(self.nc, self.s.scale_request(), ScaleRequest(MODEL, n), Ok, timeout=10)
+
+    async def inject(self, fault: str) -> dict[str, Any]:
+        """Inject the fault; returns what was done."""
+        if fault == "worker_serving":
+            busy = sorted(self.watch.serving(), key=lambda hb: -hb.running)
+            victim = busy[0].worker_id
+            self.killed.add(busy[0].pid)
+            os.kill(busy[0].pid, signal.SIGKILL)
+            return {"killed": victim, "running": busy[0].running}
+        if fault in ("worker_multicast", "worker_stage"):
+            await self.scale(self.target + 1)
+
+            def loading() -> list[Heartbeat]:
+                return [hb for hb in self.watch.fresh() if hb.model == MODEL and hb.state == "loading"]
+
+            if fault == "worker_multicast":
+                ok = await wait_for(lambda: bool(self.watch.receiving()), 30)
+                cands = self.watch.receiving() or loading()
+            else:
+                # A loading instance that drives partial routes: a stage of a route through it.
+                ok = await wait_for(lambda: any(hb.driven > 0 for hb in loading()), 30)
+                cands = [hb for hb in loading() if hb.driven > 0] or loading()
+            if not cands:
+                return {"killed": None, "note": "no loading worker seen"}
+            hb = cands[0]
+            self.killed.add(hb.pid)
+            os.kill(hb.pid, signal.SIGKILL)
+            return {
+                "killed": hb.worker_id, "units_ready": len(self.watch.units.get(hb.worker_id, ())),
+                "num_units": self.watch.num_units, "driven": hb.driven, "condition_seen": ok,
+            }  # fmt: skip
+        name = {"loader": "loader", "scaler": "scaler", "gateway": "gateway", "nats": "nats"}[fault]
+        os.kill(self.pid(name), signal.SIGKILL)
+        return {"killed": name}
+
+
+async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base: Any) -> dict[str, Any]:
+    a = chaos.a
+    outcomes: list[Outcome] = []
+    stop = asyncio.Event()
+    headers: dict[str, str] = {}
+
+    async def client() -> None:
+        while not stop.is_set():
+            outcomes.append(await one_request(http, base, a.max_tokens, a.request_deadline_s, headers))
+
+    mig0 = await migrations(http, base())
+    clients = [asyncio.ensure_future(client()) for _ in range(a.clients)]
+    try:
+        await asyncio.sleep(a.window_s / 3)  # steady load before the fault (the schedule itself)
+        what = await chaos.inject(fault)
+        t_fault = time.monotonic()  # the kill (after a scale-up fault's wait for its moment)
+        print(f"  {fault}: {what}", flush=True)
+        dropped_at: float | None = None
+
+        def full() -> bool:
+            nonlocal dropped_at
+            n = sum(1 for hb in chaos.watch.serving() if hb.pid not in chaos.killed)
+            if n < chaos.target and dropped_at is None:
+                dropped_at = time.monotonic()
+            return n >= chaos.target
+
+        def served_after() -> float | None:
+            done = [o.ended for o in outcomes if o.kind == "completed" and o.started >= t_fault]
+            return min(done) if done else None
+
+        capacity_ok = await wait_for(lambda: full() and served_after() is not None, a.recover_timeout_s)
+        recovered = time.monotonic() - t_fault if capacity_ok else None
+        await asyncio.sleep(max(0.0, a.window_s - (time.monotonic() - t_fault)))  # load after the fault
+    finally:
+        stop.set()
+        await asyncio.gather(*clients, return_exceptions=True)
+    mig1 = await migrations(http, base())
+    kinds = {k: sum(1 for o in outcomes if o.kind == k) for k in ("completed", "error_status", "error_chunk", "cut")}
+    accepted = len(outcomes)  # every request a gateway took (refused connections are retried, not counted)
+    lost = sum(1 for o in outcomes if o.kind == "lost")
+    hung = sum(1 for o in outcomes if o.kind == "hung")
+    return {
+        "fault": fault,
+        "injected": what,
+        "accepted": accepted,
+        "completed": kinds["completed"],
+        "migrated": max(0.0, mig1 - mig0) if fault != "gateway" else None,
+        "failed_explicit": kinds["error_status"] + kinds["error_chunk"] + kinds["cut"],
+        "failed_by_kind": {k: kinds[k] for k in ("error_status", "error_chunk", "cut")},
+        "statuses": sorted({o.status for o in outcomes if o.kind == "error_status"}),
+        "lost": lost,
+        "hung": hung,
+        "complete_pct": round(100.0 * kinds["completed"] / accepted, 2) if accepted else None,
+        "client_retries": sum(o.retries for o in outcomes),
+        "capacity_dropped": dropped_at is not None,
+        "recovery_s": round(recovered, 2) if recovered is not None else None,
+        "target_instances": chaos.target,
+    }
+
+
+async def drive(a: argparse.Namespace, mesh: Mesh) -> list[dict[str, Any]]:
+    nc = await mesh.connect("bench-chaos")
+    watch = Watch()
+    chaos = Chaos(a, mesh, nc, watch)
+    try:
+        await watch.attach(nc, chaos.s)
+        if not await wait_for(lambda: len(watch.serving()) >= a.replicas, 120):
+            raise RuntimeError("the mesh did not serve on its replicas")
+
+        def base() -> str:
+            # The gateway keeps its port across restarts (the supervisor passes the same one).
+            return str(mesh.url)
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        rows = []
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+            for fault in [f for f in a.faults.split(",") if f]:
+                if fault not in FAULTS:
+                    raise SystemExit(f"unknown fault {fault!r} (known: {', '.join(FAULTS)})")
+                rows.append(await run_fault(chaos, fault, http, base))
+                r = rows[-1]
+                print(
+                    f"  → accepted {r['accepted']}, completed {r['completed']}, failed {r['failed_explicit']}, "
+                    f"lost {r['lost']}, hung {r['hung']}, recovery {r['recovery_s']} s",
+                    flush=True,
+                )
+        return rows
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) -> str:
+    table = md_table(
+        ["fault", "accepted", "completed", "migrated", "failed (explicit)", "lost", "hung", "complete %",
+         "recovery s", "instances"],
+        [
+            [r["fault"], r["accepted"], r["completed"], "n/a" if r["migrated"] is None else int(r["migrated"]),
+             f"{r['failed_explicit']} {r['failed_by_kind']}" if r["failed_explicit"] else 0, r["lost"], r["hung"],
+             r["complete_pct"], r["recovery_s"] if r["recovery_s"] is not None else "not within timeout",
+             r["target_instances"]]
+            for r in rows
+        ],
+    )  # fmt: skip
+    return (
+        "# Chaos: faults under load\n\n"
+        f"`{command}`\n\n"
+        f"{a.clients} closed-loop streaming clients, {a.max_tokens} tokens per request, {a.workers} workers, "
+        f"{a.replicas} instances before the scale-up faults (each of those adds one); each fault in its own "
+        f"window of at least {a.window_s:g} s. `migrated`: the gateway's migrations_total over the window "
+        "(n/a for the gateway fault: the restarted gateway counts from 0). `failed (explicit)`: error "
+        "statuses, error chunks, and streams cut by a dying gateway. Targets: 0 lost, 0 hung, >= 99 % "
+        "complete for worker faults, recovery <= 3 s after a worker fault.\n\n"
+        + table
+        + "\nWhat each fault did:\n\n"
+        + "".join(f"- {r['fault']}: {injected(r['injected'])}\n" for r in rows)
+    )
+
+
+def injected(what: dict[str, Any]) -> str:
+    if what.get("killed") is None:
+        return f"NOT injected ({what.get('note', 'nothing to kill')})"
+    return ", ".join(f"{k} {v}" for k, v in what.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    command = "cascade bench chaos " + " ".join(argv or [])
+    spec = GenerateSpec(layers=a.layers, hidden=64, heads=4, kv_heads=2, vocab=320, max_position=2048, seed=5)
+    with tempfile.TemporaryDirectory(prefix="cascade-chaos-") as tmp:
+        model_dir = Path(tmp) / MODEL
+        generate_model(model_dir, spec)
+        ck = Checkpoint(model_dir)
+        load_mb_s = ck.total_nbytes() / 1e6 / a.load_s
+        ck.close()
+        deploy = (
+            f'[[models]]\nname = "{MODEL}"\npath = "{model_dir}"\nmin_replicas = {a.replicas}\n'
+            f'max_replicas = {a.workers}\npolicy = "manual"\n'
+        )
+        mesh = Mesh(
+            ["--workers", str(a.workers), "--max-restarts", "20"],
+            {
+                "CASCADE_DEVICE_PROFILE": a.profile,
+                "CASCADE_LOAD_MB_S": f"{load_mb_s:.6f}",
+                # Parameter sends paced like disk loads: a multicast lasts long enough to be caught.
+                "CASCADE_LOADER_SEND_MB_S": f"{load_mb_s:.6f}",
+                # A small batch limit: the instances are busy under the clients, so the gateway routes
+                # through a loading instance for the layers it holds (partial routes).
+                "CASCADE_MAX_BATCH": str(a.max_batch),
+                "CASCADE_HEARTBEAT_S": str(HEARTBEAT_S),
+                "CASCADE_LOG_LEVEL": "warning",
+                "CASCADE_KV_CACHE_MB": "64",
+            },
+            deploy_toml=deploy,
+        )
+        mesh.start()
+        try:
+            rows = asyncio.run(drive(a, mesh))
+        finally:
+            mesh.stop()
+    text = markdown(rows, a, command)
+    print()
+    print(text)
+    if not a.no_write:
+        prof = load_profile(a.profile)
+        doc = {
+            **result_header("chaos"),
+            "command": command,
+            "parameters": vars(a),
+            "model_spec": {k: getattr(spec, k) for k in GenerateSpec.__slots__},
+            "emulated": {
+                "device": prof.describe(),
+                "load": f"disk loads and parameter sends paced to {a.load_s} s per instance for the whole model "
+                "(CASCADE_LOAD_MB_S, CASCADE_LOADER_SEND_MB_S); transfers between workers over loopback TCP",
+                "note": "real torch on the small model; each step padded to the profile's time",
+            },
+            "rows": rows,
+        }
+        written = write_result("chaos", doc, text)
+        print(f"wrote {', '.join(map(str, written))}")
+    return 0
