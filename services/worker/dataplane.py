@@ -647,9 +647,11 @@ class DataPlaneServer:
 
     def _refuse(self, chan: Channel, reason: str) -> None:
         self.refused += 1
-        log.warning("dataplane_refused", reason=reason)
+        # The peer hears why first: a log sink that fails (a closed stream) must not turn a refusal
+        # into a silently dropped connection.
         with contextlib.suppress(OSError):
             chan.sendall(encode_status(False, reason))
+        log.warning("dataplane_refused", reason=reason)
 
     def _serve(self, chan: Channel) -> None:
         try:
