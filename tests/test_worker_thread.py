@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from cascade.messages import (
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
-from cascade.natsutil import connect, request
+from cascade.natsutil import NoResponders, connect, request
 from cascade.service import serve
 from cascade.subjects import Subjects
 from services.worker.dataplane import CheckpointSource, send_units
@@ -99,7 +100,16 @@ async def test_every_torch_call_runs_on_the_engine_thread(
         n, L = ck.config.num_units, ck.config.num_hidden_layers
         sizes = [ck.unit_nbytes(u) for u in range(n)]
         order = TransferOrder("t1", "tok", "m", "receive", list(range(n)), n, path=str(model_dir), unit_nbytes=sizes)
-        await request(nc, subjects.transfer("wr"), order, Ok, timeout=20)
+        # `started` is true before the worker's subscriptions reach the broker: ask until one listens.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await request(nc, subjects.transfer("wr"), order, Ok, timeout=20)
+                break
+            except NoResponders:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
         addr = workers[1].heartbeat().data_addr
         assert addr is not None
         await asyncio.to_thread(send_units, CheckpointSource(ck, "m"), addr, "t1", "tok", list(range(n)))
