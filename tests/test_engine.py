@@ -12,6 +12,7 @@ from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from services.worker.engine import Engine
 from services.worker.model import LlamaModel
+from tests.enginehelp import load_model, run_engine
 
 SPEC = GenerateSpec(layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=11)
 
@@ -20,21 +21,11 @@ SPEC = GenerateSpec(layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=11
 def model(tmp_path_factory: pytest.TempPathFactory) -> LlamaModel:
     d = tmp_path_factory.mktemp("model")
     generate_model(d, SPEC)
-    ck = Checkpoint(d)
-    m = LlamaModel(ck.config)
-    for u in range(ck.config.num_units):
-        m.load_unit(u, ck.unit_tensors(u))
-    return m
+    return load_model(d)
 
 
 def run(engine: Engine, max_steps: int = 500) -> dict[str, list[TokenEvent]]:
-    out: dict[str, list[TokenEvent]] = {}
-    for _ in range(max_steps):
-        if not engine.has_work():
-            return out
-        for _, ev in engine.step().events:
-            out.setdefault(ev.request_id, []).append(ev)
-    raise AssertionError("engine did not finish")
+    return run_engine(engine, max_steps)
 
 
 def tokens(evs: list[TokenEvent]) -> list[int]:

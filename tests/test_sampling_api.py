@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from cascade.messages import SamplingParams, TokenEvent
-from cascade.models.checkpoint import Checkpoint
 from cascade.models.tokenizer import ByteTokenizer
 from services.worker.engine import Engine
 from services.worker.model import LlamaModel
 from services.worker.sampling import SampleRow, apply_penalties
+from tests.enginehelp import load_model, run_engine
 from tests.hfmodels import CASES, Built, build, hf_logits
 
 TOL = 1e-4
@@ -29,21 +29,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def model(built: Built) -> LlamaModel:
-    ck = Checkpoint(built.v5)
-    m = LlamaModel(ck.config)
-    for u in range(ck.config.num_units):
-        m.load_unit(u, ck.unit_tensors(u))
-    return m
+    return load_model(built.v5)
 
 
 def run(engine: Engine, max_steps: int = 500) -> dict[str, list[TokenEvent]]:
-    out: dict[str, list[TokenEvent]] = {}
-    for _ in range(max_steps):
-        if not engine.has_work():
-            return out
-        for _, ev in engine.step().events:
-            out.setdefault(ev.request_id, []).append(ev)
-    raise AssertionError("engine did not finish")
+    return run_engine(engine, max_steps)
 
 
 def generate(model: LlamaModel, params: SamplingParams, **kw: Any) -> list[TokenEvent]:

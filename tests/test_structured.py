@@ -14,11 +14,11 @@ import pytest
 from cascade import structured
 from cascade.config import GenerateSpec
 from cascade.messages import SamplingParams, TokenEvent
-from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from services.worker.engine import Engine
 from services.worker.model import LlamaModel
+from tests.enginehelp import load_model, run_engine
 
 SPEC = GenerateSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320, seed=5)
 tok = ByteTokenizer()
@@ -49,21 +49,11 @@ SCHEMA = {
 def model(tmp_path_factory: pytest.TempPathFactory) -> LlamaModel:
     d = tmp_path_factory.mktemp("model")
     generate_model(d, SPEC)
-    ck = Checkpoint(d)
-    m = LlamaModel(ck.config)
-    for u in range(ck.config.num_units):
-        m.load_unit(u, ck.unit_tensors(u))
-    return m
+    return load_model(d)
 
 
 def run(engine: Engine, max_steps: int = 2000) -> dict[str, list[TokenEvent]]:
-    out: dict[str, list[TokenEvent]] = {}
-    for _ in range(max_steps):
-        if not engine.has_work():
-            return out
-        for _, ev in engine.step().events:
-            out.setdefault(ev.request_id, []).append(ev)
-    raise AssertionError("engine did not finish")
+    return run_engine(engine, max_steps)
 
 
 def texts(evs: list[TokenEvent]) -> dict[int, str]:
