@@ -27,7 +27,9 @@ from typing import Any
 import aiohttp
 import orjson
 
+from bench import datasets
 from bench.common import percentile, result_header, write_result
+from bench.datasets import BenchRequest
 from bench.mesh import Mesh
 
 GOODPUT_KEYS = ("ttft", "tpot", "e2el")
@@ -78,7 +80,7 @@ def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[floa
 
 
 async def one_request(
-    session: aiohttp.ClientSession, url: str, model: str, prompt: str, max_tokens: int
+    session: aiohttp.ClientSession, url: str, model: str, prompt: str | list[int], max_tokens: int
 ) -> dict[str, Any]:
     body = {
         "model": model,
@@ -139,26 +141,26 @@ async def one_request(
 async def run_load(
     url: str,
     model: str,
-    prompt: str,
-    max_tokens: int,
+    requests: list[BenchRequest],
     gaps: list[float],
     max_concurrency: int | None,
 ) -> tuple[list[dict[str, Any]], float]:
+    """One request per entry of `requests`, the i-th sent `gaps[i-1]` after the one before."""
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     conn = aiohttp.TCPConnector(limit=(max_concurrency + 4) if max_concurrency else 0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=900)) as s:
-        await one_request(s, url, model, prompt, 4)  # warm-up, as vLLM's initial test request
+        await one_request(s, url, model, requests[0].prompt, 4)  # warm-up, as vLLM's initial test request
 
-        async def send() -> dict[str, Any]:
+        async def send(r: BenchRequest) -> dict[str, Any]:
             if limit is None:
-                return await one_request(s, url, model, prompt, max_tokens)
+                return await one_request(s, url, model, r.prompt, r.output_len)
             async with limit:
-                return await one_request(s, url, model, prompt, max_tokens)
+                return await one_request(s, url, model, r.prompt, r.output_len)
 
         tasks: list[asyncio.Task[dict[str, Any]]] = []
         t0 = time.perf_counter()
-        for i in range(len(gaps) + 1):
-            tasks.append(asyncio.create_task(send()))
+        for i, req in enumerate(requests):
+            tasks.append(asyncio.create_task(send(req)))
             if i < len(gaps) and gaps[i] > 0:
                 await asyncio.sleep(gaps[i])  # the arrival process itself, not a wait for a condition
         results = list(await asyncio.gather(*tasks))
@@ -272,6 +274,37 @@ def _percentiles(a: argparse.Namespace) -> list[float]:
         raise UsageError(f"--metric-percentiles takes numbers, e.g. 50,90,99; got {a.metric_percentiles!r}") from None
 
 
+def _requests(a: argparse.Namespace, n: int, prompt: str, folder: Path | None) -> list[BenchRequest]:
+    """The run's requests: the built-in prompt with --max-tokens each, or the dataset's."""
+    if not a.dataset_name:
+        return [BenchRequest(prompt, 0, a.max_tokens)] * n
+    from cascade.models.tokenizer import load_tokenizer
+
+    tok_dir = Path(a.tokenizer) if a.tokenizer else folder
+    assert tok_dir is not None  # run() asks for --tokenizer when there is no model folder
+    if not tok_dir.is_dir():
+        raise datasets.DatasetError(f"--tokenizer {tok_dir}: no such folder")
+    tok = load_tokenizer(tok_dir)
+    vocab = datasets.vocab_size(tok_dir) if a.dataset_name == "random" else 0
+    return datasets.load(a, n, tok, vocab)
+
+
+def _dataset_params(a: argparse.Namespace, requests: list[BenchRequest]) -> dict[str, Any] | None:
+    if not a.dataset_name:
+        return None
+    picked = {
+        "random": ("random_input_len", "random_output_len", "random_range_ratio", "random_prefix_len"),
+        "sharegpt": ("dataset_path", "sharegpt_output_len"),
+        "custom": ("dataset_path", "custom_output_len"),
+    }[a.dataset_name]
+    return {
+        "name": a.dataset_name,
+        **{k: getattr(a, k) for k in picked},
+        "prompt_tokens_total": sum(r.prompt_len for r in requests),
+        "output_tokens_asked_total": sum(r.output_len for r in requests),
+    }
+
+
 def run(a: argparse.Namespace) -> int:
     from bench.serve import PROMPT, _model_folder
 
@@ -298,12 +331,16 @@ def run(a: argparse.Namespace) -> int:
     n = a.num_prompts or (16 if a.quick else 200)
     prompt = PROMPT * a.prompt_repeat
     gaps = arrival_gaps(n, rate, burstiness, a.seed)
+    if a.base_url and a.dataset_name and not a.tokenizer:
+        print("cascade bench serve: --dataset-name with --base-url needs --tokenizer", file=sys.stderr)
+        return 2
     # The machine may be shared: its load beside the figures says how far to trust them.
     load_before = os.getloadavg()
 
     mesh: Mesh | None = None
     scratch: tempfile.TemporaryDirectory[str] | None = None
     model_info: dict[str, Any] = {}
+    folder: Path | None = None
     if a.base_url:
         url = a.base_url.rstrip("/")
         url = url if url.endswith("/v1") else url + "/v1"
@@ -315,6 +352,14 @@ def run(a: argparse.Namespace) -> int:
     else:
         scratch = tempfile.TemporaryDirectory(prefix="cascade-bench-model-")
         folder, name, model_info = _model_folder(a, Path(scratch.name))
+    try:
+        requests = _requests(a, n, prompt, folder)
+    except datasets.DatasetError as e:
+        print(f"cascade bench serve: {e}", file=sys.stderr)
+        if scratch is not None:
+            scratch.cleanup()
+        return 2
+    if folder is not None:
         mesh = Mesh(
             [
                 "--workers", str(a.workers), "--threads", str(a.threads), "--model", str(folder),
@@ -330,7 +375,7 @@ def run(a: argparse.Namespace) -> int:
         what = "all at once" if math.isinf(rate) else f"at {rate:g} req/s, burstiness {burstiness:g}"
         cap = f", at most {a.max_concurrency} in flight" if a.max_concurrency else ""
         print(f"{n} requests of {a.max_tokens} tokens {what}{cap} …", flush=True)
-        results, duration = asyncio.run(run_load(url, name, prompt, a.max_tokens, gaps, a.max_concurrency))
+        results, duration = asyncio.run(run_load(url, name, requests, gaps, a.max_concurrency))
     finally:
         if mesh is not None:
             mesh.stop()
@@ -356,8 +401,9 @@ def run(a: argparse.Namespace) -> int:
         "burstiness": burstiness,
         "max_concurrency": a.max_concurrency,
         "num_prompts": n,
-        "max_tokens": a.max_tokens,
-        "prompt_chars": len(prompt),
+        "max_tokens": a.max_tokens if not a.dataset_name else None,
+        "prompt_chars": len(prompt) if not a.dataset_name else None,
+        "dataset": _dataset_params(a, requests),
         "goodput_ms": goodput,
         "percentile_metrics": metrics,
         "metric_percentiles": percentiles,
