@@ -114,21 +114,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="benchmark this running OpenAI-compatible server (e.g. http://127.0.0.1:8000) instead of starting "
         "a mesh; --model is then the served model's name",
     )
-    v.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default 0)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the arrival times and the dataset (default 0)")
+    from bench.datasets import add_options
+
+    add_options(v)
     p.add_argument(
         "--json-schema",
         action="store_true",
         help="measure structured outputs: the highest --concurrency level with response_format json_schema on "
         "every request against none, alternating rounds on one mesh (writes serve-json-schema)",
     )
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each variant with --json-schema")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating rounds of each variant with --json-schema, and of the mesh and transformers' generate "
+        "at each concurrency with --transformers (the ratio of neighbouring runs is what a shared machine can "
+        "measure; default 3)",
+    )
     return p.parse_args(argv)
 
 
 def rate_mode(a: argparse.Namespace) -> bool:
     """Any of vllm bench serve's load options asks for its kind of run."""
     return any(
-        x is not None for x in (a.request_rate, a.burstiness, a.max_concurrency, a.num_prompts, a.goodput, a.base_url)
+        x is not None
+        for x in (a.request_rate, a.burstiness, a.max_concurrency, a.num_prompts, a.goodput, a.base_url, a.dataset_name)
     )
 
 
@@ -306,6 +317,34 @@ def inprocess_level(engine: Any, tok: Any, concurrency: int, n: int, prompt: str
     return {"concurrency": concurrency, "requests": n, "output_tokens_per_s": n * max_tokens / wall, "wall_s": wall}
 
 
+def _transformers_model(folder: Path, threads: int) -> Any:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mesh's run with the median tokens/s, with every round's tokens/s beside it."""
+    ranked = sorted(runs, key=lambda r: r["output_tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "rounds_tokens_per_s": [r["output_tokens_per_s"] for r in runs]}
+
+
+def _paired(mesh_runs: list[dict[str, Any]], hf_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """transformers' runs at one batch size against the mesh's run just before each: the ratio per
+    round, and their median (what the bar is read from)."""
+    ratios = [m["output_tokens_per_s"] / h["output_tokens_per_s"] for m, h in zip(mesh_runs, hf_runs, strict=True)]
+    tps = sorted(h["output_tokens_per_s"] for h in hf_runs)
+    return {
+        "batch": hf_runs[0]["batch"],
+        "output_tokens_per_s": tps[(len(tps) - 1) // 2],
+        "rounds": hf_runs,
+        "ratios": ratios,
+        "ratio_median": sorted(ratios)[(len(ratios) - 1) // 2],
+    }
+
+
 def transformers_level(model: Any, ids: list[int], batch: int, max_tokens: int) -> dict[str, Any]:
     """transformers' `generate`, greedy, `batch` copies of the prompt (no padding needed), exactly
     `max_tokens` new tokens each (ignore_eos's equivalent)."""
@@ -461,21 +500,39 @@ def main(argv: list[str] | None = None) -> int:
         {"CASCADE_MAX_BATCH": str(a.max_batch), "CASCADE_PREFIX_CACHING": "0"},
     )
     print(f"starting the mesh: {' '.join(mesh.args)}", flush=True)
-    rows, local_rows = [], []
+    rows: list[dict[str, Any]] = []
+    local_rows: list[dict[str, Any]] = []
+    hf_rows: list[dict[str, Any]] = []
     try:
         url = mesh.start()
         print(f"mesh up at {url}", flush=True)
+        engine, tok = inprocess_engine(folder, a.max_batch, a.threads)
+        hf = _transformers_model(folder, a.threads) if a.transformers else None
+        rounds = max(1, a.rounds) if hf is not None else 1
         for c in levels:
             n = a.requests or max(4 * c, 24)
             if a.quick:
                 n = max(c, 4)
-            print(f"concurrency {c}: {n} requests of {a.max_tokens} tokens …", flush=True)
-            rows.append(asyncio.run(load_level(url, c, n, prompt, a.max_tokens, name)))
-            r = rows[-1]
-            ttft = r["ttft_ms"]["p50"]
-            shown = f"{ttft:.1f} ms" if r["ok"] else f"— ({len(r['errors'])} errors shown of {n - r['ok']})"
-            print(f"  {r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {shown}", flush=True)
-        engine, tok = inprocess_engine(folder, a.max_batch, a.threads)
+            mesh_runs, hf_runs = [], []
+            for i in range(rounds):
+                tag = f" (round {i + 1}/{rounds})" if rounds > 1 else ""
+                print(f"concurrency {c}: {n} requests of {a.max_tokens} tokens{tag} …", flush=True)
+                r = asyncio.run(load_level(url, c, n, prompt, a.max_tokens, name))
+                mesh_runs.append(r)
+                ttft = r["ttft_ms"]["p50"]
+                shown = f"{ttft:.1f} ms" if r["ok"] else f"— ({len(r['errors'])} errors shown of {n - r['ok']})"
+                print(f"  {r['output_tokens_per_s']:.0f} tok/s, TTFT p50 {shown}", flush=True)
+                if hf is not None:
+                    # Right after the mesh's run at the same batch size, with the mesh idle: both see the
+                    # machine as it is in these few minutes.
+                    hf_runs.append(transformers_level(hf, tok.encode(prompt), c, a.max_tokens))
+                    print(
+                        f"  transformers generate, batch {c}: {hf_runs[-1]['output_tokens_per_s']:.0f} tok/s",
+                        flush=True,
+                    )
+            rows.append(_median_run(mesh_runs))
+            if hf_runs:
+                hf_rows.append(_paired(mesh_runs, hf_runs))
         print(f"mesh overhead: {a.overhead_requests} paired requests …", flush=True)
         ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name))
     finally:
@@ -485,17 +542,6 @@ def main(argv: list[str] | None = None) -> int:
         c, n = r["concurrency"], r["requests"]
         print(f"in-process engine, concurrency {c} …", flush=True)
         local_rows.append(inprocess_level(engine, tok, c, n, prompt, a.max_tokens))
-    hf_rows: list[dict[str, Any]] = []
-    if a.transformers:
-        import torch
-        import transformers
-
-        torch.set_num_threads(a.threads)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        ids = tok.encode(prompt)
-        for c in levels:
-            print(f"transformers generate, batch {c} …", flush=True)
-            hf_rows.append(transformers_level(hf, ids, c, a.max_tokens))
     scratch.cleanup()
 
     by_c = {r["concurrency"]: r for r in rows}
@@ -517,14 +563,15 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     head = ["streams", "mesh tok/s", "engine in-process tok/s", "mesh / in-process"]
     if hf_rows:
-        head += ["transformers generate tok/s", "mesh / transformers"]
+        head += ["transformers generate tok/s", "mesh / transformers (median)", "mesh / transformers each round"]
     cmp_rows = []
     for i, (r, lo) in enumerate(zip(rows, local_rows, strict=True)):
         row = [r["concurrency"], r["output_tokens_per_s"], lo["output_tokens_per_s"]]
         row.append(f"{r['output_tokens_per_s'] / lo['output_tokens_per_s']:.2f}x")
         if hf_rows:
-            hf_tps = hf_rows[i]["output_tokens_per_s"]
-            row += [hf_tps, f"{r['output_tokens_per_s'] / hf_tps:.2f}x"]
+            h = hf_rows[i]
+            row += [h["output_tokens_per_s"], f"{h['ratio_median']:.2f}x"]
+            row.append(", ".join(f"{x:.2f}" for x in h["ratios"]))
         cmp_rows.append(row)
     table += "\n" + md_table(head, cmp_rows)
     table += "\n" + md_table(
@@ -558,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                 "overhead_pairs": a.overhead_requests,
                 "overhead_max_tokens": a.overhead_max_tokens,
                 "transformers": a.transformers,
+                "rounds": a.rounds if a.transformers else 1,
                 "quick": a.quick,
                 "prefix_caching": False,
             },
