@@ -152,6 +152,9 @@ class Watch:
     # sooner than the next heartbeat: a fast transfer is caught mid-way here).
     units: dict[str, set[int]] = field(default_factory=dict)
     num_units: int = 0
+    # Every heartbeat of a worker not serving: what a scale-up fault saw when its moment never came.
+    not_serving: list[Heartbeat] = field(default_factory=list)
+    arrival: dict[str, list[int]] = field(default_factory=dict)  # units in the order announced
 
     def receiving(self) -> list[Heartbeat]:
         """Workers part-way through receiving the model (some units, not all, not serving)."""
@@ -172,6 +175,8 @@ class Watch:
                 if old is not None and old[1].pid != hb.pid:
                     self.units.pop(hb.worker_id, None)  # restarted: it holds nothing of before
                 self.beats[hb.worker_id] = (time.monotonic(), hb)
+                if hb.state != "serving":
+                    self.not_serving.append(hb)
 
         async def on_ready(msg: Any) -> None:
             with contextlib.suppress(MessageError):
@@ -181,6 +186,7 @@ class Watch:
                 elif ev.model == MODEL:
                     self.num_units = ev.num_units
                     self.units.setdefault(ev.worker_id, set()).add(ev.unit)
+                    self.arrival.setdefault(ev.worker_id, []).append(ev.unit)
 
         await nc.subscribe(s.heartbeat_all(), cb=on_beat)
         await nc.subscribe(s.ready_all(), cb=on_ready)
@@ -251,6 +257,7 @@ class Chaos:
             return {"killed": victim, "running": busy[0].running}
         if fault in ("worker_multicast", "worker_stage"):
             await self.scale(self.target + 1)
+            seen_from = len(self.watch.not_serving)
 
             def loading() -> list[Heartbeat]:
                 return [hb for hb in self.watch.fresh() if hb.model == MODEL and hb.state == "loading"]
@@ -263,7 +270,20 @@ class Chaos:
                 ok = await wait_for(lambda: any(hb.driven > 0 for hb in loading()), 30)
                 cands = [hb for hb in loading() if hb.driven > 0] or loading()
             if not cands:
-                return {"killed": None, "note": "no loading worker seen"}
+                beats = self.watch.not_serving[seen_from:]
+                seen = sorted(
+                    {
+                        f"{hb.worker_id}:{hb.state}:units={hb.units_ready}:stage={bool(hb.stage_addr)}:driven={hb.driven}"
+                        for hb in beats
+                    }
+                )
+                arrived = {w: self.watch.arrival.get(w, []) for w in {hb.worker_id for hb in beats}}
+                return {
+                    "killed": None,
+                    "note": "no loading worker seen",
+                    "not_serving_beats": seen[:12],
+                    "units_in_order": arrived,
+                }
             hb = cands[0]
             self.killed.add(hb.pid)
             os.kill(hb.pid, signal.SIGKILL)
