@@ -63,6 +63,8 @@ STATUS_REFUSED = 1
 # Sized so one chunk in flight per hop costs well under a millisecond at loopback speeds while
 # keeping per-call Python overhead (a syscall, a crc32 call) small against the bytes moved.
 DEFAULT_CHUNK = 1 << 20
+# The longest a paced send may run ahead of its rate, as budget banked before it starts.
+MAX_BURST_S = 0.01
 # Offsets of tensors inside a receiver's unit buffer: aligned so `torch.frombuffer` views of any
 # dtype are aligned (and a later device copy can use the fast path).
 ALIGN = 64
@@ -834,7 +836,9 @@ def send_units(
     requests. Raises TransferError when the receiver refuses, goes away, or `cancel` is set."""
     transport = transport or TcpTransport()
     if limiter is None and rate_limit_bps > 0:
-        limiter = RateLimiter(rate_limit_bps, burst=chunk)
+        # At most MAX_BURST_S of the rate up front: a whole chunk at a low rate (an emulated slow
+        # link, a small model) let every unit go at once, and the pace was never held.
+        limiter = RateLimiter(rate_limit_bps, burst=min(chunk, max(int(rate_limit_bps * MAX_BURST_S), 1)))
     t0 = time.monotonic()
     sent = 0
     try:
