@@ -1,7 +1,8 @@
 """`cascade bench chaos`: faults under load, and what clients see.
 
 A whole `cascade up` mesh on the emulated accelerator (steps padded to a device profile's time,
-disk loads paced) serves closed-loop streaming clients while, one window at a time, a fault is
+disk loads and parameter sends paced) serves a window of the Azure LLM code trace replayed open
+loop (or, with --clients, closed-loop streaming clients) while, one window at a time, a fault is
 injected: SIGKILL of a serving worker, of a worker receiving a multicast (a scale-up is asked
 first), of a worker serving as a stage of a partial route (a scale-up under load, killed once it
 drives routes for the layers it holds), of the loader, the scaler, the gateway (clients retry a
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,6 +37,17 @@ from nats.aio.client import Client as NATS
 
 from bench.common import md_table, result_header, write_result
 from bench.mesh import Mesh
+from bench.tracelib import (
+    DEFAULT_TRACE,
+    LICENCE,
+    Arrival,
+    ScheduleSpec,
+    TraceError,
+    build_schedule,
+    load_trace,
+    missing_trace,
+    prompt_ids,
+)
 from cascade.config import GenerateSpec, read_mesh_file
 from cascade.device_profile import load_profile
 from cascade.messages import Heartbeat, LayerReady, MessageError, Ok, ScaleRequest, decode
@@ -53,8 +66,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--faults", default=",".join(FAULTS), help=f"faults in order (default: all: {','.join(FAULTS)})")
     p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
     p.add_argument("--replicas", type=int, default=2, help="instances serving before the scale-up faults (default 2)")
-    p.add_argument("--clients", type=int, default=6, help="closed-loop streaming clients (default 6)")
-    p.add_argument("--max-tokens", type=int, default=24, help="tokens per request (default 24)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=0,
+        help="closed-loop streaming clients instead of the trace replay (default 0: replay the trace)",
+    )
+    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help=f"trace CSV to replay (default {DEFAULT_TRACE})")
+    p.add_argument(
+        "--trace-start", type=float, default=180.0, help="replay from this many trace seconds (default 180: a burst)"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=16.0,
+        help="the trace's arrivals compressed in time to this mean rate, requests/s (default 16: its bursts "
+        "then fill the instances)",
+    )
+    p.add_argument("--max-prompt", type=int, default=256, help="cap on a replayed prompt's tokens (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the replayed prompts (default 0)")
+    p.add_argument(
+        "--max-tokens", type=int, default=24, help="tokens per request (caps the trace's output lengths; default 24)"
+    )
     p.add_argument("--max-batch", type=int, default=4, help="each worker's batch limit (default 4)")
     p.add_argument("--profile", default="llama2-7b-a100-80gb", help="device profile to emulate")
     p.add_argument("--load-s", type=float, default=3.0, help="emulated time to load the model on one instance")
@@ -79,11 +112,19 @@ class Outcome:
     retries: int = 0  # connections refused before the gateway answered
 
 
+CLOSED_LOOP_PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
+
+
 async def one_request(
-    http: aiohttp.ClientSession, base: Any, max_tokens: int, deadline_s: float, headers: dict[str, str]
+    http: aiohttp.ClientSession,
+    base: Any,
+    max_tokens: int,
+    deadline_s: float,
+    headers: dict[str, str],
+    prompt: list[int] = CLOSED_LOOP_PROMPT,
 ) -> Outcome:
     body = {
-        "model": MODEL, "prompt": [1, 2, 3, 4, 5, 6, 7, 8], "max_tokens": max_tokens, "temperature": 0,
+        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
         "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
     }  # fmt: skip
     o = Outcome(started=time.monotonic())
@@ -238,6 +279,8 @@ class Chaos:
         self.s = Subjects(str(mesh.info.get("prefix", "cascade")))
         self.target = a.replicas
         self.killed: set[int] = set()  # worker pids killed: their last heartbeats do not count
+        self.schedule: list[Arrival] = []  # the trace's arrivals, replayed in a loop across windows
+        self.next_arrival = 0
 
     def pid(self, name: str) -> int:
         info = read_mesh_file(self.mesh.home) or {}
@@ -250,6 +293,8 @@ class Chaos:
     async def inject(self, fault: str) -> dict[str, Any]:
         """Inject the fault; returns what was done."""
         if fault == "worker_serving":
+            # Under a trace's bursts the mesh may be idle at the scheduled moment: kill mid-request.
+            await wait_for(lambda: any(hb.running > 0 for hb in self.watch.serving()), 30)
             busy = sorted(self.watch.serving(), key=lambda hb: -hb.running)
             victim = busy[0].worker_id
             self.killed.add(busy[0].pid)
@@ -306,8 +351,33 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         while not stop.is_set():
             outcomes.append(await one_request(http, base, a.max_tokens, a.request_deadline_s, headers))
 
+    in_flight: set[asyncio.Future[None]] = set()
+
+    async def replay() -> None:
+        """The trace's arrivals at their times (open loop: a slow mesh does not slow them)."""
+        sched = chaos.schedule
+        while not stop.is_set():
+            i = chaos.next_arrival % len(sched)
+            arr = sched[i]
+            gap = arr.t - sched[i - 1].t if i > 0 else 0.0
+            if gap > 0:
+                await asyncio.sleep(gap)  # the arrival process itself, not a wait for a condition
+            chaos.next_arrival += 1
+            prompt = prompt_ids(min(arr.prompt_tokens, a.max_prompt), a.seed, chaos.next_arrival)
+            out = min(arr.output_tokens, a.max_tokens)
+
+            async def one(prompt: list[int] = prompt, out: int = out) -> None:
+                outcomes.append(await one_request(http, base, out, a.request_deadline_s, headers, prompt))
+
+            f = asyncio.ensure_future(one())
+            in_flight.add(f)
+            f.add_done_callback(in_flight.discard)
+
     mig0 = await migrations(http, base())
-    clients = [asyncio.ensure_future(client()) for _ in range(a.clients)]
+    if a.clients:
+        clients = [asyncio.ensure_future(client()) for _ in range(a.clients)]
+    else:
+        clients = [asyncio.ensure_future(replay())]
     try:
         await asyncio.sleep(a.window_s / 3)  # steady load before the fault (the schedule itself)
         what = await chaos.inject(fault)
@@ -331,7 +401,9 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         await asyncio.sleep(max(0.0, a.window_s - (time.monotonic() - t_fault)))  # load after the fault
     finally:
         stop.set()
-        await asyncio.gather(*clients, return_exceptions=True)
+        if not a.clients:
+            clients[0].cancel()  # the sender; the requests it sent run to their end below
+        await asyncio.gather(*clients, *list(in_flight), return_exceptions=True)
     mig1 = await migrations(http, base())
     kinds = {k: sum(1 for o in outcomes if o.kind == k) for k in ("completed", "error_status", "error_chunk", "cut")}
     accepted = len(outcomes)  # every request a gateway took (refused connections are retried, not counted)
@@ -356,10 +428,34 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
     }
 
 
-async def drive(a: argparse.Namespace, mesh: Mesh) -> list[dict[str, Any]]:
+# Trace seconds replayed (in a loop): long enough that the windows do not see the same arrivals.
+TRACE_WINDOW_S = 1800.0
+
+
+def trace_schedule(a: argparse.Namespace) -> tuple[list[Arrival], dict[str, Any]]:
+    """The trace window's arrivals compressed in time to `a.rate` requests/s on average."""
+    rows = load_trace(a.trace)
+    base = build_schedule(rows, ScheduleSpec(start_s=a.trace_start, duration_s=TRACE_WINDOW_S, seed=a.seed))
+    if len(base) < 2:
+        raise TraceError(f"{a.trace}: fewer than 2 requests from {a.trace_start:g} s on")
+    span = base[-1].t - base[0].t
+    compress = a.rate * span / (len(base) - 1)
+    sched = build_schedule(
+        rows, ScheduleSpec(start_s=a.trace_start, duration_s=TRACE_WINDOW_S, compress=compress, seed=a.seed)
+    )
+    info = {
+        "trace": str(a.trace), "licence": LICENCE, "start_s": a.trace_start, "window_s": TRACE_WINDOW_S,
+        "requests": len(sched), "compress": round(compress, 3), "mean_rate": a.rate,
+        "prompt_tokens_capped_at": a.max_prompt, "output_tokens_capped_at": a.max_tokens,
+    }  # fmt: skip
+    return sched, info
+
+
+async def drive(a: argparse.Namespace, mesh: Mesh, schedule: list[Arrival]) -> list[dict[str, Any]]:
     nc = await mesh.connect("bench-chaos")
     watch = Watch()
     chaos = Chaos(a, mesh, nc, watch)
+    chaos.schedule = schedule
     try:
         await watch.attach(nc, chaos.s)
         if not await wait_for(lambda: len(watch.serving()) >= a.replicas, 120):
@@ -403,12 +499,21 @@ def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) ->
     return (
         "# Chaos: faults under load\n\n"
         f"`{command}`\n\n"
-        f"{a.clients} closed-loop streaming clients, {a.max_tokens} tokens per request, {a.workers} workers, "
+        + (
+            f"{a.clients} closed-loop streaming clients, {a.max_tokens} tokens per request"
+            if a.clients
+            else f"The Azure LLM code trace replayed open-loop from {a.trace_start:g} s, compressed to "
+            f"{a.rate:g} requests/s on average (its burstiness kept), prompts capped at {a.max_prompt} and "
+            f"outputs at {a.max_tokens} tokens"
+        )
+        + f", {a.workers} workers, "
         f"{a.replicas} instances before the scale-up faults (each of those adds one); each fault in its own "
         f"window of at least {a.window_s:g} s. `migrated`: the gateway's migrations_total over the window "
         "(n/a for the gateway fault: the restarted gateway counts from 0). `failed (explicit)`: error "
         "statuses, error chunks, and streams cut by a dying gateway. Targets: 0 lost, 0 hung, >= 99 % "
-        "complete for worker faults, recovery <= 3 s after a worker fault.\n\n"
+        "complete for worker faults, recovery <= 3 s after a worker fault. A killed worker's capacity comes "
+        f"back as a new instance loaded in full, which takes {a.load_s:g} s here (emulated), so recovery from "
+        "a worker fault reads that much above the mesh's own reaction time.\n\n"
         + table
         + "\nWhat each fault did:\n\n"
         + "".join(f"- {r['fault']}: {injected(r['injected'])}\n" for r in rows)
@@ -424,6 +529,17 @@ def injected(what: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     command = "cascade bench chaos " + " ".join(argv or [])
+    schedule: list[Arrival] = []
+    trace_info: dict[str, Any] | None = None
+    if not a.clients:
+        try:
+            schedule, trace_info = trace_schedule(a)
+        except FileNotFoundError:
+            print(f"cascade bench chaos: {missing_trace(a.trace)}", file=sys.stderr)
+            return 2
+        except TraceError as e:
+            print(f"cascade bench chaos: {e}", file=sys.stderr)
+            return 2
     spec = GenerateSpec(layers=a.layers, hidden=64, heads=4, kv_heads=2, vocab=320, max_position=2048, seed=5)
     with tempfile.TemporaryDirectory(prefix="cascade-chaos-") as tmp:
         model_dir = Path(tmp) / MODEL
@@ -453,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         mesh.start()
         try:
-            rows = asyncio.run(drive(a, mesh))
+            rows = asyncio.run(drive(a, mesh, schedule))
         finally:
             mesh.stop()
     text = markdown(rows, a, command)
@@ -464,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = {
             **result_header("chaos"),
             "command": command,
-            "parameters": vars(a),
+            "parameters": {**vars(a), "trace": str(a.trace)},
+            "trace": trace_info,
             "model_spec": {k: getattr(spec, k) for k in GenerateSpec.__slots__},
             "emulated": {
                 "device": prof.describe(),
