@@ -163,11 +163,19 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
             short.add(x.model)
 
     # ---- 2. instances if the pressure lasts; 3. release in the opposite order
+    # Each slot's highest demand over a window of release_delay_s: a window that is complete
+    # (`done`) may shrink the quota; then a new one starts.
     peak: dict[tuple[str, str], tuple[float, float]] = {}
+    done: dict[tuple[str, str], float] = {}
     for x in s.slots:
         key = (x.instance, x.worker)
         p, at = st.peak.get(key, (x.demand, s.now))
-        peak[key] = (x.demand, s.now) if s.now - at >= k.release_delay_s else (max(p, x.demand), at)
+        p = max(p, x.demand)
+        if s.now - at >= k.release_delay_s:
+            done[key] = p
+            peak[key] = (x.demand, s.now)
+        else:
+            peak[key] = (p, at)
     pressure = dict(st.pressure_since)
     calm = dict(st.calm_since)
     for mv in s.models:
@@ -191,9 +199,9 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
         calm.pop(mv.name, None)
         for x in mine:
             key = (x.instance, x.worker)
-            held = peak[key][0]
+            held = done.get(key)
             q = quota[key]
-            if key not in changed and s.now - peak[key][1] >= 0 and held < k.low_util * q:
+            if held is not None and key not in changed and held < k.low_util * q:
                 new_q = min(1.0, max(k.min_quota, held / k.target_util))
                 if new_q < q - 1e-9:
                     set_quota(x, new_q, f"peak demand {held:.2f} in {k.release_delay_s:g}s needs {new_q:.2f}")
