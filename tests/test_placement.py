@@ -4,6 +4,8 @@ by a pipelined group that holds two models, where one model per worker cannot.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cascade.config import ConfigError
@@ -139,3 +141,28 @@ def test_zipf_rates_sum_and_skew() -> None:
     r = zipf_rates(["a", "b", "c"], 11.0)
     assert sum(r.values()) == pytest.approx(11.0)
     assert r["a"] == pytest.approx(2 * r["b"]) and r["a"] == pytest.approx(3 * r["c"])
+
+
+def test_cli_place_prints_the_plan_and_its_file(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from cascade.cli import main
+
+    ex = Path(__file__).resolve().parent.parent / "examples" / "placement"
+    out = tmp_path / "plan.json"
+    argv = ["place", "--config", str(ex / "deploy.toml"), "--workload", str(ex / "workload.toml")]
+    assert main([*argv, "--json", "--out", str(out), "--workers", "4", "--group-sizes", "1,2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == json.loads(out.read_text())
+    assert doc["type"] == "cascade-placement-plan" and doc["pool"]["workers"] == 4
+    assert 0.0 <= doc["predicted_attainment"] <= 1.0
+    assert set(doc["notes"]["attainment_by_group_size"]) <= {"1", "2"}
+    held = {m["model"] for g in doc["groups"] for m in g["models"]}
+    assert held <= {"chat-7b", "code-7b", "chat-10b", "code-10b", "chat-13b", "summarise-17b"} and held
+    assert plan_from_json(doc).groups  # what a loader reads back
+    assert main([*argv, "--workers", "4", "--group-sizes", "3"]) == 1
+    assert "do not divide" in capsys.readouterr().err
+    bad = tmp_path / "w.toml"
+    bad.write_text("[rates]\nnobody = 1.0\n")
+    assert main(["place", "--config", str(ex / "deploy.toml"), "--workload", str(bad)]) == 1
+    assert "nobody" in capsys.readouterr().err
