@@ -166,3 +166,25 @@ def test_cli_place_prints_the_plan_and_its_file(tmp_path, capsys) -> None:  # ty
     bad.write_text("[rates]\nnobody = 1.0\n")
     assert main(["place", "--config", str(ex / "deploy.toml"), "--workload", str(bad)]) == 1
     assert "nobody" in capsys.readouterr().err
+
+
+def test_quota_mode_allocates_what_the_load_needs_and_accounts_every_second() -> None:
+    from sim.multimodel import QuotaRun, simulate_quota
+
+    models = {"a": model_spec("a", PROFILE), "b": model_spec("b", PROFILE, layers=48)}
+    pool = PoolSpec(workers=2, memory_bytes=int(60e9))
+    groups = [Group((0,), ("a", "b")), Group((1,), ("a",))]
+    lat = models["a"].latency_s(1)
+    rates = {"a": 0.6 / lat, "b": 0.2 / models["b"].latency_s(1)}
+    arrivals = gamma_arrivals(rates, 200.0, 1.0, seed=5)
+    st = simulate_quota(groups, models, pool, arrivals, rates, QuotaRun(window_s=10.0))
+    work = sum(
+        sum(models[r.model].stage_seconds(1)) for r in arrivals
+    )  # every request admitted runs its whole work once
+    assert st.attainment > 0.99
+    assert st.busy_s + st.borrowed_s == pytest.approx(work * st.attainment, rel=0.02)
+    # Quotas follow a load of about 0.4 of the pool: well below the whole pool, above the work.
+    assert st.busy_s <= st.allocated_s < 0.8 * pool.workers * st.span_s
+    shared = simulate_shared(groups, models, pool, arrivals)
+    assert shared.allocated_s == pytest.approx(pool.workers * shared.span_s)
+    assert st.idle_allocated_s < shared.idle_allocated_s
