@@ -80,10 +80,19 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         default=30.0,
         help="co-scaling: seconds of offered load a slot's demand is measured on (default 30, the scaler's window)",
     )
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="seed of the workload draws (default 1)")
     p.add_argument("--quick", action="store_true", help="coarser grids and shorter runs")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
     a = p.parse_args(argv)
+    for flag in ("rates", "poisson_rates", "cvs", "trace_rates"):
+        try:
+            xs = [float(x) for x in getattr(a, flag).split(",")]
+        except ValueError:
+            p.error(f"--{flag.replace('_', '-')} must be comma-separated numbers (got {getattr(a, flag)!r})")
+        if not xs or min(xs) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be numbers > 0")
+    if a.workers < 1 or a.memory_gb <= 0 or a.duration <= 0 or a.place_duration <= 0 or not 0 < a.target_util < 1:
+        p.error("need --workers >= 1, --memory-gb, --duration, --place-duration > 0 and 0 < --target-util < 1")
     if a.quick:
         a.rates, a.cvs, a.trace_rates = "2,4,8,12,16,24", "1,2,3,4,6", "5"
         a.poisson_rates = "12,16,20,24,28"
