@@ -13,10 +13,13 @@ priced by the same device profiles (`ModelSpec.stage_seconds`):
   is one FIFO server; a request goes to the instance that would finish it first, its slots
   reserved at dispatch in arrival order (no backfilling into earlier gaps: pessimistic under
   load), and it is rejected at once — an SLO miss — when even that instance would finish late;
-- *quota* mode (Dilu): each instance's stage on a worker is its own server running at its
-  compute quota (a fraction of the worker); the 2-D co-scaling policy
-  (`services.scaler.coscale`) moves quotas and adds or removes instances every tick on the
-  discrete-event core (`sim.engine.Sim`). A quota change applies to jobs dispatched after it.
+- *quota* mode (Dilu): each instance's stage on a worker is its own FIFO server running at its
+  compute quota (a fraction of the worker) plus, as of dispatch, the quota of co-located
+  instances with nothing queued and the worker's unallocated compute (a quota is a guarantee,
+  not a cap); the 2-D co-scaling policy (`services.scaler.coscale`) moves quotas and adds or
+  removes instances every tick on the discrete-event core (`sim.engine.Sim`). A quota change
+  applies to jobs dispatched after it. Compute a job runs on beyond allocated quota is counted
+  as borrowed, not as allocated.
 
 No batching (every system alike): the figures compare placements, not absolute throughput.
 """
