@@ -131,6 +131,7 @@ class Stats:
             "allocated_worker_s": self.allocated_s,
             "idle_allocated_worker_s": self.idle_allocated_s,
             "idle_allocated_fraction": self.idle_allocated_s / self.allocated_s if self.allocated_s else 0.0,
+            "span_s": self.span_s,
             "per_model_attainment": {k: (v[1] / v[0] if v[0] else 1.0) for k, v in sorted(self.per_model.items())},
         }
 
@@ -218,6 +219,9 @@ class QuotaRun:
     window_s: float = 2.0
     load_setup_s: float = 1.0
     load_gb_s: float = 10.0
+    # Whether a stage may also run on its worker's unallocated compute (a quota as a guarantee
+    # with a limit above it) or only on its own and co-located idle quota (a quota as a cap).
+    borrow_unallocated: bool = True
 
 
 def initial_quotas(
@@ -305,6 +309,8 @@ def simulate_quota(
                 if x == w and j.free[s2] <= sim.now:
                     idle += j.quota[s2]
         own = min(1.0, q + idle)
+        if not run.borrow_unallocated:
+            return own, own
         return min(1.0, own + max(0.0, 1.0 - wq[w])), own
 
     def arrive(r: Req) -> None:
