@@ -207,6 +207,7 @@ class _Inst:
     ready_at: float
     added: bool = False
     removed: bool = False
+    speed: list[float] = field(default_factory=list)  # per stage: the speed its last job was given
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,22 +297,29 @@ def simulate_quota(
         wq[inst.workers[stage]] += q - inst.quota[stage]
         inst.quota[stage] = q
 
-    def speed(inst: _Inst, stage: int, w: int) -> tuple[float, float]:
-        """(speed, of which allocated) for a job on `inst`'s stage now: its quota, then the quota of
-        co-located instances with nothing queued (Dilu lends idle quota), then the worker's
-        unallocated compute, as of dispatch."""
+    def speed(inst: _Inst, stage: int, w: int, at: float) -> tuple[float, float]:
+        """(speed, of which allocated) for a job on `inst`'s stage starting at `at`: at least its
+        quota; beyond it, what the worker's other slots with work are not using — their quota
+        when they are idle (Dilu lends idle quota) and, unless quotas are caps, the worker's
+        unallocated compute. Compute already given to running jobs is not given twice."""
         q = inst.quota[stage]
-        idle = 0.0
+        others_use = 0.0  # speed of the jobs other slots on this worker hold now
+        others_q = 0.0
         for j in insts:
             if j is inst:
                 continue
             for s2, x in enumerate(j.workers):
-                if x == w and j.free[s2] <= sim.now:
-                    idle += j.quota[s2]
-        own = min(1.0, q + idle)
+                if x == w:
+                    others_q += j.quota[s2]
+                    if j.free[s2] > at and j.speed:
+                        others_use += j.speed[s2]
+        spare = 1.0 - others_use
         if not run.borrow_unallocated:
-            return own, own
-        return min(1.0, own + max(0.0, 1.0 - wq[w])), own
+            spare = min(spare, q + others_q - others_use)  # the allocated compute no one is using
+        v = min(1.0, max(q, spare))
+        # What of it is allocated compute: the worker's allocation not in use by the others.
+        own = min(v, max(q, q + others_q - others_use))
+        return v, own
 
     def arrive(r: Req) -> None:
         m = models[r.model]
@@ -323,7 +331,8 @@ def simulate_quota(
                 continue
             t = r.t - hop
             for s, w in enumerate(inst.workers):
-                t = max(t + hop, inst.free[s]) + inst.stage_s[s] / speed(inst, s, w)[0]
+                start = max(t + hop, inst.free[s])
+                t = start + inst.stage_s[s] / speed(inst, s, w, start)[0]
             if t < best:
                 best, pick = t, inst
         lat = best - r.t
@@ -334,9 +343,13 @@ def simulate_quota(
             return
         t = r.t - hop
         for s, w in enumerate(pick.workers):
-            v, own = speed(pick, s, w)
-            t = max(t + hop, pick.free[s]) + pick.stage_s[s] / v
+            start = max(t + hop, pick.free[s])
+            v, own = speed(pick, s, w, start)
+            t = start + pick.stage_s[s] / v
             pick.free[s] = t
+            if not pick.speed:
+                pick.speed = [0.0] * len(pick.workers)
+            pick.speed[s] = v
             # Only the part run on allocated quota (its own or lent) is allocated compute put to
             # use; the rest came from the worker's unallocated share.
             st.busy_s += pick.stage_s[s] * own / v
