@@ -10,7 +10,8 @@ batch limit, and the slow one is instances:
 1. **Quota up, at once.** A slot (one instance's stage on one worker) whose demand would run it
    above `high_util` of its quota gets the quota `demand / target_util`, from the worker's free
    compute first, then from co-located slots of other models that have slack (quota above their
-   own `demand / target_util`, never below `min_quota`).
+   own `demand / target_util`, never below `min_quota`). On a worker whose slots together need
+   more than all of it, each slot's claim is its share in proportion to need instead.
 2. **Instances, if the pressure lasts.** When a model's slots still cannot get the quota they
    need for `horizontal_delay_s`, `AddInstance` (one at a time: none while one is loading).
 3. **Release, in the opposite order.** An instance added above the model's planned count is
@@ -138,20 +139,27 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
         out.append(QuotaChange(x.model, x.instance, x.worker, round(q, 4), why))
 
     # ---- 1. quota up (the most loaded slots first)
+    # A worker whose slots need more than all of it shares it in proportion to need: a slot keeps
+    # (and may be raised to) only its fair share there, so the first hot slot cannot starve the rest.
+    need_sum = {w: sum(_need(x, k) for x in xs) for w, xs in by_worker.items()}
+
+    def keep(d: Slot) -> float:
+        n = _need(d, k)
+        return n if need_sum[d.worker] <= 1.0 else n / need_sum[d.worker]
+
     short: set[str] = set()
     hot = sorted((x for x in s.slots if x.demand > k.high_util * x.quota), key=lambda x: -x.demand / x.quota)
     for x in hot:
-        want = _need(x, k)
+        need = _need(x, k)
+        want = keep(x)
         have = quota[(x.instance, x.worker)]
         gap = want - have - free[x.worker]
         if gap > 1e-9:
             donors = [
-                d
-                for d in by_worker[x.worker]
-                if d.model != x.model and quota[(d.instance, d.worker)] > _need(d, k) + 1e-9
+                d for d in by_worker[x.worker] if d.model != x.model and quota[(d.instance, d.worker)] > keep(d) + 1e-9
             ]
-            for d in sorted(donors, key=lambda d: _need(d, k) - quota[(d.instance, d.worker)]):
-                give = min(gap, quota[(d.instance, d.worker)] - _need(d, k))
+            for d in sorted(donors, key=lambda d: keep(d) - quota[(d.instance, d.worker)]):
+                give = min(gap, quota[(d.instance, d.worker)] - keep(d))
                 set_quota(d, quota[(d.instance, d.worker)] - give, f"lends {give:.2f} to {x.model}")
                 gap -= give
                 if gap <= 1e-9:
@@ -159,7 +167,7 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
         q = min(want, have + free[x.worker])
         if q > have + 1e-9:
             set_quota(x, q, f"demand {x.demand:.2f} at util {x.demand / have:.2f} > {k.high_util:g}")
-        if q < want - 1e-9:
+        if q < need - 1e-9:
             short.add(x.model)
 
     # ---- 2. instances if the pressure lasts; 3. release in the opposite order
