@@ -148,3 +148,14 @@ def test_an_oversubscribed_worker_is_shared_in_proportion_to_need() -> None:
     assert quotas(ds) == {("a1", "w0"): pytest.approx(2 / 3, abs=1e-3), ("b1", "w0"): pytest.approx(1 / 3, abs=1e-3)}
     # b is short of its need; a, not hot before lending, shows its shortage on the next tick.
     assert set(st.pressure_since) == {"b"}
+
+
+def test_a_quota_never_shrinks_below_its_slo_floor() -> None:
+    st = CoScaleState()
+    slot = Slot("a", "a1", "w0", 0.5, 0.01, floor=0.3)
+    for t in range(0, 30):
+        ds, st = decide_coscale(CoScaleSignals(float(t), (slot,), (view("a", ("a1",)),)), K, st)
+        if ds:
+            assert quotas(ds) == {("a1", "w0"): pytest.approx(0.3)}  # not 0.01 / 0.5 = 0.02
+            return
+    raise AssertionError("the quota never shrank")

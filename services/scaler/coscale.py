@@ -21,7 +21,9 @@ batch limit, and the slow one is instances:
 
 `demand` is what a slot would use of a whole worker: compute-seconds per second at full speed
 (a slot running at quota q is `demand / q` busy). The adapter measures it from offered load, not
-from what was admitted, so a starved model still shows its pressure.
+from what was admitted, so a starved model still shows its pressure. A slot's need is
+`demand / target_util`, never below `min_quota` nor its `floor`: the quota at which one request
+alone still meets its latency SLO (Dilu sizes quotas for the SLO, not only for throughput).
 
 Decisions are typed (`QuotaChange`, `AddInstance`, `RemoveInstance`); the adapter turns them into
 worker quota messages and loader orders, and chooses where an added instance goes.
@@ -37,13 +39,17 @@ from cascade.config import ConfigError
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """One stage of one instance on one worker: its quota in (0, 1] and its demand."""
+    """One stage of one instance on one worker: its quota in (0, 1] and its demand. `floor` is
+    the least quota at which one request still meets its latency SLO on this instance (a stage
+    at quota q runs about 1/q times slower under contention), so a quota never follows a light
+    load below what a single request needs."""
 
     model: str
     instance: str
     worker: str
     quota: float
     demand: float
+    floor: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +125,7 @@ Decision = QuotaChange | AddInstance | RemoveInstance
 
 
 def _need(s: Slot, k: CoScaleKnobs) -> float:
-    return min(1.0, max(k.min_quota, s.demand / k.target_util))
+    return min(1.0, max(k.min_quota, s.floor, s.demand / k.target_util))
 
 
 def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tuple[list[Decision], CoScaleState]:
@@ -210,7 +216,7 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
             held = done.get(key)
             q = quota[key]
             if held is not None and key not in changed and held < k.low_util * q:
-                new_q = min(1.0, max(k.min_quota, held / k.target_util))
+                new_q = min(1.0, max(k.min_quota, x.floor, held / k.target_util))
                 if new_q < q - 1e-9:
                     set_quota(x, new_q, f"peak demand {held:.2f} in {k.release_delay_s:g}s needs {new_q:.2f}")
     return out, CoScaleState(pressure_since=pressure, calm_since=calm, peak=peak)
