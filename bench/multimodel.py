@@ -168,6 +168,7 @@ def sustained(xs: Sequence[float], att: Sequence[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     a = parse(list(sys.argv[1:] if argv is None else argv))
     t0 = time.monotonic()
+    rows = load_trace(a.trace)  # first: a missing trace is an error before minutes of sweeps
     models = specs()
     names = [m.name for m in models]
     pool = PoolSpec(workers=a.workers, memory_bytes=int(a.memory_gb * GB))
@@ -191,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # The trace: its timestamps (first 20 minutes), time-compressed to each mean rate, each
     # request to a model by the Zipf shares. The placer sees the first fifth, the rest scores.
-    rows = load_trace(a.trace)
     window = [r.t for r in rows if r.t < 1200.0]
     trace_runs = []
     for total in [float(x) for x in a.trace_rates.split(",")]:
