@@ -80,6 +80,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         default=30.0,
         help="co-scaling: seconds of offered load a slot's demand is measured on (default 30, the scaler's window)",
     )
+    p.add_argument(
+        "--slo-margin",
+        type=float,
+        default=1.5,
+        help="co-scaling: a quota never falls below this many times the quota at which one request alone just "
+        "meets its SLO (default 1.5; 0: quotas follow demand alone)",
+    )
     p.add_argument("--seed", type=int, default=1, help="seed of the workload draws (default 1)")
     p.add_argument("--quick", action="store_true", help="coarser grids and shorter runs")
     p.add_argument("--no-write", action="store_true", help="print only; leave bench/results alone")
@@ -161,10 +168,11 @@ def sustained(xs: Sequence[float], att: Sequence[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     a = parse(list(sys.argv[1:] if argv is None else argv))
     t0 = time.monotonic()
+    rows = load_trace(a.trace)  # first: a missing trace is an error before minutes of sweeps
     models = specs()
     names = [m.name for m in models]
     pool = PoolSpec(workers=a.workers, memory_bytes=int(a.memory_gb * GB))
-    run = QuotaRun(knobs=knobs(a), window_s=a.window)
+    run = QuotaRun(knobs=knobs(a), window_s=a.window, slo_margin=a.slo_margin)
 
     def gamma_point(total: float, cv: float) -> dict[str, Any]:
         rates = zipf_rates(names, total, a.zipf)
@@ -184,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # The trace: its timestamps (first 20 minutes), time-compressed to each mean rate, each
     # request to a model by the Zipf shares. The placer sees the first fifth, the rest scores.
-    rows = load_trace(a.trace)
     window = [r.t for r in rows if r.t < 1200.0]
     trace_runs = []
     for total in [float(x) for x in a.trace_rates.split(",")]:
@@ -236,16 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     by = {m.name: m for m in models}
     ref_plan = plans(models, pool, ref_place)["alpaserve"]
     base_idle = ref_pt["results"]["replication"]["idle_allocated_worker_s"]
-    variants: list[tuple[str, float, QuotaRun]] = [
-        (f"guarantee, window {w:g} s", a.target_util, QuotaRun(knobs=knobs(a), window_s=w))
-        for w in (5.0, 10.0, 30.0, 60.0)
-    ]
-    # A quota as a hard cap (no unallocated compute lent): the policy must then leave headroom.
-    for t in (a.target_util, 0.7, 0.5):
+
+    def variant(label: str, t: float, **kw: Any) -> tuple[str, float, QuotaRun]:
         kt = argparse.Namespace(**{**vars(a), "target_util": t})
-        variants.append(
-            (f"cap, window {a.window:g} s", t, QuotaRun(knobs=knobs(kt), window_s=a.window, borrow_unallocated=False))
-        )
+        args = {"window_s": a.window, "slo_margin": a.slo_margin} | kw
+        return label, t, QuotaRun(knobs=knobs(kt), **args)
+
+    tu = a.target_util
+    variants = [
+        variant(f"as run: window {a.window:g} s, SLO floor x{a.slo_margin:g}", tu),
+        *[variant(f"window {w:g} s", tu, window_s=w) for w in (10.0, 60.0) if w != a.window],
+        *[variant(f"SLO floor x{m:g}", tu, slo_margin=m) for m in (0.0, 1.0, 2.0) if m != a.slo_margin],
+        # A quota as a hard cap (no unallocated compute lent): the policy must leave headroom.
+        *[variant("quotas as caps", t, borrow_unallocated=False) for t in (tu, 0.7)],
+    ]
     for label, t, qr in variants:
         st = simulate_quota(ref_plan.groups, by, pool, ref_eval, ref_rates, qr)
         sensitivity.append(
@@ -254,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 "window_s": qr.window_s,
                 "target_util": t,
                 "borrow_unallocated": qr.borrow_unallocated,
+                "slo_margin": qr.slo_margin,
                 "attainment": st.attainment,
                 "allocated_worker_s": st.allocated_s,
                 "idle_allocated_worker_s": st.idle_allocated_s,
@@ -386,9 +398,11 @@ def report(doc: dict[str, Any], rate_xs: list[float], cv_xs: list[float]) -> str
         f"attainment — target (>= 30 % at the same attainment) {'met' if t['coscale_target_met'] else 'NOT met'} "
         f"({100 * doc['idle_at_reference'][1]['coscale_idle_cut']:.0f} % at the bursty reference).",
         "",
-        "The co-scaled figure at the first reference under other co-scaling settings: the window demand is "
-        f"measured on (the benchmark uses {p['window']:g} s, target_util {p['target_util']:g}, quotas as "
-        "guarantees), and quotas as hard caps (no unallocated compute lent), where the policy needs headroom:",
+        "The co-scaled figure at the first reference under other co-scaling settings (the run uses quotas as "
+        f"guarantees, target_util {p['target_util']:g}, demand over {p['window']:g} s, a quota floor "
+        f"{p['slo_margin']:g}x what one request alone needs to meet its SLO): another demand window, another "
+        "floor (0: quotas follow demand alone, and a small quota makes a lone request miss its SLO under "
+        "contention), and quotas as hard caps (no unallocated compute lent), where the policy needs headroom:",
         "",
         md_table(
             [

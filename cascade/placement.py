@@ -349,3 +349,28 @@ def plan_from_json(data: Mapping[str, Any]) -> Plan:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"plan file does not parse: {e}") from None
+
+
+# --------------------------------------------------------------------------- when to plan again
+
+
+def replan_reason(
+    planned: Mapping[str, float], now: Mapping[str, float], *, mix_tol: float = 0.2, rate_tol: float = 0.3
+) -> str:
+    """Why a plan made for the rates `planned` no longer fits the rates `now` ('' if it does):
+    the mix of models moved (total variation distance between the two popularity shares above
+    `mix_tol`), or the total rate moved by more than `rate_tol` of the planned one. A scaler
+    calls this each tick and asks the placer again when it says so; quotas and instances absorb
+    what stays within the tolerances."""
+    tot_p, tot_n = sum(planned.values()), sum(now.values())
+    if tot_p <= 0:
+        return "no rates were planned for" if tot_n > 0 else ""
+    if abs(tot_n - tot_p) > rate_tol * tot_p:
+        return f"total rate {tot_n:.2f} req/s against {tot_p:.2f} planned"
+    if tot_n <= 0:
+        return ""
+    names = set(planned) | set(now)
+    tvd = 0.5 * sum(abs(planned.get(n, 0.0) / tot_p - now.get(n, 0.0) / tot_n) for n in names)
+    if tvd > mix_tol:
+        return f"the mix of models moved by {tvd:.2f} (total variation)"
+    return ""

@@ -223,10 +223,17 @@ class QuotaRun:
     # Whether a stage may also run on its worker's unallocated compute (a quota as a guarantee
     # with a limit above it) or only on its own and co-located idle quota (a quota as a cap).
     borrow_unallocated: bool = True
+    # A slot's quota floor is this many times the quota at which one request alone just meets
+    # its SLO (0: no floor, quotas follow demand alone).
+    slo_margin: float = 1.0
 
 
 def initial_quotas(
-    groups: Sequence[Group], models: Mapping[str, ModelSpec], rates: Mapping[str, float], k: CoScaleKnobs
+    groups: Sequence[Group],
+    models: Mapping[str, ModelSpec],
+    rates: Mapping[str, float],
+    k: CoScaleKnobs,
+    slo_margin: float = 0.0,
 ) -> dict[tuple[int, str], list[float]]:
     """(group index, model) -> quota per stage: each slot's expected demand / target_util (the
     model's rate split evenly over the groups holding it), scaled down where a worker's sum
@@ -236,9 +243,9 @@ def initial_quotas(
     for gi, g in enumerate(groups):
         for name in g.models:
             r = rates.get(name, 0.0) / max(1, holders[name])
-            out[(gi, name)] = [
-                min(1.0, max(k.min_quota, r * s / k.target_util)) for s in models[name].stage_seconds(g.stages)
-            ]
+            stages = models[name].stage_seconds(g.stages)
+            floor = slo_margin * sum(stages) / models[name].slo_s
+            out[(gi, name)] = [min(1.0, max(k.min_quota, floor, r * s / k.target_util)) for s in stages]
         for stage in range(g.stages):
             tot = sum(out[(gi, n)][stage] for n in g.models)
             if tot > 1.0:
@@ -263,7 +270,7 @@ def simulate_quota(
     insts: list[_Inst] = []
     group_models: list[list[str]] = [list(g.models) for g in groups]
     planned = {name: sum(1 for g in groups if name in g.models) for name in models}
-    q0 = initial_quotas(groups, models, rates, k)
+    q0 = initial_quotas(groups, models, rates, k, run.slo_margin)
     for gi, g in enumerate(groups):
         for name in g.models:
             insts.append(
@@ -378,7 +385,10 @@ def simulate_quota(
                         d = i.quota[s] * k.target_util
                     else:
                         d = rate * caps[i.id] / tot * i.stage_s[s]
-                    slots.append(Slot(name, i.id, f"w{w}", i.quota[s], d))
+                    # A request alone at quota q takes about sum(stage_s) / q: keep it within
+                    # the SLO with `slo_margin` to spare for queueing.
+                    floor = min(1.0, run.slo_margin * sum(i.stage_s) / models[name].slo_s)
+                    slots.append(Slot(name, i.id, f"w{w}", i.quota[s], d, floor))
             views.append(
                 ModelView(
                     name=name,

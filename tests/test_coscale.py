@@ -56,27 +56,42 @@ def test_hot_slot_borrows_slack_but_not_below_the_donors_need() -> None:
     assert not any(isinstance(d, AddInstance) for d in ds)
 
 
+def apply(slots: tuple[Slot, ...], ds: list[Decision]) -> tuple[Slot, ...]:
+    """The quotas after the decisions, as the next tick's signals would show them."""
+    q = quotas(ds)
+    return tuple(Slot(x.model, x.instance, x.worker, q.get((x.instance, x.worker), x.quota), x.demand) for x in slots)
+
+
 def test_lasting_shortage_adds_one_instance_then_waits_for_it() -> None:
-    slots = (Slot("a", "a1", "w0", 0.6, 0.55), Slot("b", "b1", "w0", 0.4, 0.2))
+    # a needs 0.65 / 0.5 -> all of w0, b needs 0.2 / 0.5 = 0.4: w0 is shared 1.0 : 0.4, and a
+    # stays hot (0.65 on 0.71) with nothing left to lend.
+    slots: tuple[Slot, ...] = (Slot("a", "a1", "w0", 0.6, 0.65), Slot("b", "b1", "w0", 0.4, 0.2))
     st = CoScaleState()
     adds: list[tuple[int, AddInstance]] = []
     for t in range(0, 8):
         loading = 1 if adds else 0
         s = CoScaleSignals(now=float(t), slots=slots, models=(view("a", ("a1",), loading=loading), view("b", ("b1",))))
         ds, st = decide_coscale(s, K, st)
-        # b's need is 0.4 = its quota: nothing to lend, so a stays short.
-        assert quotas(ds) == {}
+        if t == 0:
+            assert quotas(ds) == {
+                ("b1", "w0"): pytest.approx(0.4 / 1.4, abs=1e-3),
+                ("a1", "w0"): pytest.approx(1 / 1.4, abs=1e-3),
+            }
+        else:
+            assert quotas(ds) == {}  # nothing left to lend
+        slots = apply(slots, ds)
         adds += [(t, d) for d in ds if isinstance(d, AddInstance)]
     assert [t for t, _ in adds] == [3]  # after horizontal_delay_s, once: none while one loads
     assert adds[0][1].model == "a"
 
 
 def test_short_but_not_yet_long_enough_adds_nothing() -> None:
-    slots = (Slot("a", "a1", "w0", 0.6, 0.55), Slot("b", "b1", "w0", 0.4, 0.2))
+    slots: tuple[Slot, ...] = (Slot("a", "a1", "w0", 0.6, 0.65), Slot("b", "b1", "w0", 0.4, 0.2))
     st = CoScaleState()
     for t in (0.0, 1.0, 2.9):
         ds, st = decide_coscale(CoScaleSignals(t, slots, (view("a", ("a1",)), view("b", ("b1",)))), K, st)
-        assert ds == []
+        assert not any(isinstance(d, AddInstance) for d in ds)
+        slots = apply(slots, ds)
     assert st.pressure_since == {"a": 0.0}
 
 
@@ -119,3 +134,28 @@ def test_knobs_are_checked() -> None:
         CoScaleKnobs(target_util=0.9, high_util=0.8)
     with pytest.raises(ConfigError):
         CoScaleKnobs(min_quota=0)
+
+
+def test_an_oversubscribed_worker_is_shared_in_proportion_to_need() -> None:
+    # a needs 0.6 / 0.5 = 1.2 -> capped 1.0, b needs 0.25 / 0.5 = 0.5: together 1.5 of one worker.
+    s = CoScaleSignals(
+        now=0.0,
+        slots=(Slot("a", "a1", "w0", 0.9, 0.6), Slot("b", "b1", "w0", 0.1, 0.25)),
+        models=(view("a", ("a1",)), view("b", ("b1",))),
+    )
+    ds, st = decide_coscale(s, K, CoScaleState())
+    # b is hot (0.25 > 0.8 x 0.1) and gets its fair share 0.5 / 1.5 from a, which keeps 1.0 / 1.5.
+    assert quotas(ds) == {("a1", "w0"): pytest.approx(2 / 3, abs=1e-3), ("b1", "w0"): pytest.approx(1 / 3, abs=1e-3)}
+    # b is short of its need; a, not hot before lending, shows its shortage on the next tick.
+    assert set(st.pressure_since) == {"b"}
+
+
+def test_a_quota_never_shrinks_below_its_slo_floor() -> None:
+    st = CoScaleState()
+    slot = Slot("a", "a1", "w0", 0.5, 0.01, floor=0.3)
+    for t in range(0, 30):
+        ds, st = decide_coscale(CoScaleSignals(float(t), (slot,), (view("a", ("a1",)),)), K, st)
+        if ds:
+            assert quotas(ds) == {("a1", "w0"): pytest.approx(0.3)}  # not 0.01 / 0.5 = 0.02
+            return
+    raise AssertionError("the quota never shrank")

@@ -188,3 +188,15 @@ def test_quota_mode_allocates_what_the_load_needs_and_accounts_every_second() ->
     shared = simulate_shared(groups, models, pool, arrivals)
     assert shared.allocated_s == pytest.approx(pool.workers * shared.span_s)
     assert st.idle_allocated_s < shared.idle_allocated_s
+
+
+def test_replan_when_the_mix_or_the_total_rate_drifts() -> None:
+    from cascade.placement import replan_reason
+
+    planned = {"a": 6.0, "b": 3.0, "c": 1.0}
+    assert replan_reason(planned, {"a": 6.5, "b": 2.8, "c": 1.1}) == ""
+    # The same total, but b became the popular one: 0.5 * (|.6-.3| + |.3-.6| + 0) = 0.3 > 0.2.
+    assert "mix" in replan_reason(planned, {"a": 3.0, "b": 6.0, "c": 1.0})
+    assert "total rate" in replan_reason(planned, {"a": 9.0, "b": 4.5, "c": 1.5})  # +50 %
+    assert "mix" in replan_reason(planned, {"a": 6.0, "b": 3.0, "c": 1.0, "new": 4.0}, rate_tol=1.0)
+    assert replan_reason({}, {}) == "" and replan_reason({}, {"a": 1.0}) != ""

@@ -10,7 +10,8 @@ batch limit, and the slow one is instances:
 1. **Quota up, at once.** A slot (one instance's stage on one worker) whose demand would run it
    above `high_util` of its quota gets the quota `demand / target_util`, from the worker's free
    compute first, then from co-located slots of other models that have slack (quota above their
-   own `demand / target_util`, never below `min_quota`).
+   own `demand / target_util`, never below `min_quota`). On a worker whose slots together need
+   more than all of it, each slot's claim is its share in proportion to need instead.
 2. **Instances, if the pressure lasts.** When a model's slots still cannot get the quota they
    need for `horizontal_delay_s`, `AddInstance` (one at a time: none while one is loading).
 3. **Release, in the opposite order.** An instance added above the model's planned count is
@@ -20,7 +21,9 @@ batch limit, and the slow one is instances:
 
 `demand` is what a slot would use of a whole worker: compute-seconds per second at full speed
 (a slot running at quota q is `demand / q` busy). The adapter measures it from offered load, not
-from what was admitted, so a starved model still shows its pressure.
+from what was admitted, so a starved model still shows its pressure. A slot's need is
+`demand / target_util`, never below `min_quota` nor its `floor`: the quota at which one request
+alone still meets its latency SLO (Dilu sizes quotas for the SLO, not only for throughput).
 
 Decisions are typed (`QuotaChange`, `AddInstance`, `RemoveInstance`); the adapter turns them into
 worker quota messages and loader orders, and chooses where an added instance goes.
@@ -36,13 +39,17 @@ from cascade.config import ConfigError
 
 @dataclass(frozen=True, slots=True)
 class Slot:
-    """One stage of one instance on one worker: its quota in (0, 1] and its demand."""
+    """One stage of one instance on one worker: its quota in (0, 1] and its demand. `floor` is
+    the least quota at which one request still meets its latency SLO on this instance (a stage
+    at quota q runs about 1/q times slower under contention), so a quota never follows a light
+    load below what a single request needs."""
 
     model: str
     instance: str
     worker: str
     quota: float
     demand: float
+    floor: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +125,7 @@ Decision = QuotaChange | AddInstance | RemoveInstance
 
 
 def _need(s: Slot, k: CoScaleKnobs) -> float:
-    return min(1.0, max(k.min_quota, s.demand / k.target_util))
+    return min(1.0, max(k.min_quota, s.floor, s.demand / k.target_util))
 
 
 def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tuple[list[Decision], CoScaleState]:
@@ -138,20 +145,27 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
         out.append(QuotaChange(x.model, x.instance, x.worker, round(q, 4), why))
 
     # ---- 1. quota up (the most loaded slots first)
+    # A worker whose slots need more than all of it shares it in proportion to need: a slot keeps
+    # (and may be raised to) only its fair share there, so the first hot slot cannot starve the rest.
+    need_sum = {w: sum(_need(x, k) for x in xs) for w, xs in by_worker.items()}
+
+    def keep(d: Slot) -> float:
+        n = _need(d, k)
+        return n if need_sum[d.worker] <= 1.0 else n / need_sum[d.worker]
+
     short: set[str] = set()
     hot = sorted((x for x in s.slots if x.demand > k.high_util * x.quota), key=lambda x: -x.demand / x.quota)
     for x in hot:
-        want = _need(x, k)
+        need = _need(x, k)
+        want = keep(x)
         have = quota[(x.instance, x.worker)]
         gap = want - have - free[x.worker]
         if gap > 1e-9:
             donors = [
-                d
-                for d in by_worker[x.worker]
-                if d.model != x.model and quota[(d.instance, d.worker)] > _need(d, k) + 1e-9
+                d for d in by_worker[x.worker] if d.model != x.model and quota[(d.instance, d.worker)] > keep(d) + 1e-9
             ]
-            for d in sorted(donors, key=lambda d: _need(d, k) - quota[(d.instance, d.worker)]):
-                give = min(gap, quota[(d.instance, d.worker)] - _need(d, k))
+            for d in sorted(donors, key=lambda d: keep(d) - quota[(d.instance, d.worker)]):
+                give = min(gap, quota[(d.instance, d.worker)] - keep(d))
                 set_quota(d, quota[(d.instance, d.worker)] - give, f"lends {give:.2f} to {x.model}")
                 gap -= give
                 if gap <= 1e-9:
@@ -159,7 +173,7 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
         q = min(want, have + free[x.worker])
         if q > have + 1e-9:
             set_quota(x, q, f"demand {x.demand:.2f} at util {x.demand / have:.2f} > {k.high_util:g}")
-        if q < want - 1e-9:
+        if q < need - 1e-9:
             short.add(x.model)
 
     # ---- 2. instances if the pressure lasts; 3. release in the opposite order
@@ -202,7 +216,7 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
             held = done.get(key)
             q = quota[key]
             if held is not None and key not in changed and held < k.low_util * q:
-                new_q = min(1.0, max(k.min_quota, held / k.target_util))
+                new_q = min(1.0, max(k.min_quota, x.floor, held / k.target_util))
                 if new_q < q - 1e-9:
                     set_quota(x, new_q, f"peak demand {held:.2f} in {k.release_delay_s:g}s needs {new_q:.2f}")
     return out, CoScaleState(pressure_since=pressure, calm_since=calm, peak=peak)
