@@ -106,6 +106,7 @@ def js_url(tmp_path: Path) -> Iterator[str]:
         srv.stop()
 
 
+@pytest.mark.e2e
 async def test_compare_and_set_and_the_journal(js_url: str) -> None:
     nc = await connect(js_url, "test")
     try:
@@ -132,6 +133,7 @@ async def test_compare_and_set_and_the_journal(js_url: str) -> None:
         await nc.close()
 
 
+@pytest.mark.e2e
 async def test_no_jetstream_is_said(nats_url: str) -> None:
     """The session's broker runs without JetStream."""
     nc = await connect(nats_url, "test")
@@ -142,6 +144,7 @@ async def test_no_jetstream_is_said(nats_url: str) -> None:
         await nc.close()
 
 
+@pytest.mark.e2e
 async def test_two_leaderships_one_leader_and_takeover(js_url: str) -> None:
     """Two leaderships race for the key: exactly one leads; when it stops renewing (its task is
     cancelled, as a dead process stops), the other leads within a lease and a look."""

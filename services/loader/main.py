@@ -363,6 +363,7 @@ class Loader:
         now = self.clock()
         live = [row for sess in d.sessions.values() for row in sess.rows(now)]
         detail: dict[str, Any] = {
+            "role": self.lease_status()["role"],  # first: `cascade status` shows the leading scalars
             "workers": self.table.states(now),
             "active": sorted(d.active),
             "reserved": len(d.reserved),

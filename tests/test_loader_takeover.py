@@ -1,0 +1,123 @@
+"""Two loaders over a real JetStream broker, real processes: the leader is SIGKILLed while the
+worker it ordered is still reading the checkpoint (paced disk load), and the other loader takes
+the lease over, finishes that decision from the journal and acks it, once. The scaler decides
+nothing again and no second worker loads."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cascade.cli.embedded_nats import EmbeddedNats
+from cascade.config import GenerateSpec
+from cascade.models.generate import generate_model
+from cascade.natsutil import connect, gather_status
+from cascade.subjects import Subjects
+from tests.test_control_restart import MODEL, Procs, Watch
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.e2e
+
+LEASE_S = "1.5"
+
+
+@pytest.fixture
+def js_url(tmp_path: Path) -> Iterator[str]:
+    srv = EmbeddedNats(jetstream=True, store_dir=tmp_path / "js").start()
+    try:
+        yield srv.url
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def mesh(js_url: str, prefix: str, tmp_path: Path) -> Iterator[Procs]:
+    model = tmp_path / "models" / MODEL
+    generate_model(model, GenerateSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320, max_position=256))
+    cfg = tmp_path / "deploy.toml"
+    cfg.write_text(
+        f'[[models]]\nname = "{MODEL}"\npath = "{model}"\nmin_replicas = 1\nmax_replicas = 2\npolicy = "manual"\n'
+        # The worker reads the checkpoint itself, paced (Procs sets CASCADE_LOAD_MB_S): the load
+        # lasts seconds, and goes on without a loader; the kill lands inside it.
+        'loading = "disk"\n'
+    )
+    p = Procs(js_url, prefix, tmp_path, cfg)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+async def _roles(url: str, s: Subjects) -> dict[str, str]:
+    nc = await connect(url, "test-roles")
+    try:
+        st = await gather_status(nc, s, window_s=0.3)
+    finally:
+        await nc.close()
+    return {x.instance: x.detail.get("lease", {}).get("role", "?") for x in st.services if x.service == "loader"}
+
+
+async def test_leader_killed_mid_decision_the_other_loader_finishes_it_once(
+    mesh: Procs, js_url: str, prefix: str
+) -> None:
+    s = Subjects(prefix)
+    nc = await connect(js_url, "test-watch")
+    watch = Watch()
+    roles: dict[str, str] = {}
+
+    async def both_known() -> bool:
+        roles.update(await _roles(js_url, s))
+        return sorted(roles.values()) == ["follower", "leader"]
+
+    try:
+        await watch.attach(nc, s)
+        lease = ("--lease", "required", "--lease-s", LEASE_S)
+        mesh.start("la", "loader", "--loader-id", "la", *lease)
+        mesh.start("lb", "loader", "--loader-id", "lb", *lease)
+        loop_deadline = 60.0
+        waited = 0.0
+        while not await both_known():  # each look is a 0.3 s status gather, polled with a deadline
+            waited += 0.3
+            assert waited < loop_deadline, f"no leader and follower: {roles}\n{mesh.logs_tail()}"
+        leader = next(i for i, r in roles.items() if r == "leader")
+        follower = next(i for i, r in roles.items() if r == "follower")
+
+        for w in ("w1", "w2"):
+            mesh.start(w, "worker", "--worker-id", w, "--kv-cache-mb", "16")
+        mesh.start("scaler", "scaler")
+        try:
+            await wait_until(lambda: watch.decisions, 60, "the scale decision")
+            # The leader has journaled the worker it chose before ordering it: a worker loading
+            # the model means the order is out.
+            await wait_until(
+                lambda: any(hb.model == MODEL and hb.state == "loading" for hb in watch.latest.values()),
+                60,
+                "a worker loading",
+            )
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{mesh.logs_tail()}") from None
+        loading = [w for w, hb in watch.latest.items() if hb.model == MODEL and hb.state == "loading"]
+        assert not watch.acks, "the load finished before the kill: nothing to take over"
+        mesh.kill(leader)
+
+        d = watch.decisions[0]
+        try:
+            await wait_until(lambda: any(a.decision_id == d.decision_id for a in watch.acks), 120, "the ack")
+            await wait_until(lambda: watch.serving() == 1, 60, "one serving instance")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{mesh.logs_tail()}") from None
+        acks = [a for a in watch.acks if a.decision_id == d.decision_id]
+        assert len(acks) == 1 and acks[0].ok, acks
+        assert acks[0].workers == loading, (acks[0].workers, loading)
+        assert watch.most == 1  # never a second instance
+        follower_log = (mesh.logs / f"{follower}.log").read_text(errors="replace")
+        assert "lease_acquired" in follower_log and "decision_taken_over" in follower_log
+        # The survivor leads now, and the scaler decided nothing again (no more decisions than one).
+        assert (await _roles(js_url, s)) == {follower: "leader"}
+        assert len(watch.decisions) == 1, watch.decisions
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
