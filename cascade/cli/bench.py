@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "sim-scale": "the simulated comparison at 32, 128 and 1,000 accelerators, with plots",
     "chaos": "faults under load (workers, loader, scaler, gateway, broker killed): lost, hung, recovery",
     "kv": "the paged KV cache against the contiguous one: sequences within a budget, prefix caching, decode",
+    "lease": "several loaders: how fast another plans when the leader is SIGKILLed or SIGTERMed",
 }
 
 
@@ -64,6 +65,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.kv import main as kv
 
             return kv
+        if name == "lease":
+            from bench.lease import main as lease
+
+            return lease
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] in ("bench", "sim"):
             raise CliError("the benchmarks are not part of this installation (run from a checkout)") from None

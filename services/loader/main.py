@@ -31,8 +31,10 @@ from cascade.deployfeed import DeploymentFeed
 from cascade.messages import (
     ActiveDecisions,
     ActiveDecisionsRequest,
+    HostCacheRequest,
     LayerReady,
     MessageError,
+    Ok,
     ScaleAck,
     ScaleDecision,
     ServiceReady,
@@ -135,7 +137,7 @@ class Loader:
             self.log.info("deployment_from_scaler", models=dep.names(), scaler=source)
             self.use_deployment(dep)
         await rt.serve(s.status(), self.on_status)
-        await rt.serve(s.host_cache(), self.keeper.on_request)
+        await rt.serve(s.host_cache(), self.on_host_cache)
         await rt.serve(s.loader_decisions(), self.on_active_decisions)
         rt.tasks.spawn(self.pulse(feed), "pulse")
         await self.start_lease(rt)
@@ -195,7 +197,10 @@ class Loader:
         self.heard.clear()
         self.log.info("leading", taken_over=taken, heard=fresh)
         ready = ServiceReady(self.service, self.instance, os.getpid())
-        await self.rt.nc.publish(self.rt.subjects.service_ready(), encode(ready))
+        try:
+            await self.rt.nc.publish(self.rt.subjects.service_ready(), encode(ready))
+        except Exception as e:  # the broker away: the reconnect announces it again
+            self.log.warning("announce_failed", error=repr(e))
 
     async def on_follow(self, why: str) -> None:
         """This loader lost the lease: stop what it carries out at once (no order, no ack from
@@ -315,6 +320,13 @@ class Loader:
         self.acked[ack.decision_id] = None
         while len(self.acked) > 1024:
             self.acked.popitem(last=False)
+
+    async def on_host_cache(self, req: HostCacheRequest) -> Ok | None:
+        """`cascade cache`: the leader's host cache is the one its plans use; followers keep still."""
+        assert self.keeper is not None
+        if not self.leading:
+            return None
+        return await self.keeper.on_request(req)
 
     async def on_active_decisions(self, _: ActiveDecisionsRequest) -> ActiveDecisions | None:
         """A (re)started scaler asks what is in flight here, so that it waits for these acks
