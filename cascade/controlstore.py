@@ -111,7 +111,10 @@ async def open_store(nc: NATS, prefix: str, replicas: int = 1) -> ControlStore:
         try:
             kv = await asyncio.wait_for(js.create_key_value(cfg), KV_TIMEOUT_S)
         except Exception as e:  # nats-py raises unrelated types for "no JetStream"
-            raise StoreUnavailable(f"no JetStream key-value store on the broker ({type(e).__name__}: {e})") from None
+            why = type(e).__name__ if "code=None" in str(e) or not str(e) else f"{type(e).__name__}: {e}"
+            raise StoreUnavailable(
+                f"the broker has no JetStream key-value store (nats-server -js enables it; {why})"
+            ) from None
     return ControlStore(kv, bucket)
 
 
