@@ -10,6 +10,11 @@ again to follow. Two figures per trial, from the moment of the signal:
 - leading: until the new leader says `ServiceReady` (it has read the journal and taken over what
   was in flight, here nothing): from then on it plans.
 
+Each trial signals the leader just after the watcher sees one of its renewals, so a SIGKILL
+takeover is near its worst case: the whole lease, plus one look of the follower at the key
+(every min(0.25, lease/10) s). A leader that dies just before a renewal is replaced up to a third
+of the lease sooner.
+
 Nothing is emulated; every process shares the machine's cores (and with anything else running).
 """
 
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         f"commit {doc['commit']}, {doc['machine']['cores']} cores ({doc['machine']['cpu']}).\n\n"
         "From the signal to the leader until the lease key names another loader, and until that loader "
         "says ServiceReady (it plans from then on). SIGKILL: the lease must run out; SIGTERM: the leader "
-        "deletes the key as it stops.\n\n" + table + "\n" + "Reproduce: `python -m cascade.cli bench lease "
+        "deletes the key as it stops. The signal goes just after a renewal is seen, so SIGKILL figures are "
+        "near the worst case (the whole lease plus one look of the follower at the key).\n\n" + table + "\n" + "Reproduce: `python -m cascade.cli bench lease "
         f"--trials {a.trials} --loaders {a.loaders} --lease-s {a.lease_s:g}`\n"
     )
     print(table)
