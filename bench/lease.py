@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         "From the signal to the leader until the lease key names another loader, and until that loader "
         "says ServiceReady (it plans from then on). SIGKILL: the lease must run out; SIGTERM: the leader "
         "deletes the key as it stops. The signal goes just after a renewal is seen, so SIGKILL figures are "
-        "near the worst case (the whole lease plus one look of the follower at the key).\n\n" + table + "\n" + "Reproduce: `python -m cascade.cli bench lease "
+        "near the worst case (the whole lease plus one look of the follower at the key).\n\n"
+        + table
+        + "\nReproduce: `python -m cascade.cli bench lease "
         f"--trials {a.trials} --loaders {a.loaders} --lease-s {a.lease_s:g}`\n"
     )
     print(table)
