@@ -260,6 +260,10 @@ class Decisions:
 
     def _plan_id(self, d: ScaleDecision) -> str:
         self._plan_seq += 1
+        if self.journal is not None:
+            # Several loaders: a decision taken over is planned again by another loader, whose
+            # count starts afresh; its transfers must not reuse the ids a worker may still hold.
+            return f"{d.decision_id}-{self.settings.loader_id}-p{self._plan_seq}"
         return f"{d.decision_id}-p{self._plan_seq}"
 
     async def transfer(
