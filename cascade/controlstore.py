@@ -64,17 +64,17 @@ class ControlStore:
             return None
         return Entry(key, json.loads(e.value), e.revision or 0)
 
-    async def create(self, key: str, value: dict[str, Any]) -> int:
+    async def create(self, key: str, value: dict[str, Any], timeout: float = KV_TIMEOUT_S) -> int:
         """Write `key` only if it does not exist (or was deleted); its revision, or Conflict."""
         try:
-            return await asyncio.wait_for(self.kv.create(key, _dump(value)), KV_TIMEOUT_S)
+            return await asyncio.wait_for(self.kv.create(key, _dump(value)), timeout)
         except KeyWrongLastSequenceError:
             raise Conflict(f"{key} exists") from None
 
-    async def update(self, key: str, value: dict[str, Any], last: int) -> int:
+    async def update(self, key: str, value: dict[str, Any], last: int, timeout: float = KV_TIMEOUT_S) -> int:
         """Write `key` only if its revision is still `last`; the new revision, or Conflict."""
         try:
-            return await asyncio.wait_for(self.kv.update(key, _dump(value), last=last), KV_TIMEOUT_S)
+            return await asyncio.wait_for(self.kv.update(key, _dump(value), last=last), timeout)
         except KeyWrongLastSequenceError:
             raise Conflict(f"{key} changed since revision {last}") from None
 

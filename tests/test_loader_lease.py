@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -183,3 +185,19 @@ async def test_two_leaderships_one_leader_and_takeover(js_url: str) -> None:
         for nc in conns:
             with contextlib.suppress(Exception):
                 await nc.close()
+
+
+def test_leading_ends_when_the_lease_runs_out_on_our_clock() -> None:
+    """A renewal stuck on a dead broker node: the leader stops counting as one on time, before
+    its loop gets to step down."""
+    now = [10.0]
+
+    async def noop(*_: object) -> None:
+        return None
+
+    ship = Leadership(typing.cast(Any, None), Lease("a", 1.5), noop, noop, structlog.get_logger(), clock=lambda: now[0])
+    ship.lease.won(1, sent_at=10.0)
+    now[0] = 11.4
+    assert ship.leading
+    now[0] = 11.5
+    assert not ship.leading and ship.lease.leading  # the loop has not stepped down yet

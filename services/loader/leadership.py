@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cascade.controlstore import Conflict, ControlStore
+from cascade.controlstore import KV_TIMEOUT_S, Conflict, ControlStore
 from services.loader.lease import LEASE_KEY, Acquire, Lease, Renew, StepDown, Wait
 
 POLL_MAX_S = 0.25  # a follower looks at the key at least this often (takeover = lease + one look)
@@ -35,7 +35,10 @@ class Leadership:
 
     @property
     def leading(self) -> bool:
-        return self.lease.leading and not self.closed
+        """Leading, and the lease not run out on our own clock: a renewal stuck on a dead broker
+        node must not leave us acting while a follower may take over."""
+        lease = self.lease
+        return lease.leading and not self.closed and self.clock() - lease.sent_at < lease.lease_s
 
     async def run(self) -> None:
         await self.read()
@@ -75,8 +78,13 @@ class Leadership:
     async def write(self, last: int, renew: bool) -> None:
         sent = self.clock()
         value = {"holder": self.lease.me, "lease_s": self.lease.lease_s, "ts": time.time()}
+        # A renewal waits no longer than the lease has left: then it steps down on time.
+        timeout = max(0.01, self.lease.sent_at + self.lease.lease_s - sent) if renew else KV_TIMEOUT_S
         try:
-            rev = await (self.store.update(LEASE_KEY, value, last) if last else self.store.create(LEASE_KEY, value))
+            if last:
+                rev = await self.store.update(LEASE_KEY, value, last, timeout)
+            else:
+                rev = await self.store.create(LEASE_KEY, value, timeout)
         except Conflict:
             was_leading = self.lease.leading
             self.lease.lost(self.clock())
