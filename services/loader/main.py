@@ -93,7 +93,7 @@ class Loader:
         # None: this loader plans alone (no lease: `--lease off`, or a broker without JetStream).
         self.leadership: Leadership | None = None
         # A follower's decisions heard and not yet acked: the leader may die before journaling one.
-        self.heard: OrderedDict[str, ScaleDecision] = OrderedDict()
+        self.heard: OrderedDict[str, tuple[ScaleDecision, float]] = OrderedDict()  # → (decision, heard at)
         self.acked: OrderedDict[str, None] = OrderedDict()
         self.running: dict[str, asyncio.Task[Any]] = {}
 
@@ -190,12 +190,21 @@ class Loader:
             self.heard.pop(d.decision_id, None)
             self.launch(d, j.workers, journaled=True)
             taken.append(d.decision_id)
-        for d in list(self.heard.values()):
-            if d.decision_id not in self.running and d.decision_id not in self.acked:
-                self.launch(d)
-                fresh.append(d.decision_id)
+        # Only a decision heard about as the leader died can have gone unjournaled; an older one
+        # unjournaled and unacked was lost some other way (a journal write that failed, a missed
+        # ack): it is left to the scaler, which re-decides what it dropped when we say ready.
+        fresh_s = 2 * self.settings.lease_s + self.settings.request_timeout_s
+        dropped = []
+        for d, heard_at in list(self.heard.values()):
+            if d.decision_id in self.running or d.decision_id in self.acked:
+                continue
+            if self.clock() - heard_at > fresh_s:
+                dropped.append(d.decision_id)
+                continue
+            self.launch(d)
+            fresh.append(d.decision_id)
         self.heard.clear()
-        self.log.info("leading", taken_over=taken, heard=fresh)
+        self.log.info("leading", taken_over=taken, heard=fresh, left_to_the_scaler=dropped)
         ready = ServiceReady(self.service, self.instance, os.getpid())
         try:
             await self.rt.nc.publish(self.rt.subjects.service_ready(), encode(ready))
@@ -283,7 +292,7 @@ class Loader:
         while len(self._seen_ids) > 1024:
             self._seen_ids.popitem(last=False)
         if not self.leading:
-            self.heard[d.decision_id] = d
+            self.heard[d.decision_id] = (d, self.clock())
             while len(self.heard) > HEARD_MAX:
                 self.heard.popitem(last=False)
             return
