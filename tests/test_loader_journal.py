@@ -7,7 +7,7 @@ decision once."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +104,33 @@ async def test_the_new_leader_finishes_journaled_and_heard_decisions_once(
             await host.stop()
         with contextlib.suppress(Exception):
             await nc.close()
+
+
+async def test_without_jetstream_one_loader_plans_alone_or_refuses_to_start(
+    nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """The session's broker has no JetStream: `--lease auto` plans alone and says so; `required`
+    (how several loaders run) does not start."""
+    dep = Deployment((ModelDeployment("m", tmp_path / "m", min_replicas=0),))
+    logs: list[dict[str, Any]] = []
+
+    def capture(_: Any, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+        logs.append(dict(event, level=method))
+        raise structlog.DropEvent
+
+    log = structlog.wrap_logger(None, processors=[capture])
+    alone = Loader(LoaderSettings(loader_id="alone", heartbeat_s=0.2), dep, log)
+    host = ServiceHost(alone, nats_url, prefix)
+    try:
+        await host.start()
+        assert alone.leadership is None and alone.leading
+        assert alone.lease_status() == {"role": "alone"}
+        [line] = [e for e in logs if e["event"] == "lease_unavailable"]
+        assert line["level"] == "warning" and "run only one loader" in line["note"]
+        assert "JetStream" in line["error"]
+    finally:
+        await host.stop()
+
+    strict = Loader(LoaderSettings(loader_id="strict", heartbeat_s=0.2, lease="required"), dep, log)
+    with pytest.raises(ConnectionError, match="--lease required"):
+        await ServiceHost(strict, nats_url, prefix).start()
