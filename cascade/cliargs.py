@@ -19,7 +19,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, config: bool = True
     parser.add_argument(
         "--nats-url",
         default=resolve_nats_url(None),
-        help="NATS server (default: $CASCADE_NATS_URL, else the running mesh's, else nats://127.0.0.1:4222)",
+        help="NATS server, or a comma-separated seed list of a NATS cluster's servers (default: "
+        "$CASCADE_NATS_URL, else the running mesh's, else nats://127.0.0.1:4222)",
     )
     parser.add_argument(
         "--prefix",

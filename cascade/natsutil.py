@@ -42,6 +42,16 @@ class NoResponders(RequestTimeout):
     """Nobody listens on the subject: the broker said so at once (its owner is gone)."""
 
 
+def server_list(url: str) -> list[str]:
+    """The servers of a `--nats-url`: one URL, or a comma-separated seed list of a NATS cluster
+    (`nats://a:4222,nats://b:4222`). nats-py connects to one and fails over to any other, and to
+    those the cluster announces."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server in {url!r}")
+    return servers
+
+
 async def connect(
     url: str,
     name: str,
@@ -119,7 +129,7 @@ async def _connect(
         try:
             attempt = asyncio.ensure_future(
                 nats.connect(
-                    url,
+                    server_list(url),
                     **auth,
                     name=name,
                     connect_timeout=min(2.0, max(connect_timeout_s, 0.1)),

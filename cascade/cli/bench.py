@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "chaos": "faults under load (workers, loader, scaler, gateway, broker killed): lost, hung, recovery",
     "kv": "the paged KV cache against the contiguous one: sequences within a budget, prefix caching, decode",
     "multimodel": "many models on one pool: replication vs AlpaServe placement vs placement + 2-D co-scaling",
+    "lease": "several loaders: how fast another plans when the leader is SIGKILLed or SIGTERMed",
 }
 
 
@@ -69,6 +70,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.multimodel import main as multimodel
 
             return multimodel
+        if name == "lease":
+            from bench.lease import main as lease
+
+            return lease
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] in ("bench", "sim"):
             raise CliError("the benchmarks are not part of this installation (run from a checkout)") from None

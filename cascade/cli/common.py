@@ -31,7 +31,8 @@ def add_mesh_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nats-url",
         default=None,
-        help="NATS server (default: $CASCADE_NATS_URL, else the running mesh's, else nats://127.0.0.1:4222)",
+        help="NATS server, or a comma-separated seed list of a NATS cluster's servers (default: "
+        "$CASCADE_NATS_URL, else the running mesh's, else nats://127.0.0.1:4222)",
     )
     p.add_argument("--prefix", default=None, help="subject prefix (default: $CASCADE_PREFIX, else the mesh's)")
 

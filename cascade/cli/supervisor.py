@@ -273,8 +273,14 @@ class Supervisor:
         specs: list[tuple[str, str, list[str]]] = [
             ("gateway", "gateway", ["--host", a.host, "--port", str(self.gateway_port), "--gateway-id", "gateway"]),
             ("scaler", "scaler", []),
-            ("loader", "loader", []),
         ]
+        loaders = getattr(a, "loaders", 1)
+        if loaders == 1:
+            specs.append(("loader", "loader", []))
+        else:
+            # One plans at a time by a lease; without JetStream on the broker they must not start.
+            lease = ["--lease", "required"]
+            specs += [(f"loader-{i}", "loader", ["--loader-id", f"loader-{i}", *lease]) for i in range(loaders)]
         worker_flags = ["--threads", str(a.threads)]
         if getattr(a, "kv_cache_mb", None) is not None:
             worker_flags += ["--kv-cache-mb", f"{a.kv_cache_mb:g}"]

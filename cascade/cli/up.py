@@ -88,7 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "comma-separated $CASCADE_API_KEYS; default: none, which is for a gateway on loopback only)",
     )
     parser.add_argument(
-        "--nats-url", default=None, help="use this NATS server instead of starting an embedded one on port 4222"
+        "--nats-url",
+        default=None,
+        help="use this NATS server instead of starting an embedded one on port 4222; a comma-separated seed "
+        "list for a NATS cluster (nats://a:4222,nats://b:4222): every service connects to one and fails over "
+        "to any other. --loaders above 1 needs JetStream on it",
     )
     parser.add_argument(
         "--nats-port",
@@ -108,6 +112,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="min replicas of every model (default: the deployment's min_replicas, 1 for the built-in model)",
     )
     parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument(
+        "--loaders",
+        type=positive_int,
+        default=1,
+        help="loader processes to start (default 1); with more, one plans at a time by a lease in the "
+        "broker's JetStream store (the embedded broker runs with JetStream then, its store in "
+        "$CASCADE_HOME/nats-store) and another takes over within seconds when it dies",
+    )
     parser.add_argument(
         "--kv-cache-mb",
         type=positive_float,
@@ -329,6 +341,9 @@ def _run(args: argparse.Namespace) -> int:
                 port=nats_port,
                 log_file=home / "logs" / "nats.log",
                 preexec_fn=make_die_with_parent(),
+                # Several loaders agree on one leader through JetStream's key-value store.
+                jetstream=args.loaders > 1,
+                store_dir=home / "nats-store" if args.loaders > 1 else None,
             )
             # Credentials for this mesh only: a client without them is refused by the broker.
             creds = generate_nats_credentials()

@@ -49,6 +49,7 @@ from cascade.subjects import Subjects
 from cascade.workers import WorkerTable
 from services.loader.assign import Assignment, choose_for_down, choose_for_up, describe
 from services.loader.cachekeeper import HostCacheKeeper
+from services.loader.journal import DecisionJournal
 from services.loader.planner import (
     Chain,
     LoadingMode,
@@ -126,14 +127,17 @@ class Decisions:
         # every live worker was heard once, a worker its predecessor just ordered to load may still
         # look idle here: choosing it, or another in its place, would apply a decision twice.
         self.warm_until = clock() + 1.5 * settings.heartbeat_s
+        # With several loaders: where the leader writes what it is in the middle of (journal.py).
+        self.journal: DecisionJournal | None = None
 
     def snapshot(self, now: float) -> MeshSnapshot:
         return MeshSnapshot(tuple(self.table.views(now)), self.keeper.models())
 
-    async def carry_out(self, d: ScaleDecision) -> None:
-        """Carry out one decision and ack it, whatever happens (the scaler waits for the ack)."""
+    async def carry_out(self, d: ScaleDecision, given: Sequence[str] = ()) -> None:
+        """Carry out one decision and ack it, whatever happens (the scaler waits for the ack).
+        `given`: the workers a loader that died had already ordered for it (taken over)."""
         lg = self.log.bind(decision_id=d.decision_id, model=d.model, action=d.action, count=d.count)
-        lg.info("decision_received", target=d.target_replicas, reason=d.reason)
+        lg.info("decision_received", target=d.target_replicas, reason=d.reason, taken_over=list(given))
         workers: list[str] = []
         try:
             while self.clock() < self.warm_until:
@@ -141,9 +145,9 @@ class Decisions:
             if d.count < 1:
                 error = f"count {d.count} is not a number of workers"
             elif d.action == "up":
-                workers, error = await self.scale_up(d, lg)
+                workers, error = await (self.finish_up(d, given, lg) if given else self.scale_up(d, lg))
             else:
-                workers, error = await self.scale_down(d, lg)
+                workers, error = await (self.finish_down(d, given, lg) if given else self.scale_down(d, lg))
         except Exception as e:  # the ack must go out whatever happened, or the scaler waits it out
             lg.exception("decision_failed")
             error = f"internal error in the loader: {type(e).__name__}: {e}"
@@ -151,6 +155,8 @@ class Decisions:
             self.active.pop(d.decision_id, None)
         ack = ScaleAck(d.decision_id, d.model, ok=not error, workers=workers, error=error, ts=time.time())
         await self.nc.publish(self.subjects.scale_ack(), encode(ack))
+        if self.journal is not None:
+            await self.journal.done(d)
         if ack.ok:
             self.counters["acks_ok"] += 1
             lg.info("decision_done", workers=workers)
@@ -158,7 +164,42 @@ class Decisions:
             self.counters["acks_failed"] += 1
             lg.warning("decision_failed", workers=workers, error=error)
 
-    async def scale_up(self, d: ScaleDecision, lg: Any) -> tuple[list[str], str]:
+    async def finish_up(self, d: ScaleDecision, given: Sequence[str], lg: Any) -> tuple[list[str], str]:
+        """A scale-up a dead loader had ordered: its loads go on without a loader (a chain whose
+        sender had its order, a disk read), so follow them; plan again what did not make it."""
+        lg.info("decision_taken_over", workers=list(given))
+        self.reserved.update(given)
+        try:
+            ready, failed = await self.wait_serving(d.model, given)
+        finally:
+            self.reserved.difference_update(given)
+        missing = len(given) - len(ready)
+        if missing <= 0:
+            return ready, ""
+        lg.warning("decision_replanned", ready=ready, failed=failed)
+        more, error = await self.scale_up(dataclasses.replace(d, count=missing), lg, already=ready)
+        return ready + more, error
+
+    async def finish_down(self, d: ScaleDecision, given: Sequence[str], lg: Any) -> tuple[list[str], str]:
+        """A scale-down a dead loader had ordered: unload again those still holding the model
+        (a worker that already unloaded counts as done)."""
+        lg.info("decision_taken_over", workers=list(given))
+        now = self.clock()
+        holding = [w for w in given if (v := self.table.get(w, now)) is not None and v.model == d.model]
+        timeout = self.settings.unload_timeout_s
+        self.reserved.update(holding)
+        try:
+            results = await asyncio.gather(
+                *(request(self.nc, self.subjects.unload(w), UnloadModel(d.decision_id), Ok, timeout) for w in holding),
+                return_exceptions=True,
+            )
+        finally:
+            self.reserved.difference_update(holding)
+        failed = {w: r for w, r in zip(holding, results, strict=True) if not isinstance(r, Ok)}
+        done = [w for w in given if w not in failed]
+        return done, "; ".join(self._why(w, r, "the unload", timeout) for w, r in failed.items())
+
+    async def scale_up(self, d: ScaleDecision, lg: Any, already: Sequence[str] = ()) -> tuple[list[str], str]:
         model = self.deployment.get(d.model)
         if model is None:
             return [], f"model {d.model} is not in the loader's deployment"
@@ -173,6 +214,8 @@ class Decisions:
             return [], f"loading mode {mode!r} is not one of {', '.join(PLAN_MODES)}"
         self.reserved.update(chosen.workers)
         try:
+            if self.journal is not None:
+                await self.journal.ordered(d, (*already, *chosen.workers))
             sizes = await self.unit_sizes(model)
             if isinstance(sizes, str):
                 # No unit sizes, no plan: the simple path, every target reads the checkpoint itself.
@@ -217,6 +260,10 @@ class Decisions:
 
     def _plan_id(self, d: ScaleDecision) -> str:
         self._plan_seq += 1
+        if self.journal is not None:
+            # Several loaders: a decision taken over is planned again by another loader, whose
+            # count starts afresh; its transfers must not reuse the ids a worker may still hold.
+            return f"{d.decision_id}-{self.settings.loader_id}-p{self._plan_seq}"
         return f"{d.decision_id}-p{self._plan_seq}"
 
     async def transfer(
@@ -494,6 +541,8 @@ class Decisions:
             problems.append(f"only {len(chosen.workers)} instance(s) of {d.model} to remove, {d.count} wanted")
         self.reserved.update(chosen.workers)
         try:
+            if self.journal is not None:
+                await self.journal.ordered(d, tuple(chosen.workers))
             lg.info("unloading", workers=list(chosen.workers))
             timeout = self.settings.unload_timeout_s
             results = await asyncio.gather(

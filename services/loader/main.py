@@ -1,6 +1,11 @@
 """The loader service: carries out ScaleDecisions and acks each one (decisions.py), and keeps the
 O(1) host cache (cachekeeper.py). This module only wires them to NATS.
 
+Several loaders may run: one leads (lease.py, over the broker's JetStream key-value store) and
+alone sends orders and acks; the others follow every announcement, keep the decisions they hear
+until they are acked, and the one that takes over finishes what the leader had journaled
+(journal.py) or had not yet received.
+
 In: the workers' heartbeats and readiness events (the shared worker table), ScaleDecision,
 TransferEvent, HostCacheRequest, status requests. Out: LoadModel / TransferOrder / UnloadModel
 to workers, TransferPlanned (every plan and re-plan, for `cascade tap`), ScaleAck.
@@ -21,17 +26,23 @@ from nats.aio.msg import Msg
 
 from cascade.cliargs import service_start
 from cascade.config import ConfigError, Deployment
+from cascade.controlstore import StoreUnavailable, open_store
 from cascade.deployfeed import DeploymentFeed
 from cascade.messages import (
     ActiveDecisions,
     ActiveDecisionsRequest,
+    HostCacheRequest,
     LayerReady,
     MessageError,
+    Ok,
+    ScaleAck,
     ScaleDecision,
+    ServiceReady,
     ServiceStatus,
     StatusRequest,
     TransferEvent,
     decode,
+    encode,
 )
 from cascade.natsutil import TaskSet
 from cascade.service import Runtime, run_process
@@ -39,12 +50,16 @@ from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from cascade.workers import WorkerTable
 from services.loader.cachekeeper import HostCacheKeeper
 from services.loader.decisions import HISTORY_ROWS, Decisions, MeshChanges
+from services.loader.journal import DecisionJournal
+from services.loader.leadership import Leadership
+from services.loader.lease import Lease
 from services.loader.orphans import OrphanLoads
 from services.loader.settings import LoaderSettings, settings_from_args
 from services.loader.settings import add_arguments as add_arguments
 
 # How long the loader waits for a worker's readiness snapshot before it asks again later.
 SNAPSHOT_TIMEOUT_S = 2.0
+HEARD_MAX = 256  # decisions a follower keeps until their ack (oldest dropped first)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +89,17 @@ class Loader:
         self.deployments = DeploymentFeed()
         # A load stuck this long with no loader owning it is undone (its loader died mid-plan).
         self.orphans = OrphanLoads(stall_s=max(5.0, 5 * settings.heartbeat_s))
+        self.rt: Runtime | None = None
+        # None: this loader plans alone (no lease: `--lease off`, or a broker without JetStream).
+        self.leadership: Leadership | None = None
+        # A follower's decisions heard and not yet acked: the leader may die before journaling one.
+        self.heard: OrderedDict[str, tuple[ScaleDecision, float]] = OrderedDict()  # → (decision, heard at)
+        self.acked: OrderedDict[str, None] = OrderedDict()
+        self.running: dict[str, asyncio.Task[Any]] = {}
+
+    @property
+    def leading(self) -> bool:
+        return self.leadership is None or self.leadership.leading
 
     @property
     def instance(self) -> str:
@@ -81,6 +107,7 @@ class Loader:
 
     async def start(self, rt: Runtime) -> None:
         s = rt.subjects
+        self.rt = rt
         self.tasks = rt.tasks
         self.keeper = HostCacheKeeper(self.settings, self.deployment, rt.tasks, self.log)
         rt.stack.callback(self.keeper.close)
@@ -100,6 +127,7 @@ class Loader:
         await rt.subscribe(s.ready_all(), self.on_ready)
         await rt.subscribe(s.transfer_event_all(), self.on_transfer_event)
         await rt.subscribe(s.scale_decision(), self.on_decision)
+        await rt.subscribe(s.scale_ack(), self.on_ack)
         await rt.subscribe(s.deployment_changed(), self.on_deployment)
         # Models deployed at run time before this loader (re)started: the scaler knows them.
         dep, source = await self.deployments.ask(rt.nc, s, self.instance)
@@ -109,10 +137,103 @@ class Loader:
             self.log.info("deployment_from_scaler", models=dep.names(), scaler=source)
             self.use_deployment(dep)
         await rt.serve(s.status(), self.on_status)
-        await rt.serve(s.host_cache(), self.keeper.on_request)
+        await rt.serve(s.host_cache(), self.on_host_cache)
         await rt.serve(s.loader_decisions(), self.on_active_decisions)
         rt.tasks.spawn(self.pulse(feed), "pulse")
+        await self.start_lease(rt)
         self.log.info("ready", models=self.deployment.names())
+
+    # ---- the lease -----------------------------------------------------------------------------
+    async def start_lease(self, rt: Runtime) -> None:
+        """Take part in the lease (or plan alone, as the settings and the broker allow)."""
+        assert self.decisions is not None
+        if self.settings.lease == "off":
+            self.log.info("lease_off", note="planning alone: run only one loader on this mesh")
+            return
+        try:
+            store = await open_store(rt.nc, rt.subjects.prefix, self.settings.control_replicas)
+        except StoreUnavailable as e:
+            if self.settings.lease == "required":
+                raise ConnectionError(f"--lease required: {e}") from None
+            self.log.warning(
+                "lease_unavailable", error=str(e), note="planning alone without a lease: run only one loader"
+            )
+            return
+        self.decisions.journal = DecisionJournal(store, self.instance, self.log)
+        lease = Lease(self.instance, self.settings.lease_s)
+        self.leadership = Leadership(store, lease, self.on_lead, self.on_follow, self.log)
+        rt.stack.push_async_callback(self.step_off)
+        rt.tasks.spawn(self.leadership.run(), "lease")
+        self.log.info("lease_following", bucket=store.bucket, lease_s=self.settings.lease_s)
+
+    async def on_lead(self) -> None:
+        """This loader leads now: finish what the last leader journaled, carry out what it heard
+        and no one acked, then say `ServiceReady` (the scaler asks what is in flight here)."""
+        assert self.decisions is not None and self.decisions.journal is not None and self.rt is not None
+        try:
+            pending = await self.decisions.journal.pending()
+        except Exception as e:  # the broker away: what is heard is still carried out
+            self.log.warning("journal_read_failed", error=repr(e))
+            pending = []
+        stale_s = self.settings.idle_wait_s + self.settings.load_timeout_s
+        now = time.time()
+        taken, fresh = [], []
+        for j in pending:
+            d = j.decision
+            if d.decision_id in self.running or d.decision_id in self.acked:
+                continue
+            if now - j.ts > stale_s:
+                # Its scaler gave up waiting long ago and decided again: carrying it out would apply it twice.
+                self.log.warning("journal_stale", decision_id=d.decision_id, age_s=round(now - j.ts, 1))
+                await self.decisions.journal.done(d)
+                continue
+            self.heard.pop(d.decision_id, None)
+            self.launch(d, j.workers, journaled=True)
+            taken.append(d.decision_id)
+        # Only a decision heard about as the leader died can have gone unjournaled; an older one
+        # unjournaled and unacked was lost some other way (a journal write that failed, a missed
+        # ack): it is left to the scaler, which re-decides what it dropped when we say ready.
+        fresh_s = 2 * self.settings.lease_s + self.settings.request_timeout_s
+        dropped = []
+        for d, heard_at in list(self.heard.values()):
+            if d.decision_id in self.running or d.decision_id in self.acked:
+                continue
+            if self.clock() - heard_at > fresh_s:
+                dropped.append(d.decision_id)
+                continue
+            self.launch(d)
+            fresh.append(d.decision_id)
+        self.heard.clear()
+        self.log.info("leading", taken_over=taken, heard=fresh, left_to_the_scaler=dropped)
+        ready = ServiceReady(self.service, self.instance, os.getpid())
+        try:
+            await self.rt.nc.publish(self.rt.subjects.service_ready(), encode(ready))
+        except Exception as e:  # the broker away: the reconnect announces it again
+            self.log.warning("announce_failed", error=repr(e))
+
+    async def on_follow(self, why: str) -> None:
+        """This loader lost the lease: stop what it carries out at once (no order, no ack from
+        here any more); the leader finishes it from the journal."""
+        stopped = await self.stop_running()
+        self.log.warning("following", why=why, handed_over=stopped)
+
+    async def stop_running(self) -> list[str]:
+        tasks = dict(self.running)
+        for t in tasks.values():
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert self.decisions is not None
+        for i in tasks:
+            self.decisions.active.pop(i, None)
+        return sorted(tasks)
+
+    async def step_off(self) -> None:
+        """A clean stop: stop carrying out (the journal keeps it), then hand the lease over."""
+        assert self.leadership is not None
+        self.leadership.closed = True
+        await self.stop_running()
+        await self.leadership.release()
 
     async def pulse(self, feed: WorkerFeed) -> None:
         """Let time pass visibly: a worker that stops heart-beating is noticed by no message."""
@@ -120,6 +241,8 @@ class Loader:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)  # a periodic timer, not synchronisation
             feed.reap()
+            if not self.leading:
+                continue
             holders: dict[str, int] = {}
             for v in self.table.views(self.clock()):
                 if v.model is not None and v.serves_fully(v.model):
@@ -168,14 +291,59 @@ class Loader:
         self._seen_ids[d.decision_id] = None
         while len(self._seen_ids) > 1024:
             self._seen_ids.popitem(last=False)
-        assert self.decisions is not None and self.tasks is not None
-        self.decisions.active[d.decision_id] = d
-        self.tasks.spawn(self.decisions.carry_out(d), f"decision-{d.decision_id}")
+        if not self.leading:
+            self.heard[d.decision_id] = (d, self.clock())
+            while len(self.heard) > HEARD_MAX:
+                self.heard.popitem(last=False)
+            return
+        self.launch(d)
 
-    async def on_active_decisions(self, _: ActiveDecisionsRequest) -> ActiveDecisions:
+    def launch(self, d: ScaleDecision, given: tuple[str, ...] = (), journaled: bool = False) -> None:
+        """Carry out `d` here (written ahead to the journal when there is one)."""
+        assert self.decisions is not None and self.tasks is not None
+        self._seen_ids[d.decision_id] = None
+        self.decisions.active[d.decision_id] = d
+        if given:
+            # Held from now: the orphan sweep must not undo the loads this decision follows.
+            self.decisions.reserved.update(given)
+
+        async def run() -> None:
+            assert self.decisions is not None
+            try:
+                if self.decisions.journal is not None and not journaled:
+                    await self.decisions.journal.received(d)
+                await self.decisions.carry_out(d, given)
+            finally:
+                self.decisions.reserved.difference_update(given)
+                self.running.pop(d.decision_id, None)
+
+        self.running[d.decision_id] = self.tasks.spawn(run(), f"decision-{d.decision_id}")
+
+    async def on_ack(self, msg: Msg) -> None:
+        """Acks (the leader's, or our own): a follower forgets what it kept for a takeover."""
+        try:
+            ack = decode(msg.data, ScaleAck)
+        except MessageError:
+            return
+        self.heard.pop(ack.decision_id, None)
+        self.acked[ack.decision_id] = None
+        while len(self.acked) > 1024:
+            self.acked.popitem(last=False)
+
+    async def on_host_cache(self, req: HostCacheRequest) -> Ok | None:
+        """`cascade cache`: the leader's host cache is the one its plans use; followers keep still."""
+        assert self.keeper is not None
+        if not self.leading:
+            return None
+        return await self.keeper.on_request(req)
+
+    async def on_active_decisions(self, _: ActiveDecisionsRequest) -> ActiveDecisions | None:
         """A (re)started scaler asks what is in flight here, so that it waits for these acks
-        instead of deciding the same gap again."""
+        instead of deciding the same gap again. Only the leader answers: a follower's empty
+        list would make the scaler drop and re-decide what the leader carries out."""
         assert self.decisions is not None
+        if not self.leading:
+            return None
         return ActiveDecisions(list(self.decisions.active.values()), self.instance)
 
     # ---- events --------------------------------------------------------------------------------
@@ -216,6 +384,7 @@ class Loader:
         now = self.clock()
         live = [row for sess in d.sessions.values() for row in sess.rows(now)]
         detail: dict[str, Any] = {
+            "role": self.lease_status()["role"],  # first: `cascade status` shows the leading scalars
             "workers": self.table.states(now),
             "active": sorted(d.active),
             "reserved": len(d.reserved),
@@ -223,5 +392,12 @@ class Loader:
             # Transfers in flight, then the most recent finished ones (newest last).
             "transfers": live + d.history[-(HISTORY_ROWS - len(live)) :] if len(live) < HISTORY_ROWS else live,
             **self.keeper.status(),
+            "lease": self.lease_status(),
         }
         return ServiceStatus("loader", self.instance, os.getpid(), detail)
+
+    def lease_status(self) -> dict[str, Any]:
+        if self.leadership is None:
+            return {"role": "alone"}
+        lease = self.leadership.lease
+        return {"role": "leader" if self.leading else "follower", "holder": lease.holder, "lease_s": lease.lease_s}

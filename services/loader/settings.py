@@ -7,13 +7,14 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from cascade.cliargs import add_common_arguments, positive_float
-from cascade.config import env_float, env_str
+from cascade.cliargs import add_common_arguments, positive_float, positive_int
+from cascade.config import env_float, env_int, env_str
 from cascade.subjects import check_token
 from services.loader.hostcache import DEFAULT_KEEP_ALIVE_COLD_S, DEFAULT_KEEP_ALIVE_S
 from services.loader.planner import DEFAULT_SERVING_RATE_LIMIT_BPS
 
 HostCacheMode = Literal["mmap", "copy", "off"]
+LeaseMode = Literal["auto", "required", "off"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,10 @@ class LoaderSettings:
     host_cache: HostCacheMode = "mmap"
     host_cache_keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     host_cache_keep_alive_cold_s: float = DEFAULT_KEEP_ALIVE_COLD_S
+    # Several loaders: one leads by a lease in the broker's JetStream key-value store (lease.py).
+    lease: LeaseMode = "auto"
+    lease_s: float = 2.0
+    control_replicas: int = 1  # JetStream replicas of the control bucket (3 on a 3-node cluster)
 
     def __post_init__(self) -> None:
         check_token(self.loader_id)
@@ -45,6 +50,7 @@ class LoaderSettings:
             "serving_send_mb_s",
             "host_cache_keep_alive_s",
             "host_cache_keep_alive_cold_s",
+            "lease_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be above 0")
@@ -52,6 +58,10 @@ class LoaderSettings:
             raise ValueError("send_mb_s must not be negative")
         if self.host_cache not in ("mmap", "copy", "off"):
             raise ValueError(f"host_cache must be mmap, copy or off (got {self.host_cache!r})")
+        if self.lease not in ("auto", "required", "off"):
+            raise ValueError(f"lease must be auto, required or off (got {self.lease!r})")
+        if self.control_replicas < 1:
+            raise ValueError("control_replicas must be at least 1")
 
     @property
     def send_cap_bps(self) -> float:
@@ -141,6 +151,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"drop a cached model nobody else holds after this long idle (default {d.host_cache_keep_alive_cold_s:g})",
     )
 
+    g.add_argument(
+        "--lease",
+        choices=("auto", "required", "off"),
+        default=env_str("CASCADE_LOADER_LEASE", d.lease),
+        help="several loaders: one plans at a time, by a lease in the broker's JetStream key-value store. "
+        "auto: use it when the broker has JetStream, else plan alone (one loader only); required: exit "
+        "without JetStream (run several loaders with this); off: plan alone (env CASCADE_LOADER_LEASE, default auto)",
+    )
+    g.add_argument(
+        "--lease-s",
+        type=positive_float,
+        default=env_float("CASCADE_LOADER_LEASE_S", d.lease_s),
+        help="the lease's length: the leader renews it every third of it, and another loader takes over "
+        f"this long after the leader's last renewal (env CASCADE_LOADER_LEASE_S, default {d.lease_s:g})",
+    )
+    g.add_argument(
+        "--control-replicas",
+        type=positive_int,
+        default=env_int("CASCADE_LOADER_CONTROL_REPLICAS", d.control_replicas),
+        help="JetStream replicas of the lease and journal bucket when it is made: 3 on a 3-node NATS "
+        "cluster (env CASCADE_LOADER_CONTROL_REPLICAS, default 1)",
+    )
+
 
 def settings_from_args(args: argparse.Namespace) -> LoaderSettings:
     return LoaderSettings(
@@ -156,4 +189,7 @@ def settings_from_args(args: argparse.Namespace) -> LoaderSettings:
         host_cache=args.host_cache,
         host_cache_keep_alive_s=args.host_cache_keep_alive_s,
         host_cache_keep_alive_cold_s=args.host_cache_keep_alive_cold_s,
+        lease=args.lease,
+        lease_s=args.lease_s,
+        control_replicas=args.control_replicas,
     )
