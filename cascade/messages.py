@@ -216,6 +216,9 @@ class Heartbeat:
     max_model_len: int = 0
     # Sequences preempted for KV blocks since the worker started (vLLM's num_preemptions_total).
     num_preemptions: int = 0
+    # "network": this worker reads no model store (--model-source network); the loader must send it
+    # every model over the data plane, from the host cache or a live peer.
+    model_source: str = "disk"
 
 
 @message("worker_gone")

@@ -59,6 +59,7 @@ from services.loader.planner import (
     plan_orders,
     plan_transfer,
     replan,
+    select_sources,
 )
 from services.loader.settings import LoaderSettings
 from services.loader.transfers import TransferSession, chain_members
@@ -128,7 +129,7 @@ class Decisions:
         self.warm_until = clock() + 1.5 * settings.heartbeat_s
 
     def snapshot(self, now: float) -> MeshSnapshot:
-        return MeshSnapshot(tuple(self.table.views(now)), self.keeper.models())
+        return MeshSnapshot(tuple(self.table.views(now)), self.keeper.models(), host_cache_host=self.settings.host)
 
     async def carry_out(self, d: ScaleDecision) -> None:
         """Carry out one decision and ack it, whatever happens (the scaler waits for the ack)."""
@@ -213,7 +214,7 @@ class Decisions:
 
     def mesh_snapshot(self, now: float, exclude: frozenset[str] = frozenset()) -> MeshSnapshot:
         workers = tuple(w for w in self.table.views(now) if w.worker_id not in exclude)
-        return MeshSnapshot(workers, self.keeper.models())
+        return MeshSnapshot(workers, self.keeper.models(), host_cache_host=self.settings.host)
 
     def _plan_id(self, d: ScaleDecision) -> str:
         self._plan_seq += 1
@@ -239,8 +240,15 @@ class Decisions:
             str(model.path),
             serving_rate_limit_bps=self.settings.serving_bps,
         )
+        snap = self.mesh_snapshot(now)
+        if mode in ("multicast", "host-cache") and not select_sources(snap, req) and _diskless(snap, workers):
+            # Workers that read no model store: the first load of the model in the mesh is the
+            # loader's own read, into the host cache, and they get it over the data plane.
+            lg.info("host_cache_fill_first", workers=list(workers))
+            await self.keeper.fill_now(model, lg)
+            snap = self.mesh_snapshot(self.clock())
         try:
-            plan = plan_transfer(self.mesh_snapshot(now), req, self._plan_id(d))
+            plan = plan_transfer(snap, req, self._plan_id(d))
         except PlanError as e:
             return [], [f"cannot plan loading {model.name}: {e}"]
         session = TransferSession(
@@ -516,3 +524,8 @@ class Decisions:
             elif isinstance(r, BaseException):
                 problems.append(f"{w}: {type(r).__name__}: {r}")
         return done, "; ".join(problems)
+
+
+def _diskless(snap: MeshSnapshot, workers: Sequence[str]) -> bool:
+    """Some target reads no model store (`--model-source network`)."""
+    return any((w := snap.worker(t)) is not None and w.model_source == "network" for t in workers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +33,7 @@ class LoaderSettings:
     host_cache: HostCacheMode = "mmap"
     host_cache_keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     host_cache_keep_alive_cold_s: float = DEFAULT_KEEP_ALIVE_COLD_S
+    host_id: str = ""  # the machine the host cache is on ("" = this machine's hostname)
 
     def __post_init__(self) -> None:
         check_token(self.loader_id)
@@ -52,6 +54,10 @@ class LoaderSettings:
             raise ValueError("send_mb_s must not be negative")
         if self.host_cache not in ("mmap", "copy", "off"):
             raise ValueError(f"host_cache must be mmap, copy or off (got {self.host_cache!r})")
+
+    @property
+    def host(self) -> str:
+        return self.host_id or socket.gethostname()
 
     @property
     def send_cap_bps(self) -> float:
@@ -140,6 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env_float("CASCADE_LOADER_HOST_CACHE_KEEP_ALIVE_COLD_S", d.host_cache_keep_alive_cold_s),
         help=f"drop a cached model nobody else holds after this long idle (default {d.host_cache_keep_alive_cold_s:g})",
     )
+    g.add_argument(
+        "--host-id",
+        default=os.environ.get("CASCADE_HOST_ID", ""),
+        help="which machine this loader's host cache is on; the planner prefers sources on a target's own host "
+        "(env CASCADE_HOST_ID; default: the hostname)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> LoaderSettings:
@@ -156,4 +168,5 @@ def settings_from_args(args: argparse.Namespace) -> LoaderSettings:
         host_cache=args.host_cache,
         host_cache_keep_alive_s=args.host_cache_keep_alive_s,
         host_cache_keep_alive_cold_s=args.host_cache_keep_alive_cold_s,
+        host_id=args.host_id or "",
     )

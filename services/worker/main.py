@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import math
 import os
-import socket
 import time
 from collections import defaultdict
 from typing import Any
@@ -224,7 +223,7 @@ class WorkerService:
             tokens_per_s=round(eng.stats.rate(time.monotonic()), 2) if eng else 0.0,
             ready_seq=slot.seq,
             pid=os.getpid(),
-            host=socket.gethostname(),
+            host=self.settings.host,
             loading_mb_s=round(slot.load_mb_s, 1),
             ts=time.time(),
             stage_addr=self.link.addr or None,
@@ -236,6 +235,7 @@ class WorkerService:
             kv_cache_usage=round(f.kv_cache_usage, 4) if f else 0.0,
             max_model_len=f.max_model_len if f else 0,
             num_preemptions=f.num_preemptions if f else 0,
+            model_source=self.settings.model_source,
         )
 
     def _data_addr(self) -> str | None:
