@@ -515,6 +515,9 @@ class ScaleDecision:
     # `reason` stays the free text.
     policy: str = ""
     trigger: str = ""
+    # Workers the loader must not choose for an up: they failed this model lately and are in
+    # the scaler's back-off for it (services/scaler/backoff.py).
+    avoid: list[str] = field(default_factory=list)
 
 
 @message("active_decisions_request")
@@ -541,6 +544,8 @@ class ScaleAck:
     workers: list[str] = field(default_factory=list)
     error: str = ""
     ts: float = 0.0
+    # Per worker that failed this decision, why (the scaler backs off from that worker for the model).
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @message("scale_request")

@@ -826,11 +826,16 @@ class GatewayCore:
         if not self.nc.is_connected:
             return False, {"status": "unavailable", "reason": "the broker is unreachable; reconnecting"}
         if missing:
-            return False, {
+            body: dict[str, Any] = {
                 "status": "unavailable",
                 "reason": "no instance serves " + ", ".join(missing) + " fully",
                 "models_without_instance": missing,
             }
+            # Why the scaler's last try failed, per worker: the back-off is visible where probes look.
+            failures = {m: self.watch.last_failure[m] for m in missing if m in self.watch.last_failure}
+            if failures:
+                body["scale_failures"] = failures
+            return False, body
         return True, {"status": "ok", "instances": self.instances_by_model()}
 
     def status(self) -> dict[str, Any]:

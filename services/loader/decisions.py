@@ -117,6 +117,8 @@ class Decisions:
         self.log = log
         self.clock = clock
         self.reserved: set[str] = set()
+        # Per decision in progress, the workers that failed it and why (they go into its ack).
+        self.failed_workers: dict[str, dict[str, str]] = {}
         self.active: dict[str, ScaleDecision] = {}
         self.sessions: dict[str, TransferSession] = {}
         self.history: list[dict[str, object]] = []
@@ -136,6 +138,7 @@ class Decisions:
         lg = self.log.bind(decision_id=d.decision_id, model=d.model, action=d.action, count=d.count)
         lg.info("decision_received", target=d.target_replicas, reason=d.reason)
         workers: list[str] = []
+        self.failed_workers.pop(d.decision_id, None)
         try:
             while self.clock() < self.warm_until:
                 await self.changes.wait(self.warm_until, self.clock)
@@ -150,7 +153,10 @@ class Decisions:
             error = f"internal error in the loader: {type(e).__name__}: {e}"
         finally:
             self.active.pop(d.decision_id, None)
-        ack = ScaleAck(d.decision_id, d.model, ok=not error, workers=workers, error=error, ts=time.time())
+        failed = self.failed_workers.pop(d.decision_id, {}) if error else {}
+        ack = ScaleAck(
+            d.decision_id, d.model, ok=not error, workers=workers, error=error, ts=time.time(), failed=failed
+        )
         await self.nc.publish(self.subjects.scale_ack(), encode(ack))
         if ack.ok:
             self.counters["acks_ok"] += 1
@@ -163,7 +169,7 @@ class Decisions:
         model = self.deployment.get(d.model)
         if model is None:
             return [], f"model {d.model} is not in the loader's deployment"
-        chosen = await self.wait_for_idle(d.count)
+        chosen = await self.wait_for_idle(d.count, d.avoid)
         if not chosen.workers:
             return [], f"no idle worker for {d.model} (wanted {d.count}; {describe(self.snapshot(self.clock()))})"
         problems = []
@@ -186,6 +192,10 @@ class Decisions:
                 ready, failed_later = await self.transfer(d, model, mode, chosen.workers, sizes, lg)
         finally:
             self.reserved.difference_update(chosen.workers)
+        # Each failure names its worker first: the scaler backs off from those for this model.
+        self.failed_workers[d.decision_id] = {
+            w: why for why in failed + failed_later for w in chosen.workers if why.startswith((f"{w} ", f"{w}:"))
+        }
         return ready, "; ".join(problems + failed + failed_later)
 
     # ---- planned transfers ---------------------------------------------------------------------
@@ -420,11 +430,11 @@ class Decisions:
         self.log.info("orphan_unloaded", worker=worker)
         self.changes.notify()
 
-    async def wait_for_idle(self, count: int) -> Assignment:
+    async def wait_for_idle(self, count: int, avoid: Sequence[str] = ()) -> Assignment:
         """Enough idle workers, or as many as appear before the idle-wait deadline."""
         deadline = self.clock() + self.settings.idle_wait_s
         while True:
-            chosen = choose_for_up(self.snapshot(self.clock()), count, self.reserved)
+            chosen = choose_for_up(self.snapshot(self.clock()), count, self.reserved, avoid)
             if chosen.shortfall == 0 or self.clock() >= deadline:
                 return chosen
             await self.changes.wait(deadline, self.clock)
