@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 import torch
 
+from cascade.advertise import check_reachable
 from cascade.config import ConfigError
 from cascade.device_profile import StepPadder, load_profile
 from cascade.logs import setup_logging
@@ -169,6 +170,13 @@ class WorkerService:
         data_addr = await asyncio.to_thread(self.dataplane.start)
         # Fails any reception still armed and joins the data-plane threads.
         rt.stack.push_async_callback(asyncio.to_thread, self.dataplane.close)
+        # Peers use the advertised addresses: one that does not reach us fails here, not at the first transfer.
+        st = self.settings
+        for what, addr, listen in (
+            ("stage link", self.link.addr, f"{st.stage_host}:{self.link.addr.rpartition(':')[2]}"),
+            ("data plane", data_addr, f"{st.data_listen_host}:{data_addr.rpartition(':')[2]}"),
+        ):
+            await asyncio.to_thread(check_reachable, addr, what, listen, st.address_check_s)
         self.runner.start()
         rt.tasks.spawn(self.runner.publish(), "engine-results")
         await rt.serve(s.load(w), self.slot.on_load)

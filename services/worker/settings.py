@@ -53,6 +53,7 @@ class WorkerSettings:
     model_source: str = "disk"
     host_id: str = ""  # which machine this worker is on ("" = this machine's hostname)
     files_dir: str = ""  # where files received over the data plane are kept ("" = under CASCADE_HOME)
+    address_check_s: float = 3.0  # the deadline of the start-up check that advertised addresses reach us
 
     def __post_init__(self) -> None:
         check_token(self.worker_id)
@@ -70,6 +71,8 @@ class WorkerSettings:
             raise ConfigError("--kv-cache-mb and --max-model-len must be >= 0, --kv-block-size >= 1")
         if self.emulated_token_scale <= 0:
             raise ConfigError("CASCADE_EMULATED_TOKEN_SCALE must be above 0")
+        if self.address_check_s <= 0:
+            raise ConfigError("--address-check-s must be above 0")
         if self.model_source not in ("disk", "network"):
             raise ConfigError(f"--model-source must be disk or network, not {self.model_source!r}")
         if self.device_profile:
@@ -128,6 +131,7 @@ class WorkerSettings:
             model_source=a.model_source,
             host_id=a.host_id or "",
             files_dir=a.files_dir or "",
+            address_check_s=a.address_check_s,
         )
 
 
@@ -295,4 +299,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("CASCADE_FILES_DIR"),
         help="where config and tokenizer files received over the data plane are kept (env CASCADE_FILES_DIR; "
         "default: $CASCADE_HOME/worker-files/<worker id>)",
+    )
+    p.add_argument(
+        "--address-check-s",
+        type=float,
+        default=env_float("CASCADE_ADDRESS_CHECK_S", 3.0),
+        help="at start, connect to the advertised stage and data addresses within this many seconds, and fail "
+        "with the reason if they do not reach this worker (env CASCADE_ADDRESS_CHECK_S, default 3)",
     )
