@@ -825,18 +825,17 @@ class GatewayCore:
             return False, {"status": "unavailable", "reason": "the gateway is shutting down"}
         if not self.nc.is_connected:
             return False, {"status": "unavailable", "reason": "the broker is unreachable; reconnecting"}
+        # Why the scaler's last try for a model failed, per worker, until one succeeds: the back-off
+        # is visible where probes and operators look.
+        failures = {"scale_failures": dict(self.watch.last_failure)} if self.watch.last_failure else {}
         if missing:
-            body: dict[str, Any] = {
+            return False, {
                 "status": "unavailable",
                 "reason": "no instance serves " + ", ".join(missing) + " fully",
                 "models_without_instance": missing,
+                **failures,
             }
-            # Why the scaler's last try failed, per worker: the back-off is visible where probes look.
-            failures = {m: self.watch.last_failure[m] for m in missing if m in self.watch.last_failure}
-            if failures:
-                body["scale_failures"] = failures
-            return False, body
-        return True, {"status": "ok", "instances": self.instances_by_model()}
+        return True, {"status": "ok", "instances": self.instances_by_model(), **failures}
 
     def status(self) -> dict[str, Any]:
         inflight = self.hub.inflight_by_worker()

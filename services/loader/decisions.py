@@ -260,6 +260,10 @@ class Decisions:
         try:
             plan = plan_transfer(snap, req, self._plan_id(d))
         except PlanError as e:
+            diskless = [w for w in workers if (v := snap.worker(w)) is not None and v.model_source == "network"]
+            if diskless:
+                # Their own property, not the model's: named, they are backed off for it, not retried at once.
+                return [], [f"{w}: cannot plan loading {model.name}: {e}" for w in diskless]
             return [], [f"cannot plan loading {model.name}: {e}"]
         session = TransferSession(
             d.decision_id, model.name, mode, sizes, started=now, grace_s=2 * self.settings.heartbeat_s
