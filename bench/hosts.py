@@ -309,8 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache_dir = args.cache_dir or cascade_home() / "bench-models"
     model_dir = ensure_model(cache_dir, args.size_gb)
     rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     for config in args.config_list:
         rows += run_config(config, model_dir, args.n_list, args)
+    load_after = os.getloadavg()
     summary = summarize(rows, args.n_list)
     tbl = table(summary, args)
     print(tbl)
@@ -339,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "forwarding hops go no faster than what reaches them; a hop within host-a is paced the same); each "
             "worker's disk is its --load-mb-s pace over a warm page cache"
         ),
+        # The machine is shared: its load says how much the figures owe to other processes.
+        "load_average_1_5_15": {"before": load_before, "after": load_after},
         "summary": summary,
         "runs": rows,
     }
@@ -347,7 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"`cascade bench hosts --size-gb {args.size_gb:g} --link-mb-s {args.link_mb_s:g} --disk-mb-s "
         f"{args.disk_mb_s:g} --repeats {args.repeats}` at commit `{doc['commit']}`. Time from the scale "
         "decision until every new instance holds every unit (median of the runs). Model: "
-        f"{nbytes / 1e9:.2f} GB.\n\n{tbl}\n\n{doc['emulated']}.\n"
+        f"{nbytes / 1e9:.2f} GB.\n\n{tbl}\n\nRuns (s): "
+        + "; ".join(f"N={r['n']} diskless {r.get('diskless_runs_s')}, disk {r.get('disk_runs_s')}" for r in summary)
+        + f".\n\n{doc['emulated']}. Load average (1, 5, 15 min) before {load_before}, after {load_after}: "
+        "every process of every emulated host shares this machine's cores, so each hop of a chain costs "
+        "the others CPU here, which separate hosts would not.\n"
     )
     for p in write_result("hosts", doc, md):
         print(f"wrote {p}")
