@@ -101,3 +101,19 @@ def test_unit_zero_carries_the_files_and_keeps_its_own_crc() -> None:
     rest, blob = split_files({m.name: bytes(v) for m, v in u0})
     assert list(rest) == ["w0"] and blob == files.blob
     assert split_files({"w1": b""}) == ({"w1": b""}, None)
+
+
+@pytest.mark.parametrize("flavour", ["SMOLLM2", "MISTRAL", "QWEN25"])
+def test_a_tokenizer_built_from_received_files_is_the_one_read_from_the_store(tmp_path: Path, flavour: str) -> None:
+    """Real tokenizer files (saved by transformers): what a diskless worker rebuilds from the
+    unpacked blob encodes and renders chats exactly as the original folder does."""
+    from cascade.models.tokenizer import load_tokenizer
+    from tests import hf_fixtures
+
+    src = hf_fixtures.build(getattr(hf_fixtures, flavour), tmp_path / "store")
+    got = write_files(unpack(pack_dir(src).blob), tmp_path / "received")
+    a, b = load_tokenizer(src), load_tokenizer(got)
+    text = "Hello, world! ünïcode\n  def f(x): return 42"
+    assert a.encode(text) == b.encode(text)
+    msgs = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi!"}]
+    assert a.render_chat(msgs) == b.render_chat(msgs)
