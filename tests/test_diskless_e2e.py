@@ -4,8 +4,8 @@
 it yet) and leaves the one host copy. Two more workers, on 127.0.0.2 and 127.0.0.3, each run in a
 mount namespace where the model folder is an empty tmpfs (where the test can make one; else with
 `--model-source network`): they get config, tokenizer and weights over the data plane, first from
-the serving worker (a chain through both), then, after a scale to zero, from the host cache;
-every instance answers the greedy tokens of the worker that read the disk.
+the serving worker (a chain through both), then, after a scale to zero, from the host cache, then
+one from the other; every instance answers the greedy tokens of the worker that read the disk.
 """
 
 from __future__ import annotations
@@ -189,12 +189,25 @@ def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[s
         _answers_everywhere(client, url, set(DISKLESS), reference)
         last = {t["worker"]: t["source"] for t in st["transfers"]}
         assert "host-cache" in last.values() and "disk" not in [last[w] for w in DISKLESS], st["transfers"]
+
+        # From a diskless peer: d2 alone serves (the loader takes idle workers by id), then d3 gets
+        # the model from it, config and tokenizer being the files d2 itself received.
+        r = _cli(home, "scale", MODEL, "--replicas", "0")
+        assert r.returncode == 0, r.stderr
+        _wait(home, "every instance unloads again", lambda s: not _serving(s))
+        for n, want in ((1, {"d2"}), (2, {"d2", "d3"})):
+            r = _cli(home, "scale", MODEL, "--replicas", str(n))
+            assert r.returncode == 0, r.stderr
+            st = _wait(home, f"{want} serve", lambda s, want=want: _serving(s) == want)
+        last = {t["worker"]: t["source"] for t in st["transfers"]}
+        assert last["d3"] == "d2", st["transfers"]
+        _answers_everywhere(client, url, {"d3"}, reference)
     finally:
         procs.stop_all()
     for wid in DISKLESS:
         log = procs.log(wid)
-        # Twice each: once from the peer's chain, once from the host cache's.
-        assert log.count("model_files_received") == 2, log[-3000:]
+        # Three times each: the serving worker's chain, the host cache's, then d2 from the cache, d3 from d2.
+        assert log.count("model_files_received") == 3, log[-3000:]
         assert "load_failed" not in log
         if hidden or wid == "d3":
             assert "model_files_expected" in log

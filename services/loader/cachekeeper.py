@@ -123,6 +123,7 @@ class HostCacheKeeper:
         return {
             "host_cache": self.cache.status() if self.cache is not None else None,
             "host_cache_bytes": self.cache.nbytes() if self.cache is not None else 0,
+            "host_id": self.settings.host,
         }
 
     def close(self) -> None:
