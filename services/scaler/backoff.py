@@ -81,11 +81,6 @@ class Backoff:
             ends.append(e.until)
         return min(ends)
 
-    def forget_workers(self, gone: Collection[str]) -> None:
-        """Workers that left the mesh: a restarted one starts with a clean slate."""
-        if gone:
-            self.entries = {k: e for k, e in self.entries.items() if k[1] not in gone}
-
     def status(self, now: float) -> list[dict[str, Any]]:
         """Every pair in back-off or that failed lately, newest failure first."""
         newest = sorted(self.entries.items(), key=lambda kv: (-kv[1].last, kv[0]))
