@@ -90,12 +90,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-batch", type=int, default=4, help="each worker's batch limit (default 4)")
     p.add_argument("--profile", default="llama2-7b-a100-80gb", help="device profile to emulate")
-    p.add_argument("--load-s", type=float, default=3.0, help="emulated time to load the model on one instance")
+    p.add_argument(
+        "--load-s",
+        type=float,
+        default=3.0,
+        help="emulated time to load the model on one instance (default 3: slow enough that a worker can be "
+        "caught mid-multicast and as the loading stage of a partial route; 0.54 is the profile's 13.5 GB at "
+        "25 GB/s, bench burst's link, for recovery at that pace)",
+    )
     p.add_argument("--window-s", type=float, default=12.0, help="load before and after each fault, at least (s)")
     p.add_argument("--recover-timeout-s", type=float, default=60.0, help="give up waiting for full capacity after")
     p.add_argument("--request-deadline-s", type=float, default=60.0, help="a request with no end by then is hung")
     p.add_argument("--layers", type=int, default=4, help="decoder layers of the real (small) model")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument(
+        "--out", default="chaos", help="result name under bench/results (default chaos: chaos.json and chaos.md)"
+    )
     return p.parse_args(argv)
 
 
@@ -591,6 +601,6 @@ def main(argv: list[str] | None = None) -> int:
             },
             "rows": rows,
         }
-        written = write_result("chaos", doc, text)
+        written = write_result(a.out, doc, text)
         print(f"wrote {', '.join(map(str, written))}")
     return 0

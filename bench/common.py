@@ -126,14 +126,21 @@ def raw_path(raw_dir: Path, name: str) -> Path:
 
 
 def write_result(
-    name: str, doc: dict[str, Any], table_md: str, raw: dict[str, Any] | None = None, raw_dir: Path | None = None
+    name: str,
+    doc: dict[str, Any],
+    table_md: str,
+    raw: dict[str, Any] | None = None,
+    raw_dir: Path | None = None,
+    results_dir: Path | None = None,
 ) -> list[Path]:
-    """Write `doc` (a summary with its header) as bench/results/NAME.json and the markdown beside
-    it; with `raw_dir`, also the raw document (per-request records), gzip-compressed, there."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    jp = RESULTS / f"{name}.json"
+    """Write `doc` (a summary with its header) as NAME.json in `results_dir` (default
+    bench/results) and the markdown beside it; with `raw_dir`, also the raw document (per-request
+    records), gzip-compressed, there."""
+    where = results_dir if results_dir is not None else RESULTS
+    where.mkdir(parents=True, exist_ok=True)
+    jp = where / f"{name}.json"
     jp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
-    mp = RESULTS / f"{name}.md"
+    mp = where / f"{name}.md"
     mp.write_text(table_md)
     out = [jp, mp]
     if raw is not None and raw_dir is not None:

@@ -109,6 +109,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     v.add_argument("--result-filename", default=None, help="result name under bench/results (default serve-rate)")
     v.add_argument(
+        "--result-dir",
+        type=Path,
+        default=None,
+        help="directory for the result files (vLLM's option; default bench/results)",
+    )
+    v.add_argument(
         "--base-url",
         default=None,
         help="benchmark this running OpenAI-compatible server (e.g. http://127.0.0.1:8000) instead of starting "
@@ -471,7 +477,7 @@ def json_schema_main(a: argparse.Namespace) -> int:
             "ratios": ratios,
             "ratio_median": ratio,
         }  # fmt: skip
-        jp, mp = write_result(a.out or "serve-json-schema", {**head, **payload}, table)
+        jp, mp = write_result(a.out or "serve-json-schema", {**head, **payload}, table, results_dir=a.result_dir)
         print(f"wrote {jp} and {mp}")
     return 0
 
@@ -616,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             "overhead": ov,
             "tokens_per_s_ratio_max_over_min": scaling,
         }
-        jp, mp = write_result(out_name, {**result_header("serve"), **payload}, table)
+        jp, mp = write_result(out_name, {**result_header("serve"), **payload}, table, results_dir=a.result_dir)
         print(f"wrote {jp} and {mp}")
     return 0
 

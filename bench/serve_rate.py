@@ -425,7 +425,7 @@ def run(a: argparse.Namespace) -> int:
         "metrics": m,
     }
     md = markdown(doc)
-    paths = write_result(out_name, doc, md)
+    paths = write_result(out_name, doc, md, results_dir=a.result_dir)
     print("wrote " + " and ".join(str(p) for p in paths))
     return 0
 

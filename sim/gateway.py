@@ -26,8 +26,12 @@ from services.gateway.router import (
     InstanceView,
     Route,
     accepts,
+    choose_instance,
     choose_route,
     estimated_load,
+    front_layers,
+    head_key,
+    head_layers,
     prefill_backlogged,
     serves_fully,
 )
@@ -54,6 +58,7 @@ class Seen:
         "inflight",
         "inflight_at_hb",
         "key",
+        "lkey",
         "loading_of",
         "ready_model",
         "ready_num",
@@ -80,6 +85,7 @@ class Seen:
         self.accepting = False  # and in its index of instances that `accepts` work
         self.serving_of: str | None = None
         self.loading_of: str | None = None
+        self.lkey: tuple[Any, ...] | None = None  # in the loading index of `loading_of` (router.head_key)
 
 
 class Gateway:
@@ -91,14 +97,15 @@ class Gateway:
         self.seen: dict[str, Seen] = {}
         self.index: dict[str, list[tuple[Any, ...]]] = {}  # model → sorted keys of fully serving instances
         self.accepting: dict[str, list[tuple[Any, ...]]] = {}  # the same, of those that `accepts` work
-        self.loading: dict[str, set[str]] = {}  # model → loading workers (heads of live routes)
+        # model → router.head_key of its loading workers (heads of live routes), sorted
+        self.loading: dict[str, list[tuple[Any, ...]]] = {}
         self.live: dict[str, bool] = {}
         self.reqs: dict[str, Req] = {}
         for dep in mesh.deployment.models:
             self.live[dep.name] = dep.scaling == "live"
             self.index[dep.name] = []
             self.accepting[dep.name] = []
-            self.loading[dep.name] = set()
+            self.loading[dep.name] = []
         self.fronts = [Front(self, i) for i in range(max(1, s.gateways))]
         self.routed = {"full": 0, "pipelined": 0}
         self._next_front = 0
@@ -148,11 +155,18 @@ class Gateway:
             other = self.seen.get(w)
             if other is not None and other.serving_of == model and other.view is not None:
                 out.append(other.view)
-        if self.live[model]:
-            for w in self.loading[model]:
-                v = self.seen[w].view
-                if v is not None:
-                    out.append(v)
+        if self.live[model] and self.loading[model]:
+            # The head of a live route is the loading instance first by `head_key` among those
+            # `head_layers` accepts behind the full instance `choose_route` will pick: the index
+            # is in that order, so the first one accepted is the only one it needs to see.
+            fid = choose_instance(out, model, avoid)
+            fv = next((v for v in out if v.worker_id == fid), None)
+            if fv is not None:
+                for key in self.loading[model]:
+                    v = self.seen[key[-1]].view
+                    if v is not None and head_layers(v, model, fv, avoid):
+                        out.append(v)
+                        break
         return out
 
     def _refresh(self, worker: str) -> None:
@@ -203,13 +217,15 @@ class Gateway:
                 if ok:
                     bisect.insort(self.accepting[serving], key)
             sw.key, sw.serving_of, sw.accepting = key, serving, ok
-        loading = model if model is not None and state == "loading" else None
-        if loading != sw.loading_of:
-            if sw.loading_of is not None:
-                self.loading[sw.loading_of].discard(worker)
-            if loading is not None and loading in self.loading:
-                self.loading[loading].add(worker)
-            sw.loading_of = loading
+        loading = model if model is not None and state == "loading" and model in self.loading else None
+        lkey = head_key(v, front_layers(v, loading)) if loading is not None else None
+        if loading != sw.loading_of or lkey != sw.lkey:
+            if sw.loading_of is not None and sw.lkey is not None:
+                idx = self.loading[sw.loading_of]
+                del idx[bisect.bisect_left(idx, sw.lkey)]
+            if loading is not None and lkey is not None:
+                bisect.insort(self.loading[loading], lkey)
+            sw.loading_of, sw.lkey = loading, lkey
 
     def _seen(self, worker: str) -> Seen:
         sw = self.seen.get(worker)

@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import orjson
 import pytest
 
 from bench import datasets
@@ -96,14 +97,20 @@ def test_a_dataset_without_its_file_is_refused_before_anything_starts(capsys: py
 
 
 @pytest.mark.e2e
-def test_a_random_dataset_run_sends_exact_lengths_through_the_mesh(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_random_dataset_run_sends_exact_lengths_through_the_mesh(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     from bench.serve import main
 
     argv = [
         "--dataset-name", "random", "--random-input-len", "24", "--random-output-len", "6",
-        "--num-prompts", "5", "--request-rate", "20", "--no-write",
+        "--num-prompts", "5", "--request-rate", "20", "--save-result", "--result-dir", str(tmp_path),
+        "--result-filename", "random-run.json",
     ]  # fmt: skip
     assert main(argv) == 0
+    # vLLM's --result-dir and --result-filename: the result goes there, not into bench/results.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["random-run.json", "random-run.md"]
+    assert orjson.loads((tmp_path / "random-run.json").read_bytes())["metrics"]["completed"] == 5
     out = capsys.readouterr().out
     # vLLM's table: every request succeeded; 5 prompts of BOS + 24 tokens in, 6 tokens out each.
     assert "Successful requests:" in out

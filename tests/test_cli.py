@@ -41,6 +41,7 @@ COMMANDS = [
     ["deploy"],
     ["bench"],
     ["sim"],
+    ["place"],
 ]
 
 

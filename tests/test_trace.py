@@ -348,7 +348,7 @@ def test_a_missing_default_trace_says_what_is_missing_and_where(
         tracelib.load_trace(traces / "azure_llm_2023_code.csv")
 
 
-@pytest.mark.parametrize("name", ["burst", "trace"])
+@pytest.mark.parametrize("name", ["burst", "trace", "multimodel"])
 def test_bench_commands_answer_a_missing_trace_without_a_traceback(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

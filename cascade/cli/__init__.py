@@ -2,7 +2,7 @@
 
     cascade up                 start a broker and every service on this machine (up.py)
     cascade gateway|scaler|loader|worker [flags]   run one service (services.py)
-    cascade status | tap | scale | deploy | cache | model create | bench | sim
+    cascade status | tap | scale | deploy | cache | model create | bench | sim | place
 
 Service modules (and torch) are imported only by the subcommand that needs them, so
 `cascade --help`, `cascade status` and `cascade tap` start fast. Mistakes the user can fix
@@ -17,6 +17,7 @@ import sys
 from collections.abc import Collection, Sequence
 
 from cascade.cli import bench, cache, deploy, model, scale, services, sim, status, tap, up
+from cascade.cli import place as place_cmd
 from cascade.cli.common import CliError, Parser
 from cascade.config import ConfigError
 
@@ -42,6 +43,7 @@ def build_parser(load_services: Collection[str] = ()) -> Parser:
     cache.register(sub)
     bench.register(sub)
     sim.register(sub)
+    place_cmd.register(sub)
     return p
 
 

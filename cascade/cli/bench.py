@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "sim-scale": "the simulated comparison at 32, 128 and 1,000 accelerators, with plots",
     "chaos": "faults under load (workers, loader, scaler, gateway, broker killed): lost, hung, recovery",
     "kv": "the paged KV cache against the contiguous one: sequences within a budget, prefix caching, decode",
+    "multimodel": "many models on one pool: replication vs AlpaServe placement vs placement + 2-D co-scaling",
     "hosts": "scale-out across three emulated hosts: diskless workers fed over the network against own disks",
 }
 
@@ -65,6 +66,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.kv import main as kv
 
             return kv
+        if name == "multimodel":
+            from bench.multimodel import main as multimodel
+
+            return multimodel
         if name == "hosts":
             from bench.hosts import main as hosts
 

@@ -221,6 +221,29 @@ def front_layers(view: InstanceView, model: str) -> int:
     return min(view.prefix_units - 1, view.num_units - 2)
 
 
+def head_layers(view: InstanceView, model: str, full: InstanceView, avoid: Sequence[str] | frozenset[str] = ()) -> int:
+    """Decoder layers `view` would run as the head of a live route whose tail is the full instance
+    `full`, or 0 when it cannot be that head: it must be loading, reachable, not to avoid, of
+    the same shape, hold at least one layer and leave the tail one, and have room for the route."""
+    k = front_layers(view, model)
+    if (
+        view.state != "loading"  # a serving one is a full instance: choose_instance weighed it
+        or not view.stage_addr
+        or view.worker_id in avoid
+        or view.num_units != full.num_units
+        or not 1 <= k < full.num_units - 2  # the tail keeps at least one layer and the head
+        or not head_has_room(view, k)
+    ):
+        return 0
+    return k
+
+
+def head_key(view: InstanceView, k: int) -> tuple[int, float, str]:
+    """Order of heads for a live route: most front layers first, then least loaded per batch
+    slot, then worker id (deterministic)."""
+    return (-k, estimated_load(view) / max(view.max_batch, 1), view.worker_id)
+
+
 def choose_route(
     instances: Sequence[InstanceView], model: str, avoid: Sequence[str] | frozenset[str] = (), live: bool = True
 ) -> Route | None:
@@ -247,26 +270,19 @@ def choose_route(
     busy = estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD or full.waiting > 0 or prefill_backlogged(full)
     if not live or not busy or not full.stage_addr:
         return Route(full_id, room=room) if has_room(full) else held
-    num_layers = full.num_units - 2
     best: tuple[int, float, str] | None = None
     head: InstanceView | None = None
     for v in instances:
-        k = front_layers(v, model)
-        if (
-            v.state != "loading"  # a serving one is a full instance: choose_instance weighed it
-            or not v.stage_addr
-            or v.worker_id in avoid
-            or v.num_units != full.num_units
-            or not 1 <= k < num_layers  # the tail keeps at least one layer and the head
-            or not head_has_room(v, k)
-        ):
+        k = head_layers(v, model, full, avoid)
+        if not k:
             continue
-        key = (-k, estimated_load(v) / max(v.max_batch, 1), v.worker_id)
+        key = head_key(v, k)
         if best is None or key < best:
             best, head = key, v
     if head is None:
         return held
     k = front_layers(head, model)
+    num_layers = full.num_units - 2
     return Route(
         head.worker_id,
         (
