@@ -25,8 +25,11 @@ from typing import Any
 import openai
 import pytest
 
+from cascade.config import GenerateSpec
+from cascade.models.generate import generate_model
 from cascade.natsauth import read_mesh_credentials
 from services.gateway.testing import parse_prometheus
+from tests import hf_fixtures
 from tests.meshproc import running_mesh
 from tests.workerprocs import WorkerProcs
 
@@ -35,6 +38,11 @@ pytestmark = pytest.mark.e2e
 MODEL = "diskless-e2e"
 REPO = Path(__file__).resolve().parent.parent
 DISKLESS = {"d2": "127.0.0.2", "d3": "127.0.0.3"}
+
+
+# Files a diskless worker must get over the network besides config.json: a real tokenizer as
+# transformers saves one, with its chat template.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def _deployment(path: Path) -> str:
@@ -46,14 +54,17 @@ min_replicas = 0
 max_replicas = 3
 policy = "manual"
 loading = "multicast"
-[models.generate]
-layers = 4
-hidden = 128
-heads = 4
-kv_heads = 2
-vocab = 320
-seed = 17
 """
+
+
+def _model(root: Path) -> Path:
+    """A small random model with a real byte-level BPE tokenizer (and chat template) beside it."""
+    d = root / "models" / MODEL
+    generate_model(d, GenerateSpec(layers=4, hidden=128, heads=4, kv_heads=2, vocab=704, seed=17))
+    tok = hf_fixtures.build(hf_fixtures.SMOLLM2, root / "tokenizer")
+    for name in TOKENIZER_FILES:
+        shutil.copy(tok / name, d / name)
+    return d
 
 
 def _namespaces_usable(folder: Path) -> bool:
@@ -133,7 +144,7 @@ def _answers_everywhere(client: openai.OpenAI, url: str, workers: set[str], refe
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("home")
-    model_dir = home / "models" / MODEL
+    model_dir = _model(home)
     with running_mesh(home, _deployment(model_dir), workers=1) as m:
         yield {**m, "model_dir": model_dir}
 
@@ -211,3 +222,7 @@ def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[s
         assert "load_failed" not in log
         if hidden or wid == "d3":
             assert "model_files_expected" in log
+        # What it built its tokenizer from: the store's own files, byte for byte.
+        (received,) = (tmp_path / f"files-{wid}").iterdir()
+        for name in ("config.json", *TOKENIZER_FILES):
+            assert (received / name).read_bytes() == (model_dir / name).read_bytes(), name
