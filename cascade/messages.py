@@ -216,6 +216,9 @@ class Heartbeat:
     max_model_len: int = 0
     # Sequences preempted for KV blocks since the worker started (vLLM's num_preemptions_total).
     num_preemptions: int = 0
+    # "network": this worker reads no model store (--model-source network); the loader must send it
+    # every model over the data plane, from the host cache or a live peer.
+    model_source: str = "disk"
 
 
 @message("worker_gone")
@@ -512,6 +515,9 @@ class ScaleDecision:
     # `reason` stays the free text.
     policy: str = ""
     trigger: str = ""
+    # Workers the loader must not choose for an up: they failed this model lately and are in
+    # the scaler's back-off for it (services/scaler/backoff.py).
+    avoid: list[str] = field(default_factory=list)
 
 
 @message("active_decisions_request")
@@ -538,6 +544,8 @@ class ScaleAck:
     workers: list[str] = field(default_factory=list)
     error: str = ""
     ts: float = 0.0
+    # Per worker that failed this decision, why (the scaler backs off from that worker for the model).
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @message("scale_request")

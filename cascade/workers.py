@@ -66,6 +66,7 @@ class WorkerView:
     ready_seq: int = 0  # the last readiness event applied
     # Which units are ready (by readiness once synced; the heartbeat's prefix before that).
     ready_units: frozenset[int] = frozenset()
+    model_source: str = "disk"  # "network": reads no model store (heartbeat)
 
     @property
     def load(self) -> int:
@@ -285,6 +286,7 @@ class WorkerTable:
             consistent=not e.synced or hb.model == e.ready_model,
             ready_seq=e.seq,
             ready_units=ready,
+            model_source=hb.model_source,
         )
 
     def _entry(self, worker_id: str, now: float) -> _Entry:

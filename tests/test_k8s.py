@@ -27,10 +27,6 @@ kubernetes_validate = pytest.importorskip(
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 TREES = ["base", "overlays/cpu", "overlays/gpu"]
-# Worker flags another change adds (diskless workers: where a model's files may come from, and
-# the node a worker runs on). Until they are in the worker's parser they are stripped, with their
-# value, before parsing; remove this set once `cascade worker --help` lists them.
-PENDING_WORKER_FLAGS = {"--model-source", "--host-id"}
 # What the downward API gives a pod, for expanding $(VAR) in commands as the kubelet does.
 DOWNWARD = {"metadata.name": "cascade-worker-5d9c7-x2x8q", "status.podIP": "10.1.2.3", "spec.nodeName": "node-a"}
 
@@ -82,24 +78,12 @@ def expand(arg: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\(([A-Z_]+)\)", lambda m: env[m.group(1)], arg)
 
 
-def strip_pending(command: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in command:
-        if skip:
-            skip = False
-        elif a in PENDING_WORKER_FLAGS:
-            skip = True
-        else:
-            out.append(a)
-    return out
-
-
 def parse(command: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
     for k in [k for k in os.environ if k.startswith("CASCADE_")]:
         monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    argv = strip_pending([expand(a, env) for a in command])
+    argv = [expand(a, env) for a in command]
     assert argv[0] == "cascade", f"{command} does not run the cascade command"
     try:
         return cli.parse_args(argv[1:])
@@ -173,10 +157,9 @@ def test_every_cascade_command_parses(
         if args.command == "worker":
             assert args.advertise_host == DOWNWARD["status.podIP"]
             assert args.stage_host == "0.0.0.0"
-            for flag in PENDING_WORKER_FLAGS:
-                assert flag in c["command"], f"the worker must run with {flag}"
-            assert c["command"][c["command"].index("--model-source") + 1] == "network"
-            assert expand(c["command"][c["command"].index("--host-id") + 1], env) == DOWNWARD["spec.nodeName"]
+            # Diskless: the worker never reads a model store, and says which node it is on.
+            assert args.model_source == "network"
+            assert args.host_id == DOWNWARD["spec.nodeName"]
         if args.command == "model":
             assert args.model_command == "pull" and args.deployment == env["CASCADE_CONFIG"]
     assert seen == {"gateway", "scaler", "loader", "worker", "model"}

@@ -320,3 +320,10 @@ async def test_loader_refuses_a_model_outside_its_deployment(
     nc, s, _ = mesh
     ack = await decide(nc, s, ScaleDecision("d7", "ghost", "up", 1, 1, "test"))
     assert not ack.ok and "not in the loader's deployment" in ack.error
+
+
+def test_up_never_takes_a_worker_the_scaler_backs_off_from() -> None:
+    s = snap(w("a"), w("b"), w("c"))
+    assert choose_for_up(s, 2, avoid=["a"]).workers == ("b", "c")
+    a = choose_for_up(s, 2, reserved={"b"}, avoid={"a"})
+    assert a.workers == ("c",) and a.shortfall == 1

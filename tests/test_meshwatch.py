@@ -65,3 +65,14 @@ def test_interval_stats_give_medians_and_rates_then_start_afresh() -> None:
     s.generated("m", 50)
     assert s.take(2.0) == {"m": {"ttft_ms": 200.0, "itl_ms": 10.0, "tokens_per_s": 25.0}}
     assert s.take(1.0) == {}
+
+
+def test_failed_workers_of_an_ack_are_counted_by_kind_and_kept_until_a_success() -> None:
+    w, m = _watch()
+    why = "w2 refused the receive order of p-0 (load_failed: /m has no config.json)"
+    w.on_ack(ScaleAck("d1", "m", False, [], why, failed={"w2": why}))
+    w.on_ack(ScaleAck("d2", "m", False, [], why, failed={"w2": why}))
+    assert m.scale_failures.value(model="m", worker="w2", reason="no_model_files") == 2
+    assert w.last_failure["m"]["workers"] == {"w2": why}
+    w.on_ack(ScaleAck("d3", "m", True, ["w3"]))
+    assert "m" not in w.last_failure

@@ -35,6 +35,7 @@ CASCADE_NAMES = {
     "partial_routes_total": ("model", "worker", "depth"),
     "request_failures_total": ("model", "worker", "cause", "mid_stream"),
     "migrations_total": ("model", "reason"),
+    "scale_failures_total": ("model", "worker", "reason"),
 }
 
 

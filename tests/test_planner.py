@@ -184,3 +184,44 @@ def test_first_break_names_the_member_to_replan_around() -> None:
     assert first_break(c, dead={"a"}, failed=set(T3)) == "a"
     (hc,) = plan_transfer(snap(*TARGETS, cached=True), req(T3), "p").chains
     assert first_break(hc, dead=set(), failed={"t1", "t2", "t3"}) == "host-cache"
+
+
+# ---- hosts (--host-id) and workers that read no model store ------------------------------------
+
+
+def on(w: WorkerView, host: str) -> WorkerView:
+    from dataclasses import replace
+
+    return replace(w, host=host)
+
+
+def test_prefers_an_idle_holder_on_the_targets_host() -> None:
+    ws = (on(holder("a"), "h1"), on(holder("b"), "h2"), on(idle("t1"), "h2"))
+    p = plan_transfer(snap(*ws), req(("t1",)), "p1", fixed_tokens())
+    assert p.chains[0].source.worker_id == "b"
+
+
+def test_same_host_cache_beats_a_holder_on_another_host_but_not_one_on_the_same() -> None:
+    s = MeshSnapshot((on(holder("a"), "h1"), on(idle("t1"), "h2")), frozenset({M}), "h:cache", host_cache_host="h2")
+    assert plan_transfer(s, req(("t1",)), "p1", fixed_tokens()).chains[0].source.kind == "host-cache"
+    s2 = MeshSnapshot((on(holder("a"), "h1"), on(idle("t1"), "h2")), frozenset({M}), "h:cache", host_cache_host="h1")
+    assert plan_transfer(s2, req(("t1",)), "p1", fixed_tokens()).chains[0].source.worker_id == "a"
+    # No host known: today's order (an idle holder first).
+    s3 = MeshSnapshot((holder("a"), idle("t1")), frozenset({M}), "h:cache")
+    assert plan_transfer(s3, req(("t1",)), "p1", fixed_tokens()).chains[0].source.worker_id == "a"
+
+
+def test_busy_holders_on_the_targets_host_come_first() -> None:
+    ws = (on(holder("a", load=1), "h1"), on(holder("b", load=3), "h2"), on(idle("t1"), "h2"))
+    src = plan_transfer(snap(*ws), req(("t1",)), "p1", fixed_tokens()).chains[0].source
+    assert src.worker_id == "b" and src.serving
+
+
+def test_a_diskless_target_is_never_told_to_read_the_disk() -> None:
+    from dataclasses import replace
+
+    t = replace(idle("t1"), model_source="network")
+    with pytest.raises(PlanError, match="t1 read no model store"):
+        plan_transfer(snap(t), req(("t1",)), "p1", fixed_tokens())
+    # With the host cache holding the model it is planned from there.
+    assert plan_transfer(snap(t, cached=True), req(("t1",)), "p1", fixed_tokens()).chains[0].source.kind == "host-cache"

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,10 +20,15 @@ class WorkerProcs:
         self.logs = logs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, worker_id: str, *flags: str) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    def start(
+        self, worker_id: str, *flags: str, wrap: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`wrap`: a command that execs the worker's argv given after it (e.g. `unshare ...`);
+        `env`: variables on top of this process's (its CASCADE_* ones are not passed on)."""
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}, **(env or {})}
         env["PYTHONPATH"] = str(REPO)
-        argv = [sys.executable, "-m", "cascade.cli", "worker", "--nats-url", self.nats_url, "--prefix", self.prefix]
+        argv = [*wrap, sys.executable, "-m", "cascade.cli", "worker", "--nats-url", self.nats_url]
+        argv += ["--prefix", self.prefix]
         argv += ["--worker-id", worker_id, "--log-level", "debug", *flags]
         with (self.logs / f"{worker_id}.log").open("ab") as log:
             proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "kv": "the paged KV cache against the contiguous one: sequences within a budget, prefix caching, decode",
     "multimodel": "many models on one pool: replication vs AlpaServe placement vs placement + 2-D co-scaling",
     "lease": "several loaders: how fast another plans when the leader is SIGKILLed or SIGTERMed",
+    "hosts": "scale-out across three emulated hosts: diskless workers fed over the network against own disks",
 }
 
 
@@ -74,6 +75,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.lease import main as lease
 
             return lease
+        if name == "hosts":
+            from bench.hosts import main as hosts
+
+            return hosts
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] in ("bench", "sim"):
             raise CliError("the benchmarks are not part of this installation (run from a checkout)") from None

@@ -68,6 +68,16 @@ def host_cache(status: MeshStatus) -> list[dict[str, Any]]:
     return rows
 
 
+def backoff(status: MeshStatus) -> list[dict[str, Any]]:
+    """Workers the scaler avoids for a model after they failed it: one row per (model, worker)."""
+    rows: list[dict[str, Any]] = []
+    for st in status.services:
+        held = st.detail.get("backoff") if st.service == "scaler" else None
+        if isinstance(held, list):
+            rows += [r for r in held if isinstance(r, dict)]
+    return rows
+
+
 def _mb(v: Any) -> str:
     return human_bytes(float(v) * 1e6) if isinstance(v, int | float) else "?"
 
@@ -90,6 +100,7 @@ def to_json(status: MeshStatus, nats_url: str, prefix: str) -> dict[str, Any]:
         "instances": instances(status),
         "transfers": transfers(status),
         "host_cache": host_cache(status),
+        "backoff": backoff(status),
     }
 
 
@@ -196,6 +207,24 @@ def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
                         str(r.get("evicted", 0)),
                     ]
                     for r in lrows
+                ],
+            )
+        )
+    brows = backoff(status)
+    if brows:
+        lines += ["", "failed scale-ups (worker avoided for the model until its retry):"]
+        lines.append(
+            table(
+                ["MODEL", "WORKER", "FAILURES", "RETRY IN", "WHY"],
+                [
+                    [
+                        str(r.get("model")),
+                        str(r.get("worker")),
+                        str(r.get("failures")),
+                        f"{r.get('retry_in_s', 0)}s",
+                        str(r.get("reason", ""))[:100],
+                    ]
+                    for r in brows
                 ],
             )
         )

@@ -825,13 +825,17 @@ class GatewayCore:
             return False, {"status": "unavailable", "reason": "the gateway is shutting down"}
         if not self.nc.is_connected:
             return False, {"status": "unavailable", "reason": "the broker is unreachable; reconnecting"}
+        # Why the scaler's last try for a model failed, per worker, until one succeeds: the back-off
+        # is visible where probes and operators look.
+        failures = {"scale_failures": dict(self.watch.last_failure)} if self.watch.last_failure else {}
         if missing:
             return False, {
                 "status": "unavailable",
                 "reason": "no instance serves " + ", ".join(missing) + " fully",
                 "models_without_instance": missing,
+                **failures,
             }
-        return True, {"status": "ok", "instances": self.instances_by_model()}
+        return True, {"status": "ok", "instances": self.instances_by_model(), **failures}
 
     def status(self) -> dict[str, Any]:
         inflight = self.hub.inflight_by_worker()

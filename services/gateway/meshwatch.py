@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cascade.messages import ScaleAck, ScaleDecision, TransferEvent, TransferPlanned
+from cascade.scalefailures import reason_kind
 from services.gateway.metrics import GatewayMetrics
 
 # Kept for a dashboard that connects later: enough for a timeline of a busy few minutes.
@@ -40,6 +41,8 @@ class MeshWatch:
         self.decisions: deque[dict[str, Any]] = deque(maxlen=RECENT_DECISIONS)
         self.plans: deque[dict[str, Any]] = deque(maxlen=RECENT_PLANS)
         self._sources: OrderedDict[str, str] = OrderedDict()  # transfer id -> source kind
+        # Per model, the last failed scale decision until one succeeds (what /health says when down).
+        self.last_failure: dict[str, dict[str, Any]] = {}
 
     def on_decision(self, d: ScaleDecision) -> Frame:
         self.metrics.scale_decisions.inc(
@@ -62,6 +65,12 @@ class MeshWatch:
 
     def on_ack(self, a: ScaleAck) -> Frame:
         ack = {"ok": a.ok, "workers": list(a.workers), "error": a.error, "ts": a.ts}
+        for w, why in sorted(a.failed.items()):
+            self.metrics.scale_failures.inc(model=a.model, worker=w, reason=reason_kind(why))
+        if not a.ok:
+            self.last_failure[a.model] = {"error": a.error, "workers": dict(a.failed), "ts": a.ts}
+        elif a.workers:
+            self.last_failure.pop(a.model, None)
         for d in self.decisions:
             if d["decision_id"] == a.decision_id:
                 d["ack"] = ack

@@ -326,6 +326,12 @@ class GatewayMetrics:
             "(load: the policy's target; target: an operator's or the replica bounds; lend: pool sharing).",
             ("model", "policy", "action", "reason"),
         )
+        self.scale_failures = Counter(
+            VLLM + "scale_failures_total",
+            "Workers that failed a scale-up, by model, worker and the kind of failure (the scaler backs off "
+            "from that worker for the model).",
+            ("model", "worker", "reason"),
+        )
         self.transfer_bytes = Counter(
             VLLM + "transfer_bytes_total",
             "Parameter bytes received by new instances, by source (chain, host_cache, disk).",
@@ -429,6 +435,7 @@ class GatewayMetrics:
             self.transfer_seconds,
             self.transfer_rate,
             self.scale_decisions,
+            self.scale_failures,
             self.partial_routes,
             self.migrations,
             self.migration_failures,

@@ -28,10 +28,14 @@ class Assignment:
         return self.wanted - len(self.workers)
 
 
-def choose_for_up(snapshot: MeshSnapshot, count: int, reserved: Collection[str] = ()) -> Assignment:
+def choose_for_up(
+    snapshot: MeshSnapshot, count: int, reserved: Collection[str] = (), avoid: Collection[str] = ()
+) -> Assignment:
+    """`avoid`: workers the scaler backs off from for this model (they failed it lately)."""
     if count < 1:
         raise ValueError("count must be at least 1")
     idle = [w for w in snapshot.workers if w.state == "idle" and w.worker_id not in reserved]
+    idle = [w for w in idle if w.worker_id not in avoid]
     idle.sort(key=lambda w: (w.load, w.worker_id))
     return Assignment(tuple(w.worker_id for w in idle[:count]), count)
 

@@ -39,6 +39,15 @@ class HostCacheKeeper:
         self._filling.add(model.name)
         self.tasks.spawn(self._fill(model, lg), f"cache-fill-{model.name}")
 
+    async def fill_now(self, model: ModelDeployment, lg: Any) -> None:
+        """Put `model` in the cache and wait for it (a load whose targets cannot read the model
+        store has no other source); a fill already under way is waited for, not repeated."""
+        if self.cache is None or self.cache.has(model.name):
+            return
+        # HostCache.load is idempotent and keeps one copy if two fills race.
+        self._filling.add(model.name)
+        await self._fill(model, lg)
+
     async def _fill(self, model: ModelDeployment, lg: Any) -> None:
         assert self.cache is not None
         t0 = time.monotonic()
@@ -114,6 +123,7 @@ class HostCacheKeeper:
         return {
             "host_cache": self.cache.status() if self.cache is not None else None,
             "host_cache_bytes": self.cache.nbytes() if self.cache is not None else 0,
+            "host_id": self.settings.host,
         }
 
     def close(self) -> None:

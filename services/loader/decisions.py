@@ -60,6 +60,7 @@ from services.loader.planner import (
     plan_orders,
     plan_transfer,
     replan,
+    select_sources,
 )
 from services.loader.settings import LoaderSettings
 from services.loader.transfers import TransferSession, chain_members
@@ -117,6 +118,8 @@ class Decisions:
         self.log = log
         self.clock = clock
         self.reserved: set[str] = set()
+        # Per decision in progress, the workers that failed it and why (they go into its ack).
+        self.failed_workers: dict[str, dict[str, str]] = {}
         self.active: dict[str, ScaleDecision] = {}
         self.sessions: dict[str, TransferSession] = {}
         self.history: list[dict[str, object]] = []
@@ -131,7 +134,7 @@ class Decisions:
         self.journal: DecisionJournal | None = None
 
     def snapshot(self, now: float) -> MeshSnapshot:
-        return MeshSnapshot(tuple(self.table.views(now)), self.keeper.models())
+        return MeshSnapshot(tuple(self.table.views(now)), self.keeper.models(), host_cache_host=self.settings.host)
 
     async def carry_out(self, d: ScaleDecision, given: Sequence[str] = ()) -> None:
         """Carry out one decision and ack it, whatever happens (the scaler waits for the ack).
@@ -139,6 +142,7 @@ class Decisions:
         lg = self.log.bind(decision_id=d.decision_id, model=d.model, action=d.action, count=d.count)
         lg.info("decision_received", target=d.target_replicas, reason=d.reason, taken_over=list(given))
         workers: list[str] = []
+        self.failed_workers.pop(d.decision_id, None)
         try:
             while self.clock() < self.warm_until:
                 await self.changes.wait(self.warm_until, self.clock)
@@ -153,7 +157,10 @@ class Decisions:
             error = f"internal error in the loader: {type(e).__name__}: {e}"
         finally:
             self.active.pop(d.decision_id, None)
-        ack = ScaleAck(d.decision_id, d.model, ok=not error, workers=workers, error=error, ts=time.time())
+        failed = self.failed_workers.pop(d.decision_id, {}) if error else {}
+        ack = ScaleAck(
+            d.decision_id, d.model, ok=not error, workers=workers, error=error, ts=time.time(), failed=failed
+        )
         await self.nc.publish(self.subjects.scale_ack(), encode(ack))
         if self.journal is not None:
             await self.journal.done(d)
@@ -203,7 +210,7 @@ class Decisions:
         model = self.deployment.get(d.model)
         if model is None:
             return [], f"model {d.model} is not in the loader's deployment"
-        chosen = await self.wait_for_idle(d.count)
+        chosen = await self.wait_for_idle(d.count, d.avoid)
         if not chosen.workers:
             return [], f"no idle worker for {d.model} (wanted {d.count}; {describe(self.snapshot(self.clock()))})"
         problems = []
@@ -228,6 +235,10 @@ class Decisions:
                 ready, failed_later = await self.transfer(d, model, mode, chosen.workers, sizes, lg)
         finally:
             self.reserved.difference_update(chosen.workers)
+        # Each failure names its worker first: the scaler backs off from those for this model.
+        self.failed_workers[d.decision_id] = {
+            w: why for why in failed + failed_later for w in chosen.workers if why.startswith((f"{w} ", f"{w}:"))
+        }
         return ready, "; ".join(problems + failed + failed_later)
 
     # ---- planned transfers ---------------------------------------------------------------------
@@ -256,7 +267,7 @@ class Decisions:
 
     def mesh_snapshot(self, now: float, exclude: frozenset[str] = frozenset()) -> MeshSnapshot:
         workers = tuple(w for w in self.table.views(now) if w.worker_id not in exclude)
-        return MeshSnapshot(workers, self.keeper.models())
+        return MeshSnapshot(workers, self.keeper.models(), host_cache_host=self.settings.host)
 
     def _plan_id(self, d: ScaleDecision) -> str:
         self._plan_seq += 1
@@ -286,9 +297,20 @@ class Decisions:
             str(model.path),
             serving_rate_limit_bps=self.settings.serving_bps,
         )
+        snap = self.mesh_snapshot(now)
+        if mode in ("multicast", "host-cache") and not select_sources(snap, req) and _diskless(snap, workers):
+            # Workers that read no model store: the first load of the model in the mesh is the
+            # loader's own read, into the host cache, and they get it over the data plane.
+            lg.info("host_cache_fill_first", workers=list(workers))
+            await self.keeper.fill_now(model, lg)
+            snap = self.mesh_snapshot(self.clock())
         try:
-            plan = plan_transfer(self.mesh_snapshot(now), req, self._plan_id(d))
+            plan = plan_transfer(snap, req, self._plan_id(d))
         except PlanError as e:
+            diskless = [w for w in workers if (v := snap.worker(w)) is not None and v.model_source == "network"]
+            if diskless:
+                # Their own property, not the model's: named, they are backed off for it, not retried at once.
+                return [], [f"{w}: cannot plan loading {model.name}: {e}" for w in diskless]
             return [], [f"cannot plan loading {model.name}: {e}"]
         session = TransferSession(
             d.decision_id, model.name, mode, sizes, started=now, grace_s=2 * self.settings.heartbeat_s
@@ -459,11 +481,11 @@ class Decisions:
         self.log.info("orphan_unloaded", worker=worker)
         self.changes.notify()
 
-    async def wait_for_idle(self, count: int) -> Assignment:
+    async def wait_for_idle(self, count: int, avoid: Sequence[str] = ()) -> Assignment:
         """Enough idle workers, or as many as appear before the idle-wait deadline."""
         deadline = self.clock() + self.settings.idle_wait_s
         while True:
-            chosen = choose_for_up(self.snapshot(self.clock()), count, self.reserved)
+            chosen = choose_for_up(self.snapshot(self.clock()), count, self.reserved, avoid)
             if chosen.shortfall == 0 or self.clock() >= deadline:
                 return chosen
             await self.changes.wait(deadline, self.clock)
@@ -565,3 +587,8 @@ class Decisions:
             elif isinstance(r, BaseException):
                 problems.append(f"{w}: {type(r).__name__}: {r}")
         return done, "; ".join(problems)
+
+
+def _diskless(snap: MeshSnapshot, workers: Sequence[str]) -> bool:
+    """Some target reads no model store (`--model-source network`)."""
+    return any((w := snap.worker(t)) is not None and w.model_source == "network" for t in workers)

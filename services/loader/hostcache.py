@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from cascade.framing import CheckpointSource, TensorMeta, UnitHeader, UnitSource, unit_frame_crc
+from cascade.modelfiles import WithModelFiles, pack_dir
 from cascade.models.checkpoint import Checkpoint
 
 CacheMode = Literal["mmap", "copy"]
@@ -163,15 +164,19 @@ class HostCache:
                 return self._entries[model]
         ckpt = Checkpoint(Path(path))
         try:
+            # Config, tokenizer and the rest go with unit 0, so a worker without the model store
+            # can build the model from what it receives.
+            files = pack_dir(Path(path))
             src: UnitSource
             if self.mode == "copy":
                 buf = BufferSource(ckpt, model)
+                src = WithModelFiles(buf, files)
                 for u in range(ckpt.config.num_units):
-                    buf.crcs[u] = unit_frame_crc(u, buf.unit(u))
-                src, nbytes, locked = buf, buf.nbytes, False
+                    src.crcs[u] = unit_frame_crc(u, src.unit(u))
+                nbytes, locked = buf.nbytes + files.nbytes, False
                 ckpt.close()
             else:
-                src = CheckpointSource(ckpt, model)
+                src = WithModelFiles(CheckpointSource(ckpt, model), files)
                 nbytes, locked = _touch_and_lock(src, ckpt.config.num_units, self.lock_pages)
         except BaseException:
             ckpt.close()

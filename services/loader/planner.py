@@ -4,7 +4,8 @@ A pure core (no I/O, no clocks): a mesh snapshot and a request go in, a `Transfe
 the loader turns the plan into `TransferOrder`s (`plan_orders`) and sends them. The only
 non-determinism is the auth token, drawn from `secrets` unless a test passes its own factory.
 
-Source preference, for `multicast` and `star`:
+Source preference, for `multicast` and `star` (within each class, and before a host cache on
+another host, sources on a target's own host come first: `WorkerView.host`, `--host-id`):
   1. workers holding the model in full and serving no requests (several → several chains);
   2. the host cache (one copy per model in the mesh);
   3. workers holding it in full while serving requests, their send rate-limited so the transfer
@@ -47,6 +48,7 @@ class MeshSnapshot:
     # Models the host cache holds (and, for display, where it sends from).
     host_cache_models: frozenset[str] = frozenset()
     host_cache_addr: str | None = None
+    host_cache_host: str = ""  # the host the cache is on ("" = unknown)
 
     def worker(self, worker_id: str) -> WorkerView | None:
         for w in self.workers:
@@ -154,16 +156,26 @@ def select_sources(snapshot: MeshSnapshot, req: PlanRequest, exclude: frozenset[
         for w in snapshot.workers
         if w.holds(req.model) and w.worker_id not in exclude and w.worker_id not in req.targets and w.data_addr
     ]
+    # Same-host sources first: a copy on the targets' own machine crosses no network link.
+    hosts = {w.host for t in req.targets if (w := snapshot.worker(t)) is not None and w.host}
+
+    def local(w: WorkerView) -> bool:
+        return w.host in hosts
+
+    cached = req.mode in ("multicast", "star", "host-cache") and (
+        req.model in snapshot.host_cache_models and "host-cache" not in exclude
+    )
+    # The host cache lives in the loader and connects out to the first target: no address needed.
+    cache = [Source("host-cache", None, snapshot.host_cache_addr)] if cached else []
+    cache_local = cached and bool(snapshot.host_cache_host) and snapshot.host_cache_host in hosts
     if req.mode in ("multicast", "star"):
-        idle = sorted((w for w in holders if w.load == 0), key=lambda w: w.worker_id)
-        if idle:
+        idle = sorted((w for w in holders if w.load == 0), key=lambda w: (not local(w), w.worker_id))
+        if idle and (local(idle[0]) or not cache_local):
             return [Source("worker", w.worker_id, w.data_addr) for w in idle]
-    if req.mode in ("multicast", "star", "host-cache"):
-        # The host cache lives in the loader and connects out to the first target: no address needed.
-        if req.model in snapshot.host_cache_models and "host-cache" not in exclude:
-            return [Source("host-cache", None, snapshot.host_cache_addr)]
+    if cache:
+        return cache
     if req.mode in ("multicast", "star"):
-        busy = sorted((w for w in holders if w.load > 0), key=lambda w: (w.load, w.worker_id))
+        busy = sorted((w for w in holders if w.load > 0), key=lambda w: (not local(w), w.load, w.worker_id))
         if busy:
             # One serving source only: every byte it sends costs its requests something.
             w = busy[0]
@@ -208,6 +220,12 @@ def _plan(
             note = f"{req.model} is not in the host cache: disk"
         if not req.model_path:
             raise PlanError(f"nothing holds {req.model} and no checkpoint path was given")
+        diskless = [h.worker_id for h in hops if (w := snapshot.worker(h.worker_id)) and w.model_source == "network"]
+        if diskless:
+            raise PlanError(
+                f"{', '.join(diskless)} read no model store (--model-source network) and no live worker or host "
+                f"cache holds {req.model}"
+            )
         disk = Source("disk")
         chains = tuple(Chain(_transfer_id(plan_id, i), token_factory(), disk, (h,), units) for i, h in enumerate(hops))
         return TransferPlan(plan_id, req.model, req.mode, chains, req.unit_nbytes, req.model_path, note)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +38,7 @@ class LoaderSettings:
     lease: LeaseMode = "auto"
     lease_s: float = 2.0
     control_replicas: int = 1  # JetStream replicas of the control bucket (3 on a 3-node cluster)
+    host_id: str = ""  # the machine the host cache is on ("" = this machine's hostname)
 
     def __post_init__(self) -> None:
         check_token(self.loader_id)
@@ -62,6 +64,10 @@ class LoaderSettings:
             raise ValueError(f"lease must be auto, required or off (got {self.lease!r})")
         if self.control_replicas < 1:
             raise ValueError("control_replicas must be at least 1")
+
+    @property
+    def host(self) -> str:
+        return self.host_id or socket.gethostname()
 
     @property
     def send_cap_bps(self) -> float:
@@ -150,6 +156,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env_float("CASCADE_LOADER_HOST_CACHE_KEEP_ALIVE_COLD_S", d.host_cache_keep_alive_cold_s),
         help=f"drop a cached model nobody else holds after this long idle (default {d.host_cache_keep_alive_cold_s:g})",
     )
+    g.add_argument(
+        "--host-id",
+        default=os.environ.get("CASCADE_HOST_ID", ""),
+        help="which machine this loader's host cache is on; the planner prefers sources on a target's own host "
+        "(env CASCADE_HOST_ID; default: the hostname)",
+    )
 
     g.add_argument(
         "--lease",
@@ -192,4 +204,5 @@ def settings_from_args(args: argparse.Namespace) -> LoaderSettings:
         lease=args.lease,
         lease_s=args.lease_s,
         control_replicas=args.control_replicas,
+        host_id=args.host_id or "",
     )

@@ -40,6 +40,7 @@ from cascade.messages import (
     ScaleDecision,
     ScaleRequest,
 )
+from services.scaler.backoff import Backoff
 from services.scaler.controls import Controls, UnknownModel
 from services.scaler.policies import KnobError
 from services.scaler.replicas import ModelBounds, Pool, ReplicaBook, Settings, TargetError
@@ -146,6 +147,8 @@ class ScalerState:
     vertical_seq: int = 0
     # Why no decision could be made at the last tick (logged when it changes).
     held_back: str | None = None
+    # Workers that failed a model lately, avoided for it for a while (backoff.py).
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 def new_state(
@@ -189,6 +192,19 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
         )
     for ack in inputs.acks:
         effects += _ack(book, ack, now)
+        for w, e in zip(
+            sorted(ack.failed), state.backoff.on_ack(ack.model, ack.workers, ack.failed, now.mono), strict=True
+        ):
+            effects.append(
+                Note(
+                    "worker_backed_off",
+                    {
+                        "model": ack.model, "worker": w, "failures": e.failures,
+                        "retry_in_s": round(e.until - now.mono, 1), "kind": e.kind, "reason": e.reason,
+                    },
+                    "warning",
+                )
+            )  # fmt: skip
     for m in inputs.metrics:
         controls.fold(m)
     controls.sync_workers(inputs.mesh.holding, inputs.workers_lost)
@@ -201,6 +217,12 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
         if need is not None:
             needs[model] = need
         effects += more
+    for model in sorted(controls.models):
+        # Every idle worker failed this model lately: its next up waits for the first back-off to
+        # end, rather than going out (and failing) again every tick.
+        until = state.backoff.hold_until(model, mesh.idle, now.mono)
+        if until is not None and book.targets.get(model, 0) > book.current(model, mesh.instances, now.mono):
+            book.hold(model, until)
     result = book.tick(now.mono, mesh.instances, Pool(mesh.idle, needs), wall=now.wall)
     for f in result.expired:
         effects.append(
@@ -219,6 +241,8 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
         # The policy in force names the decision on the wire (metrics count by it); the book
         # that made it knows targets, not policies.
         d = replace(d, policy=controls.get(d.model).policy.name)
+        if d.action == "up":
+            d = replace(d, avoid=sorted(state.backoff.avoided(d.model, now.mono)))
         effects.append(Publish(d))
         effects.append(
             Note(
@@ -382,8 +406,10 @@ def add_model(state: ScalerState, dep: ModelDeployment, now: Now) -> tuple[Deplo
     ]
 
 
-def status(state: ScalerState, mesh: Mesh) -> dict[str, Any]:
+def status(state: ScalerState, mesh: Mesh, now: Now | None = None) -> dict[str, Any]:
     detail = state.book.status()
+    if now is not None:
+        detail["backoff"] = state.backoff.status(now.mono)
     detail["instances"] = {m: len(ws) for m, ws in mesh.instances.items()}
     detail["idle_pool"] = len(mesh.idle)
     detail["policies"] = state.controls.describe()

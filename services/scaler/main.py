@@ -418,7 +418,7 @@ class Scaler:
         return DeploymentReply([entry_json(m) for m in dep.models], self.scaler_id)
 
     async def on_status(self, _: StatusRequest) -> ServiceStatus:
-        detail = core.status(self.state, self.mesh())
+        detail = core.status(self.state, self.mesh(), self.now())
         detail["workers"] = self.table.states(self.clock())
         return ServiceStatus("scaler", self.scaler_id, os.getpid(), detail)
 

@@ -462,6 +462,10 @@ class ReplicaBook:
         while len(self._recent) > 64:
             self._recent.popitem(last=False)
 
+    def hold(self, model: str, until: float) -> None:
+        """No decision for `model` before `until` (every idle worker is in back-off for it)."""
+        self._not_before[model] = max(self._not_before.get(model, until), until)
+
     def retry_at(self, model: str) -> float | None:
         return self._not_before.get(model)
 

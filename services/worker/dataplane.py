@@ -59,6 +59,7 @@ from cascade.framing import (
     TensorMeta,
     TransferError,
     Transport,
+    TruncatedStream,
     UnitHeader,
     UnitSource,
     crc32,
@@ -658,6 +659,11 @@ class DataPlaneServer:
             chan.settimeout(HEADER_TIMEOUT_S)
             try:
                 hdr = read_conn_header(chan.recv_into)
+            except TruncatedStream as e:
+                if str(e).startswith("stream ended after 0 "):
+                    return  # closed before a byte: a reachability check at start (cascade.advertise)
+                self._refuse(chan, f"bad connection header: {e}")
+                return
             except (FramingError, OSError) as e:
                 self._refuse(chan, f"bad connection header: {e}")
                 return

@@ -32,7 +32,8 @@ from cascade.messages import (
     WorkerState,
     encode,
 )
-from cascade.models.config import read_config
+from cascade.modelfiles import ModelFiles, WithModelFiles, pack_dir, split_files, unpack, write_files
+from cascade.models.config import ModelConfig, read_config
 from cascade.models.tokenizer import Tokenizer, load_tokenizer
 from cascade.natsutil import TaskSet
 from cascade.subjects import Subjects
@@ -121,7 +122,10 @@ class ModelSlot:
         self._load_task: asyncio.Task[None] | None = None
         self.inbound: Inbound | None = None
         self.sends: dict[str, asyncio.Task[None]] = {}
-        self._live_source: LiveModelSource | None = None
+        self._live_source: LiveModelSource | WithModelFiles | None = None
+        # The held model's small files (config, tokenizer, ...): a send puts them in unit 0, so a
+        # receiver that cannot see the model store builds the model from them.
+        self.model_files: ModelFiles | None = None
         # Transfer orders and the start of a load must not interleave across their awaits.
         self._begin_lock = asyncio.Lock()
 
@@ -167,9 +171,11 @@ class ModelSlot:
         if self.state != "idle":
             raise RemoteError("busy", f"worker {self.settings.worker_id} is {self.state} with {self.model_name}")
         path = Path(req.path)
+        self._check_disk_allowed(path)
         loop = asyncio.get_running_loop()
         try:
             tok = await loop.run_in_executor(self.executor, load_tokenizer, path)
+            files = await loop.run_in_executor(self.executor, pack_dir, path)
             dl = await self._open_disk_load(path, req.model, None)
         except (OSError, ValueError) as e:
             raise RemoteError("load_failed", f"{req.model}: {e}") from None
@@ -179,6 +185,7 @@ class ModelSlot:
         cfg = dl.ckpt.config
         self.state = "loading"
         self.model_name = req.model
+        self.model_files = files
         self.num_units = cfg.num_units
         self.model = LlamaModel(cfg, self.device)
         # The engine exists from the first unit on: a loading instance serves as the first stage of
@@ -225,6 +232,15 @@ class ModelSlot:
             self._close_disk_load(dl)
             await self._beat()
 
+    def _check_disk_allowed(self, path: Path) -> None:
+        """With --model-source network, any read of a model store is an error naming the path."""
+        if self.settings.model_source == "network":
+            raise RemoteError(
+                "load_failed",
+                f"worker {self.settings.worker_id} has --model-source network: it does not read the model store "
+                f"at {path}; send the model over the data plane (host cache or a live peer)",
+            )
+
     async def _open_disk_load(self, path: Path, model: str, units: list[int] | None) -> DiskLoad:
         """Open a disk load of `units` (None: all): from the local cache when it holds the checkpoint."""
         loop = asyncio.get_running_loop()
@@ -249,6 +265,7 @@ class ModelSlot:
         for task in list(self.sends.values()):
             task.cancel()  # the receivers' loader re-plans from another holder
         self._live_source = None
+        self.model_files = None
         if self.engine is not None:
             self.engine.close()
         self.engine = None
@@ -281,7 +298,8 @@ class ModelSlot:
             raise RemoteError("bad_order", f"already sending {order.transfer_id}")
         if self._live_source is None:
             # One source per held model: it caches each unit's CRC across the chains it heads.
-            self._live_source = LiveModelSource(order.model, model)
+            live = LiveModelSource(order.model, model)
+            self._live_source = live if self.model_files is None else WithModelFiles(live, self.model_files)
         task = self.tasks.spawn(self._send(order, self._live_source), f"send-{order.transfer_id}")
         self.sends[order.transfer_id] = task
         self.log.info(
@@ -290,7 +308,7 @@ class ModelSlot:
         )  # fmt: skip
         return Ok(f"sending {len(order.units)} units of {order.model}")
 
-    async def _send(self, order: TransferOrder, source: LiveModelSource) -> None:
+    async def _send(self, order: TransferOrder, source: LiveModelSource | WithModelFiles) -> None:
         try:
             stats = await send_units_async(source, order)
         except TransferError as e:
@@ -312,39 +330,50 @@ class ModelSlot:
         tid = order.transfer_id
         if order.role == "disk" and not order.path:
             raise RemoteError("bad_order", f"disk order {tid} has no checkpoint path")
-        fresh = self.model is None
+        if order.role == "disk":
+            self._check_disk_allowed(Path(order.path))
+        # A model whose files are still on their way (they come with unit 0) is being loaded too.
+        fresh = self.model is None and not (self.state == "loading" and self.model_name == order.model)
         if fresh:
             if self.state != "idle":
                 raise RemoteError("busy", f"worker {self.settings.worker_id} is {self.state}")
-            if not order.path:
-                raise RemoteError("bad_order", f"{tid}: no path to read config.json and the tokenizer from")
-            path = Path(order.path)
-            try:
-                cfg = await loop.run_in_executor(self.executor, read_config, path)
-                tok = await loop.run_in_executor(self.executor, load_tokenizer, path)
-            except (OSError, ValueError) as e:
-                raise RemoteError("load_failed", f"{order.model}: {e}") from None
-            if cfg.num_units != order.num_units:
-                raise RemoteError("bad_order", f"{tid}: {order.num_units} units, {path} has {cfg.num_units}")
+            path = Path(order.path) if order.path else None
+            built: tuple[ModelConfig, Tokenizer, ModelFiles] | None = None
+            if order.role == "disk" or (path is not None and await self._sees_model_store(path)):
+                assert path is not None
+                try:
+                    built = await loop.run_in_executor(self.executor, _read_model_files, path)
+                except (OSError, ValueError) as e:
+                    raise RemoteError("load_failed", f"{order.model}: {e}") from None
+                if built[0].num_units != order.num_units:
+                    raise RemoteError("bad_order", f"{tid}: {order.num_units} units, {path} has {built[0].num_units}")
             if self.model is not None or self.state != "idle":
                 raise RemoteError("busy", f"worker {self.settings.worker_id} became {self.state}")
             self.state = "loading"
             self.model_name = order.model
-            self.num_units = cfg.num_units
-            self.model = LlamaModel(cfg, self.device)
-            # As for a disk load: a loading instance serves as a first stage for what it holds.
-            self.engine = self._make_engine(tok, order)
+            self.num_units = order.num_units
             self.load_started = time.monotonic()
             self.load_bytes = 0
+            if built is not None:
+                self._build(order, *built)
+            else:
+                self.log.info(
+                    "model_files_expected", model=order.model, transfer=tid, model_source=self.settings.model_source
+                )
         elif self.state != "loading" or self.model_name != order.model:
             # Only a load of the same model may be continued (a re-plan after a broken chain).
             raise RemoteError("busy", f"worker {self.settings.worker_id} is {self.state} with {self.model_name}")
+        elif self.model is None and order.role == "disk":
+            # A disk re-plan of a load whose files never came: read them where the order says.
+            try:
+                built = await loop.run_in_executor(self.executor, _read_model_files, Path(order.path))
+            except (OSError, ValueError) as e:
+                raise RemoteError("load_failed", f"{order.model}: {e}") from None
+            self._build(order, *built)
         if self.inbound is not None:
             # Let the old transfer finish installing the unit in hand, so `held` below is exact and
             # no unit is announced twice.
             await self._stop_inbound(self.inbound, f"superseded by {tid}")
-        model = self.model
-        assert model is not None
         held = set(self.ready)
         gap = sorted(set(range(order.num_units)) - held - set(order.units))
         if gap:
@@ -416,8 +445,9 @@ class ModelSlot:
                     return
                 kind = item[0]
                 if kind == "unit":
+                    tensors = await self._take_files(inb, item[1], item[2])
                     # The data plane's buffers become the weights: no copy when dtype and device match.
-                    await self._install_unit(inb, item[1], item[2], copy=False)
+                    await self._install_unit(inb, item[1], tensors, copy=False)
                 elif kind == "forward_failed":
                     await self.publish_transfer(inb.order, "forward_failed", reason=str(item[1]))
                 elif kind == "failed":
@@ -429,6 +459,58 @@ class ModelSlot:
                     return
         except TransferError as e:
             await self._inbound_failed(inb, str(e))
+
+    async def _sees_model_store(self, path: Path) -> bool:
+        """Whether this worker reads config and tokenizer at `path` itself (else they come over the
+        data plane with unit 0): never with --model-source network, nor where the path is not visible."""
+        if self.settings.model_source == "network":
+            return False
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, (path / "config.json").is_file)
+
+    def _build(self, order: TransferOrder, cfg: ModelConfig, tok: Tokenizer, files: ModelFiles) -> None:
+        """The (empty) model and its engine, once config and tokenizer are known."""
+        self.model_files = files
+        self.model = LlamaModel(cfg, self.device)
+        # As for a disk load: a loading instance serves as a first stage for what it holds.
+        self.engine = self._make_engine(tok, order)
+
+    async def _take_files(self, inb: Inbound, unit: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unit 0's tensors without the model files it carries; builds the model from those files
+        when this worker could not read them itself (they are written to its files dir first)."""
+        tensors, blob = split_files(tensors)
+        if self.model is not None:
+            return tensors
+        order = inb.order
+        if unit != 0 or blob is None:
+            raise TransferError(
+                f"{order.model}: unit {unit} arrived without the model files, and {order.path or 'no path'} is not "
+                "readable here"
+            )
+        loop = asyncio.get_running_loop()
+        dest_root = self.settings.model_files_dir
+        try:
+            built = await loop.run_in_executor(
+                self.executor, _receive_model_files, blob.numpy().tobytes(), dest_root, order.model
+            )
+        except (OSError, ValueError) as e:
+            raise TransferError(f"{order.model}: model files from the data plane: {e}") from None
+        cfg, tok, files, dest = built
+        if cfg.num_units != order.num_units:
+            raise TransferError(
+                f"{order.model}: {order.num_units} units ordered, the received config has {cfg.num_units}"
+            )
+        if inb.superseded or self.state != "loading" or self.model_name != order.model:
+            raise TransferError("model dropped")
+        self._build(order, cfg, tok, files)
+        self.log.info(
+            "model_files_received",
+            model=order.model,
+            files=len(files.names),
+            kb=round(files.nbytes / 1e3, 1),
+            dir=str(dest),
+        )
+        return tensors
 
     async def _read_disk(self, inb: Inbound, held: set[int]) -> None:
         """A "disk" order: read the units from the checkpoint at `order.path` (or the local cache's
@@ -537,3 +619,18 @@ class ModelSlot:
         await self._beat()
         self.log.info("unloaded", model=model, decision=req.decision_id)
         return Ok(f"unloaded {model}")
+
+
+def _read_model_files(path: Path) -> tuple[ModelConfig, Tokenizer, ModelFiles]:
+    """Config, tokenizer and the packed small files of the checkpoint at `path` (blocking)."""
+    return read_config(path), load_tokenizer(path), pack_dir(path)
+
+
+def _receive_model_files(blob: bytes, root: Path, model: str) -> tuple[ModelConfig, Tokenizer, ModelFiles, Path]:
+    """Check and write the files received with unit 0 under `root`, then read the model from
+    there as from a checkpoint folder (blocking). One folder per set of files, named by digest."""
+    files = unpack(blob)
+    packed = ModelFiles(blob, tuple(files))
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model)
+    dest = write_files(files, root / f"{safe}-{packed.digest[:16]}")
+    return read_config(dest), load_tokenizer(dest), packed, dest

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import math
 import os
-import socket
 import time
 from collections import defaultdict
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import structlog
 import torch
 
+from cascade.advertise import check_reachable
 from cascade.config import ConfigError
 from cascade.device_profile import StepPadder, load_profile
 from cascade.logs import setup_logging
@@ -170,6 +170,13 @@ class WorkerService:
         data_addr = await asyncio.to_thread(self.dataplane.start)
         # Fails any reception still armed and joins the data-plane threads.
         rt.stack.push_async_callback(asyncio.to_thread, self.dataplane.close)
+        # Peers use the advertised addresses: one that does not reach us fails here, not at the first transfer.
+        st = self.settings
+        for what, addr, listen in (
+            ("stage link", self.link.addr, f"{st.stage_host}:{self.link.addr.rpartition(':')[2]}"),
+            ("data plane", data_addr, f"{st.data_listen_host}:{data_addr.rpartition(':')[2]}"),
+        ):
+            await asyncio.to_thread(check_reachable, addr, what, listen, st.address_check_s)
         self.runner.start()
         rt.tasks.spawn(self.runner.publish(), "engine-results")
         await rt.serve(s.load(w), self.slot.on_load)
@@ -224,7 +231,7 @@ class WorkerService:
             tokens_per_s=round(eng.stats.rate(time.monotonic()), 2) if eng else 0.0,
             ready_seq=slot.seq,
             pid=os.getpid(),
-            host=socket.gethostname(),
+            host=self.settings.host,
             loading_mb_s=round(slot.load_mb_s, 1),
             ts=time.time(),
             stage_addr=self.link.addr or None,
@@ -236,6 +243,7 @@ class WorkerService:
             kv_cache_usage=round(f.kv_cache_usage, 4) if f else 0.0,
             max_model_len=f.max_model_len if f else 0,
             num_preemptions=f.num_preemptions if f else 0,
+            model_source=self.settings.model_source,
         )
 
     def _data_addr(self) -> str | None:

@@ -7,9 +7,10 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from cascade.cliargs import add_common_arguments
-from cascade.config import ConfigError, env_float, env_int, env_str, resolve_nats_url, resolve_prefix
+from cascade.config import ConfigError, cascade_home, env_float, env_int, env_str, resolve_nats_url, resolve_prefix
 from cascade.device_profile import load_profile
 from cascade.subjects import check_token
 
@@ -47,6 +48,12 @@ class WorkerSettings:
     # vLLM's --logprobs-mode: "raw" logprobs are the model's own distribution (before penalties,
     # the structured-output mask and temperature); "processed" the one each token was drawn from.
     logprobs_mode: str = "raw"
+    # "disk": read a checkpoint where an order names it (today's default); "network": never read a
+    # model store, take everything (weights and the small files) from the data plane.
+    model_source: str = "disk"
+    host_id: str = ""  # which machine this worker is on ("" = this machine's hostname)
+    files_dir: str = ""  # where files received over the data plane are kept ("" = under CASCADE_HOME)
+    address_check_s: float = 3.0  # the deadline of the start-up check that advertised addresses reach us
 
     def __post_init__(self) -> None:
         check_token(self.worker_id)
@@ -64,6 +71,10 @@ class WorkerSettings:
             raise ConfigError("--kv-cache-mb and --max-model-len must be >= 0, --kv-block-size >= 1")
         if self.emulated_token_scale <= 0:
             raise ConfigError("CASCADE_EMULATED_TOKEN_SCALE must be above 0")
+        if self.address_check_s <= 0:
+            raise ConfigError("--address-check-s must be above 0")
+        if self.model_source not in ("disk", "network"):
+            raise ConfigError(f"--model-source must be disk or network, not {self.model_source!r}")
         if self.device_profile:
             load_profile(self.device_profile)  # a bad name or file fails at start, with the reason
 
@@ -71,6 +82,15 @@ class WorkerSettings:
     def kv_capacity(self) -> int:
         """The most the batch limit can be raised to."""
         return max(self.kv_slots, self.max_batch)
+
+    @property
+    def host(self) -> str:
+        """The host id carried in heartbeats (the planner prefers same-host sources)."""
+        return self.host_id or socket.gethostname()
+
+    @property
+    def model_files_dir(self) -> Path:
+        return Path(self.files_dir) if self.files_dir else cascade_home() / "worker-files" / self.worker_id
 
     @property
     def data_listen_host(self) -> str:
@@ -108,6 +128,10 @@ class WorkerSettings:
             kv_block_size=a.kv_block_size,
             prefix_caching=a.prefix_caching,
             logprobs_mode=a.logprobs_mode,
+            model_source=a.model_source,
+            host_id=a.host_id or "",
+            files_dir=a.files_dir or "",
+            address_check_s=a.address_check_s,
         )
 
 
@@ -255,4 +279,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=env_float("CASCADE_DRAIN_TIMEOUT_S", 10.0),
         help="on SIGTERM, how long running requests may finish before they are ended with an error",
+    )
+    p.add_argument(
+        "--model-source",
+        choices=("disk", "network"),
+        default=env_str("CASCADE_MODEL_SOURCE", "disk"),
+        help="disk: read a checkpoint where an order names it, or take it over the data plane when the path is "
+        "not visible here; network: never read a model store (any order to do so fails, naming the path), for "
+        "nodes without storage (env CASCADE_MODEL_SOURCE, default disk)",
+    )
+    p.add_argument(
+        "--host-id",
+        default=os.environ.get("CASCADE_HOST_ID"),
+        help="which machine this worker is on, carried in heartbeats; the loader prefers sources on the same "
+        "host (env CASCADE_HOST_ID; default: the hostname)",
+    )
+    p.add_argument(
+        "--files-dir",
+        default=os.environ.get("CASCADE_FILES_DIR"),
+        help="where config and tokenizer files received over the data plane are kept (env CASCADE_FILES_DIR; "
+        "default: $CASCADE_HOME/worker-files/<worker id>)",
+    )
+    p.add_argument(
+        "--address-check-s",
+        type=float,
+        default=env_float("CASCADE_ADDRESS_CHECK_S", 3.0),
+        help="at start, connect to the advertised stage and data addresses within this many seconds, and fail "
+        "with the reason if they do not reach this worker (env CASCADE_ADDRESS_CHECK_S, default 3)",
     )
