@@ -216,6 +216,12 @@ class Heartbeat:
     max_model_len: int = 0
     # Sequences preempted for KV blocks since the worker started (vLLM's num_preemptions_total).
     num_preemptions: int = 0
+    # A stage of a pipeline-parallel instance (docs/pipelined-and-shared.md): the instance's id,
+    # and the decoder layers [stage_start, stage_end) this worker runs for it. "" / 0, 0: a whole
+    # instance of its own.
+    group: str = ""
+    stage_start: int = 0
+    stage_end: int = 0
 
 
 @message("worker_gone")
@@ -266,6 +272,12 @@ class LoadModel:
     # The deployment's KV settings for this model (None: the worker's own flag/env default).
     kv_cache_mb: float | None = None
     max_model_len: int | None = None
+    # Load one stage of a pipeline-parallel instance: the decoder layers [stage_start, stage_end)
+    # and the units they need (embedding on the first stage, head on the last), as instance
+    # `group`. stage_end 0: the whole model.
+    group: str = ""
+    stage_start: int = 0
+    stage_end: int = 0
 
 
 @message("unload_model")

@@ -36,6 +36,7 @@ from cascade.config import Deployment, ModelDeployment, mesh_file, read_mesh_fil
 from cascade.messages import Heartbeat, MessageError, ServiceReady, WorkerGone, decode, encode
 from cascade.natsauth import PASSWORD_ENV, TOKEN_ENV, USER_ENV, NatsCredentials
 from cascade.natsutil import connect, stop_event
+from cascade.stages import covers
 from cascade.subjects import Subjects
 
 # While `cascade up` waits for the mesh and nothing changes, it says what it waits for this often.
@@ -176,7 +177,7 @@ class Readiness:
     beats: dict[int, Any] = field(default_factory=dict)  # pid → latest Heartbeat
 
     def serving(self, model: ModelDeployment, pids: set[int]) -> list[Any]:
-        return [
+        whole = [
             hb
             for pid, hb in self.beats.items()
             if pid in pids
@@ -185,6 +186,21 @@ class Readiness:
             and hb.num_units > 0
             and hb.units_ready == hb.num_units
         ]
+        return whole + self.serving_pipelines(model, pids)
+
+    def serving_pipelines(self, model: ModelDeployment, pids: set[int]) -> list[Any]:
+        """One heartbeat (the first stage's) per pipelined instance of `model` whose every stage
+        serves its layers (docs/pipelined-and-shared.md)."""
+        groups: dict[str, list[Any]] = {}
+        for pid, hb in self.beats.items():
+            if pid in pids and hb.model == model.name and hb.group and hb.state == "serving":
+                groups.setdefault(hb.group, []).append(hb)
+        out = []
+        for members in groups.values():
+            members.sort(key=lambda hb: hb.stage_start)
+            if covers([(hb.stage_start, hb.stage_end) for hb in members], members[0].num_units - 2):
+                out.append(members[0])
+        return out
 
     def missing(self, children: list[Child]) -> list[str]:
         """What is not up yet, in words (empty when everything is)."""

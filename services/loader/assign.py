@@ -58,3 +58,27 @@ def describe(snapshot: MeshSnapshot) -> str:
         counts[key] = counts.get(key, 0) + 1
     parts = [f"{n} {k}" for k, n in sorted(counts.items())]
     return f"{len(snapshot.workers)} worker(s): " + ", ".join(parts)
+
+
+def choose_instances_for_down(
+    snapshot: MeshSnapshot, model: str, count: int, reserved: Collection[str] = ()
+) -> list[tuple[str, tuple[str, ...]]]:
+    """Instances of `model` to remove, each as (instance id, its workers): a pipelined instance
+    goes whole, every stage of it (a stage left behind serves nobody). The order is
+    `choose_for_down`'s, per instance: loading ones first, then the least loaded (summed over
+    its stages); an instance with a worker in `reserved` is not chosen."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    members: dict[str, list[str]] = {}
+    loading: dict[str, bool] = {}
+    load: dict[str, int] = {}
+    for w in snapshot.workers:
+        if w.model != model or w.state not in ("loading", "serving"):
+            continue
+        key = w.instance
+        members.setdefault(key, []).append(w.worker_id)
+        loading[key] = loading.get(key, False) or w.state == "loading"
+        load[key] = load.get(key, 0) + w.load
+    free = [k for k, ws in members.items() if not any(w in reserved for w in ws)]
+    free.sort(key=lambda k: (not loading[k], load[k], k))
+    return [(k, tuple(sorted(members[k]))) for k in free[:count]]

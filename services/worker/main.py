@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from typing import Any
 
 import structlog
@@ -48,6 +49,7 @@ from cascade.messages import (
 from cascade.models.config import unit_shapes
 from cascade.models.tokenizer import Tokenizer
 from cascade.service import Runtime, run_process
+from cascade.stages import stage_units
 from cascade.stagewire import StageFrame
 from services.worker.dataplane import DataPlaneServer
 from services.worker.engine import Engine, StepResult
@@ -61,14 +63,15 @@ from services.worker.settings import add_arguments as add_arguments
 from services.worker.stagelink import StageLink
 
 
-def measured_kv_budget(model: LlamaModel) -> int:
+def measured_kv_budget(model: LlamaModel, units: Collection[int] | None = None) -> int:
     """The default KV budget, measured now (a load is starting): the device's free memory, less
-    the weights still to arrive, with kvblocks.default_budget_bytes' margin."""
+    the weights still to arrive (of `units`, a stage's, when given), with
+    kvblocks.default_budget_bytes' margin."""
     cfg = model.cfg
     elem = torch.empty((), dtype=model.dtype).element_size()
     weights = sum(
         math.prod(shape) * elem
-        for u in range(cfg.num_units)
+        for u in (range(cfg.num_units) if units is None else units)
         if not model.has_unit(u)
         for shape in unit_shapes(cfg, u).values()
     )
@@ -236,6 +239,9 @@ class WorkerService:
             kv_cache_usage=round(f.kv_cache_usage, 4) if f else 0.0,
             max_model_len=f.max_model_len if f else 0,
             num_preemptions=f.num_preemptions if f else 0,
+            group=slot.group,
+            stage_start=slot.stage[0],
+            stage_end=slot.stage[1],
         )
 
     def _data_addr(self) -> str | None:
@@ -359,6 +365,9 @@ class WorkerService:
                 return "not_ready", f"worker {self.settings.worker_id} does not hold layers [0, {first.end}) yet"
         elif self.slot.state != "serving":
             return "not_ready", f"worker {self.settings.worker_id} is {self.slot.state}"
+        elif not self.slot.whole():
+            a, b = self.slot.stage
+            return "invalid", f"worker {self.settings.worker_id} is stage [{a}, {b}) of {self.slot.group}: send a route"
         if prompt_len < 1:
             return "invalid", "empty prompt"
         # One token at least must fit after the prompt.
@@ -397,7 +406,12 @@ class WorkerService:
         kv_mb = s.kv_cache_mb if order.kv_cache_mb is None else order.kv_cache_mb
         max_len = s.max_model_len if order.max_model_len is None else order.max_model_len
         measured = kv_mb <= 0
-        kv_bytes = measured_kv_budget(model) if measured else int(kv_mb * 1e6)
+        units = (
+            stage_units(order.stage_start, order.stage_end, model.cfg.num_hidden_layers)
+            if (isinstance(order, LoadModel) and order.stage_end)
+            else None
+        )
+        kv_bytes = measured_kv_budget(model, units) if measured else int(kv_mb * 1e6)
         eng = Engine(
             model, tok, max_batch=s.max_batch, worker_id=s.worker_id, padder=self.padder, kv_slots=s.kv_capacity,
             max_prefill_tokens=s.max_prefill_tokens, emulated_token_scale=s.emulated_token_scale,
