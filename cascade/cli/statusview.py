@@ -20,6 +20,9 @@ _INSTANCE_FIELDS = (
     "max_batch",
     "tokens_per_s",
     "loading_mb_s",
+    "group",
+    "stage_start",
+    "stage_end",
 )
 
 
@@ -46,6 +49,22 @@ def instances(status: MeshStatus) -> list[dict[str, Any]]:
             else None
         )
         out.append(row)
+    return out
+
+
+def pipelined(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per pipelined instance: its stages in layer order, each as worker [start, end) state."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("group"):
+            groups.setdefault(str(r["group"]), []).append(r)
+    out = []
+    for g, members in sorted(groups.items()):
+        members.sort(key=lambda r: r.get("stage_start") or 0)
+        stages = "  ".join(
+            f"{r['worker_id']} [{r.get('stage_start')}, {r.get('stage_end')}) {r.get('state') or '?'}" for r in members
+        )
+        out.append([g, str(members[0].get("model") or "-"), stages])
     return out
 
 
@@ -176,6 +195,10 @@ def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
             # Heartbeat figures: generated over the last few seconds, 0 once an engine goes quiet.
             now = ", ".join(f"{m} {v:.1f}" for m, v in sorted(per_model.items()))
             lines.append(f"tokens/s now (last 5 s): {now}")
+    prows = pipelined(rows)
+    if prows:
+        lines += ["", "pipelined instances (a stage per worker: decoder layers [start, end)):"]
+        lines.append(table(["GROUP", "MODEL", "STAGES"], prows))
     trows = transfers(status)
     if trows:
         lines += ["", "transfers (in flight first, then the latest done):"]

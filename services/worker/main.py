@@ -491,6 +491,10 @@ class WorkerService:
             "data_addr": hb.data_addr,
             "data_refused": self.dataplane.refused,
             "sending": sorted(self.slot.sends),
+            # A stage of a pipelined instance: its id and decoder layers ("", 0, 0: whole).
+            "group": hb.group,
+            "stage_start": hb.stage_start,
+            "stage_end": hb.stage_end,
         }
         inb = self.slot.inbound
         if inb is not None:
