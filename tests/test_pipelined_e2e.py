@@ -1,6 +1,6 @@
 """A pipeline-parallel instance end to end through `cascade up`: real broker, gateway, scaler,
 loader and three worker processes. `piped` (stages = 2) and `whole` are the same generated
-checkpoint; the loader gives `piped` two workers that each load half the layers, the gateway
+checkpoint; scaled up from zero, the loader gives `piped` two workers that each load half the layers, the gateway
 routes whole requests through both as a steady route, and greedy tokens equal the single-worker
 instance's, for requests batched together. Scaling `piped` away frees both its workers."""
 
@@ -43,7 +43,7 @@ policy = "manual"
 {GEN}
 [[models]]
 name = "piped"
-min_replicas = 1
+min_replicas = 0
 max_replicas = 1
 policy = "manual"
 stages = 2
@@ -82,6 +82,14 @@ def _workers(home: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with running_mesh(tmp_path_factory.mktemp("home"), DEPLOYMENT, workers=3) as m:
+        # Up from zero by the operator (min_replicas 0 lets the test scale it away again).
+        r = _cli(m["home"], "scale", "piped", "--replicas", "1")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 120
+        while len([w for w in _workers(m["home"]) if w["detail"].get("model") == "piped"
+                   and w["detail"].get("state") == "serving"]) < 2:  # fmt: skip
+            assert time.monotonic() < deadline, f"piped not serving: {_workers(m['home'])}"
+            time.sleep(0.2)  # polling the mesh's status with a deadline
         yield m
 
 
@@ -115,8 +123,23 @@ def test_scaling_a_pipelined_model_away_frees_every_stage(mesh: dict[str, Any]) 
     home = mesh["home"]
     before = {w["instance"] for w in _workers(home) if w["detail"].get("model") == "piped"}
     assert len(before) == 2
-    r = _cli(home, "scale", "piped", "--replicas", "0")
-    assert r.returncode == 0, r.stderr
+    # `cascade tap` shows the placement event of the removal, as every decision is published.
+    env = {**os.environ, "CASCADE_HOME": str(home)}
+    prefix = mesh["info"]["prefix"]
+    tap = subprocess.Popen(
+        [sys.executable, "-m", "cascade.cli", "tap", "--filter", f"{prefix}.placement", "--count", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert tap.stderr is not None and "tapping" in tap.stderr.readline()  # subscribed
+        r = _cli(home, "scale", "piped", "--replicas", "0")
+        assert r.returncode == 0, r.stderr
+        out, _ = tap.communicate(timeout=60)
+    finally:
+        if tap.poll() is None:
+            tap.kill()
+            tap.wait()
+    assert "instance_placed" in out and "piped removed" in out, out
     deadline = time.monotonic() + 60
     while True:
         ws = {w["instance"]: w["detail"] for w in _workers(home)}

@@ -23,6 +23,8 @@ _INSTANCE_FIELDS = (
     "group",
     "stage_start",
     "stage_end",
+    "shared_device",
+    "quota",
 )
 
 
@@ -65,6 +67,26 @@ def pipelined(rows: list[dict[str, Any]]) -> list[list[str]]:
             f"{r['worker_id']} [{r.get('stage_start')}, {r.get('stage_end')}) {r.get('state') or '?'}" for r in members
         )
         out.append([g, str(members[0].get("model") or "-"), stages])
+    return out
+
+
+def shared(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per shared worker: each instance on it with its model (or stage), quota and share."""
+    devices: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("shared_device"):
+            devices.setdefault(str(r["shared_device"]), []).append(r)
+    out = []
+    for d, members in sorted(devices.items()):
+        total = sum(float(r.get("quota") or 0) for r in members) or 1.0
+        cells = []
+        for r in members:
+            what = str(r.get("model") or "idle")
+            if r.get("group"):
+                what += f" [{r.get('stage_start')}, {r.get('stage_end')})"
+            q = float(r.get("quota") or 0)
+            cells.append(f"{r['worker_id']} {what} quota {q:g} ({100 * q / total:.0f}%)")
+        out.append([d, "  ".join(cells)])
     return out
 
 
@@ -199,6 +221,10 @@ def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
     if prows:
         lines += ["", "pipelined instances (a stage per worker: decoder layers [start, end)):"]
         lines.append(table(["GROUP", "MODEL", "STAGES"], prows))
+    srows = shared(rows)
+    if srows:
+        lines += ["", "shared workers (instances stepped by compute quota; share = quota / sum on that worker):"]
+        lines.append(table(["WORKER", "INSTANCES"], srows))
     trows = transfers(status)
     if trows:
         lines += ["", "transfers (in flight first, then the latest done):"]

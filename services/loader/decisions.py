@@ -31,9 +31,11 @@ from nats.aio.client import Client as NATS
 
 from cascade.config import LOADING_MODES, Deployment, ModelDeployment
 from cascade.messages import (
+    InstancePlaced,
     LoadModel,
     MessageError,
     Ok,
+    PlacedStage,
     PlannedChain,
     RemoteError,
     ScaleAck,
@@ -558,6 +560,8 @@ class Decisions:
         workers = [w for stages in plan.values() for w, _, _ in stages]
         self.reserved.update(workers)
         try:
+            for gid, stages in plan.items():
+                await self._placed(d, gid, stages, "loading")
             lg.info("loading_pipelined", groups={g: [list(x) for x in st] for g, st in plan.items()}, layers=layers)
             timeout = self.settings.request_timeout_s
             orders = [
@@ -594,9 +598,11 @@ class Decisions:
                 members = [w for w, _, _ in stages]
                 if all(w in ready for w in members):
                     done.append(gid)
+                    await self._placed(d, gid, stages, "serving")
                 else:
                     # A pipeline with a gap serves nobody: give its other stages back to the pool.
                     await self._unload(d, [w for w in members if w in started], problems)
+                    await self._placed(d, gid, stages, "failed", "; ".join(problems))
         finally:
             self.reserved.difference_update(workers)
         return done, "; ".join(problems)
@@ -610,6 +616,9 @@ class Decisions:
         if len(chosen) < d.count:
             problems.append(f"only {len(chosen)} instance(s) of {d.model} to remove, {d.count} wanted")
         workers = [w for _, ws in chosen for w in ws]
+        snap = self.snapshot(self.clock())
+        # Where each stage was, for the placement event once it is gone.
+        where = {w: (w, v.stage_start, v.stage_end) for w in workers if (v := snap.worker(w)) is not None}
         self.reserved.update(workers)
         try:
             lg.info("unloading_pipelined", instances={g: list(ws) for g, ws in chosen})
@@ -617,7 +626,20 @@ class Decisions:
         finally:
             self.reserved.difference_update(workers)
         done = [g for g, ws in chosen if not set(ws) & failed]
+        for g in done:
+            stages = sorted((where.get(w, (w, 0, 0)) for w in dict(chosen)[g]), key=lambda x: x[1])
+            await self._placed(d, g, stages, "removed")
         return done, "; ".join(problems)
+
+    async def _placed(
+        self, d: ScaleDecision, group: str, stages: Sequence[tuple[str, int, int]], state: str, reason: str = ""
+    ) -> None:
+        """Publish where a pipelined instance is, as every decision is (`cascade tap`)."""
+        msg = InstancePlaced(
+            d.decision_id, d.model, group, [PlacedStage(w, a, b) for w, a, b in stages],
+            typing.cast(typing.Any, state), reason, time.time(),
+        )  # fmt: skip
+        await self.nc.publish(self.subjects.placement(), encode(msg))
 
     async def _unload(self, d: ScaleDecision, workers: Sequence[str], problems: list[str]) -> set[str]:
         """UnloadModel to each of `workers` (they drain first); failures go into `problems`, and

@@ -50,6 +50,7 @@ from services.worker.localcache import DiskLoad, LocalCache, pace, unit_nbytes
 from services.worker.model import LlamaModel
 from services.worker.runner import EngineRunner
 from services.worker.settings import WorkerSettings
+from services.worker.sharing import MemoryLedger, MemoryRefused
 
 
 def _install_from(model: LlamaModel, dl: DiskLoad, unit: int) -> None:
@@ -92,6 +93,7 @@ class ModelSlot:
         beat: Callable[[], Awaitable[None]],
         make_engine: Callable[[LlamaModel, Tokenizer, LoadModel | TransferOrder], Engine],
         log: Any,
+        ledger: MemoryLedger | None = None,
     ) -> None:
         self.settings = settings
         self.nc = nc
@@ -104,6 +106,9 @@ class ModelSlot:
         self._beat = beat
         self._new_engine = make_engine
         self.log = log
+        # The memory this instance holds (weights, KV) against the worker's --memory-mb, shared
+        # with the other instances on a shared worker.
+        self.ledger = ledger or MemoryLedger(int(settings.memory_mb * 1e6))
         self.state: WorkerState = "idle"
         self.model_name: str | None = None
         self.model: LlamaModel | None = None
@@ -189,6 +194,11 @@ class ModelSlot:
         if self.state != "idle":
             self._close_disk_load(dl)
             raise RemoteError("busy", f"worker {self.settings.worker_id} became {self.state}")
+        try:
+            self.ledger.reserve(self.settings.worker_id, weights=sum(dl.unit_nbytes(u) for u in units))
+        except MemoryRefused as e:
+            self._close_disk_load(dl)
+            raise RemoteError("no_memory", f"{req.model}: {e}") from None
         cfg = dl.ckpt.config
         self.state = "loading"
         self.model_name = req.model
@@ -199,7 +209,12 @@ class ModelSlot:
         self.model = LlamaModel(cfg, self.device)
         # The engine exists from the first unit on: a loading instance serves as the first stage of
         # pipelined routes for the layers it already holds.
-        self.engine = self._make_engine(tok, req)
+        try:
+            self.engine = self._make_engine(tok, req)
+        except MemoryRefused as e:
+            self._close_disk_load(dl)
+            await self.drop_model()
+            raise RemoteError("no_memory", f"{req.model}: {e}") from None
         self._load_task = self.tasks.spawn(self.load_from_disk(req, dl), f"load-{req.model}")
         self.log.info(
             "load_started", model=req.model, path=str(path), decision=req.decision_id, source=dl.source,
@@ -277,6 +292,7 @@ class ModelSlot:
         self.num_units = 0
         self.ready.clear()
         self.group, self.stage, self.units = "", (0, 0), ()
+        self.ledger.release(self.settings.worker_id)
         self.state = "idle"
 
     # ------------------------------------------------------------------ transfers
@@ -346,12 +362,20 @@ class ModelSlot:
                 raise RemoteError("bad_order", f"{tid}: {order.num_units} units, {path} has {cfg.num_units}")
             if self.model is not None or self.state != "idle":
                 raise RemoteError("busy", f"worker {self.settings.worker_id} became {self.state}")
+            try:
+                self.ledger.reserve(self.settings.worker_id, weights=sum(order.unit_nbytes))
+            except MemoryRefused as e:
+                raise RemoteError("no_memory", f"{order.model}: {e}") from None
             self.state = "loading"
             self.model_name = order.model
             self.num_units = cfg.num_units
             self.model = LlamaModel(cfg, self.device)
             # As for a disk load: a loading instance serves as a first stage for what it holds.
-            self.engine = self._make_engine(tok, order)
+            try:
+                self.engine = self._make_engine(tok, order)
+            except MemoryRefused as e:
+                await self.drop_model()
+                raise RemoteError("no_memory", f"{order.model}: {e}") from None
             self.load_started = time.monotonic()
             self.load_bytes = 0
         elif self.state != "loading" or self.model_name != order.model:

@@ -97,9 +97,10 @@ class EngineThread:
         self.lanes.pop(name, None)
         self.scheduler.remove(name)
 
-    def set_quota(self, name: str, quota: float) -> float:
-        """On this thread (a call): the lane's new share of the steps. Raises QuotaError."""
-        return self.scheduler.set_quota(name, quota)
+    def set_quota(self, name: str, quota: float) -> tuple[float, dict[str, float]]:
+        """On this thread (a call): the lane's new share of the steps; the value applied and every
+        lane's quota after it. Raises QuotaError."""
+        return self.scheduler.set_quota(name, quota), self.scheduler.quotas()
 
     async def stop(self) -> None:
         """Stop after the current step; calls not yet run fail with EngineStopped."""
@@ -212,6 +213,7 @@ class EngineRunner:
         self.thread = shared or EngineThread(self.log, threads)
         self._quota = quota
         self._stopped = False
+        self._added: asyncio.Future[None] | None = None
         self._results: asyncio.Queue[StepResult] = asyncio.Queue()
         # Emulated device: how far steps were padded, and how often real compute overran the profile.
         self.padded_s = 0.0
@@ -221,7 +223,8 @@ class EngineRunner:
 
     def start(self) -> None:
         if self.thread.started:
-            self.thread.call(self.thread.add, self, self._quota)
+            # Joins between two steps of the lanes already running; kept so that its outcome is read.
+            self._added = self.thread.call(self.thread.add, self, self._quota)
         else:
             self.thread.add(self, self._quota)
             self.thread.start()
@@ -238,12 +241,15 @@ class EngineRunner:
             return fut
         return self.thread.call(fn, *args)
 
-    async def set_quota(self, quota: float) -> float:
-        """This lane's share of the engine steps, from the next step on; the value applied."""
+    async def set_quota(self, quota: float) -> tuple[float, dict[str, float]]:
+        """This lane's share of the engine steps, from the next step on: the value applied and the
+        quotas of every lane on the thread."""
         return await self.thread.call(self.thread.set_quota, self.name, quota)
 
     def quota(self) -> float:
-        return self.thread.scheduler.shares[self.name].quota if self.name in self.thread.scheduler.shares else 0.0
+        """This lane's quota as last applied (0 before it joined the thread)."""
+        share = self.thread.scheduler.shares.get(self.name)
+        return share.quota if share is not None else 0.0
 
     async def stop(self) -> None:
         """Stop stepping this lane after the current step; results already produced are still

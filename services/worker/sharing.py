@@ -138,6 +138,16 @@ class MemoryLedger:
         """Bytes left (None: unbounded)."""
         return None if self.budget == 0 else self.budget - self.used
 
+    def fair_share(self, name: str, instances: int) -> int | None:
+        """What a measured KV budget of `name` may take (None: unbounded): the free bytes split
+        evenly among the `instances` of the worker that hold no KV yet, `name` one of them, so
+        the first instance to load does not take the memory the others will need."""
+        free = self.free()
+        if free is None:
+            return None
+        settled = sum(1 for n, h in self.held.items() if n != name and h.kv > 0)
+        return max(free, 0) // max(instances - settled, 1)
+
     def reserve(self, name: str, weights: int = 0, kv: int = 0) -> Holding:
         """Add `weights` and `kv` bytes to what `name` holds, or raise MemoryRefused (nothing changes)."""
         if weights < 0 or kv < 0:
