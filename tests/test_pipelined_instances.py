@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade.config import ConfigError, Deployment, entry_json, load_deployment, model_from_entry
+from cascade.cli.supervisor import Readiness
+from cascade.config import ConfigError, Deployment, ModelDeployment, entry_json, load_deployment, model_from_entry
 from cascade.messages import Heartbeat, RouteStage, WorkerState
 from cascade.stages import StageError, covers, even_split, stage_ranges, stage_units
 from cascade.workers import WorkerTable, WorkerView
@@ -189,3 +190,24 @@ def test_scale_down_takes_every_stage_of_an_instance() -> None:
     chosen = choose_instances_for_down(snap, "m", 2)
     assert chosen == [("k", ("e", "f")), ("h", ("c", "d"))]  # loading first, then least loaded
     assert choose_instances_for_down(snap, "m", 3, reserved={"d"}) == [("k", ("e", "f")), ("g", ("a", "b"))]
+
+
+def test_cascade_up_counts_a_pipelined_instance_and_each_slot_of_a_shared_worker() -> None:
+    m = ModelDeployment("m", Path("/m"), min_replicas=2, stages=2)
+    r = Readiness(Deployment((m,)))
+
+    def beat(pid: int, wid: str, group: str, a: int, b: int) -> None:
+        units = b - a + (a == 0) + (b == 6)
+        hb = Heartbeat(
+            wid, "serving", "m", units, 8, 0, 0, 4, 0.0, 0, pid, "h", group=group, stage_start=a, stage_end=b
+        )
+        r.beats[(pid, wid)] = hb
+
+    # Two shared worker processes (pids 1, 2), two instances each: two pipelined instances.
+    beat(1, "p1", "g", 0, 3)
+    beat(2, "p2", "g", 3, 6)
+    beat(1, "p1-2", "h", 0, 3)
+    assert len(r.serving(m, {1, 2})) == 1  # h's tail is missing
+    beat(2, "p2-2", "h", 3, 6)
+    assert sorted(hb.group for hb in r.serving(m, {1, 2})) == ["g", "h"]
+    assert r.serving(m, {1}) == []  # stages of another mesh's workers do not count
