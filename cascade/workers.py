@@ -71,6 +71,13 @@ class WorkerView:
     group: str = ""
     stage_start: int = 0
     stage_end: int = 0
+    # The worker process it shares with other instances (`--slots`), "" when it has one alone.
+    shared_device: str = ""
+
+    @property
+    def device(self) -> str:
+        """The compute it runs on: its shared worker's id, else its own."""
+        return self.shared_device or self.worker_id
 
     @property
     def instance(self) -> str:
@@ -310,6 +317,7 @@ class WorkerTable:
             group=hb.group,
             stage_start=hb.stage_start,
             stage_end=hb.stage_end,
+            shared_device=hb.shared_device,
         )
 
     def _entry(self, worker_id: str, now: float) -> _Entry:

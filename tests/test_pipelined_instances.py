@@ -16,7 +16,7 @@ from cascade.messages import Heartbeat, RouteStage, WorkerState
 from cascade.stages import StageError, covers, even_split, stage_ranges, stage_units
 from cascade.workers import WorkerTable, WorkerView
 from services.gateway.router import QUEUE_AHEAD, InstanceView, choose_route, models_without_instance, pipelines
-from services.loader.assign import choose_instances_for_down
+from services.loader.assign import choose_groups_for_up, choose_instances_for_down
 from services.loader.planner import MeshSnapshot
 
 # ---- the stage split --------------------------------------------------------------------------
@@ -211,3 +211,18 @@ def test_cascade_up_counts_a_pipelined_instance_and_each_slot_of_a_shared_worker
     beat(2, "p2-2", "h", 3, 6)
     assert sorted(hb.group for hb in r.serving(m, {1, 2})) == ["g", "h"]
     assert r.serving(m, {1}) == []  # stages of another mesh's workers do not count
+
+
+def idle(wid: str, device: str = "", running: int = 0) -> WorkerView:
+    return WorkerView(wid, "idle", None, 0, 0, running=running, shared_device=device)
+
+
+def test_stages_of_an_instance_go_to_distinct_devices() -> None:
+    # Two shared workers (two instances each) and one worker of its own.
+    snap = MeshSnapshot((idle("a", "A"), idle("a-2", "A"), idle("b", "B"), idle("b-2", "B"), idle("c", running=1)))
+    # By id alone the first instance would be a and a-2, both on A: no pipelining at all.
+    assert choose_groups_for_up(snap, 2, 2) == [("a", "b"), ("a-2", "b-2")]
+    # Three stages need three devices: c joins, and only one such instance can be formed.
+    assert choose_groups_for_up(snap, 2, 3) == [("a", "b", "c")]
+    assert choose_groups_for_up(snap, 1, 2, reserved={"a", "a-2"}) == [("b", "c")]
+    assert choose_groups_for_up(snap, 1, 4) == []

@@ -51,7 +51,14 @@ from cascade.natsutil import RequestTimeout, request
 from cascade.stages import stage_ranges
 from cascade.subjects import Subjects
 from cascade.workers import WorkerTable
-from services.loader.assign import Assignment, choose_for_down, choose_for_up, choose_instances_for_down, describe
+from services.loader.assign import (
+    Assignment,
+    choose_for_down,
+    choose_for_up,
+    choose_groups_for_up,
+    choose_instances_for_down,
+    describe,
+)
 from services.loader.cachekeeper import HostCacheKeeper
 from services.loader.planner import (
     Chain,
@@ -427,6 +434,16 @@ class Decisions:
                 return chosen
             await self.changes.wait(deadline, self.clock)
 
+    async def wait_for_groups(self, count: int, stages: int) -> list[tuple[str, ...]]:
+        """`count` groups of `stages` idle workers on distinct devices, or as many as can be formed
+        by the idle-wait deadline."""
+        deadline = self.clock() + self.settings.idle_wait_s
+        while True:
+            groups = choose_groups_for_up(self.snapshot(self.clock()), count, stages, self.reserved)
+            if len(groups) == count or self.clock() >= deadline:
+                return groups
+            await self.changes.wait(deadline, self.clock)
+
     async def start_loads(
         self, d: ScaleDecision, model: ModelDeployment, workers: Sequence[str]
     ) -> tuple[list[str], list[str]]:
@@ -542,21 +559,18 @@ class Decisions:
             ranges = stage_ranges(layers, S, model.stage_layers)
         except (OSError, ValueError) as e:
             return [], f"cannot split {d.model} into {S} stages: {e}"
-        chosen = await self.wait_for_idle(d.count * S)
-        groups = len(chosen.workers) // S
-        if groups == 0:
+        chosen = await self.wait_for_groups(d.count, S)
+        if not chosen:
             return [], (
-                f"{d.model} needs {S} idle workers per instance, found {len(chosen.workers)} "
+                f"{d.model} needs {S} idle workers on distinct devices per instance "
                 f"({describe(self.snapshot(self.clock()))})"
             )
         problems = []
-        if groups < d.count:
-            problems.append(f"only {len(chosen.workers)} idle worker(s): {groups} of {d.count} instances of {S} stages")
+        if len(chosen) < d.count:
+            problems.append(f"idle workers on distinct devices for {len(chosen)} of {d.count} instances of {S} stages")
         plan: dict[str, list[tuple[str, int, int]]] = {}
-        for i in range(groups):
-            gid = f"{d.decision_id}.{i}"
-            ws = chosen.workers[i * S : (i + 1) * S]
-            plan[gid] = [(w, a, b) for w, (a, b) in zip(ws, ranges, strict=True)]
+        for i, ws in enumerate(chosen):
+            plan[f"{d.decision_id}.{i}"] = [(w, a, b) for w, (a, b) in zip(ws, ranges, strict=True)]
         workers = [w for stages in plan.values() for w, _, _ in stages]
         self.reserved.update(workers)
         try:
