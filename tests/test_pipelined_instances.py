@@ -226,3 +226,20 @@ def test_stages_of_an_instance_go_to_distinct_devices() -> None:
     assert choose_groups_for_up(snap, 2, 3) == [("a", "b", "c")]
     assert choose_groups_for_up(snap, 1, 2, reserved={"a", "a-2"}) == [("b", "c")]
     assert choose_groups_for_up(snap, 1, 4) == []
+
+
+def test_a_stage_kv_budget_buys_blocks_of_its_own_layers(tmp_path: Path) -> None:
+    from cascade.config import GenerateSpec
+    from cascade.models.generate import generate_model
+    from cascade.models.tokenizer import ByteTokenizer
+    from services.worker.engine import Engine
+    from tests.enginehelp import load_model
+
+    generate_model(tmp_path, GenerateSpec(layers=4, hidden=32, heads=2, kv_heads=1, vocab=320, seed=1))
+    model = load_model(tmp_path)
+    budget = 4_000_000
+    whole = Engine(model, ByteTokenizer(), kv_cache_bytes=budget)
+    stage = Engine(model, ByteTokenizer(), kv_cache_bytes=budget, kv_layers=1)
+    # A quarter of the layers: four times the blocks (give or take the null block) for the same bytes.
+    assert abs(stage.blocks.total - 4 * whole.blocks.total) <= 4
+    assert stage.geometry.bytes_per_block * 4 == whole.geometry.bytes_per_block

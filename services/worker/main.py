@@ -510,6 +510,7 @@ class WorkerService:
             max_prefill_tokens=s.max_prefill_tokens, emulated_token_scale=s.emulated_token_scale,
             kv_cache_bytes=kv_bytes, block_size=s.kv_block_size, prefix_caching=s.prefix_caching,
             max_model_len=max_len, logprobs_mode="processed" if s.logprobs_mode == "processed" else "raw",
+            kv_layers=order.stage_end - order.stage_start if isinstance(order, LoadModel) else 0,
         )  # fmt: skip
         self.log.info(
             "kv_cache", mb=round(kv_bytes / 1e6, 1), measured=measured, blocks=eng.blocks.total,
