@@ -164,6 +164,7 @@ class EngineThread:
                     else:
                         lane.overrun_steps += 1
                         lane.overrun_s += elapsed - result.target_s
+                lane.busy_s += time.monotonic() - t0  # its step, padding included: its time on the device
                 if result.events or result.outbox:
                     loop.call_soon_threadsafe(lane._results.put_nowait, result)
                 busy = self._with_work()  # a model dropped meanwhile stops stepping here
@@ -220,6 +221,7 @@ class EngineRunner:
         self.overrun_steps = 0
         self.overrun_s = 0.0
         self.steps = 0
+        self.busy_s = 0.0  # seconds the engine thread spent on this lane's steps
 
     def start(self) -> None:
         if self.thread.started:
