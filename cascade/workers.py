@@ -71,8 +71,10 @@ class WorkerView:
     group: str = ""
     stage_start: int = 0
     stage_end: int = 0
-    # The worker process it shares with other instances (`--slots`), "" when it has one alone.
+    # The worker process it shares with other instances (`--slots`), "" when it has one alone,
+    # and its compute quota there (heartbeat; what a quota policy reads before it moves one).
     shared_device: str = ""
+    quota: float = 0.0
 
     @property
     def device(self) -> str:
@@ -318,6 +320,7 @@ class WorkerTable:
             stage_start=hb.stage_start,
             stage_end=hb.stage_end,
             shared_device=hb.shared_device,
+            quota=hb.quota,
         )
 
     def _entry(self, worker_id: str, now: float) -> _Entry:
