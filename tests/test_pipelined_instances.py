@@ -243,3 +243,23 @@ def test_a_stage_kv_budget_buys_blocks_of_its_own_layers(tmp_path: Path) -> None
     # A quarter of the layers: four times the blocks (give or take the null block) for the same bytes.
     assert abs(stage.blocks.total - 4 * whole.blocks.total) <= 4
     assert stage.geometry.bytes_per_block * 4 == whole.geometry.bytes_per_block
+
+
+def test_the_scaler_counts_a_worker_per_stage_against_the_idle_pool() -> None:
+    from services.scaler.replicas import ModelBounds, Pool, ReplicaBook, Settings
+
+    settings = Settings(ack_timeout_s=30.0, warmup_s=0.0, settle_s=5.0, retry_base_s=1.0, retry_max_s=8.0)
+    book = ReplicaBook({"p": ModelBounds(0, 4, stages=2), "w": ModelBounds(0, 4)}, settings, started_at=0.0)
+    book.loader_ready()
+    book.set_target("p", 2, reason="p busy")
+    book.set_target("w", 1, reason="w busy")
+    # Five idle workers: two instances of two stages take four, the whole model the last one.
+    ds = book.tick(1.0, {}, Pool(frozenset({"a", "b", "c", "d", "e"}), {})).decisions
+    assert [(d.model, d.count) for d in ds] == [("p", 2), ("w", 1)]
+    # Three idle: one pipelined instance fits (its second waits), and the up in flight claims two.
+    book2 = ReplicaBook({"p": ModelBounds(0, 4, stages=2), "w": ModelBounds(0, 4)}, settings, started_at=0.0)
+    book2.loader_ready()
+    book2.set_target("p", 2, reason="p busy")
+    book2.set_target("w", 2, reason="w busy")
+    ds = book2.tick(1.0, {}, Pool(frozenset({"a", "b", "c"}), {})).decisions
+    assert [(d.model, d.count) for d in ds] == [("p", 1), ("w", 1)]
