@@ -74,6 +74,8 @@ from services.loader.planner import (
 from services.loader.settings import LoaderSettings
 from services.loader.transfers import TransferSession, chain_members
 
+PlacementState = typing.Literal["loading", "serving", "failed", "removed"]
+
 # Modes a decision may ask for: the deployment's three, and "star" (the source sends to every
 # target itself) for benchmarks that compare it with the chain.
 PLAN_MODES = (*LOADING_MODES, "star")
@@ -646,13 +648,16 @@ class Decisions:
         return done, "; ".join(problems)
 
     async def _placed(
-        self, d: ScaleDecision, group: str, stages: Sequence[tuple[str, int, int]], state: str, reason: str = ""
+        self,
+        d: ScaleDecision,
+        group: str,
+        stages: Sequence[tuple[str, int, int]],
+        state: PlacementState,
+        reason: str = "",
     ) -> None:
         """Publish where a pipelined instance is, as every decision is (`cascade tap`)."""
-        msg = InstancePlaced(
-            d.decision_id, d.model, group, [PlacedStage(w, a, b) for w, a, b in stages],
-            typing.cast(typing.Any, state), reason, time.time(),
-        )  # fmt: skip
+        placed = [PlacedStage(w, a, b) for w, a, b in stages]
+        msg = InstancePlaced(d.decision_id, d.model, group, placed, state, reason, time.time())
         await self.nc.publish(self.subjects.placement(), encode(msg))
 
     async def _unload(self, d: ScaleDecision, workers: Sequence[str], problems: list[str]) -> set[str]:
