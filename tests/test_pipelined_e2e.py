@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -117,6 +118,32 @@ def test_two_stage_instance_gives_the_single_workers_tokens(mesh: dict[str, Any]
         if ln.startswith("cascade_gateway_routed_requests_total") and 'model="piped"' in ln and "pipelined" in ln
     )  # fmt: skip
     assert float(line.rsplit(" ", 1)[1]) >= len(PROMPTS)
+
+
+def test_an_instance_that_loses_a_stage_is_replaced(mesh: dict[str, Any]) -> None:
+    """The tail stage's process is killed: the survivor serves nobody, so the loader returns it
+    to the pool after a grace, the scaler sees the gap and a new instance comes up on the
+    survivor and the restarted worker; requests get the whole model's tokens again."""
+    home, url = mesh["home"], mesh["url"]
+    expect = _complete(url, "whole", "after a loss")
+    tail = next(
+        w for w in _workers(home) if w["detail"].get("model") == "piped" and w["detail"].get("stage_start") == 2
+    )
+    old_group = tail["detail"]["group"]
+    os.kill(tail["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        piped = [w["detail"] for w in _workers(home) if w["detail"].get("model") == "piped"]
+        if (
+            len(piped) == 2
+            and {d["state"] for d in piped} == {"serving"}
+            and {d["group"] for d in piped} != {old_group}
+        ):
+            break
+        assert time.monotonic() < deadline, f"no new instance of piped: {piped}"
+        time.sleep(0.2)  # polling the mesh's status with a deadline
+    assert len({d["group"] for d in piped}) == 1
+    assert _complete(url, "piped", "after a loss") == expect
 
 
 def test_scaling_a_pipelined_model_away_frees_every_stage(mesh: dict[str, Any]) -> None:

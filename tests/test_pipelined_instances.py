@@ -263,3 +263,27 @@ def test_the_scaler_counts_a_worker_per_stage_against_the_idle_pool() -> None:
     book2.set_target("w", 2, reason="w busy")
     ds = book2.tick(1.0, {}, Pool(frozenset({"a", "b", "c"}), {})).decisions
     assert [(d.model, d.count) for d in ds] == [("p", 1), ("w", 1)]
+
+
+def test_a_pipeline_that_lost_a_stage_is_returned_to_the_pool_after_a_grace() -> None:
+    from services.loader.orphans import BrokenPipelines
+
+    def st(wid: str, a: int, b: int, state: WorkerState = "serving", group: str = "g") -> WorkerView:
+        return WorkerView(wid, state, "m", 4, 8, group=group, stage_start=a, stage_end=b)
+
+    bp = BrokenPipelines(grace_s=2.0)
+    whole = [st("a", 0, 3), st("b", 3, 6)]
+    assert bp.broken(whole, (), 0.0) == []
+    # b is gone (its heartbeats stopped): a alone serves nobody; after the grace it goes back.
+    assert bp.broken(whole[:1], (), 1.0) == []
+    assert bp.broken(whole[:1], (), 2.5) == []
+    assert bp.broken(whole[:1], (), 3.0) == ["a"]
+    # A stage still loading, or a decision at work on the group (reserved), is not broken.
+    bp = BrokenPipelines(grace_s=0.0)
+    assert bp.broken([st("a", 0, 3), st("b", 3, 6, "loading")], (), 0.0) == []
+    assert bp.broken([st("a", 0, 3)], {"a"}, 0.0) == []
+    # A gap that heals within the grace forgets its clock.
+    bp = BrokenPipelines(grace_s=2.0)
+    assert bp.broken(whole[:1], (), 0.0) == []
+    assert bp.broken(whole, (), 1.0) == []
+    assert bp.broken(whole[:1], (), 2.5) == []
