@@ -143,3 +143,15 @@ async def test_two_instances_step_by_quota_on_one_thread(model_dir: Path) -> Non
     share_b = window.count("b") / len(window)
     assert abs(share_b - 0.25) <= 0.03, (share_b, len(window))
     assert lanes["a"].steps == trace.count("a") and lanes["b"].steps == trace.count("b")
+
+
+def test_a_measured_kv_budget_takes_an_even_share_of_what_is_left() -> None:
+    led = MemoryLedger(90_000_000)
+    led.reserve("a", weights=10_000_000)
+    # Two instances on the worker, none with a KV cache yet: a may take half of the 80 MB left.
+    assert led.fair_share("a", 2) == 40_000_000
+    led.reserve("a", kv=40_000_000)
+    led.reserve("b", weights=10_000_000)
+    # b is the last without one: it takes all that is left.
+    assert led.fair_share("b", 2) == 30_000_000
+    assert MemoryLedger(0).fair_share("a", 2) is None  # unbounded
