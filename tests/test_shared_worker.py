@@ -7,6 +7,7 @@ go on; a load past --memory-mb is refused with a clear error."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,14 @@ async def mesh(nats_url: str, subjects: Subjects, tmp_path: Path) -> AsyncIterat
             procs.start(p, "--slots", "2", "--memory-mb", "64", "--heartbeat-s", "0.2")
         ids = {"p1", "p1-2", "p2", "p2-2"}
         await wait_until(lambda: ids <= set(beats), timeout=120, what="four instances heartbeating")
-        yield {"nc": nc, "s": subjects, "beats": beats, "procs": procs}
+        yield {"nc": nc, "s": subjects, "beats": beats, "procs": procs, "url": nats_url}
     finally:
         await nc.drain()
         procs.stop_all()
+
+
+def m_url(m: dict[str, Any]) -> str:
+    return str(m["url"])
 
 
 async def collect(nc: Any, s: Subjects, gw: str) -> dict[str, list[Any]]:
@@ -143,6 +148,14 @@ async def test_two_models_stages_share_two_workers(mesh: dict[str, Any], models:
     assert seen[0].decision_id == "d1"
     with pytest.raises(RemoteError, match="bad_quota"):
         await request(nc, s.quota("p1"), SetQuota(0.0), QuotaSet, timeout=10)
+    # The operator's knob: `cascade quota`.
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cascade.cli", "quota", "p1-2", "3", "--nats-url", m_url(mesh), "--prefix", s.prefix,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    printed, err = await asyncio.wait_for(cli.communicate(), 60)
+    assert cli.returncode == 0, err.decode()
+    assert "p1-2 on p1: quota 3, 50% under contention" in printed.decode()
 
     # Model B scaled away: its stages go, the workers and model A stay.
     for w in ("p1-2", "p2-2"):
