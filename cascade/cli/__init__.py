@@ -19,6 +19,7 @@ from collections.abc import Collection, Sequence
 from cascade.cli import bench, cache, deploy, model, scale, services, sim, status, tap, up
 from cascade.cli import place as place_cmd
 from cascade.cli.common import CliError, Parser
+from cascade.cli.quota import register as register_quota
 from cascade.config import ConfigError
 
 __all__ = ["CliError", "build_parser", "main", "parse_args"]
@@ -39,6 +40,7 @@ def build_parser(load_services: Collection[str] = ()) -> Parser:
     status.register(sub)
     tap.register(sub)
     scale.register(sub)
+    register_quota(sub)
     deploy.register(sub)
     cache.register(sub)
     bench.register(sub)

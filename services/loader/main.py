@@ -53,7 +53,7 @@ from services.loader.decisions import HISTORY_ROWS, Decisions, MeshChanges
 from services.loader.journal import DecisionJournal
 from services.loader.leadership import Leadership
 from services.loader.lease import Lease
-from services.loader.orphans import OrphanLoads
+from services.loader.orphans import BrokenPipelines, OrphanLoads
 from services.loader.settings import LoaderSettings, settings_from_args
 from services.loader.settings import add_arguments as add_arguments
 
@@ -89,6 +89,8 @@ class Loader:
         self.deployments = DeploymentFeed()
         # A load stuck this long with no loader owning it is undone (its loader died mid-plan).
         self.orphans = OrphanLoads(stall_s=max(5.0, 5 * settings.heartbeat_s))
+        # Past a heartbeat's death (3 intervals) and a scale-down's unloads in flight.
+        self.broken = BrokenPipelines(grace_s=max(3.0, 4 * settings.heartbeat_s))
         self.rt: Runtime | None = None
         # None: this loader plans alone (no lease: `--lease off`, or a broker without JetStream).
         self.leadership: Leadership | None = None
@@ -261,6 +263,9 @@ class Loader:
         for w in self.orphans.stalled(self.table.views(now), self.decisions.reserved, now):
             self.log.warning("orphan_load", worker=w, stall_s=self.orphans.stall_s)
             self.tasks.spawn(self.decisions.unload_orphan(w), f"orphan-{w}")
+        for w in self.broken.broken(self.table.views(now), self.decisions.reserved, now):
+            self.log.warning("broken_pipeline_stage", worker=w, grace_s=self.broken.grace_s)
+            self.tasks.spawn(self.decisions.unload_orphan(w), f"broken-{w}")
 
     async def on_deployment(self, msg: Msg) -> None:
         """A model deployed at run time: its folder is where orders point workers from now on."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
+from cascade.stages import covers
 from cascade.workers import WorkerView
 
 
@@ -42,4 +43,40 @@ class OrphanLoads:
         for w in list(self._seen):
             if w not in alive:
                 del self._seen[w]
+        return sorted(out)
+
+
+@dataclass
+class BrokenPipelines:
+    """Pipelined instances that lost a stage (docs/pipelined-and-shared.md): the surviving stages
+    serve nobody (the gateway routes only through complete instances) but still count as the
+    instance for the scaler, so nothing would replace it. Once a group's stages have not covered
+    the model's layers for `grace_s`, with none of them loading, its survivors are returned, to be
+    unloaded: the scaler then sees the gap and adds an instance."""
+
+    grace_s: float
+    _since: dict[str, float] = field(default_factory=dict)  # group → when it was first seen broken
+
+    def broken(self, views: Iterable[WorkerView], reserved: Collection[str], now: float) -> list[str]:
+        groups: dict[str, list[WorkerView]] = {}
+        for v in views:
+            if v.group and v.model and v.state in ("loading", "serving", "draining"):
+                groups.setdefault(v.group, []).append(v)
+        out: list[str] = []
+        for g, members in groups.items():
+            if any(v.state == "loading" or v.worker_id in reserved for v in members):
+                self._since.pop(g, None)  # still coming up, or a decision is at work on it
+                continue
+            members.sort(key=lambda v: v.stage_start)
+            layers = members[0].num_units - 2
+            if covers([(v.stage_start, v.stage_end) for v in members], layers):
+                self._since.pop(g, None)
+                continue
+            first = self._since.setdefault(g, now)
+            if now - first >= self.grace_s:
+                out += [v.worker_id for v in members if v.state != "draining"]
+                del self._since[g]
+        for g in list(self._since):
+            if g not in groups:
+                del self._since[g]
         return sorted(out)

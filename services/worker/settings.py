@@ -54,9 +54,16 @@ class WorkerSettings:
     host_id: str = ""  # which machine this worker is on ("" = this machine's hostname)
     files_dir: str = ""  # where files received over the data plane are kept ("" = under CASCADE_HOME)
     address_check_s: float = 3.0  # the deadline of the start-up check that advertised addresses reach us
+    # Sharing one worker (docs/pipelined-and-shared.md): instances this process holds at once, each
+    # its own mesh worker id (the first is `worker_id`, the others `worker_id-2`, ...) stepped on
+    # one engine thread by quota; and the memory they may hold together (0: unbounded).
+    slots: int = 1
+    memory_mb: float = 0.0
 
     def __post_init__(self) -> None:
         check_token(self.worker_id)
+        if self.slots < 1 or self.memory_mb < 0:
+            raise ConfigError("--slots must be >= 1 and --memory-mb >= 0")
         if self.threads < 1 or self.max_batch < 1 or self.max_waiting < 0 or self.heartbeat_s <= 0:
             raise ConfigError("--threads and --max-batch must be >= 1, --heartbeat-s > 0")
         if self.kv_slots < 0 or self.metrics_s <= 0:
@@ -132,6 +139,8 @@ class WorkerSettings:
             host_id=a.host_id or "",
             files_dir=a.files_dir or "",
             address_check_s=a.address_check_s,
+            slots=a.slots,
+            memory_mb=a.memory_mb,
         )
 
 
@@ -306,4 +315,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=env_float("CASCADE_ADDRESS_CHECK_S", 3.0),
         help="at start, connect to the advertised stage and data addresses within this many seconds, and fail "
         "with the reason if they do not reach this worker (env CASCADE_ADDRESS_CHECK_S, default 3)",
+    )
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=env_int("CASCADE_WORKER_SLOTS", 1),
+        help="instances this worker holds at once (env CASCADE_WORKER_SLOTS, default 1): each is a worker of "
+        "its own to the mesh (ids WORKER_ID, WORKER_ID-2, ...), and they take turns on this worker's engine "
+        "thread by compute quota (set with SetQuota on worker.<id>.quota; see docs/pipelined-and-shared.md)",
+    )
+    p.add_argument(
+        "--memory-mb",
+        type=float,
+        default=env_float("CASCADE_MEMORY_MB", 0.0),
+        help="memory the instances on this worker may hold together, weights and KV cache, in MB; a load "
+        "past it is refused with what is held (env CASCADE_MEMORY_MB; default 0: not accounted)",
     )
