@@ -756,6 +756,7 @@ def _why(r: object, timeout: float) -> str:
         return f"{type(r).__name__}: {r}"
     return "unexpected reply"
 
+
 def _diskless(snap: MeshSnapshot, workers: Sequence[str]) -> bool:
     """Some target reads no model store (`--model-source network`)."""
     return any((w := snap.worker(t)) is not None and w.model_source == "network" for t in workers)
