@@ -129,8 +129,13 @@ def test_a_forced_call_always_parses_into_openai_shape(parser: tl.Parser, choice
         s, new = sp.finish()
         shown += s
         got += new
-        assert shown == "" and [g["index"] for g in got] == list(range(len(calls)))
-        assert [g["function"] for g in got] == [c["function"] for c in calls]
+        assembled = assemble(got)
+        assert shown == "" and len(assembled) == len(calls)
+        assert [a["function"]["name"] for a in assembled] == [c["function"]["name"] for c in calls]
+        assert [json.loads(a["function"]["arguments"]) for a in assembled] == [
+            json.loads(c["function"]["arguments"]) for c in calls
+        ]
+        assert all(a["id"].startswith("call_") and a["type"] == "function" for a in assembled)
 
 
 @pytest.mark.parametrize(
@@ -171,5 +176,57 @@ def test_parsers_whole_and_streamed(parser: tl.Parser, text: str, content: str |
     s, new = sp.finish()
     shown += s
     streamed += new
-    assert [c["function"]["name"] for c in streamed] == names
+    assert [c["function"]["name"] for c in assemble(streamed)] == names
     assert shown.strip() == (content or "").strip()
+
+
+def assemble(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """tool_calls deltas put together as OpenAI's clients do: the first item of an index brings
+    id, type and name, later ones append to the arguments."""
+    calls: dict[int, dict[str, Any]] = {}
+    for d in deltas:
+        c = calls.get(d["index"])
+        if c is None:
+            assert {"id", "type", "function"} <= set(d) and d["function"]["name"], d
+            calls[d["index"]] = {"id": d["id"], "type": d["type"], "function": dict(d["function"])}
+        else:
+            assert "id" not in d and set(d["function"]) == {"arguments"}, d
+            c["function"]["arguments"] += d["function"]["arguments"]
+    assert sorted(calls) == list(range(len(calls)))
+    return [calls[i] for i in sorted(calls)]
+
+
+def test_hermes_arguments_stream_in_fragments_as_the_model_writes_them() -> None:
+    text = (
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris \\"} x", "unit": "c"}}'
+        '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    )
+    sp = tl.StreamParser("hermes")
+    shown = ""
+    steps: list[list[dict[str, Any]]] = []
+    for ch in text:
+        s, new = sp.feed(ch)
+        shown += s
+        if new:
+            steps.append(new)
+            assert len({d["index"] for d in new}) == len(new), "one item per call in a delta"
+    s, new = sp.finish()
+    assert s == "" and new == []
+    assert shown == "Let me look.\n"
+    flat = [d for step in steps for d in step]
+    # The first delta of a call names it as soon as its arguments begin.
+    assert flat[0] == {"index": 0, "id": flat[0]["id"], "type": "function",
+                       "function": {"name": "get_weather", "arguments": "{"}}  # fmt: skip
+    fragments = [d["function"]["arguments"] for d in flat if d["index"] == 0 and "id" not in d]
+    assert len(fragments) > 10
+    calls = assemble(flat)
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [
+        {"city": 'Paris "} x', "unit": "c"},
+        {"zone": "UTC"},
+    ]
+    assert [c["function"]["name"] for c in sp.calls] == ["get_weather", "get_time"]
+    # Keys in another order: the call still comes, whole.
+    sp = tl.StreamParser("hermes")
+    out = [sp.feed(ch)[1] for ch in '<tool_call>\n{"arguments": {"a": 1}, "name": "f"}\n</tool_call>']
+    whole = [d for o in out for d in o] + sp.finish()[1]
+    assert [(d["function"]["name"], json.loads(d["function"]["arguments"])) for d in whole] == [("f", {"a": 1})]
