@@ -392,6 +392,9 @@ class SamplingParams:
     n: int = 1
     # Structured outputs: an llguidance grammar (cascade/structured.py) masking every token; "": none.
     grammar: str = ""
+    # A migrated n > 1 request goes on as one sequence per unfinished choice (n = 1): which choice
+    # this is (its events carry it; a seeded choice draws from seed + choice).
+    choice: int = 0
 
 
 @message("token_logprob")

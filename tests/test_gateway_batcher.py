@@ -354,7 +354,8 @@ async def test_loop_times_out_queued_requests() -> None:
 
 def test_requests_that_need_a_whole_instance_skip_pipelined_routes() -> None:
     """Prompt logprobs need every position's logits: such a request goes to the route's tail
-    (a whole instance) and never joins a pipelined batch."""
+    (a whole instance), served there, never refused and never joining a pipelined batch. n > 1
+    choices do take the pipelined route (one sequence per choice there)."""
     from cascade.messages import RouteStage
 
     class Pipelined(Fakes):
@@ -364,9 +365,11 @@ def test_requests_that_need_a_whole_instance_skip_pipelined_routes() -> None:
     clock, f = Clock(), Pipelined()
     b = make(f, clock, wait_s=0.0)
     scored = RequestState(request_id="s", model="m", prompt_ids=[1], params=SamplingParams(prompt_logprobs=1))
+    choices = RequestState(request_id="c", model="m", prompt_ids=[1], params=SamplingParams(n=3))
     b.submit(req(1))
     b.submit(scored)
+    b.submit(choices)
     b.step()
-    assert f.batches == [("new", ["r1"])]
+    assert f.batches == [("new", ["r1", "c"])]
     b.step()
     assert f.batches[1] == ("full", ["s"])

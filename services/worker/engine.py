@@ -176,6 +176,13 @@ class Sequence:
         return self.prompt + self.generated
 
     @property
+    def stage_key(self) -> str:
+        """Its name on a route's stage link. An n > 1 request on a route runs as one sequence
+        per choice under the request's id; the stages hold one state per key, so a choice other
+        than the first is named with its number."""
+        return self.request_id if self.choice == 0 else f"{self.request_id}#{self.choice}"
+
+    @property
     def slots(self) -> int:
         """Batch slots it holds: one per choice it will fork into."""
         return 1 if self.forked else self.params.n
@@ -452,11 +459,14 @@ class Engine:
             prompt=list(prompt),
             params=params,
             decoder=IncrementalDecoder(self.tok),
-            generator=_generator(params, self.cfg.vocab_size),
+            generator=_generator(params, self.cfg.vocab_size, params.choice),
             route=list(route or []) if route and len(route) > 1 else [],
             max_stop=max((len(s) for s in params.stop), default=0),
             arrived_at=arrived_at or time.time(),
             attempt=attempt,
+            # One choice of an n > 1 request sent as one sequence per choice (migrated, or on a
+            # pipelined route; n = 1 here): it goes on as that choice.
+            choice=params.choice,
         )
         if 0 < params.resumed <= len(prompt):
             _resume_text(seq, prompt[-params.resumed :])
@@ -1016,7 +1026,7 @@ class Engine:
     # ------------------------------------------------------------ driven (first stage)
     def _start_driven(self, seq: Sequence) -> None:
         seq.next_ids = list(seq.prompt)
-        self.driven[seq.request_id] = seq
+        self.driven[seq.stage_key] = seq
 
     def _driven_segment(self, seq: Sequence) -> Segment:
         """The next chunk of a driven route's prompt through this worker's first stage (decodes go
@@ -1061,7 +1071,7 @@ class Engine:
         )  # fmt: skip
 
     def _send_driven(self, seq: Sequence, hidden: torch.Tensor, outbox: list[Outgoing]) -> None:
-        frame = StageInput(seq.request_id, prefill=not seq.prefilled, pos=seq.length - 1, sent_at=time.time())
+        frame = StageInput(seq.stage_key, prefill=not seq.prefilled, pos=seq.length - 1, sent_at=time.time())
         rest: list[int] = []
         if not seq.prefilled:
             assert seq.next_ids is not None
@@ -1069,7 +1079,7 @@ class Engine:
             rest = seq.next_ids[n:]
             # A prompt chunk tells the next stage everything it needs to take the request on.
             frame = StageInput(
-                seq.request_id, True, seq.length - 1, start=seq.done, final=not rest, sent_at=frame.sent_at,
+                seq.stage_key, True, seq.length - 1, start=seq.done, final=not rest, sent_at=frame.sent_at,
                 route=list(seq.route), index=1, params=seq.params, arrived_at=seq.arrived_at,
                 tokens=seq.prompt if seq.done == 0 and _counts_history(seq.params) else [],
             )  # fmt: skip
@@ -1179,7 +1189,7 @@ class Engine:
                 route=list(f.route),
                 index=f.index,
                 params=f.params,
-                generator=_generator(f.params, self.cfg.vocab_size),
+                generator=_generator(f.params, self.cfg.vocab_size, f.params.choice),
                 arrived_at=f.arrived_at or time.time(),
                 prompt=list(f.tokens),
             )
@@ -1285,10 +1295,10 @@ class Engine:
                 self._release(seq)
         for seq in [s for s in self.driven.values() if s.finish is not None]:
             events.append((seq.gateway_id, self._final_event(seq)))
-            del self.driven[seq.request_id]
+            del self.driven[seq.stage_key]
             self._release(seq)
             for st in seq.route[1:]:
-                outbox.append(Outgoing(st, StageClose(seq.request_id)))
+                outbox.append(Outgoing(st, StageClose(seq.stage_key)))
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.table + seq.fork_blocks)
