@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import orjson
 import pytest
 
@@ -39,6 +41,20 @@ SEEDED = {"temperature": 0.9, "top_p": 0.95, "seed": 1234}
 STATEFUL = {
     "temperature": 0.9, "seed": 77, "frequency_penalty": 0.8, "presence_penalty": 0.4, "repetition_penalty": 1.2,
     "guided_regex": "[a-z]+( [a-z]+)*",
+}  # fmt: skip
+
+
+# Nested objects, an enum, an array and a free string (so that seeded choices differ).
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "k": {"enum": ["x", "y", "z"]},
+        "v": {"type": "array", "items": {"type": "object", "properties": {"b": {"type": "boolean"}},
+                                         "required": ["b"], "additionalProperties": False}, "maxItems": 2},
+    },
+    "required": ["name", "k", "v"],
+    "additionalProperties": False,
 }  # fmt: skip
 
 
@@ -321,17 +337,20 @@ async def test_a_stream_through_a_pipelined_route_resumes_when_its_stage_dies(me
 
 async def test_n_choices_through_a_pipelined_route_are_the_whole_instances(mesh: Mesh) -> None:
     """While a new instance loads, an n > 1 request the router splits goes through the partial
-    route as one sequence per choice: each choice equals the whole instance's, token for token."""
+    route as one sequence per choice: each choice equals the whole instance's, token for token,
+    and each is JSON valid for the schema (the grammar's state lives at the route's last stage)."""
     m = mesh
     unit_mb = Checkpoint(m.model_dir).unit_nbytes(1) / 1e6
-    k, n = 3, 120
+    k, n = 3, 200
     m.workers.start("full", *PACED, "--max-batch", str(k), "--kv-slots", str(2 * k))
     m.workers.start("new", *PACED, "--load-mb-s", str(unit_mb / 1.5))
     await m.load("full")
     await m.serving("full")
-    sampled = {**SEEDED, "n": k}
+    sampled = {**SEEDED, "n": k, "ignore_eos": False, "guided_json": SCHEMA}
     _, want_ids, want_text = await complete_n(m, sampled, n)
     assert len({tuple(ids) for ids in want_ids}) == k
+    for text in want_text:
+        jsonschema.validate(json.loads(text), SCHEMA)
 
     # A long n = k stream fills `full`'s batch, so the next request is split.
     async with stream(m, {**GREEDY, "n": k}, 3000) as busy:
