@@ -352,10 +352,9 @@ async def test_loop_times_out_queued_requests() -> None:
     assert b.depth == 0
 
 
-def test_requests_that_need_a_whole_instance_skip_pipelined_routes() -> None:
-    """Prompt logprobs need every position's logits: such a request goes to the route's tail
-    (a whole instance), served there, never refused and never joining a pipelined batch. n > 1
-    choices do take the pipelined route (one sequence per choice there)."""
+def test_prompt_logprobs_and_n_choices_take_pipelined_routes_like_any_request() -> None:
+    """A route's last stage scores the prompt (prompt_logprobs) and keeps n choices apart, so such
+    requests join a pipelined batch like the rest: nothing waits for a whole instance."""
     from cascade.messages import RouteStage
 
     class Pipelined(Fakes):
@@ -370,6 +369,4 @@ def test_requests_that_need_a_whole_instance_skip_pipelined_routes() -> None:
     b.submit(scored)
     b.submit(choices)
     b.step()
-    assert f.batches == [("new", ["r1", "c"])]
-    b.step()
-    assert f.batches[1] == ("full", ["s"])
+    assert f.batches == [("new", ["r1", "s", "c"])]

@@ -254,11 +254,23 @@ async def test_streams_cut_by_a_killed_worker_resume_token_for_token(mesh: Mesh)
 
 async def complete_n(m: Mesh, sampling: dict[str, Any], max_tokens: int) -> tuple[str, list[list[int]], list[str]]:
     """An unbroken run with n choices: its id, each choice's token ids and text."""
-    async with m.http.post(m.gw.url + "/v1/completions", json=body(sampling, max_tokens, False)) as r:
-        assert r.status == 200, await r.text()
-        out = await r.json()
+    out = await complete_json(m, sampling, max_tokens)
     texts = [str(c["text"]) for c in sorted(out["choices"], key=lambda c: c["index"])]
     return out["id"], [m.tap.tokens(out["id"], i) for i in range(len(texts))], texts
+
+
+async def complete_json(m: Mesh, sampling: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    async with m.http.post(m.gw.url + "/v1/completions", json=body(sampling, max_tokens, False)) as r:
+        assert r.status == 200, await r.text()
+        out: dict[str, Any] = await r.json()
+    return out
+
+
+def prompt_scores(out: dict[str, Any]) -> list[dict[str, float] | None]:
+    """vLLM's prompt_logprobs of a completions response: per prompt token, the logprob of it and
+    of the top ones, by token id."""
+    plps = out["choices"][0]["prompt_logprobs"]
+    return [None if p is None else {k: v["logprob"] for k, v in p.items()} for p in plps]
 
 
 async def test_n_choices_cut_by_a_killed_worker_each_resume_token_for_token(mesh: Mesh) -> None:
@@ -335,10 +347,11 @@ async def test_a_stream_through_a_pipelined_route_resumes_when_its_stage_dies(me
     )
 
 
-async def test_n_choices_through_a_pipelined_route_are_the_whole_instances(mesh: Mesh) -> None:
+async def test_n_choices_and_prompt_logprobs_through_a_pipelined_route_are_the_whole_instances(mesh: Mesh) -> None:
     """While a new instance loads, an n > 1 request the router splits goes through the partial
     route as one sequence per choice: each choice equals the whole instance's, token for token,
-    and each is JSON valid for the schema (the grammar's state lives at the route's last stage)."""
+    and each is JSON valid for the schema (the grammar's state lives at the route's last stage);
+    a prompt_logprobs request split the same way is scored there as the whole instance scores it."""
     m = mesh
     unit_mb = Checkpoint(m.model_dir).unit_nbytes(1) / 1e6
     k, n = 3, 200
@@ -348,6 +361,8 @@ async def test_n_choices_through_a_pipelined_route_are_the_whole_instances(mesh:
     await m.serving("full")
     sampled = {**SEEDED, "n": k, "ignore_eos": False, "guided_json": SCHEMA}
     _, want_ids, want_text = await complete_n(m, sampled, n)
+    scored = {**GREEDY, "prompt_logprobs": 3}
+    want_scores = prompt_scores(await complete_json(m, scored, 2))
     assert len({tuple(ids) for ids in want_ids}) == k
     for text in want_text:
         jsonschema.validate(json.loads(text), SCHEMA)
@@ -363,10 +378,16 @@ async def test_n_choices_through_a_pipelined_route_are_the_whole_instances(mesh:
             "new instance holding its first layer",
         )
         rid, got_ids, got_text = await complete_n(m, sampled, n)
-        assert await m.metric("cascade_gateway_routed_requests_total", model=MODEL, route="pipelined") == 1
+        got_scores = prompt_scores(await complete_json(m, scored, 2))
+        assert await m.metric("cascade_gateway_routed_requests_total", model=MODEL, route="pipelined") == 2
     assert m.tap.senders[rid] == ["new"]  # the route's driver sent its tokens
     assert got_ids == want_ids
     assert got_text == want_text
+    # The prompt's logprobs, scored at the route's last stage: the whole instance's figures.
+    assert len(got_scores) == len(want_scores) and got_scores[0] is None and want_scores[0] is None
+    for got, want in zip(got_scores[1:], want_scores[1:], strict=True):
+        assert got is not None and want is not None and got.keys() == want.keys()
+        assert got == pytest.approx(want, abs=1e-4)
 
 
 async def test_without_an_instance_to_move_to_the_client_gets_an_error_chunk(

@@ -139,14 +139,6 @@ class RequestState:
         return not self.phase.live
 
     @property
-    def needs_full_instance(self) -> bool:
-        """It asks for what only a whole instance computes: prompt logprobs need the logits at
-        every prompt position, which a pipelined route's last stage does not send back. It is
-        still served, by the route's whole tail instance. (n > 1 choices do take pipelined
-        routes: there they run as one sequence per choice.)"""
-        return self.params.prompt_logprobs is not None
-
-    @property
     def produced(self) -> bool:
         """A token reached the client: starting it afresh elsewhere would repeat output."""
         return bool(self.streamed) or self.phase in (Phase.DECODE, Phase.MIGRATING, Phase.DONE)

@@ -102,6 +102,12 @@ def _counts_history(params: SamplingParams) -> bool:
     )
 
 
+def _needs_prompt_ids(params: SamplingParams) -> bool:
+    """A route's last stage must be told the prompt: its sampling counts tokens, or it scores
+    the prompt (prompt_logprobs)."""
+    return _counts_history(params) or (params.prompt_logprobs is not None and params.resumed == 0)
+
+
 def _resume_text(seq: Sequence, streamed: list[int]) -> None:
     """A migrated request: its detokeniser and stop matching pick up after the output the lost
     instance streamed. That instance held back the same tail (the last max_stop - 1 characters,
@@ -226,6 +232,9 @@ class Relayed:
     prompt: list[int] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     matcher: Any = None  # structured outputs, at the last stage
+    # prompt_logprobs, at the last stage: filled chunk by chunk (the head runs on every prompt
+    # chunk), sent back to the driver once with the first token.
+    prompt_lps: list[TokenLogprob | None] | None = None
 
     @property
     def stage(self) -> RouteStage:
@@ -617,6 +626,8 @@ class Engine:
                         else:
                             self._send_driven(one, out[b : b + 1], outbox)
                 else:
+                    if seg.logits_all is not None:
+                        self._record_relayed_prompt_lps(obj, seg.logits_all[0])
                     self._finish_relayed(obj, out, outbox)
         self._retire_finished(events, outbox)
         for seq in [*self.running, *self.driven.values()]:
@@ -1081,7 +1092,7 @@ class Engine:
             frame = StageInput(
                 seq.stage_key, True, seq.length - 1, start=seq.done, final=not rest, sent_at=frame.sent_at,
                 route=list(seq.route), index=1, params=seq.params, arrived_at=seq.arrived_at,
-                tokens=seq.prompt if seq.done == 0 and _counts_history(seq.params) else [],
+                tokens=seq.prompt if seq.done == 0 and _needs_prompt_ids(seq.params) else [],
             )  # fmt: skip
             seq.done += n
             seq.chunk = 0
@@ -1100,10 +1111,13 @@ class Engine:
         T = inp.hidden.shape[1]
         rel.length = inp.start + T
         st = rel.stage
-        return prompt_chunk(
-            range(st.start, st.end), self.kv, self._tables([rel]), inp.start, T, rel.last and inp.final,
+        scores = rel.last and rel.params.prompt_logprobs is not None and rel.params.resumed == 0
+        seg = prompt_chunk(
+            range(st.start, st.end), self.kv, self._tables([rel]), inp.start, T, rel.last and (inp.final or scores),
             self.model.device, hidden=inp.hidden,
         )  # fmt: skip
+        seg.all_logits = scores
+        return seg
 
     def _finish_relayed(self, rel: Relayed, out: torch.Tensor, outbox: list[Outgoing]) -> None:
         inp = rel.computing
@@ -1124,7 +1138,10 @@ class Engine:
                     outbox.append(Outgoing(rel.driver, StageError(rel.request_id, ended)))
                     return
                 done = ended or toks[0] in self._eos
-            outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, toks[0], lps[0], stop=done)))
+            plps, rel.prompt_lps = rel.prompt_lps, None
+            outbox.append(
+                Outgoing(rel.driver, StageToken(rel.request_id, toks[0], lps[0], stop=done, prompt_logprobs=plps))
+            )
             return
         frame = StageInput(
             rel.request_id, inp.prefill, rel.length - 1, start=inp.start, final=inp.final, sent_at=time.time(),
@@ -1132,6 +1149,19 @@ class Engine:
             tokens=rel.prompt if inp.prefill and inp.start == 0 else [],
         )  # fmt: skip
         outbox.append(Outgoing(rel.route[rel.index + 1], frame, out))
+
+    def _record_relayed_prompt_lps(self, rel: Relayed, logits: torch.Tensor) -> None:
+        """Prompt logprobs at a route's last stage from a chunk's logits (positions start..start+T-1
+        predict prompt tokens start+1..start+T), as a whole instance records them."""
+        inp = rel.computing
+        assert inp is not None
+        start, T = inp.start, int(inp.hidden.shape[1])
+        if start == 0:
+            rel.prompt_lps = [None]
+        if rel.prompt_lps is None or len(rel.prompt_lps) != start + 1:
+            return
+        targets = rel.prompt[start + 1 : min(start + T + 1, len(rel.prompt))]
+        rel.prompt_lps.extend(prompt_logprobs(logits[: len(targets)], targets, rel.params.prompt_logprobs or 0))
 
     # ------------------------------------------------------------ stage messages
     def _apply_stage_frames(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
@@ -1144,6 +1174,8 @@ class Engine:
             elif isinstance(f, StageToken):
                 seq = self.driven.get(f.request_id)
                 if seq is not None and seq.finish is None:
+                    if f.prompt_logprobs is not None and seq.wants_prompt_lps:
+                        seq.prompt_lps = list(f.prompt_logprobs)
                     self._accept_token(seq, f.token, f.logprob, grammar_done=f.stop)
                     if seq.finish is None:
                         seq.next_ids = [f.token]

@@ -348,9 +348,6 @@ class WorkerService:
 
     def _refusal(self, r: GenerateRequest, eng: Engine | None) -> tuple[str, str] | None:
         why = self._reject_reason(r.model, len(r.prompt_ids), r.route, eng)
-        if why is None and len(r.route) > 1 and r.params.prompt_logprobs is not None:
-            # The gateway sends these to whole instances: the last stage sends no prompt logits back.
-            return "invalid", "prompt_logprobs need a whole instance, not a pipelined route"
         if why is None and len(r.route) > 1 and r.params.n > 1:
             # n choices fork off one prefill's KV, which a route splits across stages: the gateway
             # sends a route one entry per choice instead.
