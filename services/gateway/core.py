@@ -918,6 +918,7 @@ def sampling_params(spec: GenerationSpec, max_tokens: int, defaults: Mapping[str
         stop=spec.stop,
         ignore_eos=spec.ignore_eos,
         n=spec.n,
+        keep_special=list(spec.keep_special),
         grammar=spec.grammar or "",
         logprobs=spec.logprobs,
         prompt_logprobs=spec.worker_prompt_logprobs,

@@ -109,6 +109,7 @@ class GenerationSpec:
     grammar: str | None = None
     grammar_param: str | None = None
     tools: Tools | None = None  # chat: the functions the model may call, and how
+    keep_special: list[int] = field(default_factory=list)  # special tokens the text keeps (tool markers)
 
     @property
     def worker_prompt_logprobs(self) -> int | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -129,9 +130,11 @@ def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
     return params if isinstance(params, dict) else {"type": "object", "properties": {}}
 
 
-def forced_grammar(tools: Tools, parser: Parser) -> str:
+def forced_grammar(tools: Tools, parser: Parser, special: Collection[int] = ()) -> str:
     """The grammar that admits only calls, in the parser's format (one, or with parallel calls
-    several), to the allowed functions with valid arguments."""
+    several), to the allowed functions with valid arguments. `special`: the format's markers the
+    tokenizer has as special tokens (`special_markers`); the grammar then asks for the token, as
+    the model was trained to write it, rather than its text spelled in pieces."""
     if parser == "llama3_json":
         # One JSON object per message: Llama 3's format has no list of calls.
         return structured.checked(structured_lark(f"start: %json{json.dumps(_call_schema(tools, 'parameters'))}"))
@@ -140,11 +143,33 @@ def forced_grammar(tools: Tools, parser: Parser) -> str:
         items: dict[str, Any] = {"type": "array", "items": call, "minItems": 1, "x-guidance": _COMPACT}
         if not tools.parallel:
             items["maxItems"] = 1
-        return structured.checked(structured_lark(f'start: "[TOOL_CALLS]" %json{json.dumps(items)}'))
+        ids = list(special)
+        marker = f"<[{ids[0]}]>" if ids else '"[TOOL_CALLS]"'
+        return structured.checked(structured_lark(f"start: {marker} %json{json.dumps(items)}"))
     call_json = json.dumps(_call_schema(tools, "arguments"))
     more = ' ("\\n" call)*' if tools.parallel else ""
     lark = f'start: call{more}\ncall: "<tool_call>\\n" %json{call_json} "\\n</tool_call>"'
     return structured.checked(structured_lark(lark))
+
+
+# The text each format marks its calls with, where a tokenizer may have it as a special token.
+_MARKERS: dict[Parser, tuple[str, ...]] = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "llama3_json": ("<|python_tag|>",),
+    "mistral": ("[TOOL_CALLS]",),
+}
+
+
+def special_markers(parser: Parser, encode: Callable[[str], list[int]], special_ids: Collection[int]) -> list[int]:
+    """The parser's markers that the model's tokenizer has as special tokens: decoding must keep
+    them in the text (vLLM turns skip_special_tokens off for tool parsers), or a model that
+    writes the marker as its special token would never have its calls parsed."""
+    out = []
+    for marker in _MARKERS[parser]:
+        ids = encode(marker)
+        if len(ids) == 1 and ids[0] in special_ids:
+            out.append(ids[0])
+    return out
 
 
 def structured_lark(text: str) -> str:

@@ -467,7 +467,7 @@ class Engine:
             gateway_id=gateway_id,
             prompt=list(prompt),
             params=params,
-            decoder=IncrementalDecoder(self.tok),
+            decoder=IncrementalDecoder(self.tok, params.keep_special),
             generator=_generator(params, self.cfg.vocab_size, params.choice),
             route=list(route or []) if route and len(route) > 1 else [],
             max_stop=max((len(s) for s in params.stop), default=0),
@@ -963,7 +963,8 @@ class Engine:
                 self.kv.copy_block(seq.table[full], spare[i - 1])
             child = Sequence(
                 request_id=seq.request_id, gateway_id=seq.gateway_id, prompt=seq.prompt, params=seq.params,
-                decoder=IncrementalDecoder(self.tok), generator=_generator(seq.params, self.cfg.vocab_size, i),
+                decoder=IncrementalDecoder(self.tok, seq.params.keep_special),
+                generator=_generator(seq.params, self.cfg.vocab_size, i),
                 max_stop=seq.max_stop, arrived_at=seq.arrived_at, done=seq.done, table=table, target=seq.target,
                 keys=list(seq.keys), registered=min(seq.registered, full), admitted=seq.admitted, choice=i,
                 forked=True, prompt_lps_sent=True, attempt=seq.attempt,
