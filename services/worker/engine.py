@@ -43,6 +43,7 @@ import collections
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -480,6 +481,11 @@ class Engine:
         if 0 < params.resumed <= len(prompt):
             _resume_text(seq, prompt[-params.resumed :])
         self._inbox.append(seq)
+
+    def warm_grammar(self) -> Future[None]:
+        """Prepare structured outputs' tokenizer on their helper thread (the worker does it when it
+        takes the model), so the first guided request's step does not stall its batch for it."""
+        return self._grammar.warm()
 
     def cancel(self, request_id: str) -> None:
         self._cancels.append(request_id)

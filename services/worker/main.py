@@ -416,6 +416,7 @@ class WorkerService:
             kv_cache_bytes=kv_bytes, block_size=s.kv_block_size, prefix_caching=s.prefix_caching,
             max_model_len=max_len, logprobs_mode="processed" if s.logprobs_mode == "processed" else "raw",
         )  # fmt: skip
+        eng.warm_grammar()
         self.log.info(
             "kv_cache", mb=round(kv_bytes / 1e6, 1), measured=measured, blocks=eng.blocks.total,
             block_size=s.kv_block_size, max_model_len=eng.max_model_len, prefix_caching=s.prefix_caching,
