@@ -278,6 +278,7 @@ def test_chat_unsupported() -> None:
         ("guided_whitespace_pattern", " ", None),
         ("guided_decoding_backend", "xgrammar", "auto"),
         ("priority", 2, 0),
+        ("logprob_token_ids", [3, 4], []),
         ("prediction", {"type": "content", "content": "x"}, None),
     ],
 )

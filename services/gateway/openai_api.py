@@ -501,6 +501,8 @@ _NOT_HONOURED: dict[str, Callable[[Any], bool]] = {
     "guided_whitespace_pattern": _off(None),
     "guided_decoding_backend": _off(None, "auto", "llguidance", "guidance"),
     "priority": _off(None, 0),
+    "logprob_token_ids": _empty,
+    "prompt_embeds": _off(None),
     "prediction": _off(None),
     "audio": _off(None),
     "modalities": _off(None, ["text"]),
