@@ -354,7 +354,7 @@ async def test_loop_times_out_queued_requests() -> None:
 
 def test_prompt_logprobs_and_n_choices_take_pipelined_routes_like_any_request() -> None:
     """A route's last stage scores the prompt (prompt_logprobs) and keeps n choices apart, so such
-    requests join a pipelined batch like the rest: nothing waits for a whole instance."""
+    requests join a pipelined batch like the rest; only both at once wait for a whole instance."""
     from cascade.messages import RouteStage
 
     class Pipelined(Fakes):
@@ -368,5 +368,10 @@ def test_prompt_logprobs_and_n_choices_take_pipelined_routes_like_any_request() 
     b.submit(req(1))
     b.submit(scored)
     b.submit(choices)
+    both = RequestState(request_id="b", model="m", prompt_ids=[1], params=SamplingParams(n=2, prompt_logprobs=0))
+    b.submit(both)
     b.step()
     assert f.batches == [("new", ["r1", "s", "c"])]
+    # n choices that also score the prompt go to the route's tail, a whole instance.
+    b.step()
+    assert f.batches[1] == ("full", ["b"])

@@ -182,6 +182,9 @@ class Batcher:
                 self._owner.holding(self.model)
             self._expire(now)
             return None if not self._queue else self._first_deadline - now
+        if route.stages and head.needs_full_instance:
+            # Its route's tail is a whole instance: it goes there, busy as it is, and waits its turn.
+            route = Route(route.stages[-1].worker_id)
         # The window never outlasts the head's deadline: with an instance up, it goes rather than expires.
         window_end = min(head.ready_at + self.wait_s, head.deadline)
         alone = len(ready) == 1 and head.quiet
@@ -200,6 +203,8 @@ class Batcher:
             # one once it has room).
             if batch and route.room is not None and not route.room.admits(len(batch), tokens):
                 break
+            if route.stages and r.needs_full_instance:
+                continue  # the next pick finds it a whole instance
             # A request that already failed on `worker` goes there only if nothing else can serve it.
             if r is not head and worker in r.avoid:
                 alt = self._owner.pick(self.model, frozenset(r.avoid))

@@ -139,6 +139,14 @@ class RequestState:
         return not self.phase.live
 
     @property
+    def needs_full_instance(self) -> bool:
+        """n > 1 choices with prompt logprobs: on a pipelined route the choices run as separate
+        sequences and the prompt's logprobs would come with whichever choice's first token, not
+        before every choice's first chunk; a whole instance scores the prompt once, before its
+        fork. Such a request goes to the route's tail (a whole instance) and is served there."""
+        return self.params.n > 1 and self.params.prompt_logprobs is not None
+
+    @property
     def produced(self) -> bool:
         """A token reached the client: starting it afresh elsewhere would repeat output."""
         return bool(self.streamed) or self.phase in (Phase.DECODE, Phase.MIGRATING, Phase.DONE)
