@@ -411,6 +411,12 @@ class SamplingParams:
     n: int = 1
     # Structured outputs: an llguidance grammar (cascade/structured.py) masking every token; "": none.
     grammar: str = ""
+    # A migrated n > 1 request goes on as one sequence per unfinished choice (n = 1): which choice
+    # this is (its events carry it; a seeded choice draws from seed + choice).
+    choice: int = 0
+    # Special tokens whose text the output keeps (a tool parser's markers, such as Mistral's
+    # [TOOL_CALLS]); every other special token is left out of the text.
+    keep_special: list[int] = field(default_factory=list)
 
 
 @message("token_logprob")

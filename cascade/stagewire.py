@@ -69,6 +69,9 @@ class StageToken:
     logprob: TokenLogprob | None = None  # when the request asked for logprobs
     # The request's grammar is complete with this token (structured outputs): the sequence ends.
     stop: bool = False
+    # With a request's first token, when it asked for prompt_logprobs: one per prompt token, None
+    # for the first (the last stage computed them from the prompt's logits).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @message("stage_close")

@@ -75,3 +75,42 @@ def test_a_resumed_request_continues_the_unbroken_run(model: LlamaModel, params:
     assert streamed + [t for ev in after for t in ev.token_ids] == ids
     assert "".join(ev.text for ev in before + after) == "".join(ev.text for ev in whole)
     assert after[-1].finish_reason == "length" and after[-1].completion_tokens == 40 - len(streamed)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=30, n=3, ignore_eos=True),
+        SamplingParams(
+            max_tokens=30, n=3, temperature=0.9, seed=41, ignore_eos=True, frequency_penalty=0.7,
+            presence_penalty=0.3, repetition_penalty=1.3,
+        ),
+    ],
+    ids=["greedy", "seeded-penalised"],
+)  # fmt: skip
+def test_choices_of_a_migrated_request_each_continue_their_own_run(model: LlamaModel, params: SamplingParams) -> None:
+    """A migrated n > 1 request arrives as one sequence per unfinished choice under the same
+    request id (n = 1, its `choice`, its own tokens ending the prompt): each goes on exactly as
+    that choice did in the forked run (its seed + choice stream, its penalty counts), cut at a
+    different point each, and its events carry its choice."""
+    prompt = tok.encode("choose")
+    e = Engine(model, tok, max_batch=8)
+    e.submit("r", "g", prompt, params)
+    whole = run(e, "r")
+    by_choice = {c: [t for ev in whole if ev.choice == c for t in ev.token_ids] for c in range(3)}
+    assert all(len(ids) == 30 for ids in by_choice.values())
+    if params.seed is not None:
+        assert len({tuple(ids) for ids in by_choice.values()}) == 3
+
+    e2 = Engine(model, tok, max_batch=8)
+    cuts = {0: 5, 1: 0, 2: 23}  # choice 1 had streamed nothing yet
+    for c, cut in cuts.items():
+        mine = by_choice[c][:cut]
+        one = dataclasses.replace(params, n=1, choice=c, max_tokens=params.max_tokens - cut, resumed=cut)
+        e2.submit("r", "g", prompt + mine, one)
+    after = run(e2, "r")
+    for c, cut in cuts.items():
+        evs = [ev for ev in after if ev.choice == c]
+        assert by_choice[c][:cut] + [t for ev in evs for t in ev.token_ids] == by_choice[c], c
+        assert evs[0].index == 0 and evs[-1].finish_reason == "length"
+        assert evs[-1].completion_tokens == 30 - cut

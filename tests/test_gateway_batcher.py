@@ -352,9 +352,9 @@ async def test_loop_times_out_queued_requests() -> None:
     assert b.depth == 0
 
 
-def test_requests_that_need_a_whole_instance_skip_pipelined_routes() -> None:
-    """Prompt logprobs need every position's logits: such a request goes to the route's tail
-    (a whole instance) and never joins a pipelined batch."""
+def test_prompt_logprobs_and_n_choices_take_pipelined_routes_like_any_request() -> None:
+    """A route's last stage scores the prompt (prompt_logprobs) and keeps n choices apart, so such
+    requests join a pipelined batch like the rest; only both at once wait for a whole instance."""
     from cascade.messages import RouteStage
 
     class Pipelined(Fakes):
@@ -364,9 +364,14 @@ def test_requests_that_need_a_whole_instance_skip_pipelined_routes() -> None:
     clock, f = Clock(), Pipelined()
     b = make(f, clock, wait_s=0.0)
     scored = RequestState(request_id="s", model="m", prompt_ids=[1], params=SamplingParams(prompt_logprobs=1))
+    choices = RequestState(request_id="c", model="m", prompt_ids=[1], params=SamplingParams(n=3))
     b.submit(req(1))
     b.submit(scored)
+    b.submit(choices)
+    both = RequestState(request_id="b", model="m", prompt_ids=[1], params=SamplingParams(n=2, prompt_logprobs=0))
+    b.submit(both)
     b.step()
-    assert f.batches == [("new", ["r1"])]
+    assert f.batches == [("new", ["r1", "s", "c"])]
+    # n choices that also score the prompt go to the route's tail, a whole instance.
     b.step()
-    assert f.batches[1] == ("full", ["s"])
+    assert f.batches[1] == ("full", ["b"])

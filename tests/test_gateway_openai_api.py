@@ -263,6 +263,39 @@ def test_chat_unsupported() -> None:
     bad(lambda: chat(max_completion_tokens=0), "max_completion_tokens")
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "neutral"),
+    [
+        ("min_tokens", 3, 0),
+        ("stop_token_ids", [5], []),
+        ("include_stop_str_in_output", True, False),
+        ("skip_special_tokens", False, True),
+        ("typical_p", 0.9, 1.0),
+        ("use_beam_search", True, False),
+        ("truncate_prompt_tokens", 8, None),
+        ("bad_words", ["x"], []),
+        ("allowed_token_ids", [1, 2], None),
+        ("guided_whitespace_pattern", " ", None),
+        ("guided_decoding_backend", "xgrammar", "auto"),
+        ("priority", 2, 0),
+        ("logprob_token_ids", [3, 4], []),
+        ("prediction", {"type": "content", "content": "x"}, None),
+    ],
+)
+def test_fields_this_server_does_not_act_on_are_400s_unless_they_ask_for_nothing(
+    field: str, value: Any, neutral: Any
+) -> None:
+    """A request is never answered as if a field it set meant nothing: set to anything but its
+    default, a vLLM or OpenAI field the server does not implement is a 400 naming it."""
+    for parse in (completion, chat):
+        bad(lambda: parse(**{field: value}), field, code="unsupported_parameter")  # noqa: B023
+        assert parse(**{field: neutral}).model == "m"
+    bad(lambda: chat(chat_template="{{ x }}"), "chat_template", code="unsupported_parameter")
+    bad(lambda: chat(continue_final_message=True), "continue_final_message", code="unsupported_parameter")
+    assert chat(add_generation_prompt=True, chat_template_kwargs={}).model == "m"
+    assert completion(chat_template="ignored on completions", user="u").model == "m"
+
+
 # --------------------------------------------------------------------------- responses
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import orjson
 import pytest
 
@@ -42,6 +44,20 @@ STATEFUL = {
 }  # fmt: skip
 
 
+# Nested objects, an enum, an array and a free string (so that seeded choices differ).
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "k": {"enum": ["x", "y", "z"]},
+        "v": {"type": "array", "items": {"type": "object", "properties": {"b": {"type": "boolean"}},
+                                         "required": ["b"], "additionalProperties": False}, "maxItems": 2},
+    },
+    "required": ["name", "k", "v"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("migration-model")
@@ -65,10 +81,11 @@ class Tap:
             if not seen or seen[-1] != te.worker_id:
                 seen.append(te.worker_id)
 
-    def tokens(self, request_id: str) -> list[int]:
-        """What reached the client: a stream that broke (error, cancelled) is dropped, with the
-        tokens of its last event, by the gateway, and recomputed elsewhere."""
-        evs = self.events.get(request_id, [])
+    def tokens(self, request_id: str, choice: int | None = None) -> list[int]:
+        """What reached the client (of one choice when given): a stream that broke (error,
+        cancelled) is dropped, with the tokens of its last event, by the gateway, and recomputed
+        elsewhere."""
+        evs = [e for e in self.events.get(request_id, []) if choice is None or e.choice == choice]
         return [t for e in evs if e.finish_reason not in ("error", "cancelled") for t in e.token_ids]
 
 
@@ -136,6 +153,9 @@ class Streamed:
     finish: str | None = None
     done: bool = False
     id: str = ""
+    # Every choice's text chunks and finish reason, by index (`text` and `finish` are choice 0's).
+    choices: dict[int, list[str]] = field(default_factory=dict)
+    finishes: dict[int, str] = field(default_factory=dict)
 
 
 class Stream:
@@ -163,9 +183,15 @@ class Stream:
                 self.out.error = obj["error"]
             elif obj.get("choices"):
                 ch = obj["choices"][0]
+                i = ch.get("index", 0)
                 if ch["text"]:
-                    self.out.text.append(ch["text"])
-                self.out.finish = ch.get("finish_reason") or self.out.finish
+                    self.out.choices.setdefault(i, []).append(ch["text"])
+                    if i == 0:
+                        self.out.text.append(ch["text"])
+                if ch.get("finish_reason"):
+                    self.out.finishes[i] = ch["finish_reason"]
+                    if i == 0:
+                        self.out.finish = ch["finish_reason"]
             if obj.get("usage"):
                 self.out.usage = obj["usage"]
         return self.out
@@ -226,6 +252,60 @@ async def test_streams_cut_by_a_killed_worker_resume_token_for_token(mesh: Mesh)
     assert moved == 3
 
 
+async def complete_n(m: Mesh, sampling: dict[str, Any], max_tokens: int) -> tuple[str, list[list[int]], list[str]]:
+    """An unbroken run with n choices: its id, each choice's token ids and text."""
+    out = await complete_json(m, sampling, max_tokens)
+    texts = [str(c["text"]) for c in sorted(out["choices"], key=lambda c: c["index"])]
+    return out["id"], [m.tap.tokens(out["id"], i) for i in range(len(texts))], texts
+
+
+async def complete_json(m: Mesh, sampling: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    async with m.http.post(m.gw.url + "/v1/completions", json=body(sampling, max_tokens, False)) as r:
+        assert r.status == 200, await r.text()
+        out: dict[str, Any] = await r.json()
+    return out
+
+
+def prompt_scores(out: dict[str, Any]) -> list[dict[str, float] | None]:
+    """vLLM's prompt_logprobs of a completions response: per prompt token, the logprob of it and
+    of the top ones, by token id."""
+    plps = out["choices"][0]["prompt_logprobs"]
+    return [None if p is None else {k: v["logprob"] for k, v in p.items()} for p in plps]
+
+
+async def test_n_choices_cut_by_a_killed_worker_each_resume_token_for_token(mesh: Mesh) -> None:
+    """An n > 1 request moves whole: every choice goes on from its own tokens on the new
+    instance, exactly as the unbroken run (greedy, and seeded choices that differ)."""
+    m = mesh
+    n, k = 250, 3
+    m.workers.start("a", *PACED)
+    m.workers.start("b", *PACED)
+    await m.load("a")
+    await m.serving("a")
+    kinds = (("greedy", {**GREEDY, "n": k}), ("seeded", {**SEEDED, "n": k}))
+    want = {name: await complete_n(m, s, n) for name, s in kinds}
+    assert all(len(ids) == n for ids in want["greedy"][1]) and len({*map(tuple, want["greedy"][1])}) == 1
+    assert len({*map(tuple, want["seeded"][1])}) == k, "seeded choices should differ"
+
+    async with stream(m, kinds[0][1], n) as g, stream(m, kinds[1][1], n) as s:
+        await asyncio.gather(g.read(until_chunks=10), s.read(until_chunks=10))
+        assert m.holder() == "a"
+        await m.load("b")
+        m.workers.kill("a")
+        got = await asyncio.gather(g.read(), s.read())
+
+    for (name, _), out in zip(kinds, got, strict=True):
+        assert out.error is None, (name, out.error)
+        assert out.done and out.finishes == dict.fromkeys(range(k), "length"), (name, out.finishes)
+        assert m.tap.senders[out.id] == ["a", "b"], "the stream was not cut mid-way"
+        for i in range(k):
+            assert m.tap.tokens(out.id, i) == want[name][1][i], (name, i)
+            assert "".join(out.choices.get(i, [])) == want[name][2][i], (name, i)
+        assert out.usage is not None and out.usage["completion_tokens"] == k * n, out.usage
+        assert out.usage["prompt_tokens"] + k * n == out.usage["total_tokens"]
+    assert await m.metric("cascade:migrations_total", model=MODEL, reason="worker_lost") == 2
+
+
 async def test_a_stream_through_a_pipelined_route_resumes_when_its_stage_dies(mesh: Mesh) -> None:
     m = mesh
     unit_mb = Checkpoint(m.model_dir).unit_nbytes(1) / 1e6
@@ -265,6 +345,49 @@ async def test_a_stream_through_a_pipelined_route_resumes_when_its_stage_dies(me
         + await m.metric("cascade:migrations_total", model=MODEL, reason="worker_error")
         >= 1
     )
+
+
+async def test_n_choices_and_prompt_logprobs_through_a_pipelined_route_are_the_whole_instances(mesh: Mesh) -> None:
+    """While a new instance loads, an n > 1 request the router splits goes through the partial
+    route as one sequence per choice: each choice equals the whole instance's, token for token,
+    and each is JSON valid for the schema (the grammar's state lives at the route's last stage);
+    a prompt_logprobs request split the same way is scored there as the whole instance scores it."""
+    m = mesh
+    unit_mb = Checkpoint(m.model_dir).unit_nbytes(1) / 1e6
+    k, n = 3, 200
+    m.workers.start("full", *PACED, "--max-batch", str(k), "--kv-slots", str(2 * k))
+    m.workers.start("new", *PACED, "--load-mb-s", str(unit_mb / 1.5))
+    await m.load("full")
+    await m.serving("full")
+    sampled = {**SEEDED, "n": k, "ignore_eos": False, "guided_json": SCHEMA}
+    _, want_ids, want_text = await complete_n(m, sampled, n)
+    scored = {**GREEDY, "prompt_logprobs": 3}
+    want_scores = prompt_scores(await complete_json(m, scored, 2))
+    assert len({tuple(ids) for ids in want_ids}) == k
+    for text in want_text:
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+    # A long n = k stream fills `full`'s batch, so the next request is split.
+    async with stream(m, {**GREEDY, "n": k}, 3000) as busy:
+        await busy.read(until_chunks=1)
+        await wait_until(lambda: m.view("full").running >= 1, 30, "full instance reported busy")
+        await m.load("new")
+        await wait_until(
+            lambda: (v := m.view("new")) is not None and v.state == "loading" and v.prefix_units >= 2,
+            30,
+            "new instance holding its first layer",
+        )
+        rid, got_ids, got_text = await complete_n(m, sampled, n)
+        got_scores = prompt_scores(await complete_json(m, scored, 2))
+        assert await m.metric("cascade_gateway_routed_requests_total", model=MODEL, route="pipelined") == 2
+    assert m.tap.senders[rid] == ["new"]  # the route's driver sent its tokens
+    assert got_ids == want_ids
+    assert got_text == want_text
+    # The prompt's logprobs, scored at the route's last stage: the whole instance's figures.
+    assert len(got_scores) == len(want_scores) and got_scores[0] is None and want_scores[0] is None
+    for got, want in zip(got_scores[1:], want_scores[1:], strict=True):
+        assert got is not None and want is not None and got.keys() == want.keys()
+        assert got == pytest.approx(want, abs=1e-4)
 
 
 async def test_without_an_instance_to_move_to_the_client_gets_an_error_chunk(

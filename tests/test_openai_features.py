@@ -361,9 +361,12 @@ async def test_streamed_tool_calls_with_the_clients_helper(mesh: Mesh) -> None:
         temperature=1.0, seed=4,
     ) as stream:  # fmt: skip
         done = []
+        fragments: dict[int, int] = {}
         async for event in stream:
             if event.type == "tool_calls.function.arguments.done":
                 done.append(event.name)
+            elif event.type == "tool_calls.function.arguments.delta":
+                fragments[event.index] = fragments.get(event.index, 0) + 1
         final = await stream.get_final_completion()
     ch = final.choices[0]
     assert ch.finish_reason == "tool_calls"
@@ -371,6 +374,47 @@ async def test_streamed_tool_calls_with_the_clients_helper(mesh: Mesh) -> None:
     assert calls and done == ["get_weather"] * len(calls)
     for c in calls:
         assert isinstance(c.function.parsed_arguments, GetWeather)
+    # The arguments came as the model wrote them, in several deltas per call, not in one piece.
+    assert sorted(fragments) == list(range(len(calls))) and min(fragments.values()) > 1, fragments
+
+
+@pytest.mark.parametrize("parser", ["llama3_json", "mistral"])
+async def test_forced_tool_calls_in_the_other_formats_through_the_mesh(mesh: Mesh, nats_url: str, parser: str) -> None:
+    """A gateway with --tool-call-parser llama3_json or mistral: a forced call is written in that
+    format (the grammar) and parsed back into OpenAI's tool_calls, whole and streamed (through the
+    client's helper)."""
+    dep = Deployment(models=(ModelDeployment(name=MODEL, path=mesh.built.v5, min_replicas=1),))
+    async with running_gateway(nats_url, mesh.subjects.prefix, dep, heartbeat_s=0.2, tool_call_parser=parser) as gw:
+        await wait_until(lambda: any(serves_fully(v, MODEL) for v in gw.core.registry.views()), 60, "w1 seen")
+        client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        try:
+            for seed, choice in enumerate(["required", {"type": "function", "function": {"name": "get_time"}}]):
+                r = await client.chat.completions.create(
+                    model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=choice,
+                    max_tokens=300, temperature=1.0, seed=seed,
+                )  # fmt: skip
+                ch = r.choices[0]
+                assert ch.finish_reason == "tool_calls" and ch.message.content is None, ch
+                for c in ch.message.tool_calls or []:
+                    if c.function.name == "get_weather":
+                        GetWeather.model_validate_json(c.function.arguments)
+                    else:
+                        assert c.function.name == "get_time"
+                        assert json.loads(c.function.arguments)["zone"] in ("UTC", "CET")
+                assert ch.message.tool_calls
+                if isinstance(choice, dict):
+                    assert {c.function.name for c in ch.message.tool_calls} == {"get_time"}
+            async with client.chat.completions.stream(
+                model=MODEL, messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=400,
+                temperature=1.0, seed=5,
+            ) as stream:  # fmt: skip
+                final = await stream.get_final_completion()
+            ch = final.choices[0]
+            assert ch.finish_reason == "tool_calls" and ch.message.tool_calls
+            for c in ch.message.tool_calls:
+                assert isinstance(c.function.parsed_arguments, GetWeather)
+        finally:
+            await client.close()
 
 
 async def test_tool_results_go_back_into_the_conversation(mesh: Mesh) -> None:
@@ -396,3 +440,72 @@ async def test_tool_results_go_back_into_the_conversation(mesh: Mesh) -> None:
             response_format={"type": "json_object"},
         )  # fmt: skip
     assert ei.value.body["code"] == "conflicting_parameters"
+
+
+async def test_a_model_whose_tokenizer_has_the_marker_as_a_special_token(
+    nats_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A Mistral tokenizer ([TOOL_CALLS] a special token) on a random model, through the mesh: the
+    parser is read off its template, the forced call is written with the special token (the
+    worker's token events show it), and the text keeps the marker, so the call parses, whole and
+    streamed."""
+    import shutil
+
+    from cascade.models.tokenizer import load_tokenizer
+    from tests.hf_fixtures import MISTRAL
+    from tests.hf_fixtures import build as build_tokenizer
+
+    root = tmp_path_factory.mktemp("mistral-tools")
+    config = {**CASES[0].config, "vocab_size": 1024, "max_position_embeddings": 1024}
+    case = dataclasses.replace(CASES[0], name="llama-mistral-tok", config=config)
+    built = build(case, root)
+    tokdir = build_tokenizer(MISTRAL, root / "tok")
+    for f in tokdir.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, built.v5 / f.name)
+    tok = load_tokenizer(built.v5)
+    (marker,) = tok.encode("[TOOL_CALLS]", add_special_tokens=False)
+    assert marker in tok.special_ids
+    subjects = Subjects("t" + uuid.uuid4().hex[:10])
+    workers = WorkerProcs(nats_url, subjects.prefix, root)
+    nc = await connect(nats_url, "test")
+    dep = Deployment(models=(ModelDeployment(name=MODEL, path=built.v5, min_replicas=1),))
+    tapped: list[Any] = []
+
+    async def on_tokens(msg: Any) -> None:
+        tapped.extend(decode(msg.data, TokenEvents).events)
+
+    try:
+        async with running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=0.2) as gw:
+            workers.start("w1", "--heartbeat-s", "0.2")
+            views = gw.core.registry.views
+            await wait_until(lambda: any(v.worker_id == "w1" for v in views()), 60, "w1 heart-beating")
+            await request(nc, subjects.load("w1"), LoadModel(MODEL, str(built.v5)), Ok, timeout=10)
+            await wait_until(lambda: any(serves_fully(v, MODEL) for v in views()), 60, "w1 serving")
+            await nc.subscribe(subjects.tokens(gw.id), cb=on_tokens)
+            await nc.flush()
+            client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+            try:
+                r = await client.chat.completions.create(
+                    model=MODEL, messages=MESSAGES, tools=[TIME_TOOL], tool_choice="required", max_tokens=200,
+                    temperature=1.0, seed=3,
+                )  # fmt: skip
+                ch = r.choices[0]
+                assert ch.finish_reason == "tool_calls" and ch.message.content is None, ch
+                assert ch.message.tool_calls
+                for c in ch.message.tool_calls:
+                    assert c.function.name == "get_time" and json.loads(c.function.arguments)["zone"] in ("UTC", "CET")
+                ids = [t for ev in tapped if ev.request_id == r.id for t in ev.token_ids]
+                assert ids[0] == marker  # the model wrote the special token, not the marker's text
+                async with client.chat.completions.stream(
+                    model=MODEL, messages=MESSAGES, tools=[TIME_TOOL], tool_choice="required", max_tokens=200,
+                    temperature=1.0, seed=4,
+                ) as stream:  # fmt: skip
+                    final = await stream.get_final_completion()
+                assert final.choices[0].finish_reason == "tool_calls" and final.choices[0].message.tool_calls
+            finally:
+                await client.close()
+    finally:
+        workers.stop_all()
+        with contextlib.suppress(Exception):
+            await nc.drain()

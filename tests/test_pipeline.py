@@ -4,6 +4,7 @@ work together with its own requests. Frames cross the real stage-link encoding."
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -352,3 +353,74 @@ def test_structured_output_through_a_route_and_after_a_migration(ckpt: Checkpoin
         head = next(iter(engines.values()))
         head.submit(p, "g", tok.encode(p) + want[:cut], resumed, route=route)
         assert toks(run_mesh(engines)[p]) == want[cut:]
+
+
+def test_n_choices_through_a_route_are_the_whole_instances_choices(ckpt: Checkpoint) -> None:
+    """An n > 1 request on a partial-layer route runs as one sequence per choice under its id
+    (what the gateway sends a route: n = 1 and the choice each): every stage keeps each choice
+    apart, the last stage samples each from its own seed + choice stream with its own penalty
+    counts and grammar, and the choices equal the whole instance's forked ones, token for token;
+    a choice migrated onto the route mid-way goes on exactly too."""
+    from cascade import structured
+
+    grammar = structured.from_regex("[a-z]+( [a-z]+)*")
+    params = SamplingParams(
+        max_tokens=14, n=3, temperature=1.0, seed=5, presence_penalty=0.6, frequency_penalty=1.1,
+        repetition_penalty=1.3, grammar=grammar, ignore_eos=True,
+    )  # fmt: skip
+    p = PROMPTS[2]
+    whole = Engine(model(ckpt, range(ckpt.config.num_units)), tok)
+    whole.submit(p, "g", tok.encode(p), params)
+    evs = run_mesh({"F": whole})[p]
+    want = {c: toks([e for e in evs if e.choice == c]) for c in range(3)}
+    assert len({tuple(v) for v in want.values()}) == 3 and all(len(v) == 14 for v in want.values())
+    L = ckpt.config.num_hidden_layers
+    n = Engine(model(ckpt, range(0, 3)), tok, worker_id="N")
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F")
+    route = [RouteStage("N", 0, 2), RouteStage("F", 2, L)]
+    cuts = {0: 0, 1: 0, 2: 3}  # choice 2 streamed three tokens elsewhere before it moved here
+    for c, cut in cuts.items():
+        one = dataclasses.replace(params, n=1, choice=c, max_tokens=params.max_tokens - cut, resumed=cut)
+        n.submit(p, "g", tok.encode(p) + want[c][:cut], one, route=route)
+    got = run_mesh({"N": n, "F": f})[p]
+    for c, cut in cuts.items():
+        mine = [e for e in got if e.choice == c]
+        assert want[c][:cut] + toks(mine) == want[c], c
+        assert mine[-1].finish_reason == [e for e in evs if e.choice == c][-1].finish_reason
+    assert not f.relayed and not n.driven  # every choice's stage state was freed on both sides
+    assert f.stats.relayed_steps > 0
+
+
+@pytest.mark.parametrize("budget", [2048, 5], ids=["whole-prompts", "chunked-prompts"])
+def test_prompt_logprobs_through_a_route_are_the_whole_instances(ckpt: Checkpoint, budget: int) -> None:
+    """The route's last stage runs the head on every prompt chunk and sends the prompt's
+    logprobs back with the first token: the same figures, ranks and top tokens as a whole
+    instance's (which tests/test_sampling_api.py holds to transformers' log_softmax)."""
+    params = SamplingParams(max_tokens=3, ignore_eos=True, prompt_logprobs=2, logprobs=1)
+    whole = Engine(model(ckpt, range(ckpt.config.num_units)), tok, max_prefill_tokens=budget)
+    for p in PROMPTS:
+        whole.submit(p, "g", tok.encode(p), params)
+    expect = run_mesh({"F": whole})
+    engines = {
+        "A": Engine(model(ckpt, range(0, 2)), tok, worker_id="A", max_prefill_tokens=budget),
+        "B": Engine(model(ckpt, range(2, 4)), tok, worker_id="B", max_prefill_tokens=budget),
+        "C": Engine(model(ckpt, range(4, ckpt.config.num_units)), tok, worker_id="C", max_prefill_tokens=budget),
+    }
+    route = [RouteStage("A", 0, 1), RouteStage("B", 1, 3), RouteStage("C", 3, 4)]
+    for p in PROMPTS:
+        engines["A"].submit(p, "g", tok.encode(p), params, route=route)
+    got = run_mesh(engines)
+    for p in PROMPTS:
+        assert toks(got[p]) == toks(expect[p])
+        (ra,) = [e.prompt_logprobs for e in got[p] if e.prompt_logprobs is not None]
+        (rb,) = [e.prompt_logprobs for e in expect[p] if e.prompt_logprobs is not None]
+        assert len(ra) == len(rb) == len(tok.encode(p)) and ra[0] is None and rb[0] is None
+        a, b = [x for x in ra if x is not None], [x for x in rb if x is not None]
+        assert len(a) == len(b) == len(tok.encode(p)) - 1
+        assert [(x.token, x.top_ids) for x in a] == [(x.token, x.top_ids) for x in b]
+        # A rank deep in the tail counts near-ties, which float noise between the two ways of
+        # computing the same logits may order either way.
+        assert [x.rank for x in a] == pytest.approx([x.rank for x in b], abs=1)
+        assert [x.logprob for x in a] == pytest.approx([x.logprob for x in b], abs=1e-4)
+        assert [x.top_logprobs for x in a] == [pytest.approx(x.top_logprobs, abs=1e-4) for x in b]
+    assert not engines["C"].relayed and not engines["A"].driven

@@ -168,3 +168,26 @@ def test_a_hugging_face_tokenizer_drives_the_mask(tmp_path: object, flavour: str
             out.append(t)
         assert m.is_stopped() or m.is_accepting()
         jsonschema.validate(json.loads(tok.decode(out)), SCHEMA)
+
+
+def test_a_warmed_engine_builds_no_grammar_tokenizer_in_a_step(
+    model: LlamaModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker warms structured outputs when it takes a model: the tokenizer llguidance needs
+    (half a second for a 50k vocabulary) is built then, on the helper thread, never in the step
+    of the first guided request, which would hold up the rest of its batch."""
+    e = Engine(model, tok, max_batch=4)
+    e.warm_grammar().result(timeout=60)
+
+    def no_build(*args: object) -> None:
+        raise AssertionError("the grammar tokenizer was built in a step")
+
+    monkeypatch.setattr(structured, "tokenizer_for", no_build)
+    grammar = structured.from_json_schema(SCHEMA)
+    e.submit("g", "gw", tok.encode("pet"), SamplingParams(max_tokens=200, temperature=1.0, seed=2, grammar=grammar))
+    e.submit("f", "gw", tok.encode("free"), SamplingParams(max_tokens=5, ignore_eos=True))
+    out = run(e)
+    assert out["g"][-1].finish_reason == "stop", out["g"][-1]
+    jsonschema.validate(json.loads(texts(out["g"])[0]), SCHEMA)
+    assert out["f"][-1].finish_reason == "length"
+    e.close()

@@ -13,7 +13,7 @@ The gateway calls `encode` (a completion prompt) and `encode_chat` (a chat); wor
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +66,10 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_text(self, token_id: int) -> str:
+        """A token's own text, special tokens included (what decoding writes when it keeps them)."""
+        ...
+
     def render_chat(
         self,
         messages: Messages,
@@ -101,6 +105,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def token_text(self, token_id: int) -> str:
+        return {BYTE_BOS: "<s>", BYTE_EOS: "</s>"}.get(token_id) or self.decode([token_id])
 
     def render_chat(
         self,
@@ -407,6 +414,9 @@ class HFTokenizer:
         text = str(self._tok.decode(list(ids), skip_special_tokens=True))
         return _clean_up_tokenization(text) if self._clean_up else text
 
+    def token_text(self, token_id: int) -> str:
+        return str(self._tok.decode([token_id], skip_special_tokens=False))
+
     def render_chat(
         self,
         messages: Messages,
@@ -496,8 +506,11 @@ class IncrementalDecoder:
     # A character is at most 4 bytes, so a settled boundary is among the last few tokens.
     _BOUNDARY_SEARCH = 4
 
-    def __init__(self, tok: Tokenizer) -> None:
+    def __init__(self, tok: Tokenizer, keep: Collection[int] = ()) -> None:
         self._tok = tok
+        # Special tokens whose text stays in the output (a tool-call marker the parser looks for,
+        # as vLLM decodes with skip_special_tokens=False for tool parsers); the rest are left out.
+        self._keep = {i: tok.token_text(i) for i in keep if i in tok.special_ids}
         self._skip = tok.special_ids
         self._ids: list[int] = []
         self._start = 0  # the window: ids[_start:] is decoded at each step
@@ -510,8 +523,24 @@ class IncrementalDecoder:
         return "".join(self._emitted)
 
     def push(self, ids: Sequence[int]) -> str:
+        if self._keep and any(i in self._keep for i in ids):
+            return self._push_kept(ids)
         self._ids.extend(i for i in ids if i not in self._skip)
         return self._step(final=False)
+
+    def _push_kept(self, ids: Sequence[int]) -> str:
+        """A kept special token ends the window: the text before it goes out whole (a special
+        token never splits a character), then its own text; the next window starts after it."""
+        out = ""
+        for i in ids:
+            if i in self._keep:
+                out += self._step(final=True) + self._keep[i]
+                self._emitted.append(self._keep[i])
+                self._start = self._read = len(self._ids)
+                self._sent = ""
+            elif i not in self._skip:
+                self._ids.append(i)
+        return out + self._step(final=False)
 
     def flush(self) -> str:
         return self._step(final=True)

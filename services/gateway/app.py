@@ -154,10 +154,14 @@ async def _generate(request: web.Request, kind: Kind) -> web.StreamResponse:
     parser: tools.Parser | None = None
     if spec.tools is not None and spec.tools.choice != "none":
         parser = core.tool_parser(info)
-        if spec.tools.forced:
+        tok = info.tokenizer
+        keep = tools.special_markers(parser, lambda t: tok.encode(t, add_special_tokens=False), tok.special_ids)
+        given = spec.tools
+        spec = dataclasses.replace(spec, keep_special=keep)
+        if given.forced:
             # required / a named function: only calls in the model's format can come out.
             try:
-                grammar = tools.forced_grammar(spec.tools, parser)
+                grammar = tools.forced_grammar(given, parser, keep)
             except structured.GrammarError as e:
                 raise ApiError(400, f"tools: a parameters schema cannot be compiled: {e}", param="tools") from None
             spec = dataclasses.replace(spec, grammar=grammar, grammar_param="tool_choice")

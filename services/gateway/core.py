@@ -428,6 +428,7 @@ class GatewayCore:
             r.dispatches += 1
             r.relays = relays
             r.resumed = len(r.streamed)
+            r.choice_resumed = {c: len(ids) for c, ids in r.choice_streamed.items()}
         model = batch[0].model
         self.metrics.batches.inc(model=model)
         self.metrics.batch_size.observe(len(batch), model=model)
@@ -444,8 +445,9 @@ class GatewayCore:
         msg = GenerateBatch(
             gateway_id=self.id,
             requests=[
-                GenerateRequest(r.request_id, r.model, *_resumed_input(r), stages, r.arrived_at, attempt=r.dispatches)
+                GenerateRequest(r.request_id, r.model, prompt, params, stages, r.arrived_at, attempt=r.dispatches)
                 for r in batch
+                for prompt, params in _resumed_inputs(r, pipelined=bool(stages))
             ],
         )
         self.log.debug(
@@ -578,11 +580,6 @@ class GatewayCore:
         tokens so far, or fail it explicitly when the limit is reached."""
         if not req.phase.bound or req.worker_id != worker:
             return  # ended, or moved on already
-        if req.params.n > 1:
-            self.metrics.migration_failures.inc(model=req.model, reason="n")
-            self.hub.finish(req, Failure(503, f"{why}; a request with n > 1 is not migrated", "worker_died"))
-            self._cancel_on(worker, [req.request_id])
-            return
         limit = self.settings.migration_limit
         if req.migrations >= limit:
             self.metrics.migration_failures.inc(model=req.model, reason="limit")
@@ -604,10 +601,17 @@ class GatewayCore:
         self._cancel_on(worker, [req.request_id])  # it may still be alive, only cut off from us
         req.avoid.add(worker)
         req.avoid.update(req.relays)
+        if req.params.n > 1:
+            self._end_spent_choices(req)
+            if req.ended:
+                return
+            req.advance(Phase.MIGRATING)
+            self.batchers[req.model].requeue(req)
+            return
         remaining = req.params.max_tokens - len(req.streamed)
         if remaining <= 0:
-            # Everything it may produce is out already; only the final event was lost.
-            req.advance(Phase.MIGRATING)
+            # Everything it may produce is out already; only the final event was lost. It ends
+            # here, from where it was bound (a migrating request cannot be done).
             self.hub.finish(
                 req,
                 TokenEvent(
@@ -622,6 +626,22 @@ class GatewayCore:
             return
         req.advance(Phase.MIGRATING)
         self.batchers[req.model].requeue(req)
+
+    def _end_spent_choices(self, req: RequestState) -> None:
+        """Choices of a moving n > 1 request that streamed all their max_tokens and lost only
+        their final event end here; the others go on elsewhere, each from its own tokens."""
+        for c in range(req.params.n):
+            got = len(req.choice_streamed.get(c, []))
+            if c in req.choices_done or got < req.params.max_tokens:
+                continue
+            ev = TokenEvent(
+                req.request_id, [], "", "length", prompt_tokens=len(req.prompt_ids), completion_tokens=got, choice=c
+            )
+            req.choices_done.add(c)
+            if len(req.choices_done) == req.params.n:
+                self.hub.finish(req, ev)
+                return
+            req.events.put_nowait(ev)
 
     def _cancel_on(self, worker: str, request_ids: list[str]) -> None:
         task = self.tasks.spawn(self._publish_cancel(worker, request_ids), name=f"cancel-{worker}")
@@ -700,19 +720,20 @@ class GatewayCore:
 
     def _on_choice_event(self, req: RequestState, worker: str, ev: TokenEvent) -> None:
         """An event of one of a request's n > 1 choices. Each choice's events are in step on
-        their own; the request ends with its last choice. Such a request is retried before its
-        first token, never migrated after (its choices share one prefill that would have to move
-        whole)."""
-        expected = req.choice_tokens.get(ev.choice, 0)
+        their own; the request ends with its last choice. Migrated after its first token, each
+        unfinished choice resumes from its own tokens (the worker counts from there)."""
+        streamed = req.choice_streamed.setdefault(ev.choice, [])
+        resumed = req.choice_resumed.get(ev.choice, 0)
+        expected = len(streamed) - resumed
         if ev.index >= 0 and ev.index != expected:
             if ev.index < expected:
                 return
             why = f"token events of choice {ev.choice} from worker {worker} were lost"
             self.log.warning("events_lost", request_id=req.request_id, worker_id=worker, choice=ev.choice)
-            self._cancel_on(worker, [req.request_id])
             if req.produced:
-                self.hub.finish(req, Failure(503, f"{why}; a request with n > 1 is not migrated", "events_lost"))
+                self._migrate(req, worker, "events_lost", why)
             else:
+                self._cancel_on(worker, [req.request_id])
                 self._retry(req, worker, why)
             return
         broken = ev.finish_reason in ("cancelled", "error")
@@ -725,8 +746,13 @@ class GatewayCore:
             return
         if ev.token_ids:
             self.load.generated(req.model, len(ev.token_ids))
-            req.choice_tokens[ev.choice] = expected + len(ev.token_ids)
+            streamed.extend(ev.token_ids)
             req.streamed.extend(ev.token_ids)
+        if ev.finish_reason is not None and resumed:
+            # The worker counts from where this choice resumed; the client's usage counts it all.
+            ev = dataclasses.replace(
+                ev, prompt_tokens=len(req.prompt_ids), completion_tokens=ev.completion_tokens + resumed
+            )
         if req.phase is Phase.PREFILL:
             # Whatever reaches the client now (a token, or a choice that ended at once) makes it produced.
             req.advance(Phase.DECODE)
@@ -853,6 +879,27 @@ class GatewayCore:
         return ServiceStatus(service="gateway", instance=self.id, pid=os.getpid(), detail=self.status())
 
 
+def _resumed_inputs(req: RequestState, pipelined: bool = False) -> list[tuple[list[int], SamplingParams]]:
+    """The prompts and params a (re)dispatch sends: one, or for an n > 1 request that migrated,
+    or that goes through a pipelined route, one per unfinished choice (n = 1, its `choice`, its
+    own tokens ending its prompt). Those choices do not share a prefill: the fork into choices
+    needs the whole prompt's KV on one instance, which a migrated request has lost and a route
+    splits across stages."""
+    if req.params.n == 1 or not (req.streamed or pipelined):
+        return [_resumed_input(req)]
+    out = []
+    for c in range(req.params.n):
+        if c in req.choices_done:
+            continue
+        ids = req.choice_streamed.get(c, [])
+        params = dataclasses.replace(
+            req.params, n=1, choice=c, max_tokens=req.params.max_tokens - len(ids), resumed=len(ids),
+            prompt_logprobs=None,
+        )  # fmt: skip
+        out.append((req.prompt_ids + ids, params))
+    return out
+
+
 def _resumed_input(req: RequestState) -> tuple[list[int], SamplingParams]:
     """The prompt and params a (re)dispatch sends: after a migration, the tokens streamed so far
     end the prompt and max_tokens counts what is left."""
@@ -875,6 +922,7 @@ def sampling_params(spec: GenerationSpec, max_tokens: int, defaults: Mapping[str
         stop=spec.stop,
         ignore_eos=spec.ignore_eos,
         n=spec.n,
+        keep_special=list(spec.keep_special),
         grammar=spec.grammar or "",
         logprobs=spec.logprobs,
         prompt_logprobs=spec.worker_prompt_logprobs,

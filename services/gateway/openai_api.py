@@ -109,6 +109,7 @@ class GenerationSpec:
     grammar: str | None = None
     grammar_param: str | None = None
     tools: Tools | None = None  # chat: the functions the model may call, and how
+    keep_special: list[int] = field(default_factory=list)  # special tokens the text keeps (tool markers)
 
     @property
     def worker_prompt_logprobs(self) -> int | None:
@@ -217,6 +218,7 @@ def _common(body: dict[str, Any], kind: Kind) -> dict[str, Any]:
         penalties["min_p"] = _number(body, "min_p", 0.0, 1.0)
     if body.get("logit_bias"):
         raise _unsupported("logit_bias")
+    _refuse_unhonoured(body, kind)
     seed = _int(body, "seed") if _present(body, "seed") else None
     stream = body.get("stream")
     if stream is None:
@@ -469,6 +471,56 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
             call = {"id": c["id"], **call}
         out.append(call)
     return out
+
+
+def _off(*neutral: Any) -> Callable[[Any], bool]:
+    return lambda v: v in neutral
+
+
+def _empty(v: Any) -> bool:
+    return not v
+
+
+# Fields of OpenAI's API and vLLM's extensions that this server does not act on, with the values
+# that ask for nothing (vLLM's defaults): those are accepted, anything else is a 400 naming the
+# field rather than an answer that quietly ignores it. Fields nobody defines stay ignored.
+_NOT_HONOURED: dict[str, Callable[[Any], bool]] = {
+    "min_tokens": _off(None, 0),
+    "stop_token_ids": _empty,
+    "include_stop_str_in_output": _off(None, False),
+    "skip_special_tokens": _off(None, True),  # special tokens are always left out of the text
+    "spaces_between_special_tokens": _off(None, True),
+    "typical_p": _off(None, 1, 1.0),
+    "use_beam_search": _off(None, False),
+    "length_penalty": _off(None, 1, 1.0),
+    "truncate_prompt_tokens": _off(None),
+    "bad_words": _empty,
+    "allowed_token_ids": _empty,
+    "logits_processors": _empty,
+    "return_tokens_as_token_ids": _off(None, False),
+    "guided_whitespace_pattern": _off(None),
+    "guided_decoding_backend": _off(None, "auto", "llguidance", "guidance"),
+    "priority": _off(None, 0),
+    "logprob_token_ids": _empty,
+    "prompt_embeds": _off(None),
+    "prediction": _off(None),
+    "audio": _off(None),
+    "modalities": _off(None, ["text"]),
+}
+_NOT_HONOURED_CHAT: dict[str, Callable[[Any], bool]] = {
+    "add_generation_prompt": _off(None, True),
+    "continue_final_message": _off(None, False),
+    "chat_template": _off(None),
+    "chat_template_kwargs": _empty,
+    "documents": _empty,
+}
+
+
+def _refuse_unhonoured(body: dict[str, Any], kind: Kind) -> None:
+    checks = {**_NOT_HONOURED, **(_NOT_HONOURED_CHAT if kind == "chat" else {})}
+    for name, neutral in checks.items():
+        if name in body and not neutral(body[name]):
+            raise _unsupported(name, f"{name}={_show(body[name])} is not supported by this server")
 
 
 def _unsupported(name: str, why: str | None = None) -> ApiError:

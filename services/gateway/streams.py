@@ -110,8 +110,10 @@ class RequestState:
     # `worker_id`, kept after the request ends: the `worker` label of its finished-request metrics).
     dispatched_at: float = 0.0
     served_by: str = ""
-    # n > 1: tokens each choice streamed (its events' expected index), and the choices ended.
-    choice_tokens: dict[int, int] = field(default_factory=dict)
+    # n > 1: the token ids each choice streamed, how many of them its current dispatch resumed
+    # from (after a migration each choice goes on from its own tokens), and the choices ended.
+    choice_streamed: dict[int, list[int]] = field(default_factory=dict)
+    choice_resumed: dict[int, int] = field(default_factory=dict)
     choices_done: set[int] = field(default_factory=set)
     # Monotonic time its current worker was last heard for it (dispatch, then each event): after
     # a broker loss, a request not heard since has lost events nobody will resend.
@@ -138,10 +140,11 @@ class RequestState:
 
     @property
     def needs_full_instance(self) -> bool:
-        """It asks for what only a whole instance computes: prompt logprobs need the logits at
-        every prompt position, which a pipelined route's last stage does not send back; n > 1
-        choices fork off one prefill into the whole instance's KV blocks."""
-        return self.params.prompt_logprobs is not None or self.params.n > 1
+        """n > 1 choices with prompt logprobs: on a pipelined route the choices run as separate
+        sequences and the prompt's logprobs would come with whichever choice's first token, not
+        before every choice's first chunk; a whole instance scores the prompt once, before its
+        fork. Such a request goes to the route's tail (a whole instance) and is served there."""
+        return self.params.n > 1 and self.params.prompt_logprobs is not None
 
     @property
     def produced(self) -> bool:

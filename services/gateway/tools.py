@@ -18,7 +18,9 @@ always parses. `auto` lets the model choose and parses what it wrote.
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -128,9 +130,11 @@ def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
     return params if isinstance(params, dict) else {"type": "object", "properties": {}}
 
 
-def forced_grammar(tools: Tools, parser: Parser) -> str:
+def forced_grammar(tools: Tools, parser: Parser, special: Collection[int] = ()) -> str:
     """The grammar that admits only calls, in the parser's format (one, or with parallel calls
-    several), to the allowed functions with valid arguments."""
+    several), to the allowed functions with valid arguments. `special`: the format's markers the
+    tokenizer has as special tokens (`special_markers`); the grammar then asks for the token, as
+    the model was trained to write it, rather than its text spelled in pieces."""
     if parser == "llama3_json":
         # One JSON object per message: Llama 3's format has no list of calls.
         return structured.checked(structured_lark(f"start: %json{json.dumps(_call_schema(tools, 'parameters'))}"))
@@ -139,11 +143,33 @@ def forced_grammar(tools: Tools, parser: Parser) -> str:
         items: dict[str, Any] = {"type": "array", "items": call, "minItems": 1, "x-guidance": _COMPACT}
         if not tools.parallel:
             items["maxItems"] = 1
-        return structured.checked(structured_lark(f'start: "[TOOL_CALLS]" %json{json.dumps(items)}'))
+        ids = list(special)
+        marker = f"<[{ids[0]}]>" if ids else '"[TOOL_CALLS]"'
+        return structured.checked(structured_lark(f"start: {marker} %json{json.dumps(items)}"))
     call_json = json.dumps(_call_schema(tools, "arguments"))
     more = ' ("\\n" call)*' if tools.parallel else ""
     lark = f'start: call{more}\ncall: "<tool_call>\\n" %json{call_json} "\\n</tool_call>"'
     return structured.checked(structured_lark(lark))
+
+
+# The text each format marks its calls with, where a tokenizer may have it as a special token.
+_MARKERS: dict[Parser, tuple[str, ...]] = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "llama3_json": ("<|python_tag|>",),
+    "mistral": ("[TOOL_CALLS]",),
+}
+
+
+def special_markers(parser: Parser, encode: Callable[[str], list[int]], special_ids: Collection[int]) -> list[int]:
+    """The parser's markers that the model's tokenizer has as special tokens: decoding must keep
+    them in the text (vLLM turns skip_special_tokens off for tool parsers), or a model that
+    writes the marker as its special token would never have its calls parsed."""
+    out = []
+    for marker in _MARKERS[parser]:
+        ids = encode(marker)
+        if len(ids) == 1 and ids[0] in special_ids:
+            out.append(ids[0])
+    return out
 
 
 def structured_lark(text: str) -> str:
@@ -237,25 +263,67 @@ def parse(text: str, parser: Parser) -> tuple[str | None, list[dict[str, Any]]]:
     return (None, calls) if calls and len(calls) == len(objs) else (text, [])
 
 
+# The head of a Hermes call up to where its arguments begin, in the order chat templates and the
+# forced grammar write it: what lets the arguments stream while the model writes them.
+_HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+
+def _value_end(text: str) -> int | None:
+    """Where the JSON object or array at the start of `text` ends (brackets and strings
+    counted, nothing validated), or None while it is open."""
+    depth, in_str, esc = 0, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+@dataclass
+class _LiveCall:
+    """A Hermes call whose arguments are streaming: its delta index, the arguments text sent so
+    far, and whether they ended (then the rest of its block is awaited)."""
+
+    index: int
+    args: str = ""
+    closed: bool = False
+
+
 @dataclass
 class StreamParser:
     """Streams a message with tool calls as OpenAI does: content deltas while the model writes
-    text, then each call as a `tool_calls` delta once it is whole (its name and arguments in one
-    piece, which every client accumulates alike). Text that may be the start of a call is held
-    back until it is known not to be one."""
+    text, then the calls as `tool_calls` deltas. With `hermes` a call's first delta carries its
+    `index`, `id`, `type` and `function.name` as soon as the model has written the name, and its
+    `function.arguments` follow in fragments as the model writes them (what the official client's
+    stream helpers accumulate); the other formats, and a Hermes call whose keys come in another
+    order, go out whole once complete. Text that may be the start of a call is held back until
+    it is known not to be one."""
 
     parser: Parser
     forced: bool = False
     _buf: str = ""
     _in_calls: bool = False
     _content: str = ""  # a block that looked like a call and was not one: content after all
+    _live: _LiveCall | None = None
     calls: list[dict[str, Any]] = field(default_factory=list)
 
     def _marker(self) -> str:
         return {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]", "llama3_json": "{"}[self.parser]
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """(content to send now, new calls as tool_calls delta items)."""
+        """(content to send now, tool_calls delta items: at most one per call index)."""
         self._buf += text
         if not self._in_calls:
             marker = self._marker()
@@ -293,21 +361,68 @@ class StreamParser:
                 return []
             _, calls = parse(self._buf, self.parser)
             return self._emit(calls)
-        new: list[dict[str, Any]] = []
+        deltas: list[dict[str, Any]] = []
         while True:
+            if self._live is not None:
+                deltas += self._stream_args()
+                if self._live is not None:
+                    return _merged(deltas)
+                continue
+            i = self._buf.find("<tool_call>")
             j = self._buf.find("</tool_call>")
+            if i >= 0 and (j < 0 or i < j):
+                head = _HERMES_HEAD.match(self._buf, i + len("<tool_call>"))
+                if head is not None:
+                    try:
+                        name = json.loads(f'"{head.group(1)}"')
+                    except json.JSONDecodeError:
+                        name = None
+                    if name:
+                        if self._buf[:i].strip():
+                            self._content += self._buf[:i]
+                        self._buf = self._buf[head.end() :]
+                        self._live = _LiveCall(len(self.calls))
+                        fn = {"name": name, "arguments": ""}
+                        call: dict[str, Any] = {"id": new_call_id(), "type": "function", "function": fn}
+                        self.calls.append(call)
+                        deltas.append({"index": self._live.index, **call, "function": dict(fn)})
+                        continue
             if j < 0:
                 if final and self._buf.strip():
                     _, calls = parse(self._buf, "hermes")
-                    new += calls
-                    self._buf = ""
-                return self._emit(new)
+                    deltas += self._emit(calls)
+                    if calls:
+                        self._buf = ""
+                return _merged(deltas)
             block = self._buf[: j + len("</tool_call>")]
             _, calls = parse(block, "hermes")
-            new += calls
+            deltas += self._emit(calls)
             if not calls:
                 self._content += block
             self._buf = self._buf[j + len("</tool_call>") :]
+
+    def _stream_args(self) -> list[dict[str, Any]]:
+        """The next fragment of the live call's arguments; the call ends with its block."""
+        live = self._live
+        assert live is not None
+        out: list[dict[str, Any]] = []
+        if not live.closed:
+            end = _value_end(live.args + self._buf)
+            take = len(self._buf) if end is None else end - len(live.args)
+            piece, self._buf = self._buf[:take], self._buf[take:]
+            if piece:
+                live.args += piece
+                self.calls[live.index]["function"]["arguments"] = live.args
+                out.append({"index": live.index, "function": {"arguments": piece}})
+            live.closed = end is not None
+        if live.closed:
+            # The object that held name and arguments closes, then the block: what lies between
+            # is the format's own, not content.
+            j = self._buf.find("</tool_call>")
+            if j >= 0:
+                self._buf = self._buf[j + len("</tool_call>") :]
+                self._live = None
+        return out
 
     def _emit(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out = []
@@ -322,8 +437,24 @@ class StreamParser:
             out, self._buf = self._buf, ""
             return out, []
         calls = self._drain(final=True)
+        if self._live is not None:
+            # Cut short (max_tokens) inside a streamed call: what was sent stays sent.
+            self._live, self._buf = None, ""
         if not calls and self._buf:
             # It looked like a call and was not one: it was content after all.
             self._content += self._buf
             self._buf = ""
         return self._take_content(), calls
+
+
+def _merged(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One delta item per call index: a call's header and its first argument fragments, sent in
+    the same step, go out as one item (as OpenAI's do)."""
+    out: list[dict[str, Any]] = []
+    for d in deltas:
+        if out and out[-1]["index"] == d["index"]:
+            fn = out[-1].setdefault("function", {})
+            fn["arguments"] = fn.get("arguments", "") + d.get("function", {}).get("arguments", "")
+        else:
+            out.append({**d, "function": dict(d.get("function", {}))})
+    return out

@@ -43,6 +43,7 @@ import collections
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -100,6 +101,12 @@ def _counts_history(params: SamplingParams) -> bool:
         or params.repetition_penalty != 1
         or bool(params.grammar)
     )
+
+
+def _needs_prompt_ids(params: SamplingParams) -> bool:
+    """A route's last stage must be told the prompt: its sampling counts tokens, or it scores
+    the prompt (prompt_logprobs)."""
+    return _counts_history(params) or (params.prompt_logprobs is not None and params.resumed == 0)
 
 
 def _resume_text(seq: Sequence, streamed: list[int]) -> None:
@@ -176,6 +183,13 @@ class Sequence:
         return self.prompt + self.generated
 
     @property
+    def stage_key(self) -> str:
+        """Its name on a route's stage link. An n > 1 request on a route runs as one sequence
+        per choice under the request's id; the stages hold one state per key, so a choice other
+        than the first is named with its number."""
+        return self.request_id if self.choice == 0 else f"{self.request_id}#{self.choice}"
+
+    @property
     def slots(self) -> int:
         """Batch slots it holds: one per choice it will fork into."""
         return 1 if self.forked else self.params.n
@@ -219,6 +233,9 @@ class Relayed:
     prompt: list[int] = field(default_factory=list)
     output: list[int] = field(default_factory=list)
     matcher: Any = None  # structured outputs, at the last stage
+    # prompt_logprobs, at the last stage: filled chunk by chunk (the head runs on every prompt
+    # chunk), sent back to the driver once with the first token.
+    prompt_lps: list[TokenLogprob | None] | None = None
 
     @property
     def stage(self) -> RouteStage:
@@ -454,16 +471,24 @@ class Engine:
             gateway_id=gateway_id,
             prompt=list(prompt),
             params=params,
-            decoder=IncrementalDecoder(self.tok),
-            generator=_generator(params, self.cfg.vocab_size),
+            decoder=IncrementalDecoder(self.tok, params.keep_special),
+            generator=_generator(params, self.cfg.vocab_size, params.choice),
             route=list(route or []) if route and len(route) > 1 else [],
             max_stop=max((len(s) for s in params.stop), default=0),
             arrived_at=arrived_at or time.time(),
             attempt=attempt,
+            # One choice of an n > 1 request sent as one sequence per choice (migrated, or on a
+            # pipelined route; n = 1 here): it goes on as that choice.
+            choice=params.choice,
         )
         if 0 < params.resumed <= len(prompt):
             _resume_text(seq, prompt[-params.resumed :])
         self._inbox.append(seq)
+
+    def warm_grammar(self) -> Future[None]:
+        """Prepare structured outputs' tokenizer on their helper thread (the worker does it when it
+        takes the model), so the first guided request's step does not stall its batch for it."""
+        return self._grammar.warm()
 
     def cancel(self, request_id: str) -> None:
         self._cancels.append(request_id)
@@ -610,6 +635,8 @@ class Engine:
                         else:
                             self._send_driven(one, out[b : b + 1], outbox)
                 else:
+                    if seg.logits_all is not None:
+                        self._record_relayed_prompt_lps(obj, seg.logits_all[0])
                     self._finish_relayed(obj, out, outbox)
         self._retire_finished(events, outbox)
         for seq in [*self.running, *self.driven.values()]:
@@ -945,7 +972,8 @@ class Engine:
                 self.kv.copy_block(seq.table[full], spare[i - 1])
             child = Sequence(
                 request_id=seq.request_id, gateway_id=seq.gateway_id, prompt=seq.prompt, params=seq.params,
-                decoder=IncrementalDecoder(self.tok), generator=_generator(seq.params, self.cfg.vocab_size, i),
+                decoder=IncrementalDecoder(self.tok, seq.params.keep_special),
+                generator=_generator(seq.params, self.cfg.vocab_size, i),
                 max_stop=seq.max_stop, arrived_at=seq.arrived_at, done=seq.done, table=table, target=seq.target,
                 keys=list(seq.keys), registered=min(seq.registered, full), admitted=seq.admitted, choice=i,
                 forked=True, prompt_lps_sent=True, attempt=seq.attempt,
@@ -1019,7 +1047,7 @@ class Engine:
     # ------------------------------------------------------------ driven (first stage)
     def _start_driven(self, seq: Sequence) -> None:
         seq.next_ids = list(seq.prompt)
-        self.driven[seq.request_id] = seq
+        self.driven[seq.stage_key] = seq
 
     def _driven_segment(self, seq: Sequence) -> Segment:
         """The next chunk of a driven route's prompt through this worker's first stage (decodes go
@@ -1064,7 +1092,7 @@ class Engine:
         )  # fmt: skip
 
     def _send_driven(self, seq: Sequence, hidden: torch.Tensor, outbox: list[Outgoing]) -> None:
-        frame = StageInput(seq.request_id, prefill=not seq.prefilled, pos=seq.length - 1, sent_at=time.time())
+        frame = StageInput(seq.stage_key, prefill=not seq.prefilled, pos=seq.length - 1, sent_at=time.time())
         rest: list[int] = []
         if not seq.prefilled:
             assert seq.next_ids is not None
@@ -1072,9 +1100,9 @@ class Engine:
             rest = seq.next_ids[n:]
             # A prompt chunk tells the next stage everything it needs to take the request on.
             frame = StageInput(
-                seq.request_id, True, seq.length - 1, start=seq.done, final=not rest, sent_at=frame.sent_at,
+                seq.stage_key, True, seq.length - 1, start=seq.done, final=not rest, sent_at=frame.sent_at,
                 route=list(seq.route), index=1, params=seq.params, arrived_at=seq.arrived_at,
-                tokens=seq.prompt if seq.done == 0 and _counts_history(seq.params) else [],
+                tokens=seq.prompt if seq.done == 0 and _needs_prompt_ids(seq.params) else [],
             )  # fmt: skip
             seq.done += n
             seq.chunk = 0
@@ -1093,10 +1121,13 @@ class Engine:
         T = inp.hidden.shape[1]
         rel.length = inp.start + T
         st = rel.stage
-        return prompt_chunk(
-            range(st.start, st.end), self.kv, self._tables([rel]), inp.start, T, rel.last and inp.final,
+        scores = rel.last and rel.params.prompt_logprobs is not None and rel.params.resumed == 0
+        seg = prompt_chunk(
+            range(st.start, st.end), self.kv, self._tables([rel]), inp.start, T, rel.last and (inp.final or scores),
             self.model.device, hidden=inp.hidden,
         )  # fmt: skip
+        seg.all_logits = scores
+        return seg
 
     def _finish_relayed(self, rel: Relayed, out: torch.Tensor, outbox: list[Outgoing]) -> None:
         inp = rel.computing
@@ -1117,7 +1148,10 @@ class Engine:
                     outbox.append(Outgoing(rel.driver, StageError(rel.request_id, ended)))
                     return
                 done = ended or toks[0] in self._eos
-            outbox.append(Outgoing(rel.driver, StageToken(rel.request_id, toks[0], lps[0], stop=done)))
+            plps, rel.prompt_lps = rel.prompt_lps, None
+            outbox.append(
+                Outgoing(rel.driver, StageToken(rel.request_id, toks[0], lps[0], stop=done, prompt_logprobs=plps))
+            )
             return
         frame = StageInput(
             rel.request_id, inp.prefill, rel.length - 1, start=inp.start, final=inp.final, sent_at=time.time(),
@@ -1125,6 +1159,19 @@ class Engine:
             tokens=rel.prompt if inp.prefill and inp.start == 0 else [],
         )  # fmt: skip
         outbox.append(Outgoing(rel.route[rel.index + 1], frame, out))
+
+    def _record_relayed_prompt_lps(self, rel: Relayed, logits: torch.Tensor) -> None:
+        """Prompt logprobs at a route's last stage from a chunk's logits (positions start..start+T-1
+        predict prompt tokens start+1..start+T), as a whole instance records them."""
+        inp = rel.computing
+        assert inp is not None
+        start, T = inp.start, int(inp.hidden.shape[1])
+        if start == 0:
+            rel.prompt_lps = [None]
+        if rel.prompt_lps is None or len(rel.prompt_lps) != start + 1:
+            return
+        targets = rel.prompt[start + 1 : min(start + T + 1, len(rel.prompt))]
+        rel.prompt_lps.extend(prompt_logprobs(logits[: len(targets)], targets, rel.params.prompt_logprobs or 0))
 
     # ------------------------------------------------------------ stage messages
     def _apply_stage_frames(self, events: list[tuple[str, TokenEvent]], outbox: list[Outgoing]) -> None:
@@ -1137,6 +1184,8 @@ class Engine:
             elif isinstance(f, StageToken):
                 seq = self.driven.get(f.request_id)
                 if seq is not None and seq.finish is None:
+                    if f.prompt_logprobs is not None and seq.wants_prompt_lps:
+                        seq.prompt_lps = list(f.prompt_logprobs)
                     self._accept_token(seq, f.token, f.logprob, grammar_done=f.stop)
                     if seq.finish is None:
                         seq.next_ids = [f.token]
@@ -1182,7 +1231,7 @@ class Engine:
                 route=list(f.route),
                 index=f.index,
                 params=f.params,
-                generator=_generator(f.params, self.cfg.vocab_size),
+                generator=_generator(f.params, self.cfg.vocab_size, f.params.choice),
                 arrived_at=f.arrived_at or time.time(),
                 prompt=list(f.tokens),
             )
@@ -1288,10 +1337,10 @@ class Engine:
                 self._release(seq)
         for seq in [s for s in self.driven.values() if s.finish is not None]:
             events.append((seq.gateway_id, self._final_event(seq)))
-            del self.driven[seq.request_id]
+            del self.driven[seq.stage_key]
             self._release(seq)
             for st in seq.route[1:]:
-                outbox.append(Outgoing(st, StageClose(seq.request_id)))
+                outbox.append(Outgoing(st, StageClose(seq.stage_key)))
 
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.table + seq.fork_blocks)

@@ -10,6 +10,7 @@ one user at a time.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -33,18 +34,35 @@ class GrammarMasks:
     def __init__(self, tok: Tokenizer, vocab: int, eos: list[int]) -> None:
         self._tok, self.vocab, self.eos = tok, vocab, eos
         self._lltok: llguidance.LLTokenizer | None = None
+        self._lltok_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         # One Rust call fills the whole step's masks (one interpreter-lock release, not one per
         # sequence); one thread: the model's torch threads have the other cores.
         self._executor: llguidance.LLExecutor | None = None
         self._shifts = torch.arange(32, dtype=torch.int32)
 
+    def warm(self) -> Future[None]:
+        """Build llguidance's view of the tokenizer now, on the helper thread (about half a second
+        for a 50k vocabulary), so that the first guided request's step does not wait for it and
+        hold up the rest of its batch. A worker calls it when it takes a model."""
+        return self._helper().submit(self._build_tokenizer)
+
+    def _build_tokenizer(self) -> None:
+        try:
+            self._tokenizer()
+        except structured.GrammarError:
+            # A tokenizer structured outputs cannot use: a guided request gets that error itself.
+            return
+
+    def _helper(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        return self._pool
+
     def start(self, seqs: list[Any]) -> Future[dict[int, torch.Tensor]] | None:
         if not seqs:
             return None
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
-        return self._pool.submit(self._compute, list(seqs))
+        return self._helper().submit(self._compute, list(seqs))
 
     def finish(self, pending: Future[dict[int, torch.Tensor]] | None) -> dict[int, torch.Tensor]:
         """The allowed tokens of each sequence started, by id(sequence): bool [vocab]."""
@@ -62,9 +80,10 @@ class GrammarMasks:
 
     def _tokenizer(self) -> llguidance.LLTokenizer:
         # Built once, on first use (about half a second for a 50k vocabulary), on the helper thread.
-        if self._lltok is None:
-            self._lltok = structured.tokenizer_for(self._tok, self.vocab, self.eos)
-        return self._lltok
+        with self._lltok_lock:  # the helper thread, or the engine thread for a late matcher
+            if self._lltok is None:
+                self._lltok = structured.tokenizer_for(self._tok, self.vocab, self.eos)
+            return self._lltok
 
     def _matcher(self, seq: Guided) -> Any:
         m = llguidance.LLMatcher(self._tokenizer(), seq.params.grammar, log_level=0)

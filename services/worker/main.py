@@ -30,6 +30,7 @@ from cascade.messages import (
     BatchReply,
     Cancel,
     GenerateBatch,
+    GenerateRequest,
     Heartbeat,
     InstanceMetrics,
     LoadModel,
@@ -413,29 +414,40 @@ class WorkerService:
         accepted: list[str] = []
         rejected: list[Rejection] = []
         eng = self.slot.engine
+        # An n > 1 request that migrated, or that takes a pipelined route, comes as one entry per
+        # (unfinished) choice, all under its id: they are taken or turned away together.
+        groups: dict[str, list[GenerateRequest]] = {}
         for r in batch.requests:
-            why = self._reject_reason(r.model, len(r.prompt_ids), r.route, eng)
-            if why is None and len(r.route) > 1 and (r.params.prompt_logprobs is not None or r.params.n > 1):
-                # The gateway sends these to whole instances; the last stage sends no prompt logits back.
-                why = "invalid", "prompt_logprobs and n > 1 need a whole instance, not a pipelined route"
+            groups.setdefault(r.request_id, []).append(r)
+        for rid, group in groups.items():
+            why = next((w for r in group if (w := self._refusal(r, eng)) is not None), None)
             if why is not None:
-                rejected.append(Rejection(r.request_id, why[0], why[1]))
+                rejected.append(Rejection(rid, why[0], why[1]))
                 continue
             assert eng is not None
-            eng.submit(
-                r.request_id,
-                batch.gateway_id,
-                r.prompt_ids,
-                r.params,
-                route=r.route,
-                arrived_at=r.arrived_at,
-                attempt=r.attempt,
-            )
-            accepted.append(r.request_id)
+            for r in group:
+                eng.submit(
+                    r.request_id,
+                    batch.gateway_id,
+                    r.prompt_ids,
+                    r.params,
+                    route=r.route,
+                    arrived_at=r.arrived_at,
+                    attempt=r.attempt,
+                )
+            accepted.append(rid)
         if accepted:
             self.idle.clear()
             self.runner.wake()
         return BatchReply(accepted=accepted, rejected=rejected)
+
+    def _refusal(self, r: GenerateRequest, eng: Engine | None) -> tuple[str, str] | None:
+        why = self._reject_reason(r.model, len(r.prompt_ids), r.route, eng)
+        if why is None and len(r.route) > 1 and r.params.n > 1:
+            # n choices fork off one prefill's KV, which a route splits across stages: the gateway
+            # sends a route one entry per choice instead.
+            return "invalid", "n > 1 on a pipelined route comes as one entry per choice"
+        return why
 
     def _reject_reason(
         self, model: str, prompt_len: int, route: list[RouteStage], eng: Engine | None
@@ -520,6 +532,7 @@ class WorkerService:
             max_model_len=max_len, logprobs_mode="processed" if s.logprobs_mode == "processed" else "raw",
             kv_layers=order.stage_end - order.stage_start if isinstance(order, LoadModel) else 0,
         )  # fmt: skip
+        eng.warm_grammar()
         self.log.info(
             "kv_cache", mb=round(kv_bytes / 1e6, 1), measured=measured, blocks=eng.blocks.total,
             block_size=s.kv_block_size, max_model_len=eng.max_model_len, prefix_caching=s.prefix_caching,
