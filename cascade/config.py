@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from cascade.stages import StageError, check_ranges
+
 DEFAULT_NATS_PORT = 4222
 DEFAULT_MODEL = "cascade-tiny"
 LOADING_MODES = ("multicast", "host-cache", "disk")
@@ -158,6 +160,11 @@ class ModelDeployment:
     # the worker's default explicitly: the measured budget, the model's context.
     kv_cache_mb: float | None = None
     max_model_len: int | None = None
+    # Pipeline-parallel instances (docs/pipelined-and-shared.md): each instance is `stages` workers,
+    # each holding a contiguous range of decoder layers; `stage_layers` gives the ranges explicitly
+    # ([start, end) per stage), else the layers are split evenly.
+    stages: int = 1
+    stage_layers: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +203,8 @@ def entry_json(m: ModelDeployment) -> dict[str, Any]:
         "source": m.source,
         "kv_cache_mb": m.kv_cache_mb,
         "max_model_len": m.max_model_len,
+        "stages": m.stages,
+        "stage_layers": [list(r) for r in m.stage_layers],
         "generate": None if m.generate is None else {k: getattr(m.generate, k) for k in GenerateSpec.__slots__},
     }
 
@@ -291,6 +300,7 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
     if scaling not in SCALING_MODES:
         raise ConfigError(f"model {name}: scaling must be one of {', '.join(SCALING_MODES)} (got {scaling!r})")
     kv_cache_mb, max_model_len = kv_limits(name, t.get("kv_cache_mb"), t.get("max_model_len"))
+    stages, stage_layers = stage_settings(name, t.get("stages"), t.get("stage_layers"))
     return ModelDeployment(
         name=name,
         path=path,
@@ -304,6 +314,8 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
         source=source,
         kv_cache_mb=kv_cache_mb,
         max_model_len=max_model_len,
+        stages=stages,
+        stage_layers=stage_layers,
     )
 
 
@@ -409,3 +421,26 @@ def load_deployment(path: Path | None, home: Path | None = None) -> Deployment:
 
 def with_replicas(dep: Deployment, replicas: int) -> Deployment:
     return Deployment(models=tuple(replace(m, min_replicas=replicas) for m in dep.models))
+
+
+def stage_settings(name: str, stages: Any, stage_layers: Any) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """A model's `stages` and `stage_layers` checked (docs/pipelined-and-shared.md): a whole number
+    of stages >= 1; ranges, when given, contiguous from layer 0 and one per stage. Whether they end
+    at the model's last layer is checked when the checkpoint is read (the loader)."""
+    if stage_layers is not None and not isinstance(stage_layers, list | tuple):
+        raise ConfigError(f"model {name}: stage_layers must be a list of [start, end) pairs (got {stage_layers!r})")
+    ranges: tuple[tuple[int, int], ...] = ()
+    if stage_layers:
+        try:
+            ranges = check_ranges([r if isinstance(r, list | tuple) else [r] for r in stage_layers])
+        except StageError as e:
+            raise ConfigError(f"model {name}: stage_layers: {e}") from None
+    if stages is None:
+        n = len(ranges) or 1
+    elif isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ConfigError(f"model {name}: stages must be a whole number >= 1 (got {stages!r})")
+    else:
+        n = stages
+    if ranges and len(ranges) != n:
+        raise ConfigError(f"model {name}: stage_layers gives {len(ranges)} ranges for stages = {n}")
+    return n, ranges

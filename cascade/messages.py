@@ -216,6 +216,16 @@ class Heartbeat:
     max_model_len: int = 0
     # Sequences preempted for KV blocks since the worker started (vLLM's num_preemptions_total).
     num_preemptions: int = 0
+    # A stage of a pipeline-parallel instance (docs/pipelined-and-shared.md): the instance's id,
+    # and the decoder layers [stage_start, stage_end) this worker runs for it. "" / 0, 0: a whole
+    # instance of its own.
+    group: str = ""
+    stage_start: int = 0
+    stage_end: int = 0
+    # Sharing one worker (docs/pipelined-and-shared.md): the worker process (device) this instance
+    # runs on when it shares it with others ("" when it has it alone), and its compute quota.
+    shared_device: str = ""
+    quota: float = 0.0
 
 
 @message("worker_gone")
@@ -266,6 +276,12 @@ class LoadModel:
     # The deployment's KV settings for this model (None: the worker's own flag/env default).
     kv_cache_mb: float | None = None
     max_model_len: int | None = None
+    # Load one stage of a pipeline-parallel instance: the decoder layers [stage_start, stage_end)
+    # and the units they need (embedding on the first stage, head on the last), as instance
+    # `group`. stage_end 0: the whole model.
+    group: str = ""
+    stage_start: int = 0
+    stage_end: int = 0
 
 
 @message("unload_model")
@@ -727,3 +743,54 @@ class ServiceReady:
 
 
 MESSAGE_TYPES: dict[str, type[Any]] = _REGISTRY
+
+
+@message("set_quota")
+class SetQuota:
+    """Scaler (or an operator) → an instance on a shared worker: its compute quota from the next
+    engine step on, a share relative to the quotas of the other instances on that worker
+    (docs/pipelined-and-shared.md). Answered with `QuotaSet`, or `ErrorReply` `bad_quota`."""
+
+    quota: float
+    decision_id: str = ""
+    reason: str = ""
+
+
+@message("quota_set")
+class QuotaSet:
+    """A quota applied on a worker (the reply to `SetQuota`, also published as an event): the
+    instance's quota, its share of the worker's steps while every instance there has work
+    (quota / sum of quotas), and every instance's quota on that worker."""
+
+    worker_id: str
+    device: str
+    quota: float
+    share: float
+    quotas: dict[str, float] = field(default_factory=dict)
+    decision_id: str = ""
+    reason: str = ""
+    ts: float = 0.0
+
+
+@message("placed_stage")
+class PlacedStage:
+    """One stage of a pipelined instance: the worker and its decoder layers [start, end)."""
+
+    worker_id: str
+    start: int
+    end: int
+
+
+@message("instance_placed")
+class InstancePlaced:
+    """Loader → everyone: where a pipelined instance's stages are (docs/pipelined-and-shared.md).
+    `state`: "loading" when the stages are ordered, "serving" once every stage serves, "failed"
+    (its stages are unloaded; `reason` says why) or "removed" (scaled down)."""
+
+    decision_id: str
+    model: str
+    group: str
+    stages: list[PlacedStage]
+    state: Literal["loading", "serving", "failed", "removed"]
+    reason: str = ""
+    ts: float = 0.0

@@ -97,6 +97,14 @@ class Subjects:
         scaling), bounded by the KV slots the worker allocated."""
         return f"{self.prefix}.worker.{check_token(worker_id)}.batch_limit"
 
+    def quota(self, worker_id: str) -> str:
+        """Request/reply, scaler or operator → an instance on a shared worker: its compute quota."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.quota"
+
+    def quota_set(self, worker_id: str) -> str:
+        """Worker → anyone (cascade tap, status): a quota applied, as every decision is published."""
+        return f"{self.prefix}.worker.{check_token(worker_id)}.quota_set"
+
     # ---- gateways ----------------------------------------------------------
     def tokens(self, gateway_id: str) -> str:
         """Worker → gateway: token events of one engine step for every request of that gateway."""
@@ -138,6 +146,11 @@ class Subjects:
     def transfer_plan(self) -> str:
         """Loader → everyone: the transfer plan of a scale-up, and every re-plan (`cascade tap`)."""
         return f"{self.prefix}.transfer.plan"
+
+    def placement(self) -> str:
+        """Loader → everyone: a pipelined instance placed on its workers, up, failed or removed
+        (`InstancePlaced`; docs/pipelined-and-shared.md)."""
+        return f"{self.prefix}.placement"
 
     def loader_decisions(self) -> str:
         """Request/reply, scaler → loader: the decisions it is carrying out, not acked yet

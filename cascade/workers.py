@@ -66,6 +66,36 @@ class WorkerView:
     ready_seq: int = 0  # the last readiness event applied
     # Which units are ready (by readiness once synced; the heartbeat's prefix before that).
     ready_units: frozenset[int] = frozenset()
+    # A stage of a pipeline-parallel instance (heartbeat): the instance's id and the decoder
+    # layers [stage_start, stage_end) it runs. "" / 0, 0: a whole instance of its own.
+    group: str = ""
+    stage_start: int = 0
+    stage_end: int = 0
+    # The worker process it shares with other instances (`--slots`), "" when it has one alone,
+    # and its compute quota there (heartbeat; what a quota policy reads before it moves one).
+    shared_device: str = ""
+    quota: float = 0.0
+
+    @property
+    def device(self) -> str:
+        """The compute it runs on: its shared worker's id, else its own."""
+        return self.shared_device or self.worker_id
+
+    @property
+    def instance(self) -> str:
+        """The instance this worker is (part of): its group, else itself."""
+        return self.group or self.worker_id
+
+    def serves_stage(self, model: str) -> bool:
+        """A stage of a pipelined instance of `model` with every unit of its layer range ready."""
+        if self.state != "serving" or self.model != model or not self.group or self.stage_end <= self.stage_start:
+            return False
+        layers = self.num_units - 2
+        want = set(range(self.stage_start + 1, self.stage_end + 1))
+        want |= {0} if self.stage_start == 0 else set()
+        want |= {layers + 1} if self.stage_end == layers else set()
+        # Before a snapshot the heartbeat's count is all there is (a stage's units are no prefix).
+        return want <= self.ready_units if self.synced else self.units_ready >= len(want)
 
     @property
     def load(self) -> int:
@@ -194,11 +224,12 @@ class WorkerTable:
         return [self._view(e) for w, e in sorted(self._workers.items()) if self._alive(e, now)]
 
     def instances(self, now: float | None = None) -> dict[str, frozenset[str]]:
-        """Model → workers loading or serving it (by their heartbeats)."""
+        """Model → instances loading or serving it (by their heartbeats): worker ids, and for the
+        stages of a pipelined instance its group id once (one replica of S workers)."""
         out: dict[str, set[str]] = {}
         for v in self.views(now):
             if v.model and v.state in COUNTED_STATES:
-                out.setdefault(v.model, set()).add(v.worker_id)
+                out.setdefault(v.model, set()).add(v.instance)
         return {m: frozenset(ws) for m, ws in out.items()}
 
     def idle(self, now: float | None = None) -> frozenset[str]:
@@ -285,6 +316,11 @@ class WorkerTable:
             consistent=not e.synced or hb.model == e.ready_model,
             ready_seq=e.seq,
             ready_units=ready,
+            group=hb.group,
+            stage_start=hb.stage_start,
+            stage_end=hb.stage_end,
+            shared_device=hb.shared_device,
+            quota=hb.quota,
         )
 
     def _entry(self, worker_id: str, now: float) -> _Entry:

@@ -20,6 +20,11 @@ _INSTANCE_FIELDS = (
     "max_batch",
     "tokens_per_s",
     "loading_mb_s",
+    "group",
+    "stage_start",
+    "stage_end",
+    "shared_device",
+    "quota",
 )
 
 
@@ -46,6 +51,42 @@ def instances(status: MeshStatus) -> list[dict[str, Any]]:
             else None
         )
         out.append(row)
+    return out
+
+
+def pipelined(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per pipelined instance: its stages in layer order, each as worker [start, end) state."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("group"):
+            groups.setdefault(str(r["group"]), []).append(r)
+    out = []
+    for g, members in sorted(groups.items()):
+        members.sort(key=lambda r: r.get("stage_start") or 0)
+        stages = "  ".join(
+            f"{r['worker_id']} [{r.get('stage_start')}, {r.get('stage_end')}) {r.get('state') or '?'}" for r in members
+        )
+        out.append([g, str(members[0].get("model") or "-"), stages])
+    return out
+
+
+def shared(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per shared worker: each instance on it with its model (or stage), quota and share."""
+    devices: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("shared_device"):
+            devices.setdefault(str(r["shared_device"]), []).append(r)
+    out = []
+    for d, members in sorted(devices.items()):
+        total = sum(float(r.get("quota") or 0) for r in members) or 1.0
+        cells = []
+        for r in members:
+            what = str(r.get("model") or "idle")
+            if r.get("group"):
+                what += f" [{r.get('stage_start')}, {r.get('stage_end')})"
+            q = float(r.get("quota") or 0)
+            cells.append(f"{r['worker_id']} {what} quota {q:g} ({100 * q / total:.0f}%)")
+        out.append([d, "  ".join(cells)])
     return out
 
 
@@ -176,6 +217,14 @@ def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
             # Heartbeat figures: generated over the last few seconds, 0 once an engine goes quiet.
             now = ", ".join(f"{m} {v:.1f}" for m, v in sorted(per_model.items()))
             lines.append(f"tokens/s now (last 5 s): {now}")
+    prows = pipelined(rows)
+    if prows:
+        lines += ["", "pipelined instances (a stage per worker: decoder layers [start, end)):"]
+        lines.append(table(["GROUP", "MODEL", "STAGES"], prows))
+    srows = shared(rows)
+    if srows:
+        lines += ["", "shared workers (instances stepped by compute quota; share = quota / sum on that worker):"]
+        lines.append(table(["WORKER", "INSTANCES"], srows))
     trows = transfers(status)
     if trows:
         lines += ["", "transfers (in flight first, then the latest done):"]

@@ -36,6 +36,7 @@ from cascade.config import Deployment, ModelDeployment, mesh_file, read_mesh_fil
 from cascade.messages import Heartbeat, MessageError, ServiceReady, WorkerGone, decode, encode
 from cascade.natsauth import PASSWORD_ENV, TOKEN_ENV, USER_ENV, NatsCredentials
 from cascade.natsutil import connect, stop_event
+from cascade.stages import covers
 from cascade.subjects import Subjects
 
 # While `cascade up` waits for the mesh and nothing changes, it says what it waits for this often.
@@ -173,18 +174,34 @@ class Readiness:
 
     deployment: Deployment
     ready_pids: set[int] = field(default_factory=set)
-    beats: dict[int, Any] = field(default_factory=dict)  # pid → latest Heartbeat
+    # (pid, worker id) → latest Heartbeat: a shared worker (--slots) beats once per instance.
+    beats: dict[tuple[int, str], Any] = field(default_factory=dict)
 
     def serving(self, model: ModelDeployment, pids: set[int]) -> list[Any]:
-        return [
+        whole = [
             hb
-            for pid, hb in self.beats.items()
+            for (pid, _), hb in self.beats.items()
             if pid in pids
             and hb.model == model.name
             and hb.state == "serving"
             and hb.num_units > 0
             and hb.units_ready == hb.num_units
         ]
+        return whole + self.serving_pipelines(model, pids)
+
+    def serving_pipelines(self, model: ModelDeployment, pids: set[int]) -> list[Any]:
+        """One heartbeat (the first stage's) per pipelined instance of `model` whose every stage
+        serves its layers (docs/pipelined-and-shared.md)."""
+        groups: dict[str, list[Any]] = {}
+        for (pid, _), hb in self.beats.items():
+            if pid in pids and hb.model == model.name and hb.group and hb.state == "serving":
+                groups.setdefault(hb.group, []).append(hb)
+        out = []
+        for members in groups.values():
+            members.sort(key=lambda hb: hb.stage_start)
+            if covers([(hb.stage_start, hb.stage_end) for hb in members], members[0].num_units - 2):
+                out.append(members[0])
+        return out
 
     def missing(self, children: list[Child]) -> list[str]:
         """What is not up yet, in words (empty when everything is)."""
@@ -197,7 +214,7 @@ class Readiness:
             if len(have) < m.min_replicas:
                 loading = [
                     f"{hb.worker_id} {hb.state} {hb.units_ready}/{hb.num_units}"
-                    for pid, hb in sorted(self.beats.items())
+                    for (pid, _), hb in sorted(self.beats.items(), key=lambda kv: kv[0])
                     if pid in worker_pids and hb.model == m.name and hb not in have
                 ]
                 extra = f"; {', '.join(loading)}" if loading else ""
@@ -240,7 +257,7 @@ class Supervisor:
         self.changed = asyncio.Event()
         self.stopping = False
         self._wrote_mesh = False
-        self._last_worker_state: dict[int, tuple[str, str | None, int]] = {}
+        self._last_worker_state: dict[tuple[int, str], tuple[str, str | None, int]] = {}
         self._preexec = make_die_with_parent()
         # The embedded broker (an EmbeddedNats), watched and restarted like a child.
         self.broker = broker
@@ -488,15 +505,16 @@ class Supervisor:
         self.changed.set()
 
     def on_heartbeat(self, hb: Any) -> None:
-        self.readiness.beats[hb.pid] = hb
+        self.readiness.beats[(hb.pid, hb.worker_id)] = hb
         c = self._by_pid(hb.pid)
         # A line per state change and per quarter of a load: a big model's load shows progress.
         quarter = 4 * hb.units_ready // hb.num_units if hb.num_units else 0
         key = (hb.state, hb.model, quarter)
-        if c is not None and self._last_worker_state.get(hb.pid) != key:
-            self._last_worker_state[hb.pid] = key
+        if c is not None and self._last_worker_state.get((hb.pid, hb.worker_id)) != key:
+            self._last_worker_state[(hb.pid, hb.worker_id)] = key
             model = f" {hb.model}" if hb.model else ""
-            print(f"  {c.name}: {hb.state}{model} ({hb.units_ready}/{hb.num_units} units)", flush=True)
+            name = f"{c.name} [{hb.worker_id}]" if hb.shared_device else c.name
+            print(f"  {name}: {hb.state}{model} ({hb.units_ready}/{hb.num_units} units)", flush=True)
         self.changed.set()
 
     async def wait_up(self, deadline: float, stop: asyncio.Event) -> bool:

@@ -114,6 +114,12 @@ def _scale_ack(x: m.ScaleAck) -> str:
     return text + (f" error={_short(x.error, 80)!r}" if x.error else "")
 
 
+def _quota_set(x: m.QuotaSet) -> str:
+    every = ",".join(f"{k}:{v:g}" for k, v in sorted(x.quotas.items()))
+    text = f"{x.worker_id} on {x.device} quota={x.quota:g} share={100 * x.share:.0f}% all={every}"
+    return text + f" decision={x.decision_id or '-'}"
+
+
 _FORMATS: dict[type[Any], Callable[[Any], str]] = {
     m.Heartbeat: _heartbeat,
     m.LayerReady: _layer_ready,
@@ -126,7 +132,10 @@ _FORMATS: dict[type[Any], Callable[[Any], str]] = {
     m.TransferEvent: _transfer_event,
     m.TransferPlanned: _transfer_plan,
     m.HostCacheRequest: lambda x: f"{x.action} {x.model}",
-    m.LoadModel: lambda x: f"model={x.model} path={x.path} decision={x.decision_id or '-'}",
+    m.LoadModel: lambda x: (
+        f"model={x.model} path={x.path} decision={x.decision_id or '-'}"
+        + (f" stage={x.group}[{x.stage_start},{x.stage_end})" if x.stage_end else "")
+    ),
     m.UnloadModel: lambda x: f"decision={x.decision_id or '-'}",
     m.Cancel: lambda x: f"ids={_ids(x.request_ids)}",
     m.ScaleRequest: lambda x: f"{x.model} replicas={x.replicas}",
@@ -134,6 +143,15 @@ _FORMATS: dict[type[Any], Callable[[Any], str]] = {
     m.ServiceStatus: lambda x: f"{x.service} {x.instance} pid={x.pid}",
     m.StatusRequest: lambda x: f"from={x.requester or '-'}",
     m.ErrorReply: lambda x: f"{x.code}: {_short(x.message, 80)}",
+    m.SetQuota: lambda x: (
+        f"quota={x.quota:g} decision={x.decision_id or '-'}" + (f" reason={_short(x.reason, 60)!r}" if x.reason else "")
+    ),
+    m.QuotaSet: _quota_set,
+    m.InstancePlaced: lambda x: (
+        f"{x.group} {x.model} {x.state.upper() if x.state == 'failed' else x.state} "
+        + " ".join(f"{s.worker_id}[{s.start},{s.end})" for s in x.stages)
+        + (f" reason={_short(x.reason, 80)!r}" if x.reason else "")
+    ),
 }
 
 

@@ -67,7 +67,7 @@ from services.gateway.meshwatch import Frame, MeshWatch
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError, GenerationSpec
 from services.gateway.registry import Registry
-from services.gateway.router import Route, choose_route, models_without_instance, serves_fully
+from services.gateway.router import Route, choose_route, models_without_instance, pipelines, serves_fully
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import Failure, Phase, RequestState, StreamHub
 from services.gateway.tools import Parser, infer_parser
@@ -815,7 +815,7 @@ class GatewayCore:
 
     def instances_by_model(self) -> dict[str, int]:
         views = self.registry.views()
-        return {name: sum(serves_fully(v, name) for v in views) for name in self.batchers}
+        return {name: sum(serves_fully(v, name) for v in views) + len(pipelines(views, name)) for name in self.batchers}
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         missing = models_without_instance(self.registry.views(), self.catalog.required())

@@ -76,6 +76,9 @@ class Registry:
                     kv_cache_usage=v.kv_cache_usage,
                     unstarted_tokens=tokens,
                     unstarted_prompts=prompts,
+                    group=v.group,
+                    stage_start=v.stage_start,
+                    stage_end=v.stage_end,
                 )
             )
         return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from math import ceil, floor
 
 from cascade.messages import RouteStage
+from cascade.stages import covers
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,11 @@ class InstanceView:
     unstarted_prompts: int = 0  # and how many prompts those are
     driven: int = 0  # from the heartbeat: routes it drives (in `running` too)
     kv_cache_usage: float = 0.0  # from the heartbeat: KV blocks held over usable blocks (0..1)
+    # From the heartbeat: a stage of a pipeline-parallel instance (its id and the decoder layers
+    # [stage_start, stage_end) it runs); "" / 0, 0 for a whole instance.
+    group: str = ""
+    stage_start: int = 0
+    stage_end: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +138,8 @@ def choose_instance(
 
 
 def models_without_instance(instances: Sequence[InstanceView], required: Iterable[str]) -> list[str]:
-    """The models in `required` that no instance can serve fully (what /health reports)."""
-    return [m for m in required if not any(serves_fully(v, m) for v in instances)]
+    """The models in `required` that no instance, whole or pipelined, can serve (what /health reports)."""
+    return [m for m in required if not any(serves_fully(v, m) for v in instances) and not pipelines(instances, m)]
 
 
 # Prompts are computed a step's prefill budget at a time: with long prompts an instance with free
@@ -256,10 +262,13 @@ def choose_route(
     Stop-the-world scaling (`live` false) never splits: a loading instance gets nothing until
     it holds every layer.
     """
+    pipe = choose_pipeline(instances, model, avoid)
     full_id = choose_instance(instances, model, avoid)
     if full_id is None:
-        return None
+        return pipe
     full = next(v for v in instances if v.worker_id == full_id)
+    if pipe is not None and _prefer_pipeline(pipe, full, instances, avoid):
+        return pipe
     # Late binding: when even the least-loaded instance is past its batch limit and queue, the
     # request waits here rather than in that instance's queue (None: the batcher holds it until
     # a slot frees, an instance appears, or its deadline).
@@ -290,3 +299,87 @@ def choose_route(
             RouteStage(full.worker_id, k, num_layers, full.stage_addr),
         ),
     )
+
+
+# ---- pipeline-parallel instances (docs/pipelined-and-shared.md) ----------------------------------
+
+
+def serves_stage(view: InstanceView, model: str) -> bool:
+    """`view` is a serving stage of a pipelined instance of `model`, every unit of its range ready."""
+    if view.state != "serving" or view.model != model or not view.group or not view.stage_addr:
+        return False
+    layers = view.num_units - 2
+    if not 0 <= view.stage_start < view.stage_end <= layers:
+        return False
+    need = view.stage_end - view.stage_start + (view.stage_start == 0) + (view.stage_end == layers)
+    return view.units_ready >= need
+
+
+def pipelines(instances: Iterable[InstanceView], model: str) -> list[tuple[InstanceView, ...]]:
+    """The complete pipelined instances of `model`: each group's serving stages, front to back,
+    when they run every layer once. A group with a stage missing (lost, still loading, draining)
+    is no route: its requests would stop at the gap."""
+    groups: dict[str, list[InstanceView]] = {}
+    for v in instances:
+        if serves_stage(v, model):
+            groups.setdefault(v.group, []).append(v)
+    out = []
+    for _, members in sorted(groups.items()):
+        members.sort(key=lambda v: v.stage_start)
+        if covers([(v.stage_start, v.stage_end) for v in members], members[0].num_units - 2):
+            out.append(tuple(members))
+    return out
+
+
+def pipeline_load(head: InstanceView) -> float:
+    """Sequences on a pipelined instance, in full-sequence equivalents: what its first stage drives.
+
+    Every request of the instance is a route its head drives through all its stages, one for one
+    (unlike a live route's head, whose routes run a few of the model's layers: `route_load`), so
+    the head's own count is the instance's, corrected for what this gateway sent since."""
+    fresh = head.running + head.waiting + head.inflight - head.inflight_at_heartbeat
+    return max(fresh, head.inflight, head.kv_cache_usage * max(head.max_batch, 1), 0)
+
+
+def _pipeline_key(stages: tuple[InstanceView, ...], avoid: Sequence[str] | frozenset[str]) -> tuple[bool, float, str]:
+    head = stages[0]
+    avoided = any(v.worker_id in avoid for v in stages)
+    return avoided, pipeline_load(head) / max(head.max_batch, 1), head.group
+
+
+def choose_pipeline(
+    instances: Sequence[InstanceView], model: str, avoid: Sequence[str] | frozenset[str] = ()
+) -> Route | None:
+    """The least-loaded complete pipelined instance of `model` as a route through its stages, or
+    None when there is none or it is past its batch limit and queue (the request waits here, as
+    for a whole instance). Instances with a stage in `avoid` only when nothing else serves."""
+    best: tuple[InstanceView, ...] | None = None
+    for stages in pipelines(instances, model):
+        if best is None or _pipeline_key(stages, avoid) < _pipeline_key(best, avoid):
+            best = stages
+    if best is None:
+        return None
+    head = best[0]
+    load = pipeline_load(head)
+    mb = max(head.max_batch, 1)
+    if load >= mb + QUEUE_AHEAD or prefill_backlogged(head):
+        return None
+    room = Room(
+        requests=max(1, ceil(mb + QUEUE_AHEAD - load)),
+        prompts=head.unstarted_prompts,
+        tokens=head.unstarted_tokens,
+        prefill_budget=head.prefill_budget,
+    )
+    route = tuple(RouteStage(v.worker_id, v.stage_start, v.stage_end, v.stage_addr or "") for v in best)
+    return Route(head.worker_id, route, room=room)
+
+
+def _prefer_pipeline(
+    pipe: Route, full: InstanceView, instances: Sequence[InstanceView], avoid: Sequence[str] | frozenset[str]
+) -> bool:
+    """A model served by whole and pipelined instances at once: the pipelined one takes the
+    request when it is less loaded relative to its batch limit (ties to the whole one: no hop)."""
+    head = next(v for v in instances if v.worker_id == pipe.worker_id)
+    pipe_key = (any(s.worker_id in avoid for s in pipe.stages), pipeline_load(head) / max(head.max_batch, 1))
+    full_key = (full.worker_id in avoid, estimated_load(full) / max(full.max_batch, 1))
+    return pipe_key < full_key

@@ -58,3 +58,55 @@ def describe(snapshot: MeshSnapshot) -> str:
         counts[key] = counts.get(key, 0) + 1
     parts = [f"{n} {k}" for k, n in sorted(counts.items())]
     return f"{len(snapshot.workers)} worker(s): " + ", ".join(parts)
+
+
+def choose_instances_for_down(
+    snapshot: MeshSnapshot, model: str, count: int, reserved: Collection[str] = ()
+) -> list[tuple[str, tuple[str, ...]]]:
+    """Instances of `model` to remove, each as (instance id, its workers): a pipelined instance
+    goes whole, every stage of it (a stage left behind serves nobody). The order is
+    `choose_for_down`'s, per instance: loading ones first, then the least loaded (summed over
+    its stages); an instance with a worker in `reserved` is not chosen."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    members: dict[str, list[str]] = {}
+    loading: dict[str, bool] = {}
+    load: dict[str, int] = {}
+    for w in snapshot.workers:
+        if w.model != model or w.state not in ("loading", "serving"):
+            continue
+        key = w.instance
+        members.setdefault(key, []).append(w.worker_id)
+        loading[key] = loading.get(key, False) or w.state == "loading"
+        load[key] = load.get(key, 0) + w.load
+    free = [k for k, ws in members.items() if not any(w in reserved for w in ws)]
+    free.sort(key=lambda k: (not loading[k], load[k], k))
+    return [(k, tuple(sorted(members[k]))) for k in free[:count]]
+
+
+def choose_groups_for_up(
+    snapshot: MeshSnapshot, count: int, stages: int, reserved: Collection[str] = ()
+) -> list[tuple[str, ...]]:
+    """Up to `count` groups of `stages` idle workers, each group's stages on distinct devices
+    (two stages of one instance on one shared worker would take turns on the same compute and
+    pipeline nothing). Workers are taken least loaded first, then by id, as `choose_for_up`
+    takes them; a group that cannot be completed on distinct devices is not formed."""
+    if count < 1 or stages < 1:
+        raise ValueError("count and stages must be at least 1")
+    idle = [w for w in snapshot.workers if w.state == "idle" and w.worker_id not in reserved]
+    idle.sort(key=lambda w: (w.load, w.worker_id))
+    groups: list[tuple[str, ...]] = []
+    while len(groups) < count:
+        group: list[str] = []
+        devices: set[str] = set()
+        for w in idle:
+            if w.device not in devices:
+                group.append(w.worker_id)
+                devices.add(w.device)
+                if len(group) == stages:
+                    break
+        if len(group) < stages:
+            break
+        groups.append(tuple(group))
+        idle = [w for w in idle if w.worker_id not in group]
+    return groups

@@ -31,9 +31,11 @@ from nats.aio.client import Client as NATS
 
 from cascade.config import LOADING_MODES, Deployment, ModelDeployment
 from cascade.messages import (
+    InstancePlaced,
     LoadModel,
     MessageError,
     Ok,
+    PlacedStage,
     PlannedChain,
     RemoteError,
     ScaleAck,
@@ -44,10 +46,19 @@ from cascade.messages import (
     encode,
 )
 from cascade.models.checkpoint import Checkpoint
+from cascade.models.config import read_config
 from cascade.natsutil import RequestTimeout, request
+from cascade.stages import stage_ranges
 from cascade.subjects import Subjects
 from cascade.workers import WorkerTable
-from services.loader.assign import Assignment, choose_for_down, choose_for_up, describe
+from services.loader.assign import (
+    Assignment,
+    choose_for_down,
+    choose_for_up,
+    choose_groups_for_up,
+    choose_instances_for_down,
+    describe,
+)
 from services.loader.cachekeeper import HostCacheKeeper
 from services.loader.planner import (
     Chain,
@@ -62,6 +73,8 @@ from services.loader.planner import (
 )
 from services.loader.settings import LoaderSettings
 from services.loader.transfers import TransferSession, chain_members
+
+PlacementState = typing.Literal["loading", "serving", "failed", "removed"]
 
 # Modes a decision may ask for: the deployment's three, and "star" (the source sends to every
 # target itself) for benchmarks that compare it with the chain.
@@ -162,6 +175,8 @@ class Decisions:
         model = self.deployment.get(d.model)
         if model is None:
             return [], f"model {d.model} is not in the loader's deployment"
+        if model.stages > 1:
+            return await self.scale_up_pipelined(d, model, lg)
         chosen = await self.wait_for_idle(d.count)
         if not chosen.workers:
             return [], f"no idle worker for {d.model} (wanted {d.count}; {describe(self.snapshot(self.clock()))})"
@@ -421,6 +436,16 @@ class Decisions:
                 return chosen
             await self.changes.wait(deadline, self.clock)
 
+    async def wait_for_groups(self, count: int, stages: int) -> list[tuple[str, ...]]:
+        """`count` groups of `stages` idle workers on distinct devices, or as many as can be formed
+        by the idle-wait deadline."""
+        deadline = self.clock() + self.settings.idle_wait_s
+        while True:
+            groups = choose_groups_for_up(self.snapshot(self.clock()), count, stages, self.reserved)
+            if len(groups) == count or self.clock() >= deadline:
+                return groups
+            await self.changes.wait(deadline, self.clock)
+
     async def start_loads(
         self, d: ScaleDecision, model: ModelDeployment, workers: Sequence[str]
     ) -> tuple[list[str], list[str]]:
@@ -446,8 +471,11 @@ class Decisions:
                 failed.append(f"{w}: {type(r).__name__}: {r}")
         return started, failed
 
-    async def wait_serving(self, model: str, workers: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Wait until each worker serves `model` with every unit ready; returns (ready, failures)."""
+    async def wait_serving(
+        self, model: str, workers: Sequence[str], stage: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Wait until each worker serves `model` with every unit ready (with `stage`: every unit of
+        its stage); returns (ready, failures)."""
         start = self.clock()
         deadline = start + self.settings.load_timeout_s
         # A heartbeat in flight when the worker said Ok may still show it idle; after two
@@ -463,7 +491,7 @@ class Decisions:
                 v = self.table.get(w, now)
                 if v is None:
                     failed.append(f"{w} stopped heart-beating while loading {model}")
-                elif v.serves_fully(model):
+                elif v.serves_stage(model) if stage else v.serves_fully(model):
                     ready.append(w)
                 elif v.model == model and v.state in ("loading", "serving"):
                     seen_loading.add(w)
@@ -485,6 +513,9 @@ class Decisions:
         return ready, failed
 
     async def scale_down(self, d: ScaleDecision, lg: Any) -> tuple[list[str], str]:
+        snap = self.snapshot(self.clock())
+        if any(w.group and w.model == d.model for w in snap.workers):
+            return await self.scale_down_pipelined(d, lg)
         nc = self.nc
         chosen = choose_for_down(self.snapshot(self.clock()), d.model, d.count, self.reserved)
         if not chosen.workers:
@@ -516,3 +547,140 @@ class Decisions:
             elif isinstance(r, BaseException):
                 problems.append(f"{w}: {type(r).__name__}: {r}")
         return done, "; ".join(problems)
+
+    # ---- pipeline-parallel instances (docs/pipelined-and-shared.md) -----------------------------
+    async def scale_up_pipelined(self, d: ScaleDecision, model: ModelDeployment, lg: Any) -> tuple[list[str], str]:
+        """`d.count` instances of `model.stages` stages each: S idle workers per instance, each
+        loading its stage's layers from the checkpoint (a stage is not a whole model, so no live
+        holder can multicast it: every stage reads its own units). An instance counts only once
+        every stage serves; one whose stage failed is unloaded whole. The ack lists instance
+        (group) ids, the ids the scaler counts replicas by."""
+        S = model.stages
+        try:
+            layers = (await asyncio.to_thread(read_config, Path(model.path))).num_hidden_layers
+            ranges = stage_ranges(layers, S, model.stage_layers)
+        except (OSError, ValueError) as e:
+            return [], f"cannot split {d.model} into {S} stages: {e}"
+        chosen = await self.wait_for_groups(d.count, S)
+        if not chosen:
+            return [], (
+                f"{d.model} needs {S} idle workers on distinct devices per instance "
+                f"({describe(self.snapshot(self.clock()))})"
+            )
+        problems = []
+        if len(chosen) < d.count:
+            problems.append(f"idle workers on distinct devices for {len(chosen)} of {d.count} instances of {S} stages")
+        plan: dict[str, list[tuple[str, int, int]]] = {}
+        for i, ws in enumerate(chosen):
+            plan[f"{d.decision_id}.{i}"] = [(w, a, b) for w, (a, b) in zip(ws, ranges, strict=True)]
+        workers = [w for stages in plan.values() for w, _, _ in stages]
+        self.reserved.update(workers)
+        try:
+            for gid, stages in plan.items():
+                await self._placed(d, gid, stages, "loading")
+            lg.info("loading_pipelined", groups={g: [list(x) for x in st] for g, st in plan.items()}, layers=layers)
+            timeout = self.settings.request_timeout_s
+            orders = [
+                (
+                    w,
+                    LoadModel(
+                        model.name,
+                        str(model.path),
+                        d.decision_id,
+                        model.kv_cache_mb,
+                        model.max_model_len,
+                        group=gid,
+                        stage_start=a,
+                        stage_end=b,
+                    ),
+                )
+                for gid, stages in plan.items()
+                for w, a, b in stages
+            ]
+            results = await asyncio.gather(
+                *(request(self.nc, self.subjects.load(w), msg, Ok, timeout) for w, msg in orders),
+                return_exceptions=True,
+            )
+            started = []
+            for (w, _), r in zip(orders, results, strict=True):
+                if isinstance(r, Ok):
+                    started.append(w)
+                else:
+                    problems.append(f"{w} did not start its stage: {_why(r, timeout)}")
+            ready, failed = await self.wait_serving(d.model, started, stage=True)
+            problems += failed
+            done = []
+            for gid, stages in plan.items():
+                members = [w for w, _, _ in stages]
+                if all(w in ready for w in members):
+                    done.append(gid)
+                    await self._placed(d, gid, stages, "serving")
+                else:
+                    # A pipeline with a gap serves nobody: give its other stages back to the pool.
+                    await self._unload(d, [w for w in members if w in started], problems)
+                    await self._placed(d, gid, stages, "failed", "; ".join(problems))
+        finally:
+            self.reserved.difference_update(workers)
+        return done, "; ".join(problems)
+
+    async def scale_down_pipelined(self, d: ScaleDecision, lg: Any) -> tuple[list[str], str]:
+        """Remove `d.count` instances of a pipelined model, every stage of each; acks instance ids."""
+        chosen = choose_instances_for_down(self.snapshot(self.clock()), d.model, d.count, self.reserved)
+        if not chosen:
+            return [], f"no instance of {d.model} to remove ({describe(self.snapshot(self.clock()))})"
+        problems = []
+        if len(chosen) < d.count:
+            problems.append(f"only {len(chosen)} instance(s) of {d.model} to remove, {d.count} wanted")
+        workers = [w for _, ws in chosen for w in ws]
+        snap = self.snapshot(self.clock())
+        # Where each stage was, for the placement event once it is gone.
+        where = {w: (w, v.stage_start, v.stage_end) for w in workers if (v := snap.worker(w)) is not None}
+        self.reserved.update(workers)
+        try:
+            lg.info("unloading_pipelined", instances={g: list(ws) for g, ws in chosen})
+            failed = await self._unload(d, workers, problems)
+        finally:
+            self.reserved.difference_update(workers)
+        done = [g for g, ws in chosen if not set(ws) & failed]
+        for g in done:
+            stages = sorted((where.get(w, (w, 0, 0)) for w in dict(chosen)[g]), key=lambda x: x[1])
+            await self._placed(d, g, stages, "removed")
+        return done, "; ".join(problems)
+
+    async def _placed(
+        self,
+        d: ScaleDecision,
+        group: str,
+        stages: Sequence[tuple[str, int, int]],
+        state: PlacementState,
+        reason: str = "",
+    ) -> None:
+        """Publish where a pipelined instance is, as every decision is (`cascade tap`)."""
+        placed = [PlacedStage(w, a, b) for w, a, b in stages]
+        msg = InstancePlaced(d.decision_id, d.model, group, placed, state, reason, time.time())
+        await self.nc.publish(self.subjects.placement(), encode(msg))
+
+    async def _unload(self, d: ScaleDecision, workers: Sequence[str], problems: list[str]) -> set[str]:
+        """UnloadModel to each of `workers` (they drain first); failures go into `problems`, and
+        the workers that failed are returned."""
+        timeout = self.settings.unload_timeout_s
+        results = await asyncio.gather(
+            *(request(self.nc, self.subjects.unload(w), UnloadModel(d.decision_id), Ok, timeout) for w in workers),
+            return_exceptions=True,
+        )
+        failed = set()
+        for w, r in zip(workers, results, strict=True):
+            if not isinstance(r, Ok):
+                failed.add(w)
+                problems.append(f"{w} did not unload: {_why(r, timeout)}")
+        return failed
+
+
+def _why(r: object, timeout: float) -> str:
+    if isinstance(r, RemoteError):
+        return f"{r.code}: {r.message}"
+    if isinstance(r, RequestTimeout):
+        return f"no answer within {timeout:g}s"
+    if isinstance(r, BaseException):
+        return f"{type(r).__name__}: {r}"
+    return "unexpected reply"

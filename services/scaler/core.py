@@ -162,7 +162,7 @@ def new_state(
     `id_prefix` starts every decision id (default `scaler_id`); the service makes it unique per
     start, so that a restarted scaler's ids never repeat one a loader has already seen."""
     controls = Controls(deployment, window_s=window_s, rate_window_s=rate_window_s, stale_s=stale_s)
-    bounds = {m.name: ModelBounds(m.min_replicas, m.max_replicas) for m in deployment.models}
+    bounds = {m.name: ModelBounds(m.min_replicas, m.max_replicas, m.stages) for m in deployment.models}
     # Every model starts from what runs once the warm-up ends (see ReplicaBook.adopt).
     book = ReplicaBook(bounds, settings, now.mono, id_prefix=id_prefix or scaler_id, adopt=list(bounds))
     return ScalerState(book, controls, scaler_id)
@@ -372,7 +372,8 @@ def add_model(state: ScalerState, dep: ModelDeployment, now: Now) -> tuple[Deplo
             )
         return configure(state, DeployRequest(dep.name), now)
     c = controls.add(dep)
-    book.add_model(dep.name, ModelBounds(dep.min_replicas, dep.max_replicas), adopt=c.policy.name != "manual")
+    bounds = ModelBounds(dep.min_replicas, dep.max_replicas, dep.stages)
+    book.add_model(dep.name, bounds, adopt=c.policy.name != "manual")
     reply, effects = configure(state, DeployRequest(dep.name), now)
     fields = {"model": dep.name, "path": str(dep.path), "min_replicas": dep.min_replicas, "policy": dep.policy}
     return replace(reply, changed=True), [

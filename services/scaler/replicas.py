@@ -66,6 +66,8 @@ class TargetError(ValueError):
 class ModelBounds:
     min_replicas: int
     max_replicas: int
+    # Workers per instance: a pipelined instance takes one idle worker per stage.
+    stages: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +327,11 @@ class ReplicaBook:
             # Workers an up in flight will take may still look idle (heartbeats lag): count them
             # taken. Erring low only delays an up by a tick; erring high would ask for workers
             # that are not there and wait out the loader's idle wait.
-            claimed = sum(f.decision.count for f in self.in_flight.values() if f.decision.action == "up")
+            claimed = sum(
+                f.decision.count * self._stages(f.decision.model)
+                for f in self.in_flight.values()
+                if f.decision.action == "up"
+            )
             free = len(pool.idle) + len(returning) - claimed
         decisions: list[ScaleDecision] = []
         starved: dict[str, int] = {}
@@ -342,12 +348,14 @@ class ReplicaBook:
             extra: dict[str, float] = {}
             if action == "up" and free is not None:
                 extra["idle_pool"] = float(max(free, 0))
-                if count > free:
-                    starved[model] = count - max(free, 0)
-                    count = max(free, 0)
+                per = self._stages(model)
+                fits = max(free, 0) // per
+                if count > fits:
+                    starved[model] = (count - fits) * per
+                    count = fits
                 if count == 0:
                     continue
-                free -= count
+                free -= count * per
             decisions.append(self._decide(model, action, count, target, current, now, wall, extra))
         if pool is not None and starved and settled and not decisions and not pool.idle and not returning:
             decisions += self._lend(now, wall, instances, pool, starved)
@@ -399,6 +407,10 @@ class ReplicaBook:
         self._operator.discard(model)
         self.counters["decisions"] += 1
         return d
+
+    def _stages(self, model: str) -> int:
+        b = self.bounds.get(model)
+        return b.stages if b is not None else 1
 
     def _returning(self, now: float, idle: frozenset[str], instances: Mapping[str, Collection[str]]) -> set[str]:
         """Workers a down acked moments ago that heartbeats show neither idle nor holding a model

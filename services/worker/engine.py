@@ -362,6 +362,7 @@ class Engine:
         prefix_caching: bool = True,
         max_model_len: int = 0,
         logprobs_mode: LogprobsMode = "raw",
+        kv_layers: int = 0,
     ) -> None:
         self.model = model
         self.logprobs_mode: LogprobsMode = logprobs_mode
@@ -380,8 +381,10 @@ class Engine:
         self.cfg = model.cfg
         self.L = self.cfg.num_hidden_layers
         ctx = self.cfg.max_position_embeddings
+        # A stage of a pipelined instance keeps K/V for its own layers only (`kv_layers`; 0: all),
+        # so its budget buys blocks of that many layers.
         self.geometry = KVGeometry(
-            self.L, self.cfg.num_key_value_heads, self.cfg.dim_per_head,
+            kv_layers or self.L, self.cfg.num_key_value_heads, self.cfg.dim_per_head,
             torch.empty((), dtype=model.dtype).element_size(), block_size,
         )  # fmt: skip
         # Without a budget (an engine built by hand), room for kv_slots sequences at full context:

@@ -35,6 +35,7 @@ from cascade.messages import (
 from cascade.models.config import read_config
 from cascade.models.tokenizer import Tokenizer, load_tokenizer
 from cascade.natsutil import TaskSet
+from cascade.stages import StageError, stage_units
 from cascade.subjects import Subjects
 from services.worker.dataplane import (
     DataPlaneServer,
@@ -49,6 +50,7 @@ from services.worker.localcache import DiskLoad, LocalCache, pace, unit_nbytes
 from services.worker.model import LlamaModel
 from services.worker.runner import EngineRunner
 from services.worker.settings import WorkerSettings
+from services.worker.sharing import MemoryLedger, MemoryRefused
 
 
 def _install_from(model: LlamaModel, dl: DiskLoad, unit: int) -> None:
@@ -91,6 +93,7 @@ class ModelSlot:
         beat: Callable[[], Awaitable[None]],
         make_engine: Callable[[LlamaModel, Tokenizer, LoadModel | TransferOrder], Engine],
         log: Any,
+        ledger: MemoryLedger | None = None,
     ) -> None:
         self.settings = settings
         self.nc = nc
@@ -103,12 +106,20 @@ class ModelSlot:
         self._beat = beat
         self._new_engine = make_engine
         self.log = log
+        # The memory this instance holds (weights, KV) against the worker's --memory-mb, shared
+        # with the other instances on a shared worker.
+        self.ledger = ledger or MemoryLedger(int(settings.memory_mb * 1e6))
         self.state: WorkerState = "idle"
         self.model_name: str | None = None
         self.model: LlamaModel | None = None
         self.engine: Engine | None = None
         self.num_units = 0
         self.ready: set[int] = set()  # units installed (the loop's record)
+        # A stage of a pipeline-parallel instance: its group id and decoder layers [start, end);
+        # `units` is what this worker loads (every unit of the model for a whole instance).
+        self.group = ""
+        self.stage: tuple[int, int] = (0, 0)
+        self.units: tuple[int, ...] = ()
         self.seq = 0  # readiness event sequence number
         # Disk reads, config and tokenizer files: blocking, but no torch.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="io")
@@ -129,6 +140,10 @@ class ModelSlot:
         """The engine for the model being loaded; `order` carries the deployment's KV settings."""
         assert self.model is not None
         return self._new_engine(self.model, tok, order)
+
+    def whole(self) -> bool:
+        """This worker holds (or loads) every unit of its model: not one stage of an instance."""
+        return self.stage == (0, 0)
 
     def holds_front(self, end_unit: int) -> bool:
         """Units 0..end_unit are all installed (what a first stage through them needs)."""
@@ -170,20 +185,36 @@ class ModelSlot:
         loop = asyncio.get_running_loop()
         try:
             tok = await loop.run_in_executor(self.executor, load_tokenizer, path)
-            dl = await self._open_disk_load(path, req.model, None)
-        except (OSError, ValueError) as e:
+            layers = (await loop.run_in_executor(self.executor, read_config, path)).num_hidden_layers
+            # A stage loads only its layers' units (and the embedding or head at either end).
+            units = stage_units(req.stage_start, req.stage_end, layers) if req.stage_end else tuple(range(layers + 2))
+            dl = await self._open_disk_load(path, req.model, list(units) if req.stage_end else None)
+        except (OSError, ValueError, StageError) as e:
             raise RemoteError("load_failed", f"{req.model}: {e}") from None
         if self.state != "idle":
             self._close_disk_load(dl)
             raise RemoteError("busy", f"worker {self.settings.worker_id} became {self.state}")
+        try:
+            self.ledger.reserve(self.settings.worker_id, weights=sum(dl.unit_nbytes(u) for u in units))
+        except MemoryRefused as e:
+            self._close_disk_load(dl)
+            raise RemoteError("no_memory", f"{req.model}: {e}") from None
         cfg = dl.ckpt.config
         self.state = "loading"
         self.model_name = req.model
         self.num_units = cfg.num_units
+        self.units = units
+        if req.stage_end:
+            self.group, self.stage = req.group, (req.stage_start, req.stage_end)
         self.model = LlamaModel(cfg, self.device)
         # The engine exists from the first unit on: a loading instance serves as the first stage of
         # pipelined routes for the layers it already holds.
-        self.engine = self._make_engine(tok, req)
+        try:
+            self.engine = self._make_engine(tok, req)
+        except MemoryRefused as e:
+            self._close_disk_load(dl)
+            await self.drop_model()
+            raise RemoteError("no_memory", f"{req.model}: {e}") from None
         self._load_task = self.tasks.spawn(self.load_from_disk(req, dl), f"load-{req.model}")
         self.log.info(
             "load_started", model=req.model, path=str(path), decision=req.decision_id, source=dl.source,
@@ -199,7 +230,7 @@ class ModelSlot:
         self.load_started = time.monotonic()
         self.load_bytes = 0
         try:
-            for unit in range(self.num_units):
+            for unit in self.units:
                 # The emulated disk's (or host link's) pace: a unit is usable only once it could have arrived.
                 await pace(self.load_started, self.load_bytes + dl.unit_nbytes(unit), dl.mb_s)
 
@@ -212,7 +243,8 @@ class ModelSlot:
             if self.state == "loading":
                 self.state = "serving"
             self.log.info(
-                "model_ready", model=req.model, units=self.num_units, mb=round(self.load_bytes / 1e6, 1),
+                "model_ready", model=req.model, units=len(self.units), group=self.group, stage=list(self.stage),
+                mb=round(self.load_bytes / 1e6, 1),
                 seconds=round(time.monotonic() - self.load_started, 3), source=dl.source,
             )  # fmt: skip
         except asyncio.CancelledError:
@@ -259,6 +291,8 @@ class ModelSlot:
         self.model_name = None
         self.num_units = 0
         self.ready.clear()
+        self.group, self.stage, self.units = "", (0, 0), ()
+        self.ledger.release(self.settings.worker_id)
         self.state = "idle"
 
     # ------------------------------------------------------------------ transfers
@@ -328,12 +362,20 @@ class ModelSlot:
                 raise RemoteError("bad_order", f"{tid}: {order.num_units} units, {path} has {cfg.num_units}")
             if self.model is not None or self.state != "idle":
                 raise RemoteError("busy", f"worker {self.settings.worker_id} became {self.state}")
+            try:
+                self.ledger.reserve(self.settings.worker_id, weights=sum(order.unit_nbytes))
+            except MemoryRefused as e:
+                raise RemoteError("no_memory", f"{order.model}: {e}") from None
             self.state = "loading"
             self.model_name = order.model
             self.num_units = cfg.num_units
             self.model = LlamaModel(cfg, self.device)
             # As for a disk load: a loading instance serves as a first stage for what it holds.
-            self.engine = self._make_engine(tok, order)
+            try:
+                self.engine = self._make_engine(tok, order)
+            except MemoryRefused as e:
+                await self.drop_model()
+                raise RemoteError("no_memory", f"{order.model}: {e}") from None
             self.load_started = time.monotonic()
             self.load_bytes = 0
         elif self.state != "loading" or self.model_name != order.model:

@@ -15,6 +15,8 @@ import os
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -31,11 +33,13 @@ from cascade.messages import (
     Heartbeat,
     InstanceMetrics,
     LoadModel,
+    QuotaSet,
     Rejection,
     RemoteError,
     RouteStage,
     ServiceStatus,
     SetBatchLimit,
+    SetQuota,
     SnapshotRequest,
     StatusRequest,
     StepStat,
@@ -48,6 +52,7 @@ from cascade.messages import (
 from cascade.models.config import unit_shapes
 from cascade.models.tokenizer import Tokenizer
 from cascade.service import Runtime, run_process
+from cascade.stages import stage_units
 from cascade.stagewire import StageFrame
 from services.worker.dataplane import DataPlaneServer
 from services.worker.engine import Engine, StepResult
@@ -55,20 +60,22 @@ from services.worker.gpu import gpu_inventory
 from services.worker.kvblocks import default_budget_bytes
 from services.worker.loading import ModelSlot
 from services.worker.model import LlamaModel, pick_device
-from services.worker.runner import EngineRunner
+from services.worker.runner import EngineRunner, EngineThread
 from services.worker.settings import WorkerSettings
 from services.worker.settings import add_arguments as add_arguments
+from services.worker.sharing import MemoryLedger, MemoryRefused, QuotaError
 from services.worker.stagelink import StageLink
 
 
-def measured_kv_budget(model: LlamaModel) -> int:
+def measured_kv_budget(model: LlamaModel, units: Collection[int] | None = None) -> int:
     """The default KV budget, measured now (a load is starting): the device's free memory, less
-    the weights still to arrive, with kvblocks.default_budget_bytes' margin."""
+    the weights still to arrive (of `units`, a stage's, when given), with
+    kvblocks.default_budget_bytes' margin."""
     cfg = model.cfg
     elem = torch.empty((), dtype=model.dtype).element_size()
     weights = sum(
         math.prod(shape) * elem
-        for u in range(cfg.num_units)
+        for u in (range(cfg.num_units) if units is None else units)
         if not model.has_unit(u)
         for shape in unit_shapes(cfg, u).values()
     )
@@ -99,15 +106,67 @@ def run(args: argparse.Namespace) -> int:
         print(f"cascade worker: {e}")
         return 2
     log = setup_logging("worker", args.log_level).bind(worker=settings.worker_id)
+    if settings.slots > 1:
+        return run_process(lambda: SharedWorker(settings, log), settings.nats_url, settings.prefix, log)
     return run_process(lambda: WorkerService(settings, log), settings.nats_url, settings.prefix, log)
 
 
-class WorkerService:
+@dataclass
+class SharedDevice:
+    """What the instances on one shared worker have in common: the engine thread that steps them
+    by quota and the memory ledger they hold their weights and KV in."""
+
+    device_id: str
+    thread: EngineThread
+    ledger: MemoryLedger
+    slots: int = 1
+
+
+class SharedWorker:
+    """A worker shared by `--slots` instances (Dilu): each a `WorkerService` of its own to the mesh
+    (its own id, heartbeats, stage link and data plane, so routing, loading and scaling treat it as
+    any worker), all on one engine thread (steps by quota) and one memory ledger."""
+
     service = "worker"
 
     def __init__(self, settings: WorkerSettings, log: Any = None) -> None:
         self.settings = settings
         self.log = log or structlog.get_logger().bind(service="worker", worker=settings.worker_id)
+        self.device = SharedDevice(
+            settings.worker_id,
+            EngineThread(self.log, settings.threads),
+            MemoryLedger(int(settings.memory_mb * 1e6)),
+            settings.slots,
+        )
+        self.slots: list[WorkerService] = []
+        for k in range(settings.slots):
+            wid = settings.worker_id if k == 0 else f"{settings.worker_id}-{k + 1}"
+            own = replace(
+                settings,
+                worker_id=wid,
+                # Fixed ports (containers) are given one per slot, in order; 0 stays "any free port".
+                stage_port=settings.stage_port + k if settings.stage_port else 0,
+                data_port=settings.data_port + k if settings.data_port else 0,
+            )
+            self.slots.append(WorkerService(own, self.log.bind(worker=wid), shared=self.device))
+
+    @property
+    def instance(self) -> str:
+        return self.settings.worker_id
+
+    async def start(self, rt: Runtime) -> None:
+        for slot in self.slots:
+            await slot.start(rt)
+        self.log.info("shared_worker_ready", instances=[w.settings.worker_id for w in self.slots])
+
+
+class WorkerService:
+    service = "worker"
+
+    def __init__(self, settings: WorkerSettings, log: Any = None, shared: SharedDevice | None = None) -> None:
+        self.settings = settings
+        self.log = log or structlog.get_logger().bind(service="worker", worker=settings.worker_id)
+        self.shared = shared
         self.device = pick_device(settings.device)
         # Asked once: NVML is slow to initialise, and the inventory does not change under us.
         self.gpus = gpu_inventory()
@@ -159,11 +218,11 @@ class WorkerService:
         s, w = rt.subjects, self.settings.worker_id
         self._runner = EngineRunner(
             lambda: self._slot.engine if self._slot else None, self._deliver, self._maybe_idle, self.log,
-            threads=self.settings.threads,
+            threads=self.settings.threads, shared=self.shared.thread if self.shared else None, name=w,
         )  # fmt: skip
         self._slot = ModelSlot(
             self.settings, rt.nc, s, rt.tasks, self._runner, self.dataplane, self.device, self.idle,
-            self.send_heartbeat, self._new_engine, self.log,
+            self.send_heartbeat, self._new_engine, self.log, self.shared.ledger if self.shared else None,
         )  # fmt: skip
         await self.link.start()
         rt.stack.push_async_callback(self.link.close)
@@ -178,6 +237,7 @@ class WorkerService:
         await rt.serve(s.generate(w), self.on_generate)
         await rt.serve(s.cancel(w), self.on_cancel)
         await rt.serve(s.batch_limit(w), self.on_batch_limit)
+        await rt.serve(s.quota(w), self.on_quota)
         await rt.serve(s.snapshot(w), self.on_snapshot)
         await rt.serve(s.status(), self.on_status)
         rt.tasks.spawn(self.heartbeat_loop(), "heartbeat")
@@ -236,6 +296,11 @@ class WorkerService:
             kv_cache_usage=round(f.kv_cache_usage, 4) if f else 0.0,
             max_model_len=f.max_model_len if f else 0,
             num_preemptions=f.num_preemptions if f else 0,
+            group=slot.group,
+            stage_start=slot.stage[0],
+            stage_end=slot.stage[1],
+            shared_device=self.shared.device_id if self.shared else "",
+            quota=self.runner.quota() if self.shared else 0.0,
         )
 
     def _data_addr(self) -> str | None:
@@ -314,6 +379,28 @@ class WorkerService:
         return BatchLimit(self.settings.worker_id, self.slot.model_name, now, req.max_batch, eng.kv_slots)
 
     # ------------------------------------------------------------------ requests
+    async def on_quota(self, req: SetQuota) -> QuotaSet:
+        """This instance's compute quota on a shared worker, applied on the engine thread between
+        two steps; answered and published (`quota_set`) with the value applied."""
+        try:
+            applied, quotas = await self.runner.set_quota(req.quota)
+        except QuotaError as e:
+            raise RemoteError("bad_quota", str(e)) from None
+        msg = QuotaSet(
+            worker_id=self.settings.worker_id,
+            device=self.shared.device_id if self.shared else self.settings.worker_id,
+            quota=applied,
+            share=round(applied / sum(quotas.values()), 4),
+            quotas=quotas,
+            decision_id=req.decision_id,
+            reason=req.reason,
+            ts=time.time(),
+        )
+        await self.rt.nc.publish(self.rt.subjects.quota_set(self.settings.worker_id), encode(msg))
+        self.log.info("quota_set", quota=applied, share=msg.share, quotas=quotas, decision=req.decision_id)
+        await self.send_heartbeat()
+        return msg
+
     async def on_generate(self, batch: GenerateBatch) -> BatchReply:
         accepted: list[str] = []
         rejected: list[Rejection] = []
@@ -359,6 +446,12 @@ class WorkerService:
                 return "not_ready", f"worker {self.settings.worker_id} does not hold layers [0, {first.end}) yet"
         elif self.slot.state != "serving":
             return "not_ready", f"worker {self.settings.worker_id} is {self.slot.state}"
+        elif not self.slot.whole():
+            a, b = self.slot.stage
+            return "invalid", (
+                f"worker {self.settings.worker_id} is stage [{a}, {b}) of pipelined instance {self.slot.group}: "
+                "it serves routes only (prompt_logprobs and n > 1 need a whole instance of the model)"
+            )
         if prompt_len < 1:
             return "invalid", "empty prompt"
         # One token at least must fit after the prompt.
@@ -397,12 +490,27 @@ class WorkerService:
         kv_mb = s.kv_cache_mb if order.kv_cache_mb is None else order.kv_cache_mb
         max_len = s.max_model_len if order.max_model_len is None else order.max_model_len
         measured = kv_mb <= 0
-        kv_bytes = measured_kv_budget(model) if measured else int(kv_mb * 1e6)
+        units = (
+            stage_units(order.stage_start, order.stage_end, model.cfg.num_hidden_layers)
+            if (isinstance(order, LoadModel) and order.stage_end)
+            else None
+        )
+        kv_bytes = measured_kv_budget(model, units) if measured else int(kv_mb * 1e6)
+        ledger = self.slot.ledger
+        share = ledger.fair_share(s.worker_id, self.shared.slots if self.shared else 1)
+        if share is not None and measured:
+            # A measured budget takes its share of what is left of --memory-mb, not of the whole
+            # host: the other instances on this worker hold, or will need, the rest.
+            if share <= 0:
+                raise MemoryRefused(f"{s.worker_id}: no memory left for a KV cache under --memory-mb")
+            kv_bytes = min(kv_bytes, share)
+        ledger.reserve(s.worker_id, kv=kv_bytes)
         eng = Engine(
             model, tok, max_batch=s.max_batch, worker_id=s.worker_id, padder=self.padder, kv_slots=s.kv_capacity,
             max_prefill_tokens=s.max_prefill_tokens, emulated_token_scale=s.emulated_token_scale,
             kv_cache_bytes=kv_bytes, block_size=s.kv_block_size, prefix_caching=s.prefix_caching,
             max_model_len=max_len, logprobs_mode="processed" if s.logprobs_mode == "processed" else "raw",
+            kv_layers=order.stage_end - order.stage_start if isinstance(order, LoadModel) else 0,
         )  # fmt: skip
         self.log.info(
             "kv_cache", mb=round(kv_bytes / 1e6, 1), measured=measured, blocks=eng.blocks.total,
@@ -477,6 +585,14 @@ class WorkerService:
             "data_addr": hb.data_addr,
             "data_refused": self.dataplane.refused,
             "sending": sorted(self.slot.sends),
+            # A stage of a pipelined instance: its id and decoder layers ("", 0, 0: whole).
+            "group": hb.group,
+            "stage_start": hb.stage_start,
+            "stage_end": hb.stage_end,
+            # Sharing: the worker (process) it shares, its quota, and that worker's memory ledger.
+            "shared_device": hb.shared_device,
+            "quota": hb.quota,
+            "memory": self.slot.ledger.describe(),
         }
         inb = self.slot.inbound
         if inb is not None:

@@ -17,6 +17,11 @@ The event loop hands work over and never waits on torch:
   millisecond per step in future chaining and wake-ups, as much as a decode step of a small model;
 - when the engine runs out of work, `on_idle(in_flight)` tells the loop how many sequences it
   still holds (counted here, not read across threads by the loop).
+
+A worker shared by several instances (docs/pipelined-and-shared.md) has one `EngineThread` and one
+`EngineRunner` per instance on it (a lane): the thread steps the engine of the instance the
+quota scheduler (`sharing.StrideScheduler`) picks among those with work, so instances take turns
+on the device by quota, one step at a time, and each lane's results go to its own instance.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import structlog
 import torch
 
 from services.worker.engine import Engine, StepResult
+from services.worker.sharing import DEFAULT_QUOTA, StrideScheduler
 
 T = TypeVar("T")
 
@@ -42,44 +48,36 @@ class EngineStopped(RuntimeError):
     """The engine thread stopped before it could run a call."""
 
 
-class EngineRunner:
-    def __init__(
-        self,
-        get_engine: Callable[[], Engine | None],
-        deliver: Callable[[StepResult], Awaitable[None]],
-        on_idle: Callable[[int], None],
-        logger: Any = None,
-        threads: int = 1,
-    ) -> None:
-        self._get_engine = get_engine
-        self._deliver = deliver
-        self._on_idle = on_idle
-        self._threads = threads
+class EngineThread:
+    """The one thread of a worker that runs torch: every lane's steps and calls."""
+
+    def __init__(self, logger: Any = None, threads: int = 1) -> None:
         self.log = logger or structlog.get_logger()
+        self._threads = threads
         self._wake = threading.Event()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._results: asyncio.Queue[StepResult] = asyncio.Queue()
         self._calls: collections.deque[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = (
             collections.deque()
         )
         self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD, daemon=True)
-        # Emulated device: how far steps were padded, and how often real compute overran the profile.
-        self.padded_s = 0.0
-        self.overrun_steps = 0
-        self.overrun_s = 0.0
-        self.steps = 0
+        # Lanes and the scheduler change only on this thread (in calls) once it runs.
+        self.lanes: dict[str, EngineRunner] = {}
+        self.scheduler = StrideScheduler()
+
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread.start()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread.start()
 
     def wake(self) -> None:
-        """New work for the engine (requests, cancels, stage frames): safe from any thread."""
         self._wake.set()
 
     def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run `fn(*args)` on the engine thread between two steps; from the event loop."""
         assert self._loop is not None, "the engine thread is not started"
         fut: asyncio.Future[T] = self._loop.create_future()
         if self._stopping:
@@ -89,9 +87,23 @@ class EngineRunner:
         self._wake.set()
         return fut
 
+    def add(self, lane: EngineRunner, quota: float) -> None:
+        """Before start, or on this thread (a call)."""
+        self.lanes[lane.name] = lane
+        self.scheduler.add(lane.name, quota)
+
+    def remove(self, name: str) -> None:
+        """On this thread (a call), or after it stopped: the lane steps no more."""
+        self.lanes.pop(name, None)
+        self.scheduler.remove(name)
+
+    def set_quota(self, name: str, quota: float) -> tuple[float, dict[str, float]]:
+        """On this thread (a call): the lane's new share of the steps; the value applied and every
+        lane's quota after it. Raises QuotaError."""
+        return self.scheduler.set_quota(name, quota), self.scheduler.quotas()
+
     async def stop(self) -> None:
-        """Stop after the current step; results already produced are still delivered, calls not
-        yet run fail with EngineStopped."""
+        """Stop after the current step; calls not yet run fail with EngineStopped."""
         self._stopping = True
         self._wake.set()
         if self._thread.is_alive():
@@ -100,16 +112,16 @@ class EngineRunner:
             _, _, fut = self._calls.popleft()
             if not fut.done():
                 fut.set_exception(EngineStopped("the engine thread has stopped"))
-        while not self._results.empty():
-            await self._deliver(self._results.get_nowait())
-
-    async def publish(self) -> None:
-        """The loop side: deliver step results in order (a task for the service's lifetime)."""
-        while True:
-            result = await self._results.get()
-            await self._deliver(result)
 
     # ---- the engine thread -------------------------------------------------
+    def _with_work(self) -> dict[str, Engine]:
+        out = {}
+        for name, lane in self.lanes.items():
+            eng = lane._get_engine()
+            if eng is not None and eng.has_work():
+                out[name] = eng
+        return out
+
     def _run(self) -> None:
         assert self._loop is not None
         loop = self._loop
@@ -121,11 +133,15 @@ class EngineRunner:
             if self._stopping:
                 return
             self._run_calls()
-            eng = self._get_engine()
-            while eng is not None and not self._stopping and (self._calls or eng.has_work()):
+            busy = self._with_work()
+            eng: Engine | None = None
+            while not self._stopping and (self._calls or busy):
                 self._run_calls()
-                if not eng.has_work():
+                busy = self._with_work()
+                name = self.scheduler.pick(busy)
+                if name is None:
                     continue
+                lane, eng = self.lanes[name], busy[name]
                 t0 = time.monotonic()
                 try:
                     result = eng.step()
@@ -133,28 +149,35 @@ class EngineRunner:
                     # The engine turns model errors into failed requests; anything reaching here is a
                     # bug that may have left the batch inconsistent. End every request with the
                     # error (never leave a client waiting) and go on serving new ones.
-                    self.log.exception("engine_step_failed")
+                    self.log.exception("engine_step_failed", instance=name)
                     events = eng.drain_all(f"engine failure: {type(e).__name__}: {e}")
-                    loop.call_soon_threadsafe(self._results.put_nowait, StepResult(events, [], 0, 0, 0, 0))
+                    loop.call_soon_threadsafe(lane._results.put_nowait, StepResult(events, [], 0, 0, 0, 0))
+                    busy = {}
                     break
-                self.steps += 1
+                lane.steps += 1
                 if result.target_s > 0:
                     elapsed = time.monotonic() - t0
                     if elapsed < result.target_s:
                         # Emulated device: the results exist when the device would have finished.
-                        self.padded_s += result.target_s - elapsed
+                        lane.padded_s += result.target_s - elapsed
                         time.sleep(result.target_s - elapsed)
                     else:
-                        self.overrun_steps += 1
-                        self.overrun_s += elapsed - result.target_s
+                        lane.overrun_steps += 1
+                        lane.overrun_s += elapsed - result.target_s
+                lane.busy_s += time.monotonic() - t0  # its step, padding included: its time on the device
                 if result.events or result.outbox:
-                    loop.call_soon_threadsafe(self._results.put_nowait, result)
-                eng = self._get_engine()  # a model dropped meanwhile stops the loop here
-            in_flight = eng.in_flight() if eng is not None else 0
+                    loop.call_soon_threadsafe(lane._results.put_nowait, result)
+                busy = self._with_work()  # a model dropped meanwhile stops stepping here
+            self.scheduler.pick(())  # every lane idle: none keeps credit for the pause
+            for lane in list(self.lanes.values()):
+                held = lane._get_engine()
+                in_flight = held.in_flight() if held is not None else 0
+                loop.call_soon_threadsafe(lane._on_idle, in_flight)
+            held = None
             # Hold no engine while asleep: a model unloaded meanwhile must be freed, not kept
             # alive by this thread's frame until the next wake-up.
             eng = None
-            loop.call_soon_threadsafe(self._on_idle, in_flight)
+            busy = {}
 
     def _run_calls(self) -> None:
         assert self._loop is not None
@@ -166,6 +189,92 @@ class EngineRunner:
                 self._loop.call_soon_threadsafe(_settle, fut, None, e)
             else:
                 self._loop.call_soon_threadsafe(_settle, fut, value, None)
+
+
+class EngineRunner:
+    """One instance's lane on the engine thread: its own by default, or a shared worker's."""
+
+    def __init__(
+        self,
+        get_engine: Callable[[], Engine | None],
+        deliver: Callable[[StepResult], Awaitable[None]],
+        on_idle: Callable[[int], None],
+        logger: Any = None,
+        threads: int = 1,
+        shared: EngineThread | None = None,
+        name: str = "main",
+        quota: float = DEFAULT_QUOTA,
+    ) -> None:
+        self._get_engine = get_engine
+        self._deliver = deliver
+        self._on_idle = on_idle
+        self.name = name
+        self.log = logger or structlog.get_logger()
+        self._owns_thread = shared is None
+        self.thread = shared or EngineThread(self.log, threads)
+        self._quota = quota
+        self._stopped = False
+        self._added: asyncio.Future[None] | None = None
+        self._results: asyncio.Queue[StepResult] = asyncio.Queue()
+        # Emulated device: how far steps were padded, and how often real compute overran the profile.
+        self.padded_s = 0.0
+        self.overrun_steps = 0
+        self.overrun_s = 0.0
+        self.steps = 0
+        self.busy_s = 0.0  # seconds the engine thread spent on this lane's steps
+
+    def start(self) -> None:
+        if self.thread.started:
+            # Joins between two steps of the lanes already running; kept so that its outcome is read.
+            self._added = self.thread.call(self.thread.add, self, self._quota)
+        else:
+            self.thread.add(self, self._quota)
+            self.thread.start()
+
+    def wake(self) -> None:
+        """New work for the engine (requests, cancels, stage frames): safe from any thread."""
+        self.thread.wake()
+
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run `fn(*args)` on the engine thread between two steps; from the event loop."""
+        if self._stopped:
+            fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            fut.set_exception(EngineStopped("the engine thread has stopped"))
+            return fut
+        return self.thread.call(fn, *args)
+
+    async def set_quota(self, quota: float) -> tuple[float, dict[str, float]]:
+        """This lane's share of the engine steps, from the next step on: the value applied and the
+        quotas of every lane on the thread."""
+        return await self.thread.call(self.thread.set_quota, self.name, quota)
+
+    def quota(self) -> float:
+        """This lane's quota as last applied (0 before it joined the thread)."""
+        share = self.thread.scheduler.shares.get(self.name)
+        return share.quota if share is not None else 0.0
+
+    async def stop(self) -> None:
+        """Stop stepping this lane after the current step; results already produced are still
+        delivered, calls not yet run fail with EngineStopped. The thread stops with its last lane."""
+        if self._stopped:
+            return
+        if self.thread.started and not self._owns_thread:
+            try:
+                await self.thread.call(self.thread.remove, self.name)
+            except EngineStopped:
+                pass
+        self._stopped = True
+        if self._owns_thread or not self.thread.lanes:
+            await self.thread.stop()
+        self.thread.remove(self.name)
+        while not self._results.empty():
+            await self._deliver(self._results.get_nowait())
+
+    async def publish(self) -> None:
+        """The loop side: deliver step results in order (a task for the service's lifetime)."""
+        while True:
+            result = await self._results.get()
+            await self._deliver(result)
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:

@@ -47,9 +47,16 @@ class WorkerSettings:
     # vLLM's --logprobs-mode: "raw" logprobs are the model's own distribution (before penalties,
     # the structured-output mask and temperature); "processed" the one each token was drawn from.
     logprobs_mode: str = "raw"
+    # Sharing one worker (docs/pipelined-and-shared.md): instances this process holds at once, each
+    # its own mesh worker id (the first is `worker_id`, the others `worker_id-2`, ...) stepped on
+    # one engine thread by quota; and the memory they may hold together (0: unbounded).
+    slots: int = 1
+    memory_mb: float = 0.0
 
     def __post_init__(self) -> None:
         check_token(self.worker_id)
+        if self.slots < 1 or self.memory_mb < 0:
+            raise ConfigError("--slots must be >= 1 and --memory-mb >= 0")
         if self.threads < 1 or self.max_batch < 1 or self.max_waiting < 0 or self.heartbeat_s <= 0:
             raise ConfigError("--threads and --max-batch must be >= 1, --heartbeat-s > 0")
         if self.kv_slots < 0 or self.metrics_s <= 0:
@@ -108,6 +115,8 @@ class WorkerSettings:
             kv_block_size=a.kv_block_size,
             prefix_caching=a.prefix_caching,
             logprobs_mode=a.logprobs_mode,
+            slots=a.slots,
+            memory_mb=a.memory_mb,
         )
 
 
@@ -255,4 +264,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=env_float("CASCADE_DRAIN_TIMEOUT_S", 10.0),
         help="on SIGTERM, how long running requests may finish before they are ended with an error",
+    )
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=env_int("CASCADE_WORKER_SLOTS", 1),
+        help="instances this worker holds at once (env CASCADE_WORKER_SLOTS, default 1): each is a worker of "
+        "its own to the mesh (ids WORKER_ID, WORKER_ID-2, ...), and they take turns on this worker's engine "
+        "thread by compute quota (set with SetQuota on worker.<id>.quota; see docs/pipelined-and-shared.md)",
+    )
+    p.add_argument(
+        "--memory-mb",
+        type=float,
+        default=env_float("CASCADE_MEMORY_MB", 0.0),
+        help="memory the instances on this worker may hold together, weights and KV cache, in MB; a load "
+        "past it is refused with what is held (env CASCADE_MEMORY_MB; default 0: not accounted)",
     )
