@@ -42,6 +42,7 @@ from cascade.messages import (
 )
 from services.scaler.controls import Controls, UnknownModel
 from services.scaler.policies import KnobError
+from services.scaler.quotas import CoScaler, SharedSlot
 from services.scaler.replicas import ModelBounds, Pool, ReplicaBook, Settings, TargetError
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "Publish",
     "ScalerState",
     "SetLimit",
+    "SetQuota",
+    "SharedSlot",
     "configure",
     "new_state",
     "set_target",
@@ -78,6 +81,8 @@ class Mesh:
     idle: frozenset[str] = frozenset()
     loading: Mapping[str, int] = field(default_factory=dict)  # model → still loading
     holding: Mapping[str, str | None] = field(default_factory=dict)  # live worker → its model (None: none)
+    # Serving instances on shared workers, with their quotas (what co-scaling reads).
+    shared: tuple[SharedSlot, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +121,17 @@ class SetLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class SetQuota:
+    """Ask `worker` (an instance on a shared worker) to run `model` at compute quota `quota`."""
+
+    worker: str
+    model: str
+    quota: float
+    decision_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Note:
     """Something worth a log line (the adapter logs it; the simulator may record it)."""
 
@@ -132,7 +148,7 @@ class Announce:
     added: tuple[str, ...]
 
 
-Effect = Publish | SetLimit | Note | Announce
+Effect = Publish | SetLimit | Note | Announce | SetQuota
 
 
 # --------------------------------------------------------------------------- state
@@ -146,6 +162,9 @@ class ScalerState:
     vertical_seq: int = 0
     # Why no decision could be made at the last tick (logged when it changes).
     held_back: str | None = None
+    # 2-D co-scaling of the models that ask for it (quotas.py).
+    coscale: CoScaler = field(default_factory=lambda: CoScaler({}))
+    quota_seq: int = 0
 
 
 def new_state(
@@ -165,7 +184,7 @@ def new_state(
     bounds = {m.name: ModelBounds(m.min_replicas, m.max_replicas, m.stages) for m in deployment.models}
     # Every model starts from what runs once the warm-up ends (see ReplicaBook.adopt).
     book = ReplicaBook(bounds, settings, now.mono, id_prefix=id_prefix or scaler_id, adopt=list(bounds))
-    return ScalerState(book, controls, scaler_id)
+    return ScalerState(book, controls, scaler_id, coscale=CoScaler.of(deployment.models, stale_s=stale_s))
 
 
 # --------------------------------------------------------------------------- the tick
@@ -191,16 +210,20 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
         effects += _ack(book, ack, now)
     for m in inputs.metrics:
         controls.fold(m)
+        if isinstance(m, InstanceMetrics):
+            state.coscale.fold(m)
     controls.sync_workers(inputs.mesh.holding, inputs.workers_lost)
 
     mesh = inputs.mesh
     book.adopt(now.mono, mesh.instances)
     needs: dict[str, int] = {}
+    governed = state.coscale.governed(mesh.shared)
     for model in sorted(controls.models):
-        need, more = _evaluate(state, model, mesh, now)
+        need, more = _evaluate(state, model, mesh, now, policy_targets=model not in governed)
         if need is not None:
             needs[model] = need
         effects += more
+    effects += _coscale(state, mesh, now)
     result = book.tick(now.mono, mesh.instances, Pool(mesh.idle, needs), wall=now.wall)
     for f in result.expired:
         effects.append(
@@ -218,7 +241,7 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
     for d in result.decisions:
         # The policy in force names the decision on the wire (metrics count by it); the book
         # that made it knows targets, not policies.
-        d = replace(d, policy=controls.get(d.model).policy.name)
+        d = replace(d, policy="coscale" if d.model in governed else controls.get(d.model).policy.name)
         effects.append(Publish(d))
         effects.append(
             Note(
@@ -236,9 +259,12 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
     return state, effects
 
 
-def _evaluate(state: ScalerState, model: str, mesh: Mesh, now: Now) -> tuple[int | None, list[Effect]]:
+def _evaluate(
+    state: ScalerState, model: str, mesh: Mesh, now: Now, policy_targets: bool = True
+) -> tuple[int | None, list[Effect]]:
     """Run one model's policy: its target (and reason) into the book, a new batch limit noted;
-    returns the model's need and the effects (batch-limit orders, notes)."""
+    returns the model's need and the effects (batch-limit orders, notes). Without
+    `policy_targets` (a co-scaled model) the policy runs but its target is not used."""
     book, controls = state.book, state.controls
     effects: list[Effect] = []
     current = book.current(model, mesh.instances, now.mono)
@@ -251,7 +277,7 @@ def _evaluate(state: ScalerState, model: str, mesh: Mesh, now: Now) -> tuple[int
     c = controls.get(model)
     # Until the warm-up ends the instance counts are not the whole mesh yet: the policy runs (its
     # timers and fits go on) but its targets wait.
-    ready = book.ready(now.mono)
+    ready = book.ready(now.mono) and policy_targets
     wants = t is not None and t.target_replicas != current
     if ready and wants and not in_flight and t is not None:
         b = book.bounds[model]
@@ -281,6 +307,44 @@ def _evaluate(state: ScalerState, model: str, mesh: Mesh, now: Now) -> tuple[int
     for worker, limit in controls.limit_orders(ev.signals, now.wall):
         effects.append(SetLimit(worker, model, limit, c.limit_decision, c.limit_reason))
     return ev.need, effects
+
+
+def _coscale(state: ScalerState, mesh: Mesh, now: Now) -> list[Effect]:
+    """The co-scaled models' quotas first, instances second (quotas.py, coscale.py): quota orders
+    become SetQuota effects, an added or removed instance a replica target one above or below what
+    runs, which the book turns into a decision as any target."""
+    book = state.book
+    plan = state.coscale.tick(mesh.shared, mesh.instances, mesh.loading, book.in_flight, now.mono, now.wall)
+    effects: list[Effect] = []
+    for o in plan.quotas:
+        state.quota_seq += 1
+        did = f"{state.scaler_id}-q{state.quota_seq}"
+        effects.append(SetQuota(o.worker, o.model, o.quota, did, o.reason))
+        effects.append(
+            Note(
+                "quota_decision",
+                {"decision_id": did, "worker": o.worker, "model": o.model, "quota": o.quota, "reason": o.reason},
+            )
+        )
+    if not book.ready(now.mono):
+        return effects
+    moves = [(a.model, 1, a.reason) for a in plan.add] + [(r.model, -1, r.reason) for r in plan.remove]
+    for model, step, reason in moves:
+        if model in book.in_flight or model not in book.bounds:
+            continue
+        b = book.bounds[model]
+        current = book.current(model, mesh.instances, now.mono)
+        target = max(b.min_replicas, min(b.max_replicas, current + step))
+        if target == book.targets[model]:
+            continue
+        previous = book.set_target(model, target, reason=f"coscale: {reason}")
+        effects.append(
+            Note(
+                "policy_target",
+                {"model": model, "target": target, "previous": previous, "current": current, "reason": reason},
+            )
+        )
+    return effects
 
 
 def _ack(book: ReplicaBook, ack: ScaleAck, now: Now) -> list[Effect]:
@@ -372,6 +436,7 @@ def add_model(state: ScalerState, dep: ModelDeployment, now: Now) -> tuple[Deplo
             )
         return configure(state, DeployRequest(dep.name), now)
     c = controls.add(dep)
+    state.coscale.add_model(dep)
     bounds = ModelBounds(dep.min_replicas, dep.max_replicas, dep.stages)
     book.add_model(dep.name, bounds, adopt=c.policy.name != "manual")
     reply, effects = configure(state, DeployRequest(dep.name), now)
