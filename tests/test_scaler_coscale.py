@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 
 from cascade.config import ConfigError, Deployment, ModelDeployment, load_deployment
-from cascade.messages import InstanceMetrics, ScaleAck, ScaleDecision, StepStat, decode, encode
+from cascade.messages import (
+    InstanceMetrics,
+    ModelMetrics,
+    ScaleAck,
+    ScaleDecision,
+    StepStat,
+    decode,
+    encode,
+    latency_bucket,
+)
 from services.scaler import core
+from services.scaler.quotas import CoScaler, SharedSlot
 from services.scaler.replicas import Settings
 
 SETTINGS = Settings(ack_timeout_s=60.0, warmup_s=0.0, settle_s=2.0, retry_base_s=1.0, retry_max_s=8.0)
@@ -87,6 +97,7 @@ class Run:
     now: float = 1000.0
     log: list[tuple[float, core.Effect]] = field(default_factory=list)
     loader_up: str | None = "loader"
+    gateway: list[ModelMetrics] = field(default_factory=list)  # gateway reports for the next tick
     state: core.ScalerState = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,7 +107,8 @@ class Run:
     def tick(self, demand: dict[str, float]) -> list[core.Effect]:
         """One second: each model's demand (a share of a whole worker) split over its serving
         instances, reported as their engine steps would be; then the core's tick."""
-        metrics: list[InstanceMetrics] = []
+        metrics: list[InstanceMetrics | ModelMetrics] = [decode(encode(g)) for g in self.gateway]
+        self.gateway = []
         for model, total in demand.items():
             ws = [w for w, s in self.mesh.slots.items() if s.model == model and s.loading_until <= self.now]
             for w in ws:
@@ -195,3 +207,44 @@ def test_coscale_in_a_deployment_file(tmp_path: Path) -> None:
     f.write_text('[[models]]\nname = "a"\npath = "/m/a"\ncoscale = "yes"\n')
     with pytest.raises(ConfigError, match="coscale must be true or false"):
         load_deployment(f)
+
+
+def test_a_model_with_all_of_its_worker_still_gets_another_instance_under_lasting_pressure() -> None:
+    slots = {"gpu0": Slot("gpu0", "a"), "gpu0-2": Slot("gpu0"), "gpu1": Slot("gpu1"), "gpu1-2": Slot("gpu1")}
+    run = Run(Deployment((dep("a", True),)), SharedMesh(slots))
+    for _ in range(6):
+        run.tick({"a": 0.95})
+    ups = [d for _, d in run.decisions("a") if d.action == "up"]
+    assert len(ups) == 1 and ups[0].target_replicas == 2
+    assert not run.quotas("a"), "alone on its worker there is no quota to raise"
+
+
+def test_a_model_past_its_latency_slo_gets_quota_even_when_its_steps_look_light() -> None:
+    shared = (SharedSlot("gpu0", "gpu0", "a", "gpu0", 1.0), SharedSlot("gpu0-2", "gpu0", "b", "gpu0-2", 1.0))
+    instances = {"a": frozenset({"gpu0"}), "b": frozenset({"gpu0-2"})}
+    for ratio, raised in ((0.9, False), (1.2, True)):
+        cs = CoScaler.of((dep("a", True), dep("b", False)))
+        for w, d in (("gpu0", 0.2), ("gpu0-2", 0.05)):
+            cs.fold(InstanceMetrics(w, "x", ts=100.0, interval_s=1.0, running=1, steps=[StepStat(1, 10, 1000 * d)]))
+        plan = cs.tick(shared, instances, {}, (), 100.0, 100.0, {"a": ratio})
+        got = {o.worker: o.quota for o in plan.quotas}
+        if raised:
+            assert got["gpu0"] == pytest.approx(0.5 * ratio * 0.8 / 0.6, abs=0.01)  # r q high / target
+            assert got["gpu0-2"] < 0.5
+        else:
+            assert not got, "demand 0.2 at quota 0.5 and latency within its SLO: nothing moves"
+
+
+def test_the_core_reads_the_slo_from_a_two_stage_models_knobs() -> None:
+    slots = {"gpu0": Slot("gpu0", "a"), "gpu0-2": Slot("gpu0", "b")}
+    a = ModelDeployment("a", Path("/m/a"), 1, 1, policy="two-stage", knobs={"ttft_slo_ms": 100.0}, coscale=True)
+    run = Run(Deployment((a, dep("b", False, policy="manual"))), SharedMesh(slots))
+    for _ in range(3):
+        assert not [e for e in run.tick({"a": 0.2, "b": 0.05}) if isinstance(e, core.SetQuota)]
+    # A gateway reports a's first tokens at ~150 ms: 1.5 times its TTFT SLO.
+    hist = [0] * (latency_bucket(150.0) + 1)
+    hist[-1] = 20
+    run.gateway.append(ModelMetrics("gw", "a", ts=run.now, interval_s=1.0, arrivals=20, completions=20, ttft_hist=hist))
+    raised = [e for e in run.tick({"a": 0.2, "b": 0.05}) if isinstance(e, core.SetQuota) and e.model == "a"]
+    assert raised and raised[0].quota > 0.5
+    assert run.state.slo_ratio["a"] > 1.0

@@ -44,6 +44,7 @@ from services.scaler.controls import Controls, UnknownModel
 from services.scaler.policies import KnobError
 from services.scaler.quotas import CoScaler, SharedSlot
 from services.scaler.replicas import ModelBounds, Pool, ReplicaBook, Settings, TargetError
+from services.scaler.signals import LoadSignals
 
 __all__ = [
     "Effect",
@@ -165,6 +166,9 @@ class ScalerState:
     # 2-D co-scaling of the models that ask for it (quotas.py).
     coscale: CoScaler = field(default_factory=lambda: CoScaler({}))
     quota_seq: int = 0
+    # Model → its p95 latency over its SLO at the last tick (> 1: the SLO is missed), for models
+    # whose policy has latency SLOs (two-stage's ttft_slo_ms, tbt_slo_ms).
+    slo_ratio: dict[str, float] = field(default_factory=dict)
 
 
 def new_state(
@@ -275,6 +279,7 @@ def _evaluate(
     )
     t = ev.target
     c = controls.get(model)
+    state.slo_ratio[model] = _slo_ratio(c.knobs, ev.signals)
     # Until the warm-up ends the instance counts are not the whole mesh yet: the policy runs (its
     # timers and fits go on) but its targets wait.
     ready = book.ready(now.mono) and policy_targets
@@ -314,7 +319,9 @@ def _coscale(state: ScalerState, mesh: Mesh, now: Now) -> list[Effect]:
     become SetQuota effects, an added or removed instance a replica target one above or below what
     runs, which the book turns into a decision as any target."""
     book = state.book
-    plan = state.coscale.tick(mesh.shared, mesh.instances, mesh.loading, book.in_flight, now.mono, now.wall)
+    plan = state.coscale.tick(
+        mesh.shared, mesh.instances, mesh.loading, book.in_flight, now.mono, now.wall, state.slo_ratio
+    )
     effects: list[Effect] = []
     for o in plan.quotas:
         state.quota_seq += 1
@@ -345,6 +352,16 @@ def _coscale(state: ScalerState, mesh: Mesh, now: Now) -> list[Effect]:
             )
         )
     return effects
+
+
+def _slo_ratio(knobs: Any, s: LoadSignals) -> float:
+    """How far the model's p95 TTFT and inter-token gap are past its SLOs (the larger ratio; 0 when
+    its policy has no SLO or nothing was measured)."""
+    out = 0.0
+    for stats, slo in ((s.ttft, getattr(knobs, "ttft_slo_ms", 0.0)), (s.itl, getattr(knobs, "tbt_slo_ms", 0.0))):
+        if slo and stats.count:
+            out = max(out, stats.p95_ms / slo)
+    return out
 
 
 def _ack(book: ReplicaBook, ack: ScaleAck, now: Now) -> list[Effect]:

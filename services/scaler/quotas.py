@@ -12,7 +12,10 @@ A slot's demand is the share of its process's compute its steps took in the last
 (steps of one process run one at a time on its engine thread, so this is a time share), scaled up
 by the work waiting behind its batch: offered load, not only what the quota let through, so a
 starved instance still shows its pressure. A slot with no recent figure counts as sitting at the
-policy's target (nothing moves for it).
+policy's target (nothing moves for it). A model whose p95 latency is r > 1 times its SLO (its
+policy's `ttft_slo_ms` / `tbt_slo_ms`, for the two-stage policy) counts each of its slots as at
+least `r q high_util` busy, so the quota rises to about r q even when the step times
+alone would not ask for it.
 
 Quotas on a worker are relative shares (docs/pipelined-and-shared.md); the policy works in
 fractions of a worker that sum to at most 1. Heartbeat quotas are read as `q / max(1, sum)`, and a
@@ -77,7 +80,7 @@ class CoScaler:
     """Which models co-scale, and what the loop remembers between ticks."""
 
     models: dict[str, ModelDeployment]
-    knobs: CoScaleKnobs = field(default_factory=CoScaleKnobs)
+    knobs: CoScaleKnobs = field(default_factory=lambda: CoScaleKnobs(short_past_worker=True))
     stale_s: float = 5.0  # a demand figure counts for this long after its report (wall clock)
     pending_s: float = 5.0  # a quota asked for counts as in force this long unless a heartbeat shows it
     state: CoScaleState = field(default_factory=CoScaleState)
@@ -112,6 +115,7 @@ class CoScaler:
         in_flight: Collection[str],
         mono: float,
         wall: float,
+        slo_ratio: Mapping[str, float] | None = None,
     ) -> Plan:
         models = self.governed(shared)
         devices = {s.device for s in shared if s.model in models}
@@ -144,6 +148,11 @@ class CoScaler:
             d = self.demand.get(s.worker)
             q = frac[s.worker]
             demand = d[0] if d is not None and wall - d[1] <= self.stale_s else q * k.target_util
+            # A model past its latency SLO is at risk whatever its step time says: at quota q a
+            # slot runs about 1/q as fast as alone, so its latency r times the SLO asks for about r q.
+            r = (slo_ratio or {}).get(s.model, 0.0)
+            if r > 1.0:
+                demand = max(demand, q * r * k.high_util)
             by_key[(s.instance, s.device)] = s
             views.append(Slot(s.model, s.instance, s.device, q, demand))
         model_views = []
