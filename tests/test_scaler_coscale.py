@@ -248,3 +248,12 @@ def test_the_core_reads_the_slo_from_a_two_stage_models_knobs() -> None:
     raised = [e for e in run.tick({"a": 0.2, "b": 0.05}) if isinstance(e, core.SetQuota) and e.model == "a"]
     assert raised and raised[0].quota > 0.5
     assert run.state.slo_ratio["a"] > 1.0
+
+
+def test_status_says_which_models_co_scale_and_how_long_one_is_short() -> None:
+    run = two_models()
+    for _ in range(2):
+        run.tick({"a": 0.9, "b": 0.03})
+    detail = core.status(run.state, run.mesh.mesh(run.now))
+    assert detail["coscale"]["models"] == ["a"]
+    assert detail["coscale"]["short_for_s"] == {"a": 1.0}

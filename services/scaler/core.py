@@ -470,6 +470,8 @@ def status(state: ScalerState, mesh: Mesh) -> dict[str, Any]:
     detail["instances"] = {m: len(ws) for m, ws in mesh.instances.items()}
     detail["idle_pool"] = len(mesh.idle)
     detail["policies"] = state.controls.describe()
+    if state.coscale.models:
+        detail["coscale"] = state.coscale.describe()
     return detail
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from cascade.config import ModelDeployment
 from cascade.messages import InstanceMetrics
@@ -87,6 +88,7 @@ class CoScaler:
     demand: dict[str, tuple[float, float]] = field(default_factory=dict)  # worker -> (demand, ts)
     pending: dict[str, tuple[float, float]] = field(default_factory=dict)  # worker -> (quota, asked at)
     first_seen: dict[str, float] = field(default_factory=dict)  # instance -> when (mono)
+    last_tick: float = 0.0
 
     @classmethod
     def of(cls, models: Iterable[ModelDeployment], stale_s: float = 5.0) -> CoScaler:
@@ -95,6 +97,18 @@ class CoScaler:
     def add_model(self, m: ModelDeployment) -> None:
         if m.coscale:
             self.models[m.name] = m
+
+    def describe(self) -> dict[str, Any]:
+        """For `cascade status`: the co-scaled models, quotas asked for and not shown yet, and how
+        long each model had been short of quota (toward an instance) or calm (toward a release) at
+        the last tick."""
+        mono = self.last_tick
+        return {
+            "models": sorted(self.models),
+            "pending_quotas": {w: q for w, (q, _) in sorted(self.pending.items())},
+            "short_for_s": {m: round(mono - t, 1) for m, t in sorted(self.state.pressure_since.items())},
+            "calm_for_s": {m: round(mono - t, 1) for m, t in sorted(self.state.calm_since.items())},
+        }
 
     def fold(self, m: InstanceMetrics) -> None:
         busy = sum(s.total_ms for s in m.steps) / 1000.0 / max(m.interval_s, 1e-3)
@@ -117,6 +131,7 @@ class CoScaler:
         wall: float,
         slo_ratio: Mapping[str, float] | None = None,
     ) -> Plan:
+        self.last_tick = mono
         models = self.governed(shared)
         devices = {s.device for s in shared if s.model in models}
         slots = [s for s in shared if s.device in devices]
