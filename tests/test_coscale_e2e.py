@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import structlog
 
+from cascade.cli.tapformat import format_message
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import (
     BatchReply,
@@ -59,6 +60,7 @@ async def test_the_scaler_raises_a_busy_models_quota_on_a_shared_worker(
     task: asyncio.Task[int] | None = None
     beats: dict[str, Heartbeat] = {}
     quota_sets: list[QuotaSet] = []
+    tapped: list[str] = []  # the scaler's SetQuota requests as `cascade tap` prints them
 
     async def on_heartbeat(m: Any) -> None:
         hb = decode(m.data, Heartbeat)
@@ -67,10 +69,14 @@ async def test_the_scaler_raises_a_busy_models_quota_on_a_shared_worker(
     async def on_quota_set(m: Any) -> None:
         quota_sets.append(decode(m.data, QuotaSet))
 
+    async def on_set_quota(m: Any) -> None:
+        tapped.append(format_message(m.subject, m.data))
+
     try:
         await nc.subscribe(subjects.heartbeat_all(), cb=on_heartbeat)
         await nc.subscribe(subjects.quota_set("p1"), cb=on_quota_set)
         await nc.subscribe(subjects.quota_set("p1-2"), cb=on_quota_set)
+        await nc.subscribe(subjects.quota("p1"), cb=on_set_quota)
         procs.start("p1", "--slots", "2", "--heartbeat-s", str(HB_S), "--metrics-s", "0.5")
         await wait_until(lambda: {"p1", "p1-2"} <= set(beats), timeout=120, what="two instances heartbeating")
         await request(nc, subjects.load("p1"), LoadModel("A", str(paths["A"])), Ok, timeout=30)
@@ -106,6 +112,9 @@ async def test_the_scaler_raises_a_busy_models_quota_on_a_shared_worker(
         b = [q for q in mine if q.worker_id == "p1-2"]
         assert b and b[0].quota < 0.5, "B lends what A takes"
         assert a.reason.startswith("demand") and a.device == "p1"
+        await wait_until(lambda: any(a.decision_id in line for line in tapped), what="the SetQuota tapped")
+        line = next(x for x in tapped if a.decision_id in x)
+        assert "set_quota" in line and f"quota={a.quota:g}" in line and "reason='demand" in line, line
         # The quotas as fractions of the worker: A's share is its quota.
         await wait_until(
             lambda: beats["p1"].quota > 0.5 and beats["p1-2"].quota < 0.5, what="heartbeats show the quotas"
