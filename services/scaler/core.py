@@ -18,6 +18,9 @@ A tick, per model, in name order:
 2. run the model's policy (`controls.Controls.evaluate`) on its signals: its target and reason go
    into the replica book unless a decision is in flight; a silent policy's target follows what
    runs; a new batch limit becomes `SetLimit` effects for the model's instances;
+2b. the models with `coscale = true` on shared workers (quotas.py): quota changes become
+   `SetQuota` effects, an instance the policy adds or removes a target one above or below what
+   runs (their own policy's target is not used meanwhile);
 3. the replica book (`replicas.ReplicaBook.tick`) turns every gap into at most one
    `ScaleDecision` per model, bounded by the idle pool, lending instances between models when the
    pool is empty; decisions whose ack never came expire and are retried after a back-off.

@@ -3,8 +3,8 @@
 In: the workers' heartbeats and readiness (the shared worker table), load metrics (`ModelMetrics`
 from gateways, `InstanceMetrics` from workers), ScaleAck (a decision was carried out),
 ScaleRequest (an operator's replica target), DeployRequest (the admin API), ServiceReady from a
-loader. Out: ScaleDecision, SetBatchLimit to workers (the two-stage policy's vertical action), and
-status answers.
+loader. Out: ScaleDecision, SetBatchLimit to workers (the two-stage policy's vertical action),
+SetQuota to instances on shared workers (co-scaling, quotas.py), and status answers.
 
 What arrives between ticks is queued; each tick hands it to `core.tick` with the worker table's
 picture of the mesh and carries out the effects that come back. A tick runs every `--tick-s`, and
