@@ -165,6 +165,9 @@ class ModelDeployment:
     # ([start, end) per stage), else the layers are split evenly.
     stages: int = 1
     stage_layers: tuple[tuple[int, int], ...] = ()
+    # 2-D co-scaling (docs/pipelined-and-shared.md): on shared workers the scaler moves this model's
+    # compute quotas first and its instance count second, instead of its policy's replica target.
+    coscale: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +208,7 @@ def entry_json(m: ModelDeployment) -> dict[str, Any]:
         "max_model_len": m.max_model_len,
         "stages": m.stages,
         "stage_layers": [list(r) for r in m.stage_layers],
+        "coscale": m.coscale,
         "generate": None if m.generate is None else {k: getattr(m.generate, k) for k in GenerateSpec.__slots__},
     }
 
@@ -316,6 +320,7 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
         max_model_len=max_model_len,
         stages=stages,
         stage_layers=stage_layers,
+        coscale=_coscale(name, t.get("coscale", False)),
     )
 
 
@@ -444,3 +449,9 @@ def stage_settings(name: str, stages: Any, stage_layers: Any) -> tuple[int, tupl
     if ranges and len(ranges) != n:
         raise ConfigError(f"model {name}: stage_layers gives {len(ranges)} ranges for stages = {n}")
     return n, ranges
+
+
+def _coscale(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"model {name}: coscale must be true or false (got {value!r})")
+    return value

@@ -119,7 +119,8 @@ class Scaler:
             elif isinstance(e, core.Announce):
                 # Only `cascade deploy --model` announces, and the simulated mesh has no operator.
                 self.notes.append({"t": self.sim.now, "event": "deployment_changed", "added": list(e.added)})
-            else:
+            elif isinstance(e, core.Note):
                 self.notes.append({"t": self.sim.now, "event": e.event, **e.fields})
+            # SetQuota needs shared workers, which the simulated mesh does not model.
         if self._next is None or not Sim.pending(self._next):
             self._next = self.sim.at(self.sim.now + self.tick_s, self._tick)

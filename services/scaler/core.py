@@ -18,6 +18,9 @@ A tick, per model, in name order:
 2. run the model's policy (`controls.Controls.evaluate`) on its signals: its target and reason go
    into the replica book unless a decision is in flight; a silent policy's target follows what
    runs; a new batch limit becomes `SetLimit` effects for the model's instances;
+2b. the models with `coscale = true` on shared workers (quotas.py): quota changes become
+   `SetQuota` effects, an instance the policy adds or removes a target one above or below what
+   runs (their own policy's target is not used meanwhile);
 3. the replica book (`replicas.ReplicaBook.tick`) turns every gap into at most one
    `ScaleDecision` per model, bounded by the idle pool, lending instances between models when the
    pool is empty; decisions whose ack never came expire and are retried after a back-off.
@@ -43,7 +46,9 @@ from cascade.messages import (
 from services.scaler.backoff import Backoff
 from services.scaler.controls import Controls, UnknownModel
 from services.scaler.policies import KnobError
+from services.scaler.quotas import CoScaler, SharedSlot
 from services.scaler.replicas import ModelBounds, Pool, ReplicaBook, Settings, TargetError
+from services.scaler.signals import LoadSignals
 
 __all__ = [
     "Effect",
@@ -54,6 +59,8 @@ __all__ = [
     "Publish",
     "ScalerState",
     "SetLimit",
+    "SetQuota",
+    "SharedSlot",
     "configure",
     "new_state",
     "set_target",
@@ -79,6 +86,8 @@ class Mesh:
     idle: frozenset[str] = frozenset()
     loading: Mapping[str, int] = field(default_factory=dict)  # model → still loading
     holding: Mapping[str, str | None] = field(default_factory=dict)  # live worker → its model (None: none)
+    # Serving instances on shared workers, with their quotas (what co-scaling reads).
+    shared: tuple[SharedSlot, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +126,17 @@ class SetLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class SetQuota:
+    """Ask `worker` (an instance on a shared worker) to run `model` at compute quota `quota`."""
+
+    worker: str
+    model: str
+    quota: float
+    decision_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Note:
     """Something worth a log line (the adapter logs it; the simulator may record it)."""
 
@@ -133,7 +153,7 @@ class Announce:
     added: tuple[str, ...]
 
 
-Effect = Publish | SetLimit | Note | Announce
+Effect = Publish | SetLimit | Note | Announce | SetQuota
 
 
 # --------------------------------------------------------------------------- state
@@ -149,6 +169,12 @@ class ScalerState:
     held_back: str | None = None
     # Workers that failed a model lately, avoided for it for a while (backoff.py).
     backoff: Backoff = field(default_factory=Backoff)
+    # 2-D co-scaling of the models that ask for it (quotas.py).
+    coscale: CoScaler = field(default_factory=lambda: CoScaler({}))
+    quota_seq: int = 0
+    # Model → its p95 latency over its SLO at the last tick (> 1: the SLO is missed), for models
+    # whose policy has latency SLOs (two-stage's ttft_slo_ms, tbt_slo_ms).
+    slo_ratio: dict[str, float] = field(default_factory=dict)
 
 
 def new_state(
@@ -168,7 +194,7 @@ def new_state(
     bounds = {m.name: ModelBounds(m.min_replicas, m.max_replicas, m.stages) for m in deployment.models}
     # Every model starts from what runs once the warm-up ends (see ReplicaBook.adopt).
     book = ReplicaBook(bounds, settings, now.mono, id_prefix=id_prefix or scaler_id, adopt=list(bounds))
-    return ScalerState(book, controls, scaler_id)
+    return ScalerState(book, controls, scaler_id, coscale=CoScaler.of(deployment.models, stale_s=stale_s))
 
 
 # --------------------------------------------------------------------------- the tick
@@ -207,16 +233,20 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
             )  # fmt: skip
     for m in inputs.metrics:
         controls.fold(m)
+        if isinstance(m, InstanceMetrics):
+            state.coscale.fold(m)
     controls.sync_workers(inputs.mesh.holding, inputs.workers_lost)
 
     mesh = inputs.mesh
     book.adopt(now.mono, mesh.instances)
     needs: dict[str, int] = {}
+    governed = state.coscale.governed(mesh.shared)
     for model in sorted(controls.models):
-        need, more = _evaluate(state, model, mesh, now)
+        need, more = _evaluate(state, model, mesh, now, policy_targets=model not in governed)
         if need is not None:
             needs[model] = need
         effects += more
+    effects += _coscale(state, mesh, now)
     for model in sorted(controls.models):
         # Every idle worker failed this model lately: its next up waits for the first back-off to
         # end, rather than going out (and failing) again every tick.
@@ -240,7 +270,7 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
     for d in result.decisions:
         # The policy in force names the decision on the wire (metrics count by it); the book
         # that made it knows targets, not policies.
-        d = replace(d, policy=controls.get(d.model).policy.name)
+        d = replace(d, policy="coscale" if d.model in governed else controls.get(d.model).policy.name)
         if d.action == "up":
             d = replace(d, avoid=sorted(state.backoff.avoided(d.model, now.mono)))
         effects.append(Publish(d))
@@ -260,9 +290,12 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
     return state, effects
 
 
-def _evaluate(state: ScalerState, model: str, mesh: Mesh, now: Now) -> tuple[int | None, list[Effect]]:
+def _evaluate(
+    state: ScalerState, model: str, mesh: Mesh, now: Now, policy_targets: bool = True
+) -> tuple[int | None, list[Effect]]:
     """Run one model's policy: its target (and reason) into the book, a new batch limit noted;
-    returns the model's need and the effects (batch-limit orders, notes)."""
+    returns the model's need and the effects (batch-limit orders, notes). Without
+    `policy_targets` (a co-scaled model) the policy runs but its target is not used."""
     book, controls = state.book, state.controls
     effects: list[Effect] = []
     current = book.current(model, mesh.instances, now.mono)
@@ -273,9 +306,10 @@ def _evaluate(state: ScalerState, model: str, mesh: Mesh, now: Now) -> tuple[int
     )
     t = ev.target
     c = controls.get(model)
+    state.slo_ratio[model] = _slo_ratio(c.knobs, ev.signals)
     # Until the warm-up ends the instance counts are not the whole mesh yet: the policy runs (its
     # timers and fits go on) but its targets wait.
-    ready = book.ready(now.mono)
+    ready = book.ready(now.mono) and policy_targets
     wants = t is not None and t.target_replicas != current
     if ready and wants and not in_flight and t is not None:
         b = book.bounds[model]
@@ -305,6 +339,56 @@ def _evaluate(state: ScalerState, model: str, mesh: Mesh, now: Now) -> tuple[int
     for worker, limit in controls.limit_orders(ev.signals, now.wall):
         effects.append(SetLimit(worker, model, limit, c.limit_decision, c.limit_reason))
     return ev.need, effects
+
+
+def _coscale(state: ScalerState, mesh: Mesh, now: Now) -> list[Effect]:
+    """The co-scaled models' quotas first, instances second (quotas.py, coscale.py): quota orders
+    become SetQuota effects, an added or removed instance a replica target one above or below what
+    runs, which the book turns into a decision as any target."""
+    book = state.book
+    plan = state.coscale.tick(
+        mesh.shared, mesh.instances, mesh.loading, book.in_flight, now.mono, now.wall, state.slo_ratio
+    )
+    effects: list[Effect] = []
+    for o in plan.quotas:
+        state.quota_seq += 1
+        did = f"{state.scaler_id}-q{state.quota_seq}"
+        effects.append(SetQuota(o.worker, o.model, o.quota, did, o.reason))
+        effects.append(
+            Note(
+                "quota_decision",
+                {"decision_id": did, "worker": o.worker, "model": o.model, "quota": o.quota, "reason": o.reason},
+            )
+        )
+    if not book.ready(now.mono):
+        return effects
+    moves = [(a.model, 1, a.reason) for a in plan.add] + [(r.model, -1, r.reason) for r in plan.remove]
+    for model, step, reason in moves:
+        if model in book.in_flight or model not in book.bounds:
+            continue
+        b = book.bounds[model]
+        current = book.current(model, mesh.instances, now.mono)
+        target = max(b.min_replicas, min(b.max_replicas, current + step))
+        if target == book.targets[model]:
+            continue
+        previous = book.set_target(model, target, reason=f"coscale: {reason}")
+        effects.append(
+            Note(
+                "policy_target",
+                {"model": model, "target": target, "previous": previous, "current": current, "reason": reason},
+            )
+        )
+    return effects
+
+
+def _slo_ratio(knobs: Any, s: LoadSignals) -> float:
+    """How far the model's p95 TTFT and inter-token gap are past its SLOs (the larger ratio; 0 when
+    its policy has no SLO or nothing was measured)."""
+    out = 0.0
+    for stats, slo in ((s.ttft, getattr(knobs, "ttft_slo_ms", 0.0)), (s.itl, getattr(knobs, "tbt_slo_ms", 0.0))):
+        if slo and stats.count:
+            out = max(out, stats.p95_ms / slo)
+    return out
 
 
 def _ack(book: ReplicaBook, ack: ScaleAck, now: Now) -> list[Effect]:
@@ -396,6 +480,7 @@ def add_model(state: ScalerState, dep: ModelDeployment, now: Now) -> tuple[Deplo
             )
         return configure(state, DeployRequest(dep.name), now)
     c = controls.add(dep)
+    state.coscale.add_model(dep)
     bounds = ModelBounds(dep.min_replicas, dep.max_replicas, dep.stages)
     book.add_model(dep.name, bounds, adopt=c.policy.name != "manual")
     reply, effects = configure(state, DeployRequest(dep.name), now)
@@ -414,6 +499,8 @@ def status(state: ScalerState, mesh: Mesh, now: Now | None = None) -> dict[str, 
     detail["instances"] = {m: len(ws) for m, ws in mesh.instances.items()}
     detail["idle_pool"] = len(mesh.idle)
     detail["policies"] = state.controls.describe()
+    if state.coscale.models:
+        detail["coscale"] = state.coscale.describe()
     return detail
 
 

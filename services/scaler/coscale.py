@@ -80,6 +80,9 @@ class CoScaleKnobs:
     min_quota: float = 0.05
     horizontal_delay_s: float = 3.0
     release_delay_s: float = 10.0
+    # Count a slot short when its demand needs more than a whole worker (the scaler's setting; the
+    # multimodel simulator's recorded runs were made without it).
+    short_past_worker: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.low_util < self.target_util < self.high_util <= 1:
@@ -173,7 +176,9 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
         q = min(want, have + free[x.worker])
         if q > have + 1e-9:
             set_quota(x, q, f"demand {x.demand:.2f} at util {x.demand / have:.2f} > {k.high_util:g}")
-        if q < need - 1e-9:
+        # With `short_past_worker`, a slot that needs more than all of its worker is short too
+        # (else a model holding a whole worker never asks for another instance).
+        if q < (max(need, x.demand / k.target_util) if k.short_past_worker else need) - 1e-9:
             short.add(x.model)
 
     # ---- 2. instances if the pressure lasts; 3. release in the opposite order

@@ -3,8 +3,8 @@
 In: the workers' heartbeats and readiness (the shared worker table), load metrics (`ModelMetrics`
 from gateways, `InstanceMetrics` from workers), ScaleAck (a decision was carried out),
 ScaleRequest (an operator's replica target), DeployRequest (the admin API), ServiceReady from a
-loader. Out: ScaleDecision, SetBatchLimit to workers (the two-stage policy's vertical action), and
-status answers.
+loader. Out: ScaleDecision, SetBatchLimit to workers (the two-stage policy's vertical action),
+SetQuota to instances on shared workers (co-scaling, quotas.py), and status answers.
 
 What arrives between ticks is queued; each tick hands it to `core.tick` with the worker table's
 picture of the mesh and carries out the effects that come back. A tick runs every `--tick-s`, and
@@ -43,6 +43,7 @@ from cascade.messages import (
     MessageError,
     ModelMetrics,
     Ok,
+    QuotaSet,
     RemoteError,
     ScaleAck,
     ScaleDecision,
@@ -50,6 +51,7 @@ from cascade.messages import (
     ServiceReady,
     ServiceStatus,
     SetBatchLimit,
+    SetQuota,
     StatusRequest,
     decode,
     encode,
@@ -204,6 +206,11 @@ class Scaler:
             idle=self.table.idle(now),
             loading=self.table.loading(now),
             holding={v.worker_id: v.model if v.state in COUNTED_STATES else None for v in views},
+            shared=tuple(
+                core.SharedSlot(v.worker_id, v.shared_device, v.model, v.instance, v.quota)
+                for v in views
+                if v.shared_device and v.model and v.state == "serving"
+            ),
         )
 
     # ---- wiring ------------------------------------------------------------
@@ -270,6 +277,8 @@ class Scaler:
                 await rt.nc.publish(rt.subjects.scale_decision(), encode(e.decision))
             elif isinstance(e, core.SetLimit):
                 self.tasks.spawn(self.send_limit(e), f"limit-{e.worker}")
+            elif isinstance(e, core.SetQuota):
+                self.tasks.spawn(self.send_quota(e), f"quota-{e.worker}")
             elif isinstance(e, core.Announce):
                 await self.announce(e)
             else:
@@ -310,6 +319,27 @@ class Scaler:
             lg.warning("batch_limit_failed", limit=e.limit, error=repr(err))
             return
         lg.info("batch_limit_set", requested=e.limit, limit=r.max_batch, kv_slots=r.kv_slots)
+
+    async def send_quota(self, e: core.SetQuota) -> None:
+        """SetQuota to one instance on a shared worker. A failure is only logged: heartbeats go on
+        showing the old quota, and a later tick decides again."""
+        assert self._rt is not None
+        lg = self.log.bind(worker=e.worker, model=e.model, decision_id=e.decision_id)
+        try:
+            r = await request(
+                self._rt.nc,
+                self._rt.subjects.quota(e.worker),
+                SetQuota(e.quota, e.decision_id, e.reason),
+                QuotaSet,
+                timeout=self.tick_s + 2.0,
+            )
+        except (RemoteError, RequestTimeout, MessageError) as err:
+            lg.warning("quota_failed", quota=e.quota, error=str(err))
+            return
+        except Exception as err:  # nats-py's own errors (connection closing, draining): never fatal here
+            lg.warning("quota_failed", quota=e.quota, error=repr(err))
+            return
+        lg.info("quota_set", requested=e.quota, quota=r.quota, share=r.share, device=r.device, quotas=r.quotas)
 
     # ---- inputs ------------------------------------------------------------
     async def on_metrics(self, msg: Msg) -> None:
