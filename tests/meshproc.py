@@ -24,7 +24,9 @@ def running_mesh(
 ) -> Iterator[dict[str, Any]]:
     """`deployment`: the deployment file's text, or None to name models with `args` (--model)."""
     env = {**os.environ, "CASCADE_HOME": str(home), "CASCADE_HEARTBEAT_S": "0.5"}
-    cmd = ["up", "--workers", str(workers), "--port", "0", "--nats-port", "0", *args]
+    # With --nats-url (a broker of the test's own) no broker is embedded, so no --nats-port.
+    broker = [] if "--nats-url" in args else ["--nats-port", "0"]
+    cmd = ["up", "--workers", str(workers), "--port", "0", *broker, *args]
     if deployment is not None:
         cfg = home / "deploy.toml"
         cfg.write_text(deployment)

@@ -61,7 +61,8 @@ def test_every_command_is_a_real_cascade_subcommand(
     env = svc["environment"]
     assert env["CASCADE_NATS_URL"] == "nats://nats:4222"
     assert env["CASCADE_HOME"] == "/models"
-    assert "models:/models" in svc["volumes"]
+    # Every service but the (diskless) workers mounts the model store.
+    assert ("models:/models" in svc["volumes"]) == (name != "worker")
     args = parse(svc["command"], env, monkeypatch)
     expected = "model" if name == "model-init" else name
     assert args.command == expected
@@ -99,9 +100,11 @@ def test_model_init_writes_the_deployment_file_the_services_read(
     for name in ("gateway", "scaler", "loader"):
         svc = services[name]
         assert Path(parse(svc["command"], svc["environment"], monkeypatch).config) == written, name
-    # The hub cache is on the volume too: workers read a hub model's files from it.
+    # The hub cache is on the volume too: the loader (and the gateway) read a hub model's files from it.
     assert Path(init["environment"]["HF_HOME"]).is_relative_to(home)
-    assert services["worker"]["environment"]["HF_HOME"] == init["environment"]["HF_HOME"]
+    for name in ("gateway", "loader"):
+        assert services[name]["environment"]["HF_HOME"] == init["environment"]["HF_HOME"]
+        assert "models:/models" in services[name]["volumes"]
 
 
 def test_dockerfile_installs_with_the_constraints() -> None:
@@ -185,3 +188,17 @@ def test_grafana_dashboard_uses_only_metrics_the_gateway_exports() -> None:
         "cascade:num_requests_waiting",
     ):
         assert needed in used, needed
+
+
+def test_workers_are_diskless_on_the_loaders_host(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same diskless workers as deploy/k8s: no model store mounted, any read of one an error;
+    the model comes from the loader's host copy or a peer, and both say they are on one host."""
+    services = compose["services"]
+    worker = services["worker"]
+    assert not any(str(v).split(":")[0] == "models" for v in worker.get("volumes") or ())
+    args = parse(worker["command"], worker["environment"], monkeypatch)
+    assert args.model_source == "network"
+    loader = services["loader"]
+    largs = parse(loader["command"], loader["environment"], monkeypatch)
+    assert args.host_id and args.host_id == largs.host_id
+    assert largs.host_cache != "off"  # what a diskless worker's first copy comes from

@@ -14,11 +14,12 @@ import pytest
 import structlog
 from nats.aio.client import Client as NATS
 
-from cascade.cli.embedded_nats import EmbeddedNats, free_port
+from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.controlstore import ControlStore, StoreUnavailable, open_store
 from cascade.natsutil import connect
 from services.loader.leadership import Leadership
 from services.loader.lease import Lease
+from tests.natscluster import nats_cluster
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -26,24 +27,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[EmbeddedNats]]:
-    ports = [free_port() for _ in range(3)]
-    routes = ", ".join(f"nats://127.0.0.1:{p}" for p in ports)
-    nodes = []
-    for i in range(3):
-        conf = tmp_path / f"n{i}.conf"
-        conf.write_text(
-            f"server_name: n{i}\n"
-            f'jetstream {{ store_dir: "{tmp_path / f"js{i}"}" }}\n'
-            f"cluster {{ name: cascade, listen: 127.0.0.1:{ports[i]}, routes: [{routes}] }}\n"
-        )
-        nodes.append(EmbeddedNats(config_file=conf, log_file=tmp_path / f"n{i}.log"))
-    try:
-        for n in nodes:
-            n.start()
-        yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
+    with nats_cluster(tmp_path) as nodes:
+        yield list(nodes)
 
 
 async def _store(nc: NATS, prefix: str) -> ControlStore:
