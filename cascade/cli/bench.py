@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "kv": "the paged KV cache against the contiguous one: sequences within a budget, prefix caching, decode",
     "multimodel": "many models on one pool: replication vs AlpaServe placement vs placement + 2-D co-scaling",
     "lease": "several loaders: how fast another plans when the leader is SIGKILLed or SIGTERMed",
+    "dtypes": "what bf16 or int8 weights would give: transformers generate per dtype, batch 1/8/32",
     "hosts": "scale-out across three emulated hosts: diskless workers fed over the network against own disks",
 }
 
@@ -71,6 +72,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.multimodel import main as multimodel
 
             return multimodel
+        if name == "dtypes":
+            from bench.dtypes import main as dtypes
+
+            return dtypes
         if name == "lease":
             from bench.lease import main as lease
 
