@@ -594,6 +594,11 @@ def main(argv: list[str] | None = None) -> int:
         table += f"\nTokens/s at concurrency {hi} over concurrency {lo_c}: {scaling:.2f}x (target ≥ 4x)\n"
     table += f"Added p50 latency: {ov['added_latency_ms']['p50']:.2f} ms (target ≤ 2 ms); "
     table += f"added p50 time to first token: {ov['added_ttft_ms']['p50']:.2f} ms (target ≤ 5 ms)\n"
+    if a.transformers:
+        table += (
+            "\nThe engine runs float32 weights; what bf16 or int8 weights would give on this machine: "
+            "`cascade bench dtypes --model <the same model>` (bench/results/dtypes.md).\n"
+        )
     print()
     print(table)
     if not a.no_write:
