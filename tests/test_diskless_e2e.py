@@ -103,6 +103,12 @@ def _wait(home: Path, what: str, ok: Any, timeout_s: float = 120) -> dict[str, A
         time.sleep(0.2)  # polling status with a deadline
 
 
+def _done_loads(st: dict[str, Any], worker: str) -> int:
+    """Finished transfers to `worker` in the status (the loader records one after the worker
+    serves, so a status can show it serving before the record is there)."""
+    return sum(1 for t in st["transfers"] if t["worker"] == worker and t["state"] == "done")
+
+
 def _serving(st: dict[str, Any]) -> set[str]:
     return {
         i["worker_id"]
@@ -153,7 +159,12 @@ def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[s
     home, url, model_dir = mesh["home"], mesh["url"], mesh["model_dir"]
     r = _cli(home, "scale", MODEL, "--replicas", "1")
     assert r.returncode == 0, r.stderr
-    st = _wait(home, "the first instance serves", lambda s: len(_serving(s)) == 1)
+    # Serving and its transfer's record come from different services' status: wait for both.
+    st = _wait(
+        home,
+        "the first instance serves and its load is recorded",
+        lambda s: len(_serving(s)) == 1 and any(t["worker"] in _serving(s) for t in s["transfers"]),
+    )
     (w0,) = _serving(st)
     assert [t["source"] for t in st["transfers"] if t["worker"] == w0][-1] == "disk"
     assert (model_dir / "config.json").is_file()
@@ -182,7 +193,11 @@ def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[s
         # From a peer: the serving worker heads a chain w0 -> d -> d.
         r = _cli(home, "scale", MODEL, "--replicas", "3")
         assert r.returncode == 0, r.stderr
-        st = _wait(home, "three instances serve", lambda s: _serving(s) == {w0, *DISKLESS})
+        st = _wait(
+            home,
+            "three instances serve",
+            lambda s: _serving(s) == {w0, *DISKLESS} and all(_done_loads(s, w) >= 1 for w in DISKLESS),
+        )
         got = {t["worker"]: t for t in st["transfers"] if t["worker"] in DISKLESS}
         assert all(t["state"] == "done" for t in got.values()), got
         assert {t["source"] for t in got.values()} == {w0}, got
@@ -194,7 +209,11 @@ def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[s
         _wait(home, "every instance unloads", lambda s: not _serving(s))
         r = _cli(home, "scale", MODEL, "--replicas", "3")
         assert r.returncode == 0, r.stderr
-        st = _wait(home, "three instances serve again", lambda s: _serving(s) == {w0, *DISKLESS})
+        st = _wait(
+            home,
+            "three instances serve again",
+            lambda s: _serving(s) == {w0, *DISKLESS} and all(_done_loads(s, w) >= 2 for w in DISKLESS),
+        )
         (loader,) = [s for s in st["services"] if s["service"] == "loader"]
         assert loader["detail"]["replans"] == 0
         _answers_everywhere(client, url, set(DISKLESS), reference)
@@ -209,7 +228,11 @@ def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[s
         for n, want in ((1, {"d2"}), (2, {"d2", "d3"})):
             r = _cli(home, "scale", MODEL, "--replicas", str(n))
             assert r.returncode == 0, r.stderr
-            st = _wait(home, f"{want} serve", lambda s, want=want: _serving(s) == want)
+            st = _wait(
+                home,
+                f"{want} serve",
+                lambda s, want=want: _serving(s) == want and all(_done_loads(s, w) >= 3 for w in want),
+            )
         last = {t["worker"]: t["source"] for t in st["transfers"]}
         assert last["d3"] == "d2", st["transfers"]
         _answers_everywhere(client, url, {"d3"}, reference)
