@@ -131,17 +131,12 @@ async def _runs(
     n_list: list[int],
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
+    from bench.meshevents import MeshEvents, tail_logs
     from cascade.messages import (
-        Heartbeat,
         HostCacheRequest,
-        LayerReady,
-        MessageError,
         Ok,
-        ScaleAck,
         ScaleDecision,
-        TransferPlanned,
         UnloadModel,
-        decode,
         encode,
     )
     from cascade.models.checkpoint import Checkpoint
@@ -153,53 +148,16 @@ async def _runs(
     ckpt.close()
     model = model_dir.name
     s = Subjects(PREFIX)
-    ready: dict[str, list[tuple[float, LayerReady]]] = {}
-    acks: dict[str, tuple[float, ScaleAck]] = {}
-    plans: dict[str, list[TransferPlanned]] = {}
-    beats: dict[str, str] = {}
-    changed = asyncio.Event()
-
-    async def on_ready(msg: Any) -> None:
-        ev = decode(msg.data, LayerReady)
-        ready.setdefault(ev.worker_id, []).append((time.monotonic(), ev))
-        changed.set()
-
-    async def on_ack(msg: Any) -> None:
-        try:
-            ack = decode(msg.data, ScaleAck)
-        except MessageError:
-            return
-        acks[ack.decision_id] = (time.monotonic(), ack)
-        changed.set()
-
-    async def on_plan(msg: Any) -> None:
-        p = decode(msg.data, TransferPlanned)
-        plans.setdefault(p.decision_id, []).append(p)
-
-    async def on_beat(msg: Any) -> None:
-        hb = decode(msg.data, Heartbeat)
-        beats[hb.worker_id] = hb.state
-        changed.set()
+    events = MeshEvents(s, "hosts bench", lambda: tail_logs(tmp, names))
+    ready, acks, plans, beats = events.ready, events.acks, events.plans, events.beats
 
     async def until(pred: Any, what: str) -> None:
-        async def go() -> None:
-            while not pred():
-                changed.clear()
-                await changed.wait()
-
-        try:
-            await asyncio.wait_for(go(), args.timeout)
-        except TimeoutError:
-            logs = "\n".join(f"--- {n}\n" + (tmp / f"{n}.log").read_text()[-1500:] for n in names)
-            raise RuntimeError(f"hosts bench: timed out waiting for {what}\n{logs}") from None
+        await events.until(pred, what, args.timeout)
 
     nc = await connect(nats_url, "bench-hosts")
     rows: list[dict[str, Any]] = []
     try:
-        await nc.subscribe(s.ready_all(), cb=on_ready)
-        await nc.subscribe(s.scale_ack(), cb=on_ack)
-        await nc.subscribe(s.heartbeat_all(), cb=on_beat)
-        await nc.subscribe(s.transfer_plan(), cb=on_plan)
+        await events.subscribe(nc)
 
         async def all_idle() -> None:
             await until(lambda: all(beats.get(w) == "idle" for w in wids), "every worker idle")

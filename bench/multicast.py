@@ -370,62 +370,27 @@ async def _mesh_rows(
 ) -> list[dict[str, Any]]:
     import asyncio
 
+    from bench.meshevents import MeshEvents, tail_logs
     from cascade.messages import (
-        Heartbeat,
-        LayerReady,
-        MessageError,
         Ok,
-        ScaleAck,
         ScaleDecision,
         UnloadModel,
-        decode,
         encode,
     )
     from cascade.natsutil import connect, gather_status, request
     from cascade.subjects import Subjects
 
     s = Subjects(MESH_PREFIX)
-    ready: dict[str, list[tuple[float, LayerReady]]] = {}
-    acks: dict[str, tuple[float, ScaleAck]] = {}
-    beats: dict[str, str] = {}
-    changed = asyncio.Event()
-
-    async def on_ready(msg: Any) -> None:
-        ev = decode(msg.data, LayerReady)
-        ready.setdefault(ev.worker_id, []).append((time.monotonic(), ev))
-        changed.set()
-
-    async def on_ack(msg: Any) -> None:
-        try:
-            ack = decode(msg.data, ScaleAck)
-        except MessageError:
-            return
-        acks[ack.decision_id] = (time.monotonic(), ack)
-        changed.set()
-
-    async def on_beat(msg: Any) -> None:
-        hb = decode(msg.data, Heartbeat)
-        beats[hb.worker_id] = hb.state
-        changed.set()
+    events = MeshEvents(s, "mesh bench", lambda: tail_logs(tmp, names))
+    ready, acks, beats = events.ready, events.acks, events.beats
 
     async def until(pred: Any, what: str) -> None:
-        async def go() -> None:
-            while not pred():
-                changed.clear()
-                await changed.wait()
-
-        try:
-            await asyncio.wait_for(go(), timeout_s)
-        except TimeoutError:
-            logs = "\n".join(f"--- {n}\n" + (tmp / f"{n}.log").read_text()[-1500:] for n in names)
-            raise RuntimeError(f"mesh bench: timed out waiting for {what}\n{logs}") from None
+        await events.until(pred, what, timeout_s)
 
     nc = await connect(nats_url, "bench-mesh")
     rows: list[dict[str, Any]] = []
     try:
-        await nc.subscribe(s.ready_all(), cb=on_ready)
-        await nc.subscribe(s.scale_ack(), cb=on_ack)
-        await nc.subscribe(s.heartbeat_all(), cb=on_beat)
+        await events.subscribe(nc)
         await until(lambda: all(beats.get(w) == "idle" for w in wids), "every worker idle")
         deadline = time.monotonic() + timeout_s
 
@@ -610,7 +575,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 live_cache.load(model, model_dir)
                 host_cache.load(model, model_dir)
                 with live_cache.lease(model) as live, host_cache.lease(model) as hc:
-                    buf = live.buf  # type: ignore[attr-defined]
+                    # The cache's source wrapped with the model's files (cascade/modelfiles.py): the
+                    # machine-limit figures read the weights' buffer beneath it.
+                    weights: Any = getattr(live, "inner", live)
+                    buf = weights.buf
                     print(f"[{gb} GB] machine limits ...", file=sys.stderr, flush=True)
                     raw_ring = raw_loopback(buf.data, fresh=False)
                     raw_fresh = raw_loopback(buf.data, fresh=True)
