@@ -103,10 +103,13 @@ async def test_the_scaler_raises_a_busy_models_quota_on_a_shared_worker(
         reply = await request(nc, subjects.generate("p1"), GenerateBatch("gw", reqs), BatchReply, timeout=10)
         assert sorted(reply.accepted) == sorted(r.request_id for r in reqs), reply
 
-        def raised() -> bool:
-            return any(q.worker_id == "p1" and q.quota > 0.5 for q in quota_sets)
+        def raised_and_lent() -> bool:
+            # Two orders, answered one after the other: wait for both answers.
+            return any(q.worker_id == "p1" and q.quota > 0.5 for q in quota_sets) and any(
+                q.worker_id == "p1-2" and q.decision_id.startswith("scaler-c-q") for q in quota_sets
+            )
 
-        await wait_until(raised, timeout=60, what="A's quota raised")
+        await wait_until(raised_and_lent, timeout=60, what="A's quota raised and B's lowered")
         mine = [q for q in quota_sets if q.decision_id.startswith("scaler-c-q")]
         a = next(q for q in mine if q.worker_id == "p1" and q.quota > 0.5)
         b = [q for q in mine if q.worker_id == "p1-2"]
