@@ -42,6 +42,7 @@ from cascade.messages import (
     ScaleAck,
     ScaleDecision,
     ScaleRequest,
+    ServiceReady,
     decode,
     encode,
 )
@@ -194,10 +195,19 @@ async def test_a_gateway_report_of_waiting_requests_wakes_the_scaler_before_its_
 
     scaler.tick = counted  # type: ignore[method-assign]
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(scaler, nats_url, subjects.prefix, stop))
     nc = await connect(nats_url, "test-wake")
+    announced: list[ServiceReady] = []
+
+    async def on_ready(m: Any) -> None:
+        announced.append(decode(m.data, ServiceReady))
+
+    await nc.subscribe(subjects.service_ready(), cb=on_ready)
+    await nc.flush()
+    task = asyncio.create_task(serve(scaler, nats_url, subjects.prefix, stop))
     try:
-        await wait_until(lambda: len(looks) == 1, what="the scaler's first look")
+        # Its first look can come before its subscriptions reach the server; its announcement
+        # comes after (cascade/service.py flushes first), so a report sent then is heard.
+        await wait_until(lambda: len(looks) == 1 and announced, what="the scaler's first look and its announcement")
         report = ModelMetrics("gw-t", "m", seq=1, ts=time.time(), interval_s=0.1, arrivals=3, waiting=3)
         await nc.publish(subjects.metrics("gateway", "gw-t"), encode(report))
         await wait_until(lambda: len(looks) == 2, timeout=2 * tick_s, what="a look after the report")
