@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import md_table, result_header, write_result
+from bench.common import md_table, result_header, stop_processes, write_result
 from bench.multicast import ensure_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,15 +109,7 @@ def run_config(config: str, model_dir: Path, n_list: list[int], args: argparse.N
                 procs.append((name, proc))
             return asyncio.run(_runs(config, broker.url, t, [n for n, _ in procs], wids, model_dir, n_list, args))
         finally:
-            for _, proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for _, proc in procs:
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_processes(proc for _, proc in procs)
 
 
 async def _runs(

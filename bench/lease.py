@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, dist_ms, md_table, result_header, write_result
+from bench.common import ROOT, dist_ms, md_table, result_header, stop_processes, write_result
 from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.config import GenerateSpec
 from cascade.controlstore import ControlStore, open_store
@@ -77,15 +77,7 @@ class Loaders:
             self.procs[name] = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def stop_all(self) -> None:
-        live = [p for p in self.procs.values() if p.poll() is None]
-        for p in live:
-            p.send_signal(signal.SIGTERM)
-        for p in live:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values())
 
 
 async def holder(store: ControlStore) -> tuple[str | None, int]:

@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -317,6 +316,7 @@ def mesh_rows(
     import asyncio
     import tempfile
 
+    from bench.common import stop_processes
     from cascade.cli.embedded_nats import EmbeddedNats
 
     wids = [f"bw{i}" for i in range(max(ns) + 1)]
@@ -342,15 +342,7 @@ def mesh_rows(
                            repeats, timeout_s)
             )  # fmt: skip
         finally:
-            for _, proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for _, proc in procs:
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_processes(proc for _, proc in procs)
 
 
 MESH_PREFIX = "benchmesh"
