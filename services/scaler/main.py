@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from nats.aio.msg import Msg
@@ -66,6 +66,7 @@ from services.scaler.policies import KnobError
 from services.scaler.replicas import DEFAULT_ACK_TIMEOUT_S, Settings, TargetError
 
 SNAPSHOT_TIMEOUT_S = 2.0
+R = TypeVar("R")  # the answer a worker order expects
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -303,43 +304,46 @@ class Scaler:
         """SetBatchLimit to one worker. A failure is only logged: the next ticks see the worker's
         limit in its metrics and send again."""
         assert self._rt is not None
-        lg = self.log.bind(worker=e.worker, model=e.model, decision_id=e.decision_id)
-        try:
-            r = await request(
-                self._rt.nc,
-                self._rt.subjects.batch_limit(e.worker),
-                SetBatchLimit(e.limit, e.decision_id, e.reason),
-                BatchLimit,
-                timeout=self.tick_s + 2.0,
-            )
-        except (RemoteError, RequestTimeout, MessageError) as err:
-            lg.warning("batch_limit_failed", limit=e.limit, error=str(err))
-            return
-        except Exception as err:  # nats-py's own errors (connection closing, draining): never fatal here
-            lg.warning("batch_limit_failed", limit=e.limit, error=repr(err))
-            return
-        lg.info("batch_limit_set", requested=e.limit, limit=r.max_batch, kv_slots=r.kv_slots)
+        msg = SetBatchLimit(e.limit, e.decision_id, e.reason)
+        r = await self._order(
+            e, self._rt.subjects.batch_limit(e.worker), msg, BatchLimit, "batch_limit_failed", {"limit": e.limit}
+        )
+        if r is not None:
+            self._lg(e).info("batch_limit_set", requested=e.limit, limit=r.max_batch, kv_slots=r.kv_slots)
 
     async def send_quota(self, e: core.SetQuota) -> None:
         """SetQuota to one instance on a shared worker. A failure is only logged: heartbeats go on
         showing the old quota, and a later tick decides again."""
         assert self._rt is not None
-        lg = self.log.bind(worker=e.worker, model=e.model, decision_id=e.decision_id)
-        try:
-            r = await request(
-                self._rt.nc,
-                self._rt.subjects.quota(e.worker),
-                SetQuota(e.quota, e.decision_id, e.reason),
-                QuotaSet,
-                timeout=self.tick_s + 2.0,
+        msg = SetQuota(e.quota, e.decision_id, e.reason)
+        r = await self._order(e, self._rt.subjects.quota(e.worker), msg, QuotaSet, "quota_failed", {"quota": e.quota})
+        if r is not None:
+            self._lg(e).info(
+                "quota_set", requested=e.quota, quota=r.quota, share=r.share, device=r.device, quotas=r.quotas
             )
+
+    def _lg(self, e: core.SetLimit | core.SetQuota) -> Any:
+        return self.log.bind(worker=e.worker, model=e.model, decision_id=e.decision_id)
+
+    async def _order(
+        self,
+        e: core.SetLimit | core.SetQuota,
+        subject: str,
+        msg: Any,
+        reply: type[R],
+        failed: str,
+        asked: dict[str, Any],
+    ) -> R | None:
+        """Send one worker order and return its answer; a failure is logged as `failed` with what
+        was asked and gives None, never an exception: a later tick decides again."""
+        assert self._rt is not None
+        try:
+            return await request(self._rt.nc, subject, msg, reply, timeout=self.tick_s + 2.0)
         except (RemoteError, RequestTimeout, MessageError) as err:
-            lg.warning("quota_failed", quota=e.quota, error=str(err))
-            return
+            self._lg(e).warning(failed, **asked, error=str(err))
         except Exception as err:  # nats-py's own errors (connection closing, draining): never fatal here
-            lg.warning("quota_failed", quota=e.quota, error=repr(err))
-            return
-        lg.info("quota_set", requested=e.quota, quota=r.quota, share=r.share, device=r.device, quotas=r.quotas)
+            self._lg(e).warning(failed, **asked, error=repr(err))
+        return None
 
     # ---- inputs ------------------------------------------------------------
     async def on_metrics(self, msg: Msg) -> None:
