@@ -381,6 +381,30 @@ class HostCacheRequest:
     model: str
 
 
+@message("host_copies")
+class HostCopies:
+    """Loader → loaders: the host-memory copies this loader holds, every pulse and after each
+    change. The leader counts them against each model's `host_copies` and heads chains from any
+    of them (a follower's copy sends when the leader orders it, on `loader_send`)."""
+
+    loader_id: str
+    host: str  # --host-id: copies on distinct hosts are preferred
+    models: list[str]  # held and ready to send
+    filling: list[str] = field(default_factory=list)  # being read into the cache now
+    cache: bool = True  # False: --host-cache off, never a copy here
+
+
+@message("host_copy_order")
+class HostCopyOrder:
+    """Leading loader → one loader: hold a copy of `model` (fill it from the checkpoint at `path`)
+    or drop it. Answered `Ok` at once; the fill runs in the background and shows in `HostCopies`."""
+
+    action: Literal["fill", "drop"]
+    model: str
+    path: str
+    leader: str
+
+
 # --------------------------------------------------------------------------- requests
 
 
