@@ -405,6 +405,28 @@ class HostCopyOrder:
     leader: str
 
 
+@message("model_files_request")
+class ModelFilesRequest:
+    """Anyone → loaders: a piece of a model's small files (config, tokenizer, …; modelfiles.py's
+    blob), for a service that cannot see the model store. `digest` pins the blob after the first
+    piece: a loader holding another version of the files stays silent."""
+
+    model: str
+    offset: int = 0
+    digest: str = ""
+
+
+@message("model_files_chunk")
+class ModelFilesChunk:
+    """Loader → asker: `data` (base64) is the blob's bytes from `offset`; `total` its length."""
+
+    model: str
+    digest: str
+    total: int
+    offset: int
+    data: str
+
+
 # --------------------------------------------------------------------------- requests
 
 

@@ -161,6 +161,11 @@ class Subjects:
         """Request/reply, operator → loader: load a model into the host cache, or release it."""
         return f"{self.prefix}.loader.cache"
 
+    def model_files(self) -> str:
+        """Request/reply, anyone → loaders: a piece of a model's small files (`ModelFilesRequest` →
+        `ModelFilesChunk`); the gateway asks when it cannot see a model's folder."""
+        return f"{self.prefix}.loader.files"
+
     def host_copies(self, loader_id: str) -> str:
         """Loader → loaders: the host copies it holds (`HostCopies`), every pulse and on change."""
         return f"{self.prefix}.loader.{check_token(loader_id)}.copies"

@@ -17,7 +17,18 @@ from typing import Any
 
 from cascade.config import Deployment, ModelDeployment
 from cascade.framing import TransferError, send_units
-from cascade.messages import HostCacheRequest, HostCopies, HostCopyOrder, Ok, RemoteError, TransferOrder
+from cascade.meshfiles import chunk
+from cascade.messages import (
+    HostCacheRequest,
+    HostCopies,
+    HostCopyOrder,
+    ModelFilesChunk,
+    ModelFilesRequest,
+    Ok,
+    RemoteError,
+    TransferOrder,
+)
+from cascade.modelfiles import ModelFiles, pack_dir
 from cascade.natsutil import TaskSet
 from services.loader.copies import CopyTable, LoaderCopies, place_copies
 from services.loader.hostcache import HostCache
@@ -42,6 +53,7 @@ class HostCacheKeeper:
         self.changed: Callable[[], None] = lambda: None
         self.order: Callable[[str, HostCopyOrder], Awaitable[None]] | None = None
         self._ordered: dict[tuple[str, str], tuple[str, float]] = {}  # (loader, model) → (action, when)
+        self._files: dict[str, ModelFiles] = {}  # the blob a fetch in pieces is reading, per model
 
     def models(self) -> frozenset[str]:
         return self.cache.models() if self.cache is not None else frozenset()
@@ -81,6 +93,30 @@ class HostCacheKeeper:
         finally:
             self._filling.discard(name)
             self.changed()
+
+    async def on_files(self, req: ModelFilesRequest) -> ModelFilesChunk | None:
+        """A piece of a model's small files, for a service that cannot see the store (the
+        gateway): from the host copy, else this loader's own read of the store. Silent when this
+        loader has neither, or another version than the asker pinned."""
+        files = self._files.get(req.model)
+        if files is None or req.offset == 0 or (req.digest and files.digest != req.digest):
+            files = self.cache.files(req.model) if self.cache is not None else None
+            m = self.deployment.get(req.model)
+            if files is None and m is not None:
+                try:
+                    files = await asyncio.to_thread(pack_dir, Path(m.path))
+                except (OSError, ValueError):
+                    files = None
+            if files is None:
+                return None
+            self._files[req.model] = files
+        if req.digest and files.digest != req.digest:
+            return None
+        if not 0 <= req.offset < files.nbytes:
+            raise RemoteError(
+                "bad_offset", f"offset {req.offset} outside the {files.nbytes} bytes of {req.model}'s files"
+            )
+        return chunk(req.model, files.blob, files.digest, req.offset)
 
     def unit_sizes(self, model: str) -> tuple[int, ...] | None:
         """The units' sizes from a held copy (None: not held here)."""

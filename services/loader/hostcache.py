@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from cascade.framing import CheckpointSource, TensorMeta, UnitHeader, UnitSource, unit_frame_crc
-from cascade.modelfiles import WithModelFiles, pack_dir
+from cascade.modelfiles import ModelFiles, WithModelFiles, pack_dir
 from cascade.models.checkpoint import Checkpoint
 
 CacheMode = Literal["mmap", "copy"]
@@ -205,6 +205,12 @@ class HostCache:
         with self._lock:
             e = self._entries.get(model)
             return None if e is None else (e.last_used, e.in_use)
+
+    def files(self, model: str) -> ModelFiles | None:
+        """The small files (config, tokenizer, …) held with a model's copy."""
+        with self._lock:
+            e = self._entries.get(model)
+        return e._source.files if e is not None and isinstance(e._source, WithModelFiles) else None
 
     def unit_nbytes(self, model: str) -> tuple[int, ...] | None:
         """Bytes of each unit as the planner counts them (the checkpoint's tensors), read from the

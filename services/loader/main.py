@@ -150,6 +150,7 @@ class Loader:
         await rt.serve(s.loader_decisions(), self.on_active_decisions)
         await rt.serve(s.host_copy_order(self.instance), self.keeper.on_copy_order)
         await rt.serve(s.loader_send(self.instance), self.keeper.on_send)
+        await rt.serve(s.model_files(), self.keeper.on_files)
         await self.announce_copies()
         rt.tasks.spawn(self.pulse(feed), "pulse")
         await self.start_lease(rt)
