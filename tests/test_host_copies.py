@@ -6,11 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 
-from cascade.config import ConfigError, load_deployment
+from cascade.config import ConfigError, Deployment, GenerateSpec, ModelDeployment, load_deployment
+from cascade.messages import HostCopies, HostCopyOrder, RemoteError, TransferOrder
+from cascade.models.generate import generate_model
+from cascade.natsutil import TaskSet
+from services.loader.cachekeeper import HostCacheKeeper
 from services.loader.copies import CopyOrder, CopyTable, LoaderCopies, place_copies
 from services.loader.planner import MeshSnapshot, PlanRequest, select_sources
+from services.loader.settings import LoaderSettings
 from tests.test_planner import idle, on
+from tests.waiting import wait_until
 
 M = "m"
 
@@ -91,3 +98,28 @@ def test_host_copies_in_the_deployment(tmp_path: Path) -> None:
         f.write_text(f'[[models]]\nname = "a"\nhost_copies = {bad}\n')
         with pytest.raises(ConfigError, match="host_copies"):
             load_deployment(f, tmp_path)
+
+
+async def test_a_loader_fills_sends_from_and_drops_its_copy_on_the_leaders_orders(tmp_path: Path) -> None:
+    path = tmp_path / M
+    generate_model(path, GenerateSpec(layers=1, hidden=64, heads=4, kv_heads=2, vocab=320, max_position=256))
+    log = structlog.get_logger().bind(test="copies")
+    tasks = TaskSet(log)
+    dep = Deployment((ModelDeployment(M, path, 0, 1),))
+    keeper = HostCacheKeeper(LoaderSettings(loader_id="lx", host_id="hx"), dep, tasks, log)
+    announced: list[HostCopies] = []
+    keeper.changed = lambda: announced.append(keeper.announcement())
+    try:
+        assert (await keeper.on_copy_order(HostCopyOrder("fill", M, str(path), "la"))).detail == f"filling {M}"
+        await wait_until(lambda: keeper.models() == {M}, 60, "the copy filled")
+        # Announced while filling, then held; the sizes a plan needs come from the copy.
+        assert announced[0].filling == [M] and announced[-1] == HostCopies("lx", "hx", [M], [], True)
+        assert keeper.unit_sizes(M) is not None and len(keeper.unit_sizes(M) or ()) > 0
+        order = TransferOrder("t", "tok", "other", "send", [0], 1, downstream="127.0.0.1:1")
+        with pytest.raises(RemoteError, match="not_cached"):
+            await keeper.on_send(order)
+        await keeper.on_copy_order(HostCopyOrder("drop", M, "", "la"))
+        assert keeper.models() == frozenset() and announced[-1].models == []
+    finally:
+        await tasks.cancel_all()
+        keeper.close()
