@@ -78,25 +78,28 @@ def _copies(loaders: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     return {lid: sorted(d.get("host_cache") or {}) for lid, d in loaders.items()}
 
 
-async def _start(mesh: Procs, nc: NATS, s: Subjects, watch: Watch) -> tuple[str, str]:
-    """Two loaders on two hosts, two diskless workers; (leader, follower) once both say their role."""
+async def _start(mesh: Procs, nc: NATS, s: Subjects, watch: Watch, on_follower_host: bool = False) -> tuple[str, str]:
+    """Two loaders on two hosts, then two diskless workers (one per host, or with
+    `on_follower_host` both on the follower's); (leader, follower)."""
     for lid, host in HOSTS.items():
         mesh.start(lid, "loader", "--loader-id", lid, "--host-id", host, "--lease", "required", "--lease-s", "1.5")
-    for i, host in enumerate(HOSTS.values(), 1):
+    roles: dict[str, str] = {}
+    deadline = asyncio.get_running_loop().time() + 60
+    while sorted(roles.values()) != ["follower", "leader"]:  # a 0.3 s status gather per look
+        roles = {lid: d.get("lease", {}).get("role", "?") for lid, d in (await _loaders(nc, s)).items()}
+        assert asyncio.get_running_loop().time() < deadline, f"no leader and follower: {roles}\n{mesh.logs_tail()}"
+    leader = next(i for i, r in roles.items() if r == "leader")
+    follower = next(i for i in roles if i != leader)
+    hosts = [HOSTS[follower]] * 2 if on_follower_host else list(HOSTS.values())
+    for i, host in enumerate(hosts, 1):
         w = f"w{i}"
         files = str(mesh.logs / f"files-{w}")
         mesh.start(
             w, "worker", "--worker-id", w, "--host-id", host, "--kv-cache-mb", "16",
             "--model-source", "network", "--files-dir", files,
         )  # fmt: skip
-    roles: dict[str, str] = {}
-    deadline = asyncio.get_running_loop().time() + 60
-    while sorted(roles.values()) != ["follower", "leader"]:  # a 0.3 s status gather per look
-        roles = {lid: d.get("lease", {}).get("role", "?") for lid, d in (await _loaders(nc, s)).items()}
-        assert asyncio.get_running_loop().time() < deadline, f"no leader and follower: {roles}\n{mesh.logs_tail()}"
     await wait_until(lambda: len(watch.latest) == 2, 60, "both workers")
-    leader = next(i for i, r in roles.items() if r == "leader")
-    return leader, next(i for i in roles if i != leader)
+    return leader, follower
 
 
 async def _scale_up(nc: NATS, s: Subjects, watch: Watch, decision_id: str, mesh: Procs) -> list[str]:
@@ -163,6 +166,43 @@ async def test_two_copies_the_new_leader_serves_from_its_warm_copy(
         assert "host_copy_fill" in log  # its copy came from the old leader's order
         assert not store.exists()
         assert _copies(await _loaders(nc, s)) == {follower: [MODEL]}
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def test_a_copy_on_the_targets_host_heads_the_chain_from_the_follower(
+    two_copies: Procs, js_url: str, prefix: str
+) -> None:
+    """The workers sit on the follower's host: once both loaders hold a copy, the leader plans the
+    next load from the follower's copy (same host as the target), and the follower sends it."""
+    mesh, s = two_copies, Subjects(prefix)
+    nc = await connect(js_url, "test-copies")
+    watch = Watch()
+    try:
+        await watch.attach(nc, s)
+        plans = await _plans(nc, s)
+        leader, follower = await _start(mesh, nc, s, watch, on_follower_host=True)
+        [w] = await _scale_up(nc, s, watch, "d1", mesh)  # from the leader's copy: the only one yet
+        copies: dict[str, list[str]] = {}
+        deadline = asyncio.get_running_loop().time() + 60
+        while copies != {leader: [MODEL], follower: [MODEL]}:  # a 0.3 s status gather per look
+            copies = _copies(await _loaders(nc, s))
+            assert asyncio.get_running_loop().time() < deadline, f"copies {copies}\n{mesh.logs_tail()}"
+        await request(nc, s.unload(w), UnloadModel("test"), Ok, timeout=60)
+        await wait_until(lambda: watch.serving() == 0, 60, "the instance gone")
+        # The leader must have heard the follower's copy before it plans (it announces every pulse).
+        deadline = asyncio.get_running_loop().time() + 60
+        while (await _loaders(nc, s))[leader]["host_copies"]["loaders"].get(follower, {}).get("models") != [MODEL]:
+            assert asyncio.get_running_loop().time() < deadline, mesh.logs_tail()
+
+        await _scale_up(nc, s, watch, "d2", mesh)
+        [plan] = [p for p in plans if p.decision_id == "d2"]
+        assert [c.source for c in plan.chains] == ["host-cache"], plan
+        follower_log = (mesh.logs / f"{follower}.log").read_text(errors="replace")
+        leader_log = (mesh.logs / f"{leader}.log").read_text(errors="replace")
+        assert "cache_send_done" in follower_log, follower_log[-3000:]
+        assert leader_log.count("cache_send_done") == 1  # d1 only
     finally:
         with contextlib.suppress(Exception):
             await nc.close()
