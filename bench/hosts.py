@@ -2,14 +2,16 @@
 that each read their own disk.
 
 Three hosts on one machine: each is a loopback address (127.0.0.1, .2, .3) with a `--host-id` of
-its own and one idle worker listening there. The loader (host cache on, on host A) runs beside a
-nats-server. Two configurations, each with fresh processes:
+its own, one idle worker listening there and a loader of its own (the loaders share the lease,
+on a nats-server with JetStream: one leads and plans, the others follow and keep host copies when
+the leader places them). Two configurations, each with fresh processes:
 
   diskless  the workers run with `--model-source network` and see no model store; the model is
-            in the loader's host cache (the only read of the store, before the runs) and every
-            new instance gets weights, config and tokenizer over the data plane: a chain from
-            the host cache through the targets, every send paced at `--link-mb-s` (the emulated
-            link between hosts; forwarding hops cannot go faster than what reaches them);
+            in `--host-copies` loaders' host caches (the only reads of the store, before the
+            runs) and every new instance gets weights, config and tokenizer over the data plane:
+            a chain from a host copy (one on a target's host first) through the targets, every
+            send paced at `--link-mb-s` (the emulated link between hosts; forwarding hops cannot
+            go faster than what reaches them);
   disk      every worker reads the checkpoint from its own disk, paced at `--disk-mb-s` (the
             emulated disk), all targets at once.
 
@@ -55,6 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ns", default="1,2,3", help="new instances per scale-out, comma-separated (default 1,2,3)")
     p.add_argument("--link-mb-s", type=float, default=1000.0, help="emulated link between hosts, MB/s (default 1000)")
     p.add_argument("--disk-mb-s", type=float, default=1000.0, help="emulated disk of each worker, MB/s (default 1000)")
+    p.add_argument(
+        "--host-copies", type=int, default=1, help="the model's host_copies: loaders holding a copy (default 1)"
+    )
     p.add_argument("--repeats", type=int, default=2, help="runs per configuration and N; the table shows the median")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
     p.add_argument(
@@ -69,25 +74,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a.config_list = [c for c in a.configs.split(",") if c]
     if any(c not in CONFIGS for c in a.config_list):
         p.error(f"--configs takes {', '.join(CONFIGS)}")
-    if a.link_mb_s <= 0 or a.disk_mb_s <= 0 or a.repeats < 1:
-        p.error("--link-mb-s and --disk-mb-s must be above 0, --repeats at least 1")
+    if a.link_mb_s <= 0 or a.disk_mb_s <= 0 or a.repeats < 1 or not 1 <= a.host_copies <= len(HOSTS):
+        p.error(f"--link-mb-s and --disk-mb-s must be above 0, --repeats at least 1, --host-copies 1 to {len(HOSTS)}")
     return a
 
 
 def run_config(config: str, model_dir: Path, n_list: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Start a broker, the loader and one worker per host for `config`; run every N."""
+    """Start a broker, and a loader and a worker on each host for `config`; run every N."""
     from cascade.cli.embedded_nats import EmbeddedNats
 
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-    with tempfile.TemporaryDirectory(prefix="cascade-bench-hosts-") as tmp, EmbeddedNats() as broker:
+    with tempfile.TemporaryDirectory(prefix="cascade-bench-hosts-") as tmp:
         t = Path(tmp)
+        broker = EmbeddedNats(jetstream=True, store_dir=t / "js").start()
+        entry = {"name": model_dir.name, "path": str(model_dir), "min_replicas": 0, "host_copies": args.host_copies}
         deploy = t / "deploy.json"
-        deploy.write_text(json.dumps({"models": [{"name": model_dir.name, "path": str(model_dir), "min_replicas": 0}]}))
+        deploy.write_text(json.dumps({"models": [entry]}))
         base = ["--nats-url", broker.url, "--prefix", PREFIX, "--heartbeat-s", "0.5"]
-        loader = ["loader", *base, "--config", str(deploy), "--loader-id", "bl", "--host-id", HOSTS[0][0]]
-        loader += ["--load-timeout-s", str(args.timeout), "--idle-wait-s", "30", "--send-mb-s", str(args.link_mb_s)]
-        loader += ["--host-cache", "mmap" if config == "diskless" else "off"]
-        cmds = [("loader", loader)]
+        cmds = []
+        lids = []
+        for host, _ in HOSTS:
+            lid = f"loader-{host}"
+            lids.append(lid)
+            loader = ["loader", *base, "--config", str(deploy), "--loader-id", lid, "--host-id", host]
+            loader += ["--lease", "required", "--load-timeout-s", str(args.timeout), "--idle-wait-s", "30"]
+            loader += ["--send-mb-s", str(args.link_mb_s), "--host-cache", "mmap" if config == "diskless" else "off"]
+            cmds.append((lid, loader))
         wids = []
         for host, addr in HOSTS:
             wid = f"{config}-{host}"
@@ -107,9 +119,10 @@ def run_config(config: str, model_dir: Path, n_list: list[int], args: argparse.N
                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                     )  # fmt: skip
                 procs.append((name, proc))
-            return asyncio.run(_runs(config, broker.url, t, [n for n, _ in procs], wids, model_dir, n_list, args))
+            return asyncio.run(_runs(config, broker.url, t, [n for n, _ in procs], wids, lids, model_dir, n_list, args))
         finally:
             stop_processes(proc for _, proc in procs)
+            broker.stop()
 
 
 async def _runs(
@@ -118,6 +131,7 @@ async def _runs(
     tmp: Path,
     names: list[str],
     wids: list[str],
+    lids: list[str],
     model_dir: Path,
     n_list: list[int],
     args: argparse.Namespace,
@@ -155,17 +169,32 @@ async def _runs(
             deadline = time.monotonic() + args.timeout
             while True:  # polling the loader's view (readiness, not only heartbeats), with a deadline
                 st = await gather_status(nc, s, 0.3)
-                if any(x.service == "loader" and x.detail["workers"].get("idle") == len(wids) for x in st.services):
+                loaders = {x.instance: x.detail for x in st.services if x.service == "loader"}
+                leading = [d for d in loaders.values() if d.get("role") == "leader"]
+                # Every loader up, and the leader (the one that plans) sees every worker idle.
+                if set(loaders) == set(lids) and leading and leading[0]["workers"].get("idle") == len(wids):
                     return
                 if time.monotonic() > deadline:
-                    raise RuntimeError("hosts bench: the loader does not see every worker idle")
+                    raise RuntimeError(f"hosts bench: no leader seeing every worker idle ({sorted(loaders)})")
 
         await all_idle()
         fill_s = None
+        holders: list[str] = []
         if config == "diskless":
-            # The one read of the model store: into the loader's host cache, before any run.
+            # The reads of the model store: into the leader's host cache, then the other copies the
+            # leader places (host_copies), before any run.
             t0 = time.monotonic()
             await request(nc, s.host_cache(), HostCacheRequest("load", model), Ok, timeout=args.timeout)
+            deadline = time.monotonic() + args.timeout
+            while len(holders) < args.host_copies:  # polling the loaders' status, with a deadline
+                st = await gather_status(nc, s, 0.3)
+                holders = sorted(
+                    x.instance
+                    for x in st.services
+                    if x.service == "loader" and model in (x.detail.get("host_cache") or {})
+                )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"hosts bench: {holders} hold a host copy, {args.host_copies} wanted")
             fill_s = time.monotonic() - t0
         seq = 0
         for rep in range(args.repeats):
@@ -201,6 +230,7 @@ async def _runs(
                         "per_instance_s": per,
                         "chains": chains,
                         "host_cache_fill_s": fill_s,
+                        "host_copies_on": holders,
                         "model_bytes": total,
                     }
                 )
@@ -233,7 +263,7 @@ def summarize(rows: list[dict[str, Any]], n_list: list[int]) -> list[dict[str, A
 def table(summary: list[dict[str, Any]], args: argparse.Namespace) -> str:
     head = [
         "N new instances",
-        f"diskless: host cache → chain, {args.link_mb_s:g} MB/s links (s)",
+        f"diskless: host copy → chain, {args.link_mb_s:g} MB/s links (s)",
         f"each reads its own disk, {args.disk_mb_s:g} MB/s (s)",
         "diskless / disk",
     ]
@@ -282,13 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "link_mb_s": args.link_mb_s,
             "disk_mb_s": args.disk_mb_s,
             "repeats": args.repeats,
+            "host_copies": args.host_copies,
             "hosts": [{"host_id": h, "address": a} for h, a in HOSTS],
         },
         "emulated": (
-            "three hosts as loopback addresses on one machine, one worker each (host-a also runs the loader and "
-            "its host cache); the link between hosts is the loader's --send-mb-s pace on every send (a chain's "
-            "forwarding hops go no faster than what reaches them; a hop within host-a is paced the same); each "
-            "worker's disk is its --load-mb-s pace over a warm page cache"
+            "three hosts as loopback addresses on one machine, one worker and one loader each (the loaders share "
+            f"the lease; {args.host_copies} of them hold a host copy, placed by the leader); the link between "
+            "hosts is the loaders' --send-mb-s pace on every send (a chain's forwarding hops go no faster than "
+            "what reaches them; a hop within one host is paced the same); each worker's disk is its --load-mb-s "
+            "pace over a warm page cache"
         ),
         # The machine is shared: its load says how much the figures owe to other processes.
         "load_average_1_5_15": {"before": load_before, "after": load_after},
@@ -298,8 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     md = (
         "# Scale-out across three emulated hosts: diskless workers against each reading its own disk\n\n"
         f"`cascade bench hosts --size-gb {args.size_gb:g} --link-mb-s {args.link_mb_s:g} --disk-mb-s "
-        f"{args.disk_mb_s:g} --repeats {args.repeats}` at commit `{doc['commit']}`. Time from the scale "
-        "decision until every new instance holds every unit (median of the runs). Model: "
+        f"{args.disk_mb_s:g} --host-copies {args.host_copies} --repeats {args.repeats}` at commit "
+        f"`{doc['commit']}`. Time from the scale decision until every new instance holds every unit (median "
+        "of the runs). Model: "
         f"{nbytes / 1e9:.2f} GB.\n\n{tbl}\n\nRuns (s): "
         + "; ".join(f"N={r['n']} diskless {r.get('diskless_runs_s')}, disk {r.get('disk_runs_s')}" for r in summary)
         + f".\n\n{doc['emulated']}. Load average (1, 5, 15 min) before {load_before}, after {load_after}: "

@@ -149,6 +149,9 @@ class ModelDeployment:
     # Where a new instance's parameters come from: "multicast" (chain from live holders, else the
     # host cache, else disk), "host-cache" (the one host copy, else disk) or "disk".
     loading: str = "multicast"
+    # How many loaders keep a host-memory copy of this model (on distinct hosts where they can):
+    # 1 is the O(1) cache; 2 or more let a loader that takes the lease over find a warm copy.
+    host_copies: int = 1
     # "live": a loading instance serves as the first stage of pipelined routes for the layers it
     # holds; "stop-the-world": nothing is routed to it until it holds every layer.
     scaling: str = "live"
@@ -202,6 +205,7 @@ def entry_json(m: ModelDeployment) -> dict[str, Any]:
         "policy": m.policy,
         "knobs": m.knobs,
         "loading": m.loading,
+        "host_copies": m.host_copies,
         "scaling": m.scaling,
         "source": m.source,
         "kv_cache_mb": m.kv_cache_mb,
@@ -300,6 +304,7 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
     loading = str(t.get("loading", "multicast"))
     if loading not in LOADING_MODES:
         raise ConfigError(f"model {name}: loading must be one of {', '.join(LOADING_MODES)} (got {loading!r})")
+    host_copies = _host_copies(name, t.get("host_copies", 1))
     scaling = str(t.get("scaling", "live"))
     if scaling not in SCALING_MODES:
         raise ConfigError(f"model {name}: scaling must be one of {', '.join(SCALING_MODES)} (got {scaling!r})")
@@ -314,6 +319,7 @@ def _model_from_table(t: dict[str, Any], home: Path, base: Path) -> ModelDeploym
         policy=str(t.get("policy", "concurrency")),
         knobs=knobs,
         loading=loading,
+        host_copies=host_copies,
         scaling=scaling,
         source=source,
         kv_cache_mb=kv_cache_mb,
@@ -419,6 +425,10 @@ def load_deployment(path: Path | None, home: Path | None = None) -> Deployment:
         raise ConfigError(f"deployment file {path} needs at least one [[models]] entry")
     if not all(isinstance(t, dict) for t in models):
         raise ConfigError(f"deployment file {path}: every [[models]] entry must be a table")
+    if "host_copies" in data:
+        # A deployment-wide default; an entry's own host_copies wins.
+        k = _host_copies(f"(deployment file {path})", data["host_copies"])
+        models = [{"host_copies": k, **t} for t in models]
     dep = Deployment(models=tuple(_model_from_table(t, home, path.parent) for t in models))
     check_names(dep, f"deployment file {path}")
     return dep
@@ -454,4 +464,12 @@ def stage_settings(name: str, stages: Any, stage_layers: Any) -> tuple[int, tupl
 def _coscale(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"model {name}: coscale must be true or false (got {value!r})")
+    return value
+
+
+def _host_copies(name: str, value: Any) -> int:
+    """host_copies checked: a whole number, at least 1 (a model with no host copy is `loading = "disk"`
+    or `--host-cache off`, not zero copies)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"model {name}: host_copies must be a whole number of at least 1 (got {value!r})")
     return value

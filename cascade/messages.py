@@ -381,6 +381,52 @@ class HostCacheRequest:
     model: str
 
 
+@message("host_copies")
+class HostCopies:
+    """Loader → loaders: the host-memory copies this loader holds, every pulse and after each
+    change. The leader counts them against each model's `host_copies` and heads chains from any
+    of them (a follower's copy sends when the leader orders it, on `loader_send`)."""
+
+    loader_id: str
+    host: str  # --host-id: copies on distinct hosts are preferred
+    models: list[str]  # held and ready to send
+    filling: list[str] = field(default_factory=list)  # being read into the cache now
+    cache: bool = True  # False: --host-cache off, never a copy here
+
+
+@message("host_copy_order")
+class HostCopyOrder:
+    """Leading loader → one loader: hold a copy of `model` (fill it from the checkpoint at `path`)
+    or drop it. Answered `Ok` at once; the fill runs in the background and shows in `HostCopies`."""
+
+    action: Literal["fill", "drop"]
+    model: str
+    path: str
+    leader: str
+
+
+@message("model_files_request")
+class ModelFilesRequest:
+    """Anyone → loaders: a piece of a model's small files (config, tokenizer, …; modelfiles.py's
+    blob), for a service that cannot see the model store. `digest` pins the blob after the first
+    piece: a loader holding another version of the files stays silent."""
+
+    model: str
+    offset: int = 0
+    digest: str = ""
+
+
+@message("model_files_chunk")
+class ModelFilesChunk:
+    """Loader → asker: `data` (base64) is the blob's bytes from `offset`; `total` its length."""
+
+    model: str
+    digest: str
+    total: int
+    offset: int
+    data: str
+
+
 # --------------------------------------------------------------------------- requests
 
 

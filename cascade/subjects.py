@@ -161,6 +161,27 @@ class Subjects:
         """Request/reply, operator → loader: load a model into the host cache, or release it."""
         return f"{self.prefix}.loader.cache"
 
+    def model_files(self) -> str:
+        """Request/reply, anyone → loaders: a piece of a model's small files (`ModelFilesRequest` →
+        `ModelFilesChunk`); the gateway asks when it cannot see a model's folder."""
+        return f"{self.prefix}.loader.files"
+
+    def host_copies(self, loader_id: str) -> str:
+        """Loader → loaders: the host copies it holds (`HostCopies`), every pulse and on change."""
+        return f"{self.prefix}.loader.{check_token(loader_id)}.copies"
+
+    def host_copies_all(self) -> str:
+        return f"{self.prefix}.loader.*.copies"
+
+    def host_copy_order(self, loader_id: str) -> str:
+        """Request/reply, leading loader → loader: fill or drop a host copy (`HostCopyOrder` → `Ok`)."""
+        return f"{self.prefix}.loader.{check_token(loader_id)}.copy"
+
+    def loader_send(self, loader_id: str) -> str:
+        """Request/reply, leading loader → loader: head a chain from this loader's host copy
+        (`TransferOrder`, role send → `Ok`, or `ErrorReply` `not_cached`)."""
+        return f"{self.prefix}.loader.{check_token(loader_id)}.send"
+
     # ---- load metrics ------------------------------------------------------
     def metrics(self, role: str, sender_id: str) -> str:
         """Gateway or worker → scaler: load signals every metrics interval (`ModelMetrics` from a

@@ -105,7 +105,10 @@ def host_cache(status: MeshStatus) -> list[dict[str, Any]]:
     for st in status.services:
         held = st.detail.get("host_cache") if st.service == "loader" else None
         if isinstance(held, dict):
-            rows += [dict(v, model=k, loader=st.instance) for k, v in sorted(held.items()) if isinstance(v, dict)]
+            host = st.detail.get("host_id", "")
+            rows += [
+                dict(v, model=k, loader=st.instance, host=host) for k, v in sorted(held.items()) if isinstance(v, dict)
+            ]
     return rows
 
 
@@ -280,14 +283,19 @@ def render(status: MeshStatus, nats_url: str, prefix: str) -> str:
     crows = host_cache(status)
     if any(st.service == "loader" for st in status.services):
         total = sum(int(r.get("nbytes", 0)) for r in crows)
-        lines += ["", f"host cache: {len(crows)} model(s), {human_bytes(total)}"]
+        models = {r["model"] for r in crows}
+        # Several loaders may each hold a copy of a model (its host_copies).
+        copies = f" in {len(crows)} copies" if len(crows) != len(models) else ""
+        lines += ["", f"host cache: {len(models)} model(s), {human_bytes(total)}{copies}"]
         if crows:
             lines.append(
                 table(
-                    ["MODEL", "SIZE", "MODE", "LOCKED", "IDLE", "SENDING"],
+                    ["MODEL", "LOADER", "HOST", "SIZE", "MODE", "LOCKED", "IDLE", "SENDING"],
                     [
                         [
                             str(r["model"]),
+                            str(r.get("loader", "")),
+                            str(r.get("host", "")),
                             human_bytes(float(r.get("nbytes", 0))),
                             str(r.get("mode", "?")),
                             "yes" if r.get("locked") else "no",

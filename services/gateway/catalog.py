@@ -4,12 +4,16 @@ the sampling defaults of the model's generation_config.json.
 Read from each model's folder off the event loop (a tokenizer.json of tens of MB takes a while),
 once at start and again when asked (`refresh`: a deployment change, or a model whose files were
 not there yet). `get` is a lookup only: a request never waits on the disk.
+
+A gateway that cannot see a model's folder (another machine, a container without the store) takes
+the same files from the mesh (`fetch`: a loader sends them, cascade/meshfiles.py) and reads them
+from its own copy.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +39,14 @@ class ModelInfo:
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
+# The model's files from the mesh, as a folder to read (raises when no loader has them).
+Fetch = Callable[[ModelDeployment], Awaitable[Path]]
+
+
 class ModelCatalog:
-    def __init__(self, deployment: Deployment) -> None:
+    def __init__(self, deployment: Deployment, fetch: Fetch | None = None) -> None:
         self.deployment = deployment
+        self.fetch = fetch
         self._loaded: dict[str, ModelInfo] = {}
         self._errors: dict[str, str] = {m.name: "not read yet" for m in deployment.models}
 
@@ -90,21 +99,36 @@ class ModelCatalog:
             try:
                 info = await asyncio.to_thread(_load, dep)
             except (CheckpointError, OSError, ValueError) as e:
-                self._errors[name] = str(e)
-                continue
+                fetched = await self._from_mesh(dep) if not (dep.path / "config.json").is_file() else None
+                if isinstance(fetched, str) or fetched is None:
+                    self._errors[name] = str(e) + (f"; from the mesh: {fetched}" if fetched else "")
+                    continue
+                info = fetched
             self._loaded[name] = info
             self._errors.pop(name, None)
         return {n: e for n, e in self._errors.items() if n in wanted}
 
+    async def _from_mesh(self, dep: ModelDeployment) -> ModelInfo | str | None:
+        """The model read from files a loader sends (None: no fetch configured; a string: why not)."""
+        if self.fetch is None:
+            return None
+        try:
+            folder = await self.fetch(dep)
+            return await asyncio.to_thread(_load, dep, folder)
+        except Exception as e:  # no loader answered, bad bytes, unreadable files: retried later
+            return f"{type(e).__name__}: {e}"
 
-def _load(dep: ModelDeployment) -> ModelInfo:
-    cfg = read_config(dep.path)
+
+def _load(dep: ModelDeployment, folder: Path | None = None) -> ModelInfo:
+    """Read the model's config and tokenizer from its folder (or `folder`, a copy of its files)."""
+    path = folder or dep.path
+    cfg = read_config(path)
     present = cfg.generation.present()
     return ModelInfo(
         name=dep.name,
         path=dep.path,
         context_len=cfg.max_position_embeddings,
         vocab_size=cfg.vocab_size,
-        tokenizer=load_tokenizer(dep.path),
+        tokenizer=load_tokenizer(path),
         defaults={k: present[k] for k in REQUEST_DEFAULTS if k in present},
     )

@@ -26,6 +26,7 @@ import time
 import typing
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -35,8 +36,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cascade import natsutil
-from cascade.config import ConfigError, Deployment
+from cascade.config import ConfigError, Deployment, ModelDeployment, cascade_home
 from cascade.deployfeed import DeploymentFeed
+from cascade.meshfiles import fetch_model_files
 from cascade.messages import (
     BatchReply,
     Cancel,
@@ -82,6 +84,7 @@ _OVERLOAD_BACKOFF_MAX_S = 1.0
 _RETRYABLE = frozenset({"draining", "wrong_model", "not_ready"})
 # A model whose files could not be read is read again this often (they may appear after start).
 _CATALOG_RETRY_S = 5.0
+_FILES_TIMEOUT_S = 5.0  # per piece of a model's files from a loader
 T = TypeVar("T")
 
 
@@ -99,7 +102,7 @@ class GatewayCore:
         self.nc = nc
         self.subjects = Subjects(settings.prefix)
         self.log = logger or structlog.get_logger().bind(service="gateway", gateway_id=self.id)
-        self.catalog = ModelCatalog(deployment)
+        self.catalog = ModelCatalog(deployment, fetch=self._fetch_files)
         self.deployments = DeploymentFeed()
         self.tasks = tasks or natsutil.TaskSet(self.log)
         self.hub = StreamHub(on_stray=self._cancel_on)
@@ -131,6 +134,13 @@ class GatewayCore:
         # aiohttp cancels at the end of the shutdown grace send them just before the engine closes.
         self._cancels: set[asyncio.Task[None]] = set()
         self._tool_parsers: dict[str, Parser] = {}
+
+    async def _fetch_files(self, dep: ModelDeployment) -> Path:
+        """A model's config and tokenizer from a loader, when this gateway cannot see its folder."""
+        dest = cascade_home() / "gateway-files" / self.id
+        folder = await fetch_model_files(self.nc, self.subjects, dep.name, dest, _FILES_TIMEOUT_S)
+        self.log.info("model_files_from_mesh", model=dep.name, folder=str(folder))
+        return folder
 
     def _new_batcher(self, model: str) -> Batcher:
         s = self.settings

@@ -147,7 +147,7 @@ class Decisions:
         self.journal: DecisionJournal | None = None
 
     def snapshot(self, now: float) -> MeshSnapshot:
-        return MeshSnapshot(tuple(self.table.views(now)), self.keeper.models(), host_cache_host=self.settings.host)
+        return self.mesh_snapshot(now)
 
     async def carry_out(self, d: ScaleDecision, given: Sequence[str] = ()) -> None:
         """Carry out one decision and ack it, whatever happens (the scaler waits for the ack).
@@ -261,6 +261,10 @@ class Decisions:
         """Bytes of each unit of the model's checkpoint (read from the safetensors headers, cached
         while the files do not change), or why they cannot be read."""
 
+        held = self.keeper.unit_sizes(model.name)
+        if held is not None:
+            return held  # a plan from the host copy needs no look at the model store
+
         def read() -> tuple[int, ...] | str:
             path = Path(model.path)
             try:
@@ -282,7 +286,9 @@ class Decisions:
 
     def mesh_snapshot(self, now: float, exclude: frozenset[str] = frozenset()) -> MeshSnapshot:
         workers = tuple(w for w in self.table.views(now) if w.worker_id not in exclude)
-        return MeshSnapshot(workers, self.keeper.models(), host_cache_host=self.settings.host)
+        return MeshSnapshot(
+            workers, self.keeper.models(), host_cache_host=self.settings.host, peer_copies=self.keeper.peers(now)
+        )
 
     def _plan_id(self, d: ScaleDecision) -> str:
         self._plan_seq += 1
@@ -318,6 +324,7 @@ class Decisions:
             # loader's own read, into the host cache, and they get it over the data plane.
             lg.info("host_cache_fill_first", workers=list(workers))
             await self.keeper.fill_now(model, lg)
+            self.keeper.want(model.name)
             snap = self.mesh_snapshot(self.clock())
         try:
             plan = plan_transfer(snap, req, self._plan_id(d))
@@ -341,8 +348,10 @@ class Decisions:
             self.history = (self.history + session.rows(self.clock()))[-HISTORY_ROWS:]
         read_disk = any(c.source.kind == "disk" for p in session.plans for c in p.chains)
         if read_disk and mode in ("multicast", "host-cache"):
-            # The next scale-up of this model must not wait on the disk: keep the one host copy.
-            self.keeper.fill(model, lg)
+            # The next scale-up of this model must not wait on the disk: keep its host copies.
+            self.keeper.want(model.name)
+        elif any(c.source.kind == "host-cache" for p in session.plans for c in p.chains):
+            self.keeper.touch(model.name)
         lg.info(
             "transfer_done", plans=len(session.plans), ready=session.ready(), failed=session.failures(),
             seconds=round(self.clock() - now, 3),
@@ -393,6 +402,25 @@ class Decisions:
                 first = by_id[o.transfer_id].targets[0].worker_id
                 if o.role == "send" and first not in session.broken:
                     sends.append((w, o))
+        # Another loader's host copy is asked like a worker (on its own subject); a refusal breaks
+        # its chain at "host-cache", as a failed send of our own copy would.
+        peer = {
+            o.transfer_id: loader
+            for w, o in sends
+            if w == "host-cache" and (loader := by_id[o.transfer_id].source.loader)
+        }
+        results = await asyncio.gather(
+            *(
+                request(nc, s.loader_send(peer[o.transfer_id]), o, Ok, self.settings.request_timeout_s)
+                for w, o in sends
+                if o.transfer_id in peer
+            ),
+            return_exceptions=True,
+        )
+        for (w, o), r in zip([x for x in sends if x[1].transfer_id in peer], results, strict=True):
+            if not isinstance(r, Ok):
+                what = f"the send order of {o.transfer_id} (host copy of {peer[o.transfer_id]})"
+                session.refused(w, self._why(peer[o.transfer_id], r, what, self.settings.request_timeout_s))
         worker_sends = [(w, o) for w, o in sends if w != "host-cache"]
         results = await asyncio.gather(
             *(request(nc, s.transfer(w), o, Ok, self.settings.request_timeout_s) for w, o in worker_sends),
@@ -404,7 +432,7 @@ class Decisions:
                     w, self._why(w, r, f"the send order of {o.transfer_id}", self.settings.request_timeout_s)
                 )
         for w, o in sends:
-            if w == "host-cache":
+            if w == "host-cache" and o.transfer_id not in peer:
                 self.keeper.send(o, lg)
         self.changes.notify()
 

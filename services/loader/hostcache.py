@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from cascade.framing import CheckpointSource, TensorMeta, UnitHeader, UnitSource, unit_frame_crc
-from cascade.modelfiles import WithModelFiles, pack_dir
+from cascade.modelfiles import ModelFiles, WithModelFiles, pack_dir
 from cascade.models.checkpoint import Checkpoint
 
 CacheMode = Literal["mmap", "copy"]
@@ -144,6 +144,7 @@ class CacheEntry:
     in_use: int
     _ckpt: Checkpoint
     _source: UnitSource
+    unit_sizes: tuple[int, ...] = ()  # bytes per unit as the planner counts them
 
 
 class HostCache:
@@ -164,6 +165,7 @@ class HostCache:
                 return self._entries[model]
         ckpt = Checkpoint(Path(path))
         try:
+            sizes = tuple(ckpt.unit_nbytes(u) for u in range(ckpt.config.num_units))
             # Config, tokenizer and the rest go with unit 0, so a worker without the model store
             # can build the model from what it receives.
             files = pack_dir(Path(path))
@@ -182,7 +184,7 @@ class HostCache:
             ckpt.close()
             raise
         now = self._clock()
-        entry = CacheEntry(model, Path(path), self.mode, nbytes, locked, now, now, 0, ckpt, src)
+        entry = CacheEntry(model, Path(path), self.mode, nbytes, locked, now, now, 0, ckpt, src, sizes)
         with self._lock:
             if model in self._entries:  # another thread won the race: keep one copy
                 ckpt.close()
@@ -197,6 +199,25 @@ class HostCache:
     def models(self) -> frozenset[str]:
         with self._lock:
             return frozenset(self._entries)
+
+    def usage(self, model: str) -> tuple[float, int] | None:
+        """(last used, leases now) of a held model, None if absent."""
+        with self._lock:
+            e = self._entries.get(model)
+            return None if e is None else (e.last_used, e.in_use)
+
+    def files(self, model: str) -> ModelFiles | None:
+        """The small files (config, tokenizer, …) held with a model's copy."""
+        with self._lock:
+            e = self._entries.get(model)
+        return e._source.files if e is not None and isinstance(e._source, WithModelFiles) else None
+
+    def unit_nbytes(self, model: str) -> tuple[int, ...] | None:
+        """Bytes of each unit as the planner counts them (the checkpoint's tensors), read from the
+        held copy: a plan from the cache needs no look at the model store."""
+        with self._lock:
+            e = self._entries.get(model)
+            return None if e is None else e.unit_sizes
 
     @contextlib.contextmanager
     def lease(self, model: str) -> Iterator[UnitSource]:

@@ -32,9 +32,12 @@ from cascade.messages import (
     ActiveDecisions,
     ActiveDecisionsRequest,
     HostCacheRequest,
+    HostCopies,
+    HostCopyOrder,
     LayerReady,
     MessageError,
     Ok,
+    RemoteError,
     ScaleAck,
     ScaleDecision,
     ServiceReady,
@@ -44,7 +47,7 @@ from cascade.messages import (
     decode,
     encode,
 )
-from cascade.natsutil import TaskSet
+from cascade.natsutil import RequestTimeout, TaskSet, request
 from cascade.service import Runtime, run_process
 from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from cascade.workers import WorkerTable
@@ -112,6 +115,9 @@ class Loader:
         self.rt = rt
         self.tasks = rt.tasks
         self.keeper = HostCacheKeeper(self.settings, self.deployment, rt.tasks, self.log)
+        self.keeper.clock = self.clock
+        self.keeper.changed = self.copies_changed
+        self.keeper.order = self.send_copy_order
         rt.stack.callback(self.keeper.close)
         self.decisions = Decisions(
             rt.nc, s, self.settings, self.deployment, self.table, self.changes, self.keeper, self.log, self.clock
@@ -131,6 +137,7 @@ class Loader:
         await rt.subscribe(s.scale_decision(), self.on_decision)
         await rt.subscribe(s.scale_ack(), self.on_ack)
         await rt.subscribe(s.deployment_changed(), self.on_deployment)
+        await rt.subscribe(s.host_copies_all(), self.on_copies)
         # Models deployed at run time before this loader (re)started: the scaler knows them.
         dep, source = await self.deployments.ask(rt.nc, s, self.instance)
         if dep is None:
@@ -141,6 +148,10 @@ class Loader:
         await rt.serve(s.status(), self.on_status)
         await rt.serve(s.host_cache(), self.on_host_cache)
         await rt.serve(s.loader_decisions(), self.on_active_decisions)
+        await rt.serve(s.host_copy_order(self.instance), self.keeper.on_copy_order)
+        await rt.serve(s.loader_send(self.instance), self.keeper.on_send)
+        await rt.serve(s.model_files(), self.keeper.on_files)
+        await self.announce_copies()
         rt.tasks.spawn(self.pulse(feed), "pulse")
         await self.start_lease(rt)
         self.log.info("ready", models=self.deployment.names())
@@ -206,7 +217,11 @@ class Loader:
             self.launch(d)
             fresh.append(d.decision_id)
         self.heard.clear()
-        self.log.info("leading", taken_over=taken, heard=fresh, left_to_the_scaler=dropped)
+        assert self.keeper is not None
+        # The copies the loaders hold stay kept (the last leader kept them): with host_copies >= 2
+        # this loader usually holds one already, and the next scale-up reads no store.
+        adopted = self.keeper.copies.adopt(self.clock())
+        self.log.info("leading", taken_over=taken, heard=fresh, left_to_the_scaler=dropped, host_copies=adopted)
         ready = ServiceReady(self.service, self.instance, os.getpid())
         try:
             await self.rt.nc.publish(self.rt.subjects.service_ready(), encode(ready))
@@ -243,6 +258,7 @@ class Loader:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)  # a periodic timer, not synchronisation
             feed.reap()
+            await self.announce_copies()
             if not self.leading:
                 continue
             holders: dict[str, int] = {}
@@ -334,6 +350,35 @@ class Loader:
         self.acked[ack.decision_id] = None
         while len(self.acked) > 1024:
             self.acked.popitem(last=False)
+
+    # ---- host copies across loaders (copies.py) ------------------------------------------------
+    async def announce_copies(self) -> None:
+        assert self.keeper is not None and self.rt is not None
+        try:
+            await self.rt.nc.publish(self.rt.subjects.host_copies(self.instance), encode(self.keeper.announcement()))
+        except Exception as e:  # the broker away: the next pulse announces again
+            self.log.debug("announce_copies_failed", error=repr(e))
+
+    def copies_changed(self) -> None:
+        assert self.tasks is not None
+        self.tasks.spawn(self.announce_copies(), "announce-copies")
+
+    async def on_copies(self, msg: Msg) -> None:
+        assert self.keeper is not None
+        try:
+            self.keeper.heard(decode(msg.data, HostCopies))
+        except MessageError as e:
+            self.log.debug("bad_host_copies", subject=msg.subject, error=str(e))
+
+    async def send_copy_order(self, loader: str, order: HostCopyOrder) -> None:
+        """The leader's fill or drop order to another loader; a failure is retried by a later pulse."""
+        assert self.rt is not None
+        try:
+            await request(
+                self.rt.nc, self.rt.subjects.host_copy_order(loader), order, Ok, self.settings.request_timeout_s
+            )
+        except (RemoteError, RequestTimeout, MessageError) as e:
+            self.log.warning("host_copy_order_failed", to=loader, cached=order.model, action=order.action, error=str(e))
 
     async def on_host_cache(self, req: HostCacheRequest) -> Ok | None:
         """`cascade cache`: the leader's host cache is the one its plans use; followers keep still."""

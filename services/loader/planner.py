@@ -7,7 +7,8 @@ non-determinism is the auth token, drawn from `secrets` unless a test passes its
 Source preference, for `multicast` and `star` (within each class, and before a host cache on
 another host, sources on a target's own host come first: `WorkerView.host`, `--host-id`):
   1. workers holding the model in full and serving no requests (several → several chains);
-  2. the host cache (one copy per model in the mesh);
+  2. a host copy (`host_copies` per model, default 1, each in a loader's memory; one on a
+     target's host first);
   3. workers holding it in full while serving requests, their send rate-limited so the transfer
      does not starve their requests. The host cache comes before them: it costs no request
      latency, while a live holder pays for every byte it sends;
@@ -49,6 +50,12 @@ class MeshSnapshot:
     host_cache_models: frozenset[str] = frozenset()
     host_cache_addr: str | None = None
     host_cache_host: str = ""  # the host the cache is on ("" = unknown)
+    # Other loaders' host copies (loader id, host, models), sources like this loader's own.
+    peer_copies: tuple[tuple[str, str, frozenset[str]], ...] = ()
+
+    def cached(self, model: str) -> bool:
+        """Some loader holds a host copy of `model`."""
+        return model in self.host_cache_models or any(model in m for _, _, m in self.peer_copies)
 
     def worker(self, worker_id: str) -> WorkerView | None:
         for w in self.workers:
@@ -76,6 +83,7 @@ class Source:
     addr: str | None = None
     serving: bool = False  # a live holder answering requests: its send is rate-limited
     rate_limit_bps: float = 0.0  # 0 = unlimited
+    loader: str = ""  # a host-cache source on another loader ("" = the planning loader's own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +170,14 @@ def select_sources(snapshot: MeshSnapshot, req: PlanRequest, exclude: frozenset[
     def local(w: WorkerView) -> bool:
         return w.host in hosts
 
-    cached = req.mode in ("multicast", "star", "host-cache") and (
-        req.model in snapshot.host_cache_models and "host-cache" not in exclude
-    )
-    # The host cache lives in the loader and connects out to the first target: no address needed.
-    cache = [Source("host-cache", None, snapshot.host_cache_addr)] if cached else []
-    cache_local = cached and bool(snapshot.host_cache_host) and snapshot.host_cache_host in hosts
+    # Host copies (this loader's, then other loaders'): one on a target's host first. A cache lives
+    # in a loader and connects out to the first target: no address needed.
+    copies = [("", snapshot.host_cache_host)] if req.model in snapshot.host_cache_models else []
+    copies += sorted((lid, host) for lid, host, models in snapshot.peer_copies if req.model in models)
+    copies.sort(key=lambda c: not (c[1] and c[1] in hosts))
+    cached = req.mode in ("multicast", "star", "host-cache") and bool(copies) and "host-cache" not in exclude
+    cache = [Source("host-cache", None, snapshot.host_cache_addr, loader=copies[0][0])] if cached else []
+    cache_local = cached and bool(copies[0][1]) and copies[0][1] in hosts
     if req.mode in ("multicast", "star"):
         idle = sorted((w for w in holders if w.load == 0), key=lambda w: (not local(w), w.worker_id))
         if idle and (local(idle[0]) or not cache_local):
@@ -216,7 +226,7 @@ def _plan(
     if not sources:
         if req.mode != "disk":
             note = f"no live holder{'' if req.mode == 'multicast' else ' or host cache'} of {req.model}: disk"
-        if req.mode == "host-cache" and req.model not in snapshot.host_cache_models:
+        if req.mode == "host-cache" and not snapshot.cached(req.model):
             note = f"{req.model} is not in the host cache: disk"
         if not req.model_path:
             raise PlanError(f"nothing holds {req.model} and no checkpoint path was given")
