@@ -63,7 +63,7 @@ def test_read_plan_targets_and_quotas() -> None:
     for m in doc["groups"][0]["models"]:
         del m["quota"]
     assert read_plan(doc).groups[0].quotas == {"a": 0.5, "b": 0.5}  # even shares by default
-    with pytest.raises(ConfigError, match="sum to 1.5"):
+    with pytest.raises(ConfigError, match=r"sum to 1\.5"):
         read_plan(two_model_plan(0.9, 0.6))
     with pytest.raises(ConfigError, match="quota must be"):
         read_plan(two_model_plan(0.0, 0.3))
@@ -154,9 +154,7 @@ def test_the_scaler_takes_the_plan_as_floor_and_target_and_decides_once() -> Non
     # The loader places both (its ack names the instance); heartbeats show them.
     acks = [ScaleAck(d.decision_id, d.model, True, [f"g-{d.model}"]) for d in ups]
     held = {"a0": "a", "a1": "a", "b0": "b", "b1": "b"}
-    served = core.Mesh(
-        instances={"a": frozenset({"g-a"}), "b": frozenset({"g-b"})}, idle=frozenset(), holding=held
-    )
+    served = core.Mesh(instances={"a": frozenset({"g-a"}), "b": frozenset({"g-b"})}, idle=frozenset(), holding=held)
     st, effects = core.tick(st, core.Inputs(mesh=served, acks=acks), core.Now(3.0, 3.0))
     assert not [e for e in effects if isinstance(e, core.Publish)]
     decided = st.book.counters["decisions"]

@@ -68,7 +68,11 @@ def _plan(workers: list[str], models: dict[str, float]) -> dict[str, Any]:
                 "workers": workers,
                 "stages": n,
                 "models": [
-                    {"model": m, "quota": q, "stages": [{"worker": w, "layers": r} for w, r in zip(workers, layers)]}
+                    {
+                        "model": m,
+                        "quota": q,
+                        "stages": [{"worker": w, "layers": r} for w, r in zip(workers, layers, strict=True)],
+                    }
                     for m, q in models.items()
                 ],
             }
