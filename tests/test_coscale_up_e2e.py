@@ -1,9 +1,10 @@
 """The scale-up half of 2-D co-scaling on the real broker: two `cascade worker --slots 2` processes,
 model A (`coscale = true`, one instance planned, two at most) sharing process p1 with an idle
-model B, the real loader, scaler and gateway. Sustained requests for A through the gateway make
-its instance short of compute: the scaler first raises A's quota taking from B (quota first), and
-when the pressure lasts adds an instance (`ScaleDecision`, policy "coscale"), which the loader puts
-on the idle process p2 and which then serves A's requests."""
+model B, the real loader, scaler and gateway. Sustained requests for A through the gateway (more
+than its batch of 4 holds, so work waits behind it) make its instance short of compute: the
+scaler first raises A's quota taking from B (quota first), and when the pressure lasts adds an
+instance (`ScaleDecision`, policy "coscale"), which the loader puts on the idle process p2 and
+which then serves A's requests."""
 
 from __future__ import annotations
 
@@ -98,7 +99,9 @@ async def test_sustained_pressure_adds_an_instance_that_serves(
         await nc.subscribe(subjects.scale_ack(), cb=on_ack)
         await nc.subscribe(subjects.metrics_all(), cb=on_metrics)
         for p in ("p1", "p2"):
-            procs.start(p, "--slots", "2", "--heartbeat-s", str(HB_S), "--metrics-s", "0.5")
+            # A batch of 4: sixteen clients keep work waiting behind it, which is the pressure the
+            # policy reads (its demand counts the queue), not only the share of steps A took.
+            procs.start(p, "--slots", "2", "--max-batch", "4", "--heartbeat-s", str(HB_S), "--metrics-s", "0.5")
         slots = {"p1", "p1-2", "p2", "p2-2"}
         await wait_until(lambda: slots <= set(beats), timeout=120, what="four instance slots heartbeating")
         # The planned instances, placed by hand so A shares p1 with B and p2 stays idle.
