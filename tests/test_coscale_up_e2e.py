@@ -82,7 +82,7 @@ async def test_sustained_pressure_adds_an_instance_that_serves(
 
     async def on_metrics(m: Any) -> None:
         try:
-            msg = decode(m.data)
+            msg: Any = decode(m.data)
         except MessageError:
             return
         if isinstance(msg, InstanceMetrics) and msg.model == "A":
