@@ -477,8 +477,10 @@ def apply_plan(state: ScalerState, req: ApplyPlan, mesh: Mesh, now: Now) -> tupl
     changes nothing and leads to no decision."""
     controls, book = state.controls, state.book
     seen: set[str] = set()
+    knobs: dict[str, Any] = {}
     for p in req.models:
-        dep = controls.get(p.model).deployment
+        c = controls.get(p.model)
+        dep = c.deployment
         if p.model in seen:
             raise TargetError("bad_plan", f"the plan names {p.model} twice")
         seen.add(p.model)
@@ -491,6 +493,10 @@ def apply_plan(state: ScalerState, req: ApplyPlan, mesh: Mesh, now: Now) -> tupl
                 f"{p.model} runs instances of {dep.stages} stage(s) and the plan wants {p.stages}: scale it to 0 "
                 f"first (`cascade scale {p.model} --replicas 0`; min_replicas is {dep.min_replicas}), then apply again",
             )
+        try:
+            knobs[p.model] = c.policy.knobs(c.knobs_set, p.instances, max(dep.max_replicas, p.instances))
+        except KnobError as e:
+            raise TargetError("bad_plan", f"{p.model}: its policy cannot take the plan's count: {e}") from None
     changed: list[str] = []
     lines: list[str] = []
     deployment = controls.deployment
@@ -507,7 +513,7 @@ def apply_plan(state: ScalerState, req: ApplyPlan, mesh: Mesh, now: Now) -> tupl
         moved = new != dep or book.targets[p.model] != p.instances
         if new != dep:
             c.deployment = new
-            c.knobs = c.policy.knobs(c.knobs_set, new.min_replicas, new.max_replicas)
+            c.knobs = knobs[p.model]
             deployment = Deployment(tuple(new if m.name == p.model else m for m in deployment.models))
             book.bounds[p.model] = ModelBounds(new.min_replicas, new.max_replicas, new.stages)
             if p.model in state.coscale.models:
