@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from cascade.config import ConfigError, Deployment, ModelDeployment
@@ -181,3 +182,21 @@ def test_a_plan_that_changes_a_running_models_stages_is_refused_whole() -> None:
     # The same stage count on a running model: its count changes, its instance stays.
     reply, _ = _apply(st, mesh, 1.0, PlannedModel("a", 2, 1))
     assert reply.changed == ["a"] and st.book.targets["a"] == 2
+
+
+def test_cascade_apply_refuses_a_file_that_is_not_a_plan(tmp_path: Path) -> None:
+    from cascade.cli.apply import load_plan
+    from cascade.cli.common import CliError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(CliError, match="is not JSON"):
+        load_plan(bad)
+    bad.write_text('{"type": "cascade-placement-plan", "version": 2, "groups": []}')
+    with pytest.raises(CliError, match="not a cascade-placement-plan v1"):
+        load_plan(bad)
+    with pytest.raises(CliError, match="cannot read plan"):
+        load_plan(tmp_path / "missing.json")
+    good = tmp_path / "plan.json"
+    good.write_text(orjson.dumps(two_model_plan()).decode())
+    assert load_plan(good).targets() == {"a": (1, 2), "b": (1, 2)}
