@@ -161,7 +161,7 @@ def test_apply_a_two_model_plan_then_again(mesh: dict[str, Any], tmp_path: Path)
     assert "scaler: a: unchanged" in r.stdout and "scaler: b: unchanged" in r.stdout, r.stdout
     assert "quotas: as planned" in r.stdout and "quota: " not in r.stdout.replace("quotas: ", "")
     assert "nothing changed" in r.stdout
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # ten ticks of 1 s, each look at the status about 1 s
     while (s := _scaler(_status(home)))["ticks"] < ticks + 10:
         assert time.monotonic() < deadline, s
     assert s["decisions"] == decided, s
