@@ -622,6 +622,35 @@ class ScaleRequest:
     replicas: int
 
 
+@message("planned_model")
+class PlannedModel:
+    """One model of a placement plan as the scaler keeps it: `instances` pipelined instances of
+    `stages` stages each (cascade/planapply.py)."""
+
+    model: str
+    instances: int
+    stages: int
+
+
+@message("apply_plan")
+class ApplyPlan:
+    """Operator (`cascade apply`) → scaler: make these models' planned counts their floor and
+    target (min_replicas = target = instances, max_replicas raised to it if below) and their stage
+    count the plan's. All or nothing: one model that cannot take it refuses the whole request."""
+
+    models: list[PlannedModel]
+    plan: str = ""  # where the plan came from (a file name), for the logs
+
+
+@message("plan_applied")
+class PlanApplied:
+    """The scaler's answer to `ApplyPlan`: the models whose bounds, stages or target changed, and
+    one line per model saying what it holds now."""
+
+    changed: list[str]
+    lines: list[str] = field(default_factory=list)
+
+
 @message("set_batch_limit")
 class SetBatchLimit:
     """Scaler → worker: run at most `max_batch` sequences per engine step from now on (the

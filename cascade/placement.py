@@ -33,6 +33,8 @@ from cascade.device_profile import PROFILES_DIR, DeviceProfile, load_profile
 PLAN_FORMAT = "cascade-placement-plan"
 PLAN_VERSION = 1
 GB = 1e9
+# The least starting quota a plan gives a model on a shared worker (a fraction of the worker).
+MIN_QUOTA = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,10 +301,37 @@ def workload_from_dict(data: Mapping[str, Any], where: str) -> Workload:
     return Workload(rates=out, cv=float(cv), duration_s=float(dur), seed=int(data.get("seed", 0)))
 
 
-def plan_json(plan: Plan, models: Mapping[str, ModelSpec], pool: PoolSpec) -> dict[str, Any]:
+def group_quotas(plan: Plan, rates: Mapping[str, float] | None = None) -> list[dict[str, float]]:
+    """Per group, each model's compute quota on the group's workers (fractions summing to 1):
+    in proportion to the rate each model sends that group (its rate split evenly over the groups
+    holding it), at least `MIN_QUOTA`; even shares without rates. What `cascade apply` sets as the
+    instances' starting quotas; the co-scaling policy moves them from there."""
+    held: dict[str, int] = {}
+    for g in plan.groups:
+        for m in g.models:
+            held[m] = held.get(m, 0) + 1
+    out: list[dict[str, float]] = []
+    for g in plan.groups:
+        if not g.models:
+            out.append({})
+            continue
+        load = {m: max(0.0, float((rates or {}).get(m, 0.0))) / held[m] for m in g.models}
+        total = sum(load.values())
+        raw = {m: (load[m] / total if total > 0 else 1.0 / len(g.models)) for m in g.models}
+        raw = {m: max(MIN_QUOTA, q) for m, q in raw.items()}
+        norm = sum(raw.values())
+        out.append({m: round(q / norm, 3) for m, q in raw.items()})
+    return out
+
+
+def plan_json(
+    plan: Plan, models: Mapping[str, ModelSpec], pool: PoolSpec, rates: Mapping[str, float] | None = None
+) -> dict[str, Any]:
     """The plan file (docs/placement.md): groups of named workers, each model's stages with
-    their layer ranges, and the predicted attainment."""
+    their layer ranges and its starting quota there (`group_quotas`), and the predicted
+    attainment."""
     names = pool.names()
+    quotas = group_quotas(plan, rates)
     groups = []
     for i, g in enumerate(plan.groups):
         groups.append(
@@ -313,6 +342,7 @@ def plan_json(plan: Plan, models: Mapping[str, ModelSpec], pool: PoolSpec) -> di
                 "models": [
                     {
                         "model": name,
+                        "quota": quotas[i][name],
                         "stages": [
                             {"worker": names[w], "layers": [a, b]}
                             for w, (a, b) in zip(g.workers, models[name].split(g.stages), strict=True)

@@ -131,6 +131,11 @@ class Subjects:
         knobs at run time (the admin API)."""
         return f"{self.prefix}.scale.deploy"
 
+    def scale_apply(self) -> str:
+        """Request/reply, operator (`cascade apply`) → scaler: a placement plan's instance and stage
+        counts become the models' floor and target (`ApplyPlan` → `PlanApplied`)."""
+        return f"{self.prefix}.scale.apply"
+
     def deployment_changed(self) -> str:
         """Scaler → everyone: the deployment changed (`cascade deploy --model` added a model); the
         message carries the whole deployment, so a service applies it without asking back."""

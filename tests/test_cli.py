@@ -42,6 +42,7 @@ COMMANDS = [
     ["bench"],
     ["sim"],
     ["place"],
+    ["apply"],
 ]
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Collection, Sequence
 
-from cascade.cli import bench, cache, deploy, model, scale, services, sim, status, tap, up
+from cascade.cli import apply, bench, cache, deploy, model, scale, services, sim, status, tap, up
 from cascade.cli import place as place_cmd
 from cascade.cli.common import CliError, Parser
 from cascade.cli.quota import register as register_quota
@@ -46,6 +46,7 @@ def build_parser(load_services: Collection[str] = ()) -> Parser:
     bench.register(sub)
     sim.register(sub)
     place_cmd.register(sub)
+    apply.register(sub)
     return p
 
 

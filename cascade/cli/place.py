@@ -148,7 +148,7 @@ def cmd_place(args: argparse.Namespace) -> int:
             raise CliError(f"group sizes {bad} do not divide the pool of {workers} workers")
     plan = plan_for(models, pool, w, sizes, args.replication)
     by_name = {m.name: m for m in models}
-    doc = plan_json(plan, by_name, pool)
+    doc = plan_json(plan, by_name, pool, w.rates)
     doc["workload"] = {"rates": w.rates, "cv": w.cv, "duration_s": w.duration_s, "seed": w.seed}
     if args.out is not None:
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
@@ -160,7 +160,8 @@ def cmd_place(args: argparse.Namespace) -> int:
         print(f"  group {g['group']} [{', '.join(g['workers'])}]: {g['stages']} stage(s)")
         for m in g["models"]:
             layers = " | ".join(f"{s['worker']}:{s['layers'][0]}-{s['layers'][1]}" for s in m["stages"])
-            print(f"    {m['model']:<16} {layers}")
+            quota = f"  (quota {m['quota']:g})" if len(g["models"]) > 1 else ""
+            print(f"    {m['model']:<16} {layers}{quota}")
     unplaced = [m.name for m in models if not plan.models_in(m.name)]
     if unplaced:
         print(f"  not placed (no memory left, or placing them lowered attainment): {', '.join(unplaced)}")

@@ -79,6 +79,8 @@ class Registry:
                     group=v.group,
                     stage_start=v.stage_start,
                     stage_end=v.stage_end,
+                    shared_device=v.shared_device,
+                    quota=v.quota,
                 )
             )
         return out

@@ -44,6 +44,10 @@ class InstanceView:
     group: str = ""
     stage_start: int = 0
     stage_end: int = 0
+    # From the heartbeat: the worker process it shares with other instances ("" on a worker of its
+    # own) and its compute quota there (relative to theirs; docs/pipelined-and-shared.md).
+    shared_device: str = ""
+    quota: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +130,43 @@ def choose_instance(
     serve: a retry on the same instance beats no answer. Ties go to the smaller worker id, so
     the choice is deterministic.
     """
-    best: tuple[bool, bool, float, float, str] | None = None
-    for v in instances:
+    views = list(instances)
+    best: tuple[bool, bool, float, float, float, str] | None = None
+    for v in views:
         if not serves_fully(v, model):
             continue
         load = estimated_load(v)
-        key = (v.worker_id in avoid, prefill_backlogged(v), load / max(v.max_batch, 1), load, v.worker_id)
+        share = quota_share(v, views)
+        key = (
+            v.worker_id in avoid,
+            prefill_backlogged(v),
+            load / max(v.max_batch, 1) / share,
+            -share,
+            load,
+            v.worker_id,
+        )
         if best is None or key < best:
             best = key
-    return None if best is None else best[4]
+    return None if best is None else best[5]
+
+
+def quota_share(view: InstanceView, instances: Iterable[InstanceView]) -> float:
+    """The share of its worker's compute `view` can count on now (0..1]: on a shared worker, its
+    quota over the quotas of the instances there that have work, itself included (the stride
+    scheduler gives an idle instance's steps to the others, so only busy neighbours take a
+    share); 1 on a worker of its own or when no quota is known. The router weighs an instance's
+    load by it: of two instances equally loaded, the one whose worker gives the model more of
+    its compute steps faster, and an instance at quota q holding a load L is as loaded as one
+    of its own holding L / q (docs/pipelined-and-shared.md, Routing by quota)."""
+    if not view.shared_device or view.quota <= 0:
+        return 1.0
+    total = view.quota
+    for o in instances:
+        if o.worker_id == view.worker_id or o.shared_device != view.shared_device or o.quota <= 0:
+            continue
+        if o.state in ("serving", "loading", "draining") and o.running + o.waiting + o.inflight > 0:
+            total += o.quota
+    return min(1.0, view.quota / total)
 
 
 def models_without_instance(instances: Sequence[InstanceView], required: Iterable[str]) -> list[str]:
@@ -341,10 +373,14 @@ def pipeline_load(head: InstanceView) -> float:
     return max(fresh, head.inflight, head.kv_cache_usage * max(head.max_batch, 1), 0)
 
 
-def _pipeline_key(stages: tuple[InstanceView, ...], avoid: Sequence[str] | frozenset[str]) -> tuple[bool, float, str]:
+def _pipeline_key(
+    stages: tuple[InstanceView, ...], avoid: Sequence[str] | frozenset[str], instances: Sequence[InstanceView] = ()
+) -> tuple[bool, float, float, str]:
     head = stages[0]
     avoided = any(v.worker_id in avoid for v in stages)
-    return avoided, pipeline_load(head) / max(head.max_batch, 1), head.group
+    # Its slowest stage paces a pipeline: the least share any of its workers gives it.
+    share = min(quota_share(v, instances) for v in stages)
+    return avoided, pipeline_load(head) / max(head.max_batch, 1) / share, -share, head.group
 
 
 def choose_pipeline(
@@ -355,7 +391,7 @@ def choose_pipeline(
     for a whole instance). Instances with a stage in `avoid` only when nothing else serves."""
     best: tuple[InstanceView, ...] | None = None
     for stages in pipelines(instances, model):
-        if best is None or _pipeline_key(stages, avoid) < _pipeline_key(best, avoid):
+        if best is None or _pipeline_key(stages, avoid, instances) < _pipeline_key(best, avoid, instances):
             best = stages
     if best is None:
         return None

@@ -34,11 +34,13 @@ from typing import Any, Literal
 
 from cascade.config import Deployment, ModelDeployment
 from cascade.messages import (
+    ApplyPlan,
     DeployReply,
     DeployRequest,
     InstanceMetrics,
     ModelMetrics,
     Ok,
+    PlanApplied,
     ScaleAck,
     ScaleDecision,
     ScaleRequest,
@@ -61,6 +63,7 @@ __all__ = [
     "SetLimit",
     "SetQuota",
     "SharedSlot",
+    "apply_plan",
     "configure",
     "new_state",
     "set_target",
@@ -175,6 +178,7 @@ class ScalerState:
     # Model → its p95 latency over its SLO at the last tick (> 1: the SLO is missed), for models
     # whose policy has latency SLOs (two-stage's ttft_slo_ms, tbt_slo_ms).
     slo_ratio: dict[str, float] = field(default_factory=dict)
+    ticks: int = 0  # ticks run so far (status: a caller waits for one past its request)
 
 
 def new_state(
@@ -203,6 +207,7 @@ def new_state(
 def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, list[Effect]]:
     effects: list[Effect] = []
     book, controls = state.book, state.controls
+    state.ticks += 1
     if inputs.loader_up is not None:
         dropped = book.loader_ready()
         taken = [d.decision_id for d in inputs.resumed if book.resume(d, now.mono)]
@@ -462,6 +467,77 @@ def configure(state: ScalerState, req: DeployRequest, now: Now) -> tuple[DeployR
     return reply, effects
 
 
+def apply_plan(state: ScalerState, req: ApplyPlan, mesh: Mesh, now: Now) -> tuple[PlanApplied, list[Effect]]:
+    """`cascade apply`: each planned model's instance count becomes its floor and target
+    (min_replicas = target = instances; max_replicas raised to it when below) and its stage count
+    the plan's, so neither a load policy nor co-scaling releases below the plan; the book turns the
+    gaps into decisions at the next tick. A stage count can change only while the model runs no
+    instance (a running instance of the old shape would count as one of the new). Checked whole
+    first: raises UnknownModel or TargetError and nothing changes. Applying the same plan again
+    changes nothing and leads to no decision."""
+    controls, book = state.controls, state.book
+    seen: set[str] = set()
+    knobs: dict[str, Any] = {}
+    for p in req.models:
+        c = controls.get(p.model)
+        dep = c.deployment
+        if p.model in seen:
+            raise TargetError("bad_plan", f"the plan names {p.model} twice")
+        seen.add(p.model)
+        if p.instances < 0 or p.stages < 1:
+            raise TargetError("bad_plan", f"{p.model}: {p.instances} instance(s) of {p.stages} stage(s)")
+        running = book.current(p.model, mesh.instances, now.mono) + (1 if p.model in book.in_flight else 0)
+        if p.stages != dep.stages and running:
+            raise TargetError(
+                "bad_plan",
+                f"{p.model} runs instances of {dep.stages} stage(s) and the plan wants {p.stages}: scale it to 0 "
+                f"first (`cascade scale {p.model} --replicas 0`; min_replicas is {dep.min_replicas}), then apply again",
+            )
+        try:
+            knobs[p.model] = c.policy.knobs(c.knobs_set, p.instances, max(dep.max_replicas, p.instances))
+        except KnobError as e:
+            raise TargetError("bad_plan", f"{p.model}: its policy cannot take the plan's count: {e}") from None
+    changed: list[str] = []
+    lines: list[str] = []
+    deployment = controls.deployment
+    for p in req.models:
+        c = controls.get(p.model)
+        dep = c.deployment
+        new = replace(
+            dep,
+            min_replicas=p.instances,
+            max_replicas=max(dep.max_replicas, p.instances),
+            stages=p.stages,
+            stage_layers=dep.stage_layers if p.stages == dep.stages else (),
+        )
+        moved = new != dep or book.targets[p.model] != p.instances
+        if new != dep:
+            c.deployment = new
+            c.knobs = knobs[p.model]
+            deployment = Deployment(tuple(new if m.name == p.model else m for m in deployment.models))
+            book.bounds[p.model] = ModelBounds(new.min_replicas, new.max_replicas, new.stages)
+            if p.model in state.coscale.models:
+                state.coscale.models[p.model] = new
+        if book.targets[p.model] != p.instances:
+            book.set_target(p.model, p.instances)
+        current = book.current(p.model, mesh.instances, now.mono)
+        what = "changed" if moved else "unchanged"
+        lines.append(
+            f"{p.model}: {what}: {p.instances} instance(s) of {p.stages} stage(s) "
+            f"(min {new.min_replicas}, max {new.max_replicas}); {current} running now"
+        )
+        if moved:
+            changed.append(p.model)
+    effects: list[Effect] = [
+        Note("plan_applied", {"plan": req.plan, "changed": changed, "models": [p.model for p in req.models]})
+    ]
+    if deployment != controls.deployment:
+        controls.deployment = deployment
+        # The loader reads a model's stage count from its deployment when it places an instance.
+        effects.append(Announce(deployment, ()))
+    return PlanApplied(changed, lines), effects
+
+
 class ModelExists(ValueError):
     """`cascade deploy --model` named a model already deployed from another folder."""
 
@@ -494,6 +570,7 @@ def add_model(state: ScalerState, dep: ModelDeployment, now: Now) -> tuple[Deplo
 
 def status(state: ScalerState, mesh: Mesh, now: Now | None = None) -> dict[str, Any]:
     detail = state.book.status()
+    detail["ticks"] = state.ticks
     if now is not None:
         detail["backoff"] = state.backoff.status(now.mono)
     detail["instances"] = {m: len(ws) for m, ws in mesh.instances.items()}

@@ -33,6 +33,7 @@ from cascade.config import ConfigError, Deployment, entry_json, env_float, env_s
 from cascade.messages import (
     ActiveDecisions,
     ActiveDecisionsRequest,
+    ApplyPlan,
     BatchLimit,
     DeploymentChanged,
     DeploymentReply,
@@ -43,6 +44,7 @@ from cascade.messages import (
     MessageError,
     ModelMetrics,
     Ok,
+    PlanApplied,
     QuotaSet,
     RemoteError,
     ScaleAck,
@@ -233,6 +235,7 @@ class Scaler:
         await rt.subscribe(s.service_ready(), self.on_service_ready)
         await rt.serve(s.scale_request(), self.on_scale_request)
         await rt.serve(s.scale_deploy(), self.on_deploy)
+        await rt.serve(s.scale_apply(), self.on_apply)
         await rt.serve(s.deployment_get(), self.on_deployment_get)
         await rt.serve(s.status(), self.on_status)
         rt.tasks.spawn(self.loop(feed), "tick")
@@ -439,6 +442,26 @@ class Scaler:
             raise RemoteError("unknown_model", f"{req.model!r} is not in the deployment (models: {known})") from None
         except KnobError as e:
             raise RemoteError("bad_policy", str(e)) from None
+        await self.carry_out(effects)
+        if reply.changed:
+            self.wake.set()
+        return reply
+
+    async def on_apply(self, req: ApplyPlan) -> PlanApplied:
+        if not isinstance(req, ApplyPlan):
+            raise RemoteError("bad_request", f"expected apply_plan, got {type(req).__name__}")
+        try:
+            reply, effects = core.apply_plan(self.state, req, self.mesh(), self.now())
+        except UnknownModel as e:
+            known = ", ".join(sorted(self.state.controls.models))
+            raise RemoteError(
+                "unknown_model",
+                f"the plan names {e.args[0]!r}, which is not deployed (models: {known}); "
+                "deploy it first (`cascade deploy NAME --model PATH`)",
+            ) from None
+        except TargetError as e:
+            self.log.info("plan_refused", plan=req.plan, error=str(e))
+            raise RemoteError(e.code, str(e)) from None
         await self.carry_out(effects)
         if reply.changed:
             self.wake.set()
