@@ -562,7 +562,7 @@ class Decisions:
                     failed.append(f"{w} stopped heart-beating while loading {model}")
                 elif v.serves_stage(model) if stage else v.serves_fully(model):
                     ready.append(w)
-                elif v.model == model and v.state in ("loading", "serving"):
+                elif v.takes(model):
                     seen_loading.add(w)
                     continue
                 elif w in seen_loading or now - start >= grace:
