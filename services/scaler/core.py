@@ -248,9 +248,11 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
         effects += more
     effects += _coscale(state, mesh, now)
     for model in sorted(controls.models):
-        # Every idle worker failed this model lately: its next up waits for the first back-off to
-        # end, rather than going out (and failing) again every tick.
-        until = state.backoff.hold_until(model, mesh.idle, now.mono)
+        # Too few idle workers are free of a back-off for this model (one per stage of an
+        # instance): its next up waits until enough are, rather than going out (and failing)
+        # again every tick.
+        b = book.bounds.get(model)
+        until = state.backoff.hold_until(model, mesh.idle, now.mono, need=b.stages if b is not None else 1)
         if until is not None and book.targets.get(model, 0) > book.current(model, mesh.instances, now.mono):
             book.hold(model, until)
     result = book.tick(now.mono, mesh.instances, Pool(mesh.idle, needs), wall=now.wall)
