@@ -50,7 +50,19 @@ from bench.tracelib import (
 )
 from cascade.config import GenerateSpec, read_mesh_file
 from cascade.device_profile import load_profile
-from cascade.messages import Heartbeat, LayerReady, MessageError, Ok, ScaleRequest, decode
+from cascade.messages import (
+    GenerateBatch,
+    Heartbeat,
+    LayerReady,
+    MessageError,
+    Ok,
+    ScaleAck,
+    ScaleDecision,
+    ScaleRequest,
+    TokenEvents,
+    TransferPlanned,
+    decode,
+)
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.natsutil import request
@@ -59,12 +71,26 @@ from cascade.subjects import Subjects
 MODEL = "chaos-model"
 HEARTBEAT_S = 0.5
 FAULTS = ("worker_serving", "worker_multicast", "worker_stage", "loader", "scaler", "gateway", "nats")
+SCALE_UP_FAULTS = ("worker_multicast", "worker_stage")  # each asks for one more instance first
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cascade bench chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--faults", default=",".join(FAULTS), help=f"faults in order (default: all: {','.join(FAULTS)})")
-    p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: the most instances the faults ask for, plus --spare)",
+    )
+    p.add_argument(
+        "--spare",
+        type=int,
+        default=1,
+        help="idle workers kept beyond the most instances asked for (default 1, as a deployment keeps spare "
+        "capacity: a killed worker's replacement is then a multicast onto an idle worker, not a process "
+        "restart and a load; 0 to measure the restart)",
+    )
     p.add_argument("--replicas", type=int, default=2, help="instances serving before the scale-up faults (default 2)")
     p.add_argument(
         "--clients",
@@ -206,6 +232,14 @@ class Watch:
     # Every heartbeat of a worker not serving: what a scale-up fault saw when its moment never came.
     not_serving: list[Heartbeat] = field(default_factory=list)
     arrival: dict[str, list[int]] = field(default_factory=dict)  # units in the order announced
+    # Partial routes as the gateway dispatches them (its GenerateBatch to the route's head names
+    # every stage): request id → the loading worker heading it.
+    partial: dict[str, str] = field(default_factory=dict)
+    # The first partial route seen running (its head sent the request's first token): (time, head).
+    stage_running: tuple[float, str] | None = None
+    stage_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    # The control plane's answers, timed: (monotonic time, kind, fields) for decisions, acks, plans.
+    control: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
 
     def receiving(self) -> list[Heartbeat]:
         """Workers part-way through receiving the model (some units, not all, not serving)."""
@@ -239,8 +273,52 @@ class Watch:
                     self.units.setdefault(ev.worker_id, set()).add(ev.unit)
                     self.arrival.setdefault(ev.worker_id, []).append(ev.unit)
 
+        async def on_generate(msg: Any) -> None:
+            with contextlib.suppress(MessageError):
+                batch = decode(msg.data, GenerateBatch)
+                for r in batch.requests:
+                    head = r.route[0].worker_id if len(r.route) > 1 else ""
+                    seen = self.beats.get(head)
+                    if r.model == MODEL and seen is not None and seen[1].state == "loading":
+                        self.partial[r.request_id] = head
+
+        async def on_tokens(msg: Any) -> None:
+            if self.stage_running is not None or not self.partial:
+                return
+            with contextlib.suppress(MessageError):
+                evs = decode(msg.data, TokenEvents)
+                if any(self.partial.get(ev.request_id) == evs.worker_id for ev in evs.events):
+                    self.stage_running = (time.monotonic(), evs.worker_id)
+                    self.stage_seen.set()
+
+        async def on_control(msg: Any) -> None:
+            now = time.monotonic()
+            with contextlib.suppress(MessageError):
+                if msg.subject == s.scale_decision():
+                    d = decode(msg.data, ScaleDecision)
+                    self.control.append((now, "decision", {"id": d.decision_id, "action": d.action,
+                                                           "count": d.count, "avoid": d.avoid}))  # fmt: skip
+                elif msg.subject == s.scale_ack():
+                    a = decode(msg.data, ScaleAck)
+                    self.control.append((now, "ack", {"id": a.decision_id, "ok": a.ok, "workers": a.workers,
+                                                      "error": a.error[:160]}))  # fmt: skip
+                else:
+                    p = decode(msg.data, TransferPlanned)
+                    chains = [f"{c.source} -> {' -> '.join(c.targets)}" for c in p.chains]
+                    self.control.append((now, "plan", {"id": p.decision_id, "mode": p.mode, "chains": chains,
+                                                       "replan": bool(p.replaces)}))  # fmt: skip
+
         await nc.subscribe(s.heartbeat_all(), cb=on_beat)
         await nc.subscribe(s.ready_all(), cb=on_ready)
+        # The gateway's dispatches and the workers' tokens: where a partial route runs (a plain
+        # subscriber gets a copy of each; it answers nothing).
+        await nc.subscribe(f"{s.prefix}.worker.*.generate", cb=on_generate)
+        await nc.subscribe(s.tokens_all(), cb=on_tokens)
+        for subject in (s.scale_decision(), s.scale_ack(), s.transfer_plan()):
+            await nc.subscribe(subject, cb=on_control)
+
+    def idle(self) -> list[Heartbeat]:
+        return [hb for hb in self.fresh() if hb.state == "idle"]
 
     def fresh(self) -> list[Heartbeat]:
         now = time.monotonic()
@@ -300,8 +378,10 @@ class Chaos:
         self.target = n
         await request(self.nc, self.s.scale_request(), ScaleRequest(MODEL, n), Ok, timeout=10)
 
-    async def inject(self, fault: str) -> dict[str, Any]:
-        """Inject the fault; returns what was done."""
+    async def inject(self, fault: str, send: Any) -> dict[str, Any]:
+        """Inject the fault; returns what was done. `send(prompt, max_tokens)` adds a request to
+        the window's load (the stage fault's burst)."""
+        spare = sorted(hb.worker_id for hb in self.watch.idle())
         if fault == "worker_serving":
             # Under a trace's bursts the mesh may be idle at the scheduled moment: kill mid-request.
             await wait_for(lambda: any(hb.running > 0 for hb in self.watch.serving()), 30)
@@ -309,10 +389,15 @@ class Chaos:
             victim = busy[0].worker_id
             self.killed.add(busy[0].pid)
             os.kill(busy[0].pid, signal.SIGKILL)
-            return {"killed": victim, "running": busy[0].running}
-        if fault in ("worker_multicast", "worker_stage"):
-            await self.scale(self.target + 1)
+            return {"killed": victim, "running": busy[0].running, "idle_workers": spare}
+        if fault in SCALE_UP_FAULTS:
             seen_from = len(self.watch.not_serving)
+            burst = 0
+            if fault == "worker_stage":
+                self.watch.partial.clear()
+                self.watch.stage_running = None
+                self.watch.stage_seen.clear()
+            await self.scale(self.target + 1)
 
             def loading() -> list[Heartbeat]:
                 return [hb for hb in self.watch.fresh() if hb.model == MODEL and hb.state == "loading"]
@@ -321,9 +406,19 @@ class Chaos:
                 ok = await wait_for(lambda: bool(self.watch.receiving()), 30)
                 cands = self.watch.receiving() or loading()
             else:
-                # A loading instance that drives partial routes: a stage of a route through it.
-                ok = await wait_for(lambda: any(hb.driven > 0 for hb in loading()), 30)
-                cands = [hb for hb in loading() if hb.driven > 0] or loading()
+                # A scale-up is asked because the load rose: a burst as it goes out keeps the
+                # serving instances busy (out of batch slots, prompts waiting) through the new
+                # instance's load, so the gateway sheds the front layers of new requests onto it
+                # (partial routes). The kill comes the moment one runs: the route's head, still
+                # loading, sent its request's first token (seen on the token subject).
+                burst = 2 * self.a.max_batch * self.target
+                for i in range(burst):
+                    send(prompt_ids(self.a.max_prompt, self.a.seed + 1, i), self.a.max_tokens)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.watch.stage_seen.wait(), 30)
+                ok = self.watch.stage_running is not None
+                head = self.watch.stage_running[1] if self.watch.stage_running is not None else ""
+                cands = [hb for _, hb in self.watch.beats.values() if hb.worker_id == head] or loading()
             if not cands:
                 beats = self.watch.not_serving[seen_from:]
                 seen = sorted(
@@ -342,10 +437,18 @@ class Chaos:
             hb = cands[0]
             self.killed.add(hb.pid)
             os.kill(hb.pid, signal.SIGKILL)
-            return {
+            what = {
                 "killed": hb.worker_id, "units_ready": len(self.watch.units.get(hb.worker_id, ())),
-                "num_units": self.watch.num_units, "driven": hb.driven, "condition_seen": ok,
+                "num_units": self.watch.num_units, "condition_seen": ok,
             }  # fmt: skip
+            if fault == "worker_stage":
+                what["partial_routes_seen"] = len(self.watch.partial)
+                what["burst"] = burst
+            else:
+                what["driven"] = hb.driven
+            # Idle workers left for a replacement (the one the scale-up took is not one).
+            what["idle_workers"] = sorted(w.worker_id for w in self.watch.idle())
+            return what
         name = {"loader": "loader", "scaler": "scaler", "gateway": "gateway", "nats": "nats"}[fault]
         os.kill(self.pid(name), signal.SIGKILL)
         return {"killed": name}
@@ -383,6 +486,16 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
             in_flight.add(f)
             f.add_done_callback(in_flight.discard)
 
+    def send(prompt: list[int], out: int) -> None:
+        """One more request in this window, sent now (a fault's burst)."""
+
+        async def one() -> None:
+            outcomes.append(await one_request(http, base, out, a.request_deadline_s, headers, prompt))
+
+        f = asyncio.ensure_future(one())
+        in_flight.add(f)
+        f.add_done_callback(in_flight.discard)
+
     mig0 = await migrations(http, base())
     if a.clients:
         clients = [asyncio.ensure_future(client()) for _ in range(a.clients)]
@@ -390,7 +503,7 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         clients = [asyncio.ensure_future(replay())]
     try:
         await asyncio.sleep(a.window_s / 3)  # steady load before the fault (the schedule itself)
-        what = await chaos.inject(fault)
+        what = await chaos.inject(fault, send)
         t_fault = time.monotonic()  # the kill (after a scale-up fault's wait for its moment)
         print(f"  {fault}: {what}", flush=True)
         dropped_at: float | None = None
@@ -435,7 +548,29 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         "capacity_dropped": dropped_at is not None,
         "recovery_s": round(recovered, 2) if recovered is not None else None,
         "target_instances": chaos.target,
+        # What the control plane did after the fault, in seconds from it: where recovery went.
+        "after_fault": [
+            {"t_s": round(t - t_fault, 3), "kind": kind, **fields}
+            for t, kind, fields in chaos.watch.control
+            if t_fault - 0.05 <= t <= t_fault + (recovered if recovered is not None else a.recover_timeout_s)
+        ],
+        "replacement": replacement(chaos.watch.control, t_fault, what),
     }
+
+
+def replacement(control: list[tuple[float, str, dict[str, Any]]], t_fault: float, what: dict[str, Any]) -> str:
+    """How the killed worker's capacity came back, in words: the first plan after the fault that
+    loads a worker, its source, and whether that worker is a spare or the killed one restarted."""
+    killed = what.get("killed")
+    for t, kind, f in control:
+        if kind != "plan" or t < t_fault:
+            continue
+        for chain in f["chains"]:
+            src, _, targets = chain.partition(" -> ")
+            ts = targets.split(" -> ")
+            how = "the killed worker restarted by cascade up" if killed in ts else "a spare idle worker"
+            return f"{f['mode']} from {src} onto {', '.join(ts)} ({how}), planned {t - t_fault:.2f} s after the fault"
+    return "no new load planned in the window"
 
 
 # Trace seconds replayed (in a loop): long enough that the windows do not see the same arrivals.
@@ -516,7 +651,7 @@ def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) ->
             f"{a.rate:g} requests/s on average (its burstiness kept), prompts capped at {a.max_prompt} and "
             f"outputs at {a.max_tokens} tokens"
         )
-        + f", {a.workers} workers, "
+        + f", {a.workers} workers ({a.spare} spare: idle beyond the most instances the faults ask for), "
         f"{a.replicas} instances before the scale-up faults (each of those adds one); each fault in its own "
         f"window of at least {a.window_s:g} s. `migrated`: the gateway's migrations_total over the window "
         "(n/a for the gateway fault: the restarted gateway counts from 0). `failed (explicit)`: error "
@@ -527,7 +662,24 @@ def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) ->
         + table
         + "\nWhat each fault did:\n\n"
         + "".join(f"- {r['fault']}: {injected(r['injected'])}\n" for r in rows)
+        + "\nWhere a worker fault's recovery went (the control plane's messages after the kill, s from it; "
+        "`replacement`: the first load planned after it):\n\n"
+        + "".join(
+            f"- {r['fault']}: replacement {r.get('replacement', 'n/a')}; "
+            + ", ".join(f"{e['t_s']:g} {e['kind']} {control_words(e)}" for e in r.get("after_fault", []))
+            + "\n"
+            for r in rows
+            if r["fault"].startswith("worker_")
+        )
     )
+
+
+def control_words(e: dict[str, Any]) -> str:
+    if e["kind"] == "decision":
+        return f"{e['action']} {e['count']}" + (f" avoid {','.join(e['avoid'])}" if e["avoid"] else "")
+    if e["kind"] == "ack":
+        return "ok" if e["ok"] else "failed (" + e["error"][:80] + ")"
+    return f"{e['mode']}{' re-plan' if e['replan'] else ''} {'; '.join(e['chains'])}"
 
 
 def injected(what: dict[str, Any]) -> str:
@@ -538,6 +690,10 @@ def injected(what: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    ups = sum(1 for f in a.faults.split(",") if f in SCALE_UP_FAULTS)
+    if a.workers is None:
+        # Every instance the faults ask for has a worker, and `spare` idle ones stay beyond them.
+        a.workers = a.replicas + ups + a.spare
     command = "cascade bench chaos " + " ".join(argv or [])
     schedule: list[Arrival] = []
     trace_info: dict[str, Any] | None = None
