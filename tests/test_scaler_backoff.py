@@ -184,3 +184,34 @@ def test_a_pipelined_up_avoids_a_failing_stage_and_waits_out_its_back_off() -> N
     loader = FailingPipelinedLoader({"a-bad": None, "b": None}, bad={"a-bad"})
     _run(loader, seconds=60, target=1, stages=2)
     assert 3 <= len(loader.decisions) <= 6, [(d.decision_id, d.avoid) for d in loader.decisions]
+
+
+def _first_up(loader_idle: frozenset[str]) -> tuple[core.ScalerState, ScaleDecision]:
+    deployment = Deployment((ModelDeployment("m", Path("/m"), 0, 4, policy="manual"),))
+    state = core.new_state(deployment, SETTINGS, core.Now(1000.0, 1000.0), "s")
+    core.set_target(state, ScaleRequest("m", 1), core.Mesh(idle=loader_idle), core.Now(1000.0, 1000.0))
+    state, effects = core.tick(
+        state, core.Inputs(mesh=core.Mesh(idle=loader_idle), loader_up="loader"), core.Now(1000.0, 1000.0)
+    )
+    (d,) = [e.decision for e in effects if isinstance(e, core.Publish)]
+    return state, d
+
+
+@pytest.mark.parametrize(
+    ("why", "again_at_once"),
+    [("a stopped heart-beating while loading m", True), ("a refused the load (load_failed: disk full)", False)],
+)
+def test_an_up_whose_worker_died_is_asked_again_at_once(why: str, again_at_once: bool) -> None:
+    """A worker killed mid-load (chaos bench's stage fault) says nothing about the model: the
+    lost capacity is asked for again in the tick that hears the ack, on another idle worker (the
+    dead one avoided), not after the model's retry delay, which a real failure still waits out."""
+    state, d = _first_up(frozenset({"a", "b"}))
+    ack = ScaleAck(d.decision_id, "m", False, [], why, failed={"a": why})
+    now = core.Now(1000.2, 1000.2)
+    state, effects = core.tick(state, core.Inputs(mesh=core.Mesh(idle=frozenset({"b"})), acks=[ack]), now)
+    again = [e.decision for e in effects if isinstance(e, core.Publish)]
+    if again_at_once:
+        (d2,) = again
+        assert (d2.action, d2.count, d2.avoid) == ("up", 1, ["a"])
+    else:
+        assert again == [], "a real failure waits out the model's retry delay"

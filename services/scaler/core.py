@@ -43,6 +43,7 @@ from cascade.messages import (
     ScaleDecision,
     ScaleRequest,
 )
+from cascade.scalefailures import reason_kind
 from services.scaler.backoff import Backoff
 from services.scaler.controls import Controls, UnknownModel
 from services.scaler.policies import KnobError
@@ -393,8 +394,17 @@ def _slo_ratio(knobs: Any, s: LoadSignals) -> float:
     return out
 
 
+def lost_only(ack: ScaleAck) -> bool:
+    """A failed ack whose every failure is a worker that died mid-way (its process killed, its
+    heartbeats stopped): nothing the model did. The dead workers are out of the idle pool, and
+    each is backed off for the model should it come back (`Backoff`), so the lost capacity is
+    asked for again at once: a model-wide retry delay would only add to the recovery."""
+    parts = [p for p in ack.error.split("; ") if p]
+    return not ack.ok and bool(ack.failed) and bool(parts) and all(reason_kind(p) == "worker_lost" for p in parts)
+
+
 def _ack(book: ReplicaBook, ack: ScaleAck, now: Now) -> list[Effect]:
-    d = book.on_ack(ack.decision_id, ack.ok, ack.workers, now.mono)
+    d = book.on_ack(ack.decision_id, ack.ok, ack.workers, now.mono, back_off=not lost_only(ack))
     if d is None:
         return []  # another scaler's decision, or one from before a restart
     fields: dict[str, Any] = {"decision_id": ack.decision_id, "model": ack.model, "action": d.action}

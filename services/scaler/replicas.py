@@ -258,8 +258,12 @@ class ReplicaBook:
             return False
         return True
 
-    def on_ack(self, decision_id: str, ok: bool, workers: Collection[str], now: float) -> ScaleDecision | None:
-        """Record an ack; returns the decision it answers (None for an id this scaler never sent)."""
+    def on_ack(
+        self, decision_id: str, ok: bool, workers: Collection[str], now: float, back_off: bool = True
+    ) -> ScaleDecision | None:
+        """Record an ack; returns the decision it answers (None for an id this scaler never sent).
+        `back_off` false: a failure that says nothing about the model (only workers that died
+        mid-way), retried at the next tick rather than after the model's retry delay."""
         entry = next((f for f in self.in_flight.values() if f.decision.decision_id == decision_id), None)
         if entry is not None:
             decision = entry.decision
@@ -282,7 +286,8 @@ class ReplicaBook:
             self._not_before.pop(decision.model, None)
         else:
             self.counters["acks_failed"] += 1
-            self._back_off(decision.model, now)
+            if back_off:
+                self._back_off(decision.model, now)
         return decision
 
     # ---- the tick ----------------------------------------------------------
