@@ -232,6 +232,8 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
                     "warning",
                 )
             )  # fmt: skip
+    # After the acks: one that came just before its worker died counts it no longer.
+    book.workers_lost(inputs.workers_lost)
     for m in inputs.metrics:
         controls.fold(m)
         if isinstance(m, InstanceMetrics):
