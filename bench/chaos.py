@@ -59,7 +59,6 @@ from cascade.messages import (
     ScaleAck,
     ScaleDecision,
     ScaleRequest,
-    TokenEvents,
     TransferPlanned,
     decode,
 )
@@ -235,8 +234,8 @@ class Watch:
     # Partial routes as the gateway dispatches them (its GenerateBatch to the route's head names
     # every stage): request id → the loading worker heading it.
     partial: dict[str, str] = field(default_factory=dict)
-    # The first partial route seen running (its head sent the request's first token): (time, head).
-    stage_running: tuple[float, str] | None = None
+    # The first partial route dispatched to a head still loading: (time, head, its units ready then).
+    stage_running: tuple[float, str, int] | None = None
     stage_seen: asyncio.Event = field(default_factory=asyncio.Event)
     # The control plane's answers, timed: (monotonic time, kind, fields) for decisions, acks, plans.
     control: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
@@ -278,18 +277,13 @@ class Watch:
                 batch = decode(msg.data, GenerateBatch)
                 for r in batch.requests:
                     head = r.route[0].worker_id if len(r.route) > 1 else ""
-                    seen = self.beats.get(head)
-                    if r.model == MODEL and seen is not None and seen[1].state == "loading":
+                    got = len(self.units.get(head, ()))
+                    # Still loading by its readiness events (a heartbeat may be half an interval old).
+                    if r.model == MODEL and head and 0 < got < self.num_units:
                         self.partial[r.request_id] = head
-
-        async def on_tokens(msg: Any) -> None:
-            if self.stage_running is not None or not self.partial:
-                return
-            with contextlib.suppress(MessageError):
-                evs = decode(msg.data, TokenEvents)
-                if any(self.partial.get(ev.request_id) == evs.worker_id for ev in evs.events):
-                    self.stage_running = (time.monotonic(), evs.worker_id)
-                    self.stage_seen.set()
+                        if self.stage_running is None:
+                            self.stage_running = (time.monotonic(), head, got)
+                            self.stage_seen.set()
 
         async def on_control(msg: Any) -> None:
             now = time.monotonic()
@@ -310,10 +304,9 @@ class Watch:
 
         await nc.subscribe(s.heartbeat_all(), cb=on_beat)
         await nc.subscribe(s.ready_all(), cb=on_ready)
-        # The gateway's dispatches and the workers' tokens: where a partial route runs (a plain
-        # subscriber gets a copy of each; it answers nothing).
+        # The gateway's dispatches: each names its route (a plain subscriber gets a copy of each
+        # request to a worker; it answers nothing).
         await nc.subscribe(f"{s.prefix}.worker.*.generate", cb=on_generate)
-        await nc.subscribe(s.tokens_all(), cb=on_tokens)
         for subject in (s.scale_decision(), s.scale_ack(), s.transfer_plan()):
             await nc.subscribe(subject, cb=on_control)
 
@@ -339,10 +332,12 @@ async def migrations(http: aiohttp.ClientSession, base: str) -> float:
             text = await r.text()
     except aiohttp.ClientError:
         return 0.0
+    # The gateway names its metrics vLLM's way (`cascade:`, services/gateway/metrics.py); the bench
+    # read `cascade_gateway_migrations_total` before, which matched nothing, so it showed 0 always.
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("cascade_gateway_migrations_total")
+        if line.startswith(("cascade:migrations_total{", "cascade:migrations_total "))
     )
 
 
@@ -409,8 +404,8 @@ class Chaos:
                 # A scale-up is asked because the load rose: a burst as it goes out keeps the
                 # serving instances busy (out of batch slots, prompts waiting) through the new
                 # instance's load, so the gateway sheds the front layers of new requests onto it
-                # (partial routes). The kill comes the moment one runs: the route's head, still
-                # loading, sent its request's first token (seen on the token subject).
+                # (partial routes). The kill comes the moment one runs through it: the gateway
+                # dispatches a request on a route whose head is still loading (by its readiness).
                 burst = 2 * self.a.max_batch * self.target
                 for i in range(burst):
                     send(prompt_ids(self.a.max_prompt, self.a.seed + 1, i), self.a.max_tokens)
@@ -419,6 +414,9 @@ class Chaos:
                 ok = self.watch.stage_running is not None
                 head = self.watch.stage_running[1] if self.watch.stage_running is not None else ""
                 cands = [hb for _, hb in self.watch.beats.values() if hb.worker_id == head] or loading()
+                if self.watch.stage_running is not None:
+                    t_seen, _, units_then = self.watch.stage_running
+                    seen_ms = round((time.monotonic() - t_seen) * 1000, 1)
             if not cands:
                 beats = self.watch.not_serving[seen_from:]
                 seen = sorted(
@@ -444,6 +442,10 @@ class Chaos:
             if fault == "worker_stage":
                 what["partial_routes_seen"] = len(self.watch.partial)
                 what["burst"] = burst
+                if self.watch.stage_running is not None:
+                    # Units it held when the route was dispatched, and how long the kill took after.
+                    what["units_at_dispatch"] = units_then
+                    what["killed_ms_after_dispatch"] = seen_ms
             else:
                 what["driven"] = hb.driven
             # Idle workers left for a replacement (the one the scale-up took is not one).
