@@ -4,9 +4,14 @@ A whole `cascade up` mesh on the emulated accelerator (steps padded to a device 
 disk loads and parameter sends paced) serves a window of the Azure LLM code trace replayed open
 loop (or, with --clients, closed-loop streaming clients) while, one window at a time, a fault is
 injected: SIGKILL of a serving worker, of a worker receiving a multicast (a scale-up is asked
-first), of a worker serving as a stage of a partial route (a scale-up under load, killed once it
-drives routes for the layers it holds), of the loader, the scaler, the gateway (clients retry a
-refused connection), and of the NATS server (`cascade up` restarts every one of them).
+first), of a worker serving as a stage of a partial route (a scale-up under load, with a burst that
+fills the serving instances; the bench reads the gateway's dispatches and the workers' answers,
+and kills the head of the first partial route accepted by a worker still loading, the moment it
+accepts it: it drives the route then), of the loader, the
+scaler, the gateway (clients retry a refused connection), and of the NATS server (`cascade up`
+restarts every one of them). The mesh keeps `--spare` idle workers beyond the most instances the
+faults ask for, as a deployment keeps spare capacity: a killed worker's replacement is then a
+load onto an idle worker, not the killed process restarted and loaded again.
 
 Per fault: requests accepted (the gateway answered with a status), completed (every token,
 `[DONE]`), of those the gateway migrated (its `migrations_total` over the window), failed with an
@@ -14,7 +19,9 @@ explicit error (an HTTP error status, an error chunk, or a connection cut mid-st
 client sees), lost (a stream that ended cleanly without its final chunk or short of tokens) and
 hung (no end within the request deadline); both must be 0. Recovery: from the fault until the
 mesh serves at full capacity again, i.e. the target count of instances serving (by heartbeats
-heard in the last three intervals) and a request sent after the fault completed.
+heard in the last three intervals) and a request sent after the fault completed; `capacity` is
+the first part alone. Per worker fault, the scale decisions, acks and transfer plans that followed
+it are recorded with their times: where the recovery went.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from bench.tracelib import (
 from cascade.config import GenerateSpec, read_mesh_file
 from cascade.device_profile import load_profile
 from cascade.messages import (
+    BatchReply,
     GenerateBatch,
     Heartbeat,
     LayerReady,
@@ -234,7 +242,8 @@ class Watch:
     # Partial routes as the gateway dispatches them (its GenerateBatch to the route's head names
     # every stage): request id → the loading worker heading it.
     partial: dict[str, str] = field(default_factory=dict)
-    # The first partial route dispatched to a head still loading: (time, head, its units ready then).
+    asked: dict[str, list[str]] = field(default_factory=dict)  # reply inbox → partial-route requests
+    # The first partial route a head still loading accepted: (time, head, its units ready then).
     stage_running: tuple[float, str, int] | None = None
     stage_seen: asyncio.Event = field(default_factory=asyncio.Event)
     # The control plane's answers, timed: (monotonic time, kind, fields) for decisions, acks, plans.
@@ -281,9 +290,19 @@ class Watch:
                     # Still loading by its readiness events (a heartbeat may be half an interval old).
                     if r.model == MODEL and head and 0 < got < self.num_units:
                         self.partial[r.request_id] = head
-                        if self.stage_running is None:
-                            self.stage_running = (time.monotonic(), head, got)
-                            self.stage_seen.set()
+                        if msg.reply:
+                            self.asked.setdefault(msg.reply, []).append(r.request_id)
+
+        async def on_reply(msg: Any) -> None:
+            rids = self.asked.pop(msg.subject, None)
+            if rids is None or self.stage_running is not None:
+                return
+            with contextlib.suppress(MessageError):
+                accepted = set(decode(msg.data, BatchReply).accepted) & set(rids)
+                if accepted:
+                    head = self.partial[min(accepted)]
+                    self.stage_running = (time.monotonic(), head, len(self.units.get(head, ())))
+                    self.stage_seen.set()
 
         async def on_control(msg: Any) -> None:
             now = time.monotonic()
@@ -307,6 +326,9 @@ class Watch:
         # The gateway's dispatches: each names its route (a plain subscriber gets a copy of each
         # request to a worker; it answers nothing).
         await nc.subscribe(f"{s.prefix}.worker.*.generate", cb=on_generate)
+        # And the heads' answers (nats-py's request inboxes): a partial route runs once its head
+        # accepted the request, i.e. drives it. Subscribed up front, so no answer can come first.
+        await nc.subscribe("_INBOX.>", cb=on_reply)
         for subject in (s.scale_decision(), s.scale_ack(), s.transfer_plan()):
             await nc.subscribe(subject, cb=on_control)
 
@@ -325,20 +347,26 @@ class Watch:
         ]
 
 
-async def migrations(http: aiohttp.ClientSession, base: str) -> float:
-    """The gateway's migrations_total, summed (0 when it cannot be read: the gateway is down)."""
+async def migrations(http: aiohttp.ClientSession, base: str) -> tuple[float, float]:
+    """The gateway's counts of requests moved off a lost worker: (migrated: after tokens reached
+    the client, `cascade:migrations_total`; re-sent: before any, `cascade:retries_total` for a
+    worker or stage that stopped heart-beating or never answered the dispatch). (0, 0) when they
+    cannot be read (the gateway is down)."""
     try:
         async with http.get(base.removesuffix("/v1") + "/metrics") as r:
             text = await r.text()
     except aiohttp.ClientError:
-        return 0.0
+        return 0.0, 0.0
     # The gateway names its metrics vLLM's way (`cascade:`, services/gateway/metrics.py); the bench
-    # read `cascade_gateway_migrations_total` before, which matched nothing, so it showed 0 always.
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(("cascade:migrations_total{", "cascade:migrations_total "))
-    )
+    # read `cascade_gateway_migrations_total` before, which matched nothing: 0 in every row.
+    migrated = resent = 0.0
+    for line in text.splitlines():
+        if line.startswith("cascade:migrations_total{"):
+            migrated += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("cascade:retries_total{") and ("stopped" in line or "neither accepted" in line):
+            # Its worker (or a stage of its route) stopped heart-beating, or died before answering.
+            resent += float(line.rsplit(" ", 1)[1])
+    return migrated, resent
 
 
 # --------------------------------------------------------------------------- faults
@@ -404,9 +432,12 @@ class Chaos:
                 # A scale-up is asked because the load rose: a burst as it goes out keeps the
                 # serving instances busy (out of batch slots, prompts waiting) through the new
                 # instance's load, so the gateway sheds the front layers of new requests onto it
-                # (partial routes). The kill comes the moment one runs through it: the gateway
-                # dispatches a request on a route whose head is still loading (by its readiness).
-                burst = 2 * self.a.max_batch * self.target
+                # (partial routes). The kill comes the moment one runs through it: a head still
+                # loading (by its readiness) accepted a request of a partial route, so it drives it.
+                # Sized to fill them, not to queue far beyond: every batch slot of the instances
+                # already serving, and one prompt waiting on each (a backlog past that would only
+                # delay the first request sent after the fault, which recovery waits for).
+                burst = (self.a.max_batch + 1) * (self.target - 1)
                 for i in range(burst):
                     send(prompt_ids(self.a.max_prompt, self.a.seed + 1, i), self.a.max_tokens)
                 with contextlib.suppress(TimeoutError):
@@ -433,6 +464,7 @@ class Chaos:
                     "units_in_order": arrived,
                 }
             hb = cands[0]
+            routed = len(self.watch.partial)  # partial routes dispatched to a loading head so far
             self.killed.add(hb.pid)
             os.kill(hb.pid, signal.SIGKILL)
             what = {
@@ -440,12 +472,12 @@ class Chaos:
                 "num_units": self.watch.num_units, "condition_seen": ok,
             }  # fmt: skip
             if fault == "worker_stage":
-                what["partial_routes_seen"] = len(self.watch.partial)
+                what["partial_routes_at_kill"] = routed
                 what["burst"] = burst
                 if self.watch.stage_running is not None:
-                    # Units it held when the route was dispatched, and how long the kill took after.
-                    what["units_at_dispatch"] = units_then
-                    what["killed_ms_after_dispatch"] = seen_ms
+                    # Units it held when it accepted the route, and how long the kill took after.
+                    what["units_at_accept"] = units_then
+                    what["killed_ms_after_accept"] = seen_ms
             else:
                 what["driven"] = hb.driven
             # Idle workers left for a replacement (the one the scale-up took is not one).
@@ -509,12 +541,15 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         t_fault = time.monotonic()  # the kill (after a scale-up fault's wait for its moment)
         print(f"  {fault}: {what}", flush=True)
         dropped_at: float | None = None
+        capacity_at: float | None = None
 
         def full() -> bool:
-            nonlocal dropped_at
+            nonlocal dropped_at, capacity_at
             n = sum(1 for hb in chaos.watch.serving() if hb.pid not in chaos.killed)
             if n < chaos.target and dropped_at is None:
                 dropped_at = time.monotonic()
+            if n >= chaos.target and capacity_at is None:
+                capacity_at = time.monotonic()
             return n >= chaos.target
 
         def served_after() -> float | None:
@@ -539,7 +574,8 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         "injected": what,
         "accepted": accepted,
         "completed": kinds["completed"],
-        "migrated": max(0.0, mig1 - mig0) if fault != "gateway" else None,
+        "migrated": max(0.0, mig1[0] - mig0[0]) if fault != "gateway" else None,
+        "resent": max(0.0, mig1[1] - mig0[1]) if fault != "gateway" else None,
         "failed_explicit": kinds["error_status"] + kinds["error_chunk"] + kinds["cut"],
         "failed_by_kind": {k: kinds[k] for k in ("error_status", "error_chunk", "cut")},
         "statuses": sorted({o.status for o in outcomes if o.kind == "error_status"}),
@@ -549,6 +585,8 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         "client_retries": sum(o.retries for o in outcomes),
         "capacity_dropped": dropped_at is not None,
         "recovery_s": round(recovered, 2) if recovered is not None else None,
+        # The mesh's own part: the target count of instances serving again (by heartbeats).
+        "capacity_s": round(capacity_at - t_fault, 2) if capacity_at is not None else None,
         "target_instances": chaos.target,
         # What the control plane did after the fault, in seconds from it: where recovery went.
         "after_fault": [
@@ -633,12 +671,14 @@ async def drive(a: argparse.Namespace, mesh: Mesh, schedule: list[Arrival]) -> l
 
 def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) -> str:
     table = md_table(
-        ["fault", "accepted", "completed", "migrated", "failed (explicit)", "lost", "hung", "complete %",
-         "recovery s", "instances"],
+        ["fault", "accepted", "completed", "migrated", "re-sent", "failed (explicit)", "lost", "hung", "complete %",
+         "capacity s", "recovery s", "instances"],
         [
             [r["fault"], r["accepted"], r["completed"], "n/a" if r["migrated"] is None else int(r["migrated"]),
+             "n/a" if r.get("resent") is None else int(r["resent"]),
              f"{r['failed_explicit']} {r['failed_by_kind']}" if r["failed_explicit"] else 0, r["lost"], r["hung"],
-             r["complete_pct"], r["recovery_s"] if r["recovery_s"] is not None else "not within timeout",
+             r["complete_pct"], r.get("capacity_s", "n/a"),
+             r["recovery_s"] if r["recovery_s"] is not None else "not within timeout",
              r["target_instances"]]
             for r in rows
         ],
@@ -656,9 +696,13 @@ def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) ->
         + f", {a.workers} workers ({a.spare} spare: idle beyond the most instances the faults ask for), "
         f"{a.replicas} instances before the scale-up faults (each of those adds one); each fault in its own "
         f"window of at least {a.window_s:g} s. `migrated`: the gateway's migrations_total over the window "
+        "(requests moved after tokens reached the client); `re-sent`: its retries of requests whose worker "
+        "or route stage died before their first token; both "
         "(n/a for the gateway fault: the restarted gateway counts from 0). `failed (explicit)`: error "
         "statuses, error chunks, and streams cut by a dying gateway. Targets: 0 lost, 0 hung, >= 99 % "
-        "complete for worker faults, recovery <= 3 s after a worker fault. A killed worker's capacity comes "
+        "complete for worker faults, recovery <= 3 s after a worker fault. `capacity s`: from the fault until "
+        "the target count of instances serves again (by heartbeats); `recovery s`: that and a request sent "
+        "after the fault completed (it may queue behind the load already waiting). A killed worker's capacity comes "
         f"back as a new instance loaded in full, which takes {a.load_s:g} s here (emulated), so recovery from "
         "a worker fault reads that much above the mesh's own reaction time.\n\n"
         + table
