@@ -434,10 +434,10 @@ class Chaos:
                 # instance's load, so the gateway sheds the front layers of new requests onto it
                 # (partial routes). The kill comes the moment one runs through it: a head still
                 # loading (by its readiness) accepted a request of a partial route, so it drives it.
-                # Sized to fill them, not to queue far beyond: every batch slot of the instances
-                # already serving, and one prompt waiting on each (a backlog past that would only
-                # delay the first request sent after the fault, which recovery waits for).
-                burst = (self.a.max_batch + 1) * (self.target - 1)
+                # Sized to fill them, not to queue beyond: every batch slot of the instances
+                # already serving (a backlog past that would only delay the first request sent
+                # after the fault, which recovery waits for).
+                burst = self.a.max_batch * (self.target - 1)
                 for i in range(burst):
                     send(prompt_ids(self.a.max_prompt, self.a.seed + 1, i), self.a.max_tokens)
                 with contextlib.suppress(TimeoutError):
