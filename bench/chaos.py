@@ -349,9 +349,9 @@ class Watch:
 
 async def migrations(http: aiohttp.ClientSession, base: str) -> tuple[float, float]:
     """The gateway's counts of requests moved off a lost worker: (migrated: after tokens reached
-    the client, `cascade:migrations_total`; re-sent: before any, `cascade:retries_total` for a
-    worker or stage that stopped heart-beating or never answered the dispatch). (0, 0) when they
-    cannot be read (the gateway is down)."""
+    the client, `cascade:migrations_total`; re-sent: before any, `cascade_gateway_retries_total`
+    for a worker or stage that stopped heart-beating or never answered the dispatch). (0, 0)
+    when they cannot be read (the gateway is down)."""
     try:
         async with http.get(base.removesuffix("/v1") + "/metrics") as r:
             text = await r.text()
@@ -363,7 +363,7 @@ async def migrations(http: aiohttp.ClientSession, base: str) -> tuple[float, flo
     for line in text.splitlines():
         if line.startswith("cascade:migrations_total{"):
             migrated += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("cascade:retries_total{") and ("stopped" in line or "neither accepted" in line):
+        elif line.startswith("cascade_gateway_retries_total{") and ("stopped" in line or "neither accepted" in line):
             # Its worker (or a stage of its route) stopped heart-beating, or died before answering.
             resent += float(line.rsplit(" ", 1)[1])
     return migrated, resent
