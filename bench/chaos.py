@@ -539,6 +539,8 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         await asyncio.sleep(a.window_s / 3)  # steady load before the fault (the schedule itself)
         what = await chaos.inject(fault, send)
         t_fault = time.monotonic()  # the kill (after a scale-up fault's wait for its moment)
+        # Requests sent and not answered in full yet: the backlog a request sent now waits behind.
+        open_at_fault = len(in_flight) if not a.clients else a.clients
         print(f"  {fault}: {what}", flush=True)
         dropped_at: float | None = None
         capacity_at: float | None = None
@@ -557,6 +559,7 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
             return min(done) if done else None
 
         capacity_ok = await wait_for(lambda: full() and served_after() is not None, a.recover_timeout_s)
+        first_served = served_after()
         recovered = time.monotonic() - t_fault if capacity_ok else None
         await asyncio.sleep(max(0.0, a.window_s - (time.monotonic() - t_fault)))  # load after the fault
     finally:
@@ -587,6 +590,10 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         "recovery_s": round(recovered, 2) if recovered is not None else None,
         # The mesh's own part: the target count of instances serving again (by heartbeats).
         "capacity_s": round(capacity_at - t_fault, 2) if capacity_at is not None else None,
+        # The other part: the first request sent after the fault answered in full, and how many
+        # requests were open when the fault came (those sent before it go first, oldest first).
+        "first_served_s": round(first_served - t_fault, 2) if first_served is not None else None,
+        "open_at_fault": open_at_fault,
         "target_instances": chaos.target,
         # What the control plane did after the fault, in seconds from it: where recovery went.
         "after_fault": [
@@ -711,7 +718,8 @@ def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) ->
         + "\nWhere a worker fault's recovery went (the control plane's messages after the kill, s from it; "
         "`replacement`: the first load planned after it):\n\n"
         + "".join(
-            f"- {r['fault']}: replacement {r.get('replacement', 'n/a')}; "
+            f"- {r['fault']}: {r.get('open_at_fault', 'n/a')} requests open at the kill, the first sent after it "
+            f"answered in full at {r.get('first_served_s', 'n/a')} s; replacement {r.get('replacement', 'n/a')}; "
             + ", ".join(f"{e['t_s']:g} {e['kind']} {control_words(e)}" for e in r.get("after_fault", []))
             + "\n"
             for r in rows
