@@ -676,7 +676,9 @@ async def drive(a: argparse.Namespace, mesh: Mesh, schedule: list[Arrival]) -> l
             await nc.close()
 
 
-def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) -> str:
+def markdown(
+    rows: list[dict[str, Any]], a: argparse.Namespace, command: str, load: dict[str, list[float]] | None = None
+) -> str:
     table = md_table(
         ["fault", "accepted", "completed", "migrated", "re-sent", "failed (explicit)", "lost", "hung", "complete %",
          "capacity s", "recovery s", "instances"],
@@ -693,6 +695,12 @@ def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) ->
     return (
         "# Chaos: faults under load\n\n"
         f"`{command}`\n\n"
+        + (
+            f"Load average (1, 5, 15 min) {', '.join(map(str, load['start']))} at the start, "
+            f"{', '.join(map(str, load['end']))} at the end ({os.cpu_count()} cores).\n\n"
+            if load
+            else ""
+        )
         + (
             f"{a.clients} closed-loop streaming clients, {a.max_tokens} tokens per request"
             if a.clients
@@ -787,12 +795,15 @@ def main(argv: list[str] | None = None) -> int:
             },
             deploy_toml=deploy,
         )
+        # The machine may be shared (other benchmarks, builds): what else ran shows in the load.
+        load_at_start = os.getloadavg()
         mesh.start()
         try:
             rows = asyncio.run(drive(a, mesh, schedule))
         finally:
             mesh.stop()
-    text = markdown(rows, a, command)
+        load = {"start": [round(x, 2) for x in load_at_start], "end": [round(x, 2) for x in os.getloadavg()]}
+    text = markdown(rows, a, command, load)
     print()
     print(text)
     if not a.no_write:
@@ -809,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(CASCADE_LOAD_MB_S, CASCADE_LOADER_SEND_MB_S); transfers between workers over loopback TCP",
                 "note": "real torch on the small model; each step padded to the profile's time",
             },
+            "load_average": load,
             "rows": rows,
         }
         written = write_result(a.out, doc, text)
