@@ -739,13 +739,19 @@ class Decisions:
         missing = d.count - len(done)
         if missing <= 0:
             return done, "; ".join(problems)
-        kept = [w for g in done for w in groups[g]]
+        if any(len(members) != model.stages for members in groups.values()):
+            # The journal's groups no longer line up with the deployment's stages: new groups
+            # appended to it would be read back under the wrong ids. The scaler decides again.
+            problems.append(f"{d.model} has {model.stages} stages now, its journal {len(given)} workers")
+            return done, "; ".join(problems)
         lg.warning("decision_replanned", ready=done, failed=failed)
         # The stages that just failed are not chosen again for the re-plan (the scaler would back
         # off from them anyway once the ack names them).
         avoid = sorted({*d.avoid, *self.failed_workers.get(d.decision_id, {})})
+        # Every journaled worker stays in the journal, in its place: a loader taking over again
+        # reads the groups back by position (`journaled_groups`), the new ones after them.
         more, error = await self.scale_up_pipelined(
-            dataclasses.replace(d, count=missing, avoid=avoid), model, lg, already=kept, first=len(groups)
+            dataclasses.replace(d, count=missing, avoid=avoid), model, lg, already=given, first=len(groups)
         )
         return done + more, "; ".join(p for p in (*problems, error) if p)
 
