@@ -19,7 +19,8 @@ explicit error (an HTTP error status, an error chunk, or a connection cut mid-st
 client sees), lost (a stream that ended cleanly without its final chunk or short of tokens) and
 hung (no end within the request deadline); both must be 0. Recovery: from the fault until the
 mesh serves at full capacity again, i.e. the target count of instances serving (by heartbeats
-heard in the last three intervals) and a request sent after the fault completed; `capacity` is
+heard in the last three intervals) and a request sent after the fault completed (a probe is sent
+at the kill, so a pause in the trace's arrivals does not count); `capacity` is
 the first part alone. Per worker fault, the scale decisions, acks and transfer plans that followed
 it are recorded with their times: where the recovery went.
 """
@@ -541,6 +542,10 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         t_fault = time.monotonic()  # the kill (after a scale-up fault's wait for its moment)
         # Requests sent and not answered in full yet: the backlog a request sent now waits behind.
         open_at_fault = len(in_flight) if not a.clients else a.clients
+        if not a.clients:
+            # A probe sent at the kill: recovery waits for a request sent after the fault, and the
+            # trace's own arrivals may pause for seconds (its bursts), which is no part of it.
+            send(prompt_ids(min(64, a.max_prompt), a.seed + 2, chaos.next_arrival), a.max_tokens)
         print(f"  {fault}: {what}", flush=True)
         dropped_at: float | None = None
         capacity_at: float | None = None
@@ -717,7 +722,8 @@ def markdown(
         "statuses, error chunks, and streams cut by a dying gateway. Targets: 0 lost, 0 hung, >= 99 % "
         "complete for worker faults, recovery <= 3 s after a worker fault. `capacity s`: from the fault until "
         "the target count of instances serves again (by heartbeats); `recovery s`: that and a request sent "
-        "after the fault completed (it may queue behind the load already waiting). A killed worker's capacity comes "
+        "after the fault completed (one is sent at the kill; it may queue behind the load already waiting). "
+        "A killed worker's capacity comes "
         f"back as a new instance loaded in full, which takes {a.load_s:g} s here (emulated), so recovery from "
         "a worker fault reads that much above the mesh's own reaction time.\n\n"
         + table
