@@ -4,9 +4,14 @@ A whole `cascade up` mesh on the emulated accelerator (steps padded to a device 
 disk loads and parameter sends paced) serves a window of the Azure LLM code trace replayed open
 loop (or, with --clients, closed-loop streaming clients) while, one window at a time, a fault is
 injected: SIGKILL of a serving worker, of a worker receiving a multicast (a scale-up is asked
-first), of a worker serving as a stage of a partial route (a scale-up under load, killed once it
-drives routes for the layers it holds), of the loader, the scaler, the gateway (clients retry a
-refused connection), and of the NATS server (`cascade up` restarts every one of them).
+first), of a worker serving as a stage of a partial route (a scale-up under load, with a burst that
+fills the serving instances; the bench reads the gateway's dispatches and the workers' answers,
+and kills the head of the first partial route accepted by a worker still loading, the moment it
+accepts it: it drives the route then), of the loader, the
+scaler, the gateway (clients retry a refused connection), and of the NATS server (`cascade up`
+restarts every one of them). The mesh keeps `--spare` idle workers beyond the most instances the
+faults ask for, as a deployment keeps spare capacity: a killed worker's replacement is then a
+load onto an idle worker, not the killed process restarted and loaded again.
 
 Per fault: requests accepted (the gateway answered with a status), completed (every token,
 `[DONE]`), of those the gateway migrated (its `migrations_total` over the window), failed with an
@@ -14,7 +19,10 @@ explicit error (an HTTP error status, an error chunk, or a connection cut mid-st
 client sees), lost (a stream that ended cleanly without its final chunk or short of tokens) and
 hung (no end within the request deadline); both must be 0. Recovery: from the fault until the
 mesh serves at full capacity again, i.e. the target count of instances serving (by heartbeats
-heard in the last three intervals) and a request sent after the fault completed.
+heard in the last three intervals) and a request sent after the fault completed (a probe is sent
+at the kill, so a pause in the trace's arrivals does not count); `capacity` is
+the first part alone. Per worker fault, the scale decisions, acks and transfer plans that followed
+it are recorded with their times: where the recovery went.
 """
 
 from __future__ import annotations
@@ -50,7 +58,19 @@ from bench.tracelib import (
 )
 from cascade.config import GenerateSpec, read_mesh_file
 from cascade.device_profile import load_profile
-from cascade.messages import Heartbeat, LayerReady, MessageError, Ok, ScaleRequest, decode
+from cascade.messages import (
+    BatchReply,
+    GenerateBatch,
+    Heartbeat,
+    LayerReady,
+    MessageError,
+    Ok,
+    ScaleAck,
+    ScaleDecision,
+    ScaleRequest,
+    TransferPlanned,
+    decode,
+)
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.natsutil import request
@@ -59,12 +79,26 @@ from cascade.subjects import Subjects
 MODEL = "chaos-model"
 HEARTBEAT_S = 0.5
 FAULTS = ("worker_serving", "worker_multicast", "worker_stage", "loader", "scaler", "gateway", "nats")
+SCALE_UP_FAULTS = ("worker_multicast", "worker_stage")  # each asks for one more instance first
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cascade bench chaos", description=__doc__.split("\n\n")[0])
     p.add_argument("--faults", default=",".join(FAULTS), help=f"faults in order (default: all: {','.join(FAULTS)})")
-    p.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: the most instances the faults ask for, plus --spare)",
+    )
+    p.add_argument(
+        "--spare",
+        type=int,
+        default=1,
+        help="idle workers kept beyond the most instances asked for (default 1, as a deployment keeps spare "
+        "capacity: a killed worker's replacement is then a multicast onto an idle worker, not a process "
+        "restart and a load; 0 to measure the restart)",
+    )
     p.add_argument("--replicas", type=int, default=2, help="instances serving before the scale-up faults (default 2)")
     p.add_argument(
         "--clients",
@@ -206,6 +240,15 @@ class Watch:
     # Every heartbeat of a worker not serving: what a scale-up fault saw when its moment never came.
     not_serving: list[Heartbeat] = field(default_factory=list)
     arrival: dict[str, list[int]] = field(default_factory=dict)  # units in the order announced
+    # Partial routes as the gateway dispatches them (its GenerateBatch to the route's head names
+    # every stage): request id → the loading worker heading it.
+    partial: dict[str, str] = field(default_factory=dict)
+    asked: dict[str, list[str]] = field(default_factory=dict)  # reply inbox → partial-route requests
+    # The first partial route a head still loading accepted: (time, head, its units ready then).
+    stage_running: tuple[float, str, int] | None = None
+    stage_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    # The control plane's answers, timed: (monotonic time, kind, fields) for decisions, acks, plans.
+    control: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
 
     def receiving(self) -> list[Heartbeat]:
         """Workers part-way through receiving the model (some units, not all, not serving)."""
@@ -239,8 +282,59 @@ class Watch:
                     self.units.setdefault(ev.worker_id, set()).add(ev.unit)
                     self.arrival.setdefault(ev.worker_id, []).append(ev.unit)
 
+        async def on_generate(msg: Any) -> None:
+            with contextlib.suppress(MessageError):
+                batch = decode(msg.data, GenerateBatch)
+                for r in batch.requests:
+                    head = r.route[0].worker_id if len(r.route) > 1 else ""
+                    got = len(self.units.get(head, ()))
+                    # Still loading by its readiness events (a heartbeat may be half an interval old).
+                    if r.model == MODEL and head and 0 < got < self.num_units:
+                        self.partial[r.request_id] = head
+                        if msg.reply:
+                            self.asked.setdefault(msg.reply, []).append(r.request_id)
+
+        async def on_reply(msg: Any) -> None:
+            rids = self.asked.pop(msg.subject, None)
+            if rids is None or self.stage_running is not None:
+                return
+            with contextlib.suppress(MessageError):
+                accepted = set(decode(msg.data, BatchReply).accepted) & set(rids)
+                if accepted:
+                    head = self.partial[min(accepted)]
+                    self.stage_running = (time.monotonic(), head, len(self.units.get(head, ())))
+                    self.stage_seen.set()
+
+        async def on_control(msg: Any) -> None:
+            now = time.monotonic()
+            with contextlib.suppress(MessageError):
+                if msg.subject == s.scale_decision():
+                    d = decode(msg.data, ScaleDecision)
+                    self.control.append((now, "decision", {"id": d.decision_id, "action": d.action,
+                                                           "count": d.count, "avoid": d.avoid}))  # fmt: skip
+                elif msg.subject == s.scale_ack():
+                    a = decode(msg.data, ScaleAck)
+                    self.control.append((now, "ack", {"id": a.decision_id, "ok": a.ok, "workers": a.workers,
+                                                      "error": a.error[:160]}))  # fmt: skip
+                else:
+                    p = decode(msg.data, TransferPlanned)
+                    chains = [f"{c.source} -> {' -> '.join(c.targets)}" for c in p.chains]
+                    self.control.append((now, "plan", {"id": p.decision_id, "mode": p.mode, "chains": chains,
+                                                       "replan": bool(p.replaces)}))  # fmt: skip
+
         await nc.subscribe(s.heartbeat_all(), cb=on_beat)
         await nc.subscribe(s.ready_all(), cb=on_ready)
+        # The gateway's dispatches: each names its route (a plain subscriber gets a copy of each
+        # request to a worker; it answers nothing).
+        await nc.subscribe(f"{s.prefix}.worker.*.generate", cb=on_generate)
+        # And the heads' answers (nats-py's request inboxes): a partial route runs once its head
+        # accepted the request, i.e. drives it. Subscribed up front, so no answer can come first.
+        await nc.subscribe("_INBOX.>", cb=on_reply)
+        for subject in (s.scale_decision(), s.scale_ack(), s.transfer_plan()):
+            await nc.subscribe(subject, cb=on_control)
+
+    def idle(self) -> list[Heartbeat]:
+        return [hb for hb in self.fresh() if hb.state == "idle"]
 
     def fresh(self) -> list[Heartbeat]:
         now = time.monotonic()
@@ -254,18 +348,26 @@ class Watch:
         ]
 
 
-async def migrations(http: aiohttp.ClientSession, base: str) -> float:
-    """The gateway's migrations_total, summed (0 when it cannot be read: the gateway is down)."""
+async def migrations(http: aiohttp.ClientSession, base: str) -> tuple[float, float]:
+    """The gateway's counts of requests moved off a lost worker: (migrated: after tokens reached
+    the client, `cascade:migrations_total`; re-sent: before any, `cascade_gateway_retries_total`
+    for a worker or stage that stopped heart-beating or never answered the dispatch). (0, 0)
+    when they cannot be read (the gateway is down)."""
     try:
         async with http.get(base.removesuffix("/v1") + "/metrics") as r:
             text = await r.text()
     except aiohttp.ClientError:
-        return 0.0
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("cascade_gateway_migrations_total")
-    )
+        return 0.0, 0.0
+    # The gateway names its metrics vLLM's way (`cascade:`, services/gateway/metrics.py); the bench
+    # read `cascade_gateway_migrations_total` before, which matched nothing: 0 in every row.
+    migrated = resent = 0.0
+    for line in text.splitlines():
+        if line.startswith("cascade:migrations_total{"):
+            migrated += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("cascade_gateway_retries_total{") and ("stopped" in line or "neither accepted" in line):
+            # Its worker (or a stage of its route) stopped heart-beating, or died before answering.
+            resent += float(line.rsplit(" ", 1)[1])
+    return migrated, resent
 
 
 # --------------------------------------------------------------------------- faults
@@ -300,8 +402,10 @@ class Chaos:
         self.target = n
         await request(self.nc, self.s.scale_request(), ScaleRequest(MODEL, n), Ok, timeout=10)
 
-    async def inject(self, fault: str) -> dict[str, Any]:
-        """Inject the fault; returns what was done."""
+    async def inject(self, fault: str, send: Any) -> dict[str, Any]:
+        """Inject the fault; returns what was done. `send(prompt, max_tokens)` adds a request to
+        the window's load (the stage fault's burst)."""
+        spare = sorted(hb.worker_id for hb in self.watch.idle())
         if fault == "worker_serving":
             # Under a trace's bursts the mesh may be idle at the scheduled moment: kill mid-request.
             await wait_for(lambda: any(hb.running > 0 for hb in self.watch.serving()), 30)
@@ -309,10 +413,15 @@ class Chaos:
             victim = busy[0].worker_id
             self.killed.add(busy[0].pid)
             os.kill(busy[0].pid, signal.SIGKILL)
-            return {"killed": victim, "running": busy[0].running}
-        if fault in ("worker_multicast", "worker_stage"):
-            await self.scale(self.target + 1)
+            return {"killed": victim, "running": busy[0].running, "idle_workers": spare}
+        if fault in SCALE_UP_FAULTS:
             seen_from = len(self.watch.not_serving)
+            burst = 0
+            if fault == "worker_stage":
+                self.watch.partial.clear()
+                self.watch.stage_running = None
+                self.watch.stage_seen.clear()
+            await self.scale(self.target + 1)
 
             def loading() -> list[Heartbeat]:
                 return [hb for hb in self.watch.fresh() if hb.model == MODEL and hb.state == "loading"]
@@ -321,9 +430,25 @@ class Chaos:
                 ok = await wait_for(lambda: bool(self.watch.receiving()), 30)
                 cands = self.watch.receiving() or loading()
             else:
-                # A loading instance that drives partial routes: a stage of a route through it.
-                ok = await wait_for(lambda: any(hb.driven > 0 for hb in loading()), 30)
-                cands = [hb for hb in loading() if hb.driven > 0] or loading()
+                # A scale-up is asked because the load rose: a burst as it goes out keeps the
+                # serving instances busy (out of batch slots, prompts waiting) through the new
+                # instance's load, so the gateway sheds the front layers of new requests onto it
+                # (partial routes). The kill comes the moment one runs through it: a head still
+                # loading (by its readiness) accepted a request of a partial route, so it drives it.
+                # Sized to fill them, not to queue beyond: every batch slot of the instances
+                # already serving (a backlog past that would only delay the first request sent
+                # after the fault, which recovery waits for).
+                burst = self.a.max_batch * (self.target - 1)
+                for i in range(burst):
+                    send(prompt_ids(self.a.max_prompt, self.a.seed + 1, i), self.a.max_tokens)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.watch.stage_seen.wait(), 30)
+                ok = self.watch.stage_running is not None
+                head = self.watch.stage_running[1] if self.watch.stage_running is not None else ""
+                cands = [hb for _, hb in self.watch.beats.values() if hb.worker_id == head] or loading()
+                if self.watch.stage_running is not None:
+                    t_seen, _, units_then = self.watch.stage_running
+                    seen_ms = round((time.monotonic() - t_seen) * 1000, 1)
             if not cands:
                 beats = self.watch.not_serving[seen_from:]
                 seen = sorted(
@@ -340,12 +465,25 @@ class Chaos:
                     "units_in_order": arrived,
                 }
             hb = cands[0]
+            routed = len(self.watch.partial)  # partial routes dispatched to a loading head so far
             self.killed.add(hb.pid)
             os.kill(hb.pid, signal.SIGKILL)
-            return {
+            what = {
                 "killed": hb.worker_id, "units_ready": len(self.watch.units.get(hb.worker_id, ())),
-                "num_units": self.watch.num_units, "driven": hb.driven, "condition_seen": ok,
+                "num_units": self.watch.num_units, "condition_seen": ok,
             }  # fmt: skip
+            if fault == "worker_stage":
+                what["partial_routes_at_kill"] = routed
+                what["burst"] = burst
+                if self.watch.stage_running is not None:
+                    # Units it held when it accepted the route, and how long the kill took after.
+                    what["units_at_accept"] = units_then
+                    what["killed_ms_after_accept"] = seen_ms
+            else:
+                what["driven"] = hb.driven
+            # Idle workers left for a replacement (the one the scale-up took is not one).
+            what["idle_workers"] = sorted(w.worker_id for w in self.watch.idle())
+            return what
         name = {"loader": "loader", "scaler": "scaler", "gateway": "gateway", "nats": "nats"}[fault]
         os.kill(self.pid(name), signal.SIGKILL)
         return {"killed": name}
@@ -383,6 +521,16 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
             in_flight.add(f)
             f.add_done_callback(in_flight.discard)
 
+    def send(prompt: list[int], out: int) -> None:
+        """One more request in this window, sent now (a fault's burst)."""
+
+        async def one() -> None:
+            outcomes.append(await one_request(http, base, out, a.request_deadline_s, headers, prompt))
+
+        f = asyncio.ensure_future(one())
+        in_flight.add(f)
+        f.add_done_callback(in_flight.discard)
+
     mig0 = await migrations(http, base())
     if a.clients:
         clients = [asyncio.ensure_future(client()) for _ in range(a.clients)]
@@ -390,16 +538,25 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         clients = [asyncio.ensure_future(replay())]
     try:
         await asyncio.sleep(a.window_s / 3)  # steady load before the fault (the schedule itself)
-        what = await chaos.inject(fault)
+        what = await chaos.inject(fault, send)
         t_fault = time.monotonic()  # the kill (after a scale-up fault's wait for its moment)
+        # Requests sent and not answered in full yet: the backlog a request sent now waits behind.
+        open_at_fault = len(in_flight) if not a.clients else a.clients
+        if not a.clients:
+            # A probe sent at the kill: recovery waits for a request sent after the fault, and the
+            # trace's own arrivals may pause for seconds (its bursts), which is no part of it.
+            send(prompt_ids(min(64, a.max_prompt), a.seed + 2, chaos.next_arrival), a.max_tokens)
         print(f"  {fault}: {what}", flush=True)
         dropped_at: float | None = None
+        capacity_at: float | None = None
 
         def full() -> bool:
-            nonlocal dropped_at
+            nonlocal dropped_at, capacity_at
             n = sum(1 for hb in chaos.watch.serving() if hb.pid not in chaos.killed)
             if n < chaos.target and dropped_at is None:
                 dropped_at = time.monotonic()
+            if n >= chaos.target and capacity_at is None:
+                capacity_at = time.monotonic()
             return n >= chaos.target
 
         def served_after() -> float | None:
@@ -407,6 +564,7 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
             return min(done) if done else None
 
         capacity_ok = await wait_for(lambda: full() and served_after() is not None, a.recover_timeout_s)
+        first_served = served_after()
         recovered = time.monotonic() - t_fault if capacity_ok else None
         await asyncio.sleep(max(0.0, a.window_s - (time.monotonic() - t_fault)))  # load after the fault
     finally:
@@ -424,7 +582,8 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         "injected": what,
         "accepted": accepted,
         "completed": kinds["completed"],
-        "migrated": max(0.0, mig1 - mig0) if fault != "gateway" else None,
+        "migrated": max(0.0, mig1[0] - mig0[0]) if fault != "gateway" else None,
+        "resent": max(0.0, mig1[1] - mig0[1]) if fault != "gateway" else None,
         "failed_explicit": kinds["error_status"] + kinds["error_chunk"] + kinds["cut"],
         "failed_by_kind": {k: kinds[k] for k in ("error_status", "error_chunk", "cut")},
         "statuses": sorted({o.status for o in outcomes if o.kind == "error_status"}),
@@ -434,8 +593,36 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         "client_retries": sum(o.retries for o in outcomes),
         "capacity_dropped": dropped_at is not None,
         "recovery_s": round(recovered, 2) if recovered is not None else None,
+        # The mesh's own part: the target count of instances serving again (by heartbeats).
+        "capacity_s": round(capacity_at - t_fault, 2) if capacity_at is not None else None,
+        # The other part: the first request sent after the fault answered in full, and how many
+        # requests were open when the fault came (those sent before it go first, oldest first).
+        "first_served_s": round(first_served - t_fault, 2) if first_served is not None else None,
+        "open_at_fault": open_at_fault,
         "target_instances": chaos.target,
+        # What the control plane did after the fault, in seconds from it: where recovery went.
+        "after_fault": [
+            {"t_s": round(t - t_fault, 3), "kind": kind, **fields}
+            for t, kind, fields in chaos.watch.control
+            if t_fault - 0.05 <= t <= t_fault + (recovered if recovered is not None else a.recover_timeout_s)
+        ],
+        "replacement": replacement(chaos.watch.control, t_fault, what),
     }
+
+
+def replacement(control: list[tuple[float, str, dict[str, Any]]], t_fault: float, what: dict[str, Any]) -> str:
+    """How the killed worker's capacity came back, in words: the first plan after the fault that
+    loads a worker, its source, and whether that worker is a spare or the killed one restarted."""
+    killed = what.get("killed")
+    for t, kind, f in control:
+        if kind != "plan" or t < t_fault:
+            continue
+        for chain in f["chains"]:
+            src, _, targets = chain.partition(" -> ")
+            ts = targets.split(" -> ")
+            how = "the killed worker restarted by cascade up" if killed in ts else "a spare idle worker"
+            return f"{f['mode']} from {src} onto {', '.join(ts)} ({how}), planned {t - t_fault:.2f} s after the fault"
+    return "no new load planned in the window"
 
 
 # Trace seconds replayed (in a loop): long enough that the windows do not see the same arrivals.
@@ -494,14 +681,18 @@ async def drive(a: argparse.Namespace, mesh: Mesh, schedule: list[Arrival]) -> l
             await nc.close()
 
 
-def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) -> str:
+def markdown(
+    rows: list[dict[str, Any]], a: argparse.Namespace, command: str, load: dict[str, list[float]] | None = None
+) -> str:
     table = md_table(
-        ["fault", "accepted", "completed", "migrated", "failed (explicit)", "lost", "hung", "complete %",
-         "recovery s", "instances"],
+        ["fault", "accepted", "completed", "migrated", "re-sent", "failed (explicit)", "lost", "hung", "complete %",
+         "capacity s", "recovery s", "instances"],
         [
             [r["fault"], r["accepted"], r["completed"], "n/a" if r["migrated"] is None else int(r["migrated"]),
+             "n/a" if r.get("resent") is None else int(r["resent"]),
              f"{r['failed_explicit']} {r['failed_by_kind']}" if r["failed_explicit"] else 0, r["lost"], r["hung"],
-             r["complete_pct"], r["recovery_s"] if r["recovery_s"] is not None else "not within timeout",
+             r["complete_pct"], r.get("capacity_s", "n/a"),
+             r["recovery_s"] if r["recovery_s"] is not None else "not within timeout",
              r["target_instances"]]
             for r in rows
         ],
@@ -510,24 +701,53 @@ def markdown(rows: list[dict[str, Any]], a: argparse.Namespace, command: str) ->
         "# Chaos: faults under load\n\n"
         f"`{command}`\n\n"
         + (
+            f"Load average (1, 5, 15 min) {', '.join(map(str, load['start']))} at the start, "
+            f"{', '.join(map(str, load['end']))} at the end ({os.cpu_count()} cores).\n\n"
+            if load
+            else ""
+        )
+        + (
             f"{a.clients} closed-loop streaming clients, {a.max_tokens} tokens per request"
             if a.clients
             else f"The Azure LLM code trace replayed open-loop from {a.trace_start:g} s, compressed to "
             f"{a.rate:g} requests/s on average (its burstiness kept), prompts capped at {a.max_prompt} and "
             f"outputs at {a.max_tokens} tokens"
         )
-        + f", {a.workers} workers, "
+        + f", {a.workers} workers ({a.spare} spare: idle beyond the most instances the faults ask for), "
         f"{a.replicas} instances before the scale-up faults (each of those adds one); each fault in its own "
         f"window of at least {a.window_s:g} s. `migrated`: the gateway's migrations_total over the window "
+        "(requests moved after tokens reached the client); `re-sent`: its retries of requests whose worker "
+        "or route stage died before their first token; both "
         "(n/a for the gateway fault: the restarted gateway counts from 0). `failed (explicit)`: error "
         "statuses, error chunks, and streams cut by a dying gateway. Targets: 0 lost, 0 hung, >= 99 % "
-        "complete for worker faults, recovery <= 3 s after a worker fault. A killed worker's capacity comes "
+        "complete for worker faults, recovery <= 3 s after a worker fault. `capacity s`: from the fault until "
+        "the target count of instances serves again (by heartbeats); `recovery s`: that and a request sent "
+        "after the fault completed (one is sent at the kill; it may queue behind the load already waiting). "
+        "A killed worker's capacity comes "
         f"back as a new instance loaded in full, which takes {a.load_s:g} s here (emulated), so recovery from "
         "a worker fault reads that much above the mesh's own reaction time.\n\n"
         + table
         + "\nWhat each fault did:\n\n"
         + "".join(f"- {r['fault']}: {injected(r['injected'])}\n" for r in rows)
+        + "\nWhere a worker fault's recovery went (the control plane's messages after the kill, s from it; "
+        "`replacement`: the first load planned after it):\n\n"
+        + "".join(
+            f"- {r['fault']}: {r.get('open_at_fault', 'n/a')} requests open at the kill, the first sent after it "
+            f"answered in full at {r.get('first_served_s', 'n/a')} s; replacement {r.get('replacement', 'n/a')}; "
+            + ", ".join(f"{e['t_s']:g} {e['kind']} {control_words(e)}" for e in r.get("after_fault", []))
+            + "\n"
+            for r in rows
+            if r["fault"].startswith("worker_")
+        )
     )
+
+
+def control_words(e: dict[str, Any]) -> str:
+    if e["kind"] == "decision":
+        return f"{e['action']} {e['count']}" + (f" avoid {','.join(e['avoid'])}" if e["avoid"] else "")
+    if e["kind"] == "ack":
+        return "ok" if e["ok"] else "failed (" + e["error"][:80] + ")"
+    return f"{e['mode']}{' re-plan' if e['replan'] else ''} {'; '.join(e['chains'])}"
 
 
 def injected(what: dict[str, Any]) -> str:
@@ -538,6 +758,10 @@ def injected(what: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    ups = sum(1 for f in a.faults.split(",") if f in SCALE_UP_FAULTS)
+    if a.workers is None:
+        # Every instance the faults ask for has a worker, and `spare` idle ones stay beyond them.
+        a.workers = a.replicas + ups + a.spare
     command = "cascade bench chaos " + " ".join(argv or [])
     schedule: list[Arrival] = []
     trace_info: dict[str, Any] | None = None
@@ -577,12 +801,15 @@ def main(argv: list[str] | None = None) -> int:
             },
             deploy_toml=deploy,
         )
+        # The machine may be shared (other benchmarks, builds): what else ran shows in the load.
+        load_at_start = os.getloadavg()
         mesh.start()
         try:
             rows = asyncio.run(drive(a, mesh, schedule))
         finally:
             mesh.stop()
-    text = markdown(rows, a, command)
+        load = {"start": [round(x, 2) for x in load_at_start], "end": [round(x, 2) for x in os.getloadavg()]}
+    text = markdown(rows, a, command, load)
     print()
     print(text)
     if not a.no_write:
@@ -599,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(CASCADE_LOAD_MB_S, CASCADE_LOADER_SEND_MB_S); transfers between workers over loopback TCP",
                 "note": "real torch on the small model; each step padded to the profile's time",
             },
+            "load_average": load,
             "rows": rows,
         }
         written = write_result(a.out, doc, text)

@@ -76,6 +76,9 @@ class WorkerView:
     # and its compute quota there (heartbeat; what a quota policy reads before it moves one).
     shared_device: str = ""
     quota: float = 0.0
+    # The model its last heartbeat names. Once synced, `model` is readiness's, which names a model
+    # only with its first ready unit; the heartbeat names it from the moment the order is taken.
+    heartbeat_model: str | None = None
 
     @property
     def device(self) -> str:
@@ -110,6 +113,13 @@ class WorkerView:
             and self.units_ready >= self.num_units
             and self.state in ("serving", "idle")
         )
+
+    def takes(self, model: str) -> bool:
+        """Loading or serving `model`, by readiness or, before its first unit is ready, by its
+        heartbeat (a load whose first unit is slow to come is still a load, not an idle worker)."""
+        if self.state not in ("loading", "serving"):
+            return False
+        return self.model == model or (self.model is None and self.heartbeat_model == model)
 
     def serves_fully(self, model: str) -> bool:
         """The protocol's "serves the model fully": every unit ready and state serving."""
@@ -323,6 +333,7 @@ class WorkerTable:
             stage_end=hb.stage_end,
             shared_device=hb.shared_device,
             quota=hb.quota,
+            heartbeat_model=hb.model,
         )
 
     def _entry(self, worker_id: str, now: float) -> _Entry:

@@ -6,6 +6,7 @@ decision once."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
@@ -134,3 +135,71 @@ async def test_without_jetstream_one_loader_plans_alone_or_refuses_to_start(
     strict = Loader(LoaderSettings(loader_id="strict", heartbeat_s=0.2, lease="required"), dep, log)
     with pytest.raises(ConnectionError, match="--lease required"):
         await ServiceHost(strict, nats_url, prefix).start()
+
+
+async def test_a_pipelined_up_avoids_backed_off_workers_and_is_journaled_before_its_orders(
+    js_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Issue 22: a pipelined up, like a single-worker one, takes no worker its decision avoids and
+    writes its workers (group after group) to the journal before any order goes out; three real
+    worker processes, their stage loads paced so the decision is seen in flight."""
+    from cascade.config import GenerateSpec
+    from cascade.models.generate import generate_model
+    from tests.workerprocs import WorkerProcs
+
+    model = tmp_path / "piped"
+    generate_model(model, GenerateSpec(layers=4, hidden=64, heads=4, kv_heads=2, vocab=320, max_position=256))
+    s = Subjects(prefix)
+    nc = await connect(js_url, "test")
+    acks: list[ScaleAck] = []
+
+    async def on_ack(msg: Any) -> None:
+        acks.append(decode(msg.data, ScaleAck))
+
+    (tmp_path / "logs").mkdir()
+    workers = WorkerProcs(js_url, prefix, tmp_path / "logs")
+    host: ServiceHost | None = None
+    try:
+        await nc.subscribe(s.scale_ack(), cb=on_ack)
+        for w in ("w-a", "w-b", "w-c"):
+            # Paced reads: each stage's load lasts about a second, long enough to look at the journal.
+            workers.start(w, env={"CASCADE_HEARTBEAT_S": "0.2", "CASCADE_LOAD_MB_S": "0.2"})
+        dep = Deployment((ModelDeployment("piped", model, min_replicas=0, stages=2),))
+        settings = LoaderSettings(loader_id="leader", heartbeat_s=0.2, lease="required", lease_s=1.0)
+        loader = Loader(settings, dep, structlog.get_logger().bind(service="loader"))
+        host = ServiceHost(loader, js_url, prefix)
+        await host.start()
+        await wait_until(lambda: loader.leading, 10, "the lease")
+        assert loader.decisions is not None
+        table = loader.decisions.table
+        await wait_until(lambda: table.idle() == {"w-a", "w-b", "w-c"}, 90, "three idle workers")
+        store = await open_store(nc, prefix)
+        journal = DecisionJournal(store, "test", structlog.get_logger())
+
+        # w-a is backed off for the model: the only group left is w-b, w-c (by id it would be w-a, w-b).
+        d = ScaleDecision("pd", "piped", "up", 1, 1, "test", avoid=["w-a"])
+        await nc.publish(s.scale_decision(), encode(d))
+        await nc.flush()
+        seen: list[tuple[str, ...]] = []
+        deadline = asyncio.get_running_loop().time() + 30
+        while not seen and not acks:  # polling the store with a deadline
+            assert asyncio.get_running_loop().time() < deadline, "no ordered journal entry"
+            seen = [
+                j.workers for j in await journal.pending() if j.state == "ordered" and j.decision.decision_id == "pd"
+            ]
+        assert seen and seen[0] == ("w-b", "w-c"), (seen, acks)
+        assert table.get("w-a") is not None and table.get("w-a").state == "idle"  # type: ignore[union-attr]
+        await wait_until(lambda: bool(acks), 60, "the ack")
+        (ack,) = acks
+        assert ack.ok and ack.workers == ["pd.0"], ack
+        await wait_until(lambda: not loader.running, 10, "the decision to end")
+        assert await journal.pending() == []
+        stages = {w: (v.group, v.stage_start, v.stage_end) for w in ("w-b", "w-c") if (v := table.get(w)) is not None}
+        assert stages == {"w-b": ("pd.0", 0, 2), "w-c": ("pd.0", 2, 4)}
+        assert table.get("w-a").state == "idle"  # type: ignore[union-attr]
+    finally:
+        if host is not None:
+            await host.stop()
+        workers.stop_all()
+        with contextlib.suppress(Exception):
+            await nc.close()

@@ -4,9 +4,9 @@ break a failure names, what a repair keeps following, and the outcome."""
 from __future__ import annotations
 
 from cascade.cli.statusview import render, to_json
-from cascade.messages import ServiceStatus, TransferEvent
+from cascade.messages import Heartbeat, LayerReady, ServiceStatus, TransferEvent, WorkerSnapshot
 from cascade.natsutil import MeshStatus
-from cascade.workers import WorkerView
+from cascade.workers import WorkerTable, WorkerView
 from services.loader.planner import MeshSnapshot, PlanRequest, plan_transfer, replan
 from services.loader.transfers import TransferSession
 
@@ -134,6 +134,51 @@ def test_a_target_that_gives_up_fails_with_its_reason() -> None:
     assert s.targets["t1"].error == "t1 gave up loading m (now idle: transfer p1-0: no connection within 30s)"
     s.observe("t2", idle("t2"), 2.5)  # never seen loading, and the grace is over
     assert s.targets["t2"].phase == "failed"
+
+
+def heartbeat(wid: str, state: str, model: str | None, units: int = 0) -> Heartbeat:
+    return Heartbeat(wid, state, model, units, N if model else 0, 0, 0, 8, 0.0, units, 1, "h", data_addr=f"h:{wid}")  # type: ignore[arg-type]
+
+
+def test_a_target_whose_first_unit_is_slow_is_still_loading() -> None:
+    """Issue 22: the loader's table, synced with the worker while it was idle, names no model
+    until the first readiness event; the heartbeat names it from the order on. A first unit that
+    takes longer than the grace (a slow disk, a big embedding) is a load, not a give-up."""
+    s = session()
+    table = WorkerTable(heartbeat_s=1.0)
+    table.on_heartbeat(heartbeat("t1", "idle", None), now=0.0)
+    table.on_snapshot(WorkerSnapshot("t1", "idle", None, [], 0, 0))
+    table.on_heartbeat(heartbeat("t1", "loading", M), now=0.5)  # took its order, no unit yet
+    for now in (1.5, 2.5, 5.0):  # well past the 2 s grace
+        table.on_heartbeat(heartbeat("t1", "loading", M), now=now)
+        view = table.get("t1", now)
+        assert view is not None and view.synced and view.model is None
+        s.observe("t1", view, now)
+        assert s.targets["t1"].phase == "pending", s.targets["t1"].error
+    assert s.targets["t1"].seen_loading
+    for unit in range(N):
+        table.on_layer_ready(LayerReady("t1", M, unit, N, unit + 1, 0.0), now=5.5)
+        s.unit_ready("t1", unit, 5.5)
+    table.on_heartbeat(heartbeat("t1", "serving", M, N), now=6.0)
+    s.observe("t1", table.get("t1", 6.0), 6.0)
+    assert s.targets["t1"].phase == "done"
+
+
+def test_a_target_loading_another_model_or_gone_back_idle_gives_up() -> None:
+    s = session()
+    table = WorkerTable(heartbeat_s=1.0)
+    table.on_heartbeat(heartbeat("t1", "idle", None), now=0.0)
+    table.on_snapshot(WorkerSnapshot("t1", "idle", None, [], 0, 0))
+    table.on_heartbeat(heartbeat("t1", "loading", "other"), now=3.0)
+    s.observe("t1", table.get("t1", 3.0), 3.0)
+    assert s.targets["t1"].phase == "failed" and "gave up loading m (now loading" in s.targets["t1"].error
+    table.on_heartbeat(heartbeat("t2", "loading", M), now=1.0)
+    table.on_snapshot(WorkerSnapshot("t2", "loading", None, [], 0, 0))
+    s.observe("t2", table.get("t2", 1.0), 1.0)
+    assert s.targets["t2"].seen_loading
+    table.on_heartbeat(heartbeat("t2", "idle", None), now=1.5)  # dropped it before any unit
+    s.observe("t2", table.get("t2", 1.5), 1.5)
+    assert s.targets["t2"].phase == "failed" and "now idle" in s.targets["t2"].error
 
 
 def test_status_shows_transfers_with_a_progress_bar_and_the_host_cache() -> None:

@@ -228,6 +228,26 @@ def test_stages_of_an_instance_go_to_distinct_devices() -> None:
     assert choose_groups_for_up(snap, 1, 4) == []
 
 
+def test_stages_avoid_the_workers_backed_off_for_the_model() -> None:
+    """Issue 22: a pipelined up honours the decision's avoid list, as a single-worker one does."""
+    snap = MeshSnapshot((idle("a"), idle("b"), idle("c"), idle("d")))
+    assert choose_groups_for_up(snap, 1, 2) == [("a", "b")]
+    assert choose_groups_for_up(snap, 1, 2, avoid={"a"}) == [("b", "c")]
+    assert choose_groups_for_up(snap, 2, 2, avoid={"a", "c"}) == [("b", "d")]
+    assert choose_groups_for_up(snap, 1, 2, reserved={"b"}, avoid={"a", "c"}) == []
+
+
+def test_a_journal_of_stages_reads_back_as_its_instances() -> None:
+    from services.loader.decisions import journaled_groups
+
+    # scale_up_pipelined journals group after group, S workers each, named <decision>.<i>.
+    assert journaled_groups("d", ("a", "b", "c", "e"), 2) == {"d.0": ("a", "b"), "d.1": ("c", "e")}
+    assert journaled_groups("d", ("a", "b", "c"), 2) == {"d.0": ("a", "b"), "d.1": ("c",)}  # a gap: fails whole
+    assert journaled_groups("d", (), 2) == {}
+    with pytest.raises(ValueError):
+        journaled_groups("d", ("a",), 0)
+
+
 def test_a_stage_kv_budget_buys_blocks_of_its_own_layers(tmp_path: Path) -> None:
     from cascade.config import GenerateSpec
     from cascade.models.generate import generate_model

@@ -83,6 +83,20 @@ def test_ack_ok_counts_its_workers_until_heartbeats_catch_up() -> None:
     assert (again.action, again.count) == ("up", 2)
 
 
+def test_an_acked_worker_that_dies_stops_counting_at_once() -> None:
+    """Killed right after its ack (chaos bench's stage fault): its replacement is asked for in
+    the tick that hears of the death, not once the settle window has run out."""
+    core, clock = make()
+    ready(core, clock)
+    (d,) = core.tick(clock.now, {}).decisions
+    core.on_ack(d.decision_id, True, ["w1", "w2"], clock.advance(1.0))
+    assert core.tick(clock.advance(0.2), {"m": frozenset({"w1", "w2"})}).decisions == []
+    core.workers_lost(["w2", "other"])
+    (again,) = core.tick(clock.advance(0.2), {"m": frozenset({"w1"})}).decisions
+    assert (again.action, again.count) == ("up", 1)
+    assert core.current("m", {}, clock.now) == 1, "w1 still counts until its heartbeats catch up"
+
+
 def test_failed_ack_retries_with_exponential_backoff_capped() -> None:
     core, clock = make(settings=Settings(ack_timeout_s=30, warmup_s=0, settle_s=0, retry_base_s=1, retry_max_s=4))
     core.loader_ready()

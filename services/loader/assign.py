@@ -89,15 +89,21 @@ def choose_instances_for_down(
 
 
 def choose_groups_for_up(
-    snapshot: MeshSnapshot, count: int, stages: int, reserved: Collection[str] = ()
+    snapshot: MeshSnapshot,
+    count: int,
+    stages: int,
+    reserved: Collection[str] = (),
+    avoid: Collection[str] = (),
 ) -> list[tuple[str, ...]]:
     """Up to `count` groups of `stages` idle workers, each group's stages on distinct devices
     (two stages of one instance on one shared worker would take turns on the same compute and
     pipeline nothing). Workers are taken least loaded first, then by id, as `choose_for_up`
-    takes them; a group that cannot be completed on distinct devices is not formed."""
+    takes them, and never one in `avoid` (backed off for the model, as for a whole instance); a
+    group that cannot be completed on distinct devices is not formed."""
     if count < 1 or stages < 1:
         raise ValueError("count and stages must be at least 1")
     idle = [w for w in snapshot.workers if w.state == "idle" and w.worker_id not in reserved]
+    idle = [w for w in idle if w.worker_id not in avoid]
     idle.sort(key=lambda w: (w.load, w.worker_id))
     groups: list[tuple[str, ...]] = []
     while len(groups) < count:

@@ -188,11 +188,15 @@ class Decisions:
         """A scale-up a dead loader had ordered: its loads go on without a loader (a chain whose
         sender had its order, a disk read), so follow them; plan again what did not make it."""
         lg.info("decision_taken_over", workers=list(given))
+        model = self.deployment.get(d.model)
+        if model is not None and model.stages > 1:
+            return await self.finish_up_pipelined(d, model, given, lg)
         self.reserved.update(given)
         try:
             ready, failed = await self.wait_serving(d.model, given)
         finally:
             self.reserved.difference_update(given)
+        self._name_failures(d, given, failed)
         missing = len(given) - len(ready)
         if missing <= 0:
             return ready, ""
@@ -224,7 +228,7 @@ class Decisions:
         if model is None:
             return [], f"model {d.model} is not in the loader's deployment"
         if model.stages > 1:
-            return await self.scale_up_pipelined(d, model, lg)
+            return await self.scale_up_pipelined(d, model, lg, already=already)
         chosen = await self.wait_for_idle(d.count, d.avoid)
         if not chosen.workers:
             return [], f"no idle worker for {d.model} (wanted {d.count}; {describe(self.snapshot(self.clock()))})"
@@ -250,11 +254,17 @@ class Decisions:
                 ready, failed_later = await self.transfer(d, model, mode, chosen.workers, sizes, lg)
         finally:
             self.reserved.difference_update(chosen.workers)
-        # Each failure names its worker first: the scaler backs off from those for this model.
-        self.failed_workers[d.decision_id] = {
-            w: why for why in failed + failed_later for w in chosen.workers if why.startswith((f"{w} ", f"{w}:"))
-        }
+        self._name_failures(d, chosen.workers, failed + failed_later)
         return ready, "; ".join(problems + failed + failed_later)
+
+    def _name_failures(self, d: ScaleDecision, workers: Sequence[str], failures: Sequence[str]) -> None:
+        """Each failure names its worker first: those go into the ack, and the scaler backs off
+        from them for this model (added to what the decision already named)."""
+        named = self.failed_workers.setdefault(d.decision_id, {})
+        for why in failures:
+            for w in workers:
+                if why.startswith((f"{w} ", f"{w}:")):
+                    named[w] = why
 
     # ---- planned transfers ---------------------------------------------------------------------
     async def unit_sizes(self, model: ModelDeployment) -> tuple[int, ...] | str:
@@ -533,12 +543,12 @@ class Decisions:
                 return chosen
             await self.changes.wait(deadline, self.clock)
 
-    async def wait_for_groups(self, count: int, stages: int) -> list[tuple[str, ...]]:
-        """`count` groups of `stages` idle workers on distinct devices, or as many as can be formed
-        by the idle-wait deadline."""
+    async def wait_for_groups(self, count: int, stages: int, avoid: Sequence[str] = ()) -> list[tuple[str, ...]]:
+        """`count` groups of `stages` idle workers on distinct devices, none in `avoid`, or as many
+        as can be formed by the idle-wait deadline."""
         deadline = self.clock() + self.settings.idle_wait_s
         while True:
-            groups = choose_groups_for_up(self.snapshot(self.clock()), count, stages, self.reserved)
+            groups = choose_groups_for_up(self.snapshot(self.clock()), count, stages, self.reserved, avoid)
             if len(groups) == count or self.clock() >= deadline:
                 return groups
             await self.changes.wait(deadline, self.clock)
@@ -590,7 +600,7 @@ class Decisions:
                     failed.append(f"{w} stopped heart-beating while loading {model}")
                 elif v.serves_stage(model) if stage else v.serves_fully(model):
                     ready.append(w)
-                elif v.model == model and v.state in ("loading", "serving"):
+                elif v.takes(model):
                     seen_loading.add(w)
                     continue
                 elif w in seen_loading or now - start >= grace:
@@ -648,33 +658,49 @@ class Decisions:
         return done, "; ".join(problems)
 
     # ---- pipeline-parallel instances (docs/pipelined-and-shared.md) -----------------------------
-    async def scale_up_pipelined(self, d: ScaleDecision, model: ModelDeployment, lg: Any) -> tuple[list[str], str]:
+    async def scale_up_pipelined(
+        self,
+        d: ScaleDecision,
+        model: ModelDeployment,
+        lg: Any,
+        already: Sequence[str] = (),
+        first: int = 0,
+    ) -> tuple[list[str], str]:
         """`d.count` instances of `model.stages` stages each: S idle workers per instance, each
         loading its stage's layers from the checkpoint (a stage is not a whole model, so no live
         holder can multicast it: every stage reads its own units). An instance counts only once
         every stage serves; one whose stage failed is unloaded whole. The ack lists instance
-        (group) ids, the ids the scaler counts replicas by."""
+        (group) ids, the ids the scaler counts replicas by.
+
+        As a single-worker scale-up: no worker the decision avoids (backed off for the model) is
+        chosen, the chosen ones are journaled before any order goes out (group after group, S
+        each: `journaled_groups` reads them back after a takeover), and the stages that fail are
+        named in the ack. `already`: workers journaled before (a takeover's), `first`: the index
+        of the first new group (a takeover's groups keep theirs)."""
         S = model.stages
         try:
             layers = (await asyncio.to_thread(read_config, Path(model.path))).num_hidden_layers
             ranges = stage_ranges(layers, S, model.stage_layers)
         except (OSError, ValueError) as e:
             return [], f"cannot split {d.model} into {S} stages: {e}"
-        chosen = await self.wait_for_groups(d.count, S)
+        chosen = await self.wait_for_groups(d.count, S, d.avoid)
         if not chosen:
+            avoided = f"; {len(d.avoid)} backed off for it" if d.avoid else ""
             return [], (
                 f"{d.model} needs {S} idle workers on distinct devices per instance "
-                f"({describe(self.snapshot(self.clock()))})"
+                f"({describe(self.snapshot(self.clock()))}{avoided})"
             )
         problems = []
         if len(chosen) < d.count:
             problems.append(f"idle workers on distinct devices for {len(chosen)} of {d.count} instances of {S} stages")
         plan: dict[str, list[tuple[str, int, int]]] = {}
-        for i, ws in enumerate(chosen):
+        for i, ws in enumerate(chosen, start=first):
             plan[f"{d.decision_id}.{i}"] = [(w, a, b) for w, (a, b) in zip(ws, ranges, strict=True)]
         workers = [w for stages in plan.values() for w, _, _ in stages]
         self.reserved.update(workers)
         try:
+            if self.journal is not None:
+                await self.journal.ordered(d, (*already, *workers))
             for gid, stages in plan.items():
                 await self._placed(d, gid, stages, "loading")
             lg.info("loading_pipelined", groups={g: [list(x) for x in st] for g, st in plan.items()}, layers=layers)
@@ -708,19 +734,76 @@ class Decisions:
                     problems.append(f"{w} did not start its stage: {_why(r, timeout)}")
             ready, failed = await self.wait_serving(d.model, started, stage=True)
             problems += failed
-            done = []
-            for gid, stages in plan.items():
-                members = [w for w, _, _ in stages]
-                if all(w in ready for w in members):
-                    done.append(gid)
-                    await self._placed(d, gid, stages, "serving")
-                else:
-                    # A pipeline with a gap serves nobody: give its other stages back to the pool.
-                    await self._unload(d, [w for w in members if w in started], problems)
-                    await self._placed(d, gid, stages, "failed", "; ".join(problems))
+            self._name_failures(d, workers, problems)
+            done = await self._settle_groups(d, plan, ready, started, problems)
         finally:
             self.reserved.difference_update(workers)
         return done, "; ".join(problems)
+
+    async def finish_up_pipelined(
+        self, d: ScaleDecision, model: ModelDeployment, given: Sequence[str], lg: Any
+    ) -> tuple[list[str], str]:
+        """A pipelined scale-up a dead loader had ordered: its stages load on without a loader,
+        so follow them; an instance with a stage that failed is unloaded whole, and planned again
+        on other idle workers."""
+        groups = journaled_groups(d.decision_id, given, model.stages)
+        self.reserved.update(given)
+        try:
+            ready, failed = await self.wait_serving(d.model, given, stage=True)
+            self._name_failures(d, given, failed)
+            now = self.clock()
+            plan = {
+                gid: [
+                    (w, v.stage_start, v.stage_end) if (v := self.table.get(w, now)) is not None else (w, 0, 0)
+                    for w in members
+                ]
+                for gid, members in groups.items()
+            }
+            holding = [w for w in given if (v := self.table.get(w, now)) is not None and v.takes(d.model)]
+            problems = list(failed)
+            done = await self._settle_groups(d, plan, ready, holding, problems)
+        finally:
+            self.reserved.difference_update(given)
+        missing = d.count - len(done)
+        if missing <= 0:
+            return done, "; ".join(problems)
+        if any(len(members) != model.stages for members in groups.values()):
+            # The journal's groups no longer line up with the deployment's stages: new groups
+            # appended to it would be read back under the wrong ids. The scaler decides again.
+            problems.append(f"{d.model} has {model.stages} stages now, its journal {len(given)} workers")
+            return done, "; ".join(problems)
+        lg.warning("decision_replanned", ready=done, failed=failed)
+        # The stages that just failed are not chosen again for the re-plan (the scaler would back
+        # off from them anyway once the ack names them).
+        avoid = sorted({*d.avoid, *self.failed_workers.get(d.decision_id, {})})
+        # Every journaled worker stays in the journal, in its place: a loader taking over again
+        # reads the groups back by position (`journaled_groups`), the new ones after them.
+        more, error = await self.scale_up_pipelined(
+            dataclasses.replace(d, count=missing, avoid=avoid), model, lg, already=given, first=len(groups)
+        )
+        return done + more, "; ".join(p for p in (*problems, error) if p)
+
+    async def _settle_groups(
+        self,
+        d: ScaleDecision,
+        plan: dict[str, list[tuple[str, int, int]]],
+        ready: Sequence[str],
+        started: Sequence[str],
+        problems: list[str],
+    ) -> list[str]:
+        """The instances whose every stage serves (announced serving); the others are unloaded
+        whole (a pipeline with a gap serves nobody) and announced failed."""
+        done = []
+        for gid, stages in plan.items():
+            members = [w for w, _, _ in stages]
+            if all(w in ready for w in members):
+                done.append(gid)
+                await self._placed(d, gid, stages, "serving")
+            else:
+                # Give its other stages back to the pool.
+                await self._unload(d, [w for w in members if w in started], problems)
+                await self._placed(d, gid, stages, "failed", "; ".join(problems))
+        return done
 
     async def scale_down_pipelined(self, d: ScaleDecision, lg: Any) -> tuple[list[str], str]:
         """Remove `d.count` instances of a pipelined model, every stage of each; acks instance ids."""
@@ -773,6 +856,15 @@ class Decisions:
                 failed.add(w)
                 problems.append(f"{w} did not unload: {_why(r, timeout)}")
         return failed
+
+
+def journaled_groups(decision_id: str, workers: Sequence[str], stages: int) -> dict[str, tuple[str, ...]]:
+    """A pipelined decision's instances as its journal lists them: `stages` workers per instance,
+    group after group, the i-th named `<decision id>.<i>` (what `scale_up_pipelined` writes). A
+    short tail (the deployment's stages changed meanwhile) is an instance of its own, with a gap."""
+    if stages < 1:
+        raise ValueError("stages must be at least 1")
+    return {f"{decision_id}.{i}": tuple(workers[k : k + stages]) for i, k in enumerate(range(0, len(workers), stages))}
 
 
 def _why(r: object, timeout: float) -> str:

@@ -141,7 +141,7 @@ class TransferSession:
         ):
             t.phase, t.done_at, t.units = "done", now, self.num_units
             t.nbytes = sum(self.unit_nbytes)
-        elif view.model == self.model and view.state in ("loading", "serving"):
+        elif view.takes(self.model):
             t.seen_loading = True
         elif t.seen_loading or now - self.started >= self.grace_s:
             why = self.reasons.get(worker)

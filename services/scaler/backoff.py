@@ -4,10 +4,10 @@ A worker that failed to load a model (it cannot read the checkpoint, its transfe
 out of memory...) would fail the same way if chosen again at once: the loader's ack names it and
 why (`ScaleAck.failed`), and it is avoided for that model for a while, 5 s doubling up to 300 s
 by default. Decisions for the model name the workers to avoid (`ScaleDecision.avoid`), so the
-loader picks another idle worker; when every idle worker is avoided the model's next decision
-waits for the first of them to come out of its back-off (`hold_until`), instead of being
-re-issued every tick. A success for the pair clears it. The state is small (one entry per
-failing pair) and what `cascade status` shows.
+loader picks another idle worker (for a pipelined model: S others, one per stage); when too few
+idle workers are free the model's next decision waits until enough come out of their back-off
+(`hold_until`), instead of being re-issued every tick. A success for the pair clears it. The
+state is small (one entry per failing pair) and what `cascade status` shows.
 """
 
 from __future__ import annotations
@@ -68,18 +68,24 @@ class Backoff:
         """Workers in back-off for `model` now."""
         return frozenset(w for (m, w), e in self.entries.items() if m == model and e.until > now)
 
-    def hold_until(self, model: str, idle: Collection[str], now: float) -> float | None:
-        """When every idle worker is in back-off for `model`: the end of the first back-off (the
-        model's next up waits until then). None when some idle worker is free to try, or none is idle."""
+    def hold_until(self, model: str, idle: Collection[str], now: float, need: int = 1) -> float | None:
+        """When too few idle workers are free to try `model` (out of back-off) for one instance of
+        it (`need`: its stages, one worker each): when enough of them come out of their back-off
+        (the model's next up waits until then). None when enough are free, or when the idle pool
+        is too small anyway (then the wait is for workers, not for back-offs)."""
         if not idle:
             return None
+        free = 0
         ends = []
         for w in idle:
             e = self.entries.get((model, w))
             if e is None or e.until <= now:
-                return None
-            ends.append(e.until)
-        return min(ends)
+                free += 1
+            else:
+                ends.append(e.until)
+        if free >= need or free + len(ends) < need:
+            return None
+        return sorted(ends)[need - free - 1]
 
     def status(self, now: float) -> list[dict[str, Any]]:
         """Every pair in back-off or that failed lately, newest failure first."""

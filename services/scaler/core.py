@@ -45,6 +45,7 @@ from cascade.messages import (
     ScaleDecision,
     ScaleRequest,
 )
+from cascade.scalefailures import reason_kind
 from services.scaler.backoff import Backoff
 from services.scaler.controls import Controls, UnknownModel
 from services.scaler.policies import KnobError
@@ -236,6 +237,8 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
                     "warning",
                 )
             )  # fmt: skip
+    # After the acks: one that came just before its worker died counts it no longer.
+    book.workers_lost(inputs.workers_lost)
     for m in inputs.metrics:
         controls.fold(m)
         if isinstance(m, InstanceMetrics):
@@ -253,9 +256,11 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
         effects += more
     effects += _coscale(state, mesh, now)
     for model in sorted(controls.models):
-        # Every idle worker failed this model lately: its next up waits for the first back-off to
-        # end, rather than going out (and failing) again every tick.
-        until = state.backoff.hold_until(model, mesh.idle, now.mono)
+        # Too few idle workers are free of a back-off for this model (one per stage of an
+        # instance): its next up waits until enough are, rather than going out (and failing)
+        # again every tick.
+        b = book.bounds.get(model)
+        until = state.backoff.hold_until(model, mesh.idle, now.mono, need=b.stages if b is not None else 1)
         if until is not None and book.targets.get(model, 0) > book.current(model, mesh.instances, now.mono):
             book.hold(model, until)
     result = book.tick(now.mono, mesh.instances, Pool(mesh.idle, needs), wall=now.wall)
@@ -396,8 +401,17 @@ def _slo_ratio(knobs: Any, s: LoadSignals) -> float:
     return out
 
 
+def lost_only(ack: ScaleAck) -> bool:
+    """A failed ack whose every failure is a worker that died mid-way (its process killed, its
+    heartbeats stopped): nothing the model did. The dead workers are out of the idle pool, and
+    each is backed off for the model should it come back (`Backoff`), so the lost capacity is
+    asked for again at once: a model-wide retry delay would only add to the recovery."""
+    parts = [p for p in ack.error.split("; ") if p]
+    return not ack.ok and bool(ack.failed) and bool(parts) and all(reason_kind(p) == "worker_lost" for p in parts)
+
+
 def _ack(book: ReplicaBook, ack: ScaleAck, now: Now) -> list[Effect]:
-    d = book.on_ack(ack.decision_id, ack.ok, ack.workers, now.mono)
+    d = book.on_ack(ack.decision_id, ack.ok, ack.workers, now.mono, back_off=not lost_only(ack))
     if d is None:
         return []  # another scaler's decision, or one from before a restart
     fields: dict[str, Any] = {"decision_id": ack.decision_id, "model": ack.model, "action": d.action}

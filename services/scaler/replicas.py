@@ -24,7 +24,8 @@ the workers loading or serving it, from heartbeats. Rules, each tested tick by t
   for as long as it wants it, so a target it no longer wants (the request that woke a model
   at zero timed out meanwhile) must not outlive it. An operator's target (`cascade scale`) is
   carried out once before the policy takes over again;
-- an ack's workers count as added (or removed) for `settle_s`, until heartbeats catch up, so a
+- an ack's workers count as added (or removed) for `settle_s`, until heartbeats catch up (an added
+  one that dies meanwhile stops counting at once, `workers_lost`), so a
   tick right after an ack does not see the old count and decide again;
 - a failed or timed-out decision is retried on a later tick, after an exponential back-off (a
   policy re-asserting its target does not cut the back-off short; an operator's target does);
@@ -258,8 +259,12 @@ class ReplicaBook:
             return False
         return True
 
-    def on_ack(self, decision_id: str, ok: bool, workers: Collection[str], now: float) -> ScaleDecision | None:
-        """Record an ack; returns the decision it answers (None for an id this scaler never sent)."""
+    def on_ack(
+        self, decision_id: str, ok: bool, workers: Collection[str], now: float, back_off: bool = True
+    ) -> ScaleDecision | None:
+        """Record an ack; returns the decision it answers (None for an id this scaler never sent).
+        `back_off` false: a failure that says nothing about the model (only workers that died
+        mid-way), retried at the next tick rather than after the model's retry delay."""
         entry = next((f for f in self.in_flight.values() if f.decision.decision_id == decision_id), None)
         if entry is not None:
             decision = entry.decision
@@ -282,8 +287,24 @@ class ReplicaBook:
             self._not_before.pop(decision.model, None)
         else:
             self.counters["acks_failed"] += 1
-            self._back_off(decision.model, now)
+            if back_off:
+                self._back_off(decision.model, now)
         return decision
+
+    def workers_lost(self, workers: Collection[str]) -> None:
+        """Workers whose process died: an ack's count for them ends now. An instance acked up and
+        killed within `settle_s` is gone, not late in the heartbeats; counted on, it would hold
+        its replacement back until the settle ran out."""
+        gone = frozenset(workers)
+        if not gone:
+            return
+        for model, entries in list(self._settle.items()):
+            kept = [_Settle(e.action, e.workers - gone, e.until) if e.action == "up" else e for e in entries]
+            kept = [e for e in kept if e.workers]
+            if kept:
+                self._settle[model] = kept
+            else:
+                del self._settle[model]
 
     # ---- the tick ----------------------------------------------------------
     def current(self, model: str, instances: Mapping[str, Collection[str]], now: float) -> int:
