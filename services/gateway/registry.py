@@ -79,6 +79,7 @@ class Registry:
                     group=v.group,
                     stage_start=v.stage_start,
                     stage_end=v.stage_end,
+                    ready_units=v.ready_units if v.synced else None,
                 )
             )
         return out
