@@ -280,3 +280,10 @@ def test_ordered_changes_nothing_when_a_worker_holds_the_model() -> None:
     # One target alone: nothing to spread.
     one = plan_transfer(snap(*TARGETS, cached=True), req(("t1",), ordered=True), "p1", fixed_tokens())
     assert one.chains[0].units == tuple(range(N_UNITS))
+
+
+def test_ordered_plan_sends_a_diskless_target_unit_0_first() -> None:
+    # Unit 0 carries the model files a worker without the model store builds the model from.
+    net = WorkerView("t2", "idle", None, 0, 0, data_addr="h:t2", model_source="network")
+    p = plan_transfer(snap(idle("t1"), net, idle("t3"), cached=True), req(T3, ordered=True), "p1", fixed_tokens())
+    assert [c.units for c in p.chains] == [(0, 1, 2, 3, 4, 5), (0, 2, 3, 4, 5, 1), (4, 5, 0, 1, 2, 3)]

@@ -270,6 +270,12 @@ def _plan(
     if req.ordered and len(hops) > 1 and sources[0].kind == "host-cache":
         # From zero: one stream per target, each starting with its own block (module docstring).
         order = _orders(req, units, len(hops))
+        for i, h in enumerate(hops):
+            w = snapshot.worker(h.worker_id)
+            if w is not None and w.model_source == "network" and 0 in order[i]:
+                # A worker that reads no model store builds the model from the files unit 0
+                # carries: that unit comes first, then its own block.
+                order[i] = (0, *(u for u in order[i] if u != 0))
         chains = tuple(
             Chain(_transfer_id(plan_id, i), token_factory(), sources[0], (h,), order[i]) for i, h in enumerate(hops)
         )
