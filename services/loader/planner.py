@@ -161,17 +161,30 @@ def _split(items: Sequence[str], parts: int) -> list[tuple[str, ...]]:
     return out
 
 
-def ordered_units(units: Sequence[int], index: int, parts: int) -> tuple[int, ...]:
+def ordered_units(units: Sequence[int], index: int, parts: int, nbytes: Sequence[int] | None = None) -> tuple[int, ...]:
     """`units` (front to back) for target `index` of `parts` in an ordered plan: its own block of
-    the range first (the blocks are contiguous, sizes differing by one at most), then the blocks
-    after it, then those before it. The block after its own extends the contiguous range it
-    holds, so the pipelines the gateway builds over the targets get shorter as loads go on."""
-    if parts <= 1 or len(units) < 2:
+    the range first, then the blocks after it, then those before it. The block after its own
+    extends the contiguous range it holds, so the pipelines the gateway builds over the targets
+    get shorter as loads go on.
+
+    The blocks are contiguous and hold about the same bytes when `nbytes` (each unit's size, same
+    order as `units`) is given, else about the same number of units: the layers are covered once
+    the largest block is in, and the embedding and LM head units are rarely a layer's size."""
+    n = len(units)
+    if parts <= 1 or n < 2:
         return tuple(units)
-    parts = min(parts, len(units))
-    q, r = divmod(len(units), parts)
-    starts = [p * q + min(p, r) for p in range(parts + 1)]
-    blocks = [tuple(units[starts[p] : starts[p + 1]]) for p in range(parts)]
+    parts = min(parts, n)
+    sizes = list(nbytes) if nbytes is not None and len(nbytes) == n and sum(nbytes) > 0 else [1] * n
+    cum = [0]
+    for x in sizes:
+        cum.append(cum[-1] + x)
+    bounds = [0]
+    for p in range(1, parts):
+        target = cum[n] * p / parts
+        lo, hi = bounds[-1] + 1, n - (parts - p)  # every block keeps a unit at least
+        bounds.append(min(range(lo, hi + 1), key=lambda j: (abs(cum[j] - target), j)))
+    bounds.append(n)
+    blocks = [tuple(units[bounds[p] : bounds[p + 1]]) for p in range(parts)]
     i = index % parts
     return tuple(u for b in blocks[i:] + blocks[:i] for u in b)
 
@@ -302,7 +315,8 @@ def _orders(req: PlanRequest, units: tuple[int, ...], n: int) -> list[tuple[int,
     """Each target's unit order: front to back, or in an ordered plan its own block first."""
     if not req.ordered:
         return [units] * n
-    return [ordered_units(units, i, n) for i in range(n)]
+    sizes = [req.unit_nbytes[u] for u in units]
+    return [ordered_units(units, i, n, sizes) for i in range(n)]
 
 
 def replan(
