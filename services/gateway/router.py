@@ -378,7 +378,23 @@ def zero_route(
         pos = end
     if len(stages) < 2:
         return None  # one instance holds it all: it serves whole within a heartbeat
-    return Route(stages[0].worker_id, tuple(stages))
+    head = next(v for v in cands if v.worker_id == stages[0].worker_id)
+    return Route(head.worker_id, tuple(stages), room=head_room(head, stages[0].end))
+
+
+def head_room(view: InstanceView, k: int) -> Room:
+    """What one batch of routes driven by `view` through its first k layers may hold: as many as
+    `head_has_room` would let through one by one (one at least: the router chose it), so a
+    burst's batch does not put every held request on one loading head at once."""
+    since = max(view.inflight - view.inflight_at_heartbeat, 0) + view.waiting
+    per_route = route_load(view, k)
+    left = max(view.max_batch, 1) - route_load(view, view.driven_layers + k * since)
+    return Room(
+        requests=max(1, ceil(left / per_route) if per_route > 0 else 1),
+        prompts=view.unstarted_prompts,
+        tokens=view.unstarted_tokens,
+        prefill_budget=view.prefill_budget,
+    )
 
 
 # ---- pipeline-parallel instances (docs/pipelined-and-shared.md) ----------------------------------
