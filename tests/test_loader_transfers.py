@@ -138,6 +138,17 @@ def test_a_target_that_gives_up_fails_with_its_reason() -> None:
     assert s.targets["t2"].phase == "failed"
 
 
+def test_a_target_loading_before_its_first_unit_is_not_given_up() -> None:
+    # Its heartbeat says loading m, its readiness names no model yet (synced while idle, no unit
+    # in): the first unit of an ordered plan (a layer, mid-model) can take longer than the grace.
+    s = session()
+    before_first_unit = WorkerView("t1", "loading", None, 0, 0, synced=True, consistent=False)
+    s.observe("t1", before_first_unit, 5.0)
+    assert s.targets["t1"].phase == "pending" and s.targets["t1"].seen_loading
+    s.observe("t1", WorkerView("t1", "idle", None, 0, 0, synced=True), 5.5)  # and then gave up
+    assert s.targets["t1"].phase == "failed"
+
+
 def test_status_shows_transfers_with_a_progress_bar_and_the_host_cache() -> None:
     s = session()
     for u in range(2):

@@ -147,7 +147,11 @@ class TransferSession:
         ):
             t.phase, t.done_at, t.units = "done", now, self.num_units
             t.nbytes = sum(self.unit_nbytes)
-        elif view.model == self.model and view.state in ("loading", "serving"):
+        elif view.state in ("loading", "serving") and (view.model == self.model or not view.consistent):
+            # Not consistent: its heartbeat names a model its readiness does not yet (no unit of it
+            # in so far). A first unit can take longer than the grace: an ordered plan starts a
+            # target in the middle of the model, with a layer where a front-to-back one has the
+            # smaller embedding.
             t.seen_loading = True
         elif t.seen_loading or now - self.started >= self.grace_s:
             why = self.reasons.get(worker)
