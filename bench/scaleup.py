@@ -86,6 +86,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8, help="decoder layers of the real (small) model")
     p.add_argument("--seed", type=int, default=7, help="arrival process seed")
     p.add_argument("--quick", action="store_true", help="one short configuration, to check the benchmark runs")
+    p.add_argument("--from-zero", action="store_true", help="scale up from zero instead (bench/scaleup_zero.py)")
     p.add_argument("--no-write", action="store_true")
     add_raw_option(p, "scaleup", "every request's timeline")
     a = p.parse_args(argv)
@@ -425,6 +426,11 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--from-zero" in (sys.argv[1:] if argv is None else argv):
+        # Scale-up from zero (execute-while-load across loading instances): its own benchmark.
+        from bench.scaleup_zero import main as from_zero
+
+        return from_zero(argv)
     a = parse(argv)
     targets = [int(x) for x in a.targets.split(",")]
     modes = [m for m in a.modes.split(",") if m]

@@ -33,3 +33,19 @@ def test_dtypes_counts_the_equal_prefix_and_refuses_bad_options(capsys: pytest.C
     assert main(["--model", "/nonexistent", "--batches", "1,x", "--no-write"]) == 2
     assert "--batches must be integers" in capsys.readouterr().err
     assert main(["--model", "/nonexistent", "--rounds", "0", "--no-write"]) == 2
+
+
+def test_scaleup_from_zero_times_coverage_and_full_loads() -> None:
+    from bench.scaleup_zero import ZeroLog, coverage, parse
+
+    log = ZeroLog(t0=1.0, num_units=4)
+    # Two instances, ordered: a takes 0, 1 then 2, 3; b takes 2, 3 then 0, 1.
+    log.ready = [(0.5, "a", 0), (0.6, "b", 2), (1.0, "a", 1), (1.1, "b", 3), (1.5, "a", 2), (1.6, "b", 0),
+                 (2.0, "a", 3), (2.1, "b", 1)]  # fmt: skip
+    assert coverage(log) == (1.1, 2.0, 2.1)  # every unit somewhere at 1.1; a whole at 2.0, b at 2.1
+    log.ready = log.ready[:6]
+    covered, first_full, last_full = coverage(log)
+    assert covered == 1.1 and first_full != first_full and last_full != last_full  # nobody whole: nan
+    assert parse(["--from-zero"]).replicas == 3
+    with pytest.raises(SystemExit):
+        parse(["--replicas", "1"])

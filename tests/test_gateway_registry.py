@@ -74,3 +74,15 @@ def test_views_carry_the_ready_prefix_and_stage_link() -> None:
         reg.table.on_layer_ready(ready(seq, unit), now=0.1)
     v = view(reg)
     assert (v.units_ready, v.prefix_units, v.stage_addr) == (3, 2, "h:9")
+
+
+def test_views_carry_the_ready_unit_set_once_readiness_is_known() -> None:
+    # An ordered load from zero fills units out of order: routes from zero need the set.
+    reg = Registry(heartbeat_s=1.0)
+    reg.on_heartbeat(hb(state="loading", units=2), now=0.0)
+    assert view(reg).ready_units is None  # the heartbeat's count alone: only a prefix is implied
+    reg.table.on_snapshot(snap(2, [2, 3]))
+    v = view(reg)
+    assert v.ready_units == frozenset({2, 3}) and v.prefix_units == 0
+    reg.table.on_layer_ready(ready(3, 0), now=0.1)
+    assert view(reg).ready_units == frozenset({0, 2, 3}) and view(reg).prefix_units == 1

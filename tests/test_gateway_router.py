@@ -254,3 +254,59 @@ def test_a_worker_full_of_kv_is_loaded_whatever_its_free_slots() -> None:
     assert choose_instance([a, b], "m") == "b"
     assert estimated_load(a) == pytest.approx(0.97 * 8) and estimated_load(b) == 2
     assert choose_instance([replace(a, kv_cache_usage=0.0), b], "m") == "a"  # ties by id without KV
+
+
+# ---- from zero: pipelines across loading instances ------------------------------------------------
+
+
+def held(wid: str, units: set[int], num_units: int = 10, **kw: object) -> InstanceView:
+    """A loading instance of "m" (8 layers) holding exactly `units` (readiness known)."""
+    return replace(
+        inst(wid, state="loading", units=len(units), num_units=num_units, **kw),  # type: ignore[arg-type]
+        stage_addr=f"h:{wid}",
+        prefix_units=next(n for n in range(num_units + 1) if n not in units),
+        ready_units=frozenset(units),
+    )
+
+
+def test_from_zero_the_loading_instances_own_blocks_make_one_pipeline() -> None:
+    # An ordered load at about a third: each instance holds its own block (planner.ordered_units).
+    views = [held("a", {0, 1, 2, 3}), held("b", {4, 5, 6}), held("c", {7, 8, 9})]
+    r = choose_route(views, "m")
+    assert r == Route("a", (RouteStage("a", 0, 3, "h:a"), RouteStage("b", 3, 6, "h:b"), RouteStage("c", 6, 8, "h:c")))
+    # Later, "b" also holds c's block (its next one): two stages, the longer run wins.
+    views[1] = held("b", {4, 5, 6, 7, 8, 9})
+    r = choose_route(views, "m")
+    assert r is not None and [(s.worker_id, s.start, s.end) for s in r.stages] == [("a", 0, 3), ("b", 3, 8)]
+    # Stop-the-world scaling never routes through a loading instance.
+    assert choose_route(views, "m", live=False) is None
+
+
+def test_from_zero_needs_every_layer_in_order() -> None:
+    # Layer 6 (unit 7) nowhere: no route, the request waits.
+    assert choose_route([held("a", {0, 1, 2, 3}), held("b", {4, 5, 6}), held("c", {8, 9})], "m") is None
+    # No embedding anywhere.
+    assert choose_route([held("a", {1, 2, 3}), held("b", {4, 5, 6, 7, 8, 9})], "m") is None
+    # Every layer but no LM head: nobody can end the route.
+    assert choose_route([held("a", {0, 1, 2, 3, 4}), held("b", {5, 6, 7, 8})], "m") is None
+    # The head must have room for the route it drives (routes weighed by the layers they run there).
+    busy = replace(held("a", {0, 1, 2, 3}), driven_layers=2 * 8 * 8, driven=8, running=8)
+    assert choose_route([busy, held("b", {4, 5, 6, 7, 8, 9})], "m") is None
+    # Readiness not known yet (the heartbeat's count only), avoided, or no stage link: not used.
+    unsynced = replace(held("b", {4, 5, 6, 7, 8, 9}), ready_units=None)
+    assert choose_route([held("a", {0, 1, 2, 3}), unsynced], "m") is None
+    two = [held("a", {0, 1, 2, 3}), held("b", {4, 5, 6, 7, 8, 9})]
+    assert choose_route(two, "m", avoid=frozenset({"b"})) is None
+    assert choose_route([two[0], replace(two[1], stage_addr=None)], "m") is None
+
+
+def test_from_zero_the_lm_head_holder_runs_the_last_layer() -> None:
+    # "a" holds every layer but not the LM head; "c" holds layer 7 and the head.
+    views = [held("a", {0, 1, 2, 3, 4, 5, 6, 7, 8}), held("c", {8, 9})]
+    r = choose_route(views, "m")
+    assert r is not None and [(s.worker_id, s.start, s.end) for s in r.stages] == [("a", 0, 7), ("c", 7, 8)]
+
+
+def test_from_zero_gives_way_to_a_full_instance() -> None:
+    views = [held("a", {0, 1, 2, 3}), held("b", {4, 5, 6, 7, 8, 9}), inst("f", units=10, num_units=10)]
+    assert choose_route(views, "m") == Route("f", room=None)

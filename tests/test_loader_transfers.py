@@ -43,10 +43,12 @@ def test_progress_in_order_then_done() -> None:
     s = session()
     s.unit_ready("t1", 0, 0.5)
     s.unit_ready("t1", 0, 0.6)  # a repeat is not progress
-    s.unit_ready("t1", 2, 0.7)  # nor a jump
-    s.unit_ready("t1", 1, 0.8)
     t1 = s.targets["t1"]
-    assert (t1.phase, t1.units, t1.nbytes, t1.first_unit_at) == ("loading", 2, 30, 0.5)
+    assert (t1.phase, t1.units, t1.nbytes, t1.first_unit_at) == ("loading", 1, SIZES[0], 0.5)
+    s.unit_ready("t1", 2, 0.7)  # a jump (an ordered plan's next block) is held, not counted front to back
+    assert (t1.units, t1.nbytes) == (1, SIZES[0] + SIZES[2])
+    s.unit_ready("t1", 1, 0.8)  # the hole filled: front to back through unit 2
+    assert (t1.units, t1.nbytes) == (3, SIZES[0] + SIZES[1] + SIZES[2])
     s.observe("t1", WorkerView("t1", "serving", M, N, N), 1.0)
     assert s.targets["t1"].phase == "done" and s.ready() == ["t1"]
     assert s.pending() == ["t2", "t3"]

@@ -11,6 +11,7 @@ from services.loader.planner import (
     PlanError,
     PlanRequest,
     first_break,
+    ordered_units,
     plan_orders,
     plan_transfer,
     replan,
@@ -225,3 +226,72 @@ def test_a_diskless_target_is_never_told_to_read_the_disk() -> None:
         plan_transfer(snap(t), req(("t1",)), "p1", fixed_tokens())
     # With the host cache holding the model it is planned from there.
     assert plan_transfer(snap(t, cached=True), req(("t1",)), "p1", fixed_tokens()).chains[0].source.kind == "host-cache"
+
+
+# ---- ordered plans: execute-while-load from zero --------------------------------------------------
+
+
+def test_ordered_units_start_each_target_at_its_own_block() -> None:
+    units = tuple(range(10))  # embedding, 8 layers, head
+    orders = [ordered_units(units, i, 3) for i in range(3)]
+    assert orders[0] == units  # the first block holds the embedding: front to back
+    assert orders[1] == (3, 4, 5, 6, 7, 8, 9, 0, 1, 2)
+    assert orders[2] == (7, 8, 9, 0, 1, 2, 3, 4, 5, 6)
+    # The first blocks are disjoint, contiguous and together the whole range.
+    firsts = [o[: len(b)] for o, b in zip(orders, ((0, 1, 2), (3, 4, 5, 6), (7, 8, 9)), strict=True)]
+    assert sorted(u for f in firsts for u in f) == list(units)
+    for o in orders:
+        assert sorted(o) == list(units)
+    assert ordered_units(units, 0, 1) == units
+    # By bytes: a small embedding, layers of 3 each, a larger head (30 bytes: blocks of 10, 9, 11).
+    sizes = (1, 3, 3, 3, 3, 3, 3, 3, 3, 5)
+    assert [ordered_units(units, i, 3, sizes)[:4] for i in range(3)] == [
+        (0, 1, 2, 3),
+        (4, 5, 6, 7),
+        (7, 8, 9, 0),
+    ]
+    assert ordered_units((4, 5), 1, 5) == (5, 4)  # more targets than units: one unit each, wrapping
+
+
+def test_ordered_plan_from_the_host_cache_gives_each_target_its_own_stream_and_block() -> None:
+    s = snap(*TARGETS, cached=True)
+    p = plan_transfer(s, req(T3, ordered=True), "p1", fixed_tokens())
+    assert [(c.source.kind, tuple(h.worker_id for h in c.targets)) for c in p.chains] == [
+        ("host-cache", ("t1",)),
+        ("host-cache", ("t2",)),
+        ("host-cache", ("t3",)),
+    ]
+    # Blocks of about a third of the bytes each (unit u has 100 (u + 1) bytes): 600, 900, 600.
+    assert [c.units[:3] for c in p.chains] == [(0, 1, 2), (3, 4, 5), (5, 0, 1)]
+    assert "ordered" in p.note
+    # The orders carry that order, with each unit's size beside it.
+    orders = plan_orders(p)
+    t2 = orders["t2"][0]
+    assert t2.units == [3, 4, 5, 0, 1, 2] and t2.unit_nbytes == [SIZES[u] for u in t2.units]
+    assert [o.units[0] for o in orders["host-cache"]] == [0, 3, 5]
+    # Unordered (stop-the-world), the same request stays one chain front to back.
+    plain = plan_transfer(s, req(T3), "p1", fixed_tokens())
+    assert len(plain.chains) == 1 and plain.chains[0].units == tuple(range(N_UNITS))
+
+
+def test_ordered_plan_from_disk_orders_each_read() -> None:
+    p = plan_transfer(snap(*TARGETS), req(T3, "disk", ordered=True), "p1", fixed_tokens())
+    assert [c.units[0] for c in p.chains] == [0, 3, 5]
+    assert all(c.source.kind == "disk" for c in p.chains)
+
+
+def test_ordered_changes_nothing_when_a_worker_holds_the_model() -> None:
+    # A holder serves already: the gateway has a full instance, the usual chain is best.
+    p = plan_transfer(snap(holder("a"), *TARGETS, cached=True), req(T3, ordered=True), "p1", fixed_tokens())
+    assert len(p.chains) == 1 and p.chains[0].source.worker_id == "a"
+    assert p.chains[0].units == tuple(range(N_UNITS))
+    # One target alone: nothing to spread.
+    one = plan_transfer(snap(*TARGETS, cached=True), req(("t1",), ordered=True), "p1", fixed_tokens())
+    assert one.chains[0].units == tuple(range(N_UNITS))
+
+
+def test_ordered_plan_sends_a_diskless_target_unit_0_first() -> None:
+    # Unit 0 carries the model files a worker without the model store builds the model from.
+    net = WorkerView("t2", "idle", None, 0, 0, data_addr="h:t2", model_source="network")
+    p = plan_transfer(snap(idle("t1"), net, idle("t3"), cached=True), req(T3, ordered=True), "p1", fixed_tokens())
+    assert [c.units for c in p.chains] == [(0, 1, 2, 3, 4, 5), (0, 3, 4, 5, 1, 2), (5, 0, 1, 2, 3, 4)]

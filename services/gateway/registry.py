@@ -81,6 +81,7 @@ class Registry:
                     stage_end=v.stage_end,
                     shared_device=v.shared_device,
                     quota=v.quota,
+                    ready_units=v.ready_units if v.synced else None,
                 )
             )
         return out

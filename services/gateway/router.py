@@ -4,7 +4,10 @@ snapshot; the registry builds the snapshot, the batcher asks, nothing here does 
 `choose_instance` picks among instances that hold the whole model. `choose_route`
 adds live scaling (docs/live-scaling.md): when every full instance is busy, a
 request may run its front layers on an instance that is still loading them and
-the rest on a full one, so the busy instance sheds work before the load ends.
+the rest on a full one, so the busy instance sheds work before the load ends. With no
+instance of the model at all (scaling from zero), `zero_route` strings the instances still
+loading it into a pipeline whose stages together run every layer, so the first requests need
+no finished load.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class InstanceView:
     # own) and its compute quota there (relative to theirs; docs/pipelined-and-shared.md).
     shared_device: str = ""
     quota: float = 0.0
+    # Which units are ready, once the gateway knows it from readiness events (None: only the
+    # heartbeat's count is known). A load from zero fills units out of order (each instance its
+    # own block first): routes through them need the set, not a prefix.
+    ready_units: frozenset[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,8 +295,8 @@ def choose_route(
     """A full instance while one has room and no backlog; with `live` and the least-loaded full
     instance busy (out of slots, or with admitted work waiting), a pipelined route through the
     loading instance that holds the most front layers (it must have room itself), ending on
-    that full instance. None when no instance holds the whole model:
-    a pipeline needs a full instance for the tail.
+    that full instance. With no full instance at all (from zero), a pipeline across loading
+    instances that together hold every layer (`zero_route`); None when there is none.
 
     Stop-the-world scaling (`live` false) never splits: a loading instance gets nothing until
     it holds every layer.
@@ -297,6 +304,8 @@ def choose_route(
     pipe = choose_pipeline(instances, model, avoid)
     full_id = choose_instance(instances, model, avoid)
     if full_id is None:
+        if pipe is None and live:
+            return zero_route(instances, model, avoid)
         return pipe
     full = next(v for v in instances if v.worker_id == full_id)
     if pipe is not None and _prefer_pipeline(pipe, full, instances, avoid):
@@ -330,6 +339,93 @@ def choose_route(
             RouteStage(head.worker_id, 0, k, head.stage_addr or ""),
             RouteStage(full.worker_id, k, num_layers, full.stage_addr),
         ),
+    )
+
+
+# ---- from zero: a pipeline across loading instances (docs/live-scaling.md) -----------------------
+
+
+def _layer_run(units: frozenset[int], start: int, num_layers: int) -> int:
+    """The end of the run of decoder layers held from `start` on (unit l + 1 is layer l)."""
+    end = start
+    while end < num_layers and end + 1 in units:
+        end += 1
+    return end
+
+
+def zero_route(
+    instances: Sequence[InstanceView], model: str, avoid: Sequence[str] | frozenset[str] = ()
+) -> Route | None:
+    """A route for `model` when no instance holds it whole: a pipeline across instances still
+    loading it whose ready layers together cover the model, contiguous and in order, or None.
+
+    Built front to back, greedily: at each layer the instance whose ready run from there reaches
+    furthest takes the next stage (one that also holds the LM head and reaches the end finishes
+    it). The first stage needs the embedding and room for one more route it drives
+    (`head_has_room`); a stage that reaches the last layer without the LM head leaves that layer
+    to one holding it. An instance runs one stage at most (its relayed state is per request), and
+    only instances whose ready units the gateway knows from readiness events take part. A request
+    keeps its KV cache where its layers ran, as on any route. Loads from zero that give each
+    instance its own block first (planner.ordered_units) make this possible after about 1/N of a
+    load; as soon as one instance holds every unit, `choose_route` prefers it."""
+    cands = [
+        v
+        for v in instances
+        if v.model == model
+        and v.state == "loading"
+        and v.stage_addr
+        and v.ready_units is not None
+        and v.worker_id not in avoid
+        and not v.group
+        and v.num_units >= 3
+    ]
+    if not cands:
+        return None
+    num_units = max(v.num_units for v in cands)
+    num_layers = num_units - 2
+    stages: list[RouteStage] = []
+    used: set[str] = set()
+    pos = 0
+    while pos < num_layers:
+        best: tuple[tuple[bool, int, float, str], InstanceView, int] | None = None
+        for v in cands:
+            units = v.ready_units
+            assert units is not None
+            if v.worker_id in used or v.num_units != num_units or (pos == 0 and 0 not in units):
+                continue
+            end = _layer_run(units, pos, num_layers)
+            finishes = end == num_layers and num_units - 1 in units
+            if end == num_layers and not finishes:
+                end -= 1  # the last stage samples: the LM head's holder runs the last layer
+            if end <= pos or (pos == 0 and not head_has_room(v, end)):
+                continue
+            key = (not finishes, -end, estimated_load(v) / max(v.max_batch, 1), v.worker_id)
+            if best is None or key < best[0]:
+                best = (key, v, end)
+        if best is None:
+            return None
+        _, v, end = best
+        stages.append(RouteStage(v.worker_id, pos, end, v.stage_addr or ""))
+        used.add(v.worker_id)
+        pos = end
+    if len(stages) < 2:
+        return None  # one instance holds it all: it serves whole within a heartbeat
+    head = next(v for v in cands if v.worker_id == stages[0].worker_id)
+    return Route(head.worker_id, tuple(stages), room=head_room(head, stages[0].end))
+
+
+def head_room(view: InstanceView, k: int) -> Room:
+    """What one batch of routes driven by `view` through its first k layers may hold: as many as
+    `head_has_room` would let through one by one (one at least: the router chose it), so a
+    burst's batch does not put every held request on one loading head at once."""
+    since = max(view.inflight - view.inflight_at_heartbeat, 0) + view.waiting
+    per_route = route_load(view, k)
+    left = max(view.max_batch, 1) - route_load(view, view.driven_layers + k * since)
+    return Room(
+        requests=max(1, ceil(left / per_route) if per_route > 0 else 1),
+        prompts=view.unstarted_prompts,
+        tokens=view.unstarted_tokens,
+        prefill_budget=view.prefill_budget,
     )
 
 

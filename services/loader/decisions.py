@@ -327,6 +327,9 @@ class Decisions:
             sizes,
             str(model.path),
             serving_rate_limit_bps=self.settings.serving_bps,
+            # Live scaling routes through loading instances: from zero, each target its own
+            # block first (the planner applies it only when nothing holds the model yet).
+            ordered=model.scaling == "live",
         )
         snap = self.mesh_snapshot(now)
         if mode in ("multicast", "host-cache") and not select_sources(snap, req) and _diskless(snap, workers):

@@ -16,6 +16,17 @@ another host, sources on a target's own host come first: `WorkerView.host`, `--h
 `host-cache` mode uses only the host cache (each target gets its own stream: what a system with a
 host-memory cache and no multicast does); `disk` mode only disk (ServerlessLLM-style).
 
+Ordered plans (`PlanRequest.ordered`, execute-while-load from zero, docs/live-scaling.md): when
+nothing in the mesh holds the model (the source is the host cache or disk) and several targets
+load it, each target gets its own stream and its own block of the unit range first
+(`ordered_units`: target i of N starts with block i, then i+1, ... wrapping round), so together
+they hold every layer after about 1/N of a load and the gateway can route through them as a
+pipeline. A plain chain gives every target the same order: none of them would hold the back
+layers before the whole load ends. The price, in `multicast` mode, is one stream per target from
+the host cache instead of one chain: it pays where each target has its own link to the host
+cache (PCIe per accelerator, or an emulated per-send cap), not where one network link carries
+them all.
+
 A chain source → T1 → … → Tn costs about one transfer plus a chunk per hop, so a chain is never
 split for speed; several sources give several chains only so that one failure touches fewer
 targets and no single source carries every stream.
@@ -74,6 +85,8 @@ class PlanRequest:
     serving_rate_limit_bps: float = DEFAULT_SERVING_RATE_LIMIT_BPS
     # A target whose units 0..k-1 are already verified needs only the rest (re-plans use this).
     first_unit: int = 0
+    # From zero with execute-while-load: each target its own block first (module docstring).
+    ordered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,34 @@ def _split(items: Sequence[str], parts: int) -> list[tuple[str, ...]]:
         out.append(tuple(items[i : i + n]))
         i += n
     return out
+
+
+def ordered_units(units: Sequence[int], index: int, parts: int, nbytes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """`units` (front to back) for target `index` of `parts` in an ordered plan: its own block of
+    the range first, then the blocks after it, then those before it. The block after its own
+    extends the contiguous range it holds, so the pipelines the gateway builds over the targets
+    get shorter as loads go on.
+
+    The blocks are contiguous and hold about the same bytes when `nbytes` (each unit's size, same
+    order as `units`) is given, else about the same number of units: the layers are covered once
+    the largest block is in, and the embedding and LM head units are rarely a layer's size."""
+    n = len(units)
+    if parts <= 1 or n < 2:
+        return tuple(units)
+    parts = min(parts, n)
+    sizes = list(nbytes) if nbytes is not None and len(nbytes) == n and sum(nbytes) > 0 else [1] * n
+    cum = [0]
+    for x in sizes:
+        cum.append(cum[-1] + x)
+    bounds = [0]
+    for p in range(1, parts):
+        target = cum[n] * p / parts
+        lo, hi = bounds[-1] + 1, n - (parts - p)  # every block keeps a unit at least
+        bounds.append(min(range(lo, hi + 1), key=lambda j: (abs(cum[j] - target), j)))
+    bounds.append(n)
+    blocks = [tuple(units[bounds[p] : bounds[p + 1]]) for p in range(parts)]
+    i = index % parts
+    return tuple(u for b in blocks[i:] + blocks[:i] for u in b)
 
 
 def select_sources(snapshot: MeshSnapshot, req: PlanRequest, exclude: frozenset[str] = frozenset()) -> list[Source]:
@@ -237,13 +278,32 @@ def _plan(
                 f"cache holds {req.model}"
             )
         disk = Source("disk")
-        chains = tuple(Chain(_transfer_id(plan_id, i), token_factory(), disk, (h,), units) for i, h in enumerate(hops))
+        order = _orders(req, units, len(hops))
+        chains = tuple(
+            Chain(_transfer_id(plan_id, i), token_factory(), disk, (h,), order[i]) for i, h in enumerate(hops)
+        )
+        if req.ordered and len(hops) > 1:
+            note = (note + "; " if note else "") + "ordered: each target its own block first"
         return TransferPlan(plan_id, req.model, req.mode, chains, req.unit_nbytes, req.model_path, note)
 
     for h in hops:
         if not h.addr:
             raise PlanError(f"target {h.worker_id} has no data-plane address")
     by_id = {h.worker_id: h for h in hops}
+    if req.ordered and len(hops) > 1 and sources[0].kind == "host-cache":
+        # From zero: one stream per target, each starting with its own block (module docstring).
+        order = _orders(req, units, len(hops))
+        for i, h in enumerate(hops):
+            w = snapshot.worker(h.worker_id)
+            if w is not None and w.model_source == "network" and 0 in order[i]:
+                # A worker that reads no model store builds the model from the files unit 0
+                # carries: that unit comes first, then its own block.
+                order[i] = (0, *(u for u in order[i] if u != 0))
+        chains = tuple(
+            Chain(_transfer_id(plan_id, i), token_factory(), sources[0], (h,), order[i]) for i, h in enumerate(hops)
+        )
+        note = "ordered from the host cache: each target its own stream, its own block first"
+        return TransferPlan(plan_id, req.model, req.mode, chains, req.unit_nbytes, req.model_path, note)
     if req.mode in ("host-cache", "star"):
         # One stream per target from the source itself; targets spread round-robin over sources.
         chains = tuple(
@@ -259,6 +319,14 @@ def _plan(
     if sources[0].serving:
         note = f"only serving holders of {req.model}: send rate-limited"
     return TransferPlan(plan_id, req.model, req.mode, chains, req.unit_nbytes, req.model_path, note)
+
+
+def _orders(req: PlanRequest, units: tuple[int, ...], n: int) -> list[tuple[int, ...]]:
+    """Each target's unit order: front to back, or in an ordered plan its own block first."""
+    if not req.ordered:
+        return [units] * n
+    sizes = [req.unit_nbytes[u] for u in units]
+    return [ordered_units(units, i, n, sizes) for i in range(n)]
 
 
 def replan(

@@ -33,7 +33,10 @@ class TargetState:
     source: str  # worker id, "host-cache" or "disk"
     phase: TargetPhase = "pending"
     units: int = 0  # units ready front to back, from its readiness events
-    nbytes: int = 0  # bytes of those units
+    nbytes: int = 0  # bytes of the units ready (front to back or not)
+    # Every unit ready: an ordered plan (planner.ordered_units) fills a target's own block first,
+    # so its front-to-back count moves only once the blocks before it are in too.
+    held: set[int] = field(default_factory=set)
     first_unit_at: float | None = None
     done_at: float | None = None
     error: str = ""
@@ -92,9 +95,11 @@ class TransferSession:
         t = self.targets.get(worker)
         if t is None or t.phase in ("done", "failed"):
             return
-        if unit == t.units:  # units arrive front to back; a repeat or a jump is not progress
-            t.units += 1
-            t.nbytes += self.unit_nbytes[unit] if unit < self.num_units else 0
+        if 0 <= unit < self.num_units and unit not in t.held:  # a repeat is not progress
+            t.held.add(unit)
+            t.nbytes += self.unit_nbytes[unit]
+            while t.units in t.held:
+                t.units += 1
             if t.first_unit_at is None:
                 t.first_unit_at = now
         if t.phase == "pending":
@@ -105,6 +110,7 @@ class TransferSession:
         t = self.targets.get(worker)
         if t is not None and t.phase not in ("done", "failed"):
             t.units, t.nbytes = 0, 0
+            t.held.clear()
 
     def transfer_event(self, ev: TransferEvent) -> None:
         if ev.kind != "failed":
@@ -142,6 +148,9 @@ class TransferSession:
             t.phase, t.done_at, t.units = "done", now, self.num_units
             t.nbytes = sum(self.unit_nbytes)
         elif view.takes(self.model):
+            # Before its first unit a target's readiness names no model, only its heartbeat does: a
+            # first unit can take longer than the grace (an ordered plan starts a target in the middle
+            # of the model, with a layer where a front-to-back one has the smaller embedding).
             t.seen_loading = True
         elif t.seen_loading or now - self.started >= self.grace_s:
             why = self.reasons.get(worker)
@@ -223,7 +232,7 @@ class TransferSession:
                     "worker": w,
                     "transfer_id": t.transfer_id,
                     "source": t.source,
-                    "units_ready": t.units,
+                    "units_ready": max(t.units, len(t.held)),
                     "num_units": self.num_units,
                     "mb_s": round(t.nbytes / 1e6 / secs, 1),
                     "seconds": round(secs, 2),
