@@ -123,7 +123,7 @@ class ReceiverProc:
     relay: bool = False  # forward unit bodies in the kernel (DataPlaneServer's `relay`)
     # The emulated link (egress_bps) as a NIC with a transmit queue (RateLimiter's `queue`), or a
     # plain token bucket that loses the line time its pacing thread is late by.
-    egress_queue: bool = True
+    egress_queue: bool = False
     last_reserve_s: float = 0.0  # how long the last expect() took to reserve its unit buffers
 
     def start(self, ctx: Any = None) -> None:

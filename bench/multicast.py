@@ -94,10 +94,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--link-pacing",
         choices=("queue", "bucket"),
-        default="queue",
-        help="how --link-gbps paces: 'queue' (default) a NIC with a transmit queue, which keeps sending what a "
-        "process queued while that process waits for a core; 'bucket' a token bucket one chunk deep, which "
-        "loses the line time its pacing thread is late by (the emulation before issue 18)",
+        default="bucket",
+        help="how --link-gbps paces: 'bucket' (default) a token bucket one chunk deep per sending process, which "
+        "loses the line time its pacing thread is late by; 'queue' a NIC with a transmit queue, which puts bytes "
+        "on the line from when they were ready (bench/results/multicast.notes.md compares them)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="per-run timeout in seconds")
     p.add_argument(
@@ -214,7 +214,7 @@ def run_once(
     link_bps: float,
     run_id: str,
     timeout_s: float,
-    link_queue: bool = True,
+    link_queue: bool = False,
 ) -> dict[str, Any]:
     from bench.dpprocs import collect
     from cascade.framing import RateLimiter, send_units
@@ -827,7 +827,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"### Multicast loading — {m['cores']} cores, {m['memory_gb']} GB, commit {result['commit'][:12]}",
         "",
         "| model | mode | link | N | first unit (s) | first layer (s) | all units (s) | all units, runs (s) "
-        "| MB/s per receiver | CPU s (all processes) | link idle, bytes ready (s) |",
+        "| MB/s per receiver | CPU s (all processes) | link pacers behind (s) |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
@@ -872,9 +872,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Emulated link: {result['params']['link_gbps']:g} GB/s per sending process, pacing "
-            f"'{result['params'].get('link_pacing', 'bucket')}' (see `emulated` in the JSON; 'link idle, bytes ready' "
-            "is how long the pacers sat idle while bytes waited for their thread, summed over processes: line time a "
-            "'bucket' loses and a 'queue' makes up)",
+            f"'{result['params'].get('link_pacing', 'bucket')}' (see `emulated` in the JSON; 'link pacers behind' "
+            "is how long the sending threads were behind their line with bytes ready, summed over processes: line "
+            "time a 'bucket' loses and a 'queue' makes up by sending at once)",
         ]
     la = result.get("load_average", {})
     if la:
