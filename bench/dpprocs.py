@@ -34,7 +34,7 @@ def unit_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _child(conn: mpc.Connection, chunk: int, egress_bps: float, relay: bool) -> None:
+def _child(conn: mpc.Connection, chunk: int, egress_bps: float, relay: bool, egress_queue: bool) -> None:
     # Imported here so the parent (and `--help`) does not pay for torch before it needs to.
     from cascade.models.checkpoint import Checkpoint
     from services.worker.dataplane import (
@@ -51,7 +51,7 @@ def _child(conn: mpc.Connection, chunk: int, egress_bps: float, relay: bool) -> 
         with send_lock:
             conn.send(ev)
 
-    egress = RateLimiter(egress_bps) if egress_bps > 0 else None
+    egress = RateLimiter(egress_bps, queue=egress_queue) if egress_bps > 0 else None
     server = DataPlaneServer(chunk=chunk, egress=egress, relay=relay)
     emit("addr", server.start())
     held: dict[int, dict[str, torch.Tensor]] = {}
@@ -65,8 +65,9 @@ def _child(conn: mpc.Connection, chunk: int, egress_bps: float, relay: bool) -> 
                 continue
             if cmd[0] == "cpu":
                 # This process's CPU seconds so far (every thread, user and system): what a
-                # transfer costs the machine, whatever else shares its cores.
-                emit("cpu", time.process_time())
+                # transfer costs the machine, whatever else shares its cores. With it, how long the
+                # emulated link sat idle while this process had bytes queued for it.
+                emit("cpu", time.process_time(), egress.stalled_s if egress is not None else 0.0)
                 continue
             if cmd[0] == "expect":
                 order = decode(cmd[1], TransferOrder)
@@ -120,12 +121,15 @@ class ReceiverProc:
     chunk: int = 1 << 20
     egress_bps: float = 0.0
     relay: bool = False  # forward unit bodies in the kernel (DataPlaneServer's `relay`)
+    # The emulated link (egress_bps) as a NIC with a transmit queue (RateLimiter's `queue`), or a
+    # plain token bucket that loses the line time its pacing thread is late by.
+    egress_queue: bool = False
     last_reserve_s: float = 0.0  # how long the last expect() took to reserve its unit buffers
 
     def start(self, ctx: Any = None) -> None:
         ctx = ctx or mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        args = (child, self.chunk, self.egress_bps, self.relay)
+        args = (child, self.chunk, self.egress_bps, self.relay, self.egress_queue)
         self.proc = ctx.Process(target=_child, args=args, name=self.name, daemon=True)
         self.proc.start()
         child.close()
@@ -158,11 +162,16 @@ class ReceiverProc:
 
     def cpu_seconds(self, timeout_s: float = 60.0) -> float:
         """The child's CPU time so far (call between runs: no other event may be pending)."""
+        return self.counters(timeout_s)[0]
+
+    def counters(self, timeout_s: float = 60.0) -> tuple[float, float]:
+        """The child's CPU time so far, and how long its emulated link sat idle while it had bytes
+        queued (0 without a link); call between runs: no other event may be pending."""
         self.conn.send(("cpu",))
         ev = self.next(timeout_s)
         if ev[0] != "cpu":
             raise RuntimeError(f"{self.name}: expected its CPU time, got {ev}")
-        return float(ev[1])
+        return float(ev[1]), float(ev[2])
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Graceful stop; a child that does not exit in time is terminated (then killed)."""

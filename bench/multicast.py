@@ -91,6 +91,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0.0,
         help="also run chain and star with every process's egress limited to this many GB/s (an emulated NIC)",
     )
+    p.add_argument(
+        "--link-pacing",
+        choices=("queue", "bucket"),
+        default="bucket",
+        help="how --link-gbps paces: 'bucket' (default) a token bucket one chunk deep per sending process, which "
+        "loses the line time its pacing thread is late by; 'queue' a NIC with a transmit queue, which puts bytes "
+        "on the line from when they were ready (bench/results/multicast.notes.md compares them)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per-run timeout in seconds")
     p.add_argument(
         "--mesh-modes",
@@ -206,6 +214,7 @@ def run_once(
     link_bps: float,
     run_id: str,
     timeout_s: float,
+    link_queue: bool = False,
 ) -> dict[str, Any]:
     from bench.dpprocs import collect
     from cascade.framing import RateLimiter, send_units
@@ -230,7 +239,7 @@ def run_once(
                 reserve_s = max(reserve_s, by_name[name].last_reserve_s)
 
     # One egress budget per sending process: a NIC is shared by all its streams.
-    src_limiter = RateLimiter(link_bps, burst=chunk) if link_bps > 0 else None
+    src_limiter = RateLimiter(link_bps, burst=chunk, queue=link_queue) if link_bps > 0 else None
     errors: list[str] = []
     threads = []
 
@@ -253,7 +262,7 @@ def run_once(
             errors.append(f"{o.transfer_id}: {e}")
         source_cpu.append(time.thread_time() - c0)
 
-    cpu0 = {p.name: p.cpu_seconds() for p in targets}
+    cpu0 = {p.name: p.counters() for p in targets}
     t0 = time.monotonic()
     for name, os_ in orders.items():
         for o in os_:
@@ -282,7 +291,12 @@ def run_once(
             per[nm]["first_layer_s"] = ev[3] - t0
         elif ev[0] == "complete":
             per[nm]["all_s"] = ev[2] - t0
-    cpu = {p.name: p.cpu_seconds() - cpu0[p.name] for p in targets}
+    after = {p.name: p.counters() for p in targets}
+    cpu = {nm: after[nm][0] - cpu0[nm][0] for nm in after}
+    # Emulated-link time lost (bucket) or made up (queue) while a process's pacer was late.
+    stalled = {nm: after[nm][1] - cpu0[nm][1] for nm in after}
+    if src_limiter is not None:
+        stalled["source"] = src_limiter.stalled_s
     for p in targets:
         p.drop()
     total = sum(unit_nbytes)
@@ -302,6 +316,8 @@ def run_once(
         "cpu_s": sum(cpu.values()) + sum(source_cpu),
         "cpu_s_receivers": cpu,
         "cpu_s_source": sum(source_cpu),
+        "link_stalled_s": stalled,
+        "link_stalled_total_s": sum(stalled.values()),
         "reserve_s": reserve_s,
     }
 
@@ -508,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "hidden": HIDDEN,
             "dtype": "float32",
             "link_gbps": args.link_gbps,
+            "link_pacing": args.link_pacing,
             "mesh_modes": mesh_modes,
             "checksum": "CRC-32 (zlib's polynomial) computed with zlib-ng",
         },
@@ -531,10 +548,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": [],
         "mesh_rows": [],
     }
+    link_queue = args.link_pacing == "queue"
     if args.link_gbps > 0:
         result["emulated"].append(
             f"--link-gbps {args.link_gbps}: every sending process (the holder and each forwarding receiver) "
             "paces its egress with one token bucket, like a NIC of that speed"
+            + (
+                "; pacing 'queue': bytes a process had ready go on the line from when they were ready, as a NIC "
+                "with a transmit queue sends while the process is descheduled (never before a real line of that "
+                "speed would deliver them, less one chunk of run-ahead)"
+                if link_queue
+                else "; pacing 'bucket': one chunk deep, the line time a late pacing thread misses is lost"
+            )
         )
     relay = "chain-relay" in modes
     procs = [ReceiverProc(f"r{i + 1}", chunk=chunk) for i in range(max(ns))]
@@ -546,11 +571,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         start_all(procs + relay_procs)
         if args.link_gbps > 0:
             link_procs = [
-                ReceiverProc(f"l{i + 1}", chunk=chunk, egress_bps=args.link_gbps * 1e9) for i in range(max(ns))
+                ReceiverProc(f"l{i + 1}", chunk=chunk, egress_bps=args.link_gbps * 1e9, egress_queue=link_queue)
+                for i in range(max(ns))
             ]
             if relay:
                 link_relay_procs = [
-                    ReceiverProc(f"lx{i + 1}", chunk=chunk, egress_bps=args.link_gbps * 1e9, relay=True)
+                    ReceiverProc(
+                        f"lx{i + 1}", chunk=chunk, egress_bps=args.link_gbps * 1e9, relay=True, egress_queue=link_queue
+                    )
                     for i in range(max(ns))
                 ]
             start_all(link_procs + link_relay_procs)
@@ -634,9 +662,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"[{gb} GB] {mode} N={n} link={link / 1e9:g} run {rep + 1}", file=sys.stderr, flush=True
                             )
                             rows.append(
-                                run_once(mode, n, ps, model_dir, units, live, hc, chunk, link, rid, args.timeout)
+                                run_once(
+                                    mode, n, ps, model_dir, units, live, hc, chunk, link, rid, args.timeout, link_queue
+                                )
                             )
-                        row = _median_row(rows, extra=("cpu_s",))
+                        row = _median_row(rows, extra=("cpu_s", "link_stalled_total_s"))
                         row.update(size_gb=round(total / 1e9, 3), layers=len(units) - 2)
                         result["rows"].append(row)
                     if "disk" in modes and args.drop_caches:
@@ -797,16 +827,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"### Multicast loading — {m['cores']} cores, {m['memory_gb']} GB, commit {result['commit'][:12]}",
         "",
         "| model | mode | link | N | first unit (s) | first layer (s) | all units (s) | all units, runs (s) "
-        "| MB/s per receiver | CPU s (all processes) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| MB/s per receiver | CPU s (all processes) | link pacers behind (s) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in result["rows"]:
         link = f"{r['link_gbps']:g} GB/s" if r["link_gbps"] else "loopback"
         runs = ", ".join(f"{x['all_s']:.3f}" for x in r.get("runs", []))
         cpu = f"{r['cpu_s']:.2f}" if "cpu_s" in r else ""
+        idle = f"{r['link_stalled_total_s']:.3f}" if r["link_gbps"] and "link_stalled_total_s" in r else ""
         lines.append(
             f"| {r['size_gb']} GB ({r['layers']} layers) | {r['mode']} | {link} | {r['n']} | {r['first_unit_s']:.3f} | "
-            f"{r['first_layer_s']:.3f} | {r['all_s']:.3f} | {runs} | {r['mb_s_per_receiver']:.0f} | {cpu} |"
+            f"{r['first_layer_s']:.3f} | {r['all_s']:.3f} | {runs} | {r['mb_s_per_receiver']:.0f} | {cpu} | {idle} |"
         )
     if result.get("mesh_rows"):
         lines += [
@@ -837,6 +868,14 @@ def markdown(result: dict[str, Any]) -> str:
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['case']} | {t['value']} | {'yes' if t['met'] else 'NO'} | {t['note']} |")
     lines += ["", f"Cold disk: {result.get('cold_disk')}"]
+    if result["params"].get("link_gbps"):
+        lines += [
+            "",
+            f"Emulated link: {result['params']['link_gbps']:g} GB/s per sending process, pacing "
+            f"'{result['params'].get('link_pacing', 'bucket')}' (see `emulated` in the JSON; 'link pacers behind' "
+            "is how long the sending threads were behind their line with bytes ready, summed over processes: line "
+            "time a 'bucket' loses and a 'queue' makes up by sending at once)",
+        ]
     la = result.get("load_average", {})
     if la:
         lines += [

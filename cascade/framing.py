@@ -658,7 +658,9 @@ class Forwarder:
         self._egress = egress
         self._pace_chunk = max(1, pace_chunk)
         self._cv = threading.Condition()
-        self._queue: collections.deque[bytes | memoryview] = collections.deque()
+        # Each piece with the time it was handed over: an emulated NIC (`RateLimiter(queue=True)`)
+        # puts it on the line from then, however late this thread gets to it.
+        self._queue: collections.deque[tuple[bytes | memoryview, float]] = collections.deque()
         self._in_flight = 0  # pieces handed to the thread and not yet sent
         self._closing = False
         self._lost = False
@@ -675,7 +677,7 @@ class Forwarder:
         with self._cv:
             if self._lost or self._closing:
                 return
-            self._queue.append(piece)
+            self._queue.append((piece, time.monotonic()))
             self._in_flight += 1
             self._cv.notify_all()
 
@@ -711,8 +713,8 @@ class Forwarder:
                 batch = list(self._queue)
                 self._queue.clear()
             try:
-                for piece in batch:
-                    self._send(piece)
+                for piece, ready_at in batch:
+                    self._send(piece, ready_at)
             except OSError as e:
                 with self._cv:
                     self._lost = True
@@ -725,7 +727,7 @@ class Forwarder:
                 self._in_flight = max(0, self._in_flight - len(batch))
                 self._cv.notify_all()
 
-    def _send(self, piece: bytes | memoryview) -> None:
+    def _send(self, piece: bytes | memoryview, ready_at: float) -> None:
         if self._egress is None:
             self._chan.sendall(piece)
         else:
@@ -733,7 +735,7 @@ class Forwarder:
             view = memoryview(piece)
             for i in range(0, len(view), self._pace_chunk):
                 part = view[i : i + self._pace_chunk]
-                self._egress.acquire(len(part))
+                self._egress.acquire(len(part), ready_at=ready_at)
                 self._chan.sendall(part)
         self.sent += len(piece)
 
@@ -745,29 +747,69 @@ class RateLimiter:
     """A token bucket shared by every send that draws on it (thread-safe).
 
     One per serving source, so a transfer does not starve its requests; the benchmark also shares
-    one across a process's sends to emulate a NIC's egress bandwidth."""
+    one across a process's sends to emulate a NIC's egress bandwidth.
 
-    def __init__(self, bytes_per_s: float, burst: int = DEFAULT_CHUNK) -> None:
+    Kept as a wire clock: `_wire` is when the line is done with every byte granted so far; a send
+    may run `burst` bytes ahead of it (the bucket's depth), so a pacer that sleeps per chunk does
+    not lose line time to its own sleep granularity.
+
+    `queue=True` makes it an emulated NIC with a transmit queue (the benchmark's link): bytes the
+    caller says were ready earlier (`acquire(..., ready_at=)`) are placed on the line from that
+    time, not from when the sending thread got round to them. A real NIC keeps sending what is
+    queued while the process that queued it is descheduled; a pacing thread sharing busy cores is
+    often late by more than a chunk, and a plain bucket (capped at `burst`) throws that line time
+    away, so every extra pacer in a chain lost more of it. No byte is granted before a real line
+    of this rate, started when the byte was ready, would have delivered it (less the `burst`
+    run-ahead), so the emulated link is never faster than the NIC it stands for. A rate limit that
+    protects a serving source's requests wants the plain bucket (`queue=False`): after a stall it
+    must not burst to catch up.
+
+    `stalled_s` adds up the time the sending thread was behind its line while it had bytes ready
+    (known from `ready_at`): with `queue=False` the line sat idle and that time is lost; with
+    `queue=True` it is made up by sending what is queued at once."""
+
+    def __init__(
+        self,
+        bytes_per_s: float,
+        burst: int = DEFAULT_CHUNK,
+        *,
+        queue: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if bytes_per_s <= 0:
             raise ValueError("rate must be positive")
         self.rate = float(bytes_per_s)
         self.burst = float(max(burst, 1))
-        self._tokens = self.burst
-        self._t = time.monotonic()
+        self.queue = queue
+        self._ahead = self.burst / self.rate
+        self._clock, self._sleep = clock, sleep
+        self._wire = clock()
+        self._last = self._wire  # when `acquire` last ran: a stall is counted once, not per piece
+        self.stalled_s = 0.0
         self._lock = threading.Lock()
 
-    def acquire(self, n: int, cancel: threading.Event | None = None) -> bool:
-        """Take `n` bytes of budget, pacing the caller; False if `cancel` was set while waiting."""
+    def acquire(self, n: int, cancel: threading.Event | None = None, ready_at: float | None = None) -> bool:
+        """Take `n` bytes of budget, pacing the caller; False if `cancel` was set while waiting.
+
+        `ready_at`: when these bytes were ready to go (the clock's time base); only a `queue`
+        limiter places them on the line from then, others only count `stalled_s` with it."""
         with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
-            self._t = now
-            self._tokens -= n  # may go negative: the debt is the wait below
-            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+            now = self._clock()
+            start = now
+            if ready_at is not None:
+                behind = now - max(self._wire, ready_at, self._last)
+                if behind > 0:
+                    self.stalled_s += behind
+                if self.queue:
+                    start = min(now, ready_at)
+            self._last = now
+            self._wire = max(self._wire, start) + n / self.rate
+            wait = self._wire - self._ahead - now
         if wait <= 0:
             return True
         if cancel is None:
-            time.sleep(wait)  # pacing, not synchronisation: the wait is the rate limit itself
+            self._sleep(wait)  # pacing, not synchronisation: the wait is the rate limit itself
             return True
         return not cancel.wait(wait)
 
@@ -851,6 +893,8 @@ def send_units(
         ok, reason = read_status(chan.recv_into)
         if not ok:
             raise TransferError(f"{addr} refused transfer {transfer_id}: {reason}")
+        # A source's bytes are all there from the start: an emulated NIC may catch up from here.
+        ready_at = time.monotonic()
         for u in units:
             if cancel is not None and cancel.is_set():
                 chan.sendall(encode_abort("cancelled by sender"))
@@ -859,7 +903,7 @@ def send_units(
                 u, source.unit(u), chunk, crc=source.crcs.get(u), on_crc=functools.partial(source.crcs.__setitem__, u)
             )
             for piece in frames:
-                if limiter is not None and not limiter.acquire(len(piece), cancel):
+                if limiter is not None and not limiter.acquire(len(piece), cancel, ready_at=ready_at):
                     raise TransferError("cancelled")
                 chan.sendall(piece)
                 sent += len(piece)

@@ -36,6 +36,7 @@ from services.loader.planner import MeshSnapshot, PlanRequest, plan_orders, plan
 from services.worker.dataplane import (
     CheckpointSource,
     DataPlaneServer,
+    RateLimiter,
     TensorSource,
     TransferError,
     send_units,
@@ -328,6 +329,47 @@ async def test_forwarder_passes_on_the_bytes_it_keeps(ckpt: Checkpoint, relay: b
         for u in range(n):
             for name, t in rec.tensors[u].items():
                 assert bytes(tensor_bytes(t)) == bytes(ckpt.raw(name))
+
+
+async def test_a_forwarder_on_an_emulated_link_passes_on_each_unit_while_still_receiving(ckpt: Checkpoint) -> None:
+    """Three hops, every sender paced like a NIC with a transmit queue (the benchmark's link):
+    each hop gets the source's bytes, and the last hop has its first unit before the first hop has
+    its last one: units are forwarded as they arrive, not stored until the transfer is in."""
+    n = ckpt.config.num_units
+    rate = ckpt.total_nbytes() / 0.5  # about half a second on the line per hop
+    order: list[tuple[str, int]] = []
+
+    class Logged(Recorder):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def ready(self, unit: int, tensors: dict[str, torch.Tensor]) -> None:
+            order.append((self.name, unit))
+            super().ready(unit, tensors)
+
+    def nic() -> RateLimiter:
+        return RateLimiter(rate, burst=1 << 14, queue=True)
+
+    with DataPlaneServer(egress=nic(), chunk=1 << 14) as a, DataPlaneServer(egress=nic(), chunk=1 << 14) as b:
+        with DataPlaneServer(chunk=1 << 14) as c:
+            recs = {name: Logged(name) for name in "abc"}
+            waits = [
+                c.expect(_order("e1", "k", n), recs["c"].ready, recs["c"].fail),
+                b.expect(_order("e1", "k", n, downstream=c.address), recs["b"].ready, recs["b"].fail),
+                a.expect(_order("e1", "k", n, downstream=b.address), recs["a"].ready, recs["a"].fail),
+            ]
+            src = CheckpointSource(ckpt, MODEL)
+            await asyncio.to_thread(send_units, src, a.address, "e1", "k", list(range(n)), limiter=nic(), chunk=1 << 14)
+            stats = await asyncio.wait_for(asyncio.gather(*(w.wait() for w in waits)), EVENT_TIMEOUT_S)
+    assert [s.forward_path for s in stats] == [None, "copy", "copy"]
+    assert all(s.forward_error is None for s in stats)
+    for rec in recs.values():
+        assert not rec.failed and rec.units == list(range(n))
+        for u in range(n):
+            for name, t in rec.tensors[u].items():
+                assert bytes(tensor_bytes(t)) == bytes(ckpt.raw(name))
+    assert order.index(("c", 0)) < order.index(("a", n - 1))
 
 
 @pytest.mark.parametrize("relay", [True, False], ids=["relay", "copy"])

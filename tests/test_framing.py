@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 import zlib
 
 import pytest
@@ -318,17 +319,92 @@ def test_forwarder_paces_in_chunks_through_the_egress_budget() -> None:
     class Budget(RateLimiter):
         def __init__(self) -> None:
             super().__init__(1e12)
-            self.asked: list[int] = []
+            self.asked: list[tuple[int, float | None, float]] = []
 
-        def acquire(self, n: int, cancel: threading.Event | None = None) -> bool:
-            self.asked.append(n)
+        def acquire(self, n: int, cancel: threading.Event | None = None, ready_at: float | None = None) -> bool:
+            self.asked.append((n, ready_at, time.monotonic()))
             return True
 
-    chan, budget = _Recording(), Budget()
+    gate = threading.Event()
+    chan, budget = _Recording(gate=gate), Budget()
     fwd = Forwarder(chan, print, egress=budget, pace_chunk=1000)
+    before = time.monotonic()
     fwd.send(bytes(2500))
+    handed = time.monotonic()
+    fwd.send(bytes(10))
+    gate.set()
     fwd.close()
-    assert budget.asked == [1000, 1000, 500] and [len(g) for g in chan.got] == [1000, 1000, 500]
+    assert [n for n, _, _ in budget.asked] == [1000, 1000, 500, 10]
+    assert [len(g) for g in chan.got] == [1000, 1000, 500, 10]
+    # Every part of a piece says when the piece was handed over (not when the thread got to it),
+    # so an emulated NIC can put it on the line from then.
+    first = {r for _, r, _ in budget.asked[:3]}
+    assert len(first) == 1
+    (t_first,) = first
+    assert t_first is not None and before <= t_first <= handed
+    assert all(r is not None and r <= t for _, r, t in budget.asked)
+    assert budget.asked[3][1] is not None and budget.asked[3][1] >= handed
+
+
+class _FakeClock:
+    """Time that moves only when the limiter sleeps or the test says so."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+def _late_sender(queue: bool) -> tuple[RateLimiter, list[float]]:
+    """Ten 100-byte pieces over a 1000 B/s line, all ready at t=0, whose sending thread only gets
+    to them at t=0.5 (descheduled); returns the limiter and when each piece was let through."""
+    clock = _FakeClock()
+    lim = RateLimiter(1000.0, burst=100, queue=queue, clock=clock, sleep=clock.sleep)
+    clock.t = 0.5
+    granted = []
+    for _ in range(10):
+        assert lim.acquire(100, ready_at=0.0)
+        granted.append(clock.t)
+    return lim, granted
+
+
+def test_an_emulated_nic_keeps_sending_what_was_queued_while_its_thread_was_late() -> None:
+    lim, granted = _late_sender(queue=True)
+    # A NIC with a transmit queue would have sent pieces 0-4 by t=0.5: they (and piece 5, the one
+    # piece of run-ahead) go at once, the rest at the line's pace; all out by 0.9 (+ 0.1 on the line).
+    assert granted == pytest.approx([0.5] * 6 + [0.6, 0.7, 0.8, 0.9])
+    # Never faster than the line from when the bytes were ready, less one piece of run-ahead.
+    assert all(t >= 0.1 * k - 1e-9 for k, t in enumerate(granted))
+    assert lim.stalled_s == pytest.approx(0.5)
+
+
+def test_a_plain_bucket_loses_the_time_its_thread_was_late() -> None:
+    lim, granted = _late_sender(queue=False)
+    # Paced from when the thread got there: the half second it was late is lost to the line.
+    assert granted == pytest.approx([0.5 + 0.1 * k for k in range(10)])
+    assert lim.stalled_s == pytest.approx(0.5)
+
+
+def test_a_queue_limiter_paces_fresh_bytes_like_a_bucket() -> None:
+    """Bytes that arrive at the line's pace (a forwarder's case on time) or with no ready time go
+    no faster through a queue limiter than through a plain one: at most one burst ahead."""
+    for ready in (True, False):
+        out = []
+        for queue in (True, False):
+            clock = _FakeClock()
+            lim = RateLimiter(1000.0, burst=100, queue=queue, clock=clock, sleep=clock.sleep)
+            granted = []
+            for _ in range(5):
+                assert lim.acquire(100, ready_at=clock.t if ready else None)
+                granted.append(clock.t)
+            out.append(granted)
+            assert lim.stalled_s == 0.0
+        assert out[0] == pytest.approx(out[1])
+        assert out[0] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
 
 
 def test_batched_reads_never_wait_for_bytes_the_frame_does_not_need() -> None:
