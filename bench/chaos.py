@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 from nats.aio.client import Client as NATS
 
-from bench.common import md_table, result_header, write_result
+from bench.common import md_table, result_header, sse_events, write_result
 from bench.mesh import Mesh
 from bench.tracelib import (
     DEFAULT_TRACE,
@@ -204,25 +203,18 @@ async def one_request(
 async def read_stream(resp: aiohttp.ClientResponse, o: Outcome, max_tokens: int) -> None:
     done = finished = False
     usage = 0
-    buf = b""
-    async for chunk in resp.content.iter_any():
-        buf += chunk
-        while b"\n\n" in buf:
-            ev, buf = buf.split(b"\n\n", 1)
-            if not ev.startswith(b"data: "):
-                continue
-            if ev == b"data: [DONE]":
-                done = True
-                continue
-            obj = orjson.loads(ev[6:])
-            if "error" in obj:
-                o.kind = "error_chunk"
-                return
-            for ch in obj.get("choices") or []:
-                if ch.get("finish_reason"):
-                    finished = True
-            if obj.get("usage"):
-                usage = int(obj["usage"].get("completion_tokens", 0))
+    async for obj in sse_events(resp):
+        if obj is None:
+            done = True
+            continue
+        if "error" in obj:
+            o.kind = "error_chunk"
+            return
+        for ch in obj.get("choices") or []:
+            if ch.get("finish_reason"):
+                finished = True
+        if obj.get("usage"):
+            usage = int(obj["usage"].get("completion_tokens", 0))
     o.tokens = usage
     o.kind = "completed" if done and finished and usage == max_tokens else "lost"
 

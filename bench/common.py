@@ -18,11 +18,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -182,3 +185,16 @@ def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float = 
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any] | None]:
+    """The `data:` events of an OpenAI-style SSE stream as they arrive, parsed; `None` for the
+    closing `[DONE]` (a client that checks the stream ended cleanly needs to see it)."""
+    buf = b""
+    async for chunk in resp.content.iter_any():
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            if not event.startswith(b"data: "):
+                continue
+            yield None if event == b"data: [DONE]" else orjson.loads(event[6:])

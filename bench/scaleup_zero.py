@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
-from bench.common import md_table, result_header, write_result
+from bench.common import md_table, result_header, sse_events, write_result
 from bench.mesh import Mesh, worker_details
 from bench.tracelib import prompt_ids
 from cascade.config import GenerateSpec
@@ -95,18 +94,13 @@ async def one(s: aiohttp.ClientSession, url: str, r: Req, t0: float, prompt: str
         if resp.status != 200:
             r.text = (await resp.read()).decode(errors="replace")[:300]
             return
-        buf = b""
-        async for chunk in resp.content.iter_any():
-            buf += chunk
-            while b"\n\n" in buf:
-                line, buf = buf.split(b"\n\n", 1)
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                ev = orjson.loads(line[6:])
-                if ev.get("choices") and r.first != r.first:
-                    r.first = time.monotonic() - t0
-                for c in ev.get("choices", []):
-                    r.text += c.get("text", "")
+        async for ev in sse_events(resp):
+            if ev is None:
+                continue
+            if ev.get("choices") and r.first != r.first:
+                r.first = time.monotonic() - t0
+            for c in ev.get("choices", []):
+                r.text += c.get("text", "")
         r.ok = r.first == r.first
 
 

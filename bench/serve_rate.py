@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
 from bench import datasets
-from bench.common import percentile, result_header, write_result
+from bench.common import percentile, result_header, sse_events, write_result
 from bench.datasets import BenchRequest
 from bench.mesh import Mesh
 
@@ -99,20 +98,15 @@ async def one_request(
         async with session.post(f"{url}/completions", json=body) as resp:
             if resp.status != 200:
                 return {"ok": False, "start": t0, "end": time.perf_counter(), "error": f"HTTP {resp.status}"}
-            buf = b""
-            async for chunk in resp.content.iter_any():
-                buf += chunk
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                        continue
-                    obj = orjson.loads(event[6:])
-                    if "error" in obj:
-                        error = str(obj["error"].get("message", obj["error"]))[:200]
-                    if obj.get("usage"):
-                        usage = obj["usage"]
-                    if obj.get("choices") and obj["choices"][0].get("text"):
-                        stamps.append(time.perf_counter())
+            async for obj in sse_events(resp):
+                if obj is None:
+                    continue
+                if "error" in obj:
+                    error = str(obj["error"].get("message", obj["error"]))[:200]
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                if obj.get("choices") and obj["choices"][0].get("text"):
+                    stamps.append(time.perf_counter())
     except (aiohttp.ClientError, TimeoutError) as e:
         error = repr(e)[:200]
     end = time.perf_counter()
