@@ -113,7 +113,7 @@ def specs() -> list[ModelSpec]:
 
 def knobs(a: argparse.Namespace) -> CoScaleKnobs:
     t = a.target_util
-    return CoScaleKnobs(target_util=t, high_util=min(1.0, t + 0.15), low_util=max(0.05, t - 0.3))
+    return CoScaleKnobs(target_util=t, high_util=min(1.0, t + 0.15))
 
 
 def plans(models: list[ModelSpec], pool: PoolSpec, arrivals: list[Req]) -> dict[str, Plan]:
