@@ -402,7 +402,9 @@ def report(doc: dict[str, Any], rate_xs: list[float], cv_xs: list[float]) -> str
         f"guarantees, target_util {p['target_util']:g}, demand over {p['window']:g} s, a quota floor "
         f"{p['slo_margin']:g}x what one request alone needs to meet its SLO): another demand window, another "
         "floor (0: quotas follow demand alone, and a small quota makes a lone request miss its SLO under "
-        "contention), and quotas as hard caps (no unallocated compute lent), where the policy needs headroom:",
+        "contention), and quotas as hard caps (no unallocated compute lent), where the policy needs headroom "
+        "and where a model alone on its worker, held at its SLO floor by the policy (a guarantee against no one), "
+        "is slowed to that floor: the policy assumes guarantees, as the real worker's stride scheduler gives:",
         "",
         md_table(
             [
@@ -495,6 +497,11 @@ def report(doc: dict[str, Any], rate_xs: list[float], cv_xs: list[float]) -> str
         "- The co-scaler sizes quotas on offered load over a window (`--window`): the longer the window, the "
         "less a quota follows bursts, the smaller the allocation and the more compute is borrowed (see the window "
         "table).",
+        "- The policy's two releases (docs/placement.md): a quota follows the peak of its last release window down "
+        "(by at least `release_band`), and a slot alone on its worker holds only its SLO floor. What it still "
+        "allocates at the Poisson reference is mostly those floors (0.3 of a worker per light slot); a smaller "
+        "floor under the worker's relative shares would need a processor-sharing estimate, not this one, which "
+        "fixes a job's speed at dispatch.",
         f"- Trace: {doc['trace_licence']}",
         "",
     ]
