@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets,
         "trace_licence": LICENCE,
         "wall_s": round(time.monotonic() - t0, 1),
+        # The machine is shared: its load says how much the wall time means (the figures are a
+        # deterministic estimate and do not depend on it).
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
     md = report(doc, rate_xs, cv_xs)
     print(md)
@@ -342,7 +346,7 @@ def report(doc: dict[str, Any], rate_xs: list[float], cv_xs: list[float]) -> str
         "# Many models on one pool: replication vs AlpaServe placement vs placement + 2-D co-scaling",
         "",
         f"Command: `python bench/multimodel.py{' --quick' if p['quick'] else ''}` (commit {doc['commit']}, "
-        f"{doc['wall_s']} s). Simulated: {doc['emulated']}.",
+        f"{doc['wall_s']} s, load average {doc['load_average_1_5_15'][0]:g} at the end). Simulated: {doc['emulated']}.",
         f"Pool: {doc['pool']['workers']} workers x {doc['pool']['memory_gb']:g} GB of parameters; "
         f"popularity Zipf {p['zipf']:g}; plans placed on {p['place_duration']:g} s of workload, "
         f"scored on another {p['duration']:g} s. SLO = 5x one request's latency on one worker.",
