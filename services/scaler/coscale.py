@@ -17,13 +17,25 @@ batch limit, and the slow one is instances:
 3. **Release, in the opposite order.** An instance added above the model's planned count is
    removed first, once the rest carry the demand at `target_util` for `release_delay_s`; only then
    does a quota shrink, to what the highest demand of its last `release_delay_s` needs, when that
-   is below `low_util / target_util` of it (hysteresis: noise in the demand does not ratchet).
+   is at least `release_band` below it. The window's peak is the hysteresis (a quota that follows
+   it cannot be raised again by the noise it has seen); a wide band on top of it (the earlier
+   rule: shrink only when the peak ran the quota below `low_util` = 0.6) kept every quota at the
+   highest peak of the run, sized for a burst long gone.
 
 `demand` is what a slot would use of a whole worker: compute-seconds per second at full speed
 (a slot running at quota q is `demand / q` busy). The adapter measures it from offered load, not
 from what was admitted, so a starved model still shows its pressure. A slot's need is
 `demand / target_util`, never below `min_quota` nor its `floor`: the quota at which one request
 alone still meets its latency SLO (Dilu sizes quotas for the SLO, not only for throughput).
+
+A slot *alone* on its worker needs only that floor. A quota is a guarantee under contention, not a
+cap (the worker's stride scheduler lends every unused share to whoever has work), so with no
+co-located slot nothing can take compute from it and it runs on the whole worker at any quota;
+a quota sized for its demand would only be allocated compute no one else may be guaranteed (an
+instance added there would find less free). It is never short of quota (unless, with
+`short_past_worker`, its demand needs more than the whole worker); once another slot shares its
+worker, its demand runs it above `high_util` of the floor and the next tick raises it (from the
+free compute, then from the newcomer's slack) like any hot slot.
 
 Decisions are typed (`QuotaChange`, `AddInstance`, `RemoveInstance`); the adapter turns them into
 worker quota messages and loader orders, and chooses where an added instance goes.
@@ -76,7 +88,9 @@ class CoScaleSignals:
 class CoScaleKnobs:
     target_util: float = 0.6  # a slot's demand / quota after a change
     high_util: float = 0.8  # above this a slot is at risk: raise its quota now
-    low_util: float = 0.35  # below this a slot's quota may shrink (after release_delay_s)
+    # A quota shrinks (after release_delay_s) when the window's peak demand needs this fraction of
+    # it less or more: a band against orders for noise, not a reserve (the peak is the reserve).
+    release_band: float = 0.05
     min_quota: float = 0.05
     horizontal_delay_s: float = 3.0
     release_delay_s: float = 10.0
@@ -85,8 +99,10 @@ class CoScaleKnobs:
     short_past_worker: bool = False
 
     def __post_init__(self) -> None:
-        if not 0 < self.low_util < self.target_util < self.high_util <= 1:
-            raise ConfigError("co-scaling needs 0 < low_util < target_util < high_util <= 1")
+        if not 0 < self.target_util < self.high_util <= 1:
+            raise ConfigError("co-scaling needs 0 < target_util < high_util <= 1")
+        if not 0 <= self.release_band < 1:
+            raise ConfigError("release_band must be in [0, 1)")
         if not 0 < self.min_quota <= 1:
             raise ConfigError("min_quota must be in (0, 1]")
         if self.horizontal_delay_s < 0 or self.release_delay_s < 0:
@@ -127,7 +143,11 @@ class RemoveInstance:
 Decision = QuotaChange | AddInstance | RemoveInstance
 
 
-def _need(s: Slot, k: CoScaleKnobs) -> float:
+def _need(s: Slot, k: CoScaleKnobs, alone: bool = False) -> float:
+    """The quota a slot must be guaranteed: its demand at target_util, its SLO floor and
+    min_quota; alone on its worker, only the floor and min_quota (module docstring)."""
+    if alone:
+        return min(1.0, max(k.min_quota, s.floor))
     return min(1.0, max(k.min_quota, s.floor, s.demand / k.target_util))
 
 
@@ -137,6 +157,7 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
     for x in s.slots:
         by_worker.setdefault(x.worker, []).append(x)
     free = {w: max(0.0, 1.0 - sum(x.quota for x in xs)) for w, xs in by_worker.items()}
+    alone = {w for w, xs in by_worker.items() if len(xs) == 1}
     out: list[Decision] = []
     changed: dict[tuple[str, str], float] = {}
 
@@ -150,16 +171,16 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
     # ---- 1. quota up (the most loaded slots first)
     # A worker whose slots need more than all of it shares it in proportion to need: a slot keeps
     # (and may be raised to) only its fair share there, so the first hot slot cannot starve the rest.
-    need_sum = {w: sum(_need(x, k) for x in xs) for w, xs in by_worker.items()}
+    need_sum = {w: sum(_need(x, k, w in alone) for x in xs) for w, xs in by_worker.items()}
 
     def keep(d: Slot) -> float:
-        n = _need(d, k)
+        n = _need(d, k, d.worker in alone)
         return n if need_sum[d.worker] <= 1.0 else n / need_sum[d.worker]
 
     short: set[str] = set()
     hot = sorted((x for x in s.slots if x.demand > k.high_util * x.quota), key=lambda x: -x.demand / x.quota)
     for x in hot:
-        need = _need(x, k)
+        lone = x.worker in alone
         want = keep(x)
         have = quota[(x.instance, x.worker)]
         gap = want - have - free[x.worker]
@@ -177,8 +198,11 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
         if q > have + 1e-9:
             set_quota(x, q, f"demand {x.demand:.2f} at util {x.demand / have:.2f} > {k.high_util:g}")
         # With `short_past_worker`, a slot that needs more than all of its worker is short too
-        # (else a model holding a whole worker never asks for another instance).
-        if q < (max(need, x.demand / k.target_util) if k.short_past_worker else need) - 1e-9:
+        # (else a model holding a whole worker never asks for another instance). A slot alone
+        # runs on its whole worker whatever its quota, so that is the compute it has.
+        has = 1.0 if lone else q
+        full = _need(x, k)
+        if has < (max(full, x.demand / k.target_util) if k.short_past_worker else full) - 1e-9:
             short.add(x.model)
 
     # ---- 2. instances if the pressure lasts; 3. release in the opposite order
@@ -208,7 +232,7 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
                 pressure[mv.name] = s.now  # the next one only if this one does not relieve it
             continue
         pressure.pop(mv.name, None)
-        removable = _removable(mv, mine, k)
+        removable = _removable(mv, mine, k, alone)
         if removable:
             since = calm.setdefault(mv.name, s.now)
             if s.now - since >= k.release_delay_s:
@@ -220,16 +244,19 @@ def decide_coscale(s: CoScaleSignals, k: CoScaleKnobs, st: CoScaleState) -> tupl
             key = (x.instance, x.worker)
             held = done.get(key)
             q = quota[key]
-            if held is not None and key not in changed and held < k.low_util * q:
-                new_q = min(1.0, max(k.min_quota, x.floor, held / k.target_util))
-                if new_q < q - 1e-9:
-                    set_quota(x, new_q, f"peak demand {held:.2f} in {k.release_delay_s:g}s needs {new_q:.2f}")
+            if held is None or key in changed:
+                continue
+            new_q = _need(Slot(x.model, x.instance, x.worker, q, held, x.floor), k, x.worker in alone)
+            if new_q < q * (1 - k.release_band) - 1e-9:
+                why = "alone on its worker: its SLO floor" if x.worker in alone else f"needs {new_q:.2f}"
+                set_quota(x, new_q, f"peak demand {held:.2f} in {k.release_delay_s:g}s; {why}")
     return out, CoScaleState(pressure_since=pressure, calm_since=calm, peak=peak)
 
 
-def _removable(mv: ModelView, mine: Sequence[Slot], k: CoScaleKnobs) -> str:
+def _removable(mv: ModelView, mine: Sequence[Slot], k: CoScaleKnobs, alone: set[str]) -> str:
     """The newest added instance, if the model's other instances' quotas carry its whole demand
-    at target_util (summed over stages as the slowest stage would see it); else ''."""
+    at target_util (summed over stages as the slowest stage would see it); else ''. A slot alone
+    on its worker carries as much as the whole worker, whatever its quota."""
     if not mv.added or mv.loading:
         return ""
     victim = mv.added[-1]
@@ -237,5 +264,5 @@ def _removable(mv: ModelView, mine: Sequence[Slot], k: CoScaleKnobs) -> str:
     if not rest:
         return ""
     total = sum(x.demand for x in mine)
-    cap = sum(x.quota for x in rest) * k.target_util
+    cap = sum(1.0 if x.worker in alone else x.quota for x in rest) * k.target_util
     return victim if total <= cap * 0.9 else ""
