@@ -211,7 +211,9 @@ class EngineThread:
                     return
                 except Exception as e:
                     self.log.warning("direct_publish_failed", instance=lane.name, error=repr(e))
-            if lane._direct_unflushed:
+            if lane._direct_unflushed and nc.is_connected:
+                # (While the broker is away both connections buffer; the gateway's index check
+                # catches what a reconnect reorders, as it catches lost events.)
                 try:
                     eloop.run_until_complete(asyncio.wait_for(nc.flush(), _DIRECT_FLUSH_S))
                 except Exception as e:
