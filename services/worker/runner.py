@@ -15,16 +15,16 @@ The event loop hands work over and never waits on torch:
   thread itself, on a NATS connection of its own (`direct`), when the lane gives it a way to
   (`EngineRunner(publish_direct=...)`): handing them to the loop instead wakes the loop thread
   every step, and the two threads then take turns on the interpreter lock: measured at one
-  stream, the engine waited 0.8 ms (median; 2.5 ms mean on a loaded machine) in
-  `call_soon_threadsafe` after each step, and the loop waited for the lock up to several steps
-  before it could publish a token. Results that carry stage frames (`outbox`, async sends on the
-  loop's stage links) still reach the loop through a queue and are published in order by
-  `publish()`; a lane goes back to the direct path only once the loop has delivered all it was
-  handed, and the direct connection is flushed (a PING answered) before anything is handed over
-  after it, so a gateway never sees a request's events out of order. Why not `run_in_executor`
-  per step: each step would then wait for the loop to publish the previous step's tokens and
-  schedule the next one, about a millisecond per step in future chaining and wake-ups, as much as
-  a decode step of a small model;
+  stream, the engine spent 0.9–1.1 ms (median) between two steps, mostly in
+  `call_soon_threadsafe`, against 0.4 ms publishing itself, and the loop waited for the lock up
+  to several steps before it could publish a token (docs/architecture.md). Results that carry
+  stage frames (`outbox`, async sends on the loop's stage links) still reach the loop through a
+  queue and are published in order by `publish()`; a lane goes back to the direct path only once
+  the loop has delivered all it was handed, and the direct connection is flushed (a PING
+  answered) before anything is handed over after it, so a gateway never sees a request's events
+  out of order. Why not `run_in_executor` per step: each step would then wait for the loop to
+  publish the previous step's tokens and schedule the next one, about a millisecond per step in
+  future chaining and wake-ups, as much as a decode step of a small model;
 - when the engine runs out of work, `on_idle(in_flight)` tells the loop how many sequences it
   still holds (counted here, not read across threads by the loop).
 
