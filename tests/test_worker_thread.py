@@ -28,6 +28,7 @@ from cascade.messages import (
     TokenEvents,
     TransferOrder,
     decode,
+    encode,
 )
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
@@ -36,11 +37,12 @@ from cascade.natsutil import NoResponders, connect, request
 from cascade.service import serve
 from cascade.subjects import Subjects
 from services.worker.dataplane import CheckpointSource, send_units
-from services.worker.engine import Engine
+from services.worker.engine import Engine, StepResult
 from services.worker.main import WorkerService
 from services.worker.model import LlamaModel
-from services.worker.runner import ENGINE_THREAD
+from services.worker.runner import ENGINE_THREAD, EngineRunner
 from services.worker.settings import WorkerSettings
+from tests.enginehelp import load_model
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=4, hidden=64, heads=4, kv_heads=2, vocab=320, seed=5)
@@ -138,3 +140,80 @@ async def test_every_torch_call_runs_on_the_engine_thread(
     calls = {c for (c, _) in torch_threads}
     assert {"load_unit", "forward_segments", "step", "set_max_batch"} <= calls
     assert threads == {ENGINE_THREAD}, dict(torch_threads)
+
+
+# ---- token events published on the engine thread's own connection --------------------------------
+
+
+async def _run_lane(nats_url: str, subjects: Subjects, model_dir: Path, direct_url: str) -> dict[str, Any]:
+    """Two requests on a real engine behind an `EngineRunner` whose thread connects to
+    `direct_url` for its token events; what reached a subscriber, by which path and thread."""
+    eng = Engine(load_model(model_dir), ByteTokenizer(), max_batch=4, worker_id="wd")
+    subject = subjects.tokens("gw")
+    nc = await connect(nats_url, "test-direct-sub")
+    got: dict[str, list[int]] = {}
+    finished: set[str] = set()
+    publishers: set[str] = set()
+    delivered: list[StepResult] = []
+    idle = asyncio.Event()
+
+    async def on_tokens(msg: Any) -> None:
+        for ev in decode(msg.data, TokenEvents).events:
+            assert ev.index == len(got.setdefault(ev.request_id, [])), "events out of order"
+            got[ev.request_id].extend(ev.token_ids)
+            if ev.finish_reason:
+                finished.add(ev.request_id)
+
+    async def publish(conn: Any, result: StepResult) -> None:
+        publishers.add(threading.current_thread().name)
+        await conn.publish(subject, encode(TokenEvents("wd", [ev for _, ev in result.events])))
+        await asyncio.sleep(0)
+
+    async def deliver(result: StepResult) -> None:
+        delivered.append(result)
+        await nc.publish(subject, encode(TokenEvents("wd", [ev for _, ev in result.events])))
+
+    def on_idle(in_flight: int) -> None:
+        if in_flight == 0:
+            idle.set()
+
+    lane = EngineRunner(
+        lambda: eng, deliver, on_idle, publish_direct=publish,
+        connect=lambda: connect(direct_url, "test-direct-pub", connect_timeout_s=0.5),
+    )  # fmt: skip
+    await nc.subscribe(subject, cb=on_tokens)
+    await nc.flush()
+    lane.start()
+    task = asyncio.create_task(lane.publish())
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    try:
+        for rid in ("a", "b"):
+            eng.submit(rid, "gw", ByteTokenizer().encode(f"direct {rid}"), params)
+        lane.wake()
+        await asyncio.wait_for(idle.wait(), 60)
+        await wait_until(lambda: finished == {"a", "b"}, what="both requests' final events")
+    finally:
+        await lane.stop()
+        task.cancel()
+        await nc.drain()
+    return {"got": got, "publishers": publishers, "delivered": delivered, "direct": lane.direct_results}
+
+
+async def test_token_events_go_out_on_the_engine_threads_own_connection(
+    nats_url: str, subjects: Subjects, model_dir: Path
+) -> None:
+    r = await _run_lane(nats_url, subjects, model_dir, nats_url)
+    assert {rid: len(ids) for rid, ids in r["got"].items()} == {"a": 8, "b": 8}
+    # Every step's events left from the engine thread; the loop was handed none.
+    assert r["publishers"] == {ENGINE_THREAD}
+    assert r["delivered"] == [] and r["direct"] > 0
+
+
+async def test_without_its_own_connection_the_engine_hands_every_result_to_the_loop(
+    nats_url: str, subjects: Subjects, model_dir: Path
+) -> None:
+    # Nothing listens on port 1: the engine thread's connection fails and the loop publishes.
+    r = await _run_lane(nats_url, subjects, model_dir, "nats://127.0.0.1:1")
+    assert {rid: len(ids) for rid, ids in r["got"].items()} == {"a": 8, "b": 8}
+    assert r["publishers"] == set() and r["direct"] == 0
+    assert sum(len(x.events) for x in r["delivered"]) >= 2

@@ -463,26 +463,33 @@ async def _stream(
                 if ev.finish_reason is not None:
                     rest, more = tp.finish()
                     text, calls = text + rest, calls + more
+            # An event's chunks go out in one write (one send, one wake-up of the client): its
+            # text, tool calls and finish, and after the last choice's finish the usage, [DONE]
+            # and the end of the body.
+            out: list[bytes] = []
             if text or not c.started or ev.logprobs:
                 lp = fmt.logprobs(ev.logprobs, choice=ev.choice) if ev.logprobs else None
-                await resp.write(chunk(ev.choice, text, logprobs=lp))
+                out.append(chunk(ev.choice, text, logprobs=lp))
             if calls:
-                await resp.write(chunk(ev.choice, "", delta={"tool_calls": calls}))
+                out.append(chunk(ev.choice, "", delta={"tool_calls": calls}))
             if ev.finish_reason is not None:
                 _saw_final(c, ev)
                 finish = ev.finish_reason
                 if tp is not None and tp.calls and finish == "stop":
                     finish = "tool_calls"
-                await resp.write(chunk(ev.choice, "", finish))
+                out.append(chunk(ev.choice, "", finish))
                 finished += 1
             if finished == spec.n:
                 if spec.include_usage:
-                    await resp.write(oai.sse(oai.usage_chunk(kind, rid, created, model, _usage(req, choices))))
+                    out.append(oai.sse(oai.usage_chunk(kind, rid, created, model, _usage(req, choices))))
                 progress.finished(ev.finish_reason or "stop")
-                break
+                out.append(oai.SSE_DONE)
+                await resp.write_eof(b"".join(out))
+                return resp
+            if out:
+                await resp.write(b"".join(out))
             ev = await core.next_event(req)
-        await resp.write(oai.SSE_DONE)
-        await resp.write_eof()
+        await resp.write_eof(oai.SSE_DONE)
     except ConnectionResetError:
         # The client closed the stream; `release` (in the caller) cancels the request on its worker.
         request[CLIENT_GONE] = True

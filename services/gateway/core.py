@@ -324,8 +324,13 @@ class GatewayCore:
         while queued, the queue timeout rules instead (the batcher answers it)."""
         timeout = self.settings.request_timeout_s
         while True:
+            if not req.events.empty():
+                return req.events.get_nowait()  # already here (several per message): no timer
             try:
-                return await asyncio.wait_for(req.events.get(), timeout)
+                # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own, for
+                # every event of every stream.
+                async with asyncio.timeout(timeout):
+                    return await req.events.get()
             except TimeoutError:
                 if req.waiting and self.batchers[req.model].is_queued(req):
                     continue

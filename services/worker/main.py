@@ -16,10 +16,12 @@ import time
 from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import structlog
 import torch
+from nats.aio.client import Client as NATS
 
 from cascade.advertise import check_reachable
 from cascade.config import ConfigError
@@ -52,6 +54,7 @@ from cascade.messages import (
 )
 from cascade.models.config import unit_shapes
 from cascade.models.tokenizer import Tokenizer
+from cascade.natsutil import connect
 from cascade.service import Runtime, run_process
 from cascade.stages import stage_units
 from cascade.stagewire import StageFrame
@@ -100,6 +103,11 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+async def direct_connection(settings: WorkerSettings, log: Any) -> NATS:
+    """The engine thread's own connection, for token events (services/worker/runner.py)."""
+    return await connect(settings.nats_url, f"cascade-worker-{settings.worker_id}-tokens", logger=log)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         settings = WorkerSettings.from_args(args)
@@ -135,7 +143,7 @@ class SharedWorker:
         self.log = log or structlog.get_logger().bind(service="worker", worker=settings.worker_id)
         self.device = SharedDevice(
             settings.worker_id,
-            EngineThread(self.log, settings.threads),
+            EngineThread(self.log, settings.threads, partial(direct_connection, settings, self.log)),
             MemoryLedger(int(settings.memory_mb * 1e6)),
             settings.slots,
         )
@@ -220,6 +228,7 @@ class WorkerService:
         self._runner = EngineRunner(
             lambda: self._slot.engine if self._slot else None, self._deliver, self._maybe_idle, self.log,
             threads=self.settings.threads, shared=self.shared.thread if self.shared else None, name=w,
+            publish_direct=self._publish_direct, connect=partial(direct_connection, self.settings, self.log),
         )  # fmt: skip
         self._slot = ModelSlot(
             self.settings, rt.nc, s, rt.tasks, self._runner, self.dataplane, self.device, self.idle,
@@ -554,14 +563,27 @@ class WorkerService:
             self.slot.engine.peer_failed(worker_id, reason)
             self.runner.wake()
 
-    async def publish_events(self, events: list[tuple[str, TokenEvent]], batch_size: int) -> None:
+    async def publish_events(
+        self, events: list[tuple[str, TokenEvent]], batch_size: int, nc: NATS | None = None
+    ) -> None:
+        """One message per gateway with all of a step's events for it, on `nc` (the engine
+        thread's own connection) or the service's."""
         by_gw: dict[str, list[TokenEvent]] = defaultdict(list)
         for gw, ev in events:
             by_gw[gw].append(ev)
+        conn = nc or self.rt.nc
         for gw, evs in by_gw.items():
-            await self.rt.nc.publish(
+            await conn.publish(
                 self.rt.subjects.tokens(gw), encode(TokenEvents(self.settings.worker_id, evs, batch_size=batch_size))
             )
+
+    async def _publish_direct(self, nc: NATS, result: StepResult) -> None:
+        """On the engine thread, in its own loop: the step's events on its connection."""
+        await self.publish_events(result.events, result.batch_size, nc)
+        # The client writes in its flusher task, which the publish has just woken: one turn of
+        # the loop lets it write before this returns and the loop stops for the next step (else
+        # the events would wait for the step after, or the engine's next idle wait).
+        await asyncio.sleep(0)
 
     # ------------------------------------------------------------------ queries
     async def on_snapshot(self, _: SnapshotRequest) -> WorkerSnapshot:

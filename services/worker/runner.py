@@ -11,10 +11,20 @@ The event loop hands work over and never waits on torch:
 - `call(fn, *args)` runs `fn` here, between two steps, and resolves a future on the loop (a unit
   of weights installed, the batch limit changed);
 - requests, cancels and stage frames go into the engine's thread-safe inboxes, then `wake()`;
-- steps run back to back while the engine has work; results reach the loop through a queue and
-  are published in order by `publish()`. Why not `run_in_executor` per step: each step would then
-  wait for the loop to publish the previous step's tokens and schedule the next one, about a
-  millisecond per step in future chaining and wake-ups, as much as a decode step of a small model;
+- steps run back to back while the engine has work. A step's token events are published by this
+  thread itself, on a NATS connection of its own (`direct`), when the lane gives it a way to
+  (`EngineRunner(publish_direct=...)`): handing them to the loop instead wakes the loop thread
+  every step, and the two threads then take turns on the interpreter lock: measured at one
+  stream, the engine spent 0.9–1.1 ms (median) between two steps, mostly in
+  `call_soon_threadsafe`, against 0.4 ms publishing itself, and the loop waited for the lock up
+  to several steps before it could publish a token (docs/architecture.md). Results that carry
+  stage frames (`outbox`, async sends on the loop's stage links) still reach the loop through a
+  queue and are published in order by `publish()`; a lane goes back to the direct path only once
+  the loop has delivered all it was handed, and the direct connection is flushed (a PING
+  answered) before anything is handed over after it, so a gateway never sees a request's events
+  out of order. Why not `run_in_executor` per step: each step would then wait for the loop to
+  publish the previous step's tokens and schedule the next one, about a millisecond per step in
+  future chaining and wake-ups, as much as a decode step of a small model;
 - when the engine runs out of work, `on_idle(in_flight)` tells the loop how many sequences it
   still holds (counted here, not read across threads by the loop).
 
@@ -49,11 +59,23 @@ class EngineStopped(RuntimeError):
 
 
 class EngineThread:
-    """The one thread of a worker that runs torch: every lane's steps and calls."""
+    """The one thread of a worker that runs torch: every lane's steps and calls.
 
-    def __init__(self, logger: Any = None, threads: int = 1) -> None:
+    `connect` opens the NATS connection this thread publishes token events on (see the module's
+    docstring); without it, or when it fails, every result goes through the loop."""
+
+    def __init__(
+        self, logger: Any = None, threads: int = 1, connect: Callable[[], Awaitable[Any]] | None = None
+    ) -> None:
         self.log = logger or structlog.get_logger()
         self._threads = threads
+        self._connect = connect
+        # This thread's own event loop, for its NATS connection: it runs while a direct publish
+        # goes out and while the thread waits for work (so the client answers the server's pings
+        # and reconnects), never while a step computes.
+        self._eloop: asyncio.AbstractEventLoop | None = None
+        self._awake: asyncio.Event | None = None
+        self.direct: Any = None  # the connection, while it can be used
         self._wake = threading.Event()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -76,6 +98,12 @@ class EngineThread:
 
     def wake(self) -> None:
         self._wake.set()
+        eloop, awake = self._eloop, self._awake
+        if eloop is not None and awake is not None:
+            try:
+                eloop.call_soon_threadsafe(awake.set)
+            except RuntimeError:  # its loop closed: the thread is past its last wait
+                pass
 
     def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         assert self._loop is not None, "the engine thread is not started"
@@ -84,7 +112,7 @@ class EngineThread:
             fut.set_exception(EngineStopped("the engine thread has stopped"))
             return fut
         self._calls.append((fn, args, fut))
-        self._wake.set()
+        self.wake()
         return fut
 
     def add(self, lane: EngineRunner, quota: float) -> None:
@@ -105,7 +133,7 @@ class EngineThread:
     async def stop(self) -> None:
         """Stop after the current step; calls not yet run fail with EngineStopped."""
         self._stopping = True
-        self._wake.set()
+        self.wake()
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join)
         while self._calls:
@@ -123,12 +151,82 @@ class EngineThread:
         return out
 
     def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        self._open_direct()
+        try:
+            self._serve()
+        finally:
+            self._close_direct()
+
+    def _open_direct(self) -> None:
+        if self._connect is None:
+            return
+        self._eloop = asyncio.new_event_loop()
+        self._awake = asyncio.Event()
+        try:
+            self.direct = self._eloop.run_until_complete(self._connect())
+        except Exception as e:  # the loop's connection still carries every result
+            self.log.warning("direct_publish_unavailable", error=repr(e))
+
+    def _close_direct(self) -> None:
+        eloop, self._eloop = self._eloop, None
+        if eloop is None:
+            return
+        nc, self.direct = self.direct, None
+        if nc is not None:
+            try:
+                # Flushed first: what was published here reaches the server before the events the
+                # worker still sends on its own connection (a drain's last events).
+                eloop.run_until_complete(asyncio.wait_for(_flush_and_close(nc), _DIRECT_CLOSE_S))
+            except Exception as e:
+                self.log.warning("direct_publish_close_failed", error=repr(e))
+        eloop.close()
+
+    def _sleep(self) -> None:
+        """Wait for work; with a direct connection, in this thread's loop (the client keeps its
+        connection alive meanwhile)."""
+        if self._eloop is None or self.direct is None:
+            self._wake.wait()
+            return
+        self._eloop.run_until_complete(self._idle())
+
+    async def _idle(self) -> None:
+        assert self._awake is not None
+        while not self._wake.is_set():
+            await self._awake.wait()
+            self._awake.clear()
+
+    def _hand_over(self, lane: EngineRunner, result: StepResult) -> None:
+        """Publish `result` here when the lane can and nothing it handed the loop is pending;
+        else hand it to the loop (after flushing the direct connection, so order holds)."""
+        assert self._loop is not None
+        nc, eloop = self.direct, self._eloop
+        direct = lane._publish_direct
+        if nc is not None and eloop is not None and direct is not None:
+            if not result.outbox and lane._handed == lane._delivered:
+                try:
+                    eloop.run_until_complete(direct(nc, result))
+                    lane._direct_unflushed = True
+                    lane.direct_results += 1
+                    return
+                except Exception as e:
+                    self.log.warning("direct_publish_failed", instance=lane.name, error=repr(e))
+            if lane._direct_unflushed and nc.is_connected:
+                # (While the broker is away both connections buffer; the gateway's index check
+                # catches what a reconnect reorders, as it catches lost events.)
+                try:
+                    eloop.run_until_complete(asyncio.wait_for(nc.flush(), _DIRECT_FLUSH_S))
+                except Exception as e:
+                    self.log.warning("direct_flush_failed", instance=lane.name, error=repr(e))
+                lane._direct_unflushed = False
+        lane._handed += 1
+        self._loop.call_soon_threadsafe(lane._results.put_nowait, result)
+
+    def _serve(self) -> None:
         assert self._loop is not None
         loop = self._loop
-        # Set here: torch's intra-op thread count belongs to the thread that computes.
-        torch.set_num_threads(self._threads)
         while True:
-            self._wake.wait()
+            self._sleep()
             self._wake.clear()
             if self._stopping:
                 return
@@ -151,7 +249,7 @@ class EngineThread:
                     # error (never leave a client waiting) and go on serving new ones.
                     self.log.exception("engine_step_failed", instance=name)
                     events = eng.drain_all(f"engine failure: {type(e).__name__}: {e}")
-                    loop.call_soon_threadsafe(lane._results.put_nowait, StepResult(events, [], 0, 0, 0, 0))
+                    self._hand_over(lane, StepResult(events, [], 0, 0, 0, 0))
                     busy = {}
                     break
                 lane.steps += 1
@@ -166,7 +264,7 @@ class EngineThread:
                         lane.overrun_s += elapsed - result.target_s
                 lane.busy_s += time.monotonic() - t0  # its step, padding included: its time on the device
                 if result.events or result.outbox:
-                    loop.call_soon_threadsafe(lane._results.put_nowait, result)
+                    self._hand_over(lane, result)
                 busy = self._with_work()  # a model dropped meanwhile stops stepping here
             self.scheduler.pick(())  # every lane idle: none keeps credit for the pause
             for lane in list(self.lanes.values()):
@@ -192,7 +290,10 @@ class EngineThread:
 
 
 class EngineRunner:
-    """One instance's lane on the engine thread: its own by default, or a shared worker's."""
+    """One instance's lane on the engine thread: its own by default, or a shared worker's.
+
+    `publish_direct(connection, result)` publishes a result's events on the engine thread's own
+    connection (see the module's docstring); `deliver(result)` does it on the loop."""
 
     def __init__(
         self,
@@ -204,14 +305,24 @@ class EngineRunner:
         shared: EngineThread | None = None,
         name: str = "main",
         quota: float = DEFAULT_QUOTA,
+        publish_direct: Callable[[Any, StepResult], Awaitable[None]] | None = None,
+        connect: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
+        """`connect`: the direct connection of the thread this lane makes (not with `shared`,
+        whose thread has its own)."""
         self._get_engine = get_engine
         self._deliver = deliver
+        self._publish_direct = publish_direct
+        # Results handed to the loop, and those it delivered: each written by one thread only.
+        self._handed = 0
+        self._delivered = 0
+        self._direct_unflushed = False  # published directly since the last hand-over
+        self.direct_results = 0  # results published on the engine thread's connection
         self._on_idle = on_idle
         self.name = name
         self.log = logger or structlog.get_logger()
         self._owns_thread = shared is None
-        self.thread = shared or EngineThread(self.log, threads)
+        self.thread = shared or EngineThread(self.log, threads, connect)
         self._quota = quota
         self._stopped = False
         self._added: asyncio.Future[None] | None = None
@@ -269,12 +380,28 @@ class EngineRunner:
         self.thread.remove(self.name)
         while not self._results.empty():
             await self._deliver(self._results.get_nowait())
+            self._delivered += 1
 
     async def publish(self) -> None:
         """The loop side: deliver step results in order (a task for the service's lifetime)."""
         while True:
             result = await self._results.get()
-            await self._deliver(result)
+            try:
+                await self._deliver(result)
+            finally:
+                self._delivered += 1
+
+
+# How long the engine thread waits for its direct connection's flush (before a hand-over to the
+# loop) and close: a broker gone quiet must not stall the steps for long.
+_DIRECT_FLUSH_S = 2.0
+_DIRECT_CLOSE_S = 5.0
+
+
+async def _flush_and_close(nc: Any) -> None:
+    if nc.is_connected:
+        await nc.flush()
+    await nc.close()
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
