@@ -81,11 +81,6 @@ def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Conf
         "keep_alive_s": 4.0,
         "downscale_delay_s": 10.0,
         "activation_scale": n,
-        # A wave's end left every instance idle until keep-alive: once nothing has run, queued or
-        # arrived for 1.5 s, all but one go (a request then finds the warm one, and the rest come
-        # back in 0.54 s). Inside the waves, the committed run's records show two such gaps: 1.4 s
-        # at replay 10 s (kept) and 2.5 s at 149 s (where the downscale delay already cut 4 to 3).
-        "idle_down_s": 1.5,
     }
     # Ray Serve's default target (2 ongoing per replica); one tick of upscale delay, as ServerlessLLM
     # starts an instance when requests queue; keep-alive and downscale delay at the policy's defaults.
