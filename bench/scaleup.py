@@ -115,6 +115,8 @@ class RunLog:
     first_event: dict[str, float] = field(default_factory=dict)  # request id → its first token event
     # worker → first heartbeat that shows it working for a request (driving routes, or running some)
     first_work: dict[str, float] = field(default_factory=dict)
+    # (time, worker, routes it drives, layers it runs for them in all), from heartbeats with routes
+    driving: list[tuple[float, str, int, int]] = field(default_factory=list)
 
 
 def capacity_req_s(profile_name: str, max_batch: int, prompt: int, out: int) -> float:
@@ -209,6 +211,8 @@ async def drive(a: argparse.Namespace, mesh: Mesh, url: str, mode: str, target: 
         hb = decode(m.data, Heartbeat)
         if hb.model == MODEL and (hb.driven_layers > 0 or hb.running > 0) and hb.worker_id not in log.first_work:
             log.first_work[hb.worker_id] = time.monotonic() - t0
+        if hb.model == MODEL and hb.driven > 0:
+            log.driving.append((time.monotonic() - t0, hb.worker_id, hb.driven, hb.driven_layers))
 
     await nc.subscribe(subjects.heartbeat_all(), cb=on_heartbeat)
     await nc.subscribe(subjects.scale_decision(), cb=on_decision)
@@ -293,6 +297,10 @@ def analyse(
             t90 = i - dec
             break
     full_load_s = all_loaded - dec
+    # How deep the new instances' routes split, on average over the window's heartbeats: the share
+    # of each routed request the busy instance is spared is this over the model's layers.
+    driving = [(n, k) for t, w, n, k in log.driving if w in workers and dec <= t <= all_loaded]
+    depth = sum(k for _, k in driving) / sum(n for n, _ in driving) if driving else float("nan")
     return {
         "mode": mode,
         "target_replicas": target,
@@ -317,6 +325,8 @@ def analyse(
             "p50": percentile([(r.first - r.arrival) * 1e3 for r in ok], 50),
             "p99": percentile([(r.first - r.arrival) * 1e3 for r in ok], 99),
         },
+        "route_layers_window": depth,
+        "layers": a.layers,
         "served_by_new_during_window": sum(1 for r in window if log.served_by.get(r.rid) in workers),
         "timeline": {
             "arrival": [round(r.arrival, 4) for r in ok],
@@ -400,6 +410,12 @@ def markdown(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
         "first token, later by its wait in the busy instance's queue, which every request takes in arrival "
         "order (services/worker/engine.py, `_admit`).\n"
     )
+    for r in rows:
+        if r["mode"] == "live" and r.get("route_layers_window") == r.get("route_layers_window"):
+            text += (
+                f"\nRoutes through the new instances during the window (live, 1→{r['target_replicas']}): "
+                f"{r['route_layers_window']:.2f} layers each there on average (heartbeats), of {r.get('layers', '?')}."
+            )
     for r in rows:
         if r["mode"] != "live":
             continue

@@ -6,6 +6,7 @@ import pytest
 
 from cascade.messages import RouteStage
 from services.gateway.router import (
+    LATE_SPLIT_STEPS,
     QUEUE_AHEAD,
     InstanceView,
     Room,
@@ -16,6 +17,7 @@ from services.gateway.router import (
     front_layers,
     models_without_instance,
     serves_fully,
+    split_later,
 )
 
 
@@ -310,3 +312,30 @@ def test_from_zero_the_lm_head_holder_runs_the_last_layer() -> None:
 def test_from_zero_gives_way_to_a_full_instance() -> None:
     views = [held("a", {0, 1, 2, 3}), held("b", {4, 5, 6, 7, 8, 9}), inst("f", units=10, num_units=10)]
     assert choose_route(views, "m") == Route("f", room=None)
+
+
+def test_a_route_waits_here_while_the_busy_instance_has_prefill_queued_then_splits_deeper() -> None:
+    """Late split: a route made now would queue behind the full instance's prefill at the split of
+    this moment; waiting here until that queue is short gets it the head's layers of then."""
+    budget = 100
+    tail = LATE_SPLIT_STEPS * budget
+
+    def f(unstarted: int = 0, relayed: int = 0) -> InstanceView:
+        return InstanceView(
+            "f", "m", "serving", 6, 6, 8, 0, 8, 0, 0, 6, "h:1", 0, budget, unstarted, 2,
+            relayed_unstarted_tokens=relayed,
+        )  # fmt: skip
+
+    # Its own prompts and the later stages of routes both count, by tokens.
+    assert not split_later(f(unstarted=tail - 1))
+    assert split_later(f(unstarted=tail // 2, relayed=tail - tail // 2))
+    assert not split_later(replace(f(relayed=tail), prefill_budget=0))  # budget unknown: no bound
+    r = choose_route([f(relayed=tail - 1), loading("n", 3)], "m")
+    assert r is not None and r.stages[0].end == 2
+    assert choose_route([f(relayed=tail), loading("n", 3)], "m") is None  # held here
+    # The queue drained while the head loaded one more layer: the route runs three of four there.
+    r = choose_route([f(relayed=tail - 1), loading("n", 4)], "m")
+    assert r is not None and r.worker_id == "n" and r.stages[0].end == 3
+    # Stop-the-world and no head: as before (the full instance, its queue permitting).
+    assert choose_route([f(relayed=tail), loading("n", 3)], "m", live=False) == Route("f")
+    assert choose_route([f(relayed=tail)], "m") == Route("f")

@@ -25,6 +25,19 @@ def test_unstarted_tokens_count_prompts_without_a_token_yet() -> None:
     assert hub.inflight_by_worker() == {"w1": 2}
 
 
+def test_routes_count_their_unstarted_prompts_on_their_later_stages_by_share() -> None:
+    hub = StreamHub(on_stray=lambda w, ids: None)
+    a, b, whole = req("a", 100), req("b", 40), req("w", 10)
+    for r, head, relays, shares in ((a, "n", ("f",), (0.75,)), (b, "n", ("f", "g"), (0.5, 0.25)), (whole, "f", (), ())):
+        hub.open(r)
+        r.advance(Phase.PREFILL, head)
+        r.relays, r.relay_shares = relays, shares
+    # 100 x 0.75 + 40 x 0.5 on f, 40 x 0.25 on g; a whole request is f's own (unstarted_by_worker).
+    assert hub.relayed_unstarted_by_worker() == {"f": 95, "g": 10}
+    a.advance(Phase.DECODE)  # its first token came back: nothing of it is queued on f any more
+    assert hub.relayed_unstarted_by_worker() == {"f": 20, "g": 10}
+
+
 def test_the_life_cycle_allows_only_its_transitions() -> None:
     r = req("r", 3)
     assert r.phase is Phase.QUEUED and r.worker_id is None and not r.produced

@@ -786,3 +786,36 @@ def test_rate_scale_down_can_read_a_smoothed_demand() -> None:
     assert run(smooth) == [3]  # 180 / (100 x 0.7) → 3; at 3 the peaks (0.87) stay under upper_util
     with pytest.raises(ValueError, match="down_smoothing_s"):
         pol.knobs({"down_smoothing_s": -1}, 1, 8)
+
+
+def test_rate_idle_model_goes_down_to_its_warm_instance_before_keep_alive() -> None:
+    """`idle_down_s`: nothing running, queued or arriving for that long, and the instances above
+    the keep-alive floor go at once (the downscale delay guards a demand's dips, an idle model has
+    none); the last one goes at keep-alive, and a request meanwhile brings the rest back at once."""
+    pol = get_policy("rate")
+    knobs = {"capacity_tps": 100, "tokens_per_request": 10, "learn_capacity": 0, "downscale_delay_s": 10,
+             "keep_alive_s": 4, "up_target_util": 0.5}  # fmt: skip
+    for idle_down, first_down in ((0.0, (4.0, 0)), (1.0, (1.0, 1))):
+        k = pol.knobs({**knobs, "idle_down_s": idle_down}, 0, 4)
+        st, serving, downs = pol.initial_state(), 4, []
+        # Busy until t=0 (the last arrival), then nothing for 6 s.
+        for t in (-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0):
+            busy = t <= 0
+            sig = LoadSignals("m", t, 10.0, arrival_rate=14.0 if busy else 0.0, running=8 if busy else 0,
+                              serving=serving, last_arrival=min(t, 0.0))  # fmt: skip
+            d, st = pol.decide(sig, k, st)
+            if d is not None and d.delta < 0:
+                downs.append((t, d.target_replicas))
+                serving = d.target_replicas
+        assert downs[0] == first_down, idle_down
+        assert downs[-1] == (4.0, 0)  # zero at keep-alive either way
+    # Idle, then a request: back up at once from the warm instance (not after a delay).
+    k = pol.knobs({**knobs, "idle_down_s": 1.0}, 0, 4)
+    st = pol.initial_state()
+    for t, serving, running, rate in ((0.0, 4, 8, 14.0), (1.5, 4, 0, 0.0), (2.0, 1, 4, 14.0)):
+        last = t if rate else 0.0
+        sig = LoadSignals("m", t, 10.0, arrival_rate=rate, running=running, serving=serving, last_arrival=last)
+        d, st = pol.decide(sig, k, st)
+    assert d is not None and d.action == "up" and d.target_replicas == 3
+    with pytest.raises(KnobError, match="idle_down_s"):
+        pol.knobs({"idle_down_s": -1}, 0, 4)

@@ -371,7 +371,9 @@ class GatewayCore:
             return None
         dep = self.catalog.deployment.get(model)
         live = dep is None or dep.scaling == "live"
-        views = self.registry.views(self.hub.inflight_by_worker(), self.hub.unstarted_by_worker())
+        views = self.registry.views(
+            self.hub.inflight_by_worker(), self.hub.unstarted_by_worker(), self.hub.relayed_unstarted_by_worker()
+        )
         return choose_route(views, model, avoid, live)
 
     def _wake_queued(self, model: str) -> None:
@@ -433,6 +435,8 @@ class GatewayCore:
         # route is bound to its first stage: that worker drives it and sends its tokens.
         worker = route.worker_id
         relays = tuple(s.worker_id for s in route.stages[1:])
+        layers = max((s.end for s in route.stages), default=0)
+        shares = tuple((s.end - s.start) / layers for s in route.stages[1:]) if layers else ()
         now = time.monotonic()
         for r in batch:
             r.advance(Phase.PREFILL, worker)
@@ -442,6 +446,7 @@ class GatewayCore:
                 r.dispatched_at = now
             r.dispatches += 1
             r.relays = relays
+            r.relay_shares = shares
             r.resumed = len(r.streamed)
             r.choice_resumed = {c: len(ids) for c, ids in r.choice_streamed.items()}
         model = batch[0].model

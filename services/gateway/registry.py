@@ -45,11 +45,13 @@ class Registry:
         self,
         inflight: Mapping[str, int] | None = None,
         unstarted: Mapping[str, tuple[int, int]] | None = None,
+        relayed: Mapping[str, int] | None = None,
     ) -> list[InstanceView]:
         """The routing snapshot. Until a worker's readiness is known from a snapshot, its
         heartbeat's unit count stands in (a worker whose snapshot handler is slow is still used)."""
         inflight = inflight or {}
         unstarted = unstarted or {}
+        relayed = relayed or {}
         out = []
         for v in self.table.views():
             state: str = v.state
@@ -76,6 +78,7 @@ class Registry:
                     kv_cache_usage=v.kv_cache_usage,
                     unstarted_tokens=tokens,
                     unstarted_prompts=prompts,
+                    relayed_unstarted_tokens=relayed.get(v.worker_id, 0),
                     group=v.group,
                     stage_start=v.stage_start,
                     stage_end=v.stage_end,

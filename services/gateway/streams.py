@@ -100,6 +100,9 @@ class RequestState:
     # Later stages of its pipelined route (the first is `worker_id`): a failure on the route may
     # be theirs, so a migration avoids them too.
     relays: tuple[str, ...] = ()
+    # Per later stage (as `relays`): the share of the model's decoder layers it runs for this
+    # request, so the router can tell how much prompt work a route left queued on its tail.
+    relay_shares: tuple[float, ...] = ()
     # Migration: every token id streamed to the client so far, how many of them the current
     # dispatch resumed from (they ended its prompt), and how many times it moved.
     streamed: list[int] = field(default_factory=list)
@@ -205,6 +208,17 @@ class StreamHub:
                 n, tokens = out.get(r.worker_id, (0, 0))
                 out[r.worker_id] = (n + 1, tokens + len(r.prompt_ids))
         return out
+
+    def relayed_unstarted_by_worker(self) -> dict[str, int]:
+        """Per worker, prompt tokens of this gateway's pipelined routes that have no token yet and
+        run later stages there, each weighed by the share of the layers that stage runs: the
+        prefill those routes have queued on their tails, in full-model prompt tokens."""
+        out: dict[str, float] = {}
+        for r in self._requests.values():
+            if r.phase is Phase.PREFILL and r.relays:
+                for w, share in zip(r.relays, r.relay_shares, strict=False):
+                    out[w] = out.get(w, 0.0) + len(r.prompt_ids) * share
+        return {w: round(t) for w, t in out.items()}
 
     def on_worker(self, worker_id: str) -> list[RequestState]:
         return [r for r in self._requests.values() if r.worker_id == worker_id]

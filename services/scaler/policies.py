@@ -257,9 +257,18 @@ class RateKnobs:
     # request of a burst says little about its size, and a second decision waits for the first
     # one's load: on a bursty trace the wave arrives while one instance loads alone.
     activation_scale: int = 1
+    # With nothing in the system (no request running or queued, none arriving) for this long, go
+    # down to the keep-alive floor (one warm instance, or min_replicas) at once (0: off). The
+    # downscale delay guards against dips of a demand that is still there; an idle model has none,
+    # and until keep-alive takes it to zero the instances above the first only wait. A request in
+    # that time is served by the warm instance while a scale-up (cheap under live scaling) follows.
+    # Keep it above the gaps that occur inside a wave of arrivals, or the wave pays a scale-up.
+    idle_down_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_bounds(self.min_replicas, self.max_replicas, self.keep_alive_s)
+        if self.idle_down_s < 0:
+            raise ValueError("idle_down_s must be >= 0")
         if self.activation_scale < 1:
             raise ValueError("activation_scale must be at least 1")
         if self.learn_capacity not in (0.0, 1.0):
@@ -393,6 +402,9 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Target | N
         return Target(target, cur, f"bounds: {cur} outside [{floor}, {k.max_replicas}]", figures), new
     if expired and floor == 0:
         return Target(0, cur, f"keep-alive: no requests for {now - last_busy:.0f}s", figures), new
+    if k.idle_down_s > 0 and s.ongoing == 0 and cur > floor and now - last_busy >= k.idle_down_s:
+        reason = f"idle for {now - last_busy:.1f}s: {floor} kept warm until keep-alive"
+        return Target(floor, cur, reason, figures), new
     if util > k.upper_util and want > cur:
         target = min(up_want, step_cap)
         reason = f"utilisation {util:.2f} > {k.upper_util:g}: demand {demand:.0f} tok/s over {cap:.0f} per instance"
