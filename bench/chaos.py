@@ -77,7 +77,12 @@ from cascade.subjects import Subjects
 
 MODEL = "chaos-model"
 HEARTBEAT_S = 0.5
-FAULTS = ("worker_serving", "worker_multicast", "worker_stage", "loader", "scaler", "gateway", "nats")
+# Scale-ups the stage fault may take before a partial route runs through a loading head.
+STAGE_ATTEMPTS = 3
+# The stage fault first: on the first scale-up the serving instances are few enough for its burst to
+# fill them and shed front layers onto the loading head; later in the run (more instances, the
+# trace elsewhere) a link-pace load often ends before any partial route runs through it.
+FAULTS = ("worker_stage", "worker_serving", "worker_multicast", "loader", "scaler", "gateway", "nats")
 SCALE_UP_FAULTS = ("worker_multicast", "worker_stage")  # each asks for one more instance first
 
 
@@ -431,10 +436,23 @@ class Chaos:
                 # already serving (a backlog past that would only delay the first request sent
                 # after the fault, which recovery waits for).
                 burst = self.a.max_batch * (self.target - 1)
-                for i in range(burst):
-                    send(prompt_ids(self.a.max_prompt, self.a.seed + 1, i), self.a.max_tokens)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.watch.stage_seen.wait(), 30)
+                for attempt in range(STAGE_ATTEMPTS):
+                    for i in range(burst):
+                        send(prompt_ids(self.a.max_prompt, self.a.seed + 1, attempt * burst + i), self.a.max_tokens)
+                    # A partial route runs through the head while it loads, or not at all: waiting
+                    # long past the load only moves the trace's replay on (and into its lulls).
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.watch.stage_seen.wait(), max(5.0, 8 * self.a.load_s))
+                    if self.watch.stage_running is not None or attempt == STAGE_ATTEMPTS - 1:
+                        break
+                    # The new instance finished loading before a partial route ran through it (a
+                    # link-pace load is short, and the gateway may hold routes back while the busy
+                    # instances have prefill queued): take it back and scale up again.
+                    await self.scale(self.target - 1)
+                    await wait_for(lambda: not loading() and len(self.watch.serving()) <= self.target, 30)
+                    self.watch.partial.clear()
+                    await self.scale(self.target + 1)
+                what_attempts = attempt + 1
                 ok = self.watch.stage_running is not None
                 head = self.watch.stage_running[1] if self.watch.stage_running is not None else ""
                 cands = [hb for _, hb in self.watch.beats.values() if hb.worker_id == head] or loading()
@@ -466,6 +484,7 @@ class Chaos:
             }  # fmt: skip
             if fault == "worker_stage":
                 what["partial_routes_at_kill"] = routed
+                what["attempts"] = what_attempts
                 what["burst"] = burst
                 if self.watch.stage_running is not None:
                     # Units it held when it accepted the route, and how long the kill took after.
@@ -537,7 +556,23 @@ async def run_fault(chaos: Chaos, fault: str, http: aiohttp.ClientSession, base:
         if not a.clients:
             # A probe sent at the kill: recovery waits for a request sent after the fault, and the
             # trace's own arrivals may pause for seconds (its bursts), which is no part of it.
-            send(prompt_ids(min(64, a.max_prompt), a.seed + 2, chaos.next_arrival), a.max_tokens)
+            probe_prompt = prompt_ids(min(64, a.max_prompt), a.seed + 2, chaos.next_arrival)
+
+            async def probe() -> None:
+                # The bench's instrument, not a client: a probe that went out on a pooled connection
+                # to the gateway just killed is cut before any answer, and would leave recovery to
+                # the trace's next arrival (36 s in one run). It asks again, as the OpenAI client
+                # retries a connection error; only its last attempt counts among the outcomes.
+                until = time.monotonic() + a.request_deadline_s
+                while True:
+                    o = await one_request(http, base, a.max_tokens, a.request_deadline_s, headers, probe_prompt)
+                    if o.kind != "cut" or time.monotonic() >= until or stop.is_set():
+                        outcomes.append(o)
+                        return
+
+            pf = asyncio.ensure_future(probe())
+            in_flight.add(pf)
+            pf.add_done_callback(in_flight.discard)
         print(f"  {fault}: {what}", flush=True)
         dropped_at: float | None = None
         capacity_at: float | None = None
