@@ -411,10 +411,11 @@ def markdown(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
         "order (services/worker/engine.py, `_admit`).\n"
     )
     for r in rows:
-        if r["mode"] == "live" and r.get("route_layers_window") == r.get("route_layers_window"):
+        depth = r.get("route_layers_window")  # absent in results written before it was measured
+        if r["mode"] == "live" and depth is not None and depth == depth:  # (NaN: no route in the window)
             text += (
                 f"\nRoutes through the new instances during the window (live, 1→{r['target_replicas']}): "
-                f"{r['route_layers_window']:.2f} layers each there on average (heartbeats), of {r.get('layers', '?')}."
+                f"{depth:.2f} layers each there on average (heartbeats), of {r.get('layers', '?')}."
             )
     for r in rows:
         if r["mode"] != "live":
