@@ -14,8 +14,8 @@ import structlog
 from aiohttp import web
 
 from cascade.apikeys import API_KEYS_ENV, is_loopback, keys_from, open_gateway_warning
-from cascade.cliargs import add_common_arguments, deployment_from_args
-from cascade.config import ConfigError, Deployment, env_float, env_int, env_str
+from cascade.cliargs import METRICS_S, Opt, add_common_arguments, add_options, deployment_from_args, settings_from
+from cascade.config import ConfigError, Deployment
 from cascade.logs import setup_logging
 from cascade.service import Runtime, ServiceHost
 from services.gateway.app import create_app
@@ -92,80 +92,52 @@ def host(service: GatewayService) -> ServiceHost:
 # --------------------------------------------------------------------------- CLI
 
 
+_D = GatewaySettings(nats_url="")
+# The gateway's flags in --help order; those with a variable read their default from it when it is set.
+OPTIONS = (
+    Opt("--gateway-id", None, "gateway id in subjects", shown="gw-<random>"),
+    Opt("--host", _D.host, "listen address", env="CASCADE_GATEWAY_HOST"),
+    Opt("--port", _D.port, "listen port (0: any free port)", env="CASCADE_GATEWAY_PORT", type=int),
+    Opt("--max-batch-size", _D.max_batch_size, "requests per dispatched batch", type=int),
+    Opt(
+        "--batch-wait-timeout-s",
+        _D.batch_wait_timeout_s,
+        "longest wait for a batch to fill after its first request",
+        type=float,
+    ),
+    Opt("--max-queue", _D.max_queue, "queued requests per model before 429", type=int),
+    Opt("--queue-timeout-s", _D.queue_timeout_s, "wait for an instance before 503", type=float),
+    Opt(
+        "--request-timeout-s",
+        _D.request_timeout_s,
+        "longest silence from a worker during a request before 504",
+        type=float,
+    ),
+    Opt("--max-body-bytes", _D.max_body_bytes, "largest request body (413 above)", type=int),
+    Opt("--dispatch-timeout-s", _D.dispatch_timeout_s, "wait for a worker to admit a batch", type=float),
+    # The same variable as the workers' --metrics-s: one knob sets how often the scaler hears.
+    METRICS_S.but(flag="--metrics-interval-s", default=_D.metrics_interval_s),
+    Opt(
+        "--migration-limit",
+        _D.migration_limit,
+        "times a request whose worker is lost mid-stream moves to another instance, resuming "
+        "where its stream stopped; 0 fails it instead",
+        type=int,
+    ),
+    Opt(
+        "--tool-call-parser",
+        _D.tool_call_parser,
+        "how the model writes tool calls (vLLM's parser names); auto reads it off the chat template",
+        env="CASCADE_TOOL_CALL_PARSER",
+        choices=("auto", "hermes", "llama3_json", "mistral"),
+    ),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = GatewaySettings(nats_url="")
     add_common_arguments(parser)
     g = parser.add_argument_group("gateway")
-    g.add_argument("--gateway-id", default=None, help="gateway id in subjects (default gw-<random>)")
-    g.add_argument(
-        "--host", default=env_str("CASCADE_GATEWAY_HOST", d.host), help="listen address (default %(default)s)"
-    )
-    g.add_argument(
-        "--port",
-        type=int,
-        default=env_int("CASCADE_GATEWAY_PORT", d.port),
-        help="listen port (0: any free port) (default %(default)s)",
-    )
-    g.add_argument(
-        "--max-batch-size",
-        type=int,
-        default=d.max_batch_size,
-        help="requests per dispatched batch (default %(default)s)",
-    )
-    g.add_argument(
-        "--batch-wait-timeout-s",
-        type=float,
-        default=d.batch_wait_timeout_s,
-        help="longest wait for a batch to fill after its first request (default %(default)s)",
-    )
-    g.add_argument(
-        "--max-queue", type=int, default=d.max_queue, help="queued requests per model before 429 (default %(default)s)"
-    )
-    g.add_argument(
-        "--queue-timeout-s",
-        type=float,
-        default=d.queue_timeout_s,
-        help="wait for an instance before 503 (default %(default)s)",
-    )
-    g.add_argument(
-        "--request-timeout-s",
-        type=float,
-        default=d.request_timeout_s,
-        help="longest silence from a worker during a request before 504 (default %(default)s)",
-    )
-    g.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=d.max_body_bytes,
-        help="largest request body (413 above) (default %(default)s)",
-    )
-    g.add_argument(
-        "--dispatch-timeout-s",
-        type=float,
-        default=d.dispatch_timeout_s,
-        help="wait for a worker to admit a batch (default %(default)s)",
-    )
-    g.add_argument(
-        "--metrics-interval-s",
-        type=float,
-        # The same variable as the workers' --metrics-s: one knob sets how often the scaler hears.
-        default=env_float("CASCADE_METRICS_S", d.metrics_interval_s),
-        help="how often load reports go to the scaler (env CASCADE_METRICS_S, default %(default)s)",
-    )
-    g.add_argument(
-        "--migration-limit",
-        type=int,
-        default=d.migration_limit,
-        help="times a request whose worker is lost mid-stream moves to another instance, resuming "
-        "where its stream stopped; 0 fails it instead (default %(default)s)",
-    )
-    g.add_argument(
-        "--tool-call-parser",
-        choices=("auto", "hermes", "llama3_json", "mistral"),
-        default=env_str("CASCADE_TOOL_CALL_PARSER", d.tool_call_parser),
-        help="how the model writes tool calls (vLLM's parser names); auto reads it off the chat template "
-        "(env CASCADE_TOOL_CALL_PARSER, default %(default)s)",
-    )
+    add_options(g, *OPTIONS)
     g.add_argument(
         "--api-key",
         action="append",
@@ -174,32 +146,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1 routes (repeatable; also the comma-separated "
         f"${API_KEYS_ENV}; default: none, which is for a gateway on loopback only)",
     )
-    g.add_argument(
-        "--shutdown-grace-s",
-        type=float,
-        default=d.shutdown_grace_s,
-        help="time running streams get at shutdown (default %(default)s)",
-    )
+    Opt("--shutdown-grace-s", _D.shutdown_grace_s, "time running streams get at shutdown", type=float).add(g)
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
-    return GatewaySettings(
-        nats_url=args.nats_url,
-        prefix=args.prefix,
+    return settings_from(
+        GatewaySettings,
+        args,
         gateway_id=args.gateway_id or new_gateway_id(),
-        host=args.host,
-        port=args.port,
-        max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_timeout_s,
-        max_queue=args.max_queue,
-        queue_timeout_s=args.queue_timeout_s,
-        request_timeout_s=args.request_timeout_s,
-        max_body_bytes=args.max_body_bytes,
-        dispatch_timeout_s=args.dispatch_timeout_s,
-        shutdown_grace_s=args.shutdown_grace_s,
-        migration_limit=args.migration_limit,
-        metrics_interval_s=args.metrics_interval_s,
-        tool_call_parser=args.tool_call_parser,
         api_keys=keys_from(getattr(args, "api_key", None)),
     )
 

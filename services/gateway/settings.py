@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from cascade.config import env_float
+from cascade.cliargs import HEARTBEAT_S
 from cascade.subjects import check_token
 
 
@@ -14,7 +14,8 @@ def new_gateway_id() -> str:
 
 
 def default_heartbeat_s() -> float:
-    return env_float("CASCADE_HEARTBEAT_S", 1.0)
+    # No flag: the gateway reads the workers' interval from the variable every service shares.
+    return float(HEARTBEAT_S.env_default())
 
 
 @dataclass(frozen=True, slots=True)

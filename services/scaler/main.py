@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 import structlog
 from nats.aio.msg import Msg
 
-from cascade.cliargs import add_common_arguments, positive_float, service_start
-from cascade.config import ConfigError, Deployment, entry_json, env_float, env_str, model_from_entry, write_json_atomic
+from cascade.cliargs import HEARTBEAT_S, Opt, add_common_arguments, add_options, positive_float, service_start
+from cascade.config import ConfigError, Deployment, entry_json, model_from_entry, write_json_atomic
 from cascade.messages import (
     ActiveDecisions,
     ActiveDecisionsRequest,
@@ -71,51 +71,51 @@ SNAPSHOT_TIMEOUT_S = 2.0
 R = TypeVar("R")  # the answer a worker order expects
 
 
+# The scaler's flags in --help order; each one's default is read from its variable when that is set.
+OPTIONS = (
+    Opt(
+        "--scaler-id",
+        f"scaler-{os.getpid()}",
+        "instance id, used in decision ids",
+        env="CASCADE_SCALER_ID",
+        shown="scaler-<pid>",
+    ),
+    Opt("--tick-s", 1.0, "seconds between looks at the mesh", env="CASCADE_SCALER_TICK_S", type=positive_float),
+    Opt(
+        "--ack-timeout-s",
+        DEFAULT_ACK_TIMEOUT_S,
+        "give up on a decision's ack after this long and retry later",
+        env="CASCADE_SCALER_ACK_TIMEOUT_S",
+        type=positive_float,
+    ),
+    HEARTBEAT_S,
+    Opt(
+        "--window-s",
+        30.0,
+        "window of latency percentiles and step samples",
+        env="CASCADE_SCALER_WINDOW_S",
+        type=positive_float,
+    ),
+    Opt(
+        "--rate-window-s",
+        10.0,
+        "window of arrival and token rates",
+        env="CASCADE_SCALER_RATE_WINDOW_S",
+        type=positive_float,
+    ),
+    Opt(
+        "--stale-s",
+        5.0,
+        "a gateway's or worker's load figures count for this long after its last report",
+        env="CASCADE_SCALER_STALE_S",
+        type=positive_float,
+    ),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    g = parser.add_argument_group("scaler")
-    g.add_argument(
-        "--scaler-id",
-        default=env_str("CASCADE_SCALER_ID", f"scaler-{os.getpid()}"),
-        help="instance id, used in decision ids (env CASCADE_SCALER_ID; default scaler-<pid>)",
-    )
-    g.add_argument(
-        "--tick-s",
-        type=positive_float,
-        default=env_float("CASCADE_SCALER_TICK_S", 1.0),
-        help="seconds between looks at the mesh (env CASCADE_SCALER_TICK_S, default 1.0)",
-    )
-    g.add_argument(
-        "--ack-timeout-s",
-        type=positive_float,
-        default=env_float("CASCADE_SCALER_ACK_TIMEOUT_S", DEFAULT_ACK_TIMEOUT_S),
-        help="give up on a decision's ack after this long and retry later "
-        f"(env CASCADE_SCALER_ACK_TIMEOUT_S, default {DEFAULT_ACK_TIMEOUT_S:g})",
-    )
-    g.add_argument(
-        "--heartbeat-s",
-        type=positive_float,
-        default=env_float("CASCADE_HEARTBEAT_S", 1.0),
-        help="workers' heartbeat interval; 3 missed = dead (env CASCADE_HEARTBEAT_S, default 1.0)",
-    )
-    g.add_argument(
-        "--window-s",
-        type=positive_float,
-        default=env_float("CASCADE_SCALER_WINDOW_S", 30.0),
-        help="window of latency percentiles and step samples (env CASCADE_SCALER_WINDOW_S, default 30)",
-    )
-    g.add_argument(
-        "--rate-window-s",
-        type=positive_float,
-        default=env_float("CASCADE_SCALER_RATE_WINDOW_S", 10.0),
-        help="window of arrival and token rates (env CASCADE_SCALER_RATE_WINDOW_S, default 10)",
-    )
-    g.add_argument(
-        "--stale-s",
-        type=positive_float,
-        default=env_float("CASCADE_SCALER_STALE_S", 5.0),
-        help="a gateway's or worker's load figures count for this long after its last report (default 5)",
-    )
+    add_options(parser.add_argument_group("scaler"), *OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:

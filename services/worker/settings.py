@@ -9,8 +9,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cascade.cliargs import add_common_arguments
-from cascade.config import ConfigError, cascade_home, env_float, env_int, env_str, resolve_nats_url, resolve_prefix
+from cascade.cliargs import HEARTBEAT_S, HOST_ID, METRICS_S, Opt, add_common_arguments, add_options, settings_from
+from cascade.config import ConfigError, cascade_home, env_float, env_str, resolve_nats_url, resolve_prefix
 from cascade.device_profile import load_profile
 from cascade.subjects import check_token
 
@@ -107,227 +107,207 @@ class WorkerSettings:
     def from_args(cls, a: argparse.Namespace) -> WorkerSettings:
         wid = a.worker_id or f"w-{socket.gethostname().split('.')[0]}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         wid = "".join(c if c.isalnum() or c in "-_" else "-" for c in wid)
-        return cls(
+        return settings_from(
+            cls,
+            a,
             nats_url=resolve_nats_url(a.nats_url),
             prefix=resolve_prefix(a.prefix),
             worker_id=wid,
-            threads=a.threads,
-            max_batch=a.max_batch,
-            max_waiting=a.max_waiting,
-            device=a.device,
-            heartbeat_s=a.heartbeat_s,
-            drain_timeout_s=a.drain_timeout_s,
-            stage_host=a.stage_host,
-            stage_port=a.stage_port,
-            advertise_host=a.advertise_host,
-            load_mb_s=a.load_mb_s,
-            data_host=a.data_host,
-            data_port=a.data_port,
-            device_profile=a.device_profile,
-            kv_slots=a.kv_slots,
-            metrics_s=a.metrics_s,
-            local_cache_mb=a.local_cache_mb,
-            local_cache_mb_s=a.local_cache_mb_s,
-            max_prefill_tokens=a.max_prefill_tokens,
             emulated_token_scale=env_float("CASCADE_EMULATED_TOKEN_SCALE", 1.0),
-            kv_cache_mb=a.kv_cache_mb,
-            max_model_len=a.max_model_len,
-            kv_block_size=a.kv_block_size,
-            prefix_caching=a.prefix_caching,
-            logprobs_mode=a.logprobs_mode,
-            model_source=a.model_source,
             host_id=a.host_id or "",
             files_dir=a.files_dir or "",
-            address_check_s=a.address_check_s,
-            slots=a.slots,
-            memory_mb=a.memory_mb,
         )
+
+
+# The worker's flags in --help order; each one's default is read from its variable when that is set.
+OPTIONS = (
+    Opt(
+        "--worker-id",
+        None,
+        "unique id: letters, digits, - and _",
+        env="CASCADE_WORKER_ID",
+        shown="derived from host and pid",
+    ),
+    Opt(
+        "--threads",
+        1,
+        "torch threads for this worker",
+        env="CASCADE_TORCH_THREADS",
+        type=int,
+        shown="1: workers share the cores",
+    ),
+    Opt("--max-batch", 32, "most sequences in the running batch", env="CASCADE_MAX_BATCH", type=int),
+    Opt(
+        "--max-prefill-tokens",
+        2048,
+        "prompt tokens one step computes at most, across every prompt it starts or continues; longer "
+        "prompts are prefilled in chunks, so decoding sequences never wait behind a whole long prompt. With "
+        "an emulated device, in the tokens it prices",
+        env="CASCADE_MAX_PREFILL_TOKENS",
+        type=int,
+    ),
+    Opt(
+        "--kv-cache-mb",
+        0.0,
+        "memory for the paged KV cache, in MB",
+        env="CASCADE_KV_CACHE_MB",
+        type=float,
+        shown="0: measured at load, what is left after the weights with a margin: 90 % on a GPU, half and "
+        "at most 4 GiB on a CPU",
+    ),
+    Opt(
+        "--max-model-len",
+        0,
+        "longest sequence (prompt and output) served; longer prompts are refused",
+        env="CASCADE_MAX_MODEL_LEN",
+        type=int,
+        shown="0: the model's context, capped so that one sequence fits the KV cache",
+    ),
+    Opt("--kv-block-size", 16, "tokens per KV cache block", env="CASCADE_KV_BLOCK_SIZE", type=int),
+    Opt(
+        "--logprobs-mode",
+        "raw",
+        "what `logprobs` report: raw, the model's own distribution before penalties, the structured-output "
+        "mask and temperature (vLLM's default), or processed, the distribution each token was drawn from; "
+        "prompt logprobs are always raw",
+        env="CASCADE_LOGPROBS_MODE",
+        choices=("raw", "processed"),
+    ),
+    Opt(
+        "--kv-slots",
+        0,
+        "the most the scaler may raise the batch limit to at run time; KV memory is --kv-cache-mb's",
+        env="CASCADE_KV_SLOTS",
+        type=int,
+        shown="0: --max-batch",
+    ),
+    METRICS_S,
+    Opt(
+        "--max-waiting",
+        256,
+        "admitted sequences waiting for a batch slot before new ones are refused",
+        env="CASCADE_MAX_WAITING",
+        type=int,
+    ),
+    Opt("--device", "auto", "auto | cpu | cuda | cuda:N", env="CASCADE_DEVICE"),
+    HEARTBEAT_S,
+    Opt(
+        "--device-profile",
+        None,
+        "emulate an accelerator: pad every step to this profile's time (a name in docs/device-profiles "
+        "or a path). For scaling benchmarks on CPUs",
+        env="CASCADE_DEVICE_PROFILE",
+        shown="off",
+    ),
+    Opt(
+        "--load-mb-s",
+        0.0,
+        "cap disk loads at this bandwidth, to emulate an SSD",
+        env="CASCADE_LOAD_MB_S",
+        type=float,
+        shown="0: uncapped",
+    ),
+    Opt(
+        "--local-cache-mb",
+        0.0,
+        "keep a host-memory copy of checkpoints this worker read from disk, up to this many MB, least "
+        "recently used out first; a later disk load of one installs from it",
+        env="CASCADE_LOCAL_CACHE_MB",
+        type=float,
+        shown="0: off",
+    ),
+    Opt(
+        "--local-cache-mb-s",
+        0.0,
+        "pace loads from the local cache at this bandwidth, to emulate the host-to-GPU copy",
+        env="CASCADE_LOCAL_CACHE_MB_S",
+        type=float,
+        shown="0: unpaced",
+    ),
+    Opt(
+        "--stage-host",
+        "127.0.0.1",
+        "address the stage link (activations of pipelined routes) listens on",
+        env="CASCADE_STAGE_HOST",
+    ),
+    Opt("--stage-port", 0, "stage link port", env="CASCADE_STAGE_PORT", type=int, shown="0: free"),
+    Opt(
+        "--data-host",
+        None,
+        "address the parameter data plane listens on",
+        env="CASCADE_DATA_HOST",
+        shown="the stage host",
+    ),
+    Opt("--data-port", 0, "data plane port", env="CASCADE_DATA_PORT", type=int, shown="0: free"),
+    Opt(
+        "--advertise-host",
+        None,
+        "host name peers use to reach this worker; set it in containers",
+        env="CASCADE_ADVERTISE_HOST",
+        shown="the listen address",
+    ),
+    Opt(
+        "--drain-timeout-s",
+        10.0,
+        "on SIGTERM, how long running requests may finish before they are ended with an error",
+        env="CASCADE_DRAIN_TIMEOUT_S",
+        type=float,
+    ),
+    Opt(
+        "--model-source",
+        "disk",
+        "disk: read a checkpoint where an order names it, or take it over the data plane when the path is "
+        "not visible here; network: never read a model store (any order to do so fails, naming the path), for "
+        "nodes without storage",
+        env="CASCADE_MODEL_SOURCE",
+        choices=("disk", "network"),
+    ),
+    HOST_ID,
+    Opt(
+        "--files-dir",
+        None,
+        "where config and tokenizer files received over the data plane are kept",
+        env="CASCADE_FILES_DIR",
+        shown="$CASCADE_HOME/worker-files/<worker id>",
+    ),
+    Opt(
+        "--address-check-s",
+        3.0,
+        "at start, connect to the advertised stage and data addresses within this many seconds, and fail "
+        "with the reason if they do not reach this worker",
+        env="CASCADE_ADDRESS_CHECK_S",
+        type=float,
+    ),
+    Opt(
+        "--slots",
+        1,
+        "instances this worker holds at once: each is a worker of its own to the mesh (ids WORKER_ID, "
+        "WORKER_ID-2, ...), and they take turns on this worker's engine thread by compute quota (set with "
+        "SetQuota on worker.<id>.quota; see docs/pipelined-and-shared.md)",
+        env="CASCADE_WORKER_SLOTS",
+        type=int,
+    ),
+    Opt(
+        "--memory-mb",
+        0.0,
+        "memory the instances on this worker may hold together, weights and KV cache, in MB; a load "
+        "past it is refused with what is held",
+        env="CASCADE_MEMORY_MB",
+        type=float,
+        shown="0: not accounted",
+    ),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # The service contract's flags; a worker reads no deployment, but takes --config like its peers.
     add_common_arguments(p)
-    p.add_argument(
-        "--worker-id",
-        default=os.environ.get("CASCADE_WORKER_ID"),
-        help="unique id (letters, digits, - and _); default: derived from host and pid",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=env_int("CASCADE_TORCH_THREADS", 1),
-        help="torch threads for this worker (env CASCADE_TORCH_THREADS, default 1: workers share the cores)",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=env_int("CASCADE_MAX_BATCH", 32),
-        help="most sequences in the running batch (env CASCADE_MAX_BATCH, default 32)",
-    )
-    p.add_argument(
-        "--max-prefill-tokens",
-        type=int,
-        default=env_int("CASCADE_MAX_PREFILL_TOKENS", 2048),
-        help="prompt tokens one step computes at most, across every prompt it starts or continues; longer "
-        "prompts are prefilled in chunks, so decoding sequences never wait behind a whole long prompt. With "
-        "an emulated device, in the tokens it prices (env CASCADE_MAX_PREFILL_TOKENS, default 2048)",
-    )
-    p.add_argument(
-        "--kv-cache-mb",
-        type=float,
-        default=env_float("CASCADE_KV_CACHE_MB", 0.0),
-        help="memory for the paged KV cache, in MB (env CASCADE_KV_CACHE_MB; default 0: measured at load, what "
-        "is left after the weights with a margin: 90 %% on a GPU, half and at most 4 GiB on a CPU)",
-    )
-    p.add_argument(
-        "--max-model-len",
-        type=int,
-        default=env_int("CASCADE_MAX_MODEL_LEN", 0),
-        help="longest sequence (prompt and output) served; longer prompts are refused (env CASCADE_MAX_MODEL_LEN; "
-        "default 0: the model's context, capped so that one sequence fits the KV cache)",
-    )
-    p.add_argument(
-        "--kv-block-size",
-        type=int,
-        default=env_int("CASCADE_KV_BLOCK_SIZE", 16),
-        help="tokens per KV cache block (env CASCADE_KV_BLOCK_SIZE, default 16)",
-    )
+    add_options(p, *OPTIONS)
+    # A switch, not a value: its variable turns caching off with any of the usual false words.
     p.add_argument(
         "--no-prefix-caching",
         dest="prefix_caching",
         action="store_false",
         default=env_str("CASCADE_PREFIX_CACHING", "1").lower() not in ("0", "false", "no", "off"),
         help="do not reuse the KV blocks of prompt prefixes other requests computed (env CASCADE_PREFIX_CACHING=0)",
-    )
-    p.add_argument(
-        "--logprobs-mode",
-        choices=("raw", "processed"),
-        default=env_str("CASCADE_LOGPROBS_MODE", "raw"),
-        help="what `logprobs` report: raw, the model's own distribution before penalties, the structured-output "
-        "mask and temperature (vLLM's default), or processed, the distribution each token was drawn from "
-        "(env CASCADE_LOGPROBS_MODE, default raw); prompt logprobs are always raw",
-    )
-    p.add_argument(
-        "--kv-slots",
-        type=int,
-        default=env_int("CASCADE_KV_SLOTS", 0),
-        help="the most the scaler may raise the batch limit to at run time (env CASCADE_KV_SLOTS; default: "
-        "--max-batch); KV memory is --kv-cache-mb's",
-    )
-    p.add_argument(
-        "--metrics-s",
-        type=float,
-        default=env_float("CASCADE_METRICS_S", 1.0),
-        help="how often load metrics (InstanceMetrics) go to the scaler (env CASCADE_METRICS_S, default 1.0)",
-    )
-    p.add_argument(
-        "--max-waiting",
-        type=int,
-        default=env_int("CASCADE_MAX_WAITING", 256),
-        help="admitted sequences waiting for a batch slot before new ones are refused (default 256)",
-    )
-    p.add_argument("--device", default=env_str("CASCADE_DEVICE", "auto"), help="auto | cpu | cuda | cuda:N")
-    p.add_argument(
-        "--heartbeat-s",
-        type=float,
-        default=env_float("CASCADE_HEARTBEAT_S", 1.0),
-        help="heartbeat interval in seconds (env CASCADE_HEARTBEAT_S, default 1.0)",
-    )
-    p.add_argument(
-        "--device-profile",
-        default=os.environ.get("CASCADE_DEVICE_PROFILE") or None,
-        help="emulate an accelerator: pad every step to this profile's time (a name in docs/device-profiles "
-        "or a path; env CASCADE_DEVICE_PROFILE). For scaling benchmarks on CPUs; off by default",
-    )
-    p.add_argument(
-        "--load-mb-s",
-        type=float,
-        default=env_float("CASCADE_LOAD_MB_S", 0.0),
-        help="cap disk loads at this bandwidth, to emulate an SSD (env CASCADE_LOAD_MB_S; 0 = uncapped)",
-    )
-    p.add_argument(
-        "--local-cache-mb",
-        type=float,
-        default=env_float("CASCADE_LOCAL_CACHE_MB", 0.0),
-        help="keep a host-memory copy of checkpoints this worker read from disk, up to this many MB, least "
-        "recently used out first; a later disk load of one installs from it (env CASCADE_LOCAL_CACHE_MB; 0 = off)",
-    )
-    p.add_argument(
-        "--local-cache-mb-s",
-        type=float,
-        default=env_float("CASCADE_LOCAL_CACHE_MB_S", 0.0),
-        help="pace loads from the local cache at this bandwidth, to emulate the host-to-GPU copy "
-        "(env CASCADE_LOCAL_CACHE_MB_S; 0 = unpaced)",
-    )
-    p.add_argument(
-        "--stage-host",
-        default=env_str("CASCADE_STAGE_HOST", "127.0.0.1"),
-        help="address the stage link (activations of pipelined routes) listens on (default 127.0.0.1)",
-    )
-    p.add_argument(
-        "--stage-port", type=int, default=env_int("CASCADE_STAGE_PORT", 0), help="stage link port (default: free)"
-    )
-    p.add_argument(
-        "--data-host",
-        default=os.environ.get("CASCADE_DATA_HOST"),
-        help="address the parameter data plane listens on (env CASCADE_DATA_HOST; default: the stage host)",
-    )
-    p.add_argument(
-        "--data-port",
-        type=int,
-        default=env_int("CASCADE_DATA_PORT", 0),
-        help="data plane port (env CASCADE_DATA_PORT; default: free)",
-    )
-    p.add_argument(
-        "--advertise-host",
-        default=os.environ.get("CASCADE_ADVERTISE_HOST"),
-        help="host name peers use to reach this worker (default: the listen address; set in containers)",
-    )
-    p.add_argument(
-        "--drain-timeout-s",
-        type=float,
-        default=env_float("CASCADE_DRAIN_TIMEOUT_S", 10.0),
-        help="on SIGTERM, how long running requests may finish before they are ended with an error",
-    )
-    p.add_argument(
-        "--model-source",
-        choices=("disk", "network"),
-        default=env_str("CASCADE_MODEL_SOURCE", "disk"),
-        help="disk: read a checkpoint where an order names it, or take it over the data plane when the path is "
-        "not visible here; network: never read a model store (any order to do so fails, naming the path), for "
-        "nodes without storage (env CASCADE_MODEL_SOURCE, default disk)",
-    )
-    p.add_argument(
-        "--host-id",
-        default=os.environ.get("CASCADE_HOST_ID"),
-        help="which machine this worker is on, carried in heartbeats; the loader prefers sources on the same "
-        "host (env CASCADE_HOST_ID; default: the hostname)",
-    )
-    p.add_argument(
-        "--files-dir",
-        default=os.environ.get("CASCADE_FILES_DIR"),
-        help="where config and tokenizer files received over the data plane are kept (env CASCADE_FILES_DIR; "
-        "default: $CASCADE_HOME/worker-files/<worker id>)",
-    )
-    p.add_argument(
-        "--address-check-s",
-        type=float,
-        default=env_float("CASCADE_ADDRESS_CHECK_S", 3.0),
-        help="at start, connect to the advertised stage and data addresses within this many seconds, and fail "
-        "with the reason if they do not reach this worker (env CASCADE_ADDRESS_CHECK_S, default 3)",
-    )
-    p.add_argument(
-        "--slots",
-        type=int,
-        default=env_int("CASCADE_WORKER_SLOTS", 1),
-        help="instances this worker holds at once (env CASCADE_WORKER_SLOTS, default 1): each is a worker of "
-        "its own to the mesh (ids WORKER_ID, WORKER_ID-2, ...), and they take turns on this worker's engine "
-        "thread by compute quota (set with SetQuota on worker.<id>.quota; see docs/pipelined-and-shared.md)",
-    )
-    p.add_argument(
-        "--memory-mb",
-        type=float,
-        default=env_float("CASCADE_MEMORY_MB", 0.0),
-        help="memory the instances on this worker may hold together, weights and KV cache, in MB; a load "
-        "past it is refused with what is held (env CASCADE_MEMORY_MB; default 0: not accounted)",
     )
