@@ -52,35 +52,31 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, config: bool = True
     )
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, with a message that names the bad value."""
+N = TypeVar("N", int, float)
+
+
+def _number(text: str, parse: Callable[[str], N], kind: str, ok: Callable[[N], bool], rule: str) -> N:
+    """argparse type: `text` parsed, or a message that names the bad value and the rule it breaks."""
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{value} {rule}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(text, int, "an integer", lambda v: v >= 1, "must be at least 1")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
+    return _number(text, int, "an integer", lambda v: v >= 0, "must not be negative")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be above 0")
-    return value
+    return _number(text, float, "a number", lambda v: v > 0, "must be above 0")
 
 
 class _Adds(Protocol):
