@@ -5,40 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from cascade.messages import Heartbeat, LayerReady, WorkerSnapshot
 from services.gateway.registry import Registry
 from services.gateway.router import choose_instance
-
-NUM_UNITS = 4  # a 2-layer model: embedding, 2 layers, head
-
-
-def hb(wid: str = "w1", state: str = "serving", units: int = NUM_UNITS, ready_seq: int = 0, **kw: int) -> Heartbeat:
-    return Heartbeat(
-        worker_id=wid,
-        state=state,  # type: ignore[arg-type]
-        model="m" if units else None,
-        units_ready=units,
-        num_units=NUM_UNITS,
-        running=kw.get("running", 0),
-        waiting=kw.get("waiting", 0),
-        max_batch=8,
-        tokens_per_s=0.0,
-        ready_seq=ready_seq,
-        pid=1,
-        host="h",
-    )
-
-
-def ready(seq: int, unit: int, wid: str = "w1", model: str = "m", reset: bool = False) -> LayerReady:
-    return LayerReady(wid, model, -1 if reset else unit, NUM_UNITS, seq, 0.0, reset=reset)
-
-
-def snap(seq: int, units: list[int], wid: str = "w1", state: str = "loading") -> WorkerSnapshot:
-    return WorkerSnapshot(wid, state, "m", units, NUM_UNITS, seq)  # type: ignore[arg-type]
-
-
-def view(reg: Registry, wid: str = "w1"):  # type: ignore[no-untyped-def]
-    return next(v for v in reg.views() if v.worker_id == wid)
+from tests.workerviews import NUM_UNITS, hb, ready, snap, view
 
 
 def test_routable_only_when_full_and_serving() -> None:
