@@ -5,7 +5,6 @@ same greedy tokens as the whole model on one instance."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,12 +18,13 @@ from cascade.messages import LoadModel, Ok
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
-from cascade.service import serve
 from cascade.subjects import Subjects
 from services.gateway.router import serves_fully
 from services.gateway.testing import RunningGateway, parse_prometheus, running_gateway, sample
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
+from tests.inproc import serving
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -52,21 +52,8 @@ async def workers(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIt
             WorkerSettings(nats_url, subjects.prefix, "new", heartbeat_s=HB_S, load_mb_s=unit_mb / 0.5)
         ),
     }
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(serve(s, s.settings.nats_url, s.settings.prefix, stop)) for s in services.values()]
-    try:
+    async with serving(nats_url, subjects.prefix, *services.values(), stop_s=30):
         yield services
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-
-
-async def until(pred: Any, what: str, timeout_s: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def view(gw: RunningGateway, wid: str) -> Any:
@@ -82,7 +69,9 @@ async def test_busy_instance_sheds_front_layers_to_a_loading_one(
         try:
             url = gw.url + "/v1/completions"
             await request(nc, subjects.load("full"), LoadModel(MODEL, str(model_dir)), Ok, timeout=10)
-            await until(lambda: (v := view(gw, "full")) is not None and serves_fully(v, MODEL), "full serving")
+            await wait_until(
+                lambda: (v := view(gw, "full")) is not None and serves_fully(v, MODEL), what="full serving"
+            )
 
             body = {"model": MODEL, "prompt": "live scaling", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
             async with http.post(url, json=body) as r:
@@ -95,12 +84,12 @@ async def test_busy_instance_sheds_front_layers_to_a_loading_one(
             try:
                 assert busy.status == 200
                 await busy.content.readuntil(b"\n\n")
-                await until(lambda: view(gw, "full").running >= 1, "full instance reported busy")
+                await wait_until(lambda: view(gw, "full").running >= 1, what="full instance reported busy")
 
                 await request(nc, subjects.load("new"), LoadModel(MODEL, str(model_dir)), Ok, timeout=10)
-                await until(
+                await wait_until(
                     lambda: (v := view(gw, "new")) is not None and v.state == "loading" and v.prefix_units >= 2,
-                    "new instance holding its first layer",
+                    what="new instance holding its first layer",
                 )
                 async with http.post(url, json=body) as r:
                     assert r.status == 200, await r.text()

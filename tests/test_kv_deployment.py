@@ -5,7 +5,6 @@ a real nats-server. A worker's own flags stay the default for models that say no
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -32,13 +31,12 @@ from cascade.messages import (
 )
 from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
-from cascade.service import serve
 from cascade.subjects import Subjects
 from services.loader.main import Loader
-from services.loader.main import add_arguments as loader_arguments
-from services.loader.settings import settings_from_args
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
+from tests.inproc import loader_settings, serving
+from tests.waiting import wait_for_change
 
 pytestmark = pytest.mark.e2e
 
@@ -68,15 +66,7 @@ class Mesh:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def until(self, pred: Callable[[], object], what: str) -> None:
-        async def go() -> None:
-            while not pred():
-                self.changed.clear()
-                await self.changed.wait()
-
-        try:
-            await asyncio.wait_for(go(), TIMEOUT_S)
-        except TimeoutError:
-            raise AssertionError(f"timed out after {TIMEOUT_S}s waiting for {what}") from None
+        await wait_for_change(self.changed, pred, TIMEOUT_S, what)
 
     async def decide(self, d: ScaleDecision) -> ScaleAck:
         await self.nc.publish(self.s.scale_decision(), encode(d))
@@ -106,15 +96,6 @@ class Mesh:
         return dict(st.detail["kv_cache"])
 
 
-def _loader_args(nats_url: str, prefix: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    loader_arguments(p)
-    return p.parse_args(
-        ["--nats-url", nats_url, "--prefix", prefix, "--loader-id", "loader-kv", "--heartbeat-s", str(HB_S),
-         "--idle-wait-s", "5", "--load-timeout-s", "60", "--transfer-timeout-s", "20"]
-    )  # fmt: skip
-
-
 @pytest.fixture
 async def mesh(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIterator[Mesh]:
     dep = Deployment(
@@ -123,11 +104,11 @@ async def mesh(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncItera
             ModelDeployment("plain", model_dir, 0, 4),
         )
     )
-    stop = asyncio.Event()
-    tasks: list[asyncio.Task[Any]] = []
     nc = await connect(nats_url, "test-kv-deployment")
     try:
-        loader = Loader(settings_from_args(_loader_args(nats_url, subjects.prefix)), dep, structlog.get_logger())
+        flags = ("--loader-id", "loader-kv", "--heartbeat-s", str(HB_S), "--idle-wait-s", "5", "--load-timeout-s", "60",
+                 "--transfer-timeout-s", "20")  # fmt: skip
+        loader = Loader(loader_settings(nats_url, subjects.prefix, *flags), dep, structlog.get_logger())
         workers = {
             w: WorkerService(
                 WorkerSettings(nats_url, subjects.prefix, w, heartbeat_s=HB_S, drain_timeout_s=2, kv_cache_mb=WORKER_MB)
@@ -152,19 +133,14 @@ async def mesh(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncItera
         await nc.subscribe(subjects.heartbeat_all(), cb=on_beat)
         await nc.subscribe(subjects.scale_ack(), cb=on_ack)
         await nc.flush()
-        tasks.append(asyncio.create_task(serve(loader, nats_url, subjects.prefix, stop)))
-        tasks += [asyncio.create_task(serve(w, nats_url, subjects.prefix, stop)) for w in workers.values()]
-        await m.until(
-            lambda: all(b.data_addr for b in m.beats.values()) and len(m.beats) == 4, "four workers heart-beating"
-        )
-        await m.until(lambda: len(loader.table.views(loader.clock())) == 4, "the loader sees four workers")
-        yield m
+        async with serving(nats_url, subjects.prefix, loader, *workers.values()):
+            await m.until(
+                lambda: all(b.data_addr for b in m.beats.values()) and len(m.beats) == 4, "four workers heart-beating"
+            )
+            await m.until(lambda: len(loader.table.views(loader.clock())) == 4, "the loader sees four workers")
+            yield m
     finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-        finally:
-            await nc.drain()
+        await nc.drain()
 
 
 async def test_the_deployments_kv_budget_reaches_every_worker_that_loads_the_model(mesh: Mesh) -> None:

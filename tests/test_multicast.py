@@ -7,7 +7,6 @@ its sockets)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
@@ -16,6 +15,7 @@ import subprocess
 import sys
 import zlib
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,15 +51,13 @@ from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, gather_status, request
-from cascade.service import serve
 from cascade.subjects import Subjects
 from services.loader.main import Loader
-from services.loader.main import add_arguments as loader_arguments
-from services.loader.settings import settings_from_args
 from services.worker.dataplane import model_unit_tensors, tensor_bytes
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
-from tests.waiting import wait_until
+from tests.inproc import loader_settings, serving
+from tests.waiting import wait_for_change, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -115,16 +113,7 @@ class Mesh:
 
     async def until(self, pred: Callable[[], object], what: str, timeout: float = EVENT_TIMEOUT_S) -> None:
         """Wait on the mesh's own events (every message below sets `changed`), with a deadline."""
-
-        async def go() -> None:
-            while not pred():
-                self.changed.clear()
-                await self.changed.wait()
-
-        try:
-            await asyncio.wait_for(go(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+        await wait_for_change(self.changed, pred, timeout, what)
 
     async def decide(self, d: ScaleDecision) -> ScaleAck:
         await self.nc.publish(self.s.scale_decision(), encode(d))
@@ -183,52 +172,36 @@ async def _listen(m: Mesh) -> None:
     await m.nc.flush()
 
 
-def _loader_args(nats_url: str, prefix: str, *extra: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    loader_arguments(p)
-    return p.parse_args(
-        ["--nats-url", nats_url, "--prefix", prefix, "--loader-id", "loader-t", "--heartbeat-s", str(HB_S),
-         "--idle-wait-s", "5", "--load-timeout-s", "60", "--transfer-timeout-s", "20", *extra]
-    )  # fmt: skip
-
-
-async def _start_mesh(
+@asynccontextmanager
+async def _mesh(
     nats_url: str, s: Subjects, model_dir: Path, worker_ids: list[str], loader_extra: tuple[str, ...] = ()
-) -> tuple[Mesh, asyncio.Event, list[asyncio.Task[Any]]]:
-    stop = asyncio.Event()
-    tasks: list[asyncio.Task[Any]] = []
+) -> AsyncIterator[Mesh]:
+    """A loader and in-process workers, and a connection that hears their events."""
     nc = await connect(nats_url, "test-multicast")
-    dep = Deployment(models=(ModelDeployment(MODEL, model_dir, 0, 4, loading="multicast"),))
-    settings = settings_from_args(_loader_args(nats_url, s.prefix, *loader_extra))
-    loader = Loader(settings, dep, structlog.get_logger().bind(test="mc"))
-    workers = {
-        w: WorkerService(WorkerSettings(nats_url, s.prefix, w, heartbeat_s=HB_S, drain_timeout_s=2)) for w in worker_ids
-    }
-    m = Mesh(nc, s, loader, workers)
-    await _listen(m)
-    tasks.append(asyncio.create_task(serve(loader, nats_url, s.prefix, stop)))
-    tasks += [asyncio.create_task(serve(w, w.settings.nats_url, w.settings.prefix, stop)) for w in workers.values()]
-    return m, stop, tasks
-
-
-async def _stop_mesh(m: Mesh, stop: asyncio.Event, tasks: list[asyncio.Task[Any]]) -> None:
-    stop.set()
     try:
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        dep = Deployment(models=(ModelDeployment(MODEL, model_dir, 0, 4, loading="multicast"),))
+        flags = ("--loader-id", "loader-t", "--heartbeat-s", str(HB_S), "--idle-wait-s", "5", "--load-timeout-s", "60",
+                 "--transfer-timeout-s", "20", *loader_extra)  # fmt: skip
+        loader = Loader(loader_settings(nats_url, s.prefix, *flags), dep, structlog.get_logger().bind(test="mc"))
+        workers = {
+            w: WorkerService(WorkerSettings(nats_url, s.prefix, w, heartbeat_s=HB_S, drain_timeout_s=2))
+            for w in worker_ids
+        }
+        m = Mesh(nc, s, loader, workers)
+        await _listen(m)
+        async with serving(nats_url, s.prefix, loader, *workers.values()):
+            yield m
     finally:
-        await m.nc.drain()
+        await nc.drain()
 
 
 @pytest.fixture
 async def mesh4(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIterator[Mesh]:
-    m, stop, tasks = await _start_mesh(nats_url, subjects, model_dir, ["w0", "w1", "w2", "w3"])
-    try:
+    async with _mesh(nats_url, subjects, model_dir, ["w0", "w1", "w2", "w3"]) as m:
         up = lambda: all(w.started and w.heartbeat().data_addr for w in m.workers.values())  # noqa: E731
         await wait_until(up, what="data planes up")
         await m.until(lambda: len(m.loader.table.views(m.loader.clock())) == 4, "loader sees 4 workers")
         yield m
-    finally:
-        await _stop_mesh(m, stop, tasks)
 
 
 def _check_model(m: Mesh, worker: str, source_crcs: list[int]) -> None:
@@ -361,21 +334,20 @@ def _spawn_worker(wid: str, nats_url: str, prefix: str, log_path: Path) -> tuple
 async def chain_with_process(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIterator[tuple[Mesh, Any]]:
     """w0 (source), w1, w3 in process; w2 a `cascade worker` process. Every send is capped at
     2 MB/s, so the chain is still busy when a test kills w2."""
-    m, stop, tasks = await _start_mesh(nats_url, subjects, model_dir, ["w0", "w1", "w3"], ("--send-mb-s", "2"))
-    proc, log = _spawn_worker("w2", nats_url, subjects.prefix, model_dir.parent / f"w2-{subjects.prefix}.log")
-    try:
-        await m.until(lambda: len(m.loader.table.views(m.loader.clock())) == 4, "loader sees 4 workers")
-        yield m, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
-        log.close()
-        await _stop_mesh(m, stop, tasks)
+    async with _mesh(nats_url, subjects, model_dir, ["w0", "w1", "w3"], ("--send-mb-s", "2")) as m:
+        proc, log = _spawn_worker("w2", nats_url, subjects.prefix, model_dir.parent / f"w2-{subjects.prefix}.log")
+        try:
+            await m.until(lambda: len(m.loader.table.views(m.loader.clock())) == 4, "loader sees 4 workers")
+            yield m, proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.to_thread(proc.wait, 30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    await asyncio.to_thread(proc.wait)
+            log.close()
 
 
 async def test_middle_of_chain_dies_and_the_last_one_still_serves(

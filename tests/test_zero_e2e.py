@@ -6,7 +6,6 @@ instance gives afterwards."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,6 @@ from cascade.messages import LayerReady, Ok, decode
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
-from cascade.service import serve
 from cascade.subjects import Subjects
 from cascade.workers import WorkerView
 from services.gateway.router import serves_fully
@@ -28,6 +26,8 @@ from services.gateway.testing import RunningGateway, parse_prometheus, running_g
 from services.loader.planner import MeshSnapshot, PlanRequest, plan_orders, plan_transfer
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
+from tests.inproc import serving
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -56,21 +56,8 @@ async def workers(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIt
     services = {
         w: WorkerService(WorkerSettings(nats_url, subjects.prefix, w, heartbeat_s=HB_S, load_mb_s=mb_s)) for w in IDS
     }
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(serve(s, s.settings.nats_url, s.settings.prefix, stop)) for s in services.values()]
-    try:
+    async with serving(nats_url, subjects.prefix, *services.values(), stop_s=30):
         yield services
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-
-
-async def until(pred: Any, what: str, timeout_s: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def views(gw: RunningGateway) -> dict[str, Any]:
@@ -106,7 +93,7 @@ async def test_three_loading_instances_serve_from_zero_with_the_whole_models_tok
     await nc.subscribe(subjects.ready_all(), cb=on_ready)
     async with running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=HB_S) as gw, aiohttp.ClientSession() as http:
         try:
-            await until(lambda: len(views(gw)) == 3, "three idle workers in the gateway's table")
+            await wait_until(lambda: len(views(gw)) == 3, 60, "three idle workers in the gateway's table")
             for w in IDS:
                 (order,) = orders[w]
                 await request(nc, subjects.transfer(w), order, Ok, timeout=10)
@@ -118,7 +105,7 @@ async def test_three_loading_instances_serve_from_zero_with_the_whole_models_tok
                     for w, v in vs.items()
                 )
 
-            await until(covered, "each worker holding its own block")
+            await wait_until(covered, 60, "each worker holding its own block")
             assert not any(serves_fully(v, MODEL) for v in views(gw).values())
             body = {"model": MODEL, "prompt": "from zero", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
             async with http.post(gw.url + "/v1/completions", json=body) as r:
@@ -137,7 +124,7 @@ async def test_three_loading_instances_serve_from_zero_with_the_whole_models_tok
             for w, b in blocks.items():
                 assert announced[w][: len(b)] == b, (w, announced[w])
 
-            await until(lambda: all(serves_fully(v, MODEL) for v in views(gw).values()), "all three loaded", 90)
+            await wait_until(lambda: all(serves_fully(v, MODEL) for v in views(gw).values()), 90, "all three loaded")
             for w in IDS:
                 assert announced[w] == orders[w][0].units, (w, announced[w])
             async with http.post(gw.url + "/v1/completions", json=body) as r:

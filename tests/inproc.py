@@ -1,0 +1,50 @@
+"""Services run inside the test's event loop (cascade.service.serve), each on its own NATS
+connection, and stopped together, also when the test fails."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from cascade.service import Service, serve
+from services.loader.main import add_arguments as loader_arguments
+from services.loader.settings import LoaderSettings, settings_from_args
+
+
+class InProcess:
+    """Started services, stopped by one event: `stop` waits for every one to have shut down."""
+
+    def __init__(self, nats_url: str, prefix: str) -> None:
+        self.nats_url = nats_url
+        self.prefix = prefix
+        self.stopping = asyncio.Event()
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def start(self, *services: Service) -> None:
+        for s in services:
+            self.tasks.append(asyncio.create_task(serve(s, self.nats_url, self.prefix, self.stopping)))
+
+    async def stop(self, timeout_s: float) -> None:
+        self.stopping.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout_s)
+
+
+@asynccontextmanager
+async def serving(nats_url: str, prefix: str, *services: Service, stop_s: float = 60) -> AsyncIterator[InProcess]:
+    """`services` running until the block ends; more may be started on the value it gives."""
+    group = InProcess(nats_url, prefix)
+    try:
+        group.start(*services)
+        yield group
+    finally:
+        await group.stop(stop_s)
+
+
+def loader_settings(nats_url: str, prefix: str, *flags: str) -> LoaderSettings:
+    """A loader's settings as its command line makes them (defaults and variables included)."""
+    p = argparse.ArgumentParser()
+    loader_arguments(p)
+    return settings_from_args(p.parse_args(["--nats-url", nats_url, "--prefix", prefix, *flags]))
