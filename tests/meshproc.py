@@ -1,17 +1,22 @@
 """`cascade up` as a test fixture: a subprocess with its own CASCADE_HOME, a free broker and
-gateway port, stopped with SIGTERM (SIGKILL only if it hangs), also when the test fails."""
+gateway port, stopped with SIGTERM (SIGKILL only if it hangs), also when the test fails; and what
+the tests of such a mesh do to it: the `cascade` commands, its status, a completion."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from cascade.config import read_mesh_file
 
@@ -60,3 +65,49 @@ def running_mesh(
 
 def _tail(home: Path) -> str:
     return (home / "up.log").read_text()[-4000:]
+
+
+def cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """A `cascade` command against the mesh whose CASCADE_HOME is `home`."""
+    env = {**os.environ, "CASCADE_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "cascade.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def mesh_status(home: Path) -> dict[str, Any]:
+    """`cascade status --json`, which must succeed."""
+    r = cli(home, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float = 120) -> Any:
+    req = urllib.request.Request(
+        url, data=orjson.dumps(body), method="POST", headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return orjson.loads(r.read())
+
+
+def complete(url: str, model: str, prompt: str, max_tokens: int) -> Any:
+    """A greedy completion of exactly `max_tokens` tokens from the gateway's /v1 at `url`: the
+    same prompt gets the same text from any instance of the same checkpoint."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return post_json(f"{url}/completions", body)
+
+
+def generated_model(seed: int) -> str:
+    """A deployment's `[models.generate]` table: a small random llama (4 layers), quick to load,
+    and one checkpoint per seed."""
+    return f"""
+[models.generate]
+layers = 4
+hidden = 64
+heads = 4
+kv_heads = 2
+vocab = 320
+max_position = 512
+seed = {seed}
+"""

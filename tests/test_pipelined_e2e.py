@@ -7,7 +7,6 @@ instance's, for requests batched together. Scaling `piped` away frees both its w
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal
 import subprocess
@@ -18,23 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
-from tests.meshproc import running_mesh
+from tests.meshproc import cli, complete, generated_model, mesh_status, running_mesh
 
 pytestmark = pytest.mark.e2e
 
-GEN = """
-[models.generate]
-layers = 4
-hidden = 64
-heads = 4
-kv_heads = 2
-vocab = 320
-max_position = 512
-seed = 17
-"""
+GEN = generated_model(17)
 DEPLOYMENT = f"""
 [[models]]
 name = "whole"
@@ -53,38 +42,20 @@ stages = 2
 PROMPTS = ["Hello", "pipeline stages", "a", "the same tokens, layer by layer", "xyz", "0123456789"]
 
 
-def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def _post(url: str, body: dict[str, Any], timeout: float = 120) -> Any:
-    req = urllib.request.Request(
-        url, data=orjson.dumps(body), method="POST", headers={"content-type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return orjson.loads(r.read())
-
-
 def _complete(url: str, model: str, prompt: str) -> tuple[str, int]:
-    body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
-    r = _post(f"{url}/completions", body)
+    r = complete(url, model, prompt, 12)
     return r["choices"][0]["text"], r["usage"]["completion_tokens"]
 
 
 def _workers(home: Path) -> list[dict[str, Any]]:
-    r = _cli(home, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return [s for s in json.loads(r.stdout).get("services", []) if s.get("service") == "worker"]
+    return [s for s in mesh_status(home).get("services", []) if s.get("service") == "worker"]
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with running_mesh(tmp_path_factory.mktemp("home"), DEPLOYMENT, workers=3) as m:
         # Up from zero by the operator (min_replicas 0 lets the test scale it away again).
-        r = _cli(m["home"], "scale", "piped", "--replicas", "1")
+        r = cli(m["home"], "scale", "piped", "--replicas", "1")
         assert r.returncode == 0, r.stderr
         deadline = time.monotonic() + 120
         while len([w for w in _workers(m["home"]) if w["detail"].get("model") == "piped"
@@ -159,7 +130,7 @@ def test_scaling_a_pipelined_model_away_frees_every_stage(mesh: dict[str, Any]) 
     )  # fmt: skip
     try:
         assert tap.stderr is not None and "tapping" in tap.stderr.readline()  # subscribed
-        r = _cli(home, "scale", "piped", "--replicas", "0")
+        r = cli(home, "scale", "piped", "--replicas", "0")
         assert r.returncode == 0, r.stderr
         out, _ = tap.communicate(timeout=60)
     finally:

@@ -8,35 +8,16 @@ decides nothing more. A plan the pool cannot hold is refused with why, before an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
-from tests.meshproc import running_mesh
+from tests.meshproc import cli, complete, generated_model, mesh_status, running_mesh
 
 pytestmark = pytest.mark.e2e
-
-
-def _gen(seed: int) -> str:
-    return f"""
-[models.generate]
-layers = 4
-hidden = 64
-heads = 4
-kv_heads = 2
-vocab = 320
-max_position = 512
-seed = {seed}
-"""
-
 
 DEPLOYMENT = f"""
 [[models]]
@@ -44,13 +25,13 @@ name = "a"
 min_replicas = 0
 max_replicas = 1
 policy = "manual"
-{_gen(1)}
+{generated_model(1)}
 [[models]]
 name = "b"
 min_replicas = 0
 max_replicas = 1
 policy = "manual"
-{_gen(2)}
+{generated_model(2)}
 """
 
 
@@ -80,30 +61,12 @@ def _plan(workers: list[str], models: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def _status(home: Path) -> dict[str, Any]:
-    r = _cli(home, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
-
-
 def _scaler(st: dict[str, Any]) -> dict[str, Any]:
     return dict(next(s for s in st["services"] if s["service"] == "scaler")["detail"])
 
 
 def _complete(url: str, model: str, prompt: str) -> str:
-    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-    req = urllib.request.Request(
-        f"{url}/completions", data=orjson.dumps(body), method="POST", headers={"content-type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return str(orjson.loads(r.read())["choices"][0]["text"])
+    return str(complete(url, model, prompt, 8)["choices"][0]["text"])
 
 
 @pytest.fixture(scope="module")
@@ -118,25 +81,25 @@ def test_a_plan_the_pool_cannot_hold_is_refused(mesh: dict[str, Any], tmp_path: 
     home = mesh["home"]
     wide = tmp_path / "wide.json"
     wide.write_text(json.dumps(_plan(["w0", "w1", "w2"], {"a": 0.5, "b": 0.5})))
-    r = _cli(home, "apply", str(wide))
+    r = cli(home, "apply", str(wide))
     assert r.returncode == 1 and "the pool cannot hold this plan" in r.stderr, (r.stdout, r.stderr)
     assert "names 3 worker(s)" in r.stderr
     # Nothing reached the scaler: the models are still at zero.
-    assert _scaler(_status(home))["targets"] == {"a": 0, "b": 0}
+    assert _scaler(mesh_status(home))["targets"] == {"a": 0, "b": 0}
 
 
 def test_apply_a_two_model_plan_then_again(mesh: dict[str, Any], tmp_path: Path) -> None:
     home, url = mesh["home"], mesh["url"]
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(_plan(["w0", "w1"], {"a": 0.7, "b": 0.3})))
-    r = _cli(home, "apply", str(plan), "--wait", "240", timeout=300)
+    r = cli(home, "apply", str(plan), "--wait", "240", timeout=300)
     assert r.returncode == 0, (r.stdout, r.stderr)
     out = r.stdout
     assert "scaler: a: changed: 1 instance(s) of 2 stage(s)" in out, out
     assert "a: 1/1 instance(s) of 2 stage(s) serving" in out and "b: 1/1 instance(s) of 2 stage(s) serving" in out
     assert out.count("quota: ") == 4 and "plan applied" in out, out
 
-    st = _status(home)
+    st = mesh_status(home)
     rows = [x for x in st["instances"] if x.get("state") == "serving"]
     devices = {}
     for m, q in (("a", 0.7), ("b", 0.3)):
@@ -156,13 +119,13 @@ def test_apply_a_two_model_plan_then_again(mesh: dict[str, Any], tmp_path: Path)
 
     # Again: nothing changes, no quota is sent, and the scaler decides nothing more.
     decided, ticks = scaler["decisions"], scaler["ticks"]
-    r = _cli(home, "apply", str(plan), timeout=120)
+    r = cli(home, "apply", str(plan), timeout=120)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert "scaler: a: unchanged" in r.stdout and "scaler: b: unchanged" in r.stdout, r.stdout
     assert "quotas: as planned" in r.stdout and "quota: " not in r.stdout.replace("quotas: ", "")
     assert "nothing changed" in r.stdout
     deadline = time.monotonic() + 120  # ten ticks of 1 s, each look at the status about 1 s
-    while (s := _scaler(_status(home)))["ticks"] < ticks + 10:
+    while (s := _scaler(mesh_status(home)))["ticks"] < ticks + 10:
         assert time.monotonic() < deadline, s
     assert s["decisions"] == decided, s
     assert s["targets"] == {"a": 1, "b": 1}

@@ -7,77 +7,43 @@ same processes."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
-from tests.meshproc import running_mesh
+from tests.meshproc import cli, complete, generated_model, mesh_status, running_mesh
 
 pytestmark = pytest.mark.e2e
-
-
-def _gen(seed: int) -> str:
-    return f"""
-[models.generate]
-layers = 4
-hidden = 64
-heads = 4
-kv_heads = 2
-vocab = 320
-max_position = 512
-seed = {seed}
-"""
-
 
 DEPLOYMENT = f"""
 [[models]]
 name = "a-whole"
 policy = "manual"
-{_gen(1)}
+{generated_model(1)}
 [[models]]
 name = "a"
 policy = "manual"
 stages = 2
-{_gen(1)}
+{generated_model(1)}
 [[models]]
 name = "b"
 min_replicas = 0
 max_replicas = 1
 policy = "manual"
 stages = 2
-{_gen(2)}
+{generated_model(2)}
 """
 
 
-def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def _complete(url: str, model: str, prompt: str) -> str:
-    body = {"model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
-    req = urllib.request.Request(
-        f"{url}/completions", data=orjson.dumps(body), method="POST", headers={"content-type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return str(orjson.loads(r.read())["choices"][0]["text"])
+    return str(complete(url, model, prompt, 10)["choices"][0]["text"])
 
 
 def _instances(home: Path) -> list[dict[str, Any]]:
-    r = _cli(home, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return list(json.loads(r.stdout)["instances"])
+    return list(mesh_status(home)["instances"])
 
 
 def _wait(home: Path, pred: Any, what: str, timeout: float = 120) -> list[dict[str, Any]]:
@@ -104,7 +70,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 def test_two_models_stages_share_the_same_workers(mesh: dict[str, Any]) -> None:
     home, url = mesh["home"], mesh["url"]
-    r = _cli(home, "scale", "b", "--replicas", "1")
+    r = cli(home, "scale", "b", "--replicas", "1")
     assert r.returncode == 0, r.stderr
     rows = _wait(home, lambda rs: len(_serving_stages(rs, "b")) == 2, "b's two stages serving")
     for model in ("a", "b"):
@@ -118,7 +84,7 @@ def test_two_models_stages_share_the_same_workers(mesh: dict[str, Any]) -> None:
     for prompt in ("shared", "two models, one group of workers"):
         assert _complete(url, "a", prompt) == _complete(url, "a-whole", prompt)
     assert _complete(url, "b", "shared") != _complete(url, "a", "shared")  # another checkpoint
-    text = _cli(home, "status").stdout
+    text = cli(home, "status").stdout
     assert "pipelined instances" in text and "shared workers" in text and "quota" in text
 
 
@@ -127,7 +93,7 @@ def test_one_model_scaled_away_the_other_serves_on(mesh: dict[str, Any]) -> None
     before = _complete(url, "a", "still serving")
     shared_with_b = {x["shared_device"] for x in _instances(home) if x.get("model") == "b"}
     assert len(shared_with_b) == 2
-    r = _cli(home, "scale", "b", "--replicas", "0")
+    r = cli(home, "scale", "b", "--replicas", "0")
     assert r.returncode == 0, r.stderr
     rows = _wait(home, lambda rs: not [x for x in rs if x.get("model") == "b"], "b's stages unloaded")
     a = _serving_stages(rows, "a")
