@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,12 +20,11 @@ from typing import Any
 import pytest
 
 from services.gateway.testing import parse_prometheus, sample
-from tests.meshproc import running_mesh
+from tests.meshproc import cli, mesh_status, running_mesh
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "backoff-e2e"
-REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENT = f"""
 [[models]]
 name = "{MODEL}"
@@ -45,18 +42,8 @@ seed = 5
 WINDOW_S = 40.0
 
 
-def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
-    )
-
-
 def _scaler(home: Path) -> dict[str, Any]:
-    r = _cli(home, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    st = json.loads(r.stdout)
-    (scaler,) = [s for s in st["services"] if s["service"] == "scaler"]
+    (scaler,) = [s for s in mesh_status(home)["services"] if s["service"] == "scaler"]
     return dict(scaler["detail"])
 
 
@@ -75,7 +62,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 def test_a_worker_that_cannot_load_is_backed_off_not_retried_every_tick(mesh: dict[str, Any]) -> None:
     home, url = mesh["home"], mesh["url"]
     before = _scaler(home)["decisions"]
-    r = _cli(home, "scale", MODEL, "--replicas", "1")
+    r = cli(home, "scale", MODEL, "--replicas", "1")
     assert r.returncode == 0, r.stderr
     start = time.monotonic()
     while time.monotonic() - start < WINDOW_S:
@@ -89,7 +76,7 @@ def test_a_worker_that_cannot_load_is_backed_off_not_retried_every_tick(mesh: di
     assert row["model"] == MODEL and row["kind"] == "no_model_store" and row["failures"] == decisions
     assert "--model-source network" in row["reason"]
 
-    text = _cli(home, "status").stdout
+    text = cli(home, "status").stdout
     assert "failed scale-ups" in text and row["worker"] in text
 
     with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10) as resp:

@@ -11,11 +11,8 @@ one from the other; every instance answers the greedy tokens of the worker that 
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,13 +27,12 @@ from cascade.models.generate import generate_model
 from cascade.natsauth import read_mesh_credentials
 from services.gateway.testing import parse_prometheus
 from tests import hf_fixtures
-from tests.meshproc import running_mesh
+from tests.meshproc import cli, mesh_status, running_mesh
 from tests.workerprocs import WorkerProcs
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "diskless-e2e"
-REPO = Path(__file__).resolve().parent.parent
 DISKLESS = {"d2": "127.0.0.2", "d3": "127.0.0.3"}
 
 
@@ -79,24 +75,10 @@ def _namespaces_usable(folder: Path) -> bool:
     return r.returncode == 0
 
 
-def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-
-
-def _status(home: Path) -> dict[str, Any]:
-    r = _cli(home, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
-
-
 def _wait(home: Path, what: str, ok: Any, timeout_s: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
-        st = _status(home)
+        st = mesh_status(home)
         if ok(st):
             return st
         assert time.monotonic() < deadline, f"{what}: {st['instances']}\n{st.get('transfers')}"
@@ -157,7 +139,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[str, Any], tmp_path: Path) -> None:
     home, url, model_dir = mesh["home"], mesh["url"], mesh["model_dir"]
-    r = _cli(home, "scale", MODEL, "--replicas", "1")
+    r = cli(home, "scale", MODEL, "--replicas", "1")
     assert r.returncode == 0, r.stderr
     # Serving and its transfer's record come from different services' status: wait for both.
     st = _wait(
@@ -191,7 +173,7 @@ def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[s
         _wait(home, "the diskless workers join", lambda s: DISKLESS.keys() <= {i["worker_id"] for i in s["instances"]})
 
         # From a peer: the serving worker heads a chain w0 -> d -> d.
-        r = _cli(home, "scale", MODEL, "--replicas", "3")
+        r = cli(home, "scale", MODEL, "--replicas", "3")
         assert r.returncode == 0, r.stderr
         st = _wait(
             home,
@@ -204,10 +186,10 @@ def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[s
         _answers_everywhere(client, url, set(DISKLESS), reference)
 
         # From the host cache: nothing holds the model after a scale to zero.
-        r = _cli(home, "scale", MODEL, "--replicas", "0")
+        r = cli(home, "scale", MODEL, "--replicas", "0")
         assert r.returncode == 0, r.stderr
         _wait(home, "every instance unloads", lambda s: not _serving(s))
-        r = _cli(home, "scale", MODEL, "--replicas", "3")
+        r = cli(home, "scale", MODEL, "--replicas", "3")
         assert r.returncode == 0, r.stderr
         st = _wait(
             home,
@@ -222,11 +204,11 @@ def test_diskless_workers_serve_from_a_peer_and_from_the_host_cache(mesh: dict[s
 
         # From a diskless peer: d2 alone serves (the loader takes idle workers by id), then d3 gets
         # the model from it, config and tokenizer being the files d2 itself received.
-        r = _cli(home, "scale", MODEL, "--replicas", "0")
+        r = cli(home, "scale", MODEL, "--replicas", "0")
         assert r.returncode == 0, r.stderr
         _wait(home, "every instance unloads again", lambda s: not _serving(s))
         for n, want in ((1, {"d2"}), (2, {"d2", "d3"})):
-            r = _cli(home, "scale", MODEL, "--replicas", str(n))
+            r = cli(home, "scale", MODEL, "--replicas", str(n))
             assert r.returncode == 0, r.stderr
             st = _wait(
                 home,

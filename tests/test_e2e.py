@@ -4,20 +4,15 @@ running real torch, driven over HTTP and with the official OpenAI client."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from tests.meshproc import running_mesh
+from tests.meshproc import mesh_status, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -38,13 +33,6 @@ seed = 5
 """
 
 
-def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with running_mesh(tmp_path_factory.mktemp("home"), DEPLOYMENT, workers=2) as m:
@@ -52,9 +40,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def status(mesh: dict[str, Any]) -> dict[str, Any]:
-    r = _cli(mesh["home"], "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
+    return mesh_status(mesh["home"])
 
 
 def workers(st: dict[str, Any]) -> list[dict[str, Any]]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,18 +20,11 @@ import pytest
 from cascade.config import GenerateSpec
 from cascade.models.default_model import default_gguf_path
 from cascade.models.generate import generate_model
-from tests.meshproc import running_mesh
+from tests.meshproc import cli, running_mesh
 
 pytestmark = pytest.mark.e2e
 
 SPEC = GenerateSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320, max_position=512)
-
-
-def _cli(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 class _Reply:
@@ -95,7 +86,7 @@ def test_model_flag_serves_under_its_served_name(mesh: dict[str, Any]) -> None:
 
 def test_deploy_adds_a_model_to_the_running_mesh(mesh: dict[str, Any], folders: dict[str, Path]) -> None:
     home, url = mesh["home"], mesh["url"]
-    r = _cli(home, "deploy", "second", "--model", str(folders["second"]), "--min-replicas", "1")
+    r = cli(home, "deploy", "second", "--model", str(folders["second"]), "--min-replicas", "1", timeout=120)
     assert r.returncode == 0, r.stderr
     assert "second: policy concurrency (changed)" in r.stdout
     deadline = time.monotonic() + 60
@@ -114,13 +105,13 @@ def test_deploy_adds_a_model_to_the_running_mesh(mesh: dict[str, Any], folders: 
 
 
 def test_deploy_refuses_a_name_taken_by_another_folder(mesh: dict[str, Any], folders: dict[str, Path]) -> None:
-    r = _cli(mesh["home"], "deploy", "tiny", "--model", str(folders["second"]))
+    r = cli(mesh["home"], "deploy", "tiny", "--model", str(folders["second"]), timeout=120)
     assert r.returncode == 1
     assert "deployed already" in r.stderr and "--served-model-name" in r.stderr
 
 
 def test_deploy_of_a_missing_model_fails_before_the_mesh_hears_of_it(mesh: dict[str, Any]) -> None:
-    r = _cli(mesh["home"], "deploy", "--model", "./no/such/folder")
+    r = cli(mesh["home"], "deploy", "--model", "./no/such/folder", timeout=120)
     assert r.returncode == 1 and "no such file or folder" in r.stderr
     assert "folder" not in _models(mesh["url"])
 

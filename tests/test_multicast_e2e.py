@@ -4,21 +4,16 @@ answers the same tokens."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from services.gateway.testing import parse_prometheus, sample
-from tests.meshproc import running_mesh
+from tests.meshproc import cli, mesh_status, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -37,21 +32,6 @@ kv_heads = 2
 vocab = 320
 seed = 13
 """
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-
-
-def _status(home: Path) -> dict[str, Any]:
-    r = _cli(home, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +42,16 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 def test_scale_to_three_is_a_chain_multicast_that_serves(mesh: dict[str, Any]) -> None:
     home = mesh["home"]
-    st = _status(home)
+    st = mesh_status(home)
     (holder,) = [i["worker_id"] for i in st["instances"] if i["state"] == "serving"]
     first = [t for t in st["transfers"] if t["worker"] == holder]
     assert first and first[-1]["source"] == "disk", "nothing held the model: the first instance read the disk"
 
-    r = _cli(home, "scale", MODEL, "--replicas", "3")
+    r = cli(home, "scale", MODEL, "--replicas", "3")
     assert r.returncode == 0, r.stderr
     deadline = time.monotonic() + 120
     while True:
-        st = _status(home)
+        st = mesh_status(home)
         serving = [i for i in st["instances"] if i["state"] == "serving" and i["units_ready"] == i["num_units"]]
         if len(serving) == 3:
             break
@@ -85,7 +65,7 @@ def test_scale_to_three_is_a_chain_multicast_that_serves(mesh: dict[str, Any]) -
     (loader,) = [s for s in st["services"] if s["service"] == "loader"]
     assert loader["detail"]["plans"] >= 2 and loader["detail"]["replans"] == 0
     assert st["host_cache"] and st["host_cache"][0]["model"] == MODEL  # the disk load left the one host copy
-    text = _cli(home, "status").stdout
+    text = cli(home, "status").stdout
     assert "transfers" in text and "host cache: 1 model(s)" in text
 
     client = openai.OpenAI(base_url=mesh["url"], api_key="unused")

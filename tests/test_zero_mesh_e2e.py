@@ -7,14 +7,9 @@ a pipeline across the loading ones, with the tokens a whole instance gives after
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -25,7 +20,7 @@ from cascade.natsauth import read_mesh_credentials
 from cascade.natsutil import connect
 from cascade.subjects import Subjects
 from services.gateway.testing import parse_prometheus, sample
-from tests.meshproc import running_mesh
+from tests.meshproc import cli, mesh_status, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -49,23 +44,8 @@ vocab = 320
 max_position = 512
 seed = 21
 """
-REPO = Path(__file__).resolve().parent.parent
 # Every host-cache send is paced so a whole load takes seconds (the generated model is ~2 MB).
 SEND_MB_S = "0.15"
-
-
-def _cli(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-
-
-def _status(home: Path) -> dict[str, Any]:
-    r = _cli(home, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +74,7 @@ def _complete(client: openai.OpenAI) -> str:
 async def test_scale_from_zero_orders_each_workers_block_and_serves_while_loading(mesh: dict[str, Any]) -> None:
     home = mesh["home"]
     deadline = time.monotonic() + 60
-    while (r := _cli(home, "cache", "load", MODEL)).returncode != 0:
+    while (r := cli(home, "cache", "load", MODEL, timeout=120)).returncode != 0:
         assert time.monotonic() < deadline, r.stderr  # the loader may still be starting
         await asyncio.sleep(0.5)  # retrying with a deadline
     info = mesh["info"]
@@ -111,7 +91,7 @@ async def test_scale_from_zero_orders_each_workers_block_and_serves_while_loadin
     try:
         await nc.subscribe(subjects.ready_all(), cb=on_ready)
         await nc.flush()
-        r = _cli(home, "scale", MODEL, "--replicas", "3")
+        r = cli(home, "scale", MODEL, "--replicas", "3", timeout=120)
         assert r.returncode == 0, r.stderr
         client = openai.OpenAI(base_url=mesh["url"], api_key="unused")
         # Sent with the scale-up: it waits in the gateway until the loading instances cover the model.
@@ -134,7 +114,7 @@ async def test_scale_from_zero_orders_each_workers_block_and_serves_while_loadin
         blocks = [set(range(bounds[i], bounds[i + 1])) for i in range(3)]
         assert set().union(*blocks) == set(range(NUM_UNITS))
 
-        st = _status(home)
+        st = mesh_status(home)
         new = [t for t in st["transfers"] if t["model"] == MODEL]
         assert len(new) == 3 and {t["source"] for t in new} == {"host-cache"}, new
         assert all(t["state"] == "done" and t["units_ready"] == NUM_UNITS for t in new), new
