@@ -210,15 +210,24 @@ class WorkerFigures(Protocol):
     def loading_mb_s(self) -> float: ...
 
 
+def _per_model(name: str, help: str, counts: Callable[[], Mapping[str, int]]) -> GaugeFunc:
+    """A gauge of live gateway state: one series per model."""
+    return GaugeFunc(name, help, ("model",), lambda: {(k,): float(v) for k, v in counts().items()})
+
+
 def _per_worker(
-    workers: Callable[[], Sequence[WorkerFigures]], figure: Callable[[WorkerFigures], float]
-) -> Callable[[], dict[LabelValues, float]]:
-    """A reader for a worker gauge: one series per worker that holds a model."""
+    name: str,
+    help: str,
+    workers: Callable[[], Sequence[WorkerFigures]],
+    figure: Callable[[WorkerFigures], float],
+    kind: type[GaugeFunc] = GaugeFunc,
+) -> GaugeFunc:
+    """A metric of every worker's last heartbeat: one series per worker that holds a model."""
 
     def read() -> dict[LabelValues, float]:
         return {(w.model, w.worker_id): float(figure(w)) for w in workers() if w.model}
 
-    return read
+    return kind(VLLM + name, help, ("model", "worker"), read)
 
 
 class GatewayMetrics:
@@ -347,24 +356,15 @@ class GatewayMetrics:
         )
         for m in (
             self.requests,
-            GaugeFunc(
-                p + "requests_in_flight",
-                "Admitted requests not finished yet (queued or on a worker).",
-                ("model",),
-                lambda: {(k,): float(v) for k, v in in_flight().items()},
+            _per_model(
+                p + "requests_in_flight", "Admitted requests not finished yet (queued or on a worker).", in_flight
             ),
-            GaugeFunc(
+            _per_model(
                 p + "queue_depth",
                 "Requests waiting in the gateway for dispatch (the workers' own queues: num_requests_waiting).",
-                ("model",),
-                lambda: {(k,): float(v) for k, v in queue_depth().items()},
+                queue_depth,
             ),
-            GaugeFunc(
-                p + "instances_serving",
-                "Instances that serve the model fully.",
-                ("model",),
-                lambda: {(k,): float(v) for k, v in instances().items()},
-            ),
+            _per_model(p + "instances_serving", "Instances that serve the model fully.", instances),
             self.latency,
             self.batches,
             self.batch_size,
@@ -378,58 +378,56 @@ class GatewayMetrics:
             self.queue_time,
             self.prefill_time,
             self.decode_time,
-            GaugeFunc(
-                VLLM + "num_requests_running",
+            _per_worker(
+                "num_requests_running",
                 "Sequences in the worker's running batch (its last heartbeat).",
-                mw,
-                _per_worker(workers, lambda w: w.running),
+                workers,
+                lambda w: w.running,
             ),
-            GaugeFunc(
-                VLLM + "num_requests_waiting",
+            _per_worker(
+                "num_requests_waiting",
                 "Sequences admitted by the worker, waiting for a batch slot (its last heartbeat).",
-                mw,
-                _per_worker(workers, lambda w: w.waiting),
+                workers,
+                lambda w: w.waiting,
             ),
-            GaugeFunc(
-                VLLM + "kv_cache_usage_perc",
+            _per_worker(
+                "kv_cache_usage_perc",
                 "KV-cache blocks held over usable blocks, 0..1 (its last heartbeat).",
-                mw,
-                _per_worker(workers, lambda w: w.kv_cache_usage),
+                workers,
+                lambda w: w.kv_cache_usage,
             ),
-            CounterFunc(
-                VLLM + "num_preemptions_total",
+            _per_worker(
+                "num_preemptions_total",
                 "Sequences the worker preempted for KV blocks since it started.",
-                mw,
-                _per_worker(workers, lambda w: w.num_preemptions),
+                workers,
+                lambda w: w.num_preemptions,
+                kind=CounterFunc,
             ),
             self.prompt_tokens,
             self.generation_tokens,
             self.success,
             self.failures,
-            GaugeFunc(
-                VLLM + "layers_ready",
+            _per_worker(
+                "layers_ready",
                 "Units (embedding, decoder layers, head) of the model the instance holds ready.",
-                mw,
-                _per_worker(workers, lambda w: w.units_ready),
+                workers,
+                lambda w: w.units_ready,
             ),
-            GaugeFunc(
-                VLLM + "layers_total",
-                "Units the model has (embedding, decoder layers, head).",
-                mw,
-                _per_worker(workers, lambda w: w.num_units),
+            _per_worker(
+                "layers_total", "Units the model has (embedding, decoder layers, head).", workers, lambda w: w.num_units
             ),
-            GaugeFunc(
-                VLLM + "generation_tokens_per_s",
+            _per_worker(
+                "generation_tokens_per_s",
                 "Tokens/s the worker generated over its last interval.",
-                mw,
-                _per_worker(workers, lambda w: w.tokens_per_s),
+                workers,
+                lambda w: w.tokens_per_s,
             ),
-            GaugeFunc(
-                VLLM + "loading_mb_per_s",
+            _per_worker(
+                "loading_mb_per_s",
                 "MB/s at which the worker receives parameters now (0 once it holds every unit).",
-                mw,
+                workers,
                 # A worker's heartbeat keeps its last load's rate after the load ends.
-                _per_worker(workers, lambda w: w.loading_mb_s if w.units_ready < w.num_units else 0.0),
+                lambda w: w.loading_mb_s if w.units_ready < w.num_units else 0.0,
             ),
             self.transfer_bytes,
             self.transfer_seconds,
