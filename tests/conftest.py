@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.subjects import Subjects
 
 # Fixtures that start a broker, a process or a whole mesh: a test using one is end-to-end.
-_E2E_FIXTURES = frozenset({"nats_server", "nats_url", "three"})
+_E2E_FIXTURES = frozenset({"nats_server", "nats_url", "js_url", "three"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -37,6 +38,17 @@ def nats_server() -> Iterator[EmbeddedNats]:
 @pytest.fixture(scope="session")
 def nats_url(nats_server: EmbeddedNats) -> str:
     return nats_server.url
+
+
+@pytest.fixture
+def js_url(tmp_path: Path) -> Iterator[str]:
+    """A broker of the test's own with JetStream (the loaders' lease and journal), its store in
+    the test's folder, so no state outlives the test."""
+    srv = EmbeddedNats(jetstream=True, store_dir=tmp_path / "js").start()
+    try:
+        yield srv.url
+    finally:
+        srv.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.config import GenerateSpec
 from cascade.messages import Ok, ScaleDecision, TransferPlanned, UnloadModel, decode, encode
 from cascade.models.generate import generate_model
@@ -28,15 +27,6 @@ pytestmark = pytest.mark.e2e
 
 SMALL = GenerateSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320, max_position=256)
 HOSTS = {"la": "host-a", "lb": "host-b"}
-
-
-@pytest.fixture
-def js_url(tmp_path: Path) -> Iterator[str]:
-    srv = EmbeddedNats(jetstream=True, store_dir=tmp_path / "js").start()
-    try:
-        yield srv.url
-    finally:
-        srv.stop()
 
 
 def _mesh(js_url: str, prefix: str, tmp_path: Path, host_copies: int) -> Procs:

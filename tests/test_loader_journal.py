@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
-from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.config import Deployment, ModelDeployment
 from cascade.controlstore import open_store
 from cascade.messages import ScaleAck, ScaleDecision, decode, encode
@@ -29,15 +28,6 @@ from services.loader.settings import LoaderSettings
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def js_url(tmp_path: Path) -> Iterator[str]:
-    srv = EmbeddedNats(jetstream=True, store_dir=tmp_path / "js").start()
-    try:
-        yield srv.url
-    finally:
-        srv.stop()
 
 
 async def test_the_new_leader_finishes_journaled_and_heard_decisions_once(

@@ -6,14 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import typing
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
-from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.controlstore import Conflict, StoreUnavailable, journal_key, open_store
 from cascade.messages import ScaleDecision
 from cascade.natsutil import connect
@@ -97,15 +94,6 @@ def test_bad_lease_length() -> None:
 
 
 # ---- against a JetStream broker ----------------------------------------------------------------
-
-
-@pytest.fixture
-def js_url(tmp_path: Path) -> Iterator[str]:
-    srv = EmbeddedNats(jetstream=True, store_dir=tmp_path / "js").start()
-    try:
-        yield srv.url
-    finally:
-        srv.stop()
 
 
 @pytest.mark.e2e

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.config import GenerateSpec
 from cascade.messages import HostCacheRequest, Ok, ScaleRequest
 from cascade.models.generate import generate_model
@@ -23,15 +22,6 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.e2e
 
 LEASE_S = "1.5"
-
-
-@pytest.fixture
-def js_url(tmp_path: Path) -> Iterator[str]:
-    srv = EmbeddedNats(jetstream=True, store_dir=tmp_path / "js").start()
-    try:
-        yield srv.url
-    finally:
-        srv.stop()
 
 
 SMALL = GenerateSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320, max_position=256)
