@@ -27,9 +27,13 @@ class InProcess:
         for s in services:
             self.tasks.append(asyncio.create_task(serve(s, self.nats_url, self.prefix, self.stopping)))
 
-    async def stop(self, timeout_s: float) -> None:
+    async def stop(self, timeout_s: float, *, check: bool = False) -> None:
+        """`check`: a service that ended with an error fails the test (after all have stopped)."""
         self.stopping.set()
-        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout_s)
+        ended = await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout_s)
+        errors = [e for e in ended if isinstance(e, BaseException)]
+        if check and errors:
+            raise errors[0]
 
 
 @asynccontextmanager

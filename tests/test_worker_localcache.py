@@ -4,7 +4,6 @@ install from that copy, announce every unit once, in order, and generate the sam
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,10 +32,10 @@ from cascade.messages import (
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
-from cascade.service import serve
 from cascade.subjects import Subjects
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
+from tests.inproc import serving
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=7)
@@ -58,13 +57,8 @@ async def worker(nats_url: str, subjects: Subjects) -> AsyncIterator[WorkerServi
         local_cache_mb=16.0, local_cache_mb_s=400.0,
     )  # fmt: skip
     svc = WorkerService(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(svc, svc.settings.nats_url, svc.settings.prefix, stop))
-    try:
+    async with serving(nats_url, subjects.prefix, svc, stop_s=30):
         yield svc
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def _append(store: list[Any], msg: Any) -> None:

@@ -32,10 +32,10 @@ from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
-from cascade.service import serve
 from cascade.subjects import Subjects
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
+from tests.inproc import InProcess
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=6, hidden=64, heads=4, kv_heads=2, vocab=320, seed=9)
@@ -60,8 +60,8 @@ async def mesh(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncItera
             WorkerSettings(nats_url, subjects.prefix, "new", heartbeat_s=0.2, load_mb_s=unit_mb / 0.4)
         ),
     }
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(serve(s, s.settings.nats_url, s.settings.prefix, stop)) for s in services.values()]
+    group = InProcess(nats_url, subjects.prefix)
+    group.start(*services.values())
     nc = await connect(nats_url, "test")
     beating: set[str] = set()
 
@@ -77,8 +77,7 @@ async def mesh(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncItera
         yield {"nc": nc, "svc": services, "subjects": subjects}
     finally:
         await nc.drain()
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+        await group.stop(30)
 
 
 async def collect(nc: Any, subjects: Subjects, gw: str) -> dict[str, list]:

@@ -3,7 +3,6 @@ generate with streamed token events, reject what it cannot serve, cancel, unload
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,10 +34,10 @@ from cascade.messages import (
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
-from cascade.service import serve
 from cascade.subjects import Subjects
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
+from tests.inproc import InProcess, serving
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=3)
@@ -54,13 +53,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def worker(nats_url: str, subjects: Subjects) -> AsyncIterator[WorkerService]:
     svc = WorkerService(WorkerSettings(nats_url, subjects.prefix, "w1", heartbeat_s=0.2, drain_timeout_s=2))
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(svc, svc.settings.nats_url, svc.settings.prefix, stop))
-    try:
+    async with serving(nats_url, subjects.prefix, svc, stop_s=30):
         yield svc
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_load_generate_cancel_unload(
@@ -136,8 +130,8 @@ async def test_instance_metrics_and_a_batch_limit_set_at_run_time(
 ) -> None:
     cfg = WorkerSettings(nats_url, subjects.prefix, "w2", heartbeat_s=0.2, max_batch=4, kv_slots=8, metrics_s=0.1)
     svc = WorkerService(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(svc, svc.settings.nats_url, svc.settings.prefix, stop))
+    group = InProcess(nats_url, subjects.prefix)
+    group.start(svc)
     nc = await connect(nats_url, "test-metrics")
     metrics: list[InstanceMetrics] = []
     beats: list[Heartbeat] = []
@@ -172,8 +166,7 @@ async def test_instance_metrics_and_a_batch_limit_set_at_run_time(
         assert svc.slot.state == "idle" and svc.instance_metrics(0.1) is None  # no model, no metrics
     finally:
         await nc.drain()
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        await group.stop(30)
 
 
 async def test_a_kv_budget_smaller_than_the_load_serves_every_request_and_announces_max_model_len(
@@ -191,8 +184,8 @@ async def test_a_kv_budget_smaller_than_the_load_serves_every_request_and_announ
         nats_url, subjects.prefix, "wkv", heartbeat_s=0.2, drain_timeout_s=2, kv_cache_mb=8.5 * per_block / 1e6
     )
     svc = WorkerService(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(serve(svc, nats_url, subjects.prefix, stop))
+    group = InProcess(nats_url, subjects.prefix)
+    group.start(svc)
     nc = await connect(nats_url, "test")
     beats: list[Heartbeat] = []
     events: dict[str, list] = {}
@@ -235,5 +228,4 @@ async def test_a_kv_budget_smaller_than_the_load_serves_every_request_and_announ
         assert status is not None and status.num_preemptions > 0 and status.kv_blocks_total == 8
     finally:
         await nc.drain()
-        stop.set()
-        await asyncio.wait_for(task, 30)
+        await group.stop(30)

@@ -34,7 +34,6 @@ from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import NoResponders, connect, request
-from cascade.service import serve
 from cascade.subjects import Subjects
 from services.worker.dataplane import CheckpointSource, send_units
 from services.worker.engine import Engine, StepResult
@@ -43,6 +42,7 @@ from services.worker.model import LlamaModel
 from services.worker.runner import ENGINE_THREAD, EngineRunner
 from services.worker.settings import WorkerSettings
 from tests.enginehelp import load_model
+from tests.inproc import InProcess
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=4, hidden=64, heads=4, kv_heads=2, vocab=320, seed=5)
@@ -86,8 +86,8 @@ async def test_every_torch_call_runs_on_the_engine_thread(
     settings = WorkerSettings(nats_url, subjects.prefix, "wt", heartbeat_s=0.2, load_mb_s=1.0)
     other = WorkerSettings(nats_url, subjects.prefix, "wr", heartbeat_s=0.2)
     workers = [WorkerService(settings), WorkerService(other)]
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(serve(w, w.settings.nats_url, w.settings.prefix, stop)) for w in workers]
+    group = InProcess(nats_url, subjects.prefix)
+    group.start(*workers)
     nc = await connect(nats_url, "test-thread")
     finished: list[str] = []
 
@@ -132,8 +132,7 @@ async def test_every_torch_call_runs_on_the_engine_thread(
         assert limit.max_batch == 2
         await wait_until(lambda: len(finished) == 3, what="requests done")
     finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        await group.stop(30, check=True)
         await nc.drain()
 
     threads = {t for (_, t) in torch_threads}
