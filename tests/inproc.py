@@ -1,5 +1,6 @@
 """Services run inside the test's event loop (cascade.service.serve), each on its own NATS
-connection, and stopped together, also when the test fails."""
+connection, and stopped together, also when the test fails; and the generated checkpoint they
+load."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import argparse
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from cascade.config import GenerateSpec
+from cascade.models.generate import generate_model
 from cascade.service import Service, serve
 from services.loader.main import add_arguments as loader_arguments
 from services.loader.settings import LoaderSettings, settings_from_args
@@ -52,3 +58,17 @@ def loader_settings(nats_url: str, prefix: str, *flags: str) -> LoaderSettings:
     p = argparse.ArgumentParser()
     loader_arguments(p)
     return settings_from_args(p.parse_args(["--nats-url", nats_url, "--prefix", prefix, *flags]))
+
+
+def model_dir_fixture(spec: GenerateSpec, folder: str = "model", name: str | None = None) -> Any:
+    """A module's `model_dir` fixture: a checkpoint generated from `spec` once per module, in a
+    fresh `folder` (or its subfolder `name`, where the folder's name is the model's)."""
+
+    @pytest.fixture(scope="module", name="model_dir")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        d = tmp_path_factory.mktemp(folder)
+        d = d / name if name else d
+        generate_model(d, spec)
+        return d
+
+    return fixture

@@ -16,14 +16,13 @@ import pytest
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import LoadModel, Ok
 from cascade.models.checkpoint import Checkpoint
-from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from services.gateway.router import serves_fully
 from services.gateway.testing import RunningGateway, parse_prometheus, running_gateway, sample
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
-from tests.inproc import serving
+from tests.inproc import model_dir_fixture, serving
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -34,11 +33,7 @@ SPEC = GenerateSpec(layers=6, hidden=64, heads=4, kv_heads=2, vocab=320, seed=9,
 HB_S = 0.2
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("live-model")
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC, "live-model")
 
 
 @pytest.fixture

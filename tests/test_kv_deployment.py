@@ -29,13 +29,12 @@ from cascade.messages import (
     decode,
     encode,
 )
-from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from services.loader.main import Loader
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
-from tests.inproc import loader_settings, serving
+from tests.inproc import loader_settings, model_dir_fixture, serving
 from tests.waiting import wait_for_change
 
 pytestmark = pytest.mark.e2e
@@ -49,11 +48,7 @@ SMALL_MB = 30.5 * PER_BLOCK / 1e6  # 30 blocks by the deployment
 WORKER_MB = 300.5 * PER_BLOCK / 1e6  # 300 blocks by the workers' own flag
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("models") / "m"
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC, "models", "m")
 
 
 @dataclass

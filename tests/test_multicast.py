@@ -48,7 +48,6 @@ from cascade.messages import (
     encode,
 )
 from cascade.models.checkpoint import Checkpoint
-from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, gather_status, request
 from cascade.subjects import Subjects
@@ -56,7 +55,7 @@ from services.loader.main import Loader
 from services.worker.dataplane import model_unit_tensors, tensor_bytes
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
-from tests.inproc import loader_settings, serving
+from tests.inproc import loader_settings, model_dir_fixture, serving
 from tests.waiting import wait_for_change, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -69,11 +68,7 @@ GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("models") / MODEL
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC, "models", MODEL)
 
 
 @pytest.fixture(scope="module")

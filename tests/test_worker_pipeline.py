@@ -29,13 +29,12 @@ from cascade.messages import (
     decode,
 )
 from cascade.models.checkpoint import Checkpoint
-from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
-from tests.inproc import InProcess
+from tests.inproc import InProcess, model_dir_fixture
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=6, hidden=64, heads=4, kv_heads=2, vocab=320, seed=9)
@@ -43,11 +42,7 @@ tok = ByteTokenizer()
 GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC)
 
 
 @pytest.fixture

@@ -31,23 +31,18 @@ from cascade.messages import (
     decode,
     encode,
 )
-from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
-from tests.inproc import InProcess, serving
+from tests.inproc import InProcess, model_dir_fixture, serving
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=3, hidden=64, heads=4, kv_heads=2, vocab=320, seed=3)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC)
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ from cascade.messages import (
     encode,
 )
 from cascade.models.checkpoint import Checkpoint
-from cascade.models.generate import generate_model
 from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import NoResponders, connect, request
 from cascade.subjects import Subjects
@@ -42,17 +41,13 @@ from services.worker.model import LlamaModel
 from services.worker.runner import ENGINE_THREAD, EngineRunner
 from services.worker.settings import WorkerSettings
 from tests.enginehelp import load_model
-from tests.inproc import InProcess
+from tests.inproc import InProcess, model_dir_fixture
 from tests.waiting import wait_until
 
 SPEC = GenerateSpec(layers=4, hidden=64, heads=4, kv_heads=2, vocab=320, seed=5)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import pytest
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import LayerReady, Ok, decode
 from cascade.models.checkpoint import Checkpoint
-from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from cascade.workers import WorkerView
@@ -26,7 +25,7 @@ from services.gateway.testing import RunningGateway, parse_prometheus, running_g
 from services.loader.planner import MeshSnapshot, PlanRequest, plan_orders, plan_transfer
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
-from tests.inproc import serving
+from tests.inproc import model_dir_fixture, serving
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -41,11 +40,7 @@ IDS = ("w0", "w1", "w2")
 LOAD_S = 12.0
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("zero-model")
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC, "zero-model")
 
 
 @pytest.fixture
