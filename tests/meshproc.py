@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import orjson
 
 from cascade.config import read_mesh_file
+from tests.workerprocs import stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,13 +54,7 @@ def running_mesh(
                 time.sleep(0.1)  # polling the mesh file with a deadline
             yield {"home": home, "url": str(info["gateway_url"]).rstrip("/"), "proc": proc, "info": info}
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_processes([proc], timeout_s=60)
 
 
 def _tail(home: Path) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from cascade.natsutil import connect, gather_status, request
 from cascade.subjects import Subjects
 from cascade.workers import COUNTED_STATES
 from tests.waiting import wait_until
-from tests.workerprocs import REPO
+from tests.workerprocs import REPO, stop_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -61,15 +60,13 @@ class Procs:
         )
 
     def stop_all(self) -> None:
-        live = [p for p in self.procs.values() if p.poll() is None]
-        for p in live:
-            p.send_signal(signal.SIGTERM)
-        for p in live:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values())
+
+    def __enter__(self) -> Procs:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop_all()
 
 
 @pytest.fixture
@@ -83,11 +80,8 @@ def mesh(nats_url: str, prefix: str, tmp_path: Path) -> Iterator[Procs]:
         # seconds, so the kills land while the decision is being carried out.
         'loading = "disk"\n'
     )
-    p = Procs(nats_url, prefix, tmp_path, cfg)
-    try:
+    with Procs(nats_url, prefix, tmp_path, cfg) as p:
         yield p
-    finally:
-        p.stop_all()
 
 
 @dataclass

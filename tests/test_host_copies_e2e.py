@@ -42,20 +42,14 @@ def _mesh(js_url: str, prefix: str, tmp_path: Path, host_copies: int) -> Procs:
 
 @pytest.fixture
 def two_copies(js_url: str, prefix: str, tmp_path: Path) -> Iterator[Procs]:
-    p = _mesh(js_url, prefix, tmp_path, 2)
-    try:
+    with _mesh(js_url, prefix, tmp_path, 2) as p:
         yield p
-    finally:
-        p.stop_all()
 
 
 @pytest.fixture
 def one_copy(js_url: str, prefix: str, tmp_path: Path) -> Iterator[Procs]:
-    p = _mesh(js_url, prefix, tmp_path, 1)
-    try:
+    with _mesh(js_url, prefix, tmp_path, 1) as p:
         yield p
-    finally:
-        p.stop_all()
 
 
 async def _loaders(nc: NATS, s: Subjects) -> dict[str, dict[str, Any]]:

@@ -44,21 +44,15 @@ def _procs(js_url: str, prefix: str, tmp_path: Path, min_replicas: int, loading:
 def mesh(js_url: str, prefix: str, tmp_path: Path) -> Iterator[Procs]:
     # The worker reads the checkpoint itself, paced (Procs sets CASCADE_LOAD_MB_S): the load lasts
     # seconds, and goes on without a loader; the kill lands inside it.
-    p = _procs(js_url, prefix, tmp_path, 1, "disk", SMALL)
-    try:
+    with _procs(js_url, prefix, tmp_path, 1, "disk", SMALL) as p:
         yield p
-    finally:
-        p.stop_all()
 
 
 @pytest.fixture
 def cache_mesh(js_url: str, prefix: str, tmp_path: Path) -> Iterator[Procs]:
     # The leader's own host copy is the source: its death cuts the transfer.
-    p = _procs(js_url, prefix, tmp_path, 0, "host-cache", LARGER)
-    try:
+    with _procs(js_url, prefix, tmp_path, 0, "host-cache", LARGER) as p:
         yield p
-    finally:
-        p.stop_all()
 
 
 async def _roles(url: str, s: Subjects) -> dict[str, str]:

@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,12 +44,17 @@ class WorkerProcs:
         return (self.logs / f"{worker_id}.log").read_text(errors="replace")
 
     def stop_all(self) -> None:
-        live = [p for p in self.procs.values() if p.poll() is None]
-        for p in live:
-            p.send_signal(signal.SIGTERM)
-        for p in live:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values())
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[Any]], timeout_s: float = 30) -> None:
+    """SIGTERM to every live one at once, then SIGKILL to any that has not exited within `timeout_s`."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        p.send_signal(signal.SIGTERM)
+    for p in live:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
