@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
+from bench.common import stop_processes
 from cascade.config import read_mesh_file
-from tests.workerprocs import stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 

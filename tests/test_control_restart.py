@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
+from bench.common import stop_processes
 from cascade.config import GenerateSpec
 from cascade.messages import Heartbeat, Ok, ScaleAck, ScaleDecision, ScaleRequest, decode
 from cascade.models.generate import generate_model
@@ -25,7 +26,7 @@ from cascade.natsutil import connect, gather_status, request
 from cascade.subjects import Subjects
 from cascade.workers import COUNTED_STATES
 from tests.waiting import wait_until
-from tests.workerprocs import REPO, stop_processes
+from tests.workerprocs import REPO
 
 pytestmark = pytest.mark.e2e
 

@@ -4,12 +4,12 @@ only if one hangs) when the test ends, also when it fails."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+
+from bench.common import stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,16 +45,3 @@ class WorkerProcs:
 
     def stop_all(self) -> None:
         stop_processes(self.procs.values())
-
-
-def stop_processes(procs: Iterable[subprocess.Popen[Any]], timeout_s: float = 30) -> None:
-    """SIGTERM to every live one at once, then SIGKILL to any that has not exited within `timeout_s`."""
-    live = [p for p in procs if p.poll() is None]
-    for p in live:
-        p.send_signal(signal.SIGTERM)
-    for p in live:
-        try:
-            p.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
