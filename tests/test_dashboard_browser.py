@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.meshproc import REPO, running_mesh
+from tests.meshproc import REPO, cli, running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -70,13 +68,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             os.environ["CASCADE_LOADER_SEND_MB_S"] = old
 
 
-def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
-    )
-
-
 def _traffic(url: str, stop: threading.Event, errors: list[BaseException]) -> None:
     """A trickle of requests, so the charts have something to draw."""
     client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
@@ -114,7 +105,7 @@ def test_scale_up_fills_layer_bars_and_shows_the_decision(mesh: dict[str, Any], 
                 # For the picture only: let the charts draw half a minute of traffic first.
                 page.wait_for_function(f"() => (state.series['{MODEL}'] || []).length >= 30", timeout=90_000)
 
-            r = _cli(mesh["home"], "scale", MODEL, "--replicas", "3")
+            r = cli(mesh["home"], "scale", MODEL, "--replicas", "3")
             assert r.returncode == 0, r.stderr
 
             decision = page.wait_for_selector(f'#decisions li[data-model="{MODEL}"]', timeout=30_000)

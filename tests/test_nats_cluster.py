@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,14 +22,13 @@ import pytest
 from cascade.config import GenerateSpec
 from cascade.models.generate import generate_model
 from cascade.natsauth import read_mesh_credentials
-from tests.meshproc import running_mesh
+from tests.meshproc import cli, mesh_status, running_mesh
 from tests.natscluster import Node, nats_cluster
 from tests.workerprocs import WorkerProcs
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "cluster-e2e"
-REPO = Path(__file__).resolve().parent.parent
 CLIENTS = 6
 MAX_TOKENS = 24
 # Paced like a 7B model on an A100, so streams are long enough to be cut by a node's loss.
@@ -53,18 +48,8 @@ policy = "manual"
 """
 
 
-def _cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CASCADE_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cascade.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
-    )  # fmt: skip
-
-
 def _serving(home: Path) -> set[str]:
-    r = _cli(home, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    st = json.loads(r.stdout)
+    st = mesh_status(home)
     return {
         i["worker_id"]
         for i in st["instances"]
@@ -176,7 +161,7 @@ async def test_the_cluster_loses_two_nodes_under_load_with_no_failed_request(tmp
                     node, name = nodes[i], f"cascade-worker-{wid}"
                     await _poll(functools.partial(_on, node, name), 120, f"{wid} on {node.name}")
                 # `cascade up` starts one worker of its own (on whichever seed it picked): all three serve.
-                r = _cli(home, "scale", MODEL, "--replicas", "3")
+                r = cli(home, "scale", MODEL, "--replicas", "3")
                 assert r.returncode == 0, r.stderr
                 await _poll(lambda: len(_serving(home)) == 3 and set(WORKERS) <= _serving(home), 180, "serving on 3")
                 everyone = _serving(home)
