@@ -114,11 +114,9 @@ class Opt:
         return os.environ.get(self.env, self.default)
 
     def full_help(self) -> str:
-        shown = (self.shown if self.shown is not None else _show(self.default)).replace(
-            "%", "%%"
-        )  # argparse %-formats help
+        shown = self.shown if self.shown is not None else _show(self.default)
         where = f"env {self.env}, default {shown}" if self.env else f"default {shown}"
-        return f"{self.help} ({where})"
+        return f"{self.help} ({where.replace('%', '%%')})"  # argparse %-formats help
 
     def add(self, parser: _Adds, **overrides: Any) -> None:
         kwargs: dict[str, Any] = {"default": self.env_default(), "help": self.full_help()}

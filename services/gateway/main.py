@@ -92,52 +92,55 @@ def host(service: GatewayService) -> ServiceHost:
 # --------------------------------------------------------------------------- CLI
 
 
-_D = GatewaySettings(nats_url="")
-# The gateway's flags in --help order; those with a variable read their default from it when it is set.
-OPTIONS = (
-    Opt("--gateway-id", None, "gateway id in subjects", shown="gw-<random>"),
-    Opt("--host", _D.host, "listen address", env="CASCADE_GATEWAY_HOST"),
-    Opt("--port", _D.port, "listen port (0: any free port)", env="CASCADE_GATEWAY_PORT", type=int),
-    Opt("--max-batch-size", _D.max_batch_size, "requests per dispatched batch", type=int),
-    Opt(
-        "--batch-wait-timeout-s",
-        _D.batch_wait_timeout_s,
-        "longest wait for a batch to fill after its first request",
-        type=float,
-    ),
-    Opt("--max-queue", _D.max_queue, "queued requests per model before 429", type=int),
-    Opt("--queue-timeout-s", _D.queue_timeout_s, "wait for an instance before 503", type=float),
-    Opt(
-        "--request-timeout-s",
-        _D.request_timeout_s,
-        "longest silence from a worker during a request before 504",
-        type=float,
-    ),
-    Opt("--max-body-bytes", _D.max_body_bytes, "largest request body (413 above)", type=int),
-    Opt("--dispatch-timeout-s", _D.dispatch_timeout_s, "wait for a worker to admit a batch", type=float),
-    # The same variable as the workers' --metrics-s: one knob sets how often the scaler hears.
-    METRICS_S.but(flag="--metrics-interval-s", default=_D.metrics_interval_s),
-    Opt(
-        "--migration-limit",
-        _D.migration_limit,
-        "times a request whose worker is lost mid-stream moves to another instance, resuming "
-        "where its stream stopped; 0 fails it instead",
-        type=int,
-    ),
-    Opt(
-        "--tool-call-parser",
-        _D.tool_call_parser,
-        "how the model writes tool calls (vLLM's parser names); auto reads it off the chat template",
-        env="CASCADE_TOOL_CALL_PARSER",
-        choices=("auto", "hermes", "llama3_json", "mistral"),
-    ),
-)
+def options() -> tuple[Opt, ...]:
+    """The gateway's flags in --help order; those with a variable read their default from it when it
+    is set. Built when asked: the settings' own defaults read variables too."""
+    d = GatewaySettings(nats_url="")
+    return (
+        Opt("--gateway-id", None, "gateway id in subjects", shown="gw-<random>"),
+        Opt("--host", d.host, "listen address", env="CASCADE_GATEWAY_HOST"),
+        Opt("--port", d.port, "listen port (0: any free port)", env="CASCADE_GATEWAY_PORT", type=int),
+        Opt("--max-batch-size", d.max_batch_size, "requests per dispatched batch", type=int),
+        Opt(
+            "--batch-wait-timeout-s",
+            d.batch_wait_timeout_s,
+            "longest wait for a batch to fill after its first request",
+            type=float,
+        ),
+        Opt("--max-queue", d.max_queue, "queued requests per model before 429", type=int),
+        Opt("--queue-timeout-s", d.queue_timeout_s, "wait for an instance before 503", type=float),
+        Opt(
+            "--request-timeout-s",
+            d.request_timeout_s,
+            "longest silence from a worker during a request before 504",
+            type=float,
+        ),
+        Opt("--max-body-bytes", d.max_body_bytes, "largest request body (413 above)", type=int),
+        Opt("--dispatch-timeout-s", d.dispatch_timeout_s, "wait for a worker to admit a batch", type=float),
+        # The same variable as the workers' --metrics-s: one knob sets how often the scaler hears.
+        METRICS_S.but(flag="--metrics-interval-s", default=d.metrics_interval_s),
+        Opt(
+            "--migration-limit",
+            d.migration_limit,
+            "times a request whose worker is lost mid-stream moves to another instance, resuming "
+            "where its stream stopped; 0 fails it instead",
+            type=int,
+        ),
+        Opt(
+            "--tool-call-parser",
+            d.tool_call_parser,
+            "how the model writes tool calls (vLLM's parser names); auto reads it off the chat template",
+            env="CASCADE_TOOL_CALL_PARSER",
+            choices=("auto", "hermes", "llama3_json", "mistral"),
+        ),
+        Opt("--shutdown-grace-s", d.shutdown_grace_s, "time running streams get at shutdown", type=float),
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     g = parser.add_argument_group("gateway")
-    add_options(g, *OPTIONS)
+    add_options(g, *options())
     g.add_argument(
         "--api-key",
         action="append",
@@ -146,7 +149,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1 routes (repeatable; also the comma-separated "
         f"${API_KEYS_ENV}; default: none, which is for a gateway on loopback only)",
     )
-    Opt("--shutdown-grace-s", _D.shutdown_grace_s, "time running streams get at shutdown", type=float).add(g)
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
