@@ -339,3 +339,70 @@ def test_a_route_waits_here_while_the_busy_instance_has_prefill_queued_then_spli
     # Stop-the-world and no head: as before (the full instance, its queue permitting).
     assert choose_route([f(relayed=tail), loading("n", 3)], "m", live=False) == Route("f")
     assert choose_route([f(relayed=tail)], "m") == Route("f")
+
+
+# ---- live routes across two loading instances (front and back, planner.front_back_units) ----------
+
+
+def busy_full(wid: str = "f", budget: int = 100, queued: int = 0) -> InstanceView:
+    """A full instance of "m" (10 units: embedding, 8 layers, head) out of batch slots."""
+    return InstanceView(
+        wid, "m", "serving", 10, 10, 8, 0, 8, 0, 0, 10, f"h:{wid}", 0, budget, queued, 2
+    )  # fmt: skip
+
+
+def test_a_live_route_ends_on_a_loading_instance_that_fills_from_the_back() -> None:
+    # n1 holds the embedding and layers 0-1; n2 the LM head and layers 6-7: f runs only 2..6.
+    views = [busy_full(), held("n1", {0, 1, 2}), held("n2", {7, 8, 9})]
+    r = choose_route(views, "m")
+    assert r is not None and [(s.worker_id, s.start, s.end) for s in r.stages] == [
+        ("n1", 0, 2),
+        ("f", 2, 6),
+        ("n2", 6, 8),
+    ]
+    assert r.worker_id == "n1"
+    # Without the LM head, or with readiness unknown, n2 ends nothing: the usual two stages.
+    for n2 in (held("n2", {7, 8}), replace(held("n2", {7, 8, 9}), ready_units=None)):
+        r = choose_route([busy_full(), held("n1", {0, 1, 2}), n2], "m")
+        assert r is not None and [(s.worker_id, s.start, s.end) for s in r.stages] == [("n1", 0, 2), ("f", 2, 8)]
+    # A tail with LATE_SPLIT_STEPS steps of relayed prefill queued is skipped too.
+    full_tail = replace(held("n2", {7, 8, 9}), prefill_budget=100, relayed_unstarted_tokens=LATE_SPLIT_STEPS * 100)
+    r = choose_route([busy_full(), held("n1", {0, 1, 2}), full_tail], "m")
+    assert r is not None and len(r.stages) == 2
+    # Avoided, or stop-the-world: not used.
+    r = choose_route(views, "m", avoid=frozenset({"n2"}))
+    assert r is not None and len(r.stages) == 2
+    assert choose_route(views, "m", live=False) == Route("f")
+
+
+def test_two_loading_instances_that_meet_serve_routes_without_the_busy_one() -> None:
+    # n1 holds layers 0-4, n2 layers 3-7 and the head: together every layer; split mid-model.
+    views = [busy_full(), held("n1", {0, 1, 2, 3, 4, 5}), held("n2", {4, 5, 6, 7, 8, 9})]
+    r = choose_route(views, "m")
+    assert r is not None and [(s.worker_id, s.start, s.end) for s in r.stages] == [("n1", 0, 4), ("n2", 4, 8)]
+    # Not held back by the busy instance's queue: the route does not touch it.
+    views[0] = busy_full(queued=LATE_SPLIT_STEPS * 100)
+    r = choose_route(views, "m")
+    assert r is not None and [s.worker_id for s in r.stages] == ["n1", "n2"]
+    # Where the two only just meet, the split is where they do.
+    r = choose_route([busy_full(), held("n1", {0, 1, 2, 3}), held("n2", {4, 5, 6, 7, 8, 9})], "m")
+    assert r is not None and [(s.worker_id, s.start, s.end) for s in r.stages] == [("n1", 0, 3), ("n2", 3, 8)]
+
+
+def test_a_live_routes_batch_stops_where_the_busy_instance_would_split_later() -> None:
+    # f has room for 3 more steps' worth (of LATE_SPLIT_STEPS) of prefill: a route runs 6 of 8
+    # layers there (n1 holds 2), so 400 prompt tokens of routes are 300 of f's.
+    budget = 100
+    f = busy_full(budget=budget, queued=(LATE_SPLIT_STEPS - 3) * budget)
+    r = choose_route([f, held("n1", {0, 1, 2})], "m")
+    assert r is not None and r.room is not None and len(r.stages) == 2
+    assert r.room.admits(0, 0) and r.room.admits(3, 300)
+    assert not r.room.admits(4, 400)
+    # The head's own room bounds it as well (routes weighed by their layers there): 8 routes
+    # through 2 layers are 1 full sequence (HEAD_DUTY 1/2), so a head holding 62 such has room for 2.
+    crowded = replace(held("n1", {0, 1, 2}), driven_layers=62 * 2, driven=62, running=62)
+    r = choose_route([f, crowded], "m")
+    assert r is not None and r.room is not None and r.room.requests == 2
+    # With an unknown prefill budget, only the head's room.
+    r = choose_route([replace(f, prefill_budget=0), held("n1", {0, 1, 2})], "m")
+    assert r is not None and r.room is not None and r.room.admits(4, 100_000)

@@ -290,6 +290,21 @@ def test_ordered_changes_nothing_when_a_worker_holds_the_model() -> None:
     assert one.chains[0].units == tuple(range(N_UNITS))
 
 
+def test_ordered_plan_beside_a_busy_holder_loads_the_front_and_the_back_in_turn() -> None:
+    # A full instance serves requests (live scaling): routes run the front layers on one loading
+    # target, the middle on the full one and the back (with the LM head) on the other.
+    busy = holder("f", load=5)
+    p = plan_transfer(snap(busy, idle("t1"), idle("t2")), req(("t1", "t2"), "disk", ordered=True), "p1", fixed_tokens())
+    assert [c.units for c in p.chains] == [tuple(range(N_UNITS)), tuple(reversed(range(N_UNITS)))]
+    # From the host cache (preferred to a serving holder's rate-limited send) the same, one stream each.
+    p = plan_transfer(snap(busy, *TARGETS, cached=True), req(T3, ordered=True), "p1", fixed_tokens())
+    assert [c.source.kind for c in p.chains] == ["host-cache"] * 3
+    assert [c.units[0] for c in p.chains] == [0, N_UNITS - 1, 0]
+    # Stop-the-world (unordered): front to back as before.
+    p = plan_transfer(snap(busy, idle("t1"), idle("t2")), req(("t1", "t2"), "disk"), "p1", fixed_tokens())
+    assert all(c.units == tuple(range(N_UNITS)) for c in p.chains)
+
+
 def test_ordered_plan_sends_a_diskless_target_unit_0_first() -> None:
     # Unit 0 carries the model files a worker without the model store builds the model from.
     net = WorkerView("t2", "idle", None, 0, 0, data_addr="h:t2", model_source="network")

@@ -356,16 +356,103 @@ def choose_route(
             best, head = key, v
     if head is None:
         return held
-    if split_later(full):
-        return None
     k = front_layers(head, model)
     num_layers = full.num_units - 2
-    return Route(
-        head.worker_id,
-        (
-            RouteStage(head.worker_id, 0, k, head.stage_addr or ""),
-            RouteStage(full.worker_id, k, num_layers, full.stage_addr),
-        ),
+    tail, b = best_tail(instances, model, full, head, avoid)
+    head_stage = RouteStage(head.worker_id, 0, k, head.stage_addr or "")
+    if tail is not None and k + b >= num_layers:
+        # The two loading instances hold every layer between them: a pipeline of their own, the
+        # busy instance spared the whole request. The split sits mid-model where both can run it,
+        # so neither does more than half of each route.
+        m = min(max(num_layers // 2, num_layers - b), k)
+        return Route(
+            head.worker_id,
+            (
+                RouteStage(head.worker_id, 0, m, head.stage_addr or ""),
+                RouteStage(tail.worker_id, m, num_layers, tail.stage_addr or ""),
+            ),
+            room=head_room(head, m),
+        )
+    if split_later(full):
+        return None
+    if tail is None:
+        stages: tuple[RouteStage, ...] = (head_stage, RouteStage(full.worker_id, k, num_layers, full.stage_addr))
+    else:
+        stages = (
+            head_stage,
+            RouteStage(full.worker_id, k, num_layers - b, full.stage_addr),
+            RouteStage(tail.worker_id, num_layers - b, num_layers, tail.stage_addr or ""),
+        )
+    share = (stages[1].end - stages[1].start) / num_layers
+    return Route(head.worker_id, stages, room=late_room(full, share, head_room(head, k).requests))
+
+
+def back_layers(view: InstanceView, model: str) -> int:
+    """Decoder layers `view` can run as the last stage of `model` (LM head included), or 0: the run
+    of layers it holds that ends at the last one. Needs its ready units (readiness events): a load
+    from the back fills no prefix."""
+    units = view.ready_units
+    if view.model != model or view.num_units < 3 or units is None or view.num_units - 1 not in units:
+        return 0
+    num_layers = view.num_units - 2
+    b = 0
+    while b < num_layers and num_layers - b in units:  # unit l + 1 is layer l
+        b += 1
+    return b
+
+
+def best_tail(
+    instances: Sequence[InstanceView],
+    model: str,
+    full: InstanceView,
+    head: InstanceView,
+    avoid: Sequence[str] | frozenset[str] = (),
+) -> tuple[InstanceView | None, int]:
+    """The loading instance (not `head`) that holds the most back layers and the LM head, to end a
+    live route (`full` runs the middle), and how many layers it runs; (None, 0) when none can.
+
+    A loading instance that fills from the back (planner.front_back_units) is no head (no
+    embedding until its load ends) but can end routes: the busy instance is then spared the back
+    layers too. It must not have LATE_SPLIT_STEPS steps of relayed prefill queued already: its
+    steps compute only what routes bring it, and a route waiting on it waits for its first token."""
+    best: tuple[int, float, str] | None = None
+    tail: InstanceView | None = None
+    for v in instances:
+        if (
+            v.worker_id == head.worker_id
+            or v.state != "loading"
+            or not v.stage_addr
+            or v.worker_id in avoid
+            or v.group
+            or v.num_units != full.num_units
+        ):
+            continue
+        b = back_layers(v, model)
+        if not b or (v.prefill_budget > 0 and v.relayed_unstarted_tokens >= LATE_SPLIT_STEPS * v.prefill_budget):
+            continue
+        key = (-b, v.kv_cache_usage, v.worker_id)
+        if best is None or key < best:
+            best, tail = key, v
+    return tail, (-best[0] if best is not None else 0)
+
+
+def late_room(full: InstanceView, share: float, requests: int) -> Room:
+    """What one batch of live routes may hold: no more than the head has room for (`requests`), and
+    no more prompts than keep the busy instance's prefill queue under LATE_SPLIT_STEPS steps, each
+    route's prompt weighed by the `share` of the layers it runs there (`split_later`). Without it a
+    batch takes every request held here once the queue dips below the bound (up to the batcher's
+    size) at the split of that moment, which is what the late split is there to avoid.
+
+    `Room` bounds prompt tokens as PREFILL_AHEAD_STEPS budgets: the budget here is scaled so that
+    bound falls where the busy instance's queue reaches LATE_SPLIT_STEPS of its own budgets."""
+    if full.prefill_budget <= 0 or share <= 0:
+        return Room(requests=max(1, requests), prompts=0, tokens=0, prefill_budget=0)
+    queued = full.unstarted_tokens + full.relayed_unstarted_tokens
+    return Room(
+        requests=max(1, requests),
+        prompts=PREFILL_AHEAD_PROMPTS,
+        tokens=ceil(queued / share),
+        prefill_budget=max(1, floor(LATE_SPLIT_STEPS * full.prefill_budget / share / PREFILL_AHEAD_STEPS)),
     )
 
 

@@ -278,7 +278,7 @@ def _plan(
                 f"cache holds {req.model}"
             )
         disk = Source("disk")
-        order = _orders(req, units, len(hops))
+        order = _orders(req, units, len(hops), _full_holder(snapshot, req))
         chains = tuple(
             Chain(_transfer_id(plan_id, i), token_factory(), disk, (h,), order[i]) for i, h in enumerate(hops)
         )
@@ -291,8 +291,9 @@ def _plan(
             raise PlanError(f"target {h.worker_id} has no data-plane address")
     by_id = {h.worker_id: h for h in hops}
     if req.ordered and len(hops) > 1 and sources[0].kind == "host-cache":
-        # From zero: one stream per target, each starting with its own block (module docstring).
-        order = _orders(req, units, len(hops))
+        # One stream per target, each starting with its own block, or with a full holder serving
+        # already the front and the back in turn (module docstring).
+        order = _orders(req, units, len(hops), _full_holder(snapshot, req))
         for i, h in enumerate(hops):
             w = snapshot.worker(h.worker_id)
             if w is not None and w.model_source == "network" and 0 in order[i]:
@@ -321,10 +322,31 @@ def _plan(
     return TransferPlan(plan_id, req.model, req.mode, chains, req.unit_nbytes, req.model_path, note)
 
 
-def _orders(req: PlanRequest, units: tuple[int, ...], n: int) -> list[tuple[int, ...]]:
-    """Each target's unit order: front to back, or in an ordered plan its own block first."""
+def _full_holder(snapshot: MeshSnapshot, req: PlanRequest) -> bool:
+    """A worker other than the targets holds `req.model` in full: live routes can end on it."""
+    return any(w.worker_id not in req.targets and w.holds(req.model) for w in snapshot.workers)
+
+
+def front_back_units(units: Sequence[int], index: int) -> tuple[int, ...]:
+    """`units` for target `index` of an ordered plan while a full instance serves the model: front
+    to back for even indices, back to front for odd ones.
+
+    The gateway's live routes then run the front layers on one loading instance, the middle on the
+    full one and the back layers with the LM head on the other (router.choose_route): the busy full
+    instance is spared the layers both hold, twice what one loading head spares it, and once the two
+    meet they form a whole pipeline of their own, half-way through the load. Blocks, as from zero,
+    would leave the second target without the embedding or the LM head for its whole first block:
+    no use in a route until then."""
+    return tuple(units) if index % 2 == 0 else tuple(reversed(units))
+
+
+def _orders(req: PlanRequest, units: tuple[int, ...], n: int, full_holder: bool = False) -> list[tuple[int, ...]]:
+    """Each target's unit order: front to back, or in an ordered plan its own block first (from
+    zero), or the front and the back in turn (`full_holder`: a full instance serves already)."""
     if not req.ordered:
         return [units] * n
+    if full_holder:
+        return [front_back_units(units, i) for i in range(n)]
     sizes = [req.unit_nbytes[u] for u in units]
     return [ordered_units(units, i, n, sizes) for i in range(n)]
 
