@@ -117,6 +117,9 @@ class RunLog:
     first_work: dict[str, float] = field(default_factory=dict)
     # (time, worker, routes it drives, layers it runs for them in all), from heartbeats with routes
     driving: list[tuple[float, str, int, int]] = field(default_factory=list)
+    # (time, worker, relayed stage sequences it computes for routes other workers drive), from
+    # heartbeats: a new instance loaded from the back ends routes (docs/live-scaling.md)
+    relaying: list[tuple[float, str, int]] = field(default_factory=list)
 
 
 def capacity_req_s(profile_name: str, max_batch: int, prompt: int, out: int) -> float:
@@ -213,6 +216,8 @@ async def drive(a: argparse.Namespace, mesh: Mesh, url: str, mode: str, target: 
             log.first_work[hb.worker_id] = time.monotonic() - t0
         if hb.model == MODEL and hb.driven > 0:
             log.driving.append((time.monotonic() - t0, hb.worker_id, hb.driven, hb.driven_layers))
+        if hb.model == MODEL:
+            log.relaying.append((time.monotonic() - t0, hb.worker_id, hb.stage_running))
 
     await nc.subscribe(subjects.heartbeat_all(), cb=on_heartbeat)
     await nc.subscribe(subjects.scale_decision(), cb=on_decision)
@@ -301,6 +306,10 @@ def analyse(
     # of each routed request the busy instance is spared is this over the model's layers.
     driving = [(n, k) for t, w, n, k in log.driving if w in workers and dec <= t <= all_loaded]
     depth = sum(k for _, k in driving) / sum(n for n, _ in driving) if driving else float("nan")
+    # Relayed stages the new instances run for routes others drive (a route's later stages), per
+    # new instance and heartbeat in the window: 0 when every route ends on the busy instance.
+    relayed = [n for t, w, n in log.relaying if w in workers and dec <= t <= all_loaded]
+    relayed_mean = statistics.fmean(relayed) if relayed else float("nan")
     return {
         "mode": mode,
         "target_replicas": target,
@@ -326,6 +335,7 @@ def analyse(
             "p99": percentile([(r.first - r.arrival) * 1e3 for r in ok], 99),
         },
         "route_layers_window": depth,
+        "relayed_stages_on_new_window": relayed_mean,
         "layers": a.layers,
         "served_by_new_during_window": sum(1 for r in window if log.served_by.get(r.rid) in workers),
         "timeline": {
@@ -416,6 +426,12 @@ def markdown(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> str:
             text += (
                 f"\nRoutes through the new instances during the window (live, 1→{r['target_replicas']}): "
                 f"{depth:.2f} layers each there on average (heartbeats), of {r.get('layers', '?')}."
+            )
+        relayed = r.get("relayed_stages_on_new_window")
+        if r["mode"] == "live" and relayed is not None and relayed == relayed:
+            text += (
+                f" Later stages of routes run on the new instances (ending there): {relayed:.1f} per new "
+                "instance and heartbeat on average."
             )
     for r in rows:
         if r["mode"] != "live":

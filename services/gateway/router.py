@@ -320,7 +320,10 @@ def choose_route(
     """A full instance while one has room and no backlog; with `live` and the least-loaded full
     instance busy (out of slots, or with admitted work waiting), a pipelined route through the
     loading instance that holds the most front layers (it must have room itself), ending on
-    that full instance. With no full instance at all (from zero), a pipeline across loading
+    that full instance, or, when another loading instance holds the LM head and back layers
+    (loaded from the back: planner.front_back_units), running the middle there and ending on
+    that one (`best_tail`); once those two hold every layer between them, a route across the two
+    alone. With no full instance at all (from zero), a pipeline across loading
     instances that together hold every layer (`zero_route`); None when there is none.
 
     Stop-the-world scaling (`live` false) never splits: a loading instance gets nothing until

@@ -25,7 +25,10 @@ pipeline. A plain chain gives every target the same order: none of them would ho
 layers before the whole load ends. The price, in `multicast` mode, is one stream per target from
 the host cache instead of one chain: it pays where each target has its own link to the host
 cache (PCIe per accelerator, or an emulated per-send cap), not where one network link carries
-them all.
+them all. Beside a worker that already holds the model in full (live scaling of a served model),
+an ordered plan loads its targets from the front and from the back in turn instead
+(`front_back_units`): the gateway's live routes then run the front layers on one, the middle on the
+full instance and the back on the other.
 
 A chain source → T1 → … → Tn costs about one transfer plus a chunk per hop, so a chain is never
 split for speed; several sources give several chains only so that one failure touches fewer
