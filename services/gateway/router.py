@@ -302,8 +302,13 @@ def head_key(view: InstanceView, k: int) -> tuple[int, float, str]:
 # are in the count too. Measured in bench scaleup (1→2, live, 4 paired runs each on a loaded
 # machine): routes ran 2.3 of 8 layers on the new instance without the late split; 2.8 with 4
 # steps, p99 no better (the busy instance took fewer steps: starved at times); 2.6-2.8 with 8
-# steps, window p99 TTFT 3.45 s against 3.73 s.
-LATE_SPLIT_STEPS = 8
+# steps, window p99 TTFT 3.45 s against 3.73 s. That 4 was measured while a route's batch took
+# every request held here at once (up to the batcher's size), so the queue overshot and ran dry in
+# turn; with the batch bounded at the late split (`late_room`), 4 steps against 8, live only,
+# alternated, 2 runs each (load average 9-10): routes 3.15-3.36 of 8 layers deep on the new
+# instance against 2.80-3.01 (1→2) and 2.57-2.73 against 2.33-2.35 (1→3); window p99 TTFT
+# 2768 / 2909 ms against 3066 / 2739 (1→2), 2500 / 2256 against 2509 / 2779 (1→3).
+LATE_SPLIT_STEPS = 4
 
 
 def split_later(full: InstanceView) -> bool:
