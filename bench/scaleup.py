@@ -491,7 +491,6 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         png = RESULTS / "scaleup.png"
-        plot(rows, png)
         prof = load_profile(a.profile)
         raw = {
             **result_header("scaleup"),
@@ -508,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
             "plot": str(png.relative_to(RESULTS.parent.parent)),
         }
+        # Plotted after the header is read: a plot written first made every run's commit "+dirty".
+        plot(rows, png)
         doc = summarise(raw)
         doc["raw"] = (
             f"per-request timelines in {raw_path(a.raw, 'scaleup')}"
