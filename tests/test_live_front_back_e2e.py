@@ -7,7 +7,6 @@ alone. Each gets the same greedy tokens as the whole model on one instance."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,9 +18,7 @@ import pytest
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import LoadModel, Ok
 from cascade.models.checkpoint import Checkpoint
-from cascade.models.generate import generate_model
 from cascade.natsutil import connect, request
-from cascade.service import serve
 from cascade.subjects import Subjects
 from cascade.workers import WorkerView
 from services.gateway.router import serves_fully
@@ -29,6 +26,8 @@ from services.gateway.testing import RunningGateway, parse_prometheus, running_g
 from services.loader.planner import MeshSnapshot, PlanRequest, plan_orders, plan_transfer
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
+from tests.inproc import model_dir_fixture, serving
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -43,11 +42,7 @@ NEW = ("n1", "n2")
 LOAD_S = 16.0
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("front-back-model")
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC, "front-back-model")
 
 
 @pytest.fixture
@@ -63,21 +58,8 @@ async def workers(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIt
             for w in NEW
         },
     }
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(serve(s, s.settings.nats_url, s.settings.prefix, stop)) for s in services.values()]
-    try:
+    async with serving(nats_url, subjects.prefix, *services.values(), stop_s=30):
         yield services
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-
-
-async def until(pred: Any, what: str, timeout_s: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def views(gw: RunningGateway) -> dict[str, Any]:
@@ -107,7 +89,9 @@ async def test_two_new_instances_loading_from_both_ends_carry_routes_beside_a_bu
         try:
             url = gw.url + "/v1/completions"
             await request(nc, subjects.load("full"), LoadModel(MODEL, str(model_dir)), Ok, timeout=10)
-            await until(lambda: (v := views(gw).get("full")) is not None and serves_fully(v, MODEL), "full serving")
+            await wait_until(
+                lambda: (v := views(gw).get("full")) is not None and serves_fully(v, MODEL), 60, what="full serving"
+            )
             body = {"model": MODEL, "prompt": "front and back", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
             async with http.post(url, json=body) as r:
                 assert r.status == 200, await r.text()
@@ -133,7 +117,7 @@ async def test_two_new_instances_loading_from_both_ends_carry_routes_beside_a_bu
             try:
                 assert busy.status == 200
                 await busy.content.readuntil(b"\n\n")
-                await until(lambda: views(gw)["full"].running >= 1, "full instance reported busy")
+                await wait_until(lambda: views(gw)["full"].running >= 1, 60, what="full instance reported busy")
                 for w in NEW:
                     (order,) = orders[w]
                     await request(nc, subjects.transfer(w), order, Ok, timeout=10)
@@ -142,7 +126,7 @@ async def test_two_new_instances_loading_from_both_ends_carry_routes_beside_a_bu
                     vs = views(gw)
                     return all(vs[w].state == "loading" for w in NEW) and front(vs["n1"]) >= 1 and back(vs["n2"]) >= 1
 
-                await until(apart, "n1 holding a front layer and n2 a back one")
+                await wait_until(apart, 60, what="n1 holding a front layer and n2 a back one")
                 vs = views(gw)
                 assert front(vs["n1"]) + back(vs["n2"]) < SPEC.layers, "the loads met too soon to tell"
                 frames = {w: workers[w].link.stats.frames_in for w in ("full", *NEW)}
@@ -157,7 +141,7 @@ async def test_two_new_instances_loading_from_both_ends_carry_routes_beside_a_bu
                     vs = views(gw)
                     return front(vs["n1"]) + back(vs["n2"]) >= SPEC.layers
 
-                await until(met, "the two loads meeting")
+                await wait_until(met, 60, what="the two loads meeting")
                 assert not any(serves_fully(views(gw)[w], MODEL) for w in NEW), "a load ended too soon to tell"
                 frames = {w: workers[w].link.stats.frames_in for w in ("full", *NEW)}
                 async with http.post(url, json=body) as r:
