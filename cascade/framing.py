@@ -962,15 +962,10 @@ def _send_units_shm(
         if cancel is not None and cancel.is_set():
             link.send_abort("cancelled by sender")
             raise TransferError("cancelled")
-        tensors = source.unit(u)
-        source.crcs[u] = shmhop.send_unit_shared(link, u, tensors, source.crcs.get(u))
-        sent += sum(m.nbytes for m, _ in tensors)
+        source.crcs[u], nbytes = shmhop.send_unit_shared(link, u, source.unit(u), source.crcs.get(u))
+        sent += nbytes
         if on_unit_sent is not None:
             on_unit_sent(u)
-    # The receiver holds what it needs once it has mapped each unit; wait for it to close its end,
-    # so a send that "completed" means the receiver has read every message.
-    with contextlib.suppress(OSError):
-        link.sock.shutdown(socket.SHUT_WR)
-        while link.sock.recv(1):
-            pass
+    # Done when every message is queued, as a TCP send is when its bytes are in the socket buffer:
+    # a region's fd in flight keeps its memory alive until the receiver has mapped it.
     return SendStats(sent, time.monotonic() - t0)

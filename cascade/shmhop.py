@@ -166,11 +166,12 @@ def find(view: memoryview) -> tuple[int, int] | None:
     return None
 
 
-def shared_array(nbytes: int) -> np.ndarray:
-    """A uint8 array of `nbytes` in a fresh `SharedMap`, pages touched (as the data plane's
-    reserved buffers are: faults stay out of the transfer)."""
+def shared_array(nbytes: int, touch: bool = True) -> np.ndarray:
+    """A uint8 array of `nbytes` in a fresh `SharedMap`, pages touched unless `touch` is False (as
+    the data plane's reserved buffers are: faults stay out of the transfer)."""
     arr = np.frombuffer(SharedMap.create(nbytes), dtype=np.uint8)[:nbytes]
-    arr.fill(0)
+    if touch:
+        arr.fill(0)
     return arr
 
 
@@ -197,11 +198,22 @@ class Offer:
             return None
 
 
+_default_host_id: str | None = None
+
+
+def set_default_host_id(host_id: str | None) -> None:
+    """The host id this process's sends use when they name none (a worker's data plane sets its
+    --host-id here, so its chain-head sends compare the same key its receptions offer)."""
+    global _default_host_id
+    _default_host_id = host_id or None
+
+
 def host_key(host_id: str | None = None) -> str:
-    """Who may share memory with whom: the same configured host id (--host-id; the benchmark
-    emulates hosts on one machine with distinct ones, and those must stay apart), the same boot of
-    the same kernel, the same network namespace (where the abstract socket lives)."""
-    parts = [host_id or socket.gethostname()]
+    """Who may share memory with whom: the same configured host id (--host-id, default the
+    hostname; the benchmark emulates hosts on one machine with distinct ones, and those must stay
+    apart), the same boot of the same kernel, the same network namespace (where the abstract
+    socket lives)."""
+    parts = [host_id or _default_host_id or socket.gethostname()]
     with contextlib.suppress(OSError):
         parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
     with contextlib.suppress(OSError):
@@ -217,6 +229,8 @@ class ShmLink:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # A message read ahead while taking every queued progress update (the unit's CRC).
+        self._pending: tuple[bytes, int, int, bytes, list[int]] | None = None
 
     def settimeout(self, seconds: float | None) -> None:
         self.sock.settimeout(seconds)
@@ -263,6 +277,9 @@ class ShmLink:
 
     # ---- receiving --------------------------------------------------------------------------
     def _recv(self, block: bool = True) -> tuple[bytes, int, int, bytes, list[int]] | None:
+        if self._pending is not None:
+            got, self._pending = self._pending, None
+            return got
         try:
             flags = 0 if block else socket.MSG_DONTWAIT
             msg, fds, mflags, _ = socket.recv_fds(self.sock, MAX_MSG, MAX_FDS, flags)
@@ -363,6 +380,9 @@ class ShmLink:
         if got is None:
             return avail
         kind, u, value, _, fds = got
+        if not block and kind != _PROG:
+            self._pending = got  # for whoever reads next
+            return avail
         for fd in fds:
             os.close(fd)
         if kind != _PROG or u != unit or not avail <= value <= payload:
@@ -499,9 +519,10 @@ def accept_offer(reason: str, my_host_key: str, transfer_id: str, timeout_s: flo
 
 def send_unit_shared(
     link: ShmLink, unit: int, tensors: Sequence[tuple[TensorMeta, memoryview]], crc: int | None
-) -> int:
+) -> tuple[int, int]:
     """Send one unit of a source whose bytes are all there: where they are, all of it at once,
-    then its CRC (computed meanwhile unless known); returns the CRC.
+    then its CRC (computed meanwhile unless known); returns the CRC and the bytes a TCP stream
+    would have carried for the unit (its frame), for the caller's count.
 
     Bytes outside any shared region (a live worker's own tensors) are first copied into a fresh
     `SharedMap` the receiver maps; it lives as long as the receiver holds it."""
@@ -527,7 +548,7 @@ def send_unit_shared(
         for _, v in tensors:
             crc = crc32(v, crc)
     link.send_crc(unit, crc)
-    return crc
+    return crc, len(raw) + header.nbytes + 4
 
 
 def verify(header: UnitHeader, computed: int, received: int) -> None:

@@ -295,10 +295,13 @@ class ReceiveStats:
     reserve_ahead_s: float = 0.0  # reserving the later units on a thread, while the stream ran
     forwarded: bool = False
     forward_error: str | None = None
-    # How unit bodies went downstream: "relay" (spliced in the kernel, see cascade.framing.TeeRelay)
-    # or "copy" (received into the buffer, then sent from it); None when there was no downstream.
+    # How unit bodies went downstream: "relay" (spliced in the kernel, see cascade.framing.TeeRelay),
+    # "copy" (received into the buffer, then sent from it) or "shm" (a same-host next hop copied
+    # them out of the buffer, cascade.shmhop); None when there was no downstream.
     forward_path: str | None = None
     relayed: int = 0  # payload bytes the relay spliced downstream
+    # How the units came in: "tcp", or "shm" (copied from a same-host upstream's memory).
+    receive_path: str = "tcp"
 
 
 class Reception:
@@ -540,6 +543,8 @@ class DataPlaneServer:
         # --host-id, default the hostname). Not with an emulated egress link (it stands for
         # another host) nor the kernel relay (which is there to measure TCP forwarding).
         self._shm = shm and egress is None and not relay and shmhop.available()
+        if host_id is not None:
+            shmhop.set_default_host_id(host_id)  # this process's chain-head sends compare the same
         self._host_key = shmhop.host_key(host_id)
         self._shm_listener: shmhop.ShmListener | None = None
         # Forward unit bodies in the kernel (`TeeRelay`) where the transport allows. Off by
@@ -874,6 +879,7 @@ class DataPlaneServer:
                             raise FramingError("the sender switched to a same-host link that was not offered") from None
                         up = r._wait_shm(r.order.timeout_s)
                         up.settimeout(r.order.timeout_s)
+                        r.stats.receive_path = "shm"
                 if up is not None:
                     uh, raw_header, src = up.recv_unit(u)
                 if stager is not None and fwd is not None:
