@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import itertools
 import mmap
 import os
 import secrets
@@ -116,8 +117,11 @@ class _Region:
     owner: weakref.ref[mmap.mmap]
 
 
+# By registration, not by address: a region that died and one mapped at its address since must
+# not unregister each other.
 _regions: dict[int, _Region] = {}
 _regions_lock = threading.Lock()
+_next_key = itertools.count()
 
 
 def _addr(buf: memoryview) -> int:
@@ -127,14 +131,15 @@ def _addr(buf: memoryview) -> int:
 def _register(owner: mmap.mmap, fd: int, fd_offset: int) -> None:
     arr = np.frombuffer(owner, dtype=np.uint8)
     addr = int(arr.ctypes.data)
+    key = next(_next_key)
     with _regions_lock:
-        _regions[addr] = _Region(addr, len(arr), fd, fd_offset, weakref.ref(owner))
-    weakref.finalize(owner, _unregister, addr)
+        _regions[key] = _Region(addr, len(arr), fd, fd_offset, weakref.ref(owner))
+    weakref.finalize(owner, _unregister, key)
 
 
-def _unregister(addr: int) -> None:
+def _unregister(key: int) -> None:
     with _regions_lock:
-        _regions.pop(addr, None)
+        _regions.pop(key, None)
 
 
 def register_file(mapping: mmap.mmap, path: str | os.PathLike[str]) -> bool:
@@ -161,7 +166,9 @@ def find(view: memoryview) -> tuple[int, int] | None:
     addr = _addr(view)
     with _regions_lock:
         for r in _regions.values():
-            if r.addr <= addr and addr + len(view) <= r.addr + r.nbytes and r.owner() is not None:
+            owner = r.owner()
+            # A closed mapping's addresses may hold other memory by now: never match it.
+            if owner is not None and not owner.closed and r.addr <= addr and addr + len(view) <= r.addr + r.nbytes:
                 return r.fd, r.fd_offset + (addr - r.addr)
     return None
 
@@ -459,9 +466,13 @@ class ShmListener:
         self._sock.bind(b"\0" + self.name)
         self._sock.listen(64)
 
-    def accept(self, hello_timeout_s: float) -> tuple[str, str, ShmLink] | None:
-        """The next hop's hello; None for a connection that did not say one (closed already)."""
+    def accept(self) -> socket.socket:
         conn, _ = self._sock.accept()
+        return conn
+
+    @staticmethod
+    def hello(conn: socket.socket, hello_timeout_s: float) -> tuple[str, str, ShmLink] | None:
+        """The upstream's hello on an accepted link; None (closed) if it did not say one."""
         conn.settimeout(hello_timeout_s)
         try:
             msg = conn.recv(4096)

@@ -27,6 +27,15 @@ one or the hops before it. bench/results/multicast.notes.md has the profile behi
 
 The socket work sits behind `cascade.framing.Transport` (listen/connect → byte `Channel`s) so an NCCL or
 CUDA-IPC transport can replace TCP without touching the framing, ordering and auth logic.
+
+Same-host hops skip the sockets' copies (`cascade.shmhop`): after the token check the server
+offers a same-host link, and an upstream on this host (same --host-id, boot and network
+namespace; not paced) switches to it; then this hop copies each unit straight out of the
+upstream's shared memory (one memcpy, CRC over its own copy), and tells a same-host next hop where
+its own unit buffers are and how far they are filled (`_ShmForwarder`), so that hop copies out of
+them in turn. CPU unit buffers are anonymous memfds for that (`shmhop.shared_array`). A hop keeps
+TCP towards any peer that is not same-host or cannot connect the link, and on the benchmark's
+emulated links (an egress limiter stands for another host).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import collections
 import contextlib
 import functools
 import hmac
+import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -709,13 +719,17 @@ class DataPlaneServer:
         assert self._shm_listener is not None
         while not self._closing.is_set():
             try:
-                got = self._shm_listener.accept(HEADER_TIMEOUT_S)
+                conn = self._shm_listener.accept()
             except OSError:
                 if self._closing.is_set():
                     return
                 raise
-            if got is None:
-                continue
+            # The hello on a thread of its own: a silent stranger must not hold up the next link.
+            self._spawn(self._hello_shm, "dataplane-shm-hello", conn)
+
+    def _hello_shm(self, conn: socket.socket) -> None:
+        got = shmhop.ShmListener.hello(conn, HEADER_TIMEOUT_S)
+        if got is not None:
             tid, nonce, link = got
             with self._lock:
                 r = self._expected.get(tid)
