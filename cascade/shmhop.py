@@ -346,9 +346,13 @@ class ShmLink:
         buf: memoryview,
         on_chunk: Callable[[memoryview], None] | None = None,
         chunk: int = DEFAULT_CHUNK,
+        on_progress: Callable[[int], None] | None = None,
     ) -> int:
         """Copy the unit's tensors from the sender's memory into `buf` at `header.layout()` offsets
-        as the sender says they are in; returns the CRC over the header bytes and this copy."""
+        as the sender says they are in; returns the CRC over the header bytes and this copy.
+
+        `on_chunk` sees each piece of `buf` once copied; `on_progress` each new count of payload
+        bytes the sender says are in (a same-host next hop can copy them from the same place)."""
         offsets, total = header.layout()
         if len(buf) < total:
             raise ValueError(f"unit {header.unit}: buffer of {len(buf)} bytes, need {total}")
@@ -366,6 +370,8 @@ class ShmLink:
                     if more == avail:
                         break
                     avail = more
+                if on_progress is not None:
+                    on_progress(avail)
             while done < avail:
                 meta = header.tensors[ti]
                 if tpos == meta.nbytes:
@@ -416,10 +422,13 @@ class _Mapped:
         self._fds = fds
         self._maps: list[mmap.mmap] = []
         self._views: list[np.ndarray] = []
+        # Per tensor, (fd, offset) of its bytes: a same-host forwarder points its next hop there.
+        self.where: list[tuple[int, int] | None] = []
         try:
             for meta, (idx, off) in zip(header.tensors, where, strict=True):
                 if meta.nbytes == 0:
                     self._views.append(np.empty(0, dtype=np.uint8))
+                    self.where.append(None)
                     continue
                 if not 0 <= idx < len(fds):
                     raise FramingError(f"unit {header.unit}: tensor {meta.name} names no region")
@@ -433,6 +442,7 @@ class _Mapped:
                     fds[idx], off + meta.nbytes - base, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ, offset=base
                 )
                 self._maps.append(m)
+                self.where.append((fds[idx], off))
                 arr = np.frombuffer(m, dtype=np.uint8)
                 self._views.append(arr[off - base : off - base + meta.nbytes])
         except BaseException:

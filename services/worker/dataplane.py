@@ -45,6 +45,7 @@ import collections
 import contextlib
 import functools
 import hmac
+import os
 import socket
 import threading
 import time
@@ -905,12 +906,22 @@ class DataPlaneServer:
                 # become views of it.
                 buf = stager.buffer(total) if stager is not None else r._buffer(u, total)
                 on_chunk: Callable[[memoryview], None] | None = None if down is None else forward
-                if sfwd is not None:
+                on_progress: Callable[[int], None] | None = None
+                if sfwd is not None and up is not None:
+                    # Same host on both sides: the next hop copies from where we copy from (the
+                    # source's memory, or the first hop's that received it over TCP) as far as it
+                    # is in, not from our copy: no hop of a same-host chain waits on the hop
+                    # before it. Each still checks the source's CRC over its own copy.
+                    sfwd.unit_from(u, raw_header, src.where)
+                    on_progress = functools.partial(sfwd.progress_to, u)
+                elif sfwd is not None:
                     sfwd.unit(u, raw_header, buf, offsets, uh)
                     on_chunk = functools.partial(sfwd.progress, u)
                 if up is not None:
                     try:
-                        crc = up.recv_body(uh, raw_header, src, buf.data, on_chunk=on_chunk, chunk=self._chunk)
+                        crc = up.recv_body(
+                            uh, raw_header, src, buf.data, on_chunk=on_chunk, on_progress=on_progress, chunk=self._chunk
+                        )
                     finally:
                         src.close()  # the upstream's memory is mapped only while one unit is copied
                     sent_crc = up.recv_crc(u)
@@ -982,6 +993,8 @@ class _ShmForwarder:
     def _put(self, kind: str, unit: int, value: Any) -> None:
         with self._cv:
             if self._lost or self._closing:
+                if kind == "unit":
+                    _close_fds(value[2])
                 return
             if kind == "prog" and self._queue and self._queue[-1][0] == "prog" and self._queue[-1][1] == unit:
                 self._queue[-1] = (kind, unit, value)
@@ -997,11 +1010,36 @@ class _ShmForwarder:
                 raise TransferError(f"unit {unit}: buffer is not shared memory")
             where.append(w)
         self._done[unit] = 0
-        self._put("unit", unit, (raw_header, where))
+        self._put("unit", unit, (raw_header, where, []))
+
+    def unit_from(self, unit: int, raw_header: bytes, where: Sequence[tuple[int, int] | None]) -> None:
+        """Point the next hop at the same memory our upstream pointed us at (the fds are dup-ed:
+        ours are closed once this hop has copied the unit, maybe before this thread sends them)."""
+        dups: list[int] = []
+        mine: dict[int, int] = {}
+        out: list[tuple[int, int] | None] = []
+        try:
+            for w in where:
+                if w is None:
+                    out.append(None)
+                    continue
+                fd, off = w
+                if fd not in mine:
+                    mine[fd] = os.dup(fd)
+                    dups.append(mine[fd])
+                out.append((mine[fd], off))
+        except OSError:
+            _close_fds(dups)
+            raise
+        self._done[unit] = 0
+        self._put("unit", unit, (raw_header, out, dups))
 
     def progress(self, unit: int, piece: memoryview) -> None:
         self._done[unit] += len(piece)
         self._put("prog", unit, self._done[unit])
+
+    def progress_to(self, unit: int, nbytes: int) -> None:
+        self._put("prog", unit, nbytes)
 
     def crc(self, unit: int, crc: int) -> None:
         self._put("crc", unit, crc)
@@ -1022,7 +1060,10 @@ class _ShmForwarder:
                 kind, unit, value = self._queue.popleft()
             try:
                 if kind == "unit":
-                    self._link.send_unit(unit, *value)
+                    try:
+                        self._link.send_unit(unit, value[0], value[1])
+                    finally:
+                        _close_fds(value[2])  # in flight now (or lost): the kernel holds its own
                 elif kind == "prog":
                     self._link.send_progress(unit, value)
                 else:
@@ -1030,9 +1071,18 @@ class _ShmForwarder:
             except OSError as e:
                 with self._cv:
                     self._lost = True
+                    for k, _, v in self._queue:
+                        if k == "unit":
+                            _close_fds(v[2])
                     self._queue.clear()
                 self._on_lost(f"{type(e).__name__}: {e}")
                 return
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------- disk / local
