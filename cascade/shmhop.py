@@ -41,6 +41,7 @@ import hmac
 import itertools
 import mmap
 import os
+import queue
 import secrets
 import socket
 import struct
@@ -238,8 +239,13 @@ class ShmLink:
         self.sock = sock
         # A message read ahead while taking every queued progress update (the unit's CRC).
         self._pending: tuple[bytes, int, int, bytes, list[int]] | None = None
+        self._timeout: float | None = None
+        self._reader: threading.Thread | None = None
+        self._tee: Callable[[bytes, list[int]], None] | None = None
+        self._q: queue.SimpleQueue[tuple[bytes, list[int], int] | BaseException] = queue.SimpleQueue()
 
     def settimeout(self, seconds: float | None) -> None:
+        self._timeout = seconds
         self.sock.settimeout(seconds)
 
     def shutdown(self) -> None:
@@ -247,7 +253,45 @@ class ShmLink:
             self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        if self._reader is not None:
+            self.shutdown()
+            self._reader.join(5.0)
+            while True:  # what was read and never taken: its fds are ours to close
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, tuple):
+                    _close(item[1])
         self.sock.close()
+
+    def start_reader(self, tee: Callable[[bytes, list[int]], None] | None = None) -> None:
+        """Read messages on a thread of its own from now on; `tee` sees each one (bytes and
+        fds, which it must not close) the moment it arrives, before this hop copies anything: a
+        same-host forwarder passes it on as is, so its next hop learns where each unit is and how
+        far it is in as soon as this hop does, not once this hop has copied it."""
+        self._tee = tee
+        self._reader = threading.Thread(target=self._read_loop, name="dataplane-shm-read", daemon=True)
+        self._reader.start()
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                msg, fds, mflags, _ = socket.recv_fds(self.sock, MAX_MSG, MAX_FDS)
+            except OSError as e:
+                self._q.put(e)
+                return
+            if self._tee is not None and msg and not mflags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                self._tee(msg, fds)
+            self._q.put((msg, fds, mflags))
+            if not msg:
+                return
+
+    def send_raw(self, msg: bytes, fds: Sequence[int]) -> None:
+        if fds:
+            socket.send_fds(self.sock, [msg], list(fds))
+        else:
+            self.sock.sendall(msg)
 
     # ---- sending ----------------------------------------------------------------------------
     def _send(self, kind: bytes, unit: int, value: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
@@ -287,11 +331,22 @@ class ShmLink:
         if self._pending is not None:
             got, self._pending = self._pending, None
             return got
-        try:
-            flags = 0 if block else socket.MSG_DONTWAIT
-            msg, fds, mflags, _ = socket.recv_fds(self.sock, MAX_MSG, MAX_FDS, flags)
-        except BlockingIOError:
-            return None
+        if self._reader is not None:
+            try:
+                item = self._q.get(block, self._timeout)
+            except queue.Empty:
+                if block:
+                    raise TimeoutError("timed out") from None
+                return None
+            if isinstance(item, BaseException):
+                raise item
+            msg, fds, mflags = item
+        else:
+            try:
+                flags = 0 if block else socket.MSG_DONTWAIT
+                msg, fds, mflags, _ = socket.recv_fds(self.sock, MAX_MSG, MAX_FDS, flags)
+            except BlockingIOError:
+                return None
         if not msg:
             for fd in fds:
                 os.close(fd)
@@ -346,13 +401,10 @@ class ShmLink:
         buf: memoryview,
         on_chunk: Callable[[memoryview], None] | None = None,
         chunk: int = DEFAULT_CHUNK,
-        on_progress: Callable[[int], None] | None = None,
     ) -> int:
         """Copy the unit's tensors from the sender's memory into `buf` at `header.layout()` offsets
         as the sender says they are in; returns the CRC over the header bytes and this copy.
-
-        `on_chunk` sees each piece of `buf` once copied; `on_progress` each new count of payload
-        bytes the sender says are in (a same-host next hop can copy them from the same place)."""
+        `on_chunk` sees each piece of `buf` once copied."""
         offsets, total = header.layout()
         if len(buf) < total:
             raise ValueError(f"unit {header.unit}: buffer of {len(buf)} bytes, need {total}")
@@ -370,8 +422,6 @@ class ShmLink:
                     if more == avail:
                         break
                     avail = more
-                if on_progress is not None:
-                    on_progress(avail)
             while done < avail:
                 meta = header.tensors[ti]
                 if tpos == meta.nbytes:
@@ -422,13 +472,10 @@ class _Mapped:
         self._fds = fds
         self._maps: list[mmap.mmap] = []
         self._views: list[np.ndarray] = []
-        # Per tensor, (fd, offset) of its bytes: a same-host forwarder points its next hop there.
-        self.where: list[tuple[int, int] | None] = []
         try:
             for meta, (idx, off) in zip(header.tensors, where, strict=True):
                 if meta.nbytes == 0:
                     self._views.append(np.empty(0, dtype=np.uint8))
-                    self.where.append(None)
                     continue
                 if not 0 <= idx < len(fds):
                     raise FramingError(f"unit {header.unit}: tensor {meta.name} names no region")
@@ -442,7 +489,6 @@ class _Mapped:
                     fds[idx], off + meta.nbytes - base, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ, offset=base
                 )
                 self._maps.append(m)
-                self.where.append((fds[idx], off))
                 arr = np.frombuffer(m, dtype=np.uint8)
                 self._views.append(arr[off - base : off - base + meta.nbytes])
         except BaseException:
@@ -500,6 +546,12 @@ class ShmListener:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def nonce() -> str:

@@ -894,6 +894,12 @@ class DataPlaneServer:
                             raise FramingError("the sender switched to a same-host link that was not offered") from None
                         up = r._wait_shm(r.order.timeout_s)
                         up.settimeout(r.order.timeout_s)
+                        # Same host on both sides: every message goes on to the next hop as it
+                        # arrives, so the next hop copies from where we copy from (the source's
+                        # memory, or the first hop's that received over TCP), at once, not from
+                        # our copy: no hop of a same-host chain waits on the hop before it. Each
+                        # still checks the source's CRC over its own copy.
+                        up.start_reader(tee=sfwd.relay if sfwd is not None else None)
                         r.stats.receive_path = "shm"
                 if up is not None:
                     uh, raw_header, src = up.recv_unit(u)
@@ -906,22 +912,12 @@ class DataPlaneServer:
                 # become views of it.
                 buf = stager.buffer(total) if stager is not None else r._buffer(u, total)
                 on_chunk: Callable[[memoryview], None] | None = None if down is None else forward
-                on_progress: Callable[[int], None] | None = None
-                if sfwd is not None and up is not None:
-                    # Same host on both sides: the next hop copies from where we copy from (the
-                    # source's memory, or the first hop's that received it over TCP) as far as it
-                    # is in, not from our copy: no hop of a same-host chain waits on the hop
-                    # before it. Each still checks the source's CRC over its own copy.
-                    sfwd.unit_from(u, raw_header, src.where)
-                    on_progress = functools.partial(sfwd.progress_to, u)
-                elif sfwd is not None:
+                if sfwd is not None and up is None:
                     sfwd.unit(u, raw_header, buf, offsets, uh)
                     on_chunk = functools.partial(sfwd.progress, u)
                 if up is not None:
                     try:
-                        crc = up.recv_body(
-                            uh, raw_header, src, buf.data, on_chunk=on_chunk, on_progress=on_progress, chunk=self._chunk
-                        )
+                        crc = up.recv_body(uh, raw_header, src, buf.data, on_chunk=on_chunk, chunk=self._chunk)
                     finally:
                         src.close()  # the upstream's memory is mapped only while one unit is copied
                     sent_crc = up.recv_crc(u)
@@ -944,7 +940,7 @@ class DataPlaneServer:
                     sent_crc, raw_crc = read_crc(chan.recv_into)
                 # Forward the sender's CRC as is: the next hop checks the source's checksum.
                 forward(raw_crc)
-                if sfwd is not None:
+                if sfwd is not None and up is None:
                     sfwd.crc(u, sent_crc)
                 verify_crc(uh, crc, sent_crc)
                 r.stats.nbytes += uh.nbytes
@@ -993,8 +989,7 @@ class _ShmForwarder:
     def _put(self, kind: str, unit: int, value: Any) -> None:
         with self._cv:
             if self._lost or self._closing:
-                if kind == "unit":
-                    _close_fds(value[2])
+                _close_fds(_fds_of(kind, value))
                 return
             if kind == "prog" and self._queue and self._queue[-1][0] == "prog" and self._queue[-1][1] == unit:
                 self._queue[-1] = (kind, unit, value)
@@ -1012,34 +1007,22 @@ class _ShmForwarder:
         self._done[unit] = 0
         self._put("unit", unit, (raw_header, where, []))
 
-    def unit_from(self, unit: int, raw_header: bytes, where: Sequence[tuple[int, int] | None]) -> None:
-        """Point the next hop at the same memory our upstream pointed us at (the fds are dup-ed:
-        ours are closed once this hop has copied the unit, maybe before this thread sends them)."""
+    def relay(self, msg: bytes, fds: list[int]) -> None:
+        """Pass one message of our same-host upstream on as is (called on its reading thread the
+        moment it arrives); its fds are dup-ed: the upstream link's are closed once this hop has
+        copied the unit, maybe before this thread sends them."""
         dups: list[int] = []
-        mine: dict[int, int] = {}
-        out: list[tuple[int, int] | None] = []
         try:
-            for w in where:
-                if w is None:
-                    out.append(None)
-                    continue
-                fd, off = w
-                if fd not in mine:
-                    mine[fd] = os.dup(fd)
-                    dups.append(mine[fd])
-                out.append((mine[fd], off))
+            for fd in fds:
+                dups.append(os.dup(fd))
         except OSError:
             _close_fds(dups)
             raise
-        self._done[unit] = 0
-        self._put("unit", unit, (raw_header, out, dups))
+        self._put("raw", 0, (msg, dups))
 
     def progress(self, unit: int, piece: memoryview) -> None:
         self._done[unit] += len(piece)
         self._put("prog", unit, self._done[unit])
-
-    def progress_to(self, unit: int, nbytes: int) -> None:
-        self._put("prog", unit, nbytes)
 
     def crc(self, unit: int, crc: int) -> None:
         self._put("crc", unit, crc)
@@ -1059,11 +1042,14 @@ class _ShmForwarder:
                     return
                 kind, unit, value = self._queue.popleft()
             try:
-                if kind == "unit":
+                if kind in ("unit", "raw"):
                     try:
-                        self._link.send_unit(unit, value[0], value[1])
+                        if kind == "unit":
+                            self._link.send_unit(unit, value[0], value[1])
+                        else:
+                            self._link.send_raw(value[0], value[1])
                     finally:
-                        _close_fds(value[2])  # in flight now (or lost): the kernel holds its own
+                        _close_fds(_fds_of(kind, value))  # in flight now (or lost): the kernel holds its own
                 elif kind == "prog":
                     self._link.send_progress(unit, value)
                 else:
@@ -1072,11 +1058,19 @@ class _ShmForwarder:
                 with self._cv:
                     self._lost = True
                     for k, _, v in self._queue:
-                        if k == "unit":
-                            _close_fds(v[2])
+                        _close_fds(_fds_of(k, v))
                     self._queue.clear()
                 self._on_lost(f"{type(e).__name__}: {e}")
                 return
+
+
+def _fds_of(kind: str, value: Any) -> list[int]:
+    """The dup-ed fds a queued message owns (closed once sent or dropped)."""
+    if kind == "unit":
+        return list(value[2])
+    if kind == "raw":
+        return list(value[1])
+    return []
 
 
 def _close_fds(fds: Sequence[int]) -> None:
