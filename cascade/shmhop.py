@@ -19,6 +19,9 @@ transport does inside a node:
     far); then the source's CRC. The receiver maps the region read-only, copies into its own
     buffer chunk by chunk as progress comes, computes the CRC over its own copy (never over the
     sender's memory, which it does not own), and only then hands the unit on;
+  * a forwarder fed over such a link passes each message on to its same-host next hop as it
+    arrives (`ShmLink.start_reader(tee=...)`), fds included: every hop of a same-host chain copies
+    from the source's memory at once, none waits on the hop before it;
   * how a hop is set up, on the data plane's existing TCP connection: the receiver checks the
     token as always, then answers OK with an offer (`offer()`: its host key, its Unix socket's
     name, a one-time nonce). A sender on the same host (`host_key()` equal: the same --host-id,

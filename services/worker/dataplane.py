@@ -31,11 +31,13 @@ CUDA-IPC transport can replace TCP without touching the framing, ordering and au
 Same-host hops skip the sockets' copies (`cascade.shmhop`): after the token check the server
 offers a same-host link, and an upstream on this host (same --host-id, boot and network
 namespace; not paced) switches to it; then this hop copies each unit straight out of the
-upstream's shared memory (one memcpy, CRC over its own copy), and tells a same-host next hop where
-its own unit buffers are and how far they are filled (`_ShmForwarder`), so that hop copies out of
-them in turn. CPU unit buffers are anonymous memfds for that (`shmhop.shared_array`). A hop keeps
-TCP towards any peer that is not same-host or cannot connect the link, and on the benchmark's
-emulated links (an egress limiter stands for another host).
+upstream's shared memory (one memcpy, CRC over its own copy) and passes every message of that
+link on to a same-host next hop as it arrives, so that hop copies from the same memory at once.
+A hop fed over TCP tells a same-host next hop where its own unit buffers are and how far they are
+filled (`_ShmForwarder`), so that hop copies out of them. CPU unit buffers are anonymous memfds
+for that (`shmhop.shared_array`). A hop keeps TCP towards any peer that is not same-host or
+cannot connect the link, and on the benchmark's emulated links (an egress limiter stands for
+another host).
 """
 
 from __future__ import annotations
