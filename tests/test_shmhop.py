@@ -293,3 +293,30 @@ def test_a_switch_without_an_offer_is_refused(ckpt: Checkpoint) -> None:
         assert rec.done.wait(TIMEOUT_S)
         s.close()
         assert rec.units == [] and "not offered" in rec.failed[0]
+
+
+def _chain_of_three(ckpt: Checkpoint, source_over_tcp: bool) -> list[tuple[str, str | None]]:
+    n = ckpt.config.num_units
+    with DataPlaneServer() as a, DataPlaneServer() as b, DataPlaneServer() as c:
+        recs = [Recorder() for _ in range(3)]
+        ws = []
+        for srv, rec, nxt in ((c, recs[2], None), (b, recs[1], c.address), (a, recs[0], b.address)):
+            ws.append(srv.expect(_order("c3", n, downstream=nxt), rec.ready, rec.fail, on_complete=rec.complete))
+        send_units(CheckpointSource(ckpt, MODEL), a.address, "c3", "k", list(range(n)), shm=not source_over_tcp)
+        for rec in recs:
+            assert rec.done.wait(TIMEOUT_S)
+            _same_bytes(rec, ckpt)
+        return [(w.stats.receive_path, w.stats.forward_path) for w in reversed(ws)]
+
+
+@pytest.mark.parametrize("source_over_tcp", [False, True], ids=["shm-source", "tcp-source"])
+def test_a_three_hop_same_host_chain_passes_each_hop_on(ckpt: Checkpoint, source_over_tcp: bool) -> None:
+    """A → B → C on one host. Fed over shared memory, B passes A's messages on and C passes on
+    B's (every hop copies from the source's memory); fed over TCP, A points B at its own buffers
+    and B passes that on to C. Every hop holds the checkpoint's bytes; no region is left."""
+    fds0, maps0, shm0 = _memfd_fds(), _memfd_maps(), _dev_shm()
+    paths = _chain_of_three(ckpt, source_over_tcp)
+    first = "tcp" if source_over_tcp else "shm"
+    assert paths == [(first, "shm"), ("shm", "shm"), ("shm", None)]
+    assert _settled(fds0, maps0) == (0, 0)
+    assert _dev_shm() == shm0
