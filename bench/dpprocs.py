@@ -79,7 +79,7 @@ def _child(conn: mpc.Connection, chunk: int, egress_bps: float, relay: bool, egr
                     emit("ready", tid, u, time.monotonic(), unit_digest(t) if digest else "")
 
                 def complete(st: ReceiveStats, tid: str = tid) -> None:
-                    emit("complete", tid, time.monotonic(), st.nbytes, st.t_connected)
+                    emit("complete", tid, time.monotonic(), st.nbytes, st.t_connected, st.receive_path)
 
                 def failed(reason: str, tid: str = tid) -> None:
                     emit("failed", tid, reason, time.monotonic())

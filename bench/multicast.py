@@ -284,6 +284,7 @@ def run_once(
     if failures:
         raise RuntimeError(f"{mode} N={n} failed: {failures}")
     per: dict[str, dict[str, float]] = {p.name: {} for p in targets}
+    paths: dict[str, str] = {}
     for nm, ev in events:
         if ev[0] == "ready" and ev[2] == 0:
             per[nm]["first_unit_s"] = ev[3] - t0
@@ -291,6 +292,8 @@ def run_once(
             per[nm]["first_layer_s"] = ev[3] - t0
         elif ev[0] == "complete":
             per[nm]["all_s"] = ev[2] - t0
+            if len(ev) > 5:
+                paths[nm] = str(ev[5])
     after = {p.name: p.counters() for p in targets}
     cpu = {nm: after[nm][0] - cpu0[nm][0] for nm in after}
     # Emulated-link time lost (bucket) or made up (queue) while a process's pacer was late.
@@ -311,6 +314,8 @@ def run_once(
         "mb_s_per_receiver": statistics.mean(total / 1e6 / v["all_s"] for v in per.values()),
         "per_receiver": per,
         "chains": len(plan.chains),
+        # How each receiver got its units: "tcp", or "shm" (a same-host hop, cascade.shmhop).
+        "receive_paths": paths,
         # CPU seconds of every receiver process and of the sending threads in this one, for the
         # whole transfer: robust to other load on the machine, unlike the times above.
         "cpu_s": sum(cpu.values()) + sum(source_cpu),
@@ -529,7 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "checksum": "CRC-32 (zlib's polynomial) computed with zlib-ng",
         },
         "emulated": [
-            "all processes on one machine; the network is loopback TCP",
+            "all processes on one machine; the network is loopback TCP, except that loopback rows (no --link-gbps) "
+            "go through shared memory wherever a hop is same-host (cascade.shmhop: every receiver and the holder "
+            "here; see receive_paths per run); link rows stand for separate hosts and stay on TCP",
             "the live holder is the benchmark process holding the model in anonymous memory "
             "(host cache 'copy' mode), not a worker serving requests",
             "receivers are DataPlaneServer processes that keep the received tensors, not workers running a model",
@@ -868,6 +875,15 @@ def markdown(result: dict[str, Any]) -> str:
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['case']} | {t['value']} | {'yes' if t['met'] else 'NO'} | {t['note']} |")
     lines += ["", f"Cold disk: {result.get('cold_disk')}"]
+    used = sorted(
+        {
+            f"{'link' if r['link_gbps'] else 'loopback'} {p}"
+            for r in result["rows"]
+            for p in r.get("receive_paths", {}).values()
+        }
+    )
+    if used:
+        lines += ["", "Receive paths (tcp, or shm: a same-host hop through shared memory): " + ", ".join(used)]
     if result["params"].get("link_gbps"):
         lines += [
             "",

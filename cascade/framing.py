@@ -57,6 +57,9 @@ MAGIC = b"CSCD"
 VERSION = 1
 KIND_UNIT = b"UNIT"
 KIND_ABORT = b"ABRT"
+# Sent where the first unit would go: the rest of the transfer comes over the same-host link the
+# receiver offered (cascade.shmhop), not this stream.
+KIND_SHM = b"SHMU"
 STATUS_OK = 0
 STATUS_REFUSED = 1
 
@@ -107,6 +110,10 @@ class ChecksumMismatch(FramingError):
 
 class TransferAborted(FramingError):
     """The sender aborted the transfer (the reason is the message)."""
+
+
+class SwitchToShm(FramingError):
+    """The sender moves the rest of the transfer to the same-host link the receiver offered."""
 
 
 # --------------------------------------------------------------------------- reading helpers
@@ -222,6 +229,10 @@ class UnitHeader:
         return offsets, off
 
 
+def encode_switch() -> bytes:
+    return _UNIT.pack(KIND_SHM, 0, 0, 0)
+
+
 def encode_abort(reason: str) -> bytes:
     r = reason.encode()[:MAX_STR]
     return _ABORT.pack(KIND_ABORT, 0, 0, len(r)) + r
@@ -236,6 +247,8 @@ def read_unit_header(recv_into: RecvInto, expect: int | None = None) -> tuple[Un
     kind, unit, count, nbytes = _UNIT.unpack(raw[0])
     if kind == KIND_ABORT:
         raise TransferAborted(_str(recv_into, nbytes, "abort reason") or "aborted by sender")
+    if kind == KIND_SHM:
+        raise SwitchToShm("the sender switched to the same-host link")
     if kind != KIND_UNIT:
         raise FramingError(f"expected a unit frame, got {kind!r}")
     if expect is not None and unit != expect:
@@ -871,11 +884,18 @@ def send_units(
     transport: Transport | None = None,
     timeout_s: float = 30.0,
     on_unit_sent: Callable[[int], None] | None = None,
+    shm: bool = True,
+    host_id: str | None = None,
 ) -> SendStats:
     """Stream `units` of `source` to the receiver at `addr` (blocking: run it in a thread).
 
     `rate_limit_bps` (or a shared `limiter`) paces the send, for a source that also serves
-    requests. Raises TransferError when the receiver refuses, goes away, or `cancel` is set."""
+    requests. Raises TransferError when the receiver refuses, goes away, or `cancel` is set.
+
+    When the receiver offers a same-host link (cascade.shmhop) and this process is on its host
+    (`host_id`, default this machine's hostname, as the workers' and loader's --host-id default),
+    the units go through shared memory instead, unless `shm` is False or the send is paced (a
+    paced send stands for a link to another host, or protects a serving source's requests)."""
     transport = transport or TcpTransport()
     if limiter is None and rate_limit_bps > 0:
         # At most MAX_BURST_S of the rate up front: a whole chunk at a low rate (an emulated slow
@@ -893,6 +913,16 @@ def send_units(
         ok, reason = read_status(chan.recv_into)
         if not ok:
             raise TransferError(f"{addr} refused transfer {transfer_id}: {reason}")
+        if shm and limiter is None and reason:
+            from cascade import shmhop  # it builds on this module
+
+            link = shmhop.accept_offer(reason, shmhop.host_key(host_id), transfer_id, timeout_s)
+            if link is not None:
+                try:
+                    chan.sendall(encode_switch())
+                    return _send_units_shm(source, link, units, cancel, on_unit_sent, t0)
+                finally:
+                    link.close()
         # A source's bytes are all there from the start: an emulated NIC may catch up from here.
         ready_at = time.monotonic()
         for u in units:
@@ -913,4 +943,29 @@ def send_units(
         raise TransferError(f"sending to {addr} failed after {sent} bytes: {e}") from None
     finally:
         chan.close()
+    return SendStats(sent, time.monotonic() - t0)
+
+
+def _send_units_shm(
+    source: UnitSource,
+    link: object,
+    units: Sequence[int],
+    cancel: threading.Event | None,
+    on_unit_sent: Callable[[int], None] | None,
+    t0: float,
+) -> SendStats:
+    from cascade import shmhop
+
+    assert isinstance(link, shmhop.ShmLink)
+    sent = 0
+    for u in units:
+        if cancel is not None and cancel.is_set():
+            link.send_abort("cancelled by sender")
+            raise TransferError("cancelled")
+        source.crcs[u], nbytes = shmhop.send_unit_shared(link, u, source.unit(u), source.crcs.get(u))
+        sent += nbytes
+        if on_unit_sent is not None:
+            on_unit_sent(u)
+    # Done when every message is queued, as a TCP send is when its bytes are in the socket buffer:
+    # a region's fd in flight keeps its memory alive until the receiver has mapped it.
     return SendStats(sent, time.monotonic() - t0)

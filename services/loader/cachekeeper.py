@@ -238,6 +238,7 @@ class HostCacheKeeper:
                 return send_units(
                     src, downstream, order.transfer_id, order.token, order.units,
                     rate_limit_bps=order.rate_limit_bps, cancel=cancel, timeout_s=order.timeout_s,
+                    host_id=self.settings.host,  # a same-host receiver copies from the cache itself
                 ).nbytes  # fmt: skip
 
         try:

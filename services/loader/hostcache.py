@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from cascade import shmhop
 from cascade.framing import CheckpointSource, TensorMeta, UnitHeader, UnitSource, unit_frame_crc
 from cascade.modelfiles import ModelFiles, WithModelFiles, pack_dir
 from cascade.models.checkpoint import Checkpoint
@@ -74,7 +75,9 @@ def keep_alive_decision(
 
 
 class BufferSource:
-    """A model's units copied into one anonymous buffer (the "copy" mode)."""
+    """A model's units copied into one anonymous buffer (the "copy" mode), in shared memory
+    (`cascade.shmhop.SharedMap`: anonymous too, but a same-host receiver can map it and copy its
+    units out itself)."""
 
     def __init__(self, ckpt: Checkpoint, model: str) -> None:
         self.model = model
@@ -86,7 +89,7 @@ class BufferSource:
             offsets, size = UnitHeader(u, tuple(metas)).layout()
             layout.append((total, metas, offsets))
             total += size
-        self.buf = np.empty(total, dtype=np.uint8)
+        self.buf = shmhop.shared_array(total, touch=False) if shmhop.available() else np.empty(total, dtype=np.uint8)
         for u, (base, _, offsets) in enumerate(layout):
             for (meta, data), off in zip(src.unit(u), offsets, strict=True):
                 if meta.nbytes:
@@ -180,6 +183,10 @@ class HostCache:
             else:
                 src = WithModelFiles(CheckpointSource(ckpt, model), files)
                 nbytes, locked = _touch_and_lock(src, ckpt.config.num_units, self.lock_pages)
+                if shmhop.available():
+                    # A same-host receiver maps the files' page cache itself and copies from it.
+                    for f in {id(f): f for f in ckpt.index.values()}.values():
+                        shmhop.register_file(f._mm, f.path)
         except BaseException:
             ckpt.close()
             raise

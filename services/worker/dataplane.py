@@ -27,13 +27,28 @@ one or the hops before it. bench/results/multicast.notes.md has the profile behi
 
 The socket work sits behind `cascade.framing.Transport` (listen/connect → byte `Channel`s) so an NCCL or
 CUDA-IPC transport can replace TCP without touching the framing, ordering and auth logic.
+
+Same-host hops skip the sockets' copies (`cascade.shmhop`): after the token check the server
+offers a same-host link, and an upstream on this host (same --host-id, boot and network
+namespace; not paced) switches to it; then this hop copies each unit straight out of the
+upstream's shared memory (one memcpy, CRC over its own copy) and passes every message of that
+link on to a same-host next hop as it arrives, so that hop copies from the same memory at once.
+A hop fed over TCP tells a same-host next hop where its own unit buffers are and how far they are
+filled (`_ShmForwarder`), so that hop copies out of them. CPU unit buffers are anonymous memfds
+for that (`shmhop.shared_array`). A hop keeps TCP towards any peer that is not same-host or
+cannot connect the link, and on the benchmark's emulated links (an egress limiter stands for
+another host).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import hmac
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -44,6 +59,7 @@ import numpy as np
 import structlog
 import torch
 
+from cascade import shmhop
 from cascade.framing import (
     DEFAULT_CHUNK,
     Channel,
@@ -54,6 +70,7 @@ from cascade.framing import (
     Listener,
     RateLimiter,
     SendStats,
+    SwitchToShm,
     TcpTransport,
     TeeRelay,
     TensorMeta,
@@ -63,7 +80,9 @@ from cascade.framing import (
     UnitHeader,
     UnitSource,
     crc32,
+    encode_crc,
     encode_status,
+    encode_switch,
     read_conn_header,
     read_crc,
     read_status,
@@ -121,7 +140,9 @@ def _fresh(nbytes: int) -> np.ndarray:
     return torch.empty(max(nbytes, 1), dtype=torch.uint8).numpy()[:nbytes]
 
 
-def _touched(nbytes: int) -> np.ndarray:
+def _touched(nbytes: int, shared: bool = False) -> np.ndarray:
+    if shared:
+        return shmhop.shared_array(nbytes)
     buf = _fresh(nbytes)
     buf.fill(0)  # the write faults every page in now, not inside the socket copy
     return buf
@@ -287,10 +308,13 @@ class ReceiveStats:
     reserve_ahead_s: float = 0.0  # reserving the later units on a thread, while the stream ran
     forwarded: bool = False
     forward_error: str | None = None
-    # How unit bodies went downstream: "relay" (spliced in the kernel, see cascade.framing.TeeRelay)
-    # or "copy" (received into the buffer, then sent from it); None when there was no downstream.
+    # How unit bodies went downstream: "relay" (spliced in the kernel, see cascade.framing.TeeRelay),
+    # "copy" (received into the buffer, then sent from it) or "shm" (a same-host next hop copied
+    # them out of the buffer, cascade.shmhop); None when there was no downstream.
     forward_path: str | None = None
     relayed: int = 0  # payload bytes the relay spliced downstream
+    # How the units came in: "tcp", or "shm" (copied from a same-host upstream's memory).
+    receive_path: str = "tcp"
 
 
 class Reception:
@@ -308,8 +332,17 @@ class Reception:
         have: Collection[int],
         device: torch.device | None,
         forget: Callable[[Reception], None],
+        shared: bool = False,
     ) -> None:
         self.order = order
+        # Unit buffers in shared memory (cascade.shmhop), so a same-host next hop copies straight
+        # out of them; only for CPU tensors on a server that offers same-host links.
+        self.shared = shared and (device is None or device.type == "cpu")
+        # The same-host link the upstream may switch to: the nonce it must present (set when the
+        # offer goes out) and the link once it did.
+        self.shm_nonce: str | None = None
+        self._shm_link: shmhop.ShmLink | None = None
+        self._shm_arrived = threading.Event()
         self._forget = forget
         self.stats = ReceiveStats(order.transfer_id, t_armed=time.monotonic())
         self.error: str | None = None
@@ -324,7 +357,7 @@ class Reception:
         self._lock = threading.Lock()
         self._finished = False
         self._connected = False
-        self._channels: list[Channel] = []
+        self._channels: list[Channel | shmhop.ShmLink] = []
         self._reserved: dict[int, np.ndarray] = {}
         # Units a background thread is still reserving (reserve-ahead); signalled per unit.
         self._reserving: set[int] = set()
@@ -399,7 +432,7 @@ class Reception:
         todo = [(u, n) for u, n in zip(self.order.units, self.order.unit_nbytes, strict=False) if u not in self._have]
         now, later = (todo[:1], todo[1:]) if ahead else (todo, [])
         for u, nbytes in now:
-            self._reserved[u] = _touched(nbytes + _LAYOUT_SLACK)
+            self._reserved[u] = _touched(nbytes + _LAYOUT_SLACK, self.shared)
         if later:
             self._reserving = {u for u, _ in later}
             threading.Thread(target=self._reserve_rest, args=(later,), name="dataplane-reserve", daemon=True).start()
@@ -412,7 +445,7 @@ class Reception:
                 with self._lock:
                     if self._finished:
                         return
-                buf = _touched(nbytes + _LAYOUT_SLACK)
+                buf = _touched(nbytes + _LAYOUT_SLACK, self.shared)
                 with self._reserved_cv:
                     if self._finished:
                         return
@@ -433,7 +466,7 @@ class Reception:
         if buf is None or len(buf) < total:
             # Not reserved (no sizes in the order, or a unit whose tensors pad out more than the
             # slack): allocate now, leaving the faults to the socket copy.
-            return _fresh(total)
+            return shmhop.shared_array(total) if self.shared else _fresh(total)
         return buf
 
     # ---- the data-plane thread side ---------------------------------------------------------
@@ -448,7 +481,23 @@ class Reception:
         self.stats.t_connected = time.monotonic()
         return True
 
-    def _track(self, chan: Channel) -> bool:
+    def _attach_shm(self, nonce: str, link: shmhop.ShmLink) -> bool:
+        """The upstream's same-host link, if it carries the nonce of our offer (else refused)."""
+        with self._lock:
+            want = self.shm_nonce
+            if self._finished or want is None or self._shm_link is not None or not shmhop.nonce_ok(nonce, want):
+                return False
+            self._shm_link = link
+            self._channels.append(link)
+        self._shm_arrived.set()
+        return True
+
+    def _wait_shm(self, timeout_s: float) -> shmhop.ShmLink:
+        if not self._shm_arrived.wait(timeout_s) or self._shm_link is None:
+            raise TransferError("the upstream switched to a same-host link that never connected")
+        return self._shm_link
+
+    def _track(self, chan: Channel | shmhop.ShmLink) -> bool:
         with self._lock:
             if self._finished:
                 return False
@@ -498,8 +547,19 @@ class DataPlaneServer:
         chunk: int = DEFAULT_CHUNK,
         egress: RateLimiter | None = None,
         relay: bool = False,
+        shm: bool = True,
+        host_id: str | None = None,
     ) -> None:
         self._host, self._port, self._advertise = host, port, advertise_host
+        # Same-host hops through shared memory (cascade.shmhop): offered to upstreams, and used
+        # towards downstreams that offer it, when they are on this host (`host_id`: the worker's
+        # --host-id, default the hostname). Not with an emulated egress link (it stands for
+        # another host) nor the kernel relay (which is there to measure TCP forwarding).
+        self._shm = shm and egress is None and not relay and shmhop.available()
+        if host_id is not None:
+            shmhop.set_default_host_id(host_id)  # this process's chain-head sends compare the same
+        self._host_key = shmhop.host_key(host_id)
+        self._shm_listener: shmhop.ShmListener | None = None
         # Forward unit bodies in the kernel (`TeeRelay`) where the transport allows. Off by
         # default: on loopback on the 2-core dev VM it saved the send copy but spent as much CPU
         # on page-sized splices and made 3-hop chains slower (bench/results/multicast.md, the
@@ -524,6 +584,14 @@ class DataPlaneServer:
         if self._listener is None:
             self._listener = self._transport.listen(self._host, self._port, self._advertise)
             self._spawn(self._accept_loop, "dataplane-accept")
+            if self._shm:
+                try:
+                    self._shm_listener = shmhop.ShmListener()
+                except OSError as e:
+                    log.warning("dataplane_shm_unavailable", error=str(e))
+                    self._shm = False
+                else:
+                    self._spawn(self._accept_shm_loop, "dataplane-accept-shm")
         return self._listener.address
 
     @property
@@ -537,6 +605,8 @@ class DataPlaneServer:
         self._closing.set()
         if self._listener is not None:
             self._listener.close()
+        if self._shm_listener is not None:
+            self._shm_listener.close()
         with self._lock:
             pending = list(self._expected.values())
             self._expected.clear()
@@ -591,7 +661,9 @@ class DataPlaneServer:
         if loop is None:
             with contextlib.suppress(RuntimeError):
                 loop = asyncio.get_running_loop()
-        r = Reception(order, on_unit_ready, on_failed, on_complete, on_forward_failed, loop, have, device, self._forget)
+        r = Reception(
+            order, on_unit_ready, on_failed, on_complete, on_forward_failed, loop, have, device, self._forget, self._shm
+        )
         if reserve and order.unit_nbytes and (device is None or device.type == "cpu"):
             r.stats.reserve_s = r._reserve(ahead=reserve_ahead)
         with self._lock:
@@ -646,6 +718,30 @@ class DataPlaneServer:
                 self._open.add(chan)
             self._spawn(self._serve, "dataplane-conn", chan)
 
+    def _accept_shm_loop(self) -> None:
+        assert self._shm_listener is not None
+        while not self._closing.is_set():
+            try:
+                conn = self._shm_listener.accept()
+            except OSError:
+                if self._closing.is_set():
+                    return
+                raise
+            # The hello on a thread of its own: a silent stranger must not hold up the next link.
+            self._spawn(self._hello_shm, "dataplane-shm-hello", conn)
+
+    def _hello_shm(self, conn: socket.socket) -> None:
+        got = shmhop.ShmListener.hello(conn, HEADER_TIMEOUT_S)
+        if got is not None:
+            tid, nonce, link = got
+            with self._lock:
+                r = self._expected.get(tid)
+            # The nonce went out only on the upstream's TCP connection, after its token was checked.
+            if r is None or not r._attach_shm(nonce, link):
+                self.refused += 1
+                log.warning("dataplane_shm_refused", transfer=tid)
+                link.close()
+
     def _refuse(self, chan: Channel, reason: str) -> None:
         self.refused += 1
         # The peer hears why first: a log sink that fails (a closed stream) must not turn a refusal
@@ -691,6 +787,7 @@ class DataPlaneServer:
     def _receive(self, chan: Channel, hdr: ConnHeader, r: Reception) -> None:
         order = r.order
         down: Channel | None = None
+        down_shm: shmhop.ShmLink | None = None
         if order.downstream:
             try:
                 down = self._transport.connect(order.downstream, order.timeout_s)
@@ -703,22 +800,47 @@ class DataPlaneServer:
                 if not ok:
                     raise TransferError(f"downstream {order.downstream} refused: {reason}")
                 r.stats.forwarded = True
+                if self._shm and r.shared and reason:
+                    # A same-host next hop copies straight out of our (shared) unit buffers.
+                    down_shm = shmhop.accept_offer(reason, self._host_key, order.transfer_id, order.timeout_s)
+                    if down_shm is not None:
+                        if not r._track(down_shm):
+                            down_shm.close()
+                            return
+                        down.sendall(encode_switch())
             except (OSError, FramingError, TransferError) as e:
                 r._forward_failed(f"downstream {order.downstream}: {e}")
                 if down is not None:
                     down.close()
-                down = None
+                if down_shm is not None:
+                    down_shm.close()
+                down = down_shm = None
         try:
-            chan.sendall(encode_status(True))
+            offer = ""
+            if self._shm and r.shared and self._shm_listener is not None:
+                r.shm_nonce = shmhop.nonce()
+                offer = shmhop.Offer(self._host_key, self._shm_listener.name, r.shm_nonce).encode()
+            chan.sendall(encode_status(True, offer))
             chan.settimeout(order.timeout_s)
-            self._receive_units(chan, hdr, r, down)
-        except (OSError, FramingError) as e:
+            self._receive_units(chan, hdr, r, down, down_shm)
+        except (OSError, FramingError, TransferError) as e:
             r.fail(f"transfer {order.transfer_id}: {type(e).__name__}: {e}")
         finally:
             if down is not None:
                 down.close()
+            if down_shm is not None:
+                down_shm.close()
+            if r._shm_link is not None:
+                r._shm_link.close()
 
-    def _receive_units(self, chan: Channel, hdr: ConnHeader, r: Reception, down: Channel | None) -> None:
+    def _receive_units(
+        self,
+        chan: Channel,
+        hdr: ConnHeader,
+        r: Reception,
+        down: Channel | None,
+        down_shm: shmhop.ShmLink | None = None,
+    ) -> None:
         stager = _DeviceStager(r._device) if r._device is not None and r._device.type == "cuda" else None
         egress = self._egress
         dead = False
@@ -730,14 +852,20 @@ class DataPlaneServer:
             if not stopping and r.error is None:
                 r._forward_failed(f"downstream {r.order.downstream} lost: {reason}")
 
+        if down_shm is not None:
+            down = None  # the TCP connection only carried the handshake and the switch
         # Unit bodies go downstream in the kernel when both ends are sockets and `relay` is on;
         # then frame headers and CRC trailers, a few bytes each, must go inline, in order with them.
         relay = TeeRelay.between(chan, down, lost, egress) if down is not None and self._relay else None
         # Otherwise every piece goes downstream from the buffer it was received into, on the
         # forwarding thread, while this thread is already back at the socket for the next one.
         fwd = Forwarder(down, lost, egress, self._chunk) if down is not None and relay is None else None
+        # To a same-host next hop only where the bytes are and how far: it copies them itself.
+        sfwd = _ShmForwarder(down_shm, lost) if down_shm is not None else None
         if down is not None:
             r.stats.forward_path = "relay" if relay is not None else "copy"
+        elif sfwd is not None:
+            r.stats.forward_path = "shm"
         batch_reads = getattr(chan, "batch_reads", None)
         if relay is None and callable(batch_reads):
             # One wake-up per chunk, not per packet (the relay splices whatever is there instead).
@@ -756,10 +884,27 @@ class DataPlaneServer:
             except OSError as e:
                 lost(str(e))
 
+        up: shmhop.ShmLink | None = None
         complete = False
         try:
             for u in hdr.units:
-                uh, raw_header = read_unit_header(chan.recv_into, expect=u)
+                if up is None:
+                    try:
+                        uh, raw_header = read_unit_header(chan.recv_into, expect=u)
+                    except SwitchToShm:
+                        if r.shm_nonce is None:
+                            raise FramingError("the sender switched to a same-host link that was not offered") from None
+                        up = r._wait_shm(r.order.timeout_s)
+                        up.settimeout(r.order.timeout_s)
+                        # Same host on both sides: every message goes on to the next hop as it
+                        # arrives, so the next hop copies from where we copy from (the source's
+                        # memory, or the first hop's that received over TCP), at once, not from
+                        # our copy: no hop of a same-host chain waits on the hop before it. Each
+                        # still checks the source's CRC over its own copy.
+                        up.start_reader(tee=sfwd.relay if sfwd is not None else None)
+                        r.stats.receive_path = "shm"
+                if up is not None:
+                    uh, raw_header, src = up.recv_unit(u)
                 if stager is not None and fwd is not None:
                     # The staging buffer is reused per unit: the last unit's bytes must be out.
                     fwd.drain()
@@ -768,22 +913,37 @@ class DataPlaneServer:
                 # One buffer per unit, reserved at expect() when the order gave sizes; tensors
                 # become views of it.
                 buf = stager.buffer(total) if stager is not None else r._buffer(u, total)
-                # Through the relay a body is on its way downstream by the time it is in `buf`.
-                relayed = relay is not None and not dead
-                # The CRC runs on this thread, on each piece just after the kernel wrote it (still
-                # in cache): a CRC thread a chunk behind read it back from memory and cost a
-                # thread wake-up per chunk, as much CPU as the checksum itself on 2 shared cores.
-                crc = recv_unit_body(
-                    relay.recv_into if relay is not None and relayed else chan.recv_into,
-                    uh,
-                    raw_header,
-                    buf.data,
-                    on_chunk=None if relayed or down is None else forward,
-                    chunk=self._chunk,
-                )
-                sent_crc, raw_crc = read_crc(chan.recv_into)
+                on_chunk: Callable[[memoryview], None] | None = None if down is None else forward
+                if sfwd is not None and up is None:
+                    sfwd.unit(u, raw_header, buf, offsets, uh)
+                    on_chunk = functools.partial(sfwd.progress, u)
+                if up is not None:
+                    try:
+                        crc = up.recv_body(uh, raw_header, src, buf.data, on_chunk=on_chunk, chunk=self._chunk)
+                    finally:
+                        src.close()  # the upstream's memory is mapped only while one unit is copied
+                    sent_crc = up.recv_crc(u)
+                    raw_crc = encode_crc(sent_crc)
+                else:
+                    # Through the relay a body is on its way downstream by the time it is in `buf`.
+                    relayed = relay is not None and not dead
+                    # The CRC runs on this thread, on each piece just after the kernel wrote it
+                    # (still in cache): a CRC thread a chunk behind read it back from memory and
+                    # cost a thread wake-up per chunk, as much CPU as the checksum itself on 2
+                    # shared cores.
+                    crc = recv_unit_body(
+                        relay.recv_into if relay is not None and relayed else chan.recv_into,
+                        uh,
+                        raw_header,
+                        buf.data,
+                        on_chunk=None if relayed else on_chunk,
+                        chunk=self._chunk,
+                    )
+                    sent_crc, raw_crc = read_crc(chan.recv_into)
                 # Forward the sender's CRC as is: the next hop checks the source's checksum.
                 forward(raw_crc)
+                if sfwd is not None and up is None:
+                    sfwd.crc(u, sent_crc)
                 verify_crc(uh, crc, sent_crc)
                 r.stats.nbytes += uh.nbytes
                 if stager is not None:
@@ -794,21 +954,131 @@ class DataPlaneServer:
                     return
             complete = True
         finally:
+            if complete:
+                r._complete()
+            else:
+                # What came in before the failure still goes on (as it would have, sent chunk by
+                # chunk), so the next hop reaches its own verdict on the same bytes (a bad
+                # checksum, a truncated stream) rather than a cut of ours.
+                stopping = True
             if fwd is not None:
-                if complete:
-                    r._complete()
-                    fwd.close()  # the rest goes downstream before the caller closes the channel
-                else:
-                    # What came in before the failure still goes on (as it would have, sent
-                    # chunk by chunk), so the next hop reaches its own verdict on the same bytes
-                    # (a bad checksum, a truncated stream) rather than a cut of ours.
-                    stopping = True
-                    fwd.close()
+                fwd.close()  # the rest goes downstream before the caller closes the channel
+            if sfwd is not None:
+                sfwd.close()
             if relay is not None:
                 r.stats.relayed = relay.spliced
                 relay.close()
-        if fwd is None:
-            r._complete()
+
+
+class _ShmForwarder:
+    """Tells a same-host next hop where each unit is in our shared buffers and how much of it is
+    in, on a thread of its own (as `Forwarder` does for TCP): a slow or descheduled next hop never
+    holds up this one. Progress updates are cumulative, so a queued one is replaced by the next
+    rather than queued behind it: the queue stays a few messages per unit however far behind the
+    next hop is."""
+
+    def __init__(self, link: shmhop.ShmLink, on_lost: Callable[[str], None]) -> None:
+        self._link = link
+        self._on_lost = on_lost
+        self._cv = threading.Condition()
+        self._queue: collections.deque[tuple[str, int, Any]] = collections.deque()
+        self._closing = False
+        self._lost = False
+        self._done: dict[int, int] = {}
+        self._thread = threading.Thread(target=self._run, name="dataplane-forward-shm", daemon=True)
+        self._thread.start()
+
+    def _put(self, kind: str, unit: int, value: Any) -> None:
+        with self._cv:
+            if self._lost or self._closing:
+                _close_fds(_fds_of(kind, value))
+                return
+            if kind == "prog" and self._queue and self._queue[-1][0] == "prog" and self._queue[-1][1] == unit:
+                self._queue[-1] = (kind, unit, value)
+            else:
+                self._queue.append((kind, unit, value))
+            self._cv.notify_all()
+
+    def unit(self, unit: int, raw_header: bytes, buf: np.ndarray, offsets: list[int], header: UnitHeader) -> None:
+        where: list[tuple[int, int] | None] = []
+        for meta, off in zip(header.tensors, offsets, strict=True):
+            w = shmhop.find(buf.data[off : off + meta.nbytes]) if meta.nbytes else None
+            if meta.nbytes and w is None:
+                raise TransferError(f"unit {unit}: buffer is not shared memory")
+            where.append(w)
+        self._done[unit] = 0
+        self._put("unit", unit, (raw_header, where, []))
+
+    def relay(self, msg: bytes, fds: list[int]) -> None:
+        """Pass one message of our same-host upstream on as is (called on its reading thread the
+        moment it arrives); its fds are dup-ed: the upstream link's are closed once this hop has
+        copied the unit, maybe before this thread sends them."""
+        dups: list[int] = []
+        try:
+            for fd in fds:
+                dups.append(os.dup(fd))
+        except OSError:
+            _close_fds(dups)
+            raise
+        self._put("raw", 0, (msg, dups))
+
+    def progress(self, unit: int, piece: memoryview) -> None:
+        self._done[unit] += len(piece)
+        self._put("prog", unit, self._done[unit])
+
+    def crc(self, unit: int, crc: int) -> None:
+        self._put("crc", unit, crc)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                kind, unit, value = self._queue.popleft()
+            try:
+                if kind in ("unit", "raw"):
+                    try:
+                        if kind == "unit":
+                            self._link.send_unit(unit, value[0], value[1])
+                        else:
+                            self._link.send_raw(value[0], value[1])
+                    finally:
+                        _close_fds(_fds_of(kind, value))  # in flight now (or lost): the kernel holds its own
+                elif kind == "prog":
+                    self._link.send_progress(unit, value)
+                else:
+                    self._link.send_crc(unit, value)
+            except OSError as e:
+                with self._cv:
+                    self._lost = True
+                    for k, _, v in self._queue:
+                        _close_fds(_fds_of(k, v))
+                    self._queue.clear()
+                self._on_lost(f"{type(e).__name__}: {e}")
+                return
+
+
+def _fds_of(kind: str, value: Any) -> list[int]:
+    """The dup-ed fds a queued message owns (closed once sent or dropped)."""
+    if kind == "unit":
+        return list(value[2])
+    if kind == "raw":
+        return list(value[1])
+    return []
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------- disk / local

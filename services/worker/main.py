@@ -192,7 +192,7 @@ class WorkerService:
             logger=self.log,
         )
         self.dataplane = DataPlaneServer(
-            settings.data_listen_host, settings.data_port, advertise_host=settings.advertise_host
+            settings.data_listen_host, settings.data_port, advertise_host=settings.advertise_host, host_id=settings.host
         )
         self._rt: Runtime | None = None
         self._slot: ModelSlot | None = None
