@@ -220,6 +220,24 @@ class StreamHub:
                     out[w] = out.get(w, 0.0) + len(r.prompt_ids) * share
         return {w: round(t) for w, t in out.items()}
 
+    def routing_loads(self) -> tuple[dict[str, int], dict[str, tuple[int, int]], dict[str, int]]:
+        """`inflight_by_worker`, `unstarted_by_worker` and `relayed_unstarted_by_worker` in one
+        pass over the open requests: the router asks for all three at every pick."""
+        inflight: dict[str, int] = {}
+        unstarted: dict[str, tuple[int, int]] = {}
+        relayed: dict[str, float] = {}
+        for r in self._requests.values():
+            w = r.worker_id
+            if w is None:
+                continue
+            inflight[w] = inflight.get(w, 0) + 1
+            if r.phase is Phase.PREFILL:
+                n, tokens = unstarted.get(w, (0, 0))
+                unstarted[w] = (n + 1, tokens + len(r.prompt_ids))
+                for relay, share in zip(r.relays, r.relay_shares, strict=False):
+                    relayed[relay] = relayed.get(relay, 0.0) + len(r.prompt_ids) * share
+        return inflight, unstarted, {w: round(t) for w, t in relayed.items()}
+
     def on_worker(self, worker_id: str) -> list[RequestState]:
         return [r for r in self._requests.values() if r.worker_id == worker_id]
 
