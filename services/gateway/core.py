@@ -328,27 +328,23 @@ class GatewayCore:
         timeout = self.settings.request_timeout_s
         while True:
             if not req.events.empty():
-                return req.events.get_nowait()  # already here (several per message): no timer
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own, for
-                # every event of every stream.
-                async with asyncio.timeout(timeout):
-                    return await req.events.get()
-            except TimeoutError:
-                if req.waiting and self.batchers[req.model].is_queued(req):
-                    continue
-                failure = Failure(
-                    504,
-                    f"no output from worker {req.worker_id or '?'} for {timeout:g}s; request abandoned",
-                    "timeout",
-                )
-                self._give_up(req, failure)
-                return failure
+                return req.events.get_nowait()  # already here (several per message): no wait
+            # One future per wait and one timer per request (EventQueue), not a timer per event.
+            if await req.events.wait(timeout):
+                continue
+            if req.waiting and self.batchers[req.model].is_queued(req):
+                continue
+            failure = Failure(
+                504, f"no output from worker {req.worker_id or '?'} for {timeout:g}s; request abandoned", "timeout"
+            )
+            self._give_up(req, failure)
+            return failure
 
     def release(self, req: RequestState) -> None:
         """The handler is done with `req` (answered, failed, or its client left): forget it,
         and stop its worker if it is still generating."""
         worker = req.worker_id
+        req.events.close()
         if not req.ended:
             req.advance(Phase.CANCELLED)
         b = self.batchers.get(req.model)
