@@ -10,7 +10,9 @@ instance); what does not fit waits for the next pick.
 One departure from Ray Serve: a request that arrives alone after a quiet spell
 (no arrival in the previous `wait_s`) leaves at once. Workers batch
 continuously, so waiting then would only add `wait_s` to its latency; under
-load, arrivals are dense and batches form as before. While no instance is
+load, arrivals are dense and batches form as before. With `submit(at_once=True)` (the gateway
+core's admission) such a request is dispatched in the caller's own turn, without a wake of the
+batcher's task. While no instance is
 ready, requests stay queued until their own deadline, then the owner's `expired`
 gets them. When requests start to wait for room (none was waiting before), the
 owner's `holding` is called once, so it can tell the scaler before its next load
