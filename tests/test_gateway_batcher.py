@@ -86,6 +86,45 @@ def test_partial_batch_waits_for_the_window_then_goes() -> None:
     assert b.depth == 0
 
 
+def test_at_once_dispatches_a_lone_quiet_request_in_the_callers_turn() -> None:
+    clock, f = Clock(), Fakes()
+    b = make(f, clock, wait_s=0.25)
+    b.submit(req(1), at_once=True)
+    # No step by the batcher's task: dispatched inside submit, and the task is not woken for it.
+    assert f.batches == [("w1", ["r1"])]
+    assert b.depth == 0 and not b._wake.is_set()
+    clock.t += 0.125
+    b.submit(req(2), at_once=True)  # within the last one's window: batching as usual, the task decides
+    assert f.batches == [("w1", ["r1"])] and b.depth == 1 and b._wake.is_set()
+    assert b.step() == 0.25
+
+
+def test_at_once_leaves_a_request_with_no_instance_to_the_task() -> None:
+    clock, f = Clock(), Fakes()
+    f.instances = []
+    b = make(f, clock, wait_s=0.25)
+    b.submit(req(1), at_once=True)
+    assert f.batches == [] and b.depth == 1
+    assert f.held == 1  # the scaler hears of it as it would from the task's step
+    assert b._wake.is_set()  # the task computes its sleep (the request's deadline)
+    f.instances = ["w2"]
+    b.step()
+    assert f.batches == [("w2", ["r1"])]
+
+
+def test_at_once_does_not_jump_a_queue() -> None:
+    clock, f = Clock(), Fakes()
+    f.instances = []
+    b = make(f, clock, wait_s=0.25)
+    b.submit(req(1))
+    clock.t += 1.0  # a quiet spell, but r1 still waits
+    f.instances = ["w1"]
+    b.submit(req(2), at_once=True)
+    assert f.batches == [] and b.depth == 2  # not alone: the task sends them in order
+    b.step()
+    assert f.batches == [("w1", ["r1", "r2"])]
+
+
 def test_a_request_after_a_quiet_spell_goes_at_once() -> None:
     clock, f = Clock(), Fakes()
     b = make(f, clock, wait_s=0.25)

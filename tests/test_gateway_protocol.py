@@ -46,6 +46,8 @@ from cascade.messages import (
 )
 from cascade.models.generate import generate_model
 from cascade.subjects import Subjects
+from services.gateway import openai_api as oai
+from services.gateway.streams import Failure, Phase
 from services.gateway.testing import RunningGateway, parse_prometheus, running_gateway, sample
 
 pytestmark = pytest.mark.e2e
@@ -372,6 +374,31 @@ async def test_queued_requests_leave_as_one_batch(nats_url: str, prefix: str, de
             await client.close()
         finally:
             await w.stop()
+
+
+async def test_a_lone_request_on_a_quiet_gateway_is_dispatched_in_its_admission(mesh: Mesh) -> None:
+    w = await mesh.worker("w1")
+    await mesh.routable("w1")
+    core = mesh.gw.core
+    info = core.catalog.get(MODEL)
+    spec = oai.parse_completion({"model": MODEL, "prompt": "hi", "max_tokens": 3})
+    ids, max_tokens = await core.prepare(info, spec)
+    req = core.admit("cmpl-lone", info, ids, spec, max_tokens)
+    # Bound to the worker before the handler's turn ends: no wake of the batcher's task for it.
+    assert req.phase is Phase.PREFILL and req.worker_id == "w1"
+    assert core.queue_depths()[MODEL] == 0
+    try:
+        texts = []
+        while True:
+            ev = await core.next_event(req)
+            assert not isinstance(ev, Failure)
+            texts.append(ev.text)
+            if ev.finish_reason is not None:
+                break
+        assert "".join(texts) == "abc" and ev.finish_reason == "length"
+        assert w.batches == [["cmpl-lone"]]
+    finally:
+        core.release(req)
 
 
 async def test_readiness_gap_triggers_snapshot_and_health(mesh: Mesh) -> None:

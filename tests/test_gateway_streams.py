@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from cascade.messages import SamplingParams, TokenEvent, TokenEvents
-from services.gateway.streams import Failure, Phase, PhaseError, RequestState, StreamHub
+from services.gateway.streams import EventQueue, Failure, Phase, PhaseError, RequestState, StreamHub
 
 
 def req(rid: str, n: int) -> RequestState:
@@ -36,6 +38,25 @@ def test_routes_count_their_unstarted_prompts_on_their_later_stages_by_share() -
     assert hub.relayed_unstarted_by_worker() == {"f": 95, "g": 10}
     a.advance(Phase.DECODE)  # its first token came back: nothing of it is queued on f any more
     assert hub.relayed_unstarted_by_worker() == {"f": 20, "g": 10}
+
+
+def test_routing_loads_are_the_three_figures_in_one_pass() -> None:
+    hub = StreamHub(on_stray=lambda w, ids: None)
+    a, b, c, d, q = req("a", 100), req("b", 40), req("c", 7), req("d", 5), req("q", 3)
+    for r, head, relays, shares in (
+        (a, "n", ("f",), (0.75,)),
+        (b, "n", ("f", "g"), (0.5, 0.25)),
+        (c, "f", (), ()),
+        (d, "g", (), ()),
+    ):
+        hub.open(r)
+        r.advance(Phase.PREFILL, head)
+        r.relays, r.relay_shares = relays, shares
+    hub.open(q)  # queued: on no worker
+    d.advance(Phase.DECODE)
+    expected = (hub.inflight_by_worker(), hub.unstarted_by_worker(), hub.relayed_unstarted_by_worker())
+    assert hub.routing_loads() == expected
+    assert expected == ({"n": 2, "f": 1, "g": 1}, {"n": (2, 140), "f": (1, 7)}, {"f": 95, "g": 10})
 
 
 def test_the_life_cycle_allows_only_its_transitions() -> None:
@@ -92,3 +113,57 @@ def test_a_late_event_of_an_earlier_dispatch_to_the_same_worker_is_not_taken() -
     assert [ev.token_ids for _, ev in hub.match(new)] == [[6]]
     assert [ev.token_ids for _, ev in hub.match(untold)] == [[7]]
     assert strays == []
+
+
+async def test_event_queue_wait_returns_when_an_event_comes() -> None:
+    q = EventQueue()
+    waiting = asyncio.ensure_future(q.wait(60.0))
+    await asyncio.sleep(0)  # the reader is waiting now
+    q.put_nowait(Failure(503, "x", "y"))
+    assert await waiting is True
+    assert q.qsize() == 1 and isinstance(q.get_nowait(), Failure) and q.empty()
+    q.close()
+
+
+async def test_event_queue_keeps_one_timer_across_waits() -> None:
+    q = EventQueue()
+    timer = None
+    for i in range(3):
+        waiting = asyncio.ensure_future(q.wait(60.0))
+        await asyncio.sleep(0)
+        timer = timer or q._timer
+        assert timer is not None and q._timer is timer  # armed once, not per wait
+        q.put_nowait(TokenEvent("r", [i], "x", None))
+        assert await waiting is True
+        q.get_nowait()
+    # A shorter timeout than the armed timer's: the timer moves earlier, and the silent wait ends.
+    assert await asyncio.wait_for(q.wait(0.05), 30.0) is False
+    q.close()
+    assert q._timer is None
+
+
+async def test_event_queue_wait_ends_after_its_own_timeout_when_the_timer_fires_early() -> None:
+    q = EventQueue()
+    waiting = asyncio.ensure_future(q.wait(1.0))
+    await asyncio.sleep(0)
+    q.put_nowait(TokenEvent("r", [1], "x", None))
+    assert await waiting is True
+    q.get_nowait()
+    await asyncio.sleep(0.01)  # a later wait: its deadline is after the armed timer's
+    # The timer fires first, finds a wait that began later, re-arms for it; the wait ends silent.
+    assert await asyncio.wait_for(q.wait(1.0), 30.0) is False
+    q.close()
+
+
+async def test_event_queue_close_cancels_its_timer_and_a_cancelled_wait_leaves_no_waiter() -> None:
+    q = EventQueue()
+    waiting = asyncio.ensure_future(q.wait(60.0))
+    await asyncio.sleep(0)
+    timer = q._timer
+    assert timer is not None
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert q._waiter is None  # a later wait may begin
+    q.close()
+    assert timer.cancelled() and q._timer is None

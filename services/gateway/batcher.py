@@ -10,7 +10,9 @@ instance); what does not fit waits for the next pick.
 One departure from Ray Serve: a request that arrives alone after a quiet spell
 (no arrival in the previous `wait_s`) leaves at once. Workers batch
 continuously, so waiting then would only add `wait_s` to its latency; under
-load, arrivals are dense and batches form as before. While no instance is
+load, arrivals are dense and batches form as before. With `submit(at_once=True)` (the gateway
+core's admission) such a request is dispatched in the caller's own turn, without a wake of the
+batcher's task. While no instance is
 ready, requests stay queued until their own deadline, then the owner's `expired`
 gets them. When requests start to wait for room (none was waiting before), the
 owner's `holding` is called once, so it can tell the scaler before its next load
@@ -89,8 +91,14 @@ class Batcher:
     def depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, req: RequestState) -> None:
-        """Queue a new request, or raise QueueFull."""
+    def submit(self, req: RequestState, at_once: bool = False) -> None:
+        """Queue a new request, or raise QueueFull.
+
+        `at_once`: when the request is alone in the queue after a quiet spell, take the step the
+        batcher's task would take on its next turn (it dispatches such a request at once) here, in
+        the caller's turn: the lone request on a quiet gateway then leaves without a wake of the
+        task and a loop turn. Anything else (a batch forming, no instance, no room) is left to the
+        task as before."""
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"model {self.model} has {len(self._queue)} requests queued (bound {self.max_queue})")
         now = self._clock()
@@ -100,6 +108,10 @@ class Batcher:
         self._last_arrival = now
         self._queue.append(req)
         self._first_deadline = min(self._first_deadline, req.deadline)
+        if at_once and req.quiet and len(self._queue) == 1:
+            self.step()
+            if not self._queue:
+                return  # dispatched: the task, asleep until woken, has nothing to do
         self._wake.set()
 
     def requeue(self, req: RequestState, delay_s: float = 0.0, fresh_deadline: bool = True) -> None:

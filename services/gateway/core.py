@@ -64,6 +64,7 @@ from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from services.gateway.batcher import Batcher, QueueFull
 from services.gateway.catalog import ModelCatalog, ModelInfo
 from services.gateway.dashboard import DashboardHub
+from services.gateway.inline import subscribe_inline
 from services.gateway.loadreport import LoadReport
 from services.gateway.meshwatch import Frame, MeshWatch
 from services.gateway.metrics import GatewayMetrics
@@ -158,7 +159,8 @@ class GatewayCore:
         for name, err in (await self.catalog.refresh()).items():
             self.log.warning("model_unavailable", model=name, error=err)
         self._started = True
-        self._subs.append(await self.nc.subscribe(self.subjects.tokens(self.id), cb=self._on_tokens_msg))
+        # Handled in the read loop's turn: per token, no task of the subscription's own in between.
+        self._subs.append(await subscribe_inline(self.nc, self.subjects.tokens(self.id), self._on_tokens_msg, self.log))
         self._subs += await self.feed.subscribe(self.nc, self.subjects)
         self._subs.append(
             await self.nc.subscribe(self.subjects.status(), cb=natsutil.handler(self._on_status, self.log))
@@ -308,7 +310,8 @@ class GatewayCore:
         self.load.arrival(info.name, len(prompt_ids), time.time())
         self.hub.open(req)
         try:
-            self.batchers[info.name].submit(req)
+            # A request alone on a quiet gateway is dispatched here, in its handler's turn.
+            self.batchers[info.name].submit(req, at_once=True)
         except QueueFull as e:
             req.advance(Phase.FAILED)
             self.hub.close(req)
@@ -325,27 +328,23 @@ class GatewayCore:
         timeout = self.settings.request_timeout_s
         while True:
             if not req.events.empty():
-                return req.events.get_nowait()  # already here (several per message): no timer
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own, for
-                # every event of every stream.
-                async with asyncio.timeout(timeout):
-                    return await req.events.get()
-            except TimeoutError:
-                if req.waiting and self.batchers[req.model].is_queued(req):
-                    continue
-                failure = Failure(
-                    504,
-                    f"no output from worker {req.worker_id or '?'} for {timeout:g}s; request abandoned",
-                    "timeout",
-                )
-                self._give_up(req, failure)
-                return failure
+                return req.events.get_nowait()  # already here (several per message): no wait
+            # One future per wait and one timer per request (EventQueue), not a timer per event.
+            if await req.events.wait(timeout):
+                continue
+            if req.waiting and self.batchers[req.model].is_queued(req):
+                continue
+            failure = Failure(
+                504, f"no output from worker {req.worker_id or '?'} for {timeout:g}s; request abandoned", "timeout"
+            )
+            self._give_up(req, failure)
+            return failure
 
     def release(self, req: RequestState) -> None:
         """The handler is done with `req` (answered, failed, or its client left): forget it,
         and stop its worker if it is still generating."""
         worker = req.worker_id
+        req.events.close()
         if not req.ended:
             req.advance(Phase.CANCELLED)
         b = self.batchers.get(req.model)
@@ -371,9 +370,7 @@ class GatewayCore:
             return None
         dep = self.catalog.deployment.get(model)
         live = dep is None or dep.scaling == "live"
-        views = self.registry.views(
-            self.hub.inflight_by_worker(), self.hub.unstarted_by_worker(), self.hub.relayed_unstarted_by_worker()
-        )
+        views = self.registry.views(*self.hub.routing_loads())
         return choose_route(views, model, avoid, live)
 
     def _wake_queued(self, model: str) -> None:
@@ -675,7 +672,7 @@ class GatewayCore:
             self.log.warning("cancel_failed", worker_id=worker, error=repr(e))
 
     # ---- token stream ------------------------------------------------------
-    async def _on_tokens_msg(self, msg: Msg) -> None:
+    def _on_tokens_msg(self, msg: Msg) -> None:
         try:
             events = decode(msg.data, TokenEvents)
         except MessageError as e:

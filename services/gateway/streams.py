@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -78,6 +78,77 @@ class PhaseError(RuntimeError):
     """A transition the life cycle does not allow: a bug in the caller, never a client's fault."""
 
 
+class EventQueue:
+    """A request's events, for its one reader (the request's handler), with the reader's silence
+    timeout kept by one timer per request instead of one per event.
+
+    `asyncio.Queue.get` under `asyncio.timeout` made, per event of every stream, a timer (heap
+    push, then cancel), a timeout context and a getter future list; here a wait makes one future,
+    and a watchdog timer, armed at the first wait, is re-armed only when it fires early (the
+    reader waited again since). A wait still ends `timeout` after it began when nothing comes."""
+
+    __slots__ = ("_deadline", "_items", "_timer", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[TokenEvent | Failure] = deque()
+        self._waiter: asyncio.Future[bool] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def put_nowait(self, ev: TokenEvent | Failure) -> None:
+        self._items.append(ev)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(True)
+
+    def get_nowait(self) -> TokenEvent | Failure:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    async def wait(self, timeout: float) -> bool:
+        """Until an event is there (True), or `timeout` seconds passed without one (False)."""
+        if self._items:
+            return True
+        if self._waiter is not None:
+            raise RuntimeError("a request's events have one reader")
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout
+        if self._timer is not None and self._timer.when() > self._deadline:
+            self._timer.cancel()  # a shorter timeout than the last wait's
+            self._timer = None
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._watch)
+        self._waiter = w = loop.create_future()
+        try:
+            return await w
+        finally:
+            self._waiter = None
+
+    def _watch(self) -> None:
+        self._timer = None
+        w = self._waiter
+        if w is None or w.done():
+            return  # nobody waits now: the next wait arms it again
+        loop = w.get_loop()
+        if loop.time() >= self._deadline:
+            w.set_result(False)
+        else:
+            self._timer = loop.call_at(self._deadline, self._watch)  # the reader waited again since
+
+    def close(self) -> None:
+        """The reader is done: no timer outlives the request."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 @dataclass(eq=False, slots=True)
 class RequestState:
     request_id: str
@@ -92,7 +163,7 @@ class RequestState:
     deadline: float = 0.0
     quiet: bool = False
     arrived_at: float = field(default_factory=time.time)  # wall clock, for workers' prefill order
-    events: asyncio.Queue[TokenEvent | Failure] = field(default_factory=asyncio.Queue)
+    events: EventQueue = field(default_factory=EventQueue)
     # Retry bookkeeping.
     attempts: int = 0  # dispatches that counted against the retry budget
     overloads: int = 0  # "overloaded" rejections (back-off exponent)
@@ -219,6 +290,24 @@ class StreamHub:
                 for w, share in zip(r.relays, r.relay_shares, strict=False):
                     out[w] = out.get(w, 0.0) + len(r.prompt_ids) * share
         return {w: round(t) for w, t in out.items()}
+
+    def routing_loads(self) -> tuple[dict[str, int], dict[str, tuple[int, int]], dict[str, int]]:
+        """`inflight_by_worker`, `unstarted_by_worker` and `relayed_unstarted_by_worker` in one
+        pass over the open requests: the router asks for all three at every pick."""
+        inflight: dict[str, int] = {}
+        unstarted: dict[str, tuple[int, int]] = {}
+        relayed: dict[str, float] = {}
+        for r in self._requests.values():
+            w = r.worker_id
+            if w is None:
+                continue
+            inflight[w] = inflight.get(w, 0) + 1
+            if r.phase is Phase.PREFILL:
+                n, tokens = unstarted.get(w, (0, 0))
+                unstarted[w] = (n + 1, tokens + len(r.prompt_ids))
+                for relay, share in zip(r.relays, r.relay_shares, strict=False):
+                    relayed[relay] = relayed.get(relay, 0.0) + len(r.prompt_ids) * share
+        return inflight, unstarted, {w: round(t) for w, t in relayed.items()}
 
     def on_worker(self, worker_id: str) -> list[RequestState]:
         return [r for r in self._requests.values() if r.worker_id == worker_id]
