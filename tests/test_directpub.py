@@ -5,6 +5,7 @@ publish to nats-py instead (nothing sent, order kept)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -123,7 +124,7 @@ async def test_writes_reach_a_subscriber_without_the_publishers_loop_running(nat
             return w.write([("dp.a", b"a%d" % k), ("dp.b", b"b%d" % k)])
 
         for k in range(5):
-            assert await pub.do(lambda k=k: write(k))
+            assert await pub.do(functools.partial(write, k))
         # The publisher's loop has not run since the writes: the socket send carried them.
         await wait_until(lambda: len(got) == 10, what="ten messages")
         assert loop_runs == 0
