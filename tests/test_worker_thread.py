@@ -228,6 +228,29 @@ async def test_when_the_socket_cannot_be_written_directly_the_engine_thread_publ
     assert r["written"] == 0 and r["fell_back"] == r["direct"]
 
 
+async def test_a_busy_engine_thread_still_runs_its_connections_loop_between_steps(
+    nats_url: str, subjects: Subjects, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop answers the server's PINGs and notices a reconnect only when it runs: with no
+    # pause allowed, it runs between every two steps of the two requests, not only once idle.
+    import services.worker.directpub as directpub
+    import services.worker.runner as runner
+
+    monkeypatch.setattr(directpub, "TURN_S", 0.0)
+    turns = 0
+    original = runner.turn
+
+    async def counted() -> None:
+        nonlocal turns
+        turns += 1
+        await original()
+
+    monkeypatch.setattr(runner, "turn", counted)
+    r = await _run_lane(nats_url, subjects, model_dir, nats_url)
+    assert {rid: len(ids) for rid, ids in r["got"].items()} == {"a": 8, "b": 8}
+    assert r["written"] > 0 and turns >= r["direct"] - 1
+
+
 async def test_without_its_own_connection_the_engine_hands_every_result_to_the_loop(
     nats_url: str, subjects: Subjects, model_dir: Path
 ) -> None:

@@ -321,6 +321,9 @@ class EngineThread:
                 self._loop.call_soon_threadsafe(_settle, fut, None, e)
             else:
                 self._loop.call_soon_threadsafe(_settle, fut, value, None)
+            # A model's load is a long run of calls (one per unit): the connection's loop still
+            # runs every `TURN_S` meanwhile.
+            self._tend()
 
 
 class EngineRunner:
