@@ -35,6 +35,7 @@ from cascade.models.tokenizer import ByteTokenizer
 from cascade.natsutil import NoResponders, connect, request
 from cascade.subjects import Subjects
 from services.worker.dataplane import CheckpointSource, send_units
+from services.worker.directpub import DirectWriter
 from services.worker.engine import Engine, StepResult
 from services.worker.main import WorkerService
 from services.worker.model import LlamaModel
@@ -158,10 +159,9 @@ async def _run_lane(nats_url: str, subjects: Subjects, model_dir: Path, direct_u
             if ev.finish_reason:
                 finished.add(ev.request_id)
 
-    async def publish(conn: Any, result: StepResult) -> None:
+    def messages(result: StepResult) -> list[tuple[str, bytes]]:
         publishers.add(threading.current_thread().name)
-        await conn.publish(subject, encode(TokenEvents("wd", [ev for _, ev in result.events])))
-        await asyncio.sleep(0)
+        return [(subject, encode(TokenEvents("wd", [ev for _, ev in result.events])))]
 
     async def deliver(result: StepResult) -> None:
         delivered.append(result)
@@ -172,7 +172,7 @@ async def _run_lane(nats_url: str, subjects: Subjects, model_dir: Path, direct_u
             idle.set()
 
     lane = EngineRunner(
-        lambda: eng, deliver, on_idle, publish_direct=publish,
+        lambda: eng, deliver, on_idle, direct_messages=messages,
         connect=lambda: connect(direct_url, "test-direct-pub", connect_timeout_s=0.5),
     )  # fmt: skip
     await nc.subscribe(subject, cb=on_tokens)
@@ -186,11 +186,15 @@ async def _run_lane(nats_url: str, subjects: Subjects, model_dir: Path, direct_u
         lane.wake()
         await asyncio.wait_for(idle.wait(), 60)
         await wait_until(lambda: finished == {"a", "b"}, what="both requests' final events")
+        writer = lane.thread._writer
     finally:
         await lane.stop()
         task.cancel()
         await nc.drain()
-    return {"got": got, "publishers": publishers, "delivered": delivered, "direct": lane.direct_results}
+    return {
+        "got": got, "publishers": publishers, "delivered": delivered, "direct": lane.direct_results,
+        "written": writer.written if writer else 0, "fell_back": writer.fell_back if writer else 0,
+    }  # fmt: skip
 
 
 async def test_token_events_go_out_on_the_engine_threads_own_connection(
@@ -201,6 +205,44 @@ async def test_token_events_go_out_on_the_engine_threads_own_connection(
     # Every step's events left from the engine thread; the loop was handed none.
     assert r["publishers"] == {ENGINE_THREAD}
     assert r["delivered"] == [] and r["direct"] > 0
+    # ... written straight onto its socket, with no loop turn (directpub.py).
+    assert r["written"] > 0
+
+
+async def test_when_the_socket_cannot_be_written_directly_the_engine_thread_publishes_through_nats_py(
+    nats_url: str, subjects: Subjects, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the writer sees when nats-py's transport is not the plain TCP one it knows (TLS, a
+    # websocket, another nats-py version): no transport, every write left to nats-py.
+    monkeypatch.setattr(DirectWriter, "transport", lambda self: None)
+    r = await _run_lane(nats_url, subjects, model_dir, nats_url)
+    assert {rid: len(ids) for rid, ids in r["got"].items()} == {"a": 8, "b": 8}
+    assert r["publishers"] == {ENGINE_THREAD}
+    assert r["delivered"] == [] and r["direct"] > 0
+    assert r["written"] == 0 and r["fell_back"] == r["direct"]
+
+
+async def test_a_busy_engine_thread_still_runs_its_connections_loop_between_steps(
+    nats_url: str, subjects: Subjects, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop answers the server's PINGs and notices a reconnect only when it runs: with no
+    # pause allowed, it runs between every two steps of the two requests, not only once idle.
+    import services.worker.directpub as directpub
+    import services.worker.runner as runner
+
+    monkeypatch.setattr(directpub, "TURN_S", 0.0)
+    turns = 0
+    original = runner.turn
+
+    async def counted() -> None:
+        nonlocal turns
+        turns += 1
+        await original()
+
+    monkeypatch.setattr(runner, "turn", counted)
+    r = await _run_lane(nats_url, subjects, model_dir, nats_url)
+    assert {rid: len(ids) for rid, ids in r["got"].items()} == {"a": 8, "b": 8}
+    assert r["written"] > 0 and turns >= r["direct"] - 1
 
 
 async def test_without_its_own_connection_the_engine_hands_every_result_to_the_loop(

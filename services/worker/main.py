@@ -228,7 +228,7 @@ class WorkerService:
         self._runner = EngineRunner(
             lambda: self._slot.engine if self._slot else None, self._deliver, self._maybe_idle, self.log,
             threads=self.settings.threads, shared=self.shared.thread if self.shared else None, name=w,
-            publish_direct=self._publish_direct, connect=partial(direct_connection, self.settings, self.log),
+            direct_messages=self._token_messages, connect=partial(direct_connection, self.settings, self.log),
         )  # fmt: skip
         self._slot = ModelSlot(
             self.settings, rt.nc, s, rt.tasks, self._runner, self.dataplane, self.device, self.idle,
@@ -563,27 +563,24 @@ class WorkerService:
             self.slot.engine.peer_failed(worker_id, reason)
             self.runner.wake()
 
-    async def publish_events(
-        self, events: list[tuple[str, TokenEvent]], batch_size: int, nc: NATS | None = None
-    ) -> None:
-        """One message per gateway with all of a step's events for it, on `nc` (the engine
-        thread's own connection) or the service's."""
+    async def publish_events(self, events: list[tuple[str, TokenEvent]], batch_size: int) -> None:
+        """One message per gateway with all of a step's events for it, on the service's connection."""
+        for subject, payload in self._messages(events, batch_size):
+            await self.rt.nc.publish(subject, payload)
+
+    def _messages(self, events: list[tuple[str, TokenEvent]], batch_size: int) -> list[tuple[str, bytes]]:
         by_gw: dict[str, list[TokenEvent]] = defaultdict(list)
         for gw, ev in events:
             by_gw[gw].append(ev)
-        conn = nc or self.rt.nc
-        for gw, evs in by_gw.items():
-            await conn.publish(
-                self.rt.subjects.tokens(gw), encode(TokenEvents(self.settings.worker_id, evs, batch_size=batch_size))
-            )
+        wid, subjects = self.settings.worker_id, self.rt.subjects
+        return [
+            (subjects.tokens(gw), encode(TokenEvents(wid, evs, batch_size=batch_size))) for gw, evs in by_gw.items()
+        ]
 
-    async def _publish_direct(self, nc: NATS, result: StepResult) -> None:
-        """On the engine thread, in its own loop: the step's events on its connection."""
-        await self.publish_events(result.events, result.batch_size, nc)
-        # The client writes in its flusher task, which the publish has just woken: one turn of
-        # the loop lets it write before this returns and the loop stops for the next step (else
-        # the events would wait for the step after, or the engine's next idle wait).
-        await asyncio.sleep(0)
+    def _token_messages(self, result: StepResult) -> list[tuple[str, bytes]]:
+        """On the engine thread: the step's events, encoded once per gateway, for it to publish on
+        its own connection (runner.py)."""
+        return self._messages(result.events, result.batch_size)
 
     # ------------------------------------------------------------------ queries
     async def on_snapshot(self, _: SnapshotRequest) -> WorkerSnapshot:

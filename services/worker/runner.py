@@ -13,18 +13,23 @@ The event loop hands work over and never waits on torch:
 - requests, cancels and stage frames go into the engine's thread-safe inboxes, then `wake()`;
 - steps run back to back while the engine has work. A step's token events are published by this
   thread itself, on a NATS connection of its own (`direct`), when the lane gives it a way to
-  (`EngineRunner(publish_direct=...)`): handing them to the loop instead wakes the loop thread
+  (`EngineRunner(direct_messages=...)`): handing them to the loop instead wakes the loop thread
   every step, and the two threads then take turns on the interpreter lock: measured at one
   stream, the engine spent 0.9–1.1 ms (median) between two steps, mostly in
   `call_soon_threadsafe`, against 0.4 ms publishing itself, and the loop waited for the lock up
-  to several steps before it could publish a token (docs/architecture.md). Results that carry
-  stage frames (`outbox`, async sends on the loop's stage links) still reach the loop through a
-  queue and are published in order by `publish()`; a lane goes back to the direct path only once
-  the loop has delivered all it was handed, and the direct connection is flushed (a PING
-  answered) before anything is handed over after it, so a gateway never sees a request's events
-  out of order. Why not `run_in_executor` per step: each step would then wait for the loop to
-  publish the previous step's tokens and schedule the next one, about a millisecond per step in
-  future chaining and wake-ups, as much as a decode step of a small model;
+  to several steps before it could publish a token (docs/architecture.md). The publish itself
+  runs no loop turn when it can avoid one: the `PUB` commands go straight onto the connection's
+  socket (directpub.py), and the connection's loop runs only when nats-py must do the publish
+  (broker away, bytes of its own pending), while the thread waits for work, and between two
+  steps when the socket holds unsent bytes or the loop has not run for `directpub.TURN_S` (the
+  server's PINGs, a reconnect). Results that carry stage frames (`outbox`, async sends on the
+  loop's stage links) still reach the loop through a queue and are published in order by
+  `publish()`; a lane goes back to the direct path only once the loop has delivered all it was
+  handed, and the direct connection is flushed (a PING answered, sent behind every byte written
+  on its socket) before anything is handed over after it, so a gateway never sees a request's
+  events out of order. Why not `run_in_executor` per step: each step would then wait for the
+  loop to publish the previous step's tokens and schedule the next one, about a millisecond per
+  step in future chaining and wake-ups, as much as a decode step of a small model;
 - when the engine runs out of work, `on_idle(in_flight)` tells the loop how many sequences it
   still holds (counted here, not read across threads by the loop).
 
@@ -46,6 +51,7 @@ from typing import Any, TypeVar
 import structlog
 import torch
 
+from services.worker.directpub import DirectWriter, publish_all, turn
 from services.worker.engine import Engine, StepResult
 from services.worker.sharing import DEFAULT_QUOTA, StrideScheduler
 
@@ -76,6 +82,7 @@ class EngineThread:
         self._eloop: asyncio.AbstractEventLoop | None = None
         self._awake: asyncio.Event | None = None
         self.direct: Any = None  # the connection, while it can be used
+        self._writer: DirectWriter | None = None  # writes on `direct`'s socket without a loop turn
         self._wake = threading.Event()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -165,6 +172,7 @@ class EngineThread:
         self._awake = asyncio.Event()
         try:
             self.direct = self._eloop.run_until_complete(self._connect())
+            self._writer = DirectWriter(self.direct)
         except Exception as e:  # the loop's connection still carries every result
             self.log.warning("direct_publish_unavailable", error=repr(e))
 
@@ -172,7 +180,7 @@ class EngineThread:
         eloop, self._eloop = self._eloop, None
         if eloop is None:
             return
-        nc, self.direct = self.direct, None
+        nc, self.direct, self._writer = self.direct, None, None
         if nc is not None:
             try:
                 # Flushed first: what was published here reaches the server before the events the
@@ -188,7 +196,7 @@ class EngineThread:
         if self._eloop is None or self.direct is None:
             self._wake.wait()
             return
-        self._eloop.run_until_complete(self._idle())
+        self._run_eloop(self._idle())
 
     async def _idle(self) -> None:
         assert self._awake is not None
@@ -200,12 +208,16 @@ class EngineThread:
         """Publish `result` here when the lane can and nothing it handed the loop is pending;
         else hand it to the loop (after flushing the direct connection, so order holds)."""
         assert self._loop is not None
-        nc, eloop = self.direct, self._eloop
-        direct = lane._publish_direct
-        if nc is not None and eloop is not None and direct is not None:
+        nc, eloop, writer = self.direct, self._eloop, self._writer
+        direct = lane._direct_messages
+        if nc is not None and eloop is not None and writer is not None and direct is not None:
             if not result.outbox and lane._handed == lane._delivered:
                 try:
-                    eloop.run_until_complete(direct(nc, result))
+                    messages = direct(result)
+                    if not writer.write(messages):
+                        # nats-py's own path: buffered while the broker is away, or behind what
+                        # it already holds (directpub.py says when).
+                        self._run_eloop(publish_all(nc, messages))
                     lane._direct_unflushed = True
                     lane.direct_results += 1
                     return
@@ -213,14 +225,35 @@ class EngineThread:
                     self.log.warning("direct_publish_failed", instance=lane.name, error=repr(e))
             if lane._direct_unflushed and nc.is_connected:
                 # (While the broker is away both connections buffer; the gateway's index check
-                # catches what a reconnect reorders, as it catches lost events.)
+                # catches what a reconnect reorders, as it catches lost events.) The flush's PING
+                # goes out behind every byte written on the socket directly.
                 try:
-                    eloop.run_until_complete(asyncio.wait_for(nc.flush(), _DIRECT_FLUSH_S))
+                    self._run_eloop(asyncio.wait_for(nc.flush(), _DIRECT_FLUSH_S))
                 except Exception as e:
                     self.log.warning("direct_flush_failed", instance=lane.name, error=repr(e))
                 lane._direct_unflushed = False
         lane._handed += 1
         self._loop.call_soon_threadsafe(lane._results.put_nowait, result)
+
+    def _run_eloop(self, aw: Awaitable[T]) -> T:
+        assert self._eloop is not None
+        try:
+            return self._eloop.run_until_complete(aw)
+        finally:
+            if self._writer is not None:
+                self._writer.last_turn = time.monotonic()
+
+    def _tend(self) -> None:
+        """Run the direct connection's loop between two steps when it needs to (directpub.py's
+        `wants_turn`): the server's PINGs answered, a reconnect noticed, bytes the socket did not
+        take at once sent, however long the engine stays busy."""
+        writer = self._writer
+        if writer is None or self._eloop is None or not writer.wants_turn(time.monotonic()):
+            return
+        try:
+            self._run_eloop(turn())
+        except Exception as e:
+            self.log.warning("direct_turn_failed", error=repr(e))
 
     def _serve(self) -> None:
         assert self._loop is not None
@@ -234,6 +267,7 @@ class EngineThread:
             busy = self._with_work()
             eng: Engine | None = None
             while not self._stopping and (self._calls or busy):
+                self._tend()
                 self._run_calls()
                 busy = self._with_work()
                 name = self.scheduler.pick(busy)
@@ -287,13 +321,17 @@ class EngineThread:
                 self._loop.call_soon_threadsafe(_settle, fut, None, e)
             else:
                 self._loop.call_soon_threadsafe(_settle, fut, value, None)
+            # A model's load is a long run of calls (one per unit): the connection's loop still
+            # runs every `TURN_S` meanwhile.
+            self._tend()
 
 
 class EngineRunner:
     """One instance's lane on the engine thread: its own by default, or a shared worker's.
 
-    `publish_direct(connection, result)` publishes a result's events on the engine thread's own
-    connection (see the module's docstring); `deliver(result)` does it on the loop."""
+    `direct_messages(result)` encodes a result's events as NATS messages (subject, payload) for
+    the engine thread to publish on its own connection (see the module's docstring), on this
+    thread; `deliver(result)` publishes them on the loop."""
 
     def __init__(
         self,
@@ -305,14 +343,14 @@ class EngineRunner:
         shared: EngineThread | None = None,
         name: str = "main",
         quota: float = DEFAULT_QUOTA,
-        publish_direct: Callable[[Any, StepResult], Awaitable[None]] | None = None,
+        direct_messages: Callable[[StepResult], list[tuple[str, bytes]]] | None = None,
         connect: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         """`connect`: the direct connection of the thread this lane makes (not with `shared`,
         whose thread has its own)."""
         self._get_engine = get_engine
         self._deliver = deliver
-        self._publish_direct = publish_direct
+        self._direct_messages = direct_messages
         # Results handed to the loop, and those it delivered: each written by one thread only.
         self._handed = 0
         self._delivered = 0
