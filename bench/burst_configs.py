@@ -82,18 +82,16 @@ def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Conf
         "up_target_util": 0.5,
         "lower_util": 0.6,
         # The window's waves are separated by lulls of 5-30 s (replay time) with no request at all,
-        # and its waves dip for a few seconds inside. Cascade goes to zero as soon as nothing runs
-        # or arrives (keep-alive 0.5 s, one scaler tick): a model comes back from the loader's host
-        # copy in 0.54 s, on every worker at once (activation_scale), which is a better answer to
-        # the next clump than the instances a lull kept, while an instance in a lull serves
-        # nothing. In the simulator (bench/sim_burst.py) 0.5 s against 4 s: 58 % against 68 % of
-        # static at peak's instance-seconds at the same SLO attainment, at loads 0.27-0.33. It holds
-        # what a wave took through its dips (a scale-down 10 s after the demand fell: scale-downs
-        # inside a wave cost more SLO than they save, docs/burst-window.md), and a wave from zero
-        # starts on every worker, since its first request says nothing of its size and this
-        # window's waves need 3-4 of the 4 within a second or two; what it does not need goes back
-        # 10 s later.
-        "keep_alive_s": 0.5,
+        # and its waves dip for a few seconds inside. Cascade goes to zero 4 s into a lull (a model
+        # comes back from the loader's host copy in 0.54 s, and an instance in a lull serves
+        # nothing), holds what a wave took through its dips (a scale-down 10 s after the demand
+        # fell, not 5: the dips are shorter), and a wave from zero starts on every worker, since its
+        # first request says nothing of its size and this window's waves need 3-4 of the 4 within a
+        # second or two; what it does not need goes back 10 s later. docs/burst-window.md says what
+        # else was tried: keep-alive 0.5 s gave 58 % of static at peak's instance-seconds at the same
+        # SLO in the simulator, but 65 % at -7.0 points of SLO in a full run on a loaded machine
+        # (bench/results/burst.keepalive05.md), so 4 s stays until a quiet run says otherwise.
+        "keep_alive_s": 4.0,
         "downscale_delay_s": 10.0,
         "activation_scale": n,
     }
