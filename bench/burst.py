@@ -50,7 +50,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.burst_configs import CONFIG_KEYS, make_configs
+from bench.burst_configs import CONFIG_KEYS, cascade_knobs, make_configs
 from bench.burst_plan import MODEL, SPEC, make_emulation, make_plan
 from bench.burst_plot import plot
 from bench.burst_report import pooled_rows, report, verdicts_by_round
@@ -110,6 +110,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "table pools a configuration's runs and lists each run's SLO attainment and instance-seconds "
         "(default 1). One run's SLO attainment moves by a few points from the next on this machine",
     )
+    p.add_argument(
+        "--cascade-knobs",
+        default="",
+        help="KNOB=VALUE,... over Cascade's knobs (bench/burst_configs.py), to try a variant of its policy "
+        "against the others in the same run; the result records them (default: none)",
+    )
     p.add_argument("--quick", action="store_true", help="a 2-3 minute sanity run: trace 840-900 s at 4x, 3 configs")
     p.add_argument("--no-write", action="store_true", help="print the table, write nothing")
     add_raw_option(p, "burst", "every request's record, every scale decision and ack")
@@ -123,6 +129,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown configurations {unknown}; choose from {', '.join(CONFIG_KEYS)}")
     if a.workers < 2:
         p.error("--workers must be at least 2")
+    try:
+        cascade_knobs(a.cascade_knobs)
+    except ValueError as e:
+        p.error(f"--cascade-knobs: {e}")
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
     if a.raw is not None and a.no_write:

@@ -51,6 +51,17 @@ def rate_window(a: argparse.Namespace, trace_s: float) -> dict[str, str]:
     return {"CASCADE_SCALER_RATE_WINDOW_S": f"{trace_s / a.compress:g}"}
 
 
+def cascade_knobs(text: str) -> dict[str, float]:
+    """`KNOB=VALUE,...` (bench/burst.py's --cascade-knobs) as knobs; ValueError if malformed."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise ValueError(f"{item!r} is not KNOB=VALUE")
+        out[k.strip()] = float(v)
+    return out
+
+
 def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Config]:
     n = a.workers
     rate_knobs = {
@@ -77,11 +88,14 @@ def make_configs(a: argparse.Namespace, plan: Plan, emu: Emulation) -> list[Conf
         # fell, not 5: the dips are shorter), and a wave from zero starts on every worker, since its
         # first request says nothing of its size and this window's waves need 3-4 of the 4 within a
         # second or two; what it does not need goes back 10 s later. docs/burst-window.md says what
-        # else was tried.
+        # else was tried: keep-alive 0.5 s gave 58 % of static at peak's instance-seconds at the same
+        # SLO in the simulator, but 65 % at -7.0 points of SLO in a full run on a loaded machine
+        # (bench/results/burst.keepalive05.md), so 4 s stays until a quiet run says otherwise.
         "keep_alive_s": 4.0,
         "downscale_delay_s": 10.0,
         "activation_scale": n,
     }
+    rate_knobs.update(cascade_knobs(getattr(a, "cascade_knobs", "")))
     # Ray Serve's default target (2 ongoing per replica); one tick of upscale delay, as ServerlessLLM
     # starts an instance when requests queue; keep-alive and downscale delay at the policy's defaults.
     conc_knobs = {

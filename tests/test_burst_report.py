@@ -183,3 +183,15 @@ def test_write_result_keeps_the_raw_document_out_of_the_results(
     written = common.write_result("burst", {"benchmark": "burst"}, "| table |\n", raw, raw_dir)
     assert written[-1] == raw_dir / "burst.raw.json.gz"
     assert orjson.loads(gzip.decompress(written[-1].read_bytes())) == raw
+
+
+def test_cascade_knobs_override_the_configuration_and_bad_ones_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.burst_configs import cascade_knobs
+
+    assert cascade_knobs("keep_alive_s=0.5, down_step=1") == {"keep_alive_s": 0.5, "down_step": 1.0}
+    assert cascade_knobs("") == {}
+    assert parse(["--cascade-knobs", "keep_alive_s=2"]).cascade_knobs == "keep_alive_s=2"
+    for bad in ("keep_alive_s", "=1", "keep_alive_s=fast"):
+        with pytest.raises(SystemExit):
+            parse(["--cascade-knobs", bad])
+        assert "--cascade-knobs" in capsys.readouterr().err

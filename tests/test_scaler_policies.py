@@ -819,3 +819,34 @@ def test_rate_idle_model_goes_down_to_its_warm_instance_before_keep_alive() -> N
     assert d is not None and d.action == "up" and d.target_replicas == 3
     with pytest.raises(KnobError, match="idle_down_s"):
         pol.knobs({"idle_down_s": -1}, 0, 4)
+
+
+def test_rate_down_step_walks_down_one_instance_at_a_time() -> None:
+    """`down_step` 1: a fall in demand takes instances away one per downscale delay, each step
+    measured on the instances that remain, instead of all at once; 0 (the default) goes at once to
+    what the demand needed over the delay."""
+    pol = get_policy("rate")
+    knobs = {"capacity_tps": 100, "tokens_per_request": 10, "learn_capacity": 0, "downscale_delay_s": 2}
+
+    def downs(step: int) -> list[tuple[float, int]]:
+        k = pol.knobs({**knobs, "down_step": step}, 1, 4)
+        st, serving, out = pol.initial_state(), 4, []
+        for i in range(40):
+            t = i * 0.5
+            # 5 req/s x 10 tokens: 50 tok/s, one instance's worth at 0.7 of 100.
+            sig = LoadSignals("m", t, 1.0, arrival_rate=5.0, running=3, serving=serving, last_arrival=t)
+            d, st = pol.decide(sig, k, st)
+            if d is not None:
+                assert d.action == "down"
+                out.append((t, d.target_replicas))
+                serving = d.target_replicas
+        return out
+
+    at_once = downs(0)
+    assert [n for _, n in at_once] == [1]
+    walk = downs(1)
+    assert [n for _, n in walk] == [3, 2, 1]
+    # Each step waits its own delay (fake clock): the timer restarts on the instances left.
+    assert all(b - a >= knobs["downscale_delay_s"] for (a, _), (b, _) in pairwise([(0.0, 4), *walk]))
+    with pytest.raises(KnobError, match="down_step"):
+        pol.knobs({"down_step": -1}, 1, 4)

@@ -406,3 +406,57 @@ def test_a_silent_policy_lets_the_target_follow_what_runs_but_an_operator_target
     assert core.tick(clock.now, {"m": frozenset({"w1", "w2"})}, pool()).decisions == []
     core.follow("m", 1)  # after that, the target follows again (a worker died; the policy is silent)
     assert core.targets["m"] == 1
+
+
+def test_a_down_whose_workers_drain_does_not_hold_the_next_up_back() -> None:
+    """A drain lasts as long as the longest request on the worker. Once heartbeats show the
+    down's worker gone from the count, the model may decide again (an up for load that came back),
+    and the down's late ack still settles counts."""
+    core, clock = make({"m": ModelBounds(0, 4)})
+    ready(core, clock)
+    four = {"m": frozenset({"a", "b", "c", "d"})}
+    core.set_target("m", 4, reason="wave")
+    assert core.tick(clock.now, four, pool(m=4)).decisions == []
+    core.set_target("m", 3, reason="dip")
+    (down,) = core.tick(clock.advance(0.5), four, pool(m=3)).decisions
+    assert (down.action, down.count) == ("down", 1)
+    # Heartbeats still count d: the down is in flight and holds the model's decisions.
+    core.set_target("m", 4, reason="back")
+    assert core.tick(clock.advance(0.5), four, pool("e", m=4)).decisions == []
+    assert set(core.in_flight) == {"m"}
+    # d drains (no longer counted): the down is set aside and the up goes out, for an idle worker.
+    three = {"m": frozenset({"a", "b", "c"})}
+    (up,) = core.tick(clock.advance(0.5), three, pool("e", m=4)).decisions
+    assert (up.action, up.count) == ("up", 1)
+    assert core.status()["draining"] == [down.decision_id] and set(core.in_flight) == {"m"}
+    assert core.on_ack(down.decision_id, True, ["d"], clock.advance(10)) == down
+    assert core.draining == {}
+    core.on_ack(up.decision_id, True, ["e"], clock.advance(0.5))
+    assert core.current("m", three, clock.now) == 4
+
+
+def test_a_drained_down_never_acked_is_forgotten_at_the_ack_timeout_without_a_back_off() -> None:
+    core, clock = make({"m": ModelBounds(0, 4)})
+    ready(core, clock)
+    core.set_target("m", 1, reason="tail")
+    (down,) = core.tick(clock.now, {"m": frozenset({"a", "b"})}).decisions
+    core.tick(clock.advance(0.5), {"m": frozenset({"a"})})
+    assert core.status()["draining"] == [down.decision_id]
+    core.tick(clock.advance(SETTINGS.ack_timeout_s), {"m": frozenset({"a"})})
+    assert core.draining == {} and core.retry_at("m") is None
+    # Its late ack still settles the count.
+    assert core.on_ack(down.decision_id, True, ["b"], clock.advance(1)) == down
+    assert core.current("m", {"m": frozenset({"a", "b"})}, clock.now) == 1
+
+
+def test_no_loan_while_a_down_drains_back_to_the_pool() -> None:
+    core, clock = make({"a": ModelBounds(0, 4), "b": ModelBounds(0, 2)})
+    ready(core, clock)
+    core.set_target("a", 2, reason="dip")
+    (down,) = core.tick(clock.now, {"a": frozenset({"w1", "w2", "w3"})}, pool(a=2)).decisions
+    core.set_target("b", 1, reason="scale from zero")
+    # w3 drains: it will be idle soon, so nothing is borrowed from a meanwhile.
+    assert core.tick(clock.advance(0.5), {"a": frozenset({"w1", "w2"})}, pool(a=1, b=1)).decisions == []
+    core.on_ack(down.decision_id, True, ["w3"], clock.advance(3))
+    (up,) = core.tick(clock.now, {"a": frozenset({"w1", "w2"})}, pool("w3", a=1, b=1)).decisions
+    assert (up.model, up.action) == ("b", "up")

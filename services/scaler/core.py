@@ -247,6 +247,8 @@ def tick(state: ScalerState, inputs: Inputs, now: Now) -> tuple[ScalerState, lis
 
     mesh = inputs.mesh
     book.adopt(now.mono, mesh.instances)
+    # Before the policies look: a down whose workers drain no longer holds their model's decisions.
+    book.park_drains(now.mono, mesh.instances)
     needs: dict[str, int] = {}
     governed = state.coscale.governed(mesh.shared)
     for model in sorted(controls.models):

@@ -264,9 +264,15 @@ class RateKnobs:
     # that time is served by the warm instance while a scale-up (cheap under live scaling) follows.
     # Keep it above the gaps that occur inside a wave of arrivals, or the wave pays a scale-up.
     idle_down_s: float = 0.0
+    # Most instances one scale-down removes (0: no limit, down to what the demand needed over the
+    # delay). 1 walks down a wave's tail an instance at a time, each step after its own delay:
+    # the demand is measured again on the instances that remain before the next one goes.
+    down_step: int = 0
 
     def __post_init__(self) -> None:
         _check_bounds(self.min_replicas, self.max_replicas, self.keep_alive_s)
+        if self.down_step < 0:
+            raise ValueError("down_step must be >= 0")
         if self.idle_down_s < 0:
             raise ValueError("idle_down_s must be >= 0")
         if self.activation_scale < 1:
@@ -414,7 +420,8 @@ def decide_rate(s: LoadSignals, k: RateKnobs, st: RateState) -> tuple[Target | N
             f"utilisation {down_util:.2f} < {k.lower_util:g} for {now - down_since:.0f}s: "
             f"{down_peak} suffice (the most needed in that time)"
         )
-        return Target(down_peak, cur, reason, figures), new
+        target = max(down_peak, cur - k.down_step) if k.down_step else down_peak
+        return Target(target, cur, reason, figures), new
     return None, new
 
 

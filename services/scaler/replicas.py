@@ -10,7 +10,11 @@ A model's *target* is its `min_replicas` until an operator (`cascade scale`) or 
 the workers loading or serving it, from heartbeats. Rules, each tested tick by tick:
 
 - at most one decision per model in flight: a second one would race the first for the same idle
-  workers and could overshoot; the next tick looks again once the ack is in;
+  workers and could overshoot; the next tick looks again once the ack is in. A down whose
+  workers have left the count (heartbeats show them draining: `park_drains`) races nothing any
+  more and waits for its ack aside: a drain lasts as long as the longest request on the worker
+  (seconds to tens of seconds), and a model whose load comes back meanwhile must not wait for it
+  to scale up again;
 - one decision covers the whole gap (`count` may be above 1): loading several instances at once
   costs about as much as one when parameters travel by chain multicast;
 - no decision before a loader is known (a decision nobody hears waits out the whole ack timeout)
@@ -145,6 +149,9 @@ class ReplicaBook:
         self._adopt = set(adopt) & set(bounds)
         self._operator: set[str] = set()  # models whose operator target has not been decided on yet
         self.in_flight: dict[str, InFlight] = {}
+        # Downs whose workers no longer count (draining), by decision id: waiting for their ack
+        # without holding their model's next decision back (`park_drains`).
+        self.draining: dict[str, InFlight] = {}
         self.loader_known = False
         self._seq = 0
         self._settle: dict[str, list[_Settle]] = {}
@@ -236,8 +243,9 @@ class ReplicaBook:
         """A loader (re)started: decisions it may never have heard are dropped, to be re-decided."""
         self.loader_known = True
         dropped = list(self.in_flight.values())
-        for f in dropped:
+        for f in dropped + list(self.draining.values()):
             self._remember(f.decision)
+        self.draining.clear()
         self.in_flight.clear()
         return dropped
 
@@ -266,9 +274,12 @@ class ReplicaBook:
         `back_off` false: a failure that says nothing about the model (only workers that died
         mid-way), retried at the next tick rather than after the model's retry delay."""
         entry = next((f for f in self.in_flight.values() if f.decision.decision_id == decision_id), None)
+        parked = self.draining.pop(decision_id, None)
         if entry is not None:
             decision = entry.decision
             del self.in_flight[decision.model]
+        elif parked is not None:
+            decision = parked.decision
         else:
             late = self._recent.pop(decision_id, None)
             if late is None:
@@ -306,6 +317,21 @@ class ReplicaBook:
             else:
                 del self._settle[model]
 
+    def park_drains(self, now: float, instances: Mapping[str, Collection[str]]) -> list[InFlight]:
+        """Set aside the downs in flight whose workers have left the count (the heartbeats show
+        the model at or below the down's target: its workers drain). Their ack only settles
+        counts now; the model may have its next decision, an up for load that came back during
+        the drain among them (it takes idle workers, which the draining ones are not). Returns
+        the downs set aside."""
+        parked: list[InFlight] = []
+        for model, f in list(self.in_flight.items()):
+            d = f.decision
+            if d.action == "down" and self.current(model, instances, now) <= d.target_replicas:
+                del self.in_flight[model]
+                self.draining[d.decision_id] = f
+                parked.append(f)
+        return parked
+
     # ---- the tick ----------------------------------------------------------
     def current(self, model: str, instances: Mapping[str, Collection[str]], now: float) -> int:
         """Workers loading or serving `model`, corrected by acks heartbeats have not caught up with."""
@@ -334,13 +360,20 @@ class ReplicaBook:
             self._remember(f.decision)
             self.counters["timeouts"] += 1
             self._back_off(f.decision.model, now)
+        for key, f in list(self.draining.items()):
+            # Its workers left the count long ago; a lost ack only means no settle.
+            if now - f.sent_at >= self.settings.ack_timeout_s:
+                del self.draining[key]
+                self._remember(f.decision)
         if not self.loader_known:
             return TickResult([], expired, "no loader yet")
         if now < self.started_at + self.settings.warmup_s:
             return TickResult([], expired, "warming up (hearing every worker's heartbeat first)")
         self.adopt(now, instances)
-        # Nothing in flight: the pool will not change behind this tick's back.
-        settled = not self.in_flight
+        self.park_drains(now, instances)
+        # Nothing in flight: the pool will not change behind this tick's back (a draining worker
+        # will come back to it).
+        settled = not self.in_flight and not self.draining
         free: int | None = None
         returning: set[str] = set()
         if pool is not None:
@@ -511,6 +544,7 @@ class ReplicaBook:
         return {
             "targets": dict(self.targets),
             "in_flight": {m: f.decision.decision_id for m, f in self.in_flight.items()},
+            "draining": sorted(self.draining),
             "loader_known": self.loader_known,
             **self.counters,
         }
