@@ -54,7 +54,15 @@ class Mesh:
         for ev in decode(msg.data, TokenEvents).events:
             self.tapped.setdefault(ev.request_id, []).append(ev)
 
-    def ids(self, request_id: str, choice: int = 0) -> list[int]:
+    async def ids(self, request_id: str, choice: int = 0) -> list[int]:
+        """The choice's token ids as the worker sent them. The client's answer can come before this
+        connection has the last event (the gateway's and this tap's deliveries race): wait for it."""
+
+        def finished() -> bool:
+            evs = self.tapped.get(request_id, [])
+            return any(ev.choice == choice and ev.finish_reason is not None for ev in evs)
+
+        await wait_until(finished, 10, f"the tap's last event of {request_id}")
         return [t for ev in self.tapped.get(request_id, []) if ev.choice == choice for t in ev.token_ids]
 
     async def prefill_tokens(self) -> int:
@@ -103,7 +111,7 @@ async def test_chat_logprobs_equal_transformers(mesh: Mesh) -> None:
         model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
         extra_body={"ignore_eos": True, "prompt_logprobs": 2},
     )  # fmt: skip
-    gen = mesh.ids(r.id)
+    gen = await mesh.ids(r.id)
     assert len(gen) == 6
     ls = log_softmax(mesh.built, prompt + gen)
     content = r.choices[0].logprobs.content
@@ -142,7 +150,7 @@ async def test_completion_echo_logprobs_score_the_prompt(mesh: Mesh) -> None:
     r = await mesh.client.completions.create(
         model=MODEL, prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=2, extra_body={"ignore_eos": True}
     )
-    gen = mesh.ids(r.id)
+    gen = await mesh.ids(r.id)
     ch = r.choices[0]
     assert ch.text.startswith(text)
     lp = ch.logprobs
@@ -177,7 +185,7 @@ async def test_penalties_through_the_mesh_follow_the_reference(mesh: Mesh) -> No
         model=MODEL, prompt="penalise me", max_tokens=8, temperature=0, presence_penalty=pres, frequency_penalty=freq,
         extra_body={"ignore_eos": True, "repetition_penalty": rep},
     )  # fmt: skip
-    got = mesh.ids(r.id)
+    got = await mesh.ids(r.id)
     seq: list[int] = []
     for _ in range(8):
         logits = hf_logits(mesh.built.hf, prompt + seq)[-1].tolist()
@@ -205,7 +213,7 @@ async def test_n_greedy_choices_are_identical_and_share_one_prefill(mesh: Mesh) 
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert len({c.text for c in r.choices}) == 1
     assert all(c.logprobs.token_logprobs == r.choices[0].logprobs.token_logprobs for c in r.choices)
-    assert [mesh.ids(r.id, i) for i in range(4)] == [mesh.ids(r.id, 0)] * 4
+    assert [await mesh.ids(r.id, i) for i in range(4)] == [await mesh.ids(r.id, 0)] * 4
     assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 4 * 5
     assert await mesh.prefill_tokens() - before == len(prompt)
 
