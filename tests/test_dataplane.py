@@ -44,6 +44,7 @@ from services.worker.dataplane import (
     send_units_async,
     tensor_bytes,
 )
+from tests.waiting import wait_until
 
 MODEL = "tiny"
 SPEC = GenerateSpec(layers=4, hidden=128, heads=4, kv_heads=2, vocab=320)
@@ -494,3 +495,32 @@ async def test_a_stalled_next_hop_does_not_hold_up_the_forwarder() -> None:
             c.close()
         stalled.close()
         hop.join(EVENT_TIMEOUT_S)
+
+
+async def test_a_failed_reception_nobody_awaits_is_not_logged_as_never_retrieved(ckpt: Checkpoint) -> None:
+    """A re-planned transfer's old reception fails and is dropped without a `wait()`: its failure is
+    reported through on_failed and the log, not again by asyncio at garbage collection."""
+    import gc
+
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: unretrieved.append(ctx))
+    try:
+        with DataPlaneServer() as srv:
+            rec = Recorder()
+            r = srv.expect(_order("gone", "k", ckpt.config.num_units), rec.ready, rec.fail, loop=loop)
+            r.cancel("re-planned")
+            fut = r._future
+            assert fut is not None
+            await wait_until(fut.done, 10, "the failed reception settled")
+            assert rec.failed == ["re-planned"]
+            awaited = srv.expect(_order("kept", "k", ckpt.config.num_units), rec.ready, rec.fail, loop=loop)
+            awaited.cancel("stop")
+            with pytest.raises(TransferError, match="stop"):
+                await asyncio.wait_for(awaited.wait(), 10)
+            del r, fut
+        gc.collect()
+        assert not [c for c in unretrieved if "never retrieved" in str(c.get("message", ""))]
+    finally:
+        loop.set_exception_handler(previous)

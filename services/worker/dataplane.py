@@ -383,6 +383,10 @@ class Reception:
             fut.set_result(self.stats)
         else:
             fut.set_exception(TransferError(self.error))
+            # Reported already (transfer_failed, on_failed): a reception nobody awaits any more (its
+            # transfer re-planned) must not be logged again as "exception was never retrieved".
+            # Whoever awaits `wait()` still gets the error.
+            fut.exception()
 
     def fail(self, reason: str) -> None:
         """End the reception with `reason` (once; later calls and late units are ignored)."""
