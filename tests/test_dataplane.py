@@ -30,7 +30,6 @@ from cascade.framing import (
 from cascade.messages import TransferOrder
 from cascade.modelfiles import FILES_TENSOR, unpack
 from cascade.models.checkpoint import Checkpoint
-from cascade.models.generate import generate_model
 from cascade.workers import WorkerView
 from services.loader.hostcache import HostCache, keep_alive_decision
 from services.loader.planner import MeshSnapshot, PlanRequest, plan_orders, plan_transfer, replan
@@ -44,6 +43,7 @@ from services.worker.dataplane import (
     send_units_async,
     tensor_bytes,
 )
+from tests.inproc import model_dir_fixture
 from tests.waiting import wait_until
 
 MODEL = "tiny"
@@ -51,11 +51,7 @@ SPEC = GenerateSpec(layers=4, hidden=128, heads=4, kv_heads=2, vocab=320)
 EVENT_TIMEOUT_S = 30.0
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("models") / MODEL
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC, "models", MODEL)
 
 
 @pytest.fixture(scope="module")

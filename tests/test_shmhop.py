@@ -28,7 +28,6 @@ from cascade.framing import (
 from cascade.messages import TransferOrder
 from cascade.modelfiles import FILES_TENSOR
 from cascade.models.checkpoint import Checkpoint
-from cascade.models.generate import generate_model
 from services.loader.hostcache import HostCache
 from services.worker.dataplane import (
     CheckpointSource,
@@ -37,6 +36,7 @@ from services.worker.dataplane import (
     send_units,
     tensor_bytes,
 )
+from tests.inproc import model_dir_fixture
 
 MODEL = "tiny"
 SPEC = GenerateSpec(layers=3, hidden=128, heads=4, kv_heads=2, vocab=320)
@@ -45,11 +45,7 @@ TIMEOUT_S = 30.0
 pytestmark = pytest.mark.skipif(not shmhop.available(), reason="needs memfd and SCM_RIGHTS (Linux)")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("models") / MODEL
-    generate_model(d, SPEC)
-    return d
+model_dir = model_dir_fixture(SPEC, "models", MODEL)
 
 
 @pytest.fixture(scope="module")
