@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from cascade.config import GenerateSpec
+from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
 from cascade.service import Service, serve
 from services.loader.main import add_arguments as loader_arguments
@@ -72,3 +73,13 @@ def model_dir_fixture(spec: GenerateSpec, folder: str = "model", name: str | Non
         return d
 
     return fixture
+
+
+def paced_load_mb_s(model_dir: Path, seconds: float) -> float:
+    """A worker's `load_mb_s` that makes loading the whole checkpoint take `seconds` (an emulated
+    disk slow enough for a test to catch instances half-loaded)."""
+    ck = Checkpoint(model_dir)
+    try:
+        return ck.total_nbytes() / 1e6 / seconds
+    finally:
+        ck.close()

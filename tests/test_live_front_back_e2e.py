@@ -26,7 +26,7 @@ from services.gateway.testing import RunningGateway, parse_prometheus, running_g
 from services.loader.planner import MeshSnapshot, PlanRequest, plan_orders, plan_transfer
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
-from tests.inproc import model_dir_fixture, serving
+from tests.inproc import model_dir_fixture, paced_load_mb_s, serving
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -47,9 +47,7 @@ model_dir = model_dir_fixture(SPEC, "front-back-model")
 
 @pytest.fixture
 async def workers(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIterator[dict[str, WorkerService]]:
-    ck = Checkpoint(model_dir)
-    mb_s = ck.total_nbytes() / 1e6 / LOAD_S
-    ck.close()
+    mb_s = paced_load_mb_s(model_dir, LOAD_S)
     services = {
         # One batch slot: a single long request makes it busy.
         "full": WorkerService(WorkerSettings(nats_url, subjects.prefix, "full", heartbeat_s=HB_S, max_batch=1)),
