@@ -22,7 +22,6 @@ import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,9 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import burst
-from bench.burst_plan import MODEL, SPEC, make_emulation, make_plan
 from bench.common import RESULTS
-from bench.sim_calibrate import burst_scenarios, fitted_setup, raw_runs, stage_latency_s
+from bench.sim_calibrate import burst_scenarios, burst_setup, fitted_setup, raw_runs, stage_latency_s
 from cascade.config import Deployment
-from cascade.models.checkpoint import Checkpoint
-from cascade.models.generate import generate_model
 from sim.mesh import Result, Scenario, run
 from sim.report import request_arrays, summary
 
@@ -121,17 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     params = dict(real["parameters"])
     if a.load is not None:
         params["load"] = a.load
-    keep = ["start", "duration", "compress", "load", "workers", "profile", "max_batch", "token_scale"]
-    keep += ["max_prefill_tokens", "link_gb_s", "slo_ttft_ms", "slo_tbt_ms", "timeout", "seed"]
-    ba = burst.parse([f"--{k.replace('_', '-')}={v}" for k, v in params.items() if k in keep])
-    plan = make_plan(ba, ba.profile)
-    with tempfile.TemporaryDirectory(prefix="cascade-simburst-") as tmp:
-        model_dir = Path(tmp) / MODEL
-        generate_model(model_dir, SPEC)
-        emu = make_emulation(ba, model_dir)
-        ck = Checkpoint(model_dir)
-        unit_real = [ck.unit_nbytes(u) for u in range(ck.config.num_units)]
-        ck.close()
+    ba, plan, emu, unit_real = burst_setup(params)
     fit = fitted_setup(raw_runs(real, None), emu.link_s, emu.disk_s)
     stage_s = stage_latency_s(json.loads((RESULTS / "scaleup.json").read_text()))
     window = plan.window_s

@@ -440,35 +440,17 @@ def plot(path: Path, real_runs: list[dict[str, Any]], sims: dict[str, Result], l
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = parse(argv)
-    t_begin = time.monotonic()
-    real = json.loads(a.burst_json.read_text())
-    real_scaleup = json.loads(a.scaleup_json.read_text()) if a.scaleup_json.is_file() else {}
-    ba = burst.parse(
-        [
-            f"--{k.replace('_', '-')}={v}"
-            for k, v in real["parameters"].items()
-            if k
-            in (
-                "start",
-                "duration",
-                "compress",
-                "load",
-                "workers",
-                "profile",
-                "max_batch",
-                "token_scale",
-                "max_prefill_tokens",
-                "link_gb_s",
-                "slo_ttft_ms",
-                "slo_tbt_ms",
-                "timeout",
-                "seed",
-            )
-        ]
-    )
+# The burst run's parameters that shape the replay (the rest say how it was run or written).
+BURST_SHAPE = (
+    "start", "duration", "compress", "load", "workers", "profile", "max_batch", "token_scale",
+    "max_prefill_tokens", "link_gb_s", "slo_ttft_ms", "slo_tbt_ms", "timeout", "seed",
+)  # fmt: skip
+
+
+def burst_setup(parameters: dict[str, Any]) -> tuple[argparse.Namespace, Any, Any, list[int]]:
+    """A burst run's (arguments, plan, emulation, real bytes per unit of the generated model), from
+    the parameters its JSON records."""
+    ba = burst.parse([f"--{k.replace('_', '-')}={v}" for k, v in parameters.items() if k in BURST_SHAPE])
     plan = make_plan(ba, ba.profile)
     with tempfile.TemporaryDirectory(prefix="cascade-simcal-") as tmp:
         model_dir = Path(tmp) / MODEL
@@ -477,6 +459,16 @@ def main(argv: list[str] | None = None) -> int:
         ck = Checkpoint(model_dir)
         unit_real = [ck.unit_nbytes(u) for u in range(ck.config.num_units)]
         ck.close()
+    return ba, plan, emu, unit_real
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse(argv)
+    t_begin = time.monotonic()
+    real = json.loads(a.burst_json.read_text())
+    real_scaleup = json.loads(a.scaleup_json.read_text()) if a.scaleup_json.is_file() else {}
+    ba, plan, emu, unit_real = burst_setup(real["parameters"])
     real_runs = raw_runs(real, a.burst_raw)
     fit = fitted_setup(real_runs, emu.link_s, emu.disk_s)
     stage_s = stage_latency_s(real_scaleup)
