@@ -34,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import md_table, result_header, summary, write_result
+from bench.common import md_table, result_header, sse_events, summary, write_result
 from bench.mesh import Mesh
 from cascade.config import DEFAULT_MODEL, GenerateSpec
 
@@ -199,21 +198,13 @@ async def one_request(
     async with session.post(f"{url}/completions", json=body) as resp:
         if resp.status != 200:
             return {"ok": False, "status": resp.status, "error": (await resp.text())[:200]}
-        buf = b""
-        async for chunk in resp.content.iter_any():
-            buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                if not event.startswith(b"data: "):
-                    continue
-                data = event[6:]
-                if data == b"[DONE]":
-                    break
-                obj = orjson.loads(data)
-                if obj.get("choices") and obj["choices"][0].get("text"):
-                    stamps.append(time.perf_counter())
-                if obj.get("usage"):
-                    generated = obj["usage"]["completion_tokens"]
+        async for obj in sse_events(resp):
+            if obj is None:  # [DONE]: read on to the body's end, so the connection goes back to the pool
+                continue
+            if obj.get("choices") and obj["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+            if obj.get("usage"):
+                generated = obj["usage"]["completion_tokens"]
     end = time.perf_counter()
     return {
         "ok": True,
