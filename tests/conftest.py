@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from cascade.cli.embedded_nats import EmbeddedNats
+from cascade.cli.embedded_nats import EmbeddedNats, free_port
 from cascade.subjects import Subjects
 
 # Fixtures that start a broker, a process or a whole mesh: a test using one is end-to-end.
-_E2E_FIXTURES = frozenset({"nats_server", "nats_url", "js_url", "three"})
+_E2E_FIXTURES = frozenset({"nats_server", "nats_url", "js_url", "broker", "three"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -49,6 +49,16 @@ def js_url(tmp_path: Path) -> Iterator[str]:
         yield srv.url
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedNats]:
+    """A broker of the test's own on a fixed port, for a test that stops (or kills) and restarts it."""
+    b = EmbeddedNats(port=free_port()).start()
+    try:
+        yield b
+    finally:
+        b.stop()
 
 
 @pytest.fixture

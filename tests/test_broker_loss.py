@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -28,16 +27,6 @@ from tests.workerprocs import WorkerProcs
 pytestmark = pytest.mark.e2e
 
 MODEL = "m"
-
-
-@pytest.fixture
-def broker() -> Iterator[EmbeddedNats]:
-    """A broker of this test's own on a fixed port, since the test kills and restarts it."""
-    b = EmbeddedNats(port=free_port()).start()
-    try:
-        yield b
-    finally:
-        b.stop()
 
 
 async def test_a_broker_restart_under_a_streaming_request(broker: EmbeddedNats, tmp_path: Path) -> None:

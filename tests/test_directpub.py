@@ -8,15 +8,14 @@ import asyncio
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import nats
-import pytest
 from nats.aio.client import Client as NATS
 from nats.protocol.command import pub_cmd
 
-from cascade.cli.embedded_nats import EmbeddedNats, free_port
+from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.natsutil import connect
 from services.worker.directpub import DirectWriter, pub_command, publish_all, turn
 from tests.waiting import wait_until
@@ -137,16 +136,6 @@ async def test_writes_reach_a_subscriber_without_the_publishers_loop_running(nat
     finally:
         await pub.stop()
         await sub.close()
-
-
-@pytest.fixture
-def broker() -> Iterator[EmbeddedNats]:
-    """A broker of this test's own on a fixed port, since the test stops and restarts it."""
-    b = EmbeddedNats(port=free_port()).start()
-    try:
-        yield b
-    finally:
-        b.stop()
 
 
 async def test_while_the_broker_is_away_writes_fall_back_and_nats_py_keeps_them(broker: EmbeddedNats) -> None:
