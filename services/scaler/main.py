@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import time
 import uuid
@@ -490,11 +489,14 @@ class Scaler:
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
+    """Until one of `events` is set or `timeout` passes.
+
+    The helper waits are cancelled, not awaited: awaiting them here once swallowed a cancel of the
+    calling task that landed in that await (the loop then ran on while ServiceHost waited for it
+    to end: a test hung until CI's limit)."""
     waits = [asyncio.ensure_future(e.wait()) for e in events]
     try:
         await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for w in waits:
             w.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*waits, return_exceptions=True)
