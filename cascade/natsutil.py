@@ -247,12 +247,17 @@ class TaskSet:
             self._log.error("task_failed", task=task.get_name(), error=repr(exc), exc_info=exc)
             self.failed.set()
 
-    async def cancel_all(self) -> None:
+    async def cancel_all(self, grace_s: float = 10.0) -> None:
+        """Cancel every task and wait for them, at most `grace_s`: a task that ignores its cancel
+        is named in the log and left, so a service's shutdown (SIGTERM) still ends."""
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=grace_s)
+        if stuck:
+            self._log.error("tasks_ignored_cancel", tasks=sorted(t.get_name() for t in stuck), grace_s=grace_s)
 
 
 def stop_event() -> asyncio.Event:
