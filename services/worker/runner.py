@@ -25,8 +25,8 @@ The event loop hands work over and never waits on torch:
   request wakes it in ~45 µs instead of ~200 µs through the loop; all the time while it
   reconnects), and between two steps when the socket holds unsent bytes or the loop has not run
   for `directpub.TURN_S` (the server's PINGs, a reconnect). Results that carry stage frames
-  (`outbox`, async sends on the loop's stage links) still reach the loop through a queue and are published in order by
-  `publish()`; a lane goes back to the direct path only once the loop has delivered all it was
+  (`outbox`, async sends on the loop's stage links) still reach the loop through a queue and
+  are published in order by `publish()`; a lane goes back to the direct path only once the loop has delivered all it was
   handed, and the direct connection is flushed (a PING answered, sent behind every byte written
   on its socket) before anything is handed over after it, so a gateway never sees a request's
   events out of order. Why not `run_in_executor` per step: each step would then wait for the
