@@ -26,12 +26,13 @@ The event loop hands work over and never waits on torch:
   reconnects), and between two steps when the socket holds unsent bytes or the loop has not run
   for `directpub.TURN_S` (the server's PINGs, a reconnect). Results that carry stage frames
   (`outbox`, async sends on the loop's stage links) still reach the loop through a queue and
-  are published in order by `publish()`; a lane goes back to the direct path only once the loop has delivered all it was
-  handed, and the direct connection is flushed (a PING answered, sent behind every byte written
-  on its socket) before anything is handed over after it, so a gateway never sees a request's
-  events out of order. Why not `run_in_executor` per step: each step would then wait for the
-  loop to publish the previous step's tokens and schedule the next one, about a millisecond per
-  step in future chaining and wake-ups, as much as a decode step of a small model;
+  are published in order by `publish()`; a lane goes back to the direct path only once the
+  loop has delivered all it was handed, and the direct connection is flushed (a PING answered,
+  sent behind every byte written on its socket) before anything is handed over after it, so a
+  gateway never sees a request's events out of order. Why not `run_in_executor` per step: each
+  step would then wait for the loop to publish the previous step's tokens and schedule the next
+  one, about a millisecond per step in future chaining and wake-ups, as much as a decode step of
+  a small model;
 - when the engine runs out of work, `on_idle(in_flight)` tells the loop how many sequences it
   still holds (counted here, not read across threads by the loop).
 
