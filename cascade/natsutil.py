@@ -208,19 +208,25 @@ def handler(fn: Callable[[Any], Awaitable[Any]], logger: Any = None) -> Callable
             out = await fn(req)
             if msg.reply and out is not None:
                 await msg.respond(encode(out))
-        except MessageError as e:
-            lg.warning("bad_message", subject=msg.subject, error=str(e))
-            if msg.reply:
-                await msg.respond(encode(ErrorReply("bad_message", str(e))))
-        except RemoteError as e:
-            if msg.reply:
-                await msg.respond(encode(ErrorReply(e.code, e.message)))
         except Exception as e:
-            lg.exception("handler_failed", subject=msg.subject)
             if msg.reply:
-                await msg.respond(encode(ErrorReply("internal", f"{type(e).__name__}: {e}")))
+                await msg.respond(encode(failure_reply(e, msg.subject, lg)))
+            else:
+                failure_reply(e, msg.subject, lg)
 
     return wrapped
+
+
+def failure_reply(e: Exception, subject: str, logger: Any) -> ErrorReply:
+    """What a request handler's failure answers (logged here): a bad message, a RemoteError's own
+    code, else an internal error."""
+    if isinstance(e, MessageError):
+        logger.warning("bad_message", subject=subject, error=str(e))
+        return ErrorReply("bad_message", str(e))
+    if isinstance(e, RemoteError):
+        return ErrorReply(e.code, e.message)
+    logger.exception("handler_failed", subject=subject)
+    return ErrorReply("internal", f"{type(e).__name__}: {e}")
 
 
 class TaskSet:

@@ -34,8 +34,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from cascade.messages import ServiceReady, encode
-from cascade.natsutil import TaskSet, connect, handler, stop_event
+from cascade.inline import subscribe_inline
+from cascade.messages import ServiceReady, decode, encode
+from cascade.natsutil import TaskSet, connect, failure_reply, handler, stop_event
 from cascade.subjects import Subjects
 
 # Draining NATS at the end flushes what the service published last; a broken connection
@@ -62,6 +63,30 @@ class Runtime:
     async def serve(self, subject: str, fn: Callable[[Any], Awaitable[Any]]) -> Subscription:
         """A request handler: typed message in, reply out, any failure answered as an error."""
         return await self.nc.subscribe(subject, cb=handler(fn, self.log))
+
+    async def serve_now(self, subject: str, fn: Callable[[Any], Any]) -> Subscription:
+        """`serve` for a plain function (it must not block, and cannot await), run in nats-py's
+        read loop as the message is parsed (cascade/inline.py), not by a task of the subscription's
+        own a loop turn later; its reply goes out from a task. For a quick handler on a request's
+        path whose effect should not wait for that turn (the worker's admission, which wakes its
+        engine thread)."""
+
+        def handle(msg: Msg) -> None:
+            try:
+                out = fn(decode(msg.data))
+            except Exception as e:
+                out = failure_reply(e, msg.subject, self.log)
+            if msg.reply and out is not None:
+                self.tasks.spawn(_respond(msg, encode(out), self.log), "reply")
+
+        return await subscribe_inline(self.nc, subject, handle, self.log)
+
+
+async def _respond(msg: Msg, data: bytes, log: Any) -> None:
+    try:
+        await msg.respond(data)
+    except Exception as e:  # the connection closing: the requester times out, as with `serve`
+        log.warning("reply_failed", subject=msg.subject, error=repr(e))
 
 
 class Service(Protocol):

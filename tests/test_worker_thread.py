@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from cascade.cli.embedded_nats import EmbeddedNats
 from cascade.config import GenerateSpec
 from cascade.messages import (
     BatchLimit,
@@ -243,6 +244,106 @@ async def test_a_busy_engine_thread_still_runs_its_connections_loop_between_step
     r = await _run_lane(nats_url, subjects, model_dir, nats_url)
     assert {rid: len(ids) for rid, ids in r["got"].items()} == {"a": 8, "b": 8}
     assert r["written"] > 0 and turns >= r["direct"] - 1
+
+
+class _IdleLane:
+    """An `EngineRunner` whose thread publishes on its own connection to `url`, over a real engine
+    with nothing to do: its idle wait, its loop's turns, and requests that wake it."""
+
+    def __init__(self, model_dir: Path, url: str, subjects: Subjects) -> None:
+        self.eng = Engine(load_model(model_dir), ByteTokenizer(), max_batch=4, worker_id="wi")
+        self.subject = subjects.tokens("gw")
+        self.lane = EngineRunner(
+            lambda: self.eng, self._deliver, lambda _: None, direct_messages=self._messages,
+            connect=lambda: connect(url, "test-idle-pub", connect_timeout_s=2.0),
+        )  # fmt: skip
+        self.thread = self.lane.thread
+        self.handed: list[StepResult] = []
+
+    def _messages(self, result: StepResult) -> list[tuple[str, bytes]]:
+        return [(self.subject, encode(TokenEvents("wi", [ev for _, ev in result.events])))]
+
+    async def _deliver(self, result: StepResult) -> None:
+        self.handed.append(result)
+
+    async def serve(self, nc: Any, rid: str) -> None:
+        """One request submitted and woken; returns once its last token reached `nc`."""
+        done = asyncio.Event()
+
+        async def on_tokens(msg: Any) -> None:
+            if any(ev.request_id == rid and ev.finish_reason for ev in decode(msg.data, TokenEvents).events):
+                done.set()
+
+        sub = await nc.subscribe(self.subject, cb=on_tokens)
+        await nc.flush()
+        self.eng.submit(rid, "gw", ByteTokenizer().encode(f"idle {rid}"), SamplingParams(max_tokens=4, ignore_eos=True))
+        self.lane.wake()
+        await asyncio.wait_for(done.wait(), 60)
+        await sub.unsubscribe()
+
+
+async def test_an_idle_engine_thread_waits_on_its_event_and_still_turns_its_connections_loop(
+    nats_url: str, subjects: Subjects, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Waking a thread that waits inside its loop costs the loop's self-pipe, poll, future and task;
+    # on a quiet connection the idle thread waits on its event instead (a futex wake), and runs a
+    # turn of the loop every IDLE_TURN_S so the server's PINGs are still answered.
+    import services.worker.directpub as directpub
+    import services.worker.runner as runner
+
+    monkeypatch.setattr(directpub, "IDLE_TURN_S", 0.02)
+    monkeypatch.setattr(directpub, "TURN_S", 0.02)
+    turns = 0
+    original = runner.turn
+
+    async def counted() -> None:
+        nonlocal turns
+        turns += 1
+        await original()
+
+    monkeypatch.setattr(runner, "turn", counted)
+    idle = _IdleLane(model_dir, nats_url, subjects)
+    nc = await connect(nats_url, "test-idle-sub")
+    idle.lane.start()
+    try:
+        await wait_until(lambda: idle.thread.direct is not None and turns >= 3, what="turns of the idle thread's loop")
+        assert not idle.thread._loop_waiting
+        for rid in ("a", "b"):  # each wakes a thread gone idle again
+            await idle.serve(nc, rid)
+            target = turns + 2
+            await wait_until(lambda: turns >= target, what="turns once idle again")  # noqa: B023
+            assert not idle.thread._loop_waiting
+        assert idle.handed == [] and idle.lane.direct_results > 0
+    finally:
+        await idle.lane.stop()
+        await nc.drain()
+
+
+async def test_an_idle_engine_thread_whose_broker_went_away_waits_in_its_loop_reconnects_and_is_woken(
+    broker: EmbeddedNats, subjects: Subjects, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection that is not quiet (reconnecting) needs its loop to run: the idle thread then
+    # waits inside it, and a wake still reaches it there.
+    import services.worker.directpub as directpub
+
+    monkeypatch.setattr(directpub, "IDLE_TURN_S", 0.02)
+    idle = _IdleLane(model_dir, broker.url, subjects)
+    idle.lane.start()
+    nc: Any = None
+    try:
+        await wait_until(lambda: idle.thread.direct is not None, what="the engine thread's connection")
+        broker.stop()
+        await wait_until(lambda: idle.thread._loop_waiting, what="the idle thread waiting in its loop")
+        broker.start()
+        await wait_until(lambda: idle.thread.direct.is_connected, timeout=30, what="the reconnect while idle")
+        nc = await connect(broker.url, "test-idle-sub")
+        await idle.serve(nc, "a")
+        assert idle.handed == [] and idle.lane.direct_results > 0
+        await wait_until(lambda: not idle.thread._loop_waiting, what="back to the event wait")
+    finally:
+        await idle.lane.stop()
+        if nc is not None:
+            await nc.drain()
 
 
 async def test_without_its_own_connection_the_engine_hands_every_result_to_the_loop(

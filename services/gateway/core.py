@@ -38,6 +38,7 @@ from nats.aio.subscription import Subscription
 from cascade import natsutil
 from cascade.config import ConfigError, Deployment, ModelDeployment, cascade_home
 from cascade.deployfeed import DeploymentFeed
+from cascade.inline import subscribe_inline
 from cascade.meshfiles import fetch_model_files
 from cascade.messages import (
     BatchReply,
@@ -64,7 +65,6 @@ from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from services.gateway.batcher import Batcher, QueueFull
 from services.gateway.catalog import ModelCatalog, ModelInfo
 from services.gateway.dashboard import DashboardHub
-from services.gateway.inline import subscribe_inline
 from services.gateway.loadreport import LoadReport
 from services.gateway.meshwatch import Frame, MeshWatch
 from services.gateway.metrics import GatewayMetrics

@@ -38,6 +38,9 @@ from nats.aio.transport import TcpTransport
 # noticed that late (its events buffer in nats-py meanwhile, as with any reconnect).
 TURN_S = 0.5
 
+# The same while the engine thread waits for work on a quiet connection (runner.py `_sleep`).
+IDLE_TURN_S = 0.5
+
 _BAD_SUBJECT = frozenset(b" \t\r\n")
 
 
@@ -108,6 +111,16 @@ class DirectWriter:
             stats["out_bytes"] = stats.get("out_bytes", 0) + size
         self.written += 1
         return True
+
+    def quiet(self) -> bool:
+        """Whether the loop has nothing to do but wait for the server's next PING: connected,
+        nothing pending in nats-py or buffered in the transport (a reconnect under way, a drain or
+        bytes to send need the loop to run, so an idle engine thread runs it until woken)."""
+        nc = self.nc
+        if not nc.is_connected or nc.is_draining or nc.pending_data_size:
+            return False
+        t = self.transport()
+        return t is not None and not t.is_closing() and not t.get_write_buffer_size()
 
     def wants_turn(self, now: float) -> bool:
         """Whether the loop should run now: bytes wait in the transport or in nats-py, or it has

@@ -251,7 +251,8 @@ class WorkerService:
         await rt.serve(s.load(w), self.slot.on_load)
         await rt.serve(s.transfer(w), self.slot.on_transfer)
         await rt.serve(s.unload(w), self.slot.on_unload)
-        await rt.serve(s.generate(w), self.on_generate)
+        # In the read loop's turn: the engine thread is woken a loop turn sooner (cascade/inline.py).
+        await rt.serve_now(s.generate(w), self.on_generate)
         await rt.serve(s.cancel(w), self.on_cancel)
         await rt.serve(s.batch_limit(w), self.on_batch_limit)
         await rt.serve(s.quota(w), self.on_quota)
@@ -419,7 +420,8 @@ class WorkerService:
         await self.send_heartbeat()
         return msg
 
-    async def on_generate(self, batch: GenerateBatch) -> BatchReply:
+    def on_generate(self, batch: GenerateBatch) -> BatchReply:
+        """Run in nats-py's read loop (`Runtime.serve_now`): it must not await or block."""
         accepted: list[str] = []
         rejected: list[Rejection] = []
         eng = self.slot.engine

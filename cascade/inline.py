@@ -3,9 +3,11 @@ parsed, instead of by a task of the subscription's own.
 
 nats-py hands every message of a callback subscription to that subscription's task through an
 `asyncio.Queue`: one more event-loop turn per message (a future, a task step) between the socket
-and the handler. The gateway's token stream is handled by a plain function that never awaits
-(decode, match, put on the request's queue), so that hop buys nothing: per token, at one stream,
-it was a third of the gateway's loop turns (docs/architecture.md, "What that costs").
+and the handler. A handler that is a plain function and never awaits gains nothing from that
+hop: the gateway's token stream (decode, match, put on the request's queue; per token, at one
+stream, the hop was a third of the gateway's loop turns, docs/architecture.md "What that costs"),
+and the worker's admission of a `GenerateBatch` (checks, `engine.submit`, the engine thread's
+wake: a loop turn earlier on every request's path to its first step; `service.Runtime.serve_now`).
 
 This rests on how nats-py delivers to a subscription (its read loop calls `put_nowait` on the
 subscription's `_pending_queue` and counts `_pending_size`), checked when subscribing: on a

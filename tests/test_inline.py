@@ -1,4 +1,4 @@
-"""A subscription handled in nats-py's read loop (services/gateway/inline.py), against the real
+"""A subscription handled in nats-py's read loop (cascade/inline.py), against the real
 nats-server fixture: every message reaches the handler, in order; one the handler fails on does
 not stop the ones after it (nor the connection); the slow-consumer accounting stays at zero."""
 
@@ -12,7 +12,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.gateway.inline import handled_inline, subscribe_inline
+from cascade.inline import handled_inline, subscribe_inline
 
 pytestmark = pytest.mark.e2e
 
@@ -84,4 +84,39 @@ async def test_a_failing_message_does_not_stop_the_next(nc: NATS, prefix: str) -
     echo = await nc.subscribe(f"{prefix}.echo", cb=respond)
     assert (await nc.request(f"{prefix}.echo", b"ping", timeout=10.0)).data == b"ping"
     await echo.unsubscribe()
+    await sub.unsubscribe()
+
+
+async def test_serve_now_answers_from_the_read_loop_and_answers_failures_as_errors(nc: NATS, prefix: str) -> None:
+    # The worker's admission runs this way: a typed message in, handled in the connection's
+    # reading task, the reply out; a bad message and a failing handler are answered, never raised.
+    import contextlib
+
+    import structlog
+
+    from cascade.messages import Cancel, ErrorReply, Ok, decode, encode
+    from cascade.natsutil import TaskSet
+    from cascade.service import Runtime
+    from cascade.subjects import Subjects
+
+    seen: list[tuple[list[str], asyncio.Task[object] | None]] = []
+
+    def on_cancel(msg: Cancel) -> Ok:
+        seen.append((msg.request_ids, asyncio.current_task()))
+        if msg.request_ids == ["boom"]:
+            raise RuntimeError("cannot")
+        return Ok()
+
+    tasks = TaskSet()
+    rt = Runtime(nc, Subjects(prefix), tasks, contextlib.AsyncExitStack(), structlog.get_logger())
+    sub = await rt.serve_now(f"{prefix}.admit", on_cancel)
+    assert handled_inline(sub)
+    reply = await nc.request(f"{prefix}.admit", encode(Cancel(["a"])), timeout=10.0)
+    assert isinstance(decode(reply.data), Ok)
+    assert seen == [(["a"], nc._reading_task)]
+    bad: object = decode((await nc.request(f"{prefix}.admit", b"{not json", timeout=10.0)).data)
+    assert isinstance(bad, ErrorReply) and bad.code == "bad_message"
+    failed: object = decode((await nc.request(f"{prefix}.admit", encode(Cancel(["boom"])), timeout=10.0)).data)
+    assert isinstance(failed, ErrorReply) and failed.code == "internal" and "cannot" in failed.message
+    assert nc.is_connected and not tasks.failed.is_set()
     await sub.unsubscribe()
