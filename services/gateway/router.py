@@ -58,6 +58,9 @@ class InstanceView:
     # heartbeat's count is known). A load from zero fills units out of order (each instance its
     # own block first): routes through them need the set, not a prefix.
     ready_units: frozenset[int] | None = None
+    # From the heartbeat: prompt tokens queued there and not computed yet, each weighed by the share
+    # of the layers it runs there (a loading head's backlog of routes' first stages).
+    prefill_queued: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +322,50 @@ def split_later(full: InstanceView) -> bool:
     return full.prefill_budget > 0 and queued >= LATE_SPLIT_STEPS * full.prefill_budget
 
 
+# A live route's head takes every layer it holds while its prefill queue, with the route's first
+# stage added, stays within this many of its steps of what the busy instance has queued with the
+# route's stage there added: on a tie the loading instance, which has nothing else to do, takes the
+# work. Beyond it the split moves towards the front (`head_split`).
+HEAD_SLACK_STEPS = 1
+
+
+def head_split(head: InstanceView, full: InstanceView, k: int, tail_layers: int = 0) -> int:
+    """Decoder layers [0, m) a live route runs on its loading `head`, which holds k front layers,
+    before the busy full instance `full` runs the rest (up to the `tail_layers` a back-loaded
+    instance ends it with): the most of the k that leaves the head's prefill queue, with this
+    route's share added, no more than HEAD_SLACK_STEPS of its steps behind `full`'s with its share
+    added; 1 at least.
+
+    Splitting at all k layers the head has was measured to move the bottleneck onto the head once
+    k passes about half the model (bench scaleup 1→2, per-step logs of both workers): the busy
+    instance's queue is kept short by the late split, so held requests flow out as fast as it
+    drains and the head takes k/L of each; it ran four prompts' first stages every step from 5 s
+    after the decision, its queue grew, and its routes' first tokens came 3.1-3.7 s after arrival
+    while requests sent whole to the busy instance, now idle between steps, got theirs in
+    0.4-2 s. Balancing the two queues keeps both busy: a route's stages together go no faster
+    than its slower queue.
+
+    Queues are in full-model prompt tokens over each worker's step budget. The head's is its
+    heartbeat's `prefill_queued` plus the routes this gateway sent it since (each at the current
+    k, with the typical prompt of the requests queued); the busy instance's is this gateway's
+    prompts and relayed stages there without a token yet, as the late split counts it. Without a
+    budget from either (an emulation-free worker reports one; 0 is an older worker), k."""
+    num_layers = full.num_units - 2
+    if k <= 1 or head.prefill_budget <= 0 or full.prefill_budget <= 0 or num_layers <= 0:
+        return k
+    prompts = head.unstarted_prompts + full.unstarted_prompts
+    prompt = (head.unstarted_tokens + full.unstarted_tokens) / prompts if prompts else float(full.prefill_budget)
+    since = max(head.inflight - head.inflight_at_heartbeat, 0)
+    head_q = head.prefill_queued + since * prompt * k / num_layers
+    full_q = full.unstarted_tokens + full.relayed_unstarted_tokens
+    for m in range(k, 1, -1):
+        head_steps = (head_q + prompt * m / num_layers) / head.prefill_budget
+        full_steps = (full_q + prompt * (num_layers - tail_layers - m) / num_layers) / full.prefill_budget
+        if head_steps <= full_steps + HEAD_SLACK_STEPS:
+            return m
+    return 1
+
+
 def choose_route(
     instances: Sequence[InstanceView], model: str, avoid: Sequence[str] | frozenset[str] = (), live: bool = True
 ) -> Route | None:
@@ -367,7 +414,6 @@ def choose_route(
     k = front_layers(head, model)
     num_layers = full.num_units - 2
     tail, b = best_tail(instances, model, full, head, avoid)
-    head_stage = RouteStage(head.worker_id, 0, k, head.stage_addr or "")
     if tail is not None and k + b >= num_layers:
         # The two loading instances hold every layer between them: a pipeline of their own, the
         # busy instance spared the whole request. The split sits mid-model where both can run it,
@@ -383,6 +429,8 @@ def choose_route(
         )
     if split_later(full):
         return None
+    k = head_split(head, full, k, b if tail is not None else 0)
+    head_stage = RouteStage(head.worker_id, 0, k, head.stage_addr or "")
     if tail is None:
         stages: tuple[RouteStage, ...] = (head_stage, RouteStage(full.worker_id, k, num_layers, full.stage_addr))
     else:
