@@ -440,3 +440,20 @@ def test_a_live_route_splits_where_the_heads_queue_meets_the_busy_instances() ->
     # No budget known on either side: every layer the head has, as before.
     assert head_split(head(queued=1000, budget=0), f, 6) == 6
     assert head_split(head(queued=1000), replace(f, prefill_budget=0), 6) == 6
+
+
+def test_a_full_instance_relaying_routes_prompts_counts_as_busy() -> None:
+    """Its own batch nearly empty (routes took its requests' place), but routes' later stages
+    queued there: a new request sent whole would wait behind them, so it sheds its front layers."""
+    budget = 100
+
+    def f(relayed: int) -> InstanceView:
+        return replace(busy_full(budget=budget), running=1, unstarted_prompts=0, relayed_unstarted_tokens=relayed)
+
+    n = held("n", {0, 1, 2, 3})
+    assert choose_route([f(2 * budget - 1), n], "m") == Route("f")
+    r = choose_route([f(2 * budget), n], "m")
+    assert r is not None and r.worker_id == "n"
+    assert [(s.worker_id, s.start, s.end) for s in r.stages] == [("n", 0, 3), ("f", 3, 8)]
+    # Stop-the-world: still the full instance.
+    assert choose_route([f(2 * budget), n], "m", live=False) == Route("f")

@@ -314,6 +314,20 @@ def head_key(view: InstanceView, k: int) -> tuple[int, float, str]:
 LATE_SPLIT_STEPS = 4
 
 
+def relaying_backlog(full: InstanceView) -> bool:
+    """The full instance `full` has PREFILL_AHEAD_STEPS steps' worth of this gateway's prompt tokens
+    queued counting routes' later stages there (by their share of the layers), not only its own
+    prompts as `prefill_backlogged` does: a request sent whole now would wait behind them.
+
+    Without it a busy instance relaying for a loading head counted as idle: the routes took its own
+    requests' place, so its batch and own prompt queue were small, and new requests went to it
+    whole. Measured in bench scaleup (1→2, live, per-request timelines): a quarter of the
+    window's requests went whole to the busy instance while it computed routes' later stages in
+    every step, each costing it the whole model instead of the layers past the head's."""
+    queued = full.unstarted_tokens + full.relayed_unstarted_tokens
+    return full.prefill_budget > 0 and queued >= PREFILL_AHEAD_STEPS * full.prefill_budget
+
+
 def split_later(full: InstanceView) -> bool:
     """The busy full instance `full` has LATE_SPLIT_STEPS steps' worth of this gateway's prompt
     tokens queued (whole prompts, and routes' stages there by their share of the layers): a live
@@ -396,8 +410,14 @@ def choose_route(
     room = room_of(full, [v for v in instances if serves_fully(v, model) and v.worker_id not in avoid])
     held = None if full_id not in avoid and not accepts(full) else Route(full_id, room=room)
     # Busy: out of batch slots, or holding admitted work it could not start yet (a prefill
-    # backlog: compute-bound, so shedding the first k layers of new prompts shortens it).
-    busy = estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD or full.waiting > 0 or prefill_backlogged(full)
+    # backlog: compute-bound, so shedding the first k layers of new prompts shortens it), its own
+    # or routes' later stages (`relaying_backlog`).
+    busy = (
+        estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD
+        or full.waiting > 0
+        or prefill_backlogged(full)
+        or relaying_backlog(full)
+    )
     if not live or not busy or not full.stage_addr:
         return Route(full_id, room=room) if has_room(full) else held
     best: tuple[int, float, str] | None = None
