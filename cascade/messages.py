@@ -210,6 +210,10 @@ class Heartbeat:
     # Prompt tokens one engine step starts at most (0: unknown): the gateway keeps about two
     # steps' worth of prompts waiting on an instance and the rest of a backlog itself.
     prefill_budget: int = 0
+    # Prompt tokens queued here and not computed yet, every role weighed by the share of the layers
+    # it runs here (full-model tokens): how far behind its prefill is. The gateway splits a live
+    # route so the loading head's queue does not outgrow the busy instance's (router.head_split).
+    prefill_queued: int = 0
     # The paged KV cache: blocks held over usable blocks (0..1), and the longest sequence it serves
     # (0: unknown): the gateway refuses a longer prompt itself, before any work.
     kv_cache_usage: float = 0.0

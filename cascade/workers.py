@@ -53,6 +53,7 @@ class WorkerView:
     driven: int = 0
     stage_running: int = 0
     prefill_budget: int = 0
+    prefill_queued: int = 0  # prompt tokens queued there, weighed by its layers (heartbeat)
     kv_cache_usage: float = 0.0  # KV blocks held over usable blocks (heartbeat)
     max_model_len: int = 0  # longest sequence it serves (heartbeat; 0: unknown)
     num_preemptions: int = 0  # since it started (heartbeat)
@@ -317,6 +318,7 @@ class WorkerTable:
             driven=hb.driven,
             stage_running=hb.stage_running,
             prefill_budget=hb.prefill_budget,
+            prefill_queued=hb.prefill_queued,
             kv_cache_usage=hb.kv_cache_usage,
             max_model_len=hb.max_model_len,
             num_preemptions=hb.num_preemptions,

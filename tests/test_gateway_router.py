@@ -15,6 +15,7 @@ from services.gateway.router import (
     choose_route,
     estimated_load,
     front_layers,
+    head_split,
     models_without_instance,
     serves_fully,
     split_later,
@@ -406,3 +407,53 @@ def test_a_live_routes_batch_stops_where_the_busy_instance_would_split_later() -
     # With an unknown prefill budget, only the head's room.
     r = choose_route([replace(f, prefill_budget=0), held("n1", {0, 1, 2})], "m")
     assert r is not None and r.room is not None and r.room.admits(4, 100_000)
+
+
+def test_a_live_route_splits_where_the_heads_queue_meets_the_busy_instances() -> None:
+    """A loading head whose prefill queue is long runs fewer of its layers: both queues drain at
+    once instead of the head becoming the bottleneck (router.head_split)."""
+    # f: 200 prompt tokens of its own queued (two 100-token prompts), budget 100 a step.
+    f = replace(busy_full(budget=100, queued=200), unstarted_prompts=2)
+
+    def head(queued: int = 0, since: int = 0, budget: int = 100) -> InstanceView:
+        n = held("n", set(range(7)), inflight=since)  # the embedding and layers 0-5
+        return replace(n, prefill_budget=budget, prefill_queued=queued)
+
+    def stages(r: Route | None) -> list[tuple[str, int, int]]:
+        assert r is not None
+        return [(s.worker_id, s.start, s.end) for s in r.stages]
+
+    # An idle head takes all 6 layers it holds.
+    assert head_split(head(), f, 6) == 6
+    assert stages(choose_route([f, head()], "m")) == [("n", 0, 6), ("f", 6, 8)]
+    # 3 steps queued on the head: with a route's m/8 of a 100-token prompt it stays within a step
+    # of f's 2 steps plus (8 - m)/8 of the prompt while m <= 4.
+    assert stages(choose_route([f, head(queued=300)], "m")) == [("n", 0, 4), ("f", 4, 8)]
+    # Routes sent since its heartbeat count at the current depth: 4 x 6/8 x 100 = 300 tokens.
+    assert head_split(head(since=4), f, 6) == 4
+    # Far behind: one layer (still a route; the late split bounds f's queue).
+    assert stages(choose_route([f, head(queued=1000)], "m")) == [("n", 0, 1), ("f", 1, 8)]
+    # With a tail loaded from the back (layer 7 and the head), f runs [m, 7) only: its side is
+    # lighter, m smaller.
+    r = choose_route([f, head(queued=300), held("n2", {8, 9})], "m")
+    assert stages(r) == [("n", 0, 3), ("f", 3, 7), ("n2", 7, 8)]
+    # No budget known on either side: every layer the head has, as before.
+    assert head_split(head(queued=1000, budget=0), f, 6) == 6
+    assert head_split(head(queued=1000), replace(f, prefill_budget=0), 6) == 6
+
+
+def test_a_full_instance_relaying_routes_prompts_counts_as_busy() -> None:
+    """Its own batch nearly empty (routes took its requests' place), but routes' later stages
+    queued there: a new request sent whole would wait behind them, so it sheds its front layers."""
+    budget = 100
+
+    def f(relayed: int) -> InstanceView:
+        return replace(busy_full(budget=budget), running=1, unstarted_prompts=0, relayed_unstarted_tokens=relayed)
+
+    n = held("n", {0, 1, 2, 3})
+    assert choose_route([f(2 * budget - 1), n], "m") == Route("f")
+    r = choose_route([f(2 * budget), n], "m")
+    assert r is not None and r.worker_id == "n"
+    assert [(s.worker_id, s.start, s.end) for s in r.stages] == [("n", 0, 3), ("f", 3, 8)]
+    # Stop-the-world: still the full instance.
+    assert choose_route([f(2 * budget), n], "m", live=False) == Route("f")

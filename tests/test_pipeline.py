@@ -424,3 +424,37 @@ def test_prompt_logprobs_through_a_route_are_the_whole_instances(ckpt: Checkpoin
         assert [x.logprob for x in a] == pytest.approx([x.logprob for x in b], abs=1e-4)
         assert [x.top_logprobs for x in a] == [pytest.approx(x.top_logprobs, abs=1e-4) for x in b]
     assert not engines["C"].relayed and not engines["A"].driven
+
+
+def test_prefill_queued_counts_each_roles_prompt_work_by_its_layers(ckpt: Checkpoint) -> None:
+    """The heartbeat's `prefill_queued` (what the gateway splits live routes by): prompt tokens not
+    computed yet, a route's first stage and a relayed stage each weighed by its share of the layers."""
+    L = ckpt.config.num_hidden_layers
+    route = [RouteStage("N", 0, 2), RouteStage("F", 2, L)]
+    # N drives two routes through half the layers; a budget of 8 full-model tokens a step is 16 of
+    # theirs: the first prompt goes whole, the second in part.
+    n = Engine(model(ckpt, range(0, 3)), tok, worker_id="N", max_prefill_tokens=8)
+    prompts = [tok.encode("abcdefghij"), tok.encode("klmnopqrstuv")]
+    for i, p in enumerate(prompts):
+        n.submit(f"r{i}", "g", p, GREEDY, route=route, arrived_at=10.0 + i)
+    first = n.step()
+    sent = sum(t.shape[1] for o in first.outbox if (t := o.tensor) is not None)
+    assert 0 < sent < sum(map(len, prompts))
+    assert n.figures.prefill_queued == round((sum(map(len, prompts)) - sent) * 2 / L)
+    # F: one batch slot, a budget of 4 tokens. Its own older prompt starts with a chunk of 4, the
+    # next own one waits for the slot, and the relayed chunks that arrived wait behind them.
+    f = Engine(model(ckpt, range(ckpt.config.num_units)), tok, worker_id="F", max_prefill_tokens=4, max_batch=1)
+    own = [tok.encode("0123456789"), tok.encode("abcdef")]
+    for i, p in enumerate(own):
+        f.submit(f"own{i}", "g", p, GREEDY, arrived_at=1.0 + i)
+    for o in first.outbox:
+        h, t = wire(o)
+        f.stage_frame(h, t)
+    f.step()
+    assert [s.request_id for s in f.prefilling] == ["own0"] and [s.request_id for s in f.waiting] == ["own1"]
+    relayed = sum(p.hidden.shape[1] for r in f.relayed.values() for p in r.inputs if p.prefill)
+    assert relayed == sent
+    assert f.figures.prefill_queued == round(len(own[0]) - 4 + len(own[1]) + sent * (L - 2) / L)
+    # Everything computed: nothing queued.
+    run_mesh({"N": n, "F": f})
+    assert n.figures.prefill_queued == 0 and f.figures.prefill_queued == 0

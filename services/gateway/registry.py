@@ -75,6 +75,7 @@ class Registry:
                     driven_layers=v.driven_layers,
                     driven=v.driven,
                     prefill_budget=v.prefill_budget,
+                    prefill_queued=v.prefill_queued,
                     kv_cache_usage=v.kv_cache_usage,
                     unstarted_tokens=tokens,
                     unstarted_prompts=prompts,

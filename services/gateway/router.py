@@ -58,6 +58,9 @@ class InstanceView:
     # heartbeat's count is known). A load from zero fills units out of order (each instance its
     # own block first): routes through them need the set, not a prefix.
     ready_units: frozenset[int] | None = None
+    # From the heartbeat: prompt tokens queued there and not computed yet, each weighed by the share
+    # of the layers it runs there (a loading head's backlog of routes' first stages).
+    prefill_queued: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,12 +314,70 @@ def head_key(view: InstanceView, k: int) -> tuple[int, float, str]:
 LATE_SPLIT_STEPS = 4
 
 
+def relaying_backlog(full: InstanceView) -> bool:
+    """The full instance `full` has PREFILL_AHEAD_STEPS steps' worth of this gateway's prompt tokens
+    queued counting routes' later stages there (by their share of the layers), not only its own
+    prompts as `prefill_backlogged` does: a request sent whole now would wait behind them.
+
+    Without it a busy instance relaying for a loading head counted as idle: the routes took its own
+    requests' place, so its batch and own prompt queue were small, and new requests went to it
+    whole. Measured in bench scaleup (1→2, live, per-request timelines): a quarter of the
+    window's requests went whole to the busy instance while it computed routes' later stages in
+    every step, each costing it the whole model instead of the layers past the head's."""
+    queued = full.unstarted_tokens + full.relayed_unstarted_tokens
+    return full.prefill_budget > 0 and queued >= PREFILL_AHEAD_STEPS * full.prefill_budget
+
+
 def split_later(full: InstanceView) -> bool:
     """The busy full instance `full` has LATE_SPLIT_STEPS steps' worth of this gateway's prompt
     tokens queued (whole prompts, and routes' stages there by their share of the layers): a live
     route made now would wait there and run fewer of the head's layers than one made later."""
     queued = full.unstarted_tokens + full.relayed_unstarted_tokens
     return full.prefill_budget > 0 and queued >= LATE_SPLIT_STEPS * full.prefill_budget
+
+
+# A live route's head takes every layer it holds while its prefill queue, with the route's first
+# stage added, stays within this many of its steps of what the busy instance has queued with the
+# route's stage there added: on a tie the loading instance, which has nothing else to do, takes the
+# work. Beyond it the split moves towards the front (`head_split`).
+HEAD_SLACK_STEPS = 1
+
+
+def head_split(head: InstanceView, full: InstanceView, k: int, tail_layers: int = 0) -> int:
+    """Decoder layers [0, m) a live route runs on its loading `head`, which holds k front layers,
+    before the busy full instance `full` runs the rest (up to the `tail_layers` a back-loaded
+    instance ends it with): the most of the k that leaves the head's prefill queue, with this
+    route's share added, no more than HEAD_SLACK_STEPS of its steps behind `full`'s with its share
+    added; 1 at least.
+
+    Splitting at all k layers the head has was measured to move the bottleneck onto the head once
+    k passes about half the model (bench scaleup 1→2, per-step logs of both workers): the busy
+    instance's queue is kept short by the late split, so held requests flow out as fast as it
+    drains and the head takes k/L of each; it ran four prompts' first stages every step from 5 s
+    after the decision, its queue grew, and its routes' first tokens came 3.1-3.7 s after arrival
+    while requests sent whole to the busy instance, now idle between steps, got theirs in
+    0.4-2 s. Balancing the two queues keeps both busy: a route's stages together go no faster
+    than its slower queue.
+
+    Queues are in full-model prompt tokens over each worker's step budget. The head's is its
+    heartbeat's `prefill_queued` plus the routes this gateway sent it since (each at the current
+    k, with the typical prompt of the requests queued); the busy instance's is this gateway's
+    prompts and relayed stages there without a token yet, as the late split counts it. Without a
+    budget from either (an emulation-free worker reports one; 0 is an older worker), k."""
+    num_layers = full.num_units - 2
+    if k <= 1 or head.prefill_budget <= 0 or full.prefill_budget <= 0 or num_layers <= 0:
+        return k
+    prompts = head.unstarted_prompts + full.unstarted_prompts
+    prompt = (head.unstarted_tokens + full.unstarted_tokens) / prompts if prompts else float(full.prefill_budget)
+    since = max(head.inflight - head.inflight_at_heartbeat, 0)
+    head_q = head.prefill_queued + since * prompt * k / num_layers
+    full_q = full.unstarted_tokens + full.relayed_unstarted_tokens
+    for m in range(k, 1, -1):
+        head_steps = (head_q + prompt * m / num_layers) / head.prefill_budget
+        full_steps = (full_q + prompt * (num_layers - tail_layers - m) / num_layers) / full.prefill_budget
+        if head_steps <= full_steps + HEAD_SLACK_STEPS:
+            return m
+    return 1
 
 
 def choose_route(
@@ -349,8 +410,14 @@ def choose_route(
     room = room_of(full, [v for v in instances if serves_fully(v, model) and v.worker_id not in avoid])
     held = None if full_id not in avoid and not accepts(full) else Route(full_id, room=room)
     # Busy: out of batch slots, or holding admitted work it could not start yet (a prefill
-    # backlog: compute-bound, so shedding the first k layers of new prompts shortens it).
-    busy = estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD or full.waiting > 0 or prefill_backlogged(full)
+    # backlog: compute-bound, so shedding the first k layers of new prompts shortens it), its own
+    # or routes' later stages (`relaying_backlog`).
+    busy = (
+        estimated_load(full) >= max(full.max_batch, 1) * BUSY_LOAD
+        or full.waiting > 0
+        or prefill_backlogged(full)
+        or relaying_backlog(full)
+    )
     if not live or not busy or not full.stage_addr:
         return Route(full_id, room=room) if has_room(full) else held
     best: tuple[int, float, str] | None = None
@@ -367,7 +434,6 @@ def choose_route(
     k = front_layers(head, model)
     num_layers = full.num_units - 2
     tail, b = best_tail(instances, model, full, head, avoid)
-    head_stage = RouteStage(head.worker_id, 0, k, head.stage_addr or "")
     if tail is not None and k + b >= num_layers:
         # The two loading instances hold every layer between them: a pipeline of their own, the
         # busy instance spared the whole request. The split sits mid-model where both can run it,
@@ -383,6 +449,8 @@ def choose_route(
         )
     if split_later(full):
         return None
+    k = head_split(head, full, k, b if tail is not None else 0)
+    head_stage = RouteStage(head.worker_id, 0, k, head.stage_addr or "")
     if tail is None:
         stages: tuple[RouteStage, ...] = (head_stage, RouteStage(full.worker_id, k, num_layers, full.stage_addr))
     else:

@@ -278,6 +278,8 @@ class EngineFigures:
     driven: int = 0  # routes it drives
     driven_layers: int = 0  # layers run for the routes it drives, summed over them
     relayed: int = 0  # stage sequences it computes for routes other workers drive
+    # Prompt tokens queued and not computed yet, each role weighed by its share of the layers.
+    prefill_queued: int = 0
     max_batch: int = 1
     tokens_per_s: float = 0.0
     # The paged KV cache, as vLLM names its metrics: kv_cache_usage_perc (blocks held / usable,
@@ -506,6 +508,23 @@ class Engine:
         `token_scale`, so fewer real ones fit); never below one."""
         return max(1, int(self.max_prefill_tokens / (self.token_scale if self.padder is not None else 1.0)))
 
+    def prefill_queued(self) -> int:
+        """Prompt tokens waiting to be computed here, in full-model tokens (a prompt through k of L
+        layers counts k/L of its length, as `_admit`'s budget does): full prompts waiting and the
+        rest of those under way, driven routes' first stages not sent on yet, relayed prompt chunks
+        arrived and not computed. A loading head's steps go to the routes it drives, so this is how
+        long a new route's first stage would wait there (the gateway splits routes by it)."""
+        tokens = float(sum(len(s.prompt) + len(s.generated) for s in self.waiting))
+        tokens += sum(s.target - s.done for s in self.prefilling)
+        for seq in self.driven.values():
+            if seq.next_ids is not None and not seq.prefilled and seq.finish is None:
+                first = seq.route[0]
+                tokens += len(seq.next_ids) * (first.end - first.start) / max(self.L, 1)
+        for rel in self.relayed.values():
+            pending = sum(int(p.hidden.shape[1]) for p in rel.inputs if p.prefill)
+            tokens += pending * self._share(rel)
+        return round(tokens)
+
     def _figures(self) -> EngineFigures:
         b = self.blocks.stats()
         return EngineFigures(
@@ -522,6 +541,7 @@ class Engine:
             # The gateway weighs a loading instance's room by it.
             driven_layers=sum(s.route[0].end - s.route[0].start for s in self.driven.values()),
             relayed=len(self.relayed),
+            prefill_queued=self.prefill_queued(),
             max_batch=self.max_batch,
             tokens_per_s=self.stats.tokens_per_s,
         )

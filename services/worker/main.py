@@ -310,6 +310,7 @@ class WorkerService:
             driven_layers=f.driven_layers if f else 0,
             driven=f.driven if f else 0,
             prefill_budget=eng.prefill_budget() if eng else 0,
+            prefill_queued=f.prefill_queued if f else 0,
             data_addr=self._data_addr(),
             kv_cache_usage=round(f.kv_cache_usage, 4) if f else 0.0,
             max_model_len=f.max_model_len if f else 0,
