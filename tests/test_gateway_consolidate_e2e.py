@@ -124,6 +124,10 @@ async def test_a_request_on_a_live_route_moves_onto_the_instance_that_finished_l
                     # On the new instance alone now, and no migration spent on the move.
                     assert req.worker_id == "new" and req.relays == () and req.migrations == 0
                     assert req.phase in (Phase.PREFILL, Phase.DECODE)
+                    # Its old route was cancelled: the busy instance let go of its back layers' KV.
+                    engine = workers["full"].slot.engine
+                    assert engine is not None
+                    await wait_until(lambda: not engine.relayed, 30, what="the busy instance dropping the route")
                     await read_to_done(moving)
             finally:
                 busy.close()
