@@ -45,6 +45,7 @@ from cascade.messages import (
     Cancel,
     GenerateBatch,
     GenerateRequest,
+    Heartbeat,
     MessageError,
     RemoteError,
     SamplingParams,
@@ -70,7 +71,15 @@ from services.gateway.meshwatch import Frame, MeshWatch
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError, GenerationSpec
 from services.gateway.registry import Registry
-from services.gateway.router import Route, choose_route, models_without_instance, pipelines, serves_fully
+from services.gateway.router import (
+    PartialRoute,
+    Route,
+    choose_route,
+    consolidations,
+    models_without_instance,
+    pipelines,
+    serves_fully,
+)
 from services.gateway.settings import GatewaySettings
 from services.gateway.streams import Failure, Phase, RequestState, StreamHub
 from services.gateway.tools import Parser, infer_parser
@@ -111,7 +120,7 @@ class GatewayCore:
         self.feed = WorkerFeed(
             self.registry.table,
             fetch_snapshot=nats_snapshot_fetcher(nc, self.subjects, self.id, settings.snapshot_timeout_s),
-            on_heartbeat=lambda hb: self.registry.heartbeat_seen(hb, self.hub.inflight(hb.worker_id)),
+            on_heartbeat=self._heartbeat_seen,
             on_change=self._mesh_changed,
             on_dead=self._worker_dead,
             logger=self.log,
@@ -135,6 +144,12 @@ class GatewayCore:
         # aiohttp cancels at the end of the shutdown grace send them just before the engine closes.
         self._cancels: set[asyncio.Task[None]] = set()
         self._tool_parsers: dict[str, Parser] = {}
+        self._consolidate_pending = False
+
+    def _heartbeat_seen(self, hb: Heartbeat) -> None:
+        self.registry.heartbeat_seen(hb, self.hub.inflight(hb.worker_id))
+        # The picture changed (an instance finished loading, one freed room): partial routes may move.
+        self._consolidate_soon()
 
     async def _fetch_files(self, dep: ModelDeployment) -> Path:
         """A model's config and tokenizer from a loader, when this gateway cannot see its folder."""
@@ -374,10 +389,12 @@ class GatewayCore:
         return choose_route(views, model, avoid, live)
 
     def _wake_queued(self, model: str) -> None:
-        """Requests of `model` held in its queue may find room now."""
+        """Requests of `model` held in its queue may find room now (and partial routes a whole
+        instance: `_consolidate`)."""
         b = self.batchers.get(model)
         if b is not None and b.depth:
             b.wake()
+        self._consolidate_soon()
 
     def _watcher(self, kind: type[T], on: Callable[[T], Frame | None]) -> Callable[[Msg], Awaitable[None]]:
         async def cb(msg: Msg) -> None:
@@ -442,6 +459,7 @@ class GatewayCore:
             if not r.streamed:
                 r.dispatched_at = now
             r.dispatches += 1
+            r.consolidate_to = None
             r.relays = relays
             r.relay_shares = shares
             r.resumed = len(r.streamed)
@@ -592,19 +610,26 @@ class GatewayCore:
             self._cancel_on(worker, [req.request_id])
             self._retry(req, worker, why)
 
-    def _migrate(self, req: RequestState, worker: str, reason: str, why: str) -> None:
+    def _migrate(self, req: RequestState, worker: str, reason: str, why: str, to: str | None = None) -> None:
         """`req` lost its worker after tokens reached the client: send it elsewhere with the
-        tokens so far, or fail it explicitly when the limit is reached."""
+        tokens so far, or fail it explicitly when the limit is reached.
+
+        With `to`, it is a consolidation (`_consolidate`): its partial route was cancelled on
+        purpose and that cancel is through, and it goes to the whole instance `to`; no failure, so
+        migration_limit is not spent on it and its route's workers stay eligible."""
         if not req.phase.bound or req.worker_id != worker:
             return  # ended, or moved on already
         limit = self.settings.migration_limit
-        if req.migrations >= limit:
+        if to is None and req.migrations >= limit:
             self.metrics.migration_failures.inc(model=req.model, reason="limit")
             detail = f"; migrated {req.migrations} time(s), the limit is {limit}" if limit else ""
             self.hub.finish(req, Failure(503, f"{why}{detail}", "worker_died", self.settings.retry_after_s))
             self._cancel_on(worker, [req.request_id])
             return
-        req.migrations += 1
+        if to is None:
+            req.migrations += 1
+        else:
+            req.consolidations += 1
         req.attempts = 0  # a fresh retry budget for finding the next instance
         self.metrics.migrations.inc(model=req.model, reason=reason)
         self.log.info(
@@ -614,10 +639,12 @@ class GatewayCore:
             reason=why,
             migration=req.migrations,
             streamed=len(req.streamed),
+            to=to,
         )
-        self._cancel_on(worker, [req.request_id])  # it may still be alive, only cut off from us
-        req.avoid.add(worker)
-        req.avoid.update(req.relays)
+        if to is None:
+            self._cancel_on(worker, [req.request_id])  # it may still be alive, only cut off from us
+            req.avoid.add(worker)
+            req.avoid.update(req.relays)
         if req.params.n > 1:
             self._end_spent_choices(req)
             if req.ended:
@@ -642,7 +669,65 @@ class GatewayCore:
             )
             return
         req.advance(Phase.MIGRATING)
+        if to is not None:
+            # Straight there: the decision weighed its room, and through the batcher the router
+            # could give it another partial route.
+            self.dispatch(Route(to), [req])
+            return
         self.batchers[req.model].requeue(req)
+
+    # ---- consolidation: partial routes onto one whole instance ---------------------------------
+    def _consolidate_soon(self) -> None:
+        """Look for partial routes to consolidate once this loop turn is over (many calls, one look)."""
+        if self._consolidate_pending or self.settings.consolidate_min_tokens <= 0:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a core driven without a loop (synchronous tests): nothing would run the look
+        self._consolidate_pending = True
+        loop.call_soon(self._consolidate)
+
+    def _consolidate(self) -> None:
+        """Requests decoding on partial routes move onto one whole instance where
+        `router.consolidations` finds room: their route is cancelled first, and once its worker
+        confirms (the "cancelled" final event, `on_tokens`), `_migrate(to=...)` re-dispatches with
+        the tokens streamed so far. Waiting for that event keeps the cancel from reaching a new
+        dispatch of the same request on the same worker (the route's head, loaded since)."""
+        self._consolidate_pending = False
+        min_tokens = self.settings.consolidate_min_tokens
+        partials: dict[str, list[PartialRoute]] = {}
+        pending: dict[str, tuple[int, int]] = {}
+        open_requests = {r.request_id: r for r in self.hub.open_requests()}
+        for r in open_requests.values():
+            if r.consolidate_to is not None:
+                n, tokens = pending.get(r.consolidate_to, (0, 0))
+                pending[r.consolidate_to] = (n + 1, tokens + len(r.prompt_ids) + len(r.streamed))
+                continue
+            if r.phase is not Phase.DECODE or not r.relays or r.params.n > 1 or r.consolidations or r.worker_id is None:
+                continue
+            remaining = r.params.max_tokens - len(r.streamed)
+            if remaining < min_tokens:
+                continue
+            p = PartialRoute(r.request_id, (r.worker_id, *r.relays), len(r.prompt_ids) + len(r.streamed), remaining)
+            partials.setdefault(r.model, []).append(p)
+        if not partials:
+            return
+        views = self.registry.views(*self.hub.routing_loads())
+        for model, parts in partials.items():
+            for rid, target in consolidations(views, model, parts, min_tokens, pending):
+                req = open_requests[rid]
+                assert req.worker_id is not None  # a partial of DECODE phase: bound
+                req.consolidate_to = target
+                self.log.info(
+                    "consolidate",
+                    request_id=rid,
+                    worker_id=req.worker_id,
+                    relays=list(req.relays),
+                    to=target,
+                    streamed=len(req.streamed),
+                )
+                self._cancel_on(req.worker_id, [rid])
 
     def _end_spent_choices(self, req: RequestState) -> None:
         """Choices of a moving n > 1 request that streamed all their max_tokens and lost only
@@ -719,8 +804,13 @@ class GatewayCore:
                 # worker stopped): the tokens in this last event are dropped and recomputed.
                 why = ev.error or "the worker cancelled it"
                 reason = "worker_cancelled" if ev.finish_reason == "cancelled" else "worker_error"
+                target, req.consolidate_to = req.consolidate_to, None
                 if req.phase is Phase.PREFILL:
                     self._retry(req, msg.worker_id, f"{ev.finish_reason} before any token: {why}")
+                elif target is not None and ev.finish_reason == "cancelled":
+                    # The cancel `_consolidate` sent is through: on to the whole instance.
+                    why = f"off partial route {'/'.join((msg.worker_id, *req.relays))} onto {target}"
+                    self._migrate(req, msg.worker_id, "consolidate", why, to=target)
                 else:
                     self._migrate(req, msg.worker_id, reason, f"worker {msg.worker_id}: {why}")
             else:

@@ -127,6 +127,15 @@ def options() -> tuple[Opt, ...]:
             type=int,
         ),
         Opt(
+            "--consolidate-min-tokens",
+            d.consolidate_min_tokens,
+            "a request decoding across several instances (a live route made while the whole ones "
+            "were busy) with at least this many tokens to go moves onto one whole instance once one "
+            "has room, resuming where its stream is; 0 never moves it",
+            env="CASCADE_GATEWAY_CONSOLIDATE_MIN_TOKENS",
+            type=int,
+        ),
+        Opt(
             "--tool-call-parser",
             d.tool_call_parser,
             "how the model writes tool calls (vLLM's parser names); auto reads it off the chat template",

@@ -321,7 +321,8 @@ class GatewayMetrics:
         )
         self.migrations = Counter(
             VLLM + "migrations_total",
-            "Requests moved to another instance after their worker was lost mid-stream, by why.",
+            "Requests moved to another instance mid-stream: their worker was lost, or (consolidate) off a "
+            "partial route onto one whole instance; by why.",
             ("model", "reason"),
         )
         self.migration_failures = Counter(

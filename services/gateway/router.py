@@ -12,7 +12,7 @@ no finished load.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import ceil, floor
 
@@ -705,3 +705,74 @@ def _prefer_pipeline(
     pipe_key = (any(s.worker_id in avoid for s in pipe.stages), pipeline_load(head) / max(head.max_batch, 1))
     full_key = (full.worker_id in avoid, estimated_load(full) / max(full.max_batch, 1))
     return pipe_key < full_key
+
+
+# ---- consolidation: a partial route's decode onto one whole instance ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PartialRoute:
+    """A request decoding on a route across several workers (a live or from-zero route)."""
+
+    request_id: str
+    workers: tuple[str, ...]  # its route's workers, the driver first
+    context_tokens: int  # prompt and tokens streamed: what a whole instance prefills to take it over
+    remaining: int  # tokens it may still generate
+
+
+def consolidations(
+    instances: Sequence[InstanceView],
+    model: str,
+    partials: Iterable[PartialRoute],
+    min_remaining: int,
+    pending: Mapping[str, tuple[int, int]] | None = None,
+) -> list[tuple[str, str]]:
+    """Which requests decoding on partial routes of `model` move now, and to which whole instance:
+    (request_id, worker_id) pairs.
+
+    A live route is made while the full instances are busy and keeps its split for the request's
+    whole life: every decode step pays a stage-link hop and waits in two instances' queues, long
+    after the instance that ran its front layers has finished loading. Moving it costs one prefill
+    of its context on the new instance, so only a request with at least `min_remaining` tokens to
+    go moves, those with the most to go first, and only onto a whole instance that would not count
+    as busy for live routes (`choose_route`) with the moves on it: below BUSY_LOAD of its batch
+    limit, nothing waiting there, and its prefill queue, the re-prefills included, within what
+    `Room.admits` lets through. `pending` counts, per worker, moves decided earlier and not sent
+    yet (requests, context tokens). Routes through a pipeline-parallel instance's stages stay:
+    that instance is split by design. Pure: the gateway acts on the pairs.
+    """
+    pending = pending or {}
+    by_id = {v.worker_id: v for v in instances}
+    targets: list[tuple[InstanceView, int, int]] = []  # whole instance, requests and tokens added
+    for v in instances:
+        if not serves_fully(v, model) or v.group or v.waiting > 0:
+            continue
+        n, tokens = pending.get(v.worker_id, (0, 0))
+        targets.append((v, n, tokens))
+    if not targets:
+        return []
+    moves: list[tuple[str, str]] = []
+    order = sorted(partials, key=lambda p: (-p.remaining, p.request_id))
+    for p in order:
+        if p.remaining < min_remaining or len(p.workers) < 2:
+            continue
+        if any(by_id[w].group for w in p.workers if w in by_id):
+            continue
+        best: tuple[float, str] | None = None
+        pick = -1
+        for i, (v, n, tokens) in enumerate(targets):
+            mb = max(v.max_batch, 1)
+            if estimated_load(v) + n + 1 >= mb * BUSY_LOAD:
+                continue
+            room = Room(mb, v.unstarted_prompts, v.unstarted_tokens, v.prefill_budget)
+            if not room.admits(n, tokens):
+                continue
+            key = ((estimated_load(v) + n) / mb, v.worker_id)
+            if best is None or key < best:
+                best, pick = key, i
+        if pick < 0:
+            continue
+        v, n, tokens = targets[pick]
+        targets[pick] = (v, n + 1, tokens + p.context_tokens)
+        moves.append((p.request_id, v.worker_id))
+    return moves

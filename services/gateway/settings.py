@@ -37,6 +37,9 @@ class GatewaySettings:
     max_attempts: int = 3  # dispatches per request (first try + retries after loss or a dead worker)
     # Moves of a request whose worker was lost after tokens reached the client (0: fail it instead).
     migration_limit: int = 3
+    # A request decoding on a partial route (several instances) with at least this many tokens to
+    # go moves onto one whole instance once one has room (0: never; router.consolidations).
+    consolidate_min_tokens: int = 8
     shutdown_grace_s: float = 10.0  # how long running streams may finish after SIGTERM
     retry_after_s: int = 1  # what a 429 or 503 asks the client to wait
     metrics_interval_s: float = 1.0  # how often load reports (ModelMetrics) go to the scaler
@@ -62,8 +65,8 @@ class GatewaySettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.migration_limit < 0:
-            raise ValueError("migration_limit must not be negative")
+        if self.migration_limit < 0 or self.consolidate_min_tokens < 0:
+            raise ValueError("migration_limit and consolidate_min_tokens must not be negative")
         if self.tool_call_parser not in ("auto", "hermes", "llama3_json", "mistral"):
             raise ValueError(
                 f"tool_call_parser must be auto, hermes, llama3_json or mistral, not {self.tool_call_parser!r}"

@@ -195,6 +195,10 @@ class RequestState:
     # Dispatches so far (never reset): the current one's number goes out with it and comes back in
     # its events, so a late event of an earlier dispatch to the same worker is never taken as new.
     dispatches: int = 0
+    # Consolidation: the whole instance it moves to once its partial route's cancel is through
+    # (None: not moving), and how many times it moved so (not counted against migration_limit).
+    consolidate_to: str | None = None
+    consolidations: int = 0
 
     def advance(self, to: Phase, worker_id: str | None = None) -> None:
         """Move to `to` (binding `worker_id` when it is PREFILL); raises PhaseError if not allowed."""
