@@ -737,7 +737,8 @@ def consolidations(
     go moves, those with the most to go first, and only onto a whole instance that would not count
     as busy for live routes (`choose_route`) with the moves on it: below BUSY_LOAD of its batch
     limit, nothing waiting there, and its prefill queue, the re-prefills included, within what
-    `Room.admits` lets through. `pending` counts, per worker, moves decided earlier and not sent
+    `Room.admits` lets through, and only once none of the route's instances is still loading.
+    `pending` counts, per worker, moves decided earlier and not sent
     yet (requests, context tokens). Routes through a pipeline-parallel instance's stages stay:
     that instance is split by design. Pure: the gateway acts on the pairs.
     """
@@ -757,6 +758,11 @@ def consolidations(
         if p.remaining < min_remaining or len(p.workers) < 2:
             continue
         if any(by_id[w].group for w in p.workers if w in by_id):
+            continue
+        # Only once the route has no loading instance left: while its head still loads, the route
+        # is what takes work off the full instances, and a move onto one of them (whose load
+        # figure leaves out the routes' stages it relays) would undo it at one more prefill's cost.
+        if any(not serves_fully(by_id[w], model) for w in p.workers if w in by_id):
             continue
         best: tuple[float, str] | None = None
         pick = -1
