@@ -75,6 +75,27 @@ def model_dir_fixture(spec: GenerateSpec, folder: str = "model", name: str | Non
     return fixture
 
 
+def full_and_loading_fixture(heartbeat_s: float) -> Any:
+    """A module's `workers` fixture: "full" with one batch slot (a single long request makes it
+    busy) and "new", loading at ~0.5 s a layer (slow enough to catch it half-loaded)."""
+
+    @pytest.fixture(name="workers")
+    async def fixture(nats_url: str, subjects: Any, model_dir: Path) -> AsyncIterator[dict[str, Any]]:
+        from services.worker.main import WorkerService
+        from services.worker.settings import WorkerSettings
+
+        unit_mb = Checkpoint(model_dir).unit_nbytes(1) / 1e6
+        hb, prefix = heartbeat_s, subjects.prefix
+        services = {
+            "full": WorkerService(WorkerSettings(nats_url, prefix, "full", heartbeat_s=hb, max_batch=1)),
+            "new": WorkerService(WorkerSettings(nats_url, prefix, "new", heartbeat_s=hb, load_mb_s=unit_mb / 0.5)),
+        }
+        async with serving(nats_url, prefix, *services.values(), stop_s=30):
+            yield services
+
+    return fixture
+
+
 def paced_load_mb_s(model_dir: Path, seconds: float) -> float:
     """A worker's `load_mb_s` that makes loading the whole checkpoint take `seconds` (an emulated
     disk slow enough for a test to catch instances half-loaded)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,13 @@ import pytest
 
 from cascade.config import Deployment, GenerateSpec, ModelDeployment
 from cascade.messages import LoadModel, Ok
-from cascade.models.checkpoint import Checkpoint
 from cascade.natsutil import connect, request
 from cascade.subjects import Subjects
 from services.gateway.router import serves_fully
 from services.gateway.streams import Phase, RequestState
 from services.gateway.testing import RunningGateway, parse_prometheus, running_gateway, sample
 from services.worker.main import WorkerService
-from services.worker.settings import WorkerSettings
-from tests.inproc import model_dir_fixture, serving
+from tests.inproc import full_and_loading_fixture, model_dir_fixture
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -44,19 +41,7 @@ TOKENS = 1500
 model_dir = model_dir_fixture(SPEC, "consolidate-model")
 
 
-@pytest.fixture
-async def workers(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncIterator[dict[str, WorkerService]]:
-    unit_mb = Checkpoint(model_dir).unit_nbytes(1) / 1e6
-    services = {
-        # One batch slot: a single long request makes it busy.
-        "full": WorkerService(WorkerSettings(nats_url, subjects.prefix, "full", heartbeat_s=HB_S, max_batch=1)),
-        # ~0.5 s per layer: slow enough to catch it half-loaded.
-        "new": WorkerService(
-            WorkerSettings(nats_url, subjects.prefix, "new", heartbeat_s=HB_S, load_mb_s=unit_mb / 0.5)
-        ),
-    }
-    async with serving(nats_url, subjects.prefix, *services.values(), stop_s=30):
-        yield services
+workers = full_and_loading_fixture(HB_S)
 
 
 def view(gw: RunningGateway, wid: str) -> Any:
