@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
+import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     p.add_argument("--max-batch", type=int, default=32, help="worker max batch (default 32)")
+    p.add_argument(
+        "--engine-cpu",
+        default="auto",
+        help="the CPU both engines run on, the worker's (its --cpus) and the in-process one, so that the "
+        "comparison is not between two cores of different speed on a shared machine: a number, 'none', or "
+        "'auto' (the last CPU of this process's when it has 2 or more and there is one worker; default)",
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -279,7 +289,43 @@ def inprocess_engine(path: Path, max_batch: int, threads: int) -> Any:
     return Engine(m, load_tokenizer(path), max_batch=max_batch, prefix_caching=False), load_tokenizer(path)
 
 
-def inprocess_request(engine: Any, tok: Any, prompt: str, max_tokens: int) -> dict[str, float]:
+def engine_cpu(a: argparse.Namespace) -> frozenset[int]:
+    """The CPU `--engine-cpu` names, as a set (empty: no pinning)."""
+    from cascade.cpus import available_cpus, check_cpus, parse_cpu_list
+
+    if a.engine_cpu == "none":
+        return frozenset()
+    if a.engine_cpu == "auto":
+        cpus = available_cpus()
+        return frozenset({max(cpus)}) if len(cpus) >= 2 and a.workers == 1 else frozenset()
+    chosen = parse_cpu_list(a.engine_cpu)
+    check_cpus(chosen)
+    return chosen
+
+
+@contextlib.contextmanager
+def pinned(cpus: frozenset[int]) -> Iterator[None]:
+    """The calling thread on `cpus` for the block (the in-process engine on the mesh engine's CPU),
+    then back where it was allowed before."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def inprocess_request(
+    engine: Any, tok: Any, prompt: str, max_tokens: int, cpus: frozenset[int] = frozenset()
+) -> dict[str, float]:
+    with pinned(cpus):
+        return _inprocess_request(engine, tok, prompt, max_tokens)
+
+
+def _inprocess_request(engine: Any, tok: Any, prompt: str, max_tokens: int) -> dict[str, float]:
     from cascade.messages import SamplingParams
 
     t0 = time.perf_counter()
@@ -357,7 +403,14 @@ def transformers_level(model: Any, ids: list[int], batch: int, max_tokens: int) 
 
 
 async def overhead(
-    url: str, engine: Any, tok: Any, n: int, prompt: str, max_tokens: int, model: str = DEFAULT_MODEL
+    url: str,
+    engine: Any,
+    tok: Any,
+    n: int,
+    prompt: str,
+    max_tokens: int,
+    model: str = DEFAULT_MODEL,
+    cpus: frozenset[int] = frozenset(),
 ) -> dict[str, Any]:
     """Alternate one request through the mesh and one in-process, one at a time, so both see the
     same machine state; the added latency is their difference per pair."""
@@ -365,10 +418,10 @@ async def overhead(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         for _ in range(3):
             await one_request(s, url, prompt, max_tokens, model)
-            inprocess_request(engine, tok, prompt, max_tokens)
+            inprocess_request(engine, tok, prompt, max_tokens, cpus)
         for _ in range(n):
             mesh.append(await one_request(s, url, prompt, max_tokens, model))
-            local.append(inprocess_request(engine, tok, prompt, max_tokens))
+            local.append(inprocess_request(engine, tok, prompt, max_tokens, cpus))
     pairs = [(m, lo) for m, lo in zip(mesh, local, strict=True) if m["ok"]]
     added = [(m["latency"] - lo["latency"]) * 1e3 for m, lo in pairs]
     added_ttft = [(m["ttft"] - lo["ttft"]) * 1e3 for m, lo in pairs]
@@ -490,11 +543,16 @@ def main(argv: list[str] | None = None) -> int:
     scratch = tempfile.TemporaryDirectory(prefix="cascade-bench-model-")
     folder, name, model_info = _model_folder(a, Path(scratch.name))
     out_name = a.out or ("serve" if a.model is None else "serve-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).lower())
+    cpus = engine_cpu(a)
     mesh = Mesh(
         ["--workers", str(a.workers), "--threads", str(a.threads), "--model", str(folder), "--served-model-name", name],
         # Every request sends the same prompt: with prefix caching on, all but the first would skip
         # most of their prefill, which transformers' generate (the reference) cannot do.
-        {"CASCADE_MAX_BATCH": str(a.max_batch), "CASCADE_PREFIX_CACHING": "0"},
+        {
+            "CASCADE_MAX_BATCH": str(a.max_batch),
+            "CASCADE_PREFIX_CACHING": "0",
+            "CASCADE_WORKER_CPUS": ",".join(map(str, sorted(cpus))),
+        },
     )
     print(f"starting the mesh: {' '.join(mesh.args)}", flush=True)
     rows: list[dict[str, Any]] = []
@@ -531,14 +589,15 @@ def main(argv: list[str] | None = None) -> int:
             if hf_runs:
                 hf_rows.append(_paired(mesh_runs, hf_runs))
         print(f"mesh overhead: {a.overhead_requests} paired requests …", flush=True)
-        ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name))
+        ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name, cpus))
     finally:
         mesh.stop()
     # With the mesh stopped, the engine in-process has the machine to itself, as the mesh had.
     for r in rows:
         c, n = r["concurrency"], r["requests"]
         print(f"in-process engine, concurrency {c} …", flush=True)
-        local_rows.append(inprocess_level(engine, tok, c, n, prompt, a.max_tokens))
+        with pinned(cpus):
+            local_rows.append(inprocess_level(engine, tok, c, n, prompt, a.max_tokens))
     scratch.cleanup()
 
     by_c = {r["concurrency"]: r for r in rows}
@@ -610,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rounds": a.rounds if a.transformers else 1,
                 "quick": a.quick,
                 "prefix_caching": False,
+                # Both engines (the worker's engine thread and the in-process one) on this CPU.
+                "engine_cpus": sorted(cpus),
             },
             "emulated": "nothing: real torch on the CPU (float32), real nats-server, real HTTP over loopback",
             "levels": rows,

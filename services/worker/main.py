@@ -143,7 +143,9 @@ class SharedWorker:
         self.log = log or structlog.get_logger().bind(service="worker", worker=settings.worker_id)
         self.device = SharedDevice(
             settings.worker_id,
-            EngineThread(self.log, settings.threads, partial(direct_connection, settings, self.log)),
+            EngineThread(
+                self.log, settings.threads, partial(direct_connection, settings, self.log), settings.engine_cpus
+            ),
             MemoryLedger(int(settings.memory_mb * 1e6)),
             settings.slots,
         )
@@ -229,6 +231,7 @@ class WorkerService:
             lambda: self._slot.engine if self._slot else None, self._deliver, self._maybe_idle, self.log,
             threads=self.settings.threads, shared=self.shared.thread if self.shared else None, name=w,
             direct_messages=self._token_messages, connect=partial(direct_connection, self.settings, self.log),
+            cpus=self.settings.engine_cpus,
         )  # fmt: skip
         self._slot = ModelSlot(
             self.settings, rt.nc, s, rt.tasks, self._runner, self.dataplane, self.device, self.idle,
@@ -263,7 +266,13 @@ class WorkerService:
         # On the way out, first of all: drain the requests (before the tasks and NATS go).
         rt.stack.push_async_callback(self.shutdown)
         await self.send_heartbeat()
-        self.log.info("worker_ready", device=str(self.device), threads=self.settings.threads, data_addr=data_addr)
+        self.log.info(
+            "worker_ready",
+            device=str(self.device),
+            threads=self.settings.threads,
+            cpus=sorted(self.settings.engine_cpus) or "any",
+            data_addr=data_addr,
+        )
 
     async def shutdown(self) -> None:
         """Stop admitting; let running requests finish for a grace period; end the rest with an error."""

@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 import structlog
 import torch
 
+from cascade.cpus import pin_current_thread
 from services.worker import directpub
 from services.worker.directpub import DirectWriter, publish_all, turn
 from services.worker.engine import Engine, StepResult
@@ -75,10 +76,15 @@ class EngineThread:
     docstring); without it, or when it fails, every result goes through the loop."""
 
     def __init__(
-        self, logger: Any = None, threads: int = 1, connect: Callable[[], Awaitable[Any]] | None = None
+        self,
+        logger: Any = None,
+        threads: int = 1,
+        connect: Callable[[], Awaitable[Any]] | None = None,
+        cpus: frozenset[int] = frozenset(),
     ) -> None:
         self.log = logger or structlog.get_logger()
         self._threads = threads
+        self._cpus = cpus
         self._connect = connect
         # This thread's own event loop, for its NATS connection: it runs while a direct publish
         # goes out and while the thread waits for work (so the client answers the server's pings
@@ -168,6 +174,8 @@ class EngineThread:
         return out
 
     def _run(self) -> None:
+        # Before torch starts any intra-op threads: they inherit this thread's CPUs.
+        pin_current_thread(self._cpus)
         torch.set_num_threads(self._threads)
         self._open_direct()
         try:
@@ -372,9 +380,10 @@ class EngineRunner:
         quota: float = DEFAULT_QUOTA,
         direct_messages: Callable[[StepResult], list[tuple[str, bytes]]] | None = None,
         connect: Callable[[], Awaitable[Any]] | None = None,
+        cpus: frozenset[int] = frozenset(),
     ) -> None:
-        """`connect`: the direct connection of the thread this lane makes (not with `shared`,
-        whose thread has its own)."""
+        """`connect` and `cpus`: the direct connection and CPUs of the thread this lane makes (not
+        with `shared`, whose thread has its own)."""
         self._get_engine = get_engine
         self._deliver = deliver
         self._direct_messages = direct_messages
@@ -387,7 +396,7 @@ class EngineRunner:
         self.name = name
         self.log = logger or structlog.get_logger()
         self._owns_thread = shared is None
-        self.thread = shared or EngineThread(self.log, threads, connect)
+        self.thread = shared or EngineThread(self.log, threads, connect, cpus)
         self._quota = quota
         self._stopped = False
         self._added: asyncio.Future[None] | None = None

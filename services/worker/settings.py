@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cascade.cliargs import HEARTBEAT_S, HOST_ID, METRICS_S, Opt, add_common_arguments, add_options, settings_from
 from cascade.config import ConfigError, cascade_home, env_float, env_str, resolve_nats_url, resolve_prefix
+from cascade.cpus import check_cpus, parse_cpu_list
 from cascade.device_profile import load_profile
 from cascade.subjects import check_token
 
@@ -21,6 +22,7 @@ class WorkerSettings:
     prefix: str
     worker_id: str
     threads: int = 1  # torch threads; the engine thread does all of this worker's torch work
+    cpus: str = ""  # CPUs the engine thread runs on (a CPU list, "" = wherever the kernel puts it)
     max_batch: int = 32
     max_waiting: int = 256
     device: str = "auto"
@@ -66,6 +68,7 @@ class WorkerSettings:
             raise ConfigError("--slots must be >= 1 and --memory-mb >= 0")
         if self.threads < 1 or self.max_batch < 1 or self.max_waiting < 0 or self.heartbeat_s <= 0:
             raise ConfigError("--threads and --max-batch must be >= 1, --heartbeat-s > 0")
+        check_cpus(self.engine_cpus)
         if self.kv_slots < 0 or self.metrics_s <= 0:
             raise ConfigError("--kv-slots must be >= 0 and --metrics-s > 0")
         if self.local_cache_mb < 0 or self.local_cache_mb_s < 0:
@@ -84,6 +87,10 @@ class WorkerSettings:
             raise ConfigError(f"--model-source must be disk or network, not {self.model_source!r}")
         if self.device_profile:
             load_profile(self.device_profile)  # a bad name or file fails at start, with the reason
+
+    @property
+    def engine_cpus(self) -> frozenset[int]:
+        return parse_cpu_list(self.cpus)
 
     @property
     def kv_capacity(self) -> int:
@@ -135,6 +142,14 @@ OPTIONS = (
         env="CASCADE_TORCH_THREADS",
         type=int,
         shown="1: workers share the cores",
+    ),
+    Opt(
+        "--cpus",
+        "",
+        "CPUs the engine thread (all of this worker's torch work) runs on, a list such as 3 or 2-3 (Linux); "
+        "give as many as --threads, and keep other busy processes off them (taskset, a cpuset)",
+        env="CASCADE_WORKER_CPUS",
+        shown="any",
     ),
     Opt("--max-batch", 32, "most sequences in the running batch", env="CASCADE_MAX_BATCH", type=int),
     Opt(
