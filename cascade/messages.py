@@ -513,6 +513,10 @@ class GenerateRequest:
 class GenerateBatch:
     gateway_id: str
     requests: list[GenerateRequest]
+    # Where the gateway takes token events directly (cascade/tokenlink.py), "host:port", and the
+    # key a link must present; empty: publish them on its tokens subject (NATS), as before.
+    token_addr: str = ""
+    token_key: str = ""
 
 
 @message("rejection")

@@ -132,8 +132,11 @@ async def mesh(nats_url: str, subjects: Subjects, model_dir: Path, tmp_path: Pat
     workers = WorkerProcs(nats_url, subjects.prefix, tmp_path)
     nc = await connect(nats_url, "test")
     try:
+        # The tap reads token events on NATS: the gateway asks for them there (docs/subjects.md).
         async with (
-            running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=HB_S, queue_timeout_s=20) as gw,
+            running_gateway(
+                nats_url, subjects.prefix, dep, heartbeat_s=HB_S, queue_timeout_s=20, direct_tokens=False
+            ) as gw,
             aiohttp.ClientSession() as http,
         ):
             m = Mesh(gw, workers, nc, subjects, model_dir, http)

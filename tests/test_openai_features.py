@@ -83,7 +83,8 @@ async def mesh(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Async
     nc = await connect(nats_url, "test")
     dep = Deployment(models=(ModelDeployment(name=MODEL, path=built.v5, min_replicas=1),))
     try:
-        async with running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=0.2) as gw:
+        # The test taps token events on NATS: the gateway asks for them there (docs/subjects.md).
+        async with running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=0.2, direct_tokens=False) as gw:
             workers.start("w1", "--heartbeat-s", "0.2")
             views = gw.core.registry.views
             await wait_until(lambda: any(v.worker_id == "w1" for v in views()), 60, "w1 heart-beating")
@@ -484,7 +485,8 @@ async def test_a_model_whose_tokenizer_has_the_marker_as_a_special_token(
         tapped.extend(decode(msg.data, TokenEvents).events)
 
     try:
-        async with running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=0.2) as gw:
+        # The test taps token events on NATS: the gateway asks for them there (docs/subjects.md).
+        async with running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=0.2, direct_tokens=False) as gw:
             workers.start("w1", "--heartbeat-s", "0.2")
             views = gw.core.registry.views
             await wait_until(lambda: any(v.worker_id == "w1" for v in views()), 60, "w1 heart-beating")

@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import secrets
+import socket
 import time
 import typing
 from collections import Counter as Tally
@@ -36,6 +38,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cascade import natsutil
+from cascade.advertise import check_reachable
 from cascade.config import ConfigError, Deployment, ModelDeployment, cascade_home
 from cascade.deployfeed import DeploymentFeed
 from cascade.inline import subscribe_inline
@@ -62,6 +65,7 @@ from cascade.messages import (
 )
 from cascade.models.chat_template import ChatTemplateError, NoChatTemplate
 from cascade.subjects import Subjects
+from cascade.tokenlink import link_server_factory
 from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from services.gateway.batcher import Batcher, QueueFull
 from services.gateway.catalog import ModelCatalog, ModelInfo
@@ -145,6 +149,13 @@ class GatewayCore:
         self._cancels: set[asyncio.Task[None]] = set()
         self._tool_parsers: dict[str, Parser] = {}
         self._consolidate_pending = False
+        # The direct token listener (cascade/tokenlink.py): its advertised "host:port" and the key
+        # a link presents, both sent in every GenerateBatch; empty while off or not started.
+        self.token_addr = ""
+        self.token_key = secrets.token_hex(16)
+        self.token_link_stats: dict[str, int] = {}
+        self._token_server: asyncio.Server | None = None
+        self._token_links: set[asyncio.Transport] = set()
 
     def _heartbeat_seen(self, hb: Heartbeat) -> None:
         self.registry.heartbeat_seen(hb, self.hub.inflight(hb.worker_id))
@@ -176,6 +187,8 @@ class GatewayCore:
         self._started = True
         # Handled in the read loop's turn: per token, no task of the subscription's own in between.
         self._subs.append(await subscribe_inline(self.nc, self.subjects.tokens(self.id), self._on_tokens_msg, self.log))
+        if self.settings.direct_tokens:
+            await self._listen_tokens()
         self._subs += await self.feed.subscribe(self.nc, self.subjects)
         self._subs.append(
             await self.nc.subscribe(self.subjects.status(), cb=natsutil.handler(self._on_status, self.log))
@@ -215,9 +228,31 @@ class GatewayCore:
                 for req in b.take_all():
                     self.hub.finish(req, Failure(503, "the gateway is shutting down", "shutting_down", 1))
 
+    async def _listen_tokens(self) -> None:
+        """Open the direct token listener on the gateway's host, advertised by the same rule as the
+        workers' listeners, and checked to reach it (cascade/advertise.py)."""
+        s = self.settings
+        factory = link_server_factory(
+            self.token_key, self._on_link_payload, self._on_link_error, self.token_link_stats, self._token_links
+        )
+        server = await asyncio.get_running_loop().create_server(factory, s.host, s.token_port)
+        self._token_server = server
+        port = int(server.sockets[0].getsockname()[1])
+        host = s.advertise_host or (socket.gethostname() if s.host in ("0.0.0.0", "::", "") else s.host)
+        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        await asyncio.to_thread(check_reachable, addr, "token listener", f"{s.host}:{port}")
+        self.token_addr = addr
+        self.log.info("token_listener", addr=addr)
+
     async def close(self) -> None:
         """Idempotent; safe after a partial start."""
         self.accepting = False
+        server, self._token_server = self._token_server, None
+        self.token_addr = ""
+        if server is not None:
+            server.close()
+        for t in list(self._token_links):
+            t.abort()  # workers' next writes fail: they go back to NATS (tokenlinks.py)
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
@@ -478,6 +513,8 @@ class GatewayCore:
         worker = route.worker_id
         stages = list(route.stages)
         msg = GenerateBatch(
+            token_addr=self.token_addr,
+            token_key=self.token_key if self.token_addr else "",
             gateway_id=self.id,
             requests=[
                 GenerateRequest(r.request_id, r.model, prompt, params, stages, r.arrived_at, attempt=r.dispatches)
@@ -764,6 +801,25 @@ class GatewayCore:
             self.log.warning("bad_message", subject=msg.subject, error=str(e))
             return
         self.on_tokens(events)
+
+    def _on_link_payload(self, worker_id: str, payload: bytes) -> None:
+        """A frame of a direct token link: the same bytes and the same handling as a message on
+        the tokens subject, from the worker that said hello on it only."""
+        try:
+            events = decode(payload, TokenEvents)
+        except MessageError as e:
+            self.log.warning("bad_message", source="token_link", worker_id=worker_id, error=str(e))
+            return
+        if events.worker_id != worker_id:
+            self.log.warning("token_link_wrong_worker", worker_id=worker_id, events_from=events.worker_id)
+            return
+        try:
+            self.on_tokens(events)
+        except Exception:  # as the NATS path's handler (cascade/inline.py): logged, the link kept
+            self.log.exception("token_events_failed", worker_id=worker_id)
+
+    def _on_link_error(self, worker_id: str, why: str) -> None:
+        self.log.warning("token_link_dropped", worker_id=worker_id or None, error=why)
 
     def on_tokens(self, msg: TokenEvents) -> None:
         now = time.monotonic()

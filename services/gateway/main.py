@@ -15,7 +15,7 @@ from aiohttp import web
 
 from cascade.apikeys import API_KEYS_ENV, is_loopback, keys_from, open_gateway_warning
 from cascade.cliargs import METRICS_S, Opt, add_common_arguments, add_options, deployment_from_args, settings_from
-from cascade.config import ConfigError, Deployment
+from cascade.config import ConfigError, Deployment, env_str
 from cascade.logs import setup_logging
 from cascade.service import Runtime, ServiceHost
 from services.gateway.app import create_app
@@ -100,6 +100,20 @@ def options() -> tuple[Opt, ...]:
         Opt("--gateway-id", None, "gateway id in subjects", shown="gw-<random>"),
         Opt("--host", d.host, "listen address", env="CASCADE_GATEWAY_HOST"),
         Opt("--port", d.port, "listen port (0: any free port)", env="CASCADE_GATEWAY_PORT", type=int),
+        Opt(
+            "--token-port",
+            d.token_port,
+            "port of the direct token listener, on --host (0: any free port)",
+            env="CASCADE_GATEWAY_TOKEN_PORT",
+            type=int,
+        ),
+        Opt(
+            "--advertise-host",
+            None,
+            "host name workers use to reach the token listener; set it in containers",
+            env="CASCADE_ADVERTISE_HOST",
+            shown="the listen address",
+        ),
         Opt("--max-batch-size", d.max_batch_size, "requests per dispatched batch", type=int),
         Opt(
             "--batch-wait-timeout-s",
@@ -150,6 +164,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     g = parser.add_argument_group("gateway")
     add_options(g, *options())
+    # A switch, not a value (as the workers' --no-prefix-caching): its variable turns it off too.
+    g.add_argument(
+        "--no-direct-tokens",
+        dest="direct_tokens",
+        action="store_false",
+        default=env_str("CASCADE_GATEWAY_DIRECT_TOKENS", "1").lower() not in ("0", "false", "no", "off"),
+        help="workers publish token events on NATS (where `nats sub` can tap them) instead of sending them "
+        "straight to this gateway over TCP (env CASCADE_GATEWAY_DIRECT_TOKENS=0)",
+    )
     g.add_argument(
         "--api-key",
         action="append",

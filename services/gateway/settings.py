@@ -47,6 +47,14 @@ class GatewaySettings:
     # vLLM's --tool-call-parser: hermes | llama3_json | mistral, or auto (read off the model's chat
     # template: what it teaches the model to write).
     tool_call_parser: str = "auto"
+    # Token events straight from the workers' engine threads on a TCP listener of the gateway
+    # (cascade/tokenlink.py) instead of through nats-server; off: every event on the NATS tokens
+    # subject, where `nats sub` can tap them (docs/subjects.md).
+    direct_tokens: bool = True
+    token_port: int = 0  # the listener's port on `host` (0: any free port)
+    # The host workers reach that listener at (the listen address when None; this machine's name
+    # when that is a wildcard). Set it in containers, like the workers' --advertise-host.
+    advertise_host: str | None = None
     # Accepted `Authorization: Bearer` keys on /v1 routes (auth.py); empty: open (loopback use).
     api_keys: tuple[str, ...] = ()
 
@@ -73,5 +81,6 @@ class GatewaySettings:
             )
         if self.batch_wait_timeout_s < 0 or self.shutdown_grace_s < 0:
             raise ValueError("batch_wait_timeout_s and shutdown_grace_s must not be negative")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port {self.port} is out of range")
+        for name in ("port", "token_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} {getattr(self, name)} is out of range")

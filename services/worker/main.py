@@ -69,6 +69,7 @@ from services.worker.settings import WorkerSettings
 from services.worker.settings import add_arguments as add_arguments
 from services.worker.sharing import MemoryLedger, MemoryRefused, QuotaError
 from services.worker.stagelink import StageLink
+from services.worker.tokenlinks import TokenLinks
 
 
 def measured_kv_budget(model: LlamaModel, units: Collection[int] | None = None) -> int:
@@ -232,6 +233,7 @@ class WorkerService:
             threads=self.settings.threads, shared=self.shared.thread if self.shared else None, name=w,
             direct_messages=self._token_messages, connect=partial(direct_connection, self.settings, self.log),
             cpus=self.settings.engine_cpus,
+            token_links=TokenLinks(w, self._encode_events, self.log),
         )  # fmt: skip
         self._slot = ModelSlot(
             self.settings, rt.nc, s, rt.tasks, self._runner, self.dataplane, self.device, self.idle,
@@ -432,6 +434,8 @@ class WorkerService:
 
     def on_generate(self, batch: GenerateBatch) -> BatchReply:
         """Run in nats-py's read loop (`Runtime.serve_now`): it must not await or block."""
+        if self.runner.token_links is not None:
+            self.runner.token_links.learn(batch.gateway_id, batch.token_addr, batch.token_key)
         accepted: list[str] = []
         rejected: list[Rejection] = []
         eng = self.slot.engine
@@ -588,6 +592,10 @@ class WorkerService:
         return [
             (subjects.tokens(gw), encode(TokenEvents(wid, evs, batch_size=batch_size))) for gw, evs in by_gw.items()
         ]
+
+    def _encode_events(self, events: list[TokenEvent], batch_size: int) -> bytes:
+        """On the engine thread: one gateway's events of a step, for its direct link (tokenlinks.py)."""
+        return encode(TokenEvents(self.settings.worker_id, events, batch_size=batch_size))
 
     def _token_messages(self, result: StepResult) -> list[tuple[str, bytes]]:
         """On the engine thread: the step's events, encoded once per gateway, for it to publish on

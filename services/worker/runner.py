@@ -59,6 +59,7 @@ from services.worker import directpub
 from services.worker.directpub import DirectWriter, publish_all, turn
 from services.worker.engine import Engine, StepResult
 from services.worker.sharing import DEFAULT_QUOTA, StrideScheduler
+from services.worker.tokenlinks import TokenLinks
 
 T = TypeVar("T")
 
@@ -145,7 +146,9 @@ class EngineThread:
 
     def remove(self, name: str) -> None:
         """On this thread (a call), or after it stopped: the lane steps no more."""
-        self.lanes.pop(name, None)
+        lane = self.lanes.pop(name, None)
+        if lane is not None and lane.token_links is not None:
+            lane.token_links.close()
         self.scheduler.remove(name)
 
     def set_quota(self, name: str, quota: float) -> tuple[float, dict[str, float]]:
@@ -195,6 +198,9 @@ class EngineThread:
             self.log.warning("direct_publish_unavailable", error=repr(e))
 
     def _close_direct(self) -> None:
+        for lane in list(self.lanes.values()):
+            if lane.token_links is not None:
+                lane.token_links.close()
         eloop, self._eloop = self._eloop, None
         if eloop is None:
             return
@@ -243,6 +249,13 @@ class EngineThread:
         """Publish `result` here when the lane can and nothing it handed the loop is pending;
         else hand it to the loop (after flushing the direct connection, so order holds)."""
         assert self._loop is not None
+        links = lane.token_links
+        if links is not None and result.events:
+            # Events for gateways linked directly go on their links first (tokenlinks.py says which);
+            # what is left goes by NATS as below.
+            result = links.send(result)
+            if not result.events and not result.outbox:
+                return
         nc, eloop, writer = self.direct, self._eloop, self._writer
         direct = lane._direct_messages
         if nc is not None and eloop is not None and writer is not None and direct is not None:
@@ -339,6 +352,8 @@ class EngineThread:
             for lane in list(self.lanes.values()):
                 held = lane._get_engine()
                 in_flight = held.in_flight() if held is not None else 0
+                if in_flight == 0 and lane.token_links is not None:
+                    lane.token_links.idle()
                 loop.call_soon_threadsafe(lane._on_idle, in_flight)
             held = None
             # Hold no engine while asleep: a model unloaded meanwhile must be freed, not kept
@@ -381,9 +396,12 @@ class EngineRunner:
         direct_messages: Callable[[StepResult], list[tuple[str, bytes]]] | None = None,
         connect: Callable[[], Awaitable[Any]] | None = None,
         cpus: frozenset[int] = frozenset(),
+        token_links: TokenLinks | None = None,
     ) -> None:
         """`connect` and `cpus`: the direct connection and CPUs of the thread this lane makes (not
-        with `shared`, whose thread has its own)."""
+        with `shared`, whose thread has its own). `token_links`: this lane's direct links to
+        gateways (tokenlinks.py), tried before NATS for every result's events."""
+        self.token_links = token_links
         self._get_engine = get_engine
         self._deliver = deliver
         self._direct_messages = direct_messages

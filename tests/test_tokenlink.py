@@ -1,0 +1,191 @@
+"""The direct token link's wire format (cascade/tokenlink.py) and the worker's per-request rule for
+which path a request's events take (services/worker/tokenlinks.py), over real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from cascade.messages import TokenEvent, TokenEvents, decode, encode
+from cascade.tokenlink import ACK_OK, MAX_FRAME, FrameReader, TokenLinkError, frame, hello
+from services.worker.engine import StepResult
+from services.worker.tokenlinks import TokenLinks
+
+
+def test_hello_and_frames_round_trip_split_anywhere() -> None:
+    payloads = [b"", b"x", b"{" + b"a" * 300 + b"}", bytes(range(256))]
+    wire = hello("k3y", "w-1") + b"".join(frame(p) for p in payloads)
+    for cut in range(len(wire) + 1):  # every split of the stream into two reads
+        r = FrameReader()
+        got = r.feed(wire[:cut]) + r.feed(wire[cut:])
+        assert (r.hello_done, r.key, r.worker_id) == (True, "k3y", "w-1")
+        assert got == payloads and r.pending == 0 and r.error is None
+    r = FrameReader()
+    got = [p for b in wire for p in r.feed(bytes([b]))]  # byte by byte
+    assert got == payloads
+
+
+@pytest.mark.parametrize(
+    ("wire", "why"),
+    [
+        (b"GET / HTTP/1.1\r\n", "not a token link"),
+        (b"CTOK\x07", "version 7"),
+        (b"CT\x00", "not a token link"),
+    ],
+)
+def test_bad_hello_raises(wire: bytes, why: str) -> None:
+    with pytest.raises(TokenLinkError, match=why):
+        FrameReader().feed(wire)
+
+
+def test_bad_frame_sets_error_after_the_good_ones() -> None:
+    r = FrameReader()
+    good = frame(b"ok")
+    assert r.feed(hello("k", "w") + good + struct.pack("!BI", 9, 1) + b"z" + good) == [b"ok"]
+    assert r.error == "unknown token link frame kind 9"
+    assert r.feed(good) == []  # nothing more is read
+    r = FrameReader()
+    assert r.feed(hello("k", "w") + struct.pack("!BI", 1, MAX_FRAME + 1)) == []
+    assert r.error is not None and "exceeds" in r.error
+    with pytest.raises(TokenLinkError, match="exceeds"):
+        frame(b"x" * (MAX_FRAME + 1))
+
+
+class Gateway:
+    """A loopback listener that acks hellos and collects frames' payloads (or refuses)."""
+
+    def __init__(self, ack: bytes = ACK_OK) -> None:
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"127.0.0.1:{self.srv.getsockname()[1]}"
+        self.ack = ack
+        self.payloads: list[bytes] = []
+        self.conns: list[socket.socket] = []
+        self.got = threading.Condition()
+        self._t = threading.Thread(target=self._serve, daemon=True)
+        self._t.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self._read, args=(c,), daemon=True).start()
+
+    def _read(self, c: socket.socket) -> None:
+        r = FrameReader()
+        acked = False
+        while True:
+            try:
+                data = c.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            ps = r.feed(data)
+            if r.hello_done and not acked:
+                c.sendall(self.ack)
+                acked = True
+            with self.got:
+                self.payloads += ps
+                self.got.notify_all()
+
+    def wait(self, n: int) -> list[bytes]:
+        with self.got:
+            assert self.got.wait_for(lambda: len(self.payloads) >= n, 5), f"{len(self.payloads)} of {n} frames"
+            return list(self.payloads)
+
+    def close(self) -> None:
+        self.srv.close()
+        for c in self.conns:
+            c.close()
+
+
+@pytest.fixture
+def gateway() -> Iterator[Gateway]:
+    g = Gateway()
+    yield g
+    g.close()
+
+
+def enc(events: list[TokenEvent], batch_size: int) -> bytes:
+    return encode(TokenEvents("w", events, batch_size=batch_size))
+
+
+def step(*events: tuple[str, str, str | None]) -> StepResult:
+    """(gateway, request, finish reason) per event."""
+    evs = [(gw, TokenEvent(rid, [1], "a", finish_reason=fin)) for gw, rid, fin in events]
+    return StepResult(evs, [], len(evs), 0, len(evs), 0)
+
+
+def ids(result: StepResult) -> list[str]:
+    return [ev.request_id for _, ev in result.events]
+
+
+def test_links_carry_events_and_pin_requests_to_their_first_path(gateway: Gateway) -> None:
+    links = TokenLinks("w", enc)
+    # No address known for "g" yet: its events go by NATS, and "a" stays there to its end.
+    assert ids(links.send(step(("g", "a", None)))) == ["a"]
+    links.learn("g", gateway.addr, "key")
+    left = links.send(step(("g", "a", None), ("g", "b", None), ("h", "c", None)))
+    assert ids(left) == ["a", "c"]  # "a" pinned to NATS, "c" for a gateway without a link
+    got = decode(gateway.wait(1)[0], TokenEvents)
+    assert [e.request_id for e in got.events] == ["b"] and got.worker_id == "w"
+    assert (links.frames, links.events_sent, links.connects) == (1, 1, 1)
+    # "a" ends by NATS; a new request "d" takes the link; when everything is through, nothing stays pinned.
+    assert ids(links.send(step(("g", "a", "length"), ("g", "d", None)))) == ["a"]
+    assert [e.request_id for e in decode(gateway.wait(2)[1], TokenEvents).events] == ["d"]
+    links.idle()
+    assert ids(links.send(step(("g", "a", None)))) == []
+    links.close()
+
+
+def test_a_failed_link_moves_its_requests_to_nats_for_good(gateway: Gateway) -> None:
+    links = TokenLinks("w", enc)
+    links.learn("g", gateway.addr, "key")
+    assert ids(links.send(step(("g", "a", None)))) == []
+    gateway.wait(1)
+    for c in gateway.conns:  # the gateway side goes away (a reset, as a crashed gateway's kernel sends)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+    gateway.conns.clear()
+    # Writes fail within a step or two (the reset must arrive first); they then go by NATS.
+    for _ in range(50):
+        left = links.send(step(("g", "a", None)))
+        if ids(left) == ["a"]:
+            break
+    assert ids(left) == ["a"] and links.failures >= 1 and not links.linked("g")
+    # A new gateway address at once: new requests take the new link, "a" stays on NATS.
+    other = Gateway()
+    try:
+        links.learn("g", other.addr, "key2")
+        assert ids(links.send(step(("g", "a", None), ("g", "b", None)))) == ["a"]
+        assert [e.request_id for e in decode(other.wait(1)[0], TokenEvents).events] == ["b"]
+    finally:
+        other.close()
+        links.close()
+
+
+def test_refused_or_unreachable_links_fall_back_to_nats() -> None:
+    refusing = Gateway(ack=b"\x01")
+    links = TokenLinks("w", enc)
+    try:
+        links.learn("g", refusing.addr, "wrong")
+        assert ids(links.send(step(("g", "a", None)))) == ["a"]
+        assert links.failures == 1 and not links.linked("g")
+        # Backing off: no second connect within the back-off.
+        assert ids(links.send(step(("g", "b", None)))) == ["b"] and links.failures == 1
+    finally:
+        refusing.close()
+    s = socket.create_server(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    links.learn("h", f"127.0.0.1:{port}", "k")
+    assert ids(links.send(step(("h", "c", None)))) == ["c"] and links.failures == 2
+    links.learn("h", "", "")  # the gateway turned direct tokens off
+    assert ids(links.send(step(("h", "d", None)))) == ["d"] and links.failures == 2
