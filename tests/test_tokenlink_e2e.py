@@ -100,9 +100,15 @@ async def mesh(nats_url: str, subjects: Subjects, model_dir: Path) -> AsyncItera
         WorkerSettings(nats_url, subjects.prefix, "w1", heartbeat_s=HB_S, device_profile="llama2-7b-a100-80gb")
     )
     nc = await connect(nats_url, "test")
+    beat = asyncio.Event()
+
+    async def on_beat(_: Any) -> None:
+        beat.set()
+
+    await nc.subscribe(subjects.heartbeat("w1"), cb=on_beat)  # sent once it serves its subjects
     try:
         async with serving(nats_url, subjects.prefix, w, stop_s=30), aiohttp.ClientSession() as http:
-            await wait_until(lambda: w.started, 30, "w1 started")
+            await asyncio.wait_for(beat.wait(), 30)
             await request(nc, subjects.load("w1"), LoadModel(MODEL, str(model_dir)), Ok, timeout=10)
             yield Mesh(w, nc, subjects, http)
     finally:

@@ -4,7 +4,8 @@ blocking socket per gateway, written right after each step, with NATS as the fal
 A gateway that can take them puts its token address and key in every `GenerateBatch`
 (`learn`, on the loop). The engine thread connects lazily, the first time a step has events for
 that gateway (a connect and a one-byte ack with `CONNECT_TIMEOUT_S` each), then writes the step's
-events for it as one frame per step with `sendall` under `SEND_TIMEOUT_S`. Any failure drops the
+events for it as one frame per step: one non-blocking `send`, and only when the socket is full,
+the rest with `sendall` under `SEND_TIMEOUT_S`. Any failure drops the
 link: a gateway that restarts, a full socket or a broken connection never holds the engine thread
 longer than that timeout; the link is tried again after a back-off (`RETRY_S`, doubling up to
 `RETRY_MAX_S`) or at once when the gateway advertises a new address.
@@ -157,7 +158,7 @@ class TokenLinks:
             ack = sock.recv(1)
             if ack != ACK_OK:
                 raise ConnectionRefusedError(f"the gateway refused the link (answered {ack!r})")
-            sock.settimeout(self._send_timeout_s)
+            sock.setblocking(False)
         except (OSError, ValueError) as e:
             if sock is not None:
                 sock.close()
@@ -174,7 +175,19 @@ class TokenLinks:
 
     def _write(self, gw: str, sock: socket.socket, payload: bytes) -> bool:
         try:
-            sock.sendall(frame(payload))
+            data = frame(payload)
+            # Non-blocking first: one `send` syscall when the socket has room (a socket with a
+            # timeout would `poll` before every send); only a full socket waits, and not long.
+            try:
+                n = sock.send(data)
+            except BlockingIOError:
+                n = 0
+            if n < len(data):
+                sock.settimeout(self._send_timeout_s)
+                try:
+                    sock.sendall(memoryview(data)[n:])
+                finally:
+                    sock.setblocking(False)
         except (OSError, ValueError) as e:
             # Not all of the frame went (a timeout, a reset): the gateway drops the truncated
             # frame with the connection, and these events go by NATS.
