@@ -142,7 +142,9 @@ async def test_tokens_go_over_the_link_and_equal_the_nats_path(
         # The direct gateway's events came over its link, none through NATS; the off switch's all did.
         assert a not in mesh.on_nats and b in mesh.on_nats
         assert links.events_sent >= 16 and links.linked(direct.id) and not links.linked(tapped.id)
-        assert direct.core.token_link_stats["frames"] == links.frames
+        st = direct.core.status()
+        assert st["token_links"]["frames"] == links.frames and st["token_links"]["open"] == 1
+        assert links.summary()["linked"] == [direct.id] and tapped.core.status()["token_addr"] == ""
 
 
 async def test_a_link_cut_mid_stream_never_hangs_the_request(

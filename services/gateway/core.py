@@ -1036,6 +1036,9 @@ class GatewayCore:
             "instances": [
                 {**w, "gateway_in_flight": inflight.get(w["worker_id"], 0)} for w in self.registry.describe()
             ],
+            # The direct token listener ("" when off) and what its links carried (frames, refused, bad).
+            "token_addr": self.token_addr,
+            "token_links": {**self.token_link_stats, "open": len(self._token_links)},
         }
 
     async def _on_status(self, req: StatusRequest) -> ServiceStatus:

@@ -633,6 +633,7 @@ class WorkerService:
             "stage_addr": self.link.addr,
             "stage_running": hb.stage_running,
             "stage_link": self.link.stats.summary(),
+            "token_links": self.runner.token_links.summary() if self.runner.token_links else None,
             "emulated_device": None
             if self.padder is None
             else {

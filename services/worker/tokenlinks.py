@@ -88,6 +88,16 @@ class TokenLinks:
         else:
             self._addrs.pop(gateway_id, None)
 
+    def summary(self) -> dict[str, Any]:
+        """For the worker's status (read from the loop: counters, a snapshot of the gateways)."""
+        return {
+            "linked": sorted(self._socks.copy()),  # copied at once: the engine thread changes it
+            "frames": self.frames,
+            "events": self.events_sent,
+            "connects": self.connects,
+            "failures": self.failures,
+        }
+
     def linked(self, gateway_id: str) -> bool:
         return gateway_id in self._socks
 
