@@ -189,3 +189,19 @@ def test_refused_or_unreachable_links_fall_back_to_nats() -> None:
     assert ids(links.send(step(("h", "c", None)))) == ["c"] and links.failures == 2
     links.learn("h", "", "")  # the gateway turned direct tokens off
     assert ids(links.send(step(("h", "d", None)))) == ["d"] and links.failures == 2
+
+
+def test_each_choice_of_a_request_keeps_its_path_to_its_own_end(gateway: Gateway) -> None:
+    links = TokenLinks("w", enc)
+
+    def choices(*evs: tuple[int, str | None]) -> StepResult:
+        out = [("g", TokenEvent("a", [1], "a", finish_reason=fin, choice=c)) for c, fin in evs]
+        return StepResult(out, [], len(out), 0, len(out), 0)
+
+    assert len(links.send(choices((0, None), (1, None))).events) == 2  # no link yet: both by NATS
+    links.learn("g", gateway.addr, "key")
+    # Choice 0 ends (by NATS); choice 1 goes on by NATS though the link is up and "a" has a finished choice.
+    assert len(links.send(choices((0, "length"), (1, None))).events) == 2
+    assert [ev.choice for _, ev in links.send(choices((1, None))).events] == [1]
+    assert links.frames == 0
+    links.close()

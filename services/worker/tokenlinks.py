@@ -10,8 +10,8 @@ link: a gateway that restarts, a full socket or a broken connection never holds 
 longer than that timeout; the link is tried again after a back-off (`RETRY_S`, doubling up to
 `RETRY_MAX_S`) or at once when the gateway advertises a new address.
 
-The ordering rule, per request: a request's events go by one path until the request ends, except
-that they leave a failed link for NATS.
+The ordering rule, per request (per choice of an n > 1 request): a request's events go by one
+path until the request ends, except that they leave a failed link for NATS.
 
 - A request whose events went by NATS once (no link yet, a link that failed, a result the engine
   thread hands to the worker's loop: stage frames, or results still queued there) keeps going by
@@ -73,8 +73,10 @@ class TokenLinks:
         self._socks: dict[str, tuple[socket.socket, tuple[str, str]]] = {}
         # gateway → (next try, back-off, the address it applies to: a new one is tried at once)
         self._retry: dict[str, tuple[float, float, tuple[str, str] | None]] = {}
-        self._on_nats: set[tuple[str, str]] = set()  # (gateway, request): pinned to NATS
-        self._on_link: set[tuple[str, str]] = set()  # (gateway, request): on the current link
+        # (gateway, request, choice): each of a request's n choices is a stream of its own (its own
+        # index at the gateway) and ends on its own.
+        self._on_nats: set[tuple[str, str, int]] = set()  # pinned to NATS
+        self._on_link: set[tuple[str, str, int]] = set()  # on the current link
         self.frames = 0  # frames written
         self.events_sent = 0  # events carried by them
         self.connects = 0
@@ -111,19 +113,19 @@ class TokenLinks:
         left: list[tuple[str, TokenEvent]] = []
         for gw, evs in by_gw.items():
             sock = self._link(gw)
-            on_link = [] if sock is None else [ev for ev in evs if (gw, ev.request_id) not in self._on_nats]
+            on_link = [] if sock is None else [ev for ev in evs if (gw, ev.request_id, ev.choice) not in self._on_nats]
             if on_link and sock is not None and self._write(gw, sock, self._encode(on_link, result.batch_size)):
                 self.events_sent += len(on_link)
                 for ev in on_link:
                     if ev.finish_reason is None:
-                        self._on_link.add((gw, ev.request_id))
+                        self._on_link.add((gw, ev.request_id, ev.choice))
                     else:
-                        self._on_link.discard((gw, ev.request_id))
+                        self._on_link.discard((gw, ev.request_id, ev.choice))
                 if len(on_link) == len(evs):
                     continue
-                evs = [ev for ev in evs if (gw, ev.request_id) in self._on_nats]
+                evs = [ev for ev in evs if (gw, ev.request_id, ev.choice) in self._on_nats]
             for ev in evs:
-                key = (gw, ev.request_id)
+                key = (gw, ev.request_id, ev.choice)
                 self._on_link.discard(key)
                 if ev.finish_reason is None:
                     self._on_nats.add(key)
