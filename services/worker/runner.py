@@ -11,6 +11,9 @@ The event loop hands work over and never waits on torch:
 - `call(fn, *args)` runs `fn` here, between two steps, and resolves a future on the loop (a unit
   of weights installed, the batch limit changed);
 - requests, cancels and stage frames go into the engine's thread-safe inboxes, then `wake()`;
+- a step's token events for a gateway with a direct token link go on that link first
+  (tokenlinks.py: one frame per gateway per step, no broker on the path); what is left takes
+  the NATS paths below;
 - steps run back to back while the engine has work. A step's token events are published by this
   thread itself, on a NATS connection of its own (`direct`), when the lane gives it a way to
   (`EngineRunner(direct_messages=...)`): handing them to the loop instead wakes the loop thread
