@@ -1,7 +1,7 @@
 """Where a burst run's SLO misses come from: a breakdown of the requests that miss TTFT, per
 configuration, read from the raw document `python bench/burst.py --raw DIR` writes.
 
-    python bench/burst_misses.py DIR/burst.raw.json.gz [--round N]
+    python bench/burst_misses.py DIR/burst.raw.json.gz [DIR2/burst.raw.json.gz ...] [--round N]
 
 Each request is put in one phase by where it arrived against the configuration's scale events
 (its own decisions, from the raw document) and the instances holding the model (heartbeats):
@@ -100,14 +100,24 @@ def table(title: str, keys: list[str], counts: dict[str, Counter[str]], totals: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("raw", type=Path)
+    p.add_argument("raw", type=Path, nargs="+", help="raw documents of runs with the same schedule")
     p.add_argument("--round", type=int, default=1)
     p.add_argument("--settle", type=float, default=3.0, help="seconds after a scale event a phase lasts (default 3)")
     p.add_argument("--prompts", type=Path, help="JSON list of prompt lengths by request (default: from the plan)")
     a = p.parse_args(argv)
-    doc = json.loads(gzip.open(a.raw).read())
-    rows = doc["runs"] or doc["rows"]
-    rows = [r for r in rows if r.get("round", 1) == a.round]
+    docs = [json.loads(gzip.open(f).read()) for f in a.raw]
+    doc = docs[0]
+    rows = []
+    for f, d in zip(a.raw, docs, strict=True):
+        for r in d["runs"] or d["rows"]:
+            if r.get("round", 1) == a.round:
+                # Several documents (runs alternated between code versions, say): each run is named
+                # by its file too. The schedule must be the same for request i to be the same one.
+                if len(a.raw) > 1:
+                    r = {**r, "key": f"{f.parent.name}/{r['key']}", "label": f"{f.parent.name}/{r['label']}"}
+                rows.append(r)
+    if len({len(r["timeline"]["scheduled"]) for r in rows}) > 1:
+        p.error("the documents' schedules differ: their requests cannot be compared one by one")
     slo = doc["slo"]
     prompts: list[int] | None = None
     if a.prompts is not None:
@@ -125,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         print("decisions: " + "; ".join(f"{d['t']:.2f} {d['action']}->{d['target']}" for d in row.get("decisions", [])))
         cols = [f"{k} TTFT miss" for k in keys]
         counts = {f"{k} TTFT miss": Counter(p for p, m in zip(ph, ttft[k], strict=True) if m) for k in keys}
+        # Time per output token too: the requests a configuration's routes slowed after their first token.
+        cols = cols + [f"{k} TBT miss" for k in keys]
+        counts |= {f"{k} TBT miss": Counter(p for p, m in zip(ph, tbt[k], strict=True) if m) for k in keys}
         title = f"by phase in {row['label']}'s run (settle {a.settle:g} s)"
         print(table(title, list(PHASES), counts, Counter(ph), cols))
+        cols = [f"{k} TTFT miss" for k in keys]
         tens = [f"{int(t // 10) * 10:03d}" for t in sched]
         counts = {f"{k} TTFT miss": Counter(b for b, m in zip(tens, ttft[k], strict=True) if m) for k in keys}
         print(table("by 10 s of replay", sorted(set(tens)), counts, Counter(tens), cols))
