@@ -7,6 +7,7 @@ import pytest
 from cascade.messages import RouteStage
 from services.gateway.router import (
     LATE_SPLIT_STEPS,
+    PREFILL_AHEAD_STEPS,
     QUEUE_AHEAD,
     InstanceView,
     Room,
@@ -313,6 +314,37 @@ def test_from_zero_the_lm_head_holder_runs_the_last_layer() -> None:
 def test_from_zero_gives_way_to_a_full_instance() -> None:
     views = [held("a", {0, 1, 2, 3}), held("b", {4, 5, 6, 7, 8, 9}), inst("f", units=10, num_units=10)]
     assert choose_route(views, "m") == Route("f", room=None)
+
+
+def test_from_zero_a_pipeline_with_its_prefill_queued_takes_no_more_prompts() -> None:
+    """A wave from zero: the one pipeline there is takes prompts only while its head has fewer than
+    PREFILL_AHEAD_STEPS steps of them queued at the pipeline's pace (a stage running half the
+    layers does half of each prompt: twice a whole instance's tokens per step); the rest wait here
+    for another head or the whole instances the load brings, rather than pinned behind them."""
+    budget = 100
+    pace = 2 * budget  # the largest stage runs 4 of 8 layers
+
+    def head(prompts: int, tokens: int) -> InstanceView:
+        return replace(
+            held("a", {0, 1, 2, 3, 4}), prefill_budget=budget, unstarted_prompts=prompts, unstarted_tokens=tokens
+        )
+
+    tail = held("b", {5, 6, 7, 8, 9})
+    # Under the bound at the pipeline's pace (a whole instance would count as backlogged here).
+    r = choose_route([head(2, PREFILL_AHEAD_STEPS * pace - 1), tail], "m")
+    assert r is not None and [(s.worker_id, s.start, s.end) for s in r.stages] == [("a", 0, 4), ("b", 4, 8)]
+    # The batch is bounded at the same pace: a third prompt of the same length does not join it.
+    assert r.room is not None and r.room.prefill_budget == pace
+    assert r.room.admits(0, 0) and not r.room.admits(1, budget)
+    # Backlogged: the request waits here...
+    assert choose_route([head(2, PREFILL_AHEAD_STEPS * pace), tail], "m") is None
+    # ...unless another loading instance can head a pipeline.
+    other = held("c", {0, 1, 2, 3, 4})
+    r = choose_route([head(2, PREFILL_AHEAD_STEPS * pace), tail, other], "m")
+    assert r is not None and r.worker_id == "c" and [s.worker_id for s in r.stages] == ["c", "b"]
+    # Budget unknown (an older worker): no prefill bound, as for whole instances.
+    unknown = replace(head(8, 10 * pace), prefill_budget=0)
+    assert choose_route([unknown, tail], "m") is not None
 
 
 def test_a_route_waits_here_while_the_busy_instance_has_prefill_queued_then_splits_deeper() -> None:

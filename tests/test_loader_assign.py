@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,16 @@ def test_up_skips_reserved_workers_and_reports_the_shortfall() -> None:
     assert a.workers == ("b",)
     assert (a.wanted, a.shortfall) == (3, 2)
     assert choose_for_up(snap(), 1).workers == ()
+
+
+def test_up_waits_for_a_worker_whose_heartbeat_and_readiness_disagree() -> None:
+    """Just unloaded: the heartbeat says idle, readiness still shows the model's every unit. Taken
+    now, the planner refuses it ("already holds"); once its readiness reset is in, it is taken."""
+    unloading = replace(w("a"), model="m", units_ready=4, num_units=4, consistent=False)
+    assert unloading.holds("m")
+    a = choose_for_up(snap(unloading, w("b")), 2)
+    assert a.workers == ("b",) and a.shortfall == 1
+    assert choose_for_up(snap(w("a"), w("b")), 2).workers == ("a", "b")
 
 
 def test_down_unloads_loading_instances_first_then_least_loaded() -> None:

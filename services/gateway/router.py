@@ -12,8 +12,8 @@ no finished load.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from math import ceil, floor
 
 from cascade.messages import RouteStage
@@ -557,7 +557,9 @@ def zero_route(
     only instances whose ready units the gateway knows from readiness events take part. A request
     keeps its KV cache where its layers ran, as on any route. Loads from zero that give each
     instance its own block first (planner.ordered_units) make this possible after about 1/N of a
-    load; as soon as one instance holds every unit, `choose_route` prefers it."""
+    load; as soon as one instance holds every unit, `choose_route` prefers it. Its head must not
+    have the pipeline's prefill queued already (`pipeline_backlogged`; another head is tried):
+    what does not fit waits here for a head with room or a whole instance."""
     cands = [
         v
         for v in instances
@@ -571,6 +573,23 @@ def zero_route(
     ]
     if not cands:
         return None
+    # A head whose pipeline already has its prefill queued gives way to another head, else the
+    # request waits here (`pipeline_backlogged`): a route is pinned, so a prompt queued behind
+    # others on the pipeline cannot move to the whole instances the load brings a moment later.
+    backlogged: set[str] = set()
+    while True:
+        route = _zero_route(cands, backlogged)
+        if route is None:
+            return None
+        head = next(v for v in cands if v.worker_id == route.worker_id)
+        share = max(s.end - s.start for s in route.stages) / (head.num_units - 2)
+        if not pipeline_backlogged(head, share):
+            return replace(route, room=head_room(head, route.stages[0].end, share))
+        backlogged.add(head.worker_id)
+
+
+def _zero_route(cands: Sequence[InstanceView], not_head: Collection[str]) -> Route | None:
+    """`zero_route`'s pipeline over `cands`, with none of `not_head` as its first stage."""
     num_units = max(v.num_units for v in cands)
     num_layers = num_units - 2
     stages: list[RouteStage] = []
@@ -582,6 +601,8 @@ def zero_route(
             units = v.ready_units
             assert units is not None
             if v.worker_id in used or v.num_units != num_units or (pos == 0 and 0 not in units):
+                continue
+            if pos == 0 and v.worker_id in not_head:
                 continue
             end = _layer_run(units, pos, num_layers)
             finishes = end == num_layers and num_units - 1 in units
@@ -600,14 +621,40 @@ def zero_route(
         pos = end
     if len(stages) < 2:
         return None  # one instance holds it all: it serves whole within a heartbeat
-    head = next(v for v in cands if v.worker_id == stages[0].worker_id)
-    return Route(head.worker_id, tuple(stages), room=head_room(head, stages[0].end))
+    return Route(stages[0].worker_id, tuple(stages))
 
 
-def head_room(view: InstanceView, k: int) -> Room:
+def pipeline_budget(head: InstanceView, share: float) -> int:
+    """Whole prompt tokens per step a pipeline driven by `head` prefills, when none of its stages
+    runs more than `share` of the model's layers: each stage spends a step's budget on `share` of
+    each token, so the pipeline goes 1/share times as fast as one whole instance (0: unknown)."""
+    if head.prefill_budget <= 0 or share <= 0:
+        return head.prefill_budget
+    return max(1, floor(head.prefill_budget / min(share, 1.0)))
+
+
+def pipeline_backlogged(head: InstanceView, share: float) -> bool:
+    """A pipeline from zero driven by `head` (no stage running more than `share` of the layers)
+    has PREFILL_AHEAD_PROMPTS of this gateway's prompts and PREFILL_AHEAD_STEPS steps of its
+    prefill without a first token: the bound `prefill_backlogged` puts on a whole instance, at the
+    pipeline's pace (`pipeline_budget`).
+
+    Without it every request held at a wave from zero went to the one pipeline there was: in
+    bench/burst.py (keep-alive 0.5 s, gateway dispatch logs) the 15 requests of a wave that
+    arrived while four instances loaded all went, within 20 ms, to one route through two of them;
+    the loads ended 0.4 s later, and the last of those prompts, pinned to the route, got its first
+    token 2-3.3 s after arrival while the four whole instances took only later arrivals (static
+    at peak served the same requests in 0.2-1 s). Held here instead, they go to whichever whole
+    instance comes up."""
+    return _backlogged(pipeline_budget(head, share), head.unstarted_prompts, head.unstarted_tokens)
+
+
+def head_room(view: InstanceView, k: int, share: float | None = None) -> Room:
     """What one batch of routes driven by `view` through its first k layers may hold: as many as
     `head_has_room` would let through one by one (one at least: the router chose it), so a
-    burst's batch does not put every held request on one loading head at once."""
+    burst's batch does not put every held request on one loading head at once. With `share`
+    (a pipeline from zero whose stages each run at most that share of the layers) its prompts
+    are bounded at the pipeline's pace, as `pipeline_backlogged` bounds them between batches."""
     since = max(view.inflight - view.inflight_at_heartbeat, 0) + view.waiting
     per_route = route_load(view, k)
     left = max(view.max_batch, 1) - route_load(view, view.driven_layers + k * since)
@@ -615,7 +662,7 @@ def head_room(view: InstanceView, k: int) -> Room:
         requests=max(1, ceil(left / per_route) if per_route > 0 else 1),
         prompts=view.unstarted_prompts,
         tokens=view.unstarted_tokens,
-        prefill_budget=view.prefill_budget,
+        prefill_budget=view.prefill_budget if share is None else pipeline_budget(view, share),
     )
 
 

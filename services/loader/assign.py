@@ -34,7 +34,13 @@ def choose_for_up(
     """`avoid`: workers the scaler backs off from for this model (they failed it lately)."""
     if count < 1:
         raise ValueError("count must be at least 1")
-    idle = [w for w in snapshot.workers if w.state == "idle" and w.worker_id not in reserved]
+    # Not one whose heartbeat and readiness disagree: a worker that has just unloaded a model
+    # heart-beats idle before its readiness reset arrives, and meanwhile still shows the model's
+    # every unit, so the planner refuses it as a target that "already holds" the model. Seen in
+    # bench/burst.py: a scale-up 3-8 ms after a scale-down to zero failed so, and the model's retry
+    # delay held a wave at zero 1.1 s longer. The reset comes within moments (`wait_for_idle`
+    # waits for such changes).
+    idle = [w for w in snapshot.workers if w.state == "idle" and w.consistent and w.worker_id not in reserved]
     idle = [w for w in idle if w.worker_id not in avoid]
     idle.sort(key=lambda w: (w.load, w.worker_id))
     return Assignment(tuple(w.worker_id for w in idle[:count]), count)
@@ -102,7 +108,13 @@ def choose_groups_for_up(
     group that cannot be completed on distinct devices is not formed."""
     if count < 1 or stages < 1:
         raise ValueError("count and stages must be at least 1")
-    idle = [w for w in snapshot.workers if w.state == "idle" and w.worker_id not in reserved]
+    # Not one whose heartbeat and readiness disagree: a worker that has just unloaded a model
+    # heart-beats idle before its readiness reset arrives, and meanwhile still shows the model's
+    # every unit, so the planner refuses it as a target that "already holds" the model. Seen in
+    # bench/burst.py: a scale-up 3-8 ms after a scale-down to zero failed so, and the model's retry
+    # delay held a wave at zero 1.1 s longer. The reset comes within moments (`wait_for_idle`
+    # waits for such changes).
+    idle = [w for w in snapshot.workers if w.state == "idle" and w.consistent and w.worker_id not in reserved]
     idle = [w for w in idle if w.worker_id not in avoid]
     idle.sort(key=lambda w: (w.load, w.worker_id))
     groups: list[tuple[str, ...]] = []
