@@ -25,6 +25,7 @@ gateway imports it.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -175,7 +176,8 @@ class TokenLinkProtocol(asyncio.Protocol):
             was_hello = r.hello_done
             payloads = r.feed(data)
             if r.hello_done and not was_hello:
-                if r.key != self._key:
+                # Constant time: the key is the link's only credential.
+                if not hmac.compare_digest(r.key.encode(), self._key.encode()):
                     self.stats["refused"] = self.stats.get("refused", 0) + 1
                     self._on_error(r.worker_id, "token link refused: wrong key")
                     t.write(ACK_REFUSED)
