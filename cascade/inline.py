@@ -5,7 +5,7 @@ nats-py hands every message of a callback subscription to that subscription's ta
 `asyncio.Queue`: one more event-loop turn per message (a future, a task step) between the socket
 and the handler. A handler that is a plain function and never awaits gains nothing from that
 hop: the gateway's token stream (decode, match, put on the request's queue; per token, at one
-stream, the hop was a third of the gateway's loop turns, docs/architecture.md "What that costs"),
+stream, the hop was a third of the gateway's loop turns, docs/architecture.md "Counted, per decode step"),
 and the worker's admission of a `GenerateBatch` (checks, `engine.submit`, the engine thread's
 wake: a loop turn earlier on every request's path to its first step; `service.Runtime.serve_now`).
 
