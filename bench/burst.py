@@ -94,8 +94,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=512,
         help="each worker's prefill budget per step, in emulated tokens: longer prompts are prefilled in "
-        "chunks, so a step lasts at most about 50 ms on the profile (default 512; 4096 fits two mean prompts "
-        "whole)",
+        "chunks, so a step lasts at most about 70 ms on the profile with a full decode batch beside it (default "
+        "512; 4096 fits two mean prompts whole)",
     )
     p.add_argument("--link-gb-s", type=float, default=25.0, help="emulated data-plane link, GB/s (default 25)")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="TTFT SLO (default 1000 ms)")

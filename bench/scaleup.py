@@ -176,6 +176,10 @@ async def run_config(a: argparse.Namespace, mode: str, target: int, model_dir: P
             "CASCADE_HEARTBEAT_S": str(HEARTBEAT_S),
             "CASCADE_LOG_LEVEL": "warning",
             "CASCADE_EMULATED_TOKEN_SCALE": str(a.token_scale),
+            # Tokens through nats-server, where this benchmark taps them to tell which instance
+            # served each request ("first token via new"); the direct link would hide them. A
+            # fraction of a millisecond a token, against scale-window TTFTs of seconds.
+            "CASCADE_GATEWAY_DIRECT_TOKENS": "0",
         },
         deploy_toml=deploy,
     )
@@ -502,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": f"{a.prompt_tokens}-token real prompts priced as {a.prompt_tokens * a.token_scale:.0f} "
                 "on the device (CASCADE_EMULATED_TOKEN_SCALE)",
                 "note": "real torch on the small model; each step padded to the profile's time",
+                "token_path": "tokens through nats-server (CASCADE_GATEWAY_DIRECT_TOKENS=0), tapped by the benchmark",
             },
             "rows": rows,
             "ratios": ratios,
