@@ -171,7 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=env_str("CASCADE_GATEWAY_DIRECT_TOKENS", "1").lower() not in ("0", "false", "no", "off"),
         help="workers publish token events on NATS (where `nats sub` can tap them) instead of sending them "
-        "straight to this gateway over TCP (env CASCADE_GATEWAY_DIRECT_TOKENS=0)",
+        "straight to this gateway over TCP (default: over TCP; env CASCADE_GATEWAY_DIRECT_TOKENS=0 turns it off)",
     )
     g.add_argument(
         "--api-key",
