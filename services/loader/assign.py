@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from cascade.workers import WorkerView
 from services.loader.planner import MeshSnapshot
 
 
@@ -28,21 +29,31 @@ class Assignment:
         return self.wanted - len(self.workers)
 
 
+def _idle_targets(snapshot: MeshSnapshot, reserved: Collection[str], avoid: Collection[str]) -> list[WorkerView]:
+    """Idle workers a scale-up may take, least loaded first, then by id.
+
+    Not one whose heartbeat and readiness disagree: a worker that has just unloaded a model
+    heart-beats idle before its readiness reset arrives, and meanwhile still shows the model's
+    every unit, so the planner refuses it as a target that "already holds" the model. Seen in
+    bench/burst.py: a scale-up 3-8 ms after a scale-down to zero failed so, and the model's retry
+    delay held a wave at zero 1.1 s longer. The reset comes within moments (`wait_for_idle` waits
+    for such changes)."""
+    idle = [
+        w
+        for w in snapshot.workers
+        if w.state == "idle" and w.consistent and w.worker_id not in reserved and w.worker_id not in avoid
+    ]
+    idle.sort(key=lambda w: (w.load, w.worker_id))
+    return idle
+
+
 def choose_for_up(
     snapshot: MeshSnapshot, count: int, reserved: Collection[str] = (), avoid: Collection[str] = ()
 ) -> Assignment:
     """`avoid`: workers the scaler backs off from for this model (they failed it lately)."""
     if count < 1:
         raise ValueError("count must be at least 1")
-    # Not one whose heartbeat and readiness disagree: a worker that has just unloaded a model
-    # heart-beats idle before its readiness reset arrives, and meanwhile still shows the model's
-    # every unit, so the planner refuses it as a target that "already holds" the model. Seen in
-    # bench/burst.py: a scale-up 3-8 ms after a scale-down to zero failed so, and the model's retry
-    # delay held a wave at zero 1.1 s longer. The reset comes within moments (`wait_for_idle`
-    # waits for such changes).
-    idle = [w for w in snapshot.workers if w.state == "idle" and w.consistent and w.worker_id not in reserved]
-    idle = [w for w in idle if w.worker_id not in avoid]
-    idle.sort(key=lambda w: (w.load, w.worker_id))
+    idle = _idle_targets(snapshot, reserved, avoid)
     return Assignment(tuple(w.worker_id for w in idle[:count]), count)
 
 
@@ -108,15 +119,7 @@ def choose_groups_for_up(
     group that cannot be completed on distinct devices is not formed."""
     if count < 1 or stages < 1:
         raise ValueError("count and stages must be at least 1")
-    # Not one whose heartbeat and readiness disagree: a worker that has just unloaded a model
-    # heart-beats idle before its readiness reset arrives, and meanwhile still shows the model's
-    # every unit, so the planner refuses it as a target that "already holds" the model. Seen in
-    # bench/burst.py: a scale-up 3-8 ms after a scale-down to zero failed so, and the model's retry
-    # delay held a wave at zero 1.1 s longer. The reset comes within moments (`wait_for_idle`
-    # waits for such changes).
-    idle = [w for w in snapshot.workers if w.state == "idle" and w.consistent and w.worker_id not in reserved]
-    idle = [w for w in idle if w.worker_id not in avoid]
-    idle.sort(key=lambda w: (w.load, w.worker_id))
+    idle = _idle_targets(snapshot, reserved, avoid)
     groups: list[tuple[str, ...]] = []
     while len(groups) < count:
         group: list[str] = []
