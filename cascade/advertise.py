@@ -18,6 +18,15 @@ class AddressError(ConnectionError):
     """An advertised address that does not reach the listener it stands for."""
 
 
+def advertised_host(listen_host: str, advertise_host: str | None = None) -> str:
+    """The host peers are told to reach a listener on: `advertise_host` when set; a wildcard
+    listen address is no address for a peer, so this host's name (what containers resolve each
+    other by); else the listen host itself."""
+    if advertise_host:
+        return advertise_host
+    return socket.gethostname() if listen_host in ("0.0.0.0", "::", "") else listen_host
+
+
 def split_host_port(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     if not host or not port.isdigit():

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import os
 import secrets
-import socket
 import time
 import typing
 from collections import Counter as Tally
@@ -38,7 +37,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cascade import natsutil
-from cascade.advertise import check_reachable
+from cascade.advertise import advertised_host, check_reachable
 from cascade.config import ConfigError, Deployment, ModelDeployment, cascade_home
 from cascade.deployfeed import DeploymentFeed
 from cascade.inline import subscribe_inline
@@ -238,7 +237,7 @@ class GatewayCore:
         server = await asyncio.get_running_loop().create_server(factory, s.host, s.token_port)
         self._token_server = server
         port = int(server.sockets[0].getsockname()[1])
-        host = s.advertise_host or (socket.gethostname() if s.host in ("0.0.0.0", "::", "") else s.host)
+        host = advertised_host(s.host, s.advertise_host)
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         await asyncio.to_thread(check_reachable, addr, "token listener", f"{s.host}:{port}")
         self.token_addr = addr

@@ -588,13 +588,12 @@ class WorkerService:
         by_gw: dict[str, list[TokenEvent]] = defaultdict(list)
         for gw, ev in events:
             by_gw[gw].append(ev)
-        wid, subjects = self.settings.worker_id, self.rt.subjects
-        return [
-            (subjects.tokens(gw), encode(TokenEvents(wid, evs, batch_size=batch_size))) for gw, evs in by_gw.items()
-        ]
+        subjects = self.rt.subjects
+        return [(subjects.tokens(gw), self._encode_events(evs, batch_size)) for gw, evs in by_gw.items()]
 
     def _encode_events(self, events: list[TokenEvent], batch_size: int) -> bytes:
-        """On the engine thread: one gateway's events of a step, for its direct link (tokenlinks.py)."""
+        """One gateway's events of a step, as its tokens subject and its direct link (tokenlinks.py)
+        both carry them."""
         return encode(TokenEvents(self.settings.worker_id, events, batch_size=batch_size))
 
     def _token_messages(self, result: StepResult) -> list[tuple[str, bytes]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 import structlog
 import torch
 
+from cascade.advertise import advertised_host
 from cascade.messages import RouteStage
 from cascade.stagewire import (
     PREFIX_SIZE,
@@ -86,9 +86,7 @@ class StageLink:
         self.on_peer_failed = on_peer_failed
         self.host = host
         self.port = port
-        # A wildcard listen address is no address for a peer: fall back to this host's name
-        # (what containers resolve each other by).
-        self.advertise_host = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "::", "") else host)
+        self.advertise_host = advertised_host(host, advertise_host)
         self.log = logger or structlog.get_logger()
         self.stats = LinkStats()
         self._server: asyncio.Server | None = None
