@@ -58,10 +58,12 @@ def test_bad_frame_sets_error_after_the_good_ones() -> None:
 class Gateway:
     """A loopback listener that acks hellos and collects frames' payloads (or refuses)."""
 
-    def __init__(self, ack: bytes = ACK_OK) -> None:
+    def __init__(self, ack: bytes = ACK_OK, hold: threading.Event | None = None) -> None:
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.addr = f"127.0.0.1:{self.srv.getsockname()[1]}"
         self.ack = ack
+        self.hold = hold  # the ack waits for it: a gateway slow to answer
+        self.hellos = threading.Semaphore(0)
         self.payloads: list[bytes] = []
         self.conns: list[socket.socket] = []
         self.got = threading.Condition()
@@ -89,6 +91,9 @@ class Gateway:
                 return
             ps = r.feed(data)
             if r.hello_done and not acked:
+                self.hellos.release()
+                if self.hold is not None:
+                    self.hold.wait()
                 c.sendall(self.ack)
                 acked = True
             with self.got:
@@ -132,6 +137,7 @@ def test_links_carry_events_and_pin_requests_to_their_first_path(gateway: Gatewa
     # No address known for "g" yet: its events go by NATS, and "a" stays there to its end.
     assert ids(links.send(step(("g", "a", None)))) == ["a"]
     links.learn("g", gateway.addr, "key")
+    assert links.settle()  # the connect runs on a thread of its own, started by `learn`
     left = links.send(step(("g", "a", None), ("g", "b", None), ("h", "c", None)))
     assert ids(left) == ["a", "c"]  # "a" pinned to NATS, "c" for a gateway without a link
     got = decode(gateway.wait(1)[0], TokenEvents)
@@ -148,6 +154,7 @@ def test_links_carry_events_and_pin_requests_to_their_first_path(gateway: Gatewa
 def test_a_failed_link_moves_its_requests_to_nats_for_good(gateway: Gateway) -> None:
     links = TokenLinks("w", enc)
     links.learn("g", gateway.addr, "key")
+    assert links.settle()
     assert ids(links.send(step(("g", "a", None)))) == []
     gateway.wait(1)
     for c in gateway.conns:  # the gateway side goes away (a reset, as a crashed gateway's kernel sends)
@@ -164,6 +171,7 @@ def test_a_failed_link_moves_its_requests_to_nats_for_good(gateway: Gateway) -> 
     other = Gateway()
     try:
         links.learn("g", other.addr, "key2")
+        assert links.settle()
         assert ids(links.send(step(("g", "a", None), ("g", "b", None)))) == ["a"]
         assert [e.request_id for e in decode(other.wait(1)[0], TokenEvents).events] == ["b"]
     finally:
@@ -176,16 +184,19 @@ def test_refused_or_unreachable_links_fall_back_to_nats() -> None:
     links = TokenLinks("w", enc)
     try:
         links.learn("g", refusing.addr, "wrong")
+        assert links.settle()
         assert ids(links.send(step(("g", "a", None)))) == ["a"]
         assert links.failures == 1 and not links.linked("g")
         # Backing off: no second connect within the back-off.
-        assert ids(links.send(step(("g", "b", None)))) == ["b"] and links.failures == 1
+        assert ids(links.send(step(("g", "b", None)))) == ["b"]
+        assert links.settle() and links.failures == 1
     finally:
         refusing.close()
     s = socket.create_server(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     links.learn("h", f"127.0.0.1:{port}", "k")
+    assert links.settle()
     assert ids(links.send(step(("h", "c", None)))) == ["c"] and links.failures == 2
     links.learn("h", "", "")  # the gateway turned direct tokens off
     assert ids(links.send(step(("h", "d", None)))) == ["d"] and links.failures == 2
@@ -200,8 +211,50 @@ def test_each_choice_of_a_request_keeps_its_path_to_its_own_end(gateway: Gateway
 
     assert len(links.send(choices((0, None), (1, None))).events) == 2  # no link yet: both by NATS
     links.learn("g", gateway.addr, "key")
+    assert links.settle()
     # Choice 0 ends (by NATS); choice 1 goes on by NATS though the link is up and "a" has a finished choice.
     assert len(links.send(choices((0, "length"), (1, None))).events) == 2
     assert [ev.choice for _, ev in links.send(choices((1, None))).events] == [1]
     assert links.frames == 0
     links.close()
+
+
+def test_a_gateway_slow_to_answer_never_holds_the_engine_thread() -> None:
+    """The connect and its ack wait on a thread of their own: while the gateway withholds its ack,
+    steps go on with their events by NATS, and the link serves new requests once it is up."""
+    release = threading.Event()
+    slow = Gateway(hold=release)
+    links = TokenLinks("w", enc)
+    try:
+        links.learn("g", slow.addr, "key")
+        assert slow.hellos.acquire(timeout=5)  # the connect is in, waiting for the ack
+        # The step's events go by NATS at once: the engine thread does not wait for the ack.
+        assert ids(links.send(step(("g", "a", None)))) == ["a"]
+        assert not links.linked("g") and links.connects == 0
+        release.set()
+        assert links.settle()
+        assert ids(links.send(step(("g", "a", None), ("g", "b", None)))) == ["a"]  # "a" stays on NATS
+        assert links.linked("g") and links.connects == 1
+        assert [e.request_id for e in decode(slow.wait(1)[0], TokenEvents).events] == ["b"]
+    finally:
+        release.set()
+        links.close()
+        slow.close()
+
+
+def test_a_connect_that_ends_after_close_leaves_no_socket() -> None:
+    release = threading.Event()
+    slow = Gateway(hold=release)
+    links = TokenLinks("w", enc)
+    try:
+        links.learn("g", slow.addr, "key")
+        assert slow.hellos.acquire(timeout=5)
+        links.close()
+        release.set()
+        assert links.settle()
+        assert not links.linked("g") and not links._ready
+        links.learn("g", slow.addr, "key")  # closed: no new connect
+        assert links.settle() and links.connects == 0
+    finally:
+        release.set()
+        slow.close()

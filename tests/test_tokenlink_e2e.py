@@ -135,6 +135,10 @@ async def test_tokens_go_over_the_link_and_equal_the_nats_path(
             await mesh.ready(gw)
         links = mesh.worker.runner.token_links
         assert links is not None
+        # A gateway's first request starts the link's connect, off the engine thread: its own events
+        # may still go by NATS. Once the connect is through, new requests take the link.
+        await mesh.stream(direct, 2)
+        assert await asyncio.to_thread(links.settle)
         a, fa, text_a = await mesh.stream(direct, 16)
         b, fb, text_b = await mesh.stream(tapped, 16)
         assert fa == fb == "length" and text_a == text_b
@@ -156,6 +160,8 @@ async def test_a_link_cut_mid_stream_never_hangs_the_request(
         await mesh.ready(gw)
         links = mesh.worker.runner.token_links
         assert links is not None
+        await mesh.stream(gw, 2)  # starts the link's connect
+        assert await asyncio.to_thread(links.settle)
         want_id, want_finish, want = await mesh.stream(gw, 40)
         assert want_finish == "length" and want_id not in mesh.on_nats
         connects = links.connects

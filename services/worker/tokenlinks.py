@@ -2,13 +2,17 @@
 blocking socket per gateway, written right after each step, with NATS as the fallback.
 
 A gateway that can take them puts its token address and key in every `GenerateBatch`
-(`learn`, on the loop). The engine thread connects lazily, the first time a step has events for
-that gateway (a connect and a one-byte ack with `CONNECT_TIMEOUT_S` each), then writes the step's
-events for it as one frame per step: one non-blocking `send`, and only when the socket is full,
-the rest with `sendall` under `SEND_TIMEOUT_S`. Any failure drops the
-link: a gateway that restarts, a full socket or a broken connection never holds the engine thread
-longer than that timeout; the link is tried again after a back-off (`RETRY_S`, doubling up to
-`RETRY_MAX_S`) or at once when the gateway advertises a new address.
+(`learn`, on the loop), which starts the connect at once on a short-lived thread of its own (a
+connect and a one-byte ack with `CONNECT_TIMEOUT_S` each): the engine thread never waits for a
+gateway that is slow to answer or unreachable. A loopback or LAN connect is through long before
+the request's prefill is, so its first events already take the link; until a link is up, a
+gateway's events go by NATS. The engine thread adopts the connected socket at its next step with
+events for that gateway, then writes the step's events for it as one frame per step: one
+non-blocking `send`, and only when the socket is full, the rest with `sendall` under
+`SEND_TIMEOUT_S`. Any failure drops the link: a gateway that restarts, a full socket or a broken
+connection never holds the engine thread longer than that timeout; the link is tried again after a
+back-off (`RETRY_S`, doubling up to `RETRY_MAX_S`) or at once when the gateway advertises a new
+address.
 
 The ordering rule, per request (per choice of an n > 1 request): a request's events go by one
 path until the request ends, except that they leave a failed link for NATS.
@@ -31,6 +35,7 @@ The sets that pin requests are cleared when the engine holds no sequence (`idle`
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -51,8 +56,8 @@ RETRY_MAX_S = 30.0
 
 
 class TokenLinks:
-    """One lane's links (its worker id is in the hello). `learn` runs on the loop; everything else
-    on the engine thread."""
+    """One lane's links (its worker id is in the hello). `learn` runs on the loop, the connects on
+    threads of their own, everything else on the engine thread."""
 
     def __init__(
         self,
@@ -70,23 +75,40 @@ class TokenLinks:
         # gateway id → (address, key), as the gateway last advertised them (written by the loop,
         # read here: a plain dict, each write one atomic store).
         self._addrs: dict[str, tuple[str, str]] = {}
+        # Links in use, the engine thread's alone.
         self._socks: dict[str, tuple[socket.socket, tuple[str, str]]] = {}
-        # gateway → (next try, back-off, the address it applies to: a new one is tried at once)
+        # Connected by a connect thread, not yet taken up by the engine thread (each put and pop
+        # one atomic dict operation).
+        self._ready: dict[str, tuple[socket.socket, tuple[str, str]]] = {}
+        # Under `_lock` (the loop, the engine thread and the connect threads all start or end
+        # connects): gateways with a connect in flight, and gateway → (next try, back-off, the
+        # address it applies to: a new one is tried at once).
+        self._lock = threading.Lock()
+        self._connecting: dict[str, threading.Thread] = {}
         self._retry: dict[str, tuple[float, float, tuple[str, str] | None]] = {}
+        self._closed = False
         # (gateway, request, choice): each of a request's n choices is a stream of its own (its own
         # index at the gateway) and ends on its own.
         self._on_nats: set[tuple[str, str, int]] = set()  # pinned to NATS
         self._on_link: set[tuple[str, str, int]] = set()  # on the current link
         self.frames = 0  # frames written
         self.events_sent = 0  # events carried by them
-        self.connects = 0
-        self.failures = 0  # connects refused or failed, writes failed
+        self.connects = 0  # written by the connect threads
+        self.connect_failures = 0  # connects refused or failed (the connect threads)
+        self.write_failures = 0  # writes failed (the engine thread)
+
+    @property
+    def failures(self) -> int:
+        return self.connect_failures + self.write_failures
 
     def learn(self, gateway_id: str, addr: str, key: str) -> None:
-        """The gateway's token address from a `GenerateBatch`; empty: it wants NATS."""
+        """The gateway's token address from a `GenerateBatch`; empty: it wants NATS. A new
+        address is connected to at once, off the engine thread."""
         if addr:
             if self._addrs.get(gateway_id) != (addr, key):
                 self._addrs[gateway_id] = (addr, key)
+            if gateway_id not in self._socks:
+                self._start_connect(gateway_id)
         else:
             self._addrs.pop(gateway_id, None)
 
@@ -102,6 +124,20 @@ class TokenLinks:
 
     def linked(self, gateway_id: str) -> bool:
         return gateway_id in self._socks
+
+    def settle(self, timeout_s: float = 5.0) -> bool:
+        """Wait for the connects in flight to end (tests, and `close`). True when none is left."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                threads = list(self._connecting.values())
+            if not threads:
+                return True
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                with self._lock:
+                    return not self._connecting
 
     # ---- engine thread ------------------------------------------------------
     def send(self, result: StepResult) -> StepResult:
@@ -142,24 +178,51 @@ class TokenLinks:
         self._on_link.clear()
 
     def close(self) -> None:
+        """On the engine thread as it ends, or after it ended: every link closes, and a connect
+        still in flight closes its socket when it ends."""
+        with self._lock:
+            self._closed = True
         for gw in list(self._socks):
             self._drop(gw, None)
+        for gw in list(self._ready):
+            held = self._ready.pop(gw, None)
+            if held is not None:
+                _close_quietly(held[0])
 
     def _link(self, gw: str) -> socket.socket | None:
         entry = self._addrs.get(gw)
+        fresh = self._ready.pop(gw, None)
+        if fresh is not None:
+            if fresh[1] == entry and gw not in self._socks:
+                self._socks[gw] = fresh
+            else:
+                _close_quietly(fresh[0])  # for an address the gateway no longer advertises
         held = self._socks.get(gw)
         if held is not None:
             if held[1] == entry:
                 return held[0]
             # The gateway advertised another address (it restarted): this link is stale.
             self._drop(gw, "the gateway advertised a new token address")
-            self._retry.pop(gw, None)
-        if entry is None:
-            return None
-        now = time.monotonic()
-        next_try, backoff, tried = self._retry.get(gw, (0.0, RETRY_S / 2, entry))
-        if now < next_try and tried == entry:
-            return None
+            with self._lock:
+                self._retry.pop(gw, None)
+        if entry is not None:
+            self._start_connect(gw)  # nothing when one is in flight or backing off
+        return None
+
+    # ---- connects (any thread) --------------------------------------------
+    def _start_connect(self, gw: str) -> None:
+        with self._lock:
+            entry = self._addrs.get(gw)
+            if entry is None or gw in self._connecting or self._closed:
+                return
+            next_try, _, tried = self._retry.get(gw, (0.0, 0.0, entry))
+            if time.monotonic() < next_try and tried == entry:
+                return
+            t = threading.Thread(target=self._connect, args=(gw, entry), name=f"token-link-{gw}", daemon=True)
+            self._connecting[gw] = t
+        t.start()
+
+    def _connect(self, gw: str, entry: tuple[str, str]) -> None:
         addr, key = entry
         sock: socket.socket | None = None
         try:
@@ -173,17 +236,26 @@ class TokenLinks:
             sock.setblocking(False)
         except (OSError, ValueError) as e:
             if sock is not None:
-                sock.close()
-            backoff = min(backoff * 2, RETRY_MAX_S)
-            self._retry[gw] = (now + backoff, backoff, entry)
-            self.failures += 1
+                _close_quietly(sock)
+            with self._lock:
+                _, backoff, _ = self._retry.get(gw, (0.0, RETRY_S / 2, entry))
+                backoff = min(backoff * 2, RETRY_MAX_S)
+                self._retry[gw] = (time.monotonic() + backoff, backoff, entry)
+                self._connecting.pop(gw, None)
+            self.connect_failures += 1
             self.log.warning("token_link_failed", gateway_id=gw, addr=addr, error=repr(e), retry_s=backoff)
-            return None
-        self._retry.pop(gw, None)
-        self._socks[gw] = (sock, entry)
+            return
+        with self._lock:
+            self._retry.pop(gw, None)
+            self._connecting.pop(gw, None)
+            closed = self._closed
+            if not closed:
+                self._ready[gw] = (sock, entry)
+        if closed:
+            _close_quietly(sock)
+            return
         self.connects += 1
         self.log.info("token_link_up", gateway_id=gw, addr=addr)
-        return sock
 
     def _write(self, gw: str, sock: socket.socket, payload: bytes) -> bool:
         try:
@@ -203,10 +275,11 @@ class TokenLinks:
         except (OSError, ValueError) as e:
             # Not all of the frame went (a timeout, a reset): the gateway drops the truncated
             # frame with the connection, and these events go by NATS.
-            self.failures += 1
+            self.write_failures += 1
             entry = self._socks[gw][1] if gw in self._socks else None
             self._drop(gw, repr(e))
-            self._retry[gw] = (time.monotonic() + RETRY_S, RETRY_S, entry)
+            with self._lock:
+                self._retry[gw] = (time.monotonic() + RETRY_S, RETRY_S, entry)
             return False
         self.frames += 1
         return True
@@ -214,10 +287,7 @@ class TokenLinks:
     def _drop(self, gw: str, why: str | None) -> None:
         held = self._socks.pop(gw, None)
         if held is not None:
-            try:
-                held[0].close()
-            except OSError:
-                pass
+            _close_quietly(held[0])
         # Requests that had events on it stay on NATS from now on (the module's rule).
         moved = [k for k in self._on_link if k[0] == gw]
         for k in moved:
@@ -225,3 +295,10 @@ class TokenLinks:
             self._on_nats.add(k)
         if why is not None:
             self.log.warning("token_link_dropped", gateway_id=gw, error=why, requests_moved=len(moved))
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
