@@ -50,6 +50,8 @@ from typing import TYPE_CHECKING, Protocol
 # and a profile of a 3-hop chain had zlib's crc32 as a third of all CPU time. Releases the GIL.
 from zlib_ng.zlib_ng import crc32
 
+from cascade.advertise import advertised_host, split_host_port
+
 if TYPE_CHECKING:
     from cascade.models.checkpoint import Checkpoint
 
@@ -465,13 +467,6 @@ class _TcpListener:
         self._sock.close()
 
 
-def split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"data address {addr!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
 class TcpTransport:
     """Plain TCP (loopback on one machine). Kernel socket buffers are left to autotuning: setting
     SO_SNDBUF/SO_RCVBUF by hand turns autotuning off and measured no faster on loopback."""
@@ -482,11 +477,10 @@ class TcpTransport:
         sock.bind((host, port))
         sock.listen(64)
         bound = sock.getsockname()[1]
-        shown = advertise_host or (socket.gethostname() if host in ("0.0.0.0", "") else host)
-        return _TcpListener(sock, f"{shown}:{bound}")
+        return _TcpListener(sock, f"{advertised_host(host, advertise_host)}:{bound}")
 
     def connect(self, addr: str, timeout_s: float) -> Channel:
-        sock = socket.create_connection(split_addr(addr), timeout=timeout_s)
+        sock = socket.create_connection(split_host_port(addr), timeout=timeout_s)
         return _TcpChannel(sock)
 
 

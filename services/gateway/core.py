@@ -793,21 +793,25 @@ class GatewayCore:
             self.log.warning("cancel_failed", worker_id=worker, error=repr(e))
 
     # ---- token stream ------------------------------------------------------
-    def _on_tokens_msg(self, msg: Msg) -> None:
+    def _decode_events(self, data: bytes, **source: str) -> TokenEvents | None:
+        """The step's events from either path's bytes (the tokens subject, a direct link), or None
+        with a warning naming where the bad payload came from."""
         try:
-            events = decode(msg.data, TokenEvents)
+            return decode(data, TokenEvents)
         except MessageError as e:
-            self.log.warning("bad_message", subject=msg.subject, error=str(e))
-            return
-        self.on_tokens(events)
+            self.log.warning("bad_message", error=str(e), **source)
+            return None
+
+    def _on_tokens_msg(self, msg: Msg) -> None:
+        events = self._decode_events(msg.data, subject=msg.subject)
+        if events is not None:
+            self.on_tokens(events)
 
     def _on_link_payload(self, worker_id: str, payload: bytes) -> None:
         """A frame of a direct token link: the same bytes and the same handling as a message on
         the tokens subject, from the worker that said hello on it only."""
-        try:
-            events = decode(payload, TokenEvents)
-        except MessageError as e:
-            self.log.warning("bad_message", source="token_link", worker_id=worker_id, error=str(e))
+        events = self._decode_events(payload, source="token_link", worker_id=worker_id)
+        if events is None:
             return
         if events.worker_id != worker_id:
             self.log.warning("token_link_wrong_worker", worker_id=worker_id, events_from=events.worker_id)
