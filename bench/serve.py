@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import os
 import re
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ import aiohttp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import schedstat
 from bench.common import md_table, result_header, sse_events, summary, write_result
 from bench.mesh import Mesh
 from cascade.config import DEFAULT_MODEL, GenerateSpec
@@ -411,27 +413,70 @@ async def overhead(
     max_tokens: int,
     model: str = DEFAULT_MODEL,
     cpus: frozenset[int] = frozenset(),
+    mesh_pid: int | None = None,
 ) -> dict[str, Any]:
     """Alternate one request through the mesh and one in-process, one at a time, so both see the
-    same machine state; the added latency is their difference per pair."""
+    same machine state; the added latency is their difference per pair. With `mesh_pid` (the
+    `cascade up` process) on Linux, each request's CPU time and run-queue wait by process
+    (bench/schedstat.py): what each part of the mesh spends, and how long the engine thread was
+    ready to run and could not, which is latency the in-process engine pays only as its own wait."""
     mesh, local = [], []
+    cpu_mesh: list[dict[str, tuple[float, float]]] = []
+    cpu_local: list[tuple[float, float]] = []
+    group = schedstat.mesh_grouping(cpus) if mesh_pid and schedstat.available() else None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
         for _ in range(3):
             await one_request(s, url, prompt, max_tokens, model)
             inprocess_request(engine, tok, prompt, max_tokens, cpus)
         for _ in range(n):
-            mesh.append(await one_request(s, url, prompt, max_tokens, model))
-            local.append(inprocess_request(engine, tok, prompt, max_tokens, cpus))
+            if group is not None and mesh_pid:
+                before, mine = schedstat.tree(mesh_pid, group), schedstat.this_thread()
+                mesh.append(await one_request(s, url, prompt, max_tokens, model))
+                used = schedstat.delta_ms(before, schedstat.tree(mesh_pid, group))
+                used["bench client"] = schedstat.delta_ms({"c": mine}, {"c": schedstat.this_thread()})["c"]
+                cpu_mesh.append(used)
+                mine = schedstat.this_thread()
+                local.append(inprocess_request(engine, tok, prompt, max_tokens, cpus))
+                cpu_local.append(schedstat.delta_ms({"c": mine}, {"c": schedstat.this_thread()})["c"])
+            else:
+                mesh.append(await one_request(s, url, prompt, max_tokens, model))
+                local.append(inprocess_request(engine, tok, prompt, max_tokens, cpus))
     pairs = [(m, lo) for m, lo in zip(mesh, local, strict=True) if m["ok"]]
     added = [(m["latency"] - lo["latency"]) * 1e3 for m, lo in pairs]
     added_ttft = [(m["ttft"] - lo["ttft"]) * 1e3 for m, lo in pairs]
-    return {
+    out: dict[str, Any] = {
         "pairs": len(added),
         "mesh_latency_ms": summary([m["latency"] * 1e3 for m in mesh if m["ok"]]),
         "inprocess_latency_ms": summary([lo["latency"] * 1e3 for lo in local]),
         "added_latency_ms": summary(added),
         "added_ttft_ms": summary(added_ttft),
     }
+    if cpu_mesh:
+        groups = sorted({k for d in cpu_mesh for k in d})
+        out["cpu_per_request_ms"] = {
+            **{
+                k: {
+                    "run": statistics.median(d.get(k, (0.0, 0.0))[0] for d in cpu_mesh),
+                    "runqueue_wait": statistics.median(d.get(k, (0.0, 0.0))[1] for d in cpu_mesh),
+                }
+                for k in groups
+            },
+            "engine in-process": {
+                "run": statistics.median(c[0] for c in cpu_local),
+                "runqueue_wait": statistics.median(c[1] for c in cpu_local),
+            },
+        }
+    return out
+
+
+def cpu_table(ov: dict[str, Any], max_tokens: int) -> str:
+    """The medians of `overhead`'s CPU readings, the engines first; "" without them."""
+    cpu = ov.get("cpu_per_request_ms")
+    if not cpu:
+        return ""
+    order = sorted(cpu, key=lambda k: (k not in ("worker engine thread", "engine in-process"), -cpu[k]["run"]))
+    rows = [[k, cpu[k]["run"], cpu[k]["runqueue_wait"]] for k in order if cpu[k]["run"] or cpu[k]["runqueue_wait"]]
+    return md_table([f"per request of {max_tokens} tokens (median)", "CPU ms", "run-queue wait ms"], rows)
 
 
 def _model_folder(a: argparse.Namespace, scratch: Path) -> tuple[Path, str, dict[str, Any]]:
@@ -589,7 +634,10 @@ def main(argv: list[str] | None = None) -> int:
             if hf_runs:
                 hf_rows.append(_paired(mesh_runs, hf_runs))
         print(f"mesh overhead: {a.overhead_requests} paired requests …", flush=True)
-        ov = asyncio.run(overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name, cpus))
+        mesh_pid = mesh.proc.pid if mesh.proc is not None else None
+        ov = asyncio.run(
+            overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name, cpus, mesh_pid)
+        )
     finally:
         mesh.stop()
     # With the mesh stopped, the engine in-process has the machine to itself, as the mesh had.
@@ -639,6 +687,12 @@ def main(argv: list[str] | None = None) -> int:
             ["added time to first token", ov["added_ttft_ms"]["p50"], ov["added_ttft_ms"]["p99"]],
         ],
     )
+    if ov.get("cpu_per_request_ms"):
+        table += (
+            "\nWhere the CPU went, request by request in the same pairs (Linux schedstat: CPU time, and time "
+            "ready to run but waiting for a core; the engines' wait is latency):\n\n"
+            + cpu_table(ov, a.overhead_max_tokens)
+        )
     if scaling is not None:
         hi, lo_c = max(levels), min(levels)
         table += f"\nTokens/s at concurrency {hi} over concurrency {lo_c}: {scaling:.2f}x (target ≥ 4x)\n"
