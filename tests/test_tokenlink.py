@@ -258,3 +258,17 @@ def test_a_connect_that_ends_after_close_leaves_no_socket() -> None:
     finally:
         release.set()
         slow.close()
+
+
+def test_a_connected_link_not_yet_taken_up_is_not_connected_again(gateway: Gateway) -> None:
+    """`learn` runs for every GenerateBatch: between the connect's end and the engine thread's
+    next step, more batches must not open more connections (each would leak the one before)."""
+    links = TokenLinks("w", enc)
+    try:
+        for _ in range(3):
+            links.learn("g", gateway.addr, "key")
+            assert links.settle()
+        assert links.connects == 1 and len(gateway.conns) == 1
+        assert ids(links.send(step(("g", "a", None)))) == [] and links.linked("g")
+    finally:
+        links.close()

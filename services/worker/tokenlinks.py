@@ -215,6 +215,9 @@ class TokenLinks:
             entry = self._addrs.get(gw)
             if entry is None or gw in self._connecting or self._closed:
                 return
+            ready = self._ready.get(gw)
+            if ready is not None and ready[1] == entry:
+                return  # connected, waiting for the engine thread to take it up
             next_try, _, tried = self._retry.get(gw, (0.0, 0.0, entry))
             if time.monotonic() < next_try and tried == entry:
                 return
@@ -249,8 +252,11 @@ class TokenLinks:
             self._retry.pop(gw, None)
             self._connecting.pop(gw, None)
             closed = self._closed
+            stale = None if closed else self._ready.get(gw)
             if not closed:
                 self._ready[gw] = (sock, entry)
+        if stale is not None:
+            _close_quietly(stale[0])  # one for an address the gateway advertised before
         if closed:
             _close_quietly(sock)
             return
