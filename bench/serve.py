@@ -65,8 +65,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--overhead-meshes",
         type=int,
         default=3,
-        help="meshes the overhead pairs run on, each started afresh, pooled (default 3: a run's figure moves "
-        "with where the scheduler placed that mesh's processes)",
+        help="meshes the overhead pairs run on, each started afresh, pooled (default 3: one mesh's figure is "
+        "a sample of the minute it ran in, on a shared host)",
     )
     p.add_argument(
         "--overhead-max-tokens",
@@ -463,8 +463,8 @@ async def overhead(
 
 def summarize_overhead(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One or more meshes' `overhead` pairs, pooled: the figures over every pair, each mesh's p50
-    beside them (where the scheduler placed a mesh's processes moves a whole run's figure, so a
-    single mesh is a sample of one), and the CPU readings' medians."""
+    beside them (the path's wake-ups cost what the host makes them cost at that minute, so one
+    mesh's figure is a sample of one), and the CPU readings' medians."""
     pool = {k: [x for r in runs for x in r[k]] for k in ("mesh_ms", "inprocess_ms", "added_ms", "added_ttft_ms")}
     out: dict[str, Any] = {
         "pairs": len(pool["added_ms"]),
