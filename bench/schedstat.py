@@ -94,7 +94,9 @@ def mesh_grouping(engine_cpus: Iterable[int]) -> Callable[[int, int], str | None
                 return None
             words = [a.decode(errors="replace") for a in argv]
             cmd = next((w for w in words if w in ("gateway", "worker", "scaler", "loader", "up")), None)
-            name = names[pid] = cmd if cmd is not None else os.path.basename(words[0]) if words and words[0] else "?"
+            name = cmd if cmd is not None else os.path.basename(words[0]) if words and words[0] else "?"
+            if name != "?":
+                names[pid] = name  # an empty command line (a process not yet exec'd) is read again
         if name == "worker" and pinned:
             try:
                 return "worker engine thread" if os.sched_getaffinity(tid) == pinned else "worker, other threads"

@@ -45,9 +45,14 @@ def test_mesh_grouping_names_services_by_command_and_splits_the_pinned_engine_th
     # This process is no service: its executable's name.
     assert group(os.getpid(), os.getpid()) == os.path.basename(sys.executable)
     sleeper = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()", "worker"], stdin=subprocess.PIPE, text=True
+        [sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()", "worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
+        # Running its own command line (until its exec, /proc shows the parent's or nothing).
+        assert sleeper.stdout is not None and sleeper.stdout.readline().strip() == "up"
         os.sched_setaffinity(sleeper.pid, {cpu})
         engine = schedstat.mesh_grouping({cpu})(sleeper.pid, sleeper.pid)
         others = set(os.sched_getaffinity(0)) - {cpu}
