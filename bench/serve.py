@@ -437,19 +437,24 @@ async def overhead(
         for _ in range(3):
             await one_request(s, url, prompt, max_tokens, model)
             inprocess_request(engine, tok, prompt, max_tokens, cpus)
+
+        def reading() -> schedstat.Reading:
+            # The mesh's threads by group, and this thread: the bench client during a mesh
+            # request, the in-process engine during its own.
+            if group is None or not mesh_pid:
+                return {}
+            return {**schedstat.tree(mesh_pid, group), "this thread": schedstat.this_thread()}
+
         for _ in range(n):
-            if group is not None and mesh_pid:
-                before, mine = schedstat.tree(mesh_pid, group), schedstat.this_thread()
-                mesh.append(await one_request(s, url, prompt, max_tokens, model))
-                used = schedstat.delta_ms(before, schedstat.tree(mesh_pid, group))
-                used["bench client"] = schedstat.delta_ms({"c": mine}, {"c": schedstat.this_thread()})["c"]
+            r0 = reading()
+            mesh.append(await one_request(s, url, prompt, max_tokens, model))
+            r1 = reading()
+            local.append(inprocess_request(engine, tok, prompt, max_tokens, cpus))
+            if r0:
+                used = schedstat.delta_ms(r0, r1)
+                used["bench client"] = used.pop("this thread")
                 cpu_mesh.append(used)
-                mine = schedstat.this_thread()
-                local.append(inprocess_request(engine, tok, prompt, max_tokens, cpus))
-                cpu_local.append(schedstat.delta_ms({"c": mine}, {"c": schedstat.this_thread()})["c"])
-            else:
-                mesh.append(await one_request(s, url, prompt, max_tokens, model))
-                local.append(inprocess_request(engine, tok, prompt, max_tokens, cpus))
+                cpu_local.append(schedstat.delta_ms(r1, {"this thread": schedstat.this_thread()})["this thread"])
     pairs = [(m, lo) for m, lo in zip(mesh, local, strict=True) if m["ok"]]
     return {
         "mesh_ms": [m["latency"] * 1e3 for m in mesh if m["ok"]],

@@ -126,7 +126,8 @@ class TokenLinks:
         return gateway_id in self._socks
 
     def settle(self, timeout_s: float = 5.0) -> bool:
-        """Wait for the connects in flight to end (tests, and `close`). True when none is left."""
+        """Wait for the connects in flight to end (for tests: `close` does not wait, a connect that
+        ends after it closes its own socket). True when none is left."""
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
