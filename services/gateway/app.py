@@ -199,6 +199,17 @@ def _final_error(reason: str, error: str | None) -> ApiError | None:
     return None
 
 
+class EventStream(web.StreamResponse):
+    """A `text/event-stream` response whose status line and headers leave with its first chunk,
+    in one write: `prepare` runs once the first token is here, so sending the headers on their own
+    would wake the client once for them and again for the token a moment later (on a VM every
+    wake of a halted vCPU goes through the host). aiohttp's own `Response` buffers its headers
+    the same way (the class attribute below); should aiohttp drop that attribute, the headers go
+    out on their own again, which is correct, only one wake-up dearer."""
+
+    _send_headers_immediately = False
+
+
 class _Progress:
     """What a request produced and how it ended: feeds the request metrics (vLLM's, labelled with
     the worker that served it) and the scaler's load reports."""
@@ -417,7 +428,7 @@ async def _stream(
         err = _final_error(ev.finish_reason, ev.error)
         if err is not None:
             raise err
-    resp = web.StreamResponse(
+    resp = EventStream(
         status=200,
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
