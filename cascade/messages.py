@@ -517,6 +517,9 @@ class GenerateBatch:
     # key a link must present; empty: publish them on its tokens subject (NATS), as before.
     token_addr: str = ""
     token_key: str = ""
+    # The same listener's Unix socket in the abstract namespace ("@name"), for a worker in the
+    # gateway's own network namespace to try first; empty: none (not Linux, or off).
+    token_local: str = ""
 
 
 @message("rejection")

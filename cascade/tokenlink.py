@@ -18,6 +18,13 @@ through one function after the decode. The key is a random secret the gateway pu
 `GenerateBatch` with its address: a connection that does not present it (a stray client, a
 worker of another gateway incarnation on a reused port) is refused before any frame is read.
 
+On Linux the gateway also listens on a Unix socket in the abstract namespace (`@cascade-tokens-
+<gateway id>-<random>`, advertised beside the TCP address), which a worker tries first: same wire,
+same key, a cheaper `send` than loopback TCP (no TCP/IP stack on the path; measured on the 2-core
+dev VM, 23-40 µs against 60-63 µs a frame at the median, on every step of every request). The
+name is reachable only from the gateway's own network namespace (the same host, not another
+container or pod), so a worker elsewhere is refused at once and takes the TCP address.
+
 Pure framing here, plus the gateway's listener (`TokenLinkProtocol`, asyncio). No torch: the
 gateway imports it.
 """
@@ -26,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import secrets
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +49,22 @@ ACK_REFUSED = b"\x01"
 MAX_FRAME = 8 << 20
 _HEADER = struct.Struct("!BI")
 _MAX_FIELD = 0xFFFF
+
+
+def local_socket_name(gateway_id: str) -> str | None:
+    """A fresh abstract Unix socket name for a gateway's local listener, in its advertised form
+    (`@name`); None where abstract names do not exist (anything but Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return f"@cascade-tokens-{gateway_id}-{secrets.token_hex(4)}"
+
+
+def local_socket_address(local: str) -> str | None:
+    """The address `socket.connect` and `create_unix_server` take for an advertised local name
+    (`@name` → NUL + name), or None when there is none or this platform has no abstract names."""
+    if not local.startswith("@") or len(local) < 2 or not sys.platform.startswith("linux"):
+        return None
+    return "\0" + local[1:]
 
 
 class TokenLinkError(ValueError):

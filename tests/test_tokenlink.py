@@ -3,15 +3,26 @@ which path a request's events take (services/worker/tokenlinks.py), over real lo
 
 from __future__ import annotations
 
+import secrets
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from cascade.messages import TokenEvent, TokenEvents, decode, encode
-from cascade.tokenlink import ACK_OK, MAX_FRAME, FrameReader, TokenLinkError, frame, hello
+from cascade.tokenlink import (
+    ACK_OK,
+    MAX_FRAME,
+    FrameReader,
+    TokenLinkError,
+    frame,
+    hello,
+    local_socket_address,
+    local_socket_name,
+)
 from services.worker.engine import StepResult
 from services.worker.tokenlinks import TokenLinks
 
@@ -58,9 +69,20 @@ def test_bad_frame_sets_error_after_the_good_ones() -> None:
 class Gateway:
     """A loopback listener that acks hellos and collects frames' payloads (or refuses)."""
 
-    def __init__(self, ack: bytes = ACK_OK, hold: threading.Event | None = None) -> None:
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.addr = f"127.0.0.1:{self.srv.getsockname()[1]}"
+    def __init__(self, ack: bytes = ACK_OK, hold: threading.Event | None = None, local: str = "") -> None:
+        """`local`: listen on that abstract Unix socket name ("@name") instead of TCP (`addr` is
+        then a TCP port nobody listens on)."""
+        self.local = local
+        if local:
+            self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            path = local_socket_address(local)
+            assert path is not None
+            self.srv.bind(path)
+            self.srv.listen()
+            self.addr = f"127.0.0.1:{_free_port()}"
+        else:
+            self.srv = socket.create_server(("127.0.0.1", 0))
+            self.addr = f"127.0.0.1:{self.srv.getsockname()[1]}"
         self.ack = ack
         self.hold = hold  # the ack waits for it: a gateway slow to answer
         self.hellos = threading.Semaphore(0)
@@ -111,6 +133,12 @@ class Gateway:
             c.close()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture
 def gateway() -> Iterator[Gateway]:
     g = Gateway()
@@ -128,8 +156,9 @@ def step(*events: tuple[str, str, str | None]) -> StepResult:
     return StepResult(evs, [], len(evs), 0, len(evs), 0)
 
 
-def ids(result: StepResult) -> list[str]:
-    return [ev.request_id for _, ev in result.events]
+def ids(left: list[tuple[str, TokenEvent]]) -> list[str]:
+    """The requests of the events `TokenLinks.send` left for NATS."""
+    return [ev.request_id for _, ev in left]
 
 
 def test_links_carry_events_and_pin_requests_to_their_first_path(gateway: Gateway) -> None:
@@ -209,12 +238,12 @@ def test_each_choice_of_a_request_keeps_its_path_to_its_own_end(gateway: Gateway
         out = [("g", TokenEvent("a", [1], "a", finish_reason=fin, choice=c)) for c, fin in evs]
         return StepResult(out, [], len(out), 0, len(out), 0)
 
-    assert len(links.send(choices((0, None), (1, None))).events) == 2  # no link yet: both by NATS
+    assert len(links.send(choices((0, None), (1, None)))) == 2  # no link yet: both by NATS
     links.learn("g", gateway.addr, "key")
     assert links.settle()
     # Choice 0 ends (by NATS); choice 1 goes on by NATS though the link is up and "a" has a finished choice.
-    assert len(links.send(choices((0, "length"), (1, None))).events) == 2
-    assert [ev.choice for _, ev in links.send(choices((1, None))).events] == [1]
+    assert len(links.send(choices((0, "length"), (1, None)))) == 2
+    assert [ev.choice for _, ev in links.send(choices((1, None)))] == [1]
     assert links.frames == 0
     links.close()
 
@@ -270,5 +299,47 @@ def test_a_connected_link_not_yet_taken_up_is_not_connected_again(gateway: Gatew
             assert links.settle()
         assert links.connects == 1 and len(gateway.conns) == 1
         assert ids(links.send(step(("g", "a", None)))) == [] and links.linked("g")
+    finally:
+        links.close()
+
+
+def test_local_socket_names() -> None:
+    assert local_socket_address("") is None and local_socket_address("/tmp/x") is None
+    assert local_socket_address("@") is None
+    if sys.platform.startswith("linux"):
+        name = local_socket_name("gw-1")
+        assert name is not None and name.startswith("@cascade-tokens-gw-1-")
+        assert local_socket_name("gw-1") != name  # random: a restarted gateway never meets its old links
+        assert local_socket_address("@abc") == "\0abc"
+    else:
+        assert local_socket_name("gw-1") is None and local_socket_address("@abc") is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix socket names are Linux's")
+def test_a_gateway_in_the_same_namespace_is_linked_by_its_local_socket() -> None:
+    # The advertised TCP port has no listener: the frames can only have come over the Unix socket.
+    gw = Gateway(local=f"@cascade-test-{secrets.token_hex(4)}")
+    links = TokenLinks("w", enc)
+    try:
+        links.learn("g", gw.addr, "key", local=gw.local)
+        assert links.settle()
+        assert (links.connects, links.local_connects, links.failures) == (1, 1, 0)
+        assert ids(links.send(step(("g", "a", "length")))) == []
+        assert [e.request_id for e in decode(gw.wait(1)[0], TokenEvents).events] == ["a"]
+        assert links.summary()["local_connects"] == 1
+    finally:
+        links.close()
+        gw.close()
+
+
+def test_a_local_name_nobody_listens_on_falls_back_to_tcp(gateway: Gateway) -> None:
+    # Another host or another network namespace (a container, a pod): refused at once, then TCP.
+    links = TokenLinks("w", enc)
+    try:
+        links.learn("g", gateway.addr, "key", local=f"@cascade-nobody-{secrets.token_hex(4)}")
+        assert links.settle()
+        assert (links.connects, links.local_connects, links.failures) == (1, 0, 0)
+        assert ids(links.send(step(("g", "a", "length")))) == []
+        assert [e.request_id for e in decode(gateway.wait(1)[0], TokenEvents).events] == ["a"]
     finally:
         links.close()

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,9 @@ async def test_tokens_go_over_the_link_and_equal_the_nats_path(
         st = direct.core.status()
         assert st["token_links"]["frames"] == links.frames and st["token_links"]["open"] == 1
         assert links.summary()["linked"] == [direct.id] and tapped.core.status()["token_addr"] == ""
+        if sys.platform.startswith("linux"):
+            # Worker and gateway share this host's network namespace: the link is the Unix socket.
+            assert direct.core.token_local.startswith("@") and links.local_connects == links.connects == 1
 
 
 async def test_a_link_cut_mid_stream_never_hangs_the_request(

@@ -64,7 +64,7 @@ from cascade.messages import (
 )
 from cascade.models.chat_template import ChatTemplateError, NoChatTemplate
 from cascade.subjects import Subjects
-from cascade.tokenlink import link_server_factory
+from cascade.tokenlink import link_server_factory, local_socket_address, local_socket_name
 from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from services.gateway.batcher import Batcher, QueueFull
 from services.gateway.catalog import ModelCatalog, ModelInfo
@@ -151,9 +151,11 @@ class GatewayCore:
         # The direct token listener (cascade/tokenlink.py): its advertised "host:port" and the key
         # a link presents, both sent in every GenerateBatch; empty while off or not started.
         self.token_addr = ""
+        self.token_local = ""  # its Unix socket, "@name" (cascade/tokenlink.py); empty: none
         self.token_key = secrets.token_hex(16)
         self.token_link_stats: dict[str, int] = {}
         self._token_server: asyncio.Server | None = None
+        self._token_local_server: asyncio.Server | None = None
         self._token_links: set[asyncio.Transport] = set()
 
     def _heartbeat_seen(self, hb: Heartbeat) -> None:
@@ -241,15 +243,25 @@ class GatewayCore:
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         await asyncio.to_thread(check_reachable, addr, "token listener", f"{s.host}:{port}")
         self.token_addr = addr
-        self.log.info("token_listener", addr=addr)
+        local = local_socket_name(self.id) if s.local_tokens else None
+        path = local_socket_address(local) if local else None
+        if local and path:
+            try:
+                self._token_local_server = await asyncio.get_running_loop().create_unix_server(factory, path)
+                self.token_local = local
+            except OSError as e:  # the TCP listener carries every link then
+                self.log.warning("token_local_listener_failed", error=repr(e))
+        self.log.info("token_listener", addr=addr, local=self.token_local or None)
 
     async def close(self) -> None:
         """Idempotent; safe after a partial start."""
         self.accepting = False
         server, self._token_server = self._token_server, None
-        self.token_addr = ""
-        if server is not None:
-            server.close()
+        local, self._token_local_server = self._token_local_server, None
+        self.token_addr = self.token_local = ""
+        for srv in (server, local):
+            if srv is not None:
+                srv.close()
         for t in list(self._token_links):
             t.abort()  # workers' next writes fail: they go back to NATS (tokenlinks.py)
         for sub in self._subs:
@@ -514,6 +526,7 @@ class GatewayCore:
         msg = GenerateBatch(
             token_addr=self.token_addr,
             token_key=self.token_key if self.token_addr else "",
+            token_local=self.token_local if self.token_addr else "",
             gateway_id=self.id,
             requests=[
                 GenerateRequest(r.request_id, r.model, prompt, params, stages, r.arrived_at, attempt=r.dispatches)
@@ -1041,6 +1054,7 @@ class GatewayCore:
             ],
             # The direct token listener ("" when off) and what its links carried (frames, refused, bad).
             "token_addr": self.token_addr,
+            "token_local": self.token_local,
             "token_links": {**self.token_link_stats, "open": len(self._token_links)},
         }
 

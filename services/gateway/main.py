@@ -174,6 +174,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "straight to this gateway over TCP (default: over TCP; env CASCADE_GATEWAY_DIRECT_TOKENS=0 turns it off)",
     )
     g.add_argument(
+        "--no-local-tokens",
+        dest="local_tokens",
+        action="store_false",
+        default=env_str("CASCADE_GATEWAY_LOCAL_TOKENS", "1").lower() not in ("0", "false", "no", "off"),
+        help="workers in this gateway's network namespace link over TCP too, not over its Unix socket "
+        "(default on Linux: that socket, a cheaper send per token; env CASCADE_GATEWAY_LOCAL_TOKENS=0)",
+    )
+    g.add_argument(
         "--api-key",
         action="append",
         default=[],

@@ -52,6 +52,9 @@ class GatewaySettings:
     # subject, where `nats sub` can tap them (docs/subjects.md).
     direct_tokens: bool = True
     token_port: int = 0  # the listener's port on `host` (0: any free port)
+    # The same listener on a Unix socket in the abstract namespace too (Linux), which workers in
+    # the gateway's network namespace try first: a cheaper send per token than loopback TCP.
+    local_tokens: bool = True
     # The host workers reach that listener at (the listen address when None; this machine's name
     # when that is a wildcard). Set it in containers, like the workers' --advertise-host.
     advertise_host: str | None = None

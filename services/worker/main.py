@@ -435,7 +435,7 @@ class WorkerService:
     def on_generate(self, batch: GenerateBatch) -> BatchReply:
         """Run in nats-py's read loop (`Runtime.serve_now`): it must not await or block."""
         if self.runner.token_links is not None:
-            self.runner.token_links.learn(batch.gateway_id, batch.token_addr, batch.token_key)
+            self.runner.token_links.learn(batch.gateway_id, batch.token_addr, batch.token_key, batch.token_local)
         accepted: list[str] = []
         rejected: list[Rejection] = []
         eng = self.slot.engine

@@ -39,15 +39,17 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from cascade.advertise import split_host_port
 from cascade.messages import TokenEvent
-from cascade.tokenlink import ACK_OK, frame, hello
+from cascade.tokenlink import ACK_OK, frame, hello, local_socket_address
 from services.worker.engine import StepResult
+
+# (address, key, local socket name) as a gateway advertises them.
+_Entry = tuple[str, str, str]
 
 CONNECT_TIMEOUT_S = 0.2
 SEND_TIMEOUT_S = 0.05
@@ -72,20 +74,20 @@ class TokenLinks:
         self.log = logger or structlog.get_logger()
         self._connect_timeout_s = connect_timeout_s
         self._send_timeout_s = send_timeout_s
-        # gateway id → (address, key), as the gateway last advertised them (written by the loop,
-        # read here: a plain dict, each write one atomic store).
-        self._addrs: dict[str, tuple[str, str]] = {}
+        # gateway id → (address, key, local socket name), as the gateway last advertised them
+        # (written by the loop, read here: a plain dict, each write one atomic store).
+        self._addrs: dict[str, _Entry] = {}
         # Links in use, the engine thread's alone.
-        self._socks: dict[str, tuple[socket.socket, tuple[str, str]]] = {}
+        self._socks: dict[str, tuple[socket.socket, _Entry]] = {}
         # Connected by a connect thread, not yet taken up by the engine thread (each put and pop
         # one atomic dict operation).
-        self._ready: dict[str, tuple[socket.socket, tuple[str, str]]] = {}
+        self._ready: dict[str, tuple[socket.socket, _Entry]] = {}
         # Under `_lock` (the loop, the engine thread and the connect threads all start or end
         # connects): gateways with a connect in flight, and gateway → (next try, back-off, the
         # address it applies to: a new one is tried at once).
         self._lock = threading.Lock()
         self._connecting: dict[str, threading.Thread] = {}
-        self._retry: dict[str, tuple[float, float, tuple[str, str] | None]] = {}
+        self._retry: dict[str, tuple[float, float, _Entry | None]] = {}
         self._closed = False
         # (gateway, request, choice): each of a request's n choices is a stream of its own (its own
         # index at the gateway) and ends on its own.
@@ -94,6 +96,7 @@ class TokenLinks:
         self.frames = 0  # frames written
         self.events_sent = 0  # events carried by them
         self.connects = 0  # written by the connect threads
+        self.local_connects = 0  # of them, over the gateway's local (Unix) socket
         self.connect_failures = 0  # connects refused or failed (the connect threads)
         self.write_failures = 0  # writes failed (the engine thread)
 
@@ -101,12 +104,13 @@ class TokenLinks:
     def failures(self) -> int:
         return self.connect_failures + self.write_failures
 
-    def learn(self, gateway_id: str, addr: str, key: str) -> None:
+    def learn(self, gateway_id: str, addr: str, key: str, local: str = "") -> None:
         """The gateway's token address from a `GenerateBatch`; empty: it wants NATS. A new
-        address is connected to at once, off the engine thread."""
+        address is connected to at once, off the engine thread. `local`: the gateway's Unix
+        socket in the abstract namespace (`@name`), tried first (cascade/tokenlink.py)."""
         if addr:
-            if self._addrs.get(gateway_id) != (addr, key):
-                self._addrs[gateway_id] = (addr, key)
+            if self._addrs.get(gateway_id) != (addr, key, local):
+                self._addrs[gateway_id] = (addr, key, local)
             if gateway_id not in self._socks:
                 self._start_connect(gateway_id)
         else:
@@ -119,6 +123,7 @@ class TokenLinks:
             "frames": self.frames,
             "events": self.events_sent,
             "connects": self.connects,
+            "local_connects": self.local_connects,
             "failures": self.failures,
         }
 
@@ -141,12 +146,19 @@ class TokenLinks:
                     return not self._connecting
 
     # ---- engine thread ------------------------------------------------------
-    def send(self, result: StepResult) -> StepResult:
-        """Write the events of `result` that may go by a link (the module's rule); the result
-        with the events left for NATS (`result` itself when none went)."""
-        by_gw: dict[str, list[TokenEvent]] = defaultdict(list)
-        for gw, ev in result.events:
-            by_gw[gw].append(ev)
+    def send(self, result: StepResult) -> list[tuple[str, TokenEvent]]:
+        """Write the events of `result` that may go by a link (the module's rule); the events left
+        for NATS (`result.events` itself when none went). Runs between every two steps: the
+        common case, one gateway, is grouped without a dict of lists."""
+        events = result.events
+        gw0 = events[0][0] if events else ""
+        by_gw: dict[str, list[TokenEvent]]
+        if all(gw == gw0 for gw, _ in events):
+            by_gw = {gw0: [ev for _, ev in events]} if events else {}
+        else:
+            by_gw = defaultdict(list)
+            for gw, ev in events:
+                by_gw[gw].append(ev)
         left: list[tuple[str, TokenEvent]] = []
         for gw, evs in by_gw.items():
             sock = self._link(gw)
@@ -169,9 +181,7 @@ class TokenLinks:
                 else:
                     self._on_nats.discard(key)
                 left.append((gw, ev))
-        if len(left) == len(result.events):
-            return result
-        return replace(result, events=left)
+        return events if len(left) == len(events) else left
 
     def idle(self) -> None:
         """The engine holds no sequence: no request is in flight on either path."""
@@ -226,13 +236,15 @@ class TokenLinks:
             self._connecting[gw] = t
         t.start()
 
-    def _connect(self, gw: str, entry: tuple[str, str]) -> None:
-        addr, key = entry
+    def _connect(self, gw: str, entry: _Entry) -> None:
+        addr, key, local = entry
         sock: socket.socket | None = None
         try:
-            host, port = split_host_port(addr)
-            sock = socket.create_connection((host, port), timeout=self._connect_timeout_s)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self._connect_local(local)
+            if sock is None:
+                host, port = split_host_port(addr)
+                sock = socket.create_connection((host, port), timeout=self._connect_timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(hello(key, self.worker_id))
             ack = sock.recv(1)
             if ack != ACK_OK:
@@ -262,7 +274,25 @@ class TokenLinks:
             _close_quietly(sock)
             return
         self.connects += 1
-        self.log.info("token_link_up", gateway_id=gw, addr=addr)
+        via_local = sock.family == getattr(socket, "AF_UNIX", None)
+        self.local_connects += via_local
+        self.log.info("token_link_up", gateway_id=gw, addr=local if via_local else addr)
+
+    def _connect_local(self, local: str) -> socket.socket | None:
+        """A connected socket to the gateway's local name, or None: not advertised, not this
+        platform, or not reachable from here (another host, another network namespace: a
+        container or pod of its own), which is told at once (no listener, no wait)."""
+        name = local_socket_address(local)
+        if name is None:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self._connect_timeout_s)
+            sock.connect(name)
+        except OSError:
+            _close_quietly(sock)
+            return None
+        return sock
 
     def _write(self, gw: str, sock: socket.socket, payload: bytes) -> bool:
         try:
