@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -256,9 +257,11 @@ class EngineThread:
         if links is not None and result.events:
             # Events for gateways linked directly go on their links first (tokenlinks.py says which);
             # what is left goes by NATS as below.
-            result = links.send(result)
-            if not result.events and not result.outbox:
+            left = links.send(result)
+            if not left and not result.outbox:
                 return
+            if len(left) != len(result.events):
+                result = dataclasses.replace(result, events=left)
         nc, eloop, writer = self.direct, self._eloop, self._writer
         direct = lane._direct_messages
         if nc is not None and eloop is not None and writer is not None and direct is not None:
@@ -319,8 +322,11 @@ class EngineThread:
             eng: Engine | None = None
             while not self._stopping and (self._calls or busy):
                 self._tend()
-                self._run_calls()
-                busy = self._with_work()
+                if self._calls:
+                    # A call may change lanes and models: what has work is read again after it
+                    # (else the reading at the end of the last step stands, microseconds old).
+                    self._run_calls()
+                    busy = self._with_work()
                 name = self.scheduler.pick(busy)
                 if name is None:
                     continue
