@@ -189,7 +189,13 @@ async def request(nc: NATS, subject: str, msg: Any, expect: type[T], timeout: fl
         raise RequestTimeout(f"no reply on {subject} within {timeout:.1f}s") from None
     except NoRespondersError:
         raise NoResponders(f"nobody listens on {subject}") from None
-    obj: Any = decode(reply.data)
+    return parse_reply(reply.data, expect, subject)
+
+
+def parse_reply(data: bytes, expect: type[T], subject: str) -> T:
+    """A reply's payload as `expect`: raises RemoteError for an ErrorReply, MessageError for
+    anything else (`subject`, or whichever path it came by, names it in the error)."""
+    obj: Any = decode(data)
     if isinstance(obj, ErrorReply):
         raise RemoteError(obj.code, obj.message)
     if not isinstance(obj, expect):

@@ -25,8 +25,21 @@ dev VM, 23-40 µs against 60-63 µs a frame at the median, on every step of ever
 name is reachable only from the gateway's own network namespace (the same host, not another
 container or pod), so a worker elsewhere is refused at once and takes the TCP address.
 
-Pure framing here, plus the gateway's listener (`TokenLinkProtocol`, asyncio). No torch: the
-gateway imports it.
+The request link, the other way: a worker's event loop also opens a second connection to the
+same listener, whose hello starts with "CREQ" instead of "CTOK" (same version, key and worker id,
+the same ack). On it the gateway writes REQUEST frames and the worker answers each with a REPLY
+frame, both with the payload a request/reply through NATS would carry (an encoded
+`GenerateBatch`, an encoded `BatchReply` or `ErrorReply`) behind a u32 id that pairs them
+(`RequestLinks`, the gateway's end). A batch then reaches the worker's loop straight from the
+gateway, without nats-server's two hops and nats-py's flusher turn on each side; only the loop
+thread of the worker reads and writes that connection (the engine thread writes the token link),
+so no socket is shared between threads. A gateway without a request link to a worker (its first
+batch to it, which starts the connect; a link lost; a worker or gateway of an older version)
+sends by NATS as before, and a link lost with batches in flight fails them as a lost NATS reply
+does: cancelled where they went, retried.
+
+Pure framing here, plus the gateway's listener (`TokenLinkProtocol`, asyncio) and its request
+links (`RequestLinks`). No torch: the gateway imports it.
 """
 
 from __future__ import annotations
@@ -40,14 +53,18 @@ from collections.abc import Callable
 from typing import Any
 
 MAGIC = b"CTOK"
+MAGIC_REQUESTS = b"CREQ"
 VERSION = 1
-KIND_EVENTS = 1
+KIND_EVENTS = 1  # worker → gateway, token link: an encoded TokenEvents
+KIND_REQUEST = 2  # gateway → worker, request link: u32 id + an encoded GenerateBatch
+KIND_REPLY = 3  # worker → gateway, request link: u32 id + an encoded BatchReply or ErrorReply
 ACK_OK = b"\x00"
 ACK_REFUSED = b"\x01"
 # Far above one step's events for one gateway (a few hundred bytes per request); a length past it
 # is a corrupt or foreign stream, not a big message.
 MAX_FRAME = 8 << 20
 _HEADER = struct.Struct("!BI")
+_ID = struct.Struct("!I")
 _MAX_FIELD = 0xFFFF
 
 
@@ -77,9 +94,10 @@ def _field(b: bytes, what: str) -> bytes:
     return struct.pack("!H", len(b)) + b
 
 
-def hello(key: str, worker_id: str) -> bytes:
-    """The first bytes a worker sends on a new link."""
-    return MAGIC + bytes([VERSION]) + _field(key.encode(), "key") + _field(worker_id.encode(), "worker id")
+def hello(key: str, worker_id: str, requests: bool = False) -> bytes:
+    """The first bytes a worker sends on a new link (`requests`: on a request link)."""
+    magic = MAGIC_REQUESTS if requests else MAGIC
+    return magic + bytes([VERSION]) + _field(key.encode(), "key") + _field(worker_id.encode(), "worker id")
 
 
 def frame(payload: bytes, kind: int = KIND_EVENTS) -> bytes:
@@ -88,27 +106,44 @@ def frame(payload: bytes, kind: int = KIND_EVENTS) -> bytes:
     return _HEADER.pack(kind, len(payload)) + payload
 
 
-class FrameReader:
-    """Incremental decoder of the gateway's side: `feed` bytes as they arrive; it returns the
-    hello once complete (`hello_done`, `key`, `worker_id`), then whole frames' payloads. Raises
-    TokenLinkError on anything malformed; the caller then drops the connection."""
+def id_frame(kind: int, ident: int, message: bytes) -> bytes:
+    """A REQUEST or REPLY frame: the id that pairs them, then the message."""
+    return frame(_ID.pack(ident) + message, kind)
 
-    def __init__(self) -> None:
+
+def split_id(payload: bytes) -> tuple[int, bytes]:
+    """(id, message) of a REQUEST or REPLY frame's payload."""
+    if len(payload) < _ID.size:
+        raise TokenLinkError(f"a request or reply frame of {len(payload)} bytes has no id")
+    return _ID.unpack_from(payload)[0], payload[_ID.size :]
+
+
+class FrameReader:
+    """Incremental decoder: `feed` bytes as they arrive; it returns the hello once complete
+    (`hello_done`, `key`, `worker_id`, `requests`), then whole frames' payloads, of the kinds
+    `kinds` allows (after the hello: EVENTS on a token link, REPLY on a request link). Raises
+    TokenLinkError on anything malformed; the caller then drops the connection. The worker's end
+    of a request link reads with `hello=False` and `kinds={KIND_REQUEST}`."""
+
+    def __init__(self, hello: bool = True, kinds: frozenset[int] | None = None) -> None:
         self._buf = bytearray()
-        self.hello_done = False
+        self.hello_done = not hello
         self.key = ""
         self.worker_id = ""
+        self.requests = False  # the hello opened a request link
+        self.kinds = kinds
         # Set by `feed` when a frame header is malformed: the frames before it are still returned.
         self.error: str | None = None
 
     def _hello(self) -> bool:
         buf = self._buf
+        head = bytes(buf[:4])
         if len(buf) < 5:
-            if not MAGIC.startswith(bytes(buf[:4])):
-                raise TokenLinkError(f"not a token link: starts with {bytes(buf[:4])!r}")
+            if not (MAGIC.startswith(head) or MAGIC_REQUESTS.startswith(head)):
+                raise TokenLinkError(f"not a token link: starts with {head!r}")
             return False
-        if bytes(buf[:4]) != MAGIC:
-            raise TokenLinkError(f"not a token link: starts with {bytes(buf[:4])!r}")
+        if head not in (MAGIC, MAGIC_REQUESTS):
+            raise TokenLinkError(f"not a token link: starts with {head!r}")
         if buf[4] != VERSION:
             raise TokenLinkError(f"token link version {buf[4]}, this gateway speaks {VERSION}")
         pos = 5
@@ -125,12 +160,15 @@ class FrameReader:
                 raise TokenLinkError(f"hello field is not UTF-8: {e}") from None
             pos += 2 + n
         self.key, self.worker_id = fields
+        self.requests = head == MAGIC_REQUESTS
+        if self.kinds is None:
+            self.kinds = frozenset({KIND_REPLY if self.requests else KIND_EVENTS})
         del buf[:pos]
         self.hello_done = True
         return True
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Payloads of the EVENTS frames completed by `data`, frames read only after the hello.
+        """Payloads of the frames completed by `data`, frames read only after the hello.
         A malformed hello raises TokenLinkError; a malformed frame sets `error` (the frames
         before it are returned) and nothing more is read."""
         if self.error is not None:
@@ -143,7 +181,7 @@ class FrameReader:
         pos = 0
         while len(buf) - pos >= _HEADER.size:
             kind, n = _HEADER.unpack_from(buf, pos)
-            if kind != KIND_EVENTS:
+            if kind not in (self.kinds or (KIND_EVENTS,)):
                 self.error = f"unknown token link frame kind {kind}"
                 break
             if n > MAX_FRAME:
@@ -176,9 +214,12 @@ class TokenLinkProtocol(asyncio.Protocol):
         on_error: Callable[[str, str], None],
         stats: dict[str, int] | None = None,
         conns: set[asyncio.Transport] | None = None,
+        requests: RequestLinks | None = None,
     ) -> None:
-        """`conns`: the set of open links' transports, kept up to date (for the owner to close)."""
+        """`conns`: the set of open links' transports, kept up to date (for the owner to close).
+        `requests`: where request links register (None: a request link's hello is refused)."""
         self._key = key
+        self._requests = requests
         self._conns = conns if conns is not None else set()
         self._on_payload = on_payload
         self._on_error = on_error
@@ -208,13 +249,28 @@ class TokenLinkProtocol(asyncio.Protocol):
                     t.write(ACK_REFUSED)
                     t.close()
                     return
+                if r.requests:
+                    if self._requests is None:
+                        self._on_error(r.worker_id, "request link refused: this gateway takes none")
+                        t.write(ACK_REFUSED)
+                        t.close()
+                        return
+                    self._requests.add(r.worker_id, t)
                 t.write(ACK_OK)
         except TokenLinkError as e:
             self._bad(str(e))
             return
-        for p in payloads:
-            self.stats["frames"] = self.stats.get("frames", 0) + 1
-            self._on_payload(r.worker_id, p)
+        if r.requests and self._requests is not None:
+            for p in payloads:
+                try:
+                    self._requests.answer(t, *split_id(p))
+                except TokenLinkError as e:
+                    self._bad(str(e))
+                    return
+        else:
+            for p in payloads:
+                self.stats["frames"] = self.stats.get("frames", 0) + 1
+                self._on_payload(r.worker_id, p)
         if r.error is not None:
             self._bad(r.error)
 
@@ -227,6 +283,8 @@ class TokenLinkProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
             self._conns.discard(self._transport)
+            if self._requests is not None:
+                self._requests.lost(self._transport)
         self._transport = None
         if self._reader.pending and self._reader.error is None:
             self.stats["truncated"] = self.stats.get("truncated", 0) + 1
@@ -238,5 +296,71 @@ def link_server_factory(
     on_error: Callable[[str, str], None],
     stats: dict[str, int],
     conns: set[asyncio.Transport],
+    requests: RequestLinks | None = None,
 ) -> Callable[[], Any]:
-    return lambda: TokenLinkProtocol(key, on_payload, on_error, stats, conns)
+    return lambda: TokenLinkProtocol(key, on_payload, on_error, stats, conns, requests)
+
+
+class RequestLinkLost(ConnectionError):
+    """The request link closed with the request in flight (the worker may or may not have it)."""
+
+
+class RequestLinks:
+    """The gateway's request links, one per worker id (the newest when a worker reconnects), and
+    the requests in flight on them. `send` writes a REQUEST frame at once, in the caller's turn
+    (no task, no flusher between the dispatch and the socket); the future it returns gets the
+    REPLY's message, or RequestLinkLost when the link closes first."""
+
+    def __init__(self) -> None:
+        self._by_worker: dict[str, asyncio.Transport] = {}
+        self._pending: dict[int, tuple[asyncio.Transport, asyncio.Future[bytes]]] = {}
+        self._next = 0
+        self.sent = 0
+        self.answered = 0
+
+    def has(self, worker_id: str) -> bool:
+        t = self._by_worker.get(worker_id)
+        return t is not None and not t.is_closing()
+
+    def workers(self) -> list[str]:
+        return sorted(w for w in self._by_worker if self.has(w))
+
+    def add(self, worker_id: str, transport: asyncio.Transport) -> None:
+        self._by_worker[worker_id] = transport
+
+    def send(self, worker_id: str, message: bytes) -> asyncio.Future[bytes] | None:
+        """The reply's future, or None when there is no open link to `worker_id` (go by NATS)."""
+        t = self._by_worker.get(worker_id)
+        if t is None or t.is_closing():
+            return None
+        self._next = (self._next + 1) & 0xFFFFFFFF
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[self._next] = (t, fut)
+        t.write(id_frame(KIND_REQUEST, self._next, message))
+        self.sent += 1
+        return fut
+
+    def forget(self, ident_fut: asyncio.Future[bytes]) -> None:
+        """Drop a request given up on (timed out): a late reply to it is ignored."""
+        for k, (_, f) in list(self._pending.items()):
+            if f is ident_fut:
+                del self._pending[k]
+
+    def answer(self, transport: asyncio.Transport, ident: int, message: bytes) -> None:
+        held = self._pending.get(ident)
+        if held is None or held[0] is not transport:
+            return  # given up on, or not this link's
+        del self._pending[ident]
+        self.answered += 1
+        if not held[1].done():
+            held[1].set_result(message)
+
+    def lost(self, transport: asyncio.Transport) -> None:
+        for w, t in list(self._by_worker.items()):
+            if t is transport:
+                del self._by_worker[w]
+        for k, (t, f) in list(self._pending.items()):
+            if t is transport:
+                del self._pending[k]
+                if not f.done():
+                    f.set_exception(RequestLinkLost("the request link closed before the reply"))

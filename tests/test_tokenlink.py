@@ -3,6 +3,7 @@ which path a request's events take (services/worker/tokenlinks.py), over real lo
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import socket
 import struct
@@ -12,18 +13,35 @@ from collections.abc import Iterator
 
 import pytest
 
-from cascade.messages import TokenEvent, TokenEvents, decode, encode
+from cascade.messages import (
+    BatchReply,
+    ErrorReply,
+    GenerateBatch,
+    RemoteError,
+    TokenEvent,
+    TokenEvents,
+    decode,
+    encode,
+)
 from cascade.tokenlink import (
     ACK_OK,
+    KIND_EVENTS,
+    KIND_REPLY,
+    KIND_REQUEST,
     MAX_FRAME,
     FrameReader,
+    RequestLinkLost,
+    RequestLinks,
     TokenLinkError,
     frame,
     hello,
+    id_frame,
     local_socket_address,
     local_socket_name,
+    split_id,
 )
 from services.worker.engine import StepResult
+from services.worker.requestlinks import RequestLinks as WorkerRequestLinks
 from services.worker.tokenlinks import TokenLinks
 
 
@@ -343,3 +361,76 @@ def test_a_local_name_nobody_listens_on_falls_back_to_tcp(gateway: Gateway) -> N
         assert [e.request_id for e in decode(gateway.wait(1)[0], TokenEvents).events] == ["a"]
     finally:
         links.close()
+
+
+class _Transport:
+    """What RequestLinks uses of an asyncio transport."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def test_request_frames_and_the_hello_of_a_request_link_round_trip() -> None:
+    r = FrameReader()
+    r.feed(hello("k", "w1", requests=True))
+    assert r.hello_done and r.requests and r.worker_id == "w1"
+    got = r.feed(id_frame(KIND_REPLY, 7, b"reply") + frame(b"x", KIND_EVENTS))
+    # A request link carries replies only: an events frame on it is an error after the reply.
+    assert [split_id(p) for p in got] == [(7, b"reply")] and r.error is not None
+    w = FrameReader(hello=False, kinds=frozenset({KIND_REQUEST}))
+    assert [split_id(p) for p in w.feed(id_frame(KIND_REQUEST, 0xFFFFFFFF, b"batch"))] == [(0xFFFFFFFF, b"batch")]
+    with pytest.raises(TokenLinkError):
+        split_id(b"abc")
+
+
+def test_request_links_pair_replies_and_fail_what_a_lost_link_held() -> None:
+    async def run() -> None:
+        links = RequestLinks()
+        t, other = _Transport(), _Transport()
+        assert links.send("w1", b"m") is None  # no link: the caller goes by NATS
+        links.add("w1", t)  # type: ignore[arg-type]
+        links.add("w2", other)  # type: ignore[arg-type]
+        a, b, c = links.send("w1", b"a"), links.send("w1", b"b"), links.send("w2", b"c")
+        assert a is not None and b is not None and c is not None
+        r = FrameReader(hello=False, kinds=frozenset({KIND_REQUEST}))
+        ids_a, ids_b = (split_id(p)[0] for p in r.feed(b"".join(t.written)))
+        links.answer(other, ids_a, b"wrong link")  # type: ignore[arg-type]
+        assert not a.done()
+        links.answer(t, ids_b, b"B")  # type: ignore[arg-type]
+        assert b.result() == b"B" and not a.done()
+        links.forget(a)
+        links.answer(t, ids_a, b"late")  # type: ignore[arg-type]
+        assert not a.done()  # given up on: ignored
+        links.lost(other)  # type: ignore[arg-type]
+        with pytest.raises(RequestLinkLost):
+            c.result()
+        assert not links.has("w2") and links.has("w1") and links.workers() == ["w1"]
+        t.closing = True
+        assert links.send("w1", b"d") is None and (links.sent, links.answered) == (3, 1)
+
+    asyncio.run(run())
+
+
+def test_the_workers_end_answers_a_bad_request_with_an_error_reply() -> None:
+    seen: list[GenerateBatch] = []
+
+    def handle(batch: GenerateBatch) -> BatchReply:
+        seen.append(batch)
+        if batch.gateway_id == "boom":
+            raise RemoteError("draining", "worker w is draining")
+        return BatchReply(accepted=[r.request_id for r in batch.requests], rejected=[])
+
+    links = WorkerRequestLinks("w", handle)
+    ok = decode(links.answer(encode(GenerateBatch("g", []))), BatchReply)
+    assert ok == BatchReply(accepted=[], rejected=[])
+    err = decode(links.answer(b"not json"), ErrorReply)
+    assert err.code == "bad_message"
+    err = decode(links.answer(encode(GenerateBatch("boom", []))), ErrorReply)
+    assert (err.code, len(seen), links.requests) == ("draining", 2, 3)

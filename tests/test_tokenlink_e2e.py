@@ -140,6 +140,7 @@ async def test_tokens_go_over_the_link_and_equal_the_nats_path(
         # may still go by NATS. Once the connect is through, new requests take the link.
         await mesh.stream(direct, 2)
         assert await asyncio.to_thread(links.settle)
+        await wait_until(lambda: mesh.worker.request_links.linked(direct.id), 10, "the request link is up")
         a, fa, text_a = await mesh.stream(direct, 16)
         b, fb, text_b = await mesh.stream(tapped, 16)
         assert fa == fb == "length" and text_a == text_b
@@ -148,7 +149,14 @@ async def test_tokens_go_over_the_link_and_equal_the_nats_path(
         assert a not in mesh.on_nats and b in mesh.on_nats
         assert links.events_sent >= 16 and links.linked(direct.id) and not links.linked(tapped.id)
         st = direct.core.status()
-        assert st["token_links"]["frames"] == links.frames and st["token_links"]["open"] == 1
+        # Two connections from the worker: its token link and its request link.
+        assert st["token_links"]["frames"] == links.frames and st["token_links"]["open"] == 2
+        # The second request's batch came on the request link (the first one's, by NATS, opened it);
+        # the gateway without a listener sent all of its by NATS.
+        req_links = mesh.worker.request_links
+        assert st["request_links"]["workers"] == ["w1"] and st["request_links"]["answered"] >= 1
+        assert req_links.requests == st["request_links"]["sent"] >= 1 and req_links.linked(direct.id)
+        assert not req_links.linked(tapped.id) and tapped.core.status()["request_links"] is None
         assert links.summary()["linked"] == [direct.id] and tapped.core.status()["token_addr"] == ""
         if sys.platform.startswith("linux"):
             # Worker and gateway share this host's network namespace: the link is the Unix socket.
@@ -209,3 +217,52 @@ async def test_bad_hello_or_frame_drops_only_that_connection(
         assert finish == "length" and len(mesh.seen[rid]) == 6
         links = mesh.worker.runner.token_links
         assert links is not None and links.linked(gw.id) and links.failures == 0
+
+
+async def test_batches_take_the_request_link_and_fall_back_to_nats_when_it_goes(
+    mesh: Mesh, nats_url: str, subjects: Subjects, model_dir: Path
+) -> None:
+    async with running_gateway(nats_url, subjects.prefix, deployment(model_dir), heartbeat_s=HB_S) as gw:
+        mesh.spy(gw)
+        await mesh.ready(gw)
+        req_links, rl = mesh.worker.request_links, gw.core.request_links
+        assert rl is not None
+        _, first, want = await mesh.stream(gw, 6)  # by NATS: it opens the request link
+        await wait_until(lambda: rl.has("w1"), 10, "the gateway has w1's request link")
+        sent = rl.sent
+        _, finish, text = await mesh.stream(gw, 6)
+        assert first == finish == "length" and text == want and rl.sent == sent + 1 == req_links.requests
+        # The gateway loses the link (as in a restart of either end's network): the next batch goes
+        # by NATS at once, and the worker opens the link again at a later batch, after its back-off.
+        for t in list(gw.core._token_links):
+            t.abort()
+        await wait_until(lambda: not rl.has("w1") and not req_links.linked(gw.id), 10, "the links are gone")
+        _, finish, text = await mesh.stream(gw, 6)
+        assert finish == "length" and text == want and rl.sent == sent + 1
+
+        async def linked_again() -> bool:
+            await mesh.stream(gw, 2)
+            return rl.has("w1")
+
+        deadline = asyncio.get_running_loop().time() + 15
+        while not await linked_again():
+            assert asyncio.get_running_loop().time() < deadline, "the request link never came back"
+        assert req_links.connects == 2 and req_links.failures >= 1
+        _, finish, text = await mesh.stream(gw, 6)
+        assert finish == "length" and text == want and rl.sent >= sent + 2
+
+
+async def test_a_gateway_that_takes_no_request_links_refuses_them_and_keeps_nats(
+    mesh: Mesh, nats_url: str, subjects: Subjects, model_dir: Path
+) -> None:
+    dep = deployment(model_dir)
+    async with running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=HB_S, direct_requests=False) as gw:
+        mesh.spy(gw)
+        await mesh.ready(gw)
+        req_links = mesh.worker.request_links
+        for _ in range(2):
+            _, finish, _ = await mesh.stream(gw, 4)
+            assert finish == "length"
+        await wait_until(lambda: req_links.failures >= 1, 10, "the refused request link counted")
+        assert not req_links.linked(gw.id) and req_links.requests == 0
+        assert gw.core.status()["request_links"] is None and gw.core.token_link_stats.get("connections", 0) >= 1

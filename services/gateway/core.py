@@ -64,7 +64,7 @@ from cascade.messages import (
 )
 from cascade.models.chat_template import ChatTemplateError, NoChatTemplate
 from cascade.subjects import Subjects
-from cascade.tokenlink import link_server_factory, local_socket_address, local_socket_name
+from cascade.tokenlink import RequestLinks, link_server_factory, local_socket_address, local_socket_name
 from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from services.gateway.batcher import Batcher, QueueFull
 from services.gateway.catalog import ModelCatalog, ModelInfo
@@ -157,6 +157,8 @@ class GatewayCore:
         self._token_server: asyncio.Server | None = None
         self._token_local_server: asyncio.Server | None = None
         self._token_links: set[asyncio.Transport] = set()
+        # Workers' request links (batches straight to the worker's loop): with the listener, unless off.
+        self.request_links: RequestLinks | None = None
 
     def _heartbeat_seen(self, hb: Heartbeat) -> None:
         self.registry.heartbeat_seen(hb, self.hub.inflight(hb.worker_id))
@@ -233,9 +235,12 @@ class GatewayCore:
         """Open the direct token listener on the gateway's host, advertised by the same rule as the
         workers' listeners, and checked to reach it (cascade/advertise.py)."""
         s = self.settings
+        if s.direct_requests:
+            self.request_links = RequestLinks()
         factory = link_server_factory(
-            self.token_key, self._on_link_payload, self._on_link_error, self.token_link_stats, self._token_links
-        )
+            self.token_key, self._on_link_payload, self._on_link_error, self.token_link_stats, self._token_links,
+            self.request_links,
+        )  # fmt: skip
         server = await asyncio.get_running_loop().create_server(factory, s.host, s.token_port)
         self._token_server = server
         port = int(server.sockets[0].getsockname()[1])
@@ -518,12 +523,14 @@ class GatewayCore:
             # The split depth: decoder layers the first (loading) instance runs before handing on.
             depth = str(route.stages[0].end - route.stages[0].start)
             self.metrics.partial_routes.inc(len(batch), model=model, worker=worker, depth=depth)
-        self.tasks.spawn(self._send_batch(route, batch), name=f"dispatch-{worker}")
+        msg = self._batch_message(route, batch)
+        # On the worker's request link when it has one: written now, in this turn (cascade/tokenlink.py).
+        sent = self.request_links.send(worker, encode(msg)) if self.request_links is not None else None
+        self.tasks.spawn(self._send_batch(route, batch, msg, sent), name=f"dispatch-{worker}")
 
-    async def _send_batch(self, route: Route, batch: list[RequestState]) -> None:
-        worker = route.worker_id
+    def _batch_message(self, route: Route, batch: list[RequestState]) -> GenerateBatch:
         stages = list(route.stages)
-        msg = GenerateBatch(
+        return GenerateBatch(
             token_addr=self.token_addr,
             token_key=self.token_key if self.token_addr else "",
             token_local=self.token_local if self.token_addr else "",
@@ -534,6 +541,12 @@ class GatewayCore:
                 for prompt, params in _resumed_inputs(r, pipelined=bool(stages))
             ],
         )
+
+    async def _send_batch(
+        self, route: Route, batch: list[RequestState], msg: GenerateBatch, sent: asyncio.Future[bytes] | None
+    ) -> None:
+        worker = route.worker_id
+        stages = list(route.stages)
         self.log.debug(
             "dispatch",
             worker_id=worker,
@@ -541,11 +554,15 @@ class GatewayCore:
             model=batch[0].model,
             requests=[r.request_id for r in batch],
             route=[f"{s.worker_id}[{s.start},{s.end})" for s in stages] or None,
+            path="request_link" if sent is not None else "nats",
         )
         try:
-            reply = await natsutil.request(
-                self.nc, self.subjects.generate(worker), msg, BatchReply, self.settings.dispatch_timeout_s
-            )
+            if sent is not None:
+                reply = await self._link_reply(sent, worker)
+            else:
+                reply = await natsutil.request(
+                    self.nc, self.subjects.generate(worker), msg, BatchReply, self.settings.dispatch_timeout_s
+                )
         except (natsutil.RequestTimeout, RemoteError, MessageError, ConnectionError) as e:
             if isinstance(e, natsutil.NoResponders):
                 # Its process is gone (its subscription went with it): keep it out of routing
@@ -586,6 +603,19 @@ class GatewayCore:
                 self.hub.finish(r, Failure(400, f"the worker rejected the request: {rej.message}", "invalid_value"))
             else:
                 self._retry(r, worker, f"{rej.code}: {rej.message}")
+
+    async def _link_reply(self, sent: asyncio.Future[bytes], worker: str) -> BatchReply:
+        """The reply to a batch sent on `worker`'s request link, with NATS's errors: a timeout is
+        a RequestTimeout, a link lost first a ConnectionError (RequestLinkLost)."""
+        try:
+            data = await asyncio.wait_for(asyncio.shield(sent), self.settings.dispatch_timeout_s)
+        except TimeoutError:
+            assert self.request_links is not None
+            self.request_links.forget(sent)
+            raise natsutil.RequestTimeout(
+                f"no reply on {worker}'s request link within {self.settings.dispatch_timeout_s:.1f}s"
+            ) from None
+        return natsutil.parse_reply(data, BatchReply, f"{worker}'s request link")
 
     def _batch_lost(self, worker: str, batch: list[RequestState], why: str) -> None:
         lost = [r for r in batch if r.worker_id == worker and r.phase is Phase.PREFILL]
@@ -1056,6 +1086,11 @@ class GatewayCore:
             "token_addr": self.token_addr,
             "token_local": self.token_local,
             "token_links": {**self.token_link_stats, "open": len(self._token_links)},
+            "request_links": (
+                {"workers": rl.workers(), "sent": rl.sent, "answered": rl.answered}
+                if (rl := self.request_links) is not None
+                else None
+            ),
         }
 
     async def _on_status(self, req: StatusRequest) -> ServiceStatus:

@@ -174,6 +174,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "straight to this gateway over TCP (default: over TCP; env CASCADE_GATEWAY_DIRECT_TOKENS=0 turns it off)",
     )
     g.add_argument(
+        "--no-direct-requests",
+        dest="direct_requests",
+        action="store_false",
+        default=env_str("CASCADE_GATEWAY_DIRECT_REQUESTS", "1").lower() not in ("0", "false", "no", "off"),
+        help="send every batch to its worker by a NATS request (where `nats sub` can tap it) instead of on "
+        "the worker's request link to this gateway (default: the link, once the worker opened it; env "
+        "CASCADE_GATEWAY_DIRECT_REQUESTS=0)",
+    )
+    g.add_argument(
         "--no-local-tokens",
         dest="local_tokens",
         action="store_false",

@@ -55,6 +55,9 @@ class GatewaySettings:
     # The same listener on a Unix socket in the abstract namespace too (Linux), which workers in
     # the gateway's network namespace try first: a cheaper send per token than loopback TCP.
     local_tokens: bool = True
+    # Workers open a request link to that listener too, and batches go to them on it rather than
+    # by a NATS request (cascade/tokenlink.py); off: every GenerateBatch on NATS, where it can be tapped.
+    direct_requests: bool = True
     # The host workers reach that listener at (the listen address when None; this machine's name
     # when that is a wildcard). Set it in containers, like the workers' --advertise-host.
     advertise_host: str | None = None

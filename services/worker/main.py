@@ -64,6 +64,7 @@ from services.worker.gpu import gpu_inventory
 from services.worker.kvblocks import default_budget_bytes
 from services.worker.loading import ModelSlot
 from services.worker.model import LlamaModel, pick_device
+from services.worker.requestlinks import RequestLinks
 from services.worker.runner import EngineRunner, EngineThread
 from services.worker.settings import WorkerSettings
 from services.worker.settings import add_arguments as add_arguments
@@ -200,6 +201,8 @@ class WorkerService:
         self._rt: Runtime | None = None
         self._slot: ModelSlot | None = None
         self._runner: EngineRunner | None = None
+        # Batches straight from the gateways that ask for it (requestlinks.py), beside the NATS subject.
+        self.request_links = RequestLinks(settings.worker_id, self.on_generate, self.log)
 
     @property
     def instance(self) -> str:
@@ -265,6 +268,7 @@ class WorkerService:
         await rt.serve(s.status(), self.on_status)
         rt.tasks.spawn(self.heartbeat_loop(), "heartbeat")
         rt.tasks.spawn(self.metrics_loop(), "metrics")
+        rt.stack.push_async_callback(self.request_links.close)
         # On the way out, first of all: drain the requests (before the tasks and NATS go).
         rt.stack.push_async_callback(self.shutdown)
         await self.send_heartbeat()
@@ -436,6 +440,7 @@ class WorkerService:
         """Run in nats-py's read loop (`Runtime.serve_now`): it must not await or block."""
         if self.runner.token_links is not None:
             self.runner.token_links.learn(batch.gateway_id, batch.token_addr, batch.token_key, batch.token_local)
+        self.request_links.learn(batch.gateway_id, batch.token_addr, batch.token_key, batch.token_local)
         accepted: list[str] = []
         rejected: list[Rejection] = []
         eng = self.slot.engine
@@ -633,6 +638,7 @@ class WorkerService:
             "stage_running": hb.stage_running,
             "stage_link": self.link.stats.summary(),
             "token_links": self.runner.token_links.summary() if self.runner.token_links else None,
+            "request_links": self.request_links.summary(),
             "emulated_device": None
             if self.padder is None
             else {
