@@ -33,7 +33,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ if __package__ in (None, ""):
 
 from bench import schedstat
 from bench.common import md_table, result_header, sse_events, summary, write_result
-from bench.mesh import Mesh
+from bench.mesh import Mesh, worker_details
 from cascade.config import DEFAULT_MODEL, GenerateSpec
+from cascade.subjects import Subjects
 
 # About 24 tokens with the byte tokenizer: a short chat turn. Long prompts on a CPU make every
 # level prefill-bound, which measures the matmul library, not the serving path.
@@ -342,14 +343,17 @@ def _inprocess_request(engine: Any, tok: Any, prompt: str, max_tokens: int) -> d
     t0 = time.perf_counter()
     engine.submit("r", "bench", tok.encode(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     first = 0.0
+    steps_s = 0.0
     while engine.has_work():
+        s0 = time.perf_counter()
         res = engine.step()
+        steps_s += time.perf_counter() - s0
         # The same mark as the client's through the mesh: the first text it can show (an incomplete
         # UTF-8 sequence is held back until the token that completes it, on both paths).
         if not first and any(ev.text for _, ev in res.events):
             first = time.perf_counter()
     end = time.perf_counter()
-    return {"ttft": first - t0, "latency": end - t0}
+    return {"ttft": first - t0, "latency": end - t0, "steps": steps_s}
 
 
 def inprocess_level(engine: Any, tok: Any, concurrency: int, n: int, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -423,6 +427,7 @@ async def overhead(
     model: str = DEFAULT_MODEL,
     cpus: frozenset[int] = frozenset(),
     mesh_pid: int | None = None,
+    busy_s: Callable[[], Awaitable[float | None]] | None = None,
 ) -> dict[str, Any]:
     """Alternate one request through the mesh and one in-process, one at a time, so both see the
     same machine state; the added latency is their difference per pair. With `mesh_pid` (the
@@ -445,6 +450,7 @@ async def overhead(
                 return {}
             return {**schedstat.tree(mesh_pid, group), "this thread": schedstat.this_thread()}
 
+        busy0 = await busy_s() if busy_s is not None else None
         for _ in range(n):
             r0 = reading()
             mesh.append(await one_request(s, url, prompt, max_tokens, model))
@@ -455,8 +461,12 @@ async def overhead(
                 used["bench client"] = used.pop("this thread")
                 cpu_mesh.append(used)
                 cpu_local.append(schedstat.delta_ms(r1, {"this thread": schedstat.this_thread()})["this thread"])
+        busy1 = await busy_s() if busy_s is not None else None
     pairs = [(m, lo) for m, lo in zip(mesh, local, strict=True) if m["ok"]]
     return {
+        # The worker's engine time inside steps over the pairs, and the in-process engine's.
+        "mesh_steps_s": busy1 - busy0 if busy0 is not None and busy1 is not None else None,
+        "inprocess_steps_s": sum(lo["steps"] for lo in local),
         "mesh_ms": [m["latency"] * 1e3 for m in mesh if m["ok"]],
         "inprocess_ms": [lo["latency"] * 1e3 for lo in local],
         "added_ms": [(m["latency"] - lo["latency"]) * 1e3 for m, lo in pairs],
@@ -481,6 +491,25 @@ def summarize_overhead(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "added_latency_p50_by_mesh_ms": [summary(r["added_ms"])["p50"] for r in runs if r["added_ms"]],
         "added_ttft_p50_by_mesh_ms": [summary(r["added_ttft_ms"])["p50"] for r in runs if r["added_ttft_ms"]],
     }
+    timed = [r for r in runs if r.get("mesh_steps_s") is not None and r["added_ms"]]
+    if timed:
+        # The steps themselves run faster or slower in the worker's process than in this one by a
+        # few percent, the sign changing from run to run (a host effect, docs/architecture.md):
+        # per request that is as large as the mesh's own cost. Their time is known on both sides
+        # (the worker's engine time inside steps, from its status), so the mean added latency can
+        # be read without it: what the path costs when the same steps take the same time.
+        n = sum(len(r["mesh_ms"]) for r in timed)
+        mesh_steps = sum(r["mesh_steps_s"] for r in timed) / n * 1e3
+        local_steps = sum(r["inprocess_steps_s"] for r in timed) / sum(len(r["inprocess_ms"]) for r in timed) * 1e3
+        added_mean = statistics.fmean(x for r in timed for x in r["added_ms"])
+        out["steps_ms_per_request"] = {"mesh": mesh_steps, "inprocess": local_steps}
+        out["added_latency_mean_ms"] = added_mean
+        out["added_latency_mean_same_steps_ms"] = added_mean - (mesh_steps - local_steps)
+        out["added_latency_mean_same_steps_by_mesh_ms"] = [
+            statistics.fmean(r["added_ms"])
+            - (r["mesh_steps_s"] / len(r["mesh_ms"]) - r["inprocess_steps_s"] / len(r["inprocess_ms"])) * 1e3
+            for r in timed
+        ]
     cpu_mesh = [d for r in runs for d in r["cpu_mesh"]]
     cpu_local = [c for r in runs for c in r["cpu_local"]]
     if cpu_mesh and cpu_local:
@@ -678,11 +707,25 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             mesh_pid = mesh.proc.pid if mesh.proc is not None else None
-            ov_runs.append(
-                asyncio.run(
-                    overhead(url, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name, cpus, mesh_pid)
-                )
-            )
+
+            async def pairs(m: Mesh = mesh, u: str = url, pid: int | None = mesh_pid) -> dict[str, Any]:
+                nc = await m.connect("bench-serve")
+                subjects = Subjects(str(m.info.get("prefix", "cascade")))
+
+                async def busy_s() -> float | None:
+                    # Every worker's engine time inside steps (only one serves these requests).
+                    got = await worker_details(nc, subjects, "engine_busy_s", 0.5)
+                    vals = [float(v) for v in got.values() if v is not None]
+                    return sum(vals) if vals else None
+
+                try:
+                    return await overhead(
+                        u, engine, tok, a.overhead_requests, prompt, a.overhead_max_tokens, name, cpus, pid, busy_s
+                    )
+                finally:
+                    await nc.close()
+
+            ov_runs.append(asyncio.run(pairs()))
         ov = summarize_overhead(ov_runs)
     finally:
         mesh.stop()
@@ -746,6 +789,16 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
+    if ov.get("steps_ms_per_request"):
+        st = ov["steps_ms_per_request"]
+        table += (
+            f"\nThe steps alone, per request (mean): {st['mesh']:.2f} ms in the worker, {st['inprocess']:.2f} ms "
+            f"in-process ({st['mesh'] - st['inprocess']:+.2f} ms: the host's, not the path's). Added latency, "
+            f"mean {ov['added_latency_mean_ms']:.2f} ms; with the steps' difference taken out "
+            f"{ov['added_latency_mean_same_steps_ms']:.2f} ms (by mesh: "
+            + ", ".join(f"{x:.2f}" for x in ov["added_latency_mean_same_steps_by_mesh_ms"])
+            + "): what the path itself costs a request.\n"
+        )
     if ov.get("cpu_per_request_ms"):
         table += (
             "\nWhere the CPU went, request by request in the same pairs (Linux schedstat: CPU time, and time "

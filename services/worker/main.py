@@ -639,6 +639,10 @@ class WorkerService:
             "stage_link": self.link.stats.summary(),
             "token_links": self.runner.token_links.summary() if self.runner.token_links else None,
             "request_links": self.request_links.summary(),
+            # The engine thread's time inside this instance's steps, and their count, since start
+            # (bench serve takes the steps' own speed out of the mesh's added latency with them).
+            "engine_busy_s": round(self.runner.busy_s, 6),
+            "engine_steps": self.runner.steps,
             "emulated_device": None
             if self.padder is None
             else {
