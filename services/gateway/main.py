@@ -160,36 +160,37 @@ def options() -> tuple[Opt, ...]:
     )
 
 
+def _off_switch(g: argparse._ArgumentGroup, flag: str, env: str, help: str) -> None:
+    """`--no-X`: sets X false; its variable set to 0/false/no/off is the same as the flag."""
+    g.add_argument(
+        flag,
+        dest=flag.removeprefix("--no-").replace("-", "_"),
+        action="store_false",
+        default=env_str(env, "1").lower() not in ("0", "false", "no", "off"),
+        help=f"{help[:-1]}; env {env}=0 turns it off too)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     g = parser.add_argument_group("gateway")
     add_options(g, *options())
-    # A switch, not a value (as the workers' --no-prefix-caching): its variable turns it off too.
-    g.add_argument(
-        "--no-direct-tokens",
-        dest="direct_tokens",
-        action="store_false",
-        default=env_str("CASCADE_GATEWAY_DIRECT_TOKENS", "1").lower() not in ("0", "false", "no", "off"),
-        help="workers publish token events on NATS (where `nats sub` can tap them) instead of sending them "
-        "straight to this gateway over TCP (default: over TCP; env CASCADE_GATEWAY_DIRECT_TOKENS=0 turns it off)",
-    )
-    g.add_argument(
-        "--no-direct-requests",
-        dest="direct_requests",
-        action="store_false",
-        default=env_str("CASCADE_GATEWAY_DIRECT_REQUESTS", "1").lower() not in ("0", "false", "no", "off"),
-        help="send every batch to its worker by a NATS request (where `nats sub` can tap it) instead of on "
-        "the worker's request link to this gateway (default: the link, once the worker opened it; env "
-        "CASCADE_GATEWAY_DIRECT_REQUESTS=0)",
-    )
-    g.add_argument(
-        "--no-local-tokens",
-        dest="local_tokens",
-        action="store_false",
-        default=env_str("CASCADE_GATEWAY_LOCAL_TOKENS", "1").lower() not in ("0", "false", "no", "off"),
-        help="workers in this gateway's network namespace link over TCP too, not over its Unix socket "
-        "(default on Linux: that socket, a cheaper send per token; env CASCADE_GATEWAY_LOCAL_TOKENS=0)",
-    )
+    # Switches, not values (as the workers' --no-prefix-caching): each one's variable turns it off too.
+    _off_switch(
+        g, "--no-direct-tokens", "CASCADE_GATEWAY_DIRECT_TOKENS",
+        "workers publish token events on NATS (where `nats sub` can tap them) instead of sending them "
+        "straight to this gateway over TCP (default: over TCP)",
+    )  # fmt: skip
+    _off_switch(
+        g, "--no-direct-requests", "CASCADE_GATEWAY_DIRECT_REQUESTS",
+        "send every batch to its worker by a NATS request (where `nats sub` can tap it) instead of on "
+        "the worker's request link to this gateway (default: the link, once the worker opened it)",
+    )  # fmt: skip
+    _off_switch(
+        g, "--no-local-tokens", "CASCADE_GATEWAY_LOCAL_TOKENS",
+        "workers in this gateway's network namespace link over TCP too, not over its Unix socket "
+        "(default on Linux: that socket, a cheaper send per token)",
+    )  # fmt: skip
     g.add_argument(
         "--api-key",
         action="append",
