@@ -335,6 +335,8 @@ class RequestLinks:
             return None
         self._next = (self._next + 1) & 0xFFFFFFFF
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # A link lost after its dispatch task was cancelled (shutdown) fails a future nobody awaits.
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending[self._next] = (t, fut)
         t.write(id_frame(KIND_REQUEST, self._next, message))
         self.sent += 1
