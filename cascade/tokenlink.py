@@ -333,36 +333,35 @@ class RequestLinks:
         t = self._by_worker.get(worker_id)
         if t is None or t.is_closing():
             return None
-        self._next = (self._next + 1) & 0xFFFFFFFF
+        self._next = ident = (self._next + 1) & 0xFFFFFFFF
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        # A link lost after its dispatch task was cancelled (shutdown) fails a future nobody awaits.
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._pending[self._next] = (t, fut)
-        t.write(id_frame(KIND_REQUEST, self._next, message))
+        # However it ends (answered, the link lost, cancelled by a caller that stopped waiting), it
+        # leaves the table: a late reply to it is ignored. A failure nobody awaits any more (the
+        # dispatch task cancelled at shutdown) is marked retrieved.
+        fut.add_done_callback(lambda f: self._settled(ident, f))
+        self._pending[ident] = (t, fut)
+        t.write(id_frame(KIND_REQUEST, ident, message))
         self.sent += 1
         return fut
 
-    def forget(self, ident_fut: asyncio.Future[bytes]) -> None:
-        """Drop a request given up on (timed out): a late reply to it is ignored."""
-        for k, (_, f) in list(self._pending.items()):
-            if f is ident_fut:
-                del self._pending[k]
+    def _settled(self, ident: int, fut: asyncio.Future[bytes]) -> None:
+        held = self._pending.get(ident)
+        if held is not None and held[1] is fut:
+            del self._pending[ident]
+        if not fut.cancelled():
+            fut.exception()
 
     def answer(self, transport: asyncio.Transport, ident: int, message: bytes) -> None:
         held = self._pending.get(ident)
-        if held is None or held[0] is not transport:
+        if held is None or held[0] is not transport or held[1].done():
             return  # given up on, or not this link's
-        del self._pending[ident]
         self.answered += 1
-        if not held[1].done():
-            held[1].set_result(message)
+        held[1].set_result(message)
 
     def lost(self, transport: asyncio.Transport) -> None:
         for w, t in list(self._by_worker.items()):
             if t is transport:
                 del self._by_worker[w]
-        for k, (t, f) in list(self._pending.items()):
-            if t is transport:
-                del self._pending[k]
-                if not f.done():
-                    f.set_exception(RequestLinkLost("the request link closed before the reply"))
+        for t, f in list(self._pending.values()):
+            if t is transport and not f.done():
+                f.set_exception(RequestLinkLost("the request link closed before the reply"))

@@ -405,13 +405,15 @@ def test_request_links_pair_replies_and_fail_what_a_lost_link_held() -> None:
         assert not a.done()
         links.answer(t, ids_b, b"B")  # type: ignore[arg-type]
         assert b.result() == b"B" and not a.done()
-        links.forget(a)
+        a.cancel()  # its caller stopped waiting (a timeout)
         links.answer(t, ids_a, b"late")  # type: ignore[arg-type]
-        assert not a.done()  # given up on: ignored
+        assert a.cancelled()  # given up on: the late reply is ignored
         links.lost(other)  # type: ignore[arg-type]
         with pytest.raises(RequestLinkLost):
             c.result()
         assert not links.has("w2") and links.has("w1") and links.workers() == ["w1"]
+        await asyncio.sleep(0)  # the futures' done callbacks run
+        assert not links._pending  # answered, given up on or lost: none is kept
         t.closing = True
         assert links.send("w1", b"d") is None and (links.sent, links.answered) == (3, 1)
 

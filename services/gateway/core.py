@@ -525,7 +525,8 @@ class GatewayCore:
             self.metrics.partial_routes.inc(len(batch), model=model, worker=worker, depth=depth)
         msg = self._batch_message(route, batch)
         # On the worker's request link when it has one: written now, in this turn (cascade/tokenlink.py).
-        sent = self.request_links.send(worker, encode(msg)) if self.request_links is not None else None
+        links = self.request_links
+        sent = links.send(worker, encode(msg)) if links is not None and links.has(worker) else None
         self.tasks.spawn(self._send_batch(route, batch, msg, sent), name=f"dispatch-{worker}")
 
     def _batch_message(self, route: Route, batch: list[RequestState]) -> GenerateBatch:
@@ -608,10 +609,9 @@ class GatewayCore:
         """The reply to a batch sent on `worker`'s request link, with NATS's errors: a timeout is
         a RequestTimeout, a link lost first a ConnectionError (RequestLinkLost)."""
         try:
-            data = await asyncio.wait_for(asyncio.shield(sent), self.settings.dispatch_timeout_s)
+            # A timeout cancels `sent`, which takes it out of the links' table (a late reply is dropped).
+            data = await asyncio.wait_for(sent, self.settings.dispatch_timeout_s)
         except TimeoutError:
-            assert self.request_links is not None
-            self.request_links.forget(sent)
             raise natsutil.RequestTimeout(
                 f"no reply on {worker}'s request link within {self.settings.dispatch_timeout_s:.1f}s"
             ) from None
