@@ -437,7 +437,8 @@ class WorkerService:
         return msg
 
     def on_generate(self, batch: GenerateBatch) -> BatchReply:
-        """Run in nats-py's read loop (`Runtime.serve_now`): it must not await or block."""
+        """Run on the loop as a batch is read: in nats-py's read loop (`Runtime.serve_now`) or in a
+        request link's `data_received` (requestlinks.py). It must not await or block."""
         if self.runner.token_links is not None:
             self.runner.token_links.learn(batch.gateway_id, batch.token_addr, batch.token_key, batch.token_local)
         self.request_links.learn(batch.gateway_id, batch.token_addr, batch.token_key, batch.token_local)

@@ -148,17 +148,11 @@ class TokenLinks:
     # ---- engine thread ------------------------------------------------------
     def send(self, result: StepResult) -> list[tuple[str, TokenEvent]]:
         """Write the events of `result` that may go by a link (the module's rule); the events left
-        for NATS (`result.events` itself when none went). Runs between every two steps: the
-        common case, one gateway, is grouped without a dict of lists."""
+        for NATS (`result.events` itself when none went)."""
         events = result.events
-        gw0 = events[0][0] if events else ""
-        by_gw: dict[str, list[TokenEvent]]
-        if all(gw == gw0 for gw, _ in events):
-            by_gw = {gw0: [ev for _, ev in events]} if events else {}
-        else:
-            by_gw = defaultdict(list)
-            for gw, ev in events:
-                by_gw[gw].append(ev)
+        by_gw: dict[str, list[TokenEvent]] = defaultdict(list)
+        for gw, ev in events:
+            by_gw[gw].append(ev)
         left: list[tuple[str, TokenEvent]] = []
         for gw, evs in by_gw.items():
             sock = self._link(gw)
