@@ -26,6 +26,7 @@ from cascade.subjects import Subjects
 from cascade.tokenlink import ACK_OK, ACK_REFUSED, hello
 from services.gateway.router import serves_fully
 from services.gateway.testing import RunningGateway, running_gateway
+from services.worker import requestlinks
 from services.worker.main import WorkerService
 from services.worker.settings import WorkerSettings
 from tests.inproc import model_dir_fixture, serving
@@ -266,3 +267,26 @@ async def test_a_gateway_that_takes_no_request_links_refuses_them_and_keeps_nats
         await wait_until(lambda: req_links.failures >= 1, 10, "the refused request link counted")
         assert not req_links.linked(gw.id) and req_links.requests == 0
         assert gw.core.status()["request_links"] is None and gw.core.token_link_stats.get("connections", 0) >= 1
+
+
+async def test_a_worker_silent_on_its_request_link_gets_a_clear_error_not_a_hang(
+    mesh: Mesh, nats_url: str, subjects: Subjects, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dep = deployment(model_dir)
+    async with running_gateway(nats_url, subjects.prefix, dep, heartbeat_s=HB_S, dispatch_timeout_s=0.5) as gw:
+        mesh.spy(gw)
+        await mesh.ready(gw)
+        rl = gw.core.request_links
+        assert rl is not None
+        _, finish, _ = await mesh.stream(gw, 2)  # by NATS: it opens the request link
+        assert finish == "length"
+        await wait_until(lambda: rl.has("w1"), 10, "the gateway has w1's request link")
+        # The worker reads its request link and never answers (a stuck loop, as far as the gateway
+        # can tell): each dispatch times out, is cancelled there and retried, then the client is told.
+        monkeypatch.setattr(requestlinks._Link, "data_received", lambda self, data: None)
+        body = {"model": MODEL, "prompt": "Hello there", "max_tokens": 4, "temperature": 0}
+        async with mesh.http.post(gw.url + "/v1/completions", json=body) as r:
+            assert r.status == 503, await r.text()
+            err = (await r.json())["error"]
+        assert "no reply on w1's request link" in err["message"] and err["code"] == "no_instance"
+        assert rl.sent >= 3 and not rl._pending  # every attempt given up on, none kept
