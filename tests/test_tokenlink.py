@@ -17,9 +17,11 @@ from cascade.messages import (
     BatchReply,
     ErrorReply,
     GenerateBatch,
+    MessageError,
     RemoteError,
     TokenEvent,
     TokenEvents,
+    TokenLogprob,
     decode,
     encode,
 )
@@ -33,6 +35,8 @@ from cascade.tokenlink import (
     RequestLinkLost,
     RequestLinks,
     TokenLinkError,
+    decode_events,
+    encode_rows,
     frame,
     hello,
     id_frame,
@@ -69,6 +73,71 @@ def test_hello_and_frames_round_trip_split_anywhere() -> None:
 def test_bad_hello_raises(wire: bytes, why: str) -> None:
     with pytest.raises(TokenLinkError, match=why):
         FrameReader().feed(wire)
+
+
+def test_a_version_1_hello_is_still_taken() -> None:
+    """A worker of the version before rows: its hello is accepted, and its frames are full messages."""
+    old = b"CTOK\x01" + hello("k", "w")[5:]
+    r = FrameReader()
+    assert r.feed(old + frame(b"{}")) == [b"{}"] and (r.version, r.worker_id) == (1, "w")
+    r = FrameReader()
+    r.feed(hello("k", "w"))
+    assert r.version == 2
+
+
+def _events() -> list[TokenEvent]:
+    return [
+        TokenEvent("r1", [5, 6], "h\u00e9", None, 12, 2, index=3, choice=1, attempt=2),
+        TokenEvent("r2", [], "", "stop", 0, 7, index=7),
+        TokenEvent("r3", [9], '\n"x"', "length", 4, 1, index=0),
+    ]
+
+
+def test_rows_round_trip_and_read_as_the_full_message() -> None:
+    evs = _events()
+    rows = encode_rows(evs, 3)
+    assert rows is not None and rows.startswith(b"[")
+    got = decode_events(rows, "w-1")
+    assert got == TokenEvents("w-1", evs, batch_size=3)
+    # The full message reads the same through the same function.
+    assert decode_events(encode(TokenEvents("w-1", evs, batch_size=3)), "w-1") == got
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"error": "boom"},
+        {"logprobs": [TokenLogprob(5, -0.1)]},
+        {"prompt_logprobs": [None, TokenLogprob(1, -2.0)]},
+    ],
+)
+def test_events_rows_cannot_carry_take_the_full_message(extra: dict[str, object]) -> None:
+    evs = [*_events(), TokenEvent("r4", [1], "a", **extra)]  # type: ignore[arg-type]
+    assert encode_rows(evs, 4) is None
+    assert decode_events(encode(TokenEvents("w", evs, batch_size=4)), "w").events == evs
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"[", "not JSON"),
+        (b"[]", "no batch size"),
+        (b'["1"]', "no batch size"),
+        (b"[true]", "no batch size"),
+        (b'[1, {"request_id": "a"}]', "not a list of 9"),
+        (b'[1, ["a", [1], "x", null, 0, 0, 0, 0]]', "not a list of 9"),
+        (b'[1, ["a", [1.5], "x", null, 0, 0, 0, 0, 0]]', "wrong type"),
+        (b'[1, ["a", [true], "x", null, 0, 0, 0, 0, 0]]', "wrong type"),
+        (b'[1, [1, [1], "x", null, 0, 0, 0, 0, 0]]', "wrong type"),
+        (b'[1, ["a", [1], "x", 3, 0, 0, 0, 0, 0]]', "wrong type"),
+        (b'[1, ["a", [1], "x", null, 0, 0, "0", 0, 0]]', "wrong type"),
+        (b'[1, ["a", "12", "x", null, 0, 0, 0, 0, 0]]', "wrong type"),
+        (b"{}", "not a Cascade message"),
+    ],
+)
+def test_bad_rows_raise_a_message_error(payload: bytes, why: str) -> None:
+    with pytest.raises(MessageError, match=why):
+        decode_events(payload, "w")
 
 
 def test_bad_frame_sets_error_after_the_good_ones() -> None:
@@ -187,12 +256,12 @@ def test_links_carry_events_and_pin_requests_to_their_first_path(gateway: Gatewa
     assert links.settle()  # the connect runs on a thread of its own, started by `learn`
     left = links.send(step(("g", "a", None), ("g", "b", None), ("h", "c", None)))
     assert ids(left) == ["a", "c"]  # "a" pinned to NATS, "c" for a gateway without a link
-    got = decode(gateway.wait(1)[0], TokenEvents)
+    got = decode_events(gateway.wait(1)[0], "w")
     assert [e.request_id for e in got.events] == ["b"] and got.worker_id == "w"
     assert (links.frames, links.events_sent, links.connects) == (1, 1, 1)
     # "a" ends by NATS; a new request "d" takes the link; when everything is through, nothing stays pinned.
     assert ids(links.send(step(("g", "a", "length"), ("g", "d", None)))) == ["a"]
-    assert [e.request_id for e in decode(gateway.wait(2)[1], TokenEvents).events] == ["d"]
+    assert [e.request_id for e in decode_events(gateway.wait(2)[1], "w").events] == ["d"]
     links.idle()
     assert ids(links.send(step(("g", "a", None)))) == []
     links.close()
@@ -220,7 +289,7 @@ def test_a_failed_link_moves_its_requests_to_nats_for_good(gateway: Gateway) -> 
         links.learn("g", other.addr, "key2")
         assert links.settle()
         assert ids(links.send(step(("g", "a", None), ("g", "b", None)))) == ["a"]
-        assert [e.request_id for e in decode(other.wait(1)[0], TokenEvents).events] == ["b"]
+        assert [e.request_id for e in decode_events(other.wait(1)[0], "w").events] == ["b"]
     finally:
         other.close()
         links.close()
@@ -282,7 +351,7 @@ def test_a_gateway_slow_to_answer_never_holds_the_engine_thread() -> None:
         assert links.settle()
         assert ids(links.send(step(("g", "a", None), ("g", "b", None)))) == ["a"]  # "a" stays on NATS
         assert links.linked("g") and links.connects == 1
-        assert [e.request_id for e in decode(slow.wait(1)[0], TokenEvents).events] == ["b"]
+        assert [e.request_id for e in decode_events(slow.wait(1)[0], "w").events] == ["b"]
     finally:
         release.set()
         links.close()
@@ -343,7 +412,7 @@ def test_a_gateway_in_the_same_namespace_is_linked_by_its_local_socket() -> None
         assert links.settle()
         assert (links.connects, links.local_connects, links.failures) == (1, 1, 0)
         assert ids(links.send(step(("g", "a", "length")))) == []
-        assert [e.request_id for e in decode(gw.wait(1)[0], TokenEvents).events] == ["a"]
+        assert [e.request_id for e in decode_events(gw.wait(1)[0], "w").events] == ["a"]
         assert links.summary()["local_connects"] == 1
     finally:
         links.close()
@@ -358,7 +427,7 @@ def test_a_local_name_nobody_listens_on_falls_back_to_tcp(gateway: Gateway) -> N
         assert links.settle()
         assert (links.connects, links.local_connects, links.failures) == (1, 0, 0)
         assert ids(links.send(step(("g", "a", "length")))) == []
-        assert [e.request_id for e in decode(gateway.wait(1)[0], TokenEvents).events] == ["a"]
+        assert [e.request_id for e in decode_events(gateway.wait(1)[0], "w").events] == ["a"]
     finally:
         links.close()
 

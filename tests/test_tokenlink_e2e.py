@@ -149,6 +149,9 @@ async def test_tokens_go_over_the_link_and_equal_the_nats_path(
         # The direct gateway's events came over its link, none through NATS; the off switch's all did.
         assert a not in mesh.on_nats and b in mesh.on_nats
         assert links.events_sent >= 16 and links.linked(direct.id) and not links.linked(tapped.id)
+        # Two 16-token requests, each 16 steps back to back: at least 15 gaps between steps each.
+        runner = mesh.worker.runner
+        assert runner.gaps >= 30 and 0 < runner.gap_s < runner.busy_s
         st = direct.core.status()
         # Two connections from the worker: its token link and its request link.
         assert st["token_links"]["frames"] == links.frames and st["token_links"]["open"] == 2

@@ -48,6 +48,19 @@ def test_idle_instances_give_their_share_and_bank_no_credit() -> None:
     assert s.pick([]) is None
 
 
+def test_one_instance_alone_steps_as_the_general_case_counts_it() -> None:
+    """An instance alone on its thread (every unshared worker, every step) is counted as with
+    company, so one that joins later finds it where the general rule would have put it."""
+    s = StrideScheduler()
+    s.add("a", 2.0)
+    assert [s.pick(["a"]) for _ in range(10)] == ["a"] * 10
+    assert s.pick(["not-here"]) is None and s.pick([]) is None
+    assert s.steps() == {"a": 10} and s.shares["a"].pass_ == pytest.approx(5.0)
+    s.add("b")  # joins where "a" stands: shares by quota from now on, no catching up
+    order = [s.pick(["a", "b"]) for _ in range(30)]
+    assert abs(order.count("a") - 20) <= 1
+
+
 def test_quota_changes_apply_and_bad_ones_are_refused() -> None:
     s = StrideScheduler()
     s.add("a")

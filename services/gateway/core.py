@@ -64,7 +64,13 @@ from cascade.messages import (
 )
 from cascade.models.chat_template import ChatTemplateError, NoChatTemplate
 from cascade.subjects import Subjects
-from cascade.tokenlink import RequestLinks, link_server_factory, local_socket_address, local_socket_name
+from cascade.tokenlink import (
+    RequestLinks,
+    decode_events,
+    link_server_factory,
+    local_socket_address,
+    local_socket_name,
+)
 from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from services.gateway.batcher import Batcher, QueueFull
 from services.gateway.catalog import ModelCatalog, ModelInfo
@@ -853,8 +859,10 @@ class GatewayCore:
     def _on_link_payload(self, worker_id: str, payload: bytes) -> None:
         """A frame of a direct token link: the same bytes and the same handling as a message on
         the tokens subject, from the worker that said hello on it only."""
-        events = self._decode_events(payload, source="token_link", worker_id=worker_id)
-        if events is None:
+        try:
+            events = decode_events(payload, worker_id)
+        except MessageError as e:
+            self.log.warning("bad_message", error=str(e), source="token_link", worker_id=worker_id)
             return
         if events.worker_id != worker_id:
             self.log.warning("token_link_wrong_worker", worker_id=worker_id, events_from=events.worker_id)

@@ -644,6 +644,10 @@ class WorkerService:
             # (bench serve takes the steps' own speed out of the mesh's added latency with them).
             "engine_busy_s": round(self.runner.busy_s, 6),
             "engine_steps": self.runner.steps,
+            # Time between two back-to-back steps and how many (the engine thread's own cost per
+            # step: events sent, the next lane picked).
+            "engine_gap_s": round(self.runner.gap_s, 6),
+            "engine_gaps": self.runner.gaps,
             "emulated_device": None
             if self.padder is None
             else {

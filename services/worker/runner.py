@@ -100,6 +100,11 @@ class EngineThread:
         self._writer: DirectWriter | None = None  # writes on `direct`'s socket without a loop turn
         self._wake = threading.Event()
         self._loop_waiting = False  # the thread waits for work inside its connection's loop
+        # Something may wait in the direct connection's buffers (this thread wrote or ran its loop
+        # since `_tend` last found nothing): only then, or once `TURN_S` has passed, does a step
+        # pay for asking (reading nats-py's and the transport's state, run cold after a step, costs
+        # more than the rest of the thread's work between two steps when the events go by a link).
+        self._direct_dirty = True
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._calls: collections.deque[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]]] = (
@@ -268,6 +273,7 @@ class EngineThread:
             if not result.outbox and lane._handed == lane._delivered:
                 try:
                     messages = direct(result)
+                    self._direct_dirty = True
                     if not writer.write(messages):
                         # nats-py's own path: buffered while the broker is away, or behind what
                         # it already holds (directpub.py says when).
@@ -291,18 +297,26 @@ class EngineThread:
 
     def _run_eloop(self, aw: Awaitable[T]) -> T:
         assert self._eloop is not None
+        self._direct_dirty = True
         try:
             return self._eloop.run_until_complete(aw)
         finally:
             if self._writer is not None:
                 self._writer.last_turn = time.monotonic()
 
-    def _tend(self) -> None:
+    def _tend(self, now: float = 0.0) -> None:
         """Run the direct connection's loop between two steps when it needs to (directpub.py's
         `wants_turn`): the server's PINGs answered, a reconnect noticed, bytes the socket did not
-        take at once sent, however long the engine stays busy."""
+        take at once sent, however long the engine stays busy. `now`: a monotonic reading taken
+        just before (0: read it here)."""
         writer = self._writer
-        if writer is None or self._eloop is None or not writer.wants_turn(time.monotonic()):
+        if writer is None or self._eloop is None:
+            return
+        now = now or time.monotonic()
+        if not self._direct_dirty and now - writer.last_turn < directpub.TURN_S:
+            return
+        if not writer.wants_turn(now):
+            self._direct_dirty = False
             return
         try:
             self._run_eloop(turn())
@@ -320,8 +334,9 @@ class EngineThread:
             self._run_calls()
             busy = self._with_work()
             eng: Engine | None = None
+            ended = 0.0  # when the last step of this busy run returned (0: none yet)
             while not self._stopping and (self._calls or busy):
-                self._tend()
+                self._tend(ended)
                 if self._calls:
                     # A call may change lanes and models: what has work is read again after it
                     # (else the reading at the end of the last step stands, microseconds old).
@@ -332,6 +347,12 @@ class EngineThread:
                     continue
                 lane, eng = self.lanes[name], busy[name]
                 t0 = time.monotonic()
+                if ended:
+                    # From one step's return to the next step: this thread's own cost per step
+                    # (its events sent, the next lane picked), which an engine run in-process
+                    # does not pay.
+                    lane.gap_s += t0 - ended
+                    lane.gaps += 1
                 try:
                     result = eng.step()
                 except Exception as e:
@@ -353,7 +374,8 @@ class EngineThread:
                     else:
                         lane.overrun_steps += 1
                         lane.overrun_s += elapsed - result.target_s
-                lane.busy_s += time.monotonic() - t0  # its step, padding included: its time on the device
+                ended = time.monotonic()
+                lane.busy_s += ended - t0  # its step, padding included: its time on the device
                 if result.events or result.outbox:
                     self._hand_over(lane, result)
                 busy = self._with_work()  # a model dropped meanwhile stops stepping here
@@ -434,6 +456,10 @@ class EngineRunner:
         self.overrun_s = 0.0
         self.steps = 0
         self.busy_s = 0.0  # seconds the engine thread spent on this lane's steps
+        # Seconds between two back-to-back steps of this thread (the one before may be another
+        # lane's), and how many such gaps: the per-step cost of serving beside the steps.
+        self.gap_s = 0.0
+        self.gaps = 0
 
     def start(self) -> None:
         if self.thread.started:

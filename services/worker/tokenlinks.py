@@ -45,7 +45,7 @@ import structlog
 
 from cascade.advertise import split_host_port
 from cascade.messages import TokenEvent
-from cascade.tokenlink import ACK_OK, frame, hello, local_socket_address
+from cascade.tokenlink import ACK_OK, encode_rows, frame, hello, local_socket_address
 from services.worker.engine import StepResult
 
 # (address, key, local socket name) as a gateway advertises them.
@@ -150,14 +150,28 @@ class TokenLinks:
         """Write the events of `result` that may go by a link (the module's rule); the events left
         for NATS (`result.events` itself when none went)."""
         events = result.events
-        by_gw: dict[str, list[TokenEvent]] = defaultdict(list)
-        for gw, ev in events:
-            by_gw[gw].append(ev)
+        gw = events[0][0]
+        groups: dict[str, list[TokenEvent]] = {gw: []}
+        for g, ev in events:  # one gateway, most often: no grouping
+            if g != gw:
+                groups = defaultdict(list)
+                for g2, ev2 in events:
+                    groups[g2].append(ev2)
+                break
+            groups[gw].append(ev)
         left: list[tuple[str, TokenEvent]] = []
-        for gw, evs in by_gw.items():
-            sock = self._link(gw)
-            on_link = [] if sock is None else [ev for ev in evs if (gw, ev.request_id, ev.choice) not in self._on_nats]
-            if on_link and sock is not None and self._write(gw, sock, self._encode(on_link, result.batch_size)):
+        for g, evs in groups.items():
+            self._send_group(g, evs, result.batch_size, left)
+        return events if len(left) == len(events) else left
+
+    def _send_group(self, gw: str, evs: list[TokenEvent], batch_size: int, left: list[tuple[str, TokenEvent]]) -> None:
+        """One gateway's events of a step: on its link those the rule allows, the rest (and all of
+        them when the write fails) appended to `left`."""
+        sock = self._link(gw)
+        on_nats = self._on_nats
+        if sock is not None:
+            on_link = [ev for ev in evs if (gw, ev.request_id, ev.choice) not in on_nats] if on_nats else evs
+            if on_link and self._write(gw, sock, encode_rows(on_link, batch_size) or self._encode(on_link, batch_size)):
                 self.events_sent += len(on_link)
                 for ev in on_link:
                     if ev.finish_reason is None:
@@ -165,17 +179,16 @@ class TokenLinks:
                     else:
                         self._on_link.discard((gw, ev.request_id, ev.choice))
                 if len(on_link) == len(evs):
-                    continue
-                evs = [ev for ev in evs if (gw, ev.request_id, ev.choice) in self._on_nats]
-            for ev in evs:
-                key = (gw, ev.request_id, ev.choice)
-                self._on_link.discard(key)
-                if ev.finish_reason is None:
-                    self._on_nats.add(key)
-                else:
-                    self._on_nats.discard(key)
-                left.append((gw, ev))
-        return events if len(left) == len(events) else left
+                    return
+                evs = [ev for ev in evs if (gw, ev.request_id, ev.choice) in on_nats]
+        for ev in evs:
+            key = (gw, ev.request_id, ev.choice)
+            self._on_link.discard(key)
+            if ev.finish_reason is None:
+                on_nats.add(key)
+            else:
+                on_nats.discard(key)
+            left.append((gw, ev))
 
     def idle(self) -> None:
         """The engine holds no sequence: no request is in flight on either path."""
