@@ -94,8 +94,12 @@ class Mesh:
         self.stop()
 
 
-async def worker_details(nc: NATS, subjects: Subjects, key: str, window_s: float) -> dict[str, Any]:
-    """Per worker, one entry of its status detail (`cascade status --json` shows the same), from a
-    scatter-gather status request answered within `window_s`."""
+async def worker_details(nc: NATS, subjects: Subjects, key: str | tuple[str, ...], window_s: float) -> dict[str, Any]:
+    """Per worker, one entry of its status detail (`cascade status --json` shows the same), or a
+    dict of several (`key` a tuple), from a scatter-gather status request answered within
+    `window_s`."""
     status = await gather_status(nc, subjects, window_s, requester="bench")
-    return {s.instance: s.detail.get(key) for s in status.services if s.service == "worker"}
+    workers = [s for s in status.services if s.service == "worker"]
+    if isinstance(key, tuple):
+        return {s.instance: {k: s.detail.get(k) for k in key} for s in workers}
+    return {s.instance: s.detail.get(key) for s in workers}

@@ -8,9 +8,13 @@ import pytest
 from bench.serve import summarize_overhead
 
 
-def _run(added: list[float], mesh_steps_s: float | None, inprocess_steps_s: float) -> dict[str, object]:
+def _run(
+    added: list[float], mesh_steps_s: float | None, inprocess_steps_s: float, gap_s: float = 0.0, gaps: int = 0
+) -> dict[str, object]:
     n = len(added)
     return {
+        "mesh_gap_s": gap_s if mesh_steps_s is not None else None,
+        "mesh_gaps": gaps if mesh_steps_s is not None else None,
         "mesh_ms": [200.0 + x for x in added],
         "inprocess_ms": [200.0] * n,
         "added_ms": added,
@@ -41,3 +45,10 @@ def test_without_the_workers_step_time_only_the_pooled_pairs_are_given() -> None
     ov = summarize_overhead([_run([1.0, 2.0, 3.0], None, 0.5)])
     assert ov["added_latency_ms"]["p50"] == 2.0
     assert "added_latency_mean_same_steps_ms" not in ov and "steps_ms_per_request" not in ov
+
+
+def test_the_engine_threads_time_between_steps_is_pooled_over_every_gap() -> None:
+    a = _run([3.0], mesh_steps_s=0.2, inprocess_steps_s=0.2, gap_s=15 * 100e-6, gaps=15)
+    b = _run([3.0], mesh_steps_s=0.2, inprocess_steps_s=0.2, gap_s=45 * 60e-6, gaps=45)
+    assert summarize_overhead([a, b])["engine_gap_us"] == pytest.approx((15 * 100 + 45 * 60) / 60)
+    assert "engine_gap_us" not in summarize_overhead([_run([3.0], 0.2, 0.2)])  # no gap counted
