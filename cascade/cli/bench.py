@@ -14,6 +14,7 @@ from cascade.cli.common import CliError
 
 BENCHMARKS: dict[str, str] = {
     "serve": "streamed completions at several concurrencies, and the mesh's own overhead",
+    "hops": "one hop between two processes (and two threads) on this machine: the floor under serve's overhead",
     "scaleup": "live against stop-the-world scaling: TTFT while new instances load",
     "multicast": "parameter transfers: chain multicast against star and disk, per target count",
     "burst": "a real trace's bursts: Cascade against ServerlessLLM-style, AllCache and static fleets",
@@ -36,6 +37,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.serve import main as serve
 
             return serve
+        if name == "hops":
+            from bench.hops import main as hops
+
+            return hops
         if name == "scaleup":
             from bench.scaleup import main as scaleup
 
