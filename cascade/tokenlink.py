@@ -78,7 +78,7 @@ ACK_REFUSED = b"\x01"
 # Far above one step's events for one gateway (a few hundred bytes per request); a length past it
 # is a corrupt or foreign stream, not a big message.
 MAX_FRAME = 8 << 20
-_HEADER = struct.Struct("!BI")
+FRAME_HEADER = struct.Struct("!BI")
 _ID = struct.Struct("!I")
 _MAX_FIELD = 0xFFFF
 
@@ -185,7 +185,7 @@ def decode_events(payload: bytes, worker_id: str) -> TokenEvents:
 def frame(payload: bytes, kind: int = KIND_EVENTS) -> bytes:
     if len(payload) > MAX_FRAME:
         raise TokenLinkError(f"frame payload of {len(payload)} bytes exceeds {MAX_FRAME}")
-    return _HEADER.pack(kind, len(payload)) + payload
+    return FRAME_HEADER.pack(kind, len(payload)) + payload
 
 
 def id_frame(kind: int, ident: int, message: bytes) -> bytes:
@@ -263,18 +263,18 @@ class FrameReader:
         out: list[bytes] = []
         buf = self._buf
         pos = 0
-        while len(buf) - pos >= _HEADER.size:
-            kind, n = _HEADER.unpack_from(buf, pos)
+        while len(buf) - pos >= FRAME_HEADER.size:
+            kind, n = FRAME_HEADER.unpack_from(buf, pos)
             if kind not in (self.kinds or (KIND_EVENTS,)):
                 self.error = f"unknown token link frame kind {kind}"
                 break
             if n > MAX_FRAME:
                 self.error = f"token link frame of {n} bytes exceeds {MAX_FRAME}"
                 break
-            end = pos + _HEADER.size + n
+            end = pos + FRAME_HEADER.size + n
             if len(buf) < end:
                 break
-            out.append(bytes(buf[pos + _HEADER.size : end]))
+            out.append(bytes(buf[pos + FRAME_HEADER.size : end]))
             pos = end
         if pos:
             del buf[:pos]
