@@ -142,6 +142,9 @@ class _Entry:
     buffered: dict[int, LayerReady] = field(default_factory=dict)  # seq → event, while unsynced
     # A snapshot's state, until the next heartbeat says it again.
     snapshot_state: WorkerState | None = None
+    # The view, built once per change of what it shows (a heartbeat, a readiness event applied, a
+    # snapshot): the gateway reads every worker's view at every routing decision.
+    view: WorkerView | None = None
 
 
 class WorkerTable:
@@ -158,6 +161,7 @@ class WorkerTable:
         e.last_heartbeat = now
         e.heartbeat = hb
         e.snapshot_state = None
+        e.view = None
         if not e.synced or hb.ready_seq > e.seq:
             return self._want_snapshot(e)
         return False
@@ -180,6 +184,7 @@ class WorkerTable:
             return False  # declared dead while the snapshot was on its way
         e.snapshot_pending = False
         e.synced = True
+        e.view = None
         e.ready_model = snap.model
         e.num_units = snap.num_units
         e.ready_units = set(snap.ready_units)
@@ -290,6 +295,13 @@ class WorkerTable:
         return now is None or now - e.last_heartbeat <= self.dead_after_s
 
     def _view(self, e: _Entry) -> WorkerView:
+        v = e.view
+        if v is None:
+            v = e.view = self._build_view(e)
+        return v
+
+    @staticmethod
+    def _build_view(e: _Entry) -> WorkerView:
         # Known by a snapshot alone (met through a readiness event): no load figures yet.
         hb = e.heartbeat or Heartbeat(
             e.worker_id, e.snapshot_state or "idle", e.ready_model, 0, 0, 0, 0, 1, 0.0, 0, 0, ""
@@ -355,6 +367,7 @@ class WorkerTable:
     @staticmethod
     def _apply(e: _Entry, ev: LayerReady) -> None:
         e.seq = ev.seq
+        e.view = None
         if ev.reset:
             e.ready_model = None
             e.ready_units.clear()

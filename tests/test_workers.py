@@ -50,6 +50,28 @@ def test_snapshot_replaces_state_and_replays_newer_buffered_events() -> None:
     assert reg2.on_snapshot(snap(6, [0, 1])) is True
 
 
+def test_a_view_is_built_once_per_change_and_every_input_changes_it() -> None:
+    """Views are cached between inputs (the gateway reads them at every routing decision); each
+    input that changes what a view shows gives a new one, and time alone changes none."""
+    reg = WorkerTable(heartbeat_s=1.0)
+    reg.on_heartbeat(hb(state="loading", units=0), now=0.0)
+    v0 = reg.get("w1")
+    assert v0 is reg.get("w1") is reg.views(now=0.5)[0]  # the same object until something changes
+    reg.on_snapshot(snap(0, []))
+    v1 = reg.get("w1")
+    assert v1 is not v0 and v1 is not None and v1.synced and v1.ready_seq == 0
+    reg.on_layer_ready(ready(1, 0), now=0.1)
+    v2 = reg.get("w1")
+    assert v2 is not v1 and v2 is not None and v2.ready_units == {0} and v2.prefix_units == 1
+    reg.on_layer_ready(ready(1, 0), now=0.2)  # a duplicate: nothing changed
+    assert reg.get("w1") is v2
+    reg.on_heartbeat(hb(state="loading", units=1, ready_seq=1, running=2), now=1.0)
+    v3 = reg.get("w1")
+    assert v3 is not v2 and v3 is not None and v3.running == 2 and v3.ready_units == {0}
+    reg.excuse(5.0)  # time only: the same view
+    assert reg.get("w1") is v3
+
+
 def test_heartbeat_ready_seq_ahead_asks_for_a_snapshot() -> None:
     reg = WorkerTable(heartbeat_s=1.0)
     reg.on_heartbeat(hb(state="loading", units=0), now=0.0)
