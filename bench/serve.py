@@ -45,6 +45,7 @@ if __package__ in (None, ""):
 from bench import schedstat
 from bench.common import md_table, result_header, sse_events, summary, write_result
 from bench.mesh import Mesh, worker_details
+from bench.rawhttp import RawClient
 from cascade.config import DEFAULT_MODEL, GenerateSpec
 from cascade.subjects import Subjects
 
@@ -442,8 +443,13 @@ async def overhead(
     same machine state; the added latency is their difference per pair. With `mesh_pid` (the
     `cascade up` process) on Linux, each request's CPU time and run-queue wait by process
     (bench/schedstat.py): what each part of the mesh spends, and how long the engine thread was
-    ready to run and could not, which is latency the in-process engine pays only as its own wait."""
-    mesh, local = [], []
+    ready to run and could not, which is latency the in-process engine pays only as its own wait.
+    Each pair also sends the same request through the mesh with a minimal client (bench/rawhttp.py),
+    the two clients taking turns at going first: the added latency without aiohttp's client
+    machinery, about half a millisecond a request of the client's own here, not the mesh's."""
+    mesh, local, mesh_raw = [], [], []
+    raw = RawClient(url)
+    body = completion_body(prompt, max_tokens, model)
     cpu_mesh: list[dict[str, tuple[float, float]]] = []  # per pair: group → (ms run, ms waited)
     cpu_local: list[tuple[float, float]] = []
     group = schedstat.mesh_grouping(cpus) if mesh_pid and schedstat.available() else None
@@ -451,6 +457,7 @@ async def overhead(
         for _ in range(3):
             await one_request(s, url, prompt, max_tokens, model)
             inprocess_request(engine, tok, prompt, max_tokens, cpus)
+            await raw.stream("/completions", body)
 
         def reading() -> schedstat.Reading:
             # The mesh's threads by group, and this thread: the bench client during a mesh
@@ -460,18 +467,28 @@ async def overhead(
             return {**schedstat.tree(mesh_pid, group), "this thread": schedstat.this_thread()}
 
         t0 = await engine_time() if engine_time is not None else None
-        for _ in range(n):
-            r0 = reading()
-            mesh.append(await one_request(s, url, prompt, max_tokens, model))
+        for i in range(n):
+            # The two clients take turns at going first: the mesh request right after the
+            # in-process one reads slower (the in-process engine's weights went through the caches
+            # the path's Python runs from), and each client takes that place half the time.
+            for client in ("aiohttp", "raw") if i % 2 == 0 else ("raw", "aiohttp"):
+                if client == "raw":
+                    mesh_raw.append(await raw.stream("/completions", body))
+                    continue
+                r0 = reading()
+                mesh.append(await one_request(s, url, prompt, max_tokens, model))
+                if r0:
+                    used = schedstat.delta_ms(r0, reading())
+                    used["bench client"] = used.pop("this thread")
+                    cpu_mesh.append(used)
             r1 = reading()
             local.append(inprocess_request(engine, tok, prompt, max_tokens, cpus))
-            if r0:
-                used = schedstat.delta_ms(r0, r1)
-                used["bench client"] = used.pop("this thread")
-                cpu_mesh.append(used)
+            if r1:
                 cpu_local.append(schedstat.delta_ms(r1, {"this thread": schedstat.this_thread()})["this thread"])
         t1 = await engine_time() if engine_time is not None else None
+    await raw.close()
     pairs = [(m, lo) for m, lo in zip(mesh, local, strict=True) if m["ok"]]
+    raw_pairs = [(m, lo) for m, lo in zip(mesh_raw, local, strict=True) if m["ok"]]
     return {
         # The worker's engine time inside steps over the pairs, and the in-process engine's.
         "mesh_steps_s": t1["engine_busy_s"] - t0["engine_busy_s"] if t0 and t1 else None,
@@ -483,9 +500,18 @@ async def overhead(
         "inprocess_ms": [lo["latency"] * 1e3 for lo in local],
         "added_ms": [(m["latency"] - lo["latency"]) * 1e3 for m, lo in pairs],
         "added_ttft_ms": [(m["ttft"] - lo["ttft"]) * 1e3 for m, lo in pairs],
+        # The same through the minimal client.
+        "mesh_raw_ms": [m["latency"] * 1e3 for m in mesh_raw if m["ok"]],
+        "added_raw_ms": [(m["latency"] - lo["latency"]) * 1e3 for m, lo in raw_pairs],
+        "added_raw_ttft_ms": [(m["ttft"] - lo["ttft"]) * 1e3 for m, lo in raw_pairs],
         "cpu_mesh": cpu_mesh,
         "cpu_local": cpu_local,
     }
+
+
+def _mesh_requests(r: dict[str, Any]) -> int:
+    """Requests of one mesh's pairs that ran on its worker: through either client."""
+    return len(r["mesh_ms"]) + len(r.get("mesh_raw_ms", []))
 
 
 def summarize_overhead(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -510,21 +536,37 @@ def summarize_overhead(runs: list[dict[str, Any]]) -> dict[str, Any]:
         # per request that is as large as the mesh's own cost. Their time is known on both sides
         # (the worker's engine time inside steps, from its status), so the mean added latency can
         # be read without it: what the path costs when the same steps take the same time.
-        n = sum(len(r["mesh_ms"]) for r in timed)
+        # Both clients' requests ran on the worker's engine between the two readings.
+        n = sum(_mesh_requests(r) for r in timed)
         mesh_steps = sum(r["mesh_steps_s"] for r in timed) / n * 1e3
         local_steps = sum(r["inprocess_steps_s"] for r in timed) / sum(len(r["inprocess_ms"]) for r in timed) * 1e3
-        added_mean = statistics.fmean(x for r in timed for x in r["added_ms"])
         out["steps_ms_per_request"] = {"mesh": mesh_steps, "inprocess": local_steps}
-        out["added_latency_mean_ms"] = added_mean
-        out["added_latency_mean_same_steps_ms"] = added_mean - (mesh_steps - local_steps)
         gaps = sum(r.get("mesh_gaps") or 0 for r in timed)
         if gaps:
             out["engine_gap_us"] = sum(r.get("mesh_gap_s") or 0.0 for r in timed) / gaps * 1e6
-        out["added_latency_mean_same_steps_by_mesh_ms"] = [
-            statistics.fmean(r["added_ms"])
-            - (r["mesh_steps_s"] / len(r["mesh_ms"]) - r["inprocess_steps_s"] / len(r["inprocess_ms"])) * 1e3
-            for r in timed
-        ]
+
+        def steps_diff_ms(r: dict[str, Any]) -> float:
+            return (r["mesh_steps_s"] / _mesh_requests(r) - r["inprocess_steps_s"] / len(r["inprocess_ms"])) * 1e3
+
+        for key, added in (("", "added_ms"), ("_raw_client", "added_raw_ms")):
+            with_it = [r for r in timed if r.get(added)]
+            if not with_it:
+                continue
+            mean = statistics.fmean(x for r in with_it for x in r[added])
+            out[f"added_latency_mean{key}_ms"] = mean
+            out[f"added_latency_mean_same_steps{key}_ms"] = mean - (mesh_steps - local_steps)
+            out[f"added_latency_mean_same_steps{key}_by_mesh_ms"] = [
+                statistics.fmean(r[added]) - steps_diff_ms(r) for r in with_it
+            ]
+    raw = [x for r in runs for x in r.get("added_raw_ms", [])]
+    if raw:
+        out["raw_client"] = {
+            "pairs": len(raw),
+            "mesh_latency_ms": summary([x for r in runs for x in r["mesh_raw_ms"]]),
+            "added_latency_ms": summary(raw),
+            "added_ttft_ms": summary([x for r in runs for x in r["added_raw_ttft_ms"]]),
+            "added_latency_p50_by_mesh_ms": [summary(r["added_raw_ms"])["p50"] for r in runs if r.get("added_raw_ms")],
+        }
     cpu_mesh = [d for r in runs for d in r["cpu_mesh"]]
     cpu_local = [c for r in runs for c in r["cpu_local"]]
     if cpu_mesh and cpu_local:
@@ -543,6 +585,20 @@ def summarize_overhead(runs: list[dict[str, Any]]) -> dict[str, Any]:
             },
         }
     return out
+
+
+def _raw_rows(rc: dict[str, Any] | None) -> list[list[Any]]:
+    """The overhead table's rows for the minimal client's requests (none when it did not run)."""
+    if not rc:
+        return []
+    return [
+        [f"{name}, minimal client", rc[key]["p50"], rc[key]["p99"]]
+        for name, key in (
+            ("end-to-end through the mesh", "mesh_latency_ms"),
+            ("added latency per request", "added_latency_ms"),
+            ("added time to first token", "added_ttft_ms"),
+        )
+    ]
 
 
 def cpu_table(ov: dict[str, Any], max_tokens: int) -> str:
@@ -803,6 +859,7 @@ def main(argv: list[str] | None = None) -> int:
                 ["engine in-process", ov["inprocess_latency_ms"]["p50"], ov["inprocess_latency_ms"]["p99"]],
                 ["added latency per request", ov["added_latency_ms"]["p50"], ov["added_latency_ms"]["p99"]],
                 ["added time to first token", ov["added_ttft_ms"]["p50"], ov["added_ttft_ms"]["p99"]],
+                *_raw_rows(ov.get("raw_client")),
             ],
         )
     )
@@ -814,7 +871,16 @@ def main(argv: list[str] | None = None) -> int:
             f"mean {ov['added_latency_mean_ms']:.2f} ms; with the steps' difference taken out "
             f"{ov['added_latency_mean_same_steps_ms']:.2f} ms (by mesh: "
             + ", ".join(f"{x:.2f}" for x in ov["added_latency_mean_same_steps_by_mesh_ms"])
-            + "): what the path itself costs a request.\n"
+            + "): what the path itself costs a request"
+            + (
+                f"; through the minimal client (bench/rawhttp.py: no aiohttp client machinery) "
+                f"{ov['added_latency_mean_same_steps_raw_client_ms']:.2f} ms (by mesh: "
+                + ", ".join(f"{x:.2f}" for x in ov["added_latency_mean_same_steps_raw_client_by_mesh_ms"])
+                + ")"
+                if "added_latency_mean_same_steps_raw_client_ms" in ov
+                else ""
+            )
+            + ".\n"
         )
         if ov.get("engine_gap_us") is not None:
             table += (
@@ -832,6 +898,12 @@ def main(argv: list[str] | None = None) -> int:
         table += f"\nTokens/s at concurrency {hi} over concurrency {lo_c}: {scaling:.2f}x (target ≥ 4x)\n"
     table += f"Added p50 latency: {ov['added_latency_ms']['p50']:.2f} ms (target ≤ 2 ms); "
     table += f"added p50 time to first token: {ov['added_ttft_ms']['p50']:.2f} ms (target ≤ 5 ms)\n"
+    if ov.get("raw_client"):
+        rc = ov["raw_client"]
+        table += (
+            f"Through the minimal client: added p50 latency {rc['added_latency_ms']['p50']:.2f} ms, "
+            f"added p50 time to first token {rc['added_ttft_ms']['p50']:.2f} ms\n"
+        )
     if a.transformers:
         table += (
             "\nThe engine runs float32 weights; what bf16 or int8 weights would give on this machine: "
