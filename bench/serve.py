@@ -52,8 +52,12 @@ from cascade.subjects import Subjects
 # About 24 tokens with the byte tokenizer: a short chat turn. Long prompts on a CPU make every
 # level prefill-bound, which measures the matmul library, not the serving path.
 PROMPT = "Tell me how live scaling works."
-# The worker status entries `overhead` reads before and after the pairs.
+# The worker status entries `overhead` reads before and after each mesh request of the pairs.
 ENGINE_TIME_KEYS = ("engine_busy_s", "engine_gap_s", "engine_gaps")
+# How long such a reading waits for the worker's status (a scatter-gather ends by its window): an idle
+# worker answers in a few ms, and the reading runs before and after every mesh request of the pairs.
+# A request whose reading came back without the worker is left out of the figures that need it.
+ENGINE_TIME_WINDOW_S = 0.05
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -466,52 +470,72 @@ async def overhead(
                 return {}
             return {**schedstat.tree(mesh_pid, group), "this thread": schedstat.this_thread()}
 
-        t0 = await engine_time() if engine_time is not None else None
+        async def timed(request: Awaitable[dict[str, Any]], r0: schedstat.Reading | None = None) -> dict[str, Any]:
+            """One mesh request with the worker's engine time read just before and after it
+            (outside its timed span): its steps' time, and its gaps between them."""
+            e0 = await engine_time() if engine_time is not None else None
+            r = await request
+            if r0:
+                used = schedstat.delta_ms(r0, reading())
+                used["bench client"] = used.pop("this thread")
+                cpu_mesh.append(used)
+            e1 = await engine_time() if engine_time is not None else None
+            if e0 and e1:
+                r["steps"] = e1["engine_busy_s"] - e0["engine_busy_s"]
+                r["gap_s"] = e1["engine_gap_s"] - e0["engine_gap_s"]
+                r["gaps"] = e1["engine_gaps"] - e0["engine_gaps"]
+            return r
+
         for i in range(n):
             # The two clients take turns at going first: the mesh request right after the
             # in-process one reads slower (the in-process engine's weights went through the caches
             # the path's Python runs from), and each client takes that place half the time.
             for client in ("aiohttp", "raw") if i % 2 == 0 else ("raw", "aiohttp"):
                 if client == "raw":
-                    mesh_raw.append(await raw.stream("/completions", body))
-                    continue
-                r0 = reading()
-                mesh.append(await one_request(s, url, prompt, max_tokens, model))
-                if r0:
-                    used = schedstat.delta_ms(r0, reading())
-                    used["bench client"] = used.pop("this thread")
-                    cpu_mesh.append(used)
+                    mesh_raw.append(await timed(raw.stream("/completions", body)))
+                else:
+                    mesh.append(await timed(one_request(s, url, prompt, max_tokens, model), reading()))
             r1 = reading()
             local.append(inprocess_request(engine, tok, prompt, max_tokens, cpus))
             if r1:
                 cpu_local.append(schedstat.delta_ms(r1, {"this thread": schedstat.this_thread()})["this thread"])
-        t1 = await engine_time() if engine_time is not None else None
     await raw.close()
     pairs = [(m, lo) for m, lo in zip(mesh, local, strict=True) if m["ok"]]
     raw_pairs = [(m, lo) for m, lo in zip(mesh_raw, local, strict=True) if m["ok"]]
+    stepped = [m for m in mesh + mesh_raw if m["ok"] and "steps" in m]
+
+    def same_steps(ps: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[float]:
+        # Each pair's added latency less its own steps' difference (the worker's engine time in
+        # this request's steps against the in-process engine's in its own).
+        return [(m["latency"] - lo["latency"] - (m["steps"] - lo["steps"])) * 1e3 for m, lo in ps if "steps" in m]
+
     return {
-        # The worker's engine time inside steps over the pairs, and the in-process engine's.
-        "mesh_steps_s": t1["engine_busy_s"] - t0["engine_busy_s"] if t0 and t1 else None,
-        # The worker's engine thread between two back-to-back steps over the pairs: seconds, count.
-        "mesh_gap_s": t1["engine_gap_s"] - t0["engine_gap_s"] if t0 and t1 else None,
-        "mesh_gaps": t1["engine_gaps"] - t0["engine_gaps"] if t0 and t1 else None,
+        # The worker's engine time inside the timed requests' steps (both clients), and how many;
+        # the in-process engine's over its requests.
+        "mesh_steps_s": sum(m["steps"] for m in stepped) if stepped else None,
+        "mesh_stepped": len(stepped),
+        # The worker's engine thread between two back-to-back steps over the same: seconds, count.
+        "mesh_gap_s": sum(m["gap_s"] for m in stepped) if stepped else None,
+        "mesh_gaps": sum(m["gaps"] for m in stepped) if stepped else None,
         "inprocess_steps_s": sum(lo["steps"] for lo in local),
         "mesh_ms": [m["latency"] * 1e3 for m in mesh if m["ok"]],
         "inprocess_ms": [lo["latency"] * 1e3 for lo in local],
         "added_ms": [(m["latency"] - lo["latency"]) * 1e3 for m, lo in pairs],
         "added_ttft_ms": [(m["ttft"] - lo["ttft"]) * 1e3 for m, lo in pairs],
+        "added_same_steps_ms": same_steps(pairs),
         # The same through the minimal client.
         "mesh_raw_ms": [m["latency"] * 1e3 for m in mesh_raw if m["ok"]],
         "added_raw_ms": [(m["latency"] - lo["latency"]) * 1e3 for m, lo in raw_pairs],
         "added_raw_ttft_ms": [(m["ttft"] - lo["ttft"]) * 1e3 for m, lo in raw_pairs],
+        "added_raw_same_steps_ms": same_steps(raw_pairs),
         "cpu_mesh": cpu_mesh,
         "cpu_local": cpu_local,
     }
 
 
 def _mesh_requests(r: dict[str, Any]) -> int:
-    """Requests of one mesh's pairs that ran on its worker: through either client."""
-    return len(r["mesh_ms"]) + len(r.get("mesh_raw_ms", []))
+    """Requests of one mesh's pairs whose steps' time was read: through either client."""
+    return int(r.get("mesh_stepped") or (len(r["mesh_ms"]) + len(r.get("mesh_raw_ms", []))))
 
 
 def summarize_overhead(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -536,11 +560,11 @@ def summarize_overhead(runs: list[dict[str, Any]]) -> dict[str, Any]:
         # per request that is as large as the mesh's own cost. Their time is known on both sides
         # (the worker's engine time inside steps, from its status), so the mean added latency can
         # be read without it: what the path costs when the same steps take the same time.
-        # Both clients' requests ran on the worker's engine between the two readings.
         n = sum(_mesh_requests(r) for r in timed)
         mesh_steps = sum(r["mesh_steps_s"] for r in timed) / n * 1e3
         local_steps = sum(r["inprocess_steps_s"] for r in timed) / sum(len(r["inprocess_ms"]) for r in timed) * 1e3
         out["steps_ms_per_request"] = {"mesh": mesh_steps, "inprocess": local_steps}
+        out["steps_read"] = {"requests": n, "of": sum(len(r["mesh_ms"]) + len(r.get("mesh_raw_ms", [])) for r in timed)}
         gaps = sum(r.get("mesh_gaps") or 0 for r in timed)
         if gaps:
             out["engine_gap_us"] = sum(r.get("mesh_gap_s") or 0.0 for r in timed) / gaps * 1e6
@@ -557,6 +581,16 @@ def summarize_overhead(runs: list[dict[str, Any]]) -> dict[str, Any]:
             out[f"added_latency_mean_same_steps{key}_ms"] = mean - (mesh_steps - local_steps)
             out[f"added_latency_mean_same_steps{key}_by_mesh_ms"] = [
                 statistics.fmean(r[added]) - steps_diff_ms(r) for r in with_it
+            ]
+    # The same pair by pair: each request's own steps' difference taken out of its own added
+    # latency, so a few slow requests (a collection, the host) move the median no more than they
+    # move the raw p50.
+    for key, name in (("", "added_same_steps_ms"), ("_raw_client", "added_raw_same_steps_ms")):
+        per_pair = [x for r in runs for x in r.get(name, [])]
+        if per_pair:
+            out[f"added_latency_same_steps{key}_ms"] = summary(per_pair)
+            out[f"added_latency_same_steps{key}_p50_by_mesh_ms"] = [
+                summary(r[name])["p50"] for r in runs if r.get(name)
             ]
     raw = [x for r in runs for x in r.get("added_raw_ms", [])]
     if raw:
@@ -786,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
                 async def engine_time() -> dict[str, float] | None:
                     # Every worker's engine time inside steps and between them (only one serves
                     # these requests).
-                    got = await worker_details(nc, subjects, ENGINE_TIME_KEYS, 0.5)
+                    got = await worker_details(nc, subjects, ENGINE_TIME_KEYS, ENGINE_TIME_WINDOW_S)
                     if not got or any(v is None for d in got.values() for v in d.values()):
                         return None
                     return {k: sum(float(d[k]) for d in got.values()) for k in ENGINE_TIME_KEYS}
@@ -866,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     if ov.get("steps_ms_per_request"):
         st = ov["steps_ms_per_request"]
         table += (
-            f"\nThe steps alone, per request (mean): {st['mesh']:.2f} ms in the worker, {st['inprocess']:.2f} ms "
+            f"\nThe steps alone, per request (mean; the worker's read for {ov['steps_read']['requests']} of "
+            f"{ov['steps_read']['of']} mesh requests): {st['mesh']:.2f} ms in the worker, {st['inprocess']:.2f} ms "
             f"in-process ({st['mesh'] - st['inprocess']:+.2f} ms: the host's, not the path's). Added latency, "
             f"mean {ov['added_latency_mean_ms']:.2f} ms; with the steps' difference taken out "
             f"{ov['added_latency_mean_same_steps_ms']:.2f} ms (by mesh: "
@@ -882,6 +917,22 @@ def main(argv: list[str] | None = None) -> int:
             )
             + ".\n"
         )
+        if ov.get("added_latency_same_steps_ms"):
+            pp = ov["added_latency_same_steps_ms"]
+            table += (
+                "\nPair by pair, each request's own steps' difference taken out of its added latency (the "
+                f"worker's engine time read around each mesh request): p50 {pp['p50']:.2f} ms (by mesh: "
+                + ", ".join(f"{x:.2f}" for x in ov["added_latency_same_steps_p50_by_mesh_ms"])
+                + ")"
+            )
+            if ov.get("added_latency_same_steps_raw_client_ms"):
+                table += (
+                    f"; through the minimal client p50 {ov['added_latency_same_steps_raw_client_ms']['p50']:.2f} ms "
+                    "(by mesh: "
+                    + ", ".join(f"{x:.2f}" for x in ov["added_latency_same_steps_raw_client_p50_by_mesh_ms"])
+                    + ")"
+                )
+            table += ".\n"
         if ov.get("engine_gap_us") is not None:
             table += (
                 f"\nThe worker's engine thread between two steps (its events sent, the next step picked): "
@@ -904,6 +955,12 @@ def main(argv: list[str] | None = None) -> int:
             f"Through the minimal client: added p50 latency {rc['added_latency_ms']['p50']:.2f} ms, "
             f"added p50 time to first token {rc['added_ttft_ms']['p50']:.2f} ms\n"
         )
+    for key, who in (("", "aiohttp's client"), ("_raw_client", "the minimal client")):
+        if ov.get(f"added_latency_same_steps{key}_ms"):
+            table += (
+                f"Added p50 latency with each request's steps' difference taken out, through {who}: "
+                f"{ov[f'added_latency_same_steps{key}_ms']['p50']:.2f} ms\n"
+            )
     if a.transformers:
         table += (
             "\nThe engine runs float32 weights; what bf16 or int8 weights would give on this machine: "

@@ -52,3 +52,13 @@ def test_the_engine_threads_time_between_steps_is_pooled_over_every_gap() -> Non
     b = _run([3.0], mesh_steps_s=0.2, inprocess_steps_s=0.2, gap_s=45 * 60e-6, gaps=45)
     assert summarize_overhead([a, b])["engine_gap_us"] == pytest.approx((15 * 100 + 45 * 60) / 60)
     assert "engine_gap_us" not in summarize_overhead([_run([3.0], 0.2, 0.2)])  # no gap counted
+
+
+def test_pair_by_pair_figures_take_each_requests_own_steps_out() -> None:
+    a = {**_run([3.0, 5.0], 0.4, 0.4), "added_same_steps_ms": [1.0, 9.0], "added_raw_same_steps_ms": [0.5]}
+    b = {**_run([4.0], 0.2, 0.2), "added_same_steps_ms": [2.0]}
+    ov = summarize_overhead([a, b])
+    assert ov["added_latency_same_steps_ms"]["p50"] == 2.0
+    assert ov["added_latency_same_steps_p50_by_mesh_ms"] == [5.0, 2.0]
+    assert ov["added_latency_same_steps_raw_client_ms"]["p50"] == 0.5
+    assert ov["added_latency_same_steps_raw_client_p50_by_mesh_ms"] == [0.5]
