@@ -521,6 +521,11 @@ class GatewayCore:
             r.relay_shares = shares
             r.resumed = len(r.streamed)
             r.choice_resumed = {c: len(ids) for c, ids in r.choice_streamed.items()}
+        msg = self._batch_message(route, batch)
+        # On the worker's request link when it has one: written now, in this turn (cascade/tokenlink.py),
+        # before the bookkeeping below, which the request need not wait for.
+        links = self.request_links
+        sent = links.send(worker, encode(msg)) if links is not None and links.has(worker) else None
         model = batch[0].model
         self.metrics.batches.inc(model=model)
         self.metrics.batch_size.observe(len(batch), model=model)
@@ -529,10 +534,6 @@ class GatewayCore:
             # The split depth: decoder layers the first (loading) instance runs before handing on.
             depth = str(route.stages[0].end - route.stages[0].start)
             self.metrics.partial_routes.inc(len(batch), model=model, worker=worker, depth=depth)
-        msg = self._batch_message(route, batch)
-        # On the worker's request link when it has one: written now, in this turn (cascade/tokenlink.py).
-        links = self.request_links
-        sent = links.send(worker, encode(msg)) if links is not None and links.has(worker) else None
         self.tasks.spawn(self._send_batch(route, batch, msg, sent), name=f"dispatch-{worker}")
 
     def _batch_message(self, route: Route, batch: list[RequestState]) -> GenerateBatch:
