@@ -902,26 +902,16 @@ def main(argv: list[str] | None = None) -> int:
         table += (
             f"\nThe steps alone, per request (mean; the worker's read for {ov['steps_read']['requests']} of "
             f"{ov['steps_read']['of']} mesh requests): {st['mesh']:.2f} ms in the worker, {st['inprocess']:.2f} ms "
-            f"in-process ({st['mesh'] - st['inprocess']:+.2f} ms: the host's, not the path's). Added latency, "
-            f"mean {ov['added_latency_mean_ms']:.2f} ms; with the steps' difference taken out "
-            f"{ov['added_latency_mean_same_steps_ms']:.2f} ms (by mesh: "
-            + ", ".join(f"{x:.2f}" for x in ov["added_latency_mean_same_steps_by_mesh_ms"])
-            + "): what the path itself costs a request"
-            + (
-                f"; through the minimal client (bench/rawhttp.py: no aiohttp client machinery) "
-                f"{ov['added_latency_mean_same_steps_raw_client_ms']:.2f} ms (by mesh: "
-                + ", ".join(f"{x:.2f}" for x in ov["added_latency_mean_same_steps_raw_client_by_mesh_ms"])
-                + ")"
-                if "added_latency_mean_same_steps_raw_client_ms" in ov
-                else ""
-            )
-            + ".\n"
+            f"in-process ({st['mesh'] - st['inprocess']:+.2f} ms: the host's, not the path's). (The mean added "
+            "latency less the mean steps' difference is in the JSON file; a few 40-50 ms slow requests move it "
+            "by several ms between meshes, so the median pair by pair below is the figure.)\n"
         )
         if ov.get("added_latency_same_steps_ms"):
             pp = ov["added_latency_same_steps_ms"]
             table += (
-                "\nPair by pair, each request's own steps' difference taken out of its added latency (the "
-                f"worker's engine time read around each mesh request): p50 {pp['p50']:.2f} ms (by mesh: "
+                "\n**What the path itself costs a request**, pair by pair: each request's own steps' difference "
+                "taken out of its added latency (the worker's engine time read around each mesh request): "
+                f"p50 {pp['p50']:.2f} ms (by mesh: "
                 + ", ".join(f"{x:.2f}" for x in ov["added_latency_same_steps_p50_by_mesh_ms"])
                 + ")"
             )
