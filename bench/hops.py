@@ -44,7 +44,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--burst-mb", type=float, default=96.0, help="weights a burst streams through (default 96)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--out", default="hops", help="result name under bench/results (default hops)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.messages < 10 or a.gap_ms < 0 or a.burst_mb <= 0:
+        p.error("--messages must be at least 10, --gap-ms at least 0 and --burst-mb above 0")
+    return a
 
 
 def _burst_fn(mb: float) -> Any:

@@ -5,7 +5,8 @@ write), on one kept-alive connection, and an error status as an error."""
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import orjson
 import pytest
@@ -39,21 +40,27 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[str]:
+@asynccontextmanager
+async def _serving(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """A real aiohttp server on a free port answering POST /v1/completions with `handler`."""
     app = web.Application()
-    app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/completions", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    async with _serving(_completions) as url:
+        yield url
 
 
 async def test_streams_are_read_to_their_end_on_one_connection(server: str) -> None:
@@ -81,26 +88,17 @@ async def test_an_error_status_is_an_error_and_the_next_request_still_works(serv
 
 
 async def test_an_unchunked_answer_is_refused_with_a_clear_error() -> None:
-    app = web.Application()
-
     async def plain(_: web.Request) -> web.Response:
         return web.Response(text="data: {}\n\n")
 
-    app.router.add_post("/v1/completions", plain)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    c = RawClient(f"http://127.0.0.1:{port}/v1")
-    try:
-        with pytest.raises(RawHttpError, match="not chunked"):
-            await c.stream("/completions", {})
-        assert c._writer is None  # dropped: its state is unknown
-    finally:
-        await c.close()
-        await runner.cleanup()
+    async with _serving(plain) as url:
+        c = RawClient(url)
+        try:
+            with pytest.raises(RawHttpError, match="not chunked"):
+                await c.stream("/completions", {})
+            assert c._writer is None  # dropped: its state is unknown
+        finally:
+            await c.close()
 
 
 def test_only_plain_http_urls() -> None:
