@@ -3,8 +3,9 @@
 `cascade up --workers 1` whose one worker reads no model store (`--model-source network`) and a
 loader without a host cache: nothing can ever give that worker the model. Asked for one replica,
 the scaler's decisions fail for that worker, and instead of re-issuing the same decision every
-few seconds it backs off (5 s doubling): few decisions over the window, each failure counted by
-worker and kind, the reason in `cascade status`, /metrics and /health's body.
+few seconds it backs off (doubling from `--backoff-s`, 1 s here so the window is short): few
+decisions over the window, each failure counted by worker and kind, the reason in `cascade
+status`, /metrics and /health's body.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ kv_heads = 2
 vocab = 320
 seed = 5
 """
-WINDOW_S = 40.0
+BACKOFF_S = 1.0
+WINDOW_S = 10.0
 
 
 def _scaler(home: Path) -> dict[str, Any]:
@@ -52,11 +54,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("home")
     os.environ["CASCADE_MODEL_SOURCE"] = "network"
     os.environ["CASCADE_LOADER_HOST_CACHE"] = "off"
+    os.environ["CASCADE_SCALER_BACKOFF_S"] = str(BACKOFF_S)
     try:
         with running_mesh(home, DEPLOYMENT, workers=1) as m:
             yield m
     finally:
-        del os.environ["CASCADE_MODEL_SOURCE"], os.environ["CASCADE_LOADER_HOST_CACHE"]
+        for k in ("CASCADE_MODEL_SOURCE", "CASCADE_LOADER_HOST_CACHE", "CASCADE_SCALER_BACKOFF_S"):
+            del os.environ[k]
 
 
 def test_a_worker_that_cannot_load_is_backed_off_not_retried_every_tick(mesh: dict[str, Any]) -> None:
@@ -69,8 +73,8 @@ def test_a_worker_that_cannot_load_is_backed_off_not_retried_every_tick(mesh: di
         time.sleep(1.0)  # the window over which decisions are counted (not a synchronisation)
     detail = _scaler(home)
     decisions = detail["decisions"] - before
-    # Back-off of 5 s doubling from the first failure: tries at about 0, 5, 15 and 35 s. A retry
-    # every ~10 s (what the scaler did) would be 4-5 here and keep going; a 1 s retry 30+.
+    # Back-off of 1 s doubling from the first failure: tries at about 0, 1, 3 and 7 s. A retry at
+    # every 1 s tick would be about 10 here.
     assert 2 <= decisions <= 4, detail
     (row,) = detail["backoff"]
     assert row["model"] == MODEL and row["kind"] == "no_model_store" and row["failures"] == decisions

@@ -46,6 +46,8 @@ from cascade.messages import (
     ScaleRequest,
 )
 from cascade.scalefailures import reason_kind
+from services.scaler.backoff import DEFAULT_BASE_S as DEFAULT_BACKOFF_S
+from services.scaler.backoff import DEFAULT_MAX_S as DEFAULT_BACKOFF_MAX_S
 from services.scaler.backoff import Backoff
 from services.scaler.controls import Controls, UnknownModel
 from services.scaler.policies import KnobError
@@ -191,6 +193,7 @@ def new_state(
     rate_window_s: float = 10.0,
     stale_s: float = 5.0,
     id_prefix: str | None = None,
+    backoff_s: float = DEFAULT_BACKOFF_S,
 ) -> ScalerState:
     """Parse every model's policy and knobs now: a bad deployment fails at start (KnobError).
     `id_prefix` starts every decision id (default `scaler_id`); the service makes it unique per
@@ -199,7 +202,13 @@ def new_state(
     bounds = {m.name: ModelBounds(m.min_replicas, m.max_replicas, m.stages) for m in deployment.models}
     # Every model starts from what runs once the warm-up ends (see ReplicaBook.adopt).
     book = ReplicaBook(bounds, settings, now.mono, id_prefix=id_prefix or scaler_id, adopt=list(bounds))
-    return ScalerState(book, controls, scaler_id, coscale=CoScaler.of(deployment.models, stale_s=stale_s))
+    return ScalerState(
+        book,
+        controls,
+        scaler_id,
+        coscale=CoScaler.of(deployment.models, stale_s=stale_s),
+        backoff=Backoff(base_s=backoff_s, max_s=max(DEFAULT_BACKOFF_MAX_S, backoff_s)),
+    )
 
 
 # --------------------------------------------------------------------------- the tick

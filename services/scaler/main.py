@@ -62,6 +62,7 @@ from cascade.service import Runtime, run_process
 from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
 from cascade.workers import COUNTED_STATES, WorkerTable
 from services.scaler import core
+from services.scaler.backoff import DEFAULT_BASE_S as DEFAULT_BACKOFF_S
 from services.scaler.controls import UnknownModel
 from services.scaler.policies import KnobError
 from services.scaler.replicas import DEFAULT_ACK_TIMEOUT_S, Settings, TargetError
@@ -100,6 +101,13 @@ OPTIONS = (
         10.0,
         "window of arrival and token rates",
         env="CASCADE_SCALER_RATE_WINDOW_S",
+        type=positive_float,
+    ),
+    Opt(
+        "--backoff-s",
+        DEFAULT_BACKOFF_S,
+        "a worker that failed to load a model is avoided for it this long, doubling per failure (up to 300 s)",
+        env="CASCADE_SCALER_BACKOFF_S",
         type=positive_float,
     ),
     Opt(
@@ -144,6 +152,7 @@ class Scaler:
         window_s: float = 30.0,
         rate_window_s: float = 10.0,
         stale_s: float = 5.0,
+        backoff_s: float = DEFAULT_BACKOFF_S,
         log: Any = None,
         deployment_file: Path | None = None,
     ) -> None:
@@ -166,6 +175,7 @@ class Scaler:
             rate_window_s=rate_window_s,
             stale_s=stale_s,
             id_prefix=f"{scaler_id}-{uuid.uuid4().hex[:6]}",
+            backoff_s=backoff_s,
         )
         self.table = WorkerTable(heartbeat_s)
         self.wake = asyncio.Event()
@@ -192,6 +202,7 @@ class Scaler:
             window_s=args.window_s,
             rate_window_s=args.rate_window_s,
             stale_s=args.stale_s,
+            backoff_s=args.backoff_s,
             log=log,
             deployment_file=Path(args.config) if getattr(args, "config", None) else None,
         )
