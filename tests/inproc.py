@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 
 from cascade.config import GenerateSpec
+from cascade.messages import ServiceReady, decode
 from cascade.models.checkpoint import Checkpoint
 from cascade.models.generate import generate_model
+from cascade.natsutil import connect
 from cascade.service import Service, serve
+from cascade.subjects import Subjects
 from services.loader.main import add_arguments as loader_arguments
 from services.loader.settings import LoaderSettings, settings_from_args
 
@@ -44,13 +48,46 @@ class InProcess:
 
 
 @asynccontextmanager
-async def serving(nats_url: str, prefix: str, *services: Service, stop_s: float = 60) -> AsyncIterator[InProcess]:
-    """`services` running until the block ends; more may be started on the value it gives."""
+async def serving(
+    nats_url: str, prefix: str, *services: Service, stop_s: float = 60, ready_s: float = 60
+) -> AsyncIterator[InProcess]:
+    """`services` running until the block ends, the block entered once each has said it is ready
+    (`ServiceReady`: its subscriptions are in place at the server, so a request to it finds a
+    responder); more may be started on the value it gives (not waited for)."""
     group = InProcess(nats_url, prefix)
+    nc = await connect(nats_url, "test-serving")
+    want = {(s.service, s.instance) for s in services}
+    heard: set[tuple[str, str]] = set()
+    all_ready = asyncio.Event()
+
+    async def on_ready(msg: Msg) -> None:
+        r = decode(msg.data, ServiceReady)
+        heard.add((r.service, r.instance))
+        if want <= heard:
+            all_ready.set()
+
     try:
+        await nc.subscribe(Subjects(prefix).service_ready(), cb=on_ready)
+        await nc.flush()
         group.start(*services)
+        if want:
+            waiter = asyncio.ensure_future(all_ready.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    [waiter, *group.tasks], timeout=ready_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waiter.cancel()
+            failed = [t for t in done if t is not waiter]
+            if failed:
+                t = failed[0]
+                why = "cancelled" if t.cancelled() else repr(t.exception() or t.result())
+                raise AssertionError(f"a service ended before it was ready: {why}")
+            if waiter not in done:
+                raise AssertionError(f"not ready within {ready_s:g} s: {sorted(want - heard)}")
         yield group
     finally:
+        await nc.close()
         await group.stop(stop_s)
 
 
