@@ -843,11 +843,12 @@ class GatewayCore:
             self.log.warning("cancel_failed", worker_id=worker, error=repr(e))
 
     # ---- token stream ------------------------------------------------------
-    def _decode_events(self, data: bytes, **source: str) -> TokenEvents | None:
-        """The step's events from either path's bytes (the tokens subject, a direct link), or None
-        with a warning naming where the bad payload came from."""
+    def _decode_events(self, data: bytes, link_of: str | None = None, **source: str) -> TokenEvents | None:
+        """The step's events from either path's bytes (the tokens subject; a direct link of worker
+        `link_of`, whose frames may also be rows), or None with a warning naming where the bad
+        payload came from."""
         try:
-            return decode(data, TokenEvents)
+            return decode(data, TokenEvents) if link_of is None else decode_events(data, link_of)
         except MessageError as e:
             self.log.warning("bad_message", error=str(e), **source)
             return None
@@ -859,11 +860,9 @@ class GatewayCore:
 
     def _on_link_payload(self, worker_id: str, payload: bytes) -> None:
         """A frame of a direct token link: the same bytes and the same handling as a message on
-        the tokens subject, from the worker that said hello on it only."""
-        try:
-            events = decode_events(payload, worker_id)
-        except MessageError as e:
-            self.log.warning("bad_message", error=str(e), source="token_link", worker_id=worker_id)
+        the tokens subject (or the same events as rows), from the worker that said hello on it only."""
+        events = self._decode_events(payload, worker_id, source="token_link", worker_id=worker_id)
+        if events is None:
             return
         if events.worker_id != worker_id:
             self.log.warning("token_link_wrong_worker", worker_id=worker_id, events_from=events.worker_id)

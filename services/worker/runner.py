@@ -336,9 +336,7 @@ class EngineThread:
             eng: Engine | None = None
             ended = 0.0  # when the last step of this busy run returned (0: none yet)
             while not self._stopping and (self._calls or busy):
-                w = self._writer
-                if w is not None and (self._direct_dirty or ended - w.last_turn >= directpub.TURN_S or not ended):
-                    self._tend(ended)  # (its own test, inlined: the call alone costs here, after a step)
+                self._tend(ended)
                 if self._calls:
                     # A call may change lanes and models: what has work is read again after it
                     # (else the reading at the end of the last step stands, microseconds old).

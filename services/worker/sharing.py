@@ -86,16 +86,6 @@ class StrideScheduler:
     def pick(self, with_work: Iterable[str]) -> str | None:
         """The instance that steps next among those with work (None: none has work), and count
         its step."""
-        if len(self.shares) == 1:
-            # One instance on the thread (every worker but a shared one), picked on every step:
-            # what the general case below computes for it, without its lists and sorts.
-            for n in with_work:
-                s = self.shares.get(n)
-                if s is not None:
-                    s.active = True
-                    s.pass_ += 1.0 / s.quota
-                    s.steps += 1
-                    return n
         ready = [n for n in with_work if n in self.shares]
         if not ready:
             for s in self.shares.values():

@@ -45,7 +45,7 @@ import structlog
 
 from cascade.advertise import split_host_port
 from cascade.messages import TokenEvent
-from cascade.tokenlink import ACK_OK, FRAME_HEADER, KIND_EVENTS, MAX_FRAME, encode_rows, hello, local_socket_address
+from cascade.tokenlink import ACK_OK, encode_rows, frame, hello, local_socket_address
 from services.worker.engine import StepResult
 
 # (address, key, local socket name) as a gateway advertises them.
@@ -150,25 +150,6 @@ class TokenLinks:
         """Write the events of `result` that may go by a link (the module's rule); the events left
         for NATS (`result.events` itself when none went)."""
         events = result.events
-        if len(events) == 1 and not self._on_nats and not self._ready:
-            # One sequence in the step (every step at one stream), its gateway linked: the rule
-            # below in a few lines, run right after the step where every line is slow.
-            gw, ev = events[0]
-            held = self._socks.get(gw)
-            if held is not None and held[1] == self._addrs.get(gw):
-                payload = encode_rows([ev], result.batch_size)
-                if payload is not None and self._write(gw, held[0], payload):
-                    self.events_sent += 1
-                    if ev.finish_reason is None:
-                        self._on_link.add((gw, ev.request_id, ev.choice))
-                    else:
-                        self._on_link.discard((gw, ev.request_id, ev.choice))
-                    return []
-                if payload is not None:  # the write failed: the link is gone, the event goes by NATS
-                    self._on_link.discard((gw, ev.request_id, ev.choice))
-                    if ev.finish_reason is None:
-                        self._on_nats.add((gw, ev.request_id, ev.choice))
-                    return events
         gw = events[0][0]
         groups: dict[str, list[TokenEvent]] = {gw: []}
         for g, ev in events:  # one gateway, most often: no grouping
@@ -322,9 +303,7 @@ class TokenLinks:
 
     def _write(self, gw: str, sock: socket.socket, payload: bytes) -> bool:
         try:
-            if len(payload) > MAX_FRAME:
-                raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_FRAME}")
-            data = FRAME_HEADER.pack(KIND_EVENTS, len(payload)) + payload  # `frame`, without the call
+            data = frame(payload)
             # Non-blocking first: one `send` syscall when the socket has room (a socket with a
             # timeout would `poll` before every send); only a full socket waits, and not long.
             try:
