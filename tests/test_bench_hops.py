@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench.hops import process_hop, thread_hop
+from bench.hops import parse, process_hop, thread_hop
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and two CPUs"
@@ -34,3 +34,12 @@ def test_thread_hops_give_one_positive_latency_per_set() -> None:
     waits = thread_hop(_cpus(), 20, lambda: time.sleep(0.001))
     assert len(waits) == 20 and all(0 < x < 1e9 for x in waits)
     assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.parametrize("argv", [["--messages", "3"], ["--gap-ms", "-1"], ["--burst-mb", "0"]])
+def test_what_cannot_be_measured_is_refused_with_a_clear_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2 and "--messages must be at least 10" in capsys.readouterr().err
