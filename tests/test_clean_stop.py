@@ -85,8 +85,14 @@ async def test_sigterm_with_the_broker_gone_exits_0_without_a_traceback(
         # Every service subscribed and announced itself (the signal handlers are in place by then).
         await nc.subscribe(s.service_ready(), cb=on_ready)
         await nc.flush()
-        procs["worker"] = start("worker", url, prefix, tmp_path, "--worker-id", "w1", *paced, "--config", str(cfg))
-        procs["gateway"] = start("gateway", url, prefix, tmp_path, "--port", str(port), "--config", str(cfg))
+        # The stream below outlasts both the worker's drain and the gateway's grace: short ones
+        # keep the test quick, and both ends' "time is up" paths run.
+        procs["worker"] = start(
+            "worker", url, prefix, tmp_path, "--worker-id", "w1", *paced, "--config", str(cfg), "--drain-timeout-s", "2"
+        )
+        procs["gateway"] = start(
+            "gateway", url, prefix, tmp_path, "--port", str(port), "--config", str(cfg), "--shutdown-grace-s", "2"
+        )
         procs["scaler"] = start("scaler", url, prefix, tmp_path, "--config", str(cfg))
         procs["loader"] = start("loader", url, prefix, tmp_path, "--config", str(cfg))
         async with aiohttp.ClientSession() as http:

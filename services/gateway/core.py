@@ -230,12 +230,31 @@ class GatewayCore:
 
     def begin_shutdown(self) -> None:
         """Stop admitting. Queued requests that no instance can take fail now rather than be
-        cut off when the grace period ends; running ones may finish."""
+        cut off when the grace period ends; running ones may finish within it, and what still runs
+        when it ends fails then (`_end_of_grace`)."""
         self.accepting = False
         for name, b in self.batchers.items():
             if self.pick(name, frozenset()) is None:
                 for req in b.take_all():
                     self.hub.finish(req, Failure(503, "the gateway is shutting down", "shutting_down", 1))
+        self.tasks.spawn(self._end_of_grace(), name="shutdown-grace")
+
+    async def _end_of_grace(self) -> None:
+        """Fail every request still open when the shutdown grace ends: its stream gets an error
+        event and ends, and its worker is told to stop. Left to aiohttp, a handler still waiting for
+        tokens is cancelled only after a second grace period (it waits the grace once for the
+        handler, then again for the cancelled connection), and its client gets a cut connection."""
+        await asyncio.sleep(self.settings.shutdown_grace_s)  # the grace period itself (a timer)
+        why = Failure(503, "the gateway shut down before this request finished", "shutting_down", 1)
+        queued = [req for b in self.batchers.values() for req in b.take_all()]
+        running = self.hub.open_requests()
+        if queued or running:
+            n = len(queued) + len(running)
+            self.log.warning("shutdown_grace_over", grace_s=self.settings.shutdown_grace_s, failed=n)
+        for req in queued:
+            self.hub.finish(req, why)
+        for req in running:
+            self._give_up(req, why)
 
     async def _listen_tokens(self) -> None:
         """Open the direct token listener on the gateway's host, advertised by the same rule as the

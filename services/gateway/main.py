@@ -22,6 +22,9 @@ from services.gateway.app import create_app
 from services.gateway.core import GatewayCore
 from services.gateway.settings import GatewaySettings, new_gateway_id
 
+# aiohttp's cut-off of handlers still running, this long after the core's own at the grace's end.
+_BACKSTOP_S = 1.0
+
 
 class GatewayService:
     """The gateway as a service (cascade/service.py): its engine (`core`) on the host's NATS
@@ -62,7 +65,9 @@ class GatewayService:
             create_app(self._core),
             # Without this, a handler keeps waiting for tokens after its client has gone.
             handler_cancellation=True,
-            shutdown_timeout=self.settings.shutdown_grace_s,
+            # The core fails what still runs when the grace ends (an error event, then the end of
+            # the stream); aiohttp's own cut-off, a moment later, is the backstop.
+            shutdown_timeout=self.settings.shutdown_grace_s + _BACKSTOP_S,
             access_log=None,
         )
         await runner.setup()
