@@ -14,6 +14,7 @@ import pytest
 
 from cascade.cli.embedded_nats import EmbeddedNats, free_port
 from cascade.subjects import Subjects
+from tests.smollm2 import GGUF, SKIP_REASON
 
 # Fixtures that start a broker, a process or a whole mesh: a test using one is end-to-end.
 _E2E_FIXTURES = frozenset({"nats_server", "nats_url", "js_url", "broker", "three"})
@@ -69,3 +70,14 @@ def prefix() -> str:
 @pytest.fixture
 def subjects(prefix: str) -> Subjects:
     return Subjects(prefix)
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2 GGUF converted by Cascade into a fresh home, once per session (its
+    conversion takes ~10 s; every test that needs the checkpoint shares this one)."""
+    from cascade.models.gguf import convert_gguf_cached
+
+    if GGUF is None:
+        pytest.skip(SKIP_REASON)
+    return convert_gguf_cached(GGUF, home=tmp_path_factory.mktemp("smollm2-home"), progress=False)

@@ -3,41 +3,23 @@ converted by Cascade, against transformers loading the same file: equal logits, 
 the same 16 greedy tokens ("The capital of France is Paris."), and Cascade's own decoder giving
 those tokens too.
 
-The file is looked for at $CASCADE_SMOLLM2_GGUF, else where `obtain_default_model` keeps it
-(`default_gguf_path()` under $CASCADE_HOME). CI machines start empty, so without it the module
-skips. transformers' own GGUF load of this file takes ~15-20 s: one conversion and one load of
-each side for the whole module."""
+Where the file is looked for: tests/smollm2.py (the module skips without it). transformers' own
+GGUF load of this file takes ~15-20 s: one conversion (the session's, `smollm2_converted`) and one
+load of each side for the whole module."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from cascade.models.default_model import default_gguf_path
-from cascade.models.gguf import convert_gguf_cached
+from tests.smollm2 import GGUF, SKIP_REASON
 
 transformers = pytest.importorskip("transformers")
 
-
-def _find_gguf() -> Path | None:
-    env = os.environ.get("CASCADE_SMOLLM2_GGUF")
-    candidates = [Path(env)] if env else [default_gguf_path()]
-    return next((p for p in candidates if p.is_file()), None)
-
-
-GGUF = _find_gguf()
-pytestmark = [
-    pytest.mark.realmodel,
-    pytest.mark.skipif(
-        GGUF is None,
-        reason="SmolLM2 GGUF not found: set CASCADE_SMOLLM2_GGUF, or fetch the default model once "
-        f"(it lands at {default_gguf_path()})",
-    ),
-]
+pytestmark = [pytest.mark.realmodel, pytest.mark.skipif(GGUF is None, reason=SKIP_REASON)]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 TEXTS = [
     "Hello world",
@@ -50,9 +32,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def pair(smollm2_converted: Path) -> dict[str, Any]:
     assert GGUF is not None
-    folder = convert_gguf_cached(GGUF, home=tmp_path_factory.mktemp("home"), progress=False)
+    folder = smollm2_converted
     return {
         "folder": folder,
         "ours": transformers.AutoModelForCausalLM.from_pretrained(folder),

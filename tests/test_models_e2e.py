@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -18,9 +19,10 @@ import orjson
 import pytest
 
 from cascade.config import GenerateSpec
-from cascade.models.default_model import default_gguf_path
 from cascade.models.generate import generate_model
+from cascade.models.source import gguf_cache_dir
 from tests.meshproc import cli, running_mesh
+from tests.smollm2 import GGUF, SKIP_REASON
 
 pytestmark = pytest.mark.e2e
 
@@ -119,13 +121,6 @@ def test_deploy_of_a_missing_model_fails_before_the_mesh_hears_of_it(mesh: dict[
 # --------------------------------------------------------------------------- the real model
 
 
-def _find_gguf() -> Path | None:
-    env = os.environ.get("CASCADE_SMOLLM2_GGUF")
-    p = Path(env) if env else default_gguf_path()
-    return p if p.is_file() else None
-
-
-GGUF = _find_gguf()
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Name a colour."}],
@@ -135,15 +130,18 @@ PROMPTS = ["The three primary colours are", "def fibonacci(n):"]
 MAX_TOKENS = 24
 
 
-@pytest.mark.skipif(
-    GGUF is None, reason=f"SmolLM2 GGUF not found (set CASCADE_SMOLLM2_GGUF; default {default_gguf_path()})"
-)
-def test_smollm2_through_the_mesh_answers_as_transformers_does(tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.skipif(GGUF is None, reason=SKIP_REASON)
+def test_smollm2_through_the_mesh_answers_as_transformers_does(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_converted: Path
+) -> None:
     transformers = pytest.importorskip("transformers")
     import torch
 
     assert GGUF is not None
     home = tmp_path_factory.mktemp("smol-home")
+    # The session's conversion, linked where `cascade up --model` looks for it (converting here
+    # again would only repeat tests/test_gguf_smollm2.py's ~10 s).
+    shutil.copytree(smollm2_converted, gguf_cache_dir(GGUF, home), copy_function=os.link)
     with running_mesh(
         home, None, workers=1, timeout_s=300, args=("--model", str(GGUF), "--served-model-name", "smol")
     ) as m:
