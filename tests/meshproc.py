@@ -4,7 +4,8 @@ the tests of such a mesh do to it: the `cascade` commands, its status, a complet
 
 from __future__ import annotations
 
-import json
+import asyncio
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -18,7 +19,11 @@ from typing import Any
 import orjson
 
 from bench.common import stop_processes
-from cascade.config import read_mesh_file
+from cascade.cli.statusview import to_json
+from cascade.config import read_mesh_file, resolve_nats_url, resolve_prefix
+from cascade.natsauth import credentials_for
+from cascade.natsutil import connect, gather_status
+from cascade.subjects import Subjects
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -70,11 +75,24 @@ def cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProc
     )  # fmt: skip
 
 
-def mesh_status(home: Path) -> dict[str, Any]:
-    """`cascade status --json`, which must succeed."""
-    r = cli(home, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
+def mesh_status(home: Path, window_s: float = 1.0) -> dict[str, Any]:
+    """What `cascade status --json` prints for the mesh whose CASCADE_HOME is `home`, which must
+    answer: the same gather and the same JSON, run here rather than in a `cascade` process (a
+    process costs about a second of a core to start, and the tests poll this). Callable from
+    sync code and from inside a running event loop (it blocks the caller, as the process did)."""
+    url, prefix = resolve_nats_url(None, home), resolve_prefix(None, home)
+
+    async def go() -> dict[str, Any]:
+        nc = await connect(url, "test-status", connect_timeout_s=2.0, credentials=credentials_for(url, home))
+        try:
+            st = await gather_status(nc, Subjects(prefix), window_s)
+        finally:
+            await nc.drain()
+        assert st.services or st.heartbeats, f"no service answered on {prefix}.status at {url}"
+        return dict(orjson.loads(orjson.dumps(to_json(st, url, prefix))))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result()
 
 
 def post_json(url: str, body: dict[str, Any], timeout: float = 120) -> Any:
