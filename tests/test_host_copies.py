@@ -3,7 +3,10 @@ model, what it drops, how the planner picks among copies, and the deployment set
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -12,8 +15,10 @@ from cascade.config import ConfigError, Deployment, GenerateSpec, ModelDeploymen
 from cascade.messages import HostCopies, HostCopyOrder, RemoteError, TransferOrder
 from cascade.models.generate import generate_model
 from cascade.natsutil import TaskSet
+from cascade.subjects import Subjects
 from services.loader.cachekeeper import HostCacheKeeper
 from services.loader.copies import CopyOrder, CopyTable, LoaderCopies, place_copies
+from services.loader.main import Loader
 from services.loader.planner import MeshSnapshot, PlanRequest, select_sources
 from services.loader.settings import LoaderSettings
 from tests.test_planner import idle, on
@@ -121,5 +126,52 @@ async def test_a_loader_fills_sends_from_and_drops_its_copy_on_the_leaders_order
         await keeper.on_copy_order(HostCopyOrder("drop", M, "", "la"))
         assert keeper.models() == frozenset() and announced[-1].models == []
     finally:
+        await tasks.cancel_all()
+        keeper.close()
+
+
+async def test_a_new_leader_keeps_its_copy_while_it_reads_the_journal(tmp_path: Path) -> None:
+    """From the lease on, the pulse places copies for what is wanted: a takeover adopts what the
+    loaders hold before its first await (the journal's read), or the pulse meanwhile would find
+    nothing wanted and drop every copy, the new leader's own first."""
+    path = tmp_path / M
+    generate_model(path, GenerateSpec(layers=1, hidden=64, heads=4, kv_heads=2, vocab=320, max_position=256))
+    log = structlog.get_logger().bind(test="copies")
+    tasks = TaskSet(log)
+    dep = Deployment((ModelDeployment(M, path, 0, 1, host_copies=2),))
+    settings = LoaderSettings(loader_id="lb", host_id="hb")
+    keeper = HostCacheKeeper(settings, dep, tasks, log)
+    loader = Loader(settings, dep, log)
+    reading, go_on = asyncio.Event(), asyncio.Event()
+
+    class Journal:
+        async def pending(self) -> list[Any]:
+            reading.set()
+            await go_on.wait()
+            return []
+
+    class Nats:
+        async def publish(self, subject: str, data: bytes) -> None:
+            pass
+
+    loader.keeper = keeper
+    loader.decisions = cast(Any, SimpleNamespace(journal=Journal()))
+    loader.leadership = cast(Any, SimpleNamespace(leading=True))
+    loader.rt = cast(Any, SimpleNamespace(nc=Nats(), subjects=Subjects("t")))
+    try:
+        await keeper.on_copy_order(HostCopyOrder("fill", M, str(path), "la"))
+        await wait_until(lambda: keeper.models() == {M}, 60, "the copy filled")
+        # Both loaders held a copy when the old leader ("la") died; it is not stale yet.
+        keeper.heard(HostCopies("la", "ha", [M], [], True))
+        keeper.heard(keeper.announcement())
+        taking_over = asyncio.ensure_future(loader.on_lead())
+        await reading.wait()
+        keeper.sweep({})  # the pulse, as the leader, while the journal is read
+        assert keeper.models() == {M}
+        go_on.set()
+        await taking_over
+        assert keeper.models() == {M} and M in keeper.copies.wanted
+    finally:
+        go_on.set()
         await tasks.cancel_all()
         keeper.close()

@@ -183,6 +183,12 @@ class Loader:
         """This loader leads now: finish what the last leader journaled, carry out what it heard
         and no one acked, then say `ServiceReady` (the scaler asks what is in flight here)."""
         assert self.decisions is not None and self.decisions.journal is not None and self.rt is not None
+        assert self.keeper is not None
+        # The copies the loaders hold stay kept (the last leader kept them): with host_copies >= 2
+        # this loader usually holds one already, and the next scale-up reads no store. Adopted
+        # before the first await: from `leading` on, the pulse places copies for what is wanted,
+        # and with nothing wanted yet it would drop every copy, this loader's own first.
+        adopted = self.keeper.copies.adopt(self.clock())
         try:
             pending = await self.decisions.journal.pending()
         except Exception as e:  # the broker away: what is heard is still carried out
@@ -217,10 +223,6 @@ class Loader:
             self.launch(d)
             fresh.append(d.decision_id)
         self.heard.clear()
-        assert self.keeper is not None
-        # The copies the loaders hold stay kept (the last leader kept them): with host_copies >= 2
-        # this loader usually holds one already, and the next scale-up reads no store.
-        adopted = self.keeper.copies.adopt(self.clock())
         self.log.info("leading", taken_over=taken, heard=fresh, left_to_the_scaler=dropped, host_copies=adopted)
         ready = ServiceReady(self.service, self.instance, os.getpid())
         try:
