@@ -42,8 +42,15 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 def test_scale_to_three_is_a_chain_multicast_that_serves(mesh: dict[str, Any]) -> None:
     home = mesh["home"]
-    st = mesh_status(home)
-    (holder,) = [i["worker_id"] for i in st["instances"] if i["state"] == "serving"]
+    deadline = time.monotonic() + 60
+    while True:  # the first instance serving and its load recorded (two services' status)
+        st = mesh_status(home)
+        held = [i["worker_id"] for i in st["instances"] if i["state"] == "serving"]
+        if len(held) == 1 and any(t["worker"] == held[0] and t["state"] == "done" for t in st["transfers"]):
+            break
+        assert time.monotonic() < deadline, f"no first instance: {st['instances']}\n{st['transfers']}"
+        time.sleep(0.2)  # polling status with a deadline
+    (holder,) = held
     first = [t for t in st["transfers"] if t["worker"] == holder]
     assert first and first[-1]["source"] == "disk", "nothing held the model: the first instance read the disk"
 
@@ -51,9 +58,12 @@ def test_scale_to_three_is_a_chain_multicast_that_serves(mesh: dict[str, Any]) -
     assert r.returncode == 0, r.stderr
     deadline = time.monotonic() + 120
     while True:
+        # Serving and the loader's record of the transfer come from different services' status
+        # (the loader records a transfer done after its worker serves): wait for both.
         st = mesh_status(home)
         serving = [i for i in st["instances"] if i["state"] == "serving" and i["units_ready"] == i["num_units"]]
-        if len(serving) == 3:
+        recorded = [t for t in st["transfers"] if t["worker"] != holder and t["state"] == "done"]
+        if len(serving) == 3 and len(recorded) == 2:
             break
         assert time.monotonic() < deadline, f"not 3 serving instances: {st['instances']}\n{st['transfers']}"
         time.sleep(0.2)  # polling status with a deadline
