@@ -64,20 +64,23 @@ async def _roles(url: str, s: Subjects) -> dict[str, str]:
     return {x.instance: x.detail.get("lease", {}).get("role", "?") for x in st.services if x.service == "loader"}
 
 
-async def _two_loaders(mesh: Procs, js_url: str, s: Subjects, *extra: str) -> tuple[str, str]:
-    """Start loaders la and lb; (leader, follower) once both say their role."""
+async def _two_loaders(
+    mesh: Procs, js_url: str, s: Subjects, *extra: str, leader_only: tuple[str, ...] = ()
+) -> tuple[str, str]:
+    """Start loader la, and lb once la leads; (leader, follower) once both say their role.
+    `leader_only`: flags for la alone (the follower is the one that takes over)."""
     roles: dict[str, str] = {}
     lease = ("--lease", "required", "--lease-s", LEASE_S, *extra)
-    mesh.start("la", "loader", "--loader-id", "la", *lease)
-    mesh.start("lb", "loader", "--loader-id", "lb", *lease)
+    mesh.start("la", "loader", "--loader-id", "la", *lease, *leader_only)
     waited = 0.0
-    while sorted(roles.values()) != ["follower", "leader"]:  # a 0.3 s status gather per look
-        roles.update(await _roles(js_url, s))
-        waited += 0.3
-        assert waited < 60, f"no leader and follower: {roles}\n{mesh.logs_tail()}"
-    leader = next(i for i, r in roles.items() if r == "leader")
-    follower = next(i for i, r in roles.items() if r == "follower")
-    return leader, follower
+    for lid, want in (("la", ["leader"]), ("lb", ["follower", "leader"])):
+        if lid == "lb":
+            mesh.start("lb", "loader", "--loader-id", "lb", *lease)
+        while sorted(roles.values()) != want:  # a 0.3 s status gather per look
+            roles.update(await _roles(js_url, s))
+            waited += 0.3
+            assert waited < 60, f"no leader and follower: {roles}\n{mesh.logs_tail()}"
+    return "la", "lb"
 
 
 async def test_leader_killed_mid_decision_the_other_loader_finishes_it_once(
@@ -140,8 +143,11 @@ async def test_leader_killed_while_it_sends_the_other_loader_plans_again_once(
     watch = Watch()
     try:
         await watch.attach(nc, s)
-        # The leader's sends are paced to about 15 s for the model; a re-plan reads the disk fast.
-        leader, follower = await _two_loaders(mesh, js_url, s, "--send-mb-s", "0.4", "--transfer-timeout-s", "3")
+        # The leader's sends are paced to about 15 s for the model; the new leader's re-plan is
+        # not (it reads the store into its own copy and sends at once).
+        leader, follower = await _two_loaders(
+            mesh, js_url, s, "--transfer-timeout-s", "3", leader_only=("--send-mb-s", "0.4")
+        )
         for w in ("w1", "w2"):
             mesh.start(w, "worker", "--worker-id", w, "--kv-cache-mb", "16", "--load-mb-s", "4")
         mesh.start("scaler", "scaler")
