@@ -246,15 +246,13 @@ class GatewayCore:
         handler, then again for the cancelled connection), and its client gets a cut connection."""
         await asyncio.sleep(self.settings.shutdown_grace_s)  # the grace period itself (a timer)
         why = Failure(503, "the gateway shut down before this request finished", "shutting_down", 1)
-        queued = [req for b in self.batchers.values() for req in b.take_all()]
-        running = self.hub.open_requests()
-        if queued or running:
-            n = len(queued) + len(running)
-            self.log.warning("shutdown_grace_over", grace_s=self.settings.shutdown_grace_s, failed=n)
-        for req in queued:
-            self.hub.finish(req, why)
-        for req in running:
-            self._give_up(req, why)
+        for b in self.batchers.values():
+            b.take_all()  # no dispatch from here on; the queued are open in the hub, failed below
+        left = self.hub.open_requests()
+        if left:
+            self.log.warning("shutdown_grace_over", grace_s=self.settings.shutdown_grace_s, failed=len(left))
+        for req in left:
+            self._give_up(req, why)  # a worker running it is told to stop
 
     async def _listen_tokens(self) -> None:
         """Open the direct token listener on the gateway's host, advertised by the same rule as the
