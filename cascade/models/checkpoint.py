@@ -10,6 +10,7 @@ opening a 2 GB file costs nothing until a layer is touched.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -44,30 +45,30 @@ __all__ = [
 # layouts and bytes only, and a process that never imports torch starts seconds sooner and ~200 MB
 # smaller. DTYPES, DTYPE_NAMES and TORCH_DTYPE_BY_HF (torch dtypes) are built on first use
 # (`__getattr__` below).
-_DTYPE_ATTRS = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+# A safetensors dtype → (the torch dtype's attribute, bytes per item).
+_DTYPE_TABLE = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }  # fmt: skip
 _HF_DTYPES = ("float32", "float16", "bfloat16")
-_LAZY: dict[str, Any] = {}
 
 
-def _torch_tables(name: str) -> Any:
-    if not _LAZY:
-        import torch
+@functools.cache
+def _torch_tables() -> dict[str, Any]:
+    import torch
 
-        dtypes = {k: getattr(torch, v) for k, v in _DTYPE_ATTRS.items()}
-        _LAZY.update(
-            DTYPES=dtypes,
-            DTYPE_NAMES={v: k for k, v in dtypes.items()},
-            TORCH_DTYPE_BY_HF={h: getattr(torch, h) for h in _HF_DTYPES},
-        )
-    return _LAZY[name]
+    dtypes = {k: getattr(torch, attr) for k, (attr, _) in _DTYPE_TABLE.items()}
+    return {
+        "DTYPES": dtypes,
+        "DTYPE_NAMES": {v: k for k, v in dtypes.items()},
+        "TORCH_DTYPE_BY_HF": {h: getattr(torch, h) for h in _HF_DTYPES},
+    }
 
 
 def __getattr__(name: str) -> Any:
     if name in ("DTYPES", "DTYPE_NAMES", "TORCH_DTYPE_BY_HF"):
-        return _torch_tables(name)
+        return _torch_tables()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -81,9 +82,7 @@ if TYPE_CHECKING:
 
 # --------------------------------------------------------------------------- safetensors
 
-ITEM_SIZES: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-}  # fmt: skip
+ITEM_SIZES: dict[str, int] = {k: size for k, (_, size) in _DTYPE_TABLE.items()}
 # The dtypes a model's weights may have: anything else (int8, fp8, ...) is a quantization scheme
 # the decoder does not implement.
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
@@ -147,7 +146,7 @@ class SafetensorsFile:
         e = self.entries[name]
         import torch
 
-        dtype = _torch_tables("DTYPES")[e["dtype"]]
+        dtype = _torch_tables()["DTYPES"][e["dtype"]]
         buf = self.raw(name)
         shape = tuple(e["shape"])
         if len(buf) == 0:
@@ -324,7 +323,7 @@ def write_safetensors(
         header["__metadata__"] = metadata
     off = 0
     for name, (shape, dtype) in shapes.items():
-        kind = _torch_tables("DTYPE_NAMES")[dtype]
+        kind = _torch_tables()["DTYPE_NAMES"][dtype]
         n = math.prod(shape) * ITEM_SIZES[kind]
         header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
