@@ -5,6 +5,7 @@ nothing again and no second worker loads."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,17 +70,19 @@ async def _two_loaders(
 ) -> tuple[str, str]:
     """Start loader la, and lb once la leads; (leader, follower) once both say their role.
     `leader_only`: flags for la alone (the follower is the one that takes over)."""
-    roles: dict[str, str] = {}
     lease = ("--lease", "required", "--lease-s", LEASE_S, *extra)
-    mesh.start("la", "loader", "--loader-id", "la", *lease, *leader_only)
-    waited = 0.0
-    for lid, want in (("la", ["leader"]), ("lb", ["follower", "leader"])):
-        if lid == "lb":
-            mesh.start("lb", "loader", "--loader-id", "lb", *lease)
-        while sorted(roles.values()) != want:  # a 0.3 s status gather per look
+    roles: dict[str, str] = {}
+
+    async def until(want: dict[str, str]) -> None:
+        deadline = asyncio.get_running_loop().time() + 60
+        while roles != want:  # a 0.3 s status gather per look
             roles.update(await _roles(js_url, s))
-            waited += 0.3
-            assert waited < 60, f"no leader and follower: {roles}\n{mesh.logs_tail()}"
+            assert asyncio.get_running_loop().time() < deadline, f"roles {roles}\n{mesh.logs_tail()}"
+
+    mesh.start("la", "loader", "--loader-id", "la", *lease, *leader_only)
+    await until({"la": "leader"})
+    mesh.start("lb", "loader", "--loader-id", "lb", *lease)
+    await until({"la": "leader", "lb": "follower"})
     return "la", "lb"
 
 

@@ -16,6 +16,8 @@ from cascade.config import DEFAULT_MODEL, GenerateSpec, load_deployment
 from cascade.models.checkpoint import validate_checkpoint
 from cascade.models.default_model import DEFAULT_HUB_ID, default_gguf_path
 from tests.ggufmaker import TinySpec, write_tiny_gguf
+from tests.smollm2 import GGUF as SMOLLM2
+from tests.smollm2 import SKIP_REASON
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,21 +92,8 @@ def test_composes_init_falls_back_to_the_test_model_when_nothing_is_reachable(
     validate_checkpoint(m.path)
 
 
-def _smollm2_gguf() -> Path | None:
-    env = os.environ.get("CASCADE_SMOLLM2_GGUF")
-    candidates = [Path(env)] if env else [default_gguf_path()]
-    return next((p for p in candidates if p.is_file()), None)
-
-
-SMOLLM2 = _smollm2_gguf()
-
-
 @pytest.mark.realmodel
-@pytest.mark.skipif(
-    SMOLLM2 is None,
-    reason="SmolLM2 GGUF not found: set CASCADE_SMOLLM2_GGUF, or fetch the default model once "
-    f"(it lands at {default_gguf_path()})",
-)
+@pytest.mark.skipif(SMOLLM2 is None, reason=SKIP_REASON)
 def test_composes_init_serves_smollm2_from_a_copy_fetched_earlier(
     tmp_path: Path, offline: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
