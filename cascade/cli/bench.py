@@ -15,6 +15,7 @@ from cascade.cli.common import CliError
 BENCHMARKS: dict[str, str] = {
     "serve": "streamed completions at several concurrencies, and the mesh's own overhead",
     "hops": "one hop between two processes (and two threads) on this machine: the floor under serve's overhead",
+    "floor": "the request path's floor: the mesh's hops and engine with none of its code, against in-process",
     "scaleup": "live against stop-the-world scaling: TTFT while new instances load",
     "multicast": "parameter transfers: chain multicast against star and disk, per target count",
     "burst": "a real trace's bursts: Cascade against ServerlessLLM-style, AllCache and static fleets",
@@ -41,6 +42,10 @@ def benchmark(name: str) -> Callable[[list[str]], int | None]:
             from bench.hops import main as hops
 
             return hops
+        if name == "floor":
+            from bench.floor import main as floor
+
+            return floor
         if name == "scaleup":
             from bench.scaleup import main as scaleup
 
