@@ -151,6 +151,24 @@ class TokenLinks:
         for NATS (`result.events` itself when none went)."""
         events = result.events
         gw = events[0][0]
+        held = self._socks.get(gw)
+        if held is not None and not self._on_nats and not self._ready and held[1] == self._addrs.get(gw):
+            # The usual step: a link up to the one gateway of every event, no request pinned to
+            # NATS. What `_send_group` does then, without its grouping and lookups (this runs
+            # after every step, cold); a write that fails falls to the general path below, which
+            # finds the link dropped and leaves the events to NATS.
+            evs = [ev for g, ev in events if g == gw]
+            if len(evs) == len(events) and self._write(
+                gw, held[0], encode_rows(evs, result.batch_size) or self._encode(evs, result.batch_size)
+            ):
+                self.events_sent += len(evs)
+                on_link = self._on_link
+                for ev in evs:
+                    if ev.finish_reason is None:
+                        on_link.add((gw, ev.request_id, ev.choice))
+                    else:
+                        on_link.discard((gw, ev.request_id, ev.choice))
+                return []
         groups: dict[str, list[TokenEvent]] = {gw: []}
         for g, ev in events:  # one gateway, most often: no grouping
             if g != gw:
