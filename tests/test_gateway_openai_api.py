@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import orjson
@@ -316,7 +318,20 @@ def test_error_body_shape_and_types() -> None:
 def test_request_ids() -> None:
     assert oai.new_request_id("completion").startswith("cmpl-")
     assert oai.new_request_id("chat").startswith("chatcmpl-")
-    assert oai.new_request_id("chat") != oai.new_request_id("chat")
+    ids = [oai.new_request_id("chat") for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    # 32 hex digits after the prefix, as uuid4().hex gave: clients and logs see the same shape.
+    assert all(len(i) == len("chatcmpl-") + 32 and int(i[len("chatcmpl-") :], 16) >= 0 for i in ids)
+
+
+def test_request_ids_differ_between_gateway_processes() -> None:
+    """Two gateways (two processes) never hand out the same ids: each draws its own prefix."""
+    code = "from services.gateway.openai_api import new_request_id as n; print(n('chat'))"
+    got = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    }
+    assert len(got) == 2
 
 
 def test_full_responses() -> None:
