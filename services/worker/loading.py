@@ -227,6 +227,7 @@ class ModelSlot:
             "load_started", model=req.model, path=str(path), decision=req.decision_id, source=dl.source,
             local_cache=dl.note,
         )  # fmt: skip
+        await self._announce_loading()
         return Ok(f"loading {req.model}")
 
     async def load_from_disk(self, req: LoadModel, dl: DiskLoad) -> None:
@@ -455,7 +456,19 @@ class ModelSlot:
             have=len(held), downstream=order.downstream,
             reserve_s=round(inb.reception.stats.reserve_s, 3) if inb.reception is not None else None,
         )  # fmt: skip
+        await self._announce_loading()
         return Ok(f"{order.role} {tid}: {len(order.units)} units of {order.model}")
+
+    async def _announce_loading(self) -> None:
+        """A heartbeat now, not at the next tick of the periodic one: the mesh counts this worker
+        as an instance of its model from the order on. A scaler whose loader died right after
+        sending the order drops the decision and decides again only if the gap is still there; it
+        must see this load to know it is not (tests/test_control_restart.py), and a restarted
+        loader can be up in half a second, before the next periodic beat."""
+        try:
+            await self._beat()
+        except Exception as e:  # the broker away: the periodic beat tells it later
+            self.log.warning("heartbeat_failed", error=repr(e))
 
     async def _stop_inbound(self, inb: Inbound, reason: str) -> None:
         inb.superseded = True
