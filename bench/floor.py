@@ -204,6 +204,7 @@ class FloorClient:
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
     from bench.serve import PROMPT, inprocess_engine, inprocess_request
+    from cascade.cli.supervisor import die_with_parent_preexec
     from cascade.config import GenerateSpec
     from cascade.cpus import available_cpus
     from cascade.models.generate import generate_model
@@ -218,10 +219,15 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         generate_model(folder, GenerateSpec())
         me = [sys.executable, "-m", "bench.floor", "--sock", name]
         try:
-            procs.append(subprocess.Popen([*me, "--role", "relay"]))
+            # Killed with this process too (Ctrl-C twice, SIGKILL): they would block forever.
+            procs.append(subprocess.Popen([*me, "--role", "relay"], preexec_fn=die_with_parent_preexec()))
             _wait_listening(name, procs[0])
             knobs = ["--max-batch", str(a.max_batch), "--threads", str(a.threads), "--engine-cpu", str(engine_cpu)]
-            procs.append(subprocess.Popen([*me, "--role", "worker", "--folder", str(folder), *knobs]))
+            procs.append(
+                subprocess.Popen(
+                    [*me, "--role", "worker", "--folder", str(folder), *knobs], preexec_fn=die_with_parent_preexec()
+                )
+            )
             engine, tok = inprocess_engine(folder, a.max_batch, a.threads)
             client = FloorClient(name)
             for _ in range(3):  # warm both
