@@ -203,51 +203,71 @@ class FloorClient:
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    from bench.serve import PROMPT, inprocess_engine, inprocess_request
-    from cascade.cli.supervisor import die_with_parent_preexec
+    """`cascade bench floor`'s run: the generated model, the engine CPU `bench serve` picks."""
     from cascade.config import GenerateSpec
     from cascade.cpus import available_cpus
     from cascade.models.generate import generate_model
 
     cpus = available_cpus()
-    engine_cpu = max(cpus) if len(cpus) >= 2 else -1
-    pinned = frozenset({engine_cpu}) if engine_cpu >= 0 else frozenset()
-    name = f"cascade-floor-{os.getpid()}"
-    procs: list[subprocess.Popen[bytes]] = []
+    engine_cpus = frozenset({max(cpus)}) if len(cpus) >= 2 else frozenset()
     with tempfile.TemporaryDirectory(prefix="cascade-floor-") as scratch:
         folder = Path(scratch) / "model"
         generate_model(folder, GenerateSpec())
-        me = [sys.executable, "-m", "bench.floor", "--sock", name]
-        try:
-            # Killed with this process too (Ctrl-C twice, SIGKILL): they would block forever.
-            procs.append(subprocess.Popen([*me, "--role", "relay"], preexec_fn=die_with_parent_preexec()))
-            _wait_listening(name, procs[0])
-            knobs = ["--max-batch", str(a.max_batch), "--threads", str(a.threads), "--engine-cpu", str(engine_cpu)]
-            procs.append(
-                subprocess.Popen(
-                    [*me, "--role", "worker", "--folder", str(folder), *knobs], preexec_fn=die_with_parent_preexec()
-                )
+        return measure(folder, a.requests, a.max_tokens, a.max_batch, a.threads, engine_cpus)
+
+
+def measure(
+    folder: Path,
+    requests: int,
+    max_tokens: int,
+    max_batch: int,
+    threads: int,
+    engine_cpus: frozenset[int],
+    inprocess: tuple[Any, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`requests` pairs on the model in `folder`: the floor's path (each request twice: tokens
+    after every step, and after the last step only) and the engine in-process, pinned to
+    `engine_cpus` (its lowest; none: unpinned). `inprocess`: an (engine, tokenizer) already loaded
+    from `folder` (`bench serve` has one), else one is loaded here."""
+    from bench.serve import PROMPT, inprocess_engine, inprocess_request
+    from cascade.cli.supervisor import die_with_parent_preexec
+
+    engine_cpu = min(engine_cpus) if engine_cpus else -1
+    pinned = frozenset({engine_cpu}) if engine_cpu >= 0 else frozenset()
+    name = f"cascade-floor-{os.getpid()}"
+    procs: list[subprocess.Popen[bytes]] = []
+    me = [sys.executable, "-m", "bench.floor", "--sock", name]
+    try:
+        # Killed with this process too (Ctrl-C twice, SIGKILL): they would block forever.
+        procs.append(subprocess.Popen([*me, "--role", "relay"], preexec_fn=die_with_parent_preexec()))
+        _wait_listening(name, procs[0])
+        knobs = ["--max-batch", str(max_batch), "--threads", str(threads), "--engine-cpu", str(engine_cpu)]
+        procs.append(
+            subprocess.Popen(
+                [*me, "--role", "worker", "--folder", str(folder), *knobs], preexec_fn=die_with_parent_preexec()
             )
-            engine, tok = inprocess_engine(folder, a.max_batch, a.threads)
-            client = FloorClient(name)
-            for _ in range(3):  # warm both
-                client.request(PROMPT, a.max_tokens)
-                inprocess_request(engine, tok, PROMPT, a.max_tokens, pinned)
-            floor: list[dict[str, float]] = []
-            quiet: list[dict[str, float]] = []
-            local: list[dict[str, float]] = []
-            for i in range(a.requests):
-                # The two kinds take turns at going first (the one right after the in-process
-                # request finds the caches holding the other process's weights).
-                for each_step in (True, False) if i % 2 == 0 else (False, True):
-                    (floor if each_step else quiet).append(client.request(PROMPT, a.max_tokens, each_step))
-                local.append(inprocess_request(engine, tok, PROMPT, a.max_tokens, pinned))
-                if (i + 1) % 20 == 0:
-                    print(f"  {i + 1}/{a.requests} pairs", flush=True)
-        finally:
-            for p in reversed(procs):
-                p.kill()
-                p.wait()
+        )
+        engine, tok = inprocess if inprocess is not None else inprocess_engine(folder, max_batch, threads)
+        client = FloorClient(name)
+        for _ in range(3):  # warm both
+            client.request(PROMPT, max_tokens)
+            inprocess_request(engine, tok, PROMPT, max_tokens, pinned)
+        floor: list[dict[str, float]] = []
+        quiet: list[dict[str, float]] = []
+        local: list[dict[str, float]] = []
+        for i in range(requests):
+            # The two kinds take turns at going first (the one right after the in-process
+            # request finds the caches holding the other process's weights).
+            for each_step in (True, False) if i % 2 == 0 else (False, True):
+                (floor if each_step else quiet).append(client.request(PROMPT, max_tokens, each_step))
+            local.append(inprocess_request(engine, tok, PROMPT, max_tokens, pinned))
+            if progress and (i + 1) % 20 == 0:
+                print(f"  {i + 1}/{requests} pairs", flush=True)
+    finally:
+        for p in reversed(procs):
+            p.kill()
+            p.wait()
 
     def added(xs: list[dict[str, float]], key: str = "latency", same_steps: bool = False) -> dict[str, float]:
         return summary(
@@ -258,6 +278,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         )
 
     return {
+        "pairs": requests,
+        "max_tokens": max_tokens,
         "engine_cpu": engine_cpu,
         "floor_ms": summary([f["latency"] * 1e3 for f in floor]),
         "inprocess_ms": summary([lo["latency"] * 1e3 for lo in local]),

@@ -1,7 +1,8 @@
 """Serving benchmark: streamed completions through the mesh at concurrency 1, 8 and 32, beside
 the worker's engine called in-process on the same model (and, with --transformers, transformers'
 `generate` at the same batch sizes); and the cost of the mesh itself (gateway + NATS + worker)
-against the in-process engine, request by request.
+against the in-process engine, request by request, beside the path's floor on this machine (the
+same hops and engine with none of the mesh's code, bench/floor.py; `--no-floor` leaves it out).
 
     cascade bench serve                       the generated test model (the mesh-overhead figure)
     cascade bench serve --model X --transformers
@@ -103,6 +104,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="result name under bench/results (default serve / serve-<model>)")
     p.add_argument("--quick", action="store_true", help="few requests, to check the benchmark runs")
     p.add_argument("--no-write", action="store_true", help="print the table only")
+    p.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="leave out the path's floor (bench floor's pairs, run after the mesh stopped, as many as the overhead's)",
+    )
     v = p.add_argument_group("vllm bench serve's options (any of them: one open-loop run, vLLM's table)")
     v.add_argument(
         "--request-rate",
@@ -842,6 +848,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"in-process engine, concurrency {c} …", flush=True)
         with pinned(cpus):
             local_rows.append(inprocess_level(engine, tok, c, n, prompt, a.max_tokens))
+    floor = None
+    if not a.no_floor:
+        from bench.floor import measure as measure_floor
+
+        # The same hops with none of the mesh's code, on the same model, engine and CPU, in this
+        # run: what the path's cost is read against (docs/architecture.md, "The floor").
+        print(f"the path's floor: {a.overhead_requests} pairs …", flush=True)
+        floor = measure_floor(
+            folder, a.overhead_requests, a.overhead_max_tokens, a.max_batch, a.threads, cpus, (engine, tok)
+        )
     scratch.cleanup()
 
     by_c = {r["concurrency"]: r for r in rows}
@@ -951,6 +967,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"Added p50 latency with each request's steps' difference taken out, through {who}: "
                 f"{ov[f'added_latency_same_steps{key}_ms']['p50']:.2f} ms\n"
             )
+    if floor is not None:
+        fl = floor["added_same_steps_ms"]["p50"]
+        table += (
+            f"The path's floor in this run (`bench floor`: the same hops and engine, none of the mesh's code, "
+            f"{floor['pairs']} pairs): {fl:.2f} ms, {floor['last_only_added_same_steps_ms']['p50']:.2f} ms of it "
+            "without a send after each step"
+        )
+        above = [
+            f"{ov[f'added_latency_same_steps{key}_ms']['p50'] - fl:.2f} ms through {who}"
+            for key, who in (("", "aiohttp's client"), ("_raw_client", "the minimal client"))
+            if ov.get(f"added_latency_same_steps{key}_ms")
+        ]
+        table += f"; the mesh's own code above it: {', '.join(above)}\n" if above else "\n"
     if a.transformers:
         table += (
             "\nThe engine runs float32 weights; what bf16 or int8 weights would give on this machine: "
@@ -985,6 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
             "inprocess_levels": local_rows,
             "transformers_levels": hf_rows,
             "overhead": ov,
+            # bench floor's pairs in this run (None: --no-floor).
+            "floor": floor,
             "tokens_per_s_ratio_max_over_min": scaling,
         }
         jp, mp = write_result(out_name, {**result_header("serve"), **payload}, table, results_dir=a.result_dir)

@@ -9,10 +9,13 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from bench.floor import _READY, Frames, _connect, frame, parse, relay
+from bench.floor import _READY, Frames, _connect, frame, measure, parse, relay
+from cascade.config import GenerateSpec
+from cascade.models.generate import generate_model
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract Unix sockets are Linux's")
 
@@ -68,3 +71,35 @@ def test_what_cannot_be_measured_is_refused_with_a_clear_error(capsys: pytest.Ca
     with pytest.raises(SystemExit) as e:
         parse(["--requests", "1"])
     assert e.value.code == 2 and "--requests must be at least 2" in capsys.readouterr().err
+
+
+@linux
+def test_the_floor_runs_its_pairs_through_real_processes_and_the_engine(tmp_path: Path) -> None:
+    """Two pairs on a small generated model: each request's tokens come back through the relay,
+    its steps are read from the worker, and both variants (a send per step, the last only) and the
+    in-process engine give their figures; the relay and worker are gone after."""
+    folder = tmp_path / "model"
+    generate_model(folder, GenerateSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320, seed=1))
+    got = measure(folder, 2, 3, 4, 1, frozenset(), progress=False)
+    assert got["pairs"] == 2 and got["floor_ms"]["n"] == 2 and got["inprocess_ms"]["n"] == 2
+    assert got["floor_ms"]["p50"] > 0 and got["inprocess_ms"]["p50"] > 0
+    assert got["steps_ms_per_request"]["floor"] > 0 and got["steps_ms_per_request"]["inprocess"] > 0
+    assert got["last_only_added_same_steps_ms"]["n"] == 2
+    assert not [p for p in _children() if "bench.floor" in " ".join(p)]
+
+
+def _children() -> list[list[str]]:
+    """Command lines of this process's children (from /proc: no psutil here)."""
+    me = str(os.getpid())
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            if stat.rsplit(")", 1)[1].split()[1] != me:
+                continue
+            out.append(open(f"/proc/{pid}/cmdline").read().split("\0"))
+        except OSError:
+            continue
+    return out
