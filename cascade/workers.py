@@ -309,6 +309,13 @@ class WorkerTable:
         if e.synced:
             model, units, num_units = e.ready_model, len(e.ready_units), e.num_units
             prefix, ready = _prefix(e.ready_units), frozenset(e.ready_units)
+            if model is None and e.heartbeat is not None and hb.ready_seq >= e.seq and not e.snapshot_state:
+                # Ordered to load, no unit ready yet: readiness names no model until the first
+                # unit, but the heartbeat (sent as the order is taken) does, and it has seen every
+                # readiness event applied here (a reset after it would be newer). Counting the
+                # instance from the order on is what keeps a scaler that lost its loader
+                # mid-decision from deciding the same gap again (tests/test_control_restart.py).
+                model = hb.model
         else:
             # Units load front to back, so without a snapshot the heartbeat's count is the prefix.
             model, units, num_units, prefix = hb.model, hb.units_ready, hb.num_units, hb.units_ready

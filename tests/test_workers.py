@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from cascade.messages import WorkerGone, WorkerSnapshot
 from cascade.workerfeed import WorkerFeed
@@ -248,3 +249,29 @@ def test_a_listener_cut_off_from_the_broker_excuses_the_silence() -> None:
     t.excuse(now=10.0)  # the listener's own connection was down until now
     assert t.expire(12.0) == []
     assert t.expire(13.5) == ["w1"]
+
+
+def test_a_worker_ordered_to_load_counts_from_its_heartbeat_before_any_unit() -> None:
+    """A synced idle worker takes a load order and beats at once. No readiness event names the
+    model before its first unit, but that heartbeat does, and it has seen every readiness event
+    applied here: the worker counts as a loading instance from then on (a scaler that lost its
+    loader mid-decision must not decide the same gap again). A reset applied after the heartbeat
+    wins over it."""
+    reg = WorkerTable(heartbeat_s=1.0)
+    reg.on_heartbeat(hb(state="idle", units=0), now=0.0)
+    reg.on_snapshot(WorkerSnapshot("w1", "idle", None, [], 0, 0))
+    reg.on_heartbeat(hb(state="idle", units=0), now=0.5)
+    assert reg.instances(now=0.5) == {}
+    loading = dataclasses.replace(hb(state="loading", units=0), model="m")
+    assert reg.on_heartbeat(loading, now=1.0) is False  # nothing new to fetch
+    assert reg.instances(now=1.0) == {"m": frozenset({"w1"})} and reg.loading(now=1.0) == {"m": 1}
+    assert reg.on_layer_ready(ready(1, 0), now=1.1) is False  # the first unit: readiness names it now
+    assert reg.instances(now=1.1) == {"m": frozenset({"w1"})}
+    # Dropped: the reset (seq 2) is newer than the last heartbeat (ready_seq 0).
+    assert reg.on_layer_ready(ready(2, 0, reset=True), now=1.2) is False
+    assert reg.instances(now=1.2) == {}
+    # A snapshot saying idle after a loading heartbeat wins until the next heartbeat.
+    reg.on_heartbeat(dataclasses.replace(loading, ready_seq=2), now=1.3)
+    assert reg.instances(now=1.3) == {"m": frozenset({"w1"})}
+    reg.on_snapshot(WorkerSnapshot("w1", "idle", None, [], 0, 2))
+    assert reg.instances(now=1.4) == {}
