@@ -115,12 +115,20 @@ class WorkerView:
             and self.state in ("serving", "idle")
         )
 
+    @property
+    def counted_model(self) -> str | None:
+        """The model this worker counts toward as a replica (None: none): loading or serving it,
+        by readiness or, before its first unit is ready, by its heartbeat, which names the model
+        from the moment the order is taken (a load whose first unit is slow to come is a load,
+        and a scaler that lost its loader mid-decision must see it to not decide the same gap
+        again: tests/test_control_restart.py)."""
+        if self.state not in COUNTED_STATES:
+            return None
+        return self.model if self.model is not None else self.heartbeat_model
+
     def takes(self, model: str) -> bool:
-        """Loading or serving `model`, by readiness or, before its first unit is ready, by its
-        heartbeat (a load whose first unit is slow to come is still a load, not an idle worker)."""
-        if self.state not in ("loading", "serving"):
-            return False
-        return self.model == model or (self.model is None and self.heartbeat_model == model)
+        """Loading or serving `model` (`counted_model`)."""
+        return self.counted_model == model
 
     def serves_fully(self, model: str) -> bool:
         """The protocol's "serves the model fully": every unit ready and state serving."""
@@ -241,12 +249,12 @@ class WorkerTable:
         return [self._view(e) for w, e in sorted(self._workers.items()) if self._alive(e, now)]
 
     def instances(self, now: float | None = None) -> dict[str, frozenset[str]]:
-        """Model → instances loading or serving it (by their heartbeats): worker ids, and for the
-        stages of a pipelined instance its group id once (one replica of S workers)."""
+        """Model → instances loading or serving it (`WorkerView.counted_model`): worker ids, and
+        for the stages of a pipelined instance its group id once (one replica of S workers)."""
         out: dict[str, set[str]] = {}
         for v in self.views(now):
-            if v.model and v.state in COUNTED_STATES:
-                out.setdefault(v.model, set()).add(v.instance)
+            if (m := v.counted_model) is not None:
+                out.setdefault(m, set()).add(v.instance)
         return {m: frozenset(ws) for m, ws in out.items()}
 
     def idle(self, now: float | None = None) -> frozenset[str]:
@@ -257,8 +265,8 @@ class WorkerTable:
         """Model → workers still loading it."""
         out: dict[str, int] = {}
         for v in self.views(now):
-            if v.model and v.state == "loading":
-                out[v.model] = out.get(v.model, 0) + 1
+            if v.state == "loading" and (m := v.counted_model) is not None:
+                out[m] = out.get(m, 0) + 1
         return out
 
     def states(self, now: float | None = None) -> dict[str, int]:
@@ -309,13 +317,6 @@ class WorkerTable:
         if e.synced:
             model, units, num_units = e.ready_model, len(e.ready_units), e.num_units
             prefix, ready = _prefix(e.ready_units), frozenset(e.ready_units)
-            if model is None and e.heartbeat is not None and hb.ready_seq >= e.seq and not e.snapshot_state:
-                # Ordered to load, no unit ready yet: readiness names no model until the first
-                # unit, but the heartbeat (sent as the order is taken) does, and it has seen every
-                # readiness event applied here (a reset after it would be newer). Counting the
-                # instance from the order on is what keeps a scaler that lost its loader
-                # mid-decision from deciding the same gap again (tests/test_control_restart.py).
-                model = hb.model
         else:
             # Units load front to back, so without a snapshot the heartbeat's count is the prefix.
             model, units, num_units, prefix = hb.model, hb.units_ready, hb.num_units, hb.units_ready

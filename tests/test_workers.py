@@ -253,25 +253,27 @@ def test_a_listener_cut_off_from_the_broker_excuses_the_silence() -> None:
 
 def test_a_worker_ordered_to_load_counts_from_its_heartbeat_before_any_unit() -> None:
     """A synced idle worker takes a load order and beats at once. No readiness event names the
-    model before its first unit, but that heartbeat does, and it has seen every readiness event
-    applied here: the worker counts as a loading instance from then on (a scaler that lost its
-    loader mid-decision must not decide the same gap again). A reset applied after the heartbeat
-    wins over it."""
+    model before its first unit, but the heartbeat does: the worker counts as a loading instance
+    of it from then on (`counted_model`; a scaler that lost its loader mid-decision must not
+    decide the same gap again), and readiness names it from the first unit on."""
     reg = WorkerTable(heartbeat_s=1.0)
     reg.on_heartbeat(hb(state="idle", units=0), now=0.0)
     reg.on_snapshot(WorkerSnapshot("w1", "idle", None, [], 0, 0))
     reg.on_heartbeat(hb(state="idle", units=0), now=0.5)
-    assert reg.instances(now=0.5) == {}
+    assert reg.instances(now=0.5) == {} and reg.loading(now=0.5) == {}
     loading = dataclasses.replace(hb(state="loading", units=0), model="m")
     assert reg.on_heartbeat(loading, now=1.0) is False  # nothing new to fetch
+    v = reg.get("w1", 1.0)
+    assert v is not None and v.model is None and v.counted_model == "m" and v.takes("m")
     assert reg.instances(now=1.0) == {"m": frozenset({"w1"})} and reg.loading(now=1.0) == {"m": 1}
     assert reg.on_layer_ready(ready(1, 0), now=1.1) is False  # the first unit: readiness names it now
     assert reg.instances(now=1.1) == {"m": frozenset({"w1"})}
-    # Dropped: the reset (seq 2) is newer than the last heartbeat (ready_seq 0).
+    # It gives the load up: its heartbeat says idle, and it counts no more.
     assert reg.on_layer_ready(ready(2, 0, reset=True), now=1.2) is False
-    assert reg.instances(now=1.2) == {}
+    reg.on_heartbeat(dataclasses.replace(hb(state="idle", units=0), ready_seq=2), now=1.3)
+    assert reg.instances(now=1.3) == {} and not reg.get("w1", 1.3).takes("m")  # type: ignore[union-attr]
     # A snapshot saying idle after a loading heartbeat wins until the next heartbeat.
-    reg.on_heartbeat(dataclasses.replace(loading, ready_seq=2), now=1.3)
-    assert reg.instances(now=1.3) == {"m": frozenset({"w1"})}
+    reg.on_heartbeat(dataclasses.replace(loading, ready_seq=2), now=1.4)
+    assert reg.instances(now=1.4) == {"m": frozenset({"w1"})}
     reg.on_snapshot(WorkerSnapshot("w1", "idle", None, [], 0, 2))
-    assert reg.instances(now=1.4) == {}
+    assert reg.instances(now=1.5) == {}

@@ -60,11 +60,7 @@ def choose_for_up(
 def choose_for_down(snapshot: MeshSnapshot, model: str, count: int, reserved: Collection[str] = ()) -> Assignment:
     if count < 1:
         raise ValueError("count must be at least 1")
-    holders = [
-        w
-        for w in snapshot.workers
-        if w.model == model and w.state in ("loading", "serving") and w.worker_id not in reserved
-    ]
+    holders = [w for w in snapshot.workers if w.takes(model) and w.worker_id not in reserved]
     holders.sort(key=lambda w: (w.state != "loading", w.load, w.worker_id))
     return Assignment(tuple(w.worker_id for w in holders[:count]), count)
 

@@ -60,7 +60,7 @@ from cascade.messages import (
 from cascade.natsutil import RequestTimeout, TaskSet, gather_status, request
 from cascade.service import Runtime, run_process
 from cascade.workerfeed import WorkerFeed, nats_snapshot_fetcher
-from cascade.workers import COUNTED_STATES, WorkerTable
+from cascade.workers import WorkerTable
 from services.scaler import core
 from services.scaler.backoff import DEFAULT_BASE_S as DEFAULT_BACKOFF_S
 from services.scaler.controls import UnknownModel
@@ -221,7 +221,7 @@ class Scaler:
             instances=self.table.instances(now),
             idle=self.table.idle(now),
             loading=self.table.loading(now),
-            holding={v.worker_id: v.model if v.state in COUNTED_STATES else None for v in views},
+            holding={v.worker_id: v.counted_model for v in views},
             shared=tuple(
                 core.SharedSlot(v.worker_id, v.shared_device, v.model, v.instance, v.quota)
                 for v in views
