@@ -89,13 +89,13 @@ class StrideScheduler:
         if len(self.shares) == 1:
             # One instance, a worker's usual case: it steps whenever it has work. What the rule
             # below comes to then, without its lists (this runs after every step, cold).
-            for name, s in self.shares.items():
-                s.active = name in with_work
-                if not s.active:
-                    return None
-                s.pass_ += 1.0 / s.quota
-                s.steps += 1
-                return name
+            [(name, s)] = self.shares.items()
+            s.active = name in with_work
+            if not s.active:
+                return None
+            s.pass_ += 1.0 / s.quota
+            s.steps += 1
+            return name
         ready = [n for n in with_work if n in self.shares]
         if not ready:
             for s in self.shares.values():

@@ -158,16 +158,7 @@ class TokenLinks:
             # after every step, cold); a write that fails falls to the general path below, which
             # finds the link dropped and leaves the events to NATS.
             evs = [ev for g, ev in events if g == gw]
-            if len(evs) == len(events) and self._write(
-                gw, held[0], encode_rows(evs, result.batch_size) or self._encode(evs, result.batch_size)
-            ):
-                self.events_sent += len(evs)
-                on_link = self._on_link
-                for ev in evs:
-                    if ev.finish_reason is None:
-                        on_link.add((gw, ev.request_id, ev.choice))
-                    else:
-                        on_link.discard((gw, ev.request_id, ev.choice))
+            if len(evs) == len(events) and self._carry(gw, held[0], evs, result.batch_size):
                 return []
         groups: dict[str, list[TokenEvent]] = {gw: []}
         for g, ev in events:  # one gateway, most often: no grouping
@@ -189,13 +180,7 @@ class TokenLinks:
         on_nats = self._on_nats
         if sock is not None:
             on_link = [ev for ev in evs if (gw, ev.request_id, ev.choice) not in on_nats] if on_nats else evs
-            if on_link and self._write(gw, sock, encode_rows(on_link, batch_size) or self._encode(on_link, batch_size)):
-                self.events_sent += len(on_link)
-                for ev in on_link:
-                    if ev.finish_reason is None:
-                        self._on_link.add((gw, ev.request_id, ev.choice))
-                    else:
-                        self._on_link.discard((gw, ev.request_id, ev.choice))
+            if on_link and self._carry(gw, sock, on_link, batch_size):
                 if len(on_link) == len(evs):
                     return
                 evs = [ev for ev in evs if (gw, ev.request_id, ev.choice) in on_nats]
@@ -207,6 +192,20 @@ class TokenLinks:
             else:
                 on_nats.discard(key)
             left.append((gw, ev))
+
+    def _carry(self, gw: str, sock: socket.socket, evs: list[TokenEvent], batch_size: int) -> bool:
+        """Write `evs` as one frame on `gw`'s link and note which requests ride it (True), or
+        drop the link (False: `_write`)."""
+        if not self._write(gw, sock, encode_rows(evs, batch_size) or self._encode(evs, batch_size)):
+            return False
+        self.events_sent += len(evs)
+        on_link = self._on_link
+        for ev in evs:
+            if ev.finish_reason is None:
+                on_link.add((gw, ev.request_id, ev.choice))
+            else:
+                on_link.discard((gw, ev.request_id, ev.choice))
+        return True
 
     def idle(self) -> None:
         """The engine holds no sequence: no request is in flight on either path."""
