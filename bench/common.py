@@ -155,6 +155,12 @@ def write_result(
     return out
 
 
+def shown(path: Path) -> str:
+    """A written file's path for a benchmark's last lines: relative to the working directory
+    when under it."""
+    return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
+
+
 # What a table shows for a figure with no samples (a level where every request failed, a metric a
 # run did not measure): a dash, never "nan" or "None".
 MISSING = "—"

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from bench.common import md_table, result_header, summary, write_result
+from bench.common import md_table, result_header, shown, summary, write_result
 
 _LEN = struct.Struct("!I")
 _READY = b"!"
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             **r,
         }
         for path in write_result(a.out, doc, table):
-            print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+            print(f"wrote {shown(path)}")
     return 0
 
 

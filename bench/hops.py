@@ -28,10 +28,9 @@ import struct
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from bench.common import md_table, result_header, write_result
+from bench.common import md_table, result_header, shown, write_result
 
 _STAMP = struct.Struct("q")
 _MESSAGE = 64  # bytes: a stamp and padding, about a one-token frame's size class
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             "hops": rows,
         }
         for path in write_result(a.out, doc, table):
-            print(f"wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}")
+            print(f"wrote {shown(path)}")
     return 0
 
 

@@ -53,6 +53,8 @@ from cascade.subjects import Subjects
 # About 24 tokens with the byte tokenizer: a short chat turn. Long prompts on a CPU make every
 # level prefill-bound, which measures the matmul library, not the serving path.
 PROMPT = "Tell me how live scaling works."
+# The overhead's two clients: the suffix of their figures' keys, and their name in the table.
+_CLIENTS = (("", "aiohttp's client"), ("_raw_client", "the minimal client"))
 # The worker status entries `overhead` reads before and after each mesh request of the pairs.
 ENGINE_TIME_KEYS = ("engine_busy_s", "engine_gap_s", "engine_gaps")
 # How long such a reading waits for the worker's status (a scatter-gather ends by its window): an idle
@@ -961,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Through the minimal client: added p50 latency {rc['added_latency_ms']['p50']:.2f} ms, "
             f"added p50 time to first token {rc['added_ttft_ms']['p50']:.2f} ms\n"
         )
-    for key, who in (("", "aiohttp's client"), ("_raw_client", "the minimal client")):
+    for key, who in _CLIENTS:
         if ov.get(f"added_latency_same_steps{key}_ms"):
             table += (
                 f"Added p50 latency with each request's steps' difference taken out, through {who}: "
@@ -976,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         above = [
             f"{ov[f'added_latency_same_steps{key}_ms']['p50'] - fl:.2f} ms through {who}"
-            for key, who in (("", "aiohttp's client"), ("_raw_client", "the minimal client"))
+            for key, who in _CLIENTS
             if ov.get(f"added_latency_same_steps{key}_ms")
         ]
         table += f"; the mesh's own code above it: {', '.join(above)}\n" if above else "\n"
